@@ -1,0 +1,165 @@
+"""The `threefold` command: train, data prepare, config."""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_CONFIG = "default.toml"  # packaged: the tiny-Shakespeare CPU demo (tp=2, dp=2)
+
+USAGE = """\
+usage: threefold train [CONFIG.toml] [--section.key=value ...] [--nproc N]
+       threefold data prepare INPUT... --out DIR [--tokenizer tokenizer.json] [--val-fraction F]
+       threefold data prepare --shakespeare --out DIR
+       threefold config [CONFIG.toml] [--section.key=value ...]   (print the resolved config)
+       threefold config --reference                              (every key with its meaning)
+
+With no CONFIG, `threefold train` runs the packaged demo: the tiny Llama preset on Shakespeare,
+4 CPU processes (tp=2, dp=2). Started outside torchrun it launches its own workers; under torchrun
+(or srun with torchrun) each process is one rank.
+"""
+
+
+def _split_train_args(argv: list[str]) -> tuple[str | None, list[str], int | None]:
+    path, overrides, nproc = None, [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        if arg == "--nproc":
+            if i + 1 >= len(argv):
+                raise ValueError("--nproc needs a number")
+            nproc = _positive_int("--nproc", argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--nproc="):
+            nproc = _positive_int("--nproc", arg.split("=", 1)[1])
+        elif arg.startswith("--"):
+            overrides.append(arg)
+        elif path is None:
+            path = arg
+        else:
+            raise ValueError(
+                f"unexpected argument {arg!r}: one config file at most, then --section.key=value"
+            )
+        i += 1
+    return path, overrides, nproc
+
+
+def _positive_int(name: str, text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _load(path: str | None, overrides: list[str], *, check_paths: bool = True):
+    from threefold.config import build_config, load_config
+
+    if path is not None:
+        return load_config(path, overrides, check_paths=check_paths)
+    import tomllib
+
+    raw = tomllib.loads(resources.files("threefold").joinpath(DEFAULT_CONFIG).read_text())
+    return build_config(raw, overrides, check_paths=check_paths)
+
+
+def cmd_train(argv: list[str]) -> int:
+    import torch
+
+    from threefold.config import check_world_size
+    from threefold.launch import init_distributed, launch_local, pick_device, world_from_env
+
+    path, overrides, nproc = _split_train_args(argv)
+    config = _load(path, overrides)
+    world = world_from_env()
+    if world is None:
+        nproc = nproc or config.world_size
+        check_world_size(config, nproc)
+        _prepare_data_if_asked(config)
+        use_cuda = config.training.device == "cuda" or (
+            config.training.device == "auto" and torch.cuda.is_available()
+        )
+        worker_argv = ["train", *([path] if path else []), *overrides]
+        return launch_local(nproc, worker_argv, use_cuda=use_cuda)
+
+    check_world_size(config, world.world_size)
+    import torch.distributed as dist
+
+    from threefold.mesh import build_mesh
+    from threefold.train import train
+
+    device = pick_device(config, world.local_rank)
+    init_distributed(world, device)
+    try:
+        if world.local_rank == 0:
+            _prepare_data_if_asked(config)  # torchrun multi-node: once per node
+        dist.barrier()
+        p = config.parallel
+        mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
+        result = train(config, mesh, device)
+        if mesh.rank == 0:
+            val = result.val_losses
+            summary = f"done: {result.steps_done} steps"
+            if val:
+                first, last = min(val), max(val)
+                summary += (
+                    f", validation loss {val[first]:.4f} (step {first}) -> {val[last]:.4f} (step {last})"
+                )
+            print(f"{summary}; metrics and loss.png in {config.logging.out_dir}", flush=True)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _prepare_data_if_asked(config) -> None:
+    d = config.data
+    if d.prepare_shakespeare and not (Path(d.path) / "meta.json").is_file():
+        from threefold.data import prepare_shakespeare
+
+        print(f"preparing the Shakespeare dataset in {d.path} (first run only)", flush=True)
+        prepare_shakespeare(d.path)
+
+
+def cmd_config(argv: list[str]) -> int:
+    from threefold.config import describe_fields
+
+    if "--reference" in argv:
+        print(describe_fields())
+        return 0
+    import json
+
+    path, overrides, _ = _split_train_args(argv)
+    config = _load(path, overrides, check_paths=False)
+    print(json.dumps(config.to_dict(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["train"]
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            return cmd_train(rest)
+        if command == "data" and rest[:1] == ["prepare"]:
+            from threefold.data import prepare_main
+
+            return prepare_main(rest[1:])
+        if command == "config":
+            return cmd_config(rest)
+        if command in ("-h", "--help", "help"):
+            print(USAGE)
+            return 0
+        print(USAGE, file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"threefold: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

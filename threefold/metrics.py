@@ -1,0 +1,124 @@
+"""Parameter counts, FLOPs per token and model-FLOPs utilization (MFU). Pure functions, no torch.
+
+The convention (BENCHMARKS.md), printed next to every figure:
+    model FLOPs per token = 6 * N + 12 * l * h * s
+where N counts every parameter except the input embedding (the output projection counts, even when it
+shares its weight with the embedding), l is the number of layers, h the hidden size and s the sequence
+length. The 6 is 2 FLOPs per multiply-add times 3 (forward, plus backward to activations and to weights);
+12 * l * h * s is the attention score and value matmuls over the full s x s square (no causal saving,
+no recomputation). MFU = achieved model FLOP/s per device / the device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+from threefold.config import ModelConfig
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Analytic parameter counts of the model as threefold builds it (vocabulary not padded).
+
+    Keys:
+      per_layer        one transformer layer (attention, MLP, its two norms)
+      layers           num_layers * per_layer
+      final_norm       the norm after the last layer
+      input_embedding  token table V*h, plus the learned position table max_seq_len*h for gpt2
+      output           parameters the output projection owns: V*h when untied, 0 when tied
+      non_embedding    layers + final_norm (neither embedding nor output projection)
+      flops_params     N of the FLOPs convention: non_embedding + V*h, tied or not, because the logits
+                       matmul is computed either way
+      total            unique parameters: input_embedding + non_embedding + output
+    """
+    h, ffn, vocab = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    q_width = cfg.num_heads * cfg.head_dim
+    if cfg.arch == "llama":
+        kv_width = cfg.num_kv_heads * cfg.head_dim
+        attention = h * q_width + 2 * h * kv_width + q_width * h  # q, k, v, o; no biases
+        mlp = 3 * h * ffn  # gate, up, down
+        norms = 2 * h  # two RMSNorm weights
+        final_norm = h
+        positions = 0
+    elif cfg.arch == "gpt2":
+        # gpt2 has no grouped-query attention: k and v are as wide as q.
+        attention = 4 * (h * q_width) + 3 * q_width + h  # q, k, v, o weights; q, k, v, o biases
+        mlp = 2 * h * ffn + ffn + h  # c_fc and c_proj, each with its bias
+        norms = 2 * 2 * h  # two LayerNorms, weight and bias each
+        final_norm = 2 * h
+        positions = cfg.max_seq_len * h
+    else:
+        raise ValueError(f"model.arch {cfg.arch!r} is unknown; choose 'llama' or 'gpt2'")
+
+    per_layer = attention + mlp + norms
+    layers = cfg.num_layers * per_layer
+    input_embedding = vocab * h + positions
+    output = 0 if cfg.tie_embeddings else vocab * h
+    non_embedding = layers + final_norm
+    return {
+        "per_layer": per_layer,
+        "layers": layers,
+        "final_norm": final_norm,
+        "input_embedding": input_embedding,
+        "output": output,
+        "non_embedding": non_embedding,
+        "flops_params": non_embedding + vocab * h,
+        "total": input_embedding + non_embedding + output,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs to train on one token: 6 * N + 12 * l * h * s (see the module docstring).
+
+    Counts forward and backward once each; activation recomputation is not model work, so it is left out.
+    """
+    n = count_parameters(cfg)["flops_params"]
+    return float(6 * n + 12 * cfg.num_layers * cfg.hidden_size * seq_len)
+
+
+def paper_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, recompute: bool) -> float:
+    """The Megatron-LM PTD-P paper's FLOPs per training step, for comparison with `flops_per_token`.
+
+    For B sequences of length s through l layers of width h and a vocabulary V:
+      without recomputation: 72 * B*s*l*h^2 * (1 + s/(6h) + V/(12*l*h))   (3 x the forward pass)
+      with full recomputation: 96 * B*s*l*h^2 * (1 + s/(6h) + V/(16*l*h)) (one more forward of the layers,
+                               not of the output layer)
+    The formula assumes a GPT block: multi-head attention (no GQA) and a 4h MLP, and it drops biases and
+    norms (about 13/(12h) of the layer parameters). For other shapes it is only a rough figure; use
+    `flops_per_token`, which counts the matmuls of the actual shape.
+    """
+    b, s, num_layers, h, v = batch_size, seq_len, cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    if recompute:
+        return 96.0 * b * s * num_layers * h * h * (1 + s / (6 * h) + v / (16 * num_layers * h))
+    return 72.0 * b * s * num_layers * h * h * (1 + s / (6 * h) + v / (12 * num_layers * h))
+
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, in FLOP/s (half the
+# with-sparsity figure, rounded down). The form factor matters for Hopper: PCIe and NVL cards run at lower
+# clocks and power than SXM. Checked in order, so the more specific names come first; a GH200 matches
+# "h200" and gets the SXM figure, which is what its Hopper die is rated at.
+_PEAK_BF16: list[tuple[tuple[str, ...], float]] = [
+    (("h100", "pcie"), 756e12),
+    (("h100", "nvl"), 835e12),
+    (("h200", "nvl"), 835e12),
+    (("h100",), 989e12),
+    (("h200",), 989e12),
+    (("a100",), 312e12),
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU named like `torch.cuda.get_device_name()`, or None if unknown.
+
+    "NVIDIA H100 80GB HBM3" and "NVIDIA H200" (SXM) give 989e12; A100 (SXM or PCIe) gives 312e12.
+    A CPU or an unlisted GPU gives None, and MFU is then not reported rather than guessed.
+    """
+    name = device_name.lower()
+    for words, peak in _PEAK_BF16:
+        if all(w in name for w in words):
+            return peak
+    return None
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model-FLOPs utilization as a fraction (0.455 means 45.5%), or None when the peak is unknown."""
+    if peak is None or peak <= 0:
+        return None
+    return tokens_per_s_per_device * flops_per_token / peak

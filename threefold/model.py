@@ -1,0 +1,327 @@
+"""Decoder-only transformer, Llama or GPT-2 flavour, built from tensor-parallel layers.
+
+Shape legend (local = this TP rank's part):
+    b micro-batch, s sequence, s_ = s/t under sequence parallelism else s, h hidden,
+    a query heads, k kv heads, d head dim, t tp_size, f MLP width, Vp padded vocabulary.
+
+A `Transformer` holds a contiguous range of layers [first_layer, last_layer) and optionally the
+embedding (first pipeline stage) and the final norm + output layer + loss (last stage), so a pipeline
+stage is the same class. Layer modules are keyed by their global index, so parameter names are the
+same whatever the split (`layers.7.self_attn.q_proj.weight`).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from threefold.comm import copy_to_tp, gather_from_sequence
+from threefold.config import ModelConfig
+from threefold.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    full_shape_of,
+    mark_sequence_parallel,
+    shard_of,
+    vocab_parallel_cross_entropy,
+)
+
+
+class TPContext:
+    """What a layer needs to know about tensor parallelism: its group and whether SP is on."""
+
+    def __init__(self, tp_group: ProcessGroup, sequence_parallel: bool) -> None:
+        self.group = tp_group
+        self.size = dist.get_world_size(tp_group)
+        self.rank = dist.get_rank(tp_group)
+        self.sequence_parallel = sequence_parallel
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Make the block input whole on every TP rank before column-parallel projections."""
+        return gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+
+
+def make_norm(cfg: ModelConfig, tp: TPContext) -> nn.Module:
+    norm = (
+        RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if cfg.arch == "llama"
+        else nn.LayerNorm(cfg.hidden_size, cfg.norm_eps)
+    )
+    for p in norm.parameters():
+        mark_sequence_parallel(p, tp.sequence_parallel)
+    return norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 as the reference implementations do; cast back before the weight.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_cache(
+    head_dim: int, seq_len: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (s, d) in fp32, in the half-split layout (first half, second half)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (b, heads, s, d) by position; computed in fp32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.use_rope = cfg.arch == "llama"
+        self.head_dim = cfg.head_dim
+        self.num_local_heads = cfg.num_heads // tp.size
+        self.num_local_kv_heads = cfg.num_kv_heads // tp.size
+        bias = cfg.arch == "gpt2"
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = ColumnParallelLinear(h, cfg.num_heads * d, tp_group=tp.group, bias=bias)
+        self.k_proj = ColumnParallelLinear(h, cfg.num_kv_heads * d, tp_group=tp.group, bias=bias)
+        self.v_proj = ColumnParallelLinear(h, cfg.num_kv_heads * d, tp_group=tp.group, bias=bias)
+        self.o_proj = RowParallelLinear(
+            cfg.num_heads * d, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel
+        )
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = self.tp.enter(x)  # (b, s, h) on every TP rank
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_local_heads, self.head_dim).transpose(1, 2)  # (b, a/t, s, d)
+        k = (
+            self.k_proj(x).view(b, s, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (b, k/t, s, d)
+        v = self.v_proj(x).view(b, s, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            assert rope is not None
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        group_size = self.num_local_heads // self.num_local_kv_heads
+        if group_size > 1:  # query head j reads kv head j // group_size
+            k = k.repeat_interleave(group_size, dim=1)
+            v = v.repeat_interleave(group_size, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, a/t, s, d)
+        y = y.transpose(1, 2).reshape(b, s, self.num_local_heads * self.head_dim)
+        return self.o_proj(y)  # (b, s_, h)
+
+
+class MLP(nn.Module):
+    """SwiGLU (llama: down(silu(gate x) * up x)) or GeLU (gpt2: down(gelu(up x)))."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.gated = cfg.arch == "llama"
+        bias = cfg.arch == "gpt2"
+        h, f = cfg.hidden_size, cfg.ffn_hidden_size
+        if self.gated:
+            self.gate_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias)
+        self.up_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias)
+        self.down_proj = RowParallelLinear(
+            f, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tp.enter(x)  # (b, s, h)
+        if self.gated:
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (b, s, f/t)
+        else:
+            hidden = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.down_proj(hidden)  # (b, s_, h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(cfg, tp)
+        self.self_attn = Attention(cfg, tp)
+        self.post_attention_layernorm = make_norm(cfg, tp)
+        self.mlp = MLP(cfg, tp)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope)  # (b, s_, h)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Layers [first_layer, last_layer) of the model, with the embedding and/or the head if asked."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        tp_group: ProcessGroup,
+        sequence_parallel: bool = False,
+        first_layer: int = 0,
+        last_layer: int | None = None,
+        has_embedding: bool = True,
+        has_head: bool = True,
+    ) -> None:
+        super().__init__()
+        last_layer = cfg.num_layers if last_layer is None else last_layer
+        if not 0 <= first_layer <= last_layer <= cfg.num_layers:
+            raise ValueError(f"layer range [{first_layer}, {last_layer}) outside 0..{cfg.num_layers}")
+        self.cfg = cfg
+        self.tp = TPContext(tp_group, sequence_parallel)
+        self.has_embedding = has_embedding
+        self.has_head = has_head
+        if has_embedding:
+            self.embed_tokens = VocabParallelEmbedding(
+                cfg.vocab_size, cfg.hidden_size, tp_group=tp_group, sequence_parallel=sequence_parallel
+            )
+            if cfg.arch == "gpt2":
+                self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+                mark_sequence_parallel(self.embed_positions.weight, sequence_parallel)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, self.tp) for i in range(first_layer, last_layer)})
+        if has_head:
+            self.norm = make_norm(cfg, self.tp)
+            if not cfg.tie_embeddings:
+                self.lm_head = ColumnParallelLinear(
+                    cfg.hidden_size, cfg.vocab_size, tp_group=tp_group, bias=False, pad_output=True
+                )
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.cfg.arch != "llama":
+            return None
+        if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != device:
+            self._rope = rope_cache(
+                self.cfg.head_dim, max(seq_len, self.cfg.max_seq_len), self.cfg.rope_theta, device
+            )
+        cos, sin = self._rope
+        return cos[:seq_len], sin[:seq_len]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(b, s) token ids -> (b, s_, h)."""
+        x = self.embed_tokens(ids)
+        if self.cfg.arch == "gpt2":
+            seq_len = ids.shape[1]
+            start, end = 0, seq_len
+            if self.tp.sequence_parallel:
+                # Only this rank's sequence chunk: its rows' gradient is then partial, and summed over
+                # the TP group with the other sequence-parallel parameters after backward.
+                start = self.tp.rank * seq_len // self.tp.size
+                end = start + seq_len // self.tp.size
+            x = x + self.embed_positions.weight[start:end]  # (s_, h)
+        return x
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (b, s) on the first stage, else hidden states (b, s_, h).
+
+        Returns hidden states (b, s_, h) when this part has no head; with a head, the mean loss over all
+        tokens when targets are given, else the local logits (b, s, Vp/t).
+        """
+        if self.has_embedding:
+            seq_len = x.shape[1]
+            x = self.embed(x)
+        else:
+            seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
+        rope = self.rope(seq_len, x.device)
+        for layer in self.layers.values():
+            x = layer(x, rope)
+        if not self.has_head:
+            return x
+        x = self.tp.enter(self.norm(x))  # (b, s, h)
+        logits = F.linear(x, self.output_weight())  # (b, s, Vp/t)
+        if targets is None:
+            return logits
+        return vocab_parallel_cross_entropy(
+            logits, targets, tp_group=self.tp.group, vocab_size=self.cfg.vocab_size
+        ).mean()
+
+
+def gather_logits(logits: torch.Tensor, tp_group: ProcessGroup, vocab_size: int) -> torch.Tensor:
+    """Full logits (..., V) from local shards (..., Vp/t); for evaluation and tests, not training."""
+    world = dist.get_world_size(tp_group)
+    if world > 1:
+        parts = [torch.empty_like(logits) for _ in range(world)]
+        dist.all_gather(parts, logits.contiguous(), group=tp_group)
+        logits = torch.cat(parts, dim=-1)
+    return logits[..., :vocab_size]
+
+
+def _init_rule(name: str, cfg: ModelConfig) -> tuple[str, float]:
+    if name.endswith("bias"):
+        return "zeros", 0.0
+    if "norm" in name:
+        return "ones", 0.0
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        # Residual-branch outputs are scaled down with depth (GPT-2 / Megatron) to keep the stream stable.
+        return "normal", cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    return "normal", cfg.init_std
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int) -> None:
+    """Initialize every parameter from its full (unsharded) tensor, so all layouts start identical.
+
+    Each full tensor draws from a generator seeded by (seed, parameter name): the same name gives the
+    same values whatever tp_size, pipeline split or rank, and rank r keeps its shard.
+    """
+    for name, param in model.named_parameters():
+        kind, std = _init_rule(name, model.cfg)
+        shape = full_shape_of(param)
+        if kind == "normal":
+            gen = torch.Generator(device=param.device).manual_seed(
+                seed * 1_000_003 + zlib.crc32(name.encode())
+            )
+            full = torch.empty(shape, device=param.device, dtype=torch.float32).normal_(
+                0.0, std, generator=gen
+            )
+        elif kind == "ones":
+            full = torch.ones(shape, device=param.device)
+        else:
+            full = torch.zeros(shape, device=param.device)
+        param.copy_(shard_of(full, param, model.tp.rank, model.tp.size))
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    tp_group: ProcessGroup,
+    sequence_parallel: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    first_layer: int = 0,
+    last_layer: int | None = None,
+    has_embedding: bool = True,
+    has_head: bool = True,
+) -> Transformer:
+    """Build (a pipeline stage of) the model directly on `device`, initialized, in `dtype`."""
+    with torch.device(device):
+        model = Transformer(
+            cfg,
+            tp_group=tp_group,
+            sequence_parallel=sequence_parallel,
+            first_layer=first_layer,
+            last_layer=last_layer,
+            has_embedding=has_embedding,
+            has_head=has_head,
+        )
+    init_weights(model, seed)
+    return model.to(dtype)

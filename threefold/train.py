@@ -1,0 +1,273 @@
+"""train(config): config -> model -> gradient sync -> optimizer -> loop (with evaluation and metrics)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from threefold.config import Config
+from threefold.data import BatchLoader, TokenDataset, eval_batches
+from threefold.data_parallel import GradSync, all_reduce_sequence_parallel_grads
+from threefold.mesh import Mesh
+from threefold.metrics import flops_per_token, mfu, peak_flops
+from threefold.model import Transformer, build_model
+from threefold.optim import Optimizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    """Training loss of every step (mean over the global batch)."""
+    val_losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: list[float] = field(default_factory=list)
+    steps_done: int = 0
+    stopped_early: bool = False
+    model: Transformer | None = None
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks at log steps, so all ranks stop together."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under a test harness): no handler
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C: give up on the clean stop
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def build(config: Config, mesh: Mesh, device: torch.device) -> tuple[Transformer, GradSync, Optimizer]:
+    """The model (this rank's part), its gradient synchronizer and optimizer."""
+    if mesh.pp_size > 1:
+        raise NotImplementedError("pipeline parallelism (pp_size > 1) is not available yet")
+    model = build_model(
+        config.model,
+        tp_group=mesh.tp_group,
+        sequence_parallel=config.parallel.sequence_parallel,
+        seed=config.training.seed,
+        device=device,
+        dtype=DTYPES[config.training.dtype],
+    )
+    if config.training.compile:
+        for layer in model.layers.values():
+            layer.compile()
+    grad_sync = GradSync(
+        list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=config.parallel.dp_bucket_mb
+    )
+    optimizer = Optimizer(model, config.optimizer, mesh=mesh, max_steps=config.training.max_steps)
+    return model, grad_sync, optimizer
+
+
+def train_step(
+    model: Transformer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    grad_sync: GradSync,
+    optimizer: Optimizer,
+    step: int,
+    mesh: Mesh,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm, lr)."""
+    num_microbatches = len(micro_batches)
+    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        # Only the last micro-batch's backward launches the data-parallel all-reduces.
+        grad_sync.sync_this_backward = i == num_microbatches - 1
+        loss = model(inputs, targets) / num_microbatches
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_sync.finish()
+    all_reduce_sequence_parallel_grads(optimizer.params, mesh.tp_group)
+    norm, lr = optimizer.step(step)
+    grad_sync.zero()
+    if mesh.dp_size > 1:
+        loss_sum /= mesh.dp_size
+        dist.all_reduce(loss_sum, group=mesh.dp_group)
+    return loss_sum, norm, lr
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], mesh: Mesh) -> float:
+    model.eval()
+    total = torch.zeros((), device=batches[0][0].device)
+    for inputs, targets in batches:
+        total += model(inputs, targets)
+    model.train()
+    total /= len(batches) * mesh.dp_size
+    dist.all_reduce(total, group=mesh.dp_group)
+    return float(total)
+
+
+def _to_device(batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list:
+    return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
+
+
+def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
+    """Run the training loop on this rank; every rank of the mesh calls it."""
+    t = config.training
+    model, grad_sync, optimizer = build(config, mesh, device)
+    train_set = TokenDataset(config.data.path, "train", config.data.seq_len)
+    val_set = TokenDataset(config.data.path, "val", config.data.seq_len)
+    loader = BatchLoader(
+        train_set,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        dp_rank=mesh.dp_rank,
+        dp_size=mesh.dp_size,
+        seed=t.seed,
+    )
+    val_batches = _to_device(
+        eval_batches(
+            val_set,
+            micro_batch_size=t.micro_batch_size,
+            num_batches=t.eval_batches,
+            dp_rank=mesh.dp_rank,
+            dp_size=mesh.dp_size,
+        ),
+        device,
+    )
+    is_logger = mesh.rank == 0
+    reporter = Reporter(config, mesh, device, enabled=is_logger)
+    result = TrainResult(model=model)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+    start = time.perf_counter()
+    with StopRequest() as stop, reporter:
+        for step in range(t.max_steps):
+            batches = _to_device(loader.next_batch(), device)
+            loss, norm, lr = train_step(model, batches, grad_sync, optimizer, step, mesh)
+            pending.append((step, loss, norm, lr))
+            last = step == t.max_steps - 1
+            if (step + 1) % config.logging.log_interval == 0 or last:
+                # The one host sync of the interval: losses, norms, and whether anyone wants to stop.
+                synced = [(s, float(loss_s), float(norm_s), lr_s) for s, loss_s, norm_s, lr_s in pending]
+                pending.clear()
+                result.losses += [loss_s for _, loss_s, _, _ in synced]
+                result.grad_norms += [norm_s for _, _, norm_s, _ in synced]
+                reporter.interval(synced)
+                minutes = (time.perf_counter() - start) / 60
+                out_of_time = t.max_minutes > 0 and minutes >= t.max_minutes
+                flag = torch.tensor([float(stop.requested or out_of_time)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() > 0 and not last:
+                    result.stopped_early = True
+            result.steps_done = step + 1
+            due = t.eval_interval > 0 and ((step + 1) % t.eval_interval == 0)
+            if due or last or result.stopped_early:
+                val = evaluate(model, val_batches, mesh)
+                result.val_losses[step + 1] = val
+                reporter.validation(step + 1, val)
+            if result.stopped_early:
+                reporter.note(
+                    f"stopped after step {step + 1} ({'interrupted' if stop.requested else 'time limit'})"
+                )
+                break
+    grad_sync.remove_hooks()
+    return result
+
+
+class Reporter:
+    """Progress bar, metrics (JSONL + TensorBoard) and the loss plot, on the logging rank only."""
+
+    def __init__(self, config: Config, mesh: Mesh, device: torch.device, *, enabled: bool) -> None:
+        from threefold.monitor import MetricsWriter, TrainProgress
+
+        self.enabled = enabled
+        self.config = config
+        self.out_dir = Path(config.logging.out_dir)
+        t = config.training
+        self.tokens_per_step = t.global_batch_size * config.data.seq_len
+        self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
+        self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.world_size = mesh.world_size
+        self.last_time = time.perf_counter()
+        self.writer = None
+        self.progress = TrainProgress(t.max_steps, enabled=enabled and config.logging.progress)
+        if enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            metrics = self.out_dir / "metrics.jsonl"
+            if metrics.exists():
+                metrics.unlink()  # a fresh run starts a fresh curve
+            self.writer = MetricsWriter(self.out_dir, tensorboard=config.logging.tensorboard)
+
+    def __enter__(self) -> Reporter:
+        self.progress.__enter__()
+        self.last_time = time.perf_counter()
+        return self
+
+    def interval(self, steps: list[tuple[int, float, float, float]]) -> None:
+        """Log the steps (step, loss, grad norm, lr) completed since the last call."""
+        if not self.enabled or not steps:
+            return
+        now = time.perf_counter()
+        seconds = (now - self.last_time) / len(steps)  # the host waited on the last step: a fair clock
+        self.last_time = now
+        tokens_per_s = self.tokens_per_step / seconds / self.world_size
+        tflops = tokens_per_s * self.flops_per_token / 1e12
+        util = mfu(tokens_per_s, self.flops_per_token, self.peak)
+        for step, loss, grad_norm, lr in steps:
+            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
+            if step > 0:  # step 0 pays for allocation and compilation: keep it out of the speed figures
+                metrics |= {
+                    "perf/tokens_per_s_per_device": tokens_per_s,
+                    "perf/tflops_per_device": tflops,
+                    "perf/step_seconds": seconds,
+                }
+                if util is not None:
+                    metrics["perf/mfu"] = util
+            self.writer.log(step + 1, metrics)
+        step, loss, grad_norm, lr = steps[-1]
+        self.progress.update(
+            step + 1,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=tokens_per_s,
+            tflops_per_device=tflops,
+            mfu=util,
+        )
+
+    def validation(self, step: int, loss: float) -> None:
+        if self.enabled:
+            self.writer.log(step, {"val/loss": loss})
+            self.progress.print(f"step {step}: validation loss {loss:.4f}")
+            self.last_time = time.perf_counter()  # evaluation time is not training time
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.progress.print(text)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+        if not self.enabled:
+            return
+        self.writer.close()
+        if self.config.logging.plot:
+            from threefold.monitor import plot_loss_curve
+
+            try:
+                plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+            except ValueError as e:  # nothing logged (stopped before the first step)
+                self.progress.print(f"no loss plot: {e}")
