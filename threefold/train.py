@@ -154,6 +154,9 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
     start = time.perf_counter()
     with StopRequest() as stop, reporter:
+        if t.eval_interval > 0:  # the starting point of the validation curve
+            result.val_losses[0] = evaluate(model, val_batches, mesh)
+            reporter.validation(0, result.val_losses[0])
         for step in range(t.max_steps):
             batches = _to_device(loader.next_batch(), device)
             loss, norm, lr = train_step(model, batches, grad_sync, optimizer, step, mesh)
@@ -201,6 +204,7 @@ class Reporter:
         self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.world_size = mesh.world_size
+        self.device = device
         self.last_time = time.perf_counter()
         self.writer = None
         self.progress = TrainProgress(t.max_steps, enabled=enabled and config.logging.progress)
@@ -237,6 +241,8 @@ class Reporter:
                 }
                 if util is not None:
                     metrics["perf/mfu"] = util
+                if self.device.type == "cuda":
+                    metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.writer.log(step + 1, metrics)
         step, loss, grad_norm, lr = steps[-1]
         self.progress.update(
