@@ -1,6 +1,6 @@
 """Typed configuration: one TOML file plus `--section.key=value` overrides.
 
-Every field has a docstring-style comment; `threefold train --help-config` prints them. Anything a user
+Every field has a docstring; `threefold config --reference` prints them all. Anything a user
 can get wrong raises `ValueError` naming the values, before any process group starts.
 """
 
@@ -348,6 +348,8 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
             raise ValueError(f"{name} must be >= 0, got {value}")
     if o.decay_steps is not None and o.decay_steps <= 0:
         raise ValueError(f"optimizer.decay_steps must be positive, got {o.decay_steps}")
+    if m.preset is not None and m.preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {m.preset!r}; known: {', '.join(MODEL_PRESETS)}")
     if m.arch not in ARCHS:
         raise ValueError(f"model.arch {m.arch!r} is unknown; choose one of {ARCHS}")
     if t.dtype not in DTYPES:

@@ -1,0 +1,120 @@
+"""Gradient synchronization, the optimizer, bf16 training and the schedule."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_ranks
+from torch import nn
+
+from threefold.config import OptimizerConfig
+from threefold.data_parallel import GradSync
+from threefold.mesh import build_mesh
+from threefold.optim import Optimizer, lr_at
+
+
+def _sync_once_per_step(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    group = dist.group.WORLD
+    sync = GradSync(list(model.parameters()), dp_group=group, bucket_mb=16 * 4 / 2**20)  # several buckets
+    launches = []
+    original = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        launches.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        torch.manual_seed(10 + rank)  # each dp rank sees different data
+        inputs = [torch.randn(3, 8) for _ in range(3)]
+        launched_before_finish = []
+        for i, x in enumerate(inputs):
+            sync.sync_this_backward = i == len(inputs) - 1
+            (model(x).square().mean() / len(inputs)).backward()
+            launched_before_finish.append(len(launches))
+        pending = [b.handle is not None for b in sync.buckets]
+        sync.finish()
+    finally:
+        dist.all_reduce = original
+    grads = {name: p.main_grad.clone() for name, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters()), "compute-dtype grads are freed after accumulation"
+    return {
+        "launches": launched_before_finish,
+        "pending": pending,
+        "buckets": len(sync.buckets),
+        "grads": grads,
+        "inputs": inputs,
+    }
+
+
+def test_grad_sync_accumulates_then_averages_once_per_step():
+    results = run_ranks(2, _sync_once_per_step)
+    for r in results:
+        assert r["buckets"] >= 2
+        # No communication for the first micro-batches; every bucket launched inside the last backward.
+        assert r["launches"][:-1] == [0, 0]
+        assert r["launches"][-1] == r["buckets"]
+        assert all(r["pending"]), "all-reduces were launched during backward, before finish()"
+    # Reference: one process, the union of both ranks' micro-batches, mean over ranks.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    for r in results:
+        for x in r["inputs"]:
+            (model(x).square().mean() / (len(r["inputs"]) * len(results))).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(results[0]["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(results[1]["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = OptimizerConfig(lr=1.0, min_lr=0.1, warmup_steps=4)
+    assert [lr_at(s, cfg, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg, 20) == pytest.approx(1.0)
+    assert lr_at(12, cfg, 20) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(20, cfg, 20) == pytest.approx(0.1)
+    assert lr_at(500, cfg, 20) == pytest.approx(0.1)
+    values = [lr_at(s, cfg, 20) for s in range(4, 21)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False)), "cosine decay is monotone"
+
+
+def _bf16_optimizer(rank: int, world: int) -> dict:
+    mesh = build_mesh(1, 1, 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).to(torch.bfloat16)
+    GradSync(list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=1)
+    opt = Optimizer(
+        model,
+        OptimizerConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, grad_clip=1e-3),
+        mesh=mesh,
+        max_steps=10,
+    )
+    before = [m.detach().clone() for m in opt.masters]
+    model(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()
+    norm, lr = opt.step(0)
+    decays = {id(p): g["weight_decay"] for g in opt.adam.param_groups for p in g["params"]}
+    return {
+        "master_dtypes": [m.dtype for m in opt.masters],
+        "param_dtypes": [p.dtype for p in model.parameters()],
+        "synced": all(
+            torch.equal(p.detach(), m.detach().to(p.dtype))
+            for p, m in zip(model.parameters(), opt.masters, strict=True)
+        ),
+        "moved": [not torch.equal(b, m.detach()) for b, m in zip(before, opt.masters, strict=True)],
+        "decay": [decays[id(m)] for m in opt.masters],
+        "ndims": [m.ndim for m in opt.masters],
+        "norm": float(norm),
+        "lr": lr,
+    }
+
+
+def test_bf16_keeps_fp32_masters_and_skips_decay_on_norms_and_biases():
+    r = run_ranks(1, _bf16_optimizer)[0]
+    assert r["param_dtypes"] == [torch.bfloat16] * 4
+    assert r["master_dtypes"] == [torch.float32] * 4
+    assert r["synced"] and all(r["moved"])
+    assert r["decay"] == [0.5 if nd >= 2 else 0.0 for nd in r["ndims"]]
+    assert r["norm"] > 1e-3  # clipping was active, yet Adam still moved every parameter
+    assert r["lr"] == 0.1

@@ -1,0 +1,405 @@
+"""Hugging Face interop: threefold's full state dict <-> LlamaForCausalLM / GPT2LMHeadModel checkpoints.
+
+"Full" means unsharded and unpadded, named as `Transformer.named_parameters()` names them for a model
+holding every layer, the embedding and the head (`layers.0.self_attn.q_proj.weight`, ...); tied models
+have no `lm_head.weight`. Shapes: h hidden, f MLP width, V vocabulary, a/k query/kv heads, d head dim.
+
+Llama maps name for name (plus the `model.` prefix). threefold's RoPE rotates the two halves of each
+head (HF's `rotate_half`), not interleaved pairs, so q/k rows need no permutation. GPT-2 stores its
+projections as `Conv1D` (weight (in, out), the transpose of `nn.Linear`) and fuses q, k, v into one
+`c_attn` along the output dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from threefold.config import ModelConfig
+
+State = dict[str, torch.Tensor]
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# Buffers HF has written into checkpoints at some point; they are derived from the config, not learned.
+_HF_BUFFERS = {
+    "llama": re.compile(r"\.rotary_emb\.(inv_freq|original_inv_freq)$"),
+    "gpt2": re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$"),
+}
+
+
+def _check_arch(cfg: ModelConfig) -> None:
+    if cfg.arch not in ("llama", "gpt2"):
+        raise ValueError(f"no Hugging Face format for model.arch {cfg.arch!r}; known: llama, gpt2")
+
+
+def threefold_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of the full (unsharded, unpadded) model."""
+    _check_arch(cfg)
+    h, f, vocab = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    gpt2 = cfg.arch == "gpt2"
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (vocab, h)}
+    if gpt2:
+        shapes["embed_positions.weight"] = (cfg.max_seq_len, h)
+    for i in range(cfg.num_layers):
+        linears = {
+            "self_attn.q_proj": (q_out, h),
+            "self_attn.k_proj": (kv_out, h),
+            "self_attn.v_proj": (kv_out, h),
+            "self_attn.o_proj": (h, q_out),
+            "mlp.up_proj": (f, h),
+            "mlp.down_proj": (h, f),
+        }
+        if not gpt2:
+            linears["mlp.gate_proj"] = (f, h)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"layers.{i}.{norm}.weight"] = (h,)
+            if gpt2:
+                shapes[f"layers.{i}.{norm}.bias"] = (h,)
+        for name, (out_features, in_features) in linears.items():
+            shapes[f"layers.{i}.{name}.weight"] = (out_features, in_features)
+            if gpt2:
+                shapes[f"layers.{i}.{name}.bias"] = (out_features,)
+    shapes["norm.weight"] = (h,)
+    if gpt2:
+        shapes["norm.bias"] = (h,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (vocab, h)
+    return shapes
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the HF checkpoint (tied output weight omitted, as HF saves it)."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in threefold_shapes(cfg).items()}
+    return {name: tuple(t.shape) for name, t in _CONVERT_TO_HF[cfg.arch](cfg, meta).items()}
+
+
+def _check_state(expected: dict[str, tuple[int, ...]], state: State, what: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{name}: got {tuple(state[name].shape)}, expected {expected[name]}"
+        for name in sorted(set(expected) & set(state))
+        if tuple(state[name].shape) != expected[name]
+    ]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if items:
+            shown = items[:20] + ([f"... {len(items) - 20} more"] if len(items) > 20 else [])
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"{what} does not match the model config: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- llama
+
+
+def _llama_to_hf(cfg: ModelConfig, state: State) -> State:
+    return {name if name == "lm_head.weight" else f"model.{name}": t for name, t in state.items()}
+
+
+def _llama_from_hf(cfg: ModelConfig, hf: State) -> State:
+    return {name.removeprefix("model."): t for name, t in hf.items()}
+
+
+# ----------------------------------------------------------------------------------------------- gpt2
+
+# threefold name inside a layer -> GPT-2 module inside `transformer.h.N` (norms and biases only rename).
+_GPT2_LAYER = {
+    "input_layernorm": "ln_1",
+    "post_attention_layernorm": "ln_2",
+    "self_attn.o_proj": "attn.c_proj",
+    "mlp.up_proj": "mlp.c_fc",
+    "mlp.down_proj": "mlp.c_proj",
+}
+
+
+def _gpt2_to_hf(cfg: ModelConfig, state: State) -> State:
+    hf = {
+        "transformer.wte.weight": state["embed_tokens.weight"],
+        "transformer.wpe.weight": state["embed_positions.weight"],
+        "transformer.ln_f.weight": state["norm.weight"],
+        "transformer.ln_f.bias": state["norm.bias"],
+    }
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"transformer.h.{i}."
+        for src, dst in _GPT2_LAYER.items():
+            weight = state[f"{ours}{src}.weight"]
+            # Conv1D keeps (in, out); norm weights are vectors and pass through.
+            hf[f"{theirs}{dst}.weight"] = weight.t().contiguous() if weight.dim() == 2 else weight
+            hf[f"{theirs}{dst}.bias"] = state[f"{ours}{src}.bias"]
+        qkv = [f"{ours}self_attn.{p}_proj" for p in "qkv"]
+        hf[f"{theirs}attn.c_attn.weight"] = torch.cat([state[f"{n}.weight"] for n in qkv]).t().contiguous()
+        hf[f"{theirs}attn.c_attn.bias"] = torch.cat([state[f"{n}.bias"] for n in qkv])
+    if not cfg.tie_embeddings:
+        hf["lm_head.weight"] = state["lm_head.weight"]
+    return hf
+
+
+def _gpt2_from_hf(cfg: ModelConfig, hf: State) -> State:
+    state = {
+        "embed_tokens.weight": hf["transformer.wte.weight"],
+        "embed_positions.weight": hf["transformer.wpe.weight"],
+        "norm.weight": hf["transformer.ln_f.weight"],
+        "norm.bias": hf["transformer.ln_f.bias"],
+    }
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"transformer.h.{i}."
+        for dst, src in _GPT2_LAYER.items():
+            weight = hf[f"{theirs}{src}.weight"]
+            state[f"{ours}{dst}.weight"] = weight.t().contiguous() if weight.dim() == 2 else weight
+            state[f"{ours}{dst}.bias"] = hf[f"{theirs}{src}.bias"]
+        sizes = [q_out, kv_out, kv_out]
+        weights = hf[f"{theirs}attn.c_attn.weight"].t().split(sizes)  # (3h, h) -> q, k, v rows
+        biases = hf[f"{theirs}attn.c_attn.bias"].split(sizes)
+        for p, w, b in zip("qkv", weights, biases, strict=True):
+            state[f"{ours}self_attn.{p}_proj.weight"] = w.contiguous()
+            state[f"{ours}self_attn.{p}_proj.bias"] = b.contiguous()
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = hf["lm_head.weight"]
+    return state
+
+
+_CONVERT_TO_HF: dict[str, Callable[[ModelConfig, State], State]] = {
+    "llama": _llama_to_hf,
+    "gpt2": _gpt2_to_hf,
+}
+_CONVERT_FROM_HF: dict[str, Callable[[ModelConfig, State], State]] = {
+    "llama": _llama_from_hf,
+    "gpt2": _gpt2_from_hf,
+}
+
+
+def to_hf_state_dict(cfg: ModelConfig, state: State) -> State:
+    """threefold full state dict -> HF names and layouts (tensors are shared where no copy is needed)."""
+    _check_arch(cfg)
+    _check_state(threefold_shapes(cfg), state, "threefold state dict")
+    return _CONVERT_TO_HF[cfg.arch](cfg, state)
+
+
+def from_hf_state_dict(cfg: ModelConfig, hf_state: State) -> State:
+    """HF LlamaForCausalLM / GPT2LMHeadModel state dict -> threefold full state dict.
+
+    Derived buffers (causal masks, RoPE frequencies) are dropped. A tied `lm_head.weight`, which
+    `model.state_dict()` lists but checkpoints omit, is accepted only if it equals the embedding.
+    """
+    _check_arch(cfg)
+    hf = {k: v for k, v in hf_state.items() if not _HF_BUFFERS[cfg.arch].search(k)}
+    if cfg.arch == "gpt2" and hf and not any(k.startswith("transformer.") for k in hf):
+        hf = {f"transformer.{k}": v for k, v in hf.items()}  # saved from GPT2Model, e.g. the original gpt2
+    if cfg.tie_embeddings and "lm_head.weight" in hf:
+        head = hf.pop("lm_head.weight")
+        embed = hf.get("model.embed_tokens.weight" if cfg.arch == "llama" else "transformer.wte.weight")
+        if embed is not None and (head.shape != embed.shape or not torch.equal(head, embed)):
+            raise ValueError(
+                "tie_word_embeddings is true but lm_head.weight differs from the token embedding; "
+                "load it with tie_word_embeddings = false"
+            )
+    _check_state(hf_shapes(cfg), hf, f"Hugging Face {cfg.arch} state dict")
+    return _CONVERT_FROM_HF[cfg.arch](cfg, hf)
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str, Any]:
+    """The config.json of the equivalent HF model.
+
+    bos/eos ids are written explicitly (the tokenizer's end-of-text id, or null) so HF's per-model
+    defaults (1/2 for Llama, 50256 for GPT-2) cannot slip in for a different tokenizer.
+    """
+    _check_arch(cfg)
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+    }
+    if cfg.arch == "llama":
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.ffn_hidden_size,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps,
+            # transformers < 5 reads rope_theta at the top level, 5.x reads rope_parameters.
+            "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_scaling": None,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            **common,
+        }
+    if cfg.num_kv_heads != cfg.num_heads:
+        raise ValueError(
+            f"GPT-2 checkpoints have no grouped-query attention: num_kv_heads ({cfg.num_kv_heads}) "
+            f"must equal num_heads ({cfg.num_heads})"
+        )
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": cfg.hidden_size,
+        "n_inner": cfg.ffn_hidden_size,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_positions": cfg.max_seq_len,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "activation_function": "gelu_new",
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        **common,
+    }
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """RoPE base of a Llama config, refusing any scaling variant (threefold implements plain RoPE)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for source, p in (("rope_scaling", scaling), ("rope_parameters", params)):
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind != "default":
+            raise ValueError(
+                f"{source} with rope_type {kind!r} is not supported: threefold implements plain RoPE "
+                "only (no linear/dynamic/yarn/llama3 scaling)"
+            )
+        if p.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{source}.partial_rotary_factor {p['partial_rotary_factor']} is not supported")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _require(hf: dict[str, Any], key: str, supported: Any, why: str) -> None:
+    if key in hf and hf[key] is not None and hf[key] != supported:
+        raise ValueError(f"{key} = {hf[key]!r} is not supported ({why}; threefold needs {supported!r})")
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig of an HF config.json dict (model_type llama or gpt2); ValueError for what we lack."""
+    model_type = hf.get("model_type")
+    if model_type == "llama":
+        _require(hf, "hidden_act", "silu", "threefold's Llama MLP is SwiGLU")
+        _require(hf, "attention_bias", False, "threefold's Llama attention has no biases")
+        _require(hf, "mlp_bias", False, "threefold's Llama MLP has no biases")
+        heads = hf["num_attention_heads"]
+        if hf["hidden_size"] % heads:
+            raise ValueError(f"num_attention_heads ({heads}) must divide hidden_size ({hf['hidden_size']})")
+        _require(hf, "head_dim", hf["hidden_size"] // heads, "threefold derives head_dim as hidden/heads")
+        cfg = ModelConfig(
+            arch="llama",
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            ffn_hidden_size=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=_rope_theta(hf),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            init_std=hf.get("initializer_range", 0.02),
+        )
+    elif model_type == "gpt2":
+        # gelu_pytorch_tanh is the same tanh approximation as gelu_new, computed by torch.
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(
+                f"activation_function = {hf['activation_function']!r} is not supported "
+                "(threefold's GPT-2 MLP uses the tanh GeLU, 'gelu_new')"
+            )
+        _require(hf, "scale_attn_weights", True, "threefold scales attention scores by 1/sqrt(d)")
+        _require(hf, "scale_attn_by_inverse_layer_idx", False, "threefold has no per-layer attention scale")
+        _require(hf, "add_cross_attention", False, "threefold is decoder-only")
+        hidden = hf["n_embd"]
+        cfg = ModelConfig(
+            arch="gpt2",
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            num_layers=hf["n_layer"],
+            num_heads=hf["n_head"],
+            num_kv_heads=hf["n_head"],
+            ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
+            max_seq_len=hf.get("n_positions", 1024),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            init_std=hf.get("initializer_range", 0.02),
+        )
+    else:
+        raise ValueError(f"model_type {model_type!r} is not supported; threefold converts 'llama' and 'gpt2'")
+    if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(
+            f"heads do not fit: hidden size {cfg.hidden_size}, {cfg.num_heads} heads, "
+            f"{cfg.num_kv_heads} kv heads"
+        )
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def save_hf_checkpoint(
+    cfg: ModelConfig, state: State, out_dir: str | Path, *, eos_token_id: int | None = None
+) -> Path:
+    """Write `model.safetensors` + `config.json`, loadable by `AutoModelForCausalLM.from_pretrained`.
+
+    The directory appears complete or not at all: files go to a sibling temporary directory that is
+    renamed into place (an existing checkpoint there is replaced).
+    """
+    out = Path(out_dir)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf_state_dict(cfg, state).items()}
+    config = hf_config(cfg, eos_token_id=eos_token_id)
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1:
+        config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            old = tmp.with_name(tmp.name + "-old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, State]:
+    """Read an HF checkpoint directory (single or sharded safetensors) as (ModelConfig, full state)."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise ValueError(f"{str(path)!r} is not a Hugging Face checkpoint: no {CONFIG_NAME}")
+    cfg = model_config_from_hf(json.loads((path / CONFIG_NAME).read_text()))
+    if (path / WEIGHTS_NAME).is_file():
+        hf_state = load_file(path / WEIGHTS_NAME)
+    elif (path / INDEX_NAME).is_file():
+        weight_map: dict[str, str] = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+        hf_state = {}
+        for file in sorted(set(weight_map.values())):
+            hf_state.update(load_file(path / file))
+    else:
+        raise ValueError(f"{str(path)!r} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    return cfg, from_hf_state_dict(cfg, hf_state)
