@@ -156,7 +156,7 @@ def _format_fields(fields: dict[str, Any]) -> str:
         f"lr {fmt('lr', '.2e')}",
         f"gnorm {fmt('grad_norm', '.3f')}",
         f"tok/s/dev {tokens_text}",
-        f"TFLOP/s/dev {fmt('tflops_per_device', '.1f')}",
+        f"TFLOP/s/dev {fmt('tflops_per_device', '.3g')}",
         f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}",
     ]
     known = {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu"}
