@@ -1,0 +1,128 @@
+"""Pipeline schedules, checked by the simulator without processes."""
+
+import pytest
+
+from threefold.pipeline_sim import ScheduleError, simulate, timeline
+from threefold.schedules import (
+    COMPUTE,
+    Action,
+    B,
+    F,
+    Kind,
+    add_communication,
+    build_schedule,
+    check_schedule_args,
+)
+
+
+def _cases():
+    for name in ("gpipe", "1f1b", "interleaved"):
+        for pp in range(1, 9):
+            for v in range(1, 5):
+                if v > 1 and (name == "1f1b" or pp == 1):
+                    continue
+                for m in sorted({1, 2, 3, pp, pp + 1, 2 * pp, 3 * pp}):
+                    if v > 1 and m % pp:
+                        continue  # the interleaved order needs whole groups of pp micro-batches
+                    yield name, pp, v, m
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("name,pp,v,m", CASES, ids=[f"{n}-p{p}-v{v}-m{m}" for n, p, v, m in CASES])
+def test_schedule_runs_and_has_the_papers_bubble(name, pp, v, m):
+    schedule = build_schedule(name, pp, v, m)
+    for forward_cost, backward_cost in ((1.0, 1.0), (1.0, 2.0)):
+        result = simulate(schedule, forward_cost=forward_cost, backward_cost=backward_cost)  # no deadlock
+        assert result.bubble_fraction == pytest.approx((pp - 1) / (v * m), abs=1e-12)
+    for rank, actions in enumerate(schedule):
+        compute = [a for a in actions if a.kind in COMPUTE]
+        expected = {(rank + k * pp, mb) for k in range(v) for mb in range(m)}
+        forwards = [(a.chunk, a.microbatch) for a in compute if a.kind is Kind.F]
+        backwards = [(a.chunk, a.microbatch) for a in compute if a.kind is Kind.B]
+        assert sorted(forwards) == sorted(expected) and len(forwards) == len(expected)
+        assert sorted(backwards) == sorted(expected) and len(backwards) == len(expected)
+        for key in expected:  # every forward precedes its backward
+            assert forwards.index(key) < len(forwards)
+            f_pos = next(
+                i for i, a in enumerate(compute) if a.kind is Kind.F and (a.chunk, a.microbatch) == key
+            )
+            b_pos = next(
+                i for i, a in enumerate(compute) if a.kind is Kind.B and (a.chunk, a.microbatch) == key
+            )
+            assert f_pos < b_pos
+    # Transfers: one activation and one gradient per chunk boundary and micro-batch, in total.
+    transfers = [a for actions in schedule for a in actions if a.kind not in COMPUTE]
+    boundaries = (pp * v - 1) * m
+    for kind in (Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B):
+        assert sum(a.kind is kind for a in transfers) == boundaries
+
+
+@pytest.mark.parametrize("pp,m", [(4, 8), (4, 2), (3, 7), (8, 8)])
+def test_peak_activations_in_flight(pp, m):
+    assert simulate(build_schedule("gpipe", pp, 1, m)).peak_in_flight == [m] * pp
+    assert simulate(build_schedule("1f1b", pp, 1, m)).peak_in_flight == [min(pp - r, m) for r in range(pp)]
+
+
+def test_interleaving_shrinks_the_bubble_by_v():
+    base = simulate(build_schedule("1f1b", 4, 1, 8)).bubble_fraction
+    for v in (2, 4):
+        assert simulate(build_schedule("interleaved", 4, v, 8)).bubble_fraction == pytest.approx(base / v)
+
+
+def test_simulator_catches_a_deadlock():
+    # Two chunks per rank visited chunk by chunk: rank 0 keeps sending chunk 0's outputs while rank 1,
+    # already done with chunk 1's first micro-batch, waits to hand it back to rank 0.
+    steps = [
+        [[F(r + 2 * k, mb)] for k in range(2) for mb in range(4)]
+        + [[B(r + 2 * k, mb)] for k in (1, 0) for mb in range(4)]
+        for r in range(2)
+    ]
+    schedule = [add_communication(steps[r], r, 2, 2) for r in range(2)]
+    with pytest.raises(ScheduleError, match="deadlock: rank 0 waits"):
+        simulate(schedule)
+
+
+def test_simulator_catches_a_send_before_its_compute():
+    schedule = [[Action(Kind.SEND_F, 0, 0, 1), Action(Kind.F, 0, 0)], [Action(Kind.RECV_F, 1, 0, 0)]]
+    with pytest.raises(ScheduleError, match="sends SEND_F0.0@1 before computing it"):
+        simulate(schedule)
+
+
+def test_simulator_catches_messages_out_of_order():
+    schedule = build_schedule("gpipe", 2, 1, 2)
+    receiver = schedule[1]
+    i, j = (k for k, a in enumerate(receiver) if a.kind is Kind.RECV_F)
+    receiver[i], receiver[j] = receiver[j], receiver[i]
+    with pytest.raises(ScheduleError, match="expects"):
+        simulate(schedule)
+
+
+def test_simulator_catches_backward_before_forward():
+    schedule = [[Action(Kind.B, 0, 0), Action(Kind.F, 0, 0)]]
+    with pytest.raises(ScheduleError, match="before its forward"):
+        simulate(schedule)
+
+
+def test_timeline_prints_every_compute_action():
+    result = simulate(build_schedule("1f1b", 2, 1, 2))
+    text = timeline(result)
+    assert text.splitlines()[0].split() == ["step", "rank", "0", "rank", "1"]
+    for label in ("F0.0", "F0.1", "B0.0", "B0.1", "F1.0", "F1.1", "B1.0", "B1.1"):
+        assert label in text
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (("zigzag", 2, 1, 4), "unknown pipeline schedule 'zigzag'"),
+        (("1f1b", 4, 2, 8), r"1f1b schedule runs one model chunk per rank \(num_model_chunks = 2\)"),
+        (("interleaved", 4, 2, 6), r"num_microbatches \(6\) to be a multiple of pp_size \(4\)"),
+        (("gpipe", 1, 2, 4), r"num_model_chunks \(2\) > 1 needs pp_size > 1"),
+        (("gpipe", 2, 1, 0), r"num_microbatches must be positive, got 0"),
+    ],
+)
+def test_bad_schedule_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        check_schedule_args(*args)
