@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from threefold.presets import MODEL_PRESETS
+from threefold.schedules import check_schedule_args
 
 DTYPES = ("float32", "bfloat16")
 ARCHS = ("llama", "gpt2")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(kw_only=True)
@@ -78,6 +80,10 @@ class ParallelConfig:
     """Data-parallel size d."""
     num_model_chunks: int = 1
     """Model chunks v per pipeline rank (interleaved schedule); 1 means no interleaving."""
+    pipeline_schedule: str = "1f1b"
+    """'gpipe', '1f1b' or 'interleaved' (needs num_model_chunks > 1 to differ from 1f1b)."""
+    scatter_gather: bool = True
+    """With tp_size > 1, send 1/t of each pipeline boundary tensor per TP rank and all-gather on arrival."""
     sequence_parallel: bool = False
     """Split norm/dropout regions along the sequence across the TP group (needs tp_size > 1)."""
     dp_bucket_mb: float = 25.0
@@ -136,12 +142,15 @@ class TrainingConfig:
     """Seed for initialization and data order."""
     device: str = "auto"
     """'auto' (cuda when available), 'cuda' or 'cpu'."""
+    recompute: str = "none"
+    """Activation recomputation: 'none', 'selective' (the attention core) or 'full' (each layer)."""
     compile: bool = False
     """Wrap each transformer layer in torch.compile (GPU)."""
     eval_interval: int = 50
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
     eval_batches: int = 8
-    """Micro-batches per data-parallel rank in each validation pass."""
+    """Validation micro-batches per evaluation, in total (divided among data-parallel ranks), so the
+    validation set is the same for every layout."""
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no limit)."""
 
@@ -390,6 +399,10 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
             f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
             f"training.micro_batch_size ({t.micro_batch_size}) * parallel.dp_size ({p.dp_size}) = {per_step}"
         )
+    if t.eval_batches % p.dp_size:
+        raise ValueError(
+            f"training.eval_batches ({t.eval_batches}) must be divisible by parallel.dp_size ({p.dp_size})"
+        )
     if p.pp_size > m.num_layers:
         raise ValueError(f"parallel.pp_size ({p.pp_size}) exceeds model.num_layers ({m.num_layers})")
     if p.pp_size * p.num_model_chunks > m.num_layers:
@@ -397,10 +410,16 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
             f"parallel.pp_size ({p.pp_size}) * parallel.num_model_chunks ({p.num_model_chunks}) "
             f"exceeds model.num_layers ({m.num_layers})"
         )
+    if t.recompute not in RECOMPUTE:
+        raise ValueError(f"training.recompute {t.recompute!r} is unknown; choose one of {RECOMPUTE}")
     if p.num_model_chunks > 1 and p.pp_size == 1:
         raise ValueError(
             f"parallel.num_model_chunks ({p.num_model_chunks}) > 1 needs parallel.pp_size > 1 (got 1)"
         )
+    try:
+        check_schedule_args(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
+    except ValueError as e:
+        raise ValueError(f"parallel.pipeline_schedule = {p.pipeline_schedule!r}: {e}") from None
     if world_size is not None:
         check_world_size(config, world_size)
     if check_paths and not (Path(d.path) / "meta.json").is_file() and not d.prepare_shakespeare:

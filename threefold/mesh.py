@@ -35,6 +35,9 @@ class Mesh:
     pp_group: ProcessGroup
     model_parallel_group: ProcessGroup
     """tp x pp ranks that together hold one model replica (for the global gradient norm)."""
+    embedding_group: ProcessGroup | None
+    """First and last pipeline rank of this (dp, tp) column, which both hold tied embeddings; None
+    on the other ranks and when pp_size == 1."""
     grid: torch.Tensor
 
     @property
@@ -85,6 +88,13 @@ def build_mesh(tp_size: int, dp_size: int, pp_size: int) -> Mesh:
     dp_group = groups_along(grid.permute(0, 2, 1).reshape(-1, dp_size))
     pp_group = groups_along(grid.permute(1, 2, 0).reshape(-1, pp_size))
     mp_group = groups_along(grid.permute(1, 0, 2).reshape(dp_size, pp_size * tp_size))
+    embedding_group = None
+    if pp_size > 1:
+        ends = grid[[0, pp_size - 1]].permute(1, 2, 0).reshape(-1, 2)  # (first, last) per (dp, tp)
+        for pair in ends.tolist():
+            group = dist.new_group(pair)
+            if rank in pair:
+                embedding_group = group
     return Mesh(
         rank=rank,
         tp_size=tp_size,
@@ -97,5 +107,6 @@ def build_mesh(tp_size: int, dp_size: int, pp_size: int) -> Mesh:
         dp_group=dp_group,
         pp_group=pp_group,
         model_parallel_group=mp_group,
+        embedding_group=embedding_group,
         grid=grid,
     )

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.utils.checkpoint import checkpoint
 
 from threefold.comm import copy_to_tp, gather_from_sequence
 from threefold.config import ModelConfig
@@ -34,13 +35,14 @@ from threefold.layers import (
 
 
 class TPContext:
-    """What a layer needs to know about tensor parallelism: its group and whether SP is on."""
+    """What a layer needs to know about tensor parallelism (its group, whether SP is on) and recomputation."""
 
-    def __init__(self, tp_group: ProcessGroup, sequence_parallel: bool) -> None:
+    def __init__(self, tp_group: ProcessGroup, sequence_parallel: bool, recompute: str = "none") -> None:
         self.group = tp_group
         self.size = dist.get_world_size(tp_group)
         self.rank = dist.get_rank(tp_group)
         self.sequence_parallel = sequence_parallel
+        self.recompute = recompute
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """Make the block input whole on every TP rank before column-parallel projections."""
@@ -115,13 +117,21 @@ class Attention(nn.Module):
         if self.use_rope:
             assert rope is not None
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.tp.recompute == "selective":
+            # Keep only q, k, v: the core is recomputed in backward (cheap next to the projections).
+            y = checkpoint(self.core, q, k, v, use_reentrant=False)
+        else:
+            y = self.core(q, k, v)
+        y = y.transpose(1, 2).reshape(b, s, self.num_local_heads * self.head_dim)
+        return self.o_proj(y)  # (b, s_, h)
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of (b, a/t, s, d) queries over (b, k/t, s, d) keys and values."""
         group_size = self.num_local_heads // self.num_local_kv_heads
         if group_size > 1:  # query head j reads kv head j // group_size
             k = k.repeat_interleave(group_size, dim=1)
             v = v.repeat_interleave(group_size, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, a/t, s, d)
-        y = y.transpose(1, 2).reshape(b, s, self.num_local_heads * self.head_dim)
-        return self.o_proj(y)  # (b, s_, h)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, a/t, s, d)
 
 
 class MLP(nn.Module):
@@ -177,13 +187,14 @@ class Transformer(nn.Module):
         last_layer: int | None = None,
         has_embedding: bool = True,
         has_head: bool = True,
+        recompute: str = "none",
     ) -> None:
         super().__init__()
         last_layer = cfg.num_layers if last_layer is None else last_layer
         if not 0 <= first_layer <= last_layer <= cfg.num_layers:
             raise ValueError(f"layer range [{first_layer}, {last_layer}) outside 0..{cfg.num_layers}")
         self.cfg = cfg
-        self.tp = TPContext(tp_group, sequence_parallel)
+        self.tp = TPContext(tp_group, sequence_parallel, recompute)
         self.has_embedding = has_embedding
         self.has_head = has_head
         if has_embedding:
@@ -195,6 +206,13 @@ class Transformer(nn.Module):
                 mark_sequence_parallel(self.embed_positions.weight, sequence_parallel)
         self.layers = nn.ModuleDict({str(i): Block(cfg, self.tp) for i in range(first_layer, last_layer)})
         if has_head:
+            if cfg.tie_embeddings and not has_embedding:
+                # The last pipeline stage keeps its own copy of the tied weight (same name, so the same
+                # initialization); the trainer sums its gradient with the first stage's every step.
+                self.embed_tokens = VocabParallelEmbedding(
+                    cfg.vocab_size, cfg.hidden_size, tp_group=tp_group, sequence_parallel=sequence_parallel
+                )
+                self.embed_tokens.weight.tied_copy = True  # type: ignore[attr-defined]
             self.norm = make_norm(cfg, self.tp)
             if not cfg.tie_embeddings:
                 self.lm_head = ColumnParallelLinear(
@@ -242,7 +260,10 @@ class Transformer(nn.Module):
             seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
         rope = self.rope(seq_len, x.device)
         for layer in self.layers.values():
-            x = layer(x, rope)
+            if self.tp.recompute == "full" and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, use_reentrant=False)  # keep only each layer's input
+            else:
+                x = layer(x, rope)
         if not self.has_head:
             return x
         x = self.tp.enter(self.norm(x))  # (b, s, h)
@@ -311,6 +332,7 @@ def build_model(
     last_layer: int | None = None,
     has_embedding: bool = True,
     has_head: bool = True,
+    recompute: str = "none",
 ) -> Transformer:
     """Build (a pipeline stage of) the model directly on `device`, initialized, in `dtype`."""
     with torch.device(device):
@@ -322,6 +344,7 @@ def build_model(
             last_layer=last_layer,
             has_embedding=has_embedding,
             has_head=has_head,
+            recompute=recompute,
         )
     init_weights(model, seed)
     return model.to(dtype)

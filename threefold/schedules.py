@@ -152,6 +152,12 @@ def interleaved(rank: int, pp_size: int, num_model_chunks: int, num_microbatches
     return steps
 
 
+def forward_only(rank: int, pp_size: int, num_model_chunks: int, num_microbatches: int) -> list[Step]:
+    """Evaluation: each micro-batch through this rank's chunks in turn; works for any micro-batch count."""
+    chunks = [rank + k * pp_size for k in range(num_model_chunks)]
+    return [[F(c, mb)] for mb in range(num_microbatches) for c in chunks]
+
+
 BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved}
 
 # Inside a batch, activations go before gradients on both sides, so two neighbours that exchange both

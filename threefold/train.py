@@ -19,6 +19,9 @@ from threefold.mesh import Mesh
 from threefold.metrics import flops_per_token, mfu, peak_flops
 from threefold.model import Transformer, build_model
 from threefold.optim import Optimizer
+from threefold.partition import chunk_layer_ranges, chunks_of_rank
+from threefold.pipeline import PipelineExecutor
+from threefold.schedules import Action, add_communication, build_schedule, forward_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -31,7 +34,7 @@ class TrainResult:
     grad_norms: list[float] = field(default_factory=list)
     steps_done: int = 0
     stopped_early: bool = False
-    model: Transformer | None = None
+    trainer: Trainer | None = None
 
 
 class StopRequest:
@@ -59,63 +62,122 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def build(config: Config, mesh: Mesh, device: torch.device) -> tuple[Transformer, GradSync, Optimizer]:
-    """The model (this rank's part), its gradient synchronizer and optimizer."""
-    if mesh.pp_size > 1:
-        raise NotImplementedError("pipeline parallelism (pp_size > 1) is not available yet")
-    model = build_model(
-        config.model,
-        tp_group=mesh.tp_group,
-        sequence_parallel=config.parallel.sequence_parallel,
-        seed=config.training.seed,
+@dataclass
+class Trainer:
+    """This rank's model chunks with what trains them."""
+
+    chunks: dict[int, Transformer]
+    """Global chunk index -> model chunk (one per model chunk held by this pipeline rank)."""
+    grad_syncs: dict[int, GradSync]
+    optimizer: Optimizer
+    executor: PipelineExecutor
+    schedule: list[Action]
+    """This rank's training step: forwards, backwards and transfers."""
+    config: Config
+    mesh: Mesh
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for chunk in self.chunks.values() for p in chunk.parameters()]
+
+
+def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
+    """The model chunks of this rank, their gradient synchronizers, the optimizer and the schedule."""
+    p, t = config.parallel, config.training
+    ranges = chunk_layer_ranges(config.model.num_layers, p.pp_size, p.num_model_chunks)
+    num_chunks = len(ranges)
+    chunks = {}
+    for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks):
+        chunk = build_model(
+            config.model,
+            tp_group=mesh.tp_group,
+            sequence_parallel=p.sequence_parallel,
+            seed=t.seed,
+            device=device,
+            dtype=DTYPES[t.dtype],
+            first_layer=ranges[c][0],
+            last_layer=ranges[c][1],
+            has_embedding=c == 0,
+            has_head=c == num_chunks - 1,
+            recompute=t.recompute,
+        )
+        if t.compile:
+            for layer in chunk.layers.values():
+                layer.compile()
+        chunks[c] = chunk
+    grad_syncs = {
+        c: GradSync(list(chunk.parameters()), dp_group=mesh.dp_group, bucket_mb=p.dp_bucket_mb)
+        for c, chunk in chunks.items()
+    }
+    optimizer = Optimizer(
+        torch.nn.ModuleList(chunks.values()), config.optimizer, mesh=mesh, max_steps=t.max_steps
+    )
+    seq_local = config.data.seq_len // (p.tp_size if p.sequence_parallel else 1)
+    executor = PipelineExecutor(
+        chunks,
+        mesh,
+        num_chunks=num_chunks,
+        boundary_shape=(t.micro_batch_size, seq_local, config.model.hidden_size),
+        dtype=DTYPES[t.dtype],
         device=device,
-        dtype=DTYPES[config.training.dtype],
+        scatter_gather=p.scatter_gather,
+        grad_syncs=grad_syncs,
     )
-    if config.training.compile:
-        for layer in model.layers.values():
-            layer.compile()
-    grad_sync = GradSync(
-        list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=config.parallel.dp_bucket_mb
-    )
-    optimizer = Optimizer(model, config.optimizer, mesh=mesh, max_steps=config.training.max_steps)
-    return model, grad_sync, optimizer
+    schedule = build_schedule(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
+    if p.pp_size > 1:
+        dist.barrier(group=mesh.pp_group)  # every pipeline communicator exists before the first transfer
+    return Trainer(chunks, grad_syncs, optimizer, executor, schedule[mesh.pp_rank], config, mesh)
+
+
+def _pipeline_sum(value: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """Losses live on the last stage: share them with every stage (the logger is rank 0)."""
+    if mesh.pp_size > 1:
+        dist.all_reduce(value, group=mesh.pp_group)
+    return value
+
+
+def _sync_tied_embedding(trainer: Trainer) -> None:
+    """Sum the tied embedding's gradient over its two holders: the first and the last pipeline stage."""
+    group = trainer.mesh.embedding_group
+    if group is None or not trainer.config.model.tie_embeddings:
+        return
+    first, last = 0, trainer.executor.last_chunk
+    chunk = trainer.chunks.get(first) or trainer.chunks[last]
+    dist.all_reduce(chunk.embed_tokens.weight.main_grad, group=group)
 
 
 def train_step(
-    model: Transformer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-    grad_sync: GradSync,
-    optimizer: Optimizer,
-    step: int,
-    mesh: Mesh,
+    trainer: Trainer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm, lr)."""
+    mesh = trainer.mesh
     num_microbatches = len(micro_batches)
-    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (inputs, targets) in enumerate(micro_batches):
-        # Only the last micro-batch's backward launches the data-parallel all-reduces.
-        grad_sync.sync_this_backward = i == num_microbatches - 1
-        loss = model(inputs, targets) / num_microbatches
-        loss.backward()
-        loss_sum += loss.detach()
-    grad_sync.finish()
-    all_reduce_sequence_parallel_grads(optimizer.params, mesh.tp_group)
-    norm, lr = optimizer.step(step)
-    grad_sync.zero()
+    loss_sum = trainer.executor.run(
+        trainer.schedule, micro_batches, loss_scale=1.0 / num_microbatches, train=True
+    )
+    for grad_sync in trainer.grad_syncs.values():
+        grad_sync.finish()
+    all_reduce_sequence_parallel_grads(trainer.optimizer.params, mesh.tp_group)
+    _sync_tied_embedding(trainer)
+    norm, lr = trainer.optimizer.step(step)
+    for grad_sync in trainer.grad_syncs.values():
+        grad_sync.zero()
+    loss = _pipeline_sum(loss_sum / (num_microbatches * mesh.dp_size), mesh)
     if mesh.dp_size > 1:
-        loss_sum /= mesh.dp_size
-        dist.all_reduce(loss_sum, group=mesh.dp_group)
-    return loss_sum, norm, lr
+        dist.all_reduce(loss, group=mesh.dp_group)
+    return loss, norm, lr
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], mesh: Mesh) -> float:
-    model.eval()
-    total = torch.zeros((), device=batches[0][0].device)
-    for inputs, targets in batches:
-        total += model(inputs, targets)
-    model.train()
-    total /= len(batches) * mesh.dp_size
+def evaluate(trainer: Trainer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    mesh, p = trainer.mesh, trainer.config.parallel
+    for chunk in trainer.chunks.values():
+        chunk.eval()
+    steps = forward_only(mesh.pp_rank, p.pp_size, p.num_model_chunks, len(batches))
+    actions = add_communication(steps, mesh.pp_rank, p.pp_size, p.num_model_chunks)
+    total = trainer.executor.run(actions, batches, loss_scale=1.0, train=False)
+    for chunk in trainer.chunks.values():
+        chunk.train()
+    total = _pipeline_sum(total / (len(batches) * mesh.dp_size), mesh)
     dist.all_reduce(total, group=mesh.dp_group)
     return float(total)
 
@@ -127,7 +189,7 @@ def _to_device(batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.d
 def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
     """Run the training loop on this rank; every rank of the mesh calls it."""
     t = config.training
-    model, grad_sync, optimizer = build(config, mesh, device)
+    trainer = build(config, mesh, device)
     train_set = TokenDataset(config.data.path, "train", config.data.seq_len)
     val_set = TokenDataset(config.data.path, "val", config.data.seq_len)
     loader = BatchLoader(
@@ -142,7 +204,7 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
         eval_batches(
             val_set,
             micro_batch_size=t.micro_batch_size,
-            num_batches=t.eval_batches,
+            num_batches=t.eval_batches // mesh.dp_size,
             dp_rank=mesh.dp_rank,
             dp_size=mesh.dp_size,
         ),
@@ -150,16 +212,16 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
     )
     is_logger = mesh.rank == 0
     reporter = Reporter(config, mesh, device, enabled=is_logger)
-    result = TrainResult(model=model)
+    result = TrainResult(trainer=trainer)
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
     start = time.perf_counter()
     with StopRequest() as stop, reporter:
         if t.eval_interval > 0:  # the starting point of the validation curve
-            result.val_losses[0] = evaluate(model, val_batches, mesh)
+            result.val_losses[0] = evaluate(trainer, val_batches)
             reporter.validation(0, result.val_losses[0])
         for step in range(t.max_steps):
             batches = _to_device(loader.next_batch(), device)
-            loss, norm, lr = train_step(model, batches, grad_sync, optimizer, step, mesh)
+            loss, norm, lr = train_step(trainer, batches, step)
             pending.append((step, loss, norm, lr))
             last = step == t.max_steps - 1
             if (step + 1) % config.logging.log_interval == 0 or last:
@@ -178,7 +240,7 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
             result.steps_done = step + 1
             due = t.eval_interval > 0 and ((step + 1) % t.eval_interval == 0)
             if due or last or result.stopped_early:
-                val = evaluate(model, val_batches, mesh)
+                val = evaluate(trainer, val_batches)
                 result.val_losses[step + 1] = val
                 reporter.validation(step + 1, val)
             if result.stopped_early:
@@ -186,7 +248,8 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
                     f"stopped after step {step + 1} ({'interrupted' if stop.requested else 'time limit'})"
                 )
                 break
-    grad_sync.remove_hooks()
+    for grad_sync in trainer.grad_syncs.values():
+        grad_sync.remove_hooks()
     return result
 
 

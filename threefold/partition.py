@@ -1,0 +1,36 @@
+"""Which layers each pipeline chunk holds.
+
+The model's layers are split over pp_size * num_model_chunks chunks (virtual stages); chunk c lives on
+pipeline rank c % pp_size, so rank r holds chunks r, r + pp_size, r + 2 pp_size, ...
+
+The rule: as even as possible. When the layers do not divide, the remainder goes one layer per chunk to
+the middle chunks first (1, 2, ...), then to the first chunk, and last to the final chunk: the first
+chunk also runs the embedding and the final chunk the output layer and the loss, which for a large
+vocabulary costs about as much as a layer.
+"""
+
+from __future__ import annotations
+
+
+def chunk_layer_ranges(num_layers: int, pp_size: int, num_model_chunks: int) -> list[tuple[int, int]]:
+    """[first_layer, last_layer) of every chunk, indexed by chunk."""
+    num_chunks = pp_size * num_model_chunks
+    if num_chunks > num_layers:
+        raise ValueError(
+            f"cannot split {num_layers} layers over pp_size ({pp_size}) * num_model_chunks "
+            f"({num_model_chunks}) = {num_chunks} chunks: each chunk needs at least one layer"
+        )
+    base, extra = divmod(num_layers, num_chunks)
+    preference = list(range(1, num_chunks - 1)) + [0, num_chunks - 1] if num_chunks > 1 else [0]
+    sizes = [base] * num_chunks
+    for chunk in preference[:extra]:
+        sizes[chunk] += 1
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+def chunks_of_rank(pp_rank: int, pp_size: int, num_model_chunks: int) -> list[int]:
+    return [pp_rank + k * pp_size for k in range(num_model_chunks)]

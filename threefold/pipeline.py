@@ -1,0 +1,174 @@
+"""The executor: runs one rank's action list (threefold.schedules) on its model chunks.
+
+Shapes: a boundary tensor is (b, s_, h), s_ = s/t under sequence parallelism else s, in the compute
+dtype. With scatter/gather (tp > 1, no sequence parallelism) each TP rank sends only its 1/t slice of the
+flattened tensor and the receiving stage all-gathers it over its TP group: the TP ranks of a stage hold
+identical boundary tensors, so the slow inter-stage link carries each byte once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.autograd import Variable
+
+from threefold.data_parallel import GradSync
+from threefold.mesh import Mesh
+from threefold.model import Transformer
+from threefold.schedules import COMPUTE, Action, Kind, batches
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _StepState:
+    """Tensors alive during one step, keyed by (chunk, micro-batch)."""
+
+    inputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    outputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    output_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    input_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    loss_sum: torch.Tensor | None = None
+
+
+def _free(t: torch.Tensor) -> None:
+    """Drop a sent activation's storage; its autograd graph (all backward needs) stays alive."""
+    if t._base is None:  # a view would share storage with something still in use
+        t.data = torch.empty((1,), dtype=t.dtype, device=t.device)
+
+
+def _backward(output: torch.Tensor, grad: torch.Tensor) -> None:
+    # The engine directly: torch.autograd.backward would compare grad's shape with the freed output's.
+    Variable._execution_engine.run_backward(
+        (output,), (grad,), False, False, (), True, True
+    )  # keep_graph, create_graph, inputs, allow_unreachable, accumulate_grad
+
+
+class PipelineExecutor:
+    """Runs action lists for this rank's chunks: {global chunk index: model chunk}."""
+
+    def __init__(
+        self,
+        chunks: dict[int, Transformer],
+        mesh: Mesh,
+        *,
+        num_chunks: int,
+        boundary_shape: tuple[int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        scatter_gather: bool,
+        grad_syncs: dict[int, GradSync] | None = None,
+    ) -> None:
+        self.chunks = chunks
+        self.mesh = mesh
+        self.last_chunk = num_chunks - 1
+        self.boundary_shape = boundary_shape
+        self.dtype = dtype
+        self.device = device
+        sequence_parallel = next(iter(chunks.values())).tp.sequence_parallel
+        self.scatter = scatter_gather and mesh.tp_size > 1 and not sequence_parallel
+        self.grad_syncs = grad_syncs or {}
+
+    def run(
+        self, actions: list[Action], micro_batches: list[Batch], *, loss_scale: float, train: bool
+    ) -> torch.Tensor:
+        """Execute `actions`; returns the sum of the unscaled micro-batch losses (zero off the last stage)."""
+        state = _StepState(loss_sum=torch.zeros((), device=self.device))
+        last_backward = {}
+        for a in actions:
+            if a.kind is Kind.B:
+                last_backward[a.chunk] = a.microbatch  # the backward that launches the chunk's gradient sync
+        for group in batches(actions):
+            if group[0].kind in COMPUTE:
+                a = group[0]
+                if a.kind is Kind.F:
+                    self._forward(a, micro_batches, state, loss_scale, train)
+                else:
+                    self._backward(a, state, is_last=last_backward[a.chunk] == a.microbatch)
+            else:
+                self._transfer(group, state)
+        assert not state.outputs and not state.inputs, "every forward met its backward"
+        return state.loss_sum
+
+    def _forward(
+        self, a: Action, micro_batches: list[Batch], state: _StepState, loss_scale: float, train: bool
+    ) -> None:
+        key = (a.chunk, a.microbatch)
+        inputs, targets = micro_batches[a.microbatch]
+        x = inputs if a.chunk == 0 else state.inputs[key]
+        model = self.chunks[a.chunk]
+        if a.chunk == self.last_chunk:
+            loss = model(x, targets)
+            state.loss_sum += loss.detach()
+            if train:
+                state.outputs[key] = loss * loss_scale
+        else:
+            state.outputs[key] = model(x)
+        if not train:
+            state.inputs.pop(key, None)
+
+    def _backward(self, a: Action, state: _StepState, *, is_last: bool) -> None:
+        key = (a.chunk, a.microbatch)
+        if a.chunk in self.grad_syncs:
+            # Data-parallel all-reduces start during the chunk's last backward of the step, not before.
+            self.grad_syncs[a.chunk].sync_this_backward = is_last
+        output = state.outputs.pop(key)
+        if a.chunk == self.last_chunk:
+            output.backward()
+        else:
+            _backward(output, state.output_grads.pop(key))
+        if a.chunk > 0:
+            state.input_grads[key] = state.inputs.pop(key).grad
+
+    def _peer(self, pp_rank: int) -> int:
+        return self.mesh.rank_at(pp_rank=pp_rank, dp_rank=self.mesh.dp_rank, tp_rank=self.mesh.tp_rank)
+
+    def _wire_numel(self) -> int:
+        b, s, h = self.boundary_shape
+        return b * s * h // (self.mesh.tp_size if self.scatter else 1)
+
+    def _outgoing(self, t: torch.Tensor) -> torch.Tensor:
+        flat = t.detach().reshape(-1)
+        if self.scatter:
+            n = flat.numel() // self.mesh.tp_size
+            flat = flat[self.mesh.tp_rank * n : (self.mesh.tp_rank + 1) * n]
+        return flat.contiguous()
+
+    def _incoming(self, wire: torch.Tensor) -> torch.Tensor:
+        if self.scatter:
+            full = torch.empty(wire.numel() * self.mesh.tp_size, dtype=wire.dtype, device=wire.device)
+            dist.all_gather_into_tensor(full, wire, group=self.mesh.tp_group)
+            wire = full
+        return wire.view(self.boundary_shape)
+
+    def _transfer(self, group: list[Action], state: _StepState) -> None:
+        ops, received, sent = [], [], []
+        for a in group:
+            key = (a.chunk, a.microbatch)
+            peer = self._peer(a.peer)
+            if a.kind in (Kind.SEND_F, Kind.SEND_B):
+                source = state.outputs[key] if a.kind is Kind.SEND_F else state.input_grads.pop(key)
+                ops.append(dist.P2POp(dist.isend, self._outgoing(source), peer))
+                if a.kind is Kind.SEND_F:
+                    sent.append(source)
+            else:
+                buffer = torch.empty(self._wire_numel(), dtype=self.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buffer, peer))
+                received.append((a, buffer))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        for source in sent:
+            if source.requires_grad:
+                _free(source)  # sent: only its graph is needed until the backward
+            else:
+                # Forward-only: nothing refers to the output any more.
+                state.outputs = {k: v for k, v in state.outputs.items() if v is not source}
+        for a, buffer in received:
+            key = (a.chunk, a.microbatch)
+            tensor = self._incoming(buffer)
+            if a.kind is Kind.RECV_F:
+                state.inputs[key] = tensor.requires_grad_(torch.is_grad_enabled())
+            else:
+                state.output_grads[key] = tensor
