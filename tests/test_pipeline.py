@@ -42,7 +42,8 @@ def _config(data_path: str, arch: str, tp=1, pp=1, dp=1, v=1, schedule="1f1b", *
             "optimizer": dict(lr=2e-3, min_lr=2e-4, warmup_steps=1, grad_clip=0.5, eps=1e-6),
             "training": dict(max_steps=STEPS, global_batch_size=16, micro_batch_size=2, eval_interval=2,
                              eval_batches=4, dtype="float32", seed=11, **extra),
-            "logging": dict(progress=False, tensorboard=False, plot=False, out_dir=str(Path(data_path) / "run")),
+            "logging": dict(progress=False, tensorboard=False, plot=False,
+                            out_dir=str(Path(data_path) / "run")),
         }
     )  # fmt: skip
 
@@ -79,8 +80,8 @@ def _check(dataset: str, arch: str, config) -> None:
         # Every rank reports the same global loss (it lives on the last stage and is shared).
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
         assert r["val"].keys() == ref["val"].keys()
-        torch.testing.assert_close(torch.tensor(list(r["val"].values())), torch.tensor(list(ref["val"].values())),
-                                   rtol=1e-5, atol=0)  # fmt: skip
+        val, ref_val = torch.tensor(list(r["val"].values())), torch.tensor(list(ref["val"].values()))
+        torch.testing.assert_close(val, ref_val, rtol=1e-5, atol=0)
     got = results[0]
     assert ref["losses"][-1] < ref["losses"][0]
     torch.testing.assert_close(got["norms"][0], ref["norms"][0], rtol=1e-5, atol=0)
