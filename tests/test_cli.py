@@ -129,3 +129,15 @@ def test_python_dash_m_threefold(tmp_path):
     resolved = json.loads(result.stdout)
     assert resolved["model"]["preset"] == "tiny"
     assert resolved["model"]["hidden_size"] == 128
+
+
+def test_schedule_command_prints_timeline_and_bubble(capsys):
+    assert main(["schedule", "--pp", "4", "--v", "2", "-m", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "F0.0" in out and "B7.7" in out
+    assert "bubble fraction: 0.1875 (simulated), 0.1875 = (p-1)/(v*m)" in out
+
+
+def test_schedule_command_rejects_impossible_counts(capsys):
+    assert main(["schedule", "--pp", "4", "--v", "2", "-m", "6"]) == 2
+    assert "num_microbatches (6) to be a multiple of pp_size (4)" in capsys.readouterr().err

@@ -519,3 +519,35 @@ def test_describe_fields_mentions_every_field():
             line = next((x for x in reference.splitlines() if x.startswith(f"  {f.name} = ")), None)
             assert line is not None, f"{section}.{f.name} missing from the reference"
             assert line.split("  # ", 1)[1].strip(), f"{section}.{f.name} has no description"
+
+
+PIPELINE = ("--model.num_layers=8", "--training.global_batch_size=16", "--training.micro_batch_size=2")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("--parallel.pp_size=4", "--parallel.num_model_chunks=2"),
+         r"1f1b schedule runs one model chunk per rank \(num_model_chunks = 2\)"),
+        (("--parallel.pp_size=4", "--parallel.num_model_chunks=2", "--parallel.pipeline_schedule=interleaved",
+          "--training.global_batch_size=12"),
+         r"needs num_microbatches \(6\) to be a multiple of pp_size \(4\)"),
+        (("--parallel.pp_size=2", "--parallel.pipeline_schedule=zigzag"),
+         r"unknown pipeline schedule 'zigzag'"),
+        (("--parallel.pp_size=4", "--parallel.num_model_chunks=4"),
+         r"parallel.pp_size \(4\) \* parallel.num_model_chunks \(4\) exceeds model.num_layers \(8\)"),
+        (("--parallel.pp_size=9",), r"parallel.pp_size \(9\) exceeds model.num_layers \(8\)"),
+        (("--training.recompute=some",), r"training.recompute 'some' is unknown"),
+        (("--parallel.dp_size=2", "--training.eval_batches=3"),
+         r"training.eval_batches \(3\) must be divisible by parallel.dp_size \(2\)"),
+    ],
+)  # fmt: skip
+def test_bad_pipeline_settings(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build(*PIPELINE, *overrides)
+
+
+def test_good_pipeline_settings():
+    config = build(*PIPELINE, "--parallel.pp_size=4", "--parallel.num_model_chunks=2",
+                   "--parallel.pipeline_schedule=interleaved", "--training.recompute=selective")  # fmt: skip
+    assert config.num_microbatches == 8 and config.world_size == 4

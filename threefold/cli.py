@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ usage: threefold train [CONFIG.toml] [--section.key=value ...] [--nproc N]
        threefold data prepare --shakespeare --out DIR
        threefold config [CONFIG.toml] [--section.key=value ...]   (print the resolved config)
        threefold config --reference                              (every key with its meaning)
+       threefold schedule --pp 4 --v 2 -m 8 [--schedule gpipe|1f1b|interleaved]
 
 With no CONFIG, `threefold train` runs the packaged demo: the tiny Llama preset on Shakespeare,
 4 CPU processes (tp=2, dp=2). Started outside torchrun it launches its own workers; under torchrun
@@ -137,6 +139,34 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
+def cmd_schedule(argv: list[str]) -> int:
+    """Print a pipeline schedule's timeline and its simulated bubble and memory."""
+    parser = argparse.ArgumentParser(prog="threefold schedule", description=cmd_schedule.__doc__)
+    parser.add_argument("--pp", type=int, default=4, help="pipeline-parallel size p")
+    parser.add_argument("--v", type=int, default=1, help="model chunks per rank (interleaving)")
+    parser.add_argument("-m", "--microbatches", type=int, default=8, help="micro-batches per step")
+    parser.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], default=None,
+                        help="default: interleaved when --v > 1, else 1f1b")  # fmt: skip
+    parser.add_argument("--forward-cost", type=float, default=1.0)
+    parser.add_argument("--backward-cost", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    from threefold.pipeline_sim import simulate, timeline
+    from threefold.schedules import build_schedule
+
+    name = args.schedule or ("interleaved" if args.v > 1 else "1f1b")
+    p, v, m = args.pp, args.v, args.microbatches
+    result = simulate(
+        build_schedule(name, p, v, m), forward_cost=args.forward_cost, backward_cost=args.backward_cost
+    )
+    print(f"{name}: pp={p}, v={v}, m={m}; F<chunk>.<micro-batch>, B likewise; chunk c runs on rank c % {p}")
+    print(timeline(result))
+    print(f"bubble fraction: {result.bubble_fraction:.4f} (simulated), {(p - 1) / (v * m):.4f} = (p-1)/(v*m)")
+    print(f"makespan {result.makespan:g}, busy time per rank {result.ideal:g}")
+    in_flight = ", ".join(f"{n / v:g}" for n in result.peak_in_flight)
+    print(f"peak activations in flight per rank, in micro-batches of a whole stage: {in_flight}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -151,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             return prepare_main(rest[1:])
         if command == "config":
             return cmd_config(rest)
+        if command == "schedule":
+            return cmd_schedule(rest)
         if command in ("-h", "--help", "help"):
             print(USAGE)
             return 0
