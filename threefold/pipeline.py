@@ -46,6 +46,35 @@ def _backward(output: torch.Tensor, grad: torch.Tensor) -> None:
     )  # keep_graph, create_graph, inputs, allow_unreachable, accumulate_grad
 
 
+def connect_neighbours(mesh: Mesh, device: torch.device) -> None:
+    """Open the point-to-point links to both pipeline neighbours, all ranks at once.
+
+    NCCL sets up a link between two ranks at their first exchange, and the setup blocks until the peer
+    joins. The schedules' first transfers form a ring (the last stage feeds the first with interleaving),
+    so lazy setup could wait in a circle; one batch in which every rank exchanges with both neighbours
+    completes everywhere.
+    """
+    if mesh.pp_size == 1:
+        return
+    prev_rank = mesh.rank_at(
+        pp_rank=(mesh.pp_rank - 1) % mesh.pp_size, dp_rank=mesh.dp_rank, tp_rank=mesh.tp_rank
+    )
+    next_rank = mesh.rank_at(
+        pp_rank=(mesh.pp_rank + 1) % mesh.pp_size, dp_rank=mesh.dp_rank, tp_rank=mesh.tp_rank
+    )
+    buffers = [torch.zeros(1, device=device) for _ in range(4)]
+    ops = [
+        dist.P2POp(dist.isend, buffers[0], next_rank),
+        dist.P2POp(dist.irecv, buffers[1], prev_rank),
+        dist.P2POp(dist.isend, buffers[2], prev_rank),
+        dist.P2POp(dist.irecv, buffers[3], next_rank),
+    ]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PipelineExecutor:
     """Runs action lists for this rank's chunks: {global chunk index: model chunk}."""
 

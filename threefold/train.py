@@ -20,7 +20,7 @@ from threefold.metrics import flops_per_token, mfu, peak_flops
 from threefold.model import Transformer, build_model
 from threefold.optim import Optimizer
 from threefold.partition import chunk_layer_ranges, chunks_of_rank
-from threefold.pipeline import PipelineExecutor
+from threefold.pipeline import PipelineExecutor, connect_neighbours
 from threefold.schedules import Action, add_communication, build_schedule, forward_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -123,8 +123,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         grad_syncs=grad_syncs,
     )
     schedule = build_schedule(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
-    if p.pp_size > 1:
-        dist.barrier(group=mesh.pp_group)  # every pipeline communicator exists before the first transfer
+    connect_neighbours(mesh, device)
     return Trainer(chunks, grad_syncs, optimizer, executor, schedule[mesh.pp_rank], config, mesh)
 
 
