@@ -107,9 +107,9 @@ def cmd_train(argv: list[str]) -> int:
             summary = f"done: {result.steps_done} steps"
             if val:
                 first, last = min(val), max(val)
-                summary += (
-                    f", validation loss {val[first]:.4f} (step {first}) -> {val[last]:.4f} (step {last})"
-                )
+                summary += f", validation loss {val[first]:.4f} (step {first})"
+                if last != first:
+                    summary += f" -> {val[last]:.4f} (step {last})"
             print(f"{summary}; metrics and loss.png in {config.logging.out_dir}", flush=True)
     finally:
         dist.destroy_process_group()
