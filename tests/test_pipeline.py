@@ -162,3 +162,30 @@ def test_partition_refuses_too_many_chunks():
         ValueError, match=r"cannot split 6 layers over pp_size \(4\) \* num_model_chunks \(2\) = 8"
     ):
         chunk_layer_ranges(6, 4, 2)
+
+
+def _count_frees(rank: int, world: int, config) -> dict:
+    import threefold.pipeline as pipeline
+
+    freed = []
+    original = pipeline._free
+
+    def recording_free(t):
+        original(t)
+        freed.append(t.numel())
+
+    pipeline._free = recording_free
+    try:
+        result = _train(rank, world, config)
+    finally:
+        pipeline._free = original
+    return {"freed": freed, "losses": result["losses"]}
+
+
+def test_executor_frees_each_sent_activation(dataset):
+    config = _config(dataset, "llama", pp=2, schedule="1f1b")
+    results = run_ranks(2, _count_frees, config)
+    m = config.num_microbatches
+    # Rank 0 sends every micro-batch's activation once per step; the last stage sends none.
+    assert results[0]["freed"] == [1] * (m * STEPS), "each sent activation keeps only a 1-element placeholder"
+    assert results[1]["freed"] == []

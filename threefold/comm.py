@@ -47,13 +47,6 @@ def _reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return out.transpose(0, SEQ_DIM)
 
 
-def _split_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    if world == 1:
-        return x
-    return x.chunk(world, dim=SEQ_DIM)[dist.get_rank(group)].contiguous()
-
-
 class CopyToTP(torch.autograd.Function):
     """Identity forward, all-reduce backward: the paper's f, entering a column-parallel region."""
 
@@ -109,19 +102,6 @@ class ReduceScatterToSequence(torch.autograd.Function):
         return _all_gather_seq(grad, ctx.group), None
 
 
-class ScatterToSequence(torch.autograd.Function):
-    """Keep this rank's sequence chunk forward, all-gather backward (replicated -> sequence-parallel)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _split_seq(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _all_gather_seq(grad, ctx.group), None
-
-
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return CopyToTP.apply(x, group) if dist.get_world_size(group) > 1 else x
 
@@ -136,7 +116,3 @@ def gather_from_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 def reduce_scatter_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return ReduceScatterToSequence.apply(x, group) if dist.get_world_size(group) > 1 else x
-
-
-def scatter_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    return ScatterToSequence.apply(x, group) if dist.get_world_size(group) > 1 else x
