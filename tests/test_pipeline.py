@@ -8,21 +8,17 @@ import torch
 from distributed import run_ranks
 
 from threefold.config import build_config
-from threefold.data import prepare_dataset
 from threefold.layers import gather_full
 from threefold.mesh import build_mesh
 from threefold.partition import chunk_layer_ranges
 from threefold.train import train
 
-FIXTURE = Path(__file__).parent / "data" / "sonnets.txt"
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("data") / "sonnets"
-    prepare_dataset([FIXTURE], out, val_fraction=0.1)
-    return str(out)
+def dataset(sonnets_dataset) -> str:
+    return str(sonnets_dataset)
 
 
 def _config(data_path: str, arch: str, tp=1, pp=1, dp=1, v=1, schedule="1f1b", **extra):

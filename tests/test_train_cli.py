@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from threefold.data import prepare_dataset
-
-FIXTURE = Path(__file__).parent / "data" / "sonnets.txt"
-
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "sonnets"
-    prepare_dataset([FIXTURE], out, val_fraction=0.1)
-    return out
+def dataset(sonnets_dataset) -> Path:
+    return sonnets_dataset
 
 
 def _write_config(tmp_path: Path, dataset: Path, max_steps: int) -> Path:
