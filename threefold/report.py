@@ -1,0 +1,103 @@
+"""What the logging rank shows and writes during training: progress, metrics, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from threefold.config import Config
+from threefold.mesh import Mesh
+from threefold.metrics import flops_per_token, mfu, peak_flops
+
+
+class Reporter:
+    """Progress bar, metrics (JSONL + TensorBoard) and the loss plot, on the logging rank only."""
+
+    def __init__(self, config: Config, mesh: Mesh, device: torch.device, *, enabled: bool) -> None:
+        from threefold.monitor import MetricsWriter, TrainProgress
+
+        self.enabled = enabled
+        self.config = config
+        self.out_dir = Path(config.logging.out_dir)
+        t = config.training
+        self.tokens_per_step = t.global_batch_size * config.data.seq_len
+        self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
+        self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.world_size = mesh.world_size
+        self.device = device
+        self.last_time = time.perf_counter()
+        self.writer = None
+        self.progress = TrainProgress(t.max_steps, enabled=enabled and config.logging.progress)
+        if enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            metrics = self.out_dir / "metrics.jsonl"
+            if metrics.exists():
+                metrics.unlink()  # a fresh run starts a fresh curve
+            self.writer = MetricsWriter(self.out_dir, tensorboard=config.logging.tensorboard)
+
+    def __enter__(self) -> Reporter:
+        self.progress.__enter__()
+        self.last_time = time.perf_counter()
+        return self
+
+    def interval(self, steps: list[tuple[int, float, float, float]]) -> None:
+        """Log the steps (step, loss, grad norm, lr) completed since the last call."""
+        if not self.enabled or not steps:
+            return
+        now = time.perf_counter()
+        seconds = (now - self.last_time) / len(steps)  # the host waited on the last step: a fair clock
+        self.last_time = now
+        tokens_per_s = self.tokens_per_step / seconds / self.world_size
+        tflops = tokens_per_s * self.flops_per_token / 1e12
+        util = mfu(tokens_per_s, self.flops_per_token, self.peak)
+        for step, loss, grad_norm, lr in steps:
+            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
+            if step > 0:  # step 0 pays for allocation and compilation: keep it out of the speed figures
+                metrics |= {
+                    "perf/tokens_per_s_per_device": tokens_per_s,
+                    "perf/tflops_per_device": tflops,
+                    "perf/step_seconds": seconds,
+                }
+                if util is not None:
+                    metrics["perf/mfu"] = util
+                if self.device.type == "cuda":
+                    metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.writer.log(step + 1, metrics)
+        step, loss, grad_norm, lr = steps[-1]
+        self.progress.update(
+            step + 1,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=tokens_per_s,
+            tflops_per_device=tflops,
+            mfu=util,
+        )
+
+    def validation(self, step: int, loss: float) -> None:
+        if self.enabled:
+            self.writer.log(step, {"val/loss": loss})
+            self.progress.print(f"step {step}: validation loss {loss:.4f}")
+            self.last_time = time.perf_counter()  # evaluation time is not training time
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.progress.print(text)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+        if not self.enabled:
+            return
+        self.writer.close()
+        if self.config.logging.plot:
+            from threefold.monitor import plot_loss_curve
+
+            try:
+                plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+            except ValueError as e:  # nothing logged (stopped before the first step)
+                self.progress.print(f"no loss plot: {e}")
