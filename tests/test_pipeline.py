@@ -37,7 +37,7 @@ def _config(data_path: str, arch: str, tp=1, pp=1, dp=1, v=1, schedule="1f1b", *
             # lr-sized step; the layouts' gradients agree to ~1e-7, which is what these tests are about.
             "optimizer": dict(lr=2e-3, min_lr=2e-4, warmup_steps=1, grad_clip=0.5, eps=1e-6),
             "training": dict(max_steps=STEPS, global_batch_size=16, micro_batch_size=2, eval_interval=2,
-                             eval_batches=4, dtype="float32", seed=11, **extra),
+                             eval_batches=4, dtype="float32", seed=11) | extra,
             "logging": dict(progress=False, tensorboard=False, plot=False,
                             out_dir=str(Path(data_path) / "run")),
         }
@@ -185,3 +185,8 @@ def test_executor_frees_each_sent_activation(dataset):
     # Rank 0 sends every micro-batch's activation once per step; the last stage sends none.
     assert results[0]["freed"] == [1] * (m * STEPS), "each sent activation keeps only a 1-element placeholder"
     assert results[1]["freed"] == []
+
+
+def test_eval_interval_zero_runs_no_evaluation(dataset):
+    result = run_ranks(1, _train, _config(dataset, "llama", eval_interval=0))[0]
+    assert result["val"] == {} and len(result["losses"]) == STEPS

@@ -74,9 +74,6 @@ class Trainer:
     config: Config
     mesh: Mesh
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for chunk in self.chunks.values() for p in chunk.parameters()]
-
 
 def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     """The model chunks of this rank, their gradient synchronizers, the optimizer and the schedule."""
@@ -137,8 +134,8 @@ def _sync_tied_embedding(trainer: Trainer) -> None:
     group = trainer.mesh.embedding_group
     if group is None or not trainer.config.model.tie_embeddings:
         return
-    first, last = 0, trainer.executor.last_chunk
-    chunk = trainer.chunks.get(first) or trainer.chunks[last]
+    holder = 0 if 0 in trainer.chunks else trainer.executor.last_chunk
+    chunk = trainer.chunks[holder]
     dist.all_reduce(chunk.embed_tokens.weight.main_grad, group=group)
 
 
@@ -235,8 +232,7 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
                 if flag.item() > 0 and not last:
                     result.stopped_early = True
             result.steps_done = step + 1
-            due = t.eval_interval > 0 and ((step + 1) % t.eval_interval == 0)
-            if due or last or result.stopped_early:
+            if t.eval_interval > 0 and ((step + 1) % t.eval_interval == 0 or last or result.stopped_early):
                 val = evaluate(trainer, val_batches)
                 result.val_losses[step + 1] = val
                 reporter.validation(step + 1, val)
