@@ -341,6 +341,7 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
     for name, value in positive.items():
         if value is None or value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    assert m.num_kv_heads is not None and m.ffn_hidden_size is not None  # rejected just above
     non_negative = {
         "model.init_std": m.init_std,
         "optimizer.lr": o.lr,

@@ -47,6 +47,7 @@ def threefold_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter of the full (unsharded, unpadded) model."""
     _check_arch(cfg)
     h, f, vocab = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    assert f is not None and cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     gpt2 = cfg.arch == "gpt2"
     shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (vocab, h)}
@@ -154,6 +155,7 @@ def _gpt2_from_hf(cfg: ModelConfig, hf: State) -> State:
         "norm.weight": hf["transformer.ln_f.weight"],
         "norm.bias": hf["transformer.ln_f.bias"],
     }
+    assert cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     for i in range(cfg.num_layers):
         ours, theirs = f"layers.{i}.", f"transformer.h.{i}."
@@ -343,6 +345,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     else:
         raise ValueError(f"model_type {model_type!r} is not supported; threefold converts 'llama' and 'gpt2'")
+    assert cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
     if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
         raise ValueError(
             f"heads do not fit: hidden size {cfg.hidden_size}, {cfg.num_heads} heads, "

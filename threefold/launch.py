@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,7 @@ def pick_device(config: Config, local_rank: int) -> torch.device:
 
 def init_distributed(world: WorldInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, **kwargs)
 
 

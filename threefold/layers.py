@@ -244,7 +244,7 @@ def gather_full(param: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
             if not is_sharded(param)
             else param.detach()
             .narrow(
-                param.tp_dim,
+                param.tp_dim,  # type: ignore[attr-defined]
                 0,
                 param.tp_full_size,  # type: ignore[attr-defined]
             )

@@ -29,6 +29,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
       total            unique parameters: input_embedding + non_embedding + output
     """
     h, ffn, vocab = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    assert ffn is not None and cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
     q_width = cfg.num_heads * cfg.head_dim
     if cfg.arch == "llama":
         kv_width = cfg.num_kv_heads * cfg.head_dim

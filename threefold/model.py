@@ -13,6 +13,7 @@ same whatever the split (`layers.7.self_attn.q_proj.weight`).
 from __future__ import annotations
 
 import zlib
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,7 @@ class Attention(nn.Module):
         self.use_rope = cfg.arch == "llama"
         self.head_dim = cfg.head_dim
         self.num_local_heads = cfg.num_heads // tp.size
+        assert cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
         self.num_local_kv_heads = cfg.num_kv_heads // tp.size
         bias = cfg.arch == "gpt2"
         h, d = cfg.hidden_size, cfg.head_dim
@@ -143,6 +145,7 @@ class MLP(nn.Module):
         self.gated = cfg.arch == "llama"
         bias = cfg.arch == "gpt2"
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
+        assert f is not None  # filled in by ModelConfig.__post_init__
         if self.gated:
             self.gate_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias)
         self.up_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias)
@@ -203,7 +206,8 @@ class Transformer(nn.Module):
             )
             if cfg.arch == "gpt2":
                 self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
-                mark_sequence_parallel(self.embed_positions.weight, sequence_parallel)
+                # nn.Embedding declares weight a Tensor; it is a Parameter.
+                mark_sequence_parallel(cast(nn.Parameter, self.embed_positions.weight), sequence_parallel)
         self.layers = nn.ModuleDict({str(i): Block(cfg, self.tp) for i in range(first_layer, last_layer)})
         if has_head:
             if cfg.tie_embeddings and not has_embedding:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -111,7 +111,10 @@ def plot_loss_curve(jsonl_path: str | Path, png_path: str | Path) -> None:
     fig = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    styles = {"train/loss": {"lw": 1.2}, "val/loss": {"marker": "o", "ms": 3, "lw": 1.5}}
+    styles: dict[str, dict[str, Any]] = {
+        "train/loss": {"lw": 1.2},
+        "val/loss": {"marker": "o", "ms": 3, "lw": 1.5},
+    }
     for key, points in series.items():
         if points:
             steps = sorted(points)
@@ -192,7 +195,7 @@ class TrainProgress:
         self.print_every = print_every or max(1, total_steps // 100)
         self._last_printed: int | None = None
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         if not enabled:
             self.console = None
             return
@@ -223,8 +226,10 @@ class TrainProgress:
             return
         stats = _format_fields(fields)
         if self._progress is not None:
+            assert self._task is not None  # added with the bar
             self._progress.update(self._task, completed=step, stats=stats)
             return
+        assert self.console is not None  # set whenever enabled
         due = self._last_printed is None or step - self._last_printed >= self.print_every
         if due or step >= self.total_steps:
             self.console.print(f"step {step}/{self.total_steps} | {stats}", highlight=False, soft_wrap=True)
@@ -233,6 +238,7 @@ class TrainProgress:
     def print(self, *objects: Any) -> None:
         """Print a message (an eval result, a checkpoint path) above the bar without breaking it."""
         if self.enabled:
+            assert self.console is not None  # set whenever enabled
             self.console.print(*objects, highlight=False)
 
     def close(self) -> None:

@@ -26,11 +26,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class _StepState:
     """Tensors alive during one step, keyed by (chunk, micro-batch)."""
 
+    loss_sum: torch.Tensor
     inputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     outputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     output_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     input_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    loss_sum: torch.Tensor | None = None
 
 
 def _free(t: torch.Tensor) -> None:
@@ -149,7 +149,9 @@ class PipelineExecutor:
         else:
             _backward(output, state.output_grads.pop(key))
         if a.chunk > 0:
-            state.input_grads[key] = state.inputs.pop(key).grad
+            grad = state.inputs.pop(key).grad
+            assert grad is not None, "a received activation always feeds the chunk's output"
+            state.input_grads[key] = grad
 
     def _peer(self, pp_rank: int) -> int:
         return self.mesh.rank_at(pp_rank=pp_rank, dp_rank=self.mesh.dp_rank, tp_rank=self.mesh.tp_rank)
@@ -176,6 +178,7 @@ class PipelineExecutor:
         ops, received, sent = [], [], []
         for a in group:
             key = (a.chunk, a.microbatch)
+            assert a.peer is not None  # every transfer names its peer
             peer = self._peer(a.peer)
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 source = state.outputs[key] if a.kind is Kind.SEND_F else state.input_grads.pop(key)

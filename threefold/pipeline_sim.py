@@ -118,6 +118,7 @@ def simulate(
                         ):
                             raise ScheduleError(f"rank {rank} sends {a} before computing it")
                     for a in group:
+                        assert a.peer is not None  # every transfer names its peer
                         entry = [_payload(a), clock[rank], None]
                         queue = (
                             sends[(rank, a.peer)]

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -36,7 +36,7 @@ ENCODE_BATCH_DOCS = 256
 # ---------------------------------------------------------------------------------------------
 
 
-def _input_files(inputs: list[str | Path]) -> list[Path]:
+def _input_files(inputs: Sequence[str | Path]) -> list[Path]:
     if not inputs:
         raise ValueError("no input paths given")
     files: list[Path] = []
@@ -129,7 +129,7 @@ def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def prepare_dataset(
-    inputs: list[str | Path],
+    inputs: Sequence[str | Path],
     out_dir: str | Path,
     *,
     tokenizer: str | None = None,

@@ -67,6 +67,7 @@ class Reporter:
                     metrics["perf/mfu"] = util
                 if self.device.type == "cuda":
                     metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            assert self.writer is not None  # set whenever enabled
             self.writer.log(step + 1, metrics)
         step, loss, grad_norm, lr = steps[-1]
         self.progress.update(
@@ -81,6 +82,7 @@ class Reporter:
 
     def validation(self, step: int, loss: float) -> None:
         if self.enabled:
+            assert self.writer is not None  # set whenever enabled
             self.writer.log(step, {"val/loss": loss})
             self.progress.print(f"step {step}: validation loss {loss:.4f}")
             self.last_time = time.perf_counter()  # evaluation time is not training time
@@ -93,6 +95,7 @@ class Reporter:
         self.progress.__exit__(*exc)
         if not self.enabled:
             return
+        assert self.writer is not None  # set whenever enabled
         self.writer.close()
         if self.config.logging.plot:
             from threefold.monitor import plot_loss_curve

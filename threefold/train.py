@@ -136,7 +136,7 @@ def _sync_tied_embedding(trainer: Trainer) -> None:
         return
     holder = 0 if 0 in trainer.chunks else trainer.executor.last_chunk
     chunk = trainer.chunks[holder]
-    dist.all_reduce(chunk.embed_tokens.weight.main_grad, group=group)
+    dist.all_reduce(chunk.embed_tokens.weight.main_grad, group=group)  # type: ignore[attr-defined]
 
 
 def train_step(
