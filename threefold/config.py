@@ -156,6 +156,20 @@ class TrainingConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    """Saving and resuming (see threefold.checkpoint for the format)."""
+
+    dir: str = ""
+    """Directory of this run's checkpoints ('' saves none); a run resumes from its `latest` if present."""
+    interval: int = 0
+    """Save every this many steps (0: only at the end and when stopped early)."""
+    keep_last: int = 3
+    """How many checkpoints to keep in `dir`."""
+    load: str = ""
+    """A checkpoint directory to start from (any layout) when `dir` has none yet."""
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     """Progress, metrics and plots."""
 
@@ -179,6 +193,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def num_microbatches(self) -> int:
@@ -202,6 +217,7 @@ SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "training": TrainingConfig,
     "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig,
 }
 
 
@@ -337,6 +353,7 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         "training.micro_batch_size": t.micro_batch_size,
         "training.eval_batches": t.eval_batches,
         "logging.log_interval": config.logging.log_interval,
+        "checkpoint.keep_last": config.checkpoint.keep_last,
     }
     for name, value in positive.items():
         if value is None or value <= 0:
@@ -352,6 +369,7 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         "training.eval_interval": t.eval_interval,
         "training.max_minutes": t.max_minutes,
         "parallel.dp_bucket_mb": p.dp_bucket_mb,
+        "checkpoint.interval": config.checkpoint.interval,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -423,6 +441,12 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         raise ValueError(f"parallel.pipeline_schedule = {p.pipeline_schedule!r}: {e}") from None
     if world_size is not None:
         check_world_size(config, world_size)
+    if (
+        check_paths
+        and config.checkpoint.load
+        and not (Path(config.checkpoint.load) / "manifest.json").is_file()
+    ):
+        raise ValueError(f"checkpoint.load {config.checkpoint.load!r} is not a checkpoint (no manifest.json)")
     if check_paths and not (Path(d.path) / "meta.json").is_file() and not d.prepare_shakespeare:
         raise ValueError(
             f"data.path {d.path!r} holds no prepared dataset (no meta.json); "

@@ -5,11 +5,13 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from threefold.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from threefold.config import Config
 from threefold.data import BatchLoader, TokenDataset, eval_batches
 from threefold.data_parallel import GradSync, all_reduce_sequence_parallel_grads
@@ -176,6 +178,19 @@ def evaluate(trainer: Trainer, batches: list[tuple[torch.Tensor, torch.Tensor]])
     return float(total)
 
 
+def _resume(trainer: Trainer, loader: BatchLoader) -> int:
+    """Load `checkpoint.dir`'s latest checkpoint, else `checkpoint.load`; returns the step to start at."""
+    ckpt = trainer.config.checkpoint
+    path = latest_checkpoint(ckpt.dir) if ckpt.dir else None
+    if path is None and ckpt.load:
+        path = Path(ckpt.load)
+    if path is None:
+        return 0
+    manifest = load_checkpoint(trainer, path)
+    loader.load_state_dict({"consumed_samples": manifest["consumed_samples"]})
+    return int(manifest["step"])
+
+
 def _to_device(batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list:
     return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
 
@@ -204,16 +219,17 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
         ),
         device,
     )
+    start_step = _resume(trainer, loader)
     is_logger = mesh.rank == 0
     reporter = Reporter(config, mesh, device, enabled=is_logger)
     result = TrainResult(trainer=trainer)
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
     start = time.perf_counter()
     with StopRequest() as stop, reporter:
-        if t.eval_interval > 0:  # the starting point of the validation curve
+        if t.eval_interval > 0 and start_step == 0:  # the starting point of the validation curve
             result.val_losses[0] = evaluate(trainer, val_batches)
             reporter.validation(0, result.val_losses[0])
-        for step in range(t.max_steps):
+        for step in range(start_step, t.max_steps):
             batches = _to_device(loader.next_batch(), device)
             loss, norm, lr = train_step(trainer, batches, step)
             pending.append((step, loss, norm, lr))
@@ -236,6 +252,15 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
                 val = evaluate(trainer, val_batches)
                 result.val_losses[step + 1] = val
                 reporter.validation(step + 1, val)
+            ckpt = config.checkpoint
+            if ckpt.dir and (
+                (ckpt.interval and (step + 1) % ckpt.interval == 0) or last or result.stopped_early
+            ):
+                path = save_checkpoint(
+                    trainer, ckpt.dir, step=step + 1, consumed_samples=loader.consumed_samples,
+                    keep_last=ckpt.keep_last,
+                )  # fmt: skip
+                reporter.note(f"saved {path}")
             if result.stopped_early:
                 reporter.note(
                     f"stopped after step {step + 1} ({'interrupted' if stop.requested else 'time limit'})"

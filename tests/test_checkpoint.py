@@ -1,0 +1,200 @@
+"""Checkpoints: exact resume, loading under another layout, crash safety, and bad checkpoints."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import run_ranks
+
+import threefold.checkpoint as checkpoint
+from threefold.config import build_config
+from threefold.layers import gather_full
+from threefold.mesh import build_mesh
+from threefold.train import build, train
+
+STEPS = 4
+
+
+def _config(data: Path, run: Path, tp=1, pp=1, dp=1, v=1, *, load="", hidden=32, **training):
+    schedule = "interleaved" if v > 1 else "1f1b"
+    return build_config(
+        {
+            "model": dict(arch="llama", vocab_size=50257, hidden_size=hidden, num_layers=8, num_heads=4,
+                          num_kv_heads=2, ffn_hidden_size=64, max_seq_len=32),
+            "parallel": dict(tp_size=tp, pp_size=pp, dp_size=dp, num_model_chunks=v,
+                             pipeline_schedule=schedule),
+            "data": dict(path=str(data), seq_len=16),
+            "optimizer": dict(lr=2e-3, min_lr=2e-4, warmup_steps=1, grad_clip=0.5, eps=1e-6),
+            "training": dict(max_steps=STEPS, global_batch_size=8, micro_batch_size=2, eval_interval=0,
+                             eval_batches=2, seed=5) | training,
+            "logging": dict(progress=False, tensorboard=False, plot=False, out_dir=str(run / "logs")),
+            "checkpoint": dict(dir=str(run / "ckpt"), interval=2, keep_last=3, load=load),
+        }
+    )  # fmt: skip
+
+
+def _train(rank: int, world: int, config) -> dict:
+    p = config.parallel
+    mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
+    result = train(config, mesh, torch.device("cpu"))
+    weights = {}
+    for chunk in result.trainer.chunks.values():
+        for name, param in chunk.named_parameters():
+            if not getattr(param, "tied_copy", False):
+                weights[name] = gather_full(param, mesh.tp_group)
+    return {"losses": result.losses, "weights": weights if mesh.tp_rank == 0 and mesh.dp_rank == 0 else {}}
+
+
+def _run(config) -> dict:
+    results = run_ranks(config.world_size, _train, config, timeout=240)
+    merged = {}
+    for r in results:
+        merged |= r["weights"]
+    return {"losses": results[0]["losses"], "weights": merged}
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (2, 2, 1, 2)],
+                         ids=lambda t: "t{}p{}d{}v{}".format(*t))  # fmt: skip
+def test_resume_is_bit_exact(sonnets_dataset, tmp_path, layout):
+    whole = _run(_config(sonnets_dataset, tmp_path / "a", *layout))
+    assert (tmp_path / "a" / "ckpt" / "latest").read_text().strip() == "step_4"
+    resumed = _run(
+        _config(sonnets_dataset, tmp_path / "b", *layout, load=str(tmp_path / "a" / "ckpt" / "step_2"))
+    )
+    assert resumed["losses"] == whole["losses"][2:]  # steps 3 and 4, bit for bit
+    for name, w in whole["weights"].items():
+        assert torch.equal(resumed["weights"][name], w), name
+
+
+PAIRS = [
+    ((2, 1, 1, 1), (1, 1, 1, 1)),
+    ((1, 2, 1, 1), (1, 4, 1, 1)),
+    ((1, 1, 2, 1), (1, 1, 1, 1)),
+    ((1, 2, 1, 1), (1, 2, 1, 2)),
+    ((1, 1, 1, 1), (2, 2, 1, 1)),
+    ((2, 2, 1, 2), (1, 1, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("before,after", PAIRS, ids=lambda t: "t{}p{}d{}v{}".format(*t))
+def test_checkpoint_loads_under_another_layout(sonnets_dataset, tmp_path, before, after):
+    whole = _run(_config(sonnets_dataset, tmp_path / "a", *before))
+    step_2 = str(tmp_path / "a" / "ckpt" / "step_2")
+    moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=step_2))
+    torch.testing.assert_close(
+        torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0
+    )
+    for name, w in whole["weights"].items():
+        torch.testing.assert_close(moved["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_run_resumes_from_its_own_latest(sonnets_dataset, tmp_path):
+    whole = _run(_config(sonnets_dataset, tmp_path / "a"))
+    _run(_config(sonnets_dataset, tmp_path / "b", max_steps=2))  # "crashes" after step 2 ...
+    again = _run(_config(sonnets_dataset, tmp_path / "b"))  # ... and is started again, same command
+    assert again["losses"] == whole["losses"][2:]
+
+
+def _crash_mid_save(rank: int, world: int, config) -> dict:
+    mesh = build_mesh(1, 1, 1)
+    trainer = build(config, mesh, torch.device("cpu"))
+    root = Path(config.checkpoint.dir)
+    checkpoint.save_checkpoint(trainer, root, step=2, consumed_samples=16, keep_last=3)
+    original = checkpoint.save_file
+
+    def dying_save(*args, **kwargs):
+        original(*args, **kwargs)
+        raise OSError("disk full (simulated)")
+
+    checkpoint.save_file = dying_save
+    try:
+        checkpoint.save_checkpoint(trainer, root, step=3, consumed_samples=24, keep_last=3)
+    except OSError:
+        pass
+    finally:
+        checkpoint.save_file = original
+    manifest = checkpoint.load_checkpoint(trainer, checkpoint.latest_checkpoint(root))
+    return {"latest": (root / "latest").read_text().strip(), "step": manifest["step"],
+            "dirs": sorted(p.name for p in root.iterdir())}  # fmt: skip
+
+
+def test_crash_mid_save_keeps_the_last_good_checkpoint(sonnets_dataset, tmp_path):
+    result = run_ranks(1, _crash_mid_save, _config(sonnets_dataset, tmp_path))[0]
+    assert result["latest"] == "step_2" and result["step"] == 2
+    assert "step_3" not in result["dirs"]
+
+
+def _load_bad(rank: int, world: int, config, path: str) -> str:
+    mesh = build_mesh(1, 1, 1)
+    trainer = build(config, mesh, torch.device("cpu"))
+    before = [p.detach().clone() for chunk in trainer.chunks.values() for p in chunk.parameters()]
+    try:
+        checkpoint.load_checkpoint(trainer, path)
+    except ValueError as e:
+        after = [p.detach() for chunk in trainer.chunks.values() for p in chunk.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "state changed"
+        return str(e)
+    return "no error"
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(sonnets_dataset, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("good")
+    _run(_config(sonnets_dataset, run, max_steps=2))
+    return run / "ckpt" / "step_2"
+
+
+def _damaged(good: Path, tmp_path: Path, damage) -> Path:
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    damage(bad)
+    return bad
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _set_version(path: Path) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: (d / "rank00000.safetensors").unlink(), r"lacks rank00000.safetensors"),
+        (
+            lambda d: _truncate(d / "rank00000.safetensors"),
+            r"rank00000.safetensors' does not match its checksum",
+        ),
+        (
+            lambda d: _flip_byte(d / "rank00000.safetensors"),
+            r"rank00000.safetensors' does not match its checksum",
+        ),
+        (_set_version, r"has format version 99; this threefold reads 1"),
+        (lambda d: (d / "manifest.json").unlink(), r"is not a checkpoint: no manifest.json"),
+    ],
+    ids=["missing-shard", "truncated", "checksum", "version", "no-manifest"],
+)
+def test_bad_checkpoint_is_refused_before_anything_changes(
+    sonnets_dataset, tmp_path, good_checkpoint, damage, message
+):
+    bad = _damaged(good_checkpoint, tmp_path, damage)
+    error = run_ranks(1, _load_bad, _config(sonnets_dataset, tmp_path), str(bad))[0]
+    assert __import__("re").search(message, error), error
+
+
+def test_other_model_shape_is_refused(sonnets_dataset, tmp_path, good_checkpoint):
+    error = run_ranks(1, _load_bad, _config(sonnets_dataset, tmp_path, hidden=64), str(good_checkpoint))[0]
+    assert "holds another model shape" in error and "'hidden_size': (32, 64)" in error

@@ -1,0 +1,283 @@
+"""Sharded training checkpoints that resume exactly and load under any other layout.
+
+A checkpoint is a directory `step_<N>/` holding
+
+    rank<R>.safetensors   what rank R owns: fp32 master weights and Adam moments, keyed
+                          `<param name>`, `<param name>::exp_avg`, `<param name>::exp_avg_sq`
+    manifest.json         format version, layout, model shape, step, data position, config, and for
+                          every saved tensor: its file, TP shard coordinates and full (unpadded) size;
+                          a SHA-256 per file
+
+Each tensor is saved once: data-parallel rank 0 only, a replicated parameter by TP rank 0 only, a tied
+embedding by the first pipeline stage only. Since every entry says which slice of which full tensor it
+holds, a loader under any (tp, pp, dp, v) rebuilds the full tensor by name and keeps its own slice:
+resharding needs no conversion step.
+
+Saving writes into `.tmp-step_<N>/` and renames it only after every rank has written and the manifest
+is complete; `latest` (a one-line file) moves last. A crash mid-save leaves the previous checkpoint and
+`latest` untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from threefold.config import Config
+from threefold.layers import is_sharded, shard_of
+
+FORMAT_VERSION = 1
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _owned(trainer: Any) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+    """(name, model parameter, fp32 master) for every parameter this rank holds."""
+    masters = {id(p): m for p, m in zip(trainer.optimizer.params, trainer.optimizer.masters, strict=True)}
+    return [
+        (name, param, masters[id(param)])
+        for chunk in trainer.chunks.values()
+        for name, param in chunk.named_parameters()
+    ]
+
+
+def _saves(param: torch.Tensor, mesh: Any) -> bool:
+    """Whether this rank writes the parameter: each tensor exactly once across the world."""
+    if mesh.dp_rank != 0 or getattr(param, "tied_copy", False):
+        return False
+    return is_sharded(param) or mesh.tp_rank == 0
+
+
+def _shape_of(config: Config) -> dict[str, Any]:
+    m = config.model
+    return {k: getattr(m, k) for k in ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                                       "num_kv_heads", "ffn_hidden_size", "tie_embeddings")}  # fmt: skip
+
+
+def save_checkpoint(
+    trainer: Any, root: str | Path, *, step: int, consumed_samples: int, keep_last: int
+) -> Path:
+    """Write this step's checkpoint (collective: every rank calls it); returns its directory."""
+    mesh, config = trainer.mesh, trainer.config
+    root = Path(root)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}"
+    if mesh.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier crash
+        tmp.mkdir(parents=True)
+    dist.barrier()
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, list[dict[str, Any]]] = {}
+    state = trainer.optimizer.adam.state
+    file_name = f"rank{mesh.rank:05d}.safetensors"
+    for name, param, master in _owned(trainer):
+        if not _saves(param, mesh):
+            continue
+        adam_state = state.get(master, {})
+        for suffix, tensor in [("", master), *((f"::{k}", adam_state.get(k)) for k in MOMENTS)]:
+            if tensor is None:
+                continue  # no optimizer step yet
+            key = name + suffix
+            tensors[key] = tensor.detach().float().contiguous().cpu()
+            entries[key] = [{
+                "file": file_name,
+                "shape": list(tensor.shape),
+                "tp_dim": getattr(param, "tp_dim", None),
+                "tp_full_size": getattr(param, "tp_full_size", None),
+                "tp_rank": mesh.tp_rank,
+                "tp_size": mesh.tp_size,
+            }]  # fmt: skip
+    files: dict[str, str] = {}
+    if tensors:
+        save_file(tensors, str(tmp / file_name))
+        files[file_name] = _sha256(tmp / file_name)
+
+    gathered: list[Any] = [None] * mesh.world_size
+    dist.all_gather_object(gathered, (entries, files))
+    if mesh.rank == 0:
+        all_entries: dict[str, list[dict[str, Any]]] = {}
+        for rank_entries, _ in gathered:
+            for key, shards in rank_entries.items():
+                all_entries.setdefault(key, []).extend(shards)
+        all_files = {k: v for _, f in gathered for k, v in f.items()}
+        adam_steps = [s["step"] for s in state.values() if "step" in s]
+        p = config.parallel
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "consumed_samples": consumed_samples,
+            "optimizer_steps": float(adam_steps[0]) if adam_steps else 0.0,
+            "layout": {
+                "tp_size": p.tp_size,
+                "pp_size": p.pp_size,
+                "dp_size": p.dp_size,
+                "num_model_chunks": p.num_model_chunks,
+            },  # fmt: skip
+            "model": _shape_of(config),
+            "config": config.to_dict(),
+            "files": all_files,
+            "tensors": all_entries,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    steps = sorted(
+        (int(d.name.split("_")[1]), d) for d in root.glob("step_*") if d.name.split("_")[1].isdigit()
+    )
+    for _, old in steps[: max(0, len(steps) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `latest` points to in `root`, or None when there is none."""
+    pointer = Path(root) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / "manifest.json").is_file():
+        raise ValueError(f"{str(pointer)!r} points to {str(path)!r}, which holds no manifest.json")
+    return path
+
+
+def read_manifest(path: str | Path, config: Config) -> dict[str, Any]:
+    """Read and check a checkpoint's manifest against the model being trained; ValueError otherwise."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"{str(path)!r} is not a checkpoint: no manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(manifest_path)!r} is not valid JSON: {e}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{str(manifest_path)!r} has format version {version!r}; this threefold reads {FORMAT_VERSION}"
+        )
+    want = _shape_of(config)
+    if manifest.get("model") != want:
+        diff = {
+            k: (manifest.get("model", {}).get(k), v)
+            for k, v in want.items()
+            if manifest.get("model", {}).get(k) != v
+        }
+        raise ValueError(f"checkpoint {str(path)!r} holds another model shape: (checkpoint, config) = {diff}")
+    for name in manifest["files"]:
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"checkpoint {str(path)!r} lacks {name}")
+    return manifest
+
+
+def _read(path: Path, file: str, key: str, handles: dict[str, Any]) -> torch.Tensor:
+    if file not in handles:
+        handles[file] = safe_open(str(path / file), framework="pt")
+    return handles[file].get_tensor(key)
+
+
+def _full_tensor(path: Path, manifest: dict[str, Any], key: str, handles: dict[str, Any]) -> torch.Tensor:
+    """The full (unpadded) tensor `key`, rebuilt from the shards of whatever layout saved it."""
+    shards = sorted(manifest["tensors"][key], key=lambda e: e["tp_rank"])
+    first = shards[0]
+    if first["tp_dim"] is None:
+        return _read(path, first["file"], key, handles)
+    if [e["tp_rank"] for e in shards] != list(range(first["tp_size"])):
+        have = [e["tp_rank"] for e in shards]
+        raise ValueError(f"checkpoint {str(path)!r}: {key!r} has TP shards {have} of {first['tp_size']}")
+    full = torch.cat([_read(path, e["file"], key, handles) for e in shards], dim=first["tp_dim"])
+    return full.narrow(first["tp_dim"], 0, first["tp_full_size"])
+
+
+@torch.no_grad()
+def load_checkpoint(trainer: Any, path: str | Path) -> dict[str, Any]:
+    """Load weights and optimizer state into this rank's part of the model, whatever layout saved them.
+
+    Every check (manifest, model shape, missing tensors, checksums of the files this rank reads) runs
+    before any parameter is written. Returns the manifest (step, consumed_samples, ...).
+    """
+    path = Path(path)
+    manifest = read_manifest(path, trainer.config)
+    owned = _owned(trainer)
+    keys = [
+        (name, param, master, suffix)
+        for name, param, master in owned
+        for suffix in ("", *(f"::{k}" for k in MOMENTS))
+    ]
+    missing = [
+        name + suffix
+        for name, _, _, suffix in keys
+        if suffix == "" and name + suffix not in manifest["tensors"]
+    ]
+    if missing:
+        raise ValueError(
+            f"checkpoint {str(path)!r} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
+    present = [k for k in keys if k[0] + k[3] in manifest["tensors"]]
+    _verify_files(path, manifest, {e["file"] for n, _, _, s in present for e in manifest["tensors"][n + s]})
+
+    mesh = trainer.mesh
+    handles: dict[str, Any] = {}
+    adam = trainer.optimizer.adam
+    index = {id(p): i for i, p in enumerate(p for g in adam.param_groups for p in g["params"])}
+    adam_state: dict[int, dict[str, Any]] = {}
+    # Read and check everything first, then write: a bad checkpoint leaves the model untouched.
+    loaded = []
+    for name, param, master, suffix in present:
+        full = _full_tensor(path, manifest, name + suffix, handles)
+        local = shard_of(full, param, mesh.tp_rank, mesh.tp_size)
+        if tuple(local.shape) != tuple(param.shape):
+            raise ValueError(
+                f"checkpoint {str(path)!r}: {name + suffix} has shape {tuple(full.shape)}, "
+                f"which does not shard to this model's {tuple(param.shape)}"
+            )
+        loaded.append((param, master, suffix, local))
+    for param, master, suffix, local in loaded:
+        if suffix == "":
+            master.copy_(local)
+            if param is not master:
+                param.copy_(master)
+        else:
+            state = adam_state.setdefault(
+                index[id(master)], {"step": torch.tensor(manifest["optimizer_steps"])}
+            )
+            state[suffix[2:]] = local.to(master.device)
+    if adam_state:
+        state_dict = adam.state_dict()
+        state_dict["state"] = adam_state
+        adam.load_state_dict(state_dict)
+    return manifest
+
+
+def _verify_files(path: Path, manifest: dict[str, Any], names: set[str]) -> None:
+    for name in sorted(names):
+        if _sha256(path / name) != manifest["files"][name]:
+            raise ValueError(
+                f"checkpoint file {str(path / name)!r} does not match its checksum (corrupt or truncated)"
+            )
