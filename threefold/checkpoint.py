@@ -169,6 +169,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def read_manifest(path: str | Path, config: Config) -> dict[str, Any]:
     """Read and check a checkpoint's manifest against the model being trained; ValueError otherwise."""
     path = Path(path)
+    manifest = _load_manifest(path)
+    want = _shape_of(config)
+    have = manifest.get("model", {})
+    if have != want:
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        raise ValueError(f"checkpoint {str(path)!r} holds another model shape: (checkpoint, config) = {diff}")
+    return manifest
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise ValueError(f"{str(path)!r} is not a checkpoint: no manifest.json")
@@ -181,14 +191,6 @@ def read_manifest(path: str | Path, config: Config) -> dict[str, Any]:
         raise ValueError(
             f"{str(manifest_path)!r} has format version {version!r}; this threefold reads {FORMAT_VERSION}"
         )
-    want = _shape_of(config)
-    if manifest.get("model") != want:
-        diff = {
-            k: (manifest.get("model", {}).get(k), v)
-            for k, v in want.items()
-            if manifest.get("model", {}).get(k) != v
-        }
-        raise ValueError(f"checkpoint {str(path)!r} holds another model shape: (checkpoint, config) = {diff}")
     for name in manifest["files"]:
         file = path / name
         if not file.is_file():
@@ -281,3 +283,46 @@ def _verify_files(path: Path, manifest: dict[str, Any], names: set[str]) -> None
             raise ValueError(
                 f"checkpoint file {str(path / name)!r} does not match its checksum (corrupt or truncated)"
             )
+
+
+def write_full_checkpoint(config: Config, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """A step-0 checkpoint from full (unsharded) tensors, e.g. an imported Hugging Face model.
+
+    One file, no optimizer state; it loads under any layout like any other checkpoint.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ValueError(f"{str(out)!r} exists and is not a checkpoint; refusing to overwrite it")
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    file_name = "rank00000.safetensors"
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(tmp / file_name))
+    entry = {"file": file_name, "tp_dim": None, "tp_full_size": None, "tp_rank": 0, "tp_size": 1}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": 0,
+        "consumed_samples": 0,
+        "optimizer_steps": 0.0,
+        "layout": {"tp_size": 1, "pp_size": 1, "dp_size": 1, "num_model_chunks": 1},
+        "model": _shape_of(config),
+        "config": config.to_dict(),
+        "files": {file_name: _sha256(tmp / file_name)},
+        "tensors": {k: [{**entry, "shape": list(v.shape)}] for k, v in tensors.items()},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_full_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(model config as saved, full fp32 weights by name) of any checkpoint, e.g. for export."""
+    path = Path(path)
+    manifest = _load_manifest(path)
+    keys = [k for k in manifest["tensors"] if "::" not in k]
+    _verify_files(path, manifest, {e["file"] for k in keys for e in manifest["tensors"][k]})
+    handles: dict[str, Any] = {}
+    return manifest["config"]["model"], {k: _full_tensor(path, manifest, k, handles) for k in keys}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -16,6 +18,8 @@ usage: threefold train [CONFIG.toml] [--section.key=value ...] [--nproc N]
        threefold config [CONFIG.toml] [--section.key=value ...]   (print the resolved config)
        threefold config --reference                              (every key with its meaning)
        threefold schedule --pp 4 --v 2 -m 8 [--schedule gpipe|1f1b|interleaved]
+       threefold import-hf HF_DIR CHECKPOINT_DIR      (Llama-family / GPT-2 safetensors -> threefold)
+       threefold export-hf CHECKPOINT_DIR HF_DIR [--dtype float32|bfloat16]
 
 With no CONFIG, `threefold train` runs the packaged demo: the tiny Llama preset on Shakespeare,
 4 CPU processes (tp=2, dp=2). Started outside torchrun it launches its own workers; under torchrun
@@ -167,6 +171,62 @@ def cmd_schedule(argv: list[str]) -> int:
     return 0
 
 
+def _toml_table(name: str, values: dict) -> str:
+    lines = [f"[{name}]"]
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_import_hf(argv: list[str]) -> int:
+    """Turn a Hugging Face checkpoint (safetensors + config.json) into a threefold checkpoint."""
+    parser = argparse.ArgumentParser(prog="threefold import-hf", description=cmd_import_hf.__doc__)
+    parser.add_argument("hf_dir", help="directory with config.json and model.safetensors (or an index)")
+    parser.add_argument("out_dir", help="the threefold checkpoint to write")
+    args = parser.parse_args(argv)
+    from threefold.checkpoint import write_full_checkpoint
+    from threefold.config import Config
+    from threefold.hf import load_hf_checkpoint
+
+    model, state = load_hf_checkpoint(args.hf_dir)
+    out = write_full_checkpoint(Config(model=model), state, args.out_dir)
+    fields = {k: v for k, v in dataclasses.asdict(model).items() if k != "preset"}
+    (out / "model.toml").write_text(_toml_table("model", fields))
+    print(f"wrote {out} ({sum(t.numel() for t in state.values()):,} parameters)")
+    print(f"train from it with this model section (also in {out / 'model.toml'}) and")
+    print(f'[checkpoint]\nload = "{out}"\n')
+    print(_toml_table("model", fields))
+    return 0
+
+
+def cmd_export_hf(argv: list[str]) -> int:
+    """Write a threefold checkpoint (any layout) as a Hugging Face checkpoint."""
+    parser = argparse.ArgumentParser(prog="threefold export-hf", description=cmd_export_hf.__doc__)
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a run's checkpoint.dir (uses latest)")
+    parser.add_argument("out_dir", help="where to write config.json and model.safetensors")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = parser.parse_args(argv)
+    import torch
+
+    from threefold.checkpoint import latest_checkpoint, read_full_state
+    from threefold.config import ModelConfig
+    from threefold.hf import save_hf_checkpoint, to_hf_state_dict
+
+    path = Path(args.checkpoint)
+    if not (path / "manifest.json").is_file() and (path / "latest").is_file():
+        path = latest_checkpoint(path) or path
+    model_fields, state = read_full_state(path)
+    model = ModelConfig(**model_fields)
+    state = {k: v.to(getattr(torch, args.dtype)) for k, v in state.items()}
+    to_hf_state_dict(model, state)  # checks names and shapes before anything is written
+    save_hf_checkpoint(model, state, args.out_dir)
+    print(f"wrote {args.out_dir} from {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -183,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_config(rest)
         if command == "schedule":
             return cmd_schedule(rest)
+        if command == "import-hf":
+            return cmd_import_hf(rest)
+        if command == "export-hf":
+            return cmd_export_hf(rest)
         if command in ("-h", "--help", "help"):
             print(USAGE)
             return 0

@@ -17,7 +17,9 @@ from threefold.metrics import flops_per_token, mfu, peak_flops
 class Reporter:
     """Progress bar, metrics (JSONL + TensorBoard) and the loss plot, on the logging rank only."""
 
-    def __init__(self, config: Config, mesh: Mesh, device: torch.device, *, enabled: bool) -> None:
+    def __init__(
+        self, config: Config, mesh: Mesh, device: torch.device, *, enabled: bool, start_step: int = 0
+    ) -> None:
         from threefold.monitor import MetricsWriter, TrainProgress
 
         self.enabled = enabled
@@ -36,8 +38,8 @@ class Reporter:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
             metrics = self.out_dir / "metrics.jsonl"
-            if metrics.exists():
-                metrics.unlink()  # a fresh run starts a fresh curve
+            if metrics.exists() and start_step == 0:
+                metrics.unlink()  # a fresh run starts a fresh curve; a resumed one continues its own
             self.writer = MetricsWriter(self.out_dir, tensorboard=config.logging.tensorboard)
 
     def __enter__(self) -> Reporter:

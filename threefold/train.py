@@ -221,7 +221,7 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
     )
     start_step = _resume(trainer, loader)
     is_logger = mesh.rank == 0
-    reporter = Reporter(config, mesh, device, enabled=is_logger)
+    reporter = Reporter(config, mesh, device, enabled=is_logger, start_step=start_step)
     result = TrainResult(trainer=trainer)
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
     start = time.perf_counter()
