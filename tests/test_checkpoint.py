@@ -17,7 +17,9 @@ from threefold.train import build, train
 STEPS = 4
 
 
-def _config(data: Path, run: Path, tp=1, pp=1, dp=1, v=1, *, load="", hidden=32, **training):
+def _config(
+    data: Path, run: Path, tp=1, pp=1, dp=1, v=1, *, load="", hidden=32, asynchronous=False, **training
+):
     schedule = "interleaved" if v > 1 else "1f1b"
     return build_config(
         {
@@ -30,7 +32,8 @@ def _config(data: Path, run: Path, tp=1, pp=1, dp=1, v=1, *, load="", hidden=32,
             "training": dict(max_steps=STEPS, global_batch_size=8, micro_batch_size=2, eval_interval=0,
                              eval_batches=2, seed=5) | training,
             "logging": dict(progress=False, tensorboard=False, plot=False, out_dir=str(run / "logs")),
-            "checkpoint": dict(dir=str(run / "ckpt"), interval=2, keep_last=3, load=load),
+            "checkpoint": dict(dir=str(run / "ckpt"), interval=2, keep_last=3, load=load,
+                               asynchronous=asynchronous),
         }
     )  # fmt: skip
 
@@ -198,3 +201,15 @@ def test_bad_checkpoint_is_refused_before_anything_changes(
 def test_other_model_shape_is_refused(sonnets_dataset, tmp_path, good_checkpoint):
     error = run_ranks(1, _load_bad, _config(sonnets_dataset, tmp_path, hidden=64), str(good_checkpoint))[0]
     assert "holds another model shape" in error and "'hidden_size': (32, 64)" in error
+
+
+def test_asynchronous_save_resumes_bit_exact(sonnets_dataset, tmp_path):
+    whole = _run(_config(sonnets_dataset, tmp_path / "a", 1, 2, 1, 1, asynchronous=True))
+    ckpt = tmp_path / "a" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_2", "step_4"]  # both committed
+    resumed = _run(_config(sonnets_dataset, tmp_path / "b", 1, 2, 1, 1, load=str(ckpt / "step_2")))
+    assert resumed["losses"] == whole["losses"][2:]
+    blocked = [
+        json.loads(line) for line in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in blocked if "checkpoint/blocking_seconds" in r] == [2, 4]

@@ -117,6 +117,27 @@ def test_world_size_mismatch_names_every_factor():
             ["--optimizer.beta2=1.0"],
             r"betas must lie in \[0, 1\), got beta1=0\.9, beta2=1\.0",
         ),
+        (
+            ["--model.rope_scaling_factor=0.5"],
+            r"model\.rope_scaling_factor must be >= 1 \(1 = no scaling\), got 0\.5",
+        ),
+        (
+            [
+                "--model.rope_scaling_factor=8",
+                "--model.rope_low_freq_factor=4",
+                "--model.rope_high_freq_factor=2",
+            ],
+            r"model\.rope_high_freq_factor \(2\.0\) must exceed model\.rope_low_freq_factor \(4\.0\) "
+            r"when model\.rope_scaling_factor \(8\.0\) != 1",
+        ),
+        (
+            ["--model.rope_scaling_factor=8", "--model.rope_low_freq_factor=-1"],
+            r"model\.rope_low_freq_factor must be positive, got -1\.0",
+        ),
+        (
+            ["--model.arch=gpt2", "--model.attention_bias=true"],
+            r"model\.attention_bias applies to arch 'llama' only; model\.arch is 'gpt2'",
+        ),
     ],
     ids=[
         "heads-not-divisible-by-tp",
@@ -134,11 +155,23 @@ def test_world_size_mismatch_names_every_factor():
         "chunks-without-pp",
         "odd-rope-head-dim",
         "beta-out-of-range",
+        "rope-scaling-below-one",
+        "rope-high-freq-not-above-low",
+        "rope-low-freq-negative",
+        "attention-bias-on-gpt2",
     ],
 )
 def test_impossible_combination(overrides, message):
     with pytest.raises(ValueError, match=message):
         build(*overrides)
+
+
+def test_llama3_rope_scaling_and_qwen2_biases_are_valid():
+    m = build("--model.rope_scaling_factor=8", "--model.attention_bias=true").model
+    assert (m.rope_scaling_factor, m.rope_low_freq_factor, m.rope_high_freq_factor) == (8.0, 1.0, 4.0)
+    assert m.rope_original_max_len == 8192 and m.attention_bias
+    # Without scaling the frequency factors are unused, so any values pass.
+    build("--model.rope_low_freq_factor=4", "--model.rope_high_freq_factor=1")
 
 
 @pytest.mark.parametrize(
@@ -152,6 +185,7 @@ def test_impossible_combination(overrides, message):
         ("--model.ffn_hidden_size=0", "0"),
         ("--model.max_seq_len=0", "0"),
         ("--model.rope_theta=0", "0.0"),
+        ("--model.rope_original_max_len=0", "0"),
         ("--model.norm_eps=-1e-5", "-1e-05"),
         ("--parallel.tp_size=0", "0"),
         ("--parallel.pp_size=-1", "-1"),
@@ -192,7 +226,14 @@ def test_negative_amount(override, name):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize(
-    "key", ["optimizer.grad_clip", "optimizer.lr", "model.rope_theta", "training.max_minutes"]
+    "key",
+    [
+        "optimizer.grad_clip",
+        "optimizer.lr",
+        "model.rope_theta",
+        "model.rope_scaling_factor",
+        "training.max_minutes",
+    ],
 )
 def test_non_finite_float(key, value):
     # NaN compares false with everything, so only an explicit check stops it.

@@ -54,6 +54,25 @@ def test_count_parameters_tiny_llama_by_hand():
     assert tied["flops_params"] == counts["flops_params"]  # the logits matmul is done either way
 
 
+def test_count_parameters_counts_qwen2_attention_biases():
+    cfg = ModelConfig(
+        arch="llama",
+        vocab_size=100,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=40,
+        max_seq_len=32,
+        attention_bias=True,
+    )
+    # The llama layer above (2720) plus q, k, v biases 16 + 8 + 8 = 32; o_proj has none.
+    counts = count_parameters(cfg)
+    assert counts["per_layer"] == 2752
+    assert counts["non_embedding"] == 2 * 2752 + 16
+    assert counts["total"] == 1600 + 5520 + 1600
+
+
 def test_count_parameters_tiny_gpt2_by_hand():
     cfg = ModelConfig(
         arch="gpt2",

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from threefold.layers import is_sharded, shard_of
 
 FORMAT_VERSION = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")
+RNG_CPU, RNG_CUDA = "rng::cpu", "rng::cuda"
 
 
 def _sha256(path: Path) -> str:
@@ -67,26 +69,18 @@ def _saves(param: torch.Tensor, mesh: Any) -> bool:
 def _shape_of(config: Config) -> dict[str, Any]:
     m = config.model
     return {k: getattr(m, k) for k in ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                                       "num_kv_heads", "ffn_hidden_size", "tie_embeddings")}  # fmt: skip
+                                       "num_kv_heads", "ffn_hidden_size", "tie_embeddings",
+                                       "attention_bias")}  # fmt: skip
 
 
-def save_checkpoint(
-    trainer: Any, root: str | Path, *, step: int, consumed_samples: int, keep_last: int
-) -> Path:
-    """Write this step's checkpoint (collective: every rank calls it); returns its directory."""
-    mesh, config = trainer.mesh, trainer.config
-    root = Path(root)
-    final = root / f"step_{step}"
-    tmp = root / f".tmp-step_{step}"
-    if mesh.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier crash
-        tmp.mkdir(parents=True)
-    dist.barrier()
-
+def _snapshot(
+    trainer: Any, file_name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, list[dict[str, Any]]]]:
+    """Host copies of what this rank saves, and their manifest entries."""
+    mesh = trainer.mesh
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, list[dict[str, Any]]] = {}
     state = trainer.optimizer.adam.state
-    file_name = f"rank{mesh.rank:05d}.safetensors"
     for name, param, master in _owned(trainer):
         if not _saves(param, mesh):
             continue
@@ -95,7 +89,8 @@ def save_checkpoint(
             if tensor is None:
                 continue  # no optimizer step yet
             key = name + suffix
-            tensors[key] = tensor.detach().float().contiguous().cpu()
+            # A copy even on the CPU: an asynchronous write must not see the next steps' updates.
+            tensors[key] = tensor.detach().to("cpu", torch.float32, copy=True)
             entries[key] = [{
                 "file": file_name,
                 "shape": list(tensor.shape),
@@ -104,47 +99,127 @@ def save_checkpoint(
                 "tp_rank": mesh.tp_rank,
                 "tp_size": mesh.tp_size,
             }]  # fmt: skip
-    files: dict[str, str] = {}
-    if tensors:
-        save_file(tensors, str(tmp / file_name))
-        files[file_name] = _sha256(tmp / file_name)
+    # This rank's random-number state (restored when the layout is unchanged; nothing in training draws
+    # random numbers today, but data augmentation or dropout would).
+    tensors[RNG_CPU] = torch.get_rng_state()
+    if torch.cuda.is_available() and any(t.is_cuda for t in trainer.optimizer.params):
+        tensors[RNG_CUDA] = torch.cuda.get_rng_state()
+    return tensors, entries
 
-    gathered: list[Any] = [None] * mesh.world_size
-    dist.all_gather_object(gathered, (entries, files))
-    if mesh.rank == 0:
-        all_entries: dict[str, list[dict[str, Any]]] = {}
-        for rank_entries, _ in gathered:
-            for key, shards in rank_entries.items():
-                all_entries.setdefault(key, []).extend(shards)
-        all_files = {k: v for _, f in gathered for k, v in f.items()}
-        adam_steps = [s["step"] for s in state.values() if "step" in s]
-        p = config.parallel
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "consumed_samples": consumed_samples,
-            "optimizer_steps": float(adam_steps[0]) if adam_steps else 0.0,
-            "layout": {
-                "tp_size": p.tp_size,
-                "pp_size": p.pp_size,
-                "dp_size": p.dp_size,
-                "num_model_chunks": p.num_model_chunks,
-            },  # fmt: skip
-            "model": _shape_of(config),
-            "config": config.to_dict(),
-            "files": all_files,
-            "tensors": all_entries,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        _prune(root, keep_last)
-    dist.barrier()
-    return final
+
+def _write(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    save_file(tensors, str(path))
+    return _sha256(path)
+
+
+class Checkpointer:
+    """Saves checkpoints of one run, synchronously or in the background.
+
+    Asynchronous saving copies this rank's state to host memory (the only part the training step waits
+    for) and writes the file on a thread; the commit (manifest, rename, `latest`) is collective, so it
+    runs at the next save or at `finish()`, once every rank's file is on disk.
+    """
+
+    def __init__(self, root: str | Path, *, keep_last: int, asynchronous: bool = False) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.asynchronous = asynchronous
+        self._pending: tuple[threading.Thread, dict[str, Any], Any] | None = None
+
+    def save(self, trainer: Any, *, step: int, consumed_samples: int) -> Path:
+        """Start (or, synchronously, complete) this step's checkpoint; collective on every rank."""
+        self.finish(trainer)
+        mesh = trainer.mesh
+        tmp = self.root / f".tmp-step_{step}"
+        if mesh.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier crash
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        file_name = f"rank{mesh.rank:05d}.safetensors"
+        tensors, entries = _snapshot(trainer, file_name)
+        # Everything the manifest says is taken now, not at the (possibly later) commit.
+        adam_steps = [s["step"] for s in trainer.optimizer.adam.state.values() if "step" in s]
+        job: dict[str, Any] = {"step": step, "consumed_samples": consumed_samples, "entries": entries,
+                               "file": file_name, "tmp": tmp,
+                               "optimizer_steps": float(adam_steps[0]) if adam_steps else 0.0}  # fmt: skip
+        if not self.asynchronous:
+            job["sha256"] = _write(tensors, tmp / file_name)
+            return self._commit(trainer, job)
+
+        def write() -> None:
+            try:
+                job["sha256"] = _write(tensors, tmp / file_name)
+            except BaseException as e:  # surfaced at the commit
+                job["error"] = e
+
+        thread = threading.Thread(target=write, name=f"checkpoint-step-{step}", daemon=True)
+        thread.start()
+        self._pending = (thread, job, None)
+        return self.root / f"step_{step}"
+
+    def finish(self, trainer: Any) -> None:
+        """Commit the save still in flight, if any (collective)."""
+        if self._pending is None:
+            return
+        thread, job, _ = self._pending
+        self._pending = None
+        thread.join()
+        self._commit(trainer, job)
+
+    def _commit(self, trainer: Any, job: dict[str, Any]) -> Path:
+        mesh, config = trainer.mesh, trainer.config
+        ok = "error" not in job
+        gathered: list[Any] = [None] * mesh.world_size
+        files = {job["file"]: job["sha256"]} if ok else {}
+        dist.all_gather_object(gathered, (ok, job["entries"], files))
+        if not all(g[0] for g in gathered):
+            failed = [r for r, g in enumerate(gathered) if not g[0]]
+            if "error" in job:
+                raise job["error"]
+            raise RuntimeError(
+                f"checkpoint of step {job['step']} failed on ranks {failed}; the last one stays"
+            )
+        final = self.root / f"step_{job['step']}"
+        if mesh.rank == 0:
+            all_entries: dict[str, list[dict[str, Any]]] = {}
+            for _, rank_entries, _ in gathered:
+                for key, shards in rank_entries.items():
+                    all_entries.setdefault(key, []).extend(shards)
+            p = config.parallel
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "step": job["step"],
+                "consumed_samples": job["consumed_samples"],
+                "optimizer_steps": job["optimizer_steps"],
+                "layout": {
+                    "tp_size": p.tp_size,
+                    "pp_size": p.pp_size,
+                    "dp_size": p.dp_size,
+                    "num_model_chunks": p.num_model_chunks,
+                },  # fmt: skip
+                "model": _shape_of(config),
+                "config": config.to_dict(),
+                "files": {k: v for _, _, f in gathered for k, v in f.items()},
+                "tensors": all_entries,
+            }
+            tmp = job["tmp"]
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer = self.root / ".latest.tmp"
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, self.root / "latest")
+            _prune(self.root, self.keep_last)
+        dist.barrier()
+        return final
+
+
+def save_checkpoint(
+    trainer: Any, root: str | Path, *, step: int, consumed_samples: int, keep_last: int
+) -> Path:
+    """Write this step's checkpoint synchronously (collective: every rank calls it); returns its directory."""
+    return Checkpointer(root, keep_last=keep_last).save(trainer, step=step, consumed_samples=consumed_samples)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -242,7 +317,17 @@ def load_checkpoint(trainer: Any, path: str | Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     present = [k for k in keys if k[0] + k[3] in manifest["tensors"]]
-    _verify_files(path, manifest, {e["file"] for n, _, _, s in present for e in manifest["tensors"][n + s]})
+    p = trainer.config.parallel
+    layout = {
+        "tp_size": p.tp_size,
+        "pp_size": p.pp_size,
+        "dp_size": p.dp_size,
+        "num_model_chunks": p.num_model_chunks,
+    }
+    own_file = f"rank{trainer.mesh.rank:05d}.safetensors"
+    restore_rng = manifest["layout"] == layout and own_file in manifest["files"]
+    reads = {e["file"] for n, _, _, s in present for e in manifest["tensors"][n + s]}
+    _verify_files(path, manifest, reads | ({own_file} if restore_rng else set()))
 
     mesh = trainer.mesh
     handles: dict[str, Any] = {}
@@ -270,6 +355,12 @@ def load_checkpoint(trainer: Any, path: str | Path) -> dict[str, Any]:
                 index[id(master)], {"step": torch.tensor(manifest["optimizer_steps"])}
             )
             state[suffix[2:]] = local.to(master.device)
+    if restore_rng:
+        with safe_open(str(path / own_file), framework="pt") as f:
+            if RNG_CPU in f.keys():
+                torch.set_rng_state(f.get_tensor(RNG_CPU))
+            if RNG_CUDA in f.keys() and torch.cuda.is_available():
+                torch.cuda.set_rng_state(f.get_tensor(RNG_CUDA))
     if adam_state:
         state_dict = adam.state_dict()
         state_dict["state"] = adam_state

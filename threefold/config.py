@@ -47,6 +47,16 @@ class ModelConfig:
     """Longest sequence the model accepts (size of the learned position table for gpt2)."""
     rope_theta: float = 10000.0
     """RoPE base frequency (llama only)."""
+    rope_scaling_factor: float = 1.0
+    """Llama 3.x RoPE scaling: divide the low frequencies by this factor (1.0 = no scaling; llama only)."""
+    rope_low_freq_factor: float = 1.0
+    """Llama 3.x RoPE scaling: wavelengths above rope_original_max_len / this are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """Llama 3.x RoPE scaling: wavelengths below rope_original_max_len / this are left alone."""
+    rope_original_max_len: int = 8192
+    """Llama 3.x RoPE scaling: the context length the model was pretrained at."""
+    attention_bias: bool = False
+    """Biases on the q, k, v projections (Qwen2); llama only (gpt2 always has biases)."""
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm / LayerNorm."""
     tie_embeddings: bool = False
@@ -167,6 +177,8 @@ class CheckpointConfig:
     """How many checkpoints to keep in `dir`."""
     load: str = ""
     """A checkpoint directory to start from (any layout) when `dir` has none yet."""
+    asynchronous: bool = False
+    """Copy the state to host memory and write it on a background thread while training goes on."""
 
 
 @dataclass(kw_only=True)
@@ -359,6 +371,7 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         if value is None or value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     assert m.num_kv_heads is not None and m.ffn_hidden_size is not None  # rejected just above
+    check_rope_scaling(m)
     non_negative = {
         "model.init_std": m.init_std,
         "optimizer.lr": o.lr,
@@ -388,6 +401,8 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         raise ValueError(f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size})")
     if m.num_heads % m.num_kv_heads:
         raise ValueError(f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
+    if m.attention_bias and m.arch != "llama":
+        raise ValueError(f"model.attention_bias applies to arch 'llama' only; model.arch is {m.arch!r}")
     if m.arch == "llama" and m.head_dim % 2:
         raise ValueError(f"RoPE needs an even head dim; hidden_size/num_heads = {m.head_dim}")
     if d.seq_len > m.max_seq_len:
@@ -451,6 +466,26 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         raise ValueError(
             f"data.path {d.path!r} holds no prepared dataset (no meta.json); "
             "run `threefold data prepare` first or set data.prepare_shakespeare = true"
+        )
+
+
+def check_rope_scaling(m: ModelConfig) -> None:
+    """Reject Llama 3.x RoPE scaling settings that make no sense (also used for Hugging Face configs)."""
+    if not m.rope_scaling_factor >= 1.0:  # `not >=` also catches NaN
+        raise ValueError(
+            f"model.rope_scaling_factor must be >= 1 (1 = no scaling), got {m.rope_scaling_factor}"
+        )
+    if m.rope_original_max_len <= 0:
+        raise ValueError(f"model.rope_original_max_len must be positive, got {m.rope_original_max_len}")
+    if m.rope_scaling_factor == 1.0:
+        return  # the frequency factors are unused
+    if not m.rope_low_freq_factor > 0:
+        raise ValueError(f"model.rope_low_freq_factor must be positive, got {m.rope_low_freq_factor}")
+    if not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ValueError(
+            f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must exceed "
+            f"model.rope_low_freq_factor ({m.rope_low_freq_factor}) when model.rope_scaling_factor "
+            f"({m.rope_scaling_factor}) != 1"
         )
 
 

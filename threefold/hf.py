@@ -1,11 +1,14 @@
-"""Hugging Face interop: threefold's full state dict <-> LlamaForCausalLM / GPT2LMHeadModel checkpoints.
+"""Hugging Face interop: threefold's full state dict <-> Llama-family / GPT2LMHeadModel checkpoints.
 
 "Full" means unsharded and unpadded, named as `Transformer.named_parameters()` names them for a model
 holding every layer, the embedding and the head (`layers.0.self_attn.q_proj.weight`, ...); tied models
 have no `lm_head.weight`. Shapes: h hidden, f MLP width, V vocabulary, a/k query/kv heads, d head dim.
 
 Llama maps name for name (plus the `model.` prefix). threefold's RoPE rotates the two halves of each
-head (HF's `rotate_half`), not interleaved pairs, so q/k rows need no permutation. GPT-2 stores its
+head (HF's `rotate_half`), not interleaved pairs, so q/k rows need no permutation. The same names and
+layout serve Qwen2 (Llama plus q/k/v biases: `attention_bias`) and Mistral without a sliding window
+(exactly Llama); threefold's llama arch is exported as `llama`, or as `qwen2` when it has the biases,
+since a Llama config's `attention_bias` would also put a bias on o_proj. GPT-2 stores its
 projections as `Conv1D` (weight (in, out), the transpose of `nn.Linear`) and fuses q, k, v into one
 `c_attn` along the output dimension.
 """
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from threefold.config import ModelConfig
+from threefold.config import ModelConfig, check_rope_scaling
 
 State = dict[str, torch.Tensor]
 
@@ -50,6 +53,7 @@ def threefold_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     assert f is not None and cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     gpt2 = cfg.arch == "gpt2"
+    biased = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} if cfg.attention_bias else set()
     shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (vocab, h)}
     if gpt2:
         shapes["embed_positions.weight"] = (cfg.max_seq_len, h)
@@ -70,7 +74,7 @@ def threefold_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 shapes[f"layers.{i}.{norm}.bias"] = (h,)
         for name, (out_features, in_features) in linears.items():
             shapes[f"layers.{i}.{name}.weight"] = (out_features, in_features)
-            if gpt2:
+            if gpt2 or name in biased:
                 shapes[f"layers.{i}.{name}.bias"] = (out_features,)
     shapes["norm.weight"] = (h,)
     if gpt2:
@@ -192,7 +196,7 @@ def to_hf_state_dict(cfg: ModelConfig, state: State) -> State:
 
 
 def from_hf_state_dict(cfg: ModelConfig, hf_state: State) -> State:
-    """HF LlamaForCausalLM / GPT2LMHeadModel state dict -> threefold full state dict.
+    """HF Llama / Qwen2 / Mistral / GPT2LMHeadModel state dict -> threefold full state dict.
 
     Derived buffers (causal masks, RoPE frequencies) are dropped. A tied `lm_head.weight`, which
     `model.state_dict()` lists but checkpoints omit, is accepted only if it equals the embedding.
@@ -231,24 +235,46 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str,
         "eos_token_id": eos_token_id,
     }
     if cfg.arch == "llama":
+        scaling = {}
+        if cfg.rope_scaling_factor != 1.0:
+            scaling = {
+                "rope_type": "llama3",
+                "factor": cfg.rope_scaling_factor,
+                "low_freq_factor": cfg.rope_low_freq_factor,
+                "high_freq_factor": cfg.rope_high_freq_factor,
+                "original_max_position_embeddings": cfg.rope_original_max_len,
+            }
+        if cfg.attention_bias:
+            # Qwen2 always biases q, k, v (its config has no switch) and never o; sliding window off.
+            arch: dict[str, Any] = {
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "use_sliding_window": False,
+                "sliding_window": None,
+            }
+        else:
+            arch = {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "head_dim": cfg.head_dim,
+                "attention_bias": False,
+                "mlp_bias": False,
+            }
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            **arch,
             "hidden_size": cfg.hidden_size,
             "intermediate_size": cfg.ffn_hidden_size,
             "num_hidden_layers": cfg.num_layers,
             "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": cfg.num_kv_heads,
-            "head_dim": cfg.head_dim,
             "max_position_embeddings": cfg.max_seq_len,
             "rms_norm_eps": cfg.norm_eps,
-            # transformers < 5 reads rope_theta at the top level, 5.x reads rope_parameters.
+            # transformers < 5 reads rope_theta and rope_scaling at the top level, 5.x reads
+            # rope_parameters (and takes rope_scaling over it when both are set): all three agree.
             "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta} | scaling,
+            "rope_scaling": scaling or None,
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
             **common,
         }
     if cfg.num_kv_heads != cfg.num_heads:
@@ -273,20 +299,50 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str,
     }
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """RoPE base of a Llama config, refusing any scaling variant (threefold implements plain RoPE)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for source, p in (("rope_scaling", scaling), ("rope_parameters", params)):
-        kind = p.get("rope_type", p.get("type", "default"))
-        if kind != "default":
-            raise ValueError(
-                f"{source} with rope_type {kind!r} is not supported: threefold implements plain RoPE "
-                "only (no linear/dynamic/yarn/llama3 scaling)"
-            )
-        if p.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"{source}.partial_rotary_factor {p['partial_rotary_factor']} is not supported")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's RoPE fields of a Llama-family config: plain RoPE or Llama 3.x scaling, nothing else.
+
+    The parameters come from where transformers takes them: `rope_scaling` when set (4.x reads only it,
+    5.x prefers it), else `rope_parameters`; rope_theta from that dict or the top level.
+    """
+    source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    p = hf.get(source) or {}
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(
+            f"{source} with rope_type {kind!r} is not supported: threefold implements plain RoPE and "
+            "Llama 3.x ('llama3') scaling only (no linear/dynamic/yarn/longrope)"
+        )
+    if p.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}.partial_rotary_factor {p['partial_rotary_factor']} is not supported")
+    fields: dict[str, Any] = {"rope_theta": float(p.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "llama3":
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if p.get(k) is None]
+        if missing:
+            raise ValueError(f"{source} with rope_type 'llama3' lacks {missing}")
+        fields |= {
+            "rope_scaling_factor": float(p["factor"]),
+            "rope_low_freq_factor": float(p["low_freq_factor"]),
+            "rope_high_freq_factor": float(p["high_freq_factor"]),
+            # transformers falls back to the model's context length, as here.
+            "rope_original_max_len": int(
+                p.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048)
+            ),
+        }
+    return fields
+
+
+def _check_no_sliding_window(hf: dict[str, Any], model_type: str, max_len: int) -> None:
+    """Accept a sliding window only where it never bites: off, or at least the whole context."""
+    window = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None  # Qwen2 ignores sliding_window unless use_sliding_window is set
+    if window is not None and window < max_len:
+        switch = "use_sliding_window = true and " if model_type == "qwen2" else ""
+        raise ValueError(
+            f"{switch}sliding_window = {window} < max_position_embeddings ({max_len}) is not supported: "
+            "threefold has no sliding-window attention (it needs no window, or one >= the context)"
+        )
 
 
 def _require(hf: dict[str, Any], key: str, supported: Any, why: str) -> None:
@@ -295,16 +351,28 @@ def _require(hf: dict[str, Any], key: str, supported: Any, why: str) -> None:
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """ModelConfig of an HF config.json dict (model_type llama or gpt2); ValueError for what we lack."""
+    """ModelConfig of an HF config.json dict; ValueError for what threefold lacks.
+
+    model_type llama, qwen2 (llama with q/k/v biases) and mistral (llama, if its sliding window never
+    applies) give arch 'llama'; gpt2 gives arch 'gpt2'.
+    """
     model_type = hf.get("model_type")
-    if model_type == "llama":
+    if model_type in ("llama", "qwen2", "mistral"):
         _require(hf, "hidden_act", "silu", "threefold's Llama MLP is SwiGLU")
-        _require(hf, "attention_bias", False, "threefold's Llama attention has no biases")
-        _require(hf, "mlp_bias", False, "threefold's Llama MLP has no biases")
+        if model_type != "qwen2":  # Qwen2's biases are fixed by the architecture, not by these keys
+            _require(
+                hf,
+                "attention_bias",
+                False,
+                "a Llama attention_bias also biases o_proj; threefold biases only q, k, v, as Qwen2 does",
+            )
+            _require(hf, "mlp_bias", False, "threefold's Llama MLP has no biases")
         heads = hf["num_attention_heads"]
         if hf["hidden_size"] % heads:
             raise ValueError(f"num_attention_heads ({heads}) must divide hidden_size ({hf['hidden_size']})")
         _require(hf, "head_dim", hf["hidden_size"] // heads, "threefold derives head_dim as hidden/heads")
+        max_len = hf.get("max_position_embeddings", 2048)
+        _check_no_sliding_window(hf, model_type, max_len)
         cfg = ModelConfig(
             arch="llama",
             vocab_size=hf["vocab_size"],
@@ -313,12 +381,17 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             ffn_hidden_size=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            rope_theta=_rope_theta(hf),
+            max_seq_len=max_len,
+            **_rope_fields(hf),
+            attention_bias=model_type == "qwen2",
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=hf.get("tie_word_embeddings", False),
             init_std=hf.get("initializer_range", 0.02),
         )
+        try:
+            check_rope_scaling(cfg)
+        except ValueError as e:
+            raise ValueError(f"unsupported llama3 RoPE scaling in the Hugging Face config: {e}") from None
     elif model_type == "gpt2":
         # gelu_pytorch_tanh is the same tanh approximation as gelu_new, computed by torch.
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -344,7 +417,10 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             init_std=hf.get("initializer_range", 0.02),
         )
     else:
-        raise ValueError(f"model_type {model_type!r} is not supported; threefold converts 'llama' and 'gpt2'")
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; threefold converts 'llama', 'qwen2', "
+            "'mistral' and 'gpt2'"
+        )
     assert cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
     if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
         raise ValueError(

@@ -33,7 +33,9 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     q_width = cfg.num_heads * cfg.head_dim
     if cfg.arch == "llama":
         kv_width = cfg.num_kv_heads * cfg.head_dim
-        attention = h * q_width + 2 * h * kv_width + q_width * h  # q, k, v, o; no biases
+        attention = h * q_width + 2 * h * kv_width + q_width * h  # q, k, v, o weights
+        if cfg.attention_bias:
+            attention += q_width + 2 * kv_width  # q, k, v biases (Qwen2); o has none
         mlp = 3 * h * ffn  # gate, up, down
         norms = 2 * h  # two RMSNorm weights
         final_norm = h

@@ -1,5 +1,7 @@
 """Decoder-only transformer, Llama or GPT-2 flavour, built from tensor-parallel layers.
 
+The Llama flavour also covers Qwen2 (`attention_bias`: biases on q, k, v) and Llama 3.x RoPE scaling.
+
 Shape legend (local = this TP rank's part):
     b micro-batch, s sequence, s_ = s/t under sequence parallelism else s, h hidden,
     a query heads, k kv heads, d head dim, t tp_size, f MLP width, Vp padded vocabulary.
@@ -12,6 +14,7 @@ same whatever the split (`layers.7.self_attn.q_proj.weight`).
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import cast
 
@@ -72,11 +75,29 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_cache(
-    head_dim: int, seq_len: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+    """Rotation frequencies (d/2,) in radians per token, fp32, with Llama 3.x scaling if it is on.
+
+    Llama 3.x scaling stretches the usable context by slowing the slow rotations only. Counting the turns
+    each frequency makes over the pretraining context (`rope_original_max_len` / wavelength): one making
+    fewer than `rope_low_freq_factor` turns is divided by `rope_scaling_factor`, one making more than
+    `rope_high_freq_factor` turns is kept (the model saw it wrap many times), and in between the two
+    results are blended linearly in the turn count.
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    if cfg.rope_scaling_factor == 1.0:
+        return inv_freq
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq  # tokens per turn
+    turns = cfg.rope_original_max_len / wavelength  # turns per original context
+    keep = ((turns - low) / (high - low)).clamp(0.0, 1.0)  # 0: fully scaled, 1: unchanged
+    return keep * inv_freq + (1 - keep) * inv_freq / cfg.rope_scaling_factor
+
+
+def rope_cache(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (s, d) in fp32, in the half-split layout (first half, second half)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    inv_freq = rope_frequencies(cfg, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -100,10 +121,11 @@ class Attention(nn.Module):
         assert cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
         self.num_local_kv_heads = cfg.num_kv_heads // tp.size
         bias = cfg.arch == "gpt2"
+        qkv_bias = bias or cfg.attention_bias  # Qwen2 biases q, k, v but not o
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = ColumnParallelLinear(h, cfg.num_heads * d, tp_group=tp.group, bias=bias)
-        self.k_proj = ColumnParallelLinear(h, cfg.num_kv_heads * d, tp_group=tp.group, bias=bias)
-        self.v_proj = ColumnParallelLinear(h, cfg.num_kv_heads * d, tp_group=tp.group, bias=bias)
+        self.q_proj = ColumnParallelLinear(h, cfg.num_heads * d, tp_group=tp.group, bias=qkv_bias)
+        self.k_proj = ColumnParallelLinear(h, cfg.num_kv_heads * d, tp_group=tp.group, bias=qkv_bias)
+        self.v_proj = ColumnParallelLinear(h, cfg.num_kv_heads * d, tp_group=tp.group, bias=qkv_bias)
         self.o_proj = RowParallelLinear(
             cfg.num_heads * d, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel
         )
@@ -231,9 +253,7 @@ class Transformer(nn.Module):
         if self.cfg.arch != "llama":
             return None
         if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != device:
-            self._rope = rope_cache(
-                self.cfg.head_dim, max(seq_len, self.cfg.max_seq_len), self.cfg.rope_theta, device
-            )
+            self._rope = rope_cache(self.cfg, max(seq_len, self.cfg.max_seq_len), device)
         cos, sin = self._rope
         return cos[:seq_len], sin[:seq_len]
 

@@ -89,6 +89,14 @@ class Reporter:
             self.progress.print(f"step {step}: validation loss {loss:.4f}")
             self.last_time = time.perf_counter()  # evaluation time is not training time
 
+    def checkpoint(self, step: int, path: Path, blocked_seconds: float) -> None:
+        """A save started (or, synchronous, finished); the step waited `blocked_seconds` for it."""
+        if self.enabled:
+            assert self.writer is not None
+            self.writer.log(step, {"checkpoint/blocking_seconds": blocked_seconds})
+            self.progress.print(f"checkpoint {path} ({blocked_seconds:.2f} s in the step)")
+            self.last_time = time.perf_counter()  # saving is not training time
+
     def note(self, text: str) -> None:
         if self.enabled:
             self.progress.print(text)

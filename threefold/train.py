@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from threefold.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from threefold.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
 from threefold.config import Config
 from threefold.data import BatchLoader, TokenDataset, eval_batches
 from threefold.data_parallel import GradSync, all_reduce_sequence_parallel_grads
@@ -220,6 +220,10 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
         device,
     )
     start_step = _resume(trainer, loader)
+    ckpt = config.checkpoint
+    checkpointer = (
+        Checkpointer(ckpt.dir, keep_last=ckpt.keep_last, asynchronous=ckpt.asynchronous) if ckpt.dir else None
+    )
     is_logger = mesh.rank == 0
     reporter = Reporter(config, mesh, device, enabled=is_logger, start_step=start_step)
     result = TrainResult(trainer=trainer)
@@ -252,20 +256,20 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
                 val = evaluate(trainer, val_batches)
                 result.val_losses[step + 1] = val
                 reporter.validation(step + 1, val)
-            ckpt = config.checkpoint
-            if ckpt.dir and (
+            if checkpointer and (
                 (ckpt.interval and (step + 1) % ckpt.interval == 0) or last or result.stopped_early
             ):
-                path = save_checkpoint(
-                    trainer, ckpt.dir, step=step + 1, consumed_samples=loader.consumed_samples,
-                    keep_last=ckpt.keep_last,
-                )  # fmt: skip
-                reporter.note(f"saved {path}")
+                began = time.perf_counter()
+                path = checkpointer.save(trainer, step=step + 1, consumed_samples=loader.consumed_samples)
+                blocked = time.perf_counter() - began
+                reporter.checkpoint(step + 1, path, blocked)
             if result.stopped_early:
                 reporter.note(
                     f"stopped after step {step + 1} ({'interrupted' if stop.requested else 'time limit'})"
                 )
                 break
+    if checkpointer:
+        checkpointer.finish(trainer)  # an asynchronous save still in flight
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.remove_hooks()
     return result
