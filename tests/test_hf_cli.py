@@ -110,3 +110,22 @@ def test_import_refuses_a_directory_without_config(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["import-hf", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
     assert "is not a Hugging Face checkpoint: no config.json" in capsys.readouterr().err
+
+
+def test_export_splits_large_weights_into_indexed_shards(tmp_path):
+    hf = _hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    # 4 MB shards: the 6.4 MB embedding and lm_head each go alone, the layers share files.
+    assert (
+        main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--max-shard-gb", str(4 / 1024)])
+        == 0
+    )
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and not (tmp_path / "out" / "model.safetensors").exists()
+    assert all((tmp_path / "out" / f).is_file() for f in files)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)

@@ -208,6 +208,9 @@ def cmd_export_hf(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="a checkpoint directory, or a run's checkpoint.dir (uses latest)")
     parser.add_argument("out_dir", help="where to write config.json and model.safetensors")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--max-shard-gb", type=float, default=5.0, help="split the weights into files this big"
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -222,7 +225,7 @@ def cmd_export_hf(argv: list[str]) -> int:
     model = ModelConfig(**model_fields)
     state = {k: v.to(getattr(torch, args.dtype)) for k, v in state.items()}
     to_hf_state_dict(model, state)  # checks names and shapes before anything is written
-    save_hf_checkpoint(model, state, args.out_dir)
+    save_hf_checkpoint(model, state, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote {args.out_dir} from {path}")
     return 0
 

@@ -433,14 +433,37 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
-def save_hf_checkpoint(
-    cfg: ModelConfig, state: State, out_dir: str | Path, *, eos_token_id: int | None = None
-) -> Path:
-    """Write `model.safetensors` + `config.json`, loadable by `AutoModelForCausalLM.from_pretrained`.
+def _shard(tensors: State, max_shard_bytes: int) -> list[State]:
+    """Split tensors, in name order, into groups of at most max_shard_bytes (a bigger tensor goes alone)."""
+    shards: list[State] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    return shards
 
-    The directory appears complete or not at all: files go to a sibling temporary directory that is
-    renamed into place (an existing checkpoint there is replaced).
+
+def save_hf_checkpoint(
+    cfg: ModelConfig,
+    state: State,
+    out_dir: str | Path,
+    *,
+    eos_token_id: int | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write `config.json` and the weights, loadable by `AutoModelForCausalLM.from_pretrained`.
+
+    Weights over `max_shard_bytes` are split into `model-0000i-of-0000n.safetensors` files with a
+    `model.safetensors.index.json`, as Hugging Face does for large models. The directory appears complete
+    or not at all: files go to a sibling temporary directory that is renamed into place (an existing
+    checkpoint there is replaced).
     """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     out = Path(out_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf_state_dict(cfg, state).items()}
     config = hf_config(cfg, eos_token_id=eos_token_id)
@@ -451,7 +474,18 @@ def save_hf_checkpoint(
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        shards = _shard(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        else:
+            weight_map: dict[str, str] = {}
+            for i, shard in enumerate(shards, start=1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / file, metadata={"format": "pt"})
+                weight_map |= dict.fromkeys(shard, file)
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():
             old = tmp.with_name(tmp.name + "-old")
