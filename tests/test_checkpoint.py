@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_ranks
+from distributed import run_ranks, train_and_gather
 
 import threefold.checkpoint as checkpoint
 from threefold.config import build_config
-from threefold.layers import gather_full
 from threefold.mesh import build_mesh
-from threefold.train import build, train
+from threefold.train import build
 
 STEPS = 4
 
@@ -38,16 +37,7 @@ def _config(
     )  # fmt: skip
 
 
-def _train(rank: int, world: int, config) -> dict:
-    p = config.parallel
-    mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
-    result = train(config, mesh, torch.device("cpu"))
-    weights = {}
-    for chunk in result.trainer.chunks.values():
-        for name, param in chunk.named_parameters():
-            if not getattr(param, "tied_copy", False):
-                weights[name] = gather_full(param, mesh.tp_group)
-    return {"losses": result.losses, "weights": weights if mesh.tp_rank == 0 and mesh.dp_rank == 0 else {}}
+_train = train_and_gather
 
 
 def _run(config) -> dict:

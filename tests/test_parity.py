@@ -5,12 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_ranks
+from distributed import run_ranks, train_and_gather
 
 from threefold.config import build_config
-from threefold.layers import gather_full
-from threefold.mesh import build_mesh
-from threefold.train import train
 
 STEPS = 5
 
@@ -55,18 +52,7 @@ def _config(data_path: str, arch: str, tp: int, dp: int, sequence_parallel: bool
     )
 
 
-def _train(rank: int, world: int, config) -> dict | None:
-    p = config.parallel
-    mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
-    result = train(config, mesh, torch.device("cpu"))
-    weights = {
-        name: gather_full(param, mesh.tp_group)
-        for chunk in result.trainer.chunks.values()
-        for name, param in chunk.named_parameters()
-    }
-    if rank != 0:
-        return None
-    return {"losses": result.losses, "val": result.val_losses, "norms": result.grad_norms, "weights": weights}
+_train = train_and_gather
 
 
 _reference_cache: dict = {}

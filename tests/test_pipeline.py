@@ -5,13 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_ranks
+from distributed import run_ranks, train_and_gather
 
 from threefold.config import build_config
-from threefold.layers import gather_full
-from threefold.mesh import build_mesh
 from threefold.partition import chunk_layer_ranges
-from threefold.train import train
 
 STEPS = 3
 
@@ -44,18 +41,7 @@ def _config(data_path: str, arch: str, tp=1, pp=1, dp=1, v=1, schedule="1f1b", *
     )  # fmt: skip
 
 
-def _train(rank: int, world: int, config) -> dict:
-    p = config.parallel
-    mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
-    result = train(config, mesh, torch.device("cpu"))
-    weights = {}
-    for chunk in result.trainer.chunks.values():
-        for name, param in chunk.named_parameters():
-            if not getattr(param, "tied_copy", False):
-                weights[name] = gather_full(param, mesh.tp_group)
-    keep = mesh.tp_rank == 0 and mesh.dp_rank == 0
-    return {"losses": result.losses, "val": result.val_losses, "norms": result.grad_norms,
-            "weights": weights if keep else {}}  # fmt: skip
+_train = train_and_gather
 
 
 _references: dict = {}
