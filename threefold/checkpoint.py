@@ -59,6 +59,16 @@ def _owned(trainer: Any) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
     ]
 
 
+def _layout_of(config: Config) -> dict[str, int]:
+    p = config.parallel
+    return {
+        "tp_size": p.tp_size,
+        "pp_size": p.pp_size,
+        "dp_size": p.dp_size,
+        "num_model_chunks": p.num_model_chunks,
+    }
+
+
 def _saves(param: torch.Tensor, mesh: Any) -> bool:
     """Whether this rank writes the parameter: each tensor exactly once across the world."""
     if mesh.dp_rank != 0 or getattr(param, "tied_copy", False):
@@ -185,18 +195,12 @@ class Checkpointer:
             for _, rank_entries, _ in gathered:
                 for key, shards in rank_entries.items():
                     all_entries.setdefault(key, []).extend(shards)
-            p = config.parallel
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "step": job["step"],
                 "consumed_samples": job["consumed_samples"],
                 "optimizer_steps": job["optimizer_steps"],
-                "layout": {
-                    "tp_size": p.tp_size,
-                    "pp_size": p.pp_size,
-                    "dp_size": p.dp_size,
-                    "num_model_chunks": p.num_model_chunks,
-                },  # fmt: skip
+                "layout": _layout_of(config),
                 "model": _shape_of(config),
                 "config": config.to_dict(),
                 "files": {k: v for _, _, f in gathered for k, v in f.items()},
@@ -317,15 +321,8 @@ def load_checkpoint(trainer: Any, path: str | Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     present = [k for k in keys if k[0] + k[3] in manifest["tensors"]]
-    p = trainer.config.parallel
-    layout = {
-        "tp_size": p.tp_size,
-        "pp_size": p.pp_size,
-        "dp_size": p.dp_size,
-        "num_model_chunks": p.num_model_chunks,
-    }
     own_file = f"rank{trainer.mesh.rank:05d}.safetensors"
-    restore_rng = manifest["layout"] == layout and own_file in manifest["files"]
+    restore_rng = manifest["layout"] == _layout_of(trainer.config) and own_file in manifest["files"]
     reads = {e["file"] for n, _, _, s in present for e in manifest["tensors"][n + s]}
     _verify_files(path, manifest, reads | ({own_file} if restore_rng else set()))
 

@@ -237,20 +237,10 @@ def vocab_parallel_cross_entropy(
 @torch.no_grad()
 def gather_full(param: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     """The full, unpadded tensor of a (possibly sharded) parameter, on every TP rank."""
+    if not is_sharded(param):
+        return param.detach().clone()
+    dim, size = param.tp_dim, param.tp_full_size  # type: ignore[attr-defined]
     world = dist.get_world_size(tp_group)
-    if not is_sharded(param) or world == 1:
-        return (
-            param.detach().clone()
-            if not is_sharded(param)
-            else param.detach()
-            .narrow(
-                param.tp_dim,  # type: ignore[attr-defined]
-                0,
-                param.tp_full_size,  # type: ignore[attr-defined]
-            )
-            .clone()
-        )
     parts = [torch.empty_like(param) for _ in range(world)]
     dist.all_gather(parts, param.detach().contiguous(), group=tp_group)
-    full = torch.cat(parts, dim=param.tp_dim)  # type: ignore[attr-defined]
-    return full.narrow(param.tp_dim, 0, param.tp_full_size)  # type: ignore[attr-defined]
+    return torch.cat(parts, dim=dim).narrow(dim, 0, size)

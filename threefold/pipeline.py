@@ -184,19 +184,18 @@ class PipelineExecutor:
                 source = state.outputs[key] if a.kind is Kind.SEND_F else state.input_grads.pop(key)
                 ops.append(dist.P2POp(dist.isend, self._outgoing(source), peer))
                 if a.kind is Kind.SEND_F:
-                    sent.append(source)
+                    sent.append(key)
             else:
                 buffer = torch.empty(self._wire_numel(), dtype=self.dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buffer, peer))
                 received.append((a, buffer))
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-        for source in sent:
-            if source.requires_grad:
-                _free(source)  # sent: only its graph is needed until the backward
+        for key in sent:
+            if state.outputs[key].requires_grad:
+                _free(state.outputs[key])  # sent: only its graph is needed until the backward
             else:
-                # Forward-only: nothing refers to the output any more.
-                state.outputs = {k: v for k, v in state.outputs.items() if v is not source}
+                del state.outputs[key]  # forward-only: nothing refers to the output any more
         for a, buffer in received:
             key = (a.chunk, a.microbatch)
             tensor = self._incoming(buffer)
