@@ -26,7 +26,7 @@ def main() -> None:
             print(f"| {run.name} | failed: {e} | | |")
             continue
         dt = max(abs(a - b) / abs(b) for a, b in zip(train, ref_train, strict=True))
-        dv = max(abs(a - b) / abs(b) for a, b in zip(val, ref_val, strict=True))
+        dv = max((abs(a - b) / abs(b) for a, b in zip(val, ref_val, strict=True)), default=float("nan"))
         print(f"| {run.name} | {len(train)} | {dt:.2e} | {dv:.2e} |")
 
 

@@ -17,7 +17,18 @@ STEPS = 4
 
 
 def _config(
-    data: Path, run: Path, tp=1, pp=1, dp=1, v=1, *, load="", hidden=32, asynchronous=False, **training
+    data: Path,
+    run: Path,
+    tp=1,
+    pp=1,
+    dp=1,
+    v=1,
+    zero=False,
+    *,
+    load="",
+    hidden=32,
+    asynchronous=False,
+    **training,
 ):
     schedule = "interleaved" if v > 1 else "1f1b"
     return build_config(
@@ -25,11 +36,11 @@ def _config(
             "model": dict(arch="llama", vocab_size=50257, hidden_size=hidden, num_layers=8, num_heads=4,
                           num_kv_heads=2, ffn_hidden_size=64, max_seq_len=32),
             "parallel": dict(tp_size=tp, pp_size=pp, dp_size=dp, num_model_chunks=v,
-                             pipeline_schedule=schedule),
+                             pipeline_schedule=schedule, zero=zero),
             "data": dict(path=str(data), seq_len=16),
             "optimizer": dict(lr=2e-3, min_lr=2e-4, warmup_steps=1, grad_clip=0.5, eps=1e-6),
             "training": dict(max_steps=STEPS, global_batch_size=8, micro_batch_size=2, eval_interval=0,
-                             eval_batches=2, seed=5) | training,
+                             eval_batches=4, seed=5) | training,
             "logging": dict(progress=False, tensorboard=False, plot=False, out_dir=str(run / "logs")),
             "checkpoint": dict(dir=str(run / "ckpt"), interval=2, keep_last=3, load=load,
                                asynchronous=asynchronous),
@@ -48,8 +59,12 @@ def _run(config) -> dict:
     return {"losses": results[0]["losses"], "weights": merged}
 
 
-@pytest.mark.parametrize("layout", [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (2, 2, 1, 2)],
-                         ids=lambda t: "t{}p{}d{}v{}".format(*t))  # fmt: skip
+def _layout_id(t: tuple) -> str:
+    return "t{}p{}d{}v{}".format(*t) + ("-zero" if len(t) > 4 and t[4] else "")
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (2, 2, 1, 2),
+                                    (1, 1, 2, 1, True), (2, 1, 2, 1, True)], ids=_layout_id)  # fmt: skip
 def test_resume_is_bit_exact(sonnets_dataset, tmp_path, layout):
     whole = _run(_config(sonnets_dataset, tmp_path / "a", *layout))
     assert (tmp_path / "a" / "ckpt" / "latest").read_text().strip() == "step_4"
@@ -68,10 +83,13 @@ PAIRS = [
     ((1, 2, 1, 1), (1, 2, 1, 2)),
     ((1, 1, 1, 1), (2, 2, 1, 1)),
     ((2, 2, 1, 2), (1, 1, 2, 1)),
+    ((1, 1, 2, 1, True), (1, 1, 1, 1)),  # ZeRO shards joined
+    ((1, 1, 4, 1, True), (2, 1, 2, 1, True)),  # ZeRO shards re-split
+    ((1, 2, 1, 1), (1, 2, 2, 1, True)),  # into ZeRO
 ]
 
 
-@pytest.mark.parametrize("before,after", PAIRS, ids=lambda t: "t{}p{}d{}v{}".format(*t))
+@pytest.mark.parametrize("before,after", PAIRS, ids=_layout_id)
 def test_checkpoint_loads_under_another_layout(sonnets_dataset, tmp_path, before, after):
     whole = _run(_config(sonnets_dataset, tmp_path / "a", *before))
     step_2 = str(tmp_path / "a" / "ckpt" / "step_2")
@@ -175,7 +193,7 @@ def _set_version(path: Path) -> None:
             lambda d: _flip_byte(d / "rank00000.safetensors"),
             r"rank00000.safetensors' does not match its checksum",
         ),
-        (_set_version, r"has format version 99; this threefold reads 1"),
+        (_set_version, r"has format version 99; this threefold reads \(1, 2\)"),
         (lambda d: (d / "manifest.json").unlink(), r"is not a checkpoint: no manifest.json"),
     ],
     ids=["missing-shard", "truncated", "checksum", "version", "no-manifest"],

@@ -6,13 +6,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from distributed import run_ranks
 
+from threefold import loss as loss_module
 from threefold.comm import copy_to_tp, gather_from_sequence
 from threefold.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     shard_of,
-    vocab_parallel_cross_entropy,
 )
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -103,45 +103,60 @@ def test_vocab_parallel_embedding(tp, sequence_parallel):
     run_ranks(tp, _embedding, 37, sequence_parallel)  # 37 is prime: padded on every tp > 1
 
 
-def _cross_entropy(rank: int, world: int, vocab: int) -> None:
+def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int) -> None:
     torch.manual_seed(2)
-    n = 24
+    n, h = 24, 8
     padded = -(-vocab // world) * world
-    full_logits = torch.randn(n, vocab) * 3
+    x = torch.randn(n, h) * 2
+    full_weight = torch.randn(vocab, h)
     targets = torch.randint(0, vocab, (n,))
     targets[:3] = vocab - 1
-    grad_out = torch.rand(n)
 
-    ref_logits = full_logits.clone().requires_grad_()
-    ref = F.cross_entropy(ref_logits, targets, reduction="none")
-    ref.backward(grad_out)
+    ref_x, ref_w = x.clone().requires_grad_(), full_weight.clone().requires_grad_()
+    ref = F.cross_entropy(ref_x @ ref_w.t(), targets)
+    (ref * 3).backward()
 
-    padded_logits = torch.cat([full_logits, torch.full((n, padded - vocab), 50.0)], dim=1)  # large junk
-    local = padded_logits.chunk(world, dim=1)[rank].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(local, targets, tp_group=dist.group.WORLD, vocab_size=vocab)
+    # Junk in the padding rows: they must neither change the loss nor get a gradient.
+    padded_weight = torch.cat([full_weight, torch.full((padded - vocab, h), 5.0)])
+    local_w = padded_weight.chunk(world)[rank].clone().requires_grad_()
+    local_x = x.clone().requires_grad_()
+    loss_module.CHUNK_ELEMENTS = chunk_rows * local_w.shape[0]  # forked rank: no effect on other tests
+    loss = loss_module.linear_cross_entropy(
+        copy_to_tp(local_x, dist.group.WORLD), local_w, targets, tp_group=dist.group.WORLD, vocab_size=vocab
+    )
     torch.testing.assert_close(loss, ref, **TOL)
-    loss.backward(grad_out)
-    full_grad = _gather(local.grad, 1)
-    torch.testing.assert_close(full_grad[:, :vocab], ref_logits.grad, **TOL)
-    assert torch.all(full_grad[:, vocab:] == 0), "padding columns must never be predicted"
+    (loss * 3).backward()
+    torch.testing.assert_close(local_x.grad, ref_x.grad, **TOL)
+    full_grad = _gather(local_w.grad, 0)
+    torch.testing.assert_close(full_grad[:vocab], ref_w.grad, **TOL)
+    assert torch.all(full_grad[vocab:] == 0), "padding rows must never be predicted"
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        again = loss_module.linear_cross_entropy(
+            local_x, local_w, targets, tp_group=dist.group.WORLD, vocab_size=vocab
+        )
+    torch.testing.assert_close(again, ref.detach(), **TOL)
 
 
-@pytest.mark.parametrize("tp,vocab", [(2, 40), (2, 37), (4, 37), (4, 64)])
-def test_vocab_parallel_cross_entropy(tp, vocab):
-    run_ranks(tp, _cross_entropy, vocab)
+@pytest.mark.parametrize(
+    "tp,vocab,chunk_rows", [(1, 37, 24), (1, 37, 5), (2, 40, 7), (2, 37, 24), (4, 37, 5), (4, 64, 1)]
+)
+def test_linear_cross_entropy(tp, vocab, chunk_rows):
+    """Chunked output layer + vocab-parallel loss against F.cross_entropy on the full logits."""
+    run_ranks(tp, _linear_cross_entropy, vocab, chunk_rows)
 
 
-def test_cross_entropy_single_rank_bf16():
+def test_linear_cross_entropy_bf16():
     run_ranks(1, _ce_bf16)
 
 
 def _ce_bf16(rank: int, world: int) -> None:
     torch.manual_seed(3)
-    logits = torch.randn(10, 33).bfloat16().requires_grad_()
+    x = torch.randn(10, 16).bfloat16().requires_grad_()
+    w = torch.randn(33, 16).bfloat16().requires_grad_()
     targets = torch.randint(0, 33, (10,))
-    loss = vocab_parallel_cross_entropy(logits, targets, tp_group=dist.group.WORLD, vocab_size=33)
+    loss = loss_module.linear_cross_entropy(x, w, targets, tp_group=dist.group.WORLD, vocab_size=33)
     assert loss.dtype == torch.float32
-    ref = F.cross_entropy(logits.float(), targets, reduction="none")
+    ref = F.cross_entropy((x @ w.t()).float(), targets)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    loss.sum().backward()
-    assert logits.grad.dtype == torch.bfloat16
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16

@@ -17,7 +17,7 @@ def dataset(sonnets_dataset) -> str:
     return str(sonnets_dataset)
 
 
-def _config(data_path: str, arch: str, tp: int, dp: int, sequence_parallel: bool):
+def _config(data_path: str, arch: str, tp: int, dp: int, sequence_parallel: bool, zero: bool = False):
     return build_config(
         {
             "model": dict(
@@ -31,7 +31,7 @@ def _config(data_path: str, arch: str, tp: int, dp: int, sequence_parallel: bool
                 max_seq_len=32,
                 tie_embeddings=arch == "gpt2",
             ),
-            "parallel": dict(tp_size=tp, dp_size=dp, sequence_parallel=sequence_parallel),
+            "parallel": dict(tp_size=tp, dp_size=dp, sequence_parallel=sequence_parallel, zero=zero),
             "data": dict(path=data_path, seq_len=16),
             # eps 1e-6: Adam would turn a 1e-9 rounding difference in a near-zero gradient into a full
             # lr-sized step; the layouts' gradients agree to ~1e-7, which is what these tests are about.
@@ -41,7 +41,7 @@ def _config(data_path: str, arch: str, tp: int, dp: int, sequence_parallel: bool
                 global_batch_size=8,
                 micro_batch_size=2,
                 eval_interval=0,
-                eval_batches=2,
+                eval_batches=4,
                 dtype="float32",
                 seed=7,
             ),
@@ -65,22 +65,29 @@ def _reference(dataset: str, arch: str) -> dict:
 
 
 LAYOUTS = [
-    (1, 1, False),
-    (2, 1, False),
-    (1, 2, False),
-    (2, 2, False),
-    (4, 1, False),
-    (2, 1, True),
-    (2, 2, True),
-    (4, 1, True),
+    (1, 1, False, False),
+    (2, 1, False, False),
+    (1, 2, False, False),
+    (2, 2, False, False),
+    (4, 1, False, False),
+    (2, 1, True, False),
+    (2, 2, True, False),
+    (4, 1, True, False),
+    (1, 2, False, True),
+    (1, 4, False, True),
+    (2, 2, True, True),
 ]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("tp,dp,sp", LAYOUTS, ids=[f"tp{t}-dp{d}{'-sp' if s else ''}" for t, d, s in LAYOUTS])
-def test_layout_matches_single_process(dataset, arch, tp, dp, sp):
+@pytest.mark.parametrize(
+    "tp,dp,sp,zero",
+    LAYOUTS,
+    ids=[f"tp{t}-dp{d}{'-sp' if s else ''}{'-zero' if z else ''}" for t, d, s, z in LAYOUTS],
+)
+def test_layout_matches_single_process(dataset, arch, tp, dp, sp, zero):
     ref = _reference(dataset, arch)
-    got = run_ranks(tp * dp, _train, _config(dataset, arch, tp, dp, sp))[0]
+    got = run_ranks(tp * dp, _train, _config(dataset, arch, tp, dp, sp, zero))[0]
     assert len(got["losses"]) == STEPS
     assert ref["losses"][-1] < ref["losses"][0], "training must make progress for the comparison to mean much"
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)

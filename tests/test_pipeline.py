@@ -20,7 +20,7 @@ def dataset(sonnets_dataset) -> str:
 
 def _config(data_path: str, arch: str, tp=1, pp=1, dp=1, v=1, schedule="1f1b", **extra):
     parallel = dict(tp_size=tp, pp_size=pp, dp_size=dp, num_model_chunks=v, pipeline_schedule=schedule)
-    parallel |= {k: extra.pop(k) for k in ("sequence_parallel", "scatter_gather") if k in extra}
+    parallel |= {k: extra.pop(k) for k in ("sequence_parallel", "scatter_gather", "zero") if k in extra}
     return build_config(
         {
             "model": dict(
@@ -97,18 +97,33 @@ def test_pipeline_matches_single_process(dataset, layout, schedule):
         ((2, 2, 1, 2), "interleaved", dict(recompute="selective", sequence_parallel=True)),
         ((2, 2, 2, 2), "interleaved", dict(sequence_parallel=True)),
         ((2, 2, 1, 1), "1f1b", dict(scatter_gather=False)),
+        ((1, 2, 2, 2), "interleaved", dict(zero=True)),
+        ((2, 2, 2, 1), "1f1b", dict(zero=True, sequence_parallel=True)),
     ],
-    ids=["selective", "full", "full-tp2-v2", "selective-sp", "sp-2x2x2x2", "no-scatter-gather"],
+    ids=[
+        "selective",
+        "full",
+        "full-tp2-v2",
+        "selective-sp",
+        "sp-2x2x2x2",
+        "no-scatter-gather",
+        "zero-p2d2v2",
+        "zero-sp-2x2x2",
+    ],
 )
 def test_pipeline_options_match_single_process(dataset, layout, schedule, extra):
     tp, pp, dp, v = layout
     _check(dataset, "llama", _config(dataset, "llama", tp, pp, dp, v, schedule, **extra))
 
 
-@pytest.mark.parametrize("layout,schedule", [((1, 2, 1, 1), "1f1b"), ((2, 2, 1, 2), "interleaved")])
-def test_tied_embeddings_across_stages(dataset, layout, schedule):
+@pytest.mark.parametrize(
+    "layout,schedule,zero",
+    [((1, 2, 1, 1), "1f1b", False), ((2, 2, 1, 2), "interleaved", False), ((1, 2, 2, 1), "1f1b", True)],
+)
+def test_tied_embeddings_across_stages(dataset, layout, schedule, zero):
+    """With ZeRO the tied weight's gradient is summed over stages and reduce-scattered over dp."""
     tp, pp, dp, v = layout
-    _check(dataset, "gpt2", _config(dataset, "gpt2", tp, pp, dp, v, schedule))
+    _check(dataset, "gpt2", _config(dataset, "gpt2", tp, pp, dp, v, schedule, zero=zero))
 
 
 def _recompute_single(rank: int, world: int, config) -> list[float]:

@@ -84,9 +84,9 @@ def _bf16_optimizer(rank: int, world: int) -> dict:
     mesh = build_mesh(1, 1, 1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).to(torch.bfloat16)
-    GradSync(list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=1)
+    sync = GradSync(list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=1)
     opt = Optimizer(
-        model,
+        sync.owned_ranges(),
         OptimizerConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, grad_clip=1e-3),
         mesh=mesh,
         max_steps=10,
@@ -97,14 +97,14 @@ def _bf16_optimizer(rank: int, world: int) -> dict:
     decays = {id(p): g["weight_decay"] for g in opt.adam.param_groups for p in g["params"]}
     return {
         "master_dtypes": [m.dtype for m in opt.masters],
-        "param_dtypes": [p.dtype for p in model.parameters()],
+        "param_dtypes": [p.dtype for p in opt.params],
         "synced": all(
-            torch.equal(p.detach(), m.detach().to(p.dtype))
-            for p, m in zip(model.parameters(), opt.masters, strict=True)
+            torch.equal(p.detach().view(-1), m.detach().to(p.dtype))
+            for p, m in zip(opt.params, opt.masters, strict=True)
         ),
         "moved": [not torch.equal(b, m.detach()) for b, m in zip(before, opt.masters, strict=True)],
         "decay": [decays[id(m)] for m in opt.masters],
-        "ndims": [m.ndim for m in opt.masters],
+        "ndims": [p.ndim for p in opt.params],
         "norm": float(norm),
         "lr": lr,
     }

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -36,7 +37,8 @@ from safetensors.torch import save_file
 from threefold.config import Config
 from threefold.layers import is_sharded, shard_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added ZeRO shards: entries with a `flat` range
 MOMENTS = ("exp_avg", "exp_avg_sq")
 RNG_CPU, RNG_CUDA = "rng::cpu", "rng::cuda"
 
@@ -49,14 +51,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _owned(trainer: Any) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
-    """(name, model parameter, fp32 master) for every parameter this rank holds."""
-    masters = {id(p): m for p, m in zip(trainer.optimizer.params, trainer.optimizer.masters, strict=True)}
-    return [
-        (name, param, masters[id(param)])
-        for chunk in trainer.chunks.values()
-        for name, param in chunk.named_parameters()
-    ]
+def _named_params(trainer: Any) -> dict[int, tuple[str, torch.nn.Parameter]]:
+    return {id(p): (name, p) for chunk in trainer.chunks.values() for name, p in chunk.named_parameters()}
+
+
+def _owned(trainer: Any) -> list[tuple[str, torch.nn.Parameter, int, int, int]]:
+    """(name, parameter, optimizer range index, start, end) for every range this rank's optimizer updates."""
+    names = _named_params(trainer)
+    return [(names[id(p)][0], p, i, a, b) for i, (p, a, b) in enumerate(trainer.optimizer.ranges)]
 
 
 def _layout_of(config: Config) -> dict[str, int]:
@@ -69,9 +71,12 @@ def _layout_of(config: Config) -> dict[str, int]:
     }
 
 
-def _saves(param: torch.Tensor, mesh: Any) -> bool:
-    """Whether this rank writes the parameter: each tensor exactly once across the world."""
-    if mesh.dp_rank != 0 or getattr(param, "tied_copy", False):
+def _saves(param: torch.Tensor, mesh: Any, zero: bool) -> bool:
+    """Whether this rank writes its range of the parameter: each element exactly once across the world.
+
+    Without ZeRO data-parallel rank 0 holds everything; with ZeRO each data-parallel rank its own part.
+    """
+    if (mesh.dp_rank != 0 and not zero) or getattr(param, "tied_copy", False):
         return False
     return is_sharded(param) or mesh.tp_rank == 0
 
@@ -90,29 +95,35 @@ def _snapshot(
     mesh = trainer.mesh
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, list[dict[str, Any]]] = {}
-    state = trainer.optimizer.adam.state
-    for name, param, master in _owned(trainer):
-        if not _saves(param, mesh):
+    optimizer = trainer.optimizer
+    for name, param, index, start, end in _owned(trainer):
+        if not _saves(param, mesh, optimizer.zero):
             continue
-        adam_state = state.get(master, {})
+        whole = start == 0 and end == param.numel()
+        adam_state = optimizer.state_of(index)
+        master = optimizer.masters[index]
         for suffix, tensor in [("", master), *((f"::{k}", adam_state.get(k)) for k in MOMENTS)]:
             if tensor is None:
                 continue  # no optimizer step yet
             key = name + suffix
             # A copy even on the CPU: an asynchronous write must not see the next steps' updates.
-            tensors[key] = tensor.detach().to("cpu", torch.float32, copy=True)
-            entries[key] = [{
+            host = tensor.detach().to("cpu", torch.float32, copy=True)
+            tensors[key] = host.view(param.shape) if whole else host
+            entry = {
                 "file": file_name,
-                "shape": list(tensor.shape),
+                "shape": list(tensors[key].shape),
                 "tp_dim": getattr(param, "tp_dim", None),
                 "tp_full_size": getattr(param, "tp_full_size", None),
                 "tp_rank": mesh.tp_rank,
                 "tp_size": mesh.tp_size,
-            }]  # fmt: skip
+            }
+            if not whole:  # a ZeRO shard: this flat range of the TP-local tensor
+                entry.update(flat=[start, end], local_shape=list(param.shape))
+            entries[key] = [entry]
     # This rank's random-number state (restored when the layout is unchanged; nothing in training draws
     # random numbers today, but data augmentation or dropout would).
     tensors[RNG_CPU] = torch.get_rng_state()
-    if torch.cuda.is_available() and any(t.is_cuda for t in trainer.optimizer.params):
+    if torch.cuda.is_available() and any(t.is_cuda for t in optimizer.params):
         tensors[RNG_CUDA] = torch.cuda.get_rng_state()
     return tensors, entries
 
@@ -266,9 +277,9 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(manifest_path)!r} is not valid JSON: {e}") from None
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{str(manifest_path)!r} has format version {version!r}; this threefold reads {FORMAT_VERSION}"
+            f"{str(manifest_path)!r} has format version {version!r}; this threefold reads {READABLE_VERSIONS}"
         )
     for name in manifest["files"]:
         file = path / name
@@ -283,16 +294,37 @@ def _read(path: Path, file: str, key: str, handles: dict[str, Any]) -> torch.Ten
     return handles[file].get_tensor(key)
 
 
+def _tp_local(path: Path, key: str, entries: list[dict[str, Any]], handles: dict[str, Any]) -> torch.Tensor:
+    """One TP rank's tensor: a single entry, or ZeRO flat pieces from every data-parallel rank joined."""
+    if "flat" not in entries[0]:
+        return _read(path, entries[0]["file"], key, handles)
+    pieces = sorted(entries, key=lambda e: e["flat"][0])
+    shape = pieces[0]["local_shape"]
+    covered = 0
+    for e in pieces:
+        if e["flat"][0] != covered:
+            raise ValueError(f"checkpoint {str(path)!r}: {key!r} lacks elements {covered}..{e['flat'][0]}")
+        covered = e["flat"][1]
+    if covered != math.prod(shape):
+        total = math.prod(shape)
+        raise ValueError(f"checkpoint {str(path)!r}: {key!r} ends at {covered} of {total} elements")
+    return torch.cat([_read(path, e["file"], key, handles).reshape(-1) for e in pieces]).view(shape)
+
+
 def _full_tensor(path: Path, manifest: dict[str, Any], key: str, handles: dict[str, Any]) -> torch.Tensor:
     """The full (unpadded) tensor `key`, rebuilt from the shards of whatever layout saved it."""
-    shards = sorted(manifest["tensors"][key], key=lambda e: e["tp_rank"])
-    first = shards[0]
+    by_rank: dict[int, list[dict[str, Any]]] = {}
+    for e in manifest["tensors"][key]:
+        by_rank.setdefault(e["tp_rank"], []).append(e)
+    first = by_rank[min(by_rank)][0]
     if first["tp_dim"] is None:
-        return _read(path, first["file"], key, handles)
-    if [e["tp_rank"] for e in shards] != list(range(first["tp_size"])):
-        have = [e["tp_rank"] for e in shards]
-        raise ValueError(f"checkpoint {str(path)!r}: {key!r} has TP shards {have} of {first['tp_size']}")
-    full = torch.cat([_read(path, e["file"], key, handles) for e in shards], dim=first["tp_dim"])
+        return _tp_local(path, key, by_rank[min(by_rank)], handles)
+    if sorted(by_rank) != list(range(first["tp_size"])):
+        raise ValueError(
+            f"checkpoint {str(path)!r}: {key!r} has TP shards {sorted(by_rank)} of {first['tp_size']}"
+        )
+    parts = [_tp_local(path, key, by_rank[r], handles) for r in range(first["tp_size"])]
+    full = torch.cat(parts, dim=first["tp_dim"])
     return full.narrow(first["tp_dim"], 0, first["tp_full_size"])
 
 
@@ -305,53 +337,55 @@ def load_checkpoint(trainer: Any, path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     manifest = read_manifest(path, trainer.config)
+    named = list(_named_params(trainer).values())
     owned = _owned(trainer)
-    keys = [
-        (name, param, master, suffix)
-        for name, param, master in owned
-        for suffix in ("", *(f"::{k}" for k in MOMENTS))
-    ]
-    missing = [
-        name + suffix
-        for name, _, _, suffix in keys
-        if suffix == "" and name + suffix not in manifest["tensors"]
-    ]
+    missing = [name for name, _ in named if name not in manifest["tensors"]]
     if missing:
         raise ValueError(
             f"checkpoint {str(path)!r} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
-    present = [k for k in keys if k[0] + k[3] in manifest["tensors"]]
+    moments = [
+        (name + f"::{k}", index, start, end, param)
+        for name, param, index, start, end in owned
+        for k in MOMENTS
+        if name + f"::{k}" in manifest["tensors"]
+    ]
     own_file = f"rank{trainer.mesh.rank:05d}.safetensors"
     restore_rng = manifest["layout"] == _layout_of(trainer.config) and own_file in manifest["files"]
-    reads = {e["file"] for n, _, _, s in present for e in manifest["tensors"][n + s]}
+    keys = [name for name, _ in named] + [key for key, *_ in moments]
+    reads = {e["file"] for key in keys for e in manifest["tensors"][key]}
     _verify_files(path, manifest, reads | ({own_file} if restore_rng else set()))
 
     mesh = trainer.mesh
     handles: dict[str, Any] = {}
-    adam = trainer.optimizer.adam
-    index = {id(p): i for i, p in enumerate(p for g in adam.param_groups for p in g["params"])}
-    adam_state: dict[int, dict[str, Any]] = {}
-    # Read and check everything first, then write: a bad checkpoint leaves the model untouched.
-    loaded = []
-    for name, param, master, suffix in present:
-        full = _full_tensor(path, manifest, name + suffix, handles)
+
+    def local_of(key: str, param: torch.Tensor) -> torch.Tensor:
+        full = _full_tensor(path, manifest, key, handles)
         local = shard_of(full, param, mesh.tp_rank, mesh.tp_size)
         if tuple(local.shape) != tuple(param.shape):
             raise ValueError(
-                f"checkpoint {str(path)!r}: {name + suffix} has shape {tuple(full.shape)}, "
+                f"checkpoint {str(path)!r}: {key} has shape {tuple(full.shape)}, "
                 f"which does not shard to this model's {tuple(param.shape)}"
             )
-        loaded.append((param, master, suffix, local))
-    for param, master, suffix, local in loaded:
-        if suffix == "":
-            master.copy_(local)
-            if param is not master:
-                param.copy_(master)
-        else:
-            state = adam_state.setdefault(
-                index[id(master)], {"step": torch.tensor(manifest["optimizer_steps"])}
-            )
-            state[suffix[2:]] = local.to(master.device)
+        return local
+
+    # Read and check everything first, then write: a bad checkpoint leaves the model untouched.
+    weights = [(param, local_of(name, param)) for name, param in named]
+    loaded_moments = [(key, index, local_of(key, p).reshape(-1)[a:b]) for key, index, a, b, p in moments]
+    optimizer = trainer.optimizer
+    local_weights = {id(p): w for p, w in weights}
+    for param, local in weights:
+        param.copy_(local)
+    for (param, start, end), master in zip(optimizer.ranges, optimizer.masters, strict=True):
+        master.copy_(local_weights[id(param)].reshape(-1)[start:end])
+    adam = optimizer.adam
+    index_in_adam = {id(p): i for i, p in enumerate(p for g in adam.param_groups for p in g["params"])}
+    adam_state: dict[int, dict[str, Any]] = {}
+    for key, index, piece in loaded_moments:
+        state = adam_state.setdefault(
+            index_in_adam[id(optimizer.masters[index])], {"step": torch.tensor(manifest["optimizer_steps"])}
+        )
+        state[key.split("::")[1]] = piece.to(optimizer.masters[index].device)
     if restore_rng:
         with safe_open(str(path / own_file), framework="pt") as f:
             if RNG_CPU in f.keys():

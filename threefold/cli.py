@@ -15,6 +15,7 @@ USAGE = """\
 usage: threefold train [CONFIG.toml] [--section.key=value ...] [--nproc N]
        threefold data prepare INPUT... --out DIR [--tokenizer tokenizer.json] [--val-fraction F]
        threefold data prepare --shakespeare --out DIR
+       threefold bench [CONFIG.toml] [--section.key=value ...] [--nproc N] [--steps N] [--warmup N]
        threefold config [CONFIG.toml] [--section.key=value ...]   (print the resolved config)
        threefold config --reference                              (every key with its meaning)
        threefold schedule --pp 4 --v 2 -m 8 [--schedule gpipe|1f1b|interleaved]
@@ -72,14 +73,14 @@ def _load(path: str | None, overrides: list[str], *, check_paths: bool = True):
     return build_config(raw, overrides, check_paths=check_paths)
 
 
-def cmd_train(argv: list[str]) -> int:
+def _run_workers(config, worker_argv: list[str], nproc: int | None, body) -> int:
+    """Outside torchrun: launch the workers running `threefold <worker_argv>`. Inside: run body(config,
+    mesh, device) on this rank, with the process group up."""
     import torch
 
     from threefold.config import check_world_size
     from threefold.launch import init_distributed, launch_local, pick_device, world_from_env
 
-    path, overrides, nproc = _split_train_args(argv)
-    config = _load(path, overrides)
     world = world_from_env()
     if world is None:
         nproc = nproc or config.world_size
@@ -88,14 +89,12 @@ def cmd_train(argv: list[str]) -> int:
         use_cuda = config.training.device == "cuda" or (
             config.training.device == "auto" and torch.cuda.is_available()
         )
-        worker_argv = ["train", *([path] if path else []), *overrides]
         return launch_local(nproc, worker_argv, use_cuda=use_cuda)
 
     check_world_size(config, world.world_size)
     import torch.distributed as dist
 
     from threefold.mesh import build_mesh
-    from threefold.train import train
 
     device = pick_device(config, world.local_rank)
     init_distributed(world, device)
@@ -104,7 +103,19 @@ def cmd_train(argv: list[str]) -> int:
             _prepare_data_if_asked(config)  # torchrun multi-node: once per node
         dist.barrier()
         p = config.parallel
-        mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
+        body(config, build_mesh(p.tp_size, p.dp_size, p.pp_size), device)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    path, overrides, nproc = _split_train_args(argv)
+    config = _load(path, overrides)
+
+    def body(config, mesh, device) -> None:
+        from threefold.train import train
+
         result = train(config, mesh, device)
         if mesh.rank == 0:
             val = result.val_losses
@@ -115,9 +126,68 @@ def cmd_train(argv: list[str]) -> int:
                 if last != first:
                     summary += f" -> {val[last]:.4f} (step {last})"
             print(f"{summary}; metrics and loss.png in {config.logging.out_dir}", flush=True)
-    finally:
-        dist.destroy_process_group()
-    return 0
+
+    return _run_workers(config, ["train", *([path] if path else []), *overrides], nproc, body)
+
+
+BENCH_USAGE = """\
+usage: threefold bench [CONFIG.toml] [--section.key=value ...] [--nproc N]
+                       [--steps N] [--warmup N] [--tokens synthetic|real] [--json-out FILE]
+
+Times the training step of a config (default: no file, so give at least --model.preset) and prints one
+JSON line plus a table: tokens/s/GPU, TFLOP/s, MFU, step-time median and spread, peak memory per rank.
+Defaults: 20 timed steps after 5 warm-up steps, synthetic tokens (no dataset needed).
+"""
+
+
+def cmd_bench(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(BENCH_USAGE)
+        return 0
+    own = {"--steps": "20", "--warmup": "5", "--tokens": "synthetic", "--json-out": ""}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        key, _, value = argv[i].partition("=")
+        if key in own:
+            if not value:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{key} needs a value")
+                value = argv[i + 1]
+                i += 1
+            own[key] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    steps = _positive_int("--steps", own["--steps"])
+    warmup = int(own["--warmup"]) if own["--warmup"].isdigit() else _positive_int("--warmup", own["--warmup"])
+    if own["--tokens"] not in ("synthetic", "real"):
+        raise ValueError(f"--tokens must be 'synthetic' or 'real', got {own['--tokens']!r}")
+    path, overrides, nproc = _split_train_args(rest)
+    from threefold.config import build_config, load_config
+
+    check_paths = own["--tokens"] == "real"
+    if path is not None:
+        config = load_config(path, overrides, check_paths=check_paths)
+    else:
+        config = build_config({}, overrides, check_paths=check_paths)
+
+    def body(config, mesh, device) -> None:
+        from threefold.bench import format_record, run_bench, to_json
+
+        record = run_bench(config, mesh, device, steps=steps, warmup=warmup, tokens=own["--tokens"])
+        if record is None:
+            return
+        line = to_json(record)
+        print(line, flush=True)
+        print(format_record(record), flush=True)
+        if own["--json-out"]:
+            with open(own["--json-out"], "a") as f:
+                f.write(line + "\n")
+
+    worker_argv = ["bench", *([path] if path else []), *overrides]
+    worker_argv += [f"{k}={v}" for k, v in own.items()]
+    return _run_workers(config, worker_argv, nproc, body)
 
 
 def _prepare_data_if_asked(config) -> None:
@@ -242,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             from threefold.prepare import prepare_main
 
             return prepare_main(rest[1:])
+        if command == "bench":
+            return cmd_bench(rest)
         if command == "config":
             return cmd_config(rest)
         if command == "schedule":

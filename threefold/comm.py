@@ -15,6 +15,10 @@ from torch.distributed import ProcessGroup
 
 SEQ_DIM = 1
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only the old ones.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     if dist.get_world_size(group) > 1:
@@ -30,7 +34,7 @@ def _all_gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return x
     local = x.transpose(0, SEQ_DIM).contiguous()  # (s/t, b, h): gather along a leading dim is one copy
     out = torch.empty((world * local.shape[0], *local.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, local, group=group)
+    all_gather_flat(out, local, group=group)
     return out.transpose(0, SEQ_DIM)
 
 
@@ -43,7 +47,7 @@ def _reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         raise ValueError(f"sequence length ({x.shape[SEQ_DIM]}) must be divisible by tp_size ({world})")
     full = x.transpose(0, SEQ_DIM).contiguous()
     out = torch.empty((full.shape[0] // world, *full.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, full, group=group)
+    reduce_scatter_flat(out, full, group=group)
     return out.transpose(0, SEQ_DIM)
 
 

@@ -21,6 +21,7 @@ from threefold.schedules import check_schedule_args
 DTYPES = ("float32", "bfloat16")
 ARCHS = ("llama", "gpt2")
 RECOMPUTE = ("none", "selective", "full")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 @dataclass(kw_only=True)
@@ -98,6 +99,10 @@ class ParallelConfig:
     """Split norm/dropout regions along the sequence across the TP group (needs tp_size > 1)."""
     dp_bucket_mb: float = 25.0
     """Size of the gradient buckets all-reduced across data-parallel ranks during backward, in MiB."""
+    zero: bool = False
+    """ZeRO-1: shard the fp32 master weights and Adam moments over the data-parallel ranks (gradients are
+    reduce-scattered, each rank updates its 1/dp, parameters are all-gathered): 12/dp instead of 12 bytes
+    of optimizer state per parameter, same communication volume."""
 
 
 @dataclass(kw_only=True)
@@ -156,6 +161,8 @@ class TrainingConfig:
     """Activation recomputation: 'none', 'selective' (the attention core) or 'full' (each layer)."""
     compile: bool = False
     """Wrap each transformer layer in torch.compile (GPU)."""
+    attention_backend: str = "auto"
+    """Kernel for attention on CUDA: 'auto' (torch's choice), 'flash', 'cudnn', 'efficient' or 'math'."""
     eval_interval: int = 50
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
     eval_batches: int = 8
@@ -443,6 +450,11 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         raise ValueError(
             f"parallel.pp_size ({p.pp_size}) * parallel.num_model_chunks ({p.num_model_chunks}) "
             f"exceeds model.num_layers ({m.num_layers})"
+        )
+    if t.attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"training.attention_backend {t.attention_backend!r} is unknown; "
+            f"choose one of {ATTENTION_BACKENDS}"
         )
     if t.recompute not in RECOMPUTE:
         raise ValueError(f"training.recompute {t.recompute!r} is unknown; choose one of {RECOMPUTE}")

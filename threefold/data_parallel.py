@@ -1,10 +1,18 @@
-"""Data-parallel gradient averaging in buckets, overlapped with the backward pass.
+"""Data-parallel gradient reduction in buckets, overlapped with the backward pass, optionally ZeRO-1.
 
 Every parameter gets a `main_grad`: an fp32 view into a flat bucket buffer. A post-accumulate hook
-moves each fresh `.grad` into `main_grad` (so bf16 training accumulates micro-batches in fp32) and,
-on the last micro-batch of a step, launches the bucket's all-reduce as soon as all its parameters are
-done; the remaining backward computation overlaps with that communication. Earlier micro-batches
-only accumulate: gradients are synchronized once per step.
+moves each fresh `.grad` into `main_grad` (so bf16 training accumulates micro-batches in fp32): the
+first micro-batch of a step copies, later ones add, so the buffers never need zeroing. On the last
+micro-batch of a step, a bucket's reduction starts as soon as all its parameters are done, and the rest
+of the backward pass overlaps with it. Gradients are synchronized once per step.
+
+Without ZeRO the reduction is an all-reduce: every data-parallel rank ends with the mean gradient.
+With `zero=True` (ZeRO stage 1, the "distributed optimizer") each bucket is padded to a multiple of
+d and reduce-scattered: data-parallel rank r ends with the mean gradient of the r-th 1/d of every
+bucket, and only that part gets fp32 master weights and Adam moments (see optim.py). The parameters
+then live in a flat buffer per bucket too, so that after the update one all-gather per bucket brings
+every rank the new weights. Same bytes on the wire as an all-reduce (a ring all-reduce is a
+reduce-scatter plus an all-gather); 12/d instead of 12 bytes of optimizer state per parameter.
 """
 
 from __future__ import annotations
@@ -14,44 +22,92 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from threefold.comm import all_gather_flat, reduce_scatter_flat
+from threefold.layers import pad_to_multiple
+
 
 class _Bucket:
-    def __init__(self, params: list[nn.Parameter], device: torch.device) -> None:
+    def __init__(self, params: list[nn.Parameter], device: torch.device, dp_size: int, zero: bool) -> None:
         self.params = params
-        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+        numel = sum(p.numel() for p in params)
+        padded = pad_to_multiple(numel, dp_size) if zero else numel
+        self.buffer = torch.zeros(padded, dtype=torch.float32, device=device)
+        self.param_buffer: torch.Tensor | None = None
+        if zero:
+            dtypes = {p.dtype for p in params}
+            if len(dtypes) != 1:
+                have = sorted(map(str, dtypes))
+                raise ValueError(f"a ZeRO bucket needs parameters of one dtype, got {have}")
+            self.param_buffer = torch.zeros(padded, dtype=params[0].dtype, device=device)
+        self.offsets: dict[nn.Parameter, int] = {}
         offset = 0
         for p in params:
             p.main_grad = self.buffer[offset : offset + p.numel()].view_as(p)  # type: ignore[attr-defined]
+            if self.param_buffer is not None:
+                flat = self.param_buffer[offset : offset + p.numel()]
+                flat.copy_(p.data.reshape(-1))
+                p.data = flat.view_as(p)  # the parameter now lives in the bucket's flat buffer
+            self.offsets[p] = offset
             offset += p.numel()
+        self.shard_numel = padded // dp_size
+        self.shard = (0, padded)
+        """The flat range of the buffer this rank reduces and updates (all of it without ZeRO)."""
         self.num_ready = 0
         self.handle: dist.Work | None = None
 
 
 class GradSync:
-    """Owns the fp32 gradient buffers of `params` and averages them over `dp_group`."""
+    """Owns the fp32 gradient buffers of `params` and reduces them over `dp_group`.
 
-    def __init__(self, params: list[nn.Parameter], *, dp_group: ProcessGroup, bucket_mb: float) -> None:
+    `solo` parameters get a bucket of their own. With ZeRO a bucket's shard boundaries depend on what
+    else is in it, so a parameter whose gradient is also summed across another group (the tied
+    embedding, held by the first and the last pipeline stage) must sit at the same offsets in both.
+    """
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        *,
+        dp_group: ProcessGroup,
+        bucket_mb: float,
+        zero: bool = False,
+        solo: list[nn.Parameter] | None = None,
+    ) -> None:
         self.dp_group = dp_group
         self.dp_size = dist.get_world_size(dp_group)
+        self.dp_rank = dist.get_rank(dp_group)
+        self.zero = zero
         self.sync_this_backward = True
+        solo_ids = {id(p) for p in solo or []}
         # Backward visits layers last-to-first, so fill buckets in reverse registration order.
         ordered = [p for p in reversed(params) if p.requires_grad]
         bucket_numel = max(1, int(bucket_mb * 2**20 / 4))
-        groups: list[list[nn.Parameter]] = [[]]
+        groups: list[list[nn.Parameter]] = [[p] for p in ordered if id(p) in solo_ids]
+        groups.append([])
         size = 0
         for p in ordered:
+            if id(p) in solo_ids:
+                continue
             if groups[-1] and size + p.numel() > bucket_numel:
                 groups.append([])
                 size = 0
             groups[-1].append(p)
             size += p.numel()
         device = ordered[0].device if ordered else torch.device("cpu")
-        self.buckets = [_Bucket(g, device) for g in groups if g]
+        self.buckets = [_Bucket(g, device, self.dp_size, zero) for g in groups if g]
+        for b in self.buckets:
+            if zero:
+                b.shard = (self.dp_rank * b.shard_numel, (self.dp_rank + 1) * b.shard_numel)
         self._bucket_of: dict[nn.Parameter, _Bucket] = {p: b for b in self.buckets for p in b.params}
+        self._written: set[nn.Parameter] = set()  # parameters whose main_grad holds this step's gradient
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in ordered]
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
-        param.main_grad.add_(param.grad)  # type: ignore[attr-defined]
+        if param in self._written:
+            param.main_grad.add_(param.grad)  # type: ignore[attr-defined]
+        else:
+            param.main_grad.copy_(param.grad)  # type: ignore[attr-defined]
+            self._written.add(param)  # type: ignore[arg-type]
         param.grad = None  # free the compute-dtype gradient right away
         if not self.sync_this_backward:
             return
@@ -63,24 +119,63 @@ class GradSync:
     def _launch(self, bucket: _Bucket) -> None:
         if self.dp_size == 1:
             return
-        bucket.buffer.div_(
-            self.dp_size
-        )  # sum of 1/d-scaled gradients = the mean (gloo has no AVG everywhere)
-        bucket.handle = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
+        # Sum of 1/d-scaled gradients = the mean (gloo has no AVG everywhere).
+        bucket.buffer.div_(self.dp_size)
+        if self.zero:
+            lo, hi = bucket.shard
+            bucket.handle = reduce_scatter_flat(
+                bucket.buffer[lo:hi], bucket.buffer, group=self.dp_group, async_op=True
+            )
+        else:
+            bucket.handle = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
 
     def finish(self) -> None:
-        """Wait for every bucket's all-reduce (launching any whose hooks did not all fire)."""
+        """Wait for every bucket's reduction (launching any whose hooks did not all fire)."""
         for bucket in self.buckets:
             if self.sync_this_backward and bucket.handle is None and bucket.num_ready < len(bucket.params):
-                self._launch(bucket)  # a parameter got no gradient this step: still sync its zeros
+                for p in bucket.params:  # no gradient this step: reduce zeros, not last step's values
+                    if p not in self._written:
+                        p.main_grad.zero_()  # type: ignore[attr-defined]
+                self._launch(bucket)
             if bucket.handle is not None:
                 bucket.handle.wait()
                 bucket.handle = None
             bucket.num_ready = 0
 
-    def zero(self) -> None:
+    def reset(self) -> None:
+        """Start a new step: the next backward overwrites the gradient buffers."""
+        self._written.clear()
+
+    def owned_ranges(self) -> list[tuple[nn.Parameter, int, int]]:
+        """(parameter, start, end): the flat ranges of each parameter this rank updates.
+
+        The whole of every parameter without ZeRO; with ZeRO, the parts inside this rank's shards.
+        """
+        ranges = []
         for bucket in self.buckets:
-            bucket.buffer.zero_()
+            lo, hi = bucket.shard
+            for p in bucket.params:
+                start = bucket.offsets[p]
+                a, b = max(start, lo), min(start + p.numel(), hi)
+                if a < b:
+                    ranges.append((p, a - start, b - start))
+        return ranges
+
+    def gather_params(self) -> None:
+        """ZeRO: bring every rank the parameters the others updated (one all-gather per bucket)."""
+        if not self.zero or self.dp_size == 1:
+            return
+        handles = []
+        for bucket in self.buckets:
+            assert bucket.param_buffer is not None
+            lo, hi = bucket.shard
+            handles.append(
+                all_gather_flat(
+                    bucket.param_buffer, bucket.param_buffer[lo:hi], group=self.dp_group, async_op=True
+                )
+            )
+        for h in handles:
+            h.wait()
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

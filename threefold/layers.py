@@ -12,7 +12,6 @@ full tensor. Replicated parameters whose gradient is a partial sum under sequenc
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -161,77 +160,6 @@ class VocabParallelEmbedding(nn.Module):
         if self.sequence_parallel:
             return reduce_scatter_to_sequence(out, self.tp_group)
         return reduce_from_tp(out, self.tp_group)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy over vocab-sharded logits without gathering them.
-
-    Three all-reduces over the TP group: the max (for stability), the target logit (owned by one rank),
-    and the sum of exponentials. Backward is softmax minus one-hot, computed on the local shard.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        group: ProcessGroup,
-        vocab_start: int,
-        vocab_size: int,
-    ) -> torch.Tensor:
-        # logits: (n, Vp/t) local, targets: (n,) global ids
-        ctx.input_dtype = logits.dtype
-        # Work on a private fp32 copy: the steps below are in place to keep one (n, Vp/t) buffer alive.
-        logits = logits.clone() if logits.dtype == torch.float32 else logits.float()
-        num_local = logits.shape[-1]
-        num_valid = min(max(vocab_size - vocab_start, 0), num_local)
-        if num_valid < num_local:
-            logits[:, num_valid:] = float("-inf")  # padding columns are never predicted
-        world = dist.get_world_size(group)
-
-        row_max = logits.max(dim=-1).values
-        if world > 1:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        logits.sub_(row_max.unsqueeze(-1))
-
-        local_targets = targets - vocab_start
-        owned = (local_targets >= 0) & (local_targets < num_local)
-        local_targets = local_targets.masked_fill(~owned, 0)
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        target_logit = logits[rows, local_targets].masked_fill(~owned, 0.0)
-
-        exp = logits.exp_()
-        sum_exp = exp.sum(dim=-1)
-        if world > 1:
-            both = torch.stack([target_logit, sum_exp])
-            dist.all_reduce(both, group=group)
-            target_logit, sum_exp = both[0], both[1]
-        loss = torch.log(sum_exp) - target_logit
-
-        exp.div_(sum_exp.unsqueeze(-1))  # now the softmax, kept for backward
-        ctx.save_for_backward(exp, local_targets, owned)
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        softmax, local_targets, owned = ctx.saved_tensors
-        grad = softmax  # reuse the buffer: nothing else needs the softmax
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_targets] -= owned.to(grad.dtype)
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad.to(ctx.input_dtype), None, None, None, None
-
-
-def vocab_parallel_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, *, tp_group: ProcessGroup, vocab_size: int
-) -> torch.Tensor:
-    """Per-token loss (fp32) for local logits (..., Vp/t) and global target ids (...)."""
-    local_vocab = logits.shape[-1]
-    vocab_start = dist.get_rank(tp_group) * local_vocab
-    flat = _VocabParallelCrossEntropy.apply(
-        logits.reshape(-1, local_vocab), targets.reshape(-1), tp_group, vocab_start, vocab_size
-    )
-    return flat.view(targets.shape)
 
 
 @torch.no_grad()

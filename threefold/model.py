@@ -26,7 +26,7 @@ from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
 from threefold.comm import copy_to_tp, gather_from_sequence
-from threefold.config import ModelConfig
+from threefold.config import ATTENTION_BACKENDS, ModelConfig
 from threefold.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -34,8 +34,8 @@ from threefold.layers import (
     full_shape_of,
     mark_sequence_parallel,
     shard_of,
-    vocab_parallel_cross_entropy,
 )
+from threefold.loss import linear_cross_entropy
 
 
 class TPContext:
@@ -152,10 +152,28 @@ class Attention(nn.Module):
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of (b, a/t, s, d) queries over (b, k/t, s, d) keys and values."""
         group_size = self.num_local_heads // self.num_local_kv_heads
-        if group_size > 1:  # query head j reads kv head j // group_size
+        flash = q.is_cuda and q.dtype != torch.float32 and torch.backends.cuda.flash_sdp_enabled()
+        if group_size > 1 and not flash:
+            # Query head j reads kv head j // group_size. Flash attention reads the shared heads in
+            # place (enable_gqa); the other kernels get copies.
             k = k.repeat_interleave(group_size, dim=1)
             v = v.repeat_interleave(group_size, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, a/t, s, d)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group_size > 1)
+
+
+def use_attention_backend(name: str) -> None:
+    """Choose the CUDA kernel behind scaled_dot_product_attention for this process ('auto': torch's
+    choice, flash attention on Hopper). A torch-wide setting, made once when the trainer is built."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is unknown; choose one of {ATTENTION_BACKENDS}")
+    enable = {
+        "flash": torch.backends.cuda.enable_flash_sdp,
+        "cudnn": torch.backends.cuda.enable_cudnn_sdp,
+        "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+    }
+    for backend, switch in enable.items():
+        switch(name in ("auto", backend))
+    torch.backends.cuda.enable_math_sdp(True)  # the fallback for shapes the others refuse
 
 
 class MLP(nn.Module):
@@ -245,6 +263,8 @@ class Transformer(nn.Module):
                     cfg.hidden_size, cfg.vocab_size, tp_group=tp_group, bias=False, pad_output=True
                 )
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.compile_loss = False
+        """Fuse the loss's element-wise work with torch.compile (set by the trainer with training.compile)."""
 
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
@@ -291,12 +311,16 @@ class Transformer(nn.Module):
         if not self.has_head:
             return x
         x = self.tp.enter(self.norm(x))  # (b, s, h)
-        logits = F.linear(x, self.output_weight())  # (b, s, Vp/t)
         if targets is None:
-            return logits
-        return vocab_parallel_cross_entropy(
-            logits, targets, tp_group=self.tp.group, vocab_size=self.cfg.vocab_size
-        ).mean()
+            return F.linear(x, self.output_weight())  # (b, s, Vp/t)
+        return linear_cross_entropy(
+            x,
+            self.output_weight(),
+            targets,
+            tp_group=self.tp.group,
+            vocab_size=self.cfg.vocab_size,
+            compiled=self.compile_loss,
+        )
 
 
 def gather_logits(logits: torch.Tensor, tp_group: ProcessGroup, vocab_size: int) -> torch.Tensor:

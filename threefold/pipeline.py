@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
+from threefold.comm import all_gather_flat
 from threefold.data_parallel import GradSync
 from threefold.mesh import Mesh
 from threefold.model import Transformer
@@ -170,7 +171,7 @@ class PipelineExecutor:
     def _incoming(self, wire: torch.Tensor) -> torch.Tensor:
         if self.scatter:
             full = torch.empty(wire.numel() * self.mesh.tp_size, dtype=wire.dtype, device=wire.device)
-            dist.all_gather_into_tensor(full, wire, group=self.mesh.tp_group)
+            all_gather_flat(full, wire, group=self.mesh.tp_group)
             wire = full
         return wire.view(self.boundary_shape)
 

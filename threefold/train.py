@@ -16,7 +16,7 @@ from threefold.config import Config
 from threefold.data import BatchLoader, TokenDataset, eval_batches
 from threefold.data_parallel import GradSync, all_reduce_sequence_parallel_grads
 from threefold.mesh import Mesh
-from threefold.model import Transformer, build_model
+from threefold.model import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
 from threefold.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.pipeline import PipelineExecutor, connect_neighbours
@@ -82,6 +82,8 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     p, t = config.parallel, config.training
     ranges = chunk_layer_ranges(config.model.num_layers, p.pp_size, p.num_model_chunks)
     num_chunks = len(ranges)
+    if device.type == "cuda":
+        use_attention_backend(t.attention_backend)
     chunks = {}
     for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks):
         chunk = build_model(
@@ -100,14 +102,25 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         if t.compile:
             for layer in chunk.layers.values():
                 layer.compile()
+            chunk.compile_loss = True
         chunks[c] = chunk
+    tied = [
+        chunk.embed_tokens.weight
+        for chunk in chunks.values()
+        if config.model.tie_embeddings and p.pp_size > 1 and hasattr(chunk, "embed_tokens")
+    ]
     grad_syncs = {
-        c: GradSync(list(chunk.parameters()), dp_group=mesh.dp_group, bucket_mb=p.dp_bucket_mb)
+        c: GradSync(
+            list(chunk.parameters()),
+            dp_group=mesh.dp_group,
+            bucket_mb=p.dp_bucket_mb,
+            zero=p.zero,
+            solo=[w for w in tied if any(w is q for q in chunk.parameters())],
+        )
         for c, chunk in chunks.items()
     }
-    optimizer = Optimizer(
-        torch.nn.ModuleList(chunks.values()), config.optimizer, mesh=mesh, max_steps=t.max_steps
-    )
+    owned = [r for c in sorted(grad_syncs) for r in grad_syncs[c].owned_ranges()]
+    optimizer = Optimizer(owned, config.optimizer, mesh=mesh, max_steps=t.max_steps, zero=p.zero)
     seq_local = config.data.seq_len // (p.tp_size if p.sequence_parallel else 1)
     executor = PipelineExecutor(
         chunks,
@@ -156,7 +169,8 @@ def train_step(
     _sync_tied_embedding(trainer)
     norm, lr = trainer.optimizer.step(step)
     for grad_sync in trainer.grad_syncs.values():
-        grad_sync.zero()
+        grad_sync.gather_params()
+        grad_sync.reset()
     loss = _pipeline_sum(loss_sum / (num_microbatches * mesh.dp_size), mesh)
     if mesh.dp_size > 1:
         dist.all_reduce(loss, group=mesh.dp_group)

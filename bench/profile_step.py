@@ -1,0 +1,83 @@
+"""Profile a few training steps of a config on one GPU: where the step time goes, by kernel.
+
+Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps 3] [--warmup 5]
+Prints the top CUDA kernels by total time and a summary by kind (GEMM, attention, communication,
+optimizer, element-wise), as a share of the profiled GPU time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from threefold.bench import synthetic_steps
+from threefold.config import build_config
+from threefold.mesh import build_mesh
+from threefold.train import build, train_step
+
+KINDS = [
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")),
+    ("communication", ("nccl",)),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("triton (fused element-wise)", ("triton",)),
+]
+
+
+def kind_of(name: str) -> str:
+    lower = name.lower()
+    for kind, words in KINDS:
+        if any(w in lower for w in words):
+            return kind
+    return "other element-wise / copies"
+
+
+def main(argv: list[str]) -> None:
+    steps, warmup, overrides = 3, 5, []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--steps", "--warmup"):
+            value = int(argv[i + 1])
+            steps, warmup = (value, warmup) if argv[i] == "--steps" else (steps, value)
+            i += 2
+            continue
+        overrides.append(argv[i])
+        i += 1
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29512")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    config = build_config({}, overrides, check_paths=False)
+    mesh = build_mesh(1, 1, 1)
+    device = torch.device("cuda", 0)
+    trainer = build(config, mesh, device)
+    data = synthetic_steps(config, mesh, device, 4)
+    for s in range(warmup):
+        train_step(trainer, data[s % 4], s)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for s in range(steps):
+            train_step(trainer, data[s % 4], warmup + s)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    print(f"profiled GPU time: {total / 1e3 / steps:.1f} ms per step over {steps} steps")
+    by_kind: dict[str, float] = {}
+    for e in events:
+        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.device_time_total
+    print("| kind | ms/step | share |\n|---|---:|---:|")
+    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {t / 1e3 / steps:.2f} | {t / total:.1%} |")
+    print("\n| kernel | calls/step | ms/step | share |\n|---|---:|---:|---:|")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:30]:
+        print(f"| {e.key[:90]} | {e.count / steps:.0f} | {e.device_time_total / 1e3 / steps:.2f} | "
+              f"{e.device_time_total / total:.1%} |")  # fmt: skip
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
