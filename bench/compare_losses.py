@@ -28,6 +28,8 @@ def main() -> None:
         dt = max(abs(a - b) / abs(b) for a, b in zip(train, ref_train, strict=True))
         dv = max((abs(a - b) / abs(b) for a, b in zip(val, ref_val, strict=True)), default=float("nan"))
         print(f"| {run.name} | {len(train)} | {dt:.2e} | {dv:.2e} |")
+        first = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(train[:8], ref_train[:8], strict=False))
+        print(f"  first steps (run/reference): {first}")
 
 
 if __name__ == "__main__":

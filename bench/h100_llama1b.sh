@@ -37,6 +37,6 @@ bench b4-cudnn "${b4[@]}" --training.attention_backend=cudnn
 bench b8 --training.micro_batch_size=8 --training.global_batch_size=8
 bench b4-gbs16 --training.micro_batch_size=4 --training.global_batch_size=16
 echo "== profile (b4)"
-timeout -s ABRT -k 10 240 python3 bench/profile_step.py "${model[@]}" "${b4[@]}" > "$out/profile.txt" 2>&1 \
+PYTHONPATH=. timeout -s ABRT -k 10 240 python3 bench/profile_step.py "${model[@]}" "${b4[@]}" > "$out/profile.txt" 2>&1 \
   || echo "profile FAILED"
 head -60 "$out/profile.txt"

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-CHUNK_ELEMENTS = 2**28
-"""Most logits (tokens x local vocabulary) materialized at once: 512 MiB in bf16."""
+CHUNK_ELEMENTS = 2**30
+"""Most logits (tokens x local vocabulary) materialized at once: 2 GiB in bf16 (llama-1b at b=4, s=2048
+fits in one chunk: 8192 x 128256 elements)."""
 
 
 def _masked(logits: torch.Tensor, num_valid: int) -> torch.Tensor:
@@ -96,10 +97,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         num_valid = min(max(vocab_size - vocab_start, 0), local_vocab)
         row_max_fn, target_sum_fn, grad_fn = _kernels(compiled)
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.empty_like(x) if want_x else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local_vocab)))
+        grad_x = torch.empty_like(x) if want_x else None
+        # One chunk: the weight gradient is one GEMM, in the weight's dtype (fp32 accumulation inside the
+        # GEMM). Several: an fp32 sum of the chunks' GEMMs.
+        grad_w = None
+        if want_w and chunk < n:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, n, chunk):
             xc = x[start : start + chunk]
             logits = xc @ weight.t()  # (c, Vl), in the compute dtype
@@ -113,13 +118,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if world > 1:
                 dist.all_reduce(both, group=group)
             loss_sum += (both[1].log() - both[0]).sum()
-            if grad_x is None and grad_w is None:
+            if not (want_x or want_w):
                 continue
             g = grad_fn(logits, row_max, both[1], local_targets, owned, num_valid, 1.0 / n)
             del logits
             if grad_x is not None:
                 torch.mm(g, weight, out=grad_x[start : start + chunk])
-            if grad_w is not None:
+            if want_w and grad_w is None:
+                grad_w = g.t() @ xc  # the only chunk
+            elif grad_w is not None:
                 if grad_w.dtype == g.dtype:
                     grad_w.addmm_(g.t(), xc)
                 else:
@@ -134,7 +141,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x * grad_loss.to(grad_x.dtype)
         if grad_w is not None:
-            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+            grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
         return grad_x, grad_w, None, None, None, None
 
 
