@@ -175,7 +175,7 @@ def _pct(x: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bench", nargs="+", help="JSON-lines files from threefold bench")
+    parser.add_argument("bench", nargs="*", help="JSON-lines files from threefold bench")
     parser.add_argument("--plan", help="`threefold plan --json` output (its first entry is the first choice)")
     parser.add_argument("--gpu", default="h200")
     parser.add_argument("--gpus-per-node", type=int, default=4)
@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(names[0] if names else "none")
         return 0
+    if not args.bench:
+        parser.error("give at least one JSON-lines file from threefold bench")
     rows, failed = read_rows(args.bench)
     first = json.loads(Path(args.plan).read_text())[0] if args.plan else None
     report, _ = compare(

@@ -17,6 +17,9 @@ Activations: what autograd keeps for backward, counted from what threefold.model
 test_planner.py checks every term against the real tensors, and the per-layer formula is the sum of):
     llama norm          (4 + e) b s_ h + e b s h     fp32 copy of x and normalized y; the linear input
     gpt2 norm            e b s_ h + e b s h          LayerNorm input; the linear input
+                        (sequence parallel: the gathered input once per projection reading it, because
+                        the all-gather returns a transposed view: 3 for attention, 2 (llama) or 1 (gpt2)
+                        for the MLP)
     attention, none      4 e b s h_q / t + 4 b a s / t     q, k and v (repeated to a heads), output; LSE
     attention, selective e b s (2 h_q + 2 h_kv) / t        q, k, v before the core, its output
     MLP                  4 e b s f / t (SwiGLU: gate, up, silu(gate), product) or 2 e b s f / t (GeLU)
@@ -110,12 +113,13 @@ def layer_activation_bytes(
     if recompute == "full":
         return e * b * s_ * h
     hq, hkv = a * m.head_dim, m.num_kv_heads * m.head_dim
-    if m.arch == "llama":
-        norms = 2 * ((4 + e) * b * s_ * h + e * b * s * h)
-        mlp = 4 * e * b * s * f / tp
-    else:
-        norms = 2 * (e * b * s_ * h + e * b * s * h)
-        mlp = 2 * e * b * s * f / tp
+    # Under sequence parallelism the gathered input is a transposed view, and each projection reading it
+    # saves its own contiguous copy: q, k, v for attention, gate and up (or up) for the MLP.
+    mlp_inputs = 2 if m.arch == "llama" else 1
+    linear_inputs = (3 + mlp_inputs) if sequence_parallel else 2
+    norm_own = (4 + e) if m.arch == "llama" else e
+    norms = 2 * norm_own * b * s_ * h + linear_inputs * e * b * s * h
+    mlp = (4 if m.arch == "llama" else 2) * e * b * s * f / tp
     if recompute == "selective":
         attention = e * b * s * (2 * hq + 2 * hkv) / tp
     else:
