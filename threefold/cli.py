@@ -12,13 +12,18 @@ from pathlib import Path
 DEFAULT_CONFIG = "default.toml"  # packaged: the tiny-Shakespeare CPU demo (tp=2, dp=2)
 
 USAGE = """\
-usage: threefold train [CONFIG.toml] [--section.key=value ...] [--nproc N]
+usage: threefold train [CONFIG.toml] [--section.key=value ...] [--nproc N] [--layout auto]
        threefold data prepare INPUT... --out DIR [--tokenizer tokenizer.json] [--val-fraction F]
        threefold data prepare --shakespeare --out DIR
        threefold bench [CONFIG.toml] [--section.key=value ...] [--nproc N] [--steps N] [--warmup N]
        threefold config [CONFIG.toml] [--section.key=value ...]   (print the resolved config)
        threefold config --reference                              (every key with its meaning)
        threefold schedule --pp 4 --v 2 -m 8 [--schedule gpipe|1f1b|interleaved]
+       threefold plan --model PRESET|CONFIG.toml --gpus N [--gpus-per-node G]
+                      [--gpu a100-80gb|h100|h200|FILE.json] --global-batch B --seq S [--json]
+                      [--tp T --pp P --dp D --v V --micro-batch-size B --recompute R --zero on|off]
+                      (the fastest layouts that fit, predicted)
+       threefold plan --calibrate [--out FILE.json]        (measure this machine as a --gpu preset)
        threefold import-hf HF_DIR CHECKPOINT_DIR      (Llama-family / GPT-2 safetensors -> threefold)
        threefold export-hf CHECKPOINT_DIR HF_DIR [--dtype float32|bfloat16]
 
@@ -73,6 +78,58 @@ def _load(path: str | None, overrides: list[str], *, check_paths: bool = True):
     return build_config(raw, overrides, check_paths=check_paths)
 
 
+def _pop_layout(argv: list[str]) -> tuple[list[str], str | None]:
+    """Take `--layout auto` (or `--layout=auto`) out of the train arguments."""
+    rest, layout = [], None
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--layout":
+            if i + 1 >= len(argv):
+                raise ValueError("--layout needs a value: auto")
+            layout, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--layout="):
+            layout = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    if layout is not None and layout != "auto":
+        raise ValueError(f"--layout {layout!r} is unknown; the only choice is 'auto'")
+    return rest, layout
+
+
+def _auto_layout_overrides(path: str | None, overrides: list[str], nproc: int | None, world) -> list[str]:
+    """`--layout auto`: plan for this world and return the overrides that set the chosen layout."""
+    import os
+
+    import torch
+
+    from threefold.hardware import preset_for_device
+    from threefold.plan_cli import auto_layout, host_hardware
+
+    neutral = ["--parallel.tp_size=1", "--parallel.pp_size=1", "--parallel.dp_size=1",
+               "--parallel.num_model_chunks=1", "--parallel.pipeline_schedule=1f1b",
+               "--training.micro_batch_size=1"]  # fmt: skip
+    config = _load(path, overrides + neutral)
+    use_cuda = config.training.device == "cuda" or (
+        config.training.device == "auto" and torch.cuda.is_available()
+    )
+    if world is not None:
+        world_size = world.world_size
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    elif nproc is not None:
+        world_size = per_node = nproc
+    elif use_cuda:
+        world_size = per_node = torch.cuda.device_count()
+    else:
+        raise ValueError("--layout auto on CPU needs --nproc N (how many processes to plan for)")
+    hw = (preset_for_device(torch.cuda.get_device_name()) if use_cuda else None) or host_hardware(per_node)
+    layout = auto_layout(config, world_size=world_size, gpus_per_node=per_node, hw=hw)
+    if world is None or world.rank == 0:
+        print(f"--layout auto on {world_size} x {hw.name}: {layout.label()}", flush=True)
+    return neutral + layout.overrides()
+
+
 def _run_workers(config, worker_argv: list[str], nproc: int | None, body) -> int:
     """Outside torchrun: launch the workers running `threefold <worker_argv>`. Inside: run body(config,
     mesh, device) on this rank, with the process group up."""
@@ -110,7 +167,12 @@ def _run_workers(config, worker_argv: list[str], nproc: int | None, body) -> int
 
 
 def cmd_train(argv: list[str]) -> int:
+    from threefold.launch import world_from_env
+
+    argv, layout = _pop_layout(argv)
     path, overrides, nproc = _split_train_args(argv)
+    if layout == "auto":
+        overrides = overrides + _auto_layout_overrides(path, overrides, nproc, world_from_env())
     config = _load(path, overrides)
 
     def body(config, mesh, device) -> None:
@@ -241,6 +303,13 @@ def cmd_schedule(argv: list[str]) -> int:
     return 0
 
 
+def cmd_plan(argv: list[str]) -> int:
+    """Rank the layouts that fit by predicted speed (see threefold.planner), or calibrate a GPU preset."""
+    from threefold.plan_cli import main as plan_main
+
+    return plan_main(argv)
+
+
 def _toml_table(name: str, values: dict) -> str:
     lines = [f"[{name}]"]
     for key, value in values.items():
@@ -312,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             from threefold.prepare import prepare_main
 
             return prepare_main(rest[1:])
+        if command == "plan":
+            return cmd_plan(rest)
         if command == "bench":
             return cmd_bench(rest)
         if command == "config":

@@ -35,7 +35,9 @@ def _all_gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     local = x.transpose(0, SEQ_DIM).contiguous()  # (s/t, b, h): gather along a leading dim is one copy
     out = torch.empty((world * local.shape[0], *local.shape[1:]), dtype=x.dtype, device=x.device)
     all_gather_flat(out, local, group=group)
-    return out.transpose(0, SEQ_DIM)
+    # One contiguous copy shared by every projection reading it (a transposed view would make each
+    # matmul save a private contiguous copy for backward).
+    return out.transpose(0, SEQ_DIM).contiguous()
 
 
 def _reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

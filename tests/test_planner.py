@@ -1,0 +1,432 @@
+"""The planner: memory terms against real tensors, the bubble against the simulator, the paper's takeaways,
+`threefold plan` output and errors, `train --layout auto`, and the GPU comparison script on fake input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import run_ranks
+
+import threefold.launch
+from threefold.cli import main
+from threefold.config import ModelConfig, build_config
+from threefold.hardware import PRESETS, load_hardware, save_hardware
+from threefold.layout import Layout, Workload
+from threefold.memory_model import (
+    estimate_memory,
+    head_loss_activation,
+    in_flight,
+    layer_activation_bytes,
+    rank_parameters,
+    worst_rank,
+)
+from threefold.partition import chunk_layer_ranges
+from threefold.pipeline_sim import simulate
+from threefold.planner import plan
+from threefold.presets import MODEL_PRESETS
+from threefold.schedules import build_schedule
+from threefold.time_model import estimate_layout_time
+
+TINY_LLAMA = dict(MODEL_PRESETS["tiny"], vocab_size=1000, num_layers=4, tie_embeddings=False, max_seq_len=128)
+TINY_GPT2 = dict(MODEL_PRESETS["gpt2-124m"], hidden_size=64, num_heads=4, num_kv_heads=4, ffn_hidden_size=256,
+                 vocab_size=1000, num_layers=4, max_seq_len=128)  # fmt: skip
+DTYPES = {"float32": (torch.float32, 4), "bfloat16": (torch.bfloat16, 2)}
+
+
+def _preset(name: str) -> ModelConfig:
+    return ModelConfig(preset=name, **MODEL_PRESETS[name])
+
+
+# ---- memory: parameters, gradients and optimizer state, counted on the real objects -------------------
+
+
+def _count_state(rank: int, world: int, model_kw: dict, tp: int, pp: int, v: int, dtype: str) -> list[dict]:
+    """Per pipeline rank: bytes of the real parameters, main_grad buffers and optimizer state at tp."""
+    from threefold.config import OptimizerConfig
+    from threefold.data_parallel import GradSync
+    from threefold.mesh import build_mesh
+    from threefold.model import build_model
+    from threefold.optim import Optimizer
+
+    mesh = build_mesh(tp, 1, 1)
+    cfg = ModelConfig(**model_kw)
+    ranges = chunk_layer_ranges(cfg.num_layers, pp, v)
+    out = []
+    for r in range(pp):
+        chunks = [
+            build_model(cfg, tp_group=mesh.tp_group, dtype=DTYPES[dtype][0], first_layer=ranges[c][0],
+                        last_layer=ranges[c][1], has_embedding=c == 0, has_head=c == len(ranges) - 1)
+            for c in (r + k * pp for k in range(v))
+        ]  # fmt: skip
+        module = torch.nn.ModuleList(chunks)
+        params = list(module.parameters())
+        syncs = [GradSync(list(c.parameters()), dp_group=mesh.dp_group, bucket_mb=1.0) for c in chunks]
+        owned = [r for sync in syncs for r in sync.owned_ranges()]
+        opt = Optimizer(owned, OptimizerConfig(), mesh=mesh, max_steps=1)
+        for m in opt.masters:
+            m.grad = torch.zeros_like(m)
+        opt.adam.step()  # creates the moments
+        state = [t for s in opt.adam.state.values() for t in s.values() if t.numel() > 1]
+        # A master that shares the parameter's storage (fp32 training) costs nothing extra.
+        storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        masters = [m for m in opt.masters if m.untyped_storage().data_ptr() not in storages]
+        out.append({
+            "parameters": sum(p.numel() * p.element_size() for p in params),
+            "gradients": sum(b.buffer.numel() * 4 for s in syncs for b in s.buckets),
+            "optimizer": sum(t.numel() * t.element_size() for t in state + masters),
+        })  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    ("model_kw", "tp", "pp", "v", "dtype"),
+    [
+        (TINY_LLAMA, 1, 1, 1, "bfloat16"),
+        (TINY_LLAMA, 1, 2, 2, "float32"),
+        (TINY_GPT2, 1, 2, 1, "bfloat16"),
+        (dict(TINY_LLAMA, tie_embeddings=True, vocab_size=1001), 2, 2, 1, "bfloat16"),
+    ],
+)
+def test_static_memory_matches_real_tensors(model_kw, tp, pp, v, dtype):
+    measured = run_ranks(tp, _count_state, model_kw, tp, pp, v, dtype)[0]
+    w = Workload(model=ModelConfig(**model_kw), seq_len=64, global_batch_size=8, dtype=dtype)
+    lay = Layout(tp=tp, pp=pp, v=v, schedule="interleaved" if v > 1 else "1f1b")
+    e, opt_bytes = DTYPES[dtype][1], 12 if dtype == "bfloat16" else 8
+    for r, got in enumerate(measured):
+        params = rank_parameters(w, lay, r)
+        assert got["parameters"] == e * params
+        assert got["gradients"] == 4 * params
+        assert got["optimizer"] == opt_bytes * params
+
+
+def test_zero_shards_optimizer_state_only():
+    raw = {"model": {"preset": "llama-1b"}, "parallel": {"dp_size": 4}, "training": {"dtype": "bfloat16"}}
+    config = build_config(raw, check_paths=False)
+    plain = estimate_memory(config)
+    w, lay = Workload(model=config.model, seq_len=128, global_batch_size=8), Layout(dp=4)
+    sharded = worst_rank(w, Layout(dp=4, zero=True, micro_batch_size=2)).as_dict()
+    assert sharded["optimizer"] == pytest.approx(plain["optimizer"] / 4)
+    assert sharded["gradients"] == plain["gradients"] == 4 * rank_parameters(w, lay, 0)
+    assert plain["total"] == pytest.approx(sum(v for k, v in plain.items() if k != "total"))
+
+
+# ---- memory: activations, counted with saved-tensor hooks ----------------------------------------------
+
+
+def _saved_bytes(rank: int, world: int, model_kw: dict, dtype: str, recompute: str, sp: bool,
+                 first_chunk: bool, head: bool, b: int, s: int) -> int:  # fmt: skip
+    """Bytes autograd keeps for backward after one forward of a 2-layer chunk (parameters and the RoPE
+    table excluded, the chunk's received input included: the pipeline executor keeps it)."""
+    from threefold.mesh import build_mesh
+    from threefold.model import build_model
+
+    mesh = build_mesh(world, 1, 1)
+    cfg = ModelConfig(**model_kw)
+    torch_dtype = DTYPES[dtype][0]
+    model = build_model(cfg, tp_group=mesh.tp_group, dtype=torch_dtype, recompute=recompute,
+                        sequence_parallel=sp, first_layer=0, last_layer=2, has_embedding=first_chunk,
+                        has_head=head)  # fmt: skip
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+    s_local = s // world if sp else s
+    x = ids if first_chunk else torch.randn(b, s_local, cfg.hidden_size, generator=g).to(torch_dtype)
+    if not first_chunk:
+        x.requires_grad_(True)
+        seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()  # the executor keeps it
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, ids if head else None)
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    if model._rope is not None:
+        skip |= {t.untyped_storage().data_ptr() for t in model._rope}
+    if first_chunk:
+        skip.add(ids.untyped_storage().data_ptr())
+    return sum(n for ptr, n in seen.items() if ptr not in skip)
+
+
+def _predicted(model_kw: dict, dtype: str, recompute: str, tp: int, sp: bool, b: int, s: int) -> float:
+    cfg, e = ModelConfig(**model_kw), DTYPES[dtype][1]
+    # On the CPU attention repeats k and v to every query head (flash on the GPU reads them in place).
+    layers = 2 * layer_activation_bytes(
+        cfg, b=b, s=s, tp=tp, e=e, recompute=recompute, sequence_parallel=sp, kv_repeated=True
+    )
+    saves_input = recompute == "full" or cfg.arch == "gpt2" or e == 4
+    return layers + (0 if saves_input else e * b * (s // tp if sp else s) * cfg.hidden_size)
+
+
+@pytest.mark.parametrize("model_kw", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_layer_activations_match_saved_tensors(model_kw, dtype, recompute):
+    b, s = 2, 64
+    got = run_ranks(1, _saved_bytes, model_kw, dtype, recompute, False, False, False, b, s)[0]
+    assert got == pytest.approx(_predicted(model_kw, dtype, recompute, 1, False, b, s), rel=0.01)
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
+def test_layer_activations_under_tensor_parallelism(sp):
+    b, s = 2, 64
+    got = run_ranks(2, _saved_bytes, TINY_LLAMA, "bfloat16", "none", sp, False, False, b, s)
+    assert got[0] == pytest.approx(_predicted(TINY_LLAMA, "bfloat16", "none", 2, sp, b, s), rel=0.01)
+
+
+def test_head_and_loss_activations():
+    # threefold.loss keeps the input gradient and the output weight's gradient (one chunk here).
+    b, s, cfg = 2, 64, ModelConfig(**TINY_LLAMA)
+    with_head = run_ranks(1, _saved_bytes, TINY_LLAMA, "bfloat16", "none", False, True, True, b, s)[0]
+    without = run_ranks(1, _saved_bytes, TINY_LLAMA, "bfloat16", "none", False, True, False, b, s)[0]
+    saved, _ = head_loss_activation(cfg, b=b, s=s, tp=1, e=2, sequence_parallel=False)
+    assert with_head - without == pytest.approx(saved, rel=0.01)
+
+
+# ---- pipeline: in-flight micro-batches and the bubble against the simulator ----------------------------
+
+SCHEDULE_CASES = [("1f1b", 4, 1, 8), ("1f1b", 4, 1, 2), ("gpipe", 2, 1, 4), ("interleaved", 4, 2, 8),
+                  ("interleaved", 4, 2, 4), ("interleaved", 2, 4, 6), ("interleaved", 3, 2, 9)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "p", "v", "m"), SCHEDULE_CASES)
+def test_in_flight_matches_simulator(name, p, v, m):
+    result = simulate(build_schedule(name, p, v, m))
+    assert [in_flight(name, p, v, m, r) for r in range(p)] == result.peak_in_flight
+
+
+@pytest.mark.parametrize(("name", "p", "v", "m"), SCHEDULE_CASES)
+def test_bubble_matches_simulator(name, p, v, m):
+    sim = simulate(build_schedule(name, p, v, m), forward_cost=1.0, backward_cost=2.0)
+    w = Workload(model=ModelConfig(**dict(TINY_LLAMA, num_layers=24)), seq_len=64, global_batch_size=m)
+    step = estimate_layout_time(w, Layout(pp=p, v=v, schedule=name), PRESETS["h100"], gpus_per_node=8)
+    assert step.bubble_fraction == pytest.approx(sim.bubble_fraction)
+    # The time model's bubble term is the simulator's idle time for balanced stages.
+    per_mb = (step.pipeline - step.bubble) / m
+    assert step.bubble == pytest.approx(sim.bubble_fraction * m * per_mb, rel=0.15)
+
+
+# ---- the paper's takeaways -----------------------------------------------------------------------------
+
+
+def test_tensor_parallelism_stays_in_a_node():
+    w = Workload(model=_preset("gpt3-39b"), seq_len=2048, global_batch_size=1536)
+    result = plan(w, PRESETS["a100-80gb"], num_gpus=512, gpus_per_node=8)
+    assert result.ranked, "the paper ran this model on 512 GPUs"
+    assert all(c.layout.tp <= 8 for c in result.ranked[:20])
+    assert result.ranked[0].layout.pp > 1  # 39B does not fit without pipelining at t <= 8
+
+
+def test_smallest_model_parallelism_that_fits():
+    w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=64)
+    best = plan(w, PRESETS["h100"], num_gpus=8, gpus_per_node=8).ranked[0].layout
+    assert best.tp * best.pp == 1  # fits on one GPU: pure data parallelism
+
+
+def test_recompute_only_when_needed():
+    hw = PRESETS["h100"]
+    w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=64)
+    assert plan(w, hw, num_gpus=8, gpus_per_node=8).ranked[0].layout.recompute == "none"
+    big = Workload(model=_preset("llama-8b"), seq_len=4096, global_batch_size=8)
+    fixed = {"tp": 1, "pp": 1, "dp": 1, "micro_batch_size": 8}
+    with pytest.raises(ValueError):
+        _raise_if_empty(plan(big, PRESETS["h200"], num_gpus=1, gpus_per_node=1, fixed=fixed))
+    result = plan(w, hw, num_gpus=1, gpus_per_node=1, fixed={"micro_batch_size": 16})
+    for c in result.ranked[:3]:  # whatever recomputes does so because "none" does not fit
+        if c.layout.recompute != "none":
+            none = [x for x in result.too_big if x.layout.recompute == "none"]
+            assert none and none[0].memory.total > result.capacity_bytes
+
+
+def _raise_if_empty(result):
+    if not result.ranked:
+        raise ValueError("nothing fits")
+
+
+# ---- threefold plan ------------------------------------------------------------------------------------
+
+PLAN_8B = ["plan", "--model", "llama-8b", "--gpus", "4", "--gpus-per-node", "4", "--gpu", "h200",
+           "--global-batch", "32", "--seq", "4096"]  # fmt: skip
+
+
+def test_plan_json_fields(capsys):
+    assert main([*PLAN_8B, "--json", "--top", "3"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3
+    for key in ("tp", "pp", "dp", "v", "micro_batch_size", "recompute", "tflops_per_gpu", "mfu", "memory_gib",
+                "tokens_per_s_per_gpu", "schedule", "zero", "bubble_fraction", "overrides"):  # fmt: skip
+        assert key in rows[0]
+    speeds = [r["tokens_per_s_per_gpu"] for r in rows]
+    assert speeds == sorted(speeds, reverse=True)
+    assert all(r["memory_gib"] < 140 for r in rows)
+
+
+def test_plan_table_explains_the_winner(capsys):
+    assert main(PLAN_8B) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s/GPU" in out and "MFU" in out and "bubble" in out
+    assert "best: " in out and "slower" in out and "run the best: --parallel.tp_size=" in out
+
+
+def test_plan_fixed_dimensions(capsys):
+    assert main([*PLAN_8B, "--json", "--tp", "2", "--pp", "2", "--recompute", "none"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all((r["tp"], r["pp"], r["dp"], r["recompute"]) == (2, 2, 1, "none") for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--tp", "3"], "--tp (3) must divide --gpus (4)"),
+        (["--tp", "2", "--pp", "1", "--dp", "1"], "--tp (2) * --pp (1) * --dp (1) = 2 != --gpus (4)"),
+        (["--gpu", "tpu"], "unknown GPU 'tpu'"),
+        (["--seq", "8192"], "--seq (8192) exceeds model.max_seq_len (4096)"),
+        (["--gpus", "6"], "--gpus (6) must be a multiple of --gpus-per-node (4)"),
+        (["--micro-batch-size", "0"], "--micro-batch-size must be positive, got 0"),
+    ],
+)
+def test_plan_errors_name_the_values(capsys, extra, expected):
+    argv = list(PLAN_8B)
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_plan_says_when_nothing_fits(capsys):
+    argv = ["plan", "--model", "gpt3-39b", "--gpus", "1", "--gpu", "a100-80gb", "--global-batch", "8",
+            "--seq", "2048"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no layout of gpt3-39b" in err and "fits on 1 x a100-80gb" in err and "needs" in err
+
+
+def test_calibrated_preset_round_trip(tmp_path, capsys):
+    from threefold.calibrate import calibrate
+
+    hw = calibrate(torch.device("cpu"), name="box", sizes=[32, 64])
+    assert hw.peak_tflops > 0 and all(0 < f <= 1 for _, f in hw.gemm_curve)
+    path = tmp_path / "box.json"
+    save_hardware(hw, path)
+    assert load_hardware(str(path)) == hw
+    argv = [
+        "plan",
+        "--model",
+        "tiny",
+        "--gpus",
+        "2",
+        "--gpu",
+        str(path),
+        "--global-batch",
+        "8",
+        "--seq",
+        "128",
+    ]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["memory_gib"] > 0
+    path.write_text('{"name": "x", "bogus": 1}')
+    with pytest.raises(ValueError, match="unknown key"):
+        load_hardware(str(path))
+
+
+# ---- train --layout auto -------------------------------------------------------------------------------
+
+
+def test_train_layout_auto_fills_the_layout(monkeypatch, capsys, sonnets_dataset):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    launched = {}
+
+    def fake_launch(nproc, argv, *, use_cuda):
+        launched.update(nproc=nproc, argv=argv)
+        return 0
+
+    monkeypatch.setattr(threefold.launch, "launch_local", fake_launch)
+    args = ["train", "--layout", "auto", "--nproc", "4", f"--data.path={sonnets_dataset}",
+            "--training.device=cpu"]  # fmt: skip
+    assert main(args) == 0
+    assert launched["nproc"] == 4
+    chosen = [a for a in launched["argv"] if a.startswith("--parallel.")]
+    sizes = {a.split("=")[0]: int(a.split("=")[1]) for a in chosen if a.split("=")[0].endswith("_size")}
+    assert sizes["--parallel.tp_size"] * sizes["--parallel.pp_size"] * sizes["--parallel.dp_size"] == 4
+    assert "--layout auto on 4 x cpu" in capsys.readouterr().out
+
+
+def test_train_layout_rejects_unknown_value(capsys):
+    assert main(["train", "--layout", "fastest"]) == 2
+    assert "--layout 'fastest' is unknown" in capsys.readouterr().err
+
+
+# ---- bench/plan_compare.py on a fake measurement -------------------------------------------------------
+
+
+def _load_compare():
+    path = Path(__file__).parent.parent / "bench" / "plan_compare.py"
+    spec = importlib.util.spec_from_file_location("plan_compare", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_compare_on_fake_bench_lines(tmp_path, capsys):
+    compare = _load_compare()
+    base = dict(model="llama-8b", global_batch_size=16, seq_len=4096, dtype="bfloat16", v=1, recompute="none",
+                schedule="1f1b", device="NVIDIA H200", torch="2.11")  # fmt: skip
+    rows = [
+        dict(
+            base,
+            tp=1,
+            pp=1,
+            dp=4,
+            micro_batch_size=2,
+            zero=True,
+            tokens_per_s_per_gpu=9000,
+            peak_memory_gib=118,
+        ),
+        dict(
+            base,
+            tp=4,
+            pp=1,
+            dp=1,
+            micro_batch_size=1,
+            zero=False,
+            tokens_per_s_per_gpu=6000,
+            peak_memory_gib=45,
+        ),
+        dict(
+            base,
+            tp=2,
+            pp=2,
+            dp=1,
+            micro_batch_size=1,
+            zero=False,
+            tokens_per_s_per_gpu=7000,
+            peak_memory_gib=50,
+        ),
+    ]
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(json.dumps(r) for r in rows) + '\nnoise\n{"name": "x", "error": "exit 134"}\n')
+    plan_json = tmp_path / "plan.json"
+    assert main(["plan", "--model", "llama-8b", "--gpus", "4", "--gpu", "h200", "--global-batch", "16",
+                 "--seq", "4096", "--json"]) == 0  # fmt: skip
+    plan_json.write_text(capsys.readouterr().out)
+    assert compare.main([str(bench), "--plan", str(plan_json), "--gpu", "h200", "--gpus-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n| ") == 3  # three layouts under the header
+    assert "Spearman rank correlation" in out and "memory estimate vs measured peak" in out
+    assert "failed: x: exit 134" in out
+    assert compare.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert compare.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    entries = ["a|--parallel.tp_size=4 --training.micro_batch_size=1",
+               "b|" + " ".join(json.loads(plan_json.read_text())[0]["overrides"])]  # fmt: skip
+    assert compare.main(["--plan", str(plan_json), "--which-first", *entries]) == 0
+    assert capsys.readouterr().out.strip() == "b"

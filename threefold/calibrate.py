@@ -1,0 +1,119 @@
+"""Measure this machine for the planner: matmul rate over a few sizes, memory bandwidth, and (with several
+ranks) all-reduce and point-to-point bandwidth; the result is a `Hardware` preset saved as JSON.
+
+bf16 matmuls on CUDA, fp32 on CPU. The GEMM curve stores each size's achieved fraction of the peak: the
+datasheet peak for a known GPU, else the best rate measured (so the curve tops out at 1.0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from threefold.hardware import GIB, PRESETS, Hardware, preset_for_device
+from threefold.metrics import peak_flops
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_gemm(device: torch.device, sizes: list[int], repeats: int = 5) -> list[tuple[float, float]]:
+    """(GFLOP, TFLOP/s) of square matmuls of each size: 2 n^3 FLOPs each."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = []
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        seconds = _timed(lambda: torch.mm(a, b), device, repeats)  # noqa: B023 - timed right here
+        flops = 2.0 * n**3
+        out.append((flops / 1e9, flops / seconds / 1e12))
+    return out
+
+
+def measure_copy_gbps(device: torch.device, mib: int, repeats: int = 5) -> float:
+    """Device-memory bandwidth from a large copy (read + write)."""
+    src = torch.empty(mib * 2**20 // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = _timed(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def measure_collectives(device: torch.device, mib: int, repeats: int = 5) -> tuple[float, float]:
+    """(all-reduce bus bandwidth over the whole world, rank 0 -> 1 point-to-point bandwidth), GB/s.
+
+    Every rank must call it. Bus bandwidth = 2 (n-1)/n * S / time, NCCL's convention."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    buf = torch.ones(mib * 2**20 // 4, device=device, dtype=torch.float32)
+    seconds = _timed(lambda: dist.all_reduce(buf), device, repeats)
+    nbytes = buf.numel() * 4
+    busbw = 2 * (world - 1) / world * nbytes / seconds / 1e9
+
+    def exchange() -> None:
+        if rank == 0:
+            dist.send(buf, 1)
+        elif rank == 1:
+            dist.recv(buf, 0)
+
+    seconds = _timed(exchange, device, repeats)
+    dist.barrier()
+    return busbw, nbytes / seconds / 1e9
+
+
+def calibrate(
+    device: torch.device,
+    *,
+    name: str,
+    sizes: list[int] | None = None,
+    collective_mib: int = 256,
+    intra_node: bool = True,
+) -> Hardware:
+    """A Hardware preset measured on `device` (collectives too when a process group is initialized)."""
+    cuda = device.type == "cuda"
+    sizes = sizes or ([1024, 2048, 4096, 8192] if cuda else [128, 256, 512])
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    base = preset_for_device(device_name) or PRESETS["h100"]
+    gemm = measure_gemm(device, sizes)
+    peak = (peak_flops(device_name) or 0.0) / 1e12 or max(rate for _, rate in gemm)
+    values = dataclasses.asdict(base)
+    values.update(
+        name=name,
+        peak_tflops=peak,
+        gemm_curve=tuple((gflop, min(1.0, rate / peak)) for gflop, rate in gemm),
+        hbm_gbps=measure_copy_gbps(device, 1024 if cuda else 64),
+    )
+    if cuda:
+        values["memory_gib"] = torch.cuda.get_device_properties(device).total_memory / GIB
+    else:
+        values.update(memory_gib=_host_memory_gib(), memory_reserve_gib=1.0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        busbw, p2p = measure_collectives(device, collective_mib if cuda else 16)
+        if intra_node:
+            values.update(intra_node_gbps=busbw, p2p_intra_gbps=p2p)
+        else:
+            values.update(inter_node_gbps=busbw, p2p_inter_gbps=p2p)
+    return Hardware(**values)
+
+
+def _host_memory_gib() -> float:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (ValueError, OSError, AttributeError):
+        return 16.0

@@ -1,0 +1,224 @@
+"""Hardware presets for the planner: compute rate, memory, and link bandwidths of one GPU and its node.
+
+A preset is a `Hardware` record; the built-in ones come from datasheets and the measurements recorded in
+BENCHMARKS.md, and `threefold plan --calibrate` writes one measured on this machine (JSON, loadable with
+`--gpu FILE.json`). Every time the planner charges is one of the formulas below.
+
+Collective times follow NCCL's bus-bandwidth convention: a ring all-reduce of S bytes over n ranks moves
+2 (n-1)/n * S bytes through each rank's slowest link, a reduce-scatter or an all-gather (n-1)/n * S, so
+
+    t_allreduce(S, n)      = latency + 2 (n-1)/n * S / bw(S)
+    t_reduce_scatter(S, n) = t_all_gather(S, n) = latency + (n-1)/n * S / bw(S)
+    t_p2p(S)               = latency + S / bw(S)
+
+with bw the intra-node (NVLink) figure when the group fits in one node, else the inter-node (IB) one,
+reduced for small messages: bw(S) = bw * S / (S + S_half).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """One GPU (and its node's links) as the planner sees it. Bandwidths in GB/s (1e9 bytes/s)."""
+
+    name: str
+    peak_tflops: float
+    """Dense peak of the training dtype (bf16 tensor cores on GPUs), TFLOP/s; MFU divides by it."""
+    memory_gib: float
+    """Device memory per GPU, GiB."""
+    memory_reserve_gib: float = 3.0
+    """Memory outside PyTorch's allocator (CUDA context, NCCL buffers), GiB; not available to tensors."""
+    hbm_gbps: float
+    """Device-memory bandwidth (what memory-bound element-wise kernels and the optimizer run at)."""
+    intra_node_gbps: float
+    """All-reduce bus bandwidth among the GPUs of one node (NVLink/NVSwitch)."""
+    inter_node_gbps: float
+    """All-reduce bus bandwidth per GPU across nodes (InfiniBand: one NIC per GPU)."""
+    p2p_intra_gbps: float
+    """Point-to-point bandwidth between two GPUs of a node, one direction."""
+    p2p_inter_gbps: float
+    """Point-to-point bandwidth between GPUs of different nodes, one direction."""
+    latency_us: float = 30.0
+    """Fixed cost of one collective or transfer (launch, synchronization), microseconds."""
+    half_bandwidth_mb: float = 8.0
+    """Message size (MiB) at which a collective reaches half its large-message bandwidth: the achieved
+    bandwidth of an S-byte message is bw * S / (S + half)."""
+    gemm_curve: tuple[tuple[float, float], ...]
+    """(GFLOP of one matmul, achieved fraction of peak) points; interpolated in log(GFLOP), clamped."""
+    attention_efficiency: float = 0.35
+    """Fraction of peak reached by the fused (flash) attention kernels on the causal FLOPs they execute."""
+    host_op_us: float = 12.0
+    """Host time to issue one eager operator (Python, dispatch, autograd bookkeeping, launch),
+    microseconds: small per-GPU work makes the GPU wait for the host."""
+    collective_host_us: float = 60.0
+    """Host time to issue one collective through torch.distributed, microseconds."""
+
+    def gemm_efficiency(self, flops: float) -> float:
+        """Fraction of peak for one matmul of `flops` FLOPs (2 m n k), from the measured curve."""
+        points = sorted(self.gemm_curve)
+        x = math.log(max(flops, 1.0) / 1e9)
+        xs = [math.log(g) for g, _ in points]
+        if x <= xs[0]:
+            return points[0][1]
+        if x >= xs[-1]:
+            return points[-1][1]
+        i = next(i for i in range(1, len(xs)) if x <= xs[i])
+        (x0, y0), (x1, y1) = (xs[i - 1], points[i - 1][1]), (xs[i], points[i][1])
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+    def gemm_time(self, flops: float) -> float:
+        """Seconds for one matmul of `flops` FLOPs."""
+        if flops <= 0:
+            return 0.0
+        return flops / (self.peak_tflops * 1e12 * self.gemm_efficiency(flops))
+
+    def memory_time(self, nbytes: float) -> float:
+        """Seconds to stream `nbytes` through device memory (memory-bound kernels)."""
+        return nbytes / (self.hbm_gbps * 1e9)
+
+    def all_reduce_time(self, nbytes: float, group_size: int, *, intra_node: bool) -> float:
+        """Ring all-reduce of `nbytes` over `group_size` ranks: latency + 2 (n-1)/n * S / busbw."""
+        if group_size <= 1 or nbytes <= 0:
+            return 0.0
+        bw = self._bandwidth(self.intra_node_gbps if intra_node else self.inter_node_gbps, nbytes)
+        return self.latency_us * 1e-6 + 2 * (group_size - 1) / group_size * nbytes / bw
+
+    def reduce_scatter_time(self, nbytes: float, group_size: int, *, intra_node: bool) -> float:
+        """Reduce-scatter (or all-gather) of a full tensor of `nbytes`: latency + (n-1)/n * S / busbw."""
+        if group_size <= 1 or nbytes <= 0:
+            return 0.0
+        bw = self._bandwidth(self.intra_node_gbps if intra_node else self.inter_node_gbps, nbytes)
+        return self.latency_us * 1e-6 + (group_size - 1) / group_size * nbytes / bw
+
+    all_gather_time = reduce_scatter_time
+
+    def p2p_time(self, nbytes: float, *, intra_node: bool) -> float:
+        """One point-to-point transfer of `nbytes`: latency + S / bw."""
+        if nbytes <= 0:
+            return 0.0
+        bw = self._bandwidth(self.p2p_intra_gbps if intra_node else self.p2p_inter_gbps, nbytes)
+        return self.latency_us * 1e-6 + nbytes / bw
+
+    def _bandwidth(self, gbps: float, nbytes: float) -> float:
+        """Achieved bytes/s for one message: bw * S / (S + S_half)."""
+        return gbps * 1e9 * nbytes / (nbytes + self.half_bandwidth_mb * 2**20)
+
+    @property
+    def usable_bytes(self) -> float:
+        return (self.memory_gib - self.memory_reserve_gib) * GIB
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["gemm_curve"] = [list(p) for p in self.gemm_curve]
+        return d
+
+
+# Hopper bf16 matmuls: 690-770 TFLOP/s on large random matrices (BENCHMARKS.md, H100), less for small ones.
+_HOPPER_GEMM = ((0.01, 0.04), (0.1, 0.2), (1.0, 0.4), (10.0, 0.56), (100.0, 0.66), (1000.0, 0.72))
+_AMPERE_GEMM = ((0.01, 0.08), (0.1, 0.3), (1.0, 0.6), (10.0, 0.76), (100.0, 0.83), (1000.0, 0.86))
+
+PRESETS: dict[str, Hardware] = {
+    # DGX A100 80GB (the paper's machine): NVLink3 600 GB/s per GPU (both directions), 8 x 200 Gb/s HDR
+    # InfiniBand per node (25 GB/s per GPU).
+    "a100-80gb": Hardware(
+        name="a100-80gb",
+        peak_tflops=312.0,
+        memory_gib=80.0,
+        hbm_gbps=2039.0,
+        intra_node_gbps=230.0,
+        inter_node_gbps=22.0,
+        p2p_intra_gbps=250.0,
+        p2p_inter_gbps=23.0,
+        gemm_curve=_AMPERE_GEMM,
+        attention_efficiency=0.5,
+    ),
+    # H100 SXM 80GB: NVLink4 900 GB/s per GPU (both directions); nodes with 8 x 400 Gb/s NDR (50 GB/s/GPU).
+    "h100": Hardware(
+        name="h100",
+        peak_tflops=989.0,
+        memory_gib=79.6,
+        hbm_gbps=3350.0,
+        intra_node_gbps=340.0,
+        inter_node_gbps=45.0,
+        p2p_intra_gbps=370.0,
+        p2p_inter_gbps=47.0,
+        gemm_curve=_HOPPER_GEMM,
+    ),
+    # H200 SXM 141GB: the H100's compute and NVLink with faster, larger HBM3e. All-reduce bus bandwidth
+    # 340-354 GB/s measured on 4 NVLink-connected H200s (BENCHMARKS.md).
+    "h200": Hardware(
+        name="h200",
+        peak_tflops=989.0,
+        memory_gib=140.4,
+        hbm_gbps=4800.0,
+        intra_node_gbps=340.0,
+        inter_node_gbps=45.0,
+        p2p_intra_gbps=370.0,
+        p2p_inter_gbps=47.0,
+        gemm_curve=_HOPPER_GEMM,
+    ),
+}
+
+
+def load_hardware(name_or_path: str) -> Hardware:
+    """A built-in preset by name, or a JSON file written by `threefold plan --calibrate`."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if not path.suffix == ".json":
+        raise ValueError(
+            f"unknown GPU {name_or_path!r}; choose one of {', '.join(PRESETS)} or a preset .json"
+        )
+    if not path.is_file():
+        raise ValueError(f"GPU preset file {str(path)!r} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"GPU preset file {str(path)!r} is not valid JSON: {e}") from None
+    return hardware_from_dict(raw, source=str(path))
+
+
+def hardware_from_dict(raw: dict[str, Any], *, source: str = "preset") -> Hardware:
+    known = {f.name for f in dataclasses.fields(Hardware)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {source}; known: {sorted(known)}")
+    values = dict(raw)
+    values["gemm_curve"] = tuple((float(g), float(f)) for g, f in values.get("gemm_curve", ()))
+    if not values["gemm_curve"]:
+        raise ValueError(f"{source} needs a non-empty gemm_curve of [GFLOP, fraction] points")
+    try:
+        hw = Hardware(**values)
+    except TypeError as e:
+        raise ValueError(f"{source}: {e}") from None
+    for key in ("peak_tflops", "memory_gib", "hbm_gbps", "intra_node_gbps", "inter_node_gbps",
+                "p2p_intra_gbps", "p2p_inter_gbps"):  # fmt: skip
+        if not getattr(hw, key) > 0:
+            raise ValueError(f"{source}: {key} must be positive, got {getattr(hw, key)}")
+    return hw
+
+
+def save_hardware(hw: Hardware, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(hw.to_dict(), indent=2) + "\n")
+
+
+def preset_for_device(device_name: str) -> Hardware | None:
+    """The built-in preset matching a `torch.cuda.get_device_name()` string, or None."""
+    name = device_name.lower()
+    if "h200" in name:
+        return PRESETS["h200"]
+    if "h100" in name:
+        return PRESETS["h100"]
+    if "a100" in name:
+        return PRESETS["a100-80gb"]
+    return None

@@ -1,0 +1,284 @@
+"""Memory per GPU of a training layout, term by term, from the model's shape alone (no hardware).
+
+Notation: t, p, d tensor/pipeline/data-parallel sizes; v chunks per pipeline rank; b micro-batch size;
+m micro-batches per step; s sequence length (s_ = s/t under sequence parallelism, else s); h hidden size;
+a query heads, k kv heads, d_h head dim (a d_h = h_q, k d_h = h_kv); f MLP width; V vocabulary, padded to
+V_p (a multiple of t); l layers; e bytes per element of the compute dtype (2 for bf16, 4 for fp32);
+P_r parameters held by pipeline rank r (its share of every tensor-parallel matrix).
+
+Static state of rank r (bytes):
+    parameters  e * P_r
+    gradients   4 * P_r                  fp32 `main_grad` buckets, whatever the dtype
+    optimizer   12 * P_r   (bf16: fp32 master + two fp32 Adam moments)
+                 8 * P_r   (fp32: the parameter is its own master)
+                divided by d under ZeRO-1 (parallel.zero), which shards masters and moments over d
+
+Activations: what autograd keeps for backward, counted from what threefold.model saves (tests/
+test_planner.py checks every term against the real tensors, and the per-layer formula is the sum of):
+    llama norm          (4 + e) b s_ h + e b s h     fp32 copy of x and normalized y; the linear input
+    gpt2 norm            e b s_ h + e b s h          LayerNorm input; the linear input
+                        (sequence parallel: the gathered input, one copy shared by the projections)
+    attention, none      e b s (2 h_q + 2 h_kv) / t + 4 b a s / t   q, k, v, output; LSE
+                        (k and v repeated to a heads, 4 e b s h_q / t, where flash attention does not
+                        read grouped heads in place: fp32, or on the CPU; `kv_repeated`)
+    attention, selective e b s (2 h_q + 2 h_kv) / t        q, k, v before the core, its output
+    MLP                  4 e b s f / t (SwiGLU: gate, up, silu(gate), product) or 2 e b s f / t (GeLU)
+    full recomputation   e b s_ h per layer (its input only)
+A pipeline stage's received input (e b s_ h) is kept too, unless its first layer saves it anyway.
+The last stage adds the final norm and the head and loss (`head_loss_activation`, the one place to adjust
+when the loss implementation changes): threefold.loss computes the loss and both gradients in the
+forward pass, chunk by chunk, and keeps only the input gradient and the output weight's gradient.
+
+Micro-batches in flight on pipeline rank r (`in_flight`, in chunk-micro-batches, checked against
+threefold.pipeline_sim): GPipe m v; 1F1B min(p - r, m); interleaved min(2 (p - r - 1) + (v - 1) p + 1, m v)
+(all m v when m = p). The peak of rank r is then
+    static + in_flight * (activations of one chunk-micro-batch) + the largest transient of a backward step
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from threefold.config import Config, ModelConfig
+from threefold.layout import Layout, Workload, from_config
+from threefold.partition import chunk_layer_ranges
+
+WORKSPACE_BYTES = 256 * 2**20
+"""Library workspaces inside the allocator (cuBLAS, attention kernels): a small constant."""
+
+
+def local_vocab(vocab_size: int, tp: int) -> int:
+    """V_p / t: the vocabulary rows one tensor-parallel rank holds (padded to a multiple of t)."""
+    return math.ceil(vocab_size / tp)
+
+
+def layer_parameters(m: ModelConfig, tp: int) -> int:
+    """Parameters of one transformer layer on one tensor-parallel rank (sharded matrices / t)."""
+    h, f, a, dh = m.hidden_size, m.ffn_hidden_size, m.num_heads, m.head_dim
+    assert f is not None and m.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
+    hq, hkv = a * dh, m.num_kv_heads * dh
+    if m.arch == "llama":
+        attention = (h * hq + 2 * h * hkv) // tp + hq * h // tp
+        if m.attention_bias:
+            attention += (hq + 2 * hkv) // tp
+        return attention + 3 * h * f // tp + 2 * h
+    # gpt2: q, k, v, o weights; q, k, v biases sharded, o bias replicated; MLP with biases; two LayerNorms
+    attention = 4 * h * hq // tp + 3 * hq // tp + h
+    return attention + (2 * h * f + f) // tp + h + 4 * h
+
+
+def embedding_parameters(m: ModelConfig, tp: int) -> int:
+    """Token table V_p/t * h (plus the replicated position table for gpt2)."""
+    return local_vocab(m.vocab_size, tp) * m.hidden_size + (
+        m.max_seq_len * m.hidden_size if m.arch == "gpt2" else 0
+    )
+
+
+def head_parameters(m: ModelConfig, tp: int, *, holds_embedding: bool) -> int:
+    """Final norm plus the output projection V_p/t * h (untied, or the last stage's copy of a tied one)."""
+    norm = m.hidden_size * (1 if m.arch == "llama" else 2)
+    own_output = not m.tie_embeddings or not holds_embedding
+    return norm + (local_vocab(m.vocab_size, tp) * m.hidden_size if own_output else 0)
+
+
+def rank_parameters(w: Workload, lay: Layout, pp_rank: int) -> int:
+    """P_r: parameters held by one rank of pipeline rank `pp_rank` (its v chunks)."""
+    ranges = chunk_layer_ranges(w.model.num_layers, lay.pp, lay.v)
+    chunks = [pp_rank + k * lay.pp for k in range(lay.v)]
+    layers = sum(ranges[c][1] - ranges[c][0] for c in chunks)
+    total = layers * layer_parameters(w.model, lay.tp)
+    has_embedding = 0 in chunks
+    if has_embedding:
+        total += embedding_parameters(w.model, lay.tp)
+    if len(ranges) - 1 in chunks:
+        total += head_parameters(w.model, lay.tp, holds_embedding=has_embedding)
+    return total
+
+
+def _layer_saves_input(m: ModelConfig, e: int, recompute: str) -> bool:
+    """Whether a layer keeps its own input tensor (then a stage's received input costs nothing extra)."""
+    return recompute == "full" or m.arch == "gpt2" or e == 4  # llama fp32: x.float() is x itself
+
+
+def layer_activation_bytes(
+    m: ModelConfig,
+    *,
+    b: int,
+    s: int,
+    tp: int,
+    e: int,
+    recompute: str,
+    sequence_parallel: bool,
+    kv_repeated: bool = False,
+) -> float:
+    """Bytes one transformer layer saves for backward, for one micro-batch (see the module docstring)."""
+    h, f, a = m.hidden_size, m.ffn_hidden_size, m.num_heads
+    assert f is not None and m.num_kv_heads is not None
+    s_ = s // tp if sequence_parallel else s
+    if recompute == "full":
+        return e * b * s_ * h
+    hq, hkv = a * m.head_dim, m.num_kv_heads * m.head_dim
+    linear_inputs = 2  # the (gathered) input of the attention projections and of the MLP's
+    norm_own = (4 + e) if m.arch == "llama" else e
+    norms = 2 * norm_own * b * s_ * h + linear_inputs * e * b * s * h
+    mlp = (4 if m.arch == "llama" else 2) * e * b * s * f / tp
+    if recompute == "selective":
+        attention = e * b * s * (2 * hq + 2 * hkv) / tp
+    else:
+        kv = hq if kv_repeated or m.arch == "gpt2" else hkv
+        attention = e * b * s * (2 * hq + 2 * kv) / tp + 4 * b * (a // tp) * s
+    return norms + attention + mlp
+
+
+def head_loss_activation(
+    m: ModelConfig, *, b: int, s: int, tp: int, e: int, sequence_parallel: bool
+) -> tuple[float, float]:
+    """(saved, transient) bytes of the final norm, the output projection and the loss, per micro-batch.
+
+    With n = b s tokens and V_p/t local vocabulary rows, threefold.loss runs chunks of
+    c = min(n, CHUNK_ELEMENTS / (V_p/t)) tokens. Saved until backward: the final norm's own tensors,
+    the input gradient (e n h) and the output weight's gradient (e V_p/t h for one chunk, an fp32 sum
+    4 V_p/t h for several). Transient while the head runs: a chunk's logits and their gradient
+    (2 e c V_p/t; fused kernels, no fp32 copies).
+    """
+    from threefold.loss import CHUNK_ELEMENTS
+
+    h, n = m.hidden_size, b * s
+    s_ = s // tp if sequence_parallel else s
+    vloc = local_vocab(m.vocab_size, tp)
+    norm = ((4 + e) if m.arch == "llama" else e) * b * s_ * h  # its own saved tensors; the loss saves no input
+    chunk = max(1, min(n, CHUNK_ELEMENTS // vloc))
+    weight_grad = (e if chunk >= n else 4) * vloc * h
+    return norm + e * n * h + weight_grad, 2 * e * chunk * vloc
+
+
+def layer_backward_transient(
+    m: ModelConfig, *, b: int, s: int, tp: int, e: int, recompute: str, sequence_parallel: bool
+) -> float:
+    """Extra bytes while one layer runs backward: gradient buffers (three MLP-wide ones, the fp32 norm
+    gradients, one weight gradient), plus the layer's own activations recomputed under `full`, or the
+    attention core's (repeated k, v and the output) under `selective`."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    assert f is not None
+    s_ = s // tp if sequence_parallel else s
+    grads = 3 * e * b * s * f / tp + 2 * 4 * b * s_ * h + e * h * f / tp
+    if recompute == "full":
+        grads += layer_activation_bytes(
+            m, b=b, s=s, tp=tp, e=e, recompute="none", sequence_parallel=sequence_parallel
+        )
+    elif recompute == "selective":
+        grads += 3 * e * b * s * m.num_heads * m.head_dim / tp
+    return grads
+
+
+def in_flight(schedule: str, p: int, v: int, m: int, pp_rank: int) -> int:
+    """Most chunk-micro-batches whose forward ran and whose backward has not, on pipeline rank `pp_rank`."""
+    if p == 1:
+        return 1 if schedule != "gpipe" else m * v
+    if schedule == "gpipe":
+        return m * v
+    if v == 1:
+        return min(p - pp_rank, m)
+    total = m * v
+    if m == p:
+        return total
+    return min(2 * (p - pp_rank - 1) + (v - 1) * p + 1, total)
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes on one GPU of pipeline rank `pp_rank`, by component."""
+
+    pp_rank: int
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    transient: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.transient
+            + self.buffers
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "parameters": self.parameters,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "transient": self.transient,
+            "buffers": self.buffers,
+            "total": self.total,
+        }
+
+
+def memory_by_rank(w: Workload, lay: Layout) -> list[RankMemory]:
+    """Every pipeline rank's peak memory (ranks of one stage are alike)."""
+    m, e = w.model, w.dtype_bytes
+    b, s, tp, p, v = lay.micro_batch_size, w.seq_len, lay.tp, lay.pp, lay.v
+    num_mb = lay.num_microbatches(w.global_batch_size)
+    sp = lay.sequence_parallel and tp > 1
+    s_ = s // tp if sp else s
+    ranges = chunk_layer_ranges(m.num_layers, p, v)
+    last_chunk = len(ranges) - 1
+    per_layer = layer_activation_bytes(m, b=b, s=s, tp=tp, e=e, recompute=lay.recompute, sequence_parallel=sp)
+    head_saved, head_transient = head_loss_activation(m, b=b, s=s, tp=tp, e=e, sequence_parallel=sp)
+    layer_transient = layer_backward_transient(
+        m, b=b, s=s, tp=tp, e=e, recompute=lay.recompute, sequence_parallel=sp
+    )
+    input_bytes = 0 if _layer_saves_input(m, e, lay.recompute) else e * b * s_ * m.hidden_size
+    optimizer_bytes = 12 if e == 2 else 8
+    rope_cache = 2 * 4 * max(m.max_seq_len, s) * m.head_dim if m.arch == "llama" else 0
+    out = []
+    for r in range(p):
+        chunks = [r + k * p for k in range(v)]
+        params = rank_parameters(w, lay, r)
+        # One chunk-micro-batch, averaged over the rank's chunks (they differ by a layer at most).
+        per_chunk = [
+            (ranges[c][1] - ranges[c][0]) * per_layer + (input_bytes if c > 0 else 0) for c in chunks
+        ]
+        activations = in_flight(lay.schedule, p, v, num_mb, r) * sum(per_chunk) / v
+        transient = layer_transient
+        if last_chunk in chunks:
+            activations += head_saved  # one micro-batch of the last chunk is in flight at a time (1F1B)
+            transient = max(transient, head_transient)
+            if lay.schedule == "gpipe":
+                activations += (num_mb - 1) * head_saved
+        buffers = WORKSPACE_BYTES + v * rope_cache + (2 * e * b * s_ * m.hidden_size if p > 1 else 0)
+        out.append(
+            RankMemory(
+                pp_rank=r,
+                parameters=e * params,
+                gradients=4.0 * params,
+                optimizer=optimizer_bytes * params / (lay.dp if lay.zero else 1),
+                activations=activations,
+                transient=transient,
+                buffers=buffers,
+            )
+        )
+    return out
+
+
+def worst_rank(w: Workload, lay: Layout) -> RankMemory:
+    return max(memory_by_rank(w, lay), key=lambda r: r.total)
+
+
+def estimate_memory(config: Config) -> dict[str, float]:
+    """Peak bytes per GPU on the most loaded rank of `config`'s layout, by component, with a "total".
+
+    Keys: parameters, gradients, optimizer, activations (saved for backward, all in-flight micro-batches),
+    transient (the largest short-lived buffer set of a backward step), buffers (workspaces, RoPE tables,
+    pipeline receive buffers), total. Hardware independent; compare "total" with
+    torch.cuda.max_memory_allocated().
+    """
+    workload, layout = from_config(config)
+    return worst_rank(workload, layout).as_dict()

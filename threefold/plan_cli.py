@@ -1,0 +1,219 @@
+"""`threefold plan`: the fastest layouts that fit, as a table or JSON; `--calibrate` measures a preset;
+and the `--layout auto` choice of `threefold train`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from threefold.config import Config, ModelConfig, load_config
+from threefold.hardware import PRESETS, Hardware, load_hardware, save_hardware
+from threefold.layout import Layout, Workload, config_supports_zero
+from threefold.planner import PlanResult, explain, format_table, plan
+from threefold.presets import MODEL_PRESETS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="threefold plan",
+        description="Predict memory and speed of every (tp, pp, dp, v, micro-batch, schedule, recompute, "
+        "ZeRO) layout; print the fastest that fit.",
+    )
+    p.add_argument("--model", help="a preset name or a config .toml (its model, seq_len, batch, dtype)")
+    p.add_argument("--gpus", type=int, help="number of GPUs n")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node g (default: all in one node)")
+    p.add_argument("--gpu", default="h100", help=f"hardware: {', '.join(PRESETS)} or a preset .json")
+    p.add_argument("--global-batch", type=int, help="global batch B in sequences")
+    p.add_argument("--seq", type=int, help="sequence length s")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default bfloat16")
+    p.add_argument("--json", action="store_true", help="print the ranked layouts as JSON")
+    p.add_argument("--top", type=int, default=10, help="how many layouts to show")
+    p.add_argument("--memory-margin", type=float, default=0.05, help="headroom kept free (fraction)")
+    p.add_argument("--no-zero", action="store_true", help="do not consider the distributed optimizer")
+    for name in ("tp", "pp", "dp", "v"):
+        p.add_argument(f"--{name}", type=int, help=f"fix {name}")
+    p.add_argument("--micro-batch-size", type=int, help="fix the micro-batch size b")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], help="fix recomputation")
+    p.add_argument("--zero", choices=["on", "off"], help="fix ZeRO-1 on or off")
+    p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], help="fix the pipeline schedule")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine and save a preset")
+    p.add_argument("--out", default="hardware.json", help="where --calibrate writes its preset")
+    return p
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    if args.model is None:
+        raise ValueError("--model is required (a preset name or a config .toml)")
+    seq, batch, dtype = args.seq, args.global_batch, args.dtype
+    if args.model in MODEL_PRESETS:
+        model = ModelConfig(preset=args.model, **MODEL_PRESETS[args.model])
+    elif args.model.endswith(".toml"):
+        config = load_config(args.model, check_paths=False)
+        model = config.model
+        seq = seq or config.data.seq_len
+        batch = batch or config.training.global_batch_size
+        dtype = dtype or config.training.dtype
+    else:
+        raise ValueError(
+            f"--model {args.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a .toml"
+        )
+    if seq is None or batch is None:
+        raise ValueError("--seq and --global-batch are required with a preset model")
+    for flag, value in (("--seq", seq), ("--global-batch", batch)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if seq > model.max_seq_len:
+        raise ValueError(f"--seq ({seq}) exceeds model.max_seq_len ({model.max_seq_len}) of {args.model}")
+    return Workload(model=model, seq_len=seq, global_batch_size=batch, dtype=dtype or "bfloat16")
+
+
+def _fixed(args: argparse.Namespace) -> dict[str, Any]:
+    fixed: dict[str, Any] = {}
+    for key in ("tp", "pp", "dp", "v", "micro_batch_size"):
+        value = getattr(args, key)
+        if value is not None:
+            if value <= 0:
+                raise ValueError(f"--{key.replace('_', '-')} must be positive, got {value}")
+            fixed[key] = value
+    if args.recompute is not None:
+        fixed["recompute"] = args.recompute
+    if args.zero is not None:
+        fixed["zero"] = args.zero == "on"
+    if args.schedule is not None:
+        fixed["schedule"] = args.schedule
+    return fixed
+
+
+def _check_fixed(fixed: dict[str, Any], num_gpus: int, w: Workload) -> None:
+    """Name the factors when a fixed dimension cannot work at all."""
+    for key in ("tp", "pp", "dp"):
+        if key in fixed and num_gpus % fixed[key]:
+            raise ValueError(f"--{key} ({fixed[key]}) must divide --gpus ({num_gpus})")
+    product = fixed.get("tp", 1) * fixed.get("pp", 1) * fixed.get("dp", 1)
+    if {"tp", "pp", "dp"} <= fixed.keys() and product != num_gpus:
+        raise ValueError(
+            f"--tp ({fixed['tp']}) * --pp ({fixed['pp']}) * --dp ({fixed['dp']}) = {product} "
+            f"!= --gpus ({num_gpus})"
+        )
+    if "tp" in fixed and w.model.num_heads % fixed["tp"]:
+        raise ValueError(f"--tp ({fixed['tp']}) must divide the model's num_heads ({w.model.num_heads})")
+
+
+def run_plan(
+    w: Workload, hw: Hardware, *, num_gpus: int, gpus_per_node: int, fixed: dict[str, Any], margin: float,
+    allow_zero: bool,
+) -> PlanResult:  # fmt: skip
+    """Plan, or raise ValueError saying why nothing fits."""
+    if num_gpus <= 0 or gpus_per_node <= 0:
+        raise ValueError(f"--gpus ({num_gpus}) and --gpus-per-node ({gpus_per_node}) must be positive")
+    if num_gpus > gpus_per_node and num_gpus % gpus_per_node:
+        raise ValueError(f"--gpus ({num_gpus}) must be a multiple of --gpus-per-node ({gpus_per_node})")
+    if not 0 <= margin < 1:
+        raise ValueError(f"--memory-margin must lie in [0, 1), got {margin}")
+    _check_fixed(fixed, num_gpus, w)
+    result = plan(
+        w, hw, num_gpus=num_gpus, gpus_per_node=gpus_per_node, fixed=fixed, memory_margin=margin,
+        allow_zero=allow_zero,
+    )  # fmt: skip
+    if not result.ranked:
+        what = f"{w.model.preset or 'the model'} (seq {w.seq_len}, global batch {w.global_batch_size})"
+        where = f"{num_gpus} x {hw.name} ({result.capacity_bytes / 2**30:.1f} GiB usable each)"
+        fixed_text = f" with {fixed}" if fixed else ""
+        if result.too_big:
+            small = result.too_big[0]
+            raise ValueError(
+                f"no layout of {what} fits on {where}{fixed_text}; the smallest, {small.layout.label()}, "
+                f"needs {small.memory.total / 2**30:.1f} GiB"
+            )
+        raise ValueError(f"no valid layout of {what} on {num_gpus} GPUs{fixed_text}")
+    return result
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.calibrate:
+        return _calibrate(args)
+    if args.gpus is None:
+        raise ValueError("--gpus is required")
+    w = _workload(args)
+    hw = load_hardware(args.gpu)
+    gpus_per_node = args.gpus_per_node or args.gpus
+    result = run_plan(
+        w, hw, num_gpus=args.gpus, gpus_per_node=gpus_per_node, fixed=_fixed(args), margin=args.memory_margin,
+        allow_zero=not args.no_zero,
+    )  # fmt: skip
+    top = result.ranked[: max(1, args.top)]
+    if args.json:
+        print(json.dumps([c.as_dict() for c in top], indent=1))
+        return 0
+    print(
+        f"{w.model.preset or args.model}: seq {w.seq_len}, global batch {w.global_batch_size}, {w.dtype}; "
+        f"{args.gpus} x {hw.name} ({gpus_per_node} per node); {len(result.ranked)} layouts fit, "
+        f"{len(result.too_big)} do not"
+    )
+    print(format_table(top, hw))
+    print()
+    print("\n".join(explain(result)))
+    print(f"\nrun the best: {' '.join(result.ranked[0].layout.overrides())}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from threefold.calibrate import calibrate
+    from threefold.launch import init_distributed, launch_local, world_from_env
+
+    world = world_from_env()
+    name = Path(args.out).stem
+    if world is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        argv = ["plan", "--calibrate", "--out", args.out]
+        return launch_local(torch.cuda.device_count(), argv, use_cuda=True)
+    if world is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        hw = calibrate(device, name=name)
+    else:
+        device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        init_distributed(world, device)
+        try:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
+            hw = calibrate(device, name=name, intra_node=local >= world.world_size)
+        finally:
+            dist.destroy_process_group()
+        if world.rank != 0:
+            return 0
+    save_hardware(hw, args.out)
+    print(json.dumps(hw.to_dict(), indent=1))
+    print(f"saved {args.out}; use it with `threefold plan --gpu {args.out} ...`")
+    return 0
+
+
+def auto_layout(config: Config, *, world_size: int, gpus_per_node: int, hw: Hardware) -> Layout:
+    """The planner's best layout for `config`'s model and batch on `world_size` ranks (--layout auto)."""
+    w = Workload(
+        model=config.model,
+        seq_len=config.data.seq_len,
+        global_batch_size=config.training.global_batch_size,
+        dtype=config.training.dtype,
+    )
+    result = run_plan(
+        w, hw, num_gpus=world_size, gpus_per_node=min(gpus_per_node, world_size), fixed={}, margin=0.05,
+        allow_zero=config_supports_zero(),
+    )  # fmt: skip
+    return result.ranked[0].layout
+
+
+def host_hardware(num_procs: int) -> Hardware:
+    """A rough preset for CPU ranks: each gets 1/num_procs of the host memory (speed is only relative)."""
+    from threefold.calibrate import _host_memory_gib
+
+    return dataclasses.replace(
+        PRESETS["h100"], name="cpu", memory_gib=_host_memory_gib() / max(1, num_procs), memory_reserve_gib=0.5
+    )

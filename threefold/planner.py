@@ -1,0 +1,247 @@
+"""The layout search: enumerate valid (t, p, d, v, b, schedule, recompute, ZeRO) layouts, keep those that fit,
+rank them by predicted throughput, and say why the best one wins.
+
+Memory comes from threefold.memory_model, time from threefold.time_model; this module only enumerates,
+filters, sorts and explains. Fixing a dimension (`fixed={"tp": 2}`) restricts the search to it, so a user
+can ask how fast the layout they already run is and what would beat it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from threefold.hardware import GIB, Hardware
+from threefold.layout import Layout, Workload
+from threefold.memory_model import RankMemory, worst_rank
+from threefold.schedules import check_schedule_args
+from threefold.time_model import StepTime, estimate_layout_time
+
+RECOMPUTE_ORDER = ("none", "selective", "full")
+FIXABLE = ("tp", "pp", "dp", "v", "micro_batch_size", "recompute", "zero", "schedule")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    memory: RankMemory
+    time: StepTime
+
+    def as_dict(self) -> dict[str, Any]:
+        lay, t = self.layout, self.time
+        return {
+            "tp": lay.tp,
+            "pp": lay.pp,
+            "dp": lay.dp,
+            "v": lay.v,
+            "micro_batch_size": lay.micro_batch_size,
+            "schedule": lay.schedule,
+            "recompute": lay.recompute,
+            "zero": lay.zero,
+            "tokens_per_s_per_gpu": round(t.tokens_per_s_per_gpu, 1),
+            "tflops_per_gpu": round(t.tflops_per_gpu, 2),
+            "mfu": round(t.mfu, 4),
+            "memory_gib": round(self.memory.total / GIB, 2),
+            "bubble_fraction": round(t.bubble_fraction, 4),
+            "step_time_s": round(t.step, 4),
+            "time_s": {k: round(v, 4) for k, v in t.as_dict().items() if k not in _RATES},
+            "memory_gib_by_component": {k: round(v / GIB, 2) for k, v in self.memory.as_dict().items()},
+            "overrides": lay.overrides(),
+        }
+
+
+_RATES = ("tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "bubble_fraction")
+
+
+@dataclass
+class PlanResult:
+    ranked: list[Candidate]
+    """Layouts that fit, fastest first."""
+    too_big: list[Candidate] = field(default_factory=list)
+    """Valid layouts that do not fit in memory (smallest first)."""
+    capacity_bytes: float = 0.0
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def enumerate_layouts(
+    w: Workload,
+    num_gpus: int,
+    *,
+    fixed: dict[str, Any] | None = None,
+    allow_zero: bool = True,
+    max_micro_batch: int = 16,
+    max_v: int = 8,
+) -> Iterator[Layout]:
+    """Every layout the code can run for `w` on `num_gpus` GPUs, restricted to the `fixed` values."""
+    fixed = fixed or {}
+    m = w.model
+    assert m.num_kv_heads is not None and m.ffn_hidden_size is not None
+
+    def allowed(key: str, value: Any) -> bool:
+        return key not in fixed or fixed[key] == value
+
+    for tp in _divisors(num_gpus):
+        if not allowed("tp", tp) or m.num_heads % tp or m.num_kv_heads % tp or m.ffn_hidden_size % tp:
+            continue
+        for pp in _divisors(num_gpus // tp):
+            dp = num_gpus // (tp * pp)
+            if not allowed("pp", pp) or not allowed("dp", dp) or pp > m.num_layers:
+                continue
+            if w.global_batch_size % dp:
+                continue
+            vs = [1] if pp == 1 else [v for v in range(1, max_v + 1) if pp * v <= m.num_layers]
+            if "v" not in fixed:  # the paper's interleaving splits the layers evenly
+                vs = [v for v in vs if v == 1 or m.num_layers % (pp * v) == 0]
+            for v in vs:
+                if not allowed("v", v):
+                    continue
+                for b in _divisors(w.global_batch_size // dp):
+                    if not allowed("micro_batch_size", b) or (
+                        b > max_micro_batch and "micro_batch_size" not in fixed
+                    ):
+                        continue
+                    yield from _variants(w, tp, pp, dp, v, b, fixed, allow_zero)
+
+
+def _variants(
+    w: Workload, tp: int, pp: int, dp: int, v: int, b: int, fixed: dict[str, Any], allow_zero: bool
+) -> Iterator[Layout]:
+    num_mb = w.global_batch_size // (dp * b)
+    schedules = ["interleaved"] if v > 1 else ["1f1b", "gpipe"] if pp > 1 else ["1f1b"]
+    if "schedule" not in fixed and pp > 1 and v == 1:
+        schedules = ["1f1b"]  # GPipe has 1F1B's bubble and more memory: never better
+    for schedule in schedules:
+        if "schedule" in fixed and fixed["schedule"] != schedule:
+            continue
+        try:
+            check_schedule_args(schedule, pp, v, num_mb)
+        except ValueError:
+            continue
+        for recompute in RECOMPUTE_ORDER:
+            if "recompute" in fixed and fixed["recompute"] != recompute:
+                continue
+            for zero in (False, True):
+                if zero and (dp == 1 or not allow_zero):
+                    continue
+                if "zero" in fixed and fixed["zero"] != zero:
+                    continue
+                yield Layout(
+                    tp=tp,
+                    pp=pp,
+                    dp=dp,
+                    v=v,
+                    micro_batch_size=b,
+                    schedule=schedule,
+                    recompute=recompute,
+                    zero=zero,
+                )
+
+
+def _preference(c: Candidate) -> tuple:
+    """Fastest first; among equals, less model parallelism, less recomputation, no ZeRO, fewer chunks."""
+    lay = c.layout
+    return (
+        -round(c.time.tokens_per_s_per_gpu, 6),
+        lay.tp * lay.pp,
+        RECOMPUTE_ORDER.index(lay.recompute),
+        lay.zero,
+        lay.v,
+        -lay.micro_batch_size,
+    )
+
+
+def plan(
+    w: Workload,
+    hw: Hardware,
+    *,
+    num_gpus: int,
+    gpus_per_node: int,
+    fixed: dict[str, Any] | None = None,
+    memory_margin: float = 0.05,
+    allow_zero: bool = True,
+) -> PlanResult:
+    """Evaluate every valid layout; those whose peak memory is within (1 - margin) of usable memory fit."""
+    capacity = hw.usable_bytes * (1 - memory_margin)
+    ranked, too_big = [], []
+    g = min(gpus_per_node, num_gpus)
+    for lay in enumerate_layouts(w, num_gpus, fixed=fixed, allow_zero=allow_zero):
+        mem = worst_rank(w, lay)
+        if mem.total > capacity:
+            too_big.append(Candidate(lay, mem, estimate_layout_time(w, lay, hw, gpus_per_node=g)))
+            continue
+        ranked.append(Candidate(lay, mem, estimate_layout_time(w, lay, hw, gpus_per_node=g)))
+    ranked.sort(key=_preference)
+    too_big.sort(key=lambda c: c.memory.total)
+    return PlanResult(ranked=ranked, too_big=too_big, capacity_bytes=capacity)
+
+
+_TERMS = {
+    "compute": "compute",
+    "tp_comm": "tensor-parallel all-reduces",
+    "pp_comm": "pipeline transfers",
+    "bubble": "pipeline bubble",
+    "dp_exposed": "exposed data-parallel communication",
+    "optimizer": "optimizer step",
+}
+
+
+def _why_slower(best: Candidate, other: Candidate) -> str:
+    """The term that grows most from `best` to `other`."""
+    b, o = best.time.as_dict(), other.time.as_dict()
+    key = max(_TERMS, key=lambda k: o[k] - b[k])
+    return f"{_TERMS[key]} +{o[key] - b[key]:.3f} s/step"
+
+
+def explain(result: PlanResult) -> list[str]:
+    """Why the first layout wins: its margin over the best layout that differs in each dimension."""
+    if not result.ranked:
+        return []
+    best = result.ranked[0]
+    lay, t = best.layout, best.time
+    lines = [
+        f"best: {lay.label()}: {t.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, {t.mfu:.1%} MFU, "
+        f"{best.memory.total / GIB:.1f} of {result.capacity_bytes / GIB:.1f} GiB usable; "
+        f"step {t.step:.3f} s = compute {t.compute:.3f} + TP {t.tp_comm:.3f} + p2p {t.pp_comm:.3f} "
+        f"+ bubble {t.bubble:.3f} + DP {t.dp_exposed:.3f} + optimizer {t.optimizer:.3f} (+ overhead)"
+    ]
+    dims = [("tp", "t"), ("pp", "p"), ("v", "v"), ("micro_batch_size", "b"), ("recompute", "recompute"),
+            ("zero", "zero")]  # fmt: skip
+    for key, name in dims:
+        mine = getattr(lay, key)
+        rival = next((c for c in result.ranked[1:] if getattr(c.layout, key) != mine), None)
+        if rival is not None:
+            slower = 1 - rival.time.tokens_per_s_per_gpu / t.tokens_per_s_per_gpu
+            lines.append(
+                f"vs {name}={getattr(rival.layout, key)} (best: {rival.layout.label()}): {slower:.1%} "
+                f"slower, {_why_slower(best, rival)}"
+            )
+        big = next((c for c in result.too_big if getattr(c.layout, key) != mine), None)
+        if big is not None and (rival is None or _preference(big) < _preference(rival)):
+            lines.append(
+                f"{name}={getattr(big.layout, key)} would be faster ({big.layout.label()}) but needs "
+                f"{big.memory.total / GIB:.1f} GiB"
+            )
+    return lines
+
+
+def format_table(candidates: list[Candidate], hw: Hardware) -> str:
+    """The ranked layouts as a fixed-width table."""
+    header = (
+        f"{'#':>2}  {'t':>2} {'p':>2} {'d':>3} {'v':>2} {'b':>2}  {'schedule':<11} {'recompute':<9} "
+        f"{'zero':<5} {'tokens/s/GPU':>12} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6} {'bubble':>7} {'step s':>7}"
+    )
+    rows = [header, "-" * len(header)]
+    for i, c in enumerate(candidates, 1):
+        lay, t = c.layout, c.time
+        rows.append(
+            f"{i:>2}  {lay.tp:>2} {lay.pp:>2} {lay.dp:>3} {lay.v:>2} {lay.micro_batch_size:>2}  "
+            f"{(lay.schedule if lay.pp > 1 else '-'):<11} {lay.recompute:<9} "
+            f"{('on' if lay.zero else 'off'):<5} {t.tokens_per_s_per_gpu:>12,.0f} "
+            f"{t.tflops_per_gpu:>8.1f} {t.mfu:>6.1%} "
+            f"{c.memory.total / GIB:>6.1f} {t.bubble_fraction:>7.1%} {t.step:>7.3f}"
+        )
+    return "\n".join(rows)
