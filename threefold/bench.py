@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from threefold.config import Config
 from threefold.data import BatchLoader, TokenDataset
+from threefold.memory_model import estimate_memory
 from threefold.mesh import Mesh
 from threefold.metrics import count_parameters, flops_per_token, mfu, peak_flops
 from threefold.train import build, train_step
@@ -147,6 +148,7 @@ def _record(
         "peak_memory_gib": max(r[0] for r in per_rank),
         "peak_memory_gib_per_rank": [round(r[0], 3) for r in per_rank],
         "reserved_memory_gib": max(r[1] for r in per_rank),
+        "estimated_memory_gib": estimate_memory(config)["total"] / GIB,
         "losses": losses,
         "device": name,
         "world_size": mesh.world_size,
@@ -179,7 +181,7 @@ def format_record(record: dict[str, Any]) -> str:
         (
             "peak memory",
             f"{record['peak_memory_gib']:.2f} GiB (max over ranks; reserved "
-            f"{record['reserved_memory_gib']:.2f} GiB)",
+            f"{record['reserved_memory_gib']:.2f} GiB; estimated {record['estimated_memory_gib']:.2f} GiB)",
         ),  # fmt: skip
         ("losses", " ".join(f"{v:.4f}" for v in record["losses"][:8])),
     ]

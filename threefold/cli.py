@@ -210,9 +210,9 @@ def cmd_bench(argv: list[str]) -> int:
     rest: list[str] = []
     i = 0
     while i < len(argv):
-        key, _, value = argv[i].partition("=")
+        key, equals, value = argv[i].partition("=")
         if key in own:
-            if not value:
+            if not equals:
                 if i + 1 >= len(argv):
                     raise ValueError(f"{key} needs a value")
                 value = argv[i + 1]
@@ -248,7 +248,7 @@ def cmd_bench(argv: list[str]) -> int:
                 f.write(line + "\n")
 
     worker_argv = ["bench", *([path] if path else []), *overrides]
-    worker_argv += [f"{k}={v}" for k, v in own.items()]
+    worker_argv += [f"{k}={v}" for k, v in own.items() if v]
     return _run_workers(config, worker_argv, nproc, body)
 
 

@@ -147,7 +147,7 @@ def head_loss_activation(
     h, n = m.hidden_size, b * s
     s_ = s // tp if sequence_parallel else s
     vloc = local_vocab(m.vocab_size, tp)
-    norm = ((4 + e) if m.arch == "llama" else e) * b * s_ * h  # its own saved tensors; the loss saves no input
+    norm = ((4 + e) if m.arch == "llama" else e) * b * s_ * h  # the loss saves no input of its own
     chunk = max(1, min(n, CHUNK_ELEMENTS // vloc))
     weight_grad = (e if chunk >= n else 4) * vloc * h
     return norm + e * n * h + weight_grad, 2 * e * chunk * vloc
