@@ -31,14 +31,19 @@ GIB = 2**30
 
 
 def synthetic_steps(config: Config, mesh: Mesh, device: torch.device, count: int) -> list[list[Batch]]:
-    """`count` steps of this data-parallel rank's micro-batches of uniform random token ids."""
+    """`count` steps of this data-parallel rank's micro-batches of uniform random token ids.
+
+    Each step's global batch is drawn from the seed alone and every data-parallel rank takes its slice,
+    so any layout of the same config trains on the same tokens (losses compare across layouts).
+    """
     t, seq = config.training, config.data.seq_len
     per_rank = t.global_batch_size // mesh.dp_size
-    gen = torch.Generator(device="cpu").manual_seed(t.seed * 1000 + mesh.dp_rank)
+    gen = torch.Generator(device="cpu").manual_seed(t.seed)
     steps = []
     for _ in range(count):
-        tokens = torch.randint(0, config.model.vocab_size, (per_rank, seq + 1), generator=gen)
-        x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        tokens = torch.randint(0, config.model.vocab_size, (t.global_batch_size, seq + 1), generator=gen)
+        mine = tokens[mesh.dp_rank * per_rank : (mesh.dp_rank + 1) * per_rank]
+        x, y = mine[:, :-1].to(device), mine[:, 1:].to(device)
         steps.append(list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True)))
     return steps
 
