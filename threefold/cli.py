@@ -76,11 +76,13 @@ def cmd_train(argv: list[str]) -> int:
     import torch
 
     from threefold.config import check_world_size
+    from threefold.faults import faults_from_env
     from threefold.launch import init_distributed, launch_local, pick_device, world_from_env
 
     path, overrides, nproc = _split_train_args(argv)
     config = _load(path, overrides)
     world = world_from_env()
+    faults = faults_from_env()  # test-only fault injection (THREEFOLD_FAULT); None normally
     if world is None:
         nproc = nproc or config.world_size
         check_world_size(config, nproc)
@@ -94,6 +96,7 @@ def cmd_train(argv: list[str]) -> int:
     check_world_size(config, world.world_size)
     import torch.distributed as dist
 
+    from threefold.guard import NumericsError
     from threefold.mesh import build_mesh
     from threefold.train import train
 
@@ -105,7 +108,11 @@ def cmd_train(argv: list[str]) -> int:
         dist.barrier()
         p = config.parallel
         mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
-        result = train(config, mesh, device)
+        try:
+            result = train(config, mesh, device, faults=faults)
+        except NumericsError as e:
+            print(f"threefold: rank {mesh.rank}: {e}", file=sys.stderr, flush=True)
+            return 3
         if mesh.rank == 0:
             val = result.val_losses
             summary = f"done: {result.steps_done} steps"

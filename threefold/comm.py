@@ -13,13 +13,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from threefold import watchdog
+
 SEQ_DIM = 1
 
 
 def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     if dist.get_world_size(group) > 1:
         x = x.contiguous()
-        dist.all_reduce(x, group=group)
+        with watchdog.collective(group, "all_reduce"):
+            dist.all_reduce(x, group=group)
     return x
 
 
@@ -30,7 +33,8 @@ def _all_gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return x
     local = x.transpose(0, SEQ_DIM).contiguous()  # (s/t, b, h): gather along a leading dim is one copy
     out = torch.empty((world * local.shape[0], *local.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, local, group=group)
+    with watchdog.collective(group, "all_gather"):
+        dist.all_gather_into_tensor(out, local, group=group)
     return out.transpose(0, SEQ_DIM)
 
 
@@ -43,7 +47,8 @@ def _reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         raise ValueError(f"sequence length ({x.shape[SEQ_DIM]}) must be divisible by tp_size ({world})")
     full = x.transpose(0, SEQ_DIM).contiguous()
     out = torch.empty((full.shape[0] // world, *full.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, full, group=group)
+    with watchdog.collective(group, "reduce_scatter"):
+        dist.reduce_scatter_tensor(out, full, group=group)
     return out.transpose(0, SEQ_DIM)
 
 
@@ -67,7 +72,8 @@ class ReduceFromTP(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         # In place: the partial sums are dead after this, and a copy of (b, s, h) per layer adds up.
         assert x.is_contiguous(), "row-parallel outputs are contiguous"
-        dist.all_reduce(x, group=group)
+        with watchdog.collective(group, "all_reduce"):
+            dist.all_reduce(x, group=group)
         ctx.mark_dirty(x)
         return x
 

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from threefold import watchdog
+
 
 class _Bucket:
     def __init__(self, params: list[nn.Parameter], device: torch.device) -> None:
@@ -66,7 +68,8 @@ class GradSync:
         bucket.buffer.div_(
             self.dp_size
         )  # sum of 1/d-scaled gradients = the mean (gloo has no AVG everywhere)
-        bucket.handle = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
+        with watchdog.collective(self.dp_group, "all_reduce(grad bucket)"):
+            bucket.handle = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
 
     def finish(self) -> None:
         """Wait for every bucket's all-reduce (launching any whose hooks did not all fire)."""
@@ -74,7 +77,8 @@ class GradSync:
             if self.sync_this_backward and bucket.handle is None and bucket.num_ready < len(bucket.params):
                 self._launch(bucket)  # a parameter got no gradient this step: still sync its zeros
             if bucket.handle is not None:
-                bucket.handle.wait()
+                with watchdog.waiting_for(self.dp_group, "all_reduce(grad bucket)"):
+                    bucket.handle.wait()
                 bucket.handle = None
             bucket.num_ready = 0
 
@@ -93,7 +97,8 @@ def all_reduce_sequence_parallel_grads(params: list[nn.Parameter], tp_group: Pro
     if not grads or dist.get_world_size(tp_group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=tp_group)
+    with watchdog.collective(tp_group, "all_reduce(sequence-parallel grads)"):
+        dist.all_reduce(flat, group=tp_group)
     torch._foreach_copy_(
         grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
     )

@@ -78,6 +78,14 @@ def launch_local(nproc: int, argv: list[str], *, use_cuda: bool) -> int:
             env.setdefault("OMP_NUM_THREADS", str(threads))  # share the cores instead of oversubscribing
         procs.append(subprocess.Popen([sys.executable, "-m", "threefold.cli", *argv], env=env))
     code = 0
+
+    def forward(signum: int, frame: Any) -> None:
+        # A scheduler's preemption warning reaches the launcher: pass it on and let the workers save.
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         while procs:
             for p in list(procs):
@@ -87,8 +95,10 @@ def launch_local(nproc: int, argv: list[str], *, use_cuda: bool) -> int:
                 procs.remove(p)
                 if rc != 0 and code == 0:
                     code = rc
-                    for other in procs:  # one worker died: the rest would wait forever in a collective
-                        other.terminate()
+                    # One worker died: the rest would wait forever in a collective. SIGTERM would ask them
+                    # to save a checkpoint, which needs the dead peer; the last checkpoint stays instead.
+                    for other in procs:
+                        other.kill()
             time.sleep(0.1)
     except KeyboardInterrupt:
         # The workers got the same Ctrl-C and are finishing their step; give them time, then insist.
@@ -100,4 +110,7 @@ def launch_local(nproc: int, argv: list[str], *, use_cuda: bool) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         code = 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return code

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from threefold import watchdog
 from threefold.comm import reduce_from_tp, reduce_scatter_to_sequence
 
 
@@ -191,7 +192,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         row_max = logits.max(dim=-1).values
         if world > 1:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+            with watchdog.collective(group, "all_reduce(logit max)"):
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         logits.sub_(row_max.unsqueeze(-1))
 
         local_targets = targets - vocab_start
@@ -204,7 +206,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp = exp.sum(dim=-1)
         if world > 1:
             both = torch.stack([target_logit, sum_exp])
-            dist.all_reduce(both, group=group)
+            with watchdog.collective(group, "all_reduce(softmax sums)"):
+                dist.all_reduce(both, group=group)
             target_logit, sum_exp = both[0], both[1]
         loss = torch.log(sum_exp) - target_logit
 

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from threefold import watchdog
 from threefold.config import OptimizerConfig
 from threefold.layers import is_sharded
 from threefold.mesh import Mesh
@@ -75,13 +76,23 @@ class Optimizer:
         else:
             squares = torch.zeros((), device=device)
         if self.mesh.tp_size * self.mesh.pp_size > 1:
-            dist.all_reduce(squares, group=self.mesh.model_parallel_group)
+            with watchdog.collective(self.mesh.model_parallel_group, "all_reduce(grad norm)"):
+                dist.all_reduce(squares, group=self.mesh.model_parallel_group)
         return squares.sqrt()
 
-    def step(self, step: int) -> tuple[torch.Tensor, float]:
-        """Clip, update, and copy masters back; returns (grad norm before clipping, lr used)."""
+    def step(self, step: int, *, found_inf: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """Clip, update, and copy masters back; returns (grad norm before clipping, lr used).
+
+        The update is skipped (weights, moments and Adam's step count untouched) when the global grad
+        norm is not finite or `found_inf` (a device bool, e.g. a non-finite loss) is set. Both are the
+        same on every rank, so all ranks skip together. On CUDA the fused kernel reads the flag on the
+        device (no host sync); on CPU it is read on the host.
+        """
         grads = [p.main_grad for p in self.params]  # type: ignore[attr-defined]
         norm = self.grad_norm()
+        skip = ~torch.isfinite(norm)
+        if found_inf is not None:
+            skip = skip | found_inf
         if self.cfg.grad_clip > 0:
             # Scale by min(1, clip / norm) without a host sync.
             coef = (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
@@ -91,7 +102,11 @@ class Optimizer:
             group["lr"] = lr
         for master, grad in zip(self.masters, grads, strict=True):
             master.grad = grad
-        self.adam.step()
+        if self.adam.defaults.get("fused"):
+            self.adam.found_inf = skip.float().reshape(1)  # type: ignore[attr-defined]
+            self.adam.step()
+        elif not bool(skip):
+            self.adam.step()
         for master in self.masters:
             master.grad = None
         low_precision = [(p, m) for p, m in zip(self.params, self.masters, strict=True) if p is not m]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
+from threefold import watchdog
 from threefold.data_parallel import GradSync
 from threefold.mesh import Mesh
 from threefold.model import Transformer
@@ -69,8 +70,9 @@ def connect_neighbours(mesh: Mesh, device: torch.device) -> None:
         dist.P2POp(dist.isend, buffers[2], prev_rank),
         dist.P2POp(dist.irecv, buffers[3], next_rank),
     ]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
+    with watchdog.transfer([next_rank, prev_rank, prev_rank, next_rank]):
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -110,6 +112,7 @@ class PipelineExecutor:
             if a.kind is Kind.B:
                 last_backward[a.chunk] = a.microbatch  # the backward that launches the chunk's gradient sync
         for group in batches(actions):
+            watchdog.set_action(group)
             if group[0].kind in COMPUTE:
                 a = group[0]
                 if a.kind is Kind.F:
@@ -170,16 +173,18 @@ class PipelineExecutor:
     def _incoming(self, wire: torch.Tensor) -> torch.Tensor:
         if self.scatter:
             full = torch.empty(wire.numel() * self.mesh.tp_size, dtype=wire.dtype, device=wire.device)
-            dist.all_gather_into_tensor(full, wire, group=self.mesh.tp_group)
+            with watchdog.collective(self.mesh.tp_group, "all_gather(boundary)"):
+                dist.all_gather_into_tensor(full, wire, group=self.mesh.tp_group)
             wire = full
         return wire.view(self.boundary_shape)
 
     def _transfer(self, group: list[Action], state: _StepState) -> None:
-        ops, received, sent = [], [], []
+        ops, received, sent, peers = [], [], [], []
         for a in group:
             key = (a.chunk, a.microbatch)
             assert a.peer is not None  # every transfer names its peer
             peer = self._peer(a.peer)
+            peers.append(peer)
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 source = state.outputs[key] if a.kind is Kind.SEND_F else state.input_grads.pop(key)
                 ops.append(dist.P2POp(dist.isend, self._outgoing(source), peer))
@@ -189,8 +194,9 @@ class PipelineExecutor:
                 buffer = torch.empty(self._wire_numel(), dtype=self.dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buffer, peer))
                 received.append((a, buffer))
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        with watchdog.transfer(peers):
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
         for key in sent:
             if state.outputs[key].requires_grad:
                 _free(state.outputs[key])  # sent: only its graph is needed until the backward
