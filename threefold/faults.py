@@ -9,10 +9,12 @@ train`), never by the training code itself. It holds faults separated by ';', ea
     stall:rank=1:step=3        sleep (default forever; seconds=S for S seconds) before step 3's work
     slow:rank=1:seconds=0.05   sleep this long at the start of every step from `step` (default 0) on
     nan:step=4:count=2         fill the gradient buffers with NaN before steps 4 and 5 (all ranks)
+    spike:step=6:factor=30     multiply the weights by `factor` before step 6 (a loss spike; fp32 only)
 
 Options: `rank` (default: every rank), `step` (default 0), `count` (steps in a row, default 1; `slow`
-defaults to every step), `seconds`, and `attempt` (default 0): the fault fires only in that attempt of
-a job restarted by torchrun (TORCHELASTIC_RESTART_COUNT), so a killed run does not die again on resume.
+defaults to every step), `seconds`, `factor`, and `attempt` (default 0): the fault fires only in that
+attempt of a job restarted by torchrun (TORCHELASTIC_RESTART_COUNT), so a killed run does not die again
+on resume.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("kill", "term", "stall", "slow", "nan")
+KINDS = ("kill", "term", "stall", "slow", "nan", "spike")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Fault:
     step: int = 0
     count: int = 1
     seconds: float = math.inf
+    factor: float = 10.0
     attempt: int = 0
 
     def due(self, rank: int, step: int) -> bool:
@@ -54,14 +57,14 @@ def parse_faults(spec: str) -> list[Fault]:
             try:
                 if key in ("rank", "step", "count", "attempt"):
                     values[key] = int(value)
-                elif key == "seconds":
+                elif key in ("seconds", "factor"):
                     values[key] = float(value)
                 else:
                     raise ValueError
             except ValueError:
                 raise ValueError(
                     f"THREEFOLD_FAULT {part!r}: bad option {option!r}; use rank=, step=, count=, "
-                    "seconds= or attempt= with a number"
+                    "seconds=, factor= or attempt= with a number"
                 ) from None
         if kind == "slow" and "seconds" not in values:
             raise ValueError(f"THREEFOLD_FAULT {part!r}: slow needs seconds=S")
@@ -78,8 +81,8 @@ class FaultPlan:
     def __bool__(self) -> bool:
         return bool(self.faults)
 
-    def before_step(self, rank: int, step: int, grads: list[Any]) -> None:
-        """Inject whatever is due now; `grads` are the gradient buffers a `nan` fault poisons."""
+    def before_step(self, rank: int, step: int, grads: list[Any], weights: list[Any]) -> None:
+        """Inject whatever is due now into the gradient buffers (`nan`) or the weights (`spike`)."""
         for f in self.faults:
             if not f.due(rank, step):
                 continue
@@ -94,6 +97,9 @@ class FaultPlan:
             elif f.kind == "nan":
                 for g in grads:
                     g.fill_(float("nan"))
+            elif f.kind == "spike":
+                for w in weights:
+                    w.data.mul_(f.factor)
 
 
 def faults_from_env(env: dict[str, str] | None = None) -> FaultPlan | None:

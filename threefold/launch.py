@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,13 +26,26 @@ class WorldInfo:
     rank: int
     local_rank: int
     world_size: int
+    restart_count: int = 0
+    """How many times torchrun restarted this job's workers (TORCHELASTIC_RESTART_COUNT)."""
+    agent_store: tuple[str, int] | None = None
+    """(host, port) of torchrun's own store when the workers share it, else None."""
 
 
 def world_from_env() -> WorldInfo | None:
     """The torchrun-style world this process belongs to (Slurm's variables as a fallback), or None."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return WorldInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+        agent_store = None
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            agent_store = (env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+        return WorldInfo(
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env["WORLD_SIZE"]),
+            restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            agent_store=agent_store,
+        )
     return None
 
 
@@ -50,6 +64,13 @@ def pick_device(config: Config, local_rank: int) -> torch.device:
 def init_distributed(world: WorldInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    if world.agent_store is not None:
+        # torchrun keeps one store for all restarts of a job (same host and port), so a restarted
+        # worker could read the addresses its dead predecessors published and fail to connect (or
+        # hang). A key space per attempt keeps restarts apart.
+        host, port = world.agent_store
+        client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(minutes=10))
+        kwargs["store"] = dist.PrefixStore(f"threefold/attempt_{world.restart_count}", client)
     dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, **kwargs)
 
 

@@ -138,12 +138,14 @@ class RunGuard:
             self.watchdog.stop()
         self._activation.__exit__(*exc)
 
-    def begin_step(self, step: int, grads: list[Any]) -> None:
+    def begin_step(self, step: int, trainer: Any) -> None:
         self.tracker.step = step
+        self.tracker.action = "step start"
         self._began = time.monotonic()
         self._comm_at_begin = self.tracker.comm_seconds
         if self.faults:
-            self.faults.before_step(self.mesh.rank, step, grads)
+            grads = [p.main_grad for p in trainer.optimizer.params]
+            self.faults.before_step(self.mesh.rank, step, grads, trainer.optimizer.params)
 
     def end_step(self, *, stop_requested: bool, out_of_time: bool) -> tuple[bool, bool]:
         """Busy-time bookkeeping, then every rank's agreement on (stop requested, out of time)."""

@@ -214,7 +214,6 @@ def train(
     )
     reporter = Reporter(config, mesh, device, enabled=mesh.rank == 0, start_step=start_step)
     result = TrainResult(trainer=trainer)
-    grads = [p.main_grad for p in trainer.optimizer.params]  # type: ignore[attr-defined]
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float, torch.Tensor]] = []
     start = time.perf_counter()
     with StopRequest(config.reliability.preemption_deadline) as stop, reporter, guard:
@@ -222,7 +221,7 @@ def train(
             result.val_losses[0] = evaluate(trainer, val_batches)
             reporter.validation(0, result.val_losses[0])
         for step in range(start_step, t.max_steps):
-            guard.begin_step(step, grads)
+            guard.begin_step(step, trainer)
             batches = _to_device(loader.next_batch(), device)
             loss, norm, lr, skipped = train_step(trainer, batches, step)
             pending.append((step, loss, norm, lr, skipped))
