@@ -7,6 +7,7 @@ restarts) and compare per-step losses with an uninterrupted run, bit for bit.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from distributed import run_ranks
 from safetensors.torch import load_file
 
 from threefold.config import build_config
+from threefold.control import PREEMPTION_EXIT_CODE, StopRequest
 from threefold.data import check_dataset
 from threefold.events import read_events
 from threefold.faults import FaultPlan, parse_faults
@@ -340,3 +343,131 @@ def test_stalled_rank_is_named_by_the_watchdog(sonnets_dataset, tmp_path):
     hangs = [e for e in read_events(run) if e["event"] == "hang"]
     assert hangs and hangs[0]["never_arrived"] == [1]
     assert elapsed < 60, f"took {elapsed:.0f} s"
+
+
+def test_sigterm_to_the_launcher_is_forwarded_and_the_run_stops_cleanly(sonnets_dataset, tmp_path):
+    run = tmp_path / "run"
+    config = _write_config(tmp_path / "run.toml", sonnets_dataset, run)
+    cmd = [sys.executable, "-m", "threefold", "train", str(config), "--nproc", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(THREEFOLD_FAULT="slow:seconds=0.5"))  # fmt: skip
+    try:
+        deadline = time.time() + 90
+        while not (run / "metrics.jsonl").exists() or len(_losses(run)) < 2:
+            assert proc.poll() is None and time.time() < deadline, "training never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # what a scheduler does: to the launcher, not the workers
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    (stop,) = [e for e in read_events(run) if e["event"] == "stopped"]
+    assert stop["reason"] == "interrupted by SIGTERM" and stop["step"] < STEPS, output
+    assert (run / "ckpt" / "latest").read_text().strip() == f"step_{stop['step']}"
+
+
+def _stuck_after_sigterm() -> None:
+    with StopRequest(deadline=0.5):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # a rank that never gets back to the loop
+
+
+def test_preemption_deadline_ends_a_rank_that_cannot_stop():
+    process = mp.get_context("fork").Process(target=_stuck_after_sigterm)
+    began = time.monotonic()
+    process.start()
+    process.join(timeout=20)
+    assert process.exitcode == PREEMPTION_EXIT_CODE and time.monotonic() - began < 10
+
+
+def test_bad_data_stops_every_rank_at_start_up(sonnets_dataset, tmp_path):
+    data = _copy(sonnets_dataset, tmp_path)
+    tokens = np.fromfile(data / "val.bin", dtype=np.uint16)
+    tokens[5] = 65000
+    tokens.tofile(data / "val.bin")
+    with pytest.raises(AssertionError, match=r"val.bin' is corrupt: token 5 has id 65000"):
+        run_ranks(2, _train_with_faults, _small_config(data, tmp_path), "", timeout=60)
+
+
+# --- Soak: 2,000 steps, a checkpoint every 50; memory and file handles stay flat ----------------------
+
+
+def _workers(launcher: int) -> list[int]:
+    path = Path(f"/proc/{launcher}/task/{launcher}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _usage(pid: int) -> tuple[float, int]:
+    """(resident MiB, open file descriptors) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kib = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+    return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_soak_2000_steps_memory_and_handles_stay_flat(sonnets_dataset, tmp_path):
+    run = tmp_path / "run"
+    config = tmp_path / "soak.toml"
+    config.write_text(
+        f"""
+[model]
+preset = "tiny"
+[parallel]
+dp_size = 2
+[data]
+path = "{sonnets_dataset}"
+seq_len = 32
+[training]
+max_steps = 2000
+global_batch_size = 4
+micro_batch_size = 2
+device = "cpu"
+eval_interval = 250
+eval_batches = 2
+[logging]
+out_dir = "{run}"
+log_interval = 10
+progress = false
+plot = false
+[checkpoint]
+dir = "{run / "ckpt"}"
+interval = 50
+keep_last = 2
+"""
+    )
+    cmd = [sys.executable, "-m", "threefold", "train", str(config), "--nproc", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    samples: list[tuple[int, list[tuple[float, int]]]] = []  # (step, [(MiB, fds) per worker])
+    began = time.monotonic()
+    while proc.poll() is None:
+        time.sleep(2)
+        rows = _losses(run) if (run / "metrics.jsonl").exists() else {}
+        pids = _workers(proc.pid)
+        try:
+            usage = [_usage(pid) for pid in pids]
+        except (FileNotFoundError, StopIteration, ProcessLookupError):
+            continue  # a worker is exiting
+        if rows and len(usage) == 2:
+            samples.append((max(rows), usage))
+    output = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0, output
+    assert "done: 2000 steps" in output
+    warm = next(s for s in samples if s[0] >= 200)  # after allocation, a few checkpoints and an evaluation
+    last = samples[-1]
+    figures = {
+        "minutes": round((time.monotonic() - began) / 60, 1),
+        "warm_step": warm[0],
+        "last_step": last[0],
+        "rss_mib": [[round(a[0], 1), round(b[0], 1)] for a, b in zip(warm[1], last[1], strict=True)],
+        "fds": [[a[1], b[1]] for a, b in zip(warm[1], last[1], strict=True)],
+        "rss_mib_max_seen": [round(max(s[1][i][0] for s in samples), 1) for i in range(2)],
+        "checkpoints_kept": sorted(p.name for p in (run / "ckpt").glob("step_*")),
+    }
+    print("soak figures:", json.dumps(figures))
+    (tmp_path / "soak.json").write_text(json.dumps(figures))
+    for (rss_warm, fds_warm), (rss_last, fds_last) in zip(warm[1], last[1], strict=True):
+        assert rss_last - rss_warm < max(32.0, 0.05 * rss_warm), figures
+        assert fds_last <= fds_warm, figures
+    assert figures["checkpoints_kept"] == ["step_1950", "step_2000"]

@@ -206,7 +206,7 @@ class ReliabilityConfig:
     (naming the ranks that never arrived) and exits non-zero so torchrun can restart; 0 disables."""
     straggler_threshold: float = 1.5
     """Report a rank whose busy time (step time minus communication waits) exceeds this multiple of the
-    median over ranks; 0 disables the check."""
+    other ranks' median; 0 disables the check."""
     straggler_intervals: int = 3
     """Log intervals in a row a rank must be that slow before it is reported as a straggler."""
     preemption_deadline: float = 120.0

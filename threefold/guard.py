@@ -17,6 +17,9 @@ Stragglers. Collectives are periodic and all ranks take part in each, so every r
 step is the same; what differs is how much of it a rank spends computing versus waiting for the others.
 A healthy rank's busy time (step time minus tracked communication waits) is close to the others'
 median; a rank consistently above `threshold` times that median is the faulty component the others wait for.
+The times are host times, gathered over the gloo control group at each log interval (no device sync).
+On GPUs they catch slow hosts (data loading, CPU contention, a throttled node's driver thread) fully but
+a slow GPU only where its lateness reaches the host, since NCCL waits happen on the device.
 """
 
 from __future__ import annotations

@@ -261,7 +261,11 @@ def train(
                 blocked = time.perf_counter() - began
                 reporter.checkpoint(step + 1, path, blocked)
             if result.stopped_early:
-                why = f"interrupted by {stop.signal_name}" if stop_now else "time limit"
+                why = (
+                    f"interrupted by {stop.signal_name or 'a signal to another rank'}"
+                    if stop_now
+                    else "time limit"
+                )
                 if mesh.rank == 0:
                     guard.events.write("stopped", step=step + 1, reason=why)
                 reporter.note(f"stopped after step {step + 1} ({why})")

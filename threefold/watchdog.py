@@ -294,15 +294,21 @@ class Watchdog:
         self.stop()
 
     def _run(self) -> None:
+        # The store is asked less often than the tracker is read: on a large job every rank's question
+        # goes to one server, and an answer within half the grace period is all the reporter needs.
+        store_every = max(self.poll, self.grace / 2)
+        next_store_check = time.monotonic() + store_every
         while not self._stop.wait(self.poll):
             wait = self.tracker.waiting
             try:
                 if wait is not None and time.monotonic() - wait.since > self.timeout:
                     self._fire()
                     return
-                if self.store.check(["alarm"]):
-                    self._respond()
-                    return
+                if time.monotonic() >= next_store_check:
+                    next_store_check = time.monotonic() + store_every
+                    if self.store.check(["alarm"]):
+                        self._respond()
+                        return
             except Exception as e:  # the store went away (the job is ending): nothing left to watch
                 if not self._stop.is_set():
                     print(
