@@ -78,7 +78,7 @@ def run_bench(
     for i in range(warmup + steps):
         if i >= warmup:
             marks.append(_mark(cuda))
-        loss, _, _ = train_step(trainer, data[i % len(data)], i)
+        loss, _, _, _ = train_step(trainer, data[i % len(data)], i)
         losses.append(loss)
     marks.append(_mark(cuda))
     if cuda:

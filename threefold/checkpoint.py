@@ -256,6 +256,27 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
+def checkpoints_newest_first(root: str | Path) -> list[Path]:
+    """Every committed checkpoint in `root` (a `step_<N>` directory with a manifest), newest first.
+
+    `latest` comes first when it points to one of them; the others follow by step, so a caller can
+    fall back past a checkpoint that turns out to be damaged.
+    """
+    root = Path(root)
+    found = sorted(
+        ((int(d.name[5:]), d) for d in root.glob("step_*") if d.name[5:].isdigit()),
+        reverse=True,
+    )
+    paths = [d for _, d in found if (d / "manifest.json").is_file()]
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named in paths:
+            paths.remove(named)
+            paths.insert(0, named)
+    return paths
+
+
 def read_manifest(path: str | Path, config: Config) -> dict[str, Any]:
     """Read and check a checkpoint's manifest against the model being trained; ValueError otherwise."""
     path = Path(path)

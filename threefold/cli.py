@@ -131,14 +131,16 @@ def _auto_layout_overrides(path: str | None, overrides: list[str], nproc: int | 
 
 
 def _run_workers(config, worker_argv: list[str], nproc: int | None, body) -> int:
-    """Outside torchrun: launch the workers running `threefold <worker_argv>`. Inside: run body(config,
-    mesh, device) on this rank, with the process group up."""
+    """Outside torchrun: launch the workers running `threefold <worker_argv>`. Inside: return
+    body(config, mesh, device, faults) on this rank (an exit code), with the process group up."""
     import torch
 
     from threefold.config import check_world_size
+    from threefold.faults import faults_from_env
     from threefold.launch import init_distributed, launch_local, pick_device, world_from_env
 
     world = world_from_env()
+    faults = faults_from_env()  # test-only fault injection (THREEFOLD_FAULT); None normally
     if world is None:
         nproc = nproc or config.world_size
         check_world_size(config, nproc)
@@ -160,10 +162,9 @@ def _run_workers(config, worker_argv: list[str], nproc: int | None, body) -> int
             _prepare_data_if_asked(config)  # torchrun multi-node: once per node
         dist.barrier()
         p = config.parallel
-        body(config, build_mesh(p.tp_size, p.dp_size, p.pp_size), device)
+        return body(config, build_mesh(p.tp_size, p.dp_size, p.pp_size), device, faults)
     finally:
         dist.destroy_process_group()
-    return 0
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -175,10 +176,15 @@ def cmd_train(argv: list[str]) -> int:
         overrides = overrides + _auto_layout_overrides(path, overrides, nproc, world_from_env())
     config = _load(path, overrides)
 
-    def body(config, mesh, device) -> None:
+    def body(config, mesh, device, faults) -> int:
+        from threefold.guard import NumericsError
         from threefold.train import train
 
-        result = train(config, mesh, device)
+        try:
+            result = train(config, mesh, device, faults=faults)
+        except NumericsError as e:
+            print(f"threefold: rank {mesh.rank}: {e}", file=sys.stderr, flush=True)
+            return 3
         if mesh.rank == 0:
             val = result.val_losses
             summary = f"done: {result.steps_done} steps"
@@ -188,6 +194,7 @@ def cmd_train(argv: list[str]) -> int:
                 if last != first:
                     summary += f" -> {val[last]:.4f} (step {last})"
             print(f"{summary}; metrics and loss.png in {config.logging.out_dir}", flush=True)
+        return 0
 
     return _run_workers(config, ["train", *([path] if path else []), *overrides], nproc, body)
 
@@ -234,18 +241,19 @@ def cmd_bench(argv: list[str]) -> int:
     else:
         config = build_config({}, overrides, check_paths=check_paths)
 
-    def body(config, mesh, device) -> None:
+    def body(config, mesh, device, faults) -> int:
         from threefold.bench import format_record, run_bench, to_json
 
         record = run_bench(config, mesh, device, steps=steps, warmup=warmup, tokens=own["--tokens"])
         if record is None:
-            return
+            return 0
         line = to_json(record)
         print(line, flush=True)
         print(format_record(record), flush=True)
         if own["--json-out"]:
             with open(own["--json-out"], "a") as f:
                 f.write(line + "\n")
+        return 0
 
     worker_argv = ["bench", *([path] if path else []), *overrides]
     worker_argv += [f"{k}={v}" for k, v in own.items() if v]

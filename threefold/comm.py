@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from threefold import watchdog
+
 SEQ_DIM = 1
 
 # torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only the old ones.
@@ -23,7 +25,8 @@ reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduc
 def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     if dist.get_world_size(group) > 1:
         x = x.contiguous()
-        dist.all_reduce(x, group=group)
+        with watchdog.collective(group, "all_reduce"):
+            dist.all_reduce(x, group=group)
     return x
 
 
@@ -34,7 +37,8 @@ def _all_gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return x
     local = x.transpose(0, SEQ_DIM).contiguous()  # (s/t, b, h): gather along a leading dim is one copy
     out = torch.empty((world * local.shape[0], *local.shape[1:]), dtype=x.dtype, device=x.device)
-    all_gather_flat(out, local, group=group)
+    with watchdog.collective(group, "all_gather"):
+        all_gather_flat(out, local, group=group)
     # One contiguous copy shared by every projection reading it (a transposed view would make each
     # matmul save a private contiguous copy for backward).
     return out.transpose(0, SEQ_DIM).contiguous()
@@ -49,7 +53,8 @@ def _reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         raise ValueError(f"sequence length ({x.shape[SEQ_DIM]}) must be divisible by tp_size ({world})")
     full = x.transpose(0, SEQ_DIM).contiguous()
     out = torch.empty((full.shape[0] // world, *full.shape[1:]), dtype=x.dtype, device=x.device)
-    reduce_scatter_flat(out, full, group=group)
+    with watchdog.collective(group, "reduce_scatter"):
+        reduce_scatter_flat(out, full, group=group)
     return out.transpose(0, SEQ_DIM)
 
 
@@ -73,7 +78,8 @@ class ReduceFromTP(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         # In place: the partial sums are dead after this, and a copy of (b, s, h) per layer adds up.
         assert x.is_contiguous(), "row-parallel outputs are contiguous"
-        dist.all_reduce(x, group=group)
+        with watchdog.collective(group, "all_reduce"):
+            dist.all_reduce(x, group=group)
         ctx.mark_dirty(x)
         return x
 

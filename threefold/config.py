@@ -205,6 +205,31 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class ReliabilityConfig:
+    """Surviving hangs, stragglers, preemption and bad numerics (see threefold.watchdog, threefold.guard)."""
+
+    watchdog_timeout: float = 600.0
+    """Seconds a rank may wait in one collective or pipeline transfer before the watchdog reports the hang
+    (naming the ranks that never arrived) and exits non-zero so torchrun can restart; 0 disables."""
+    straggler_threshold: float = 1.5
+    """Report a rank whose busy time (step time minus communication waits) exceeds this multiple of the
+    other ranks' median; 0 disables the check."""
+    straggler_intervals: int = 3
+    """Log intervals in a row a rank must be that slow before it is reported as a straggler."""
+    preemption_deadline: float = 120.0
+    """After SIGTERM or SIGUSR1, seconds allowed to finish the step, save a checkpoint and exit 0; a rank
+    still running then exits with code 143."""
+    max_consecutive_skips: int = 5
+    """Stop the run after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
+    spike_rollback: bool = False
+    """On a loss spike, reload the newest checkpoint saved before it and continue with the next data."""
+    spike_factor: float = 3.0
+    """A loss above this multiple of the mean of the last spike_window good losses is a spike."""
+    spike_window: int = 20
+    """Good losses averaged for the spike test (no test until this many are seen)."""
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -213,6 +238,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
 
     @property
     def num_microbatches(self) -> int:
@@ -237,6 +263,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "logging": LoggingConfig,
     "checkpoint": CheckpointConfig,
+    "reliability": ReliabilityConfig,
 }
 
 
@@ -373,6 +400,10 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         "training.eval_batches": t.eval_batches,
         "logging.log_interval": config.logging.log_interval,
         "checkpoint.keep_last": config.checkpoint.keep_last,
+        "reliability.straggler_intervals": config.reliability.straggler_intervals,
+        "reliability.preemption_deadline": config.reliability.preemption_deadline,
+        "reliability.max_consecutive_skips": config.reliability.max_consecutive_skips,
+        "reliability.spike_window": config.reliability.spike_window,
     }
     for name, value in positive.items():
         if value is None or value <= 0:
@@ -390,6 +421,8 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         "training.max_minutes": t.max_minutes,
         "parallel.dp_bucket_mb": p.dp_bucket_mb,
         "checkpoint.interval": config.checkpoint.interval,
+        "reliability.watchdog_timeout": config.reliability.watchdog_timeout,
+        "reliability.straggler_threshold": config.reliability.straggler_threshold,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -418,6 +451,16 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         raise ValueError(f"optimizer.min_lr ({o.min_lr}) must lie in [0, optimizer.lr ({o.lr})]")
     if not (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0):
         raise ValueError(f"optimizer betas must lie in [0, 1), got beta1={o.beta1}, beta2={o.beta2}")
+    r = config.reliability
+    if 0 < r.straggler_threshold <= 1:
+        raise ValueError(
+            f"reliability.straggler_threshold ({r.straggler_threshold}) must exceed 1 (a ratio to the "
+            "median rank) or be 0 to disable the check"
+        )
+    if r.spike_factor <= 1:
+        raise ValueError(
+            f"reliability.spike_factor ({r.spike_factor}) must exceed 1 (a ratio to the mean loss)"
+        )
     if o.eps <= 0:
         raise ValueError(f"optimizer.eps must be positive, got {o.eps}")
 

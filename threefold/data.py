@@ -102,6 +102,61 @@ class TokenDataset:
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
+def check_dataset(path: str | Path, *, model_vocab_size: int, scan: bool = True) -> dict:
+    """Stop a run at start-up on a dataset that would train on garbage; returns the meta.
+
+    Checks that meta.json's vocabulary fits the model and its dtype, that each split's file holds
+    exactly the tokens meta.json promises (catches truncation and a wrong dtype), and with `scan`, that
+    every token id lies below the vocabulary size (catches corruption; reads each file once, about a
+    second per GB, so the caller runs it on one rank). Every error names the file, the values and a fix.
+    """
+    meta = read_meta(path)
+    vocab, dtype = meta["vocab_size"], np.dtype(meta["dtype"])
+    redo = "re-run `threefold data prepare` to rebuild it"
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise ValueError(f"{str(path)!r}: meta.json has vocab_size {vocab!r}, expected a positive integer")
+    if vocab > np.iinfo(dtype).max + 1:
+        raise ValueError(
+            f"{str(path)!r}: meta.json says dtype {dtype.name} but vocab_size {vocab} needs more than "
+            f"{dtype.name} holds (max id {np.iinfo(dtype).max}); {redo}"
+        )
+    if vocab > model_vocab_size:
+        raise ValueError(
+            f"{str(path)!r} was tokenized with a vocabulary of {vocab} ids but model.vocab_size is "
+            f"{model_vocab_size}: ids >= {model_vocab_size} have no embedding. Set model.vocab_size >= "
+            f"{vocab}, or prepare the data with the model's tokenizer"
+        )
+    if not 0 <= meta["eos_token_id"] < vocab:
+        raise ValueError(
+            f"{str(path)!r}: eos_token_id {meta['eos_token_id']} is outside [0, {vocab}); {redo}"
+        )
+    for split in SPLITS:
+        file = Path(path) / f"{split}.bin"
+        if not file.is_file():
+            raise ValueError(f"{str(file)!r} is missing; {redo}")
+        size, expected = file.stat().st_size, meta["num_tokens"][split]
+        if size != expected * dtype.itemsize:
+            hint = "truncated or still being copied" if size < expected * dtype.itemsize else "longer"
+            raise ValueError(
+                f"{str(file)!r} holds {size} bytes, but meta.json promises {expected} {dtype.name} tokens "
+                f"= {expected * dtype.itemsize} bytes (the file is {hint}, or meta.json belongs to another "
+                f"file or dtype); {redo}"
+            )
+        if scan and expected:
+            tokens = np.memmap(file, dtype=dtype, mode="r")
+            chunk = 1 << 24
+            for start in range(0, expected, chunk):
+                block = tokens[start : start + chunk]
+                if int(block.max()) >= vocab:
+                    at = int(np.argmax(block >= vocab))
+                    raise ValueError(
+                        f"{str(file)!r} is corrupt: token {start + at} has id {int(block[at])}, outside the "
+                        f"vocabulary of {vocab} ids (meta.json); {redo}"
+                    )
+            del tokens
+    return meta
+
+
 def _check_dp(dp_rank: int, dp_size: int) -> None:
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank ({dp_rank}) must lie in [0, dp_size ({dp_size}))")

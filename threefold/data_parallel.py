@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from threefold import watchdog
 from threefold.comm import all_gather_flat, reduce_scatter_flat
 from threefold.layers import pad_to_multiple
 
@@ -123,11 +124,13 @@ class GradSync:
         bucket.buffer.div_(self.dp_size)
         if self.zero:
             lo, hi = bucket.shard
-            bucket.handle = reduce_scatter_flat(
-                bucket.buffer[lo:hi], bucket.buffer, group=self.dp_group, async_op=True
-            )
+            with watchdog.collective(self.dp_group, "reduce_scatter(grad bucket)"):
+                bucket.handle = reduce_scatter_flat(
+                    bucket.buffer[lo:hi], bucket.buffer, group=self.dp_group, async_op=True
+                )
         else:
-            bucket.handle = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
+            with watchdog.collective(self.dp_group, "all_reduce(grad bucket)"):
+                bucket.handle = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
 
     def finish(self) -> None:
         """Wait for every bucket's reduction (launching any whose hooks did not all fire)."""
@@ -138,7 +141,8 @@ class GradSync:
                         p.main_grad.zero_()  # type: ignore[attr-defined]
                 self._launch(bucket)
             if bucket.handle is not None:
-                bucket.handle.wait()
+                with watchdog.waiting_for(self.dp_group, "grad bucket"):
+                    bucket.handle.wait()
                 bucket.handle = None
             bucket.num_ready = 0
 
@@ -169,13 +173,15 @@ class GradSync:
         for bucket in self.buckets:
             assert bucket.param_buffer is not None
             lo, hi = bucket.shard
-            handles.append(
-                all_gather_flat(
-                    bucket.param_buffer, bucket.param_buffer[lo:hi], group=self.dp_group, async_op=True
+            with watchdog.collective(self.dp_group, "all_gather(parameters)"):
+                handles.append(
+                    all_gather_flat(
+                        bucket.param_buffer, bucket.param_buffer[lo:hi], group=self.dp_group, async_op=True
+                    )
                 )
-            )
-        for h in handles:
-            h.wait()
+        with watchdog.waiting_for(self.dp_group, "all_gather(parameters)"):
+            for h in handles:
+                h.wait()
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -188,7 +194,8 @@ def all_reduce_sequence_parallel_grads(params: list[nn.Parameter], tp_group: Pro
     if not grads or dist.get_world_size(tp_group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=tp_group)
+    with watchdog.collective(tp_group, "all_reduce(sequence-parallel grads)"):
+        dist.all_reduce(flat, group=tp_group)
     torch._foreach_copy_(
         grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
     )

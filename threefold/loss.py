@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from threefold import watchdog
+
 CHUNK_ELEMENTS = 2**30
 """Most logits (tokens x local vocabulary) materialized at once: 2 GiB in bf16 (llama-1b at b=4, s=2048
 fits in one chunk: 8192 x 128256 elements)."""
@@ -113,10 +115,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             local_targets = local_targets.masked_fill(~owned, 0)
             row_max = row_max_fn(logits, num_valid)
             if world > 1:
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+                with watchdog.collective(group, "all_reduce(logit max)"):
+                    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
             both = target_sum_fn(logits, row_max, local_targets, owned, num_valid)
             if world > 1:
-                dist.all_reduce(both, group=group)
+                with watchdog.collective(group, "all_reduce(softmax sums)"):
+                    dist.all_reduce(both, group=group)
             loss_sum += (both[1].log() - both[0]).sum()
             if not (want_x or want_w):
                 continue

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from threefold import watchdog
 from threefold.config import OptimizerConfig
 from threefold.layers import is_sharded
 from threefold.mesh import Mesh
@@ -93,14 +94,25 @@ class Optimizer:
         else:
             squares = torch.zeros((), device=device)
         if self.zero and self.mesh.dp_size > 1:
-            dist.all_reduce(squares)  # every rank holds a distinct part of the gradient
+            with watchdog.collective(None, "all_reduce(grad norm)"):
+                dist.all_reduce(squares)  # every rank holds a distinct part of the gradient
         elif self.mesh.tp_size * self.mesh.pp_size > 1:
-            dist.all_reduce(squares, group=self.mesh.model_parallel_group)
+            with watchdog.collective(self.mesh.model_parallel_group, "all_reduce(grad norm)"):
+                dist.all_reduce(squares, group=self.mesh.model_parallel_group)
         return squares.sqrt()
 
-    def step(self, step: int) -> tuple[torch.Tensor, float]:
-        """Clip, update, and copy masters back; returns (grad norm before clipping, lr used)."""
+    def step(self, step: int, *, found_inf: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """Clip, update, and copy masters back; returns (grad norm before clipping, lr used).
+
+        The update is skipped (weights, moments and Adam's step count untouched) when the global grad
+        norm is not finite or `found_inf` (a device bool, e.g. a non-finite loss) is set. Both are the
+        same on every rank, so all ranks skip together. On CUDA the fused kernel reads the flag on the
+        device (no host sync); on CPU it is read on the host.
+        """
         norm = self.grad_norm()
+        skip = ~torch.isfinite(norm)
+        if found_inf is not None:
+            skip = skip | found_inf
         lr = lr_at(step, self.cfg, self.max_steps)
         for group in self.adam.param_groups:
             group["lr"] = lr
@@ -114,7 +126,11 @@ class Optimizer:
                 torch._foreach_div_(self._grads, scale)
         for master, grad in zip(self.masters, self._grads, strict=True):
             master.grad = grad
-        self.adam.step()
+        if self.adam.defaults.get("fused"):
+            self.adam.found_inf = skip.float().reshape(1)  # type: ignore[attr-defined]
+            self.adam.step()
+        elif not bool(skip):
+            self.adam.step()
         for master in self.masters:
             master.grad = None
         copies = [(t, m) for t, m in zip(self._targets, self.masters, strict=True) if t is not m]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
+from threefold import watchdog
 from threefold.comm import all_gather_flat
 from threefold.data_parallel import GradSync
 from threefold.mesh import Mesh
@@ -70,8 +71,9 @@ def connect_neighbours(mesh: Mesh, device: torch.device) -> None:
         dist.P2POp(dist.isend, buffers[2], prev_rank),
         dist.P2POp(dist.irecv, buffers[3], next_rank),
     ]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
+    with watchdog.transfer([next_rank, prev_rank, prev_rank, next_rank]):
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -111,6 +113,7 @@ class PipelineExecutor:
             if a.kind is Kind.B:
                 last_backward[a.chunk] = a.microbatch  # the backward that launches the chunk's gradient sync
         for group in batches(actions):
+            watchdog.set_action(group)
             if group[0].kind in COMPUTE:
                 a = group[0]
                 if a.kind is Kind.F:
@@ -171,16 +174,18 @@ class PipelineExecutor:
     def _incoming(self, wire: torch.Tensor) -> torch.Tensor:
         if self.scatter:
             full = torch.empty(wire.numel() * self.mesh.tp_size, dtype=wire.dtype, device=wire.device)
-            all_gather_flat(full, wire, group=self.mesh.tp_group)
+            with watchdog.collective(self.mesh.tp_group, "all_gather(boundary)"):
+                all_gather_flat(full, wire, group=self.mesh.tp_group)
             wire = full
         return wire.view(self.boundary_shape)
 
     def _transfer(self, group: list[Action], state: _StepState) -> None:
-        ops, received, sent = [], [], []
+        ops, received, sent, peers = [], [], [], []
         for a in group:
             key = (a.chunk, a.microbatch)
             assert a.peer is not None  # every transfer names its peer
             peer = self._peer(a.peer)
+            peers.append(peer)
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 source = state.outputs[key] if a.kind is Kind.SEND_F else state.input_grads.pop(key)
                 ops.append(dist.P2POp(dist.isend, self._outgoing(source), peer))
@@ -190,8 +195,9 @@ class PipelineExecutor:
                 buffer = torch.empty(self._wire_numel(), dtype=self.dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buffer, peer))
                 received.append((a, buffer))
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        with watchdog.transfer(peers):
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
         for key in sent:
             if state.outputs[key].requires_grad:
                 _free(state.outputs[key])  # sent: only its graph is needed until the backward

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from threefold.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
+from threefold import watchdog
+from threefold.checkpoint import Checkpointer
 from threefold.config import Config
+from threefold.control import ControlChannel, StopRequest
 from threefold.data import BatchLoader, TokenDataset, eval_batches
 from threefold.data_parallel import GradSync, all_reduce_sequence_parallel_grads
+from threefold.faults import FaultPlan
 from threefold.mesh import Mesh
 from threefold.model import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
 from threefold.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.pipeline import PipelineExecutor, connect_neighbours
+from threefold.reliability import RunGuard, Synced, check_data, resume, rollback
 from threefold.report import Reporter
 from threefold.schedules import Action, add_communication, build_schedule, forward_only
 
@@ -32,34 +33,13 @@ class TrainResult:
     """Training loss of every step (mean over the global batch)."""
     val_losses: dict[int, float] = field(default_factory=dict)
     grad_norms: list[float] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    """Steps (1-based) whose update was skipped for a non-finite loss or gradient norm."""
+    rollbacks: list[tuple[int, int]] = field(default_factory=list)
+    """(step of the loss spike, step of the checkpoint reloaded), 1-based."""
     steps_done: int = 0
     stopped_early: bool = False
     trainer: Trainer | None = None
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks at log steps, so all ranks stop together."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. under a test harness): no handler
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C: give up on the clean stop
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -140,7 +120,8 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
 def _pipeline_sum(value: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """Losses live on the last stage: share them with every stage (the logger is rank 0)."""
     if mesh.pp_size > 1:
-        dist.all_reduce(value, group=mesh.pp_group)
+        with watchdog.collective(mesh.pp_group, "all_reduce(loss)"):
+            dist.all_reduce(value, group=mesh.pp_group)
     return value
 
 
@@ -151,30 +132,41 @@ def _sync_tied_embedding(trainer: Trainer) -> None:
         return
     holder = 0 if 0 in trainer.chunks else trainer.executor.last_chunk
     chunk = trainer.chunks[holder]
-    dist.all_reduce(chunk.embed_tokens.weight.main_grad, group=group)  # type: ignore[attr-defined]
+    with watchdog.collective(group, "all_reduce(tied embedding grad)"):
+        dist.all_reduce(chunk.embed_tokens.weight.main_grad, group=group)  # type: ignore[attr-defined]
 
 
 def train_step(
     trainer: Trainer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm, lr)."""
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches.
+
+    Returns (global mean loss, grad norm, lr, skipped) as device tensors (lr a float); `skipped` is set,
+    identically on every rank, when the loss or the norm is not finite and the update was not applied.
+    """
     mesh = trainer.mesh
     num_microbatches = len(micro_batches)
     loss_sum = trainer.executor.run(
         trainer.schedule, micro_batches, loss_scale=1.0 / num_microbatches, train=True
     )
+    watchdog.set_action("gradient sync")
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.finish()
     all_reduce_sequence_parallel_grads(trainer.optimizer.params, mesh.tp_group)
     _sync_tied_embedding(trainer)
-    norm, lr = trainer.optimizer.step(step)
+    # The loss is reduced before the update so that a non-finite loss can veto it on every rank.
+    watchdog.set_action("loss reduction")
+    loss = _pipeline_sum(loss_sum / (num_microbatches * mesh.dp_size), mesh)
+    if mesh.dp_size > 1:
+        with watchdog.collective(mesh.dp_group, "all_reduce(loss)"):
+            dist.all_reduce(loss, group=mesh.dp_group)
+    bad_loss = ~torch.isfinite(loss)
+    watchdog.set_action("optimizer step")
+    norm, lr = trainer.optimizer.step(step, found_inf=bad_loss)
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.gather_params()
         grad_sync.reset()
-    loss = _pipeline_sum(loss_sum / (num_microbatches * mesh.dp_size), mesh)
-    if mesh.dp_size > 1:
-        dist.all_reduce(loss, group=mesh.dp_group)
-    return loss, norm, lr
+    return loss, norm, lr, bad_loss | ~torch.isfinite(norm)
 
 
 @torch.no_grad()
@@ -188,30 +180,26 @@ def evaluate(trainer: Trainer, batches: list[tuple[torch.Tensor, torch.Tensor]])
     for chunk in trainer.chunks.values():
         chunk.train()
     total = _pipeline_sum(total / (len(batches) * mesh.dp_size), mesh)
-    dist.all_reduce(total, group=mesh.dp_group)
-    return float(total)
-
-
-def _resume(trainer: Trainer, loader: BatchLoader) -> int:
-    """Load `checkpoint.dir`'s latest checkpoint, else `checkpoint.load`; returns the step to start at."""
-    ckpt = trainer.config.checkpoint
-    path = latest_checkpoint(ckpt.dir) if ckpt.dir else None
-    if path is None and ckpt.load:
-        path = Path(ckpt.load)
-    if path is None:
-        return 0
-    manifest = load_checkpoint(trainer, path)
-    loader.load_state_dict({"consumed_samples": manifest["consumed_samples"]})
-    return int(manifest["step"])
+    with watchdog.collective(mesh.dp_group, "all_reduce(validation loss)"):
+        dist.all_reduce(total, group=mesh.dp_group)
+    with watchdog.waiting_for(mesh.dp_group, "host sync (validation loss)"):
+        return float(total)
 
 
 def _to_device(batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list:
     return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
 
 
-def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
-    """Run the training loop on this rank; every rank of the mesh calls it."""
-    t = config.training
+def train(
+    config: Config, mesh: Mesh, device: torch.device, *, faults: FaultPlan | None = None
+) -> TrainResult:
+    """Run the training loop on this rank; every rank of the mesh calls it.
+
+    `faults` (test-only, see threefold.faults) injects crashes, hangs, signals and NaNs.
+    """
+    t, ckpt = config.training, config.checkpoint
+    control = ControlChannel()
+    check_data(config, control, mesh.rank)
     trainer = build(config, mesh, device)
     train_set = TokenDataset(config.data.path, "train", config.data.seq_len)
     val_set = TokenDataset(config.data.path, "val", config.data.seq_len)
@@ -233,57 +221,92 @@ def train(config: Config, mesh: Mesh, device: torch.device) -> TrainResult:
         ),
         device,
     )
-    start_step = _resume(trainer, loader)
-    ckpt = config.checkpoint
+    guard = RunGuard(config, mesh, control, faults=faults)
+    start_step = resume(trainer, loader, control, guard.events)
     checkpointer = (
         Checkpointer(ckpt.dir, keep_last=ckpt.keep_last, asynchronous=ckpt.asynchronous) if ckpt.dir else None
     )
-    is_logger = mesh.rank == 0
-    reporter = Reporter(config, mesh, device, enabled=is_logger, start_step=start_step)
+    reporter = Reporter(config, mesh, device, enabled=mesh.rank == 0, start_step=start_step)
     result = TrainResult(trainer=trainer)
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, float, torch.Tensor]] = []
     start = time.perf_counter()
-    with StopRequest() as stop, reporter:
+    with StopRequest(config.reliability.preemption_deadline) as stop, reporter, guard:
         if t.eval_interval > 0 and start_step == 0:  # the starting point of the validation curve
             result.val_losses[0] = evaluate(trainer, val_batches)
             reporter.validation(0, result.val_losses[0])
         for step in range(start_step, t.max_steps):
+            guard.begin_step(step, trainer)
             batches = _to_device(loader.next_batch(), device)
-            loss, norm, lr = train_step(trainer, batches, step)
-            pending.append((step, loss, norm, lr))
+            loss, norm, lr, skipped = train_step(trainer, batches, step)
+            pending.append((step, loss, norm, lr, skipped))
             last = step == t.max_steps - 1
-            if (step + 1) % config.logging.log_interval == 0 or last:
-                # The one host sync of the interval: losses, norms, and whether anyone wants to stop.
-                synced = [(s, float(loss_s), float(norm_s), lr_s) for s, loss_s, norm_s, lr_s in pending]
+            out_of_time = t.max_minutes > 0 and (time.perf_counter() - start) / 60 >= t.max_minutes
+            # Every step: a signal reaching any rank stops all of them after this same step.
+            stop_now, late = guard.end_step(stop_requested=stop.requested, out_of_time=out_of_time)
+            result.stopped_early = (stop_now or late) and not last
+            spike_step = None
+            if (step + 1) % config.logging.log_interval == 0 or last or result.stopped_early:
+                # The one host sync of the interval: losses, norms and skip flags.
+                with watchdog.waiting_for(None, "host sync (losses)"):
+                    synced: list[Synced] = [
+                        (s, float(loss_s), float(norm_s), lr_s, bool(skip_s))
+                        for s, loss_s, norm_s, lr_s, skip_s in pending
+                    ]
                 pending.clear()
-                result.losses += [loss_s for _, loss_s, _, _ in synced]
-                result.grad_norms += [norm_s for _, _, norm_s, _ in synced]
-                reporter.interval(synced)
-                minutes = (time.perf_counter() - start) / 60
-                out_of_time = t.max_minutes > 0 and minutes >= t.max_minutes
-                flag = torch.tensor([float(stop.requested or out_of_time)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() > 0 and not last:
-                    result.stopped_early = True
+                result.losses += [x[1] for x in synced]
+                result.grad_norms += [x[2] for x in synced]
+                result.skipped += [x[0] + 1 for x in synced if x[4]]
+                reporter.interval([x[:4] for x in synced])
+                spike_step = guard.interval(synced, reporter.note)  # raises after too many skips
             result.steps_done = step + 1
+            if spike_step is not None:
+                _roll_back(trainer, checkpointer, spike_step, result, reporter)
             if t.eval_interval > 0 and ((step + 1) % t.eval_interval == 0 or last or result.stopped_early):
+                watchdog.set_action("evaluation")
                 val = evaluate(trainer, val_batches)
                 result.val_losses[step + 1] = val
                 reporter.validation(step + 1, val)
             if checkpointer and (
                 (ckpt.interval and (step + 1) % ckpt.interval == 0) or last or result.stopped_early
             ):
+                watchdog.set_action("checkpoint")
                 began = time.perf_counter()
                 path = checkpointer.save(trainer, step=step + 1, consumed_samples=loader.consumed_samples)
                 blocked = time.perf_counter() - began
                 reporter.checkpoint(step + 1, path, blocked)
             if result.stopped_early:
-                reporter.note(
-                    f"stopped after step {step + 1} ({'interrupted' if stop.requested else 'time limit'})"
+                why = (
+                    f"interrupted by {stop.signal_name or 'a signal to another rank'}"
+                    if stop_now
+                    else "time limit"
                 )
+                if mesh.rank == 0:
+                    guard.events.write("stopped", step=step + 1, reason=why)
+                reporter.note(f"stopped after step {step + 1} ({why})")
                 break
-    if checkpointer:
-        checkpointer.finish(trainer)  # an asynchronous save still in flight
+        if checkpointer:
+            checkpointer.finish(trainer)  # an asynchronous save still in flight
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.remove_hooks()
     return result
+
+
+def _roll_back(
+    trainer: Trainer,
+    checkpointer: Checkpointer | None,
+    spike_step: int,
+    result: TrainResult,
+    reporter: Reporter,
+) -> None:
+    """Reload the newest checkpoint from before the spike at 0-based `spike_step` (see reliability)."""
+    watchdog.set_action("rollback")
+    loaded = (
+        rollback(trainer, checkpointer, trainer.config.checkpoint.dir, spike_step) if checkpointer else None
+    )
+    if loaded is None:
+        reporter.note(
+            f"loss spike at step {spike_step + 1}, but no checkpoint from before it to roll back to"
+        )
+        return
+    result.rollbacks.append((spike_step + 1, loaded))
+    reporter.note(f"loss spike at step {spike_step + 1}: rolled back to the checkpoint of step {loaded}")
