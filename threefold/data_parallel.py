@@ -141,7 +141,8 @@ class GradSync:
                         p.main_grad.zero_()  # type: ignore[attr-defined]
                 self._launch(bucket)
             if bucket.handle is not None:
-                with watchdog.waiting_for(self.dp_group, "grad bucket"):
+                op = "reduce_scatter(grad bucket)" if self.zero else "all_reduce(grad bucket)"
+                with watchdog.waiting_for(self.dp_group, op):
                     bucket.handle.wait()
                 bucket.handle = None
             bucket.num_ready = 0

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 KINDS = ("kill", "term", "stall", "slow", "nan", "spike")
 
 
@@ -95,11 +97,29 @@ class FaultPlan:
                 while time.monotonic() < end:  # short sleeps: signal handlers and the watchdog still run
                     time.sleep(min(0.1, max(0.0, end - time.monotonic())))
             elif f.kind == "nan":
-                for g in grads:
-                    g.fill_(float("nan"))
+                for w in weights:
+                    _poison_next_gradient(w)
             elif f.kind == "spike":
                 for w in weights:
                     w.data.mul_(f.factor)
+
+
+def _poison_next_gradient(param: Any) -> None:
+    """Make the next gradient computed for `param` all NaN (as a bad batch would), once.
+
+    A tensor hook, not a write into the gradient buffer: the first micro-batch of a step overwrites
+    the buffer (see data_parallel.GradSync).
+    """
+    fired = False
+
+    def hook(grad: Any) -> Any:
+        nonlocal fired
+        if fired:
+            return None
+        fired = True
+        return torch.full_like(grad, float("nan"))
+
+    param.register_hook(hook)
 
 
 def faults_from_env(env: dict[str, str] | None = None) -> FaultPlan | None:
