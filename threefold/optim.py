@@ -127,7 +127,7 @@ class Optimizer:
         for master, grad in zip(self.masters, self._grads, strict=True):
             master.grad = grad
         if self.adam.defaults.get("fused"):
-            self.adam.found_inf = skip.float().reshape(1)  # type: ignore[attr-defined]
+            self.adam.found_inf = skip.float()  # type: ignore[attr-defined]  # 0-dim, like Adam's steps
             self.adam.step()
         elif not bool(skip):
             self.adam.step()
