@@ -592,3 +592,10 @@ def test_good_pipeline_settings():
     config = build(*PIPELINE, "--parallel.pp_size=4", "--parallel.num_model_chunks=2",
                    "--parallel.pipeline_schedule=interleaved", "--training.recompute=selective")  # fmt: skip
     assert config.num_microbatches == 8 and config.world_size == 4
+
+
+def test_readme_holds_the_current_config_reference():
+    """The README's reference block is `threefold config --reference` verbatim (regenerate it when a key
+    changes)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert describe_fields().rstrip("\n") in readme
