@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -221,3 +223,38 @@ def test_asynchronous_save_resumes_bit_exact(sonnets_dataset, tmp_path):
         json.loads(line) for line in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in blocked if "checkpoint/blocking_seconds" in r] == [2, 4]
+
+
+CONVERT = [((1, 1, 2, 1, True), (2, 2, 1, 1)), ((2, 2, 1, 2), (1, 1, 2, 1, True))]
+
+
+@pytest.mark.parametrize("before,after", CONVERT, ids=_layout_id)
+def test_converted_checkpoint_resumes_under_another_layout(sonnets_dataset, tmp_path, before, after):
+    """`threefold checkpoint convert`: one file of full weights and moments that resumes like the original."""
+    whole = _run(_config(sonnets_dataset, tmp_path / "a", *before))
+    merged = tmp_path / "merged"
+    cli = [sys.executable, "-m", "threefold", "checkpoint", "convert", str(tmp_path / "a" / "ckpt")]
+    cli.append(str(merged))
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((merged / "manifest.json").read_text())
+    assert manifest["layout"] == {"tp_size": 1, "pp_size": 1, "dp_size": 1, "num_model_chunks": 1}
+    assert manifest["step"] == 4 and sorted(p.name for p in merged.iterdir()) == [
+        "manifest.json",
+        "rank00000.safetensors",
+    ]
+    step_2 = tmp_path / "merged2"
+    checkpoint.convert_checkpoint(tmp_path / "a" / "ckpt" / "step_2", step_2)
+    moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=str(step_2)))
+    torch.testing.assert_close(
+        torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0
+    )
+
+
+def test_convert_refuses_what_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "src").mkdir()
+    cli = [sys.executable, "-m", "threefold", "checkpoint", "convert", str(tmp_path / "src")]
+    cli.append(str(tmp_path / "o"))
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not a checkpoint: no manifest.json" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -433,6 +433,18 @@ def write_full_checkpoint(config: Config, state: dict[str, torch.Tensor], out_di
 
     One file, no optimizer state; it loads under any layout like any other checkpoint.
     """
+    progress = {"step": 0, "consumed_samples": 0, "optimizer_steps": 0.0}
+    return _write_single_file(_shape_of(config), config.to_dict(), progress, state, out_dir)
+
+
+def _write_single_file(
+    model_shape: dict[str, Any],
+    config_dict: dict[str, Any],
+    progress: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    out_dir: str | Path,
+) -> Path:
+    """Full tensors in one file under layout (1, 1, 1), written to a temporary directory and renamed."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ValueError(f"{str(out)!r} exists and is not a checkpoint; refusing to overwrite it")
@@ -445,12 +457,10 @@ def write_full_checkpoint(config: Config, state: dict[str, torch.Tensor], out_di
     entry = {"file": file_name, "tp_dim": None, "tp_full_size": None, "tp_rank": 0, "tp_size": 1}
     manifest = {
         "format_version": FORMAT_VERSION,
-        "step": 0,
-        "consumed_samples": 0,
-        "optimizer_steps": 0.0,
+        **progress,
         "layout": {"tp_size": 1, "pp_size": 1, "dp_size": 1, "num_model_chunks": 1},
-        "model": _shape_of(config),
-        "config": config.to_dict(),
+        "model": model_shape,
+        "config": config_dict,
         "files": {file_name: _sha256(tmp / file_name)},
         "tensors": {k: [{**entry, "shape": list(v.shape)}] for k, v in tensors.items()},
     }
@@ -459,6 +469,22 @@ def write_full_checkpoint(config: Config, state: dict[str, torch.Tensor], out_di
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Consolidate a checkpoint saved under any layout (ZeRO shards included) into one file of full
+    tensors: fp32 weights and Adam moments by parameter name, with the step, data position and config.
+
+    Loading needs no conversion (every layout reads every other), so this is for archiving, inspection
+    or moving a run to other tools. Every source file is checked against its checksum first.
+    """
+    path = Path(src)
+    manifest = _load_manifest(path)
+    _verify_files(path, manifest, set(manifest["files"]))
+    handles: dict[str, Any] = {}
+    state = {k: _full_tensor(path, manifest, k, handles) for k in manifest["tensors"]}
+    progress = {k: manifest[k] for k in ("step", "consumed_samples", "optimizer_steps")}
+    return _write_single_file(manifest["model"], manifest["config"], progress, state, dst)
 
 
 def read_full_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -26,6 +26,7 @@ usage: threefold train [CONFIG.toml] [--section.key=value ...] [--nproc N] [--la
        threefold plan --calibrate [--out FILE.json]        (measure this machine as a --gpu preset)
        threefold import-hf HF_DIR CHECKPOINT_DIR      (Llama-family / GPT-2 safetensors -> threefold)
        threefold export-hf CHECKPOINT_DIR HF_DIR [--dtype float32|bfloat16]
+       threefold checkpoint convert CHECKPOINT_DIR OUT_DIR  (any layout -> one file of full tensors)
 
 With no CONFIG, `threefold train` runs the packaged demo: the tiny Llama preset on Shakespeare,
 4 CPU processes (tp=2, dp=2). Started outside torchrun it launches its own workers; under torchrun
@@ -311,6 +312,24 @@ def cmd_schedule(argv: list[str]) -> int:
     return 0
 
 
+def cmd_checkpoint(argv: list[str]) -> int:
+    """Checkpoint tools: `convert` consolidates a checkpoint of any layout into one file of full tensors."""
+    parser = argparse.ArgumentParser(prog="threefold checkpoint", description=cmd_checkpoint.__doc__)
+    sub = parser.add_subparsers(dest="action", required=True)
+    convert = sub.add_parser("convert", help="write a checkpoint of any layout as one layout-free file")
+    convert.add_argument("src", help="a checkpoint directory, or a run's checkpoint.dir (uses latest)")
+    convert.add_argument("dst", help="the consolidated checkpoint to write")
+    args = parser.parse_args(argv)
+    from threefold.checkpoint import convert_checkpoint, latest_checkpoint
+
+    src = Path(args.src)
+    if not (src / "manifest.json").is_file() and (src / "latest").is_file():
+        src = latest_checkpoint(src) or src
+    out = convert_checkpoint(src, args.dst)
+    print(f"wrote {out} from {src}: full weights and optimizer state in one file, loadable under any layout")
+    return 0
+
+
 def cmd_plan(argv: list[str]) -> int:
     """Rank the layouts that fit by predicted speed (see threefold.planner), or calibrate a GPU preset."""
     from threefold.plan_cli import main as plan_main
@@ -391,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             return prepare_main(rest[1:])
         if command == "plan":
             return cmd_plan(rest)
+        if command == "checkpoint":
+            return cmd_checkpoint(rest)
         if command == "bench":
             return cmd_bench(rest)
         if command == "config":
