@@ -118,3 +118,36 @@ def test_bf16_keeps_fp32_masters_and_skips_decay_on_norms_and_biases():
     assert r["decay"] == [0.5 if nd >= 2 else 0.0 for nd in r["ndims"]]
     assert r["norm"] > 1e-3  # clipping was active, yet Adam still moved every parameter
     assert r["lr"] == 0.1
+
+
+def _zero_gather_overlaps_forward(rank: int, world: int, data: str) -> dict:
+    from threefold.bench import synthetic_steps
+    from threefold.config import build_config
+    from threefold.train import build, train_step
+
+    config = build_config(
+        {
+            "model": dict(preset="tiny", num_layers=2, vocab_size=1000),
+            "parallel": dict(dp_size=2, zero=True, dp_bucket_mb=0.05),  # several buckets
+            "data": dict(path=data, seq_len=16),
+            "training": dict(global_batch_size=4, micro_batch_size=2, device="cpu"),
+        }
+    )
+    mesh = build_mesh(1, 2, 1)
+    trainer = build(config, mesh, torch.device("cpu"))
+    (sync,) = trainer.grad_syncs.values()
+    batches = synthetic_steps(config, mesh, torch.device("cpu"), 2)
+    train_step(trainer, batches[0], 0)
+    pending_after_step = sum(b.gather is not None for b in sync.buckets)
+    chunk = trainer.chunks[0]
+    with torch.no_grad():
+        chunk(batches[1][0][0], batches[1][0][1])  # the forward waits for each layer's buckets
+    return {"buckets": len(sync.buckets), "pending": pending_after_step,
+            "left": sum(b.gather is not None for b in sync.buckets)}  # fmt: skip
+
+
+def test_zero_parameter_gather_runs_in_the_background_until_the_forward_needs_it(sonnets_dataset):
+    r = run_ranks(2, _zero_gather_overlaps_forward, str(sonnets_dataset))[0]
+    assert r["buckets"] > 2
+    assert r["pending"] == r["buckets"], "the step returns with every all-gather still in flight"
+    assert r["left"] == 0, "the forward waited for every bucket it read"

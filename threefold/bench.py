@@ -24,7 +24,7 @@ from threefold.data import BatchLoader, TokenDataset
 from threefold.memory_model import estimate_memory
 from threefold.mesh import Mesh
 from threefold.metrics import count_parameters, flops_per_token, mfu, peak_flops
-from threefold.train import build, train_step
+from threefold.train import build, train_step, wait_params
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 GIB = 2**30
@@ -80,6 +80,7 @@ def run_bench(
             marks.append(_mark(cuda))
         loss, _, _, _ = train_step(trainer, data[i % len(data)], i)
         losses.append(loss)
+    wait_params(trainer)  # the last step's parameter all-gather belongs to its time
     marks.append(_mark(cuda))
     if cuda:
         torch.cuda.synchronize(device)

@@ -92,6 +92,8 @@ def _snapshot(
     trainer: Any, file_name: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[dict[str, Any]]]]:
     """Host copies of what this rank saves, and their manifest entries."""
+    for grad_sync in trainer.grad_syncs.values():
+        grad_sync.wait_params()  # ZeRO: no parameter all-gather may still be writing
     mesh = trainer.mesh
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, list[dict[str, Any]]] = {}
@@ -358,6 +360,8 @@ def load_checkpoint(trainer: Any, path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     manifest = read_manifest(path, trainer.config)
+    for grad_sync in trainer.grad_syncs.values():
+        grad_sync.wait_params()  # ZeRO: no parameter all-gather may still be writing
     named = list(_named_params(trainer).values())
     owned = _owned(trainer)
     missing = [name for name, _ in named if name not in manifest["tensors"]]

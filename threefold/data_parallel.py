@@ -55,6 +55,8 @@ class _Bucket:
         """The flat range of the buffer this rank reduces and updates (all of it without ZeRO)."""
         self.num_ready = 0
         self.handle: dist.Work | None = None
+        self.gather: dist.Work | None = None
+        """The parameter all-gather in flight (ZeRO), waited for before the parameters are used."""
 
 
 class GradSync:
@@ -101,6 +103,7 @@ class GradSync:
                 b.shard = (self.dp_rank * b.shard_numel, (self.dp_rank + 1) * b.shard_numel)
         self._bucket_of: dict[nn.Parameter, _Bucket] = {p: b for b in self.buckets for p in b.params}
         self._written: set[nn.Parameter] = set()  # parameters whose main_grad holds this step's gradient
+        self._buckets_of_module: dict[int, list[_Bucket]] = {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in ordered]
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
@@ -167,22 +170,40 @@ class GradSync:
         return ranges
 
     def gather_params(self) -> None:
-        """ZeRO: bring every rank the parameters the others updated (one all-gather per bucket)."""
+        """ZeRO: start bringing every rank the parameters the others updated (one all-gather per bucket).
+
+        The all-gathers run in the background, in forward order (the buckets holding the first layers
+        first), so they overlap the next forward pass: `wait_for(module)` blocks only until the buckets
+        holding that module's parameters have arrived, and `wait_params()` until all have.
+        """
         if not self.zero or self.dp_size == 1:
             return
-        handles = []
-        for bucket in self.buckets:
+        for bucket in reversed(self.buckets):  # buckets are filled last layer first
             assert bucket.param_buffer is not None
             lo, hi = bucket.shard
             with watchdog.collective(self.dp_group, "all_gather(parameters)"):
-                handles.append(
-                    all_gather_flat(
-                        bucket.param_buffer, bucket.param_buffer[lo:hi], group=self.dp_group, async_op=True
-                    )
+                bucket.gather = all_gather_flat(
+                    bucket.param_buffer, bucket.param_buffer[lo:hi], group=self.dp_group, async_op=True
                 )
-        with watchdog.waiting_for(self.dp_group, "all_gather(parameters)"):
-            for h in handles:
-                h.wait()
+
+    def _wait(self, buckets: list[_Bucket]) -> None:
+        for bucket in buckets:
+            if bucket.gather is not None:
+                with watchdog.waiting_for(self.dp_group, "all_gather(parameters)"):
+                    bucket.gather.wait()
+                bucket.gather = None
+
+    def wait_params(self) -> None:
+        """Block until every parameter all-gather started by `gather_params` has landed."""
+        self._wait(self.buckets)
+
+    def wait_for(self, module: nn.Module) -> None:
+        """Block until the parameters of `module` (and its children) are current."""
+        key = id(module)
+        if key not in self._buckets_of_module:
+            ids = {id(p) for p in module.parameters()}
+            self._buckets_of_module[key] = [b for b in self.buckets if any(id(p) in ids for p in b.params)]
+        self._wait(self._buckets_of_module[key])
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -263,8 +264,15 @@ class Transformer(nn.Module):
                     cfg.hidden_size, cfg.vocab_size, tp_group=tp_group, bias=False, pad_output=True
                 )
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.before_use: Callable[[nn.Module], None] | None = None
+        """Called with a submodule just before the forward uses its parameters (ZeRO waits there for the
+        parameter all-gather of the previous step, which so overlaps the forward)."""
         self.compile_loss = False
         """Fuse the loss's element-wise work with torch.compile (set by the trainer with training.compile)."""
+
+    def _ready(self, module: nn.Module) -> None:
+        if self.before_use is not None:
+            self.before_use(module)
 
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
@@ -299,17 +307,22 @@ class Transformer(nn.Module):
         """
         if self.has_embedding:
             seq_len = x.shape[1]
+            self._ready(self.embed_tokens)
+            if self.cfg.arch == "gpt2":
+                self._ready(self.embed_positions)
             x = self.embed(x)
         else:
             seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
         rope = self.rope(seq_len, x.device)
         for layer in self.layers.values():
+            self._ready(layer)
             if self.tp.recompute == "full" and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rope, use_reentrant=False)  # keep only each layer's input
             else:
                 x = layer(x, rope)
         if not self.has_head:
             return x
+        self._ready(self)  # the final norm and the output weight (a no-op once everything has arrived)
         x = self.tp.enter(self.norm(x))  # (b, s, h)
         if targets is None:
             return F.linear(x, self.output_weight())  # (b, s, Vp/t)

@@ -99,6 +99,9 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         )
         for c, chunk in chunks.items()
     }
+    if p.zero and mesh.dp_size > 1:
+        for c, chunk in chunks.items():
+            chunk.before_use = grad_syncs[c].wait_for  # the parameter all-gather overlaps the forward
     owned = [r for c in sorted(grad_syncs) for r in grad_syncs[c].owned_ranges()]
     optimizer = Optimizer(owned, config.optimizer, mesh=mesh, max_steps=t.max_steps, zero=p.zero)
     seq_local = config.data.seq_len // (p.tp_size if p.sequence_parallel else 1)
@@ -115,6 +118,12 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     schedule = build_schedule(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     connect_neighbours(mesh, device)
     return Trainer(chunks, grad_syncs, optimizer, executor, schedule[mesh.pp_rank], config, mesh)
+
+
+def wait_params(trainer: Trainer) -> None:
+    """Block until the ZeRO parameter all-gathers of the last step have landed (a no-op without ZeRO)."""
+    for grad_sync in trainer.grad_syncs.values():
+        grad_sync.wait_params()
 
 
 def _pipeline_sum(value: torch.Tensor, mesh: Mesh) -> torch.Tensor:
@@ -162,6 +171,7 @@ def train_step(
             dist.all_reduce(loss, group=mesh.dp_group)
     bad_loss = ~torch.isfinite(loss)
     watchdog.set_action("optimizer step")
+    wait_params(trainer)  # a parameter no forward used may still be arriving from the last step
     norm, lr = trainer.optimizer.step(step, found_inf=bad_loss)
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.gather_params()
@@ -286,6 +296,7 @@ def train(
                 break
         if checkpointer:
             checkpointer.finish(trainer)  # an asynchronous save still in flight
+    wait_params(trainer)
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.remove_hooks()
     return result
