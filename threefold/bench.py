@@ -20,11 +20,10 @@ import torch
 import torch.distributed as dist
 
 from threefold.config import Config
-from threefold.data import BatchLoader, TokenDataset
 from threefold.memory_model import estimate_memory
 from threefold.mesh import Mesh
 from threefold.metrics import count_parameters, flops_per_token, mfu, peak_flops
-from threefold.train import build, train_step, wait_params
+from threefold.train import build, train_loader, train_step, wait_params
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 GIB = 2**30
@@ -49,15 +48,7 @@ def synthetic_steps(config: Config, mesh: Mesh, device: torch.device, count: int
 
 
 def _real_steps(config: Config, mesh: Mesh, device: torch.device, count: int) -> list[list[Batch]]:
-    t = config.training
-    loader = BatchLoader(
-        TokenDataset(config.data.path, "train", config.data.seq_len),
-        micro_batch_size=t.micro_batch_size,
-        global_batch_size=t.global_batch_size,
-        dp_rank=mesh.dp_rank,
-        dp_size=mesh.dp_size,
-        seed=t.seed,
-    )
+    loader = train_loader(config, mesh)
     return [[(x.to(device), y.to(device)) for x, y in loader.next_batch()] for _ in range(count)]
 
 

@@ -312,6 +312,16 @@ def cmd_schedule(argv: list[str]) -> int:
     return 0
 
 
+def _checkpoint_path(arg: str) -> Path:
+    """A checkpoint directory as given, or the one `latest` points to in a run's checkpoint.dir."""
+    from threefold.checkpoint import latest_checkpoint
+
+    path = Path(arg)
+    if not (path / "manifest.json").is_file() and (path / "latest").is_file():
+        return latest_checkpoint(path) or path
+    return path
+
+
 def cmd_checkpoint(argv: list[str]) -> int:
     """Checkpoint tools: `convert` consolidates a checkpoint of any layout into one file of full tensors."""
     parser = argparse.ArgumentParser(prog="threefold checkpoint", description=cmd_checkpoint.__doc__)
@@ -320,11 +330,9 @@ def cmd_checkpoint(argv: list[str]) -> int:
     convert.add_argument("src", help="a checkpoint directory, or a run's checkpoint.dir (uses latest)")
     convert.add_argument("dst", help="the consolidated checkpoint to write")
     args = parser.parse_args(argv)
-    from threefold.checkpoint import convert_checkpoint, latest_checkpoint
+    from threefold.checkpoint import convert_checkpoint
 
-    src = Path(args.src)
-    if not (src / "manifest.json").is_file() and (src / "latest").is_file():
-        src = latest_checkpoint(src) or src
+    src = _checkpoint_path(args.src)
     out = convert_checkpoint(src, args.dst)
     print(f"wrote {out} from {src}: full weights and optimizer state in one file, loadable under any layout")
     return 0
@@ -380,13 +388,11 @@ def cmd_export_hf(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from threefold.checkpoint import latest_checkpoint, read_full_state
+    from threefold.checkpoint import read_full_state
     from threefold.config import ModelConfig
     from threefold.hf import save_hf_checkpoint, to_hf_state_dict
 
-    path = Path(args.checkpoint)
-    if not (path / "manifest.json").is_file() and (path / "latest").is_file():
-        path = latest_checkpoint(path) or path
+    path = _checkpoint_path(args.checkpoint)
     model_fields, state = read_full_state(path)
     model = ModelConfig(**model_fields)
     state = {k: v.to(getattr(torch, args.dtype)) for k, v in state.items()}

@@ -28,7 +28,9 @@ from threefold.layers import pad_to_multiple
 
 
 class _Bucket:
-    def __init__(self, params: list[nn.Parameter], device: torch.device, dp_size: int, zero: bool) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], device: torch.device, dp_rank: int, dp_size: int, zero: bool
+    ) -> None:
         self.params = params
         numel = sum(p.numel() for p in params)
         padded = pad_to_multiple(numel, dp_size) if zero else numel
@@ -50,8 +52,8 @@ class _Bucket:
                 p.data = flat.view_as(p)  # the parameter now lives in the bucket's flat buffer
             self.offsets[p] = offset
             offset += p.numel()
-        self.shard_numel = padded // dp_size
-        self.shard = (0, padded)
+        shard = padded // dp_size
+        self.shard = (dp_rank * shard, (dp_rank + 1) * shard) if zero else (0, padded)
         """The flat range of the buffer this rank reduces and updates (all of it without ZeRO)."""
         self.num_ready = 0
         self.handle: dist.Work | None = None
@@ -97,10 +99,7 @@ class GradSync:
             groups[-1].append(p)
             size += p.numel()
         device = ordered[0].device if ordered else torch.device("cpu")
-        self.buckets = [_Bucket(g, device, self.dp_size, zero) for g in groups if g]
-        for b in self.buckets:
-            if zero:
-                b.shard = (self.dp_rank * b.shard_numel, (self.dp_rank + 1) * b.shard_numel)
+        self.buckets = [_Bucket(g, device, self.dp_rank, self.dp_size, zero) for g in groups if g]
         self._bucket_of: dict[nn.Parameter, _Bucket] = {p: b for b in self.buckets for p in b.params}
         self._written: set[nn.Parameter] = set()  # parameters whose main_grad holds this step's gradient
         self._buckets_of_module: dict[int, list[_Bucket]] = {}

@@ -126,7 +126,7 @@ class Optimizer:
                 torch._foreach_div_(self._grads, scale)
         for master, grad in zip(self.masters, self._grads, strict=True):
             master.grad = grad
-        if self.adam.defaults.get("fused"):
+        if self.fused:
             self.adam.found_inf = skip.float()  # type: ignore[attr-defined]  # 0-dim, like Adam's steps
             self.adam.step()
         elif not bool(skip):

@@ -84,18 +84,14 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
                 layer.compile()
             chunk.compile_loss = True
         chunks[c] = chunk
-    tied = [
-        chunk.embed_tokens.weight
-        for chunk in chunks.values()
-        if config.model.tie_embeddings and p.pp_size > 1 and hasattr(chunk, "embed_tokens")
-    ]
+    tied_across_stages = config.model.tie_embeddings and p.pp_size > 1
     grad_syncs = {
         c: GradSync(
             list(chunk.parameters()),
             dp_group=mesh.dp_group,
             bucket_mb=p.dp_bucket_mb,
             zero=p.zero,
-            solo=[w for w in tied if any(w is q for q in chunk.parameters())],
+            solo=[chunk.embed_tokens.weight] if tied_across_stages and hasattr(chunk, "embed_tokens") else [],
         )
         for c, chunk in chunks.items()
     }
@@ -118,6 +114,21 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     schedule = build_schedule(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     connect_neighbours(mesh, device)
     return Trainer(chunks, grad_syncs, optimizer, executor, schedule[mesh.pp_rank], config, mesh)
+
+
+def train_loader(config: Config, mesh: Mesh, train_set: TokenDataset | None = None) -> BatchLoader:
+    """This data-parallel rank's batches of the training split (opened here unless given)."""
+    t = config.training
+    if train_set is None:
+        train_set = TokenDataset(config.data.path, "train", config.data.seq_len)
+    return BatchLoader(
+        train_set,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        dp_rank=mesh.dp_rank,
+        dp_size=mesh.dp_size,
+        seed=t.seed,
+    )
 
 
 def wait_params(trainer: Trainer) -> None:
@@ -213,14 +224,7 @@ def train(
     trainer = build(config, mesh, device)
     train_set = TokenDataset(config.data.path, "train", config.data.seq_len)
     val_set = TokenDataset(config.data.path, "val", config.data.seq_len)
-    loader = BatchLoader(
-        train_set,
-        micro_batch_size=t.micro_batch_size,
-        global_batch_size=t.global_batch_size,
-        dp_rank=mesh.dp_rank,
-        dp_size=mesh.dp_size,
-        seed=t.seed,
-    )
+    loader = train_loader(config, mesh, train_set)
     val_batches = _to_device(
         eval_batches(
             val_set,
