@@ -103,7 +103,13 @@ def test_vocab_parallel_embedding(tp, sequence_parallel):
     run_ranks(tp, _embedding, 37, sequence_parallel)  # 37 is prime: padded on every tp > 1
 
 
-def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int) -> None:
+def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int, fused: bool) -> None:
+    if fused:  # the kernels torch.compile fuses on the GPU, run here as plain functions (forked rank)
+        loss_module._kernels = lambda compiled: (
+            loss_module._row_max,
+            loss_module._target_and_sum_exp,
+            loss_module._grad_logits,
+        )
     torch.manual_seed(2)
     n, h = 24, 8
     padded = -(-vocab // world) * world
@@ -122,7 +128,12 @@ def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int) ->
     local_x = x.clone().requires_grad_()
     loss_module.CHUNK_ELEMENTS = chunk_rows * local_w.shape[0]  # forked rank: no effect on other tests
     loss = loss_module.linear_cross_entropy(
-        copy_to_tp(local_x, dist.group.WORLD), local_w, targets, tp_group=dist.group.WORLD, vocab_size=vocab
+        copy_to_tp(local_x, dist.group.WORLD),
+        local_w,
+        targets,
+        tp_group=dist.group.WORLD,
+        vocab_size=vocab,
+        compiled=fused,
     )
     torch.testing.assert_close(loss, ref, **TOL)
     (loss * 3).backward()
@@ -132,7 +143,7 @@ def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int) ->
     assert torch.all(full_grad[vocab:] == 0), "padding rows must never be predicted"
     with torch.no_grad():  # evaluation: the same loss, no gradient work
         again = loss_module.linear_cross_entropy(
-            local_x, local_w, targets, tp_group=dist.group.WORLD, vocab_size=vocab
+            local_x, local_w, targets, tp_group=dist.group.WORLD, vocab_size=vocab, compiled=fused
         )
     torch.testing.assert_close(again, ref.detach(), **TOL)
 
@@ -140,9 +151,11 @@ def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int) ->
 @pytest.mark.parametrize(
     "tp,vocab,chunk_rows", [(1, 37, 24), (1, 37, 5), (2, 40, 7), (2, 37, 24), (4, 37, 5), (4, 64, 1)]
 )
-def test_linear_cross_entropy(tp, vocab, chunk_rows):
-    """Chunked output layer + vocab-parallel loss against F.cross_entropy on the full logits."""
-    run_ranks(tp, _linear_cross_entropy, vocab, chunk_rows)
+@pytest.mark.parametrize("fused", [False, True], ids=["in-place", "fusable-kernels"])
+def test_linear_cross_entropy(tp, vocab, chunk_rows, fused):
+    """Chunked output layer + vocab-parallel loss against F.cross_entropy on the full logits, both the
+    in-place CPU path and the element-wise kernels that are compiled on the GPU."""
+    run_ranks(tp, _linear_cross_entropy, vocab, chunk_rows, fused)
 
 
 def test_linear_cross_entropy_bf16():

@@ -11,7 +11,8 @@ gradient. Peak extra memory: one chunk of logits plus an fp32 weight-gradient ac
 Under tensor parallelism each rank holds Vl columns: the row max and the (target logit, sum of
 exponentials) pair are all-reduced over the TP group, as in `layers.vocab_parallel_cross_entropy`.
 The element-wise work on a chunk is three small functions; with `compiled=True` each becomes one
-fused kernel (torch.compile), which reads the bf16 logits instead of materializing fp32 copies.
+fused kernel (torch.compile), which reads the bf16 logits instead of materializing fp32 copies. Without
+a compiler (the CPU) the same math runs in place on one fp32 buffer (`_eager_chunk`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,64 @@ def _kernels(compiled: bool) -> tuple[Callable[..., torch.Tensor], ...]:
     return tuple(torch.compile(f, dynamic=False) for f in fns)
 
 
+Reduce = Callable[[torch.Tensor], None]
+
+
+def _fused_chunk(
+    logits: torch.Tensor,
+    local_targets: torch.Tensor,
+    owned: torch.Tensor,
+    num_valid: int,
+    scale: float,
+    want_grad: bool,
+    reduce_max: Reduce,
+    reduce_sums: Reduce,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of the chunk's losses, scale * d(losses)/d(logits) or None) with the three compiled kernels."""
+    row_max_fn, target_sum_fn, grad_fn = _kernels(True)
+    row_max = row_max_fn(logits, num_valid)
+    reduce_max(row_max)
+    both = target_sum_fn(logits, row_max, local_targets, owned, num_valid)
+    reduce_sums(both)
+    loss = (both[1].log() - both[0]).sum()
+    if not want_grad:
+        return loss, None
+    return loss, grad_fn(logits, row_max, both[1], local_targets, owned, num_valid, scale)
+
+
+def _eager_chunk(
+    logits: torch.Tensor,
+    local_targets: torch.Tensor,
+    owned: torch.Tensor,
+    num_valid: int,
+    scale: float,
+    want_grad: bool,
+    reduce_max: Reduce,
+    reduce_sums: Reduce,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same result without a compiler: in place on one fp32 buffer, the fewest passes over it.
+
+    `logits` is the chunk's fresh GEMM output, so in fp32 it is overwritten rather than copied.
+    """
+    work = logits.float()
+    if num_valid < work.shape[-1]:
+        work[:, num_valid:] = float("-inf")  # padding columns are never predicted
+    row_max = work.amax(dim=-1)
+    reduce_max(row_max)
+    work.sub_(row_max.unsqueeze(-1))
+    rows = torch.arange(work.shape[0], device=work.device)
+    target = work[rows, local_targets].masked_fill(~owned, 0.0)
+    work.exp_()
+    both = torch.stack([target, work.sum(dim=-1)])
+    reduce_sums(both)
+    loss = (both[1].log() - both[0]).sum()
+    if not want_grad:
+        return loss, None
+    work.div_(both[1].unsqueeze(-1))  # the softmax
+    work[rows, local_targets] -= owned.to(work.dtype)
+    return loss, work.mul_(scale).to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -97,7 +156,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         world = dist.get_world_size(group)
         vocab_start = dist.get_rank(group) * local_vocab
         num_valid = min(max(vocab_size - vocab_start, 0), local_vocab)
-        row_max_fn, target_sum_fn, grad_fn = _kernels(compiled)
+
+        def reduce_max(t: torch.Tensor) -> None:
+            if world > 1:
+                with watchdog.collective(group, "all_reduce(logit max)"):
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
+        def reduce_sums(t: torch.Tensor) -> None:
+            if world > 1:
+                with watchdog.collective(group, "all_reduce(softmax sums)"):
+                    dist.all_reduce(t, group=group)
+
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local_vocab)))
         grad_x = torch.empty_like(x) if want_x else None
@@ -113,18 +182,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             local_targets = targets[start : start + chunk] - vocab_start
             owned = (local_targets >= 0) & (local_targets < local_vocab)
             local_targets = local_targets.masked_fill(~owned, 0)
-            row_max = row_max_fn(logits, num_valid)
-            if world > 1:
-                with watchdog.collective(group, "all_reduce(logit max)"):
-                    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-            both = target_sum_fn(logits, row_max, local_targets, owned, num_valid)
-            if world > 1:
-                with watchdog.collective(group, "all_reduce(softmax sums)"):
-                    dist.all_reduce(both, group=group)
-            loss_sum += (both[1].log() - both[0]).sum()
-            if not (want_x or want_w):
+            chunk_loss, g = (_fused_chunk if compiled else _eager_chunk)(
+                logits, local_targets, owned, num_valid, 1.0 / n, want_x or want_w, reduce_max, reduce_sums
+            )
+            loss_sum += chunk_loss
+            if g is None:
                 continue
-            g = grad_fn(logits, row_max, both[1], local_targets, owned, num_valid, 1.0 / n)
             del logits
             if grad_x is not None:
                 torch.mm(g, weight, out=grad_x[start : start + chunk])
