@@ -3,6 +3,10 @@
 Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps 3] [--warmup 5]
 Prints the top CUDA kernels by total time and a summary by kind (GEMM, attention, communication,
 optimizer, element-wise), as a share of the profiled GPU time.
+
+It also prints how busy the GPU is: the union of all kernel intervals per step (from the profile) over the
+step time measured without the profiler. The idle rest is launch gaps and host work the GPU waits on; it
+bounds what CUDA graphs, which remove launch overhead, could save.
 """
 
 from __future__ import annotations
@@ -35,6 +39,26 @@ def kind_of(name: str) -> str:
     return "other element-wise / copies"
 
 
+def kernel_union_us(prof: torch.profiler.profile) -> float:
+    """Microseconds during which at least one kernel (or copy) ran on the GPU, over all streams."""
+    intervals = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, current_start, current_end = 0.0, None, None
+    for lo, hi in intervals:
+        if current_end is None or lo > current_end:
+            if current_end is not None:
+                busy += current_end - current_start
+            current_start, current_end = lo, hi
+        else:
+            current_end = max(current_end, hi)
+    if current_end is not None:
+        busy += current_end - current_start
+    return busy
+
+
 def main(argv: list[str]) -> None:
     steps, warmup, overrides = 3, 5, []
     i = 0
@@ -58,6 +82,13 @@ def main(argv: list[str]) -> None:
     for s in range(warmup):
         train_step(trainer, data[s % 4], s)
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for s in range(steps):
+        train_step(trainer, data[s % 4], warmup + s)
+    end.record()
+    torch.cuda.synchronize()
+    step_ms = start.elapsed_time(end) / steps
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for s in range(steps):
@@ -66,6 +97,12 @@ def main(argv: list[str]) -> None:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     print(f"profiled GPU time: {total / 1e3 / steps:.1f} ms per step over {steps} steps")
+    busy_ms = kernel_union_us(prof) / 1e3 / steps
+    print(
+        f"step time without the profiler: {step_ms:.1f} ms; GPU busy (union of kernel intervals): "
+        f"{busy_ms:.1f} ms per step = {busy_ms / step_ms:.1%}; idle {1 - busy_ms / step_ms:.1%} "
+        "(the most CUDA graphs could save)"
+    )
     by_kind: dict[str, float] = {}
     for e in events:
         by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.device_time_total

@@ -12,10 +12,23 @@ from threefold.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    column_parallel_projections,
     shard_of,
 )
 
 TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every operator dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
 def _gather(local: torch.Tensor, dim: int, full_size: int | None = None) -> torch.Tensor:
@@ -173,3 +186,70 @@ def _ce_bf16(rank: int, world: int) -> None:
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     loss.backward()
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+
+
+def _projections(rank: int, world: int, sequence_parallel: bool, bias: bool, use_all: bool) -> None:
+    """Three projections of one input (q, k, v shaped) against torch.nn.Linear on the full input."""
+    torch.manual_seed(1)
+    b, s, h, outs = 2, 8, 12, (16, 8, 8)
+    refs = [torch.nn.Linear(h, o, bias=bias) for o in outs]
+    x = torch.randn(b, s, h)
+    grads_out = [torch.randn(b, s, o) for o in outs]
+    group = dist.group.WORLD
+    layers = [ColumnParallelLinear(h, o, tp_group=group, bias=bias) for o in outs]
+    with torch.no_grad():
+        for mine, ref in zip(layers, refs, strict=True):
+            mine.weight.copy_(shard_of(ref.weight, mine.weight, rank, world))
+            if bias:
+                mine.bias.copy_(shard_of(ref.bias, mine.bias, rank, world))
+    used = range(len(outs)) if use_all else [0, 2]  # an output left out of the loss gets no gradient
+
+    x_ref = x.clone().requires_grad_()
+    ys_ref = [ref(x_ref) for ref in refs]
+    torch.autograd.backward([ys_ref[i] for i in used], [grads_out[i] for i in used])
+
+    if sequence_parallel:
+        x_local = x.chunk(world, dim=1)[rank].clone().requires_grad_()
+    else:
+        x_local = x.clone().requires_grad_()
+    ys = column_parallel_projections(x_local, layers, group, sequence_parallel=sequence_parallel)
+    for i, (y, y_ref) in enumerate(zip(ys, ys_ref, strict=True)):
+        torch.testing.assert_close(y, y_ref.chunk(world, dim=-1)[rank], **TOL, msg=f"output {i}")
+    log = _OpLog()
+    with log:
+        torch.autograd.backward(
+            [ys[i] for i in used], [grads_out[i].chunk(world, dim=-1)[rank] for i in used]
+        )
+    if sequence_parallel:
+        torch.testing.assert_close(_gather(x_local.grad, 1), x_ref.grad, **TOL)
+    else:
+        torch.testing.assert_close(x_local.grad, x_ref.grad, **TOL)
+    for i, (mine, ref) in enumerate(zip(layers, refs, strict=True)):
+        if i not in used:
+            assert mine.weight.grad is None
+            continue
+        torch.testing.assert_close(
+            mine.weight.grad, shard_of(ref.weight.grad, mine.weight, rank, world), **TOL
+        )
+        if bias:
+            torch.testing.assert_close(mine.bias.grad, shard_of(ref.bias.grad, mine.bias, rank, world), **TOL)
+
+    # The overlap itself: the reduction starts after the input gradient's GEMMs and is waited for only
+    # after every weight gradient's GEMM.
+    reduction = (
+        "_c10d_functional.reduce_scatter_tensor" if sequence_parallel else "_c10d_functional.all_reduce"
+    )
+    names = log.names
+    assert names.count(reduction) == 1 and names.count("_c10d_functional.wait_tensor") == 1, names
+    start, wait = names.index(reduction), names.index("_c10d_functional.wait_tensor")
+    gemms_before = sum(n in ("aten.mm", "aten.addmm_") for n in names[:start])
+    gemms_during = sum(n == "aten.mm" for n in names[start:wait])
+    assert gemms_before == len(used), names
+    assert gemms_during == len(used), names
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["plain", "sp"])
+@pytest.mark.parametrize("bias,use_all", [(False, True), (True, True), (True, False)])
+def test_column_parallel_projections_overlap(tp, sequence_parallel, bias, use_all):
+    run_ranks(tp, _projections, sequence_parallel, bias, use_all)

@@ -17,7 +17,15 @@ def dataset(sonnets_dataset) -> str:
     return str(sonnets_dataset)
 
 
-def _config(data_path: str, arch: str, tp: int, dp: int, sequence_parallel: bool, zero: bool = False):
+def _config(
+    data_path: str,
+    arch: str,
+    tp: int,
+    dp: int,
+    sequence_parallel: bool,
+    zero: bool = False,
+    overlap_tp_comm: bool = True,
+):
     return build_config(
         {
             "model": dict(
@@ -31,7 +39,13 @@ def _config(data_path: str, arch: str, tp: int, dp: int, sequence_parallel: bool
                 max_seq_len=32,
                 tie_embeddings=arch == "gpt2",
             ),
-            "parallel": dict(tp_size=tp, dp_size=dp, sequence_parallel=sequence_parallel, zero=zero),
+            "parallel": dict(
+                tp_size=tp,
+                dp_size=dp,
+                sequence_parallel=sequence_parallel,
+                zero=zero,
+                overlap_tp_comm=overlap_tp_comm,
+            ),
             "data": dict(path=data_path, seq_len=16),
             # eps 1e-6: Adam would turn a 1e-9 rounding difference in a near-zero gradient into a full
             # lr-sized step; the layouts' gradients agree to ~1e-7, which is what these tests are about.
@@ -86,8 +100,20 @@ LAYOUTS = [
     ids=[f"tp{t}-dp{d}{'-sp' if s else ''}{'-zero' if z else ''}" for t, d, s, z in LAYOUTS],
 )
 def test_layout_matches_single_process(dataset, arch, tp, dp, sp, zero):
+    _check_against_reference(
+        dataset, arch, run_ranks(tp * dp, _train, _config(dataset, arch, tp, dp, sp, zero))[0]
+    )
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["plain", "sp"])
+def test_tp_without_comm_overlap_matches_single_process(dataset, sp):
+    """parallel.overlap_tp_comm = false: the f/g operators reduce after the projections' backward."""
+    config = _config(dataset, "llama", 2, 1, sp, overlap_tp_comm=False)
+    _check_against_reference(dataset, "llama", run_ranks(2, _train, config)[0])
+
+
+def _check_against_reference(dataset: str, arch: str, got: dict) -> None:
     ref = _reference(dataset, arch)
-    got = run_ranks(tp * dp, _train, _config(dataset, arch, tp, dp, sp, zero))[0]
     assert len(got["losses"]) == STEPS
     assert ref["losses"][-1] < ref["losses"][0], "training must make progress for the comparison to mean much"
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)

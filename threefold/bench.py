@@ -125,6 +125,7 @@ def _record(
         "schedule": p.pipeline_schedule,
         "zero": p.zero,
         "sequence_parallel": p.sequence_parallel,
+        "overlap_tp_comm": p.overlap_tp_comm,
         "micro_batch_size": t.micro_batch_size,
         "global_batch_size": t.global_batch_size,
         "seq_len": config.data.seq_len,

@@ -97,6 +97,9 @@ class ParallelConfig:
     """With tp_size > 1, send 1/t of each pipeline boundary tensor per TP rank and all-gather on arrival."""
     sequence_parallel: bool = False
     """Split norm/dropout regions along the sequence across the TP group (needs tp_size > 1)."""
+    overlap_tp_comm: bool = True
+    """In backward, reduce each column-parallel input gradient over the TP group while the weight gradients
+    are computed (tp_size > 1); off: reduce after them, as Megatron's plain f/g operators do."""
     dp_bucket_mb: float = 25.0
     """Size of the gradient buckets all-reduced across data-parallel ranks during backward, in MiB."""
     zero: bool = False

@@ -32,6 +32,7 @@ from threefold.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    column_parallel_projections,
     full_shape_of,
     mark_sequence_parallel,
     shard_of,
@@ -42,16 +43,33 @@ from threefold.loss import linear_cross_entropy
 class TPContext:
     """What a layer needs to know about tensor parallelism (its group, whether SP is on) and recomputation."""
 
-    def __init__(self, tp_group: ProcessGroup, sequence_parallel: bool, recompute: str = "none") -> None:
+    def __init__(
+        self,
+        tp_group: ProcessGroup,
+        sequence_parallel: bool,
+        recompute: str = "none",
+        overlap_comm: bool = True,
+    ) -> None:
         self.group = tp_group
         self.size = dist.get_world_size(tp_group)
         self.rank = dist.get_rank(tp_group)
         self.sequence_parallel = sequence_parallel
         self.recompute = recompute
+        self.overlap_comm = overlap_comm
+        """Overlap the input-gradient reduction of column-parallel projections with their weight gradients."""
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """Make the block input whole on every TP rank before column-parallel projections."""
         return gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+
+    def project(self, x: torch.Tensor, layers: list[ColumnParallelLinear]) -> list[torch.Tensor]:
+        """Column-parallel `layers` applied to the block input x (b, s_, h): [(b, s, out_i/t)]."""
+        if self.size > 1 and self.overlap_comm:
+            return column_parallel_projections(
+                x, layers, self.group, sequence_parallel=self.sequence_parallel
+            )
+        x = self.enter(x)
+        return [layer(x) for layer in layers]
 
 
 def make_norm(cfg: ModelConfig, tp: TPContext) -> nn.Module:
@@ -132,13 +150,11 @@ class Attention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = self.tp.enter(x)  # (b, s, h) on every TP rank
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_local_heads, self.head_dim).transpose(1, 2)  # (b, a/t, s, d)
-        k = (
-            self.k_proj(x).view(b, s, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (b, k/t, s, d)
-        v = self.v_proj(x).view(b, s, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.tp.project(x, [self.q_proj, self.k_proj, self.v_proj])  # (b, s, heads/t * d)
+        b, s, _ = q.shape
+        q = q.view(b, s, self.num_local_heads, self.head_dim).transpose(1, 2)  # (b, a/t, s, d)
+        k = k.view(b, s, self.num_local_kv_heads, self.head_dim).transpose(1, 2)  # (b, k/t, s, d)
+        v = v.view(b, s, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
         if self.use_rope:
             assert rope is not None
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -195,11 +211,12 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.tp.enter(x)  # (b, s, h)
         if self.gated:
-            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (b, s, f/t)
+            gate, up = self.tp.project(x, [self.gate_proj, self.up_proj])
+            hidden = F.silu(gate) * up  # (b, s, f/t)
         else:
-            hidden = F.gelu(self.up_proj(x), approximate="tanh")
+            (up,) = self.tp.project(x, [self.up_proj])
+            hidden = F.gelu(up, approximate="tanh")
         return self.down_proj(hidden)  # (b, s_, h)
 
 
@@ -232,13 +249,14 @@ class Transformer(nn.Module):
         has_embedding: bool = True,
         has_head: bool = True,
         recompute: str = "none",
+        overlap_tp_comm: bool = True,
     ) -> None:
         super().__init__()
         last_layer = cfg.num_layers if last_layer is None else last_layer
         if not 0 <= first_layer <= last_layer <= cfg.num_layers:
             raise ValueError(f"layer range [{first_layer}, {last_layer}) outside 0..{cfg.num_layers}")
         self.cfg = cfg
-        self.tp = TPContext(tp_group, sequence_parallel, recompute)
+        self.tp = TPContext(tp_group, sequence_parallel, recompute, overlap_tp_comm)
         self.has_embedding = has_embedding
         self.has_head = has_head
         if has_embedding:
@@ -394,6 +412,7 @@ def build_model(
     has_embedding: bool = True,
     has_head: bool = True,
     recompute: str = "none",
+    overlap_tp_comm: bool = True,
 ) -> Transformer:
     """Build (a pipeline stage of) the model directly on `device`, initialized, in `dtype`."""
     with torch.device(device):
@@ -406,6 +425,7 @@ def build_model(
             has_embedding=has_embedding,
             has_head=has_head,
             recompute=recompute,
+            overlap_tp_comm=overlap_tp_comm,
         )
     init_weights(model, seed)
     return model.to(dtype)

@@ -78,6 +78,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
             has_embedding=c == 0,
             has_head=c == num_chunks - 1,
             recompute=t.recompute,
+            overlap_tp_comm=p.overlap_tp_comm,
         )
         if t.compile:
             for layer in chunk.layers.values():
