@@ -1,6 +1,7 @@
 """Profile a few training steps of a config on one GPU: where the step time goes, by kernel.
 
 Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps 3] [--warmup 5]
+Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_size=N ... (rank 0 reports)
 Prints the top CUDA kernels by total time and a summary by kind (GEMM, attention, communication,
 optimizer, element-wise), as a share of the profiled GPU time.
 
@@ -70,13 +71,16 @@ def main(argv: list[str]) -> None:
             continue
         overrides.append(argv[i])
         i += 1
+    # One GPU, or under torchrun (the layout comes from the --parallel.* overrides); rank 0 reports.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29512")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
     config = build_config({}, overrides, check_paths=False)
-    mesh = build_mesh(1, 1, 1)
-    device = torch.device("cuda", 0)
+    p = config.parallel
+    mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
     trainer = build(config, mesh, device)
     data = synthetic_steps(config, mesh, device, 4)
     for s in range(warmup):
@@ -94,6 +98,9 @@ def main(argv: list[str]) -> None:
         for s in range(steps):
             train_step(trainer, data[s % 4], warmup + s)
         torch.cuda.synchronize()
+    if rank != 0:
+        dist.destroy_process_group()
+        return
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     print(f"profiled GPU time: {total / 1e3 / steps:.1f} ms per step over {steps} steps")

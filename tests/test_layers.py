@@ -188,7 +188,7 @@ def _ce_bf16(rank: int, world: int) -> None:
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
 
 
-def _projections(rank: int, world: int, sequence_parallel: bool, bias: bool, use_all: bool) -> None:
+def _projections(rank: int, world: int, bias: bool, use_all: bool) -> None:
     """Three projections of one input (q, k, v shaped) against torch.nn.Linear on the full input."""
     torch.manual_seed(1)
     b, s, h, outs = 2, 8, 12, (16, 8, 8)
@@ -208,11 +208,8 @@ def _projections(rank: int, world: int, sequence_parallel: bool, bias: bool, use
     ys_ref = [ref(x_ref) for ref in refs]
     torch.autograd.backward([ys_ref[i] for i in used], [grads_out[i] for i in used])
 
-    if sequence_parallel:
-        x_local = x.chunk(world, dim=1)[rank].clone().requires_grad_()
-    else:
-        x_local = x.clone().requires_grad_()
-    ys = column_parallel_projections(x_local, layers, group, sequence_parallel=sequence_parallel)
+    x_local = x.clone().requires_grad_()
+    ys = column_parallel_projections(x_local, layers, group)
     for i, (y, y_ref) in enumerate(zip(ys, ys_ref, strict=True)):
         torch.testing.assert_close(y, y_ref.chunk(world, dim=-1)[rank], **TOL, msg=f"output {i}")
     log = _OpLog()
@@ -220,10 +217,7 @@ def _projections(rank: int, world: int, sequence_parallel: bool, bias: bool, use
         torch.autograd.backward(
             [ys[i] for i in used], [grads_out[i].chunk(world, dim=-1)[rank] for i in used]
         )
-    if sequence_parallel:
-        torch.testing.assert_close(_gather(x_local.grad, 1), x_ref.grad, **TOL)
-    else:
-        torch.testing.assert_close(x_local.grad, x_ref.grad, **TOL)
+    torch.testing.assert_close(x_local.grad, x_ref.grad, **TOL)
     for i, (mine, ref) in enumerate(zip(layers, refs, strict=True)):
         if i not in used:
             assert mine.weight.grad is None
@@ -236,9 +230,7 @@ def _projections(rank: int, world: int, sequence_parallel: bool, bias: bool, use
 
     # The overlap itself: the reduction starts after the input gradient's GEMMs and is waited for only
     # after every weight gradient's GEMM.
-    reduction = (
-        "_c10d_functional.reduce_scatter_tensor" if sequence_parallel else "_c10d_functional.all_reduce"
-    )
+    reduction = "_c10d_functional.all_reduce"
     names = log.names
     assert names.count(reduction) == 1 and names.count("_c10d_functional.wait_tensor") == 1, names
     start, wait = names.index(reduction), names.index("_c10d_functional.wait_tensor")
@@ -249,7 +241,6 @@ def _projections(rank: int, world: int, sequence_parallel: bool, bias: bool, use
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["plain", "sp"])
 @pytest.mark.parametrize("bias,use_all", [(False, True), (True, True), (True, False)])
-def test_column_parallel_projections_overlap(tp, sequence_parallel, bias, use_all):
-    run_ranks(tp, _projections, sequence_parallel, bias, use_all)
+def test_column_parallel_projections_overlap(tp, bias, use_all):
+    run_ranks(tp, _projections, bias, use_all)

@@ -30,7 +30,7 @@ def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return x
 
 
-def all_gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def _all_gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """(b, s/t, h) local -> (b, s, h), concatenated in tp-rank order."""
     world = dist.get_world_size(group)
     if world == 1:
@@ -94,7 +94,7 @@ class GatherFromSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        return all_gather_seq(x, group)
+        return _all_gather_seq(x, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -111,7 +111,7 @@ class ReduceScatterToSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return all_gather_seq(grad, ctx.group), None
+        return _all_gather_seq(grad, ctx.group), None
 
 
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

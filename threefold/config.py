@@ -98,8 +98,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split norm/dropout regions along the sequence across the TP group (needs tp_size > 1)."""
     overlap_tp_comm: bool = True
-    """In backward, reduce each column-parallel input gradient over the TP group while the weight gradients
-    are computed (tp_size > 1); off: reduce after them, as Megatron's plain f/g operators do."""
+    """Without sequence parallelism (tp_size > 1): all-reduce each column-parallel input gradient while the
+    weight gradients are computed; off, after them (Megatron's plain f operator). Sequence parallelism keeps
+    its compiled f/g operators, which measured faster (docs/benchmarks.md)."""
     dp_bucket_mb: float = 25.0
     """Size of the gradient buckets all-reduced across data-parallel ranks during backward, in MiB."""
     zero: bool = False

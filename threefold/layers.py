@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from threefold import watchdog
-from threefold.comm import SEQ_DIM, all_gather_seq, reduce_from_tp, reduce_scatter_to_sequence
+from threefold.comm import reduce_from_tp, reduce_scatter_to_sequence
 
 
 def mark_sharded(param: nn.Parameter, tp_dim: int, full_size: int) -> nn.Parameter:
@@ -94,87 +94,63 @@ class ColumnParallelLinear(nn.Module):
 
 
 class _ColumnParallelProjections(torch.autograd.Function):
-    """x -> [x W_i^T + b_i for each projection]: every column-parallel projection reading one input, with
-    the input's TP communication overlapped with the weight-gradient GEMMs in backward.
+    """x -> [x W_i^T + b_i for each projection]: every column-parallel projection reading one input (the
+    same on every TP rank), with the input gradient's all-reduce overlapped with the weight gradients.
 
-    Entering the column-parallel region needs the whole input on every rank (an all-gather under
-    sequence parallelism, else nothing) and, in backward, the sum over the TP group of the input gradient
-    (a reduce-scatter along the sequence, else an all-reduce). Megatron's f and g operators do that as a
-    separate step after the projections' backward, which leaves the GEMM units idle during the reduction.
-    Here the backward computes the input gradient first, starts its reduction asynchronously, computes the
-    weight gradients while it runs, and only then waits.
+    The input gradient is a partial sum on each TP rank. Megatron's f operator all-reduces it after the
+    projections' backward, which leaves the GEMM units idle during the reduction. Here the backward
+    computes the input gradient first, starts its all-reduce, computes the weight gradients while it runs,
+    and only then waits.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, sequence_parallel: bool, *params: Any) -> Any:
-        full = all_gather_seq(x, group) if sequence_parallel else x  # (b, s, h), shared by the projections
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, *params: Any) -> Any:
         weights, biases = params[0::2], params[1::2]
-        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        ctx.group = group
         ctx.set_materialize_grads(False)  # an output left out of the loss costs no GEMMs in backward
         ctx.has_bias = [b is not None for b in biases]
-        ctx.save_for_backward(full, *weights)
-        return tuple(F.linear(full, w, b) for w, b in zip(weights, biases, strict=True))
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
-        full, *weights = ctx.saved_tensors
-        group, world = ctx.group, dist.get_world_size(ctx.group)
-        flat_grads = [
-            g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads
-        ]  # (b*s, out/t) each; None for an output that took no part in the loss
-        h = full.shape[-1]
-        grad_input = None
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
+        x, *weights = ctx.saved_tensors
+        h = x.shape[-1]
+        # (b*s, out/t) each; None for an output that took no part in the loss
+        flat_grads = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
+        grad_input = x.new_zeros(x.shape).view(-1, h) if all(g is None for g in flat_grads) else None
         for g, w in zip(flat_grads, weights, strict=True):
-            if g is None:
-                continue
-            grad_input = g.mm(w) if grad_input is None else grad_input.addmm_(g, w)  # (b*s, h)
-        if grad_input is None:
-            grad_input = full.new_zeros(full.shape).view(-1, h)
-        grad_input = grad_input.view(full.shape)
-        # Start the reduction of the input gradient; the weight gradients below do not need it.
-        if ctx.sequence_parallel:
-            if full.shape[SEQ_DIM] % world:
-                raise ValueError(
-                    f"sequence length ({full.shape[SEQ_DIM]}) must be divisible by tp_size ({world})"
-                )
-            with watchdog.collective(group, "reduce_scatter"):
-                reduced = torch.ops._c10d_functional.reduce_scatter_tensor(
-                    grad_input.transpose(0, SEQ_DIM).contiguous(), "sum", world, group.group_name
-                )  # (s/t, b, h)
-        else:
-            with watchdog.collective(group, "all_reduce"):
-                reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", group.group_name)
-        flat_input = full.reshape(-1, h)
+            if g is not None:
+                grad_input = g.mm(w) if grad_input is None else grad_input.addmm_(g, w)  # (b*s, h)
+        assert grad_input is not None
+        with watchdog.collective(ctx.group, "all_reduce"):
+            reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", ctx.group.group_name)
+        # The weight gradients run while the all-reduce is in flight.
+        flat_input = x.reshape(-1, h)
         param_grads: list[torch.Tensor | None] = []
         for g, has_bias in zip(flat_grads, ctx.has_bias, strict=True):
             if g is None:
                 param_grads += [None, None]
-                continue
-            param_grads.append(g.t().mm(flat_input))  # (out/t, h)
-            param_grads.append(g.sum(0) if has_bias else None)
-        with watchdog.waiting_for(group, "input gradient reduction"):
+            else:
+                param_grads += [g.t().mm(flat_input), g.sum(0) if has_bias else None]  # (out/t, h), (out/t,)
+        with watchdog.waiting_for(ctx.group, "all_reduce(input gradient)"):
             reduced = torch.ops._c10d_functional.wait_tensor(reduced)
-        if ctx.sequence_parallel:
-            reduced = reduced.transpose(0, SEQ_DIM)  # (b, s/t, h)
-        return (reduced, None, None, *param_grads)
+        return (reduced.view(x.shape), None, *param_grads)
 
 
 @torch.compiler.disable
 def column_parallel_projections(
-    x: torch.Tensor, layers: list[ColumnParallelLinear], group: ProcessGroup, *, sequence_parallel: bool
+    x: torch.Tensor, layers: list[ColumnParallelLinear], group: ProcessGroup
 ) -> list[torch.Tensor]:
-    """Apply column-parallel `layers` to one input x: (b, s_, h) -> [(b, s, out_i/t)].
+    """Apply column-parallel `layers` to one input x (b, s, h), the same on every TP rank: [(b, s, out_i/t)].
 
-    x is this rank's sequence chunk under sequence parallelism, else the same tensor on every TP rank;
-    the backward overlaps the input gradient's reduction with the weight gradients.
-
-    Runs eagerly inside a compiled block: inductor would be free to move the wait before the weight
+    Runs eagerly inside a compiled layer: inductor would be free to move the wait before the weight
     gradients (nothing ties them together), and the GEMMs gain nothing from compilation.
     """
     params: list[torch.Tensor | None] = []
     for layer in layers:
         params += [layer.weight, layer.bias]
-    return list(_ColumnParallelProjections.apply(x, group, sequence_parallel, *params))
+    return list(_ColumnParallelProjections.apply(x, group, *params))
 
 
 class RowParallelLinear(nn.Module):

@@ -56,7 +56,8 @@ class TPContext:
         self.sequence_parallel = sequence_parallel
         self.recompute = recompute
         self.overlap_comm = overlap_comm
-        """Overlap the input-gradient reduction of column-parallel projections with their weight gradients."""
+        """All-reduce column-parallel input gradients during the weight gradients (without sequence
+        parallelism)."""
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """Make the block input whole on every TP rank before column-parallel projections."""
@@ -64,10 +65,8 @@ class TPContext:
 
     def project(self, x: torch.Tensor, layers: list[ColumnParallelLinear]) -> list[torch.Tensor]:
         """Column-parallel `layers` applied to the block input x (b, s_, h): [(b, s, out_i/t)]."""
-        if self.size > 1 and self.overlap_comm:
-            return column_parallel_projections(
-                x, layers, self.group, sequence_parallel=self.sequence_parallel
-            )
+        if self.size > 1 and self.overlap_comm and not self.sequence_parallel:
+            return column_parallel_projections(x, layers, self.group)
         x = self.enter(x)
         return [layer(x) for layer in layers]
 
