@@ -26,18 +26,4 @@ bench tiny-ref 1 90 "${tiny[@]}"
 bench tiny-d4-zero 4 90 "${tiny[@]}" --parallel.dp_size=4 --parallel.zero=true
 bench tiny-t2p2-zero-sp 4 90 "${tiny[@]}" --parallel.tp_size=2 --parallel.dp_size=2 --parallel.zero=true \
   --parallel.sequence_parallel=true
-python3 - "$out/bench.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-for r in rows:
-    if r["model"] != "tiny":
-        print(f"{r['model']} t{r['tp']}p{r['pp']}d{r['dp']}v{r['v']} zero={r['zero']} b{r['micro_batch_size']} "
-              f"GBS{r['global_batch_size']}: {r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, "
-              f"{r['tflops_per_gpu']:.1f} TFLOP/s, MFU {r['mfu']:.1%}, peak {r['peak_memory_gib']:.1f} GiB "
-              f"(estimated {r['estimated_memory_gib']:.1f})")
-tiny = [r for r in rows if r["model"] == "tiny"]
-ref = tiny[0]["losses"] if tiny else []
-for r in tiny[1:]:
-    d = max(abs(x - y) / abs(x) for x, y in zip(ref, r["losses"]))
-    print(f"tiny t{r['tp']}d{r['dp']} zero sp={r['sequence_parallel']}: max relative loss difference vs 1 GPU {d:.2e}")
-PY
+python3 bench/bench_table.py "$out/bench.jsonl"

@@ -32,21 +32,4 @@ tiny=(--model.preset=tiny --model.num_layers=4 --data.seq_len=128 --training.dty
       --steps 6 --warmup 0)
 bench tiny-ref 1 90 "${tiny[@]}"
 bench tiny-d4-zero 4 90 "${tiny[@]}" --parallel.dp_size=4 --parallel.zero=true
-python3 - "$out/bench.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| model | layout | b | GBS | tokens/s/GPU | TFLOP/s | MFU | peak GiB | step ms |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-for r in rows:
-    lay = f"t{r['tp']} p{r['pp']} d{r['dp']} v{r['v']}" + (" zero" if r["zero"] else "")
-    mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-    print(f"| {r['model']} | {lay} | {r['micro_batch_size']} | {r['global_batch_size']} | "
-          f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.1f} | {mfu} | {r['peak_memory_gib']:.1f} | "
-          f"{r['step_time_median_s'] * 1e3:.1f} |")
-tiny = [r for r in rows if r["model"] == "tiny"]
-if len(tiny) == 2:
-    a, b = tiny[0]["losses"], tiny[1]["losses"]
-    print("tiny losses 1 GPU:", a)
-    print("tiny losses d4 zero:", b)
-    print("max relative difference:", max(abs(x - y) / abs(x) for x, y in zip(a, b)))
-PY
+python3 bench/bench_table.py "$out/bench.jsonl"

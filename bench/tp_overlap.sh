@@ -48,20 +48,4 @@ if [ "$gpus" = 4 ]; then
   bench tiny-t2d2-sp 4 90 "${tiny[@]}" --parallel.tp_size=2 --parallel.dp_size=2 --parallel.sequence_parallel=true
   bench tiny-t4 4 90 "${tiny[@]}" --parallel.tp_size=4
 fi
-python3 - "$out/bench.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-for r in rows:
-    if r["model"] != "tiny":
-        print(f"{r['model']} t{r['tp']}p{r['pp']}d{r['dp']}v{r['v']} sp={r['sequence_parallel']} b{r['micro_batch_size']} "
-              f"GBS{r['global_batch_size']} overlap_tp_comm={r['overlap_tp_comm']}: "
-              f"{r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, {r['tflops_per_gpu']:.1f} TFLOP/s, MFU {r['mfu']:.1%}, "
-              f"step {r['step_time_median_s']:.3f} s (p10-p90 {r['step_time_p10_s']:.3f}-{r['step_time_p90_s']:.3f}), "
-              f"peak {r['peak_memory_gib']:.1f} GiB, losses {[round(x, 4) for x in r['losses']]}")
-tiny = [r for r in rows if r["model"] == "tiny"]
-ref = tiny[0]["losses"] if tiny else []
-for r in tiny[1:]:
-    d = max(abs(x - y) / abs(x) for x, y in zip(ref, r["losses"]))
-    print(f"tiny t{r['tp']}d{r['dp']} sp={r['sequence_parallel']} overlap={r['overlap_tp_comm']}: "
-          f"max relative loss difference vs 1 GPU {d:.2e}")
-PY
+python3 bench/bench_table.py "$out/bench.jsonl"
