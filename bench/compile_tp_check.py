@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from threefold.config import ModelConfig
-from threefold.model import Block, TPContext, rope_cache
+from threefold.model.transformer import Block, TPContext, rope_cache
 from threefold.presets import MODEL_PRESETS
 
 

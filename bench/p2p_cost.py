@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from threefold.comm import all_gather_flat
+from threefold.parallel.comm import all_gather_flat
 
 
 def time_ms(fn, repeats: int = 20) -> float:

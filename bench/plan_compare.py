@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from threefold.config import ModelConfig
-from threefold.hardware import load_hardware
-from threefold.layout import Layout, Workload
-from threefold.plan_cli import run_plan
+from threefold.plan.cli import run_plan
+from threefold.plan.hardware import load_hardware
+from threefold.plan.layout import Layout, Workload
 from threefold.presets import MODEL_PRESETS
 
 KEYS = ("tp", "pp", "dp", "v", "micro_batch_size", "schedule", "recompute", "zero")

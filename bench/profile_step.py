@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from threefold.bench import synthetic_steps
 from threefold.config import build_config
-from threefold.mesh import build_mesh
+from threefold.parallel.mesh import build_mesh
 from threefold.train import build, train_step
 
 KINDS = [

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from threefold.prepare import prepare_dataset
+from threefold.data.prepare import prepare_dataset
 
 # One intra-op thread per process: the multi-rank tests fork several ranks onto two cores.
 torch.set_num_threads(1)

@@ -82,8 +82,8 @@ def train_and_gather(rank: int, world_size: int, config: Any) -> dict:
     Weights come from TP rank 0 of DP rank 0 of each stage (tied copies left out), so merging every
     rank's dict gives the whole model once.
     """
-    from threefold.layers import gather_full
-    from threefold.mesh import build_mesh
+    from threefold.parallel.layers import gather_full
+    from threefold.parallel.mesh import build_mesh
     from threefold.train import train
 
     p = config.parallel

@@ -10,7 +10,7 @@ from distributed import run_ranks
 
 from threefold.bench import format_record, run_bench
 from threefold.config import build_config
-from threefold.mesh import build_mesh
+from threefold.parallel.mesh import build_mesh
 
 SMALL = [
     "--model.preset=tiny",

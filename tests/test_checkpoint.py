@@ -12,7 +12,7 @@ from distributed import run_ranks, train_and_gather
 
 import threefold.checkpoint as checkpoint
 from threefold.config import build_config
-from threefold.mesh import build_mesh
+from threefold.parallel.mesh import build_mesh
 from threefold.train import build
 
 STEPS = 4

@@ -1,4 +1,4 @@
-"""Tests for threefold.tokenizer, .prepare and .data: tokenizing, preparing, reading and batching."""
+"""Tests for threefold.data.tokenizer, .prepare and .data: tokenizing, preparing, reading and batching."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import threefold.prepare as prepare
-from threefold.data import BatchLoader, TokenDataset, eval_batches, read_meta
-from threefold.prepare import fetch_shakespeare, prepare_dataset, prepare_main
-from threefold.tokenizer import eos_token_id, load_tokenizer
+import threefold.data.prepare as prepare
+from threefold.data.dataset import BatchLoader, TokenDataset, eval_batches, read_meta
+from threefold.data.prepare import fetch_shakespeare, prepare_dataset, prepare_main
+from threefold.data.tokenizer import eos_token_id, load_tokenizer
 
 SONNETS = Path(__file__).parent / "data" / "sonnets.txt"
 GPT2_EOS_ID = 50256

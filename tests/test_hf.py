@@ -13,7 +13,8 @@ from distributed import run_ranks
 from safetensors.torch import load_file, save_file
 
 from threefold.config import ModelConfig
-from threefold.hf import (
+from threefold.metrics import count_parameters
+from threefold.model.hf import (
     from_hf_state_dict,
     hf_config,
     load_hf_checkpoint,
@@ -21,9 +22,8 @@ from threefold.hf import (
     save_hf_checkpoint,
     to_hf_state_dict,
 )
-from threefold.layers import shard_of
-from threefold.metrics import count_parameters
-from threefold.model import build_model, gather_logits, rope_frequencies
+from threefold.model.transformer import build_model, gather_logits, rope_frequencies
+from threefold.parallel.layers import shard_of
 from threefold.presets import MODEL_PRESETS
 
 transformers = pytest.importorskip("transformers")

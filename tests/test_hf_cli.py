@@ -11,8 +11,8 @@ from distributed import run_ranks
 
 from threefold.cli import main
 from threefold.config import build_config
-from threefold.data import TokenDataset, eval_batches
-from threefold.mesh import build_mesh
+from threefold.data.dataset import TokenDataset, eval_batches
+from threefold.parallel.mesh import build_mesh
 from threefold.train import train
 
 VAL_BATCHES = 2

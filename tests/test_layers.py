@@ -6,9 +6,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from distributed import run_ranks
 
-from threefold import loss as loss_module
-from threefold.comm import copy_to_tp, gather_from_sequence
-from threefold.layers import (
+from threefold.model import loss as loss_module
+from threefold.parallel.comm import copy_to_tp, gather_from_sequence
+from threefold.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,

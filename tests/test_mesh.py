@@ -4,7 +4,7 @@ import pytest
 import torch.distributed as dist
 from distributed import run_ranks
 
-from threefold.mesh import build_mesh
+from threefold.parallel.mesh import build_mesh
 
 
 def _coordinates(rank: int, world: int, tp: int, dp: int, pp: int) -> dict:

@@ -6,9 +6,9 @@ import torch.distributed as dist
 from distributed import run_ranks
 
 from threefold.config import ModelConfig
-from threefold.layers import gather_full
 from threefold.metrics import count_parameters
-from threefold.model import build_model
+from threefold.model.transformer import build_model
+from threefold.parallel.layers import gather_full
 
 CONFIGS = {
     "llama-untied": ModelConfig(

@@ -8,7 +8,7 @@ import torch
 from distributed import run_ranks, train_and_gather
 
 from threefold.config import build_config
-from threefold.partition import chunk_layer_ranges
+from threefold.pipeline.partition import chunk_layer_ranges
 
 STEPS = 3
 
@@ -162,7 +162,7 @@ def test_partition_refuses_too_many_chunks():
 
 
 def _count_frees(rank: int, world: int, config) -> dict:
-    import threefold.pipeline as pipeline
+    import threefold.pipeline.executor as pipeline
 
     freed = []
     original = pipeline._free

@@ -14,9 +14,12 @@ from distributed import run_ranks
 import threefold.launch
 from threefold.cli import main
 from threefold.config import ModelConfig, build_config
-from threefold.hardware import PRESETS, load_hardware, save_hardware
-from threefold.layout import Layout, Workload
-from threefold.memory_model import (
+from threefold.pipeline.partition import chunk_layer_ranges
+from threefold.pipeline.schedules import build_schedule
+from threefold.pipeline.sim import simulate
+from threefold.plan.hardware import PRESETS, load_hardware, save_hardware
+from threefold.plan.layout import Layout, Workload
+from threefold.plan.memory_model import (
     estimate_memory,
     head_loss_activation,
     in_flight,
@@ -24,12 +27,9 @@ from threefold.memory_model import (
     rank_parameters,
     worst_rank,
 )
-from threefold.partition import chunk_layer_ranges
-from threefold.pipeline_sim import simulate
-from threefold.planner import plan
+from threefold.plan.search import plan
+from threefold.plan.time_model import estimate_layout_time
 from threefold.presets import MODEL_PRESETS
-from threefold.schedules import build_schedule
-from threefold.time_model import estimate_layout_time
 
 TINY_LLAMA = dict(MODEL_PRESETS["tiny"], vocab_size=1000, num_layers=4, tie_embeddings=False, max_seq_len=128)
 TINY_GPT2 = dict(MODEL_PRESETS["gpt2-124m"], hidden_size=64, num_heads=4, num_kv_heads=4, ffn_hidden_size=256,
@@ -47,10 +47,10 @@ def _preset(name: str) -> ModelConfig:
 def _count_state(rank: int, world: int, model_kw: dict, tp: int, pp: int, v: int, dtype: str) -> list[dict]:
     """Per pipeline rank: bytes of the real parameters, main_grad buffers and optimizer state at tp."""
     from threefold.config import OptimizerConfig
-    from threefold.data_parallel import GradSync
-    from threefold.mesh import build_mesh
-    from threefold.model import build_model
+    from threefold.model.transformer import build_model
     from threefold.optim import Optimizer
+    from threefold.parallel.data_parallel import GradSync
+    from threefold.parallel.mesh import build_mesh
 
     mesh = build_mesh(tp, 1, 1)
     cfg = ModelConfig(**model_kw)
@@ -121,8 +121,8 @@ def _saved_bytes(rank: int, world: int, model_kw: dict, dtype: str, recompute: s
                  first_chunk: bool, head: bool, b: int, s: int) -> int:  # fmt: skip
     """Bytes autograd keeps for backward after one forward of a 2-layer chunk (parameters and the RoPE
     table excluded, the chunk's received input included: the pipeline executor keeps it)."""
-    from threefold.mesh import build_mesh
-    from threefold.model import build_model
+    from threefold.model.transformer import build_model
+    from threefold.parallel.mesh import build_mesh
 
     mesh = build_mesh(world, 1, 1)
     cfg = ModelConfig(**model_kw)
@@ -180,7 +180,7 @@ def test_layer_activations_under_tensor_parallelism(sp):
 
 
 def test_head_and_loss_activations():
-    # threefold.loss keeps the input gradient and the output weight's gradient (one chunk here).
+    # threefold.model.loss keeps the input gradient and the output weight's gradient (one chunk here).
     b, s, cfg = 2, 64, ModelConfig(**TINY_LLAMA)
     with_head = run_ranks(1, _saved_bytes, TINY_LLAMA, "bfloat16", "none", False, True, True, b, s)[0]
     without = run_ranks(1, _saved_bytes, TINY_LLAMA, "bfloat16", "none", False, True, False, b, s)[0]
@@ -310,7 +310,7 @@ def test_plan_says_when_nothing_fits(capsys):
 
 
 def test_calibrated_preset_round_trip(tmp_path, capsys):
-    from threefold.calibrate import calibrate
+    from threefold.plan.calibrate import calibrate
 
     hw = calibrate(torch.device("cpu"), name="box", sizes=[32, 64])
     assert hw.peak_tflops > 0 and all(0 < f <= 1 for _, f in hw.gemm_curve)

@@ -21,12 +21,12 @@ from distributed import run_ranks
 from safetensors.torch import load_file
 
 from threefold.config import build_config
-from threefold.control import PREEMPTION_EXIT_CODE, StopRequest
-from threefold.data import check_dataset
-from threefold.events import read_events
-from threefold.faults import FaultPlan, parse_faults
-from threefold.guard import NumericsError, SkipCounter, SpikeDetector, StragglerDetector
-from threefold.watchdog import HANG_EXIT_CODE, hang_report, laggards
+from threefold.data.dataset import check_dataset
+from threefold.reliability.control import PREEMPTION_EXIT_CODE, StopRequest
+from threefold.reliability.detectors import NumericsError, SkipCounter, SpikeDetector, StragglerDetector
+from threefold.reliability.events import read_events
+from threefold.reliability.faults import FaultPlan, parse_faults
+from threefold.reliability.watchdog import HANG_EXIT_CODE, hang_report, laggards
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 STEPS = 8
@@ -155,7 +155,7 @@ def _small_config(data: Path, run: Path, *, dp=2, steps=4, **reliability):
 
 
 def _train_with_faults(rank: int, world: int, config, spec: str) -> dict:
-    from threefold.mesh import build_mesh
+    from threefold.parallel.mesh import build_mesh
     from threefold.train import train
 
     p = config.parallel

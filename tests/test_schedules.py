@@ -2,8 +2,7 @@
 
 import pytest
 
-from threefold.pipeline_sim import ScheduleError, simulate, timeline
-from threefold.schedules import (
+from threefold.pipeline.schedules import (
     COMPUTE,
     Action,
     B,
@@ -13,6 +12,7 @@ from threefold.schedules import (
     build_schedule,
     check_schedule_args,
 )
+from threefold.pipeline.sim import ScheduleError, simulate, timeline
 
 
 def _cases():

@@ -9,9 +9,9 @@ from distributed import run_ranks
 from torch import nn
 
 from threefold.config import OptimizerConfig
-from threefold.data_parallel import GradSync
-from threefold.mesh import build_mesh
 from threefold.optim import Optimizer, lr_at
+from threefold.parallel.data_parallel import GradSync
+from threefold.parallel.mesh import build_mesh
 
 
 def _sync_once_per_step(rank: int, world: int) -> dict:

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from threefold.config import Config
-from threefold.memory_model import estimate_memory
-from threefold.mesh import Mesh
 from threefold.metrics import count_parameters, flops_per_token, mfu, peak_flops
+from threefold.parallel.mesh import Mesh
+from threefold.plan.memory_model import estimate_memory
 from threefold.train import build, train_loader, train_step, wait_params
 
 Batch = tuple[torch.Tensor, torch.Tensor]

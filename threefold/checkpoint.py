@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from threefold.config import Config
-from threefold.layers import is_sharded, shard_of
+from threefold.parallel.layers import is_sharded, shard_of
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 2 added ZeRO shards: entries with a `flat` range

@@ -105,8 +105,8 @@ def _auto_layout_overrides(path: str | None, overrides: list[str], nproc: int | 
 
     import torch
 
-    from threefold.hardware import preset_for_device
-    from threefold.plan_cli import auto_layout, host_hardware
+    from threefold.plan.cli import auto_layout, host_hardware
+    from threefold.plan.hardware import preset_for_device
 
     neutral = ["--parallel.tp_size=1", "--parallel.pp_size=1", "--parallel.dp_size=1",
                "--parallel.num_model_chunks=1", "--parallel.pipeline_schedule=1f1b",
@@ -137,8 +137,8 @@ def _run_workers(config, worker_argv: list[str], nproc: int | None, body) -> int
     import torch
 
     from threefold.config import check_world_size
-    from threefold.faults import faults_from_env
     from threefold.launch import init_distributed, launch_local, pick_device, world_from_env
+    from threefold.reliability.faults import faults_from_env
 
     world = world_from_env()
     faults = faults_from_env()  # test-only fault injection (THREEFOLD_FAULT); None normally
@@ -154,7 +154,7 @@ def _run_workers(config, worker_argv: list[str], nproc: int | None, body) -> int
     check_world_size(config, world.world_size)
     import torch.distributed as dist
 
-    from threefold.mesh import build_mesh
+    from threefold.parallel.mesh import build_mesh
 
     device = pick_device(config, world.local_rank)
     init_distributed(world, device)
@@ -178,7 +178,7 @@ def cmd_train(argv: list[str]) -> int:
     config = _load(path, overrides)
 
     def body(config, mesh, device, faults) -> int:
-        from threefold.guard import NumericsError
+        from threefold.reliability.detectors import NumericsError
         from threefold.train import train
 
         try:
@@ -264,7 +264,7 @@ def cmd_bench(argv: list[str]) -> int:
 def _prepare_data_if_asked(config) -> None:
     d = config.data
     if d.prepare_shakespeare and not (Path(d.path) / "meta.json").is_file():
-        from threefold.prepare import prepare_shakespeare
+        from threefold.data.prepare import prepare_shakespeare
 
         print(f"preparing the Shakespeare dataset in {d.path} (first run only)", flush=True)
         prepare_shakespeare(d.path)
@@ -295,8 +295,8 @@ def cmd_schedule(argv: list[str]) -> int:
     parser.add_argument("--forward-cost", type=float, default=1.0)
     parser.add_argument("--backward-cost", type=float, default=1.0)
     args = parser.parse_args(argv)
-    from threefold.pipeline_sim import simulate, timeline
-    from threefold.schedules import build_schedule
+    from threefold.pipeline.schedules import build_schedule
+    from threefold.pipeline.sim import simulate, timeline
 
     name = args.schedule or ("interleaved" if args.v > 1 else "1f1b")
     p, v, m = args.pp, args.v, args.microbatches
@@ -339,8 +339,8 @@ def cmd_checkpoint(argv: list[str]) -> int:
 
 
 def cmd_plan(argv: list[str]) -> int:
-    """Rank the layouts that fit by predicted speed (see threefold.planner), or calibrate a GPU preset."""
-    from threefold.plan_cli import main as plan_main
+    """Rank the layouts that fit by predicted speed (see threefold.plan.search), or calibrate a GPU preset."""
+    from threefold.plan.cli import main as plan_main
 
     return plan_main(argv)
 
@@ -363,7 +363,7 @@ def cmd_import_hf(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from threefold.checkpoint import write_full_checkpoint
     from threefold.config import Config
-    from threefold.hf import load_hf_checkpoint
+    from threefold.model.hf import load_hf_checkpoint
 
     model, state = load_hf_checkpoint(args.hf_dir)
     out = write_full_checkpoint(Config(model=model), state, args.out_dir)
@@ -390,7 +390,7 @@ def cmd_export_hf(argv: list[str]) -> int:
 
     from threefold.checkpoint import read_full_state
     from threefold.config import ModelConfig
-    from threefold.hf import save_hf_checkpoint, to_hf_state_dict
+    from threefold.model.hf import save_hf_checkpoint, to_hf_state_dict
 
     path = _checkpoint_path(args.checkpoint)
     model_fields, state = read_full_state(path)
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             return cmd_train(rest)
         if command == "data" and rest[:1] == ["prepare"]:
-            from threefold.prepare import prepare_main
+            from threefold.data.prepare import prepare_main
 
             return prepare_main(rest[1:])
         if command == "plan":

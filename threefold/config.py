@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from threefold.pipeline.schedules import check_schedule_args
 from threefold.presets import MODEL_PRESETS
-from threefold.schedules import check_schedule_args
 
 DTYPES = ("float32", "bfloat16")
 ARCHS = ("llama", "gpt2")
@@ -210,7 +210,7 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class ReliabilityConfig:
-    """Surviving hangs, stragglers, preemption and bad numerics (see threefold.watchdog, threefold.guard)."""
+    """Surviving hangs, stragglers, preemption and bad numerics (see threefold.reliability)."""
 
     watchdog_timeout: float = 600.0
     """Seconds a rank may wait in one collective or pipeline transfer before the watchdog reports the hang

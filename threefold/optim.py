@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from threefold import watchdog
 from threefold.config import OptimizerConfig
-from threefold.layers import is_sharded
-from threefold.mesh import Mesh
+from threefold.parallel import track
+from threefold.parallel.layers import is_sharded
+from threefold.parallel.mesh import Mesh
 
 
 def lr_at(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
@@ -94,10 +94,10 @@ class Optimizer:
         else:
             squares = torch.zeros((), device=device)
         if self.zero and self.mesh.dp_size > 1:
-            with watchdog.collective(None, "all_reduce(grad norm)"):
+            with track.collective(None, "all_reduce(grad norm)"):
                 dist.all_reduce(squares)  # every rank holds a distinct part of the gradient
         elif self.mesh.tp_size * self.mesh.pp_size > 1:
-            with watchdog.collective(self.mesh.model_parallel_group, "all_reduce(grad norm)"):
+            with track.collective(self.mesh.model_parallel_group, "all_reduce(grad norm)"):
                 dist.all_reduce(squares, group=self.mesh.model_parallel_group)
         return squares.sqrt()
 

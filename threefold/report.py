@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from threefold.config import Config
-from threefold.mesh import Mesh
 from threefold.metrics import flops_per_token, mfu, peak_flops
+from threefold.parallel.mesh import Mesh
 
 
 class Reporter:

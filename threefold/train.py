@@ -8,21 +8,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from threefold import watchdog
 from threefold.checkpoint import Checkpointer
 from threefold.config import Config
-from threefold.control import ControlChannel, StopRequest
-from threefold.data import BatchLoader, TokenDataset, eval_batches
-from threefold.data_parallel import GradSync, all_reduce_sequence_parallel_grads
-from threefold.faults import FaultPlan
-from threefold.mesh import Mesh
-from threefold.model import Transformer, build_model, use_attention_backend
+from threefold.data.dataset import BatchLoader, TokenDataset, eval_batches
+from threefold.model.transformer import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
-from threefold.partition import chunk_layer_ranges, chunks_of_rank
-from threefold.pipeline import PipelineExecutor, connect_neighbours
-from threefold.reliability import RunGuard, Synced, check_data, resume, rollback
+from threefold.parallel import track
+from threefold.parallel.data_parallel import GradSync, all_reduce_sequence_parallel_grads
+from threefold.parallel.mesh import Mesh
+from threefold.pipeline.executor import PipelineExecutor, connect_neighbours
+from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
+from threefold.pipeline.schedules import Action, add_communication, build_schedule, forward_only
+from threefold.reliability.control import ControlChannel, StopRequest
+from threefold.reliability.faults import FaultPlan
+from threefold.reliability.runguard import RunGuard, Synced, check_data, resume, rollback
 from threefold.report import Reporter
-from threefold.schedules import Action, add_communication, build_schedule, forward_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -141,7 +141,7 @@ def wait_params(trainer: Trainer) -> None:
 def _pipeline_sum(value: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """Losses live on the last stage: share them with every stage (the logger is rank 0)."""
     if mesh.pp_size > 1:
-        with watchdog.collective(mesh.pp_group, "all_reduce(loss)"):
+        with track.collective(mesh.pp_group, "all_reduce(loss)"):
             dist.all_reduce(value, group=mesh.pp_group)
     return value
 
@@ -153,7 +153,7 @@ def _sync_tied_embedding(trainer: Trainer) -> None:
         return
     holder = 0 if 0 in trainer.chunks else trainer.executor.last_chunk
     chunk = trainer.chunks[holder]
-    with watchdog.collective(group, "all_reduce(tied embedding grad)"):
+    with track.collective(group, "all_reduce(tied embedding grad)"):
         dist.all_reduce(chunk.embed_tokens.weight.main_grad, group=group)  # type: ignore[attr-defined]
 
 
@@ -170,19 +170,19 @@ def train_step(
     loss_sum = trainer.executor.run(
         trainer.schedule, micro_batches, loss_scale=1.0 / num_microbatches, train=True
     )
-    watchdog.set_action("gradient sync")
+    track.set_action("gradient sync")
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.finish()
     all_reduce_sequence_parallel_grads(trainer.optimizer.params, mesh.tp_group)
     _sync_tied_embedding(trainer)
     # The loss is reduced before the update so that a non-finite loss can veto it on every rank.
-    watchdog.set_action("loss reduction")
+    track.set_action("loss reduction")
     loss = _pipeline_sum(loss_sum / (num_microbatches * mesh.dp_size), mesh)
     if mesh.dp_size > 1:
-        with watchdog.collective(mesh.dp_group, "all_reduce(loss)"):
+        with track.collective(mesh.dp_group, "all_reduce(loss)"):
             dist.all_reduce(loss, group=mesh.dp_group)
     bad_loss = ~torch.isfinite(loss)
-    watchdog.set_action("optimizer step")
+    track.set_action("optimizer step")
     wait_params(trainer)  # a parameter no forward used may still be arriving from the last step
     norm, lr = trainer.optimizer.step(step, found_inf=bad_loss)
     for grad_sync in trainer.grad_syncs.values():
@@ -202,9 +202,9 @@ def evaluate(trainer: Trainer, batches: list[tuple[torch.Tensor, torch.Tensor]])
     for chunk in trainer.chunks.values():
         chunk.train()
     total = _pipeline_sum(total / (len(batches) * mesh.dp_size), mesh)
-    with watchdog.collective(mesh.dp_group, "all_reduce(validation loss)"):
+    with track.collective(mesh.dp_group, "all_reduce(validation loss)"):
         dist.all_reduce(total, group=mesh.dp_group)
-    with watchdog.waiting_for(mesh.dp_group, "host sync (validation loss)"):
+    with track.waiting_for(mesh.dp_group, "host sync (validation loss)"):
         return float(total)
 
 
@@ -217,7 +217,7 @@ def train(
 ) -> TrainResult:
     """Run the training loop on this rank; every rank of the mesh calls it.
 
-    `faults` (test-only, see threefold.faults) injects crashes, hangs, signals and NaNs.
+    `faults` (test-only, see threefold.reliability.faults) injects crashes, hangs, signals and NaNs.
     """
     t, ckpt = config.training, config.checkpoint
     control = ControlChannel()
@@ -262,7 +262,7 @@ def train(
             spike_step = None
             if (step + 1) % config.logging.log_interval == 0 or last or result.stopped_early:
                 # The one host sync of the interval: losses, norms and skip flags.
-                with watchdog.waiting_for(None, "host sync (losses)"):
+                with track.waiting_for(None, "host sync (losses)"):
                     synced: list[Synced] = [
                         (s, float(loss_s), float(norm_s), lr_s, bool(skip_s))
                         for s, loss_s, norm_s, lr_s, skip_s in pending
@@ -277,14 +277,14 @@ def train(
             if spike_step is not None:
                 _roll_back(trainer, checkpointer, spike_step, result, reporter)
             if t.eval_interval > 0 and ((step + 1) % t.eval_interval == 0 or last or result.stopped_early):
-                watchdog.set_action("evaluation")
+                track.set_action("evaluation")
                 val = evaluate(trainer, val_batches)
                 result.val_losses[step + 1] = val
                 reporter.validation(step + 1, val)
             if checkpointer and (
                 (ckpt.interval and (step + 1) % ckpt.interval == 0) or last or result.stopped_early
             ):
-                watchdog.set_action("checkpoint")
+                track.set_action("checkpoint")
                 began = time.perf_counter()
                 path = checkpointer.save(trainer, step=step + 1, consumed_samples=loader.consumed_samples)
                 blocked = time.perf_counter() - began
@@ -315,7 +315,7 @@ def _roll_back(
     reporter: Reporter,
 ) -> None:
     """Reload the newest checkpoint from before the spike at 0-based `spike_step` (see reliability)."""
-    watchdog.set_action("rollback")
+    track.set_action("rollback")
     loaded = (
         rollback(trainer, checkpointer, trainer.config.checkpoint.dir, spike_step) if checkpointer else None
     )

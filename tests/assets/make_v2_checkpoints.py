@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, "tests")
 from distributed import run_ranks  # noqa: E402
+from threefold.mesh import build_mesh  # noqa: E402
 
 from threefold.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from threefold.config import build_config  # noqa: E402
-from threefold.mesh import build_mesh  # noqa: E402
 from threefold.train import build, train_step  # noqa: E402
 
 LAYOUTS = {"ckpt_v2_tp2": (2, 1, False), "ckpt_v2_dp2_zero": (1, 2, True)}

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from threefold.hardware import GIB, PRESETS, Hardware, preset_for_device
 from threefold.metrics import peak_flops
+from threefold.plan.hardware import GIB, PRESETS, Hardware, preset_for_device
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:

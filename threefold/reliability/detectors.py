@@ -1,4 +1,4 @@
-"""Pure detectors for bad numerics, loss spikes and slow ranks; threefold.reliability acts on them.
+"""Pure detectors for bad numerics, loss spikes and slow ranks; threefold.reliability.runguard acts on them.
 
 Skipped steps. The optimizer skips an update whose loss or global gradient norm is not finite (see
 `Optimizer.step(found_inf=...)`): weights, Adam moments and Adam's step count stay as they were. The

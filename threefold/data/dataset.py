@@ -1,4 +1,4 @@
-"""Token datasets: reading prepared datasets back and batching them deterministically (threefold.prepare
+"""Token datasets: reading prepared datasets back and batching them deterministically (threefold.data.prepare
 makes them).
 
 A prepared dataset is a directory holding

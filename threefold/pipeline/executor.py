@@ -1,4 +1,4 @@
-"""The executor: runs one rank's action list (threefold.schedules) on its model chunks.
+"""The executor: runs one rank's action list (threefold.pipeline.schedules) on its model chunks.
 
 Shapes: a boundary tensor is (b, s_, h), s_ = s/t under sequence parallelism else s, in the compute
 dtype. With scatter/gather (tp > 1, no sequence parallelism) each TP rank sends only its 1/t slice of the
@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
-from threefold import watchdog
-from threefold.comm import all_gather_flat
-from threefold.data_parallel import GradSync
-from threefold.mesh import Mesh
-from threefold.model import Transformer
-from threefold.schedules import COMPUTE, Action, Kind, batches
+from threefold.model.transformer import Transformer
+from threefold.parallel import track
+from threefold.parallel.comm import all_gather_flat
+from threefold.parallel.data_parallel import GradSync
+from threefold.parallel.mesh import Mesh
+from threefold.pipeline.schedules import COMPUTE, Action, Kind, batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -71,7 +71,7 @@ def connect_neighbours(mesh: Mesh, device: torch.device) -> None:
         dist.P2POp(dist.isend, buffers[2], prev_rank),
         dist.P2POp(dist.irecv, buffers[3], next_rank),
     ]
-    with watchdog.transfer([next_rank, prev_rank, prev_rank, next_rank]):
+    with track.transfer([next_rank, prev_rank, prev_rank, next_rank]):
         for work in dist.batch_isend_irecv(ops):
             work.wait()
     if device.type == "cuda":
@@ -113,7 +113,7 @@ class PipelineExecutor:
             if a.kind is Kind.B:
                 last_backward[a.chunk] = a.microbatch  # the backward that launches the chunk's gradient sync
         for group in batches(actions):
-            watchdog.set_action(group)
+            track.set_action(group)
             if group[0].kind in COMPUTE:
                 a = group[0]
                 if a.kind is Kind.F:
@@ -174,7 +174,7 @@ class PipelineExecutor:
     def _incoming(self, wire: torch.Tensor) -> torch.Tensor:
         if self.scatter:
             full = torch.empty(wire.numel() * self.mesh.tp_size, dtype=wire.dtype, device=wire.device)
-            with watchdog.collective(self.mesh.tp_group, "all_gather(boundary)"):
+            with track.collective(self.mesh.tp_group, "all_gather(boundary)"):
                 all_gather_flat(full, wire, group=self.mesh.tp_group)
             wire = full
         return wire.view(self.boundary_shape)
@@ -195,7 +195,7 @@ class PipelineExecutor:
                 buffer = torch.empty(self._wire_numel(), dtype=self.dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buffer, peer))
                 received.append((a, buffer))
-        with watchdog.transfer(peers):
+        with track.transfer(peers):
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
         for key in sent:

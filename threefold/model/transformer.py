@@ -26,9 +26,10 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
-from threefold.comm import copy_to_tp, gather_from_sequence
 from threefold.config import ATTENTION_BACKENDS, ModelConfig
-from threefold.layers import (
+from threefold.model.loss import linear_cross_entropy
+from threefold.parallel.comm import copy_to_tp, gather_from_sequence
+from threefold.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -37,7 +38,6 @@ from threefold.layers import (
     mark_sequence_parallel,
     shard_of,
 )
-from threefold.loss import linear_cross_entropy
 
 
 class TPContext:

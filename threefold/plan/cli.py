@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from threefold.config import Config, ModelConfig, load_config
-from threefold.hardware import PRESETS, Hardware, load_hardware, save_hardware
-from threefold.layout import Layout, Workload, config_supports_zero
-from threefold.planner import PlanResult, explain, format_table, plan
+from threefold.plan.hardware import PRESETS, Hardware, load_hardware, save_hardware
+from threefold.plan.layout import Layout, Workload, config_supports_zero
+from threefold.plan.search import PlanResult, explain, format_table, plan
 from threefold.presets import MODEL_PRESETS
 
 
@@ -166,8 +166,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from threefold.calibrate import calibrate
     from threefold.launch import init_distributed, launch_local, world_from_env
+    from threefold.plan.calibrate import calibrate
 
     world = world_from_env()
     name = Path(args.out).stem
@@ -212,7 +212,7 @@ def auto_layout(config: Config, *, world_size: int, gpus_per_node: int, hw: Hard
 
 def host_hardware(num_procs: int) -> Hardware:
     """A rough preset for CPU ranks: each gets 1/num_procs of the host memory (speed is only relative)."""
-    from threefold.calibrate import _host_memory_gib
+    from threefold.plan.calibrate import _host_memory_gib
 
     return dataclasses.replace(
         PRESETS["h100"], name="cpu", memory_gib=_host_memory_gib() / max(1, num_procs), memory_reserve_gib=0.5

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from threefold import watchdog
-from threefold.comm import reduce_from_tp, reduce_scatter_to_sequence
+from threefold.parallel import track
+from threefold.parallel.comm import reduce_from_tp, reduce_scatter_to_sequence
 
 
 def mark_sharded(param: nn.Parameter, tp_dim: int, full_size: int) -> nn.Parameter:
@@ -123,7 +123,7 @@ class _ColumnParallelProjections(torch.autograd.Function):
             if g is not None:
                 grad_input = g.mm(w) if grad_input is None else grad_input.addmm_(g, w)  # (b*s, h)
         assert grad_input is not None
-        with watchdog.collective(ctx.group, "all_reduce"):
+        with track.collective(ctx.group, "all_reduce"):
             reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", ctx.group.group_name)
         # The weight gradients run while the all-reduce is in flight.
         flat_input = x.reshape(-1, h)
@@ -133,7 +133,7 @@ class _ColumnParallelProjections(torch.autograd.Function):
                 param_grads += [None, None]
             else:
                 param_grads += [g.t().mm(flat_input), g.sum(0) if has_bias else None]  # (out/t, h), (out/t,)
-        with watchdog.waiting_for(ctx.group, "all_reduce(input gradient)"):
+        with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
             reduced = torch.ops._c10d_functional.wait_tensor(reduced)
         return (reduced.view(x.shape), None, *param_grads)
 

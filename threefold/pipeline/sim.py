@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from threefold.schedules import COMPUTE, Action, Kind, batches
+from threefold.pipeline.schedules import COMPUTE, Action, Kind, batches
 
 
 class ScheduleError(RuntimeError):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from threefold import watchdog
+from threefold.parallel import track
 
 PREEMPTION_EXIT_CODE = 143
 """Exit status of a rank that could not stop cleanly within the preemption deadline (128 + SIGTERM)."""
@@ -94,7 +94,7 @@ class ControlChannel:
     def agree(self, flags: list[float]) -> list[float]:
         """Element-wise maximum of `flags` over all ranks."""
         t = torch.tensor(flags, dtype=torch.float64)
-        with watchdog.collective(self.group, "all_reduce(stop flags)"):
+        with track.collective(self.group, "all_reduce(stop flags)"):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t.tolist()
 
@@ -102,7 +102,7 @@ class ControlChannel:
         """Every rank's `values`, by rank."""
         t = torch.tensor(values, dtype=torch.float64)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        with watchdog.collective(self.group, "all_gather(timings)"):
+        with track.collective(self.group, "all_gather(timings)"):
             dist.all_gather(out, t, group=self.group)
         return [o.tolist() for o in out]
 

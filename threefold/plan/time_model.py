@@ -1,6 +1,6 @@
 """Time per training step of a layout on given hardware, term by term.
 
-Notation as in threefold.memory_model; n_tok = b s tokens per micro-batch, g GPUs per node, and every
+Notation as in threefold.plan.memory_model; n_tok = b s tokens per micro-batch, g GPUs per node, and every
 time below is per micro-batch on one GPU unless it says "per step".
 
 Compute of one layer (forward; backward = 2x the matmuls, 2.5x the attention core, 2x the memory traffic):
@@ -42,14 +42,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from threefold.config import Config, ModelConfig
-from threefold.hardware import Hardware
-from threefold.layout import Layout, Workload, from_config
-from threefold.memory_model import local_vocab, rank_parameters
 from threefold.metrics import flops_per_token
-from threefold.partition import chunk_layer_ranges
+from threefold.pipeline.partition import chunk_layer_ranges
+from threefold.plan.hardware import Hardware
+from threefold.plan.layout import Layout, Workload, from_config
+from threefold.plan.memory_model import local_vocab, rank_parameters
 
 # Memory-bound bytes per element of one forward pass (backward: BACKWARD_TRAFFIC x), counted from the
-# element-wise kernels threefold.model runs in eager mode.
+# element-wise kernels threefold.model.transformer runs in eager mode.
 LLAMA_BYTES_PER_H = 64.0
 """Two RMSNorms (cast to fp32, normalize, cast back, scale: ~26 bytes each) and two residual adds."""
 GPT2_BYTES_PER_H = 28.0

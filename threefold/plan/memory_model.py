@@ -13,7 +13,7 @@ Static state of rank r (bytes):
                  8 * P_r   (fp32: the parameter is its own master)
                 divided by d under ZeRO-1 (parallel.zero), which shards masters and moments over d
 
-Activations: what autograd keeps for backward, counted from what threefold.model saves (tests/
+Activations: what autograd keeps for backward, counted from what threefold.model.transformer saves (tests/
 test_planner.py checks every term against the real tensors, and the per-layer formula is the sum of):
     llama norm          (4 + e) b s_ h + e b s h     fp32 copy of x and normalized y; the linear input
     gpt2 norm            e b s_ h + e b s h          LayerNorm input; the linear input
@@ -26,11 +26,11 @@ test_planner.py checks every term against the real tensors, and the per-layer fo
     full recomputation   e b s_ h per layer (its input only)
 A pipeline stage's received input (e b s_ h) is kept too, unless its first layer saves it anyway.
 The last stage adds the final norm and the head and loss (`head_loss_activation`, the one place to adjust
-when the loss implementation changes): threefold.loss computes the loss and both gradients in the
+when the loss implementation changes): threefold.model.loss computes the loss and both gradients in the
 forward pass, chunk by chunk, and keeps only the input gradient and the output weight's gradient.
 
 Micro-batches in flight on pipeline rank r (`in_flight`, in chunk-micro-batches, checked against
-threefold.pipeline_sim): GPipe m v; 1F1B min(p - r, m); interleaved min(2 (p - r - 1) + (v - 1) p + 1, m v)
+threefold.pipeline.sim): GPipe m v; 1F1B min(p - r, m); interleaved min(2 (p - r - 1) + (v - 1) p + 1, m v)
 (all m v when m = p). The peak of rank r is then
     static + in_flight * (activations of one chunk-micro-batch) + the largest transient of a backward step
 """
@@ -41,8 +41,8 @@ import math
 from dataclasses import dataclass
 
 from threefold.config import Config, ModelConfig
-from threefold.layout import Layout, Workload, from_config
-from threefold.partition import chunk_layer_ranges
+from threefold.pipeline.partition import chunk_layer_ranges
+from threefold.plan.layout import Layout, Workload, from_config
 
 WORKSPACE_BYTES = 256 * 2**20
 """Library workspaces inside the allocator (cuBLAS, attention kernels): a small constant."""
@@ -136,13 +136,13 @@ def head_loss_activation(
 ) -> tuple[float, float]:
     """(saved, transient) bytes of the final norm, the output projection and the loss, per micro-batch.
 
-    With n = b s tokens and V_p/t local vocabulary rows, threefold.loss runs chunks of
+    With n = b s tokens and V_p/t local vocabulary rows, threefold.model.loss runs chunks of
     c = min(n, CHUNK_ELEMENTS / (V_p/t)) tokens. Saved until backward: the final norm's own tensors,
     the input gradient (e n h) and the output weight's gradient (e V_p/t h for one chunk, an fp32 sum
     4 V_p/t h for several). Transient while the head runs: a chunk's logits and their gradient
     (2 e c V_p/t; fused kernels, no fp32 copies).
     """
-    from threefold.loss import CHUNK_ELEMENTS
+    from threefold.model.loss import CHUNK_ELEMENTS
 
     h, n = m.hidden_size, b * s
     s_ = s // tp if sequence_parallel else s

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from threefold import watchdog
+from threefold.parallel import track
 
 SEQ_DIM = 1
 
@@ -25,7 +25,7 @@ reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduc
 def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     if dist.get_world_size(group) > 1:
         x = x.contiguous()
-        with watchdog.collective(group, "all_reduce"):
+        with track.collective(group, "all_reduce"):
             dist.all_reduce(x, group=group)
     return x
 
@@ -37,7 +37,7 @@ def _all_gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return x
     local = x.transpose(0, SEQ_DIM).contiguous()  # (s/t, b, h): gather along a leading dim is one copy
     out = torch.empty((world * local.shape[0], *local.shape[1:]), dtype=x.dtype, device=x.device)
-    with watchdog.collective(group, "all_gather"):
+    with track.collective(group, "all_gather"):
         all_gather_flat(out, local, group=group)
     # One contiguous copy shared by every projection reading it (a transposed view would make each
     # matmul save a private contiguous copy for backward).
@@ -53,7 +53,7 @@ def _reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         raise ValueError(f"sequence length ({x.shape[SEQ_DIM]}) must be divisible by tp_size ({world})")
     full = x.transpose(0, SEQ_DIM).contiguous()
     out = torch.empty((full.shape[0] // world, *full.shape[1:]), dtype=x.dtype, device=x.device)
-    with watchdog.collective(group, "reduce_scatter"):
+    with track.collective(group, "reduce_scatter"):
         reduce_scatter_flat(out, full, group=group)
     return out.transpose(0, SEQ_DIM)
 
@@ -78,7 +78,7 @@ class ReduceFromTP(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         # In place: the partial sums are dead after this, and a copy of (b, s, h) per layer adds up.
         assert x.is_contiguous(), "row-parallel outputs are contiguous"
-        with watchdog.collective(group, "all_reduce"):
+        with track.collective(group, "all_reduce"):
             dist.all_reduce(x, group=group)
         ctx.mark_dirty(x)
         return x

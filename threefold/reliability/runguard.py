@@ -1,14 +1,14 @@
 """The reliability pieces wired into the training loop: data check, resume, watchdog, guards, rollback.
 
-check_data     start-up: the dataset fits the model and is intact (threefold.data.check_dataset);
+check_data     start-up: the dataset fits the model and is intact (threefold.data.dataset.check_dataset);
                one rank scans the token files, every rank raises the same error.
 resume         start-up: the newest checkpoint of `checkpoint.dir` that every rank can load (falling
                back past damaged ones), else `checkpoint.load`; so a run restarted by torchrun
                (--max-restarts) or relaunched by a scheduler continues with no flag.
-RunGuard       around the loop: the communication tracker and watchdog thread (threefold.watchdog),
-               the per-step stop agreement (threefold.control), the skip counter, the loss-spike
-               detector and the straggler check (threefold.guard), and test-only faults
-               (threefold.faults).
+RunGuard       around the loop: the communication tracker and watchdog thread (reliability.watchdog),
+               the per-step stop agreement (reliability.control), the skip counter, the loss-spike
+               detector and the straggler check (reliability.detectors), and test-only faults
+               (threefold.reliability.faults).
 rollback       on a loss spike: reload the newest checkpoint saved before the spike and go on with
                the next data (PaLM's remedy): the step number and data position are not rewound, so
                the batches around the spike are skipped rather than replayed into the same spike.
@@ -26,13 +26,14 @@ import torch.distributed as dist
 
 from threefold.checkpoint import Checkpointer, checkpoints_newest_first, load_checkpoint
 from threefold.config import Config
-from threefold.control import ControlChannel
-from threefold.data import BatchLoader, check_dataset
-from threefold.events import EventLog
-from threefold.faults import FaultPlan
-from threefold.guard import SkipCounter, SpikeDetector, StragglerDetector
-from threefold.mesh import Mesh
-from threefold.watchdog import CommTracker, Watchdog, activate
+from threefold.data.dataset import BatchLoader, check_dataset
+from threefold.parallel.mesh import Mesh
+from threefold.parallel.track import CommTracker, activate
+from threefold.reliability.control import ControlChannel
+from threefold.reliability.detectors import SkipCounter, SpikeDetector, StragglerDetector
+from threefold.reliability.events import EventLog
+from threefold.reliability.faults import FaultPlan
+from threefold.reliability.watchdog import Watchdog
 
 Synced = tuple[int, float, float, float, bool]
 """(step, loss, grad norm, lr, skipped) of one step, on the host."""

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from threefold import watchdog
-from threefold.comm import all_gather_flat, reduce_scatter_flat
-from threefold.layers import pad_to_multiple
+from threefold.parallel import track
+from threefold.parallel.comm import all_gather_flat, reduce_scatter_flat
+from threefold.parallel.layers import pad_to_multiple
 
 
 class _Bucket:
@@ -126,12 +126,12 @@ class GradSync:
         bucket.buffer.div_(self.dp_size)
         if self.zero:
             lo, hi = bucket.shard
-            with watchdog.collective(self.dp_group, "reduce_scatter(grad bucket)"):
+            with track.collective(self.dp_group, "reduce_scatter(grad bucket)"):
                 bucket.handle = reduce_scatter_flat(
                     bucket.buffer[lo:hi], bucket.buffer, group=self.dp_group, async_op=True
                 )
         else:
-            with watchdog.collective(self.dp_group, "all_reduce(grad bucket)"):
+            with track.collective(self.dp_group, "all_reduce(grad bucket)"):
                 bucket.handle = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
 
     def finish(self) -> None:
@@ -144,7 +144,7 @@ class GradSync:
                 self._launch(bucket)
             if bucket.handle is not None:
                 op = "reduce_scatter(grad bucket)" if self.zero else "all_reduce(grad bucket)"
-                with watchdog.waiting_for(self.dp_group, op):
+                with track.waiting_for(self.dp_group, op):
                     bucket.handle.wait()
                 bucket.handle = None
             bucket.num_ready = 0
@@ -180,7 +180,7 @@ class GradSync:
         for bucket in reversed(self.buckets):  # buckets are filled last layer first
             assert bucket.param_buffer is not None
             lo, hi = bucket.shard
-            with watchdog.collective(self.dp_group, "all_gather(parameters)"):
+            with track.collective(self.dp_group, "all_gather(parameters)"):
                 bucket.gather = all_gather_flat(
                     bucket.param_buffer, bucket.param_buffer[lo:hi], group=self.dp_group, async_op=True
                 )
@@ -188,7 +188,7 @@ class GradSync:
     def _wait(self, buckets: list[_Bucket]) -> None:
         for bucket in buckets:
             if bucket.gather is not None:
-                with watchdog.waiting_for(self.dp_group, "all_gather(parameters)"):
+                with track.waiting_for(self.dp_group, "all_gather(parameters)"):
                     bucket.gather.wait()
                 bucket.gather = None
 
@@ -215,7 +215,7 @@ def all_reduce_sequence_parallel_grads(params: list[nn.Parameter], tp_group: Pro
     if not grads or dist.get_world_size(tp_group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    with watchdog.collective(tp_group, "all_reduce(sequence-parallel grads)"):
+    with track.collective(tp_group, "all_reduce(sequence-parallel grads)"):
         dist.all_reduce(flat, group=tp_group)
     torch._foreach_copy_(
         grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]

@@ -1,7 +1,7 @@
 """The layout search: enumerate valid (t, p, d, v, b, schedule, recompute, ZeRO) layouts, keep those that fit,
 rank them by predicted throughput, and say why the best one wins.
 
-Memory comes from threefold.memory_model, time from threefold.time_model; this module only enumerates,
+Memory comes from plan.memory_model, time from plan.time_model; this module only enumerates,
 filters, sorts and explains. Fixing a dimension (`fixed={"tp": 2}`) restricts the search to it, so a user
 can ask how fast the layout they already run is and what would beat it.
 """
@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from threefold.hardware import GIB, Hardware
-from threefold.layout import Layout, Workload
-from threefold.memory_model import RankMemory, worst_rank
-from threefold.schedules import check_schedule_args
-from threefold.time_model import StepTime, estimate_layout_time
+from threefold.pipeline.schedules import check_schedule_args
+from threefold.plan.hardware import GIB, Hardware
+from threefold.plan.layout import Layout, Workload
+from threefold.plan.memory_model import RankMemory, worst_rank
+from threefold.plan.time_model import StepTime, estimate_layout_time
 
 RECOMPUTE_ORDER = ("none", "selective", "full")
 FIXABLE = ("tp", "pp", "dp", "v", "micro_batch_size", "recompute", "zero", "schedule")

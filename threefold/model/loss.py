@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from threefold import watchdog
+from threefold.parallel import track
 
 CHUNK_ELEMENTS = 2**30
 """Most logits (tokens x local vocabulary) materialized at once: 2 GiB in bf16 (llama-1b at b=4, s=2048
@@ -159,12 +159,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         def reduce_max(t: torch.Tensor) -> None:
             if world > 1:
-                with watchdog.collective(group, "all_reduce(logit max)"):
+                with track.collective(group, "all_reduce(logit max)"):
                     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
 
         def reduce_sums(t: torch.Tensor) -> None:
             if world > 1:
-                with watchdog.collective(group, "all_reduce(softmax sums)"):
+                with track.collective(group, "all_reduce(softmax sums)"):
                     dist.all_reduce(t, group=group)
 
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

