@@ -247,6 +247,25 @@ def test_existing_dataset_survives_failed_prepare(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "ds", "good.txt"]
 
 
+def test_prepare_fsyncs_the_dataset_before_publishing_it(tmp_path: Path, monkeypatch) -> None:
+    """Every file of the new dataset is on stable storage before the rename makes it visible."""
+    seen: list[tuple[str, list[str], bool]] = []
+    real_sync = prepare.sync_tree
+
+    def sync_tree(path: Path) -> None:
+        seen.append(
+            (Path(path).name, sorted(p.name for p in Path(path).iterdir()), (tmp_path / "ds").exists())
+        )
+        real_sync(path)
+
+    monkeypatch.setattr(prepare, "sync_tree", sync_tree)
+    prepare_dataset([SONNETS], tmp_path / "ds")
+    assert len(seen) == 1
+    name, files, published = seen[0]
+    assert name.startswith(".ds.tmp-") and files == ["meta.json", "train.bin", "val.bin"]
+    assert not published  # synced before the rename, not after
+
+
 def test_prepare_refuses_to_replace_a_non_dataset_directory(tmp_path: Path) -> None:
     out = tmp_path / "precious"
     out.mkdir()

@@ -17,6 +17,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
+from threefold.files import write_atomic
+
 
 def _finite_or_none(value: Any) -> float | None:
     # Strict JSON has no NaN or Infinity: a diverged loss is written as null so that jq, pandas and
@@ -69,6 +71,32 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def drop_records_after(jsonl_path: str | Path, step: int) -> int:
+    """Remove the records of steps after `step` from a metrics.jsonl (atomically); returns how many.
+
+    A run resumed from the checkpoint of `step` trains the later steps again; without this, each of them
+    would appear twice in the file (and in every tool that reads it). A last line cut short by a crash
+    is dropped too.
+    """
+    path = Path(jsonl_path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        write_atomic(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 def _read_losses(jsonl_path: Path) -> dict[str, dict[int, float]]:

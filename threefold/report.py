@@ -20,7 +20,7 @@ class Reporter:
     def __init__(
         self, config: Config, mesh: Mesh, device: torch.device, *, enabled: bool, start_step: int = 0
     ) -> None:
-        from threefold.monitor import MetricsWriter, TrainProgress
+        from threefold.monitor import MetricsWriter, TrainProgress, drop_records_after
 
         self.enabled = enabled
         self.config = config
@@ -40,6 +40,8 @@ class Reporter:
             metrics = self.out_dir / "metrics.jsonl"
             if metrics.exists() and start_step == 0:
                 metrics.unlink()  # a fresh run starts a fresh curve; a resumed one continues its own
+            elif start_step > 0:
+                drop_records_after(metrics, start_step)  # the steps after the checkpoint run again
             self.writer = MetricsWriter(self.out_dir, tensorboard=config.logging.tensorboard)
 
     def __enter__(self) -> Reporter:

