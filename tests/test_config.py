@@ -10,8 +10,12 @@ import pytest
 
 from threefold.cli import _load
 from threefold.config import (
+    DTYPE_NAMES,
     SECTIONS,
     Config,
+    ModelConfig,
+    ParallelConfig,
+    TrainingConfig,
     build_config,
     check_world_size,
     describe_fields,
@@ -105,9 +109,10 @@ def test_world_size_mismatch_names_every_factor():
             ["--model.num_layers=4", "--parallel.pp_size=2", "--parallel.num_model_chunks=3"],
             r"pp_size \(2\) \* parallel\.num_model_chunks \(3\) exceeds model\.num_layers \(4\)",
         ),
+        # schedules.check_schedule_args owns this rule (1f1b would first object to the two chunks).
         (
-            ["--parallel.num_model_chunks=2"],
-            r"num_model_chunks \(2\) > 1 needs parallel\.pp_size > 1 \(got 1\)",
+            ["--parallel.num_model_chunks=2", "--parallel.pipeline_schedule=interleaved"],
+            r"parallel\.pipeline_schedule = 'interleaved': num_model_chunks \(2\) > 1 needs pp_size > 1",
         ),
         (
             ["--model.hidden_size=96", "--model.num_heads=32", "--model.num_kv_heads=32"],
@@ -252,11 +257,49 @@ def test_non_finite_float(key, value):
         ("--training.dtype=bf16", r"training\.dtype 'bf16' is unknown"),
         ("--model.arch=mamba", r"model\.arch 'mamba' is unknown; choose one of \('llama', 'gpt2'\)"),
         ("--training.device=tpu", r"training\.device 'tpu' is unknown"),
+        (
+            "--training.attention_backend=triton",
+            r"^training\.attention_backend 'triton' is unknown; choose one of \('auto', 'flash', ",
+        ),
+        (
+            "--parallel.pipeline_schedule=zigzag",
+            r"^parallel\.pipeline_schedule 'zigzag' is unknown; "
+            r"choose one of \('gpipe', '1f1b', 'interleaved'\)$",
+        ),
     ],
 )
 def test_unknown_name(override, message):
     with pytest.raises(ValueError, match=message):
         build(override)
+    # The same name from a file is rejected the same way.
+    section, key = override[2:].split("=")[0].split(".")
+    with pytest.raises(ValueError, match=message):
+        build(raw={section: {key: override.split("=", 1)[1]}})
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        (ModelConfig, "arch", "mamba"),
+        (ParallelConfig, "pipeline_schedule", "zigzag"),
+        (TrainingConfig, "dtype", "float16"),
+        (TrainingConfig, "device", "tpu"),
+        (TrainingConfig, "recompute", "some"),
+        (TrainingConfig, "attention_backend", "triton"),
+    ],
+)
+def test_unknown_name_in_a_config_built_in_python(section, key, value):
+    # Loading rejects these before the dataclass exists; validate must catch a config built in code too.
+    config = Config(**{section.section: section(**{key: value})})
+    name = f"{section.section}.{key}"
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)} '{value}' is unknown; choose one of \("):
+        validate(config, check_paths=False)
+
+
+def test_dtype_names_are_the_dtypes_train_maps():
+    from threefold.train import DTYPES
+
+    assert set(DTYPE_NAMES) == set(DTYPES)
 
 
 def test_missing_data_path(tmp_path):
@@ -574,7 +617,7 @@ PIPELINE = ("--model.num_layers=8", "--training.global_batch_size=16", "--traini
           "--training.global_batch_size=12"),
          r"needs num_microbatches \(6\) to be a multiple of pp_size \(4\)"),
         (("--parallel.pp_size=2", "--parallel.pipeline_schedule=zigzag"),
-         r"unknown pipeline schedule 'zigzag'"),
+         r"parallel.pipeline_schedule 'zigzag' is unknown"),
         (("--parallel.pp_size=4", "--parallel.num_model_chunks=4"),
          r"parallel.pp_size \(4\) \* parallel.num_model_chunks \(4\) exceeds model.num_layers \(8\)"),
         (("--parallel.pp_size=9",), r"parallel.pp_size \(9\) exceeds model.num_layers \(8\)"),
