@@ -389,6 +389,60 @@ def test_bad_override_syntax(arg):
         build(arg)
 
 
+@pytest.mark.parametrize(
+    ("key", "text", "value", "message"),
+    [
+        (
+            "max_steps",
+            "5",
+            5,
+            r"^training\.max_steps = '5' is not a valid int \(write the int without quotes\)$",
+        ),
+        (
+            "max_minutes",
+            "1.5",
+            1.5,
+            r"^training\.max_minutes = '1\.5' is not a valid float \(write the float ",
+        ),
+        (
+            "compile",
+            "true",
+            True,
+            r"^training\.compile = 'true' is not a valid bool \(write the bool without ",
+        ),
+    ],
+)
+def test_quoted_value_in_toml_file_is_rejected(tmp_path, key, text, value, message):
+    path = tmp_path / "run.toml"
+    path.write_text(f'[training]\n{key} = "{text}"\n')
+    with pytest.raises(ValueError, match=message):
+        load_config(path, check_paths=False)
+    # Override text is always a string, so there it is parsed.
+    assert getattr(build(f"--training.{key}={text}").training, key) == value
+
+
+def test_quoted_number_for_optional_key_in_toml_file_is_rejected(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[optimizer]\ndecay_steps = "50"\n')
+    with pytest.raises(ValueError, match=r"^optimizer\.decay_steps = '50' is not a valid int \(write "):
+        load_config(path, check_paths=False)
+    # TOML has no null: "none" is how a file empties an optional key.
+    path.write_text('[model]\npreset = "tiny"\nnum_kv_heads = "none"\n')
+    assert load_config(path, check_paths=False).model.num_kv_heads == MODEL_PRESETS["tiny"]["num_heads"]
+
+
+def test_every_field_round_trips_through_file_and_override():
+    """Each field's type is one loading knows: its value read back from a file and from override text."""
+    default = Config().to_dict()
+    assert build(raw=default).to_dict() == default
+    texts = [
+        f"--{section}.{key}={'none' if value is None else value}"
+        for section, values in default.items()
+        for key, value in values.items()
+    ]
+    assert build(*texts).to_dict() == default
+
+
 def test_invalid_toml_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[model\npreset = tiny\n")

@@ -455,9 +455,7 @@ def _unknown_choice(where: str, value: Any, choices: tuple[Any, ...]) -> ValueEr
 
 
 def _from_toml(value: Any, base: type) -> Any:
-    """A TOML value as the file typed it (a quoted number is still read as a number)."""
-    if isinstance(value, str) and base is not str:
-        return _from_text(value, base)
+    """A TOML value as the file typed it: a quoted number is a mistake, not a number."""
     if isinstance(value, bool) != (base is bool):  # bool is an int to isinstance
         raise ValueError
     if base is int and isinstance(value, float) and value.is_integer():
@@ -499,7 +497,9 @@ def _coerce(where: str, value: Any, hint: Any, *, text: bool) -> Any:
     try:
         return _from_text(value, base) if text else _from_toml(value, base)
     except (TypeError, ValueError):
-        raise ValueError(f"{where} = {value!r} is not a valid {base.__name__}") from None
+        quoted = not text and isinstance(value, str)
+        hint_text = f" (write the {base.__name__} without quotes)" if quoted else ""
+        raise ValueError(f"{where} = {value!r} is not a valid {base.__name__}{hint_text}") from None
 
 
 def _parse_override(arg: str) -> tuple[str, str, str]:
