@@ -143,6 +143,14 @@ def test_world_size_mismatch_names_every_factor():
             ["--model.arch=gpt2", "--model.attention_bias=true"],
             r"model\.attention_bias applies to arch 'llama' only; model\.arch is 'gpt2'",
         ),
+        (
+            ["--reliability.straggler_threshold=0.5"],
+            r"reliability\.straggler_threshold \(0\.5\) must exceed 1 .* or be 0 to disable the check",
+        ),
+        (
+            ["--reliability.spike_factor=1"],
+            r"reliability\.spike_factor \(1\.0\) must exceed 1 \(a ratio to the mean loss\)",
+        ),
     ],
     ids=[
         "heads-not-divisible-by-tp",
@@ -164,6 +172,8 @@ def test_world_size_mismatch_names_every_factor():
         "rope-high-freq-not-above-low",
         "rope-low-freq-negative",
         "attention-bias-on-gpt2",
+        "straggler-threshold-at-most-one",
+        "spike-factor-at-most-one",
     ],
 )
 def test_impossible_combination(overrides, message):
@@ -203,6 +213,12 @@ def test_llama3_rope_scaling_and_qwen2_biases_are_valid():
         ("--training.eval_batches=0", "0"),
         ("--logging.log_interval=0", "0"),
         ("--optimizer.decay_steps=0", "0"),
+        ("--optimizer.eps=0", "0.0"),
+        ("--checkpoint.keep_last=0", "0"),
+        ("--reliability.straggler_intervals=0", "0"),
+        ("--reliability.preemption_deadline=-1", "-1.0"),
+        ("--reliability.max_consecutive_skips=0", "0"),
+        ("--reliability.spike_window=0", "0"),
     ],
 )
 def test_zero_or_negative_size(override, got):
@@ -222,6 +238,9 @@ def test_zero_or_negative_size(override, got):
         ("--training.max_minutes=-1", "training.max_minutes"),
         ("--parallel.dp_bucket_mb=-25", "parallel.dp_bucket_mb"),
         ("--model.init_std=-0.02", "model.init_std"),
+        ("--checkpoint.interval=-1", "checkpoint.interval"),
+        ("--reliability.watchdog_timeout=-1", "reliability.watchdog_timeout"),
+        ("--reliability.straggler_threshold=-2", "reliability.straggler_threshold"),
     ],
 )
 def test_negative_amount(override, name):
