@@ -10,8 +10,12 @@ import pytest
 
 from threefold.cli import _load
 from threefold.config import (
+    DTYPE_NAMES,
     SECTIONS,
     Config,
+    ModelConfig,
+    ParallelConfig,
+    TrainingConfig,
     build_config,
     check_world_size,
     describe_fields,
@@ -105,9 +109,10 @@ def test_world_size_mismatch_names_every_factor():
             ["--model.num_layers=4", "--parallel.pp_size=2", "--parallel.num_model_chunks=3"],
             r"pp_size \(2\) \* parallel\.num_model_chunks \(3\) exceeds model\.num_layers \(4\)",
         ),
+        # schedules.check_schedule_args owns this rule (1f1b would first object to the two chunks).
         (
-            ["--parallel.num_model_chunks=2"],
-            r"num_model_chunks \(2\) > 1 needs parallel\.pp_size > 1 \(got 1\)",
+            ["--parallel.num_model_chunks=2", "--parallel.pipeline_schedule=interleaved"],
+            r"parallel\.pipeline_schedule = 'interleaved': num_model_chunks \(2\) > 1 needs pp_size > 1",
         ),
         (
             ["--model.hidden_size=96", "--model.num_heads=32", "--model.num_kv_heads=32"],
@@ -138,6 +143,14 @@ def test_world_size_mismatch_names_every_factor():
             ["--model.arch=gpt2", "--model.attention_bias=true"],
             r"model\.attention_bias applies to arch 'llama' only; model\.arch is 'gpt2'",
         ),
+        (
+            ["--reliability.straggler_threshold=0.5"],
+            r"reliability\.straggler_threshold \(0\.5\) must exceed 1 .* or be 0 to disable the check",
+        ),
+        (
+            ["--reliability.spike_factor=1"],
+            r"reliability\.spike_factor \(1\.0\) must exceed 1 \(a ratio to the mean loss\)",
+        ),
     ],
     ids=[
         "heads-not-divisible-by-tp",
@@ -159,6 +172,8 @@ def test_world_size_mismatch_names_every_factor():
         "rope-high-freq-not-above-low",
         "rope-low-freq-negative",
         "attention-bias-on-gpt2",
+        "straggler-threshold-at-most-one",
+        "spike-factor-at-most-one",
     ],
 )
 def test_impossible_combination(overrides, message):
@@ -198,6 +213,12 @@ def test_llama3_rope_scaling_and_qwen2_biases_are_valid():
         ("--training.eval_batches=0", "0"),
         ("--logging.log_interval=0", "0"),
         ("--optimizer.decay_steps=0", "0"),
+        ("--optimizer.eps=0", "0.0"),
+        ("--checkpoint.keep_last=0", "0"),
+        ("--reliability.straggler_intervals=0", "0"),
+        ("--reliability.preemption_deadline=-1", "-1.0"),
+        ("--reliability.max_consecutive_skips=0", "0"),
+        ("--reliability.spike_window=0", "0"),
     ],
 )
 def test_zero_or_negative_size(override, got):
@@ -217,6 +238,9 @@ def test_zero_or_negative_size(override, got):
         ("--training.max_minutes=-1", "training.max_minutes"),
         ("--parallel.dp_bucket_mb=-25", "parallel.dp_bucket_mb"),
         ("--model.init_std=-0.02", "model.init_std"),
+        ("--checkpoint.interval=-1", "checkpoint.interval"),
+        ("--reliability.watchdog_timeout=-1", "reliability.watchdog_timeout"),
+        ("--reliability.straggler_threshold=-2", "reliability.straggler_threshold"),
     ],
 )
 def test_negative_amount(override, name):
@@ -252,11 +276,49 @@ def test_non_finite_float(key, value):
         ("--training.dtype=bf16", r"training\.dtype 'bf16' is unknown"),
         ("--model.arch=mamba", r"model\.arch 'mamba' is unknown; choose one of \('llama', 'gpt2'\)"),
         ("--training.device=tpu", r"training\.device 'tpu' is unknown"),
+        (
+            "--training.attention_backend=triton",
+            r"^training\.attention_backend 'triton' is unknown; choose one of \('auto', 'flash', ",
+        ),
+        (
+            "--parallel.pipeline_schedule=zigzag",
+            r"^parallel\.pipeline_schedule 'zigzag' is unknown; "
+            r"choose one of \('gpipe', '1f1b', 'interleaved'\)$",
+        ),
     ],
 )
 def test_unknown_name(override, message):
     with pytest.raises(ValueError, match=message):
         build(override)
+    # The same name from a file is rejected the same way.
+    section, key = override[2:].split("=")[0].split(".")
+    with pytest.raises(ValueError, match=message):
+        build(raw={section: {key: override.split("=", 1)[1]}})
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        (ModelConfig, "arch", "mamba"),
+        (ParallelConfig, "pipeline_schedule", "zigzag"),
+        (TrainingConfig, "dtype", "float16"),
+        (TrainingConfig, "device", "tpu"),
+        (TrainingConfig, "recompute", "some"),
+        (TrainingConfig, "attention_backend", "triton"),
+    ],
+)
+def test_unknown_name_in_a_config_built_in_python(section, key, value):
+    # Loading rejects these before the dataclass exists; validate must catch a config built in code too.
+    config = Config(**{section.section: section(**{key: value})})
+    name = f"{section.section}.{key}"
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)} '{value}' is unknown; choose one of \("):
+        validate(config, check_paths=False)
+
+
+def test_dtype_names_are_the_dtypes_train_maps():
+    from threefold.train import DTYPES
+
+    assert set(DTYPE_NAMES) == set(DTYPES)
 
 
 def test_missing_data_path(tmp_path):
@@ -344,6 +406,60 @@ def test_bad_override_syntax(arg):
         ValueError, match=rf"^override '{re.escape(arg)}' must look like --section\.key=value$"
     ):
         build(arg)
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "value", "message"),
+    [
+        (
+            "max_steps",
+            "5",
+            5,
+            r"^training\.max_steps = '5' is not a valid int \(write the int without quotes\)$",
+        ),
+        (
+            "max_minutes",
+            "1.5",
+            1.5,
+            r"^training\.max_minutes = '1\.5' is not a valid float \(write the float ",
+        ),
+        (
+            "compile",
+            "true",
+            True,
+            r"^training\.compile = 'true' is not a valid bool \(write the bool without ",
+        ),
+    ],
+)
+def test_quoted_value_in_toml_file_is_rejected(tmp_path, key, text, value, message):
+    path = tmp_path / "run.toml"
+    path.write_text(f'[training]\n{key} = "{text}"\n')
+    with pytest.raises(ValueError, match=message):
+        load_config(path, check_paths=False)
+    # Override text is always a string, so there it is parsed.
+    assert getattr(build(f"--training.{key}={text}").training, key) == value
+
+
+def test_quoted_number_for_optional_key_in_toml_file_is_rejected(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[optimizer]\ndecay_steps = "50"\n')
+    with pytest.raises(ValueError, match=r"^optimizer\.decay_steps = '50' is not a valid int \(write "):
+        load_config(path, check_paths=False)
+    # TOML has no null: "none" is how a file empties an optional key.
+    path.write_text('[model]\npreset = "tiny"\nnum_kv_heads = "none"\n')
+    assert load_config(path, check_paths=False).model.num_kv_heads == MODEL_PRESETS["tiny"]["num_heads"]
+
+
+def test_every_field_round_trips_through_file_and_override():
+    """Each field's type is one loading knows: its value read back from a file and from override text."""
+    default = Config().to_dict()
+    assert build(raw=default).to_dict() == default
+    texts = [
+        f"--{section}.{key}={'none' if value is None else value}"
+        for section, values in default.items()
+        for key, value in values.items()
+    ]
+    assert build(*texts).to_dict() == default
 
 
 def test_invalid_toml_file(tmp_path):
@@ -574,7 +690,7 @@ PIPELINE = ("--model.num_layers=8", "--training.global_batch_size=16", "--traini
           "--training.global_batch_size=12"),
          r"needs num_microbatches \(6\) to be a multiple of pp_size \(4\)"),
         (("--parallel.pp_size=2", "--parallel.pipeline_schedule=zigzag"),
-         r"unknown pipeline schedule 'zigzag'"),
+         r"parallel.pipeline_schedule 'zigzag' is unknown"),
         (("--parallel.pp_size=4", "--parallel.num_model_chunks=4"),
          r"parallel.pp_size \(4\) \* parallel.num_model_chunks \(4\) exceeds model.num_layers \(8\)"),
         (("--parallel.pp_size=9",), r"parallel.pp_size \(9\) exceeds model.num_layers \(8\)"),

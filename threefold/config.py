@@ -1,7 +1,8 @@
 """Typed configuration: one TOML file plus `--section.key=value` overrides.
 
 Every field has a docstring; `threefold config --reference` prints them all. Anything a user
-can get wrong raises `ValueError` naming the values, before any process group starts.
+can get wrong raises `ValueError` naming the values, before any process group starts: each section's
+`check()` guards its own fields, beside them; `validate` adds the rules that cross sections.
 """
 
 from __future__ import annotations
@@ -13,24 +14,64 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from threefold.pipeline.schedules import check_schedule_args
+from threefold.pipeline.schedules import ScheduleName, check_schedule_args
 from threefold.presets import MODEL_PRESETS
 
-DTYPES = ("float32", "bfloat16")
-ARCHS = ("llama", "gpt2")
-RECOMPUTE = ("none", "selective", "full")
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+# String choices are Literal types, so mypy catches a typo in `arch == "lama"`; loading and `check()`
+# reject any other value at run time, naming the choices.
+Arch = Literal["llama", "gpt2"]
+DtypeName = Literal["float32", "bfloat16"]
+Device = Literal["auto", "cpu", "cuda"]
+Recompute = Literal["none", "selective", "full"]
+AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
+
+DTYPE_NAMES: tuple[DtypeName, ...] = typing.get_args(DtypeName)
+"""Names of the compute dtypes (train.DTYPES maps them to torch dtypes)."""
+ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = typing.get_args(AttentionBackend)
 
 
 @dataclass(kw_only=True)
-class ModelConfig:
+class Section:
+    """Base of the config sections: `check()` rejects what a section can tell is wrong on its own."""
+
+    section: ClassVar[str]
+    """The section's name in the TOML file and in error messages."""
+
+    def check(self) -> None:
+        """Every float finite and every string one of its choices; a section extends this with its rules."""
+        for name, hint in _field_types(type(self)).items():
+            value, where = getattr(self, name), f"{self.section}.{name}"
+            # NaN slips through every comparison, and inf is never meant (TOML and overrides accept both).
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{where} must be a finite number, got {value}")
+            choices = _choices(hint)
+            if choices and value not in choices:
+                raise _unknown_choice(where, value, choices)
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is None or value <= 0:
+                raise ValueError(f"{self.section}.{name} must be positive, got {value}")
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{self.section}.{name} must be >= 0, got {value}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Section):
     """Shape of the decoder-only transformer."""
+
+    section = "model"
 
     preset: str | None = None
     """Name of a preset (tiny, gpt2-124m, llama-1b, llama-8b, gpt3-1.7b ...); other keys override it."""
-    arch: str = "llama"
+    arch: Arch = "llama"
     """'llama' (RMSNorm, RoPE, SwiGLU, GQA, no biases) or 'gpt2' (LayerNorm, learned positions, GeLU)."""
     vocab_size: int = 50257
     """Tokenizer vocabulary size (unpadded; padding to a multiple of tp_size is internal)."""
@@ -78,10 +119,56 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def check(self) -> None:
+        super().check()
+        if self.preset is not None and self.preset not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {self.preset!r}; known: {', '.join(MODEL_PRESETS)}")
+        self._positive("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+        self._positive("ffn_hidden_size", "max_seq_len", "rope_theta", "norm_eps")
+        self._non_negative("init_std")
+        check_rope_scaling(self)
+        assert self.num_kv_heads is not None  # rejected above
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.num_heads ({self.num_heads}) must divide model.hidden_size ({self.hidden_size})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_kv_heads ({self.num_kv_heads}) must divide model.num_heads ({self.num_heads})"
+            )
+        if self.attention_bias and self.arch != "llama":
+            raise ValueError(
+                f"model.attention_bias applies to arch 'llama' only; model.arch is {self.arch!r}"
+            )
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim; hidden_size/num_heads = {self.head_dim}")
+
+
+def check_rope_scaling(m: ModelConfig) -> None:
+    """Reject Llama 3.x RoPE scaling settings that make no sense (also used for Hugging Face configs)."""
+    if not m.rope_scaling_factor >= 1.0:  # `not >=` also catches NaN
+        raise ValueError(
+            f"model.rope_scaling_factor must be >= 1 (1 = no scaling), got {m.rope_scaling_factor}"
+        )
+    if m.rope_original_max_len <= 0:
+        raise ValueError(f"model.rope_original_max_len must be positive, got {m.rope_original_max_len}")
+    if m.rope_scaling_factor == 1.0:
+        return  # the frequency factors are unused
+    if not m.rope_low_freq_factor > 0:
+        raise ValueError(f"model.rope_low_freq_factor must be positive, got {m.rope_low_freq_factor}")
+    if not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ValueError(
+            f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must exceed "
+            f"model.rope_low_freq_factor ({m.rope_low_freq_factor}) when model.rope_scaling_factor "
+            f"({m.rope_scaling_factor}) != 1"
+        )
+
 
 @dataclass(kw_only=True)
-class ParallelConfig:
+class ParallelConfig(Section):
     """How the ranks are laid out: world size = tp_size * pp_size * dp_size."""
+
+    section = "parallel"
 
     tp_size: int = 1
     """Tensor-parallel size t (keep it within one node)."""
@@ -91,7 +178,7 @@ class ParallelConfig:
     """Data-parallel size d."""
     num_model_chunks: int = 1
     """Model chunks v per pipeline rank (interleaved schedule); 1 means no interleaving."""
-    pipeline_schedule: str = "1f1b"
+    pipeline_schedule: ScheduleName = "1f1b"
     """'gpipe', '1f1b' or 'interleaved' (needs num_model_chunks > 1 to differ from 1f1b)."""
     scatter_gather: bool = True
     """With tp_size > 1, send 1/t of each pipeline boundary tensor per TP rank and all-gather on arrival."""
@@ -108,10 +195,21 @@ class ParallelConfig:
     reduce-scattered, each rank updates its 1/dp, parameters are all-gathered): 12/dp instead of 12 bytes
     of optimizer state per parameter, same communication volume."""
 
+    def check(self) -> None:
+        # The schedule's rules (num_model_chunks > 1 needs pp_size > 1, ...) belong to
+        # pipeline.schedules.check_schedule_args, which validate calls with the micro-batch count.
+        super().check()
+        self._positive("tp_size", "pp_size", "dp_size", "num_model_chunks")
+        self._non_negative("dp_bucket_mb")
+        if self.sequence_parallel and self.tp_size == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1 (got tp_size = 1)")
+
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(Section):
     """Where the tokens come from."""
+
+    section = "data"
 
     path: str = "data/shakespeare"
     """Directory of a dataset made by `threefold data prepare` (train.bin, val.bin, meta.json)."""
@@ -120,10 +218,16 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per training sample s."""
 
+    def check(self) -> None:
+        super().check()
+        self._positive("seq_len")
+
 
 @dataclass(kw_only=True)
-class OptimizerConfig:
+class OptimizerConfig(Section):
     """AdamW with linear warm-up and cosine decay."""
+
+    section = "optimizer"
 
     lr: float = 3e-4
     """Peak learning rate, reached at the end of warm-up."""
@@ -144,10 +248,25 @@ class OptimizerConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
+    def check(self) -> None:
+        super().check()
+        self._non_negative("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+        if self.decay_steps is not None:
+            self._positive("decay_steps")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optimizer.min_lr ({self.min_lr}) must lie in [0, optimizer.lr ({self.lr})]")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(
+                f"optimizer betas must lie in [0, 1), got beta1={self.beta1}, beta2={self.beta2}"
+            )
+        self._positive("eps")
+
 
 @dataclass(kw_only=True)
-class TrainingConfig:
+class TrainingConfig(Section):
     """The loop."""
+
+    section = "training"
 
     max_steps: int = 100
     """Optimizer steps to run."""
@@ -155,17 +274,17 @@ class TrainingConfig:
     """Sequences per optimizer step B (across all data-parallel ranks)."""
     micro_batch_size: int = 2
     """Sequences per forward/backward b; B / (b * dp) micro-batches per step."""
-    dtype: str = "float32"
+    dtype: DtypeName = "float32"
     """Compute dtype: float32 or bfloat16 (bf16 keeps fp32 master weights and gradients)."""
     seed: int = 1234
     """Seed for initialization and data order."""
-    device: str = "auto"
+    device: Device = "auto"
     """'auto' (cuda when available), 'cuda' or 'cpu'."""
-    recompute: str = "none"
+    recompute: Recompute = "none"
     """Activation recomputation: 'none', 'selective' (the attention core) or 'full' (each layer)."""
     compile: bool = False
     """Wrap each transformer layer in torch.compile (GPU)."""
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = "auto"
     """Kernel for attention on CUDA: 'auto' (torch's choice), 'flash', 'cudnn', 'efficient' or 'math'."""
     eval_interval: int = 50
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
@@ -175,10 +294,17 @@ class TrainingConfig:
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no limit)."""
 
+    def check(self) -> None:
+        super().check()
+        self._positive("max_steps", "global_batch_size", "micro_batch_size", "eval_batches")
+        self._non_negative("eval_interval", "max_minutes")
+
 
 @dataclass(kw_only=True)
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """Saving and resuming (see threefold.checkpoint for the format)."""
+
+    section = "checkpoint"
 
     dir: str = ""
     """Directory of this run's checkpoints ('' saves none); a run resumes from its `latest` if present."""
@@ -191,10 +317,17 @@ class CheckpointConfig:
     asynchronous: bool = False
     """Copy the state to host memory and write it on a background thread while training goes on."""
 
+    def check(self) -> None:
+        super().check()
+        self._positive("keep_last")
+        self._non_negative("interval")
+
 
 @dataclass(kw_only=True)
-class LoggingConfig:
+class LoggingConfig(Section):
     """Progress, metrics and plots."""
+
+    section = "logging"
 
     out_dir: str = "runs/default"
     """Directory for metrics.jsonl, TensorBoard events and loss.png."""
@@ -207,10 +340,16 @@ class LoggingConfig:
     plot: bool = True
     """Save a loss-curve PNG at the end."""
 
+    def check(self) -> None:
+        super().check()
+        self._positive("log_interval")
+
 
 @dataclass(kw_only=True)
-class ReliabilityConfig:
+class ReliabilityConfig(Section):
     """Surviving hangs, stragglers, preemption and bad numerics (see threefold.reliability)."""
+
+    section = "reliability"
 
     watchdog_timeout: float = 600.0
     """Seconds a rank may wait in one collective or pipeline transfer before the watchdog reports the hang
@@ -231,6 +370,20 @@ class ReliabilityConfig:
     """A loss above this multiple of the mean of the last spike_window good losses is a spike."""
     spike_window: int = 20
     """Good losses averaged for the spike test (no test until this many are seen)."""
+
+    def check(self) -> None:
+        super().check()
+        self._positive("straggler_intervals", "preemption_deadline", "max_consecutive_skips", "spike_window")
+        self._non_negative("watchdog_timeout", "straggler_threshold")
+        if 0 < self.straggler_threshold <= 1:
+            raise ValueError(
+                f"reliability.straggler_threshold ({self.straggler_threshold}) must exceed 1 (a ratio to the "
+                "median rank) or be 0 to disable the check"
+            )
+        if self.spike_factor <= 1:
+            raise ValueError(
+                f"reliability.spike_factor ({self.spike_factor}) must exceed 1 (a ratio to the mean loss)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -259,16 +412,23 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "parallel": ParallelConfig,
-    "data": DataConfig,
-    "optimizer": OptimizerConfig,
-    "training": TrainingConfig,
-    "logging": LoggingConfig,
-    "checkpoint": CheckpointConfig,
-    "reliability": ReliabilityConfig,
+SECTIONS: dict[str, type[Section]] = {
+    cls.section: cls
+    for cls in (
+        ModelConfig,
+        ParallelConfig,
+        DataConfig,
+        OptimizerConfig,
+        TrainingConfig,
+        LoggingConfig,
+        CheckpointConfig,
+        ReliabilityConfig,
+    )
 }
+"""The sections in file order, by name (the names of Config's fields)."""
+
+
+# --- Loading: TOML values and override text into typed fields ---------------------------------------
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -276,42 +436,70 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
-    """Turn a TOML or command-line value into the field's type, or raise ValueError naming it."""
-    where = f"{section}.{key}"
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """(T, True) for `T | None`, (hint, False) otherwise."""
     args = typing.get_args(hint)
-    optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if optional else hint
-    if isinstance(value, str) and optional and value.lower() in ("none", "null", ""):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _choices(hint: Any) -> tuple[Any, ...]:
+    """The allowed values of a `Literal[...]` field (also inside `| None`); () for any other type."""
+    base, _ = _unwrap_optional(hint)
+    return typing.get_args(base) if typing.get_origin(base) is Literal else ()
+
+
+def _unknown_choice(where: str, value: Any, choices: tuple[Any, ...]) -> ValueError:
+    return ValueError(f"{where} {value!r} is unknown; choose one of {choices}")
+
+
+def _from_toml(value: Any, base: type) -> Any:
+    """A TOML value as the file typed it: a quoted number is a mistake, not a number."""
+    if isinstance(value, bool) != (base is bool):  # bool is an int to isinstance
+        raise ValueError
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if base is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, base):
+        raise ValueError
+    return value
+
+
+def _from_text(text: str, base: type) -> Any:
+    """An override's text (always a string) parsed as the field's type."""
+    if base is not bool:
+        return base(text)
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _coerce(where: str, value: Any, hint: Any, *, text: bool) -> Any:
+    """Turn a TOML value (or, with `text`, an override's text) into the field's type, or raise ValueError
+    naming the key, the value and the expected type."""
+    base, optional = _unwrap_optional(hint)
+    # TOML has no null: the strings none/null/"" are how a file or an override empties an optional key.
+    if optional and (value is None or isinstance(value, str) and value.lower() in ("none", "null", "")):
         return None
     if value is None:
-        if optional:
-            return None
         raise ValueError(f"{where} must not be empty")
+    choices = _choices(base)
+    if choices:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} = {value!r} is not a valid str")
+        if value not in choices:
+            raise _unknown_choice(where, value, choices)
+        return value
     try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
+        return _from_text(value, base) if text else _from_toml(value, base)
     except (TypeError, ValueError):
-        raise ValueError(f"{where} = {value!r} is not a valid {base.__name__}") from None
-    return value
+        quoted = not text and isinstance(value, str)
+        hint_text = f" (write the {base.__name__} without quotes)" if quoted else ""
+        raise ValueError(f"{where} = {value!r} is not a valid {base.__name__}{hint_text}") from None
 
 
 def _parse_override(arg: str) -> tuple[str, str, str]:
@@ -322,37 +510,37 @@ def _parse_override(arg: str) -> tuple[str, str, str]:
     return section, key, value
 
 
+def _build_section(section: str, values: dict[str, tuple[Any, bool]]) -> Section:
+    """One section from {key: (value, is override text)}, the model preset under its explicit keys."""
+    cls = SECTIONS[section]
+    hints = _field_types(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in [{section}]; known: {sorted(hints)}")
+    kwargs = {k: _coerce(f"{section}.{k}", v, hints[k], text=text) for k, (v, text) in values.items()}
+    if section == "model" and kwargs.get("preset") is not None:
+        # An unknown name adds nothing here; ModelConfig.check reports it.
+        kwargs = {**MODEL_PRESETS.get(kwargs["preset"], {}), **kwargs}
+    return cls(**kwargs)
+
+
 def build_config(
     raw: dict[str, Any], overrides: list[str] | None = None, *, check_paths: bool = True
 ) -> Config:
     """Build a Config from a TOML-like dict and `--section.key=value` overrides, then validate it."""
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, dict[str, tuple[Any, bool]]] = {}
     for section, values in raw.items():
         if section not in SECTIONS:
             raise ValueError(f"unknown config section [{section}]; known: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise ValueError(f"[{section}] must be a table of key = value pairs, got {values!r}")
-        merged[section] = dict(values)
+        merged[section] = {k: (v, False) for k, v in values.items()}
     for arg in overrides or []:
         section, key, value = _parse_override(arg)
         if section not in SECTIONS:
             raise ValueError(f"unknown config section {section!r} in {arg!r}; known: {', '.join(SECTIONS)}")
-        merged.setdefault(section, {})[key] = value
-
-    sections: dict[str, Any] = {}
-    for section, cls in SECTIONS.items():
-        values = merged.get(section, {})
-        hints = _field_types(cls)
-        unknown = sorted(set(values) - set(hints))
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in [{section}]; known: {sorted(hints)}")
-        kwargs = {k: _coerce(section, k, v, hints[k]) for k, v in values.items()}
-        if section == "model" and kwargs.get("preset") is not None:
-            name = kwargs["preset"]
-            if name not in MODEL_PRESETS:
-                raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_PRESETS)}")
-            kwargs = {**MODEL_PRESETS[name], **kwargs}
-        sections[section] = cls(**kwargs)
+        merged.setdefault(section, {})[key] = (value, True)
+    sections: dict[str, Any] = {name: _build_section(name, merged.get(name, {})) for name in SECTIONS}
     config = Config(**sections)
     validate(config, check_paths=check_paths)
     return config
@@ -374,113 +562,38 @@ def load_config(
     return build_config(raw, overrides, check_paths=check_paths)
 
 
+# --- Validation: each section, then what crosses sections -------------------------------------------
+
+
 def validate(config: Config, world_size: int | None = None, *, check_paths: bool = True) -> None:
     """Reject impossible settings with a ValueError that names every factor."""
-    m, p, d, o, t = config.model, config.parallel, config.data, config.optimizer, config.training
-    # NaN slips through every comparison below, and inf is never meant (TOML and overrides accept both).
     for section in SECTIONS:
-        for f in dataclasses.fields(getattr(config, section)):
-            value = getattr(getattr(config, section), f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{section}.{f.name} must be a finite number, got {value}")
-    positive = {
-        "model.vocab_size": m.vocab_size,
-        "model.hidden_size": m.hidden_size,
-        "model.num_layers": m.num_layers,
-        "model.num_heads": m.num_heads,
-        "model.num_kv_heads": m.num_kv_heads,
-        "model.ffn_hidden_size": m.ffn_hidden_size,
-        "model.max_seq_len": m.max_seq_len,
-        "model.rope_theta": m.rope_theta,
-        "model.norm_eps": m.norm_eps,
-        "parallel.tp_size": p.tp_size,
-        "parallel.pp_size": p.pp_size,
-        "parallel.dp_size": p.dp_size,
-        "parallel.num_model_chunks": p.num_model_chunks,
-        "data.seq_len": d.seq_len,
-        "training.max_steps": t.max_steps,
-        "training.global_batch_size": t.global_batch_size,
-        "training.micro_batch_size": t.micro_batch_size,
-        "training.eval_batches": t.eval_batches,
-        "logging.log_interval": config.logging.log_interval,
-        "checkpoint.keep_last": config.checkpoint.keep_last,
-        "reliability.straggler_intervals": config.reliability.straggler_intervals,
-        "reliability.preemption_deadline": config.reliability.preemption_deadline,
-        "reliability.max_consecutive_skips": config.reliability.max_consecutive_skips,
-        "reliability.spike_window": config.reliability.spike_window,
-    }
-    for name, value in positive.items():
-        if value is None or value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-    assert m.num_kv_heads is not None and m.ffn_hidden_size is not None  # rejected just above
-    check_rope_scaling(m)
-    non_negative = {
-        "model.init_std": m.init_std,
-        "optimizer.lr": o.lr,
-        "optimizer.min_lr": o.min_lr,
-        "optimizer.warmup_steps": o.warmup_steps,
-        "optimizer.weight_decay": o.weight_decay,
-        "optimizer.grad_clip": o.grad_clip,
-        "training.eval_interval": t.eval_interval,
-        "training.max_minutes": t.max_minutes,
-        "parallel.dp_bucket_mb": p.dp_bucket_mb,
-        "checkpoint.interval": config.checkpoint.interval,
-        "reliability.watchdog_timeout": config.reliability.watchdog_timeout,
-        "reliability.straggler_threshold": config.reliability.straggler_threshold,
-    }
-    for name, value in non_negative.items():
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if o.decay_steps is not None and o.decay_steps <= 0:
-        raise ValueError(f"optimizer.decay_steps must be positive, got {o.decay_steps}")
-    if m.preset is not None and m.preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {m.preset!r}; known: {', '.join(MODEL_PRESETS)}")
-    if m.arch not in ARCHS:
-        raise ValueError(f"model.arch {m.arch!r} is unknown; choose one of {ARCHS}")
-    if t.dtype not in DTYPES:
-        raise ValueError(f"training.dtype {t.dtype!r} is unknown; choose one of {DTYPES}")
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"training.device {t.device!r} is unknown; choose auto, cpu or cuda")
-    if m.hidden_size % m.num_heads:
-        raise ValueError(f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size})")
-    if m.num_heads % m.num_kv_heads:
-        raise ValueError(f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
-    if m.attention_bias and m.arch != "llama":
-        raise ValueError(f"model.attention_bias applies to arch 'llama' only; model.arch is {m.arch!r}")
-    if m.arch == "llama" and m.head_dim % 2:
-        raise ValueError(f"RoPE needs an even head dim; hidden_size/num_heads = {m.head_dim}")
-    if d.seq_len > m.max_seq_len:
-        raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    if not 0.0 <= o.min_lr <= o.lr:
-        raise ValueError(f"optimizer.min_lr ({o.min_lr}) must lie in [0, optimizer.lr ({o.lr})]")
-    if not (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0):
-        raise ValueError(f"optimizer betas must lie in [0, 1), got beta1={o.beta1}, beta2={o.beta2}")
-    r = config.reliability
-    if 0 < r.straggler_threshold <= 1:
-        raise ValueError(
-            f"reliability.straggler_threshold ({r.straggler_threshold}) must exceed 1 (a ratio to the "
-            "median rank) or be 0 to disable the check"
-        )
-    if r.spike_factor <= 1:
-        raise ValueError(
-            f"reliability.spike_factor ({r.spike_factor}) must exceed 1 (a ratio to the mean loss)"
-        )
-    if o.eps <= 0:
-        raise ValueError(f"optimizer.eps must be positive, got {o.eps}")
+        getattr(config, section).check()
+    check_across_sections(config)
+    if world_size is not None:
+        check_world_size(config, world_size)
+    if check_paths:
+        _check_paths(config)
 
+
+def check_across_sections(config: Config) -> None:
+    """The rules that tie one section's values to another's (each section has checked its own)."""
+    m, p, d, t = config.model, config.parallel, config.data, config.training
+    assert m.num_kv_heads is not None and m.ffn_hidden_size is not None  # ModelConfig.check
     tp = p.tp_size
-    if m.num_heads % tp:
-        raise ValueError(f"parallel.tp_size ({tp}) must divide model.num_heads ({m.num_heads})")
-    if m.num_kv_heads % tp:
-        raise ValueError(f"parallel.tp_size ({tp}) must divide model.num_kv_heads ({m.num_kv_heads})")
-    if m.ffn_hidden_size % tp:
-        raise ValueError(f"parallel.tp_size ({tp}) must divide model.ffn_hidden_size ({m.ffn_hidden_size})")
-    if p.sequence_parallel and tp == 1:
-        raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1 (got tp_size = 1)")
+    for name, value in (
+        ("num_heads", m.num_heads),
+        ("num_kv_heads", m.num_kv_heads),
+        ("ffn_hidden_size", m.ffn_hidden_size),
+    ):
+        if value % tp:
+            raise ValueError(f"parallel.tp_size ({tp}) must divide model.{name} ({value})")
     if p.sequence_parallel and d.seq_len % tp:
         raise ValueError(
             f"with sequence parallelism, parallel.tp_size ({tp}) must divide data.seq_len ({d.seq_len})"
         )
+    if d.seq_len > m.max_seq_len:
+        raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     per_step = t.micro_batch_size * p.dp_size
     if t.global_batch_size % per_step:
         raise ValueError(
@@ -498,53 +611,21 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
             f"parallel.pp_size ({p.pp_size}) * parallel.num_model_chunks ({p.num_model_chunks}) "
             f"exceeds model.num_layers ({m.num_layers})"
         )
-    if t.attention_backend not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"training.attention_backend {t.attention_backend!r} is unknown; "
-            f"choose one of {ATTENTION_BACKENDS}"
-        )
-    if t.recompute not in RECOMPUTE:
-        raise ValueError(f"training.recompute {t.recompute!r} is unknown; choose one of {RECOMPUTE}")
-    if p.num_model_chunks > 1 and p.pp_size == 1:
-        raise ValueError(
-            f"parallel.num_model_chunks ({p.num_model_chunks}) > 1 needs parallel.pp_size > 1 (got 1)"
-        )
     try:
         check_schedule_args(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     except ValueError as e:
         raise ValueError(f"parallel.pipeline_schedule = {p.pipeline_schedule!r}: {e}") from None
-    if world_size is not None:
-        check_world_size(config, world_size)
-    if (
-        check_paths
-        and config.checkpoint.load
-        and not (Path(config.checkpoint.load) / "manifest.json").is_file()
-    ):
-        raise ValueError(f"checkpoint.load {config.checkpoint.load!r} is not a checkpoint (no manifest.json)")
-    if check_paths and not (Path(d.path) / "meta.json").is_file() and not d.prepare_shakespeare:
+
+
+def _check_paths(config: Config) -> None:
+    """The files a run reads must exist (skipped for configs checked away from the data)."""
+    load, data = config.checkpoint.load, config.data
+    if load and not (Path(load) / "manifest.json").is_file():
+        raise ValueError(f"checkpoint.load {load!r} is not a checkpoint (no manifest.json)")
+    if not (Path(data.path) / "meta.json").is_file() and not data.prepare_shakespeare:
         raise ValueError(
-            f"data.path {d.path!r} holds no prepared dataset (no meta.json); "
+            f"data.path {data.path!r} holds no prepared dataset (no meta.json); "
             "run `threefold data prepare` first or set data.prepare_shakespeare = true"
-        )
-
-
-def check_rope_scaling(m: ModelConfig) -> None:
-    """Reject Llama 3.x RoPE scaling settings that make no sense (also used for Hugging Face configs)."""
-    if not m.rope_scaling_factor >= 1.0:  # `not >=` also catches NaN
-        raise ValueError(
-            f"model.rope_scaling_factor must be >= 1 (1 = no scaling), got {m.rope_scaling_factor}"
-        )
-    if m.rope_original_max_len <= 0:
-        raise ValueError(f"model.rope_original_max_len must be positive, got {m.rope_original_max_len}")
-    if m.rope_scaling_factor == 1.0:
-        return  # the frequency factors are unused
-    if not m.rope_low_freq_factor > 0:
-        raise ValueError(f"model.rope_low_freq_factor must be positive, got {m.rope_low_freq_factor}")
-    if not m.rope_high_freq_factor > m.rope_low_freq_factor:
-        raise ValueError(
-            f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must exceed "
-            f"model.rope_low_freq_factor ({m.rope_low_freq_factor}) when model.rope_scaling_factor "
-            f"({m.rope_scaling_factor}) != 1"
         )
 
 

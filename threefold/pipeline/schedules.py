@@ -17,10 +17,14 @@ neighbours that both send from waiting on each other.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+ScheduleName = Literal["gpipe", "1f1b", "interleaved"]
+"""The schedules this module builds; config.py types `parallel.pipeline_schedule` with it."""
+SCHEDULES: tuple[ScheduleName, ...] = typing.get_args(ScheduleName)
 
 
 class Kind(StrEnum):
