@@ -81,6 +81,10 @@ def test_world_size_mismatch_names_every_factor():
             r"parallel\.dp_size \(4\) = 8",
         ),
         (
+            ["--training.global_batch_size=4294967296", "--training.micro_batch_size=1"],
+            r"= 4294967296 micro-batches per step, more than the 65536 a step can schedule",
+        ),
+        (
             ["--parallel.sequence_parallel=true"],
             r"sequence_parallel needs parallel\.tp_size > 1 \(got tp_size = 1\)",
         ),

@@ -576,6 +576,12 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         _check_paths(config)
 
 
+MAX_MICROBATCHES = 1 << 16
+"""Micro-batches per pipeline per step, at most. Each one is a schedule action the workers build and
+hold; at micro-batch 1 and 2,048 tokens this is 134M tokens per data-parallel replica and step, far beyond
+any real batch, while 2**32 would hang the workers building their schedules."""
+
+
 def check_across_sections(config: Config) -> None:
     """The rules that tie one section's values to another's (each section has checked its own)."""
     m, p, d, t = config.model, config.parallel, config.data, config.training
@@ -599,6 +605,13 @@ def check_across_sections(config: Config) -> None:
         raise ValueError(
             f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
             f"training.micro_batch_size ({t.micro_batch_size}) * parallel.dp_size ({p.dp_size}) = {per_step}"
+        )
+    if config.num_microbatches > MAX_MICROBATCHES:
+        raise ValueError(
+            f"training.global_batch_size ({t.global_batch_size}) / (training.micro_batch_size "
+            f"({t.micro_batch_size}) * parallel.dp_size ({p.dp_size})) = {config.num_microbatches} "
+            f"micro-batches per step, more than the {MAX_MICROBATCHES} a step can schedule; "
+            "raise micro_batch_size or dp_size, or lower global_batch_size"
         )
     if t.eval_batches % p.dp_size:
         raise ValueError(
