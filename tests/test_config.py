@@ -163,6 +163,7 @@ def test_world_size_mismatch_names_every_factor():
         "heads-not-dividing-hidden",
         "ffn-not-divisible-by-tp",
         "global-batch-not-divisible",
+        "too-many-microbatches",
         "sequence-parallel-without-tp",
         "sequence-parallel-seq-len",
         "seq-len-over-max",
