@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from threefold.plan.memory_model import (
     head_loss_activation,
     in_flight,
     layer_activation_bytes,
+    memory_by_rank,
     rank_parameters,
     worst_rank,
 )
@@ -430,3 +433,88 @@ def test_plan_compare_on_fake_bench_lines(tmp_path, capsys):
                "b|" + " ".join(json.loads(plan_json.read_text())[0]["overrides"])]  # fmt: skip
     assert compare.main(["--plan", str(plan_json), "--which-first", *entries]) == 0
     assert capsys.readouterr().out.strip() == "b"
+
+
+# ---- recorded predictions: a refactor of the planner must not change its math ------------------------
+
+GOLDEN = Path(__file__).parent / "assets" / "planner_golden.json"
+"""Inputs and the predictions recorded for them: per-rank parameters, memory by component and step time of
+a few layouts (llama and gpt2 shapes, fp32 and bf16, every schedule, ZeRO, SP, recomputation, tied
+embeddings, a padded vocabulary, several nodes), the search's ranking for three workloads, and the
+`threefold plan` output. Regenerate deliberately, when the models are meant to change:
+`python -c "import sys; sys.path[:0] = ['tests']; import test_planner as t; t.record_golden()"`."""
+
+
+def _golden_layout(d: dict) -> Layout:
+    return Layout(
+        tp=d["tp_size"], pp=d["pp_size"], dp=d["dp_size"], v=d["num_model_chunks"],
+        schedule=d["pipeline_schedule"], zero=d["zero"], sequence_parallel=d["sequence_parallel"],
+        scatter_gather=d["scatter_gather"], micro_batch_size=d["micro_batch_size"], recompute=d["recompute"],
+    )  # fmt: skip
+
+
+def _golden_workload(d: dict) -> Workload:
+    model = ModelConfig(**{**MODEL_PRESETS[d["model"]], **d.get("model_overrides", {})})
+    batch = d["global_batch_size"]
+    return Workload(model=model, seq_len=d["seq_len"], global_batch_size=batch, dtype=d["dtype"])
+
+
+def _predict_case(d: dict) -> dict:
+    w, lay = _golden_workload(d), _golden_layout(d["layout"])
+    time = estimate_layout_time(w, lay, PRESETS[d["hardware"]], gpus_per_node=d["gpus_per_node"])
+    return {
+        "rank_parameters": [rank_parameters(w, lay, r) for r in range(d["layout"]["pp_size"])],
+        "memory": [m.as_dict() for m in memory_by_rank(w, lay)],
+        "time": time.as_dict(),
+        "overrides": lay.overrides(),
+        "label": lay.label(),
+    }
+
+
+def _predict_plan(d: dict) -> dict:
+    result = plan(_golden_workload(d), PRESETS[d["hardware"]], num_gpus=d["num_gpus"],
+                  gpus_per_node=d["gpus_per_node"])  # fmt: skip
+    return {
+        "num_ranked": len(result.ranked),
+        "num_too_big": len(result.too_big),
+        "ranked": [
+            [c.layout.label(), c.time.tokens_per_s_per_gpu, c.memory.total] for c in result.ranked[:12]
+        ],
+        "too_big": [[c.layout.label(), c.memory.total] for c in result.too_big[:5]],
+    }
+
+
+def _plan_stdout(argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+def record_golden() -> None:
+    """Rewrite GOLDEN's predictions from its inputs with the code as it is now."""
+    golden = json.loads(GOLDEN.read_text())
+    for d in golden["cases"]:
+        d.update(_predict_case(d))
+    for d in golden["plans"]:
+        d.update(_predict_plan(d))
+    for d in golden["cli"]:
+        d["stdout"] = _plan_stdout(d["argv"])
+    GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
+
+
+def test_layout_predictions_are_the_recorded_ones():
+    for d in json.loads(GOLDEN.read_text())["cases"]:
+        got = json.loads(json.dumps(_predict_case(d)))  # floats compared exactly, as stored
+        assert got == {k: d[k] for k in got}, d["label"]
+
+
+def test_search_ranking_is_the_recorded_one():
+    for d in json.loads(GOLDEN.read_text())["plans"]:
+        got = json.loads(json.dumps(_predict_plan(d)))
+        assert got == {k: d[k] for k in got}, d["model"]
+
+
+def test_plan_output_is_the_recorded_one():
+    for d in json.loads(GOLDEN.read_text())["cli"]:
+        assert _plan_stdout(d["argv"]) == d["stdout"], d["argv"]
