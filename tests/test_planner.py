@@ -16,10 +16,11 @@ from distributed import run_ranks
 import threefold.launch
 from threefold.cli import main
 from threefold.config import ModelConfig, build_config
+from threefold.metrics import peak_flops
 from threefold.pipeline.partition import chunk_layer_ranges
 from threefold.pipeline.schedules import build_schedule
 from threefold.pipeline.sim import simulate
-from threefold.plan.hardware import PRESETS, load_hardware, save_hardware
+from threefold.plan.hardware import PRESETS, load_hardware, preset_for_device, save_hardware
 from threefold.plan.layout import Layout, Workload
 from threefold.plan.memory_model import (
     estimate_memory,
@@ -310,6 +311,15 @@ def test_plan_says_when_nothing_fits(capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "no layout of gpt3-39b" in err and "fits on 1 x a100-80gb" in err and "needs" in err
+
+
+@pytest.mark.parametrize(
+    "device", ["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"]
+)
+def test_presets_use_the_peak_table_training_reports_mfu_against(device):
+    # One table (metrics.GPU_PEAK_BF16_FLOPS): the planner's MFU and the trainer's divide by the same peak.
+    preset = preset_for_device(device)
+    assert preset is not None and preset.peak_tflops * 1e12 == peak_flops(device)
 
 
 def test_calibrated_preset_round_trip(tmp_path, capsys):

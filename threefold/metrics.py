@@ -93,18 +93,22 @@ def paper_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, recomp
     return 72.0 * b * s * num_layers * h * h * (1 + s / (6 * h) + v / (12 * num_layers * h))
 
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, in FLOP/s (half the
-# with-sparsity figure, rounded down). The form factor matters for Hopper: PCIe and NVL cards run at lower
-# clocks and power than SXM. Checked in order, so the more specific names come first; a GH200 matches
-# "h200" and gets the SXM figure, which is what its Hopper die is rated at.
-_PEAK_BF16: list[tuple[tuple[str, ...], float]] = [
-    (("h100", "pcie"), 756e12),
-    (("h100", "nvl"), 835e12),
-    (("h200", "nvl"), 835e12),
-    (("h100",), 989e12),
-    (("h200",), 989e12),
-    (("a100",), 312e12),
-]
+GPU_PEAK_BF16_FLOPS: dict[str, float] = {
+    "h100-pcie": 756e12,
+    "h100-nvl": 835e12,
+    "h200-nvl": 835e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+}
+"""The one table of GPU peaks: dense (no 2:4 sparsity) bf16 tensor-core FLOP/s from NVIDIA's datasheets
+(half the with-sparsity figure, rounded down), by the words of a device name joined with '-'.
+
+It lives here, in the spine, because training reports MFU against it (report.py, bench.py) and must not
+import threefold.plan; the planner's hardware presets read their `peak_tflops` from it. The form factor
+matters for Hopper: PCIe and NVL cards run at lower clocks and power than SXM. `peak_flops` checks the
+entries in order, so the more specific names come first; a GH200 matches "h200" and gets the SXM figure,
+which is what its Hopper die is rated at."""
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -114,8 +118,8 @@ def peak_flops(device_name: str) -> float | None:
     A CPU or an unlisted GPU gives None, and MFU is then not reported rather than guessed.
     """
     name = device_name.lower()
-    for words, peak in _PEAK_BF16:
-        if all(w in name for w in words):
+    for key, peak in GPU_PEAK_BF16_FLOPS.items():
+        if all(word in name for word in key.split("-")):
             return peak
     return None
 
