@@ -37,62 +37,32 @@ threefold.pipeline.sim): GPipe m v; 1F1B min(p - r, m); interleaved min(2 (p - r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from threefold.config import Config, ModelConfig
-from threefold.pipeline.partition import chunk_layer_ranges
+from threefold.metrics import count_parameters, local_vocab_size
+from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.plan.layout import Layout, Workload, from_config
 
 WORKSPACE_BYTES = 256 * 2**20
 """Library workspaces inside the allocator (cuBLAS, attention kernels): a small constant."""
 
 
-def local_vocab(vocab_size: int, tp: int) -> int:
-    """V_p / t: the vocabulary rows one tensor-parallel rank holds (padded to a multiple of t)."""
-    return math.ceil(vocab_size / tp)
-
-
-def layer_parameters(m: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer layer on one tensor-parallel rank (sharded matrices / t)."""
-    h, f, a, dh = m.hidden_size, m.ffn_hidden_size, m.num_heads, m.head_dim
-    assert f is not None and m.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
-    hq, hkv = a * dh, m.num_kv_heads * dh
-    if m.arch == "llama":
-        attention = (h * hq + 2 * h * hkv) // tp + hq * h // tp
-        if m.attention_bias:
-            attention += (hq + 2 * hkv) // tp
-        return attention + 3 * h * f // tp + 2 * h
-    # gpt2: q, k, v, o weights; q, k, v biases sharded, o bias replicated; MLP with biases; two LayerNorms
-    attention = 4 * h * hq // tp + 3 * hq // tp + h
-    return attention + (2 * h * f + f) // tp + h + 4 * h
-
-
-def embedding_parameters(m: ModelConfig, tp: int) -> int:
-    """Token table V_p/t * h (plus the replicated position table for gpt2)."""
-    return local_vocab(m.vocab_size, tp) * m.hidden_size + (
-        m.max_seq_len * m.hidden_size if m.arch == "gpt2" else 0
-    )
-
-
-def head_parameters(m: ModelConfig, tp: int, *, holds_embedding: bool) -> int:
-    """Final norm plus the output projection V_p/t * h (untied, or the last stage's copy of a tied one)."""
-    norm = m.hidden_size * (1 if m.arch == "llama" else 2)
-    own_output = not m.tie_embeddings or not holds_embedding
-    return norm + (local_vocab(m.vocab_size, tp) * m.hidden_size if own_output else 0)
-
-
 def rank_parameters(w: Workload, lay: Layout, pp_rank: int) -> int:
-    """P_r: parameters held by one rank of pipeline rank `pp_rank` (its v chunks)."""
+    """P_r: parameters held by one rank of pipeline rank `pp_rank` (its v chunks), from the one counter,
+    threefold.metrics.count_parameters, at this layout's tensor-parallel size."""
+    counts = count_parameters(w.model, tp_size=lay.tp)
     ranges = chunk_layer_ranges(w.model.num_layers, lay.pp, lay.v)
-    chunks = [pp_rank + k * lay.pp for k in range(lay.v)]
-    layers = sum(ranges[c][1] - ranges[c][0] for c in chunks)
-    total = layers * layer_parameters(w.model, lay.tp)
+    chunks = chunks_of_rank(pp_rank, lay.pp, lay.v)
+    total = sum(ranges[c][1] - ranges[c][0] for c in chunks) * counts["per_layer"]
     has_embedding = 0 in chunks
     if has_embedding:
-        total += embedding_parameters(w.model, lay.tp)
+        total += counts["input_embedding"]
     if len(ranges) - 1 in chunks:
-        total += head_parameters(w.model, lay.tp, holds_embedding=has_embedding)
+        total += counts["final_norm"]
+        # A tied output weight is the embedding's on the first stage; a later last stage holds its own copy.
+        if not w.model.tie_embeddings or not has_embedding:
+            total += counts["output_weight"]
     return total
 
 
@@ -146,7 +116,7 @@ def head_loss_activation(
 
     h, n = m.hidden_size, b * s
     s_ = s // tp if sequence_parallel else s
-    vloc = local_vocab(m.vocab_size, tp)
+    vloc = local_vocab_size(m.vocab_size, tp)
     norm = ((4 + e) if m.arch == "llama" else e) * b * s_ * h  # the loss saves no input of its own
     chunk = max(1, min(n, CHUNK_ELEMENTS // vloc))
     weight_grad = (e if chunk >= n else 4) * vloc * h

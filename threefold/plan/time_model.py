@@ -42,11 +42,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from threefold.config import Config, ModelConfig
-from threefold.metrics import flops_per_token
+from threefold.metrics import flops_per_token, local_vocab_size
 from threefold.pipeline.partition import chunk_layer_ranges
 from threefold.plan.hardware import Hardware
 from threefold.plan.layout import Layout, Workload, from_config
-from threefold.plan.memory_model import local_vocab, rank_parameters
+from threefold.plan.memory_model import rank_parameters
 
 # Memory-bound bytes per element of one forward pass (backward: BACKWARD_TRAFFIC x), counted from the
 # element-wise kernels threefold.model.transformer runs in eager mode.
@@ -161,7 +161,7 @@ def layer_pass(m: ModelConfig, hw: Hardware, *, b: int, s: int, e: int, lay: Lay
 
 def head_pass(m: ModelConfig, hw: Hardware, *, b: int, s: int, e: int, lay: Layout, intra_tp: bool) -> _Pass:
     """Final norm, logits GEMM and cross-entropy over V_p/t columns, for one micro-batch."""
-    h, n, vloc = m.hidden_size, b * s, local_vocab(m.vocab_size, lay.tp)
+    h, n, vloc = m.hidden_size, b * s, local_vocab_size(m.vocab_size, lay.tp)
     gemm = _gemms(hw, [(n, h, vloc)])
     norm = hw.memory_time(LLAMA_BYTES_PER_H / 2 * n * h)
     forward = gemm + norm + hw.memory_time(CE_FORWARD_BYTES * n * vloc)
@@ -176,7 +176,7 @@ def embedding_pass(
     m: ModelConfig, hw: Hardware, *, b: int, s: int, e: int, lay: Layout, intra_tp: bool
 ) -> _Pass:
     """Lookup forward; the dense gradient of the V_p/t x h table in backward."""
-    h, n, vloc = m.hidden_size, b * s, local_vocab(m.vocab_size, lay.tp)
+    h, n, vloc = m.hidden_size, b * s, local_vocab_size(m.vocab_size, lay.tp)
     forward = hw.memory_time(2 * e * n * h)
     backward = hw.memory_time(2 * e * vloc * h + 2 * e * n * h)
     return _Pass(forward, backward, hw.all_reduce_time(e * n * h, lay.tp, intra_node=intra_tp))
