@@ -18,28 +18,37 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from threefold.config import ModelConfig
+from threefold.config import ModelConfig, ParallelConfig
 from threefold.plan.cli import run_plan
 from threefold.plan.hardware import load_hardware
 from threefold.plan.layout import Layout, Workload
 from threefold.presets import MODEL_PRESETS
 
-KEYS = ("tp", "pp", "dp", "v", "micro_batch_size", "schedule", "recompute", "zero")
+KEYS = ("tp_size", "pp_size", "dp_size", "num_model_chunks", "micro_batch_size", "pipeline_schedule",
+        "recompute", "zero")  # fmt: skip
+"""The settings a bench row fixes, by Config field name."""
 
 
 def layout_of(row: dict[str, Any]) -> Layout:
-    schedule = row.get("schedule") or "1f1b"
-    return Layout(
-        tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), v=int(row.get("v", 1)),
-        micro_batch_size=int(row["micro_batch_size"]), schedule=schedule,
-        recompute=row.get("recompute") or "none", zero=bool(row.get("zero", False)),
+    """The layout of a bench (or plan --json) row, whose keys are tp, pp, dp, v, schedule, ..."""
+    parallel = ParallelConfig(
+        tp_size=int(row["tp"]), pp_size=int(row["pp"]), dp_size=int(row["dp"]),
+        num_model_chunks=int(row.get("v", 1)), pipeline_schedule=row.get("schedule") or "1f1b",
+        zero=bool(row.get("zero", False)),
     )  # fmt: skip
+    return Layout(
+        parallel=parallel,
+        micro_batch_size=int(row["micro_batch_size"]),
+        recompute=row.get("recompute") or "none",
+    )
 
 
 def key_of(row: dict[str, Any]) -> tuple:
     lay = layout_of(row)
-    schedule = lay.schedule if lay.pp > 1 else "-"  # the schedule is moot without a pipeline
-    return (lay.tp, lay.pp, lay.dp, lay.v, lay.micro_batch_size, schedule, lay.recompute, lay.zero)
+    key = [lay.get(k) for k in KEYS]
+    if lay.parallel.pp_size == 1:
+        key[KEYS.index("pipeline_schedule")] = "-"  # the schedule is moot without a pipeline
+    return tuple(key)
 
 
 def key_of_overrides(text: str) -> tuple:
@@ -70,7 +79,7 @@ def predict(row: dict[str, Any], *, gpu: str, gpus_per_node: int, model: str | N
         dtype=row.get("dtype") or "bfloat16",
     )
     lay = layout_of(row)
-    fixed = {k: getattr(lay, k) for k in KEYS}
+    fixed = {k: lay.get(k) for k in KEYS}
     result = run_plan(
         w, load_hardware(gpu), num_gpus=lay.num_gpus, gpus_per_node=gpus_per_node, fixed=fixed, margin=0.0,
         allow_zero=True,

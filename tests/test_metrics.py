@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from distributed import run_ranks
 from rich.console import Console
 
 from threefold.config import ModelConfig
@@ -116,6 +117,45 @@ def test_paper_family_parameters_match_the_papers_approximation():
         num_layers, h, v, s = cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.max_seq_len
         approx = 12 * num_layers * h * h * (1 + 13 / (12 * h) + (v + s) / (12 * num_layers * h))
         assert count_parameters(cfg)["total"] == pytest.approx(approx + 2 * h, rel=1e-12)
+
+
+def _local_numel(rank: int, world: int, cfg: ModelConfig) -> dict[str, int]:
+    """Parameters this tensor-parallel rank holds: the whole model, and one layer alone."""
+    import torch.distributed as dist
+
+    from threefold.model.transformer import build_model
+
+    def numel(**kw) -> int:
+        return sum(p.numel() for p in build_model(cfg, tp_group=dist.group.WORLD, **kw).parameters())
+
+    layer = numel(first_layer=0, last_layer=1, has_embedding=False, has_head=False)
+    return {"total": numel(), "per_layer": layer}
+
+
+TP_MODELS = {
+    # GQA, q/k/v biases, a vocabulary that tp_size 2 pads (1001 -> 1002), untied output
+    "llama": ModelConfig(arch="llama", vocab_size=1001, hidden_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, ffn_hidden_size=64, max_seq_len=16, attention_bias=True),
+    # replicated o and c_proj biases, LayerNorms and position table; tied output
+    "gpt2": ModelConfig(arch="gpt2", vocab_size=1001, hidden_size=32, num_layers=2, num_heads=4,
+                        max_seq_len=16, tie_embeddings=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(TP_MODELS))
+def test_count_parameters_per_tensor_parallel_rank_matches_a_built_model(name):
+    # The planner's memory model counts a rank's parameters with tp_size; check it against real shards.
+    cfg = TP_MODELS[name]
+    for got in run_ranks(2, _local_numel, cfg):
+        counts = count_parameters(cfg, tp_size=2)
+        assert got == {"total": counts["total"], "per_layer": counts["per_layer"]}
+        assert counts["output_weight"] == 501 * 32  # ceil(1001 / 2) rows
+    assert count_parameters(cfg)["total"] > count_parameters(cfg, tp_size=2)["total"]
+
+
+def test_count_parameters_refuses_a_tp_size_that_does_not_split_the_heads():
+    with pytest.raises(ValueError, match=r"tp_size \(3\) must divide model.num_heads \(4\)"):
+        count_parameters(ModelConfig(num_heads=4), tp_size=3)
 
 
 def test_unknown_arch_is_a_value_error():

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -13,17 +15,19 @@ from distributed import run_ranks
 
 import threefold.launch
 from threefold.cli import main
-from threefold.config import ModelConfig, build_config
+from threefold.config import ModelConfig, ParallelConfig, build_config
+from threefold.metrics import peak_flops
 from threefold.pipeline.partition import chunk_layer_ranges
 from threefold.pipeline.schedules import build_schedule
 from threefold.pipeline.sim import simulate
-from threefold.plan.hardware import PRESETS, load_hardware, save_hardware
-from threefold.plan.layout import Layout, Workload
+from threefold.plan.hardware import PRESETS, load_hardware, preset_for_device, save_hardware
+from threefold.plan.layout import Layout, Workload, from_config
 from threefold.plan.memory_model import (
     estimate_memory,
     head_loss_activation,
     in_flight,
     layer_activation_bytes,
+    memory_by_rank,
     rank_parameters,
     worst_rank,
 )
@@ -39,6 +43,51 @@ DTYPES = {"float32": (torch.float32, 4), "bfloat16": (torch.bfloat16, 2)}
 
 def _preset(name: str) -> ModelConfig:
     return ModelConfig(preset=name, **MODEL_PRESETS[name])
+
+
+def _layout(*, micro_batch_size: int = 1, recompute: str = "none", **parallel) -> Layout:
+    """A Layout from ParallelConfig fields (tp_size=2, ...) and the two training settings."""
+    return Layout(parallel=ParallelConfig(**parallel), micro_batch_size=micro_batch_size, recompute=recompute)
+
+
+# ---- a layout is a ParallelConfig plus micro_batch_size and recompute --------------------------------
+
+RAW_1B = {"model": {"preset": "llama-1b"}, "training": {"dtype": "bfloat16", "global_batch_size": 32}}
+
+
+def test_apply_sets_what_the_overrides_set():
+    base = build_config(RAW_1B, check_paths=False)
+    lay = _layout(tp_size=2, pp_size=2, dp_size=2, num_model_chunks=2, pipeline_schedule="interleaved",
+                  zero=True, sequence_parallel=True, micro_batch_size=2, recompute="selective")  # fmt: skip
+    applied = lay.apply(base)
+    assert applied == build_config(RAW_1B, lay.overrides(), check_paths=False)
+    assert applied.parallel.num_model_chunks == 2 and applied.training.recompute == "selective"
+    assert base.parallel.tp_size == 1 and base.training.micro_batch_size == 2  # `base` is not changed
+    assert from_config(applied)[1] == lay  # and back
+    assert lay.get("tp_size") == 2 and lay.get("micro_batch_size") == 2 and lay.get("zero") is True
+    with pytest.raises(ValueError, match="global_batch_size"):
+        _layout(dp_size=3).apply(base)  # 32 sequences do not split over 3 replicas
+
+
+def test_overrides_spell_the_config_fields():
+    lay = _layout(tp_size=4, pp_size=2, pipeline_schedule="gpipe", micro_batch_size=8, recompute="full")
+    assert lay.overrides() == [
+        "--parallel.tp_size=4", "--parallel.pp_size=2", "--parallel.dp_size=1",
+        "--parallel.num_model_chunks=1", "--parallel.pipeline_schedule=gpipe",
+        "--training.micro_batch_size=8", "--training.recompute=full", "--parallel.zero=false",
+    ]  # fmt: skip
+    assert lay.label() == "t4 p2 d1 b8 gpipe rc=full"
+
+
+def test_fixed_takes_config_field_names():
+    w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=64)
+    result = plan(
+        w, PRESETS["h100"], num_gpus=8, gpus_per_node=8, fixed={"tp_size": 2, "num_model_chunks": 2}
+    )
+    assert result.ranked and all(c.layout.parallel.tp_size == 2 for c in result.ranked + result.too_big)
+    assert all(c.layout.parallel.num_model_chunks == 2 for c in result.ranked)
+    with pytest.raises(ValueError, match=r"cannot fix \['tp'\]"):
+        plan(w, PRESETS["h100"], num_gpus=8, gpus_per_node=8, fixed={"tp": 2})
 
 
 # ---- memory: parameters, gradients and optimizer state, counted on the real objects -------------------
@@ -94,7 +143,8 @@ def _count_state(rank: int, world: int, model_kw: dict, tp: int, pp: int, v: int
 def test_static_memory_matches_real_tensors(model_kw, tp, pp, v, dtype):
     measured = run_ranks(tp, _count_state, model_kw, tp, pp, v, dtype)[0]
     w = Workload(model=ModelConfig(**model_kw), seq_len=64, global_batch_size=8, dtype=dtype)
-    lay = Layout(tp=tp, pp=pp, v=v, schedule="interleaved" if v > 1 else "1f1b")
+    schedule = "interleaved" if v > 1 else "1f1b"
+    lay = _layout(tp_size=tp, pp_size=pp, num_model_chunks=v, pipeline_schedule=schedule)
     e, opt_bytes = DTYPES[dtype][1], 12 if dtype == "bfloat16" else 8
     for r, got in enumerate(measured):
         params = rank_parameters(w, lay, r)
@@ -107,8 +157,8 @@ def test_zero_shards_optimizer_state_only():
     raw = {"model": {"preset": "llama-1b"}, "parallel": {"dp_size": 4}, "training": {"dtype": "bfloat16"}}
     config = build_config(raw, check_paths=False)
     plain = estimate_memory(config)
-    w, lay = Workload(model=config.model, seq_len=128, global_batch_size=8), Layout(dp=4)
-    sharded = worst_rank(w, Layout(dp=4, zero=True, micro_batch_size=2)).as_dict()
+    w, lay = Workload(model=config.model, seq_len=128, global_batch_size=8), _layout(dp_size=4)
+    sharded = worst_rank(w, _layout(dp_size=4, zero=True, micro_batch_size=2)).as_dict()
     assert sharded["optimizer"] == pytest.approx(plain["optimizer"] / 4)
     assert sharded["gradients"] == plain["gradients"] == 4 * rank_parameters(w, lay, 0)
     assert plain["total"] == pytest.approx(sum(v for k, v in plain.items() if k != "total"))
@@ -157,8 +207,9 @@ def _predicted(model_kw: dict, dtype: str, recompute: str, tp: int, sp: bool, b:
     cfg, e = ModelConfig(**model_kw), DTYPES[dtype][1]
     # On the CPU attention repeats k and v to every query head (flash on the GPU reads them in place).
     layers = 2 * layer_activation_bytes(
-        cfg, b=b, s=s, tp=tp, e=e, recompute=recompute, sequence_parallel=sp, kv_repeated=True
-    )
+        cfg, micro_batch_size=b, seq_len=s, tp_size=tp, dtype_bytes=e, recompute=recompute,
+        sequence_parallel=sp, kv_repeated=True,
+    )  # fmt: skip
     saves_input = recompute == "full" or cfg.arch == "gpt2" or e == 4
     return layers + (0 if saves_input else e * b * (s // tp if sp else s) * cfg.hidden_size)
 
@@ -184,7 +235,9 @@ def test_head_and_loss_activations():
     b, s, cfg = 2, 64, ModelConfig(**TINY_LLAMA)
     with_head = run_ranks(1, _saved_bytes, TINY_LLAMA, "bfloat16", "none", False, True, True, b, s)[0]
     without = run_ranks(1, _saved_bytes, TINY_LLAMA, "bfloat16", "none", False, True, False, b, s)[0]
-    saved, _ = head_loss_activation(cfg, b=b, s=s, tp=1, e=2, sequence_parallel=False)
+    saved, _ = head_loss_activation(
+        cfg, micro_batch_size=b, seq_len=s, tp_size=1, dtype_bytes=2, sequence_parallel=False
+    )
     assert with_head - without == pytest.approx(saved, rel=0.01)
 
 
@@ -204,7 +257,8 @@ def test_in_flight_matches_simulator(name, p, v, m):
 def test_bubble_matches_simulator(name, p, v, m):
     sim = simulate(build_schedule(name, p, v, m), forward_cost=1.0, backward_cost=2.0)
     w = Workload(model=ModelConfig(**dict(TINY_LLAMA, num_layers=24)), seq_len=64, global_batch_size=m)
-    step = estimate_layout_time(w, Layout(pp=p, v=v, schedule=name), PRESETS["h100"], gpus_per_node=8)
+    lay = _layout(pp_size=p, num_model_chunks=v, pipeline_schedule=name)
+    step = estimate_layout_time(w, lay, PRESETS["h100"], gpus_per_node=8)
     assert step.bubble_fraction == pytest.approx(sim.bubble_fraction)
     # The time model's bubble term is the simulator's idle time for balanced stages.
     per_mb = (step.pipeline - step.bubble) / m
@@ -218,14 +272,14 @@ def test_tensor_parallelism_stays_in_a_node():
     w = Workload(model=_preset("gpt3-39b"), seq_len=2048, global_batch_size=1536)
     result = plan(w, PRESETS["a100-80gb"], num_gpus=512, gpus_per_node=8)
     assert result.ranked, "the paper ran this model on 512 GPUs"
-    assert all(c.layout.tp <= 8 for c in result.ranked[:20])
-    assert result.ranked[0].layout.pp > 1  # 39B does not fit without pipelining at t <= 8
+    assert all(c.layout.parallel.tp_size <= 8 for c in result.ranked[:20])
+    assert result.ranked[0].layout.parallel.pp_size > 1  # 39B does not fit without pipelining at t <= 8
 
 
 def test_smallest_model_parallelism_that_fits():
     w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=64)
-    best = plan(w, PRESETS["h100"], num_gpus=8, gpus_per_node=8).ranked[0].layout
-    assert best.tp * best.pp == 1  # fits on one GPU: pure data parallelism
+    best = plan(w, PRESETS["h100"], num_gpus=8, gpus_per_node=8).ranked[0].layout.parallel
+    assert best.tp_size * best.pp_size == 1  # fits on one GPU: pure data parallelism
 
 
 def test_recompute_only_when_needed():
@@ -233,7 +287,7 @@ def test_recompute_only_when_needed():
     w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=64)
     assert plan(w, hw, num_gpus=8, gpus_per_node=8).ranked[0].layout.recompute == "none"
     big = Workload(model=_preset("llama-8b"), seq_len=4096, global_batch_size=8)
-    fixed = {"tp": 1, "pp": 1, "dp": 1, "micro_batch_size": 8}
+    fixed = {"tp_size": 1, "pp_size": 1, "dp_size": 1, "micro_batch_size": 8}
     with pytest.raises(ValueError):
         _raise_if_empty(plan(big, PRESETS["h200"], num_gpus=1, gpus_per_node=1, fixed=fixed))
     result = plan(w, hw, num_gpus=1, gpus_per_node=1, fixed={"micro_batch_size": 16})
@@ -307,6 +361,15 @@ def test_plan_says_when_nothing_fits(capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "no layout of gpt3-39b" in err and "fits on 1 x a100-80gb" in err and "needs" in err
+
+
+@pytest.mark.parametrize(
+    "device", ["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"]
+)
+def test_presets_use_the_peak_table_training_reports_mfu_against(device):
+    # One table (metrics.GPU_PEAK_BF16_FLOPS): the planner's MFU and the trainer's divide by the same peak.
+    preset = preset_for_device(device)
+    assert preset is not None and preset.peak_tflops * 1e12 == peak_flops(device)
 
 
 def test_calibrated_preset_round_trip(tmp_path, capsys):
@@ -430,3 +493,84 @@ def test_plan_compare_on_fake_bench_lines(tmp_path, capsys):
                "b|" + " ".join(json.loads(plan_json.read_text())[0]["overrides"])]  # fmt: skip
     assert compare.main(["--plan", str(plan_json), "--which-first", *entries]) == 0
     assert capsys.readouterr().out.strip() == "b"
+
+
+# ---- recorded predictions: a refactor of the planner must not change its math ------------------------
+
+GOLDEN = Path(__file__).parent / "assets" / "planner_golden.json"
+"""Inputs and the predictions recorded for them: per-rank parameters, memory by component and step time of
+a few layouts (llama and gpt2 shapes, fp32 and bf16, every schedule, ZeRO, SP, recomputation, tied
+embeddings, a padded vocabulary, several nodes), the search's ranking for three workloads, and the
+`threefold plan` output. Regenerate deliberately, when the models are meant to change:
+`python -c "import sys; sys.path[:0] = ['tests']; import test_planner as t; t.record_golden()"`."""
+
+
+def _golden_layout(d: dict) -> Layout:
+    return _layout(**d)
+
+
+def _golden_workload(d: dict) -> Workload:
+    model = ModelConfig(**{**MODEL_PRESETS[d["model"]], **d.get("model_overrides", {})})
+    batch = d["global_batch_size"]
+    return Workload(model=model, seq_len=d["seq_len"], global_batch_size=batch, dtype=d["dtype"])
+
+
+def _predict_case(d: dict) -> dict:
+    w, lay = _golden_workload(d), _golden_layout(d["layout"])
+    time = estimate_layout_time(w, lay, PRESETS[d["hardware"]], gpus_per_node=d["gpus_per_node"])
+    return {
+        "rank_parameters": [rank_parameters(w, lay, r) for r in range(d["layout"]["pp_size"])],
+        "memory": [m.as_dict() for m in memory_by_rank(w, lay)],
+        "time": time.as_dict(),
+        "overrides": lay.overrides(),
+        "label": lay.label(),
+    }
+
+
+def _predict_plan(d: dict) -> dict:
+    result = plan(_golden_workload(d), PRESETS[d["hardware"]], num_gpus=d["num_gpus"],
+                  gpus_per_node=d["gpus_per_node"])  # fmt: skip
+    return {
+        "num_ranked": len(result.ranked),
+        "num_too_big": len(result.too_big),
+        "ranked": [
+            [c.layout.label(), c.time.tokens_per_s_per_gpu, c.memory.total] for c in result.ranked[:12]
+        ],
+        "too_big": [[c.layout.label(), c.memory.total] for c in result.too_big[:5]],
+    }
+
+
+def _plan_stdout(argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+def record_golden() -> None:
+    """Rewrite GOLDEN's predictions from its inputs with the code as it is now."""
+    golden = json.loads(GOLDEN.read_text())
+    for d in golden["cases"]:
+        d.update(_predict_case(d))
+    for d in golden["plans"]:
+        d.update(_predict_plan(d))
+    for d in golden["cli"]:
+        d["stdout"] = _plan_stdout(d["argv"])
+    GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
+
+
+def test_layout_predictions_are_the_recorded_ones():
+    for d in json.loads(GOLDEN.read_text())["cases"]:
+        got = json.loads(json.dumps(_predict_case(d)))  # floats compared exactly, as stored
+        assert got == {k: d[k] for k in got}, d["label"]
+
+
+def test_search_ranking_is_the_recorded_one():
+    for d in json.loads(GOLDEN.read_text())["plans"]:
+        got = json.loads(json.dumps(_predict_plan(d)))
+        assert got == {k: d[k] for k in got}, d["model"]
+
+
+def test_plan_output_is_the_recorded_one():
+    for d in json.loads(GOLDEN.read_text())["cli"]:
+        assert _plan_stdout(d["argv"]) == d["stdout"], d["argv"]

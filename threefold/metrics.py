@@ -11,39 +11,55 @@ no recomputation). MFU = achieved model FLOP/s per device / the device's dense b
 
 from __future__ import annotations
 
+import math
+
 from threefold.config import ModelConfig
 
 
-def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Analytic parameter counts of the model as threefold builds it (vocabulary not padded).
+def local_vocab_size(vocab_size: int, tp_size: int = 1) -> int:
+    """Vocabulary rows one tensor-parallel rank holds: V padded to a multiple of tp_size, divided by it."""
+    return math.ceil(vocab_size / tp_size)
+
+
+def count_parameters(cfg: ModelConfig, *, tp_size: int = 1) -> dict[str, int]:
+    """Analytic parameter counts of the model as threefold builds it: the whole model when tp_size is 1
+    (vocabulary not padded), else what one tensor-parallel rank holds: every column- or row-parallel weight
+    and the biases split with it 1/tp_size, the vocabulary padded to a multiple of tp_size; norms, the
+    row-parallel layers' biases and gpt2's position table are replicated.
 
     Keys:
       per_layer        one transformer layer (attention, MLP, its two norms)
       layers           num_layers * per_layer
       final_norm       the norm after the last layer
       input_embedding  token table V*h, plus the learned position table max_seq_len*h for gpt2
-      output           parameters the output projection owns: V*h when untied, 0 when tied
+      output_weight    the output projection's weight V*h, whether it is its own or the embedding's
+      output           parameters the output projection owns: output_weight when untied, 0 when tied
       non_embedding    layers + final_norm (neither embedding nor output projection)
-      flops_params     N of the FLOPs convention: non_embedding + V*h, tied or not, because the logits
-                       matmul is computed either way
+      flops_params     N of the FLOPs convention: non_embedding + output_weight, tied or not, because the
+                       logits matmul is computed either way
       total            unique parameters: input_embedding + non_embedding + output
     """
-    h, ffn, vocab = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    h, ffn, t = cfg.hidden_size, cfg.ffn_hidden_size, tp_size
     assert ffn is not None and cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
+    split = {"num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "ffn_hidden_size": ffn}
+    for name, size in split.items():
+        if size % t:
+            raise ValueError(f"tp_size ({t}) must divide model.{name} ({size})")
     q_width = cfg.num_heads * cfg.head_dim
     if cfg.arch == "llama":
         kv_width = cfg.num_kv_heads * cfg.head_dim
-        attention = h * q_width + 2 * h * kv_width + q_width * h  # q, k, v, o weights
+        attention = (h * q_width + 2 * h * kv_width + q_width * h) // t  # q, k, v, o weights
         if cfg.attention_bias:
-            attention += q_width + 2 * kv_width  # q, k, v biases (Qwen2); o has none
-        mlp = 3 * h * ffn  # gate, up, down
+            attention += (q_width + 2 * kv_width) // t  # q, k, v biases (Qwen2); o has none
+        mlp = 3 * h * ffn // t  # gate, up, down
         norms = 2 * h  # two RMSNorm weights
         final_norm = h
         positions = 0
     elif cfg.arch == "gpt2":
         # gpt2 has no grouped-query attention: k and v are as wide as q.
-        attention = 4 * (h * q_width) + 3 * q_width + h  # q, k, v, o weights; q, k, v, o biases
-        mlp = 2 * h * ffn + ffn + h  # c_fc and c_proj, each with its bias
+        # q, k, v, o weights and q, k, v biases split; o's bias replicated (the row-parallel output's)
+        attention = (4 * (h * q_width) + 3 * q_width) // t + h
+        mlp = (2 * h * ffn + ffn) // t + h  # c_fc and c_proj, each with its bias (c_proj's replicated)
         norms = 2 * 2 * h  # two LayerNorms, weight and bias each
         final_norm = 2 * h
         positions = cfg.max_seq_len * h
@@ -52,17 +68,19 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
 
     per_layer = attention + mlp + norms
     layers = cfg.num_layers * per_layer
-    input_embedding = vocab * h + positions
-    output = 0 if cfg.tie_embeddings else vocab * h
+    vocab_table = local_vocab_size(cfg.vocab_size, t) * h  # the token table's shape and the output weight's
+    input_embedding = vocab_table + positions
+    output = 0 if cfg.tie_embeddings else vocab_table
     non_embedding = layers + final_norm
     return {
         "per_layer": per_layer,
         "layers": layers,
         "final_norm": final_norm,
         "input_embedding": input_embedding,
+        "output_weight": vocab_table,
         "output": output,
         "non_embedding": non_embedding,
-        "flops_params": non_embedding + vocab * h,
+        "flops_params": non_embedding + vocab_table,
         "total": input_embedding + non_embedding + output,
     }
 
@@ -93,18 +111,22 @@ def paper_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, recomp
     return 72.0 * b * s * num_layers * h * h * (1 + s / (6 * h) + v / (12 * num_layers * h))
 
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, in FLOP/s (half the
-# with-sparsity figure, rounded down). The form factor matters for Hopper: PCIe and NVL cards run at lower
-# clocks and power than SXM. Checked in order, so the more specific names come first; a GH200 matches
-# "h200" and gets the SXM figure, which is what its Hopper die is rated at.
-_PEAK_BF16: list[tuple[tuple[str, ...], float]] = [
-    (("h100", "pcie"), 756e12),
-    (("h100", "nvl"), 835e12),
-    (("h200", "nvl"), 835e12),
-    (("h100",), 989e12),
-    (("h200",), 989e12),
-    (("a100",), 312e12),
-]
+GPU_PEAK_BF16_FLOPS: dict[str, float] = {
+    "h100-pcie": 756e12,
+    "h100-nvl": 835e12,
+    "h200-nvl": 835e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+}
+"""The one table of GPU peaks: dense (no 2:4 sparsity) bf16 tensor-core FLOP/s from NVIDIA's datasheets
+(half the with-sparsity figure, rounded down), by the words of a device name joined with '-'.
+
+It lives here, in the spine, because training reports MFU against it (report.py, bench.py) and must not
+import threefold.plan; the planner's hardware presets read their `peak_tflops` from it. The form factor
+matters for Hopper: PCIe and NVL cards run at lower clocks and power than SXM. `peak_flops` checks the
+entries in order, so the more specific names come first; a GH200 matches "h200" and gets the SXM figure,
+which is what its Hopper die is rated at."""
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -114,8 +136,8 @@ def peak_flops(device_name: str) -> float | None:
     A CPU or an unlisted GPU gives None, and MFU is then not reported rather than guessed.
     """
     name = device_name.lower()
-    for words, peak in _PEAK_BF16:
-        if all(w in name for w in words):
+    for key, peak in GPU_PEAK_BF16_FLOPS.items():
+        if all(word in name for word in key.split("-")):
             return peak
     return None
 

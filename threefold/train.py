@@ -61,7 +61,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     """The model chunks of this rank, their gradient synchronizers, the optimizer and the schedule."""
     p, t = config.parallel, config.training
     ranges = chunk_layer_ranges(config.model.num_layers, p.pp_size, p.num_model_chunks)
-    num_chunks = len(ranges)
+    num_virtual_stages = len(ranges)
     if device.type == "cuda":
         use_attention_backend(t.attention_backend)
     chunks = {}
@@ -76,7 +76,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
             first_layer=ranges[c][0],
             last_layer=ranges[c][1],
             has_embedding=c == 0,
-            has_head=c == num_chunks - 1,
+            has_head=c == num_virtual_stages - 1,
             recompute=t.recompute,
             overlap_tp_comm=p.overlap_tp_comm,
         )
@@ -105,7 +105,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     executor = PipelineExecutor(
         chunks,
         mesh,
-        num_chunks=num_chunks,
+        num_virtual_stages=num_virtual_stages,
         boundary_shape=(t.micro_batch_size, seq_local, config.model.hidden_size),
         dtype=DTYPES[t.dtype],
         device=device,

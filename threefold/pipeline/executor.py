@@ -86,7 +86,7 @@ class PipelineExecutor:
         chunks: dict[int, Transformer],
         mesh: Mesh,
         *,
-        num_chunks: int,
+        num_virtual_stages: int,
         boundary_shape: tuple[int, int, int],
         dtype: torch.dtype,
         device: torch.device,
@@ -95,7 +95,7 @@ class PipelineExecutor:
     ) -> None:
         self.chunks = chunks
         self.mesh = mesh
-        self.last_chunk = num_chunks - 1
+        self.last_chunk = num_virtual_stages - 1
         self.boundary_shape = boundary_shape
         self.dtype = dtype
         self.device = device

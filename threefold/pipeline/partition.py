@@ -13,16 +13,18 @@ from __future__ import annotations
 
 
 def chunk_layer_ranges(num_layers: int, pp_size: int, num_model_chunks: int) -> list[tuple[int, int]]:
-    """[first_layer, last_layer) of every chunk, indexed by chunk."""
-    num_chunks = pp_size * num_model_chunks
-    if num_chunks > num_layers:
+    """[first_layer, last_layer) of every chunk, indexed by chunk (num_virtual_stages = pp_size *
+    num_model_chunks of them in all)."""
+    num_virtual_stages = pp_size * num_model_chunks
+    if num_virtual_stages > num_layers:
         raise ValueError(
             f"cannot split {num_layers} layers over pp_size ({pp_size}) * num_model_chunks "
-            f"({num_model_chunks}) = {num_chunks} chunks: each chunk needs at least one layer"
+            f"({num_model_chunks}) = {num_virtual_stages} chunks: each chunk needs at least one layer"
         )
-    base, extra = divmod(num_layers, num_chunks)
-    preference = list(range(1, num_chunks - 1)) + [0, num_chunks - 1] if num_chunks > 1 else [0]
-    sizes = [base] * num_chunks
+    base, extra = divmod(num_layers, num_virtual_stages)
+    last = num_virtual_stages - 1
+    preference = list(range(1, last)) + [0, last] if last > 0 else [0]
+    sizes = [base] * num_virtual_stages
     for chunk in preference[:extra]:
         sizes[chunk] += 1
     ranges, start = [], 0

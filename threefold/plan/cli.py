@@ -12,7 +12,7 @@ from typing import Any
 
 from threefold.config import Config, ModelConfig, load_config
 from threefold.plan.hardware import PRESETS, Hardware, load_hardware, save_hardware
-from threefold.plan.layout import Layout, Workload, config_supports_zero
+from threefold.plan.layout import Layout, Workload
 from threefold.plan.search import PlanResult, explain, format_table, plan
 from threefold.presets import MODEL_PRESETS
 
@@ -71,36 +71,43 @@ def _workload(args: argparse.Namespace) -> Workload:
     return Workload(model=model, seq_len=seq, global_batch_size=batch, dtype=dtype or "bfloat16")
 
 
+FLAGS = {"tp": "tp_size", "pp": "pp_size", "dp": "dp_size", "v": "num_model_chunks",
+         "micro_batch_size": "micro_batch_size"}  # fmt: skip
+"""The integer flags that fix a setting, by argparse name: the Config field each fixes."""
+
+
 def _fixed(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the flags fix, by Config field name (the keys `plan(fixed=...)` takes)."""
     fixed: dict[str, Any] = {}
-    for key in ("tp", "pp", "dp", "v", "micro_batch_size"):
-        value = getattr(args, key)
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag)
         if value is not None:
             if value <= 0:
-                raise ValueError(f"--{key.replace('_', '-')} must be positive, got {value}")
+                raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
             fixed[key] = value
     if args.recompute is not None:
         fixed["recompute"] = args.recompute
     if args.zero is not None:
         fixed["zero"] = args.zero == "on"
     if args.schedule is not None:
-        fixed["schedule"] = args.schedule
+        fixed["pipeline_schedule"] = args.schedule
     return fixed
 
 
 def _check_fixed(fixed: dict[str, Any], num_gpus: int, w: Workload) -> None:
     """Name the factors when a fixed dimension cannot work at all."""
-    for key in ("tp", "pp", "dp"):
+    for flag in ("tp", "pp", "dp"):
+        key = FLAGS[flag]
         if key in fixed and num_gpus % fixed[key]:
-            raise ValueError(f"--{key} ({fixed[key]}) must divide --gpus ({num_gpus})")
-    product = fixed.get("tp", 1) * fixed.get("pp", 1) * fixed.get("dp", 1)
-    if {"tp", "pp", "dp"} <= fixed.keys() and product != num_gpus:
+            raise ValueError(f"--{flag} ({fixed[key]}) must divide --gpus ({num_gpus})")
+    tp_size, pp_size, dp_size = (fixed.get(k, 1) for k in ("tp_size", "pp_size", "dp_size"))
+    if {"tp_size", "pp_size", "dp_size"} <= fixed.keys() and tp_size * pp_size * dp_size != num_gpus:
         raise ValueError(
-            f"--tp ({fixed['tp']}) * --pp ({fixed['pp']}) * --dp ({fixed['dp']}) = {product} "
+            f"--tp ({tp_size}) * --pp ({pp_size}) * --dp ({dp_size}) = {tp_size * pp_size * dp_size} "
             f"!= --gpus ({num_gpus})"
         )
-    if "tp" in fixed and w.model.num_heads % fixed["tp"]:
-        raise ValueError(f"--tp ({fixed['tp']}) must divide the model's num_heads ({w.model.num_heads})")
+    if "tp_size" in fixed and w.model.num_heads % tp_size:
+        raise ValueError(f"--tp ({tp_size}) must divide the model's num_heads ({w.model.num_heads})")
 
 
 def run_plan(
@@ -205,7 +212,7 @@ def auto_layout(config: Config, *, world_size: int, gpus_per_node: int, hw: Hard
     )
     result = run_plan(
         w, hw, num_gpus=world_size, gpus_per_node=min(gpus_per_node, world_size), fixed={}, margin=0.05,
-        allow_zero=config_supports_zero(),
+        allow_zero=True,
     )  # fmt: skip
     return result.ranked[0].layout
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from threefold.metrics import GPU_PEAK_BF16_FLOPS
+
 GIB = 2**30
 
 
@@ -33,7 +35,8 @@ class Hardware:
 
     name: str
     peak_tflops: float
-    """Dense peak of the training dtype (bf16 tensor cores on GPUs), TFLOP/s; MFU divides by it."""
+    """Dense peak of the training dtype (bf16 tensor cores on GPUs), TFLOP/s; MFU divides by it. The
+    built-in presets read it from threefold.metrics.GPU_PEAK_BF16_FLOPS, the table training's MFU uses."""
     memory_gib: float
     """Device memory per GPU, GiB."""
     memory_reserve_gib: float = 3.0
@@ -132,7 +135,7 @@ PRESETS: dict[str, Hardware] = {
     # InfiniBand per node (25 GB/s per GPU).
     "a100-80gb": Hardware(
         name="a100-80gb",
-        peak_tflops=312.0,
+        peak_tflops=GPU_PEAK_BF16_FLOPS["a100"] / 1e12,
         memory_gib=80.0,
         hbm_gbps=2039.0,
         intra_node_gbps=230.0,
@@ -145,7 +148,7 @@ PRESETS: dict[str, Hardware] = {
     # H100 SXM 80GB: NVLink4 900 GB/s per GPU (both directions); nodes with 8 x 400 Gb/s NDR (50 GB/s/GPU).
     "h100": Hardware(
         name="h100",
-        peak_tflops=989.0,
+        peak_tflops=GPU_PEAK_BF16_FLOPS["h100"] / 1e12,
         memory_gib=79.6,
         hbm_gbps=3350.0,
         intra_node_gbps=340.0,
@@ -158,7 +161,7 @@ PRESETS: dict[str, Hardware] = {
     # 340-354 GB/s measured on 4 NVLink-connected H200s (BENCHMARKS.md).
     "h200": Hardware(
         name="h200",
-        peak_tflops=989.0,
+        peak_tflops=GPU_PEAK_BF16_FLOPS["h200"] / 1e12,
         memory_gib=140.4,
         hbm_gbps=4800.0,
         intra_node_gbps=340.0,

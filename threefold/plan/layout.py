@@ -1,79 +1,101 @@
 """What the planner varies (a `Layout`) and what it holds fixed (a `Workload`), and their link to Config.
 
-Notation (SYSTEM.md): n GPUs, t tensor-, p pipeline-, d data-parallel sizes (n = t p d), v model chunks
-per pipeline rank, b micro-batch size, B global batch, m = B / (d b) micro-batches per step.
+A layout speaks the config's vocabulary: it is a `ParallelConfig` (tp_size, pp_size, dp_size,
+num_model_chunks, pipeline_schedule, zero, sequence_parallel, scatter_gather) plus the two training
+settings the planner also varies, micro_batch_size and recompute. `apply` turns it into a Config;
+`overrides` gives the same settings as `--section.key=value` arguments for the workers a launcher starts.
+
+Notation (SYSTEM.md), used in the models' formulas: n GPUs, t tensor-, p pipeline-, d data-parallel sizes
+(n = t p d), v model chunks per pipeline rank, b micro-batch size, B global batch, m = B / (d b)
+micro-batches per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from threefold.config import Config, ModelConfig, ParallelConfig
+from threefold.config import Config, ModelConfig, ParallelConfig, validate
 
 BYTES = {"float32": 4, "bfloat16": 2}
 
-
-def config_supports_zero() -> bool:
-    """Whether this version of the config has `parallel.zero` (the distributed optimizer)."""
-    return "zero" in {f.name for f in dataclasses.fields(ParallelConfig)}
+TRAINING_FIELDS = ("micro_batch_size", "recompute")
+"""The layout's settings that live in Config.training; every other one is a ParallelConfig field."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Layout:
     """One point of the search: how the ranks split the model and the batch."""
 
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    v: int = 1
-    """Model chunks per pipeline rank (interleaved schedule when > 1)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The rank layout, field for field as Config.parallel holds it."""
     micro_batch_size: int = 1
-    schedule: str = "1f1b"
+    """Sequences per forward/backward b (Config.training.micro_batch_size)."""
     recompute: str = "none"
-    zero: bool = False
-    """ZeRO-1: fp32 masters and Adam moments sharded over the d data-parallel ranks."""
-    sequence_parallel: bool = False
-    scatter_gather: bool = True
+    """Activation recomputation: 'none', 'selective' or 'full' (Config.training.recompute)."""
 
     @property
     def num_gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        p = self.parallel
+        return p.tp_size * p.pp_size * p.dp_size
 
     def num_microbatches(self, global_batch_size: int) -> int:
         """m = B / (d b)."""
-        return global_batch_size // (self.dp * self.micro_batch_size)
+        return global_batch_size // (self.parallel.dp_size * self.micro_batch_size)
+
+    def get(self, name: str) -> Any:
+        """A setting by its Config field name: micro_batch_size, recompute or a ParallelConfig field."""
+        return getattr(self if name in TRAINING_FIELDS else self.parallel, name)
+
+    def settings(self) -> list[tuple[str, str, Any]]:
+        """(section, key, value) of each Config field this layout sets, for `apply` and `overrides`.
+
+        sequence_parallel only when on: the search never turns it on, so a config that asks for it keeps
+        it. scatter_gather, overlap_tp_comm and dp_bucket_mb are left as the config has them."""
+        p = self.parallel
+        out: list[tuple[str, str, Any]] = [
+            ("parallel", key, getattr(p, key))
+            for key in ("tp_size", "pp_size", "dp_size", "num_model_chunks", "pipeline_schedule")
+        ]
+        out += [("training", key, getattr(self, key)) for key in TRAINING_FIELDS]
+        if p.sequence_parallel:
+            out.append(("parallel", "sequence_parallel", True))
+        out.append(("parallel", "zero", p.zero))
+        return out
+
+    def apply(self, config: Config) -> Config:
+        """`config` with this layout's settings (a new Config; `config` is not changed), validated."""
+        sections: dict[str, dict[str, Any]] = {}
+        for section, key, value in self.settings():
+            sections.setdefault(section, {})[key] = value
+        changed = {s: dataclasses.replace(getattr(config, s), **kv) for s, kv in sections.items()}
+        out = dataclasses.replace(config, **changed)
+        validate(out, check_paths=False)
+        return out
 
     def overrides(self) -> list[str]:
         """The `--section.key=value` arguments that run this layout with `threefold train` or `bench`."""
-        out = [
-            f"--parallel.tp_size={self.tp}",
-            f"--parallel.pp_size={self.pp}",
-            f"--parallel.dp_size={self.dp}",
-            f"--parallel.num_model_chunks={self.v}",
-            f"--parallel.pipeline_schedule={self.schedule}",
-            f"--training.micro_batch_size={self.micro_batch_size}",
-            f"--training.recompute={self.recompute}",
+        text = {True: "true", False: "false"}
+        return [
+            f"--{section}.{key}={text[value] if isinstance(value, bool) else value}"
+            for section, key, value in self.settings()
         ]
-        if self.sequence_parallel:
-            out.append("--parallel.sequence_parallel=true")
-        if self.zero or config_supports_zero():
-            out.append(f"--parallel.zero={'true' if self.zero else 'false'}")
-        return out
 
     def label(self) -> str:
-        """Short name, e.g. 't2 p2 v2 d1 b1 interleaved' plus the options that are on."""
-        parts = [f"t{self.tp} p{self.pp} d{self.dp}"]
-        if self.v > 1:
-            parts.append(f"v{self.v}")
+        """Short name, e.g. 't2 p2 d1 v2 b1 interleaved' plus the options that are on."""
+        p = self.parallel
+        parts = [f"t{p.tp_size} p{p.pp_size} d{p.dp_size}"]
+        if p.num_model_chunks > 1:
+            parts.append(f"v{p.num_model_chunks}")
         parts.append(f"b{self.micro_batch_size}")
-        if self.pp > 1:
-            parts.append(self.schedule)
+        if p.pp_size > 1:
+            parts.append(p.pipeline_schedule)
         if self.recompute != "none":
             parts.append(f"rc={self.recompute}")
-        if self.zero:
+        if p.zero:
             parts.append("zero")
-        if self.sequence_parallel:
+        if p.sequence_parallel:
             parts.append("sp")
         return " ".join(parts)
 
@@ -95,23 +117,12 @@ class Workload:
 
 def from_config(config: Config) -> tuple[Workload, Layout]:
     """The workload and layout a Config describes."""
-    p, t = config.parallel, config.training
+    t = config.training
     workload = Workload(
         model=config.model,
         seq_len=config.data.seq_len,
         global_batch_size=t.global_batch_size,
         dtype=t.dtype,
     )
-    layout = Layout(
-        tp=p.tp_size,
-        pp=p.pp_size,
-        dp=p.dp_size,
-        v=p.num_model_chunks,
-        micro_batch_size=t.micro_batch_size,
-        schedule=p.pipeline_schedule,
-        recompute=t.recompute,
-        zero=bool(getattr(p, "zero", False)),
-        sequence_parallel=p.sequence_parallel,
-        scatter_gather=p.scatter_gather,
-    )
-    return workload, layout
+    parallel = dataclasses.replace(config.parallel)  # a copy: the layout must not change with the config
+    return workload, Layout(parallel=parallel, micro_batch_size=t.micro_batch_size, recompute=t.recompute)

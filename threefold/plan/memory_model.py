@@ -37,103 +37,76 @@ threefold.pipeline.sim): GPipe m v; 1F1B min(p - r, m); interleaved min(2 (p - r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from threefold.config import Config, ModelConfig
-from threefold.pipeline.partition import chunk_layer_ranges
+from threefold.metrics import count_parameters, local_vocab_size
+from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.plan.layout import Layout, Workload, from_config
 
 WORKSPACE_BYTES = 256 * 2**20
 """Library workspaces inside the allocator (cuBLAS, attention kernels): a small constant."""
 
 
-def local_vocab(vocab_size: int, tp: int) -> int:
-    """V_p / t: the vocabulary rows one tensor-parallel rank holds (padded to a multiple of t)."""
-    return math.ceil(vocab_size / tp)
-
-
-def layer_parameters(m: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer layer on one tensor-parallel rank (sharded matrices / t)."""
-    h, f, a, dh = m.hidden_size, m.ffn_hidden_size, m.num_heads, m.head_dim
-    assert f is not None and m.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
-    hq, hkv = a * dh, m.num_kv_heads * dh
-    if m.arch == "llama":
-        attention = (h * hq + 2 * h * hkv) // tp + hq * h // tp
-        if m.attention_bias:
-            attention += (hq + 2 * hkv) // tp
-        return attention + 3 * h * f // tp + 2 * h
-    # gpt2: q, k, v, o weights; q, k, v biases sharded, o bias replicated; MLP with biases; two LayerNorms
-    attention = 4 * h * hq // tp + 3 * hq // tp + h
-    return attention + (2 * h * f + f) // tp + h + 4 * h
-
-
-def embedding_parameters(m: ModelConfig, tp: int) -> int:
-    """Token table V_p/t * h (plus the replicated position table for gpt2)."""
-    return local_vocab(m.vocab_size, tp) * m.hidden_size + (
-        m.max_seq_len * m.hidden_size if m.arch == "gpt2" else 0
-    )
-
-
-def head_parameters(m: ModelConfig, tp: int, *, holds_embedding: bool) -> int:
-    """Final norm plus the output projection V_p/t * h (untied, or the last stage's copy of a tied one)."""
-    norm = m.hidden_size * (1 if m.arch == "llama" else 2)
-    own_output = not m.tie_embeddings or not holds_embedding
-    return norm + (local_vocab(m.vocab_size, tp) * m.hidden_size if own_output else 0)
-
-
 def rank_parameters(w: Workload, lay: Layout, pp_rank: int) -> int:
-    """P_r: parameters held by one rank of pipeline rank `pp_rank` (its v chunks)."""
-    ranges = chunk_layer_ranges(w.model.num_layers, lay.pp, lay.v)
-    chunks = [pp_rank + k * lay.pp for k in range(lay.v)]
-    layers = sum(ranges[c][1] - ranges[c][0] for c in chunks)
-    total = layers * layer_parameters(w.model, lay.tp)
+    """P_r: parameters held by one rank of pipeline rank `pp_rank` (its v chunks), from the one counter,
+    threefold.metrics.count_parameters, at this layout's tensor-parallel size."""
+    par = lay.parallel
+    counts = count_parameters(w.model, tp_size=par.tp_size)
+    ranges = chunk_layer_ranges(w.model.num_layers, par.pp_size, par.num_model_chunks)
+    chunks = chunks_of_rank(pp_rank, par.pp_size, par.num_model_chunks)
+    total = sum(ranges[c][1] - ranges[c][0] for c in chunks) * counts["per_layer"]
     has_embedding = 0 in chunks
     if has_embedding:
-        total += embedding_parameters(w.model, lay.tp)
+        total += counts["input_embedding"]
     if len(ranges) - 1 in chunks:
-        total += head_parameters(w.model, lay.tp, holds_embedding=has_embedding)
+        total += counts["final_norm"]
+        # A tied output weight is the embedding's on the first stage; a later last stage holds its own copy.
+        if not w.model.tie_embeddings or not has_embedding:
+            total += counts["output_weight"]
     return total
 
 
-def _layer_saves_input(m: ModelConfig, e: int, recompute: str) -> bool:
+def _layer_saves_input(m: ModelConfig, dtype_bytes: int, recompute: str) -> bool:
     """Whether a layer keeps its own input tensor (then a stage's received input costs nothing extra)."""
-    return recompute == "full" or m.arch == "gpt2" or e == 4  # llama fp32: x.float() is x itself
+    return recompute == "full" or m.arch == "gpt2" or dtype_bytes == 4  # llama fp32: x.float() is x itself
 
 
 def layer_activation_bytes(
     m: ModelConfig,
     *,
-    b: int,
-    s: int,
-    tp: int,
-    e: int,
+    micro_batch_size: int,
+    seq_len: int,
+    tp_size: int,
+    dtype_bytes: int,
     recompute: str,
     sequence_parallel: bool,
     kv_repeated: bool = False,
 ) -> float:
     """Bytes one transformer layer saves for backward, for one micro-batch (see the module docstring)."""
+    b, s, t, e = micro_batch_size, seq_len, tp_size, dtype_bytes  # the module docstring's notation
     h, f, a = m.hidden_size, m.ffn_hidden_size, m.num_heads
     assert f is not None and m.num_kv_heads is not None
-    s_ = s // tp if sequence_parallel else s
+    s_ = s // t if sequence_parallel else s
     if recompute == "full":
         return e * b * s_ * h
     hq, hkv = a * m.head_dim, m.num_kv_heads * m.head_dim
     linear_inputs = 2  # the (gathered) input of the attention projections and of the MLP's
     norm_own = (4 + e) if m.arch == "llama" else e
     norms = 2 * norm_own * b * s_ * h + linear_inputs * e * b * s * h
-    mlp = (4 if m.arch == "llama" else 2) * e * b * s * f / tp
+    mlp = (4 if m.arch == "llama" else 2) * e * b * s * f / t
     if recompute == "selective":
-        attention = e * b * s * (2 * hq + 2 * hkv) / tp
+        attention = e * b * s * (2 * hq + 2 * hkv) / t
     else:
         kv = hq if kv_repeated or m.arch == "gpt2" else hkv
-        attention = e * b * s * (2 * hq + 2 * kv) / tp + 4 * b * (a // tp) * s
+        attention = e * b * s * (2 * hq + 2 * kv) / t + 4 * b * (a // t) * s
     return norms + attention + mlp
 
 
 def head_loss_activation(
-    m: ModelConfig, *, b: int, s: int, tp: int, e: int, sequence_parallel: bool
-) -> tuple[float, float]:
+    m: ModelConfig, *, micro_batch_size: int, seq_len: int, tp_size: int, dtype_bytes: int,
+    sequence_parallel: bool,
+) -> tuple[float, float]:  # fmt: skip
     """(saved, transient) bytes of the final norm, the output projection and the loss, per micro-batch.
 
     With n = b s tokens and V_p/t local vocabulary rows, threefold.model.loss runs chunks of
@@ -144,9 +117,10 @@ def head_loss_activation(
     """
     from threefold.model.loss import CHUNK_ELEMENTS
 
+    b, s, e = micro_batch_size, seq_len, dtype_bytes  # the module docstring's notation
     h, n = m.hidden_size, b * s
-    s_ = s // tp if sequence_parallel else s
-    vloc = local_vocab(m.vocab_size, tp)
+    s_ = s // tp_size if sequence_parallel else s
+    vloc = local_vocab_size(m.vocab_size, tp_size)
     norm = ((4 + e) if m.arch == "llama" else e) * b * s_ * h  # the loss saves no input of its own
     chunk = max(1, min(n, CHUNK_ELEMENTS // vloc))
     weight_grad = (e if chunk >= n else 4) * vloc * h
@@ -154,29 +128,35 @@ def head_loss_activation(
 
 
 def layer_backward_transient(
-    m: ModelConfig, *, b: int, s: int, tp: int, e: int, recompute: str, sequence_parallel: bool
-) -> float:
+    m: ModelConfig, *, micro_batch_size: int, seq_len: int, tp_size: int, dtype_bytes: int, recompute: str,
+    sequence_parallel: bool,
+) -> float:  # fmt: skip
     """Extra bytes while one layer runs backward: gradient buffers (three MLP-wide ones, the fp32 norm
     gradients, one weight gradient), plus the layer's own activations recomputed under `full`, or the
     attention core's (repeated k, v and the output) under `selective`."""
+    b, s, t, e = micro_batch_size, seq_len, tp_size, dtype_bytes  # the module docstring's notation
     h, f = m.hidden_size, m.ffn_hidden_size
     assert f is not None
-    s_ = s // tp if sequence_parallel else s
-    grads = 3 * e * b * s * f / tp + 2 * 4 * b * s_ * h + e * h * f / tp
+    s_ = s // t if sequence_parallel else s
+    grads = 3 * e * b * s * f / t + 2 * 4 * b * s_ * h + e * h * f / t
     if recompute == "full":
         grads += layer_activation_bytes(
-            m, b=b, s=s, tp=tp, e=e, recompute="none", sequence_parallel=sequence_parallel
-        )
+            m, micro_batch_size=b, seq_len=s, tp_size=t, dtype_bytes=e, recompute="none",
+            sequence_parallel=sequence_parallel,
+        )  # fmt: skip
     elif recompute == "selective":
-        grads += 3 * e * b * s * m.num_heads * m.head_dim / tp
+        grads += 3 * e * b * s * m.num_heads * m.head_dim / t
     return grads
 
 
-def in_flight(schedule: str, p: int, v: int, m: int, pp_rank: int) -> int:
+def in_flight(
+    pipeline_schedule: str, pp_size: int, num_model_chunks: int, num_microbatches: int, pp_rank: int
+) -> int:
     """Most chunk-micro-batches whose forward ran and whose backward has not, on pipeline rank `pp_rank`."""
+    p, v, m = pp_size, num_model_chunks, num_microbatches  # the module docstring's notation
     if p == 1:
-        return 1 if schedule != "gpipe" else m * v
-    if schedule == "gpipe":
+        return 1 if pipeline_schedule != "gpipe" else m * v
+    if pipeline_schedule == "gpipe":
         return m * v
     if v == 1:
         return min(p - pp_rank, m)
@@ -223,43 +203,49 @@ class RankMemory:
 
 def memory_by_rank(w: Workload, lay: Layout) -> list[RankMemory]:
     """Every pipeline rank's peak memory (ranks of one stage are alike)."""
-    m, e = w.model, w.dtype_bytes
-    b, s, tp, p, v = lay.micro_batch_size, w.seq_len, lay.tp, lay.pp, lay.v
+    m, e, par = w.model, w.dtype_bytes, lay.parallel
+    b, s, p, v = lay.micro_batch_size, w.seq_len, par.pp_size, par.num_model_chunks
     num_mb = lay.num_microbatches(w.global_batch_size)
-    sp = lay.sequence_parallel and tp > 1
-    s_ = s // tp if sp else s
+    sp = par.sequence_parallel and par.tp_size > 1
+    s_ = s // par.tp_size if sp else s
     ranges = chunk_layer_ranges(m.num_layers, p, v)
     last_chunk = len(ranges) - 1
-    per_layer = layer_activation_bytes(m, b=b, s=s, tp=tp, e=e, recompute=lay.recompute, sequence_parallel=sp)
-    head_saved, head_transient = head_loss_activation(m, b=b, s=s, tp=tp, e=e, sequence_parallel=sp)
-    layer_transient = layer_backward_transient(
-        m, b=b, s=s, tp=tp, e=e, recompute=lay.recompute, sequence_parallel=sp
+    per_layer = layer_activation_bytes(
+        m, micro_batch_size=b, seq_len=s, tp_size=par.tp_size, dtype_bytes=e, recompute=lay.recompute,
+        sequence_parallel=sp,
+    )  # fmt: skip
+    head_saved, head_transient = head_loss_activation(
+        m, micro_batch_size=b, seq_len=s, tp_size=par.tp_size, dtype_bytes=e, sequence_parallel=sp
     )
+    layer_transient = layer_backward_transient(
+        m, micro_batch_size=b, seq_len=s, tp_size=par.tp_size, dtype_bytes=e, recompute=lay.recompute,
+        sequence_parallel=sp,
+    )  # fmt: skip
     input_bytes = 0 if _layer_saves_input(m, e, lay.recompute) else e * b * s_ * m.hidden_size
     optimizer_bytes = 12 if e == 2 else 8
     rope_cache = 2 * 4 * max(m.max_seq_len, s) * m.head_dim if m.arch == "llama" else 0
     out = []
-    for r in range(p):
-        chunks = [r + k * p for k in range(v)]
-        params = rank_parameters(w, lay, r)
+    for pp_rank in range(p):
+        chunks = chunks_of_rank(pp_rank, p, v)
+        params = rank_parameters(w, lay, pp_rank)
         # One chunk-micro-batch, averaged over the rank's chunks (they differ by a layer at most).
         per_chunk = [
             (ranges[c][1] - ranges[c][0]) * per_layer + (input_bytes if c > 0 else 0) for c in chunks
         ]
-        activations = in_flight(lay.schedule, p, v, num_mb, r) * sum(per_chunk) / v
+        activations = in_flight(par.pipeline_schedule, p, v, num_mb, pp_rank) * sum(per_chunk) / v
         transient = layer_transient
         if last_chunk in chunks:
             activations += head_saved  # one micro-batch of the last chunk is in flight at a time (1F1B)
             transient = max(transient, head_transient)
-            if lay.schedule == "gpipe":
+            if par.pipeline_schedule == "gpipe":
                 activations += (num_mb - 1) * head_saved
         buffers = WORKSPACE_BYTES + v * rope_cache + (2 * e * b * s_ * m.hidden_size if p > 1 else 0)
         out.append(
             RankMemory(
-                pp_rank=r,
+                pp_rank=pp_rank,
                 parameters=e * params,
                 gradients=4.0 * params,
-                optimizer=optimizer_bytes * params / (lay.dp if lay.zero else 1),
+                optimizer=optimizer_bytes * params / (par.dp_size if par.zero else 1),
                 activations=activations,
                 transient=transient,
                 buffers=buffers,

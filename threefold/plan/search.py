@@ -2,16 +2,18 @@
 rank them by predicted throughput, and say why the best one wins.
 
 Memory comes from plan.memory_model, time from plan.time_model; this module only enumerates,
-filters, sorts and explains. Fixing a dimension (`fixed={"tp": 2}`) restricts the search to it, so a user
-can ask how fast the layout they already run is and what would beat it.
+filters, sorts and explains. Fixing a setting by its Config field name (`fixed={"tp_size": 2}`) restricts
+the search to it, so a user can ask how fast the layout they already run is and what would beat it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from threefold.config import ParallelConfig
 from threefold.pipeline.schedules import check_schedule_args
 from threefold.plan.hardware import GIB, Hardware
 from threefold.plan.layout import Layout, Workload
@@ -19,7 +21,9 @@ from threefold.plan.memory_model import RankMemory, worst_rank
 from threefold.plan.time_model import StepTime, estimate_layout_time
 
 RECOMPUTE_ORDER = ("none", "selective", "full")
-FIXABLE = ("tp", "pp", "dp", "v", "micro_batch_size", "recompute", "zero", "schedule")
+FIXABLE = ("tp_size", "pp_size", "dp_size", "num_model_chunks", "micro_batch_size", "recompute", "zero",
+           "pipeline_schedule")  # fmt: skip
+"""The settings `fixed` may pin, by their Config field names."""
 
 
 @dataclass(frozen=True)
@@ -29,16 +33,18 @@ class Candidate:
     time: StepTime
 
     def as_dict(self) -> dict[str, Any]:
-        lay, t = self.layout, self.time
+        """A JSON record; the layout under the short keys of `threefold bench`'s records (tp, pp, dp, v,
+        schedule), which bench/plan_compare.py matches against."""
+        lay, par, t = self.layout, self.layout.parallel, self.time
         return {
-            "tp": lay.tp,
-            "pp": lay.pp,
-            "dp": lay.dp,
-            "v": lay.v,
+            "tp": par.tp_size,
+            "pp": par.pp_size,
+            "dp": par.dp_size,
+            "v": par.num_model_chunks,
             "micro_batch_size": lay.micro_batch_size,
-            "schedule": lay.schedule,
+            "schedule": par.pipeline_schedule,
             "recompute": lay.recompute,
-            "zero": lay.zero,
+            "zero": par.zero,
             "tokens_per_s_per_gpu": round(t.tokens_per_s_per_gpu, 1),
             "tflops_per_gpu": round(t.tflops_per_gpu, 2),
             "mfu": round(t.mfu, 4),
@@ -78,78 +84,83 @@ def enumerate_layouts(
 ) -> Iterator[Layout]:
     """Every layout the code can run for `w` on `num_gpus` GPUs, restricted to the `fixed` values."""
     fixed = fixed or {}
+    unknown = sorted(set(fixed) - set(FIXABLE))
+    if unknown:
+        raise ValueError(f"cannot fix {unknown}; the search varies {', '.join(FIXABLE)}")
     m = w.model
     assert m.num_kv_heads is not None and m.ffn_hidden_size is not None
 
     def allowed(key: str, value: Any) -> bool:
         return key not in fixed or fixed[key] == value
 
-    for tp in _divisors(num_gpus):
-        if not allowed("tp", tp) or m.num_heads % tp or m.num_kv_heads % tp or m.ffn_hidden_size % tp:
+    for tp_size in _divisors(num_gpus):
+        if not allowed("tp_size", tp_size) or m.num_heads % tp_size or m.num_kv_heads % tp_size:
             continue
-        for pp in _divisors(num_gpus // tp):
-            dp = num_gpus // (tp * pp)
-            if not allowed("pp", pp) or not allowed("dp", dp) or pp > m.num_layers:
+        if m.ffn_hidden_size % tp_size:
+            continue
+        for pp_size in _divisors(num_gpus // tp_size):
+            dp_size = num_gpus // (tp_size * pp_size)
+            if not allowed("pp_size", pp_size) or not allowed("dp_size", dp_size) or pp_size > m.num_layers:
                 continue
-            if w.global_batch_size % dp:
+            if w.global_batch_size % dp_size:
                 continue
-            vs = [1] if pp == 1 else [v for v in range(1, max_v + 1) if pp * v <= m.num_layers]
-            if "v" not in fixed:  # the paper's interleaving splits the layers evenly
-                vs = [v for v in vs if v == 1 or m.num_layers % (pp * v) == 0]
+            vs = [1] if pp_size == 1 else [v for v in range(1, max_v + 1) if pp_size * v <= m.num_layers]
+            if "num_model_chunks" not in fixed:  # the paper's interleaving splits the layers evenly
+                vs = [v for v in vs if v == 1 or m.num_layers % (pp_size * v) == 0]
             for v in vs:
-                if not allowed("v", v):
+                if not allowed("num_model_chunks", v):
                     continue
-                for b in _divisors(w.global_batch_size // dp):
+                for b in _divisors(w.global_batch_size // dp_size):
                     if not allowed("micro_batch_size", b) or (
                         b > max_micro_batch and "micro_batch_size" not in fixed
                     ):
                         continue
-                    yield from _variants(w, tp, pp, dp, v, b, fixed, allow_zero)
+                    parallel = ParallelConfig(
+                        tp_size=tp_size, pp_size=pp_size, dp_size=dp_size, num_model_chunks=v
+                    )
+                    yield from _variants(w, parallel, b, fixed, allow_zero)
 
 
 def _variants(
-    w: Workload, tp: int, pp: int, dp: int, v: int, b: int, fixed: dict[str, Any], allow_zero: bool
+    w: Workload, parallel: ParallelConfig, b: int, fixed: dict[str, Any], allow_zero: bool
 ) -> Iterator[Layout]:
-    num_mb = w.global_batch_size // (dp * b)
-    schedules = ["interleaved"] if v > 1 else ["1f1b", "gpipe"] if pp > 1 else ["1f1b"]
-    if "schedule" not in fixed and pp > 1 and v == 1:
+    """The schedules, recomputation and ZeRO settings of one (t, p, d, v, b)."""
+    pp_size, v, dp_size = parallel.pp_size, parallel.num_model_chunks, parallel.dp_size
+    num_mb = w.global_batch_size // (dp_size * b)
+    schedules = ["interleaved"] if v > 1 else ["1f1b", "gpipe"] if pp_size > 1 else ["1f1b"]
+    if "pipeline_schedule" not in fixed and pp_size > 1 and v == 1:
         schedules = ["1f1b"]  # GPipe has 1F1B's bubble and more memory: never better
     for schedule in schedules:
-        if "schedule" in fixed and fixed["schedule"] != schedule:
+        if "pipeline_schedule" in fixed and fixed["pipeline_schedule"] != schedule:
             continue
         try:
-            check_schedule_args(schedule, pp, v, num_mb)
+            check_schedule_args(schedule, pp_size, v, num_mb)
         except ValueError:
             continue
         for recompute in RECOMPUTE_ORDER:
             if "recompute" in fixed and fixed["recompute"] != recompute:
                 continue
             for zero in (False, True):
-                if zero and (dp == 1 or not allow_zero):
+                if zero and (dp_size == 1 or not allow_zero):
                     continue
                 if "zero" in fixed and fixed["zero"] != zero:
                     continue
                 yield Layout(
-                    tp=tp,
-                    pp=pp,
-                    dp=dp,
-                    v=v,
+                    parallel=dataclasses.replace(parallel, pipeline_schedule=schedule, zero=zero),
                     micro_batch_size=b,
-                    schedule=schedule,
                     recompute=recompute,
-                    zero=zero,
                 )
 
 
 def _preference(c: Candidate) -> tuple:
     """Fastest first; among equals, less model parallelism, less recomputation, no ZeRO, fewer chunks."""
-    lay = c.layout
+    lay, par = c.layout, c.layout.parallel
     return (
         -round(c.time.tokens_per_s_per_gpu, 6),
-        lay.tp * lay.pp,
+        par.tp_size * par.pp_size,
         RECOMPUTE_ORDER.index(lay.recompute),
-        lay.zero,
-        lay.v,
+        par.zero,
+        par.num_model_chunks,
         -lay.micro_batch_size,
     )
 
@@ -208,21 +219,21 @@ def explain(result: PlanResult) -> list[str]:
         f"step {t.step:.3f} s = compute {t.compute:.3f} + TP {t.tp_comm:.3f} + p2p {t.pp_comm:.3f} "
         f"+ bubble {t.bubble:.3f} + DP {t.dp_exposed:.3f} + optimizer {t.optimizer:.3f} (+ overhead)"
     ]
-    dims = [("tp", "t"), ("pp", "p"), ("v", "v"), ("micro_batch_size", "b"), ("recompute", "recompute"),
-            ("zero", "zero")]  # fmt: skip
+    dims = [("tp_size", "t"), ("pp_size", "p"), ("num_model_chunks", "v"), ("micro_batch_size", "b"),
+            ("recompute", "recompute"), ("zero", "zero")]  # fmt: skip
     for key, name in dims:
-        mine = getattr(lay, key)
-        rival = next((c for c in result.ranked[1:] if getattr(c.layout, key) != mine), None)
+        mine = lay.get(key)
+        rival = next((c for c in result.ranked[1:] if c.layout.get(key) != mine), None)
         if rival is not None:
             slower = 1 - rival.time.tokens_per_s_per_gpu / t.tokens_per_s_per_gpu
             lines.append(
-                f"vs {name}={getattr(rival.layout, key)} (best: {rival.layout.label()}): {slower:.1%} "
+                f"vs {name}={rival.layout.get(key)} (best: {rival.layout.label()}): {slower:.1%} "
                 f"slower, {_why_slower(best, rival)}"
             )
-        big = next((c for c in result.too_big if getattr(c.layout, key) != mine), None)
+        big = next((c for c in result.too_big if c.layout.get(key) != mine), None)
         if big is not None and (rival is None or _preference(big) < _preference(rival)):
             lines.append(
-                f"{name}={getattr(big.layout, key)} would be faster ({big.layout.label()}) but needs "
+                f"{name}={big.layout.get(key)} would be faster ({big.layout.label()}) but needs "
                 f"{big.memory.total / GIB:.1f} GiB"
             )
     return lines
@@ -236,11 +247,11 @@ def format_table(candidates: list[Candidate], hw: Hardware) -> str:
     )
     rows = [header, "-" * len(header)]
     for i, c in enumerate(candidates, 1):
-        lay, t = c.layout, c.time
+        lay, par, t = c.layout, c.layout.parallel, c.time
         rows.append(
-            f"{i:>2}  {lay.tp:>2} {lay.pp:>2} {lay.dp:>3} {lay.v:>2} {lay.micro_batch_size:>2}  "
-            f"{(lay.schedule if lay.pp > 1 else '-'):<11} {lay.recompute:<9} "
-            f"{('on' if lay.zero else 'off'):<5} {t.tokens_per_s_per_gpu:>12,.0f} "
+            f"{i:>2}  {par.tp_size:>2} {par.pp_size:>2} {par.dp_size:>3} {par.num_model_chunks:>2} "
+            f"{lay.micro_batch_size:>2}  {(par.pipeline_schedule if par.pp_size > 1 else '-'):<11} "
+            f"{lay.recompute:<9} {('on' if par.zero else 'off'):<5} {t.tokens_per_s_per_gpu:>12,.0f} "
             f"{t.tflops_per_gpu:>8.1f} {t.mfu:>6.1%} "
             f"{c.memory.total / GIB:>6.1f} {t.bubble_fraction:>7.1%} {t.step:>7.3f}"
         )

@@ -41,12 +41,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from threefold.config import Config, ModelConfig
-from threefold.metrics import flops_per_token
-from threefold.pipeline.partition import chunk_layer_ranges
+from threefold.config import Config
+from threefold.metrics import flops_per_token, local_vocab_size
+from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.plan.hardware import Hardware
 from threefold.plan.layout import Layout, Workload, from_config
-from threefold.plan.memory_model import local_vocab, rank_parameters
+from threefold.plan.memory_model import rank_parameters
 
 # Memory-bound bytes per element of one forward pass (backward: BACKWARD_TRAFFIC x), counted from the
 # element-wise kernels threefold.model.transformer runs in eager mode.
@@ -120,34 +120,36 @@ def _gemms(hw: Hardware, shapes: list[tuple[int, int, int]]) -> float:
     return sum(hw.gemm_time(2.0 * n * k * out) for n, k, out in shapes)
 
 
-def layer_pass(m: ModelConfig, hw: Hardware, *, b: int, s: int, e: int, lay: Layout, intra_tp: bool) -> _Pass:
+def layer_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pass:
     """One transformer layer, one micro-batch: compute (with recomputation) and its TP all-reduces."""
-    tp, f = lay.tp, m.ffn_hidden_size
+    m, par = w.model, lay.parallel
+    b, s, e, t = lay.micro_batch_size, w.seq_len, w.dtype_bytes, par.tp_size  # the docstring's notation
+    f = m.ffn_hidden_size
     assert f is not None and m.num_kv_heads is not None
     h, n = m.hidden_size, b * s
     hq, hkv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-    sp = lay.sequence_parallel and tp > 1
-    shapes = [(n, h, hq // tp), (n, h, hkv // tp), (n, h, hkv // tp), (n, hq // tp, h), (n, f // tp, h)]
-    shapes += [(n, h, f // tp)] * (2 if m.arch == "llama" else 1)
+    sp = par.sequence_parallel and t > 1
+    shapes = [(n, h, hq // t), (n, h, hkv // t), (n, h, hkv // t), (n, hq // t, h), (n, f // t, h)]
+    shapes += [(n, h, f // t)] * (2 if m.arch == "llama" else 1)
     gemm = _gemms(hw, shapes)
-    core_flops = 2.0 * b * s * s * hq / tp
+    core_flops = 2.0 * b * s * s * hq / t
     core = core_flops / (hw.peak_tflops * 1e12 * hw.attention_efficiency)
-    replicated = n / (tp if sp else 1) * h
+    replicated = n / (t if sp else 1) * h
     if m.arch == "llama":
-        traffic = LLAMA_BYTES_PER_H * replicated + ROPE_BYTES_PER_QK * n * (hq + hkv) / tp
-        traffic += 2 * e * n * (hq + hkv) / tp  # repeat k and v to the query heads
+        traffic = LLAMA_BYTES_PER_H * replicated + ROPE_BYTES_PER_QK * n * (hq + hkv) / t
+        traffic += 2 * e * n * (hq + hkv) / t  # repeat k and v to the query heads
     else:
         traffic = GPT2_BYTES_PER_H * replicated
-    traffic += MLP_BYTES_PER_F * n * f / tp
+    traffic += MLP_BYTES_PER_F * n * f / t
     elementwise = hw.memory_time(traffic)
-    all_reduce = hw.all_reduce_time(e * n * h, tp, intra_node=intra_tp)
+    all_reduce = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp)
     forward = gemm + core + elementwise
     backward = 2 * gemm + ATTENTION_BACKWARD_FLOPS * core + BACKWARD_TRAFFIC * elementwise
-    num_all_reduce = 4 if tp > 1 else 0
+    num_all_reduce = 4 if t > 1 else 0
     host_ops = HOST_OPS_FORWARD + HOST_OPS_BACKWARD
     if lay.recompute == "full":
         backward += forward
-        num_all_reduce += 2 if tp > 1 else 0
+        num_all_reduce += 2 if t > 1 else 0
         host_ops += HOST_OPS_FORWARD
     elif lay.recompute == "selective":
         backward += core
@@ -159,64 +161,101 @@ def layer_pass(m: ModelConfig, hw: Hardware, *, b: int, s: int, e: int, lay: Lay
     return _Pass(forward, backward + slack, tp_time)
 
 
-def head_pass(m: ModelConfig, hw: Hardware, *, b: int, s: int, e: int, lay: Layout, intra_tp: bool) -> _Pass:
+def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pass:
     """Final norm, logits GEMM and cross-entropy over V_p/t columns, for one micro-batch."""
-    h, n, vloc = m.hidden_size, b * s, local_vocab(m.vocab_size, lay.tp)
+    t, e = lay.parallel.tp_size, w.dtype_bytes
+    h, n, vloc = (
+        w.model.hidden_size,
+        lay.micro_batch_size * w.seq_len,
+        local_vocab_size(w.model.vocab_size, t),
+    )
     gemm = _gemms(hw, [(n, h, vloc)])
     norm = hw.memory_time(LLAMA_BYTES_PER_H / 2 * n * h)
     forward = gemm + norm + hw.memory_time(CE_FORWARD_BYTES * n * vloc)
     backward = 2 * gemm + 2 * norm + hw.memory_time(CE_BACKWARD_BYTES * n * vloc)
-    tp_time = hw.all_reduce_time(e * n * h, lay.tp, intra_node=intra_tp) + 3 * hw.all_reduce_time(
-        4 * n, lay.tp, intra_node=intra_tp
+    tp_time = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp) + 3 * hw.all_reduce_time(
+        4 * n, t, intra_node=intra_tp
     )
     return _Pass(forward, backward, tp_time)
 
 
-def embedding_pass(
-    m: ModelConfig, hw: Hardware, *, b: int, s: int, e: int, lay: Layout, intra_tp: bool
-) -> _Pass:
+def embedding_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pass:
     """Lookup forward; the dense gradient of the V_p/t x h table in backward."""
-    h, n, vloc = m.hidden_size, b * s, local_vocab(m.vocab_size, lay.tp)
+    t, e = lay.parallel.tp_size, w.dtype_bytes
+    h, n, vloc = (
+        w.model.hidden_size,
+        lay.micro_batch_size * w.seq_len,
+        local_vocab_size(w.model.vocab_size, t),
+    )
     forward = hw.memory_time(2 * e * n * h)
     backward = hw.memory_time(2 * e * vloc * h + 2 * e * n * h)
-    return _Pass(forward, backward, hw.all_reduce_time(e * n * h, lay.tp, intra_node=intra_tp))
+    return _Pass(forward, backward, hw.all_reduce_time(e * n * h, t, intra_node=intra_tp))
+
+
+def boundary_transfer(w: Workload, lay: Layout, hw: Hardware, *, intra_pp: bool) -> float:
+    """Seconds of one pipeline boundary crossing (an activation forward or its gradient backward), on the
+    critical path: the p2p transfer, and the all-gather that reassembles it under scatter/gather."""
+    par = lay.parallel
+    t = par.tp_size
+    if par.pp_size == 1:
+        return 0.0
+    sp = par.sequence_parallel and t > 1
+    boundary = (
+        w.dtype_bytes * lay.micro_batch_size * (w.seq_len // t if sp else w.seq_len) * w.model.hidden_size
+    )
+    scatter = par.scatter_gather and t > 1 and not sp
+    transfer = hw.p2p_time(boundary / t if scatter else boundary, intra_node=intra_pp)
+    if scatter:
+        transfer += hw.all_gather_time(boundary, t, intra_node=True)
+    return transfer
+
+
+def data_parallel_tail(
+    lay: Layout, hw: Hardware, params: int, *, dtype_bytes: int, backward: float, intra_dp: bool
+) -> tuple[float, float]:
+    """(exposed data-parallel communication, optimizer step) seconds per step of a rank holding `params`
+    parameters whose last micro-batch's backward takes `backward` seconds."""
+    d, e = lay.parallel.dp_size, dtype_bytes
+    grads = 4.0 * params
+    if lay.parallel.zero and d > 1:
+        dp_comm = hw.reduce_scatter_time(grads, d, intra_node=intra_dp)
+        gather = hw.all_gather_time(e * params, d, intra_node=intra_dp)
+        opt_bytes = 4 * params + (44 + e) * params / d
+    else:
+        dp_comm = hw.all_reduce_time(grads, d, intra_node=intra_dp)
+        gather = 0.0
+        opt_bytes = (48 + e) * params if e == 2 else 44 * params
+    last_bucket = hw.all_reduce_time(min(grads, 25 * 2**20), d, intra_node=intra_dp)
+    hidden = DP_OVERLAP * backward
+    exposed = max(dp_comm - hidden, min(dp_comm, last_bucket)) + gather
+    return exposed, hw.memory_time(opt_bytes)
 
 
 def estimate_layout_time(w: Workload, lay: Layout, hw: Hardware, *, gpus_per_node: int) -> StepTime:
     """Step time of `lay` for workload `w` (see the module docstring for every term)."""
-    m, e, s, b = w.model, w.dtype_bytes, w.seq_len, lay.micro_batch_size
-    t, p, d, v = lay.tp, lay.pp, lay.dp, lay.v
+    m, e, s, par = w.model, w.dtype_bytes, w.seq_len, lay.parallel
+    p, v = par.pp_size, par.num_model_chunks
     n_gpus = lay.num_gpus
     num_mb = lay.num_microbatches(w.global_batch_size)
-    intra_tp = t <= gpus_per_node
-    intra_dp = t * d <= gpus_per_node
-    intra_pp = n_gpus <= gpus_per_node
-    layer = layer_pass(m, hw, b=b, s=s, e=e, lay=lay, intra_tp=intra_tp)
-    head = head_pass(m, hw, b=b, s=s, e=e, lay=lay, intra_tp=intra_tp)
-    embed = embedding_pass(m, hw, b=b, s=s, e=e, lay=lay, intra_tp=intra_tp)
-
-    # Pipeline boundary transfer (activation forward, gradient backward), each on the critical path.
-    sp = lay.sequence_parallel and t > 1
-    boundary = e * b * (s // t if sp else s) * m.hidden_size
-    scatter = lay.scatter_gather and t > 1 and not sp
-    transfer = 0.0
-    if p > 1:
-        transfer = hw.p2p_time(boundary / t if scatter else boundary, intra_node=intra_pp)
-        if scatter:
-            transfer += hw.all_gather_time(boundary, t, intra_node=True)
+    intra_tp = par.tp_size <= gpus_per_node
+    intra_dp = par.tp_size * par.dp_size <= gpus_per_node
+    layer = layer_pass(w, lay, hw, intra_tp=intra_tp)
+    head = head_pass(w, lay, hw, intra_tp=intra_tp)
+    embed = embedding_pass(w, lay, hw, intra_tp=intra_tp)
+    transfer = boundary_transfer(w, lay, hw, intra_pp=n_gpus <= gpus_per_node)
 
     ranges = chunk_layer_ranges(m.num_layers, p, v)
     last = len(ranges) - 1
     per_rank, compute_rank, tp_rank, pp_rank_time, dp_tail = [], [], [], [], []
-    for r in range(p):
+    for pp_rank in range(p):
         work = _Pass(0.0, 0.0)
-        for c in (r + k * p for k in range(v)):
+        for c in chunks_of_rank(pp_rank, p, v):
             work = work + layer.scaled(ranges[c][1] - ranges[c][0])
             if c == 0:
                 work = work + embed
             if c == last:
                 work = work + head
-        params = rank_parameters(w, lay, r)
+        params = rank_parameters(w, lay, pp_rank)
         accumulate = hw.memory_time((8 + e) * params)  # .grad into the fp32 main_grad, every micro-batch
         p2p = 2 * v * transfer
         compute = work.forward + work.backward + accumulate
@@ -225,19 +264,9 @@ def estimate_layout_time(w: Workload, lay: Layout, hw: Hardware, *, gpus_per_nod
         tp_rank.append(work.tp)
         pp_rank_time.append(p2p)
         # Data parallelism and the optimizer, once per step.
-        grads = 4.0 * params
-        if lay.zero and d > 1:
-            dp_comm = hw.reduce_scatter_time(grads, d, intra_node=intra_dp)
-            gather = hw.all_gather_time(e * params, d, intra_node=intra_dp)
-            opt_bytes = 4 * params + (44 + e) * params / d
-        else:
-            dp_comm = hw.all_reduce_time(grads, d, intra_node=intra_dp)
-            gather = 0.0
-            opt_bytes = (48 + e) * params if e == 2 else 44 * params
-        last_bucket = hw.all_reduce_time(min(grads, 25 * 2**20), d, intra_node=intra_dp)
-        hidden = DP_OVERLAP * work.backward
-        exposed = max(dp_comm - hidden, min(dp_comm, last_bucket)) + gather
-        dp_tail.append((exposed, hw.memory_time(opt_bytes)))
+        dp_tail.append(
+            data_parallel_tail(lay, hw, params, dtype_bytes=e, backward=work.backward, intra_dp=intra_dp)
+        )
 
     slowest = max(range(p), key=lambda r: per_rank[r])
     mean = sum(per_rank) / p
