@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from threefold.config import ParallelConfig
-from threefold.pipeline.schedules import check_schedule_args
+from threefold.pipeline.schedules import ScheduleName, check_schedule_args
 from threefold.plan.hardware import GIB, Hardware
 from threefold.plan.layout import Layout, Workload
 from threefold.plan.memory_model import RankMemory, worst_rank
@@ -127,7 +127,9 @@ def _variants(
     """The schedules, recomputation and ZeRO settings of one (t, p, d, v, b)."""
     pp_size, v, dp_size = parallel.pp_size, parallel.num_model_chunks, parallel.dp_size
     num_mb = w.global_batch_size // (dp_size * b)
-    schedules = ["interleaved"] if v > 1 else ["1f1b", "gpipe"] if pp_size > 1 else ["1f1b"]
+    schedules: list[ScheduleName] = (
+        ["interleaved"] if v > 1 else ["1f1b", "gpipe"] if pp_size > 1 else ["1f1b"]
+    )
     if "pipeline_schedule" not in fixed and pp_size > 1 and v == 1:
         schedules = ["1f1b"]  # GPipe has 1F1B's bubble and more memory: never better
     for schedule in schedules:
