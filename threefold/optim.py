@@ -119,10 +119,6 @@ class Optimizer:
             if (is_sharded(p) or mesh.tp_rank == 0) and not getattr(p, "tied_copy", False)
         ]
 
-    def state_of(self, index: int) -> dict[str, torch.Tensor]:
-        """Adam's moments of range `index` (empty before the first step)."""
-        return self.adam.state.get(self.masters[index], {})
-
     def state_dict(self) -> OptimizerState:
         """This rank's state by parameter name: its ranges' masters and moments (live tensors)."""
         params = {}
