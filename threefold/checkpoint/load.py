@@ -138,7 +138,10 @@ def load_checkpoint(state: TrainState, path: str | Path) -> Manifest:
         )
         for name in owned
     }
-    state.optimizer.load_state_dict(OptimizerState(float(manifest["optimizer_steps"]), slices))
+    try:  # the optimizer checks that the state fits it before it writes anything
+        state.optimizer.load_state_dict(OptimizerState(float(manifest["optimizer_steps"]), slices))
+    except ValueError as e:
+        raise ValueError(f"checkpoint {str(path)!r}: {e}") from None
     for name, param in params.items():
         param.copy_(weights[name])
     if restore_rng:
