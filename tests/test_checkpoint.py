@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,11 @@ import torch
 from distributed import run_ranks, train_and_gather
 
 import threefold.checkpoint as checkpoint
+import threefold.checkpoint.save as checkpoint_save
 from threefold.config import build_config
+from threefold.optim import OptimizerState
 from threefold.parallel.mesh import build_mesh
-from threefold.train import build
+from threefold.train import build, train_loader, train_step
 
 STEPS = 4
 
@@ -115,19 +118,19 @@ def _crash_mid_save(rank: int, world: int, config) -> dict:
     trainer = build(config, mesh, torch.device("cpu"))
     root = Path(config.checkpoint.dir)
     checkpoint.save_checkpoint(trainer, root, step=2, consumed_samples=16, keep_last=3)
-    original = checkpoint.save_file
+    original = checkpoint_save.save_file
 
     def dying_save(*args, **kwargs):
         original(*args, **kwargs)
         raise OSError("disk full (simulated)")
 
-    checkpoint.save_file = dying_save
+    checkpoint_save.save_file = dying_save
     try:
         checkpoint.save_checkpoint(trainer, root, step=3, consumed_samples=24, keep_last=3)
     except OSError:
         pass
     finally:
-        checkpoint.save_file = original
+        checkpoint_save.save_file = original
     manifest = checkpoint.load_checkpoint(trainer, checkpoint.latest_checkpoint(root))
     return {"latest": (root / "latest").read_text().strip(), "step": manifest["step"],
             "dirs": sorted(p.name for p in root.iterdir())}  # fmt: skip
@@ -211,6 +214,66 @@ def test_bad_checkpoint_is_refused_before_anything_changes(
 def test_other_model_shape_is_refused(sonnets_dataset, tmp_path, good_checkpoint):
     error = run_ranks(1, _load_bad, _config(sonnets_dataset, tmp_path, hidden=64), str(good_checkpoint))[0]
     assert "holds another model shape" in error and "'hidden_size': (32, 64)" in error
+
+
+def _saved_before_the_first_step(rank: int, world: int, config, other_seed) -> dict:
+    mesh = build_mesh(1, 1, 1)
+    fresh = build(config, mesh, torch.device("cpu"))
+    path = checkpoint.save_checkpoint(fresh, config.checkpoint.dir, step=0, consumed_samples=0, keep_last=3)
+    keys = list(json.loads((path / "manifest.json").read_text())["tensors"])
+    # Other weights, and a step taken: Adam has moments that the checkpoint must not leave behind.
+    other = build(other_seed, mesh, torch.device("cpu"))
+    batches = train_loader(config, mesh).next_batch()
+    train_step(other, batches, 0)
+    checkpoint.load_checkpoint(other, path)
+    losses = [float(train_step(t, batches, 0)[0]) for t in (fresh, other)]
+    weights = [{n: p.detach().clone() for c in t.chunks.values() for n, p in c.named_parameters()}
+               for t in (fresh, other)]  # fmt: skip
+    return {"keys": keys, "losses": losses, "weights": weights}
+
+
+def test_checkpoint_saved_before_the_first_step_loads(sonnets_dataset, tmp_path):
+    """No moments yet: the checkpoint holds weights only, and loading it starts the optimizer afresh."""
+    config = _config(sonnets_dataset, tmp_path)
+    r = run_ranks(1, _saved_before_the_first_step, config, _config(sonnets_dataset, tmp_path, seed=6))[0]
+    assert r["keys"] and not [k for k in r["keys"] if "::" in k]
+    assert r["losses"][0] == r["losses"][1]
+    for name, w in r["weights"][0].items():
+        assert torch.equal(r["weights"][1][name], w), name
+
+
+class _MomentsRenamed:
+    """An optimizer part that keeps its moments under other names, as another optimizer would."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def state_dict(self) -> OptimizerState:
+        state = self.inner.state_dict()
+        renamed = {n: replace(s, moments={f"sgd_{k}": v for k, v in s.moments.items()})
+                   for n, s in state.params.items()}  # fmt: skip
+        return replace(state, params=renamed)
+
+
+def _save_with_another_optimizer(rank: int, world: int, config) -> str:
+    mesh = build_mesh(1, 1, 1)
+    trainer = build(config, mesh, torch.device("cpu"))
+    train_step(trainer, train_loader(config, mesh).next_batch(), 0)
+    trainer.optimizer = _MomentsRenamed(trainer.optimizer)
+    path = checkpoint.save_checkpoint(trainer, config.checkpoint.dir, step=1, consumed_samples=8, keep_last=3)
+    return str(path)
+
+
+def test_optimizer_state_of_another_optimizer_is_refused(sonnets_dataset, tmp_path):
+    """A checkpoint stores what the optimizer hands it; the loading optimizer refuses what it doesn't keep."""
+    config = _config(sonnets_dataset, tmp_path)
+    path = run_ranks(1, _save_with_another_optimizer, config)[0]
+    assert (
+        "embed_tokens.weight::sgd_exp_avg"
+        in json.loads((Path(path) / "manifest.json").read_text())["tensors"]
+    )
+    error = run_ranks(1, _load_bad, config, path)[0]
+    assert "holds ['sgd_exp_avg', 'sgd_exp_avg_sq']; this optimizer keeps ['exp_avg', 'exp_avg_sq']" in error
 
 
 def test_asynchronous_save_resumes_bit_exact(sonnets_dataset, tmp_path):

@@ -1,10 +1,12 @@
-"""Checkpoints written by older code still load: format-2 assets made before the subpackage move.
+"""Checkpoints written by older code still load, and today's code writes the same format-2 checkpoints.
 
 tests/assets/ckpt_v2_* were saved by commit ace3ee7 (tests/assets/make_v2_checkpoints.py) under tp=2 and
 under dp=2 with ZeRO; expected.safetensors holds what that code loaded from them into one process and the
-result of one more step. Today's loader must give the same tensors, bit for bit, under any layout.
+result of one more step. Today's loader must give the same tensors, bit for bit, under any layout, and
+today's writer, given the same training, the same manifest entries and tensors.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 from distributed import run_ranks
 from safetensors.torch import load_file
 
-from threefold.checkpoint import load_checkpoint
+from threefold.checkpoint import load_checkpoint, save_checkpoint
 from threefold.config import build_config
 from threefold.parallel.layers import gather_full
 from threefold.parallel.mesh import build_mesh
@@ -67,3 +69,36 @@ def test_format2_checkpoint_from_before_the_move_loads(asset, layout):
         torch.testing.assert_close(torch.tensor(r["norm"]), expected["after::grad_norm"][0], **tol)
         for name, tensor in r["after"].items():
             torch.testing.assert_close(tensor, expected[f"after::{name}"], **tol)
+
+
+def _batches(seed: int, dp_rank: int, dp_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    tokens = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(seed))
+    return [(x[None, :-1], x[None, 1:]) for x in tokens[dp_rank::dp_size]]
+
+
+def _train_and_save(rank: int, world: int, config, out: str) -> int:
+    """What tests/assets/make_v2_checkpoints.py did to make the assets."""
+    p = config.parallel
+    mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
+    trainer = build(config, mesh, torch.device("cpu"))
+    for step in range(2):
+        train_step(trainer, _batches(11, mesh.dp_rank, mesh.dp_size), step)
+    save_checkpoint(trainer, out, step=2, consumed_samples=8, keep_last=2)
+    return 0
+
+
+@pytest.mark.parametrize("asset,layout", [("ckpt_v2_tp2", (2, 1, False)), ("ckpt_v2_dp2_zero", (1, 2, True))])
+def test_format2_checkpoint_is_written_as_before(asset, layout, tmp_path):
+    run_ranks(2, _train_and_save, _config(*layout), str(tmp_path), timeout=120)
+    old_dir, new_dir = ASSETS / asset / "step_2", tmp_path / "step_2"
+    old, new = (json.loads((d / "manifest.json").read_text()) for d in (old_dir, new_dir))
+    for key in ("format_version", "step", "consumed_samples", "optimizer_steps", "layout", "model"):
+        assert new[key] == old[key], key
+    assert list(new["tensors"].items()) == list(old["tensors"].items())  # the same entries, in order
+    assert sorted(new["files"]) == sorted(old["files"])
+    for file in old["files"]:
+        old_tensors, new_tensors = load_file(str(old_dir / file)), load_file(str(new_dir / file))
+        assert list(new_tensors) == list(old_tensors), file
+        for key, tensor in old_tensors.items():
+            if not key.startswith("rng::"):  # the process's RNG state comes from the test runner
+                assert torch.equal(new_tensors[key], tensor), f"{file}: {key}"

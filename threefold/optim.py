@@ -1,8 +1,15 @@
-"""AdamW over fp32 master weights, a warm-up + cosine schedule, and global gradient-norm clipping."""
+"""AdamW over fp32 master weights, a warm-up + cosine schedule, and global gradient-norm clipping.
+
+The optimizer saves and restores its own state (`state_dict` / `load_state_dict`) as an
+`OptimizerState`: per parameter name, the flat range it updates with that range's fp32 master and
+moments, and the step count. Checkpoints move these without knowing AdamW's layout or the ZeRO slicing.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -25,14 +32,45 @@ def lr_at(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class ParamSlice:
+    """Optimizer state of one parameter: elements [start, end) of its flattened TP-local tensor.
+
+    `master` and each moment are 1-D fp32 tensors of end - start elements. From `state_dict()` they are
+    the optimizer's own tensors (copy them before the next step); `load_state_dict()` accepts any slice
+    that covers the range it updates and copies its part of it.
+    """
+
+    start: int
+    end: int
+    master: torch.Tensor
+    moments: dict[str, torch.Tensor] = field(default_factory=dict)
+    """By name (AdamW: exp_avg, exp_avg_sq); empty before the first step."""
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """What an optimizer needs to continue exactly where it stopped."""
+
+    step: float
+    """Optimizer steps taken (AdamW's bias correction counts them; skipped steps do not count)."""
+    params: dict[str, ParamSlice]
+    """By parameter name: the range this rank updates, with its master weights and moments."""
+    dp_sharded: bool = False
+    """Each data-parallel rank holds a distinct part of the state (ZeRO), rather than a replica."""
+
+
 class Optimizer:
     """AdamW on fp32 masters of the parameter ranges this rank updates.
 
     `ranges` lists (parameter, start, end) flat ranges (see GradSync.owned_ranges): whole parameters
     without ZeRO, this data-parallel rank's shard of them with ZeRO. Each range gets a 1-D fp32 master:
     the parameter's own storage when training in fp32, a copy (written back after each step) in bf16.
-    Gradients come from each parameter's fp32 `main_grad`.
+    Gradients come from each parameter's fp32 `main_grad`. `names` gives each parameter the name its
+    state goes by in `state_dict()` (default: its position in `params`).
     """
+
+    moment_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -42,6 +80,7 @@ class Optimizer:
         mesh: Mesh,
         max_steps: int,
         zero: bool = False,
+        names: Mapping[nn.Parameter, str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.mesh = mesh
@@ -49,6 +88,9 @@ class Optimizer:
         self.zero = zero
         self.params = list(dict.fromkeys(p for p, _, _ in ranges))
         self.ranges = ranges
+        position = {p: str(i) for i, p in enumerate(self.params)}
+        self._names = [(names or position)[p] for p, _, _ in ranges]
+        assert len(set(self._names)) == len(ranges), "one range per parameter, each with its own name"
         self._targets = [p.data.view(-1)[a:b] for p, a, b in ranges]
         self.masters = [t if t.dtype == torch.float32 else t.float() for t in self._targets]
         self._grads = [p.main_grad.view(-1)[a:b] for p, a, b in ranges]  # type: ignore[attr-defined]
@@ -77,9 +119,78 @@ class Optimizer:
             if (is_sharded(p) or mesh.tp_rank == 0) and not getattr(p, "tied_copy", False)
         ]
 
-    def state_of(self, index: int) -> dict[str, torch.Tensor]:
-        """Adam's moments of range `index` (empty before the first step)."""
-        return self.adam.state.get(self.masters[index], {})
+    def state_dict(self) -> OptimizerState:
+        """This rank's state by parameter name: its ranges' masters and moments (live tensors)."""
+        params = {}
+        for name, (_, start, end), master in zip(self._names, self.ranges, self.masters, strict=True):
+            adam_state = self.adam.state.get(master, {})
+            moments = {k: adam_state[k] for k in self.moment_names if k in adam_state}
+            params[name] = ParamSlice(start, end, master, moments)
+        # Every range takes (or skips) every step together, so any one count is all of them.
+        steps = [s["step"] for s in self.adam.state.values() if "step" in s]
+        return OptimizerState(float(steps[0]) if steps else 0.0, params, dp_sharded=self.zero)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: OptimizerState) -> None:
+        """Continue from `state`: each parameter's slice must cover the range this rank updates.
+
+        Slices of parameters this rank does not update are ignored; moments must be given for all of
+        this rank's parameters or for none (a fresh start, e.g. a checkpoint saved before the first
+        step). Everything is checked (ValueError) before anything is written. The loaded masters are
+        copied into the parameters' ranges too; the rest of each parameter is the caller's to restore.
+        """
+        masters, moments = self._pieces_of(state)
+        for master, piece in zip(self.masters, masters, strict=True):
+            master.copy_(piece)
+        copies = [(t, m) for t, m in zip(self._targets, self.masters, strict=True) if t is not m]
+        if copies:
+            torch._foreach_copy_([t for t, _ in copies], [m for _, m in copies])
+        position = {m: i for i, m in enumerate(p for g in self.adam.param_groups for p in g["params"])}
+        adam_state: dict[int, dict[str, torch.Tensor]] = {}
+        for master, pieces in zip(self.masters, moments, strict=True):
+            if pieces:
+                step = {"step": torch.tensor(state.step, dtype=torch.float32)}
+                adam_state[position[master]] = step | {k: v.to(master.device) for k, v in pieces.items()}
+        state_dict = self.adam.state_dict()
+        state_dict["state"] = adam_state  # none: Adam starts afresh
+        self.adam.load_state_dict(state_dict)
+
+    def _pieces_of(self, state: OptimizerState) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """(master, moments by name) of each of this rank's ranges, cut from `state`; ValueError if unfit."""
+        missing = [name for name in self._names if name not in state.params]
+        if missing:
+            more = " ..." if len(missing) > 5 else ""
+            raise ValueError(f"optimizer state lacks parameters {missing[:5]}{more}")
+        masters, moments = [], []
+        for name, (_, start, end) in zip(self._names, self.ranges, strict=True):
+            piece = state.params[name]
+            if not piece.start <= start <= end <= piece.end:
+                raise ValueError(
+                    f"optimizer state of {name} holds elements {piece.start}..{piece.end}, "
+                    f"which do not cover this rank's {start}..{end}"
+                )
+            if piece.moments and set(piece.moments) != set(self.moment_names):
+                raise ValueError(
+                    f"optimizer state of {name} holds {sorted(piece.moments)}; "
+                    f"this optimizer keeps {list(self.moment_names)}"
+                )
+            cut = slice(start - piece.start, end - piece.start)
+            for key, t in [("master", piece.master), *piece.moments.items()]:
+                if t.numel() != piece.end - piece.start:
+                    raise ValueError(
+                        f"optimizer state of {name}: {key} has {t.numel()} elements for the "
+                        f"{piece.end - piece.start} of {piece.start}..{piece.end}"
+                    )
+            masters.append(piece.master.reshape(-1)[cut])
+            moments.append({k: v.reshape(-1)[cut].clone() for k, v in piece.moments.items()})
+        with_moments = [name for name, m in zip(self._names, moments, strict=True) if m]
+        if with_moments and len(with_moments) != len(self._names):
+            without = [name for name, m in zip(self._names, moments, strict=True) if not m]
+            raise ValueError(
+                f"optimizer state has moments for {with_moments[:3]} but not for {without[:3]}: "
+                "it comes from another optimizer or is incomplete"
+            )
+        return masters, moments
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradient over the whole model (all ranks), as a device tensor."""

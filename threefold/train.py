@@ -100,7 +100,8 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         for c, chunk in chunks.items():
             chunk.before_use = grad_syncs[c].wait_for  # the parameter all-gather overlaps the forward
     owned = [r for c in sorted(grad_syncs) for r in grad_syncs[c].owned_ranges()]
-    optimizer = Optimizer(owned, config.optimizer, mesh=mesh, max_steps=t.max_steps, zero=p.zero)
+    names = {param: name for chunk in chunks.values() for name, param in chunk.named_parameters()}
+    optimizer = Optimizer(owned, config.optimizer, mesh=mesh, max_steps=t.max_steps, zero=p.zero, names=names)
     seq_local = config.data.seq_len // (p.tp_size if p.sequence_parallel else 1)
     executor = PipelineExecutor(
         chunks,

@@ -196,6 +196,15 @@ class GradSync:
         """Block until every parameter all-gather started by `gather_params` has landed."""
         self._wait(self.buckets)
 
+    def quiesce(self) -> None:
+        """Return once no collective of this GradSync still writes into the parameters.
+
+        Call between steps, before anything outside the step reads or overwrites the parameters (a
+        checkpoint save or load): every ZeRO parameter all-gather has then landed.
+        """
+        assert all(b.handle is None for b in self.buckets), "a gradient reduction is in flight"
+        self.wait_params()
+
     def wait_for(self, module: nn.Module) -> None:
         """Block until the parameters of `module` (and its children) are current."""
         key = id(module)

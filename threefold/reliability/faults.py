@@ -23,10 +23,12 @@ import math
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 KINDS = ("kill", "term", "stall", "slow", "nan", "spike")
 
@@ -83,8 +85,8 @@ class FaultPlan:
     def __bool__(self) -> bool:
         return bool(self.faults)
 
-    def before_step(self, rank: int, step: int, grads: list[Any], weights: list[Any]) -> None:
-        """Inject whatever is due now into the gradient buffers (`nan`) or the weights (`spike`)."""
+    def before_step(self, rank: int, step: int, weights: Sequence[nn.Parameter]) -> None:
+        """Inject whatever is due now into the next gradients (`nan`) or the weights (`spike`)."""
         for f in self.faults:
             if not f.due(rank, step):
                 continue
@@ -104,7 +106,7 @@ class FaultPlan:
                     w.data.mul_(f.factor)
 
 
-def _poison_next_gradient(param: Any) -> None:
+def _poison_next_gradient(param: nn.Parameter) -> None:
     """Make the next gradient computed for `param` all NaN (as a bad batch would), once.
 
     A tensor hook, not a write into the gradient buffer: the first micro-batch of a step overwrites
@@ -112,7 +114,7 @@ def _poison_next_gradient(param: Any) -> None:
     """
     fired = False
 
-    def hook(grad: Any) -> Any:
+    def hook(grad: torch.Tensor) -> torch.Tensor | None:
         nonlocal fired
         if fired:
             return None

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from threefold.checkpoint import Checkpointer, checkpoints_newest_first, load_checkpoint
+from threefold.checkpoint import Checkpointer, TrainState, checkpoints_newest_first, load_checkpoint
+from threefold.checkpoint.parts import named_parameters
 from threefold.config import Config
 from threefold.data.dataset import BatchLoader, check_dataset
 from threefold.parallel.mesh import Mesh
@@ -51,7 +53,7 @@ def check_data(config: Config, control: ControlChannel, rank: int) -> None:
         raise ValueError(error)
 
 
-def resume(trainer: Any, loader: BatchLoader, control: ControlChannel, events: EventLog) -> int:
+def resume(trainer: TrainState, loader: BatchLoader, control: ControlChannel, events: EventLog) -> int:
     """Load the newest checkpoint every rank can load; returns the step to start at (0: fresh run)."""
     ckpt = trainer.config.checkpoint
     candidates = checkpoints_newest_first(ckpt.dir) if ckpt.dir else []
@@ -81,7 +83,7 @@ def resume(trainer: Any, loader: BatchLoader, control: ControlChannel, events: E
     return 0
 
 
-def rollback(trainer: Any, checkpointer: Checkpointer, root: str, before_step: int) -> int | None:
+def rollback(trainer: TrainState, checkpointer: Checkpointer, root: str, before_step: int) -> int | None:
     """Reload the newest checkpoint saved after fewer than `before_step` steps; returns its step."""
     checkpointer.finish(trainer)  # an asynchronous save still in flight is committed first
     for path in checkpoints_newest_first(root):
@@ -139,14 +141,14 @@ class RunGuard:
             self.watchdog.stop()
         self._activation.__exit__(*exc)
 
-    def begin_step(self, step: int, trainer: Any) -> None:
+    def begin_step(self, step: int, trainer: TrainState) -> None:
         self.tracker.step = step
         self.tracker.action = "step start"
         self._began = time.monotonic()
         self._comm_at_begin = self.tracker.comm_seconds
         if self.faults:
-            grads = [p.main_grad for p in trainer.optimizer.params]
-            self.faults.before_step(self.mesh.rank, step, grads, trainer.optimizer.params)
+            # Every weight this rank holds, so that data-parallel replicas stay alike under ZeRO too.
+            self.faults.before_step(self.mesh.rank, step, list(named_parameters(trainer).values()))
 
     def end_step(self, *, stop_requested: bool, out_of_time: bool) -> tuple[bool, bool]:
         """Busy-time bookkeeping, then every rank's agreement on (stop requested, out of time)."""
@@ -156,7 +158,7 @@ class RunGuard:
         stop, late = self.control.agree([float(stop_requested), float(out_of_time)])
         return stop > 0, late > 0
 
-    def interval(self, synced: list[Synced], note: Any) -> int | None:
+    def interval(self, synced: list[Synced], note: Callable[[str], None]) -> int | None:
         """Act on one log interval's steps; returns the 0-based step of a loss spike to roll back from.
 
         Raises NumericsError after too many consecutive skipped steps (on every rank alike).

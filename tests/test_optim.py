@@ -1,0 +1,180 @@
+"""The optimizer's own state: state_dict() / load_state_dict() across ZeRO slicings, and what it refuses."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_ranks
+from torch import nn
+
+from threefold.config import OptimizerConfig
+from threefold.optim import Optimizer, OptimizerState, ParamSlice
+from threefold.parallel.data_parallel import GradSync
+from threefold.parallel.mesh import build_mesh
+
+# No clipping: the global norm sums its pieces in an order that depends on the slicing, and the update
+# should not. Weight decay on, so both parameter groups matter.
+CFG = OptimizerConfig(lr=0.05, warmup_steps=0, weight_decay=0.1, grad_clip=0.0)
+SEVERAL_BUCKETS = 16 * 4 / 2**20  # 16 elements a bucket: every parameter split between the ranks
+
+
+def _build(seed: int, *, bucket_mb: float, zero: bool):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4), nn.LayerNorm(4))
+    mesh = build_mesh(1, dist.get_world_size(), 1)
+    sync = GradSync(list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=bucket_mb, zero=zero)
+    names = {p: n for n, p in model.named_parameters()}
+    opt = Optimizer(sync.owned_ranges(), CFG, mesh=mesh, max_steps=10, zero=zero, names=names)
+    return model, sync, opt
+
+
+def _step(model, sync, opt, step: int) -> None:
+    torch.manual_seed(100 * step + dist.get_rank())  # each data-parallel rank sees its own batch
+    model(torch.randn(3, 8)).square().mean().backward()
+    sync.finish()
+    opt.step(step)
+    sync.gather_params()
+    sync.quiesce()
+    sync.reset()
+
+
+def _whole(state: OptimizerState, model: nn.Module) -> OptimizerState:
+    """A copy of every parameter's whole state on every rank, joined from ZeRO slices if need be."""
+    params = {}
+    for name, p in model.named_parameters():
+        whole = {k: torch.zeros(p.numel()) for k in ("master", *Optimizer.moment_names)}
+        piece = state.params.get(name)
+        if piece is not None:
+            for key, t in [("master", piece.master), *piece.moments.items()]:
+                whole[key][piece.start : piece.end] = t
+        if state.dp_sharded:  # each element is held by one rank: a sum joins them
+            for t in whole.values():
+                dist.all_reduce(t)
+        master = whole.pop("master")
+        params[name] = ParamSlice(0, p.numel(), master, whole if state.step else {})
+    return OptimizerState(state.step, params)
+
+
+def _copy_weights(into: nn.Module, source: nn.Module) -> None:
+    """The model's part of a restore: the optimizer restores only the ranges it updates."""
+    with torch.no_grad():
+        for p_into, p_source in zip(into.parameters(), source.parameters(), strict=True):
+            p_into.copy_(p_source)
+
+
+def _round_trip(rank: int, world: int, bucket_mb: float, zero: bool) -> dict:
+    model_a, sync_a, opt_a = _build(0, bucket_mb=SEVERAL_BUCKETS, zero=True)
+    _step(model_a, sync_a, opt_a, 0)
+    saved = _whole(opt_a.state_dict(), model_a)
+    # Another model (other initial weights) under another slicing loads the joined state ...
+    model_b, sync_b, opt_b = _build(1, bucket_mb=bucket_mb, zero=zero)
+    _copy_weights(model_b, model_a)
+    opt_b.load_state_dict(saved)
+    loaded = _whole(opt_b.state_dict(), model_b)
+    # ... and one under the same slicing the slices themselves, unjoined; there the weights come from the
+    # masters alone (fp32 masters are the weights), each rank's all-gathered to the others.
+    model_c, sync_c, opt_c = _build(1, bucket_mb=SEVERAL_BUCKETS, zero=True)
+    opt_c.load_state_dict(opt_a.state_dict())
+    sync_c.gather_params()
+    sync_c.quiesce()
+    models = [(model_a, sync_a, opt_a), (model_b, sync_b, opt_b), (model_c, sync_c, opt_c)]
+    for model, sync, opt in models:
+        _step(model, sync, opt, 1)
+    names = {id(p): n for m, _, _ in models for n, p in m.named_parameters()}
+    return {
+        "ranges": [[(names[id(p)], a, b) for p, a, b in o.ranges] for o in (opt_a, opt_b)],
+        "saved": saved,
+        "loaded": loaded,
+        "after": [{n: p.detach().clone() for n, p in m.named_parameters()} for m, _, _ in models],
+        "steps": [o.state_dict().step for _, _, o in models],
+    }
+
+
+@pytest.mark.parametrize("bucket_mb,zero", [(1.0, True), (1.0, False)], ids=["one-bucket-zero", "no-zero"])
+def test_state_round_trip_under_another_slicing_gives_identical_next_steps(bucket_mb, zero):
+    results = run_ranks(2, _round_trip, bucket_mb, zero)
+    assert any(r["ranges"][0] != r["ranges"][1] for r in results), "the two slicings differ"
+    for r in results:
+        for name, piece in r["saved"].params.items():
+            got = r["loaded"].params[name]
+            assert torch.equal(got.master, piece.master), name
+            assert got.moments.keys() == piece.moments.keys() == {"exp_avg", "exp_avg_sq"}, name
+            assert all(torch.equal(got.moments[k], v) for k, v in piece.moments.items()), name
+        assert r["steps"] == [2.0, 2.0, 2.0]
+        reference, *others = r["after"]
+        for after in others:
+            for name, w in reference.items():
+                assert torch.equal(after[name], w), name  # bit for bit: moments and step count came along
+
+
+def _refusals(rank: int, world: int) -> dict:
+    model, sync, opt = _build(0, bucket_mb=1.0, zero=False)
+    _step(model, sync, opt, 0)
+    good = opt.state_dict()
+    live = {
+        n: (s.master.clone(), {k: v.clone() for k, v in s.moments.items()}) for n, s in good.params.items()
+    }
+
+    def variant(name: str, **change) -> OptimizerState:
+        return OptimizerState(good.step, good.params | {name: replace(good.params[name], **change)})
+
+    first = "0.weight"
+    bad = {
+        "missing": OptimizerState(good.step, {n: s for n, s in good.params.items() if n != first}),
+        "short": variant(first, end=good.params[first].end - 1, master=good.params[first].master[:-1]),
+        "some-moments": variant(first, moments={}),
+        "other-optimizer": variant(first, moments={"momentum_buffer": good.params[first].master}),
+        "wrong-size": variant(first, master=torch.zeros(3)),
+    }
+    errors = {}
+    for key, state in bad.items():
+        try:
+            opt.load_state_dict(state)
+            errors[key] = "no error"
+        except ValueError as e:
+            errors[key] = str(e)
+        now = opt.state_dict()
+        for n, (master, moments) in live.items():
+            assert torch.equal(now.params[n].master, master), f"{key}: {n} changed"
+            assert all(torch.equal(now.params[n].moments[k], v) for k, v in moments.items()), key
+    return errors
+
+
+def test_unfit_state_is_refused_before_anything_changes():
+    errors = run_ranks(1, _refusals)[0]
+    assert "lacks parameters ['0.weight']" in errors["missing"]
+    assert "do not cover this rank's 0..128" in errors["short"]
+    assert (
+        "has moments for" in errors["some-moments"] and "but not for ['0.weight']" in errors["some-moments"]
+    )
+    assert (
+        "holds ['momentum_buffer']; this optimizer keeps ['exp_avg', 'exp_avg_sq']"
+        in errors["other-optimizer"]
+    )
+    assert "master has 3 elements for the 128" in errors["wrong-size"]
+
+
+def _fresh_state(rank: int, world: int) -> dict:
+    model_a, sync_a, opt_a = _build(0, bucket_mb=1.0, zero=False)
+    state = opt_a.state_dict()
+    empty = {n: (s.start, s.end, dict(s.moments)) for n, s in state.params.items()}
+    # A state without moments (saved before the first step) also resets an optimizer that has stepped.
+    model_b, sync_b, opt_b = _build(1, bucket_mb=1.0, zero=False)
+    _step(model_b, sync_b, opt_b, 0)
+    _copy_weights(model_b, model_a)
+    opt_b.load_state_dict(state)
+    reset = opt_b.state_dict()
+    for model, sync, opt in [(model_a, sync_a, opt_a), (model_b, sync_b, opt_b)]:
+        _step(model, sync, opt, 0)
+    same = all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True))
+    reset_moments = [s.moments for s in reset.params.values()]
+    return {"step": state.step, "empty": empty, "reset": (reset.step, reset_moments), "same": same}
+
+
+def test_state_before_the_first_step_has_no_moments_and_loads():
+    r = run_ranks(1, _fresh_state)[0]
+    assert r["step"] == 0.0
+    assert r["empty"]["0.weight"] == (0, 128, {}) and all(m == {} for *_, m in r["empty"].values())
+    assert r["reset"] == (0.0, [{}] * 6), "loading a state without moments starts the optimizer afresh"
+    assert r["same"], "the next step is the first step of a fresh optimizer"
