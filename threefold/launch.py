@@ -1,6 +1,7 @@
 """Starting workers: inside torchrun (or Slurm), or as N local processes launched here.
 
-The environment is read once, here, at start-up; nothing below the CLI reads it again.
+The launcher's environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, ...) is read once, here, by
+`world_from_env`; everything else gets a `WorldInfo`. `run_workers` is the one entry the commands use.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from threefold.config import Config
+from threefold.config import Config, check_world_size
+from threefold.parallel.mesh import Mesh, build_mesh
+from threefold.reliability.faults import FaultPlan, faults_from_env
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class WorldInfo:
     rank: int
     local_rank: int
     world_size: int
+    local_world_size: int = field(kw_only=True)
+    """Ranks on this node (LOCAL_WORLD_SIZE; the whole world when the launcher does not say)."""
     restart_count: int = 0
     """How many times torchrun restarted this job's workers (TORCHELASTIC_RESTART_COUNT)."""
     agent_store: tuple[str, int] | None = None
@@ -43,6 +50,7 @@ def world_from_env() -> WorldInfo | None:
             int(env["RANK"]),
             int(env.get("LOCAL_RANK", 0)),
             int(env["WORLD_SIZE"]),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
             restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
             agent_store=agent_store,
         )
@@ -50,8 +58,7 @@ def world_from_env() -> WorldInfo | None:
 
 
 def pick_device(config: Config, local_rank: int) -> torch.device:
-    wanted = config.training.device
-    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+    if _uses_cuda(config):
         if not torch.cuda.is_available():
             raise ValueError("training.device = 'cuda' but no CUDA device is available")
         if local_rank >= torch.cuda.device_count():
@@ -135,3 +142,48 @@ def launch_local(nproc: int, argv: list[str], *, use_cuda: bool) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
+
+
+Body = Callable[[Config, Mesh, torch.device, FaultPlan | None], int]
+"""What a command runs on each rank, with the process group up: returns the rank's exit code."""
+
+
+def run_workers(
+    config: Config, body: Body, *, world: WorldInfo | None, nproc: int | None, worker_argv: list[str]
+) -> int:
+    """Outside torchrun (world is None): launch nproc (default: the config's world size) local workers,
+    each running `threefold <worker_argv>`, and return the first failing exit code. Inside: build the
+    mesh and return body(config, mesh, device, faults) on this rank."""
+    faults = faults_from_env()  # test-only fault injection (THREEFOLD_FAULT); None normally
+    if world is None:
+        nproc = nproc or config.world_size
+        check_world_size(config, nproc)
+        prepare_data_if_asked(config)
+        return launch_local(nproc, worker_argv, use_cuda=_uses_cuda(config))
+
+    check_world_size(config, world.world_size)
+    device = pick_device(config, world.local_rank)
+    init_distributed(world, device)
+    try:
+        if world.local_rank == 0:
+            prepare_data_if_asked(config)  # torchrun multi-node: once per node
+        dist.barrier()
+        p = config.parallel
+        return body(config, build_mesh(p.tp_size, p.dp_size, p.pp_size), device, faults)
+    finally:
+        dist.destroy_process_group()
+
+
+def _uses_cuda(config: Config) -> bool:
+    wanted = config.training.device
+    return wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
+
+
+def prepare_data_if_asked(config: Config) -> None:
+    """Write the Shakespeare dataset when data.prepare_shakespeare asks for it and it is not there yet."""
+    d = config.data
+    if d.prepare_shakespeare and not (Path(d.path) / "meta.json").is_file():
+        from threefold.data.prepare import prepare_shakespeare
+
+        print(f"preparing the Shakespeare dataset in {d.path} (first run only)", flush=True)
+        prepare_shakespeare(d.path)

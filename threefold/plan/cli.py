@@ -1,12 +1,12 @@
 """`threefold plan`: the fastest layouts that fit, as a table or JSON; `--calibrate` measures a preset;
-and the `--layout auto` choice of `threefold train`."""
+and the planner entry points of `threefold train --layout auto` (`auto_layout`, `host_hardware`; the
+command side lives in plan/auto.py)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +16,46 @@ from threefold.plan.layout import Layout, Workload
 from threefold.plan.search import PlanResult, explain, format_table, plan
 from threefold.presets import MODEL_PRESETS
 
+DESCRIPTION = """Predict memory and speed of every (tp, pp, dp, v, micro-batch, schedule, recompute, ZeRO)
+layout; print the fastest that fit. With --calibrate: measure this machine and save it as a --gpu preset."""
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="threefold plan",
-        description="Predict memory and speed of every (tp, pp, dp, v, micro-batch, schedule, recompute, "
-        "ZeRO) layout; print the fastest that fit.",
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `threefold plan` (the top-level parser in threefold/cli.py calls this)."""
+    p.add_argument(
+        "--model",
+        metavar="PRESET|FILE.toml",
+        help="a preset name or a config .toml (its model, seq_len, batch, dtype)",
     )
-    p.add_argument("--model", help="a preset name or a config .toml (its model, seq_len, batch, dtype)")
-    p.add_argument("--gpus", type=int, help="number of GPUs n")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node g (default: all in one node)")
-    p.add_argument("--gpu", default="h100", help=f"hardware: {', '.join(PRESETS)} or a preset .json")
-    p.add_argument("--global-batch", type=int, help="global batch B in sequences")
-    p.add_argument("--seq", type=int, help="sequence length s")
+    p.add_argument("--gpus", type=int, metavar="N", help="number of GPUs n")
+    p.add_argument(
+        "--gpus-per-node", type=int, metavar="G", help="GPUs per node g (default: all in one node)"
+    )
+    p.add_argument(
+        "--gpu",
+        default="h100",
+        metavar="NAME|FILE.json",
+        help=f"hardware: {', '.join(PRESETS)} or a preset .json",
+    )
+    p.add_argument("--global-batch", type=int, metavar="B", help="global batch B in sequences")
+    p.add_argument("--seq", type=int, metavar="S", help="sequence length s")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default bfloat16")
     p.add_argument("--json", action="store_true", help="print the ranked layouts as JSON")
-    p.add_argument("--top", type=int, default=10, help="how many layouts to show")
-    p.add_argument("--memory-margin", type=float, default=0.05, help="headroom kept free (fraction)")
+    p.add_argument("--top", type=int, default=10, metavar="K", help="how many layouts to show")
+    p.add_argument(
+        "--memory-margin", type=float, default=0.05, metavar="F", help="headroom kept free (fraction)"
+    )
     p.add_argument("--no-zero", action="store_true", help="do not consider the distributed optimizer")
     for name in ("tp", "pp", "dp", "v"):
         p.add_argument(f"--{name}", type=int, help=f"fix {name}")
-    p.add_argument("--micro-batch-size", type=int, help="fix the micro-batch size b")
+    p.add_argument("--micro-batch-size", type=int, metavar="B", help="fix the micro-batch size b")
     p.add_argument("--recompute", choices=["none", "selective", "full"], help="fix recomputation")
     p.add_argument("--zero", choices=["on", "off"], help="fix ZeRO-1 on or off")
     p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], help="fix the pipeline schedule")
     p.add_argument("--calibrate", action="store_true", help="measure this machine and save a preset")
-    p.add_argument("--out", default="hardware.json", help="where --calibrate writes its preset")
-    return p
+    p.add_argument(
+        "--out", default="hardware.json", metavar="FILE.json", help="where --calibrate writes its preset"
+    )
 
 
 def _workload(args: argparse.Namespace) -> Workload:
@@ -140,8 +153,8 @@ def run_plan(
     return result
 
 
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Print the ranked layouts (or calibrate) for parsed `threefold plan` arguments."""
     if args.calibrate:
         return _calibrate(args)
     if args.gpus is None:
@@ -190,8 +203,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             torch.cuda.set_device(device)
         init_distributed(world, device)
         try:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
-            hw = calibrate(device, name=name, intra_node=local >= world.world_size)
+            hw = calibrate(device, name=name, intra_node=world.local_world_size >= world.world_size)
         finally:
             dist.destroy_process_group()
         if world.rank != 0:

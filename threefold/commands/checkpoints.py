@@ -1,0 +1,89 @@
+"""`threefold checkpoint convert`, `import-hf`, `export-hf`: checkpoints in and out of any layout."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from threefold.commands.args import add_command
+
+CONVERT_HELP = "write a checkpoint of any layout as one layout-free file of full tensors"
+IMPORT_HELP = "turn a Hugging Face checkpoint (safetensors + config.json) into a threefold checkpoint"
+EXPORT_HELP = "write a threefold checkpoint (any layout) as a Hugging Face checkpoint"
+CHECKPOINT_ARG = "a checkpoint directory, or a run's checkpoint.dir (uses latest)"
+
+
+def register(sub: Any) -> None:
+    """Add `import-hf`, `export-hf` and `checkpoint convert` to the top-level subparsers."""
+    imp = add_command(sub, "import-hf", cmd_import_hf, help=IMPORT_HELP)
+    imp.add_argument("hf_dir", help="directory with config.json and model.safetensors (or an index)")
+    imp.add_argument("out_dir", help="the threefold checkpoint to write")
+
+    exp = add_command(sub, "export-hf", cmd_export_hf, help=EXPORT_HELP)
+    exp.add_argument("checkpoint", help=CHECKPOINT_ARG)
+    exp.add_argument("out_dir", help="where to write config.json and model.safetensors")
+    exp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    exp.add_argument("--max-shard-gb", type=float, default=5.0, help="split the weights into files this big")
+
+    checkpoint = sub.add_parser(
+        "checkpoint", help="checkpoint tools: convert", description="Checkpoint tools."
+    )
+    actions = checkpoint.add_subparsers(dest="action", metavar="ACTION", required=True)
+    convert = add_command(actions, "convert", cmd_convert, help=CONVERT_HELP)
+    convert.add_argument("src", help=CHECKPOINT_ARG)
+    convert.add_argument("dst", help="the consolidated checkpoint to write")
+
+
+def _checkpoint_path(arg: str) -> Path:
+    """A checkpoint directory as given, or the one `latest` points to in a run's checkpoint.dir."""
+    from threefold.checkpoint import latest_checkpoint
+
+    path = Path(arg)
+    if not (path / "manifest.json").is_file() and (path / "latest").is_file():
+        return latest_checkpoint(path) or path
+    return path
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from threefold.checkpoint import convert_checkpoint
+
+    src = _checkpoint_path(args.src)
+    out = convert_checkpoint(src, args.dst)
+    print(f"wrote {out} from {src}: full weights and optimizer state in one file, loadable under any layout")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from threefold.checkpoint import write_full_checkpoint
+    from threefold.commands.toml_writer import toml_table, toml_value
+    from threefold.config import Config
+    from threefold.model.hf import load_hf_checkpoint
+
+    model, state = load_hf_checkpoint(args.hf_dir)
+    out = write_full_checkpoint(Config(model=model), state, args.out_dir)
+    fields = {k: v for k, v in dataclasses.asdict(model).items() if k != "preset"}
+    (out / "model.toml").write_text(toml_table("model", fields))
+    print(f"wrote {out} ({sum(t.numel() for t in state.values()):,} parameters)")
+    print(f"train from it with this model section (also in {out / 'model.toml'}) and")
+    print(f"[checkpoint]\nload = {toml_value(str(out))}\n")
+    print(toml_table("model", fields))
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from threefold.checkpoint import read_full_state
+    from threefold.config import ModelConfig
+    from threefold.model.hf import save_hf_checkpoint, to_hf_state_dict
+
+    path = _checkpoint_path(args.checkpoint)
+    model_fields, state = read_full_state(path)
+    model = ModelConfig(**model_fields)
+    state = {k: v.to(getattr(torch, args.dtype)) for k, v in state.items()}
+    to_hf_state_dict(model, state)  # checks names and shapes before anything is written
+    save_hf_checkpoint(model, state, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {args.out_dir} from {path}")
+    return 0
