@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from threefold.config import Config, build_config
+from threefold.config import Config
 from threefold.launch import WorldInfo
 from threefold.plan.cli import auto_layout, host_hardware
 from threefold.plan.hardware import preset_for_device
@@ -53,4 +53,4 @@ def choose_layout(config: Config, *, world: WorldInfo | None, nproc: int | None)
 
 def apply_layout(config: Config, layout: Layout) -> Config:
     """`config` with `layout` in its parallel and training sections, validated again as a whole."""
-    return build_config(config.to_dict(), layout.overrides())
+    return layout.apply(config)
