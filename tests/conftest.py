@@ -1,8 +1,11 @@
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from distributed import run_ranks, train_and_gather
 
+from threefold.config import Config
 from threefold.data.prepare import prepare_dataset
 
 # One intra-op thread per process: the multi-rank tests fork several ranks onto two cores.
@@ -17,3 +20,19 @@ def sonnets_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "sonnets"
     prepare_dataset([SONNETS], out, val_fraction=0.1)
     return out
+
+
+@pytest.fixture(scope="session")
+def reference() -> Callable[[Config], dict]:
+    """reference(config): `train_and_gather` of `config` in one process, the single-process run a layout
+    is compared with. Each distinct config trains once per session."""
+    runs: dict[str, dict] = {}
+
+    def single_process(config: Config) -> dict:
+        assert config.world_size == 1, f"a reference runs in one process, not {config.world_size}"
+        key = repr(config)  # the dataclass repr spells out every field
+        if key not in runs:
+            runs[key] = run_ranks(1, train_and_gather, config)[0]
+        return runs[key]
+
+    return single_process

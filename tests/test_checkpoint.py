@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import run_ranks, train_and_gather
+from tiny import tiny_config
 
 import threefold.checkpoint as checkpoint
 import threefold.checkpoint.save as checkpoint_save
-from threefold.config import build_config
 from threefold.optim import OptimizerState
 from threefold.parallel.mesh import build_mesh
 from threefold.train import build, train_loader, train_step
@@ -35,21 +35,11 @@ def _config(
     asynchronous=False,
     **training,
 ):
-    schedule = "interleaved" if v > 1 else "1f1b"
-    return build_config(
-        {
-            "model": dict(arch="llama", vocab_size=50257, hidden_size=hidden, num_layers=8, num_heads=4,
-                          num_kv_heads=2, ffn_hidden_size=64, max_seq_len=32),
-            "parallel": dict(tp_size=tp, pp_size=pp, dp_size=dp, num_model_chunks=v,
-                             pipeline_schedule=schedule, zero=zero),
-            "data": dict(path=str(data), seq_len=16),
-            "optimizer": dict(lr=2e-3, min_lr=2e-4, warmup_steps=1, grad_clip=0.5, eps=1e-6),
-            "training": dict(max_steps=STEPS, global_batch_size=8, micro_batch_size=2, eval_interval=0,
-                             eval_batches=4, seed=5) | training,
-            "logging": dict(progress=False, tensorboard=False, plot=False, out_dir=str(run / "logs")),
-            "checkpoint": dict(dir=str(run / "ckpt"), interval=2, keep_last=3, load=load,
-                               asynchronous=asynchronous),
-        }
+    return tiny_config(
+        data, run, tp=tp, pp=pp, dp=dp, v=v, zero=zero,
+        model=dict(hidden_size=hidden, num_layers=8),
+        training=dict(max_steps=STEPS, seed=5) | training,
+        checkpoint=dict(interval=2, keep_last=3, load=load, asynchronous=asynchronous),
     )  # fmt: skip
 
 

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 from distributed import run_ranks
+from tiny import defaults, tiny_config
 
 from threefold.cli import main
-from threefold.config import build_config
+from threefold.config import OptimizerConfig
 from threefold.data.dataset import TokenDataset, eval_batches
 from threefold.parallel.mesh import build_mesh
 from threefold.train import train
@@ -56,16 +57,10 @@ def _config(model_toml: Path, data: Path, run: Path, load: Path, tp: int, pp: in
     import tomllib
 
     model = tomllib.loads(model_toml.read_text())["model"]
-    return build_config(
-        {
-            "model": model,
-            "parallel": dict(tp_size=tp, pp_size=pp),
-            "data": dict(path=str(data), seq_len=16),
-            "training": dict(max_steps=steps, global_batch_size=4, micro_batch_size=2, eval_interval=steps,
-                             eval_batches=VAL_BATCHES),
-            "logging": dict(progress=False, tensorboard=False, plot=False, out_dir=str(run / "logs")),
-            "checkpoint": dict(dir=str(run / "ckpt"), load=str(load)),
-        }
+    return tiny_config(
+        data, run, tp=tp, pp=pp, model=model, optimizer=defaults(OptimizerConfig),
+        training=dict(max_steps=steps, global_batch_size=4, eval_interval=steps, eval_batches=VAL_BATCHES),
+        checkpoint=dict(load=str(load)),
     )  # fmt: skip
 
 

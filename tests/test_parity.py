@@ -1,81 +1,27 @@
 """Whole-model parity: every (tp, dp) layout, with and without sequence parallelism, reproduces the
 losses and final weights of one process training the same model on the same global batches."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from distributed import run_ranks, train_and_gather
-
-from threefold.config import build_config
+from tiny import tiny_config, wide_model
 
 STEPS = 5
 
 
 @pytest.fixture(scope="module")
-def dataset(sonnets_dataset) -> str:
-    return str(sonnets_dataset)
+def config(sonnets_dataset, tmp_path_factory):
+    """config(arch, tp, dp, **parallel): the tiny model of `arch` under a (tp, dp) layout, 5 steps."""
+    run = tmp_path_factory.mktemp("parity")
 
+    def layout(arch: str, tp: int = 1, dp: int = 1, **parallel):
+        return tiny_config(
+            sonnets_dataset, run, tp=tp, dp=dp, zero=parallel.pop("zero", False),
+            model=wide_model(arch), parallel=parallel, optimizer=dict(warmup_steps=2),
+            training=dict(max_steps=STEPS, seed=7),
+        )  # fmt: skip
 
-def _config(
-    data_path: str,
-    arch: str,
-    tp: int,
-    dp: int,
-    sequence_parallel: bool,
-    zero: bool = False,
-    overlap_tp_comm: bool = True,
-):
-    return build_config(
-        {
-            "model": dict(
-                arch=arch,
-                vocab_size=50257,
-                hidden_size=32,
-                num_layers=2,
-                num_heads=8,
-                num_kv_heads=4 if arch == "llama" else 8,
-                ffn_hidden_size=64,
-                max_seq_len=32,
-                tie_embeddings=arch == "gpt2",
-            ),
-            "parallel": dict(
-                tp_size=tp,
-                dp_size=dp,
-                sequence_parallel=sequence_parallel,
-                zero=zero,
-                overlap_tp_comm=overlap_tp_comm,
-            ),
-            "data": dict(path=data_path, seq_len=16),
-            # eps 1e-6: Adam would turn a 1e-9 rounding difference in a near-zero gradient into a full
-            # lr-sized step; the layouts' gradients agree to ~1e-7, which is what these tests are about.
-            "optimizer": dict(lr=2e-3, min_lr=2e-4, warmup_steps=2, grad_clip=0.5, eps=1e-6),
-            "training": dict(
-                max_steps=STEPS,
-                global_batch_size=8,
-                micro_batch_size=2,
-                eval_interval=0,
-                eval_batches=4,
-                dtype="float32",
-                seed=7,
-            ),
-            "logging": dict(
-                progress=False, tensorboard=False, plot=False, out_dir=str(Path(data_path) / "run")
-            ),
-        }
-    )
-
-
-_train = train_and_gather
-
-
-_reference_cache: dict = {}
-
-
-def _reference(dataset: str, arch: str) -> dict:
-    if arch not in _reference_cache:
-        _reference_cache[arch] = run_ranks(1, _train, _config(dataset, arch, 1, 1, False))[0]
-    return _reference_cache[arch]
+    return layout
 
 
 LAYOUTS = [
@@ -99,21 +45,19 @@ LAYOUTS = [
     LAYOUTS,
     ids=[f"tp{t}-dp{d}{'-sp' if s else ''}{'-zero' if z else ''}" for t, d, s, z in LAYOUTS],
 )
-def test_layout_matches_single_process(dataset, arch, tp, dp, sp, zero):
-    _check_against_reference(
-        dataset, arch, run_ranks(tp * dp, _train, _config(dataset, arch, tp, dp, sp, zero))[0]
-    )
+def test_layout_matches_single_process(config, reference, arch, tp, dp, sp, zero):
+    got = run_ranks(tp * dp, train_and_gather, config(arch, tp, dp, sequence_parallel=sp, zero=zero))[0]
+    _check(got, reference(config(arch)))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_tp_without_comm_overlap_matches_single_process(dataset, arch):
+def test_tp_without_comm_overlap_matches_single_process(config, reference, arch):
     """parallel.overlap_tp_comm = false: the f operator all-reduces after the projections' backward."""
-    config = _config(dataset, arch, 2, 1, False, overlap_tp_comm=False)
-    _check_against_reference(dataset, arch, run_ranks(2, _train, config)[0])
+    got = run_ranks(2, train_and_gather, config(arch, 2, overlap_tp_comm=False))[0]
+    _check(got, reference(config(arch)))
 
 
-def _check_against_reference(dataset: str, arch: str, got: dict) -> None:
-    ref = _reference(dataset, arch)
+def _check(got: dict, ref: dict) -> None:
     assert len(got["losses"]) == STEPS
     assert ref["losses"][-1] < ref["losses"][0], "training must make progress for the comparison to mean much"
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)

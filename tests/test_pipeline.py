@@ -1,61 +1,37 @@
 """Pipeline parallelism composed with tp and dp: every layout and schedule reproduces one process's
 losses and final weights over 3 float32 steps, with and without activation recomputation."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from distributed import run_ranks, train_and_gather
+from tiny import tiny_config, wide_model
 
-from threefold.config import build_config
 from threefold.pipeline.partition import chunk_layer_ranges
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def dataset(sonnets_dataset) -> str:
-    return str(sonnets_dataset)
+def config(sonnets_dataset, tmp_path_factory):
+    """config(arch, tp, pp, dp, v, schedule, **extra): the 8-layer tiny model of `arch` under a layout, 3
+    steps; `extra` sets parallel options (sequence_parallel, scatter_gather, zero) and training ones."""
+    run = tmp_path_factory.mktemp("pipeline")
+
+    def layout(arch: str, tp=1, pp=1, dp=1, v=1, schedule="1f1b", **extra):
+        parallel = {k: extra.pop(k) for k in ("sequence_parallel", "scatter_gather") if k in extra}
+        return tiny_config(
+            sonnets_dataset, run, tp=tp, pp=pp, dp=dp, v=v, zero=extra.pop("zero", False),
+            model=wide_model(arch) | dict(num_layers=8),
+            parallel=parallel | dict(pipeline_schedule=schedule),
+            training=dict(max_steps=STEPS, global_batch_size=16, eval_interval=2, seed=11) | extra,
+        )  # fmt: skip
+
+    return layout
 
 
-def _config(data_path: str, arch: str, tp=1, pp=1, dp=1, v=1, schedule="1f1b", **extra):
-    parallel = dict(tp_size=tp, pp_size=pp, dp_size=dp, num_model_chunks=v, pipeline_schedule=schedule)
-    parallel |= {k: extra.pop(k) for k in ("sequence_parallel", "scatter_gather", "zero") if k in extra}
-    return build_config(
-        {
-            "model": dict(
-                arch=arch, vocab_size=50257, hidden_size=32, num_layers=8, num_heads=8,
-                num_kv_heads=4 if arch == "llama" else 8, ffn_hidden_size=64, max_seq_len=32,
-                tie_embeddings=arch == "gpt2",
-            ),
-            "parallel": parallel,
-            "data": dict(path=data_path, seq_len=16),
-            # eps 1e-6: Adam would turn a 1e-9 rounding difference in a near-zero gradient into a full
-            # lr-sized step; the layouts' gradients agree to ~1e-7, which is what these tests are about.
-            "optimizer": dict(lr=2e-3, min_lr=2e-4, warmup_steps=1, grad_clip=0.5, eps=1e-6),
-            "training": dict(max_steps=STEPS, global_batch_size=16, micro_batch_size=2, eval_interval=2,
-                             eval_batches=4, dtype="float32", seed=11) | extra,
-            "logging": dict(progress=False, tensorboard=False, plot=False,
-                            out_dir=str(Path(data_path) / "run")),
-        }
-    )  # fmt: skip
-
-
-_train = train_and_gather
-
-
-_references: dict = {}
-
-
-def _reference(dataset: str, arch: str) -> dict:
-    if arch not in _references:
-        _references[arch] = run_ranks(1, _train, _config(dataset, arch))[0]
-    return _references[arch]
-
-
-def _check(dataset: str, arch: str, config) -> None:
-    ref = _reference(dataset, arch)
-    results = run_ranks(config.world_size, _train, config, timeout=240)
+def _check(config, ref: dict) -> None:
+    """Every rank's losses and validation losses, the norms and the merged weights match `ref`."""
+    results = run_ranks(config.world_size, train_and_gather, config, timeout=240)
     merged = {}
     for r in results:
         merged |= r["weights"]
@@ -83,9 +59,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("layout,schedule", CASES, ids=[f"t{t}p{p}d{d}v{v}-{s}" for (t, p, d, v), s in CASES])
-def test_pipeline_matches_single_process(dataset, layout, schedule):
-    tp, pp, dp, v = layout
-    _check(dataset, "llama", _config(dataset, "llama", tp, pp, dp, v, schedule))
+def test_pipeline_matches_single_process(config, reference, layout, schedule):
+    _check(config("llama", *layout, schedule), reference(config("llama")))
 
 
 @pytest.mark.parametrize(
@@ -111,30 +86,24 @@ def test_pipeline_matches_single_process(dataset, layout, schedule):
         "zero-sp-2x2x2",
     ],
 )
-def test_pipeline_options_match_single_process(dataset, layout, schedule, extra):
-    tp, pp, dp, v = layout
-    _check(dataset, "llama", _config(dataset, "llama", tp, pp, dp, v, schedule, **extra))
+def test_pipeline_options_match_single_process(config, reference, layout, schedule, extra):
+    _check(config("llama", *layout, schedule, **extra), reference(config("llama")))
 
 
 @pytest.mark.parametrize(
     "layout,schedule,zero",
     [((1, 2, 1, 1), "1f1b", False), ((2, 2, 1, 2), "interleaved", False), ((1, 2, 2, 1), "1f1b", True)],
 )
-def test_tied_embeddings_across_stages(dataset, layout, schedule, zero):
+def test_tied_embeddings_across_stages(config, reference, layout, schedule, zero):
     """With ZeRO the tied weight's gradient is summed over stages and reduce-scattered over dp."""
-    tp, pp, dp, v = layout
-    _check(dataset, "gpt2", _config(dataset, "gpt2", tp, pp, dp, v, schedule, zero=zero))
-
-
-def _recompute_single(rank: int, world: int, config) -> list[float]:
-    return _train(rank, world, config)["losses"]
+    _check(config("gpt2", *layout, schedule, zero=zero), reference(config("gpt2")))
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])
-def test_recomputation_is_numerically_identical(dataset, mode):
-    base = run_ranks(1, _recompute_single, _config(dataset, "llama"))[0]
-    again = run_ranks(1, _recompute_single, _config(dataset, "llama", recompute=mode))[0]
-    assert again == base  # bit for bit: the same kernels run again on the same inputs
+def test_recomputation_is_numerically_identical(config, reference, mode):
+    again = run_ranks(1, train_and_gather, config("llama", recompute=mode))[0]
+    # bit for bit: the same kernels run again on the same inputs
+    assert again["losses"] == reference(config("llama"))["losses"]
 
 
 @pytest.mark.parametrize(
@@ -173,21 +142,21 @@ def _count_frees(rank: int, world: int, config) -> dict:
 
     pipeline._free = recording_free
     try:
-        result = _train(rank, world, config)
+        result = train_and_gather(rank, world, config)
     finally:
         pipeline._free = original
     return {"freed": freed, "losses": result["losses"]}
 
 
-def test_executor_frees_each_sent_activation(dataset):
-    config = _config(dataset, "llama", pp=2, schedule="1f1b")
-    results = run_ranks(2, _count_frees, config)
-    m = config.num_microbatches
+def test_executor_frees_each_sent_activation(config):
+    two_stages = config("llama", pp=2, schedule="1f1b")
+    results = run_ranks(2, _count_frees, two_stages)
+    m = two_stages.num_microbatches
     # Rank 0 sends every micro-batch's activation once per step; the last stage sends none.
     assert results[0]["freed"] == [1] * (m * STEPS), "each sent activation keeps only a 1-element placeholder"
     assert results[1]["freed"] == []
 
 
-def test_eval_interval_zero_runs_no_evaluation(dataset):
-    result = run_ranks(1, _train, _config(dataset, "llama", eval_interval=0))[0]
+def test_eval_interval_zero_runs_no_evaluation(config):
+    result = run_ranks(1, train_and_gather, config("llama", eval_interval=0))[0]
     assert result["val"] == {} and len(result["losses"]) == STEPS

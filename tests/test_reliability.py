@@ -19,8 +19,9 @@ import torch
 import torch.multiprocessing as mp
 from distributed import run_ranks
 from safetensors.torch import load_file
+from tiny import defaults, tiny_config, write_toml
 
-from threefold.config import build_config
+from threefold.config import OptimizerConfig, build_config
 from threefold.data.dataset import check_dataset
 from threefold.reliability.control import PREEMPTION_EXIT_CODE, StopRequest
 from threefold.reliability.detectors import NumericsError, SkipCounter, SpikeDetector, StragglerDetector
@@ -138,19 +139,12 @@ def test_data_guard_rejects_bad_token_files(sonnets_dataset, tmp_path):
 
 
 def _small_config(data: Path, run: Path, *, dp=2, steps=4, **reliability):
-    return build_config(
-        {
-            "model": dict(arch="llama", vocab_size=50257, hidden_size=32, num_layers=2, num_heads=4,
-                          num_kv_heads=2, ffn_hidden_size=64, max_seq_len=32),
-            "parallel": dict(dp_size=dp),
-            "data": dict(path=str(data), seq_len=16),
-            "optimizer": dict(lr=2e-3, min_lr=2e-4, warmup_steps=1, decay_steps=20),
-            "training": dict(max_steps=steps, global_batch_size=4, micro_batch_size=2, eval_interval=0,
-                             eval_batches=2, device="cpu"),
-            "logging": dict(progress=False, tensorboard=False, plot=False, out_dir=str(run / "logs")),
-            "checkpoint": dict(dir=str(run / "ckpt"), interval=1, keep_last=10),
-            "reliability": dict(watchdog_timeout=60.0) | reliability,
-        }
+    return tiny_config(
+        data, run, dp=dp,
+        optimizer=dict(decay_steps=20, eps=1e-8, grad_clip=1.0),  # Adam's default eps, the default clip
+        training=dict(max_steps=steps, global_batch_size=4, eval_batches=2),
+        checkpoint=dict(interval=1, keep_last=10),
+        reliability=dict(watchdog_timeout=60.0) | reliability,
     )  # fmt: skip
 
 
@@ -224,50 +218,18 @@ def test_loss_spike_rolls_back_to_the_checkpoint_before_it(sonnets_dataset, tmp_
 
 
 def _write_config(path: Path, dataset: Path, run: Path, **reliability) -> Path:
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in reliability.items())
-    path.write_text(
-        f"""
-[model]
-preset = "tiny"
-num_layers = 2
-hidden_size = 64
-num_heads = 4
-num_kv_heads = 2
-ffn_hidden_size = 128
-
-[parallel]
-dp_size = 2
-
-[data]
-path = "{dataset}"
-seq_len = 32
-
-[optimizer]
-lr = 3e-3
-warmup_steps = 2
-
-[training]
-max_steps = {STEPS}
-global_batch_size = 4
-micro_batch_size = 2
-device = "cpu"
-eval_interval = 0
-eval_batches = 2
-
-[logging]
-out_dir = "{run}"
-progress = false
-tensorboard = false
-plot = false
-
-[checkpoint]
-dir = "{run / "ckpt"}"
-interval = 2
-
-[reliability]
-{extra}"""
-    )
-    return path
+    config = tiny_config(
+        dataset, run, dp=2,
+        model=dict(preset="tiny", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
+                   ffn_hidden_size=128),
+        data=dict(seq_len=32),
+        optimizer=defaults(OptimizerConfig) | dict(lr=3e-3, warmup_steps=2),
+        training=dict(max_steps=STEPS, global_batch_size=4, eval_batches=2),
+        logging=dict(out_dir=str(run)),
+        checkpoint=dict(interval=2),
+        reliability=reliability,
+    )  # fmt: skip
+    return write_toml(path, config)
 
 
 def _env(**extra) -> dict:
@@ -409,34 +371,14 @@ def _usage(pid: int) -> tuple[float, int]:
 @pytest.mark.timeout(1800)
 def test_soak_2000_steps_memory_and_handles_stay_flat(sonnets_dataset, tmp_path):
     run = tmp_path / "run"
-    config = tmp_path / "soak.toml"
-    config.write_text(
-        f"""
-[model]
-preset = "tiny"
-[parallel]
-dp_size = 2
-[data]
-path = "{sonnets_dataset}"
-seq_len = 32
-[training]
-max_steps = 2000
-global_batch_size = 4
-micro_batch_size = 2
-device = "cpu"
-eval_interval = 250
-eval_batches = 2
-[logging]
-out_dir = "{run}"
-log_interval = 10
-progress = false
-plot = false
-[checkpoint]
-dir = "{run / "ckpt"}"
-interval = 50
-keep_last = 2
-"""
-    )
+    soak = tiny_config(
+        sonnets_dataset, run, dp=2, model=dict(preset="tiny"), data=dict(seq_len=32),
+        optimizer=defaults(OptimizerConfig),
+        training=dict(max_steps=2000, global_batch_size=4, eval_interval=250, eval_batches=2),
+        logging=dict(out_dir=str(run), log_interval=10, tensorboard=True),
+        checkpoint=dict(interval=50, keep_last=2),
+    )  # fmt: skip
+    config = write_toml(tmp_path / "soak.toml", soak)
     cmd = [sys.executable, "-m", "threefold", "train", str(config), "--nproc", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     samples: list[tuple[int, list[tuple[float, int]]]] = []  # (step, [(MiB, fds) per worker])

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import defaults, tiny_config, write_toml
+
+from threefold.config import OptimizerConfig
 
 
 @pytest.fixture(scope="module")
@@ -17,34 +20,13 @@ def dataset(sonnets_dataset) -> Path:
 
 
 def _write_config(tmp_path: Path, dataset: Path, max_steps: int) -> Path:
-    config = tmp_path / "run.toml"
-    config.write_text(
-        f"""
-[model]
-preset = "tiny"
-num_layers = 2
-
-[parallel]
-tp_size = 2
-
-[data]
-path = "{dataset}"
-seq_len = 32
-
-[training]
-max_steps = {max_steps}
-global_batch_size = 4
-micro_batch_size = 2
-device = "cpu"
-eval_interval = 3
-eval_batches = 2
-
-[logging]
-out_dir = "{tmp_path / "run"}"
-log_interval = 1
-"""
-    )
-    return config
+    config = tiny_config(
+        dataset, tmp_path / "run", tp=2, model=dict(preset="tiny", num_layers=2), data=dict(seq_len=32),
+        optimizer=defaults(OptimizerConfig),
+        training=dict(max_steps=max_steps, global_batch_size=4, eval_interval=3, eval_batches=2),
+        logging=dict(out_dir=str(tmp_path / "run"), progress=True, tensorboard=True, plot=True),
+    )  # fmt: skip
+    return write_toml(tmp_path / "run.toml", config)
 
 
 def _env() -> dict:

@@ -1,0 +1,211 @@
+"""The CUDA-only branches, on one GPU: the fused AdamW's skipped step, the compiled loss, and the
+column-parallel projections that overlap the input gradient's all-reduce with the weight gradients.
+
+Marked `gpu` and skipped without CUDA: `pytest -m gpu tests/test_gpu.py` (bench/gpu_tests.sh) runs them.
+Each compares the GPU path with the path the CPU tests already cover. One process, one NCCL rank: every
+group has size 1, so the collectives are real calls that reduce nothing.
+"""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import threefold.model.loss as loss_module
+from threefold.config import OptimizerConfig
+from threefold.model.loss import linear_cross_entropy
+from threefold.optim import Optimizer
+from threefold.parallel.layers import ColumnParallelLinear, column_parallel_projections
+from threefold.parallel.mesh import Mesh, build_mesh
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """A one-rank NCCL world on GPU 0, torn down after this module (the CPU tests start their own)."""
+    torch.cuda.set_device(0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield build_mesh(1, 1, 1)
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_near(got: torch.Tensor | None, want: torch.Tensor | None, tol: float, what: str = "") -> None:
+    """Largest difference within tol times the largest magnitude: a scale-free tolerance."""
+    assert got is not None and want is not None, what
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    assert got.shape == want.shape, what
+    error, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert error <= tol * scale, f"{what}: max difference {error:.3g} > {tol} x {scale:.3g}"
+
+
+# --- Fused AdamW: a non-finite step is skipped on the device, like the CPU's host-side skip -----------
+
+
+def _optimizer(device: str, dtype: torch.dtype, mesh: Mesh) -> tuple[Optimizer, list[nn.Parameter]]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (64,)]  # a weight (decayed) and a bias (not decayed)
+    params = [nn.Parameter(torch.randn(s, generator=generator).to(device, dtype)) for s in shapes]
+    for p in params:
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=device)  # type: ignore[attr-defined]
+    cfg = OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, grad_clip=1.0)
+    return Optimizer([(p, 0, p.numel()) for p in params], cfg, mesh=mesh, max_steps=10), params
+
+
+def _set_grads(params: list[nn.Parameter], seed: int, poison: float | None = None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        grad = torch.randn(p.shape, generator=generator) * 3.0  # a norm well above grad_clip: clipping acts
+        if poison is not None:
+            grad.view(-1)[5] = poison
+        p.main_grad.copy_(grad)  # type: ignore[attr-defined]
+
+
+def _state(opt: Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    out = {f"param{i}": p.detach().float().cpu().clone() for i, p in enumerate(params)}
+    for i, master in enumerate(opt.masters):
+        out[f"master{i}"] = master.detach().cpu().clone()
+        for key, value in opt.state_of(i).items():
+            out[f"{key}{i}"] = value.detach().float().cpu().clone().reshape(-1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_adamw_skips_non_finite_steps_like_the_cpu_path(mesh, dtype):
+    fused, gpu_params = _optimizer("cuda", dtype, mesh)
+    plain, cpu_params = _optimizer("cpu", dtype, mesh)
+    assert fused.fused and not plain.fused
+
+    def step(index: int, seed: int, *, poison: float | None = None, found_inf: bool | None = None) -> None:
+        for opt, params, device in ((fused, gpu_params, "cuda"), (plain, cpu_params, "cpu")):
+            _set_grads(params, seed, poison)
+            flag = None if found_inf is None else torch.tensor(found_inf, device=device)
+            opt.step(index, found_inf=flag)
+
+    def assert_same_update(what: str) -> None:
+        gpu, cpu = _state(fused, gpu_params), _state(plain, cpu_params)
+        assert gpu.keys() == cpu.keys() and any(k.startswith("exp_avg_sq") for k in gpu)
+        for key in gpu:
+            # fp32 masters and moments: the fused kernel and the foreach ops differ only in rounding,
+            # which a bf16 parameter can turn into one bf16 step.
+            bf16_param = key.startswith("param") and dtype == torch.bfloat16
+            _assert_near(gpu[key], cpu[key], 1e-2 if bf16_param else 1e-5, f"{what}, {key}")
+
+    step(0, seed=1)
+    assert_same_update("after a normal step")
+    for skipped in (dict(found_inf=True), dict(poison=float("inf")), dict(poison=float("nan"))):
+        before = _state(fused, gpu_params)
+        step(1, seed=2, **skipped)
+        after = _state(fused, gpu_params)
+        for key in before:  # weights, masters, moments and Adam's step count: not one bit moved
+            assert torch.equal(before[key], after[key]), f"{skipped} changed {key}"
+        assert_same_update(f"after a step skipped by {skipped}")
+    step(1, seed=3, found_inf=False)  # the flag given but clear: an ordinary step
+    step(2, seed=4)
+    assert_same_update("after two more normal steps")
+    assert float(fused.state_of(0)["step"]) == 3.0, "skipped steps do not count"
+
+
+# --- The compiled loss: torch.compile's fused kernels give the eager chunk's loss and gradients --------
+
+
+@pytest.mark.parametrize(
+    "dtype,chunks", [(torch.float32, 1), (torch.bfloat16, 4)], ids=["fp32-1chunk", "bf16-4chunks"]
+)
+def test_compiled_loss_matches_eager(mesh, monkeypatch, dtype, chunks):
+    n, h, vocab, rows = 256, 64, 1000, 1024  # 24 padding rows of the vocabulary, never predicted
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", n // chunks * rows)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, h, generator=generator).to("cuda", dtype)
+    weight = (torch.randn(rows, h, generator=generator) * 0.1).to("cuda", dtype)
+    targets = torch.randint(0, vocab, (n,), generator=generator).cuda()
+
+    results = {}
+    for compiled in (False, True):
+        xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = linear_cross_entropy(
+            xi, wi, targets, tp_group=mesh.tp_group, vocab_size=vocab, compiled=compiled
+        )
+        (loss * 2.0).backward()  # an incoming gradient other than 1 scales both gradients
+        results[compiled] = (loss.detach(), xi.grad, wi.grad)
+
+    eager_loss, eager_gx, eager_gw = results[False]
+    compiled_loss, compiled_gx, compiled_gw = results[True]
+    assert compiled_gx is not None and compiled_gw is not None
+    grad_tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0)
+    _assert_near(compiled_gx, eager_gx, grad_tol, "input gradient")
+    _assert_near(compiled_gw, eager_gw, grad_tol, "weight gradient")
+    assert compiled_gx.dtype == dtype and compiled_gw.dtype == dtype
+
+    # Against PyTorch's cross-entropy, padding rows cut off: in bf16 the logits of a chunk's GEMM may round
+    # differently from the whole batch's, and the reference's gradients are fp32.
+    fp32 = dtype == torch.float32
+    reference = F.cross_entropy((x @ weight.t()).float()[:, :vocab], targets)
+    torch.testing.assert_close(compiled_loss, reference, rtol=1e-5 if fp32 else 1e-3, atol=0)
+    xr, wr = x.float().requires_grad_(), weight.float().requires_grad_()
+    (F.cross_entropy((xr @ wr.t())[:, :vocab], targets) * 2.0).backward()
+    _assert_near(compiled_gx, xr.grad, 1e-4 if fp32 else 5e-2, "input gradient vs torch")
+    _assert_near(compiled_gw, wr.grad, 1e-4 if fp32 else 5e-2, "weight gradient vs torch")
+    assert compiled_gw[vocab:].abs().max() == 0, "padding rows get no gradient"
+
+
+# --- TP overlap: the projections' fused backward equals autograd's, output left out of the loss too ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_overlapped_column_projections_match_plain_linears(mesh, dtype):
+    generator = torch.Generator().manual_seed(0)
+    b, s, h, outs = 2, 64, 128, (128, 64, 64)  # q, k, v of a grouped-query attention
+    x = torch.randn(b, s, h, generator=generator).to("cuda", dtype)
+    weights = [torch.randn(o, h, generator=generator) * 0.05 for o in outs]
+    biases = [torch.randn(o, generator=generator) * 0.05 for o in outs]
+    upstream = [torch.randn(b, s, o, generator=generator).to("cuda", dtype) for o in outs]
+
+    def run(overlap: bool) -> dict[str, torch.Tensor | None]:
+        layers = []
+        for w, bias in zip(weights, biases, strict=True):
+            layer = ColumnParallelLinear(h, w.shape[0], tp_group=mesh.tp_group, bias=True).to("cuda", dtype)
+            assert layer.bias is not None
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                layer.bias.copy_(bias)
+            layers.append(layer)
+        xi = x.clone().requires_grad_()
+        if overlap:
+            ys = column_parallel_projections(xi, layers, mesh.tp_group)
+        else:
+            ys = [layer(xi) for layer in layers]  # copy_to_tp is the identity on a group of one
+        # The k output takes no part in the loss: its projection gets no gradient at all.
+        ((ys[0] * upstream[0]).sum() + (ys[2] * upstream[2]).sum()).backward()
+        out: dict[str, torch.Tensor | None] = {f"y{i}": y.detach() for i, y in enumerate(ys)}
+        out["x.grad"] = xi.grad
+        for i, layer in enumerate(layers):
+            out[f"w{i}.grad"] = layer.weight.grad
+            out[f"b{i}.grad"] = layer.bias.grad if layer.bias is not None else None
+        return out
+
+    plain, overlapped = run(False), run(True)
+    assert plain.keys() == overlapped.keys()
+    for key, want in plain.items():
+        got = overlapped[key]
+        if want is None:
+            assert got is None, f"{key} should be None (its output took no part in the loss)"
+            continue
+        assert got is not None and got.dtype == want.dtype, key
+        if key.startswith("y"):
+            assert torch.equal(got, want), key  # the same F.linear
+        else:
+            _assert_near(got, want, 1e-5 if dtype == torch.float32 else 1e-2, key)
+    assert plain["w1.grad"] is None and plain["w0.grad"] is not None
