@@ -15,6 +15,7 @@ from threefold.model.transformer import Transformer, build_model, use_attention_
 from threefold.optim import Optimizer
 from threefold.parallel import track
 from threefold.parallel.data_parallel import GradSync, all_reduce_sequence_parallel_grads
+from threefold.parallel.layers import TPContext
 from threefold.parallel.mesh import Mesh
 from threefold.pipeline.executor import PipelineExecutor, connect_neighbours
 from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
@@ -64,12 +65,11 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     num_chunks = len(ranges)
     if device.type == "cuda":
         use_attention_backend(t.attention_backend)
-    chunks = {}
-    for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks):
-        chunk = build_model(
+    tp = TPContext(mesh.tp_group, p.sequence_parallel, recompute=t.recompute, overlap_comm=p.overlap_tp_comm)
+    chunks = {
+        c: build_model(
             config.model,
-            tp_group=mesh.tp_group,
-            sequence_parallel=p.sequence_parallel,
+            tp,
             seed=t.seed,
             device=device,
             dtype=DTYPES[t.dtype],
@@ -77,14 +77,10 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
             last_layer=ranges[c][1],
             has_embedding=c == 0,
             has_head=c == num_chunks - 1,
-            recompute=t.recompute,
-            overlap_tp_comm=p.overlap_tp_comm,
+            compiled=t.compile,
         )
-        if t.compile:
-            for layer in chunk.layers.values():
-                layer.compile()
-            chunk.compile_loss = True
-        chunks[c] = chunk
+        for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks)
+    }
     tied_across_stages = config.model.tie_embeddings and p.pp_size > 1
     grad_syncs = {
         c: GradSync(
@@ -98,7 +94,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     }
     if p.zero and mesh.dp_size > 1:
         for c, chunk in chunks.items():
-            chunk.before_use = grad_syncs[c].wait_for  # the parameter all-gather overlaps the forward
+            chunk.set_before_use(grad_syncs[c].wait_for)  # the parameter all-gather overlaps the forward
     owned = [r for c in sorted(grad_syncs) for r in grad_syncs[c].owned_ranges()]
     optimizer = Optimizer(owned, config.optimizer, mesh=mesh, max_steps=t.max_steps, zero=p.zero)
     seq_local = config.data.seq_len // (p.tp_size if p.sequence_parallel else 1)
