@@ -202,6 +202,12 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _token_embedding(cfg: ModelConfig, tp: TPContext) -> VocabParallelEmbedding:
+    return VocabParallelEmbedding(
+        cfg.vocab_size, cfg.hidden_size, tp_group=tp.group, sequence_parallel=tp.sequence_parallel
+    )
+
+
 class Transformer(nn.Module):
     """Layers [first_layer, last_layer) of the model, with the embedding and/or the head if asked."""
 
@@ -226,9 +232,7 @@ class Transformer(nn.Module):
         self.has_embedding = has_embedding
         self.has_head = has_head
         if has_embedding:
-            self.embed_tokens = VocabParallelEmbedding(
-                cfg.vocab_size, cfg.hidden_size, tp_group=tp.group, sequence_parallel=tp.sequence_parallel
-            )
+            self.embed_tokens = _token_embedding(cfg, tp)
             if cfg.arch == "gpt2":
                 self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
                 # nn.Embedding declares weight a Tensor; it is a Parameter.
@@ -238,9 +242,7 @@ class Transformer(nn.Module):
             if cfg.tie_embeddings and not has_embedding:
                 # The last pipeline stage keeps its own copy of the tied weight (same name, so the same
                 # initialization); the trainer sums its gradient with the first stage's every step.
-                self.embed_tokens = VocabParallelEmbedding(
-                    cfg.vocab_size, cfg.hidden_size, tp_group=tp.group, sequence_parallel=tp.sequence_parallel
-                )
+                self.embed_tokens = _token_embedding(cfg, tp)
                 self.embed_tokens.weight.tied_copy = True  # type: ignore[attr-defined]
             self.norm = make_norm(cfg, tp)
             if not cfg.tie_embeddings:
@@ -255,12 +257,9 @@ class Transformer(nn.Module):
         self._before_use: Callable[[nn.Module], None] | None = None
 
     def set_before_use(self, hook: Callable[[nn.Module], None]) -> None:
-        """Have the forward call `hook(submodule)` just before it reads that submodule's parameters.
-
-        ZeRO waits there for the parameter all-gather of the previous step, which so overlaps the forward.
-        Set once, after construction, because the hook belongs to the gradient synchronizer, which is
-        built from this model's parameters.
-        """
+        """Have the forward call `hook(submodule)` just before it reads that submodule's parameters: ZeRO
+        waits there for the previous step's parameter all-gather, which so overlaps the forward. Set once,
+        after construction: the hook belongs to the gradient synchronizer built from these parameters."""
         assert self._before_use is None, "the before-use hook is set once"
         self._before_use = hook
 
@@ -388,10 +387,8 @@ def build_model(
     has_head: bool = True,
     compiled: bool = False,
 ) -> Transformer:
-    """Build (a pipeline stage of) the model directly on `device`, initialized, in `dtype`.
-
-    The keyword arguments after `dtype` are `Transformer`'s.
-    """
+    """Build (a pipeline stage of) the model directly on `device`, initialized, in `dtype`; the keyword
+    arguments after `dtype` are `Transformer`'s."""
     with torch.device(device):
         model = Transformer(
             cfg,
