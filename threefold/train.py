@@ -292,10 +292,9 @@ class _Duties:
 
     def save(self, done: int) -> None:
         assert self.checkpointer is not None  # Cadence.save is never due without one
-        trainer, loader = self.trainer, self.loader
         track.set_action("checkpoint")
         began = time.perf_counter()
-        path = self.checkpointer.save(trainer, step=done, consumed_samples=loader.consumed_samples)
+        path = self.checkpointer.save(self.trainer, step=done, consumed_samples=self.loader.consumed_samples)
         blocked = time.perf_counter() - began
         self.reporter.checkpoint(done, path, blocked)
 
