@@ -44,7 +44,8 @@ def _load_and_step(rank: int, world: int, config, path: str) -> dict:
     loaded = {n: gather_full(q, mesh.tp_group) for n, q in named.items()}
     tokens = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(12))
     mine = tokens[mesh.dp_rank :: mesh.dp_size]
-    loss, norm, _, _ = train_step(trainer, [(x[None, :-1], x[None, 1:]) for x in mine], 2)
+    stats = train_step(trainer, [(x[None, :-1], x[None, 1:]) for x in mine], 2)
+    loss, norm = stats.loss, stats.grad_norm
     wait_params(trainer)  # ZeRO: the updated parameters arrive in the background
     after = {n: gather_full(q, mesh.tp_group) for n, q in named.items()}
     return {"step": manifest["step"], "loaded": loaded, "loss": loss.item(), "norm": norm.item(),

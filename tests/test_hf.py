@@ -23,7 +23,7 @@ from threefold.model.hf import (
     to_hf_state_dict,
 )
 from threefold.model.transformer import build_model, gather_logits, rope_frequencies
-from threefold.parallel.layers import shard_of
+from threefold.parallel.layers import TPContext, shard_of
 from threefold.presets import MODEL_PRESETS
 
 transformers = pytest.importorskip("transformers")
@@ -104,7 +104,7 @@ def _threefold_logits(rank: int, world: int, hf_cfg: dict, hf_state: dict, ids: 
     cfg = model_config_from_hf(hf_cfg)
     state = from_hf_state_dict(cfg, hf_state)
     group = dist.group.WORLD
-    model = build_model(cfg, tp_group=group, seed=123)
+    model = build_model(cfg, TPContext(group), seed=123)
     if world == 1:
         model.load_state_dict(state, strict=True)
     else:

@@ -8,7 +8,7 @@ from distributed import run_ranks
 from threefold.config import ModelConfig
 from threefold.metrics import count_parameters
 from threefold.model.transformer import build_model
-from threefold.parallel.layers import gather_full
+from threefold.parallel.layers import TPContext, gather_full
 
 CONFIGS = {
     "llama-untied": ModelConfig(
@@ -45,7 +45,7 @@ CONFIGS = {
 
 
 def _build(rank: int, world: int, cfg: ModelConfig) -> dict:
-    model = build_model(cfg, tp_group=dist.group.WORLD, seed=3)
+    model = build_model(cfg, TPContext(dist.group.WORLD), seed=3)
     full = {n: gather_full(p, dist.group.WORLD) for n, p in model.named_parameters()}
     return {"numel": sum(t.numel() for t in full.values()), "full": full}
 

@@ -99,6 +99,7 @@ def _count_state(rank: int, world: int, model_kw: dict, tp: int, pp: int, v: int
     from threefold.model.transformer import build_model
     from threefold.optim import Optimizer
     from threefold.parallel.data_parallel import GradSync
+    from threefold.parallel.layers import TPContext
     from threefold.parallel.mesh import build_mesh
 
     mesh = build_mesh(tp, 1, 1)
@@ -107,7 +108,7 @@ def _count_state(rank: int, world: int, model_kw: dict, tp: int, pp: int, v: int
     out = []
     for r in range(pp):
         chunks = [
-            build_model(cfg, tp_group=mesh.tp_group, dtype=DTYPES[dtype][0], first_layer=ranges[c][0],
+            build_model(cfg, TPContext(mesh.tp_group), dtype=DTYPES[dtype][0], first_layer=ranges[c][0],
                         last_layer=ranges[c][1], has_embedding=c == 0, has_head=c == len(ranges) - 1)
             for c in (r + k * pp for k in range(v))
         ]  # fmt: skip
@@ -172,13 +173,14 @@ def _saved_bytes(rank: int, world: int, model_kw: dict, dtype: str, recompute: s
     """Bytes autograd keeps for backward after one forward of a 2-layer chunk (parameters and the RoPE
     table excluded, the chunk's received input included: the pipeline executor keeps it)."""
     from threefold.model.transformer import build_model
+    from threefold.parallel.layers import TPContext
     from threefold.parallel.mesh import build_mesh
 
     mesh = build_mesh(world, 1, 1)
     cfg = ModelConfig(**model_kw)
     torch_dtype = DTYPES[dtype][0]
-    model = build_model(cfg, tp_group=mesh.tp_group, dtype=torch_dtype, recompute=recompute,
-                        sequence_parallel=sp, first_layer=0, last_layer=2, has_embedding=first_chunk,
+    tp = TPContext(mesh.tp_group, sequence_parallel=sp, recompute=recompute)
+    model = build_model(cfg, tp, dtype=torch_dtype, first_layer=0, last_layer=2, has_embedding=first_chunk,
                         has_head=head)  # fmt: skip
     seen: dict[int, int] = {}
 

@@ -1,4 +1,4 @@
-"""Gradient synchronization, the optimizer, bf16 training and the schedule."""
+"""Gradient synchronization, the optimizer, bf16 training, the schedule and the loop's cadence."""
 
 import math
 
@@ -151,3 +151,28 @@ def test_zero_parameter_gather_runs_in_the_background_until_the_forward_needs_it
     assert r["buckets"] > 2
     assert r["pending"] == r["buckets"], "the step returns with every all-gather still in flight"
     assert r["left"] == 0, "the forward waited for every bucket it read"
+
+
+def test_cadence_says_when_each_duty_of_the_loop_is_due():
+    from threefold.config import build_config
+    from threefold.train import Cadence
+
+    def cadence(**sections) -> Cadence:
+        raw = {"model": {"preset": "tiny"}, "training": {"max_steps": 10}} | sections
+        return Cadence(build_config(raw, check_paths=False))
+
+    def due(duty: str, c: Cadence, stop_after: int | None = None) -> list[int]:
+        """Steps (1-based) after which `duty` runs, in a run that stops early after `stop_after` if given."""
+        final = stop_after or 10
+        return [done for done in range(1, final + 1) if getattr(c, duty)(done, end=done == final)]
+
+    c = cadence(logging={"log_interval": 4}, training={"max_steps": 10, "eval_interval": 3})
+    assert due("log", c) == [4, 8, 10]
+    assert due("evaluate", c) == [3, 6, 9, 10]
+    assert due("evaluate", c, stop_after=5) == [3, 5]
+    assert due("save", c) == [], "no checkpoint.dir: never saved"
+    assert due("evaluate", cadence(training={"max_steps": 10, "eval_interval": 0})) == []
+    assert due("save", cadence(checkpoint={"dir": "ckpt"})) == [10], "interval 0: only at the end"
+    assert due("save", cadence(checkpoint={"dir": "ckpt", "interval": 4}), stop_after=7) == [4, 7]
+    assert [c.last(done) for done in (9, 10)] == [False, True]
+    assert not c.out_of_time(started=0.0), "no time limit by default"

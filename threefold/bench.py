@@ -69,8 +69,7 @@ def run_bench(
     for i in range(warmup + steps):
         if i >= warmup:
             marks.append(_mark(cuda))
-        loss, _, _, _ = train_step(trainer, data[i % len(data)], i)
-        losses.append(loss)
+        losses.append(train_step(trainer, data[i % len(data)], i).loss)
     wait_params(trainer)  # the last step's parameter all-gather belongs to its time
     marks.append(_mark(cuda))
     if cuda:

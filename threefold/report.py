@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,20 @@ import torch
 from threefold.config import Config
 from threefold.metrics import flops_per_token, mfu, peak_flops
 from threefold.parallel.mesh import Mesh
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step's figures on the host, as the loop reads them once per log interval."""
+
+    step: int
+    """0-based."""
+    loss: float
+    """Mean training loss over the global batch."""
+    grad_norm: float
+    lr: float
+    skipped: bool
+    """The loss or the gradient norm was not finite, so the update was not applied (on every rank)."""
 
 
 class Reporter:
@@ -49,8 +64,8 @@ class Reporter:
         self.last_time = time.perf_counter()
         return self
 
-    def interval(self, steps: list[tuple[int, float, float, float]]) -> None:
-        """Log the steps (step, loss, grad norm, lr) completed since the last call."""
+    def interval(self, steps: list[StepStats]) -> None:
+        """Log the steps completed since the last call."""
         if not self.enabled or not steps:
             return
         now = time.perf_counter()
@@ -59,9 +74,9 @@ class Reporter:
         tokens_per_s = self.tokens_per_step / seconds / self.world_size
         tflops = tokens_per_s * self.flops_per_token / 1e12
         util = mfu(tokens_per_s, self.flops_per_token, self.peak)
-        for step, loss, grad_norm, lr in steps:
-            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
-            if step > 0:  # step 0 pays for allocation and compilation: keep it out of the speed figures
+        for s in steps:
+            metrics = {"train/loss": s.loss, "train/lr": s.lr, "train/grad_norm": s.grad_norm}
+            if s.step > 0:  # step 0 pays for allocation and compilation: keep it out of the speed figures
                 metrics |= {
                     "perf/tokens_per_s_per_device": tokens_per_s,
                     "perf/tflops_per_device": tflops,
@@ -72,13 +87,13 @@ class Reporter:
                 if self.device.type == "cuda":
                     metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             assert self.writer is not None  # set whenever enabled
-            self.writer.log(step + 1, metrics)
-        step, loss, grad_norm, lr = steps[-1]
+            self.writer.log(s.step + 1, metrics)
+        last = steps[-1]
         self.progress.update(
-            step + 1,
-            loss=loss,
-            lr=lr,
-            grad_norm=grad_norm,
+            last.step + 1,
+            loss=last.loss,
+            lr=last.lr,
+            grad_norm=last.grad_norm,
             tokens_per_s=tokens_per_s,
             tflops_per_device=tflops,
             mfu=util,

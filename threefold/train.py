@@ -1,4 +1,8 @@
-"""train(config): config -> model -> gradient sync -> optimizer -> loop (with evaluation and metrics)."""
+"""train(config): config -> model -> gradient sync -> optimizer -> loop (with evaluation and metrics).
+
+Each iteration of the loop: one training step, the stop agreement, then the duties, each behind one
+condition (`Cadence` says when, `_Duties` does it): log (may roll back on a loss spike), evaluate, save, stop.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +19,15 @@ from threefold.model.transformer import Transformer, build_model, use_attention_
 from threefold.optim import Optimizer
 from threefold.parallel import track
 from threefold.parallel.data_parallel import GradSync, all_reduce_sequence_parallel_grads
+from threefold.parallel.layers import TPContext
 from threefold.parallel.mesh import Mesh
-from threefold.pipeline.executor import PipelineExecutor, connect_neighbours
+from threefold.pipeline.executor import Batch, PipelineExecutor, connect_neighbours
 from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.pipeline.schedules import Action, add_communication, build_schedule, forward_only
 from threefold.reliability.control import ControlChannel, StopRequest
 from threefold.reliability.faults import FaultPlan
-from threefold.reliability.runguard import RunGuard, Synced, check_data, resume, rollback
-from threefold.report import Reporter
+from threefold.reliability.runguard import RunGuard, check_data, resume, rollback
+from threefold.report import Reporter, StepStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -64,12 +69,11 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     num_virtual_stages = len(ranges)
     if device.type == "cuda":
         use_attention_backend(t.attention_backend)
-    chunks = {}
-    for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks):
-        chunk = build_model(
+    tp = TPContext(mesh.tp_group, p.sequence_parallel, recompute=t.recompute, overlap_comm=p.overlap_tp_comm)
+    chunks = {
+        c: build_model(
             config.model,
-            tp_group=mesh.tp_group,
-            sequence_parallel=p.sequence_parallel,
+            tp,
             seed=t.seed,
             device=device,
             dtype=DTYPES[t.dtype],
@@ -77,14 +81,10 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
             last_layer=ranges[c][1],
             has_embedding=c == 0,
             has_head=c == num_virtual_stages - 1,
-            recompute=t.recompute,
-            overlap_tp_comm=p.overlap_tp_comm,
+            compiled=t.compile,
         )
-        if t.compile:
-            for layer in chunk.layers.values():
-                layer.compile()
-            chunk.compile_loss = True
-        chunks[c] = chunk
+        for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks)
+    }
     tied_across_stages = config.model.tie_embeddings and p.pp_size > 1
     grad_syncs = {
         c: GradSync(
@@ -98,7 +98,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     }
     if p.zero and mesh.dp_size > 1:
         for c, chunk in chunks.items():
-            chunk.before_use = grad_syncs[c].wait_for  # the parameter all-gather overlaps the forward
+            chunk.set_before_use(grad_syncs[c].wait_for)  # the parameter all-gather overlaps the forward
     owned = [r for c in sorted(grad_syncs) for r in grad_syncs[c].owned_ranges()]
     names = {param: name for chunk in chunks.values() for name, param in chunk.named_parameters()}
     optimizer = Optimizer(owned, config.optimizer, mesh=mesh, max_steps=t.max_steps, zero=p.zero, names=names)
@@ -158,14 +158,28 @@ def _sync_tied_embedding(trainer: Trainer) -> None:
         dist.all_reduce(chunk.embed_tokens.weight.main_grad, group=group)  # type: ignore[attr-defined]
 
 
-def train_step(
-    trainer: Trainer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int
-) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
-    """One optimizer step over this rank's micro-batches.
+@dataclass(frozen=True)
+class PendingStats:
+    """One step's figures as `train_step` returns them: device tensors, so that the step does not wait
+    for the device; the loop reads them on the host once per log interval."""
 
-    Returns (global mean loss, grad norm, lr, skipped) as device tensors (lr a float); `skipped` is set,
-    identically on every rank, when the loss or the norm is not finite and the update was not applied.
-    """
+    step: int
+    """0-based."""
+    loss: torch.Tensor
+    """Mean training loss over the global batch, ()."""
+    grad_norm: torch.Tensor
+    lr: float
+    skipped: torch.Tensor
+    """Set, identically on every rank, when the loss or the norm is not finite and the update was not
+    applied."""
+
+    def read(self) -> StepStats:
+        """The same figures on the host (waits for the device)."""
+        return StepStats(self.step, float(self.loss), float(self.grad_norm), self.lr, bool(self.skipped))
+
+
+def train_step(trainer: Trainer, micro_batches: list[Batch], step: int) -> PendingStats:
+    """One optimizer step over this rank's micro-batches."""
     mesh = trainer.mesh
     num_microbatches = len(micro_batches)
     loss_sum = trainer.executor.run(
@@ -189,11 +203,12 @@ def train_step(
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.gather_params()
         grad_sync.reset()
-    return loss, norm, lr, bad_loss | ~torch.isfinite(norm)
+    return PendingStats(step, loss, norm, lr, skipped=bad_loss | ~torch.isfinite(norm))
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
+    """The mean loss over every data-parallel rank's `batches`, on every rank."""
     mesh, p = trainer.mesh, trainer.config.parallel
     for chunk in trainer.chunks.values():
         chunk.eval()
@@ -209,8 +224,105 @@ def evaluate(trainer: Trainer, batches: list[tuple[torch.Tensor, torch.Tensor]])
         return float(total)
 
 
-def _to_device(batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list:
+def _to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
     return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When each duty of the loop is due after `done` steps; `end`: the run ends after this step (its last
+    planned step, or a stop). training.eval_interval 0 turns evaluation off; saving needs checkpoint.dir,
+    and checkpoint.interval 0 saves only at the end."""
+
+    config: Config
+
+    def last(self, done: int) -> bool:
+        return done == self.config.training.max_steps
+
+    def out_of_time(self, started: float) -> bool:
+        limit = self.config.training.max_minutes
+        return limit > 0 and (time.perf_counter() - started) / 60 >= limit
+
+    def log(self, done: int, end: bool) -> bool:
+        return done % self.config.logging.log_interval == 0 or end
+
+    def evaluate(self, done: int, end: bool) -> bool:
+        every = self.config.training.eval_interval
+        return every > 0 and (done % every == 0 or end)
+
+    def save(self, done: int, end: bool) -> bool:
+        every = self.config.checkpoint.interval
+        return bool(self.config.checkpoint.dir) and ((every > 0 and done % every == 0) or end)
+
+
+@dataclass
+class _Duties:
+    """The loop's periodic duties on one rank: log, evaluate, save, stop."""
+
+    trainer: Trainer
+    loader: BatchLoader
+    val_batches: list[Batch]
+    guard: RunGuard
+    checkpointer: Checkpointer | None
+    reporter: Reporter
+    result: TrainResult
+    pending: list[PendingStats] = field(default_factory=list)
+    """The steps since the last log, not yet read on the host."""
+
+    def log(self) -> None:
+        """The interval's one host sync (losses, norms, skip flags), then its report and its checks.
+
+        Raises NumericsError after too many consecutive skipped steps; rolls back from a loss spike.
+        """
+        with track.waiting_for(None, "host sync (losses)"):
+            synced = [s.read() for s in self.pending]
+        self.pending.clear()
+        self.result.losses += [s.loss for s in synced]
+        self.result.grad_norms += [s.grad_norm for s in synced]
+        self.result.skipped += [s.step + 1 for s in synced if s.skipped]
+        self.reporter.interval(synced)
+        spike_step = self.guard.interval(synced, self.reporter.note)
+        if spike_step is not None:
+            _roll_back(self.trainer, self.checkpointer, spike_step, self.result, self.reporter)
+
+    def evaluate(self, done: int) -> None:
+        track.set_action("evaluation")
+        val = evaluate(self.trainer, self.val_batches)
+        self.result.val_losses[done] = val
+        self.reporter.validation(done, val)
+
+    def save(self, done: int) -> None:
+        assert self.checkpointer is not None  # Cadence.save is never due without one
+        track.set_action("checkpoint")
+        began = time.perf_counter()
+        path = self.checkpointer.save(self.trainer, step=done, consumed_samples=self.loader.consumed_samples)
+        blocked = time.perf_counter() - began
+        self.reporter.checkpoint(done, path, blocked)
+
+    def stop(self, done: int, stop: StopRequest, interrupted: bool) -> None:
+        why = (
+            f"interrupted by {stop.signal_name or 'a signal to another rank'}"
+            if interrupted
+            else "time limit"
+        )
+        if self.trainer.mesh.rank == 0:
+            self.guard.events.write("stopped", step=done, reason=why)
+        self.reporter.note(f"stopped after step {done} ({why})")
+
+
+def _validation_batches(config: Config, mesh: Mesh, device: torch.device) -> list[Batch]:
+    """This data-parallel rank's share of the validation batches, on `device`."""
+    val_set = TokenDataset(config.data.path, "val", config.data.seq_len)
+    return _to_device(
+        eval_batches(
+            val_set,
+            micro_batch_size=config.training.micro_batch_size,
+            num_batches=config.training.eval_batches // mesh.dp_size,
+            dp_rank=mesh.dp_rank,
+            dp_size=mesh.dp_size,
+        ),
+        device,
+    )
 
 
 def train(
@@ -224,19 +336,8 @@ def train(
     control = ControlChannel()
     check_data(config, control, mesh.rank)
     trainer = build(config, mesh, device)
-    train_set = TokenDataset(config.data.path, "train", config.data.seq_len)
-    val_set = TokenDataset(config.data.path, "val", config.data.seq_len)
-    loader = train_loader(config, mesh, train_set)
-    val_batches = _to_device(
-        eval_batches(
-            val_set,
-            micro_batch_size=t.micro_batch_size,
-            num_batches=t.eval_batches // mesh.dp_size,
-            dp_rank=mesh.dp_rank,
-            dp_size=mesh.dp_size,
-        ),
-        device,
-    )
+    loader = train_loader(config, mesh)
+    val_batches = _validation_batches(config, mesh, device)
     guard = RunGuard(config, mesh, control, faults=faults)
     start_step = resume(trainer, loader, control, guard.events)
     checkpointer = (
@@ -244,61 +345,30 @@ def train(
     )
     reporter = Reporter(config, mesh, device, enabled=mesh.rank == 0, start_step=start_step)
     result = TrainResult(trainer=trainer)
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, float, torch.Tensor]] = []
-    start = time.perf_counter()
+    due = Cadence(config)
+    duties = _Duties(trainer, loader, val_batches, guard, checkpointer, reporter, result)
+    started = time.perf_counter()
     with StopRequest(config.reliability.preemption_deadline) as stop, reporter, guard:
-        if t.eval_interval > 0 and start_step == 0:  # the starting point of the validation curve
-            result.val_losses[0] = evaluate(trainer, val_batches)
-            reporter.validation(0, result.val_losses[0])
+        if start_step == 0 and due.evaluate(0, end=False):  # the starting point of the validation curve
+            duties.evaluate(0)
         for step in range(start_step, t.max_steps):
             guard.begin_step(step, trainer)
-            batches = _to_device(loader.next_batch(), device)
-            loss, norm, lr, skipped = train_step(trainer, batches, step)
-            pending.append((step, loss, norm, lr, skipped))
-            last = step == t.max_steps - 1
-            out_of_time = t.max_minutes > 0 and (time.perf_counter() - start) / 60 >= t.max_minutes
-            # Every step: a signal reaching any rank stops all of them after this same step.
-            stop_now, late = guard.end_step(stop_requested=stop.requested, out_of_time=out_of_time)
-            result.stopped_early = (stop_now or late) and not last
-            spike_step = None
-            if (step + 1) % config.logging.log_interval == 0 or last or result.stopped_early:
-                # The one host sync of the interval: losses, norms and skip flags.
-                with track.waiting_for(None, "host sync (losses)"):
-                    synced: list[Synced] = [
-                        (s, float(loss_s), float(norm_s), lr_s, bool(skip_s))
-                        for s, loss_s, norm_s, lr_s, skip_s in pending
-                    ]
-                pending.clear()
-                result.losses += [x[1] for x in synced]
-                result.grad_norms += [x[2] for x in synced]
-                result.skipped += [x[0] + 1 for x in synced if x[4]]
-                reporter.interval([x[:4] for x in synced])
-                spike_step = guard.interval(synced, reporter.note)  # raises after too many skips
-            result.steps_done = step + 1
-            if spike_step is not None:
-                _roll_back(trainer, checkpointer, spike_step, result, reporter)
-            if t.eval_interval > 0 and ((step + 1) % t.eval_interval == 0 or last or result.stopped_early):
-                track.set_action("evaluation")
-                val = evaluate(trainer, val_batches)
-                result.val_losses[step + 1] = val
-                reporter.validation(step + 1, val)
-            if checkpointer and (
-                (ckpt.interval and (step + 1) % ckpt.interval == 0) or last or result.stopped_early
-            ):
-                track.set_action("checkpoint")
-                began = time.perf_counter()
-                path = checkpointer.save(trainer, step=step + 1, consumed_samples=loader.consumed_samples)
-                blocked = time.perf_counter() - began
-                reporter.checkpoint(step + 1, path, blocked)
+            duties.pending.append(train_step(trainer, _to_device(loader.next_batch(), device), step))
+            # Every step: a signal reaching any rank, or the time limit, stops all of them after this step.
+            interrupted, late = guard.end_step(
+                stop_requested=stop.requested, out_of_time=due.out_of_time(started)
+            )
+            done = result.steps_done = step + 1
+            result.stopped_early = (interrupted or late) and not due.last(done)
+            end = due.last(done) or result.stopped_early
+            if due.log(done, end):
+                duties.log()
+            if due.evaluate(done, end):
+                duties.evaluate(done)
+            if due.save(done, end):
+                duties.save(done)
             if result.stopped_early:
-                why = (
-                    f"interrupted by {stop.signal_name or 'a signal to another rank'}"
-                    if stop_now
-                    else "time limit"
-                )
-                if mesh.rank == 0:
-                    guard.events.write("stopped", step=step + 1, reason=why)
-                reporter.note(f"stopped after step {step + 1} ({why})")
+                duties.stop(done, stop, interrupted)
                 break
         if checkpointer:
             checkpointer.finish(trainer)  # an asynchronous save still in flight

@@ -60,7 +60,8 @@ def expected(rank, world, cfg, path):
         out[names[id(p)]] = p.detach().clone()
         for k in ("exp_avg", "exp_avg_sq"):
             out[f"{names[id(p)]}::{k}"] = trainer.optimizer.state_of(i)[k].view(p.shape).clone()
-    loss, norm, _, _ = train_step(trainer, batches(12), 2)
+    stats = train_step(trainer, batches(12), 2)
+    loss, norm = stats.loss, stats.grad_norm
     out["after::loss"], out["after::grad_norm"] = loss.reshape(1).clone(), norm.reshape(1).clone()
     out |= {f"after::{n}": p.detach().clone() for n, p in named.items()}
     return out

@@ -28,47 +28,15 @@ from torch.utils.checkpoint import checkpoint
 
 from threefold.config import ATTENTION_BACKENDS, ModelConfig
 from threefold.model.loss import linear_cross_entropy
-from threefold.parallel.comm import copy_to_tp, gather_from_sequence
 from threefold.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    TPContext,
     VocabParallelEmbedding,
-    column_parallel_projections,
     full_shape_of,
     mark_sequence_parallel,
     shard_of,
 )
-
-
-class TPContext:
-    """What a layer needs to know about tensor parallelism (its group, whether SP is on) and recomputation."""
-
-    def __init__(
-        self,
-        tp_group: ProcessGroup,
-        sequence_parallel: bool,
-        recompute: str = "none",
-        overlap_comm: bool = True,
-    ) -> None:
-        self.group = tp_group
-        self.size = dist.get_world_size(tp_group)
-        self.rank = dist.get_rank(tp_group)
-        self.sequence_parallel = sequence_parallel
-        self.recompute = recompute
-        self.overlap_comm = overlap_comm
-        """All-reduce column-parallel input gradients during the weight gradients (without sequence
-        parallelism)."""
-
-    def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """Make the block input whole on every TP rank before column-parallel projections."""
-        return gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-
-    def project(self, x: torch.Tensor, layers: list[ColumnParallelLinear]) -> list[torch.Tensor]:
-        """Column-parallel `layers` applied to the block input x (b, s_, h): [(b, s, out_i/t)]."""
-        if self.size > 1 and self.overlap_comm and not self.sequence_parallel:
-            return column_parallel_projections(x, layers, self.group)
-        x = self.enter(x)
-        return [layer(x) for layer in layers]
 
 
 def make_norm(cfg: ModelConfig, tp: TPContext) -> nn.Module:
@@ -234,62 +202,70 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _token_embedding(cfg: ModelConfig, tp: TPContext) -> VocabParallelEmbedding:
+    return VocabParallelEmbedding(
+        cfg.vocab_size, cfg.hidden_size, tp_group=tp.group, sequence_parallel=tp.sequence_parallel
+    )
+
+
 class Transformer(nn.Module):
     """Layers [first_layer, last_layer) of the model, with the embedding and/or the head if asked."""
 
     def __init__(
         self,
         cfg: ModelConfig,
+        tp: TPContext,
         *,
-        tp_group: ProcessGroup,
-        sequence_parallel: bool = False,
         first_layer: int = 0,
         last_layer: int | None = None,
         has_embedding: bool = True,
         has_head: bool = True,
-        recompute: str = "none",
-        overlap_tp_comm: bool = True,
+        compiled: bool = False,
     ) -> None:
+        """`compiled` (training.compile): torch.compile each layer and fuse the loss's element-wise work."""
         super().__init__()
         last_layer = cfg.num_layers if last_layer is None else last_layer
         if not 0 <= first_layer <= last_layer <= cfg.num_layers:
             raise ValueError(f"layer range [{first_layer}, {last_layer}) outside 0..{cfg.num_layers}")
         self.cfg = cfg
-        self.tp = TPContext(tp_group, sequence_parallel, recompute, overlap_tp_comm)
+        self.tp = tp
         self.has_embedding = has_embedding
         self.has_head = has_head
         if has_embedding:
-            self.embed_tokens = VocabParallelEmbedding(
-                cfg.vocab_size, cfg.hidden_size, tp_group=tp_group, sequence_parallel=sequence_parallel
-            )
+            self.embed_tokens = _token_embedding(cfg, tp)
             if cfg.arch == "gpt2":
                 self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
                 # nn.Embedding declares weight a Tensor; it is a Parameter.
-                mark_sequence_parallel(cast(nn.Parameter, self.embed_positions.weight), sequence_parallel)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, self.tp) for i in range(first_layer, last_layer)})
+                mark_sequence_parallel(cast(nn.Parameter, self.embed_positions.weight), tp.sequence_parallel)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp) for i in range(first_layer, last_layer)})
         if has_head:
             if cfg.tie_embeddings and not has_embedding:
                 # The last pipeline stage keeps its own copy of the tied weight (same name, so the same
                 # initialization); the trainer sums its gradient with the first stage's every step.
-                self.embed_tokens = VocabParallelEmbedding(
-                    cfg.vocab_size, cfg.hidden_size, tp_group=tp_group, sequence_parallel=sequence_parallel
-                )
+                self.embed_tokens = _token_embedding(cfg, tp)
                 self.embed_tokens.weight.tied_copy = True  # type: ignore[attr-defined]
-            self.norm = make_norm(cfg, self.tp)
+            self.norm = make_norm(cfg, tp)
             if not cfg.tie_embeddings:
                 self.lm_head = ColumnParallelLinear(
-                    cfg.hidden_size, cfg.vocab_size, tp_group=tp_group, bias=False, pad_output=True
+                    cfg.hidden_size, cfg.vocab_size, tp_group=tp.group, bias=False, pad_output=True
                 )
+        self.compiled = compiled
+        if compiled:
+            for layer in self.layers.values():
+                layer.compile()  # lazy: traced at the first forward
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.before_use: Callable[[nn.Module], None] | None = None
-        """Called with a submodule just before the forward uses its parameters (ZeRO waits there for the
-        parameter all-gather of the previous step, which so overlaps the forward)."""
-        self.compile_loss = False
-        """Fuse the loss's element-wise work with torch.compile (set by the trainer with training.compile)."""
+        self._before_use: Callable[[nn.Module], None] | None = None
+
+    def set_before_use(self, hook: Callable[[nn.Module], None]) -> None:
+        """Have the forward call `hook(submodule)` just before it reads that submodule's parameters: ZeRO
+        waits there for the previous step's parameter all-gather, which so overlaps the forward. Set once,
+        after construction: the hook belongs to the gradient synchronizer built from these parameters."""
+        assert self._before_use is None, "the before-use hook is set once"
+        self._before_use = hook
 
     def _ready(self, module: nn.Module) -> None:
-        if self.before_use is not None:
-            self.before_use(module)
+        if self._before_use is not None:
+            self._before_use(module)
 
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
@@ -349,7 +325,7 @@ class Transformer(nn.Module):
             targets,
             tp_group=self.tp.group,
             vocab_size=self.cfg.vocab_size,
-            compiled=self.compile_loss,
+            compiled=self.compiled,
         )
 
 
@@ -400,9 +376,8 @@ def init_weights(model: Transformer, seed: int) -> None:
 
 def build_model(
     cfg: ModelConfig,
+    tp: TPContext,
     *,
-    tp_group: ProcessGroup,
-    sequence_parallel: bool = False,
     seed: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -410,21 +385,19 @@ def build_model(
     last_layer: int | None = None,
     has_embedding: bool = True,
     has_head: bool = True,
-    recompute: str = "none",
-    overlap_tp_comm: bool = True,
+    compiled: bool = False,
 ) -> Transformer:
-    """Build (a pipeline stage of) the model directly on `device`, initialized, in `dtype`."""
+    """Build (a pipeline stage of) the model directly on `device`, initialized, in `dtype`; the keyword
+    arguments after `dtype` are `Transformer`'s."""
     with torch.device(device):
         model = Transformer(
             cfg,
-            tp_group=tp_group,
-            sequence_parallel=sequence_parallel,
+            tp,
             first_layer=first_layer,
             last_layer=last_layer,
             has_embedding=has_embedding,
             has_head=has_head,
-            recompute=recompute,
-            overlap_tp_comm=overlap_tp_comm,
+            compiled=compiled,
         )
     init_weights(model, seed)
     return model.to(dtype)

@@ -7,11 +7,16 @@ Every sharded parameter carries `tp_dim` (the dimension split across the TP grou
 (its unpadded global size along that dimension), so initialization and checkpoints can rebuild the
 full tensor. Replicated parameters whose gradient is a partial sum under sequence parallelism carry
 `sequence_parallel = True`; their gradients are all-reduced over the TP group after backward.
+
+`TPContext` is the one options object of the model's tensor-parallel blocks (Megatron's
+ModelParallelConfig idea): the trainer builds it once from the config and every block reads its group and
+switches from it, so a new option is added here and where it is read, not to every constructor between.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +26,12 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from threefold.parallel import track
-from threefold.parallel.comm import reduce_from_tp, reduce_scatter_to_sequence
+from threefold.parallel.comm import (
+    copy_to_tp,
+    gather_from_sequence,
+    reduce_from_tp,
+    reduce_scatter_to_sequence,
+)
 
 
 def mark_sharded(param: nn.Parameter, tp_dim: int, full_size: int) -> nn.Parameter:
@@ -234,3 +244,38 @@ def gather_full(param: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     parts = [torch.empty_like(param) for _ in range(world)]
     dist.all_gather(parts, param.detach().contiguous(), group=tp_group)
     return torch.cat(parts, dim=dim).narrow(dim, 0, size)
+
+
+@dataclass(frozen=True)
+class TPContext:
+    """What a transformer block needs to know about tensor parallelism, and its recomputation mode."""
+
+    group: ProcessGroup
+    """The tensor-parallel group."""
+    sequence_parallel: bool = False
+    """Split the activations outside the tensor-parallel regions (norms, residuals) along the sequence."""
+    recompute: str = "none"
+    """Activation recomputation: 'none', 'selective' (the attention core) or 'full' (each layer)."""
+    overlap_comm: bool = True
+    """All-reduce column-parallel input gradients during the weight gradients (without sequence
+    parallelism)."""
+    size: int = field(init=False)
+    """tp_size, read from the group."""
+    rank: int = field(init=False)
+    """This rank's index in the group."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", dist.get_world_size(self.group))
+        object.__setattr__(self, "rank", dist.get_rank(self.group))
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Make the block input whole on every TP rank before column-parallel projections."""
+        return gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+
+    def project(self, x: torch.Tensor, layers: list[ColumnParallelLinear]) -> list[torch.Tensor]:
+        """Column-parallel `layers` applied to the block input x ((b, s/t, h) under sequence parallelism,
+        else (b, s, h)): [(b, s, out_i/t)]."""
+        if self.size > 1 and self.overlap_comm and not self.sequence_parallel:
+            return column_parallel_projections(x, layers, self.group)
+        x = self.enter(x)
+        return [layer(x) for layer in layers]

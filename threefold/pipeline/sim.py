@@ -46,112 +46,157 @@ def _payload(a: Action) -> tuple[str, int, int]:
     return ("gradient", a.chunk + 1, a.microbatch)  # RECV_B
 
 
+def _is_send(a: Action) -> bool:
+    return a.kind in (Kind.SEND_F, Kind.SEND_B)
+
+
+@dataclass
+class _Rank:
+    """One rank's progress through its action list."""
+
+    groups: list[list[Action]]
+    """The list as the executor runs it: single compute actions and batches of transfers."""
+    position: int = 0
+    clock: float = 0.0
+    open_batch: list[list] | None = None
+    """The queue entries of the posted, not yet complete batch of transfers."""
+    received: set[tuple[str, int, int]] = field(default_factory=set)
+    """Payloads (see _payload) that arrived."""
+    forwarded: set[tuple[int, int]] = field(default_factory=set)
+    """(chunk, micro-batch) of each forward run; `backwarded` the same for backwards."""
+    backwarded: set[tuple[int, int]] = field(default_factory=set)
+    in_flight: int = 0
+    """Forwards whose backward has not run yet; `peak` is its maximum."""
+    peak: int = 0
+    starts: list[tuple[float, Action]] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.position == len(self.groups)
+
+
+class _Simulator:
+    """The state of one simulation; `run` plays every rank until all finish or none can move."""
+
+    def __init__(self, schedule: list[list[Action]], forward_cost: float, backward_cost: float) -> None:
+        self.ranks = [_Rank(batches(actions)) for actions in schedule]
+        self.cost = {Kind.F: forward_cost, Kind.B: backward_cost}
+        self.last_chunk = max((a.chunk for actions in schedule for a in actions), default=0)
+        # FIFO queues per (src, dst): [payload, post time, matched partner's post time or None]
+        self.sends: dict[tuple[int, int], list[list]] = defaultdict(list)
+        self.recvs: dict[tuple[int, int], list[list]] = defaultdict(list)
+
+    def run(self) -> SimResult:
+        progress = True
+        while progress:
+            progress = False
+            for r in range(len(self.ranks)):
+                progress |= self._advance(r)
+        self._check_finished()
+        busy = [sum(self.cost[a.kind] for _, a in rank.starts) for rank in self.ranks]
+        return SimResult(
+            makespan=max(rank.clock for rank in self.ranks),
+            ideal=max(busy),
+            peak_in_flight=[rank.peak for rank in self.ranks],
+            starts=[rank.starts for rank in self.ranks],
+        )
+
+    def _advance(self, r: int) -> bool:
+        """Run rank r until it finishes or waits for a peer; whether it moved."""
+        rank, moved = self.ranks[r], False
+        while not rank.done:
+            group = rank.groups[rank.position]
+            if group[0].kind in COMPUTE:
+                self._compute(r, group[0])
+            else:
+                if rank.open_batch is None:
+                    self._post(r, group)
+                    moved = True
+                if not self._complete(r, group):
+                    return moved  # waiting for a peer
+            rank.position += 1
+            moved = True
+        return moved
+
+    def _compute(self, r: int, a: Action) -> None:
+        """A forward or backward, after checking that its inputs have arrived."""
+        rank, key = self.ranks[r], (a.chunk, a.microbatch)
+        if a.kind is Kind.F:
+            if a.chunk > 0 and ("activation", a.chunk - 1, a.microbatch) not in rank.received:
+                raise ScheduleError(f"rank {r} runs {a} before receiving its input")
+            rank.forwarded.add(key)
+            rank.in_flight += 1
+            rank.peak = max(rank.peak, rank.in_flight)
+        else:
+            if key not in rank.forwarded:
+                raise ScheduleError(f"rank {r} runs {a} before its forward")
+            if a.chunk < self.last_chunk and ("gradient", a.chunk + 1, a.microbatch) not in rank.received:
+                raise ScheduleError(f"rank {r} runs {a} before receiving its output gradient")
+            rank.in_flight -= 1
+            rank.backwarded.add(key)
+        rank.starts.append((rank.clock, a))
+        rank.clock += self.cost[a.kind]
+
+    def _post(self, r: int, group: list[Action]) -> None:
+        """Post a whole batch of transfers at the rank's clock and match what its peers posted."""
+        rank = self.ranks[r]
+        for a in group:
+            if _is_send(a) and (a.chunk, a.microbatch) not in (
+                rank.forwarded if a.kind is Kind.SEND_F else rank.backwarded
+            ):
+                raise ScheduleError(f"rank {r} sends {a} before computing it")
+        rank.open_batch = []
+        for a in group:
+            assert a.peer is not None  # every transfer names its peer
+            entry = [_payload(a), rank.clock, None]
+            (self.sends[(r, a.peer)] if _is_send(a) else self.recvs[(a.peer, r)]).append(entry)
+            rank.open_batch.append(entry)
+        for a in group:
+            assert a.peer is not None
+            self._match(*((r, a.peer) if _is_send(a) else (a.peer, r)))
+
+    def _match(self, src: int, dst: int) -> None:
+        """Pair the k-th send from src to dst with the k-th receive on dst from src."""
+        for s, rv in zip(self.sends[(src, dst)], self.recvs[(src, dst)], strict=False):
+            if s[2] is None:
+                if s[0] != rv[0]:
+                    raise ScheduleError(
+                        f"rank {dst} expects {rv[0]} from rank {src} but the next message sent is {s[0]}"
+                    )
+                s[2], rv[2] = rv[1], s[1]
+
+    def _complete(self, r: int, group: list[Action]) -> bool:
+        """Finish the rank's open batch if every transfer in it has met its partner."""
+        rank = self.ranks[r]
+        assert rank.open_batch is not None
+        if any(e[2] is None for e in rank.open_batch):
+            return False
+        rank.clock = max([rank.clock, *(e[2] for e in rank.open_batch)])
+        rank.received |= {_payload(a) for a in group if a.kind in (Kind.RECV_F, Kind.RECV_B)}
+        rank.open_batch = None
+        return True
+
+    def _check_finished(self) -> None:
+        """Every rank ran its whole list, and every send met a receive."""
+        stuck = [r for r, rank in enumerate(self.ranks) if not rank.done]
+        if stuck:
+            waits = "; ".join(
+                f"rank {r} waits in [{' '.join(map(str, self.ranks[r].groups[self.ranks[r].position]))}]"
+                for r in stuck
+            )
+            raise ScheduleError(f"deadlock: {waits}")
+        for (src, dst), queue in self.sends.items():
+            if len(queue) != len(self.recvs[(src, dst)]):
+                raise ScheduleError(
+                    f"{len(queue)} sends from rank {src} to {dst} but {len(self.recvs[(src, dst)])} receives"
+                )
+
+
 def simulate(
     schedule: list[list[Action]], *, forward_cost: float = 1.0, backward_cost: float = 1.0
 ) -> SimResult:
     """Run all ranks' lists; raises ScheduleError naming each stuck rank's next action on a deadlock."""
-    num_ranks = len(schedule)
-    groups = [batches(actions) for actions in schedule]
-    position = [0] * num_ranks
-    clock = [0.0] * num_ranks
-    posted_at: list[float | None] = [None] * num_ranks
-    # FIFO queues per (src, dst): [payload, post time, matched partner post time or None]
-    sends: dict[tuple[int, int], list[list]] = defaultdict(list)
-    recvs: dict[tuple[int, int], list[list]] = defaultdict(list)
-    entries: list[list[list]] = [[] for _ in range(num_ranks)]  # the queue entries of each rank's open batch
-    received: list[set] = [set() for _ in range(num_ranks)]
-    forwarded: list[set] = [set() for _ in range(num_ranks)]
-    computed_f: list[set] = [set() for _ in range(num_ranks)]
-    computed_b: list[set] = [set() for _ in range(num_ranks)]
-    in_flight = [0] * num_ranks
-    peak = [0] * num_ranks
-    starts: list[list[tuple[float, Action]]] = [[] for _ in range(num_ranks)]
-    last_chunk = max((a.chunk for actions in schedule for a in actions), default=0)
-
-    def match(src: int, dst: int) -> None:
-        s_queue, r_queue = sends[(src, dst)], recvs[(src, dst)]
-        for s, r in zip(s_queue, r_queue, strict=False):
-            if s[2] is None:
-                if s[0] != r[0]:
-                    raise ScheduleError(
-                        f"rank {dst} expects {r[0]} from rank {src} but the next message sent is {s[0]}"
-                    )
-                s[2], r[2] = r[1], s[1]
-
-    def run_compute(rank: int, a: Action) -> None:
-        key = (a.chunk, a.microbatch)
-        if a.kind is Kind.F:
-            if a.chunk > 0 and ("activation", a.chunk - 1, a.microbatch) not in received[rank]:
-                raise ScheduleError(f"rank {rank} runs {a} before receiving its input")
-            forwarded[rank].add(key)
-            computed_f[rank].add(key)
-            in_flight[rank] += 1
-            peak[rank] = max(peak[rank], in_flight[rank])
-            cost = forward_cost
-        else:
-            if key not in forwarded[rank]:
-                raise ScheduleError(f"rank {rank} runs {a} before its forward")
-            if a.chunk < last_chunk and ("gradient", a.chunk + 1, a.microbatch) not in received[rank]:
-                raise ScheduleError(f"rank {rank} runs {a} before receiving its output gradient")
-            in_flight[rank] -= 1
-            computed_b[rank].add(key)
-            cost = backward_cost
-        starts[rank].append((clock[rank], a))
-        clock[rank] += cost
-
-    progress = True
-    while progress:
-        progress = False
-        for rank in range(num_ranks):
-            while position[rank] < len(groups[rank]):
-                group = groups[rank][position[rank]]
-                if group[0].kind in COMPUTE:
-                    run_compute(rank, group[0])
-                    position[rank] += 1
-                    progress = True
-                    continue
-                if posted_at[rank] is None:  # post the whole batch
-                    posted_at[rank] = clock[rank]
-                    for a in group:
-                        if a.kind in (Kind.SEND_F, Kind.SEND_B) and (a.chunk, a.microbatch) not in (
-                            computed_f[rank] if a.kind is Kind.SEND_F else computed_b[rank]
-                        ):
-                            raise ScheduleError(f"rank {rank} sends {a} before computing it")
-                    for a in group:
-                        assert a.peer is not None  # every transfer names its peer
-                        entry = [_payload(a), clock[rank], None]
-                        queue = (
-                            sends[(rank, a.peer)]
-                            if a.kind in (Kind.SEND_F, Kind.SEND_B)
-                            else recvs[(a.peer, rank)]
-                        )
-                        queue.append(entry)
-                        entries[rank].append(entry)
-                    for a in group:
-                        match(*((rank, a.peer) if a.kind in (Kind.SEND_F, Kind.SEND_B) else (a.peer, rank)))
-                    progress = True
-                if any(e[2] is None for e in entries[rank]):
-                    break  # waiting for a peer
-                clock[rank] = max([clock[rank], *(e[2] for e in entries[rank])])
-                for a in group:
-                    if a.kind in (Kind.RECV_F, Kind.RECV_B):
-                        received[rank].add(_payload(a))
-                entries[rank] = []
-                posted_at[rank] = None
-                position[rank] += 1
-                progress = True
-
-    stuck = [r for r in range(num_ranks) if position[r] < len(groups[r])]
-    if stuck:
-        waits = "; ".join(f"rank {r} waits in [{' '.join(map(str, groups[r][position[r]]))}]" for r in stuck)
-        raise ScheduleError(f"deadlock: {waits}")
-    for (src, dst), queue in sends.items():
-        if len(queue) != len(recvs[(src, dst)]):
-            raise ScheduleError(
-                f"{len(queue)} sends from rank {src} to {dst} but {len(recvs[(src, dst)])} receives"
-            )
-    busy = [sum(forward_cost if a.kind is Kind.F else backward_cost for _, a in s) for s in starts]
-    return SimResult(makespan=max(clock), ideal=max(busy), peak_in_flight=peak, starts=starts)
+    return _Simulator(schedule, forward_cost, backward_cost).run()
 
 
 def timeline(result: SimResult) -> str:

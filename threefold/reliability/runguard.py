@@ -36,9 +36,7 @@ from threefold.reliability.detectors import SkipCounter, SpikeDetector, Straggle
 from threefold.reliability.events import EventLog
 from threefold.reliability.faults import FaultPlan
 from threefold.reliability.watchdog import Watchdog
-
-Synced = tuple[int, float, float, float, bool]
-"""(step, loss, grad norm, lr, skipped) of one step, on the host."""
+from threefold.report import StepStats
 
 
 def check_data(config: Config, control: ControlChannel, rank: int) -> None:
@@ -158,20 +156,21 @@ class RunGuard:
         stop, late = self.control.agree([float(stop_requested), float(out_of_time)])
         return stop > 0, late > 0
 
-    def interval(self, synced: list[Synced], note: Callable[[str], None]) -> int | None:
+    def interval(self, synced: list[StepStats], note: Callable[[str], None]) -> int | None:
         """Act on one log interval's steps; returns the 0-based step of a loss spike to roll back from.
 
         Raises NumericsError after too many consecutive skipped steps (on every rank alike).
         `note` prints a line on the logging rank.
         """
         logger = self.mesh.rank == 0
-        for step, loss, norm, _, skipped in synced:
-            if skipped:
+        for s in synced:
+            step, loss, norm = s.step, s.loss, s.grad_norm
+            if s.skipped:
                 if logger:
                     self.events.write("skipped_step", step=step + 1, loss=str(loss), grad_norm=str(norm))
                 note(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({norm}); update skipped "
                      f"({self.skips.consecutive + 1} in a row, {self.skips.total + 1} in all)")  # fmt: skip
-            self.skips.observe(step, skipped)
+            self.skips.observe(step, s.skipped)
         busy = [b[0] for b in self.control.gather([self._busy])]
         self._busy = 0.0
         for rank, ratio in self.stragglers.observe(busy):
@@ -179,12 +178,14 @@ class RunGuard:
                     f"{self.stragglers.intervals} log intervals (busy seconds by rank: "
                     f"{[round(b, 3) for b in busy]})")  # fmt: skip
             if logger:
-                self.events.write("straggler", step=synced[-1][0] + 1, slow_rank=rank, ratio=ratio, busy=busy)
+                self.events.write(
+                    "straggler", step=synced[-1].step + 1, slow_rank=rank, ratio=ratio, busy=busy
+                )
             note(text)
         if self.spikes is not None:
-            for step, loss, _, _, skipped in synced:
-                if not skipped and self.spikes.observe(loss):
+            for s in synced:
+                if not s.skipped and self.spikes.observe(s.loss):
                     if logger:
-                        self.events.write("loss_spike", step=step + 1, loss=loss, mean=self.spikes.mean)
-                    return step
+                        self.events.write("loss_spike", step=s.step + 1, loss=s.loss, mean=self.spikes.mean)
+                    return s.step
         return None
