@@ -352,6 +352,22 @@ def test_bad_data_stops_every_rank_at_start_up(sonnets_dataset, tmp_path):
         run_ranks(2, _train_with_faults, _small_config(data, tmp_path), "", timeout=60)
 
 
+def test_a_second_run_on_the_same_directory_fails_naming_the_first(sonnets_dataset, tmp_path):
+    """One writer per run directory: while a run holds it, another stops at start-up on every rank."""
+    from threefold.files import RunLock
+
+    config = _small_config(sonnets_dataset, tmp_path)
+    with RunLock(tmp_path / "ckpt"):  # the first run, still going
+        with pytest.raises(AssertionError) as failed:
+            run_ranks(2, _train_with_faults, config, "", timeout=60)
+    message = str(failed.value)
+    assert "is in use by another run" in message, message  # rank 0 found it; every rank raises it
+    assert f'"pid": {os.getpid()}' in message
+    assert not (tmp_path / "ckpt" / "latest").exists()  # nothing written
+    results = run_ranks(2, _train_with_faults, config, "", timeout=120)  # free again once released
+    assert len(results[0]["losses"]) == 4
+
+
 # --- Soak: 2,000 steps, a checkpoint every 50; memory and file handles stay flat ----------------------
 
 

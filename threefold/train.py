@@ -26,7 +26,7 @@ from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.pipeline.schedules import Action, add_communication, build_schedule, forward_only
 from threefold.reliability.control import ControlChannel, StopRequest
 from threefold.reliability.faults import FaultPlan
-from threefold.reliability.runguard import RunGuard, check_data, resume, rollback
+from threefold.reliability.runguard import RunGuard, check_data, hold_run_directories, resume, rollback
 from threefold.report import Reporter, StepStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -332,8 +332,15 @@ def train(
 
     `faults` (test-only, see threefold.reliability.faults) injects crashes, hangs, signals and NaNs.
     """
-    t, ckpt = config.training, config.checkpoint
     control = ControlChannel()
+    with hold_run_directories(config, control, mesh.rank):
+        return _train(config, mesh, device, control, faults)
+
+
+def _train(
+    config: Config, mesh: Mesh, device: torch.device, control: ControlChannel, faults: FaultPlan | None
+) -> TrainResult:
+    t, ckpt = config.training, config.checkpoint
     check_data(config, control, mesh.rank)
     trainer = build(config, mesh, device)
     loader = train_loader(config, mesh)

@@ -16,10 +16,11 @@ rollback       on a loss spike: reload the newest checkpoint saved before the sp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from threefold.checkpoint import Checkpointer, TrainState, checkpoints_newest_fi
 from threefold.checkpoint.parts import named_parameters
 from threefold.config import Config
 from threefold.data.dataset import BatchLoader, check_dataset
+from threefold.files import RunLock
 from threefold.parallel.mesh import Mesh
 from threefold.parallel.track import CommTracker, activate
 from threefold.reliability.control import ControlChannel
@@ -49,6 +51,30 @@ def check_data(config: Config, control: ControlChannel, rank: int) -> None:
     error = control.broadcast(error) or error  # the same message everywhere, even if only rank 0 scanned
     if error:
         raise ValueError(error)
+
+
+@contextlib.contextmanager
+def hold_run_directories(config: Config, control: ControlChannel, rank: int) -> Iterator[None]:
+    """One writer per run: rank 0 locks `logging.out_dir` and `checkpoint.dir` for the whole run.
+
+    A second run writing the same directories fails on every rank before it writes anything, with a
+    message naming the run that holds them (its pid, host and start time); see threefold.files.RunLock.
+    """
+    with contextlib.ExitStack() as locks:
+        error = None
+        if rank == 0:
+            dirs = dict.fromkeys(
+                Path(d).resolve() for d in (config.logging.out_dir, config.checkpoint.dir) if d
+            )
+            try:
+                for directory in dirs:
+                    locks.enter_context(RunLock(directory))
+            except RuntimeError as e:
+                error = str(e)
+        error = control.broadcast(error)
+        if error:
+            raise ValueError(error)
+        yield
 
 
 def resume(trainer: TrainState, loader: BatchLoader, control: ControlChannel, events: EventLog) -> int:
