@@ -25,6 +25,7 @@ from threefold.config import Config, load_config
 if TYPE_CHECKING:  # the names only: torch and the training code load when a command runs
     import torch
 
+    from threefold.launch import WorldInfo
     from threefold.parallel.mesh import Mesh
     from threefold.reliability.faults import FaultPlan
 
@@ -94,6 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides += layout.overrides()  # the re-executed workers get the layout as text
     else:
         config = load_run_config(path, overrides)
+    _check_fits(config, world, args.nproc)
     worker_argv = ["train", *([path] if path else []), *overrides]
     return run_workers(config, _train_body, world=world, nproc=args.nproc, worker_argv=worker_argv)
 
@@ -132,11 +134,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     own = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--tokens={args.tokens}"]
     if args.json_out:
         own.append(f"--json-out={args.json_out}")
+    world = world_from_env()
+    _check_fits(config, world, args.nproc)
     worker_argv = ["bench", *([path] if path else []), *overrides, *own]
     body = partial(
         _bench_body, steps=args.steps, warmup=args.warmup, tokens=args.tokens, json_out=args.json_out
     )
-    return run_workers(config, body, world=world_from_env(), nproc=args.nproc, worker_argv=worker_argv)
+    return run_workers(config, body, world=world, nproc=args.nproc, worker_argv=worker_argv)
+
+
+def _check_fits(config: Config, world: WorldInfo | None, nproc: int | None) -> None:
+    """Refuse a config that cannot fit in memory before any worker starts (see threefold.plan.fit)."""
+    from threefold.plan.fit import check_fits
+
+    per_node = world.local_world_size if world is not None else nproc or config.world_size
+    check_fits(config, procs_per_node=per_node)
 
 
 def _bench_body(
