@@ -1,22 +1,15 @@
-"""Typed configuration: one TOML file plus `--section.key=value` overrides.
-
-Every field has a docstring; `threefold config --reference` prints them all. Anything a user
-can get wrong raises `ValueError` naming the values, before any process group starts: each section's
-`check()` guards its own fields, beside them; `validate` adds the rules that cross sections.
-"""
+"""The config's sections: typed fields with a docstring each, and each section's own checks."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from threefold.pipeline.schedules import ScheduleName, check_schedule_args
+from threefold.pipeline.schedules import ScheduleName
 from threefold.presets import MODEL_PRESETS
 
 # String choices are Literal types, so mypy catches a typo in `arch == "lama"`; loading and `check()`
@@ -30,6 +23,32 @@ AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
 DTYPE_NAMES: tuple[DtypeName, ...] = typing.get_args(DtypeName)
 """Names of the compute dtypes (train.DTYPES maps them to torch dtypes)."""
 ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = typing.get_args(AttentionBackend)
+
+
+# --- Field types: the choices a Literal allows, the type under an Optional --------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """(T, True) for `T | None`, (hint, False) otherwise."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _choices(hint: Any) -> tuple[Any, ...]:
+    """The allowed values of a `Literal[...]` field (also inside `| None`); () for any other type."""
+    base, _ = _unwrap_optional(hint)
+    return typing.get_args(base) if typing.get_origin(base) is Literal else ()
+
+
+def _unknown_choice(where: str, value: Any, choices: tuple[Any, ...]) -> ValueError:
+    return ValueError(f"{where} {value!r} is unknown; choose one of {choices}")
 
 
 @dataclass(kw_only=True)
@@ -426,247 +445,3 @@ SECTIONS: dict[str, type[Section]] = {
     )
 }
 """The sections in file order, by name (the names of Config's fields)."""
-
-
-# --- Loading: TOML values and override text into typed fields ---------------------------------------
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
-    """(T, True) for `T | None`, (hint, False) otherwise."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
-
-
-def _choices(hint: Any) -> tuple[Any, ...]:
-    """The allowed values of a `Literal[...]` field (also inside `| None`); () for any other type."""
-    base, _ = _unwrap_optional(hint)
-    return typing.get_args(base) if typing.get_origin(base) is Literal else ()
-
-
-def _unknown_choice(where: str, value: Any, choices: tuple[Any, ...]) -> ValueError:
-    return ValueError(f"{where} {value!r} is unknown; choose one of {choices}")
-
-
-def _from_toml(value: Any, base: type) -> Any:
-    """A TOML value as the file typed it: a quoted number is a mistake, not a number."""
-    if isinstance(value, bool) != (base is bool):  # bool is an int to isinstance
-        raise ValueError
-    if base is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if base is float and isinstance(value, int):
-        return float(value)
-    if not isinstance(value, base):
-        raise ValueError
-    return value
-
-
-def _from_text(text: str, base: type) -> Any:
-    """An override's text (always a string) parsed as the field's type."""
-    if base is not bool:
-        return base(text)
-    if text.lower() in ("true", "1", "yes", "on"):
-        return True
-    if text.lower() in ("false", "0", "no", "off"):
-        return False
-    raise ValueError
-
-
-def _coerce(where: str, value: Any, hint: Any, *, text: bool) -> Any:
-    """Turn a TOML value (or, with `text`, an override's text) into the field's type, or raise ValueError
-    naming the key, the value and the expected type."""
-    base, optional = _unwrap_optional(hint)
-    # TOML has no null: the strings none/null/"" are how a file or an override empties an optional key.
-    if optional and (value is None or isinstance(value, str) and value.lower() in ("none", "null", "")):
-        return None
-    if value is None:
-        raise ValueError(f"{where} must not be empty")
-    choices = _choices(base)
-    if choices:
-        if not isinstance(value, str):
-            raise ValueError(f"{where} = {value!r} is not a valid str")
-        if value not in choices:
-            raise _unknown_choice(where, value, choices)
-        return value
-    try:
-        return _from_text(value, base) if text else _from_toml(value, base)
-    except (TypeError, ValueError):
-        quoted = not text and isinstance(value, str)
-        hint_text = f" (write the {base.__name__} without quotes)" if quoted else ""
-        raise ValueError(f"{where} = {value!r} is not a valid {base.__name__}{hint_text}") from None
-
-
-def _parse_override(arg: str) -> tuple[str, str, str]:
-    if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
-        raise ValueError(f"override {arg!r} must look like --section.key=value")
-    lhs, value = arg[2:].split("=", 1)
-    section, key = lhs.split(".", 1)
-    return section, key, value
-
-
-def _build_section(section: str, values: dict[str, tuple[Any, bool]]) -> Section:
-    """One section from {key: (value, is override text)}, the model preset under its explicit keys."""
-    cls = SECTIONS[section]
-    hints = _field_types(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in [{section}]; known: {sorted(hints)}")
-    kwargs = {k: _coerce(f"{section}.{k}", v, hints[k], text=text) for k, (v, text) in values.items()}
-    if section == "model" and kwargs.get("preset") is not None:
-        # An unknown name adds nothing here; ModelConfig.check reports it.
-        kwargs = {**MODEL_PRESETS.get(kwargs["preset"], {}), **kwargs}
-    return cls(**kwargs)
-
-
-def build_config(
-    raw: dict[str, Any], overrides: list[str] | None = None, *, check_paths: bool = True
-) -> Config:
-    """Build a Config from a TOML-like dict and `--section.key=value` overrides, then validate it."""
-    merged: dict[str, dict[str, tuple[Any, bool]]] = {}
-    for section, values in raw.items():
-        if section not in SECTIONS:
-            raise ValueError(f"unknown config section [{section}]; known: {', '.join(SECTIONS)}")
-        if not isinstance(values, dict):
-            raise ValueError(f"[{section}] must be a table of key = value pairs, got {values!r}")
-        merged[section] = {k: (v, False) for k, v in values.items()}
-    for arg in overrides or []:
-        section, key, value = _parse_override(arg)
-        if section not in SECTIONS:
-            raise ValueError(f"unknown config section {section!r} in {arg!r}; known: {', '.join(SECTIONS)}")
-        merged.setdefault(section, {})[key] = (value, True)
-    sections: dict[str, Any] = {name: _build_section(name, merged.get(name, {})) for name in SECTIONS}
-    config = Config(**sections)
-    validate(config, check_paths=check_paths)
-    return config
-
-
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, *, check_paths: bool = True
-) -> Config:
-    """Load a TOML config file (or the defaults when path is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from None
-    return build_config(raw, overrides, check_paths=check_paths)
-
-
-# --- Validation: each section, then what crosses sections -------------------------------------------
-
-
-def validate(config: Config, world_size: int | None = None, *, check_paths: bool = True) -> None:
-    """Reject impossible settings with a ValueError that names every factor."""
-    for section in SECTIONS:
-        getattr(config, section).check()
-    check_across_sections(config)
-    if world_size is not None:
-        check_world_size(config, world_size)
-    if check_paths:
-        _check_paths(config)
-
-
-MAX_MICROBATCHES = 1 << 16
-"""Micro-batches per pipeline per step, at most. Each one is a schedule action the workers build and
-hold; at micro-batch 1 and 2,048 tokens this is 134M tokens per data-parallel replica and step, far beyond
-any real batch, while 2**32 would hang the workers building their schedules."""
-
-
-def check_across_sections(config: Config) -> None:
-    """The rules that tie one section's values to another's (each section has checked its own)."""
-    m, p, d, t = config.model, config.parallel, config.data, config.training
-    assert m.num_kv_heads is not None and m.ffn_hidden_size is not None  # ModelConfig.check
-    tp = p.tp_size
-    for name, value in (
-        ("num_heads", m.num_heads),
-        ("num_kv_heads", m.num_kv_heads),
-        ("ffn_hidden_size", m.ffn_hidden_size),
-    ):
-        if value % tp:
-            raise ValueError(f"parallel.tp_size ({tp}) must divide model.{name} ({value})")
-    if p.sequence_parallel and d.seq_len % tp:
-        raise ValueError(
-            f"with sequence parallelism, parallel.tp_size ({tp}) must divide data.seq_len ({d.seq_len})"
-        )
-    if d.seq_len > m.max_seq_len:
-        raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    per_step = t.micro_batch_size * p.dp_size
-    if t.global_batch_size % per_step:
-        raise ValueError(
-            f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
-            f"training.micro_batch_size ({t.micro_batch_size}) * parallel.dp_size ({p.dp_size}) = {per_step}"
-        )
-    if config.num_microbatches > MAX_MICROBATCHES:
-        raise ValueError(
-            f"training.global_batch_size ({t.global_batch_size}) / (training.micro_batch_size "
-            f"({t.micro_batch_size}) * parallel.dp_size ({p.dp_size})) = {config.num_microbatches} "
-            f"micro-batches per step, more than the {MAX_MICROBATCHES} a step can schedule; "
-            "raise micro_batch_size or dp_size, or lower global_batch_size"
-        )
-    if t.eval_batches % p.dp_size:
-        raise ValueError(
-            f"training.eval_batches ({t.eval_batches}) must be divisible by parallel.dp_size ({p.dp_size})"
-        )
-    if p.pp_size > m.num_layers:
-        raise ValueError(f"parallel.pp_size ({p.pp_size}) exceeds model.num_layers ({m.num_layers})")
-    if p.pp_size * p.num_model_chunks > m.num_layers:
-        raise ValueError(
-            f"parallel.pp_size ({p.pp_size}) * parallel.num_model_chunks ({p.num_model_chunks}) "
-            f"exceeds model.num_layers ({m.num_layers})"
-        )
-    try:
-        check_schedule_args(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
-    except ValueError as e:
-        raise ValueError(f"parallel.pipeline_schedule = {p.pipeline_schedule!r}: {e}") from None
-
-
-def _check_paths(config: Config) -> None:
-    """The files a run reads must exist (skipped for configs checked away from the data)."""
-    load, data = config.checkpoint.load, config.data
-    if load and not (Path(load) / "manifest.json").is_file():
-        raise ValueError(f"checkpoint.load {load!r} is not a checkpoint (no manifest.json)")
-    if not (Path(data.path) / "meta.json").is_file() and not data.prepare_shakespeare:
-        raise ValueError(
-            f"data.path {data.path!r} holds no prepared dataset (no meta.json); "
-            "run `threefold data prepare` first or set data.prepare_shakespeare = true"
-        )
-
-
-def check_world_size(config: Config, world_size: int) -> None:
-    p = config.parallel
-    if world_size != config.world_size:
-        raise ValueError(
-            f"world size ({world_size}) must equal parallel.tp_size ({p.tp_size}) * parallel.pp_size "
-            f"({p.pp_size}) * parallel.dp_size ({p.dp_size}) = {config.world_size}"
-        )
-
-
-def describe_fields() -> str:
-    """Human-readable reference of every config key (used by README and `--help-config`)."""
-    import ast
-    import inspect
-
-    lines = []
-    for section, cls in SECTIONS.items():
-        lines.append(f"[{section}]")
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        docs: dict[str, str] = {}
-        for prev, node in zip(body, body[1:], strict=False):
-            if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr):
-                if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-                    docs[prev.target.id] = node.value.value  # type: ignore[union-attr]
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            lines.append(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
-    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""Typed configuration: one TOML file plus `--section.key=value` overrides.
+
+Every field has a docstring; `threefold config --reference` prints them all. Anything a user can get
+wrong raises `ValueError` naming the values, before any process group starts: each section's `check()`
+guards its own fields, beside them (sections.py); `validate` adds the rules that cross sections
+(validate.py); load.py turns TOML and override text into typed fields.
+"""
+
+from threefold.config.load import build_config, describe_fields, load_config
+from threefold.config.sections import (
+    ATTENTION_BACKENDS,
+    DTYPE_NAMES,
+    SECTIONS,
+    Arch,
+    AttentionBackend,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    Device,
+    DtypeName,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    Recompute,
+    ReliabilityConfig,
+    Section,
+    TrainingConfig,
+    check_rope_scaling,
+)
+from threefold.config.validate import MAX_MICROBATCHES, check_across_sections, check_world_size, validate
+
+__all__ = [
+    "Arch",
+    "DtypeName",
+    "Device",
+    "Recompute",
+    "AttentionBackend",
+    "DTYPE_NAMES",
+    "ATTENTION_BACKENDS",
+    "Section",
+    "ModelConfig",
+    "check_rope_scaling",
+    "ParallelConfig",
+    "DataConfig",
+    "OptimizerConfig",
+    "TrainingConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "ReliabilityConfig",
+    "Config",
+    "SECTIONS",
+    "MAX_MICROBATCHES",
+    "build_config",
+    "check_across_sections",
+    "check_world_size",
+    "describe_fields",
+    "load_config",
+    "validate",
+]
