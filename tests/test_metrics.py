@@ -124,9 +124,10 @@ def _local_numel(rank: int, world: int, cfg: ModelConfig) -> dict[str, int]:
     import torch.distributed as dist
 
     from threefold.model.transformer import build_model
+    from threefold.parallel.layers import TPContext
 
     def numel(**kw) -> int:
-        return sum(p.numel() for p in build_model(cfg, tp_group=dist.group.WORLD, **kw).parameters())
+        return sum(p.numel() for p in build_model(cfg, TPContext(dist.group.WORLD), **kw).parameters())
 
     layer = numel(first_layer=0, last_layer=1, has_embedding=False, has_head=False)
     return {"total": numel(), "per_layer": layer}
