@@ -15,12 +15,12 @@ from threefold.checkpoint.manifest import (
     FORMAT_VERSION,
     Manifest,
     TensorEntry,
-    load_manifest,
     sha256,
     shape_of,
     verify_files,
     write_manifest,
 )
+from threefold.checkpoint.schema import load_manifest
 from threefold.config import Config
 
 
@@ -95,6 +95,9 @@ def read_full_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     path = Path(path)
     manifest = load_manifest(path)
     keys = [k for k in manifest["tensors"] if "::" not in k]
+    model = manifest["config"].get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"checkpoint {str(path)!r}: manifest.json's config has no model section")
     verify_files(path, manifest, {e["file"] for k in keys for e in manifest["tensors"][k]})
     reader = ShardReader(path, manifest)
-    return manifest["config"]["model"], {k: reader.full(k) for k in keys}
+    return model, {k: reader.full(k) for k in keys}
