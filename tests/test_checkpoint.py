@@ -216,7 +216,7 @@ def _saved_before_the_first_step(rank: int, world: int, config, other_seed) -> d
     batches = train_loader(config, mesh).next_batch()
     train_step(other, batches, 0)
     checkpoint.load_checkpoint(other, path)
-    losses = [float(train_step(t, batches, 0)[0]) for t in (fresh, other)]
+    losses = [float(train_step(t, batches, 0).loss) for t in (fresh, other)]
     weights = [{n: p.detach().clone() for c in t.chunks.values() for n, p in c.named_parameters()}
                for t in (fresh, other)]  # fmt: skip
     return {"keys": keys, "losses": losses, "weights": weights}
