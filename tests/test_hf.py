@@ -225,12 +225,14 @@ def test_checkpoint_round_trip_and_transformers_loads_it(case, tmp_path):
     assert (logits - expected).abs().max().item() < 1e-6
 
 
-def test_save_replaces_an_existing_checkpoint(tmp_path):
+def test_save_replaces_an_existing_checkpoint_only_when_asked(tmp_path):
     hf_cfg, hf_state, _, _ = _reference("llama-tied")
     cfg = model_config_from_hf(hf_cfg)
     state = from_hf_state_dict(cfg, hf_state)
     save_hf_checkpoint(cfg, {k: torch.zeros_like(v) for k, v in state.items()}, tmp_path / "ckpt")
-    save_hf_checkpoint(cfg, state, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"ckpt' is not empty \(config.json, model.safetensors\)"):
+        save_hf_checkpoint(cfg, state, tmp_path / "ckpt")
+    save_hf_checkpoint(cfg, state, tmp_path / "ckpt", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     _, loaded = load_hf_checkpoint(tmp_path / "ckpt")
     assert all(torch.equal(loaded[k], state[k]) for k in state)

@@ -4,8 +4,9 @@
   must stay inside the directory that holds the file, after following symlinks. A damaged or hostile
   manifest can then not make threefold open, hash or load anything elsewhere.
 * Writes that commit something (a checkpoint, a dataset, `latest`) are durable before they are visible:
-  the files and their directory are fsynced, then one rename publishes them (`sync_tree`, `write_atomic`).
-  Without the fsyncs a power loss right after a save can leave a committed step of empty files.
+  the files and their directory are fsynced, then one rename publishes them (`sync_tree`, `write_atomic`,
+  `publish_dir`). Without the fsyncs a power loss right after a save can leave a committed step of empty
+  files.
 * Output commands never delete what they were not asked to (`check_output_dir`), and one run directory
   has one writer at a time (`RunLock`).
 
@@ -17,8 +18,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
+import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -120,6 +125,45 @@ def check_output_dir(
                 f"output directory {str(out)!r} is not empty ({shown}); pass --overwrite to replace "
                 "its contents, or choose an empty directory"
             )
+
+
+def publish_dir(tmp: str | Path, out: str | Path) -> None:
+    """Make the complete directory `tmp` visible as `out`: its files are fsynced first, then one rename
+    publishes it. Whatever `out` held moves aside and is deleted only once the new contents are in place
+    (call `check_output_dir` first: this replaces without asking)."""
+    tmp, out = Path(tmp), Path(out)
+    sync_tree(tmp)
+    old = None
+    if out.exists():
+        old = tmp.with_name(f"{tmp.name}-old")
+        shutil.rmtree(old, ignore_errors=True)  # the remains of a crash mid-publish
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(out: str | Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `out` to write an output directory into; published as `out` with
+    `publish_dir` when the block succeeds, removed (leaving `out` untouched) when it raises."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir rather than mkdtemp: mkdtemp's 0700 mode would survive the rename into `out`.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class RunLock:

@@ -10,36 +10,55 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from threefold.checkpoint.manifest import (
-    Manifest,
-    TensorEntry,
-    layout_of,
-    read_manifest,
-    verify_files,
-)
+from threefold.checkpoint.manifest import Manifest, TensorEntry, layout_of, verify_files
 from threefold.checkpoint.parts import TrainState, named_parameters, quiesce, set_rng_state
+from threefold.checkpoint.schema import read_manifest
+from threefold.files import inside
 from threefold.optim import OptimizerState, ParamSlice
-from threefold.parallel.layers import shard_of
+from threefold.parallel.layers import full_shape_of, shard_of
 from threefold.parallel.mesh import Mesh
 
 
+def open_safetensors(path: Path) -> Any:
+    """A safetensors file opened for reading; ValueError naming the file when its header is unreadable."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
+
+
 class ShardReader:
-    """Reads full tensors of one checkpoint, keeping each file open once."""
+    """Reads full tensors of one checkpoint, keeping each file open once.
+
+    The manifest has passed checkpoint.schema; what it says is still checked against the files (each
+    piece's shape) and against itself (the pieces join), so a manifest that lies gives a ValueError.
+    """
 
     def __init__(self, path: Path, manifest: Manifest) -> None:
         self.path = path
         self.manifest = manifest
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, tuple[Any, set[str]]] = {}
 
-    def _read(self, file: str, key: str) -> torch.Tensor:
+    def _read(self, entry: TensorEntry, key: str) -> torch.Tensor:
+        file = entry["file"]
         if file not in self._handles:
-            self._handles[file] = safe_open(str(self.path / file), framework="pt")
-        return self._handles[file].get_tensor(key)
+            handle = open_safetensors(inside(self.path, file, what="checkpoint file"))
+            self._handles[file] = (handle, set(handle.keys()))
+        handle, keys = self._handles[file]
+        if key not in keys:
+            raise ValueError(f"checkpoint file {str(self.path / file)!r} lacks the tensor {key!r}")
+        tensor = handle.get_tensor(key)
+        if list(tensor.shape) != entry["shape"]:
+            raise ValueError(
+                f"checkpoint file {str(self.path / file)!r} holds {key!r} of shape {list(tensor.shape)}, "
+                f"but the manifest says {entry['shape']}"
+            )
+        return tensor
 
     def _tp_local(self, key: str, entries: list[TensorEntry]) -> torch.Tensor:
         """One TP rank's tensor: a single entry, or ZeRO flat pieces from every data-parallel rank joined."""
         if "flat" not in entries[0]:
-            return self._read(entries[0]["file"], key)
+            return self._read(entries[0], key)
         pieces = sorted(entries, key=lambda e: e["flat"][0])
         shape = pieces[0]["local_shape"]
         covered = 0
@@ -51,7 +70,7 @@ class ShardReader:
         if covered != math.prod(shape):
             where = f"checkpoint {str(self.path)!r}: {key!r}"
             raise ValueError(f"{where} ends at {covered} of {math.prod(shape)} elements")
-        return torch.cat([self._read(e["file"], key).reshape(-1) for e in pieces]).view(shape)
+        return torch.cat([self._read(e, key).reshape(-1) for e in pieces]).view(shape)
 
     def full(self, key: str) -> torch.Tensor:
         """The full (unpadded) tensor `key`, rebuilt from the shards of whatever layout saved it."""
@@ -66,19 +85,26 @@ class ShardReader:
             where = f"checkpoint {str(self.path)!r}: {key!r}"
             raise ValueError(f"{where} has TP shards {sorted(by_rank)} of {first['tp_size']}")
         parts = [self._tp_local(key, by_rank[r]) for r in range(first["tp_size"])]
-        assert tp_full_size is not None, f"{key}: a TP-sharded entry names its full size"
-        return torch.cat(parts, dim=tp_dim).narrow(tp_dim, 0, tp_full_size)
+        assert tp_full_size is not None, f"{key}: checkpoint.schema checks a TP-sharded entry names it"
+        try:
+            return torch.cat(parts, dim=tp_dim).narrow(tp_dim, 0, tp_full_size)
+        except (RuntimeError, IndexError):
+            where = f"checkpoint {str(self.path)!r}: {key!r}"
+            shapes = [list(t.shape) for t in parts]
+            raise ValueError(
+                f"{where} has TP shards of shapes {shapes}, which do not join along dim {tp_dim} into "
+                f"{tp_full_size} rows"
+            ) from None
 
     def local(self, key: str, param: nn.Parameter, mesh: Mesh) -> torch.Tensor:
         """This TP rank's slice of the full tensor `key`, shaped like `param`."""
         full = self.full(key)
-        local = shard_of(full, param, mesh.tp_rank, mesh.tp_size)
-        if tuple(local.shape) != tuple(param.shape):
+        if tuple(full.shape) != full_shape_of(param):
             raise ValueError(
                 f"checkpoint {str(self.path)!r}: {key} has shape {tuple(full.shape)}, "
                 f"which does not shard to this model's {tuple(param.shape)}"
             )
-        return local
+        return shard_of(full, param, mesh.tp_rank, mesh.tp_size)
 
 
 def moment_keys(manifest: Manifest, path: Path) -> dict[str, dict[str, str]]:
@@ -138,13 +164,15 @@ def load_checkpoint(state: TrainState, path: str | Path) -> Manifest:
         )
         for name in owned
     }
+    rng: dict[str, torch.Tensor] = {}
+    if restore_rng:
+        with open_safetensors(inside(path, own_file)) as f:
+            rng = {k: f.get_tensor(k) for k in f.keys() if k.startswith("rng::")}
     try:  # the optimizer checks that the state fits it before it writes anything
         state.optimizer.load_state_dict(OptimizerState(float(manifest["optimizer_steps"]), slices))
     except ValueError as e:
         raise ValueError(f"checkpoint {str(path)!r}: {e}") from None
     for name, param in params.items():
         param.copy_(weights[name])
-    if restore_rng:
-        with safe_open(str(path / own_file), framework="pt") as f:
-            set_rng_state({k: f.get_tensor(k) for k in f.keys() if k.startswith("rng::")})
+    set_rng_state(rng)
     return manifest

@@ -1,5 +1,5 @@
 """The manifest of a checkpoint (format version, layout, model shape, progress, one entry per tensor
-shard, a checksum per file), and the checkpoints of a run directory."""
+shard, a checksum per file), and the checkpoints of a run directory (reading one back: checkpoint.schema)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict, cast
+from typing import Any, NotRequired, TypedDict
 
 from threefold.config import Config
+from threefold.files import inside
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 2 added ZeRO shards: entries with a `flat` range
@@ -71,39 +72,6 @@ def shape_of(config: Config) -> dict[str, Any]:
     return {k: getattr(config.model, k) for k in MODEL_KEYS}
 
 
-def read_manifest(path: str | Path, config: Config) -> Manifest:
-    """Read and check a checkpoint's manifest against the model being trained; ValueError otherwise."""
-    path = Path(path)
-    manifest = load_manifest(path)
-    want = shape_of(config)
-    have = manifest.get("model", {})
-    if have != want:
-        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-        raise ValueError(f"checkpoint {str(path)!r} holds another model shape: (checkpoint, config) = {diff}")
-    return manifest
-
-
-def load_manifest(path: Path) -> Manifest:
-    """A checkpoint's manifest, once its version is readable and every file it names exists."""
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise ValueError(f"{str(path)!r} is not a checkpoint: no manifest.json")
-    try:
-        manifest = cast(Manifest, json.loads(manifest_path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(manifest_path)!r} is not valid JSON: {e}") from None
-    version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise ValueError(
-            f"{str(manifest_path)!r} has format version {version!r}; this threefold reads {READABLE_VERSIONS}"
-        )
-    for name in manifest["files"]:
-        file = path / name
-        if not file.is_file():
-            raise ValueError(f"checkpoint {str(path)!r} lacks {name}")
-    return manifest
-
-
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
@@ -126,33 +94,55 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint `latest` points to in `root`, or None when there is none."""
-    pointer = Path(root) / "latest"
+def _pointer(root: Path) -> str | None:
+    """The directory name `latest` holds, or None when there is no `latest`."""
+    pointer = root / "latest"
     if not pointer.is_file():
         return None
-    path = Path(root) / pointer.read_text().strip()
+    return pointer.read_text(errors="replace").strip()
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `latest` points to in `root`, or None when there is none.
+
+    `latest` is read, so untrusted: a name leaving `root` (`../../elsewhere`, an absolute path, a symlink)
+    is refused with a ValueError rather than followed.
+    """
+    root = Path(root)
+    name = _pointer(root)
+    if name is None:
+        return None
+    pointer = root / "latest"
+    try:
+        path = inside(root, name, what="checkpoint")
+    except ValueError:
+        raise ValueError(
+            f"{str(pointer)!r} points to {name!r}, which is not a directory inside {str(root)!r}; "
+            "refusing to follow it (write the name of a step_<N> directory into it, or delete it)"
+        ) from None
     if not (path / "manifest.json").is_file():
         raise ValueError(f"{str(pointer)!r} points to {str(path)!r}, which holds no manifest.json")
     return path
 
 
 def checkpoints_newest_first(root: str | Path) -> list[Path]:
-    """Every committed checkpoint in `root` (a `step_<N>` directory with a manifest), newest first.
+    """Every checkpoint directory `step_<N>` of `root`, newest first, damaged ones included.
 
-    `latest` comes first when it points to one of them; the others follow by step, so a caller can
-    fall back past a checkpoint that turns out to be damaged.
+    `latest` comes first when it names one of them; the others follow by step, so a caller can fall back
+    past a checkpoint that turns out to be damaged, and say why it skipped it. (A `step_<N>` directory
+    is only ever created complete, by a rename: one without a manifest has been damaged since.) `latest`
+    is compared by name only, so a pointer leaving `root` is never followed here.
     """
     root = Path(root)
     found = sorted(
-        ((int(d.name[5:]), d) for d in root.glob("step_*") if d.name[5:].isdigit()),
+        ((int(d.name[5:]), d) for d in root.glob("step_*") if d.name[5:].isdigit() and d.is_dir()),
         reverse=True,
     )
-    paths = [d for _, d in found if (d / "manifest.json").is_file()]
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if named in paths:
-            paths.remove(named)
-            paths.insert(0, named)
+    paths = [d for _, d in found]
+    named = _pointer(root)
+    for d in paths:
+        if d.name == named:
+            paths.remove(d)
+            paths.insert(0, d)
+            break
     return paths

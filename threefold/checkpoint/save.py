@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import errno
 import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from threefold.checkpoint.manifest import (
     write_manifest,
 )
 from threefold.checkpoint.parts import TrainState, named_parameters, quiesce, rng_state
+from threefold.files import fsync_file, publish_dir, write_atomic
 from threefold.parallel.layers import is_sharded
 from threefold.parallel.mesh import Mesh
 
@@ -54,6 +55,14 @@ def _entry(
     if flat is not None:
         entry["flat"], entry["local_shape"] = list(flat), list(param.shape)
     return entry
+
+
+class Failure(NamedTuple):
+    """What went wrong on a rank, as every rank reports it."""
+
+    text: str
+    errno: int | None
+    os_error: bool
 
 
 @dataclass
@@ -92,9 +101,46 @@ def _snapshot(state: TrainState, job: _Job) -> dict[str, torch.Tensor]:
     return tensors | rng_state(on_cuda=any(p.is_cuda for p in params.values()))
 
 
-def _write(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    save_file(tensors, str(path))
-    return sha256(path)
+def _write(tensors: dict[str, torch.Tensor], job: _Job) -> None:
+    """Write this rank's file and fsync it (each rank its own: on several nodes rank 0 could not), keeping
+    any error in the job: the commit reports it on every rank instead of leaving the others waiting."""
+    path = job.tmp / job.file
+    try:
+        save_file(tensors, str(path))
+        fsync_file(path)
+        job.sha256 = sha256(path)
+    except BaseException as e:  # surfaced at the commit, on every rank
+        job.error = e
+
+
+def _describe(error: BaseException, doing: str) -> Failure:
+    """`error`, met while `doing` ("write rank00000.safetensors"), as every rank will report it."""
+    if isinstance(error, OSError):
+        text = f"could not {doing}: {error.strerror or error}"
+        if error.errno == errno.ENOSPC:
+            text += " (the disk is full: free some space or move checkpoint.dir)"
+        return Failure(text, error.errno, True)
+    return Failure(f"could not {doing}: {type(error).__name__}: {error}", None, False)
+
+
+def _save_error(step: int, root: Path, failures: list[tuple[int, Failure]]) -> Exception:
+    """The error every rank raises: an OSError (with its errno) when the first failure was one."""
+    rank, first = failures[0]
+    others = f" (ranks {[r for r, _ in failures]} failed)" if len(failures) > 1 else ""
+    message = (
+        f"checkpoint of step {step} was not saved: rank {rank} {first.text}{others}. The previous "
+        f"checkpoint and `latest` in {str(root)!r} are kept"
+    )
+    if not first.os_error:
+        return RuntimeError(message)
+    return OSError(first.errno, message) if first.errno is not None else OSError(message)
+
+
+def _agree(failure: Failure | None) -> Failure | None:
+    """Rank 0's outcome of a step only it performs, on every rank (in place of a barrier)."""
+    outcome = [failure]
+    dist.broadcast_object_list(outcome, src=0)
+    return outcome[0]
 
 
 class Checkpointer:
@@ -103,6 +149,9 @@ class Checkpointer:
     Asynchronous saving copies this rank's state to host memory (the only part the training step waits
     for) and writes the file on a thread; the commit (manifest, rename, `latest`) is collective, so it
     runs at the next save or at `finish()`, once every rank's file is on disk.
+
+    A failed write (a full disk) on any rank fails the save on every rank with the same error: the
+    temporary directory is removed, and the previous checkpoint and `latest` stay as they were.
     """
 
     def __init__(self, root: str | Path, *, keep_last: int, asynchronous: bool = False) -> None:
@@ -116,25 +165,26 @@ class Checkpointer:
         self.finish(state)
         mesh = state.mesh
         tmp = self.root / f".tmp-step_{step}"
+        failure = None
         if mesh.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier crash
-            tmp.mkdir(parents=True)
-        dist.barrier()
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier crash
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                failure = _describe(e, f"create {str(tmp)!r}")
+        failure = _agree(failure)
+        if failure is not None:
+            raise _save_error(step, self.root, [(0, failure)])
         file = f"rank{mesh.rank:05d}.safetensors"
         # Everything the manifest says is taken now, not at the (possibly later) commit.
         job = _Job(step, consumed_samples, 0.0, file, tmp)
         tensors = _snapshot(state, job)
         if not self.asynchronous:
-            job.sha256 = _write(tensors, tmp / file)
+            _write(tensors, job)
             return self._commit(state, job)
-
-        def write() -> None:
-            try:
-                job.sha256 = _write(tensors, tmp / file)
-            except BaseException as e:  # surfaced at the commit
-                job.error = e
-
-        thread = threading.Thread(target=write, name=f"checkpoint-step-{step}", daemon=True)
+        thread = threading.Thread(
+            target=_write, args=(tensors, job), name=f"checkpoint-step-{step}", daemon=True
+        )
         thread.start()
         self._pending = (thread, job)
         return self.root / f"step_{step}"
@@ -149,42 +199,52 @@ class Checkpointer:
         self._commit(state, job)
 
     def _commit(self, state: TrainState, job: _Job) -> Path:
-        mesh, config = state.mesh, state.config
-        ok = job.error is None
+        """Every rank's file is written: rank 0 writes the manifest, fsyncs the step and publishes it,
+        then moves `latest`; or, if any rank failed, removes the temporary directory. Collective."""
+        mesh = state.mesh
+        mine = None if job.error is None else _describe(job.error, f"write {job.file}")
         gathered: list[Any] = [None] * mesh.world_size
-        dist.all_gather_object(gathered, (ok, job.entries, {job.file: job.sha256} if ok else {}))
-        if not all(g[0] for g in gathered):
-            if job.error is not None:
-                raise job.error
-            failed = [r for r, g in enumerate(gathered) if not g[0]]
-            raise RuntimeError(f"checkpoint of step {job.step} failed on ranks {failed}; the last one stays")
+        files = {job.file: job.sha256} if mine is None else {}
+        dist.all_gather_object(gathered, (mine, job.entries, files))
+        failures = [(rank, g[0]) for rank, g in enumerate(gathered) if g[0] is not None]
         final = self.root / f"step_{job.step}"
         if mesh.rank == 0:
-            tensors: dict[str, list[TensorEntry]] = {}
-            for _, rank_entries, _ in gathered:
-                for key, shards in rank_entries.items():
-                    tensors.setdefault(key, []).extend(shards)
-            manifest = Manifest(
-                format_version=FORMAT_VERSION,
-                step=job.step,
-                consumed_samples=job.consumed_samples,
-                optimizer_steps=job.optimizer_steps,
-                layout=layout_of(config),
-                model=shape_of(config),
-                config=config.to_dict(),
-                files={k: v for _, _, f in gathered for k, v in f.items()},
-                tensors=tensors,
-            )
-            write_manifest(job.tmp, manifest)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(job.tmp, final)
-            pointer = self.root / ".latest.tmp"
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, self.root / "latest")
-            prune(self.root, self.keep_last)
-        dist.barrier()
+            try:
+                if not failures:
+                    self._publish(state, job, gathered, final)
+            except Exception as e:
+                failures = [(0, _describe(e, f"commit {final.name} (manifest, rename, `latest`)"))]
+            finally:
+                shutil.rmtree(job.tmp, ignore_errors=True)  # gone after a rename; a failure's remains
+        failure = _agree(failures[0][1] if failures else None)
+        if failure is not None:
+            failures = failures or [(0, failure)]
+            raise _save_error(job.step, self.root, failures) from job.error
         return final
+
+    def _publish(self, state: TrainState, job: _Job, gathered: list[Any], final: Path) -> None:
+        config = state.config
+        tensors: dict[str, list[TensorEntry]] = {}
+        for _, rank_entries, _ in gathered:
+            for key, shards in rank_entries.items():
+                tensors.setdefault(key, []).extend(shards)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            step=job.step,
+            consumed_samples=job.consumed_samples,
+            optimizer_steps=job.optimizer_steps,
+            layout=layout_of(config),
+            model=shape_of(config),
+            config=config.to_dict(),
+            files={k: v for _, _, f in gathered for k, v in f.items()},
+            tensors=tensors,
+        )
+        write_manifest(job.tmp, manifest)
+        # Files and directory fsynced before the rename that commits the step, and the rename before
+        # `latest` moves: after a power loss `latest` never names a step of empty files.
+        publish_dir(job.tmp, final)
+        write_atomic(self.root / "latest", final.name + "\n")
+        prune(self.root, self.keep_last)
 
 
 def save_checkpoint(

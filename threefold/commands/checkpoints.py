@@ -1,4 +1,9 @@
-"""`threefold checkpoint convert`, `import-hf`, `export-hf`: checkpoints in and out of any layout."""
+"""`threefold checkpoint convert`, `import-hf`, `export-hf`: checkpoints in and out of any layout.
+
+Each writes a new directory: absent or empty, or, with --overwrite, replaced whole; never one that holds
+its input (exporting a run's checkpoint into the run directory would delete it). The output appears
+complete or not at all (written beside it, fsynced, renamed into place).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ CONVERT_HELP = "write a checkpoint of any layout as one layout-free file of full
 IMPORT_HELP = "turn a Hugging Face checkpoint (safetensors + config.json) into a threefold checkpoint"
 EXPORT_HELP = "write a threefold checkpoint (any layout) as a Hugging Face checkpoint"
 CHECKPOINT_ARG = "a checkpoint directory, or a run's checkpoint.dir (uses latest)"
+OVERWRITE_HELP = "replace what the output directory holds (never the input)"
 
 
 def register(sub: Any) -> None:
@@ -20,12 +26,14 @@ def register(sub: Any) -> None:
     imp = add_command(sub, "import-hf", cmd_import_hf, help=IMPORT_HELP)
     imp.add_argument("hf_dir", help="directory with config.json and model.safetensors (or an index)")
     imp.add_argument("out_dir", help="the threefold checkpoint to write")
+    imp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     exp = add_command(sub, "export-hf", cmd_export_hf, help=EXPORT_HELP)
     exp.add_argument("checkpoint", help=CHECKPOINT_ARG)
     exp.add_argument("out_dir", help="where to write config.json and model.safetensors")
     exp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     exp.add_argument("--max-shard-gb", type=float, default=5.0, help="split the weights into files this big")
+    exp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     checkpoint = sub.add_parser(
         "checkpoint", help="checkpoint tools: convert", description="Checkpoint tools."
@@ -34,6 +42,7 @@ def register(sub: Any) -> None:
     convert = add_command(actions, "convert", cmd_convert, help=CONVERT_HELP)
     convert.add_argument("src", help=CHECKPOINT_ARG)
     convert.add_argument("dst", help="the consolidated checkpoint to write")
+    convert.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _checkpoint_path(arg: str) -> Path:
@@ -46,11 +55,16 @@ def _checkpoint_path(arg: str) -> Path:
     return path
 
 
+def _inputs(given: str, path: Path) -> list[str | Path]:
+    """What an output may not hold: the checkpoint read, and the directory named on the command line."""
+    return [given, path]
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from threefold.checkpoint import convert_checkpoint
 
     src = _checkpoint_path(args.src)
-    out = convert_checkpoint(src, args.dst)
+    out = convert_checkpoint(src, args.dst, overwrite=args.overwrite, keep=_inputs(args.src, src))
     print(f"wrote {out} from {src}: full weights and optimizer state in one file, loadable under any layout")
     return 0
 
@@ -59,12 +73,17 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     from threefold.checkpoint import write_full_checkpoint
     from threefold.commands.toml_writer import toml_table, toml_value
     from threefold.config import Config
+    from threefold.files import check_output_dir
     from threefold.model.hf import load_hf_checkpoint
 
+    keep = [args.hf_dir]
+    check_output_dir(args.out_dir, overwrite=args.overwrite, keep=keep)  # before the reading
     model, state = load_hf_checkpoint(args.hf_dir)
-    out = write_full_checkpoint(Config(model=model), state, args.out_dir)
     fields = {k: v for k, v in dataclasses.asdict(model).items() if k != "preset"}
-    (out / "model.toml").write_text(toml_table("model", fields))
+    model_toml = {"model.toml": toml_table("model", fields)}
+    out = write_full_checkpoint(
+        Config(model=model), state, args.out_dir, overwrite=args.overwrite, keep=keep, extra_files=model_toml
+    )
     print(f"wrote {out} ({sum(t.numel() for t in state.values()):,} parameters)")
     print(f"train from it with this model section (also in {out / 'model.toml'}) and")
     print(f"[checkpoint]\nload = {toml_value(str(out))}\n")
@@ -77,13 +96,23 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     from threefold.checkpoint import read_full_state
     from threefold.config import ModelConfig
+    from threefold.files import check_output_dir
     from threefold.model.hf import save_hf_checkpoint, to_hf_state_dict
 
     path = _checkpoint_path(args.checkpoint)
+    keep = _inputs(args.checkpoint, path)
+    check_output_dir(args.out_dir, overwrite=args.overwrite, keep=keep)  # before the reading
     model_fields, state = read_full_state(path)
-    model = ModelConfig(**model_fields)
+    try:
+        model = ModelConfig(**model_fields)
+        model.check()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(path)!r}: its config's model section is not usable: {e}") from None
     state = {k: v.to(getattr(torch, args.dtype)) for k, v in state.items()}
     to_hf_state_dict(model, state)  # checks names and shapes before anything is written
-    save_hf_checkpoint(model, state, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    save_hf_checkpoint(
+        model, state, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 2**30),
+        overwrite=args.overwrite, keep=keep,
+    )  # fmt: skip
     print(f"wrote {args.out_dir} from {path}")
     return 0

@@ -46,10 +46,20 @@ def read_meta(path: str | Path) -> dict:
     if missing:
         raise ValueError(f"{str(meta_path)!r} lacks keys {missing}")
     counts = meta["num_tokens"]
-    if not (isinstance(counts, dict) and all(isinstance(counts.get(s), int) for s in SPLITS)):
+    if not isinstance(counts, dict):
         raise ValueError(f"{str(meta_path)!r} has num_tokens {counts!r}, expected integer 'train' and 'val'")
-    if meta["dtype"] not in ("uint16", "uint32"):
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"{str(meta_path)!r} has dtype {meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    fields = [("vocab_size", meta["vocab_size"], 1), ("eos_token_id", meta["eos_token_id"], 0)]
+    fields += [(f"num_tokens.{s}", counts.get(s), 0) for s in SPLITS]
+    for name, value, low in fields:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(
+                f"{str(meta_path)!r} has {name} {value!r} ({type(value).__name__}), expected an integer "
+                f">= {low}; re-run `threefold data prepare` to rebuild it"
+            )
+    if not isinstance(meta["tokenizer"], str):
+        raise ValueError(f"{str(meta_path)!r} has tokenizer {meta['tokenizer']!r}, expected a name or path")
     return meta
 
 

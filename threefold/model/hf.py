@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from threefold.config import ModelConfig
+from threefold.files import check_output_dir, inside, staged_dir
 from threefold.model.hf_config import check_arch, hf_config, model_config_from_hf
 
 State = dict[str, torch.Tensor]
@@ -239,26 +239,27 @@ def save_hf_checkpoint(
     *,
     eos_token_id: int | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    keep: Sequence[str | Path] = (),
 ) -> Path:
     """Write `config.json` and the weights, loadable by `AutoModelForCausalLM.from_pretrained`.
 
     Weights over `max_shard_bytes` are split into `model-0000i-of-0000n.safetensors` files with a
-    `model.safetensors.index.json`, as Hugging Face does for large models. The directory appears complete
-    or not at all: files go to a sibling temporary directory that is renamed into place (an existing
-    checkpoint there is replaced).
+    `model.safetensors.index.json`, as Hugging Face does for large models. `out_dir` must be absent or
+    empty unless `overwrite`, and never holds one of the `keep` paths (the checkpoint exported). The
+    directory appears complete or not at all: files go to a sibling temporary directory that is fsynced
+    and renamed into place.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     out = Path(out_dir)
+    check_output_dir(out, overwrite=overwrite, keep=list(keep))
     tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf_state_dict(cfg, state).items()}
     config = hf_config(cfg, eos_token_id=eos_token_id)
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) == 1:
         config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         shards = _shard(tensors, max_shard_bytes)
         if len(shards) == 1:
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -272,32 +273,75 @@ def save_hf_checkpoint(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            old = tmp.with_name(tmp.name + "-old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(file)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(file)!r} holds {type(data).__name__}, expected a JSON object")
+    return data
+
+
+def _weights_file(path: Path, name: str) -> Path:
+    """`path / name`, refused unless it stays inside `path` (`files.inside`).
+
+    One exception: a snapshot of the Hugging Face hub cache (`models--org--name/snapshots/<revision>`)
+    holds symlinks into the repository's `blobs/`, so there a link may resolve anywhere inside
+    `models--org--name`; names themselves still may not be absolute or hold `..`.
+    """
+    try:
+        return inside(path, name, what="weights file")
+    except ValueError:
+        snapshots = path.parent
+        hub = snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--")
+        if not hub or not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise
+        inside(snapshots.parent, str(Path("snapshots", path.name, name)), what="weights file")
+        return path / name
+
+
+def _load_weights(file: Path) -> State:
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file ({e})") from None
+
+
+def _shard_names(path: Path) -> list[str]:
+    """The weight files an index names, checked to be a map of tensor name -> file name."""
+    index = _read_json(path / INDEX_NAME)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{str(path / INDEX_NAME)!r} has no 'weight_map' object of tensor name -> file name")
+    return sorted(set(weight_map.values()))
+
+
 def load_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, State]:
-    """Read an HF checkpoint directory (single or sharded safetensors) as (ModelConfig, full state)."""
+    """Read an HF checkpoint directory (single or sharded safetensors) as (ModelConfig, full state).
+
+    Every file name an index holds is resolved inside the directory (`_weights_file`) before anything is
+    opened; a malformed config.json, index or safetensors header is a ValueError naming the file.
+    """
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
         raise ValueError(f"{str(path)!r} is not a Hugging Face checkpoint: no {CONFIG_NAME}")
-    cfg = model_config_from_hf(json.loads((path / CONFIG_NAME).read_text()))
+    try:
+        cfg = model_config_from_hf(_read_json(config_file))
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if str(config_file) in message else f"{str(config_file)!r}: {e}") from None
     if (path / WEIGHTS_NAME).is_file():
-        hf_state = load_file(path / WEIGHTS_NAME)
+        files = [_weights_file(path, WEIGHTS_NAME)]
     elif (path / INDEX_NAME).is_file():
-        weight_map: dict[str, str] = json.loads((path / INDEX_NAME).read_text())["weight_map"]
-        hf_state = {}
-        for file in sorted(set(weight_map.values())):
-            hf_state.update(load_file(path / file))
+        files = [_weights_file(path, name) for name in _shard_names(path)]
     else:
         raise ValueError(f"{str(path)!r} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    hf_state: State = {}
+    for file in files:
+        hf_state.update(_load_weights(file))
     return cfg, from_hf_state_dict(cfg, hf_state)

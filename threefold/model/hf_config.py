@@ -103,6 +103,39 @@ def _gpt2_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+_REQUIRED: Any = object()
+
+
+def _int(hf: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """`hf[key]`, a positive integer; absent or null gives `default`, and a required key must be there."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"lacks the required key {key!r}")
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{key} = {value!r} must be a positive integer")
+    return value
+
+
+def _float(hf: dict[str, Any], key: str, default: float) -> float:
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"{key} = {value!r} must be a number")
+    return float(value)
+
+
+def _bool(hf: dict[str, Any], key: str, default: bool) -> bool:
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} = {value!r} must be true or false")
+    return value
+
+
 def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig's RoPE fields of a Llama-family config: plain RoPE or Llama 3.x scaling, nothing else.
 
@@ -111,6 +144,8 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """
     source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     p = hf.get(source) or {}
+    if not isinstance(p, dict):
+        raise ValueError(f"{source} = {p!r} must be an object")
     kind = p.get("rope_type", p.get("type", "default"))
     if kind not in ("default", "llama3"):
         raise ValueError(
@@ -119,18 +154,18 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
         )
     if p.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"{source}.partial_rotary_factor {p['partial_rotary_factor']} is not supported")
-    fields: dict[str, Any] = {"rope_theta": float(p.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    fields: dict[str, Any] = {"rope_theta": _float(p, "rope_theta", _float(hf, "rope_theta", 10000.0))}
     if kind == "llama3":
         missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if p.get(k) is None]
         if missing:
             raise ValueError(f"{source} with rope_type 'llama3' lacks {missing}")
         fields |= {
-            "rope_scaling_factor": float(p["factor"]),
-            "rope_low_freq_factor": float(p["low_freq_factor"]),
-            "rope_high_freq_factor": float(p["high_freq_factor"]),
+            "rope_scaling_factor": _float(p, "factor", 1.0),
+            "rope_low_freq_factor": _float(p, "low_freq_factor", 1.0),
+            "rope_high_freq_factor": _float(p, "high_freq_factor", 4.0),
             # transformers falls back to the model's context length, as here.
-            "rope_original_max_len": int(
-                p.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048)
+            "rope_original_max_len": _int(
+                p, "original_max_position_embeddings", _int(hf, "max_position_embeddings", 2048)
             ),
         }
     return fields
@@ -138,9 +173,9 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _check_no_sliding_window(hf: dict[str, Any], model_type: str, max_len: int) -> None:
     """Accept a sliding window only where it never bites: off, or at least the whole context."""
-    window = hf.get("sliding_window")
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-        window = None  # Qwen2 ignores sliding_window unless use_sliding_window is set
+    # Qwen2 ignores sliding_window unless use_sliding_window is set.
+    ignored = model_type == "qwen2" and not _bool(hf, "use_sliding_window", False)
+    window = None if ignored else _int(hf, "sliding_window", None)
     if window is not None and window < max_len:
         switch = "use_sliding_window = true and " if model_type == "qwen2" else ""
         raise ValueError(
@@ -155,7 +190,8 @@ def _require(hf: dict[str, Any], key: str, supported: Any, why: str) -> None:
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """ModelConfig of an HF config.json dict; ValueError for what threefold lacks.
+    """ModelConfig of an HF config.json dict; ValueError for what threefold lacks, for a required key
+    that is missing and for a value of the wrong type (naming the key).
 
     model_type llama, qwen2 (llama with q/k/v biases) and mistral (llama, if its sliding window never
     applies) give arch 'llama'; gpt2 gives arch 'gpt2'.
@@ -176,6 +212,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             f"heads do not fit: hidden size {cfg.hidden_size}, {cfg.num_heads} heads, "
             f"{cfg.num_kv_heads} kv heads"
         )
+    cfg.check()  # what the model itself needs (positive sizes, finite numbers, ...)
     return cfg
 
 
@@ -189,26 +226,26 @@ def _llama_model_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
             "a Llama attention_bias also biases o_proj; threefold biases only q, k, v, as Qwen2 does",
         )
         _require(hf, "mlp_bias", False, "threefold's Llama MLP has no biases")
-    heads = hf["num_attention_heads"]
-    if hf["hidden_size"] % heads:
-        raise ValueError(f"num_attention_heads ({heads}) must divide hidden_size ({hf['hidden_size']})")
-    _require(hf, "head_dim", hf["hidden_size"] // heads, "threefold derives head_dim as hidden/heads")
-    max_len = hf.get("max_position_embeddings", 2048)
+    heads, hidden = _int(hf, "num_attention_heads"), _int(hf, "hidden_size")
+    if hidden % heads:
+        raise ValueError(f"num_attention_heads ({heads}) must divide hidden_size ({hidden})")
+    _require(hf, "head_dim", hidden // heads, "threefold derives head_dim as hidden/heads")
+    max_len = _int(hf, "max_position_embeddings", 2048)
     _check_no_sliding_window(hf, model_type, max_len)
     cfg = ModelConfig(
         arch="llama",
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
+        vocab_size=_int(hf, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=_int(hf, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        ffn_hidden_size=hf["intermediate_size"],
+        num_kv_heads=_int(hf, "num_key_value_heads", heads),
+        ffn_hidden_size=_int(hf, "intermediate_size"),
         max_seq_len=max_len,
         **_rope_fields(hf),
         attention_bias=model_type == "qwen2",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        init_std=hf.get("initializer_range", 0.02),
+        norm_eps=_float(hf, "rms_norm_eps", 1e-6),
+        tie_embeddings=_bool(hf, "tie_word_embeddings", False),
+        init_std=_float(hf, "initializer_range", 0.02),
     )
     try:
         check_rope_scaling(cfg)
@@ -227,17 +264,17 @@ def _gpt2_model_config(hf: dict[str, Any]) -> ModelConfig:
     _require(hf, "scale_attn_weights", True, "threefold scales attention scores by 1/sqrt(d)")
     _require(hf, "scale_attn_by_inverse_layer_idx", False, "threefold has no per-layer attention scale")
     _require(hf, "add_cross_attention", False, "threefold is decoder-only")
-    hidden = hf["n_embd"]
+    hidden, heads = _int(hf, "n_embd"), _int(hf, "n_head")
     return ModelConfig(
         arch="gpt2",
-        vocab_size=hf["vocab_size"],
+        vocab_size=_int(hf, "vocab_size"),
         hidden_size=hidden,
-        num_layers=hf["n_layer"],
-        num_heads=hf["n_head"],
-        num_kv_heads=hf["n_head"],
-        ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
-        max_seq_len=hf.get("n_positions", 1024),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        init_std=hf.get("initializer_range", 0.02),
+        num_layers=_int(hf, "n_layer"),
+        num_heads=heads,
+        num_kv_heads=heads,
+        ffn_hidden_size=_int(hf, "n_inner", 4 * hidden),
+        max_seq_len=_int(hf, "n_positions", 1024),
+        norm_eps=_float(hf, "layer_norm_epsilon", 1e-5),
+        tie_embeddings=_bool(hf, "tie_word_embeddings", True),
+        init_std=_float(hf, "initializer_range", 0.02),
     )

@@ -17,7 +17,6 @@ rollback       on a loss spike: reload the newest checkpoint saved before the sp
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,13 @@ from typing import Any
 
 import torch.distributed as dist
 
-from threefold.checkpoint import Checkpointer, TrainState, checkpoints_newest_first, load_checkpoint
+from threefold.checkpoint import (
+    Checkpointer,
+    TrainState,
+    checkpoints_newest_first,
+    load_checkpoint,
+    load_manifest,
+)
 from threefold.checkpoint.parts import named_parameters
 from threefold.config import Config
 from threefold.data.dataset import BatchLoader, check_dataset
@@ -111,7 +116,10 @@ def rollback(trainer: TrainState, checkpointer: Checkpointer, root: str, before_
     """Reload the newest checkpoint saved after fewer than `before_step` steps; returns its step."""
     checkpointer.finish(trainer)  # an asynchronous save still in flight is committed first
     for path in checkpoints_newest_first(root):
-        step = int(json.loads((path / "manifest.json").read_text())["step"])
+        try:
+            step = load_manifest(path)["step"]
+        except ValueError:
+            continue  # a damaged checkpoint (resume reports those): an older one will do
         if step < before_step:
             load_checkpoint(trainer, path)
             return step
