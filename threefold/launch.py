@@ -2,10 +2,15 @@
 
 The launcher's environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, ...) is read once, here, by
 `world_from_env`; everything else gets a `WorldInfo`. `run_workers` is the one entry the commands use.
+
+Whoever launches them, workers connect to a store their launcher hosts (torchrun's agent store, or
+`launch_local`'s, which listens on loopback only) and die with that launcher.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import socket
@@ -23,7 +28,12 @@ import torch.distributed as dist
 
 from threefold.config import Config, check_world_size
 from threefold.parallel.mesh import Mesh, build_mesh
+from threefold.reliability.control import INTERRUPTED_EXIT_CODE, SIGNALS, die_with_parent, leave_on_interrupt
+from threefold.reliability.events import EventLog
 from threefold.reliability.faults import FaultPlan, faults_from_env
+
+LAUNCHER_PID_ENV = "THREEFOLD_LAUNCHER_PID"
+"""Set by `launch_local` in its workers: the launcher's process id (its store is at MASTER_ADDR:PORT)."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,13 @@ class WorldInfo:
     restart_count: int = 0
     """How many times torchrun restarted this job's workers (TORCHELASTIC_RESTART_COUNT)."""
     agent_store: tuple[str, int] | None = None
-    """(host, port) of torchrun's own store when the workers share it, else None."""
+    """(host, port) of the store the launcher hosts (torchrun's agent store when the workers share it, or
+    `launch_local`'s), else None: rank 0 then hosts one at MASTER_ADDR:MASTER_PORT."""
+    node_rank: int = 0
+    """This node's index among the job's nodes (torchrun's GROUP_RANK)."""
+    launcher_pid: int | None = None
+    """The process that started this worker and that it dies with (torchrun's agent or `launch_local`);
+    None when it is not known to be one."""
 
 
 def world_from_env() -> WorldInfo | None:
@@ -44,15 +60,24 @@ def world_from_env() -> WorldInfo | None:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         agent_store = None
-        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        ours = LAUNCHER_PID_ENV in env
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or ours:
             agent_store = (env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+        launcher_pid = None
+        if ours:
+            launcher_pid = int(env[LAUNCHER_PID_ENV])
+        elif "TORCHELASTIC_RUN_ID" in env:
+            launcher_pid = os.getppid()  # torchrun's agent starts its workers itself
+        rank, local_world_size = int(env["RANK"]), int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
         return WorldInfo(
-            int(env["RANK"]),
+            rank,
             int(env.get("LOCAL_RANK", 0)),
             int(env["WORLD_SIZE"]),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            local_world_size=local_world_size,
             restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
             agent_store=agent_store,
+            node_rank=int(env.get("GROUP_RANK", rank // local_world_size)),
+            launcher_pid=launcher_pid,
         )
     return None
 
@@ -81,67 +106,200 @@ def init_distributed(world: WorldInfo, device: torch.device) -> None:
     dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, **kwargs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch_local(nproc: int, argv: list[str], *, use_cuda: bool, config: Config | None = None) -> int:
+    """Run `threefold <argv>` in nproc local worker processes; returns the run's exit status.
+
+    A local run is reachable from this machine only: the launcher hosts the rendezvous store on a socket
+    it binds to 127.0.0.1 itself (so no other process can take the port between choosing and binding it
+    either), the workers connect to it as clients, and their gloo and NCCL sockets use the loopback
+    interface. Each worker dies with the launcher (reliability.control.die_with_parent). A worker that
+    fails ends the run: the launcher names it, with the last step it knows of when `config` says where
+    the run logs, and stops the others.
+    """
+    signals = _LauncherSignals()
+    with signals:  # handled before the first worker starts: a Ctrl-C cannot cut the start in half
+        store, port = _loopback_store()
+        env = _worker_env(nproc, port, use_cuda=use_cuda)
+        command = [sys.executable, "-m", "threefold.cli", *argv]
+        for rank in range(nproc):
+            ids = {"RANK": str(rank), "LOCAL_RANK": str(rank)}
+            signals.procs.append(subprocess.Popen(command, env={**env, **ids}))
+        code = _supervise(signals, _ProgressNote(config))
+        del store  # the workers are gone: nobody is connected
+    return code
 
 
-def launch_local(nproc: int, argv: list[str], *, use_cuda: bool) -> int:
-    """Run `threefold <argv>` in nproc local worker processes; returns the first failing exit code."""
-    port = _free_port()
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    procs = []
-    for rank in range(nproc):
-        env = dict(os.environ)
-        env.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        if not use_cuda:
-            env.setdefault("OMP_NUM_THREADS", str(threads))  # share the cores instead of oversubscribing
-        procs.append(subprocess.Popen([sys.executable, "-m", "threefold.cli", *argv], env=env))
-    code = 0
+def _loopback_store() -> tuple[dist.TCPStore, int]:
+    """A rendezvous store listening on 127.0.0.1 only, and its port.
 
-    def forward(signum: int, frame: Any) -> None:
-        # A scheduler's preemption warning reaches the launcher: pass it on and let the workers save.
-        for p in procs:
+    TCPStore binds every interface when it opens its own socket; given a listening socket, it serves on
+    that one (and owns it from then on).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(
+        "127.0.0.1", port, is_master=True, wait_for_workers=False, master_listen_fd=sock.detach()
+    )
+    return store, port
+
+
+def _worker_env(nproc: int, port: int, *, use_cuda: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **{LAUNCHER_PID_ENV: str(os.getpid())},
+    )
+    loopback = _loopback_interface()
+    if loopback:
+        # gloo binds the address the host name resolves to, NCCL its first non-loopback interface;
+        # one machine needs neither. A user's own choice stays.
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        if use_cuda:
+            env.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    if not use_cuda:
+        threads = max(1, (os.cpu_count() or 1) // nproc)
+        env.setdefault("OMP_NUM_THREADS", str(threads))  # share the cores instead of oversubscribing
+    return env
+
+
+def _loopback_interface() -> str | None:
+    """The loopback interface's name ('lo' on Linux, 'lo0' on macOS), None if there is none."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+class _LauncherSignals:
+    """The launcher's signal handling while its workers run.
+
+    Ctrl-C is counted, not forwarded: a terminal sends it to the workers too. SIGTERM and SIGUSR1 (a
+    scheduler's preemption warning) are forwarded, so the workers save a checkpoint and stop.
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.interrupts = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            return
+        for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        while procs:
-            for p in list(procs):
-                rc = p.poll()
-                if rc is None:
-                    continue
-                procs.remove(p)
-                if rc != 0 and code == 0:
-                    code = rc
-                    # One worker died: the rest would wait forever in a collective. SIGTERM would ask them
-                    # to save a checkpoint, which needs the dead peer; the last checkpoint stays instead.
-                    for other in procs:
-                        other.kill()
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        # The workers got the same Ctrl-C and are finishing their step; give them time, then insist.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        deadline = time.time() + 60
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
+    def __enter__(self) -> _LauncherSignals:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for p in self.procs:  # only when the launcher itself failed: no worker outlives it
+            if p.poll() is None:
                 p.kill()
-        code = 130
-    finally:
-        for sig, handler in previous.items():
+                p.wait()
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-    return code
+
+
+STOP_GRACE = 60.0
+"""Seconds the workers get after a Ctrl-C to finish their step and save, before they are killed."""
+
+
+def _supervise(signals: _LauncherSignals, progress: _ProgressNote) -> int:
+    """Wait for the workers; the first failure stops the rest. Returns the run's exit status."""
+    live = dict(enumerate(signals.procs))
+    code, seen, deadline = 0, 0, math.inf
+    while live:
+        ended = {rank: rc for rank, p in live.items() if (rc := p.poll()) is not None}
+        for rank in ended:
+            del live[rank]
+        # A peer's death breaks the others' collectives within milliseconds, so ranks may end in the
+        # same sweep: one killed by a signal is the likelier cause than one that exited with an error.
+        failed = sorted((rc >= 0, rank, rc) for rank, rc in ended.items() if rc != 0)
+        if failed and code == 0 and not signals.interrupts:
+            _, rank, rc = failed[0]
+            code = 128 - rc if rc < 0 else rc  # killed by a signal: the shell's 128 + N
+            print(_failure(rank, rc, len(live), progress()), file=sys.stderr, flush=True)
+            # The others would wait forever in a collective. SIGTERM would ask them to save a
+            # checkpoint, which needs the dead peer; the last checkpoint stays instead.
+            for other in live.values():
+                other.kill()
+        if signals.interrupts > seen:
+            seen = signals.interrupts
+            if seen == 1:
+                print("threefold: Ctrl-C: the workers stop after this step and save a checkpoint "
+                      "(Ctrl-C again to leave at once)", file=sys.stderr, flush=True)  # fmt: skip
+                deadline = time.monotonic() + STOP_GRACE
+            elif seen == 2:
+                print("threefold: second Ctrl-C: the workers leave without saving; the newest checkpoint "
+                      "stays", file=sys.stderr, flush=True)  # fmt: skip
+                deadline = min(deadline, time.monotonic() + 5)
+        if time.monotonic() > deadline:
+            for p in live.values():
+                p.kill()
+        time.sleep(0.05)
+    return INTERRUPTED_EXIT_CODE if signals.interrupts else code
+
+
+def _failure(rank: int, rc: int, others: int, progress: str) -> str:
+    how = f"was killed by {_signal_name(-rc)}" if rc < 0 else f"exited with status {rc}"
+    stopping = f"; stopping the other {others} rank{'s' if others != 1 else ''}" if others else ""
+    return f"threefold: rank {rank} {how}{f' ({progress})' if progress else ''}{stopping}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class _ProgressNote:
+    """The last step a local run is known to have reached, read from its files when a worker dies.
+
+    Cheap and after the fact: the logging rank's last `metrics.jsonl` row (every log_interval steps) and
+    the checkpoint `latest` names, so the training loop pays nothing for it.
+    """
+
+    def __init__(self, config: Config | None) -> None:
+        self.metrics = Path(config.logging.out_dir) / "metrics.jsonl" if config else None
+        self.checkpoints = Path(config.checkpoint.dir) if config and config.checkpoint.dir else None
+        self.began = time.time()
+
+    def __call__(self) -> str:
+        if self.metrics is None:
+            return ""
+        step = _last_logged_step(self.metrics, since=self.began)
+        notes = [f"last logged step {step}" if step is not None else "no step logged yet"]
+        latest = self.checkpoints / "latest" if self.checkpoints else None
+        if latest is not None and latest.is_file():
+            notes.append(f"newest checkpoint {latest.read_text().strip()}")
+        return ", ".join(notes)
+
+
+def _last_logged_step(path: Path, *, since: float) -> int | None:
+    """The step of the last training row of a metrics.jsonl written since `since` (a time.time())."""
+    try:
+        if path.stat().st_mtime < since:
+            return None  # an earlier run's file
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # cut short, by the crash or by the 64 KiB window
+        if isinstance(row, dict) and "train/loss" in row and isinstance(row.get("step"), int):
+            return int(row["step"])
+    return None
 
 
 Body = Callable[[Config, Mesh, torch.device, FaultPlan | None], int]
@@ -159,8 +317,11 @@ def run_workers(
         nproc = nproc or config.world_size
         check_world_size(config, nproc)
         prepare_data_if_asked(config)
-        return launch_local(nproc, worker_argv, use_cuda=_uses_cuda(config))
+        return launch_local(nproc, worker_argv, use_cuda=_uses_cuda(config), config=config)
 
+    if world.launcher_pid is not None:
+        die_with_parent(world.launcher_pid)
+    leave_on_interrupt()  # the training loop's StopRequest makes the first Ctrl-C a clean stop
     check_world_size(config, world.world_size)
     device = pick_device(config, world.local_rank)
     init_distributed(world, device)
@@ -169,9 +330,33 @@ def run_workers(
             prepare_data_if_asked(config)  # torchrun multi-node: once per node
         dist.barrier()
         p = config.parallel
-        return body(config, build_mesh(p.tp_size, p.dp_size, p.pp_size), device, faults)
+        mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
+        record_layout(config, world, mesh)
+        return body(config, mesh, device, faults)
     finally:
         dist.destroy_process_group()
+
+
+def record_layout(config: Config, world: WorldInfo, mesh: Mesh) -> None:
+    """Log where each rank runs (a `layout` event in events.jsonl) and warn when a tensor-parallel group
+    spans nodes: its all-reduces, the heaviest traffic, would then cross the network."""
+    mine = (world.node_rank, socket.gethostname(), dist.get_process_group_ranks(mesh.tp_group))
+    every: list[Any] = [None] * world.world_size
+    dist.all_gather_object(every, mine)
+    if world.rank != 0:
+        return
+    nodes = [node for node, _, _ in every]
+    tp_groups = sorted({tuple(ranks) for _, _, ranks in every})
+    EventLog(config.logging.out_dir, rank=0).write(
+        "layout", attempt=world.restart_count, nodes=nodes, hosts=sorted({(n, h) for n, h, _ in every}),
+        tp_groups=[list(g) for g in tp_groups],
+    )  # fmt: skip
+    for group in tp_groups:
+        spanned = sorted({nodes[r] for r in group})
+        if len(spanned) > 1:
+            advice = f"give each node a multiple of tp_size ({mesh.tp_size}) ranks"
+            print(f"threefold: warning: tensor-parallel group {list(group)} spans nodes {spanned}; {advice}",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _uses_cuda(config: Config) -> bool:
