@@ -9,10 +9,8 @@ Whoever launches them, workers connect to a store their launcher hosts (torchrun
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import signal
+import secrets
 import socket
 import subprocess
 import sys
@@ -28,9 +26,10 @@ import torch.distributed as dist
 
 from threefold.config import Config, check_world_size
 from threefold.parallel.mesh import Mesh, build_mesh
-from threefold.reliability.control import INTERRUPTED_EXIT_CODE, SIGNALS, die_with_parent, leave_on_interrupt
+from threefold.reliability.control import die_with_parent, leave_on_interrupt
 from threefold.reliability.events import EventLog
 from threefold.reliability.faults import FaultPlan, faults_from_env
+from threefold.reliability.supervisor import LauncherSignals, ProgressNote, supervise
 
 LAUNCHER_PID_ENV = "THREEFOLD_LAUNCHER_PID"
 """Set by `launch_local` in its workers: the launcher's process id (its store is at MASTER_ADDR:PORT)."""
@@ -97,13 +96,52 @@ def init_distributed(world: WorldInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
     if world.agent_store is not None:
-        # torchrun keeps one store for all restarts of a job (same host and port), so a restarted
-        # worker could read the addresses its dead predecessors published and fail to connect (or
-        # hang). A key space per attempt keeps restarts apart.
         host, port = world.agent_store
-        client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(minutes=10))
-        kwargs["store"] = dist.PrefixStore(f"threefold/attempt_{world.restart_count}", client)
+        client = dist.TCPStore(host, port, is_master=False, timeout=STORE_TIMEOUT)
+        kwargs["store"] = round_store(client, world.rank, world.world_size)
     dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, **kwargs)
+
+
+STORE_TIMEOUT = timedelta(minutes=10)
+
+
+def round_store(store: dist.Store, rank: int, world_size: int) -> dist.PrefixStore:
+    """A key space of `store` that only this round of workers shares.
+
+    torchrun's agent store outlives its workers, so it holds the keys of every earlier round: addresses
+    of dead ranks that a restarted worker could read and fail to connect to (or hang on). Keying the
+    space by the restart count would not do: each agent counts its own failures, so after one node's
+    workers fail, the nodes restarted only because the membership changed keep their old count
+    (pytorch/pytorch#135712). Instead rank 0 names a fresh key space and admits every rank by a nonce
+    that rank wrote in this round; it re-reads the nonces of ranks that have not acknowledged, since it
+    may first have read a dead predecessor's.
+    """
+    nonce = secrets.token_hex(8)
+    if rank != 0:
+        store.set(f"threefold/join/{rank}", nonce)
+        store.wait([f"threefold/admit/{nonce}"])
+        space = f"threefold/{store.get(f'threefold/admit/{nonce}').decode()}"
+        store.set(f"{space}/ack/{rank}", "")
+        return dist.PrefixStore(space, store)
+    space, deadline = f"threefold/{nonce}", time.monotonic() + STORE_TIMEOUT.total_seconds()
+    pending, admitted = list(range(1, world_size)), set()
+    while pending:
+        joins = [f"threefold/join/{r}" for r in pending]
+        store.wait(joins)  # a dead predecessor's nonce may be there already
+        for key in joins:
+            if (their := store.get(key).decode()) not in admitted:
+                store.set(f"threefold/admit/{their}", nonce)
+                admitted.add(their)
+        reread = time.monotonic() + 1.0  # polled: a store.wait that times out desynchronizes the client
+        while pending and time.monotonic() < reread:
+            if store.check([f"{space}/ack/{r}" for r in pending]):
+                pending = []
+            else:
+                pending = [r for r in pending if not store.check([f"{space}/ack/{r}"])]
+                time.sleep(0.02 if pending else 0)
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"ranks {pending} never joined the rendezvous")
+    return dist.PrefixStore(space, store)
 
 
 def launch_local(nproc: int, argv: list[str], *, use_cuda: bool, config: Config | None = None) -> int:
@@ -112,11 +150,10 @@ def launch_local(nproc: int, argv: list[str], *, use_cuda: bool, config: Config 
     A local run is reachable from this machine only: the launcher hosts the rendezvous store on a socket
     it binds to 127.0.0.1 itself (so no other process can take the port between choosing and binding it
     either), the workers connect to it as clients, and their gloo and NCCL sockets use the loopback
-    interface. Each worker dies with the launcher (reliability.control.die_with_parent). A worker that
-    fails ends the run: the launcher names it, with the last step it knows of when `config` says where
-    the run logs, and stops the others.
+    interface. Each worker dies with the launcher (reliability.control.die_with_parent), even one killed
+    by SIGKILL; reliability.supervisor watches them (`config` says where the run logs its steps).
     """
-    signals = _LauncherSignals()
+    signals = LauncherSignals()
     with signals:  # handled before the first worker starts: a Ctrl-C cannot cut the start in half
         store, port = _loopback_store()
         env = _worker_env(nproc, port, use_cuda=use_cuda)
@@ -124,7 +161,7 @@ def launch_local(nproc: int, argv: list[str], *, use_cuda: bool, config: Config 
         for rank in range(nproc):
             ids = {"RANK": str(rank), "LOCAL_RANK": str(rank)}
             signals.procs.append(subprocess.Popen(command, env={**env, **ids}))
-        code = _supervise(signals, _ProgressNote(config))
+        code = supervise(signals, ProgressNote(config))
         del store  # the workers are gone: nobody is connected
     return code
 
@@ -173,135 +210,6 @@ def _loopback_interface() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
-class _LauncherSignals:
-    """The launcher's signal handling while its workers run.
-
-    Ctrl-C is counted, not forwarded: a terminal sends it to the workers too. SIGTERM and SIGUSR1 (a
-    scheduler's preemption warning) are forwarded, so the workers save a checkpoint and stop.
-    """
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.interrupts = 0
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT:
-            self.interrupts += 1
-            return
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    def __enter__(self) -> _LauncherSignals:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for p in self.procs:  # only when the launcher itself failed: no worker outlives it
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-STOP_GRACE = 60.0
-"""Seconds the workers get after a Ctrl-C to finish their step and save, before they are killed."""
-
-
-def _supervise(signals: _LauncherSignals, progress: _ProgressNote) -> int:
-    """Wait for the workers; the first failure stops the rest. Returns the run's exit status."""
-    live = dict(enumerate(signals.procs))
-    code, seen, deadline = 0, 0, math.inf
-    while live:
-        ended = {rank: rc for rank, p in live.items() if (rc := p.poll()) is not None}
-        for rank in ended:
-            del live[rank]
-        # A peer's death breaks the others' collectives within milliseconds, so ranks may end in the
-        # same sweep: one killed by a signal is the likelier cause than one that exited with an error.
-        failed = sorted((rc >= 0, rank, rc) for rank, rc in ended.items() if rc != 0)
-        if failed and code == 0 and not signals.interrupts:
-            _, rank, rc = failed[0]
-            code = 128 - rc if rc < 0 else rc  # killed by a signal: the shell's 128 + N
-            print(_failure(rank, rc, len(live), progress()), file=sys.stderr, flush=True)
-            # The others would wait forever in a collective. SIGTERM would ask them to save a
-            # checkpoint, which needs the dead peer; the last checkpoint stays instead.
-            for other in live.values():
-                other.kill()
-        if signals.interrupts > seen:
-            seen = signals.interrupts
-            if seen == 1:
-                print("threefold: Ctrl-C: the workers stop after this step and save a checkpoint "
-                      "(Ctrl-C again to leave at once)", file=sys.stderr, flush=True)  # fmt: skip
-                deadline = time.monotonic() + STOP_GRACE
-            elif seen == 2:
-                print("threefold: second Ctrl-C: the workers leave without saving; the newest checkpoint "
-                      "stays", file=sys.stderr, flush=True)  # fmt: skip
-                deadline = min(deadline, time.monotonic() + 5)
-        if time.monotonic() > deadline:
-            for p in live.values():
-                p.kill()
-        time.sleep(0.05)
-    return INTERRUPTED_EXIT_CODE if signals.interrupts else code
-
-
-def _failure(rank: int, rc: int, others: int, progress: str) -> str:
-    how = f"was killed by {_signal_name(-rc)}" if rc < 0 else f"exited with status {rc}"
-    stopping = f"; stopping the other {others} rank{'s' if others != 1 else ''}" if others else ""
-    return f"threefold: rank {rank} {how}{f' ({progress})' if progress else ''}{stopping}"
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-class _ProgressNote:
-    """The last step a local run is known to have reached, read from its files when a worker dies.
-
-    Cheap and after the fact: the logging rank's last `metrics.jsonl` row (every log_interval steps) and
-    the checkpoint `latest` names, so the training loop pays nothing for it.
-    """
-
-    def __init__(self, config: Config | None) -> None:
-        self.metrics = Path(config.logging.out_dir) / "metrics.jsonl" if config else None
-        self.checkpoints = Path(config.checkpoint.dir) if config and config.checkpoint.dir else None
-        self.began = time.time()
-
-    def __call__(self) -> str:
-        if self.metrics is None:
-            return ""
-        step = _last_logged_step(self.metrics, since=self.began)
-        notes = [f"last logged step {step}" if step is not None else "no step logged yet"]
-        latest = self.checkpoints / "latest" if self.checkpoints else None
-        if latest is not None and latest.is_file():
-            notes.append(f"newest checkpoint {latest.read_text().strip()}")
-        return ", ".join(notes)
-
-
-def _last_logged_step(path: Path, *, since: float) -> int | None:
-    """The step of the last training row of a metrics.jsonl written since `since` (a time.time())."""
-    try:
-        if path.stat().st_mtime < since:
-            return None  # an earlier run's file
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-            tail = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return None
-    for line in reversed(tail.splitlines()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # cut short, by the crash or by the 64 KiB window
-        if isinstance(row, dict) and "train/loss" in row and isinstance(row.get("step"), int):
-            return int(row["step"])
-    return None
-
-
 Body = Callable[[Config, Mesh, torch.device, FaultPlan | None], int]
 """What a command runs on each rank, with the process group up: returns the rank's exit code."""
 
@@ -347,10 +255,10 @@ def record_layout(config: Config, world: WorldInfo, mesh: Mesh) -> None:
         return
     nodes = [node for node, _, _ in every]
     tp_groups = sorted({tuple(ranks) for _, _, ranks in every})
+    hosts = sorted({(node, host) for node, host, _ in every})
     EventLog(config.logging.out_dir, rank=0).write(
-        "layout", attempt=world.restart_count, nodes=nodes, hosts=sorted({(n, h) for n, h, _ in every}),
-        tp_groups=[list(g) for g in tp_groups],
-    )  # fmt: skip
+        "layout", nodes=nodes, hosts=hosts, tp_groups=[list(g) for g in tp_groups]
+    )
     for group in tp_groups:
         spanned = sorted({nodes[r] for r in group})
         if len(spanned) > 1:
