@@ -11,10 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 
 def _write_config(tmp_path: Path, dataset: Path, *, max_steps: int = 100_000) -> Path:
@@ -223,3 +226,35 @@ def test_ctrl_c_twice_leaves_at_once_with_status_130_and_no_traceback(sonnets_da
     assert "second Ctrl-C" in output, output
     assert elapsed < 10, f"took {elapsed:.1f} s to leave"
     assert not [pid for pid in workers if _alive(pid)]
+
+
+# --- A store that outlives its workers: torchrun's agent store across restarts --------------------------
+
+
+def _join(port: int, rank: int, world_size: int, spaces: dict) -> None:
+    from threefold.launch import round_store
+
+    client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
+    store = round_store(client, rank, world_size)
+    store.set(f"hello/{rank}", "x")  # the new key space is shared: every rank sees every other's key
+    store.wait([f"hello/{r}" for r in range(world_size)], timedelta(seconds=30))
+    spaces[rank] = True
+
+
+@pytest.mark.timeout(60)
+def test_a_restarted_round_never_reads_a_dead_rounds_keys():
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    # A dead round's leftovers: its ranks' join nonces and an address in the key space it used.
+    for rank in (1, 2):
+        server.set(f"threefold/join/{rank}", f"stale{rank}")
+    server.set("threefold/old/hello/0", "dead")
+    spaces: dict[int, bool] = {}
+    threads = [threading.Thread(target=_join, args=(server.port, r, 3, spaces)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # rank 2 of the new round comes late: rank 0 has admitted its stale nonce by now
+    late = threading.Thread(target=_join, args=(server.port, 2, 3, spaces))
+    late.start()
+    for t in [*threads, late]:
+        t.join(timeout=40)
+    assert spaces == {0: True, 1: True, 2: True}
