@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
+from collections.abc import Callable
+from functools import partial, wraps
 from typing import TYPE_CHECKING, Any
 
 from threefold.commands.args import (
@@ -80,6 +81,21 @@ def _add_nproc(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _interruptible(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Ctrl-C before the launcher or the training loop handles signals (while torch loads, say) ends the
+    command quietly with status 130, as a later one does (threefold.reliability.control)."""
+
+    @wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+@_interruptible
 def cmd_train(args: argparse.Namespace) -> int:
     from threefold.launch import run_workers, world_from_env
 
@@ -119,6 +135,7 @@ def _train_body(config: Config, mesh: Mesh, device: torch.device, faults: FaultP
     return 0
 
 
+@_interruptible
 def cmd_bench(args: argparse.Namespace) -> int:
     from threefold.config import build_config
     from threefold.launch import run_workers, world_from_env
