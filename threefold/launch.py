@@ -215,11 +215,13 @@ Body = Callable[[Config, Mesh, torch.device, FaultPlan | None], int]
 
 
 def run_workers(
-    config: Config, body: Body, *, world: WorldInfo | None, nproc: int | None, worker_argv: list[str]
-) -> int:
+    config: Config, body: Body, *, world: WorldInfo | None, nproc: int | None, worker_argv: list[str],
+    log_layout: bool = True,
+) -> int:  # fmt: skip
     """Outside torchrun (world is None): launch nproc (default: the config's world size) local workers,
-    each running `threefold <worker_argv>`, and return the first failing exit code. Inside: build the
-    mesh and return body(config, mesh, device, faults) on this rank."""
+    each running `threefold <worker_argv>`, and return the run's exit status. Inside: build the mesh,
+    log where the ranks run when `log_layout` (`record_layout`), and return body(config, mesh, device,
+    faults) on this rank."""
     faults = faults_from_env()  # test-only fault injection (THREEFOLD_FAULT); None normally
     if world is None:
         nproc = nproc or config.world_size
@@ -239,7 +241,8 @@ def run_workers(
         dist.barrier()
         p = config.parallel
         mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
-        record_layout(config, world, mesh)
+        if log_layout:
+            record_layout(config, world, mesh)
         return body(config, mesh, device, faults)
     finally:
         dist.destroy_process_group()

@@ -153,7 +153,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     body = partial(
         _bench_body, steps=args.steps, warmup=args.warmup, tokens=args.tokens, json_out=args.json_out
     )
-    return run_workers(config, body, world=world_from_env(), nproc=args.nproc, worker_argv=worker_argv)
+    world = world_from_env()
+    # log_layout=False: a benchmark leaves no files in logging.out_dir.
+    return run_workers(config, body, world=world, nproc=args.nproc, worker_argv=worker_argv, log_layout=False)
 
 
 def _bench_body(
