@@ -410,7 +410,7 @@ def test_train_layout_auto_fills_the_layout(monkeypatch, capsys, sonnets_dataset
         monkeypatch.delenv(name, raising=False)
     launched = {}
 
-    def fake_launch(nproc, argv, *, use_cuda):
+    def fake_launch(nproc, argv, *, use_cuda, config=None):
         launched.update(nproc=nproc, argv=argv)
         return 0
 

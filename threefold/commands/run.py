@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
+from collections.abc import Callable
+from functools import partial, wraps
 from typing import TYPE_CHECKING, Any
 
 from threefold.commands.args import (
@@ -81,6 +82,21 @@ def _add_nproc(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _interruptible(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Ctrl-C before the launcher or the training loop handles signals (while torch loads, say) ends the
+    command quietly with status 130, as a later one does (threefold.reliability.control)."""
+
+    @wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+@_interruptible
 def cmd_train(args: argparse.Namespace) -> int:
     from threefold.launch import run_workers, world_from_env
 
@@ -121,6 +137,7 @@ def _train_body(config: Config, mesh: Mesh, device: torch.device, faults: FaultP
     return 0
 
 
+@_interruptible
 def cmd_bench(args: argparse.Namespace) -> int:
     from threefold.config import build_config
     from threefold.launch import run_workers, world_from_env
@@ -140,7 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     body = partial(
         _bench_body, steps=args.steps, warmup=args.warmup, tokens=args.tokens, json_out=args.json_out
     )
-    return run_workers(config, body, world=world, nproc=args.nproc, worker_argv=worker_argv)
+    # log_layout=False: a benchmark leaves no files in logging.out_dir.
+    return run_workers(config, body, world=world, nproc=args.nproc, worker_argv=worker_argv, log_layout=False)
 
 
 def _check_fits(config: Config, world: WorldInfo | None, nproc: int | None) -> None:

@@ -5,7 +5,14 @@ Signals. SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (Slurm's warning before it preempt
 process exits 0. SIGTERM and SIGUSR1 also start a timer of `reliability.preemption_deadline` seconds:
 a rank still running when it rings (stuck in I/O, or its peers already gone) exits with
 PREEMPTION_EXIT_CODE, so the scheduler's grace period is never overrun. A second Ctrl-C gives up on the
-clean stop.
+clean stop: the process leaves at once with INTERRUPTED_EXIT_CODE and no traceback (raising
+KeyboardInterrupt instead would unwind through collectives whose peers are leaving too, and each rank
+would print the error of its broken connection). Outside the loop (start-up, the final save), a worker
+has nothing to stop cleanly, and one Ctrl-C leaves the same way (`leave_on_interrupt`).
+
+Parent death. A worker started by a launcher (threefold's own, or torchrun's agent) asks the kernel to
+SIGKILL it when that launcher dies (`die_with_parent`), so a launcher killed with SIGKILL, or by the OOM
+killer, leaves no orphans holding the devices and training on alone.
 
 Agreement. Every rank must stop after the same step, but a signal may reach only some of them, at
 different moments. After every step the ranks all-reduce (MAX) a two-number CPU tensor, (stop
@@ -18,10 +25,12 @@ log_interval is large.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import torch
@@ -31,6 +40,9 @@ from threefold.parallel import track
 
 PREEMPTION_EXIT_CODE = 143
 """Exit status of a rank that could not stop cleanly within the preemption deadline (128 + SIGTERM)."""
+
+INTERRUPTED_EXIT_CODE = 130
+"""Exit status after Ctrl-C without a clean stop (128 + SIGINT), the shell's convention."""
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -58,7 +70,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.requested:  # a second Ctrl-C: give up on the clean stop
-            raise KeyboardInterrupt
+            _leave(signum, frame)
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
         if signum != signal.SIGINT and self.deadline > 0 and self._timer is None:
@@ -81,6 +93,50 @@ class StopRequest:
             self._timer.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _leave(signum: int, frame: Any) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED_EXIT_CODE)
+
+
+def leave_on_interrupt() -> None:
+    """From now on, Ctrl-C ends this process at once with INTERRUPTED_EXIT_CODE (StopRequest overrides
+    this inside the training loop). For workers: their launcher reports the interrupt."""
+    signal.signal(signal.SIGINT, _leave)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when `parent_pid`, its parent, dies (however it dies).
+
+    On Linux the kernel does it (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls getppid()
+    once a second. The parent may have died before the request was made: a changed parent (the orphan's
+    new reaper) means it has.
+    """
+    if not _kernel_kills_orphan():
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kernel_kills_orphan() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ControlChannel:
