@@ -74,10 +74,12 @@ def _set_grads(params: list[nn.Parameter], seed: int, poison: float | None = Non
 
 def _state(opt: Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
     out = {f"param{i}": p.detach().float().cpu().clone() for i, p in enumerate(params)}
-    for i, master in enumerate(opt.masters):
-        out[f"master{i}"] = master.detach().cpu().clone()
-        for key, value in opt.state_of(i).items():
-            out[f"{key}{i}"] = value.detach().float().cpu().clone().reshape(-1)
+    state = opt.state_dict()
+    out["step"] = torch.tensor(state.step)
+    for name, piece in state.params.items():
+        out[f"master:{name}"] = piece.master.detach().cpu().clone()
+        for key, value in piece.moments.items():
+            out[f"{key}:{name}"] = value.detach().float().cpu().clone().reshape(-1)
     return out
 
 
@@ -114,7 +116,7 @@ def test_fused_adamw_skips_non_finite_steps_like_the_cpu_path(mesh, dtype):
     step(1, seed=3, found_inf=False)  # the flag given but clear: an ordinary step
     step(2, seed=4)
     assert_same_update("after two more normal steps")
-    assert float(fused.state_of(0)["step"]) == 3.0, "skipped steps do not count"
+    assert fused.state_dict().step == 3.0, "skipped steps do not count"
 
 
 # --- The compiled loss: torch.compile's fused kernels give the eager chunk's loss and gradients --------
