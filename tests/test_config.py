@@ -52,10 +52,15 @@ def test_world_size_mismatch_names_every_factor():
             ["--model.preset=llama-1b", "--parallel.tp_size=3"],
             r"tp_size \(3\) must divide model\.num_heads \(32\)",
         ),
-        # The heads split over tp=16, but the 8 kv heads do not.
+        # The 12 heads split over tp=4, but the 6 kv heads neither split over 4 ranks nor replicate evenly.
         (
-            ["--model.preset=llama-1b", "--parallel.tp_size=16"],
-            r"tp_size \(16\) must divide model\.num_kv_heads \(8\)",
+            [
+                "--model.hidden_size=96",
+                "--model.num_heads=12",
+                "--model.num_kv_heads=6",
+                "--parallel.tp_size=4",
+            ],
+            r"tp_size \(4\) must divide model\.num_kv_heads \(6\) or be a multiple of it",
         ),
         # kv heads must divide the query heads (grouped-query attention).
         (
@@ -184,6 +189,20 @@ def test_world_size_mismatch_names_every_factor():
 def test_impossible_combination(overrides, message):
     with pytest.raises(ValueError, match=message):
         build(*overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--model.preset=llama-1b", "--parallel.tp_size=16"],  # 8 kv heads, each on 2 ranks
+        ["--model.num_heads=8", "--model.num_kv_heads=1", "--parallel.tp_size=4"],  # multi-query
+        ["--model.num_heads=8", "--model.num_kv_heads=2", "--parallel.tp_size=8"],
+    ],
+    ids=["llama-1b-tp16", "multi-query-tp4", "kv2-tp8"],
+)
+def test_tp_over_the_kv_heads_is_valid(overrides):
+    """tp_size may exceed num_kv_heads when it is a multiple of it: each kv head is then replicated."""
+    build(*overrides)
 
 
 def test_llama3_rope_scaling_and_qwen2_biases_are_valid():

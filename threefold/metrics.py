@@ -21,11 +21,22 @@ def local_vocab_size(vocab_size: int, tp_size: int = 1) -> int:
     return math.ceil(vocab_size / tp_size)
 
 
+def local_kv_heads(num_kv_heads: int, tp_size: int = 1) -> int:
+    """Key/value heads one tensor-parallel rank holds: num_kv_heads / tp_size, or 1 when tp_size exceeds
+    num_kv_heads (each kv head is then replicated over tp_size / num_kv_heads ranks)."""
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(
+            f"tp_size ({tp_size}) must divide model.num_kv_heads ({num_kv_heads}) or be a multiple of it"
+        )
+    return max(1, num_kv_heads // tp_size)
+
+
 def count_parameters(cfg: ModelConfig, *, tp_size: int = 1) -> dict[str, int]:
     """Analytic parameter counts of the model as threefold builds it: the whole model when tp_size is 1
     (vocabulary not padded), else what one tensor-parallel rank holds: every column- or row-parallel weight
     and the biases split with it 1/tp_size, the vocabulary padded to a multiple of tp_size; norms, the
-    row-parallel layers' biases and gpt2's position table are replicated.
+    row-parallel layers' biases and gpt2's position table are replicated; the k and v projections hold
+    `local_kv_heads` heads (one, replicated, when tp_size exceeds num_kv_heads).
 
     Keys:
       per_layer        one transformer layer (attention, MLP, its two norms)
@@ -41,16 +52,16 @@ def count_parameters(cfg: ModelConfig, *, tp_size: int = 1) -> dict[str, int]:
     """
     h, ffn, t = cfg.hidden_size, cfg.ffn_hidden_size, tp_size
     assert ffn is not None and cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
-    split = {"num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "ffn_hidden_size": ffn}
+    split = {"num_heads": cfg.num_heads, "ffn_hidden_size": ffn}
     for name, size in split.items():
         if size % t:
             raise ValueError(f"tp_size ({t}) must divide model.{name} ({size})")
     q_width = cfg.num_heads * cfg.head_dim
     if cfg.arch == "llama":
-        kv_width = cfg.num_kv_heads * cfg.head_dim
-        attention = (h * q_width + 2 * h * kv_width + q_width * h) // t  # q, k, v, o weights
+        kv_width = local_kv_heads(cfg.num_kv_heads, t) * cfg.head_dim  # this rank's
+        attention = 2 * h * q_width // t + 2 * h * kv_width  # q, o weights; k, v weights
         if cfg.attention_bias:
-            attention += (q_width + 2 * kv_width) // t  # q, k, v biases (Qwen2); o has none
+            attention += q_width // t + 2 * kv_width  # q, k, v biases (Qwen2); o has none
         mlp = 3 * h * ffn // t  # gate, up, down
         norms = 2 * h  # two RMSNorm weights
         final_norm = h

@@ -17,7 +17,7 @@ from torch import nn
 
 from threefold.config import OptimizerConfig
 from threefold.parallel import track
-from threefold.parallel.layers import is_sharded
+from threefold.parallel.layers import is_tp_primary
 from threefold.parallel.mesh import Mesh
 
 
@@ -110,13 +110,13 @@ class Optimizer:
             fused=self.fused,
             foreach=None if self.fused else True,
         )
-        # Count every gradient once in the global norm: a replicated parameter appears on every TP rank,
-        # a tied embedding on both the first and the last pipeline stage, and with ZeRO each rank holds
-        # only its own part.
+        # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
+        # (a replicated kv shard on each of its replicas), a tied embedding on both the first and the
+        # last pipeline stage, and with ZeRO each rank holds only its own part.
         self._counted = [
             g
             for g, (p, _, _) in zip(self._grads, ranges, strict=True)
-            if (is_sharded(p) or mesh.tp_rank == 0) and not getattr(p, "tied_copy", False)
+            if is_tp_primary(p, mesh.tp_rank) and not getattr(p, "tied_copy", False)
         ]
 
     def state_dict(self) -> OptimizerState:

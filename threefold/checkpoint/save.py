@@ -26,7 +26,7 @@ from threefold.checkpoint.manifest import (
 )
 from threefold.checkpoint.parts import TrainState, named_parameters, quiesce, rng_state
 from threefold.files import fsync_file, publish_dir, write_atomic
-from threefold.parallel.layers import is_sharded
+from threefold.parallel.layers import is_tp_primary, num_tp_shards, tp_shard_index
 from threefold.parallel.mesh import Mesh
 
 
@@ -34,23 +34,28 @@ def _saves(param: nn.Parameter, mesh: Mesh, dp_sharded: bool) -> bool:
     """Whether this rank writes its range of the parameter: each element exactly once across the world.
 
     Without ZeRO data-parallel rank 0 holds everything; with ZeRO each data-parallel rank its own part.
+    Of a TP shard held by several ranks (replicated kv heads) only the first saves.
     """
     if (mesh.dp_rank != 0 and not dp_sharded) or getattr(param, "tied_copy", False):
         return False
-    return is_sharded(param) or mesh.tp_rank == 0
+    return is_tp_primary(param, mesh.tp_rank)
 
 
 def _entry(
     file: str, tensor: torch.Tensor, param: nn.Parameter, mesh: Mesh, flat: tuple[int, int] | None
 ) -> TensorEntry:
-    """The manifest entry of a saved tensor: the whole TP-local one, or (ZeRO) its flat range `flat`."""
+    """The manifest entry of a saved tensor: the whole TP-local one, or (ZeRO) its flat range `flat`.
+
+    tp_rank and tp_size count distinct shards: a kv projection replicated over pairs of ranks at
+    tp_size 4 is saved as shards 0 and 1 of 2, the split a loader joins whatever its own layout.
+    """
     entry = TensorEntry(
         file=file,
         shape=list(tensor.shape),
         tp_dim=getattr(param, "tp_dim", None),
         tp_full_size=getattr(param, "tp_full_size", None),
-        tp_rank=mesh.tp_rank,
-        tp_size=mesh.tp_size,
+        tp_rank=tp_shard_index(param, mesh.tp_rank),
+        tp_size=num_tp_shards(param, mesh.tp_size),
     )
     if flat is not None:
         entry["flat"], entry["local_shape"] = list(flat), list(param.shape)

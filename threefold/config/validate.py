@@ -36,13 +36,15 @@ def check_across_sections(config: Config) -> None:
     m, p, d, t = config.model, config.parallel, config.data, config.training
     assert m.num_kv_heads is not None and m.ffn_hidden_size is not None  # ModelConfig.check
     tp = p.tp_size
-    for name, value in (
-        ("num_heads", m.num_heads),
-        ("num_kv_heads", m.num_kv_heads),
-        ("ffn_hidden_size", m.ffn_hidden_size),
-    ):
+    for name, value in (("num_heads", m.num_heads), ("ffn_hidden_size", m.ffn_hidden_size)):
         if value % tp:
             raise ValueError(f"parallel.tp_size ({tp}) must divide model.{name} ({value})")
+    if m.num_kv_heads % tp and tp % m.num_kv_heads:
+        # Each rank needs whole kv heads: k/t of them, or one replicated over t/k ranks.
+        raise ValueError(
+            f"parallel.tp_size ({tp}) must divide model.num_kv_heads ({m.num_kv_heads}) or be a multiple "
+            f"of it (each kv head then replicated over tp_size / num_kv_heads ranks)"
+        )
     if p.sequence_parallel and d.seq_len % tp:
         raise ValueError(
             f"with sequence parallelism, parallel.tp_size ({tp}) must divide data.seq_len ({d.seq_len})"

@@ -4,7 +4,8 @@ The Llama flavour also covers Qwen2 (`attention_bias`: biases on q, k, v) and Ll
 
 Shape legend (local = this TP rank's part):
     b micro-batch, s sequence, s_ = s/t under sequence parallelism else s, h hidden,
-    a query heads, k kv heads, d head dim, t tp_size, f MLP width, Vp padded vocabulary.
+    a query heads, k kv heads, d head dim, t tp_size, f MLP width, Vp padded vocabulary;
+    k_ = k/t kv heads per rank, or 1 when t > k (each kv head then replicated over t/k ranks).
 
 A `Transformer` holds a contiguous range of layers [first_layer, last_layer) and optionally the
 embedding (first pipeline stage) and the final norm + output layer + loss (last stage), so a pipeline
@@ -105,22 +106,26 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.num_local_heads = cfg.num_heads // tp.size
         assert cfg.num_kv_heads is not None  # filled in by ModelConfig.__post_init__
-        self.num_local_kv_heads = cfg.num_kv_heads // tp.size
+        kv = cfg.num_kv_heads
+        # Fewer kv heads than ranks (multi-query attention, or t = 8 on 4 kv heads): rank r holds the one
+        # kv head its query heads read, (r k) // t, replicated over the t/k consecutive ranks that read it.
+        self.num_local_kv_heads = max(1, kv // tp.size)
+        kv_replicas = max(1, tp.size // kv)
         bias = cfg.arch == "gpt2"
         qkv_bias = bias or cfg.attention_bias  # Qwen2 biases q, k, v but not o
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = ColumnParallelLinear(h, cfg.num_heads * d, tp_group=tp.group, bias=qkv_bias)
-        self.k_proj = ColumnParallelLinear(h, cfg.num_kv_heads * d, tp_group=tp.group, bias=qkv_bias)
-        self.v_proj = ColumnParallelLinear(h, cfg.num_kv_heads * d, tp_group=tp.group, bias=qkv_bias)
+        self.k_proj = ColumnParallelLinear(h, kv * d, tp_group=tp.group, bias=qkv_bias, replicas=kv_replicas)
+        self.v_proj = ColumnParallelLinear(h, kv * d, tp_group=tp.group, bias=qkv_bias, replicas=kv_replicas)
         self.o_proj = RowParallelLinear(
             cfg.num_heads * d, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel
         )
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        q, k, v = self.tp.project(x, [self.q_proj, self.k_proj, self.v_proj])  # (b, s, heads/t * d)
+        q, k, v = self.tp.project(x, [self.q_proj, self.k_proj, self.v_proj])  # (b, s, a/t * d), (b, s, k_ d)
         b, s, _ = q.shape
         q = q.view(b, s, self.num_local_heads, self.head_dim).transpose(1, 2)  # (b, a/t, s, d)
-        k = k.view(b, s, self.num_local_kv_heads, self.head_dim).transpose(1, 2)  # (b, k/t, s, d)
+        k = k.view(b, s, self.num_local_kv_heads, self.head_dim).transpose(1, 2)  # (b, k_, s, d)
         v = v.view(b, s, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
         if self.use_rope:
             assert rope is not None
@@ -134,7 +139,7 @@ class Attention(nn.Module):
         return self.o_proj(y)  # (b, s_, h)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of (b, a/t, s, d) queries over (b, k/t, s, d) keys and values."""
+        """Causal attention of (b, a/t, s, d) queries over (b, k_, s, d) keys and values."""
         group_size = self.num_local_heads // self.num_local_kv_heads
         flash = q.is_cuda and q.dtype != torch.float32 and torch.backends.cuda.flash_sdp_enabled()
         if group_size > 1 and not flash:

@@ -24,7 +24,7 @@ from torch.distributed import ProcessGroup
 
 from threefold.parallel import track
 from threefold.parallel.comm import all_gather_flat, reduce_scatter_flat
-from threefold.parallel.layers import pad_to_multiple
+from threefold.parallel.layers import num_tp_shards, pad_to_multiple, tp_replicas, tp_shard_index
 
 
 class _Bucket:
@@ -219,13 +219,46 @@ class GradSync:
 
 
 def all_reduce_sequence_parallel_grads(params: list[nn.Parameter], tp_group: ProcessGroup) -> None:
-    """Sum the main_grads of replicated parameters that only saw a sequence chunk (norms, biases)."""
-    grads = [p.main_grad for p in params if getattr(p, "sequence_parallel", False)]  # type: ignore[attr-defined]
-    if not grads or dist.get_world_size(tp_group) == 1:
+    """Sum over the TP group the main_grads each TP rank holds only a part of, in one all-reduce:
+
+    - replicated parameters that only saw a sequence chunk (norms, biases under sequence parallelism);
+    - shards replicated over consecutive TP ranks (`tp_replicas` > 1: the key/value projections when
+      tp_size exceeds num_kv_heads), each replica having seen only its own query heads.
+
+    A replicated shard travels in a buffer with one slot per distinct shard, zero but for this rank's,
+    so the sum over the group leaves in each slot the sum over that shard's replicas. This needs no
+    process group beyond the TP group, for num_shards times the shard's bytes: the k and v weights are a
+    small part of a layer, and num_shards (= num_kv_heads) is 1 for multi-query attention.
+    """
+    tp_size = dist.get_world_size(tp_group)
+    if tp_size == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    with track.collective(tp_group, "all_reduce(sequence-parallel grads)"):
+    tp_rank = dist.get_rank(tp_group)
+    grads: list[torch.Tensor] = []  # main_grads to sum, each with the slot it occupies (None: all of it)
+    slots: list[tuple[int, int] | None] = []
+    for p in params:
+        if getattr(p, "sequence_parallel", False):
+            grads.append(p.main_grad)  # type: ignore[attr-defined]
+            slots.append(None)
+        elif tp_replicas(p) > 1:
+            grads.append(p.main_grad)  # type: ignore[attr-defined]
+            slots.append((tp_shard_index(p, tp_rank), num_tp_shards(p, tp_size)))
+    if not grads:
+        return
+    pieces = []
+    for g, slot in zip(grads, slots, strict=True):
+        if slot is None:
+            pieces.append(g.reshape(-1))
+        else:
+            index, count = slot
+            padded = g.new_zeros(count, g.numel())
+            padded[index] = g.reshape(-1)
+            pieces.append(padded.view(-1))
+    flat = torch.cat(pieces)
+    with track.collective(tp_group, "all_reduce(tp-partial grads)"):
         dist.all_reduce(flat, group=tp_group)
-    torch._foreach_copy_(
-        grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
-    )
+    sums = [
+        t if slot is None else t.view(slot[1], -1)[slot[0]]
+        for t, slot in zip(flat.split([p.numel() for p in pieces]), slots, strict=True)
+    ]
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(sums, grads, strict=True)])

@@ -8,6 +8,13 @@ Every sharded parameter carries `tp_dim` (the dimension split across the TP grou
 full tensor. Replicated parameters whose gradient is a partial sum under sequence parallelism carry
 `sequence_parallel = True`; their gradients are all-reduced over the TP group after backward.
 
+A sharded parameter may also carry `tp_replicas` > 1: groups of that many consecutive TP ranks hold the
+same shard, so the tensor has tp_size / tp_replicas distinct shards (the key/value projections when
+tp_size exceeds num_kv_heads: each rank holds the one kv head its query heads read, as Megatron does).
+Each replica's gradient then covers only its own query heads; the sum over the replicas, after
+backward, is the shard's gradient (threefold.parallel.data_parallel). The first rank of each group is
+the shard's primary copy (`is_tp_primary`): the one the gradient norm counts and a checkpoint saves.
+
 `TPContext` is the one options object of the model's tensor-parallel blocks (Megatron's
 ModelParallelConfig idea): the trainer builds it once from the config and every block reads its group and
 switches from it, so a new option is added here and where it is read, not to every constructor between.
@@ -34,9 +41,10 @@ from threefold.parallel.comm import (
 )
 
 
-def mark_sharded(param: nn.Parameter, tp_dim: int, full_size: int) -> nn.Parameter:
+def mark_sharded(param: nn.Parameter, tp_dim: int, full_size: int, replicas: int = 1) -> nn.Parameter:
     param.tp_dim = tp_dim  # type: ignore[attr-defined]
     param.tp_full_size = full_size  # type: ignore[attr-defined]
+    param.tp_replicas = replicas  # type: ignore[attr-defined]
     return param
 
 
@@ -49,18 +57,41 @@ def is_sharded(param: torch.Tensor) -> bool:
     return getattr(param, "tp_dim", None) is not None
 
 
+def tp_replicas(param: torch.Tensor) -> int:
+    """How many consecutive TP ranks hold the same shard of `param` (1 unless its shards are replicated)."""
+    return getattr(param, "tp_replicas", 1)
+
+
+def tp_shard_index(param: torch.Tensor, tp_rank: int) -> int:
+    """Which of the distinct shards of `param` TP rank `tp_rank` holds."""
+    return tp_rank // tp_replicas(param)
+
+
+def num_tp_shards(param: torch.Tensor, tp_size: int) -> int:
+    """How many distinct shards of a sharded `param` a TP group of `tp_size` holds."""
+    return tp_size // tp_replicas(param)
+
+
+def is_tp_primary(param: torch.Tensor, tp_rank: int) -> bool:
+    """Whether this TP rank's copy of `param` is the one counted once across the TP group (gradient norm,
+    checkpoint): every rank's own shard, the first of each group of replicas, rank 0's replicated copy."""
+    if not is_sharded(param):
+        return tp_rank == 0
+    return tp_rank % tp_replicas(param) == 0
+
+
 def shard_of(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This rank's slice of a full (unpadded) tensor, zero-padded along tp_dim as the layer expects."""
     if not is_sharded(param):
         return full
     dim = param.tp_dim  # type: ignore[attr-defined]
     local = param.shape[dim]
-    padded = local * tp_size
+    padded = local * num_tp_shards(param, tp_size)
     if full.shape[dim] < padded:
         pad_shape = list(full.shape)
         pad_shape[dim] = padded - full.shape[dim]
         full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
-    return full.narrow(dim, tp_rank * local, local)
+    return full.narrow(dim, tp_shard_index(param, tp_rank) * local, local)
 
 
 def full_shape_of(param: torch.Tensor) -> tuple[int, ...]:
@@ -79,6 +110,9 @@ class ColumnParallelLinear(nn.Module):
 
     The input must already be identical on every TP rank: the caller applies `copy_to_tp` (or
     `gather_from_sequence` under sequence parallelism) once for all projections reading that input.
+
+    With `replicas` r > 1 the rows split into t/r shards only, each held by r consecutive ranks:
+    (out r/t, in) per rank (the key/value projections when t exceeds the kv heads).
     """
 
     def __init__(
@@ -89,15 +123,22 @@ class ColumnParallelLinear(nn.Module):
         tp_group: ProcessGroup,
         bias: bool,
         pad_output: bool = False,
+        replicas: int = 1,
     ) -> None:
         super().__init__()
         tp_size = dist.get_world_size(tp_group)
-        if out_features % tp_size and not pad_output:
-            raise ValueError(f"tp_size ({tp_size}) must divide the output features ({out_features})")
+        if tp_size % replicas:
+            raise ValueError(f"replicas ({replicas}) must divide tp_size ({tp_size})")
+        num_shards = tp_size // replicas
+        if out_features % num_shards and not pad_output:
+            shards = f"tp_size ({tp_size})" if replicas == 1 else f"tp_size / replicas ({num_shards})"
+            raise ValueError(f"{shards} must divide the output features ({out_features})")
         # pad_output (the vocabulary projection): zero rows up to a multiple of tp_size, masked by the loss.
-        local = pad_to_multiple(out_features, tp_size) // tp_size
-        self.weight = mark_sharded(nn.Parameter(torch.empty(local, in_features)), 0, out_features)
-        self.bias = mark_sharded(nn.Parameter(torch.empty(local)), 0, out_features) if bias else None
+        local = pad_to_multiple(out_features, num_shards) // num_shards
+        self.weight = mark_sharded(nn.Parameter(torch.empty(local, in_features)), 0, out_features, replicas)
+        self.bias = None
+        if bias:
+            self.bias = mark_sharded(nn.Parameter(torch.empty(local)), 0, out_features, replicas)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) -> (b, s, out/t)
         return F.linear(x, self.weight, self.bias)
@@ -243,7 +284,8 @@ def gather_full(param: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
     world = dist.get_world_size(tp_group)
     parts = [torch.empty_like(param) for _ in range(world)]
     dist.all_gather(parts, param.detach().contiguous(), group=tp_group)
-    return torch.cat(parts, dim=dim).narrow(dim, 0, size)
+    distinct = parts[:: tp_replicas(param)]  # the first rank of each group of replicas
+    return torch.cat(distinct, dim=dim).narrow(dim, 0, size)
 
 
 @dataclass(frozen=True)

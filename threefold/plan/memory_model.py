@@ -19,6 +19,7 @@ test_planner.py checks every term against the real tensors, and the per-layer fo
     gpt2 norm            e b s_ h + e b s h          LayerNorm input; the linear input
                         (sequence parallel: the gathered input, one copy shared by the projections)
     attention, none      e b s (2 h_q + 2 h_kv) / t + 4 b a s / t   q, k, v, output; LSE
+                        (t > k: each rank holds one kv head, so h_kv / t reads d_h)
                         (k and v repeated to a heads, 4 e b s h_q / t, where flash attention does not
                         read grouped heads in place: fp32, or on the CPU; `kv_repeated`)
     attention, selective e b s (2 h_q + 2 h_kv) / t        q, k, v before the core, its output
@@ -40,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from threefold.config import Config, ModelConfig
-from threefold.metrics import count_parameters, local_vocab_size
+from threefold.metrics import count_parameters, local_kv_heads, local_vocab_size
 from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.plan.layout import Layout, Workload, from_config
 
@@ -90,7 +91,8 @@ def layer_activation_bytes(
     s_ = s // t if sequence_parallel else s
     if recompute == "full":
         return e * b * s_ * h
-    hq, hkv = a * m.head_dim, m.num_kv_heads * m.head_dim
+    hq = a * m.head_dim
+    hkv = local_kv_heads(m.num_kv_heads, t) * m.head_dim * t  # t times a rank's: h_kv, or t d_h when t > k
     linear_inputs = 2  # the (gathered) input of the attention projections and of the MLP's
     norm_own = (4 + e) if m.arch == "llama" else e
     norms = 2 * norm_own * b * s_ * h + linear_inputs * e * b * s * h
