@@ -18,7 +18,7 @@ from threefold.data.dataset import BatchLoader, TokenDataset, eval_batches
 from threefold.model.transformer import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
 from threefold.parallel import track
-from threefold.parallel.data_parallel import GradSync, all_reduce_sequence_parallel_grads
+from threefold.parallel.data_parallel import GradSync, all_reduce_tp_replicated_grads
 from threefold.parallel.layers import TPContext
 from threefold.parallel.mesh import Mesh
 from threefold.pipeline.executor import Batch, PipelineExecutor, connect_neighbours
@@ -188,7 +188,7 @@ def train_step(trainer: Trainer, micro_batches: list[Batch], step: int) -> Pendi
     track.set_action("gradient sync")
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.finish()
-    all_reduce_sequence_parallel_grads(trainer.optimizer.params, mesh.tp_group)
+    all_reduce_tp_replicated_grads(trainer.optimizer.params, mesh.tp_group)
     _sync_tied_embedding(trainer)
     # The loss is reduced before the update so that a non-finite loss can veto it on every rank.
     track.set_action("loss reduction")

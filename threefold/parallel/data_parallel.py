@@ -218,7 +218,7 @@ class GradSync:
             h.remove()
 
 
-def all_reduce_sequence_parallel_grads(params: list[nn.Parameter], tp_group: ProcessGroup) -> None:
+def all_reduce_tp_replicated_grads(params: list[nn.Parameter], tp_group: ProcessGroup) -> None:
     """Sum over the TP group the main_grads each TP rank holds only a part of, in one all-reduce:
 
     - replicated parameters that only saw a sequence chunk (norms, biases under sequence parallelism);
