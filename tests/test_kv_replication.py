@@ -261,3 +261,16 @@ def test_hf_round_trip_of_replicated_kv_heads(tmp_path):
     for got in split:
         assert torch.equal(got["k_proj"], full[K_PROJ])  # every rank holds the whole (only) kv head
     torch.testing.assert_close(split[0]["logits"], whole["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_planner_considers_tp_beyond_the_kv_heads():
+    """tp 8 on llama-8b's 8 KV heads was the limit; 16 (each KV head on two ranks) is now a layout too."""
+    from threefold.plan.hardware import PRESETS
+    from threefold.plan.layout import Workload
+    from threefold.plan.search import plan
+    from threefold.presets import MODEL_PRESETS
+
+    work = Workload(model=ModelConfig(**MODEL_PRESETS["llama-8b"]), seq_len=4096, global_batch_size=64)
+    result = plan(work, PRESETS["h100"], num_gpus=16, gpus_per_node=16, fixed={"tp_size": 16})
+    layouts = result.ranked + result.too_big
+    assert layouts and all(c.layout.parallel.tp_size == 16 for c in layouts)

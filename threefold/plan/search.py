@@ -94,7 +94,8 @@ def enumerate_layouts(
         return key not in fixed or fixed[key] == value
 
     for tp_size in _divisors(num_gpus):
-        if not allowed("tp_size", tp_size) or m.num_heads % tp_size or m.num_kv_heads % tp_size:
+        kv_fits = m.num_kv_heads % tp_size == 0 or tp_size % m.num_kv_heads == 0  # shared kv heads
+        if not allowed("tp_size", tp_size) or m.num_heads % tp_size or not kv_fits:
             continue
         if m.ffn_hidden_size % tp_size:
             continue

@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from threefold.config import Config
-from threefold.metrics import flops_per_token, local_vocab_size
+from threefold.metrics import flops_per_token, local_kv_heads, local_vocab_size
 from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.plan.hardware import Hardware
 from threefold.plan.layout import Layout, Workload, from_config
@@ -127,17 +127,18 @@ def layer_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pa
     f = m.ffn_hidden_size
     assert f is not None and m.num_kv_heads is not None
     h, n = m.hidden_size, b * s
-    hq, hkv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    hq = m.num_heads * m.head_dim
+    hkv_local = local_kv_heads(m.num_kv_heads, t) * m.head_dim  # one replicated head when t > kv heads
     sp = par.sequence_parallel and t > 1
-    shapes = [(n, h, hq // t), (n, h, hkv // t), (n, h, hkv // t), (n, hq // t, h), (n, f // t, h)]
+    shapes = [(n, h, hq // t), (n, h, hkv_local), (n, h, hkv_local), (n, hq // t, h), (n, f // t, h)]
     shapes += [(n, h, f // t)] * (2 if m.arch == "llama" else 1)
     gemm = _gemms(hw, shapes)
     core_flops = 2.0 * b * s * s * hq / t
     core = core_flops / (hw.peak_tflops * 1e12 * hw.attention_efficiency)
     replicated = n / (t if sp else 1) * h
     if m.arch == "llama":
-        traffic = LLAMA_BYTES_PER_H * replicated + ROPE_BYTES_PER_QK * n * (hq + hkv) / t
-        traffic += 2 * e * n * (hq + hkv) / t  # repeat k and v to the query heads
+        traffic = LLAMA_BYTES_PER_H * replicated + ROPE_BYTES_PER_QK * n * (hq / t + hkv_local)
+        traffic += 2 * e * n * (hq / t + hkv_local)  # repeat k and v to the query heads
     else:
         traffic = GPT2_BYTES_PER_H * replicated
     traffic += MLP_BYTES_PER_F * n * f / t
