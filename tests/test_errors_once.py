@@ -38,19 +38,35 @@ def _write_config(tmp_path: Path, data: Path, **checkpoint) -> Path:
     return write_toml(tmp_path / "run.toml", config)
 
 
-@pytest.mark.timeout(160)
-def test_bad_data_is_reported_once_before_any_worker_starts(sonnets_dataset, tmp_path):
+def _corrupt_copy(dataset: Path, tmp_path: Path) -> Path:
     data = tmp_path / "data"
-    shutil.copytree(sonnets_dataset, data)
+    shutil.copytree(dataset, data)
     tokens = np.fromfile(data / "val.bin", dtype=np.uint16)
     tokens[5] = 65000
     tokens.tofile(data / "val.bin")
-    proc = _train(_write_config(tmp_path, data))
+    return data
+
+
+@pytest.mark.timeout(160)
+def test_bad_data_is_reported_once_before_any_worker_starts(sonnets_dataset, tmp_path):
+    proc = _train(_write_config(tmp_path, _corrupt_copy(sonnets_dataset, tmp_path)))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert output.count("is corrupt: token 5 has id 65000") == 1, output
     assert proc.stderr.startswith("threefold: error: ") and "Traceback" not in output, output
     assert not (tmp_path / "run" / "events.jsonl").exists(), "a worker started (it logs its layout)"
+
+
+@pytest.mark.timeout(160)
+def test_under_torchrun_the_workers_check_the_data_and_one_reports_it(sonnets_dataset, tmp_path):
+    data = _corrupt_copy(sonnets_dataset, tmp_path)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "threefold", "train",
+           str(_write_config(tmp_path, data))]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=_env())
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in output, output  # torchrun's own summary
+    assert output.count("is corrupt: token 5 has id 65000") == 1, output
 
 
 @pytest.mark.timeout(160)
