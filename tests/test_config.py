@@ -666,6 +666,8 @@ def test_packaged_default_is_the_tiny_tp2_dp2_demo():
     assert config.world_size == 4
     assert config.training.device == "cpu"
     assert config.data.prepare_shakespeare is True
+    ckpt = config.checkpoint  # only the final checkpoint, inside the demo's own directory
+    assert (ckpt.dir, ckpt.interval, ckpt.keep_last) == (f"{config.logging.out_dir}/ckpt", 0, 1)
 
 
 def test_example_configs_load_and_validate():

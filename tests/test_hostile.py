@@ -307,7 +307,7 @@ def _resume_past_damage(rank: int, world: int, config) -> dict:
         out = root.parent / f"logs-{name}"
         loader = _Loader()
         try:
-            step = resume(trainer, loader, control, EventLog(out, rank=rank))
+            step = resume(trainer, loader, control, EventLog(out, rank=rank)).step
         except Exception as e:  # noqa: BLE001 - reported to the test
             step = repr(e)
         results[name] = (step, getattr(loader, "state", None), read_events(out))

@@ -346,12 +346,15 @@ def _train(
     loader = train_loader(config, mesh)
     val_batches = _validation_batches(config, mesh, device)
     guard = RunGuard(config, mesh, control, faults=faults)
-    start_step = resume(trainer, loader, control, guard.events)
+    start = resume(trainer, loader, control, guard.events)
+    start_step = start.step
+    if mesh.rank == 0 and start.path is not None:
+        print(start.describe(t.max_steps), flush=True)  # whatever logging.progress says
     checkpointer = (
         Checkpointer(ckpt.dir, keep_last=ckpt.keep_last, asynchronous=ckpt.asynchronous) if ckpt.dir else None
     )
     reporter = Reporter(config, mesh, device, enabled=mesh.rank == 0, start_step=start_step)
-    result = TrainResult(trainer=trainer)
+    result = TrainResult(trainer=trainer, steps_done=start_step)
     due = Cadence(config)
     duties = _Duties(trainer, loader, val_batches, guard, checkpointer, reporter, result)
     started = time.perf_counter()

@@ -125,12 +125,14 @@ def moment_keys(manifest: Manifest, path: Path) -> dict[str, dict[str, str]]:
 
 
 @torch.no_grad()
-def load_checkpoint(state: TrainState, path: str | Path) -> Manifest:
+def load_checkpoint(state: TrainState, path: str | Path, *, weights_only: bool = False) -> Manifest:
     """Load weights and optimizer state into this rank's part of the model, whatever layout saved them.
 
     Every check (manifest, model shape, missing tensors, checksums of the files this rank reads, the
     optimizer state's fit) runs before any parameter is written. Returns the manifest (step,
-    consumed_samples, ...).
+    consumed_samples, ...). `weights_only` (fine-tuning) loads the weights alone: the optimizer starts
+    afresh (no moments, step count 0), the RNG is left as it is, and the saved optimizer state is neither
+    read nor checked.
     """
     path = Path(path)
     manifest = read_manifest(path, state.config)
@@ -144,10 +146,11 @@ def load_checkpoint(state: TrainState, path: str | Path) -> Manifest:
         )
     owned = list(state.optimizer.state_dict().params)  # the parameters this rank's optimizer updates
     assert set(owned) <= set(params), "the optimizer names its state by the model's parameter names"
-    in_checkpoint = moment_keys(manifest, path)
-    moments = {name: in_checkpoint[name] for name in owned}
+    in_checkpoint = {} if weights_only else moment_keys(manifest, path)
+    moments = {name: in_checkpoint.get(name, {}) for name in owned}
     own_file = f"rank{mesh.rank:05d}.safetensors"
-    restore_rng = manifest["layout"] == layout_of(state.config) and own_file in manifest["files"]
+    same_layout = manifest["layout"] == layout_of(state.config)
+    restore_rng = not weights_only and same_layout and own_file in manifest["files"]
     reading = list(params) + [key for m in moments.values() for key in m.values()]
     reads = {e["file"] for key in reading for e in manifest["tensors"][key]}
     verify_files(path, manifest, reads | ({own_file} if restore_rng else set()))
@@ -169,7 +172,8 @@ def load_checkpoint(state: TrainState, path: str | Path) -> Manifest:
         with open_safetensors(inside(path, own_file)) as f:
             rng = {k: f.get_tensor(k) for k in f.keys() if k.startswith("rng::")}
     try:  # the optimizer checks that the state fits it before it writes anything
-        state.optimizer.load_state_dict(OptimizerState(float(manifest["optimizer_steps"]), slices))
+        steps = 0.0 if weights_only else float(manifest["optimizer_steps"])
+        state.optimizer.load_state_dict(OptimizerState(steps, slices))
     except ValueError as e:
         raise ValueError(f"checkpoint {str(path)!r}: {e}") from None
     for name, param in params.items():

@@ -8,7 +8,6 @@ torchrun (or in such a worker) it runs its body on this rank.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from functools import partial, wraps
 from typing import TYPE_CHECKING, Any
@@ -112,19 +111,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = load_run_config(path, overrides)
     _check_fits(config, world, args.nproc)
+    if world is None:
+        _check_before_launch(config, args.nproc or config.world_size)
     worker_argv = ["train", *([path] if path else []), *overrides]
     return run_workers(config, _train_body, world=world, nproc=args.nproc, worker_argv=worker_argv)
 
 
+def _check_before_launch(config: Config, nproc: int) -> None:
+    """What a local run's workers would each find wrong at start-up, found once, before any of them starts:
+    the dataset (prepared first if asked; every token id scanned, as rank 0 would do again: from the page
+    cache by then) and the GPUs. Under torchrun the workers check for themselves."""
+    import torch
+
+    from threefold.data.dataset import check_dataset
+    from threefold.launch import prepare_data_if_asked
+
+    wanted = config.training.device
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible < nproc:
+            raise ValueError(
+                f"training.device = {wanted!r} needs a GPU for each of the {nproc} local workers, but "
+                f"{visible} {'is' if visible == 1 else 'are'} visible"
+            )
+    prepare_data_if_asked(config)
+    check_dataset(config.data.path, model_vocab_size=config.model.vocab_size)
+
+
 def _train_body(config: Config, mesh: Mesh, device: torch.device, faults: FaultPlan | None) -> int:
     from threefold.reliability.detectors import NumericsError
+    from threefold.reliability.supervisor import NUMERICS_EXIT_CODE, USER_ERROR_EXIT_CODE, report_once
     from threefold.train import train
 
     try:
         result = train(config, mesh, device, faults=faults)
     except NumericsError as e:
-        print(f"threefold: rank {mesh.rank}: {e}", file=sys.stderr, flush=True)
-        return 3
+        return report_once(f"threefold: {e}", NUMERICS_EXIT_CODE)
+    except ValueError as e:  # every rank usually raises it alike (see reliability.supervisor)
+        return report_once(f"threefold: error: {e}", USER_ERROR_EXIT_CODE)
     if mesh.rank == 0:
         val = result.val_losses
         summary = f"done: {result.steps_done} steps"
@@ -174,8 +198,12 @@ def _bench_body(
     tokens: str, json_out: str | None,
 ) -> int:  # fmt: skip
     from threefold.bench import format_record, run_bench, to_json
+    from threefold.reliability.supervisor import USER_ERROR_EXIT_CODE, report_once
 
-    record = run_bench(config, mesh, device, steps=steps, warmup=warmup, tokens=tokens)
+    try:
+        record = run_bench(config, mesh, device, steps=steps, warmup=warmup, tokens=tokens)
+    except ValueError as e:
+        return report_once(f"threefold: error: {e}", USER_ERROR_EXIT_CODE)
     if record is None:
         return 0
     line = to_json(record)

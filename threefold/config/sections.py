@@ -19,6 +19,7 @@ DtypeName = Literal["float32", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 Recompute = Literal["none", "selective", "full"]
 AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
+LoadMode = Literal["resume", "weights"]
 
 DTYPE_NAMES: tuple[DtypeName, ...] = typing.get_args(DtypeName)
 """Names of the compute dtypes (train.DTYPES maps them to torch dtypes)."""
@@ -321,18 +322,31 @@ class TrainingConfig(Section):
 
 @dataclass(kw_only=True)
 class CheckpointConfig(Section):
-    """Saving and resuming (see threefold.checkpoint for the format)."""
+    """Saving, resuming and starting from a checkpoint (see threefold.checkpoint for the format).
+
+    Where a run starts: from the newest checkpoint of its own `dir` when that holds any (a restart,
+    whatever `load` says); else from `load` as `load_mode` says; else from scratch.
+    """
 
     section = "checkpoint"
 
     dir: str = ""
-    """Directory of this run's checkpoints ('' saves none); a run resumes from its `latest` if present."""
+    """Directory of this run's checkpoints ('' saves none). When it holds any, the run resumes from the
+    newest one every rank can load and `load` is not read: a restarted run (fine-tune or not) continues."""
     interval: int = 0
     """Save every this many steps (0: only at the end and when stopped early)."""
     keep_last: int = 3
     """How many checkpoints to keep in `dir`."""
     load: str = ""
-    """A checkpoint directory to start from (any layout) when `dir` has none yet."""
+    """The checkpoint to start from while `dir` holds none, saved under any layout: a run's checkpoint
+    directory (the step its `latest` names, or `load_step`), one `step_<N>` directory, or an imported or
+    converted checkpoint. Not inside `dir`: to go back to an older step of a run, branch it (a new `dir`)."""
+    load_step: int | None = None
+    """With `load` a run's checkpoint directory: start from its `step_<N>` instead of its latest."""
+    load_mode: LoadMode = "resume"
+    """What `load` restores. 'resume': everything (weights, optimizer moments, step, data position, RNG),
+    so the run continues that one exactly. 'weights': the model weights only, to fine-tune: a fresh
+    optimizer, step 0, the data and the learning-rate schedule from their start."""
     asynchronous: bool = False
     """Copy the state to host memory and write it on a background thread while training goes on."""
 
@@ -340,6 +354,20 @@ class CheckpointConfig(Section):
         super().check()
         self._positive("keep_last")
         self._non_negative("interval")
+        if self.load_step is not None:
+            self._non_negative("load_step")
+        if not self.load:
+            # Without `load` these would be ignored: say so rather than start from scratch.
+            if self.load_step is not None:
+                raise ValueError(
+                    f"checkpoint.load_step ({self.load_step}) needs checkpoint.load, the run's checkpoint "
+                    "directory to take that step from"
+                )
+            if self.load_mode != "resume":
+                raise ValueError(
+                    f"checkpoint.load_mode = {self.load_mode!r} needs checkpoint.load, the checkpoint whose "
+                    "weights to start from"
+                )
 
 
 @dataclass(kw_only=True)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from threefold.config.sections import (
     SECTIONS,
+    CheckpointConfig,
     Config,
 )
+from threefold.files import inside
 from threefold.pipeline.schedules import check_schedule_args
 
 # --- Validation: each section, then what crosses sections -------------------------------------------
@@ -83,14 +85,95 @@ def check_across_sections(config: Config) -> None:
 
 def _check_paths(config: Config) -> None:
     """The files a run reads must exist (skipped for configs checked away from the data)."""
-    load, data = config.checkpoint.load, config.data
-    if load and not (Path(load) / "manifest.json").is_file():
-        raise ValueError(f"checkpoint.load {load!r} is not a checkpoint (no manifest.json)")
+    data = config.data
+    _check_load(config.checkpoint)
     if not (Path(data.path) / "meta.json").is_file() and not data.prepare_shakespeare:
         raise ValueError(
             f"data.path {data.path!r} holds no prepared dataset (no meta.json); "
             "run `threefold data prepare` first or set data.prepare_shakespeare = true"
         )
+
+
+def _check_load(ckpt: CheckpointConfig) -> None:
+    """`checkpoint.load` names one readable checkpoint, outside `checkpoint.dir`; a run whose `dir` holds
+    checkpoints already resumes from those and never reads `load` (it may have been deleted since)."""
+    if not ckpt.load:
+        return
+    if ckpt.dir and _within(Path(ckpt.load), Path(ckpt.dir)):
+        raise ValueError(
+            f"checkpoint.load {ckpt.load!r} lies in this run's own checkpoint.dir {ckpt.dir!r}, whose "
+            "newest checkpoint the run resumes from by itself. To go back to an older step, branch the "
+            f"run: a new checkpoint.dir (and logging.out_dir), with load = {ckpt.dir!r} and load_step = N"
+        )
+    if not (ckpt.dir and step_directories(ckpt.dir)):
+        checkpoint_to_load(ckpt)
+
+
+def _within(path: Path, root: Path) -> bool:
+    path, root = path.resolve(), root.resolve()
+    return path == root or root in path.parents
+
+
+def step_directories(root: str | Path) -> dict[int, Path]:
+    """The `step_<N>` directories of a run's checkpoint directory, by N (none when it does not exist)."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    return {int(d.name[5:]): d for d in root.glob("step_*") if d.name[5:].isdigit() and d.is_dir()}
+
+
+def checkpoint_to_load(ckpt: CheckpointConfig) -> Path:
+    """The one checkpoint `checkpoint.load` (with `load_step`) names; ValueError naming what is there.
+
+    `load` is a checkpoint (it holds manifest.json: a `step_<N>`, an import, a conversion), or a run's
+    checkpoint directory: then its `step_<load_step>`, or without load_step the step its `latest` names
+    (the highest step when `latest` is gone). A damaged checkpoint is refused, not skipped: the user
+    named this one.
+    """
+    root, step = Path(ckpt.load), ckpt.load_step
+    if (root / "manifest.json").is_file():
+        if step is not None:
+            raise ValueError(
+                f"checkpoint.load {ckpt.load!r} is one checkpoint (it holds manifest.json), so "
+                f"checkpoint.load_step ({step}) has nothing to pick from: give the run's checkpoint "
+                "directory as load, or drop load_step"
+            )
+        return root
+    steps = step_directories(root)
+    if not steps:
+        raise ValueError(
+            f"checkpoint.load {ckpt.load!r} is neither a checkpoint (no manifest.json) nor a run's "
+            "checkpoint directory (no step_<N> directories)"
+        )
+    if step is not None:
+        if step not in steps:
+            raise ValueError(
+                f"checkpoint.load_step ({step}): {ckpt.load!r} holds no step_{step}; its steps are "
+                f"{sorted(steps)}"
+            )
+        path = steps[step]
+    else:
+        path = _latest(root) or steps[max(steps)]
+    if not (path / "manifest.json").is_file():
+        raise ValueError(
+            f"checkpoint {str(path)!r} (checkpoint.load) holds no manifest.json: missing or damaged"
+        )
+    return path
+
+
+def _latest(root: Path) -> Path | None:
+    """The directory `latest` names in `root` (None without one), refused if it leaves `root`."""
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    try:
+        return inside(root, name, what="checkpoint")
+    except ValueError:
+        raise ValueError(
+            f"{str(pointer)!r} points to {name!r}, which is not a directory inside {str(root)!r}; give "
+            "checkpoint.load_step to choose a step instead"
+        ) from None
 
 
 def check_world_size(config: Config, world_size: int) -> None:

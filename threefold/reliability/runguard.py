@@ -3,8 +3,9 @@
 check_data     start-up: the dataset fits the model and is intact (threefold.data.dataset.check_dataset);
                one rank scans the token files, every rank raises the same error.
 resume         start-up: the newest checkpoint of `checkpoint.dir` that every rank can load (falling
-               back past damaged ones), else `checkpoint.load`; so a run restarted by torchrun
-               (--max-restarts) or relaunched by a scheduler continues with no flag.
+               back past damaged ones), else `checkpoint.load` (everything, or the weights alone to
+               fine-tune); so a run restarted by torchrun (--max-restarts) or relaunched by a
+               scheduler continues with no flag, a fine-tune included.
 RunGuard       around the loop: the communication tracker and watchdog thread (reliability.watchdog),
                the per-step stop agreement (reliability.control), the skip counter, the loss-spike
                detector and the straggler check (reliability.detectors), and test-only faults
@@ -20,13 +21,15 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch.distributed as dist
 
 from threefold.checkpoint import (
     Checkpointer,
+    Manifest,
     TrainState,
     checkpoints_newest_first,
     load_checkpoint,
@@ -34,6 +37,7 @@ from threefold.checkpoint import (
 )
 from threefold.checkpoint.parts import named_parameters
 from threefold.config import Config
+from threefold.config.validate import checkpoint_to_load
 from threefold.data.dataset import BatchLoader, check_dataset
 from threefold.files import RunLock
 from threefold.parallel.mesh import Mesh
@@ -82,34 +86,112 @@ def hold_run_directories(config: Config, control: ControlChannel, rank: int) -> 
         yield
 
 
-def resume(trainer: TrainState, loader: BatchLoader, control: ControlChannel, events: EventLog) -> int:
-    """Load the newest checkpoint every rank can load; returns the step to start at (0: fresh run)."""
-    ckpt = trainer.config.checkpoint
-    candidates = checkpoints_newest_first(ckpt.dir) if ckpt.dir else []
-    from_dir = bool(candidates)
-    if not candidates and ckpt.load:
-        candidates = [Path(ckpt.load)]
-    failures = []
-    for path in candidates:
-        try:
-            manifest, error = load_checkpoint(trainer, path), ""
-        except ValueError as e:
-            manifest, error = None, str(e)
-        # Load or skip together: ranks that loaded it will be overwritten by the next candidate.
-        if control.agree([float(bool(error))])[0] == 0:
-            assert manifest is not None
-            loader.load_state_dict({"consumed_samples": manifest["consumed_samples"]})
-            if from_dir:
-                events.write("resume", path=str(path), step=int(manifest["step"]))
-            return int(manifest["step"])
-        failures.append(f"{path}: {error or 'unusable on another rank'}")
-        events.write("bad_checkpoint", path=str(path), error=error)
-    if failures:
-        raise ValueError(
-            "no checkpoint could be loaded: " + "; ".join(failures) + ". Move the damaged directories out of "
-            f"{ckpt.dir or ckpt.load!r} to start from an older one (or from scratch)"
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts (see `resume`): from scratch, or from `path`, with its progress."""
+
+    step: int = 0
+    """The step the loop starts at (0 for a fresh run and for a fine-tune)."""
+    path: Path | None = None
+    how: Literal["fresh", "resumed", "loaded", "weights"] = "fresh"
+    """'resumed': the run's own newest checkpoint; 'loaded': `checkpoint.load`, everything restored;
+    'weights': `checkpoint.load`, weights only (fine-tuning)."""
+    consumed_samples: int = 0
+    saved_step: int = 0
+    """The step the checkpoint was saved at (for 'weights' the run starts at 0 regardless)."""
+    skipped: tuple[str, ...] = ()
+    """Damaged checkpoints of the run's own directory passed over, each 'path: why'."""
+
+    def describe(self, max_steps: int) -> str:
+        """The console line saying what the run started from ('' for a fresh run)."""
+        if self.path is None:
+            return ""
+        if self.how == "weights":
+            return (f"loaded the weights of {self.path} (saved at step {self.saved_step}) for fine-tuning: "
+                    "a fresh optimizer, from step 0 and the start of the data")  # fmt: skip
+        source = "checkpoint.load: " if self.how == "loaded" else ""
+        line = (
+            f"resumed from {self.path} ({source}step {self.step}, {self.consumed_samples:,} samples consumed)"
         )
-    return 0
+        if self.skipped:
+            line += f"; passed over {len(self.skipped)} damaged: " + "; ".join(self.skipped)
+        if self.step >= max_steps:
+            line += f"; training.max_steps ({max_steps}) is reached already, so there is nothing to train"
+        return line
+
+
+def resume(trainer: TrainState, loader: BatchLoader, control: ControlChannel, events: EventLog) -> Start:
+    """Load what the run starts from on every rank; returns where it starts.
+
+    The precedence (CheckpointConfig): the newest checkpoint of `checkpoint.dir` that every rank can load
+    (falling back past damaged ones) when it holds any, so a restarted run always continues itself;
+    else `checkpoint.load` as `load_mode` says (that one checkpoint, or a ValueError); else from scratch.
+    """
+    ckpt = trainer.config.checkpoint
+    own = checkpoints_newest_first(ckpt.dir) if ckpt.dir else []
+    if own:
+        return _load_newest(trainer, loader, control, events, own)
+    if not ckpt.load:
+        return Start()
+    path = checkpoint_to_load(ckpt)
+    weights_only = ckpt.load_mode == "weights"
+    manifest, error = _load_together(trainer, control, path, weights_only=weights_only)
+    if manifest is None:
+        raise ValueError(f"checkpoint.load: {error}")
+    events.write("load", path=str(path), step=int(manifest["step"]), mode=ckpt.load_mode)
+    if weights_only:
+        return Start(path=path, how="weights", saved_step=int(manifest["step"]))
+    return _continue(loader, path, manifest, how="loaded")
+
+
+def _load_newest(
+    trainer: TrainState,
+    loader: BatchLoader,
+    control: ControlChannel,
+    events: EventLog,
+    candidates: list[Path],
+) -> Start:
+    """The newest of `candidates` every rank loads; a ValueError naming each failure if none."""
+    failures: list[str] = []
+    for path in candidates:
+        manifest, error = _load_together(trainer, control, path, weights_only=False)
+        if manifest is not None:
+            events.write("resume", path=str(path), step=int(manifest["step"]))
+            return replace(_continue(loader, path, manifest, how="resumed"), skipped=tuple(failures))
+        failures.append(f"{path}: {error}")
+        events.write("bad_checkpoint", path=str(path), error=error)
+    raise ValueError(
+        "no checkpoint could be loaded: " + "; ".join(failures) + ". Move the damaged directories out of "
+        f"{trainer.config.checkpoint.dir!r} to start from an older one (or from scratch)"
+    )
+
+
+def _load_together(
+    trainer: TrainState, control: ControlChannel, path: Path, *, weights_only: bool
+) -> tuple[Manifest | None, str]:
+    """(manifest, '') when every rank loaded `path`; else (None, the first failing rank's error), alike on
+    every rank, so that it is reported once. A rank that did load is overwritten by the next candidate."""
+    try:
+        manifest: Manifest | None = load_checkpoint(trainer, path, weights_only=weights_only)
+        error = ""
+    except ValueError as e:
+        manifest, error = None, str(e)
+    errors: list[str] = [""] * dist.get_world_size(control.group)
+    dist.all_gather_object(errors, error, group=control.group)
+    first = next(((r, e) for r, e in enumerate(errors) if e), None)
+    if first is None:
+        return manifest, ""
+    rank, text = first
+    return None, f"{text} (on rank {rank})" if rank else text
+
+
+def _continue(
+    loader: BatchLoader, path: Path, manifest: Manifest, *, how: Literal["resumed", "loaded"]
+) -> Start:
+    """Resume the data where the checkpoint left it."""
+    consumed, step = int(manifest["consumed_samples"]), int(manifest["step"])
+    loader.load_state_dict({"consumed_samples": consumed})
+    return Start(step=step, path=path, how=how, consumed_samples=consumed, saved_step=step)
 
 
 def rollback(trainer: TrainState, checkpointer: Checkpointer, root: str, before_step: int) -> int | None:

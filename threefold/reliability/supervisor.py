@@ -4,10 +4,16 @@ The first worker to fail ends the run: the launcher names it (the signal that ki
 the run logged, its newest checkpoint), stops the others and exits with the worker's status (128 + N for
 signal N, as a shell reports it). Ctrl-C reaches the workers from the terminal: after the first, they
 finish the step and save; after a second, they leave at once and the launcher exits with status 130.
+
+A worker that stops on an error it can explain (a user error, status 2; too many non-finite steps,
+status 3) prints it with `report_once`: one line per run, not one per rank, since the ranks usually meet
+the same error at the same point. The launcher then adds nothing and lets the other workers leave on
+their own for REPORT_GRACE seconds; only those still running after it are named and stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -58,11 +64,43 @@ class LauncherSignals:
 STOP_GRACE = 60.0
 """Seconds the workers get after a Ctrl-C to finish their step and save, before they are killed."""
 
+USER_ERROR_EXIT_CODE = 2
+"""A worker's status after a user error (a ValueError: bad data, a checkpoint that will not load, a run
+directory in use), the CLI's own status for one."""
+NUMERICS_EXIT_CODE = 3
+"""A worker's status after too many non-finite steps in a row (reliability.detectors.NumericsError)."""
+REPORTED_EXIT_CODES = (USER_ERROR_EXIT_CODE, NUMERICS_EXIT_CODE)
+"""Statuses of a worker that has printed why it stopped (or whose peer has: `report_once`)."""
+REPORT_GRACE = 10.0
+"""Seconds the other workers get to leave on their own after one exits with a reported status."""
+
+
+def report_once(text: str, code: int) -> int:
+    """Print `text` on stderr unless another worker of this run has printed the same text; returns `code`.
+
+    The data check, the run-directory lock and resume agree on one message on every rank, and the skip
+    counter stops every rank after the same step: without this each of N workers would print it. The
+    workers share their launcher's rendezvous store (the default store of the process group), where the
+    first to count a key named by the text prints it. With no store to ask, printing twice beats never.
+    """
+    import torch.distributed as dist
+
+    key = "threefold/reported/" + hashlib.sha256(text.encode()).hexdigest()
+    try:
+        first = dist.distributed_c10d._get_default_store().add(key, 1) == 1
+    except (RuntimeError, ValueError):  # no process group, or its store is gone
+        first = True
+    if first:
+        print(text, file=sys.stderr, flush=True)
+    return code
+
 
 def supervise(signals: LauncherSignals, progress: ProgressNote) -> int:
     """Wait for the workers; the first failure stops the rest. Returns the run's exit status."""
     live = dict(enumerate(signals.procs))
     code, seen, deadline = 0, 0, math.inf
+    reported: tuple[int, int] | None = None  # (rank, status) of a worker that printed why it stopped
+    report_deadline = math.inf
     while live:
         ended = {rank: rc for rank, p in live.items() if (rc := p.poll()) is not None}
         for rank in ended:
@@ -73,11 +111,14 @@ def supervise(signals: LauncherSignals, progress: ProgressNote) -> int:
         if failed and code == 0 and not signals.interrupts:
             _, rank, rc = failed[0]
             code = 128 - rc if rc < 0 else rc  # killed by a signal: the shell's 128 + N
-            print(_failure(rank, rc, len(live), progress()), file=sys.stderr, flush=True)
-            # The others would wait forever in a collective. SIGTERM would ask them to save a
-            # checkpoint, which needs the dead peer; the last checkpoint stays instead.
-            for other in live.values():
-                other.kill()
+            if rc in REPORTED_EXIT_CODES:
+                # Its peers most likely stop on the same error; the one that prints it may be among them.
+                reported, report_deadline = (rank, rc), time.monotonic() + REPORT_GRACE
+            else:
+                _stop_the_others(live, rank, rc, progress)
+        if reported is not None and live and time.monotonic() > report_deadline:
+            _stop_the_others(live, *reported, progress)  # stuck in a collective with the one that left
+            reported = None
         if signals.interrupts > seen:
             seen = signals.interrupts
             if seen == 1:
@@ -93,6 +134,14 @@ def supervise(signals: LauncherSignals, progress: ProgressNote) -> int:
                 p.kill()
         time.sleep(0.05)
     return INTERRUPTED_EXIT_CODE if signals.interrupts else code
+
+
+def _stop_the_others(live: dict[int, subprocess.Popen], rank: int, rc: int, progress: ProgressNote) -> None:
+    """Name the failed worker, then kill the others: they would wait forever in a collective. (SIGTERM
+    would ask them to save a checkpoint, which needs the dead peer; the last checkpoint stays instead.)"""
+    print(_failure(rank, rc, len(live), progress()), file=sys.stderr, flush=True)
+    for other in live.values():
+        other.kill()
 
 
 def _failure(rank: int, rc: int, others: int, progress: str) -> str:
