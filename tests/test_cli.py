@@ -47,8 +47,12 @@ def test_train_rejects_tp_not_dividing_heads(capsys):
 
 
 def test_train_rejects_tp_not_dividing_kv_heads(capsys):
-    err = error_of(capsys, ["train", "--parallel.tp_size=4", "--parallel.dp_size=1"])
-    assert err == "threefold: error: parallel.tp_size (4) must divide model.num_kv_heads (2)"
+    # tp 4 on 2 kv heads now shares each head over 2 ranks; 6 kv heads over tp 4 cannot be split either way.
+    model = ["--model.num_heads=12", "--model.num_kv_heads=6", "--model.hidden_size=192"]
+    err = error_of(capsys, ["train", "--parallel.tp_size=4", "--parallel.dp_size=1", *model])
+    assert err.startswith(
+        "threefold: error: parallel.tp_size (4) must divide model.num_kv_heads (6) or be a multiple"
+    )
 
 
 @pytest.mark.parametrize("nproc", [["--nproc", "3"], ["--nproc=3"]])
