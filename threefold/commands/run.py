@@ -97,6 +97,7 @@ def _interruptible(command: Callable[[argparse.Namespace], int]) -> Callable[[ar
 
 @_interruptible
 def cmd_train(args: argparse.Namespace) -> int:
+    from threefold.config.validate import check_world_size
     from threefold.launch import run_workers, world_from_env
 
     path, overrides, world = args.config_path, args.overrides, world_from_env()
@@ -112,7 +113,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_run_config(path, overrides)
     _check_fits(config, world, args.nproc)
     if world is None:
-        _check_before_launch(config, args.nproc or config.world_size)
+        nproc = args.nproc or config.world_size
+        check_world_size(config, nproc)  # before the data is prepared: a wrong --nproc costs nothing
+        _check_before_launch(config, nproc)
     worker_argv = ["train", *([path] if path else []), *overrides]
     return run_workers(config, _train_body, world=world, nproc=args.nproc, worker_argv=worker_argv)
 
