@@ -234,7 +234,7 @@ def test_llama3_rope_scaling_and_qwen2_biases_are_valid():
         ("--training.max_steps=0", "0"),
         ("--training.global_batch_size=-8", "-8"),
         ("--training.micro_batch_size=0", "0"),
-        ("--training.eval_batches=0", "0"),
+        ("--training.eval_sequences=0", "0"),
         ("--logging.log_interval=0", "0"),
         ("--optimizer.decay_steps=0", "0"),
         ("--optimizer.eps=0", "0.0"),
@@ -721,8 +721,10 @@ PIPELINE = ("--model.num_layers=8", "--training.global_batch_size=16", "--traini
          r"parallel.pp_size \(4\) \* parallel.num_model_chunks \(4\) exceeds model.num_layers \(8\)"),
         (("--parallel.pp_size=9",), r"parallel.pp_size \(9\) exceeds model.num_layers \(8\)"),
         (("--training.recompute=some",), r"training.recompute 'some' is unknown"),
-        (("--parallel.dp_size=2", "--training.eval_batches=3"),
-         r"training.eval_batches \(3\) must be divisible by parallel.dp_size \(2\)"),
+        (("--parallel.dp_size=4", "--training.eval_sequences=3"),
+         r"training.eval_sequences \(3\) must be at least parallel.dp_size \(4\)"),
+        (("--training.eval_batches=3",),
+         r"training.eval_batches was replaced by training.eval_sequences"),
     ],
 )  # fmt: skip
 def test_bad_pipeline_settings(overrides, message):

@@ -434,24 +434,42 @@ def test_loader_validation(counting_dataset: TokenDataset) -> None:
 
 def test_eval_batches_disjoint_and_deterministic(counting_dataset: TokenDataset) -> None:
     per_rank = [
-        eval_batches(counting_dataset, micro_batch_size=3, num_batches=3, dp_rank=r, dp_size=4)
+        eval_batches(counting_dataset, num_sequences=36, micro_batch_size=3, dp_rank=r, dp_size=4)
         for r in range(4)
     ]
     ids = [_sample_ids(batches) for batches in per_rank]
     assert all(len(b) == 3 and b[0][0].shape == (3, SEQ_LEN) for b in per_rank)
     assert ids[0][:3] == [0, 1, 2], "unshuffled: rank 0 starts at the first sample"
     assert sorted(sum(ids, [])) == list(range(36))
-    again = eval_batches(counting_dataset, micro_batch_size=3, num_batches=3, dp_rank=2, dp_size=4)
+    again = eval_batches(counting_dataset, num_sequences=36, micro_batch_size=3, dp_rank=2, dp_size=4)
     assert _sample_ids(again) == ids[2]
 
 
-def test_eval_batches_wrap_around_small_split(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("dp_size", "micro_batch_size"), [(1, 7), (2, 4), (3, 2), (4, 1), (5, 3)])
+def test_eval_batches_same_sequences_in_every_layout(
+    counting_dataset: TokenDataset, dp_size: int, micro_batch_size: int
+) -> None:
+    """Counted in sequences, the validation set does not depend on dp size or micro-batch size."""
+    per_rank = [
+        eval_batches(
+            counting_dataset, num_sequences=14, micro_batch_size=micro_batch_size, dp_rank=r, dp_size=dp_size
+        )
+        for r in range(dp_size)
+    ]
+    assert sorted(sum((_sample_ids(b) for b in per_rank), [])) == list(range(14))
+    assert all(x.shape[0] <= micro_batch_size for batches in per_rank for x, _ in batches)
+
+
+def test_eval_batches_small_split_scored_once(tmp_path: Path) -> None:
     path = _write_dataset(tmp_path / "ds", np.arange(50), np.arange(SEQ_LEN * 5 + 1))
     val = TokenDataset(path, "val", SEQ_LEN)
-    batches = eval_batches(val, micro_batch_size=2, num_batches=3, dp_rank=1, dp_size=2)
-    assert _sample_ids(batches) == [2, 3, 1, 2, 0, 1]
+    assert val.num_samples == 5
+    ranks = [eval_batches(val, num_sequences=12, micro_batch_size=2, dp_rank=r, dp_size=2) for r in (0, 1)]
+    assert [_sample_ids(b) for b in ranks] == [[0, 1], [2, 3, 4]]
     with pytest.raises(ValueError, match=r"dp_rank \(2\)"):
-        eval_batches(val, micro_batch_size=2, num_batches=1, dp_rank=2, dp_size=2)
+        eval_batches(val, num_sequences=4, micro_batch_size=2, dp_rank=2, dp_size=2)
+    with pytest.raises(ValueError, match=r"holds 5 sequence\(s\).*fewer than the 8 data-parallel ranks"):
+        eval_batches(val, num_sequences=12, micro_batch_size=2, dp_rank=0, dp_size=8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from threefold.data.dataset import TokenDataset, eval_batches
 from threefold.parallel.mesh import build_mesh
 from threefold.train import train
 
-VAL_BATCHES = 2
+VAL_SEQS = 4
 
 
 def _hf_model(arch: str):
@@ -40,7 +40,7 @@ def _hf_model(arch: str):
 def _val_loss(model, data: Path) -> float:
     """The validation loss threefold reports, computed with the transformers model."""
     dataset = TokenDataset(data, "val", 16)
-    batches = eval_batches(dataset, micro_batch_size=2, num_batches=VAL_BATCHES, dp_rank=0, dp_size=1)
+    batches = eval_batches(dataset, num_sequences=VAL_SEQS, micro_batch_size=2, dp_rank=0, dp_size=1)
     with torch.no_grad():
         losses = [F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()) for x, y in batches]
     return float(torch.stack(losses).mean())
@@ -59,7 +59,7 @@ def _config(model_toml: Path, data: Path, run: Path, load: Path, tp: int, pp: in
     model = tomllib.loads(model_toml.read_text())["model"]
     return tiny_config(
         data, run, tp=tp, pp=pp, model=model, optimizer=defaults(OptimizerConfig),
-        training=dict(max_steps=steps, global_batch_size=4, eval_interval=steps, eval_batches=VAL_BATCHES),
+        training=dict(max_steps=steps, global_batch_size=4, eval_interval=steps, eval_sequences=VAL_SEQS),
         checkpoint=dict(load=str(load)),
     )  # fmt: skip
 

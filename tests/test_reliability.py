@@ -142,7 +142,7 @@ def _small_config(data: Path, run: Path, *, dp=2, steps=4, **reliability):
     return tiny_config(
         data, run, dp=dp,
         optimizer=dict(decay_steps=20, eps=1e-8, grad_clip=1.0),  # Adam's default eps, the default clip
-        training=dict(max_steps=steps, global_batch_size=4, eval_batches=2),
+        training=dict(max_steps=steps, global_batch_size=4, eval_sequences=4),
         checkpoint=dict(interval=1, keep_last=10),
         reliability=dict(watchdog_timeout=60.0) | reliability,
     )  # fmt: skip
@@ -224,7 +224,7 @@ def _write_config(path: Path, dataset: Path, run: Path, **reliability) -> Path:
                    ffn_hidden_size=128),
         data=dict(seq_len=32),
         optimizer=defaults(OptimizerConfig) | dict(lr=3e-3, warmup_steps=2),
-        training=dict(max_steps=STEPS, global_batch_size=4, eval_batches=2),
+        training=dict(max_steps=STEPS, global_batch_size=4, eval_sequences=4),
         logging=dict(out_dir=str(run)),
         checkpoint=dict(interval=2),
         reliability=reliability,
@@ -390,7 +390,7 @@ def test_soak_2000_steps_memory_and_handles_stay_flat(sonnets_dataset, tmp_path)
     soak = tiny_config(
         sonnets_dataset, run, dp=2, model=dict(preset="tiny"), data=dict(seq_len=32),
         optimizer=defaults(OptimizerConfig),
-        training=dict(max_steps=2000, global_batch_size=4, eval_interval=250, eval_batches=2),
+        training=dict(max_steps=2000, global_batch_size=4, eval_interval=250, eval_sequences=4),
         logging=dict(out_dir=str(run), log_interval=10, tensorboard=True),
         checkpoint=dict(interval=50, keep_last=2),
     )  # fmt: skip

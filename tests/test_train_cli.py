@@ -23,7 +23,7 @@ def _write_config(tmp_path: Path, dataset: Path, max_steps: int) -> Path:
     config = tiny_config(
         dataset, tmp_path / "run", tp=2, model=dict(preset="tiny", num_layers=2), data=dict(seq_len=32),
         optimizer=defaults(OptimizerConfig),
-        training=dict(max_steps=max_steps, global_batch_size=4, eval_interval=3, eval_batches=2),
+        training=dict(max_steps=max_steps, global_batch_size=4, eval_interval=3, eval_sequences=4),
         logging=dict(out_dir=str(tmp_path / "run"), progress=True, tensorboard=True, plot=True),
     )  # fmt: skip
     return write_toml(tmp_path / "run.toml", config)

@@ -31,7 +31,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     # eps 1e-6: Adam would turn a 1e-9 rounding difference in a near-zero gradient into a full lr-sized
     # step; the layouts' gradients agree to ~1e-7, which is what the parity tests are about.
     "optimizer": dict(lr=2e-3, min_lr=2e-4, warmup_steps=1, grad_clip=0.5, eps=1e-6),
-    "training": dict(global_batch_size=8, micro_batch_size=2, eval_interval=0, eval_batches=4,
+    "training": dict(global_batch_size=8, micro_batch_size=2, eval_interval=0, eval_sequences=8,
                      dtype="float32", device="cpu"),
     "logging": dict(progress=False, tensorboard=False, plot=False),
 }  # fmt: skip

@@ -208,20 +208,22 @@ def train_step(trainer: Trainer, micro_batches: list[Batch], step: int) -> Pendi
 
 @torch.no_grad()
 def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
-    """The mean loss over every data-parallel rank's `batches`, on every rank."""
+    """The mean loss per sequence over every data-parallel rank's `batches` (of any sizes), on every rank."""
     mesh, p = trainer.mesh, trainer.config.parallel
     for chunk in trainer.chunks.values():
         chunk.eval()
     steps = forward_only(mesh.pp_rank, p.pp_size, p.num_model_chunks, len(batches))
     actions = add_communication(steps, mesh.pp_rank, p.pp_size, p.num_model_chunks)
-    total = trainer.executor.run(actions, batches, loss_scale=1.0, train=False)
+    sizes = [x.shape[0] for x, _ in batches]
+    total = trainer.executor.run(actions, batches, loss_scale=1.0, train=False, loss_weights=sizes)
     for chunk in trainer.chunks.values():
         chunk.train()
-    total = _pipeline_sum(total / (len(batches) * mesh.dp_size), mesh)
+    # [summed loss, sequences]: the ranks' shares may differ by one sequence.
+    total = torch.stack([_pipeline_sum(total, mesh), total.new_tensor(float(sum(sizes)))])
     with track.collective(mesh.dp_group, "all_reduce(validation loss)"):
         dist.all_reduce(total, group=mesh.dp_group)
     with track.waiting_for(mesh.dp_group, "host sync (validation loss)"):
-        return float(total)
+        return float(total[0] / total[1])
 
 
 def _to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
@@ -316,8 +318,8 @@ def _validation_batches(config: Config, mesh: Mesh, device: torch.device) -> lis
     return _to_device(
         eval_batches(
             val_set,
+            num_sequences=config.training.eval_sequences,
             micro_batch_size=config.training.micro_batch_size,
-            num_batches=config.training.eval_batches // mesh.dp_size,
             dp_rank=mesh.dp_rank,
             dp_size=mesh.dp_size,
         ),

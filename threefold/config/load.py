@@ -83,6 +83,11 @@ def _build_section(section: str, values: dict[str, tuple[Any, bool]]) -> Section
     cls = SECTIONS[section]
     hints = _field_types(cls)
     unknown = sorted(set(values) - set(hints))
+    if section == "training" and "eval_batches" in unknown:
+        raise ValueError(
+            "training.eval_batches was replaced by training.eval_sequences, counted in sequences so that "
+            "every layout scores the same tokens: write eval_batches * micro_batch_size (the old total)"
+        )
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in [{section}]; known: {sorted(hints)}")
     kwargs = {k: _coerce(f"{section}.{k}", v, hints[k], text=text) for k, (v, text) in values.items()}

@@ -308,15 +308,15 @@ class TrainingConfig(Section):
     """Kernel for attention on CUDA: 'auto' (torch's choice), 'flash', 'cudnn', 'efficient' or 'math'."""
     eval_interval: int = 50
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
-    eval_batches: int = 8
-    """Validation micro-batches per evaluation, in total (divided among data-parallel ranks), so the
-    validation set is the same for every layout."""
+    eval_sequences: int = 16
+    """Validation sequences per evaluation, in total: the first ones of the split, shared among the
+    data-parallel ranks, so every layout scores the same tokens."""
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no limit)."""
 
     def check(self) -> None:
         super().check()
-        self._positive("max_steps", "global_batch_size", "micro_batch_size", "eval_batches")
+        self._positive("max_steps", "global_batch_size", "micro_batch_size", "eval_sequences")
         self._non_negative("eval_interval", "max_minutes")
 
 

@@ -66,9 +66,10 @@ def check_across_sections(config: Config) -> None:
             f"micro-batches per step, more than the {MAX_MICROBATCHES} a step can schedule; "
             "raise micro_batch_size or dp_size, or lower global_batch_size"
         )
-    if t.eval_batches % p.dp_size:
+    if t.eval_interval > 0 and t.eval_sequences < p.dp_size:
         raise ValueError(
-            f"training.eval_batches ({t.eval_batches}) must be divisible by parallel.dp_size ({p.dp_size})"
+            f"training.eval_sequences ({t.eval_sequences}) must be at least parallel.dp_size ({p.dp_size}): "
+            "each data-parallel rank scores a share of them"
         )
     if p.pp_size > m.num_layers:
         raise ValueError(f"parallel.pp_size ({p.pp_size}) exceeds model.num_layers ({m.num_layers})")

@@ -273,23 +273,27 @@ class BatchLoader:
 
 
 def eval_batches(
-    dataset: TokenDataset, *, micro_batch_size: int, num_batches: int, dp_rank: int, dp_size: int
+    dataset: TokenDataset, *, num_sequences: int, micro_batch_size: int, dp_rank: int, dp_size: int
 ) -> list[Batch]:
-    """``num_batches`` unshuffled micro-batches for this DP rank, read from the start of ``dataset``.
+    """This DP rank's share of the first ``num_sequences`` samples of ``dataset``, unshuffled, in
+    micro-batches of ``micro_batch_size`` (the last one may be smaller).
 
-    Global micro-batch g holds samples [g * mbs, (g + 1) * mbs) and goes to rank g % dp_size, so
-    ranks see disjoint samples unless the split is smaller than num_batches * dp_size * mbs, in
-    which case the positions wrap around to the first sample.
+    Rank r scores the r-th contiguous slice of them, so every layout (any dp size, any micro-batch size)
+    evaluates the same sequences. A split smaller than ``num_sequences`` is scored whole, never twice.
     """
     _check_dp(dp_rank, dp_size)
-    if micro_batch_size < 1 or num_batches < 1:
+    if micro_batch_size < 1 or num_sequences < 1:
         raise ValueError(
-            f"micro_batch_size ({micro_batch_size}) and num_batches ({num_batches}) must be at least 1"
+            f"micro_batch_size ({micro_batch_size}) and num_sequences ({num_sequences}) must be at least 1"
         )
-    batch_ids = np.arange(num_batches, dtype=np.int64) * dp_size + dp_rank
-    positions = batch_ids[:, None] * micro_batch_size + np.arange(micro_batch_size)
-    indices = positions.reshape(-1) % dataset.num_samples
-    return _split_micro_batches(dataset, indices, micro_batch_size)
+    total = min(num_sequences, dataset.num_samples)
+    if total < dp_size:
+        raise ValueError(
+            f"the validation split holds {dataset.num_samples} sequence(s) and training.eval_sequences is "
+            f"{num_sequences}: fewer than the {dp_size} data-parallel ranks that share them"
+        )
+    first, last = dp_rank * total // dp_size, (dp_rank + 1) * total // dp_size
+    return _split_micro_batches(dataset, np.arange(first, last, dtype=np.int64), micro_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------

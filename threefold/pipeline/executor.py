@@ -102,12 +102,24 @@ class PipelineExecutor:
         sequence_parallel = next(iter(chunks.values())).tp.sequence_parallel
         self.scatter = scatter_gather and mesh.tp_size > 1 and not sequence_parallel
         self.grad_syncs = grad_syncs or {}
+        self._batch_sizes: list[int] = []  # of the micro-batches run() is running
+        self._loss_weights: list[int] | None = None
 
     def run(
-        self, actions: list[Action], micro_batches: list[Batch], *, loss_scale: float, train: bool
+        self,
+        actions: list[Action],
+        micro_batches: list[Batch],
+        *,
+        loss_scale: float,
+        train: bool,
+        loss_weights: list[int] | None = None,
     ) -> torch.Tensor:
-        """Execute `actions`; returns the sum of the unscaled micro-batch losses (zero off the last stage)."""
+        """Execute `actions`; returns the sum of the unscaled micro-batch losses (zero off the last stage),
+        each times its entry in `loss_weights` when given. Micro-batches may differ in size (evaluation's
+        last one): what crosses a stage boundary is shaped by the micro-batch it belongs to."""
         state = _StepState(loss_sum=torch.zeros((), device=self.device))
+        self._batch_sizes = [x.shape[0] for x, _ in micro_batches]
+        self._loss_weights = loss_weights
         last_backward = {}
         for a in actions:
             if a.kind is Kind.B:
@@ -134,7 +146,8 @@ class PipelineExecutor:
         model = self.chunks[a.chunk]
         if a.chunk == self.last_chunk:
             loss = model(x, targets)
-            state.loss_sum += loss.detach()
+            weight = 1 if self._loss_weights is None else self._loss_weights[a.microbatch]
+            state.loss_sum += loss.detach() * weight
             if train:
                 state.outputs[key] = loss * loss_scale
         else:
@@ -160,8 +173,12 @@ class PipelineExecutor:
     def _peer(self, pp_rank: int) -> int:
         return self.mesh.rank_at(pp_rank=pp_rank, dp_rank=self.mesh.dp_rank, tp_rank=self.mesh.tp_rank)
 
-    def _wire_numel(self) -> int:
-        b, s, h = self.boundary_shape
+    def _wire_shape(self, microbatch: int) -> tuple[int, int, int]:
+        _, s, h = self.boundary_shape
+        return self._batch_sizes[microbatch], s, h
+
+    def _wire_numel(self, microbatch: int) -> int:
+        b, s, h = self._wire_shape(microbatch)
         return b * s * h // (self.mesh.tp_size if self.scatter else 1)
 
     def _outgoing(self, t: torch.Tensor) -> torch.Tensor:
@@ -171,13 +188,13 @@ class PipelineExecutor:
             flat = flat[self.mesh.tp_rank * n : (self.mesh.tp_rank + 1) * n]
         return flat.contiguous()
 
-    def _incoming(self, wire: torch.Tensor) -> torch.Tensor:
+    def _incoming(self, wire: torch.Tensor, microbatch: int) -> torch.Tensor:
         if self.scatter:
             full = torch.empty(wire.numel() * self.mesh.tp_size, dtype=wire.dtype, device=wire.device)
             with track.collective(self.mesh.tp_group, "all_gather(boundary)"):
                 all_gather_flat(full, wire, group=self.mesh.tp_group)
             wire = full
-        return wire.view(self.boundary_shape)
+        return wire.view(self._wire_shape(microbatch))
 
     def _transfer(self, group: list[Action], state: _StepState) -> None:
         ops, received, sent, peers = [], [], [], []
@@ -192,7 +209,7 @@ class PipelineExecutor:
                 if a.kind is Kind.SEND_F:
                     sent.append(key)
             else:
-                buffer = torch.empty(self._wire_numel(), dtype=self.dtype, device=self.device)
+                buffer = torch.empty(self._wire_numel(a.microbatch), dtype=self.dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buffer, peer))
                 received.append((a, buffer))
         with track.transfer(peers):
@@ -205,7 +222,7 @@ class PipelineExecutor:
                 del state.outputs[key]  # forward-only: nothing refers to the output any more
         for a, buffer in received:
             key = (a.chunk, a.microbatch)
-            tensor = self._incoming(buffer)
+            tensor = self._incoming(buffer, a.microbatch)
             if a.kind is Kind.RECV_F:
                 state.inputs[key] = tensor.requires_grad_(torch.is_grad_enabled())
             else:
