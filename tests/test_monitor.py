@@ -41,3 +41,49 @@ def test_a_resumed_run_does_not_log_the_rerun_steps_twice(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     _reporter(tmp_path, start_step=0).writer.close()  # a fresh run starts a fresh file
     assert path.read_text() == ""
+
+
+class _Clock:
+    """A stand-in for time.perf_counter that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _steps(first: int, count: int):
+    from threefold.report import StepStats
+
+    return [
+        StepStats(step=s, loss=2.0, grad_norm=1.0, lr=1e-3, skipped=False)
+        for s in range(first, first + count)
+    ]
+
+
+def _speeds(path):
+    return [
+        r["perf/step_seconds"]
+        for r in map(json.loads, path.read_text().splitlines())
+        if "perf/step_seconds" in r
+    ]
+
+
+def test_speed_leaves_out_evaluations_and_saves_inside_the_window(tmp_path, monkeypatch):
+    """4 steps of 1 s with a 10 s evaluation and a 6 s save among them: 1 s per step, not less or more."""
+    clock = _Clock()
+    monkeypatch.setattr("threefold.report.time.perf_counter", clock)
+    reporter = _reporter(tmp_path, start_step=0)
+    with reporter:
+        clock.now += 2.0  # steps 1 and 2
+        with reporter.pause():
+            clock.now += 10.0  # an evaluation between two log intervals
+        clock.now += 1.0  # step 3
+        with reporter.pause():
+            clock.now += 6.0  # a checkpoint save
+        clock.now += 1.0  # step 4
+        reporter.interval(_steps(1, 4))
+        clock.now += 3.0  # a window without pauses: steps 5-7
+        reporter.interval(_steps(5, 3))
+    assert _speeds(tmp_path / "metrics.jsonl") == [1.0] * 7

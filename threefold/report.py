@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ class Reporter:
         self.world_size = mesh.world_size
         self.device = device
         self.last_time = time.perf_counter()
+        self.paused = 0.0
+        """Seconds of the current log window spent evaluating or saving, left out of the speed figures."""
         self.writer = None
         self.progress = TrainProgress(t.max_steps, enabled=enabled and config.logging.progress)
         if enabled:
@@ -62,15 +66,30 @@ class Reporter:
     def __enter__(self) -> Reporter:
         self.progress.__enter__()
         self.last_time = time.perf_counter()
+        self.paused = 0.0
         return self
+
+    @contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time inside is neither training nor counted as such: an evaluation or a checkpoint save. The
+        device finishes the steps already queued first, so their time stays in the window."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - began
 
     def interval(self, steps: list[StepStats]) -> None:
         """Log the steps completed since the last call."""
         if not self.enabled or not steps:
             return
         now = time.perf_counter()
-        seconds = (now - self.last_time) / len(steps)  # the host waited on the last step: a fair clock
-        self.last_time = now
+        # The host waited on the last step, so the window's clock is fair; evaluations and saves inside
+        # it are not training time, and every step of the window is counted.
+        seconds = (now - self.last_time - self.paused) / len(steps)
+        self.last_time, self.paused = now, 0.0
         tokens_per_s = self.tokens_per_step / seconds / self.world_size
         tflops = tokens_per_s * self.flops_per_token / 1e12
         util = mfu(tokens_per_s, self.flops_per_token, self.peak)
@@ -104,7 +123,6 @@ class Reporter:
             assert self.writer is not None  # set whenever enabled
             self.writer.log(step, {"val/loss": loss})
             self.progress.print(f"step {step}: validation loss {loss:.4f}")
-            self.last_time = time.perf_counter()  # evaluation time is not training time
 
     def checkpoint(self, step: int, path: Path, blocked_seconds: float) -> None:
         """A save started (or, synchronous, finished); the step waited `blocked_seconds` for it."""
@@ -112,7 +130,6 @@ class Reporter:
             assert self.writer is not None
             self.writer.log(step, {"checkpoint/blocking_seconds": blocked_seconds})
             self.progress.print(f"checkpoint {path} ({blocked_seconds:.2f} s in the step)")
-            self.last_time = time.perf_counter()  # saving is not training time
 
     def note(self, text: str) -> None:
         if self.enabled:

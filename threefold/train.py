@@ -285,20 +285,25 @@ class _Duties:
         self.reporter.interval(synced)
         spike_step = self.guard.interval(synced, self.reporter.note)
         if spike_step is not None:
-            _roll_back(self.trainer, self.checkpointer, spike_step, self.result, self.reporter)
+            with self.reporter.pause():
+                _roll_back(self.trainer, self.checkpointer, spike_step, self.result, self.reporter)
 
     def evaluate(self, done: int) -> None:
         track.set_action("evaluation")
-        val = evaluate(self.trainer, self.val_batches)
+        with self.reporter.pause():
+            val = evaluate(self.trainer, self.val_batches)
         self.result.val_losses[done] = val
         self.reporter.validation(done, val)
 
     def save(self, done: int) -> None:
         assert self.checkpointer is not None  # Cadence.save is never due without one
         track.set_action("checkpoint")
-        began = time.perf_counter()
-        path = self.checkpointer.save(self.trainer, step=done, consumed_samples=self.loader.consumed_samples)
-        blocked = time.perf_counter() - began
+        with self.reporter.pause():
+            began = time.perf_counter()
+            path = self.checkpointer.save(
+                self.trainer, step=done, consumed_samples=self.loader.consumed_samples
+            )
+            blocked = time.perf_counter() - began
         self.reporter.checkpoint(done, path, blocked)
 
     def stop(self, done: int, stop: StopRequest, interrupted: bool) -> None:
