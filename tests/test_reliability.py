@@ -85,6 +85,21 @@ def test_skip_counter_spike_and_straggler_detectors():
     assert StragglerDetector(threshold=1.5, intervals=1).observe([1.0, 1.2]) == []
 
 
+def test_stragglers_are_compared_with_ranks_of_their_own_stage():
+    """pp 2 x dp 2: the last stage (ranks 2, 3: output layer and loss) is busier by design, not slow."""
+    slow = StragglerDetector(threshold=1.5, intervals=2, peer_groups=[0, 0, 1, 1])
+    for _ in range(3):
+        assert slow.observe([1.0, 1.0, 2.0, 2.1]) == []
+    assert slow.observe([1.0, 1.0, 2.0, 4.0]) == []
+    assert [r for r, _ in slow.observe([1.0, 1.0, 2.0, 4.2])] == [3]
+    # A rank alone in its stage (pp 2, dp 1) is compared with its own recent intervals.
+    alone = StragglerDetector(threshold=1.5, intervals=2, peer_groups=[0, 1])
+    for _ in range(4):
+        assert alone.observe([1.0, 2.5]) == []
+    assert alone.observe([1.0, 5.0]) == []
+    assert [r for r, _ in alone.observe([1.0, 5.2])] == [1]
+
+
 def test_reliability_config_is_validated():
     with pytest.raises(ValueError, match=r"reliability.straggler_threshold \(0.5\) must exceed 1"):
         build_config({"reliability": {"straggler_threshold": 0.5}}, check_paths=False)

@@ -17,6 +17,7 @@ Stragglers. Collectives are periodic and all ranks take part in each, so every r
 step is the same; what differs is how much of it a rank spends computing versus waiting for the others.
 A healthy rank's busy time (step time minus tracked communication waits) is close to the others'
 median; a rank consistently above `threshold` times that median is the faulty component the others wait for.
+Only ranks of one pipeline stage do the same work, so only they are compared (see StragglerDetector).
 The times are host times, gathered over the gloo control group at each log interval (no device sync).
 On GPUs they catch slow hosts (data loading, CPU contention, a throttled node's driver thread) fully but
 a slow GPU only where its lateness reaches the host, since NCCL waits happen on the device.
@@ -25,7 +26,7 @@ a slow GPU only where its lateness reaches the host, since NCCL waits happen on 
 from __future__ import annotations
 
 import statistics
-from collections import deque
+from collections import defaultdict, deque
 
 
 class NumericsError(RuntimeError):
@@ -89,20 +90,36 @@ class SpikeDetector:
 
 
 class StragglerDetector:
-    """Names ranks whose busy time stays above `threshold` x the others' median for `intervals` intervals."""
+    """Names ranks whose busy time stays above `threshold` x their peers' median for `intervals` intervals.
 
-    def __init__(self, threshold: float, intervals: int) -> None:
+    Peers are the ranks doing the same work: `peer_groups[rank]` labels each rank's group (its pipeline
+    stage: the last stage also runs the output layer and the loss, the first the embedding, so stages
+    are not compared with each other). A rank alone in its group is compared with its own median over
+    its last `history` intervals, which catches a rank that slows down.
+    """
+
+    def __init__(
+        self, threshold: float, intervals: int, peer_groups: list[int] | None = None, history: int = 8
+    ) -> None:
         self.threshold = threshold
         self.intervals = intervals
+        self.peer_groups = peer_groups
         self.streak: dict[int, int] = {}
+        self.past: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=history))
 
     def observe(self, busy: list[float]) -> list[tuple[int, float]]:
         """Busy seconds per rank for one interval -> [(rank, ratio to median)] that just became stragglers."""
-        if self.threshold <= 0 or len(busy) < 2:
+        if self.threshold <= 0:
             return []
+        groups = self.peer_groups or [0] * len(busy)
         reported = []
         for rank, seconds in enumerate(busy):
-            median = statistics.median(busy[:rank] + busy[rank + 1 :])  # of the others: works with 2 ranks
+            peers = [busy[r] for r in range(len(busy)) if r != rank and groups[r] == groups[rank]]
+            baseline = peers or list(self.past[rank])  # works with 2 ranks; alone: against itself
+            self.past[rank].append(seconds)
+            if not baseline:
+                continue
+            median = statistics.median(baseline)
             ratio = seconds / median if median > 0 else 1.0
             if ratio > self.threshold:
                 self.streak[rank] = self.streak.get(rank, 0) + 1

@@ -238,7 +238,14 @@ class RunGuard:
             )  # fmt: skip
         self.skips = SkipCounter(r.max_consecutive_skips, checkpoint_dir=config.checkpoint.dir)
         self.spikes = SpikeDetector(r.spike_factor, r.spike_window) if r.spike_rollback else None
-        self.stragglers = StragglerDetector(r.straggler_threshold, r.straggler_intervals)
+        stage_of = {
+            int(rank): stage for stage in range(mesh.grid.shape[0]) for rank in mesh.grid[stage].flatten()
+        }
+        self.stragglers = StragglerDetector(
+            r.straggler_threshold,
+            r.straggler_intervals,
+            peer_groups=[stage_of[i] for i in range(mesh.world_size)],
+        )
         self._activation = activate(self.tracker)
         self._busy = 0.0
         self._began = 0.0
@@ -290,7 +297,7 @@ class RunGuard:
         busy = [b[0] for b in self.control.gather([self._busy])]
         self._busy = 0.0
         for rank, ratio in self.stragglers.observe(busy):
-            text = (f"rank {rank} is a straggler: busy {ratio:.2f}x the other ranks' median for "
+            text = (f"rank {rank} is a straggler: busy {ratio:.2f}x its peers' median for "
                     f"{self.stragglers.intervals} log intervals (busy seconds by rank: "
                     f"{[round(b, 3) for b in busy]})")  # fmt: skip
             if logger:
