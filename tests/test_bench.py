@@ -1,6 +1,7 @@
 """`threefold bench`: the JSON record from real worker processes, and layout-independent synthetic data."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,10 @@ def test_bench_prints_one_json_record_and_appends_it(tmp_path):
     assert len(record["losses"]) == 4 and all(v == v for v in record["losses"])
     assert record["estimated_memory_gib"] > 0
     assert "tokens/s/GPU" in proc.stdout and "peak memory" in proc.stdout
+    # Off the GPU, memory is not measured: not a zero that reads as a figure, and TFLOP/s keeps its digits.
+    assert record["peak_memory_gib"] is None and record["reserved_memory_gib"] is None
+    assert re.search(r"peak memory\s+n/a \(measured on GPUs only", proc.stdout), proc.stdout
+    assert not re.search(r"TFLOP/s/GPU\s+0\.0 ", proc.stdout), proc.stdout
 
 
 def test_bench_rejects_bad_options(tmp_path):

@@ -77,8 +77,9 @@ def run_bench(
         seconds = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:], strict=False)]
     else:
         seconds = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else 0.0
-    reserved = torch.cuda.max_memory_reserved(device) / GIB if cuda else 0.0
+    # Not measured off the GPU: None (null in JSON, "n/a" printed), never a zero that reads as a figure.
+    peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else None
+    reserved = torch.cuda.max_memory_reserved(device) / GIB if cuda else None
     per_rank: list[Any] = [None] * mesh.world_size
     dist.all_gather_object(per_rank, (peak, reserved, statistics.median(seconds)))
     for grad_sync in trainer.grad_syncs.values():
@@ -113,6 +114,7 @@ def _record(
     fpt = flops_per_token(m, config.data.seq_len)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     util = mfu(tokens_per_s, fpt, peak_flops(name))
+    measured = per_rank[0][0]
     deciles = statistics.quantiles(seconds, n=10) if len(seconds) > 1 else [seconds[0]] * 9
     return {
         "model": m.preset or "custom",
@@ -142,9 +144,9 @@ def _record(
         "step_time_p10_s": deciles[0],
         "step_time_p90_s": deciles[-1],
         "step_time_spread": (deciles[-1] - deciles[0]) / median,
-        "peak_memory_gib": max(r[0] for r in per_rank),
-        "peak_memory_gib_per_rank": [round(r[0], 3) for r in per_rank],
-        "reserved_memory_gib": max(r[1] for r in per_rank),
+        "peak_memory_gib": None if measured is None else max(r[0] for r in per_rank),
+        "peak_memory_gib_per_rank": None if measured is None else [round(r[0], 3) for r in per_rank],
+        "reserved_memory_gib": None if measured is None else max(r[1] for r in per_rank),
         "estimated_memory_gib": estimate_memory(config)["total"] / GIB,
         "losses": losses,
         "device": name,
@@ -168,7 +170,7 @@ def format_record(record: dict[str, Any]) -> str:
         ("layout", layout),
         ("device", f"{record['world_size']} x {record['device']}, torch {record['torch']}"),
         ("tokens/s/GPU", f"{record['tokens_per_s_per_gpu']:,.0f}"),
-        ("TFLOP/s/GPU", f"{record['tflops_per_gpu']:.1f} (model FLOPs, 6N + 12lhs per token)"),
+        ("TFLOP/s/GPU", f"{record['tflops_per_gpu']:.3g} (model FLOPs, 6N + 12lhs per token)"),
         ("MFU", util),
         (
             "step time",
@@ -178,7 +180,9 @@ def format_record(record: dict[str, Any]) -> str:
         (
             "peak memory",
             f"{record['peak_memory_gib']:.2f} GiB (max over ranks; reserved "
-            f"{record['reserved_memory_gib']:.2f} GiB; estimated {record['estimated_memory_gib']:.2f} GiB)",
+            f"{record['reserved_memory_gib']:.2f} GiB; estimated {record['estimated_memory_gib']:.2f} GiB)"
+            if record["peak_memory_gib"] is not None
+            else f"n/a (measured on GPUs only; estimated {record['estimated_memory_gib']:.2f} GiB)",
         ),  # fmt: skip
         ("losses", " ".join(f"{v:.4f}" for v in record["losses"][:8])),
     ]
