@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import pytest
 from distributed import run_ranks
@@ -339,7 +340,7 @@ def test_train_progress_without_a_terminal_prints_plain_lines():
     lines = buffer.getvalue().splitlines()
     assert [line.split(" |")[0] for line in lines] == [f"step {s}/100" for s in (1, 26, 51, 76, 100)]
     assert "\x1b[" not in buffer.getvalue()  # no escape codes in a log file
-    assert lines[0] == (
+    assert re.sub(r"\| 0:00:0\d \| ", "| ", lines[0]) == (
         "step 1/100 | loss 3.2100 | lr 3.00e-04 | gnorm 0.800 | tok/s/dev 54.7k | TFLOP/s/dev 450 | "
         "MFU 45.5% | tokens_per_s_total 1e+05"
     )

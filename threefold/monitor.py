@@ -11,11 +11,22 @@ import math
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from threefold.files import write_atomic
 
@@ -197,6 +208,17 @@ def _format_fields(fields: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+class _TwoLineProgress(Progress):
+    """The bar line (step, bar, elapsed, time left) stays whole at any width from 80 columns: the stats,
+    which grow with every field, go on the line below it and wrap there instead of squeezing the bar."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            if task.fields.get("stats"):
+                yield Text(task.fields["stats"], overflow="fold")
+
+
 class TrainProgress:
     """Progress of a training run: step/total, loss, lr, grad norm, tokens/s, TFLOP/s and MFU per device.
 
@@ -222,6 +244,7 @@ class TrainProgress:
         self.total_steps = total_steps
         self.print_every = print_every or max(1, total_steps // 100)
         self._last_printed: int | None = None
+        self._started = time.monotonic()
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         if not enabled:
@@ -229,12 +252,13 @@ class TrainProgress:
             return
         self.console = console or Console(file=sys.stdout)
         if self.console.is_terminal:
-            self._progress = Progress(
+            self._progress = _TwoLineProgress(
                 TextColumn("[bold]step"),
                 MofNCompleteColumn(),
-                BarColumn(bar_width=30),
+                BarColumn(bar_width=None),  # takes what the other columns leave of the line
+                TimeElapsedColumn(),
+                TextColumn("left"),
                 TimeRemainingColumn(),
-                TextColumn("{task.fields[stats]}"),
                 console=self.console,
                 refresh_per_second=4,
             )
@@ -260,7 +284,11 @@ class TrainProgress:
         assert self.console is not None  # set whenever enabled
         due = self._last_printed is None or step - self._last_printed >= self.print_every
         if due or step >= self.total_steps:
-            self.console.print(f"step {step}/{self.total_steps} | {stats}", highlight=False, soft_wrap=True)
+            elapsed = int(time.monotonic() - self._started)
+            clock = f"{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
+            self.console.print(
+                f"step {step}/{self.total_steps} | {clock} | {stats}", highlight=False, soft_wrap=True
+            )
             self._last_printed = step
 
     def print(self, *objects: Any) -> None:
