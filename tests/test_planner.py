@@ -7,6 +7,8 @@ import contextlib
 import importlib.util
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -326,7 +328,52 @@ def test_plan_table_explains_the_winner(capsys):
     assert main(PLAN_8B) == 0
     out = capsys.readouterr().out
     assert "tokens/s/GPU" in out and "MFU" in out and "bubble" in out
-    assert "best: " in out and "slower" in out and "run the best: --parallel.tp_size=" in out
+    assert "best: " in out and "slower" in out and "run the best:\n  threefold train --model.preset=" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "gpus", "launcher"),
+    [
+        (["--model", "llama-1b", "--gpus", "8", "--seq", "2048", "--global-batch", "64"], 8, "threefold"),
+        (["--model", "llama-8b", "--gpus", "16", "--gpus-per-node", "8", "--seq", "4096", "--global-batch",
+          "128"], 16, "torchrun"),
+        (["--model", "configs/gpt2-124m.toml", "--gpus", "4", "--seq", "512"], 4, "threefold"),
+    ],
+)  # fmt: skip
+def test_plan_prints_a_whole_command_that_builds_the_planned_run(capsys, argv, gpus, launcher):
+    """The printed command names the workload (model, sequence, batch, dtype) and the layout, and a config
+    built from it is the planned run on exactly that many GPUs."""
+    import shlex
+
+    from threefold.config import load_config
+
+    repo = Path(__file__).resolve().parent.parent
+    assert main(["plan", "--gpu", "h200", *[str(repo / a) if a.endswith(".toml") else a for a in argv]]) == 0
+    command = capsys.readouterr().out.split("run the best:\n", 1)[1].strip().split("   #")[0]
+    words = shlex.split(command)
+    assert words[0] == launcher
+    train = words[words.index("train") + 1 :]
+    nproc = train[train.index("--nproc") + 1] if "--nproc" in train else None
+    args = [w for w in train if w.startswith("--") and w != "--nproc" and w != nproc]
+    path = next((w for w in train if w.endswith(".toml")), None)
+    config = load_config(path, args, check_paths=False)
+    assert config.world_size == gpus and (nproc is None or int(nproc) == gpus)
+    assert config.data.seq_len == int(argv[argv.index("--seq") + 1])
+    assert config.training.dtype == "bfloat16"
+    if "--global-batch" in argv:
+        assert config.training.global_batch_size == int(argv[argv.index("--global-batch") + 1])
+        assert config.model.preset == argv[1]
+
+
+def test_plan_starts_without_loading_torch():
+    """`threefold plan` is arithmetic: it answers in well under a second because torch stays unloaded."""
+    code = (
+        "import sys; from threefold.cli import main; "
+        "rc = main(['plan', '--model', 'llama-1b', '--gpus', '8', '--seq', '2048', '--global-batch', '64']); "
+        "assert rc == 0; assert 'torch' not in sys.modules, 'plan imported torch'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_plan_fixed_dimensions(capsys):

@@ -25,11 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from threefold.model import CHUNK_ELEMENTS  # a global of this module too: tests shrink it here
 from threefold.parallel import track
-
-CHUNK_ELEMENTS = 2**30
-"""Most logits (tokens x local vocabulary) materialized at once: 2 GiB in bf16 (llama-1b at b=4, s=2048
-fits in one chunk: 8192 x 128256 elements)."""
 
 
 def _masked(logits: torch.Tensor, num_valid: int) -> torch.Tensor:

@@ -178,8 +178,32 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(top, hw))
     print()
     print("\n".join(explain(result)))
-    print(f"\nrun the best: {' '.join(result.ranked[0].layout.overrides())}")
+    print(f"\nrun the best:\n  {best_command(args, w, result.ranked[0].layout, gpus_per_node)}")
     return 0
+
+
+def best_command(args: argparse.Namespace, w: Workload, layout: Layout, gpus_per_node: int) -> str:
+    """The whole command that trains `layout`: the workload as planned (model, sequence, batch, dtype), the
+    layout, and the launcher (`--nproc` on one node, torchrun on each node of several)."""
+    if args.model in MODEL_PRESETS:
+        workload = [
+            f"--model.preset={args.model}", f"--data.seq_len={w.seq_len}",
+            f"--training.global_batch_size={w.global_batch_size}", f"--training.dtype={w.dtype}",
+        ]  # fmt: skip
+    else:  # a config file: it holds the rest; what the flags changed is spelled out
+        workload = [args.model]
+        for flag, key, value in (("seq", "data.seq_len", w.seq_len), ("dtype", "training.dtype", w.dtype),
+                                 ("global_batch", "training.global_batch_size", w.global_batch_size)):  # fmt: skip
+            if getattr(args, flag) is not None:
+                workload.append(f"--{key}={value}")
+    train = " ".join(["train", *workload, *layout.overrides()])
+    if args.gpus <= gpus_per_node:
+        return f"threefold {train} --nproc {args.gpus}"
+    nodes = args.gpus // gpus_per_node
+    return (
+        f"torchrun --nnodes {nodes} --nproc-per-node {gpus_per_node} --rdzv-backend c10d "
+        f"--rdzv-endpoint HOST0:29500 -m threefold {train}   # on each of the {nodes} nodes"
+    )
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -117,7 +117,7 @@ def head_loss_activation(
     4 V_p/t h for several). Transient while the head runs: a chunk's logits and their gradient
     (2 e c V_p/t; fused kernels, no fp32 copies).
     """
-    from threefold.model.loss import CHUNK_ELEMENTS
+    from threefold.model import CHUNK_ELEMENTS
 
     b, s, e = micro_batch_size, seq_len, dtype_bytes  # the module docstring's notation
     h, n = m.hidden_size, b * s
