@@ -192,8 +192,12 @@ def best_command(args: argparse.Namespace, w: Workload, layout: Layout, gpus_per
         ]  # fmt: skip
     else:  # a config file: it holds the rest; what the flags changed is spelled out
         workload = [args.model]
-        for flag, key, value in (("seq", "data.seq_len", w.seq_len), ("dtype", "training.dtype", w.dtype),
-                                 ("global_batch", "training.global_batch_size", w.global_batch_size)):  # fmt: skip
+        changed = (
+            ("seq", "data.seq_len", w.seq_len),
+            ("dtype", "training.dtype", w.dtype),
+            ("global_batch", "training.global_batch_size", w.global_batch_size),
+        )
+        for flag, key, value in changed:
             if getattr(args, flag) is not None:
                 workload.append(f"--{key}={value}")
     train = " ".join(["train", *workload, *layout.overrides()])
