@@ -13,7 +13,7 @@ from rich.console import Console
 
 from threefold.config import ModelConfig
 from threefold.metrics import count_parameters, flops_per_token, mfu, paper_flops_per_step, peak_flops
-from threefold.monitor import MetricsWriter, TrainProgress, plot_loss_curve
+from threefold.monitor import MetricsWriter, TrainProgress, plot_loss_curve, tensorboard_run_name
 from threefold.presets import MODEL_PRESETS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -250,15 +250,33 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     assert records[4] == {"step": 4, "train/loss": None}
     assert "NaN" not in "".join(lines)
 
-    events = list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    events = list((tmp_path / "run" / "tb" / "run").glob("events.out.tfevents.*"))
     assert events
-    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc = EventAccumulator(str(tmp_path / "run" / "tb" / "run"))
     acc.Reload()
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [1, 2, 3, 4]
     assert [e.value for e in loss[:3]] == [4.0, 3.0, 2.0]
     assert math.isnan(loss[3].value)
     assert [e.value for e in acc.Scalars("val/loss")] == [2.5]
+
+
+def test_each_start_of_a_run_gets_its_own_tensorboard_run(tmp_path):
+    """A resumed run writes a new, named TensorBoard run; a second start within the same second too."""
+    names = [
+        tensorboard_run_name(0, now=0.0),
+        tensorboard_run_name(64, now=3600.0),
+        tensorboard_run_name(64, now=3600.0),
+    ]
+    assert names[1].endswith("-from-step-64") and not names[0].endswith("-from-step-0")
+    dirs = []
+    for name in names:
+        with MetricsWriter(tmp_path, run_name=name) as writer:
+            writer.log(1, {"train/loss": 1.0})
+            dirs.append(writer.tb_dir)
+    assert [d.name for d in dirs] == [names[0], names[1], names[1] + "-2"]
+    assert all(list(d.glob("events.out.tfevents.*")) for d in dirs)
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == sorted(d.name for d in dirs)
 
 
 def test_metrics_writer_appends_and_can_skip_tensorboard(tmp_path):

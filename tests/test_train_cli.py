@@ -60,7 +60,7 @@ def test_train_command_writes_metrics_plot_and_events(tmp_path, dataset):
     assert val_rows[-1]["val/loss"] < val_rows[0]["val/loss"]
     assert all("perf/tokens_per_s_per_device" in r and "train/grad_norm" in r for r in train_rows[1:])
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert list((run / "tb").glob("*/events.out.tfevents.*"))
     assert json.loads((run / "config.json").read_text())["parallel"]["tp_size"] == 2
     assert "done: 6 steps" in proc.stdout
 

@@ -48,7 +48,7 @@ class MetricsWriter:
     complete up to the last logged step if the job dies.
     """
 
-    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, run_name: str = "run") -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / "metrics.jsonl"
@@ -58,7 +58,10 @@ class MetricsWriter:
             # Imported here: loading TensorBoard takes about a second, and runs without it should not pay.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+            # One directory per run under tb/ (see tensorboard_run_name): TensorBoard shows each start as
+            # its own curve instead of drawing a rerun's steps over the first attempt's.
+            self.tb_dir = _fresh_dir(self.out_dir / "tb", run_name)
+            self._tb = SummaryWriter(log_dir=str(self.tb_dir))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": int(step), **{k: _finite_or_none(v) for k, v in metrics.items()}}
@@ -82,6 +85,25 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tensorboard_run_name(start_step: int, now: float | None = None) -> str:
+    """The TensorBoard run of one start of a run: its start time, and the step it resumed from if any
+    (`20261203-164512`, `20261203-171030-from-step-64`), so a listing sorts in the order they ran."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return stamp if start_step == 0 else f"{stamp}-from-step-{start_step}"
+
+
+def _fresh_dir(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name-2, -3... when a run of the same second already has it."""
+    for n in range(1, 1000):
+        path = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise ValueError(f"{parent} already holds runs {name} to {name}-999")
 
 
 def drop_records_after(jsonl_path: str | Path, step: int) -> int:

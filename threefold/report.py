@@ -37,7 +37,7 @@ class Reporter:
     def __init__(
         self, config: Config, mesh: Mesh, device: torch.device, *, enabled: bool, start_step: int = 0
     ) -> None:
-        from threefold.monitor import MetricsWriter, TrainProgress, drop_records_after
+        from threefold.monitor import MetricsWriter, TrainProgress, drop_records_after, tensorboard_run_name
 
         self.enabled = enabled
         self.config = config
@@ -61,7 +61,11 @@ class Reporter:
                 metrics.unlink()  # a fresh run starts a fresh curve; a resumed one continues its own
             elif start_step > 0:
                 drop_records_after(metrics, start_step)  # the steps after the checkpoint run again
-            self.writer = MetricsWriter(self.out_dir, tensorboard=config.logging.tensorboard)
+            self.writer = MetricsWriter(
+                self.out_dir,
+                tensorboard=config.logging.tensorboard,
+                run_name=tensorboard_run_name(start_step),
+            )
 
     def __enter__(self) -> Reporter:
         self.progress.__enter__()
