@@ -98,7 +98,7 @@ def _check_fp8_shapes(config: Config) -> None:
     dims = {
         f"training.micro_batch_size ({t.micro_batch_size}) * data.seq_len ({config.data.seq_len}) tokens":
             t.micro_batch_size * config.data.seq_len,
-        f"model.hidden_size ({m.hidden_size})": m.hidden_size,
+        "model.hidden_size": m.hidden_size,
         f"model.num_heads ({m.num_heads}) / parallel.tp_size ({tp}) * head dim ({m.head_dim})":
             m.num_heads // tp * m.head_dim,
         f"{kv_heads} * head dim ({m.head_dim})": max(1, m.num_kv_heads // tp) * m.head_dim,

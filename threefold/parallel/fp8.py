@@ -109,32 +109,32 @@ def grad_weight_gemm(grad: torch.Tensor, x: Operand, recipe: Fp8Recipe) -> torch
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """x W^T with all three GEMMs in float8; saves x and W as they came (the same memory as F.linear)."""
+    """x W^T for x (M, K), W (N, K), all three GEMMs in float8; saves x and W as they came (the same
+    memory as F.linear)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
         ctx.recipe = recipe
         ctx.save_for_backward(x, weight)
-        x2d = x.reshape(-1, x.shape[-1])  # (M, K)
-        y = forward_gemm(operand(x2d, E4M3, recipe, "a"), weight, recipe, x.dtype)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return forward_gemm(operand(x, E4M3, recipe, "a"), weight, recipe, x.dtype)  # (M, N)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         x, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (M, N)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_input_gemm(g, weight, ctx.recipe).view(x.shape)
+            grad_x = grad_input_gemm(grad, weight, ctx.recipe)
         if ctx.needs_input_grad[1]:
-            x2d = operand(x.reshape(-1, x.shape[-1]), E4M3, ctx.recipe, "b")
-            grad_weight = grad_weight_gemm(g, x2d, ctx.recipe)
+            grad_weight = grad_weight_gemm(grad, operand(x, E4M3, ctx.recipe, "b"), ctx.recipe)
         return grad_x, grad_weight, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
     """F.linear(x, weight) without bias, its GEMMs in float8: x (..., K), weight (N, K) -> (..., N)."""
-    return _Fp8Linear.apply(x, weight, recipe)
+    # 2-D inside the Function: an output that was a view of its result would refuse in-place ops after
+    # (the tensor-parallel all-reduce).
+    y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, recipe)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe | None) -> torch.Tensor:

@@ -179,10 +179,11 @@ class _ColumnParallelProjections(torch.autograd.Function):
         ctx.save_for_backward(x, *weights)
         if recipe is None:
             return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
-        x_fp8 = float8.operand(x.reshape(-1, x.shape[-1]), float8.E4M3, recipe, "a")  # (b*s, h)
+        # x is (b*s, h) here: outputs that were views of the GEMM's would refuse the in-place ops after.
+        x_fp8 = float8.operand(x, float8.E4M3, recipe, "a")
         outputs = []
         for w, b in zip(weights, biases, strict=True):
-            y = float8.forward_gemm(x_fp8, w, recipe, x.dtype).view(*x.shape[:-1], w.shape[0])
+            y = float8.forward_gemm(x_fp8, w, recipe, x.dtype)  # (b*s, out/t)
             outputs.append(y if b is None else y + b)
         return tuple(outputs)
 
@@ -231,7 +232,10 @@ def column_parallel_projections(
     params: list[torch.Tensor | None] = []
     for layer in layers:
         params += [layer.weight, layer.bias]
-    return list(_ColumnParallelProjections.apply(x, group, recipe, *params))
+    if recipe is None:
+        return list(_ColumnParallelProjections.apply(x, group, None, *params))
+    outputs = _ColumnParallelProjections.apply(x.reshape(-1, x.shape[-1]), group, recipe, *params)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
 class RowParallelLinear(nn.Module):
