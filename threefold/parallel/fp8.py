@@ -6,19 +6,21 @@ Each GEMM's operands are cast to float8 just before it, with scales computed fro
 themselves (dynamic scaling: no amax history, no state, nothing in checkpoints):
 
     forward      y      = x  @ W^T     x, W  in e4m3 (3 mantissa bits, range 448)
-    backward     grad_x = dy @ W       dy in e5m2 (2 mantissa bits, range 57344), W in e4m3
-                 grad_W = dy^T @ x     dy in e5m2, x in e4m3
+    backward     grad_x = dy @ W       dy in the recipe's gradient format, W in e4m3
+                 grad_W = dy^T @ x     dy likewise, x in e4m3
 
-Gradients take e5m2 for its range: their spread over a tensor is far wider than that of activations
-and weights. Accumulation is in fp32 inside the GEMM; outputs are in the input dtype (bf16).
+Accumulation is in fp32 inside the GEMM; outputs are in the input dtype (bf16). The gradient is always
+the left operand, the side _scaled_mm's row-wise kernel accepts in either format.
 
-Two recipes (`training.fp8`):
+Two recipes (`training.fp8`), as torchao defines them:
 - 'tensorwise': one scale per operand, fp8_max / amax(|t|). Cheapest, and what cuBLAS's fp8 GEMM
-  reads directly.
+  reads directly. Gradients in e5m2 (2 mantissa bits, range 57344): with one scale for the whole
+  tensor, their spread (far wider than that of activations and weights) needs the range.
 - 'rowwise': one scale per row of the left operand and per column of the right one, each taken over
   the contraction dimension (the layout _scaled_mm's row-wise kernel requires). One outlier token then
-  costs precision only in its own row. The backward GEMMs contract over other dimensions than the
-  forward, so each operand is scaled afresh along the dimension its GEMM sums over.
+  costs precision only in its own row, and each row's scale covers its own range, so gradients keep
+  e4m3's extra mantissa bit (half the rounding error of e5m2). The backward GEMMs contract over other
+  dimensions than the forward, so each operand is scaled afresh along the dimension its GEMM sums over.
 
 Scales are rounded down to a power of two: multiplying by one and by its inverse is exact, so the only
 error is float8's own rounding (and the bound the tests check is the format's).
@@ -41,6 +43,8 @@ from threefold.config import Fp8Recipe
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}  # 448, 57344
+GRAD_DTYPE = {"tensorwise": E5M2, "rowwise": E4M3}
+"""The float8 format of the output gradient dy under each recipe."""
 AMAX_FLOOR = 1e-12
 """An all-zero tensor (or row) would divide by zero; its scale is capped at fp8_max / AMAX_FLOOR."""
 
@@ -99,13 +103,13 @@ def forward_gemm(x: Operand, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype:
 
 def grad_input_gemm(grad: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
     """dy W: dy (M, N), W (N, K) -> (M, K)."""
-    g = operand(grad, E5M2, recipe, "a")
+    g = operand(grad, GRAD_DTYPE[recipe], recipe, "a")
     return matmul(g, operand(weight, E4M3, recipe, "b"), grad.dtype, fast_accum=False)
 
 
 def grad_weight_gemm(grad: torch.Tensor, x: Operand, recipe: Fp8Recipe) -> torch.Tensor:
     """dy^T x: dy (M, N), x (M, K) already a right operand -> (N, K)."""
-    return matmul(operand(grad.t(), E5M2, recipe, "a"), x, grad.dtype, fast_accum=False)
+    return matmul(operand(grad.t(), GRAD_DTYPE[recipe], recipe, "a"), x, grad.dtype, fast_accum=False)
 
 
 class _Fp8Linear(torch.autograd.Function):
