@@ -10,7 +10,7 @@ multiple of 16, the gradient as the left e5m2 operand) are kept by the code and 
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_ranks
+from distributed import run_ranks, train_and_gather
 from tiny import tiny_config
 
 from threefold.config import ModelConfig
@@ -244,6 +244,39 @@ def test_tensor_parallel_float8_matches_one_process(single_process, two_ranks, r
         assert _relative_error(grads[name], ref) < 1e-4, name
         if "proj" in name:  # the float8 linears: really float8, and within its error of float32
             assert 1e-3 < _relative_error(ref, f32_grads[name]) < 0.2, name
+
+
+def _train_fp8_on_cpu(rank: int, world_size: int, config) -> dict:
+    """`train_and_gather` with the device rule lifted (float8 runs on the CPU here), recording its calls."""
+    import threefold.train as train_module
+
+    checked = []
+    train_module.check_fp8_device = lambda device, recipe: checked.append((device.type, recipe))
+    return train_and_gather(rank, world_size, config) | {"checked": checked}
+
+
+@pytest.fixture(scope="module")
+def fp8_runs(sonnets_dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fp8-train")
+
+    def config(tp: int, fp8):
+        return tiny_config(sonnets_dataset, run, tp=tp, model=dict(hidden_size=64, ffn_hidden_size=128),
+                           training=dict(dtype="bfloat16", device="auto", fp8=fp8, max_steps=3))  # fmt: skip
+
+    return {
+        (tp, fp8): run_ranks(tp, _train_fp8_on_cpu, config(tp, fp8), timeout=120)[0]
+        for tp, fp8 in [(1, False), (1, "tensorwise"), (2, "tensorwise")]
+    }
+
+
+def test_training_with_fp8_from_the_config(fp8_runs):
+    """`training.fp8` reaches the model through train.build (which asks for the device check), trains
+    under tp 1 and tp 2 alike, and differs from bf16 by float8's rounding only."""
+    bf16, one, two = fp8_runs[(1, False)], fp8_runs[(1, "tensorwise")], fp8_runs[(2, "tensorwise")]
+    assert bf16["checked"] == [] and one["checked"] == [("cpu", "tensorwise")]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=2e-3, atol=0)
+    gaps = [abs(a / b - 1) for a, b in zip(one["losses"], bf16["losses"], strict=True)]
+    assert 0 < max(gaps) < 0.02, gaps
 
 
 def test_float8_adds_no_state_to_checkpoints():
