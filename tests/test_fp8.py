@@ -346,3 +346,16 @@ def test_fp8_device_check_refuses_the_cpu():
         ValueError, match="training.fp8 = 'tensorwise' needs a CUDA GPU; this rank runs on cpu"
     ):
         check_fp8_device(torch.device("cpu"), "tensorwise")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine without a GPU")
+def test_fp8_without_a_gpu_stops_before_the_workers_start(tmp_path, sonnets_dataset):
+    from threefold.launch import run_workers
+
+    config = _config(tmp_path, sonnets_dataset, fp8="tensorwise")  # training.device = 'auto'
+
+    def body(*args):
+        raise AssertionError("no worker may start")
+
+    with pytest.raises(ValueError, match="training.fp8 = 'tensorwise' needs a CUDA GPU .* none is available"):
+        run_workers(config, body, world=None, nproc=None, worker_argv=["train"])
