@@ -184,7 +184,12 @@ def test_linear_forward_and_backward_are_the_float8_gemms(recipe, grad_dtype):
 SHAPE = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     ffn_hidden_size=128, max_seq_len=32)  # fmt: skip
 """Every GEMM dimension a multiple of 16 at tp 2, as the GPU needs (head dim 16, kv heads 1 per rank)."""
-VARIANTS = {"overlap": dict(), "plain": dict(overlap_comm=False), "sp": dict(sequence_parallel=True)}
+VARIANTS = {
+    "overlap": dict(),
+    "plain": dict(overlap_comm=False),
+    "sp": dict(sequence_parallel=True),
+    "recompute": dict(recompute="full"),  # the float8 forward runs again in backward: the same casts
+}
 
 
 def _loss_and_grads(rank: int, world_size: int, recipes: list, variants: dict) -> dict:
