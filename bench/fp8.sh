@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-timeout -s INT -k 5 55 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_fp8.py
-timeout -s INT -k 5 175 python3 bench/fp8.py --budget 140 "$@"
+timeout -s INT -k 5 50 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_fp8.py
+timeout -s INT -k 5 170 python3 bench/fp8.py --budget 130 "$@"
