@@ -226,6 +226,13 @@ def run_workers(
     if world is None:
         nproc = nproc or config.world_size
         check_world_size(config, nproc)
+        if config.training.fp8 and not _uses_cuda(config):
+            # training.device = 'auto' on a machine without a GPU: say so before the workers start (the
+            # compute capability is checked on each rank, where the GPU is set up).
+            raise ValueError(
+                f"training.fp8 = {config.training.fp8!r} needs a CUDA GPU of compute capability >= 8.9; "
+                "none is available here"
+            )
         prepare_data_if_asked(config)
         return launch_local(nproc, worker_argv, use_cuda=_uses_cuda(config), config=config)
 

@@ -69,7 +69,12 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     num_virtual_stages = len(ranges)
     if device.type == "cuda":
         use_attention_backend(t.attention_backend)
-    tp = TPContext(mesh.tp_group, p.sequence_parallel, recompute=t.recompute, overlap_comm=p.overlap_tp_comm)
+    if t.fp8:
+        check_fp8_device(device, t.fp8)
+    tp = TPContext(
+        mesh.tp_group, p.sequence_parallel, recompute=t.recompute, overlap_comm=p.overlap_tp_comm,
+        fp8=t.fp8 or None,
+    )  # fmt: skip
     chunks = {
         c: build_model(
             config.model,
@@ -116,6 +121,23 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     schedule = build_schedule(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     connect_neighbours(mesh, device)
     return Trainer(chunks, grad_syncs, optimizer, executor, schedule[mesh.pp_rank], config, mesh)
+
+
+FP8_MIN_CAPABILITY = (8, 9)
+"""Float8 tensor cores arrive with Ada (8.9) and Hopper (9.0)."""
+
+
+def check_fp8_device(device: torch.device, recipe: str) -> None:
+    """training.fp8 needs a CUDA device with float8 tensor cores; ValueError naming the device otherwise."""
+    if device.type != "cuda":
+        raise ValueError(f"training.fp8 = {recipe!r} needs a CUDA GPU; this rank runs on {device}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"training.fp8 = {recipe!r} needs compute capability >= 8.9 (Ada, Hopper or newer); {name} "
+            f"({device}) has {capability[0]}.{capability[1]}"
+        )
 
 
 def train_loader(config: Config, mesh: Mesh, train_set: TokenDataset | None = None) -> BatchLoader:

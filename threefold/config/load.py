@@ -57,17 +57,29 @@ def _coerce(where: str, value: Any, hint: Any, *, text: bool) -> Any:
         raise ValueError(f"{where} must not be empty")
     choices = _choices(base)
     if choices:
-        if not isinstance(value, str):
-            raise ValueError(f"{where} = {value!r} is not a valid str")
-        if value not in choices:
-            raise _unknown_choice(where, value, choices)
-        return value
+        return _choice(where, value, choices, text=text)
     try:
         return _from_text(value, base) if text else _from_toml(value, base)
     except (TypeError, ValueError):
         quoted = not text and isinstance(value, str)
         hint_text = f" (write the {base.__name__} without quotes)" if quoted else ""
         raise ValueError(f"{where} = {value!r} is not a valid {base.__name__}{hint_text}") from None
+
+
+def _choice(where: str, value: Any, choices: tuple[Any, ...], *, text: bool) -> Any:
+    """A value of a Literal field: one of its strings, or one of its bools (`fp8 = false`, or the override
+    text false/off/0) when it has any."""
+    bools = [c for c in choices if isinstance(c, bool)]
+    if bools and text and value not in choices:
+        try:
+            value = _from_text(value, bool)
+        except ValueError:
+            pass
+    if not isinstance(value, str) and not (bools and isinstance(value, bool)):
+        raise ValueError(f"{where} = {value!r} is not a valid str")
+    if value not in choices:
+        raise _unknown_choice(where, value, choices)
+    return value
 
 
 def _parse_override(arg: str) -> tuple[str, str, str]:

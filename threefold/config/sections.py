@@ -20,6 +20,9 @@ Device = Literal["auto", "cpu", "cuda"]
 Recompute = Literal["none", "selective", "full"]
 AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
 LoadMode = Literal["resume", "weights"]
+Fp8Recipe = Literal["tensorwise", "rowwise"]
+"""How float8 GEMMs scale their operands (threefold.parallel.fp8): one scale per tensor, or per row."""
+Fp8Setting = Literal[False, "tensorwise", "rowwise"]
 
 DTYPE_NAMES: tuple[DtypeName, ...] = typing.get_args(DtypeName)
 """Names of the compute dtypes (train.DTYPES maps them to torch dtypes)."""
@@ -306,6 +309,10 @@ class TrainingConfig(Section):
     """Wrap each transformer layer in torch.compile (GPU)."""
     attention_backend: AttentionBackend = "auto"
     """Kernel for attention on CUDA: 'auto' (torch's choice), 'flash', 'cudnn', 'efficient' or 'math'."""
+    fp8: Fp8Setting = False
+    """Float8 GEMMs in the transformer layers' linears (not attention, not the output layer), dynamically
+    scaled: 'tensorwise' (one scale per tensor), 'rowwise' (one per row) or false. Needs bfloat16 and a
+    GPU of compute capability >= 8.9 (Ada, Hopper); weights, optimizer and checkpoints stay as they are."""
     eval_interval: int = 50
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
     eval_sequences: int = 16
@@ -318,6 +325,16 @@ class TrainingConfig(Section):
         super().check()
         self._positive("max_steps", "global_batch_size", "micro_batch_size", "eval_sequences")
         self._non_negative("eval_interval", "max_minutes")
+        if self.fp8 and self.dtype != "bfloat16":
+            raise ValueError(
+                f"training.fp8 = {self.fp8!r} needs training.dtype = 'bfloat16' (got {self.dtype!r}): the "
+                "float8 GEMMs read and write bf16"
+            )
+        if self.fp8 and self.device == "cpu":
+            raise ValueError(
+                f"training.fp8 = {self.fp8!r} needs a CUDA GPU of compute capability >= 8.9; training.device "
+                "is 'cpu'"
+            )
 
 
 @dataclass(kw_only=True)

@@ -51,6 +51,8 @@ def check_across_sections(config: Config) -> None:
         raise ValueError(
             f"with sequence parallelism, parallel.tp_size ({tp}) must divide data.seq_len ({d.seq_len})"
         )
+    if t.fp8:
+        _check_fp8_shapes(config)
     if d.seq_len > m.max_seq_len:
         raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     per_step = t.micro_batch_size * p.dp_size
@@ -82,6 +84,32 @@ def check_across_sections(config: Config) -> None:
         check_schedule_args(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     except ValueError as e:
         raise ValueError(f"parallel.pipeline_schedule = {p.pipeline_schedule!r}: {e}") from None
+
+
+FP8_MULTIPLE = 16
+"""Float8 GEMMs (cuBLAS, CUTLASS) need every matrix dimension a multiple of 16."""
+
+
+def _check_fp8_shapes(config: Config) -> None:
+    """Every dimension of the layers' float8 GEMMs, as each TP rank sees it, a multiple of 16."""
+    m, tp, t = config.model, config.parallel.tp_size, config.training
+    assert m.num_kv_heads is not None and m.ffn_hidden_size is not None  # ModelConfig.check
+    kv_heads = f"max(1, model.num_kv_heads ({m.num_kv_heads}) / parallel.tp_size ({tp}))"
+    dims = {
+        f"training.micro_batch_size ({t.micro_batch_size}) * data.seq_len ({config.data.seq_len}) tokens":
+            t.micro_batch_size * config.data.seq_len,
+        "model.hidden_size": m.hidden_size,
+        f"model.num_heads ({m.num_heads}) / parallel.tp_size ({tp}) * head dim ({m.head_dim})":
+            m.num_heads // tp * m.head_dim,
+        f"{kv_heads} * head dim ({m.head_dim})": max(1, m.num_kv_heads // tp) * m.head_dim,
+        f"model.ffn_hidden_size ({m.ffn_hidden_size}) / parallel.tp_size ({tp})": m.ffn_hidden_size // tp,
+    }  # fmt: skip
+    for name, size in dims.items():
+        if size % FP8_MULTIPLE:
+            raise ValueError(
+                f"training.fp8 = {t.fp8!r} needs every GEMM dimension to be a multiple of {FP8_MULTIPLE}; "
+                f"{name} = {size} is not"
+            )
 
 
 def _check_paths(config: Config) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
+from functools import partial
 from typing import cast
 
 import torch
@@ -114,12 +115,14 @@ class Attention(nn.Module):
         bias = cfg.arch == "gpt2"
         qkv_bias = bias or cfg.attention_bias  # Qwen2 biases q, k, v but not o
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = ColumnParallelLinear(h, cfg.num_heads * d, tp_group=tp.group, bias=qkv_bias)
-        self.k_proj = ColumnParallelLinear(h, kv * d, tp_group=tp.group, bias=qkv_bias, replicas=kv_replicas)
-        self.v_proj = ColumnParallelLinear(h, kv * d, tp_group=tp.group, bias=qkv_bias, replicas=kv_replicas)
+        column = partial(ColumnParallelLinear, tp_group=tp.group, bias=qkv_bias, fp8=tp.fp8)
+        self.q_proj = column(h, cfg.num_heads * d)
+        self.k_proj = column(h, kv * d, replicas=kv_replicas)
+        self.v_proj = column(h, kv * d, replicas=kv_replicas)
         self.o_proj = RowParallelLinear(
-            cfg.num_heads * d, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel
-        )
+            cfg.num_heads * d, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel,
+            fp8=tp.fp8,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         q, k, v = self.tp.project(x, [self.q_proj, self.k_proj, self.v_proj])  # (b, s, a/t * d), (b, s, k_ d)
@@ -176,10 +179,10 @@ class MLP(nn.Module):
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
         assert f is not None  # filled in by ModelConfig.__post_init__
         if self.gated:
-            self.gate_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias)
-        self.up_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias)
+            self.gate_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias, fp8=tp.fp8)
+        self.up_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias, fp8=tp.fp8)
         self.down_proj = RowParallelLinear(
-            f, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel
+            f, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel, fp8=tp.fp8
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

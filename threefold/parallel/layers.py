@@ -18,6 +18,9 @@ the shard's primary copy (`is_tp_primary`): the one the gradient norm counts and
 `TPContext` is the one options object of the model's tensor-parallel blocks (Megatron's
 ModelParallelConfig idea): the trainer builds it once from the config and every block reads its group and
 switches from it, so a new option is added here and where it is read, not to every constructor between.
+
+With `fp8` set (a recipe of threefold.parallel.fp8), the column- and row-parallel linears of the
+transformer layers run their GEMMs in float8; the layers' parameters and communication stay as they are.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from threefold.config import Fp8Recipe
+from threefold.parallel import fp8 as float8
 from threefold.parallel import track
 from threefold.parallel.comm import (
     copy_to_tp,
@@ -124,6 +129,7 @@ class ColumnParallelLinear(nn.Module):
         bias: bool,
         pad_output: bool = False,
         replicas: int = 1,
+        fp8: Fp8Recipe | None = None,
     ) -> None:
         super().__init__()
         tp_size = dist.get_world_size(tp_group)
@@ -139,9 +145,13 @@ class ColumnParallelLinear(nn.Module):
         self.bias = None
         if bias:
             self.bias = mark_sharded(nn.Parameter(torch.empty(local)), 0, out_features, replicas)
+        self.fp8 = fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) -> (b, s, out/t)
-        return F.linear(x, self.weight, self.bias)
+        if self.fp8 is None:
+            return F.linear(x, self.weight, self.bias)
+        y = float8.fp8_linear(x, self.weight, self.fp8)
+        return y if self.bias is None else y + self.bias
 
 
 class _ColumnParallelProjections(torch.autograd.Function):
@@ -152,46 +162,67 @@ class _ColumnParallelProjections(torch.autograd.Function):
     projections' backward, which leaves the GEMM units idle during the reduction. Here the backward
     computes the input gradient first, starts its all-reduce, computes the weight gradients while it runs,
     and only then waits.
+
+    With an fp8 `recipe` every GEMM runs in float8 (threefold.parallel.fp8), the shared input cast once
+    for all projections in forward and once for all weight gradients in backward.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, *params: Any) -> Any:
+    def forward(
+        ctx: Any, x: torch.Tensor, group: ProcessGroup, recipe: Fp8Recipe | None, *params: Any
+    ) -> Any:
         weights, biases = params[0::2], params[1::2]
         ctx.group = group
+        ctx.recipe = recipe
         ctx.set_materialize_grads(False)  # an output left out of the loss costs no GEMMs in backward
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x, *weights)
-        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+        if recipe is None:
+            return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+        # x is (b*s, h) here: outputs that were views of the GEMM's would refuse the in-place ops after.
+        x_fp8 = float8.operand(x, float8.E4M3, recipe, "a")
+        outputs = []
+        for w, b in zip(weights, biases, strict=True):
+            y = float8.forward_gemm(x_fp8, w, recipe, x.dtype)  # (b*s, out/t)
+            outputs.append(y if b is None else y + b)
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
         x, *weights = ctx.saved_tensors
-        h = x.shape[-1]
+        h, recipe = x.shape[-1], ctx.recipe
         # (b*s, out/t) each; None for an output that took no part in the loss
         flat_grads = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         grad_input = x.new_zeros(x.shape).view(-1, h) if all(g is None for g in flat_grads) else None
         for g, w in zip(flat_grads, weights, strict=True):
-            if g is not None:
+            if g is None:
+                continue
+            if recipe is not None:
+                part = float8.grad_input_gemm(g, w, recipe)
+                grad_input = part if grad_input is None else grad_input.add_(part)
+            else:
                 grad_input = g.mm(w) if grad_input is None else grad_input.addmm_(g, w)  # (b*s, h)
         assert grad_input is not None
         with track.collective(ctx.group, "all_reduce"):
             reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", ctx.group.group_name)
         # The weight gradients run while the all-reduce is in flight.
         flat_input = x.reshape(-1, h)
+        x_fp8 = None if recipe is None else float8.operand(flat_input, float8.E4M3, recipe, "b")
         param_grads: list[torch.Tensor | None] = []
         for g, has_bias in zip(flat_grads, ctx.has_bias, strict=True):
             if g is None:
                 param_grads += [None, None]
-            else:
-                param_grads += [g.t().mm(flat_input), g.sum(0) if has_bias else None]  # (out/t, h), (out/t,)
+                continue
+            grad_weight = g.t().mm(flat_input) if x_fp8 is None else float8.grad_weight_gemm(g, x_fp8, recipe)
+            param_grads += [grad_weight, g.sum(0) if has_bias else None]  # (out/t, h), (out/t,)
         with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
             reduced = torch.ops._c10d_functional.wait_tensor(reduced)
-        return (reduced.view(x.shape), None, *param_grads)
+        return (reduced.view(x.shape), None, None, *param_grads)
 
 
 @torch.compiler.disable
 def column_parallel_projections(
-    x: torch.Tensor, layers: list[ColumnParallelLinear], group: ProcessGroup
+    x: torch.Tensor, layers: list[ColumnParallelLinear], group: ProcessGroup, recipe: Fp8Recipe | None = None
 ) -> list[torch.Tensor]:
     """Apply column-parallel `layers` to one input x (b, s, h), the same on every TP rank: [(b, s, out_i/t)].
 
@@ -201,7 +232,10 @@ def column_parallel_projections(
     params: list[torch.Tensor | None] = []
     for layer in layers:
         params += [layer.weight, layer.bias]
-    return list(_ColumnParallelProjections.apply(x, group, *params))
+    if recipe is None:
+        return list(_ColumnParallelProjections.apply(x, group, None, *params))
+    outputs = _ColumnParallelProjections.apply(x.reshape(-1, x.shape[-1]), group, recipe, *params)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
 class RowParallelLinear(nn.Module):
@@ -219,6 +253,7 @@ class RowParallelLinear(nn.Module):
         tp_group: ProcessGroup,
         bias: bool,
         sequence_parallel: bool,
+        fp8: Fp8Recipe | None = None,
     ) -> None:
         super().__init__()
         tp_size = dist.get_world_size(tp_group)
@@ -232,9 +267,10 @@ class RowParallelLinear(nn.Module):
         self.bias = None
         if bias:
             self.bias = mark_sequence_parallel(nn.Parameter(torch.empty(out_features)), sequence_parallel)
+        self.fp8 = fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/t) -> (b, s, out) or (b, s/t, out)
-        y = F.linear(x, self.weight)
+        y = float8.linear(x, self.weight, self.fp8)
         y = (
             reduce_scatter_to_sequence(y, self.tp_group)
             if self.sequence_parallel
@@ -301,6 +337,8 @@ class TPContext:
     overlap_comm: bool = True
     """All-reduce column-parallel input gradients during the weight gradients (without sequence
     parallelism)."""
+    fp8: Fp8Recipe | None = None
+    """Float8 GEMMs in the layers' column- and row-parallel linears: the recipe, or None for none."""
     size: int = field(init=False)
     """tp_size, read from the group."""
     rank: int = field(init=False)
@@ -318,6 +356,6 @@ class TPContext:
         """Column-parallel `layers` applied to the block input x ((b, s/t, h) under sequence parallelism,
         else (b, s, h)): [(b, s, out_i/t)]."""
         if self.size > 1 and self.overlap_comm and not self.sequence_parallel:
-            return column_parallel_projections(x, layers, self.group)
+            return column_parallel_projections(x, layers, self.group, self.fp8)
         x = self.enter(x)
         return [layer(x) for layer in layers]

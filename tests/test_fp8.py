@@ -1,0 +1,366 @@
+"""Float8 training (threefold.parallel.fp8) on the CPU: the scaling against plain references, the GEMMs
+against dequantized float64 matmuls, the linear's forward and backward against float32, tensor
+parallelism (tp 2 against tp 1 with the same float8 math), and the config's rules.
+
+torch._scaled_mm runs on the CPU in torch 2.13 (fp32 accumulation, any dims, any float8 pairing), so
+these tests run the same code as the GPU; only the kernel differs. The GPU's stricter rules (dims a
+multiple of 16, the gradient as the left e5m2 operand) are kept by the code and the config checks here.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_ranks, train_and_gather
+from tiny import tiny_config
+
+from threefold.config import ModelConfig
+from threefold.model.transformer import build_model
+from threefold.parallel import fp8
+from threefold.parallel.layers import TPContext, gather_full
+from threefold.train import check_fp8_device
+
+E4M3, E5M2 = fp8.E4M3, fp8.E5M2
+RECIPES = ["tensorwise", "rowwise"]
+
+
+def _positive_values(dtype: torch.dtype) -> torch.Tensor:
+    """The non-negative finite values of a float8 format in order of their bit patterns 0, 1, 2, ...,
+    which is their numeric order: index i holds the value of code i."""
+    values = torch.arange(128, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    return values[values.isfinite()]
+
+
+def _nearest(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round each element of t to the nearest value of the float8 format by search (no cast), ties to the
+    even code as IEEE rounding does."""
+    grid = _positive_values(dtype).to(t.dtype)
+    magnitude = t.abs().contiguous()
+    index = torch.searchsorted(grid, magnitude).clamp(1, len(grid) - 1)
+    below, above = grid[index - 1], grid[index]
+    down, up = magnitude - below, above - magnitude
+    take_below = (down < up) | ((down == up) & ((index - 1) % 2 == 0))
+    return torch.where(take_below, below, above) * t.sign()
+
+
+def _randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+# --- Scales and casts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("amax", [3e-5, 0.02, 1.0, 448.0, 7e4])
+def test_scale_is_the_largest_power_of_two_within_range(dtype, amax):
+    t = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    t = t / t.abs().max() * amax
+    scale = fp8.scale_for(t, dtype, None)
+    limit = torch.finfo(dtype).max
+    assert scale.dtype == torch.float32 and scale.shape == ()
+    assert torch.log2(scale) == torch.log2(scale).round(), "a power of two"
+    assert limit / 2 < amax * scale <= limit, f"amax {amax} x scale {scale} must lie in (max/2, max]"
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_quantize_rounds_to_the_nearest_float8_value(dtype):
+    t = torch.randn(128, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 64)
+    # Ties, half way between two neighbours: e4m3 steps by 1/8 in [0.5, 1), e5m2 by 1/4.
+    t[0, :7] = torch.tensor([8.5, 9.0, 9.5, 11.0, 11.5, -13.0, -15.0]) / 16
+    q = fp8.quantize(t, dtype, None)
+    assert q.data.dtype == dtype
+    scale = 1 / q.scale
+    want = _nearest(t * scale, dtype) / scale  # the reference: search the format's values
+    torch.testing.assert_close(q.data.float() * q.scale, want, rtol=0, atol=0)
+    # The format's bound on normal numbers: half a unit in the last place, 2^-4 (e4m3) or 2^-3 (e5m2).
+    normal = (t * scale).abs() >= torch.finfo(dtype).smallest_normal
+    mantissa_bits = 3 if dtype == E4M3 else 2
+    error = (q.data.float() * q.scale - t).abs()[normal] / t.abs()[normal]
+    assert error.max() <= 2.0 ** -(mantissa_bits + 1)
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_casts_saturate_instead_of_overflowing(dtype):
+    limit = torch.finfo(dtype).max
+    t = torch.tensor([1.0, -1.0, 0.5, 3.0])
+    out = fp8.to_fp8(t, torch.tensor(limit * 4), dtype).float()  # a scale too large on purpose
+    assert out.isfinite().all(), f"overflow gave {out}"
+    assert out.tolist() == [limit, -limit, limit, limit]
+
+
+def test_an_all_zero_tensor_gets_a_finite_scale_and_stays_zero():
+    for dim in (None, 1):
+        q = fp8.quantize(torch.zeros(16, 32), E4M3, dim)
+        assert q.scale.isfinite().all() and (q.scale > 0).all()
+        assert (q.data.float() == 0).all()
+
+
+def test_rowwise_operands_scale_each_row_or_column_over_the_contraction_dimension():
+    t = _randn(32, 48) * torch.logspace(-2, 2, 32)[:, None]  # rows of very different sizes
+    a = fp8.operand(t, E4M3, "rowwise", "a")  # (M, K): one scale per row
+    assert a.scale.shape == (32, 1) and a.data.is_contiguous()
+    for i in (0, 17, 31):
+        assert a.scale[i, 0] == 1 / fp8.scale_for(t[i], E4M3, None)
+    b = fp8.operand(t, E4M3, "rowwise", "b")  # (K, N): one scale per column
+    assert b.scale.shape == (1, 48) and b.data.t().is_contiguous(), "right operands are column-major"
+    for j in (0, 47):
+        assert b.scale[0, j] == 1 / fp8.scale_for(t[:, j], E4M3, None)
+    w = fp8.operand(t, E4M3, "tensorwise", "b")
+    assert w.scale.shape == () and w.data.t().is_contiguous()
+
+
+def test_rowwise_keeps_small_rows_that_one_tensorwise_scale_loses():
+    """A row 10^6 below the largest falls into float8's subnormals under one scale for the tensor."""
+    t = _randn(16, 64)
+    t[0] *= 1e4
+    t[1:] *= 1e-2
+    small = slice(1, None)
+    errors = {}
+    for recipe in RECIPES:
+        q = fp8.operand(t, E4M3, recipe, "a")
+        dequantized = q.data.float() * q.scale  # the scale broadcasts: () or (rows, 1)
+        errors[recipe] = _relative_error(dequantized[small], t[small])
+    assert errors["rowwise"] < 0.04, errors
+    assert errors["tensorwise"] > 0.5, errors
+
+
+# --- The GEMMs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_matmul_is_the_product_of_the_dequantized_operands(recipe):
+    """_scaled_mm's scales are dequantization scales: (a.data a.scale) @ (b.data b.scale)."""
+    a = fp8.operand(_randn(32, 64) * 3, E5M2, recipe, "a")
+    b = fp8.operand(_randn(64, 48) / 5, E4M3, recipe, "b")
+    want = (a.data.double() * a.scale.double()) @ (b.data.double() * b.scale.double())
+    got = fp8.matmul(a, b, torch.float32, fast_accum=False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _emulated(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> torch.Tensor:
+    """t rounded through float8 with a power-of-two scale per tensor or per slice over `dim`: the
+    reference the linear's GEMMs must match, written out without threefold's helpers."""
+    amax = t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
+    scale = 2.0 ** torch.floor(torch.log2(torch.finfo(dtype).max / amax))
+    return _nearest(t * scale, dtype) / scale
+
+
+@pytest.mark.parametrize("recipe,grad_dtype", [("tensorwise", E5M2), ("rowwise", E4M3)])
+def test_linear_forward_and_backward_are_the_float8_gemms(recipe, grad_dtype):
+    """Forward x in e4m3 @ W in e4m3; grad_x: dy @ W in e4m3; grad_W: dy^T @ x in e4m3, with dy in e5m2
+    (tensorwise) or e4m3 (rowwise), each scaled over the dimension its GEMM contracts (rowwise): matched
+    against float64 emulation, and against float32 within float8's error."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 64, generator=gen).requires_grad_()
+    w = (torch.randn(48, 64, generator=gen) * 0.05).requires_grad_()
+    dy = torch.randn(2, 16, 48, generator=gen) * 1e-3
+    y = fp8.fp8_linear(x, w, recipe)
+    y.backward(dy)
+
+    rows = recipe == "rowwise"
+    x2, g2 = x.detach().reshape(32, 64).double(), dy.reshape(32, 48).double()
+    wd = w.detach().double()
+    want_y = _emulated(x2, E4M3, 1 if rows else None) @ _emulated(wd, E4M3, 1 if rows else None).t()
+    want_gx = _emulated(g2, grad_dtype, 1 if rows else None) @ _emulated(wd, E4M3, 0 if rows else None)
+    want_gw = _emulated(g2.t(), grad_dtype, 1 if rows else None) @ _emulated(x2, E4M3, 0 if rows else None)
+    for got, want, name in ((y, want_y, "y"), (x.grad, want_gx, "grad_x"), (w.grad, want_gw, "grad_w")):
+        torch.testing.assert_close(got.detach().reshape(want.shape).double(), want, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+
+    # Against float32: float8's error, and not less (the GEMMs really ran in float8).
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    yr = torch.nn.functional.linear(xr, wr)
+    yr.backward(dy)
+    grad_bound = 0.08 if grad_dtype == E5M2 else 0.05  # e4m3 rounds to half the error of e5m2
+    for got, want, bound in ((y, yr, 0.04), (x.grad, xr.grad, grad_bound), (w.grad, wr.grad, grad_bound)):
+        assert 1e-4 < _relative_error(got.detach(), want.detach()) < bound
+
+
+# --- Tensor parallelism: tp 2 against tp 1, both in float8 ------------------------------------------
+
+SHAPE = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    ffn_hidden_size=128, max_seq_len=32)  # fmt: skip
+"""Every GEMM dimension a multiple of 16 at tp 2, as the GPU needs (head dim 16, kv heads 1 per rank)."""
+VARIANTS = {
+    "overlap": dict(),
+    "plain": dict(overlap_comm=False),
+    "sp": dict(sequence_parallel=True),
+    "recompute": dict(recompute="full"),  # the float8 forward runs again in backward: the same casts
+}
+
+
+def _loss_and_grads(rank: int, world_size: int, recipes: list, variants: dict) -> dict:
+    """Loss and full gradients of one forward/backward of the model per (recipe, TP variant)."""
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, SHAPE.vocab_size, (2, 17), generator=gen)  # 2 x 16 = 32 tokens per GEMM
+    out = {}
+    for recipe in recipes:
+        for name, options in variants.items():
+            tp = TPContext(dist.group.WORLD, fp8=recipe, **options)
+            model = build_model(SHAPE, tp, seed=3)
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            grads = {n: _full_grad(p, tp) for n, p in model.named_parameters()}
+            out[(recipe, name)] = (loss.item(), grads)
+    return out
+
+
+def _full_grad(param: torch.nn.Parameter, tp: TPContext) -> torch.Tensor:
+    """The full gradient of a parameter: shards gathered, partial sums (sequence parallelism) summed."""
+    grad = param.grad
+    assert grad is not None
+    if getattr(param, "sequence_parallel", False):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=tp.group)
+    shaped = torch.nn.Parameter(grad)
+    for attr in ("tp_dim", "tp_full_size", "tp_replicas"):
+        if hasattr(param, attr):
+            setattr(shaped, attr, getattr(param, attr))
+    return gather_full(shaped, tp.group)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """tp 1: float32 (recipe None) and each float8 recipe."""
+    return run_ranks(1, _loss_and_grads, [None, *RECIPES], {"tp1": {}}, timeout=120)[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_ranks(2, _loss_and_grads, RECIPES, VARIANTS, timeout=120)[0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_tensor_parallel_float8_matches_one_process(single_process, two_ranks, recipe, variant):
+    """Power-of-two scales make float8 rounding independent of which rank's amax set the scale, so tp 2
+    reproduces tp 1's float8 run closely (summation order aside), while both sit float8's error away
+    from float32: the comparison tells a TP mistake (errors of order one) from float8's own."""
+    loss, grads = two_ranks[(recipe, variant)]
+    ref_loss, ref_grads = single_process[(recipe, "tp1")]
+    f32_loss, f32_grads = single_process[(None, "tp1")]
+    assert abs(loss - ref_loss) < 1e-6 * abs(ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert grads[name].shape == ref.shape, name
+        assert _relative_error(grads[name], ref) < 1e-4, name
+        if "proj" in name:  # the float8 linears: really float8, and within its error of float32
+            assert 1e-3 < _relative_error(ref, f32_grads[name]) < 0.2, name
+
+
+def _train_fp8_on_cpu(rank: int, world_size: int, config) -> dict:
+    """`train_and_gather` with the device rule lifted (float8 runs on the CPU here), recording its calls."""
+    import threefold.train as train_module
+
+    checked = []
+    train_module.check_fp8_device = lambda device, recipe: checked.append((device.type, recipe))
+    return train_and_gather(rank, world_size, config) | {"checked": checked}
+
+
+@pytest.fixture(scope="module")
+def fp8_runs(sonnets_dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fp8-train")
+
+    def config(tp: int, fp8):
+        return tiny_config(sonnets_dataset, run, tp=tp, model=dict(hidden_size=64, ffn_hidden_size=128),
+                           training=dict(dtype="bfloat16", device="auto", fp8=fp8, max_steps=3))  # fmt: skip
+
+    return {
+        (tp, fp8): run_ranks(tp, _train_fp8_on_cpu, config(tp, fp8), timeout=120)[0]
+        for tp, fp8 in [(1, False), (1, "tensorwise"), (2, "tensorwise")]
+    }
+
+
+def test_training_with_fp8_from_the_config(fp8_runs):
+    """`training.fp8` reaches the model through train.build (which asks for the device check), trains
+    under tp 1 and tp 2 alike, and differs from bf16 by float8's rounding only."""
+    bf16, one, two = fp8_runs[(1, False)], fp8_runs[(1, "tensorwise")], fp8_runs[(2, "tensorwise")]
+    assert bf16["checked"] == [] and one["checked"] == [("cpu", "tensorwise")]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=2e-3, atol=0)
+    gaps = [abs(a / b - 1) for a, b in zip(one["losses"], bf16["losses"], strict=True)]
+    assert 0 < max(gaps) < 0.02, gaps
+
+
+def test_float8_adds_no_state_to_checkpoints():
+    """An fp8 run's checkpoint loads in bf16 and back: the same parameters, names and shapes, no buffers."""
+
+    def state(rank, world_size):
+        plain = build_model(SHAPE, TPContext(dist.group.WORLD)).state_dict()
+        float8 = build_model(SHAPE, TPContext(dist.group.WORLD, fp8="rowwise")).state_dict()
+        return {k: v.shape for k, v in plain.items()}, {k: v.shape for k, v in float8.items()}
+
+    plain, float8 = run_ranks(1, state, timeout=60)[0]
+    assert plain == float8
+
+
+# --- Configuration ------------------------------------------------------------------------------------
+
+
+def _config(tmp_path, sonnets_dataset, **training):
+    shape = dict(hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=128)
+    return tiny_config(sonnets_dataset, tmp_path, tp=2, model=shape,
+                       training=dict(dtype="bfloat16", device="auto") | training)  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["tensorwise", "rowwise", False])
+def test_fp8_setting_loads(tmp_path, sonnets_dataset, value):
+    assert _config(tmp_path, sonnets_dataset, fp8=value).training.fp8 == value
+
+
+def test_fp8_override_text(tmp_path, sonnets_dataset):
+    from threefold.config import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'[data]\npath = "{sonnets_dataset}"\n[training]\ndtype = "bfloat16"\nfp8 = "rowwise"\n')
+    assert load_config(path).training.fp8 == "rowwise"
+    assert load_config(path, ["--training.fp8=false"]).training.fp8 is False
+    assert load_config(path, ["--training.fp8=tensorwise"]).training.fp8 == "tensorwise"
+    with pytest.raises(
+        ValueError, match=r"training.fp8 True is unknown; choose one of \(False, 'tensorwise'"
+    ):
+        load_config(path, ["--training.fp8=true"])
+    with pytest.raises(ValueError, match="training.fp8 'blockwise' is unknown"):
+        load_config(path, ["--training.fp8=blockwise"])
+
+
+@pytest.mark.parametrize(
+    "training,model,message",
+    [
+        (dict(dtype="float32"), {}, r"fp8 = 'rowwise' needs training.dtype = 'bfloat16' \(got 'float32'\)"),
+        (dict(device="cpu"), {}, "needs a CUDA GPU of compute capability >= 8.9; training.device is 'cpu'"),
+        (dict(micro_batch_size=1, global_batch_size=8), {}, r"micro_batch_size \(1\) \* data.seq_len \(8\)"),
+        ({}, dict(ffn_hidden_size=80), r"model.ffn_hidden_size \(80\) / parallel.tp_size \(2\) = 40 is not"),
+        ({}, dict(hidden_size=72), r"multiple of 16; model.hidden_size = 72 is not"),
+        ({}, dict(num_heads=8), r"kv_heads \(2\) / parallel.tp_size \(2\)\) \* head dim \(8\) = 8 is not"),
+    ],
+    ids=["float32", "cpu", "tokens", "ffn", "hidden", "kv"],
+)  # fmt: skip
+def test_fp8_config_errors_name_the_values(tmp_path, sonnets_dataset, training, model, message):
+    shape = dict(hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=128) | model
+    raw_training = dict(dtype="bfloat16", device="auto", fp8="rowwise") | training
+    data = dict(seq_len=8) if "micro_batch_size" in training else {}
+    with pytest.raises(ValueError, match=message):
+        tiny_config(sonnets_dataset, tmp_path, tp=2, model=shape, training=raw_training, data=data)
+
+
+def test_fp8_device_check_refuses_the_cpu():
+    with pytest.raises(
+        ValueError, match="training.fp8 = 'tensorwise' needs a CUDA GPU; this rank runs on cpu"
+    ):
+        check_fp8_device(torch.device("cpu"), "tensorwise")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine without a GPU")
+def test_fp8_without_a_gpu_stops_before_the_workers_start(tmp_path, sonnets_dataset):
+    from threefold.launch import run_workers
+
+    config = _config(tmp_path, sonnets_dataset, fp8="tensorwise")  # training.device = 'auto'
+
+    def body(*args):
+        raise AssertionError("no worker may start")
+
+    with pytest.raises(ValueError, match="training.fp8 = 'tensorwise' needs a CUDA GPU .* none is available"):
+        run_workers(config, body, world=None, nproc=None, worker_argv=["train"])

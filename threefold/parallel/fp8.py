@@ -1,0 +1,146 @@
+"""FP8 linear layers: the three GEMMs of y = x W^T in float8 with dynamic scaling, on torch._scaled_mm.
+
+Shapes: M tokens (b*s), K input features, N output features (local to this TP rank where sharded).
+
+Each GEMM's operands are cast to float8 just before it, with scales computed from the tensors
+themselves (dynamic scaling: no amax history, no state, nothing in checkpoints):
+
+    forward      y      = x  @ W^T     x, W  in e4m3 (3 mantissa bits, range 448)
+    backward     grad_x = dy @ W       dy in the recipe's gradient format, W in e4m3
+                 grad_W = dy^T @ x     dy likewise, x in e4m3
+
+Accumulation is in fp32 inside the GEMM; outputs are in the input dtype (bf16). The gradient is always
+the left operand, the side _scaled_mm's row-wise kernel accepts in either format.
+
+Two recipes (`training.fp8`), as torchao defines them:
+- 'tensorwise': one scale per operand, fp8_max / amax(|t|). Cheapest, and what cuBLAS's fp8 GEMM
+  reads directly. Gradients in e5m2 (2 mantissa bits, range 57344): with one scale for the whole
+  tensor, their spread (far wider than that of activations and weights) needs the range.
+- 'rowwise': one scale per row of the left operand and per column of the right one, each taken over
+  the contraction dimension (the layout _scaled_mm's row-wise kernel requires). One outlier token then
+  costs precision only in its own row, and each row's scale covers its own range, so gradients keep
+  e4m3's extra mantissa bit (half the rounding error of e5m2). The backward GEMMs contract over other
+  dimensions than the forward, so each operand is scaled afresh along the dimension its GEMM sums over.
+
+Scales are rounded down to a power of two: multiplying by one and by its inverse is exact, so the only
+error is float8's own rounding (and the bound the tests check is the format's).
+
+Why our own autograd Function rather than torchao's Float8Linear: threefold's tensor-parallel layers
+are not nn.Linear, and the column-parallel projections run their GEMMs inside their own autograd
+Function (to overlap the input gradient's all-reduce with the weight gradients), which a module swap
+cannot reach. The GEMM helpers here serve both that Function and a plain linear. The float8 math is
+four lines on top of torch._scaled_mm, and the GPU machine then needs nothing beyond torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from threefold.config import Fp8Recipe
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}  # 448, 57344
+GRAD_DTYPE = {"tensorwise": E5M2, "rowwise": E4M3}
+"""The float8 format of the output gradient dy under each recipe."""
+AMAX_FLOOR = 1e-12
+"""An all-zero tensor (or row) would divide by zero; its scale is capped at fp8_max / AMAX_FLOOR."""
+
+
+class Operand(NamedTuple):
+    """One side of a float8 GEMM: `data * scale` approximates the high-precision tensor."""
+
+    data: torch.Tensor
+    """The float8 values, laid out as _scaled_mm wants this side (left: row-major, right: column-major)."""
+    scale: torch.Tensor
+    """fp32 dequantization scale: () tensorwise; (rows, 1) for a left, (1, columns) for a right operand."""
+
+
+def scale_for(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> torch.Tensor:
+    """The power-of-two factor that brings amax(|t|) (over all of t, or over `dim`, kept) within dtype's
+    range: 2^floor(log2(fp8_max / amax)), fp32."""
+    amax = t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
+    ratio = FP8_MAX[dtype] / amax.float().clamp(min=AMAX_FLOOR)
+    return torch.exp2(torch.floor(torch.log2(ratio)))
+
+
+def to_fp8(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t * scale in `dtype`, saturated at +-fp8_max: the float8 casts overflow to NaN or inf otherwise."""
+    limit = FP8_MAX[dtype]
+    return (t.float() * scale).clamp(-limit, limit).to(dtype)
+
+
+def quantize(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> Operand:
+    """t in float8 with one scale (dim None) or one per slice reduced over `dim`; layout of t kept."""
+    scale = scale_for(t, dtype, dim)
+    return Operand(to_fp8(t, scale, dtype), scale.reciprocal())
+
+
+def operand(t: torch.Tensor, dtype: torch.dtype, recipe: Fp8Recipe, side: str) -> Operand:
+    """2-D t as the left ('a', (M, K)) or right ('b', (K, N)) operand of a float8 GEMM, scaled per the
+    recipe: rowwise scales each row of a / column of b over the contraction dimension K."""
+    dim = None if recipe == "tensorwise" else (1 if side == "a" else 0)
+    q = quantize(t, dtype, dim)
+    data = q.data.contiguous() if side == "a" else q.data.t().contiguous().t()
+    return Operand(data, q.scale)
+
+
+def matmul(a: Operand, b: Operand, out_dtype: torch.dtype, *, fast_accum: bool) -> torch.Tensor:
+    """(a.data * a.scale) @ (b.data * b.scale) in out_dtype, accumulated in fp32 by the GEMM."""
+    return torch._scaled_mm(a.data, b.data, a.scale, b.scale, out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+
+# The three GEMMs of a linear layer. Only the forward uses fast accumulation (Hopper's fp8 tensor cores
+# then skip periodic promotion to full fp32): gradients are summed over every token and keep it.
+
+
+def forward_gemm(x: Operand, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype: torch.dtype) -> torch.Tensor:
+    """x W^T: x (M, K) already a left operand (shared by projections reading one input), W (N, K)."""
+    return matmul(x, operand(weight.t(), E4M3, recipe, "b"), out_dtype, fast_accum=True)  # (M, N)
+
+
+def grad_input_gemm(grad: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
+    """dy W: dy (M, N), W (N, K) -> (M, K)."""
+    g = operand(grad, GRAD_DTYPE[recipe], recipe, "a")
+    return matmul(g, operand(weight, E4M3, recipe, "b"), grad.dtype, fast_accum=False)
+
+
+def grad_weight_gemm(grad: torch.Tensor, x: Operand, recipe: Fp8Recipe) -> torch.Tensor:
+    """dy^T x: dy (M, N), x (M, K) already a right operand -> (N, K)."""
+    return matmul(operand(grad.t(), GRAD_DTYPE[recipe], recipe, "a"), x, grad.dtype, fast_accum=False)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """x W^T for x (M, K), W (N, K), all three GEMMs in float8; saves x and W as they came (the same
+    memory as F.linear)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
+        ctx.recipe = recipe
+        ctx.save_for_backward(x, weight)
+        return forward_gemm(operand(x, E4M3, recipe, "a"), weight, recipe, x.dtype)  # (M, N)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_input_gemm(grad, weight, ctx.recipe)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_weight_gemm(grad, operand(x, E4M3, ctx.recipe, "b"), ctx.recipe)
+        return grad_x, grad_weight, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
+    """F.linear(x, weight) without bias, its GEMMs in float8: x (..., K), weight (N, K) -> (..., N)."""
+    # 2-D inside the Function: an output that was a view of its result would refuse in-place ops after
+    # (the tensor-parallel all-reduce).
+    y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, recipe)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe | None) -> torch.Tensor:
+    """x W^T in float8 under a recipe, else torch's linear (bias added by the caller)."""
+    return torch.nn.functional.linear(x, weight) if recipe is None else fp8_linear(x, weight, recipe)
