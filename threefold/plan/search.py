@@ -18,7 +18,7 @@ from threefold.pipeline.schedules import ScheduleName, check_schedule_args
 from threefold.plan.hardware import GIB, Hardware
 from threefold.plan.layout import Layout, Workload
 from threefold.plan.memory_model import RankMemory, worst_rank
-from threefold.plan.time_model import StepTime, estimate_layout_time
+from threefold.plan.time_model import EAGER, Kernels, StepTime, estimate_layout_time
 
 RECOMPUTE_ORDER = ("none", "selective", "full")
 FIXABLE = ("tp_size", "pp_size", "dp_size", "num_model_chunks", "micro_batch_size", "recompute", "zero",
@@ -177,17 +177,17 @@ def plan(
     fixed: dict[str, Any] | None = None,
     memory_margin: float = 0.05,
     allow_zero: bool = True,
+    kernels: Kernels = EAGER,
 ) -> PlanResult:
-    """Evaluate every valid layout; those whose peak memory is within (1 - margin) of usable memory fit."""
+    """Evaluate every valid layout; those whose peak memory is within (1 - margin) of usable memory fit.
+    `kernels`: the software the step runs (threefold's eager path by default)."""
     capacity = hw.usable_bytes * (1 - memory_margin)
     ranked, too_big = [], []
     g = min(gpus_per_node, num_gpus)
     for lay in enumerate_layouts(w, num_gpus, fixed=fixed, allow_zero=allow_zero):
         mem = worst_rank(w, lay)
-        if mem.total > capacity:
-            too_big.append(Candidate(lay, mem, estimate_layout_time(w, lay, hw, gpus_per_node=g)))
-            continue
-        ranked.append(Candidate(lay, mem, estimate_layout_time(w, lay, hw, gpus_per_node=g)))
+        time = estimate_layout_time(w, lay, hw, gpus_per_node=g, kernels=kernels)
+        (too_big if mem.total > capacity else ranked).append(Candidate(lay, mem, time))
     ranked.sort(key=_preference)
     too_big.sort(key=lambda c: c.memory.total)
     return PlanResult(ranked=ranked, too_big=too_big, capacity_bytes=capacity)
