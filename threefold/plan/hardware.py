@@ -126,9 +126,17 @@ class Hardware:
         return d
 
 
-# Hopper bf16 matmuls: 690-770 TFLOP/s on large random matrices (BENCHMARKS.md, H100), less for small ones.
-_HOPPER_GEMM = ((0.01, 0.04), (0.1, 0.2), (1.0, 0.4), (10.0, 0.56), (100.0, 0.66), (1000.0, 0.72))
+# Achieved fraction of the bf16 peak of one matmul by its size (GFLOP = 2 m n k / 1e9).
+# Hopper: 759 / 686 / 681 TFLOP/s (0.77 / 0.69 / 0.69) at 4096^3 / 8192^3 / 16384^3 on random data on an
+# H200, and 764 TFLOP/s inside llama-1b's training step on an H100 (BENCHMARKS.md, docs/benchmarks.md's
+# profile); real activations draw less power than random data, so large GEMMs hold ~0.75.
+_HOPPER_GEMM = ((0.01, 0.04), (0.1, 0.2), (1.0, 0.45), (10.0, 0.62), (100.0, 0.72), (1000.0, 0.75))
+# Ampere: cuBLAS reaches ~250-270 of 312 TFLOP/s on large bf16 matmuls (NVIDIA's A100 whitepaper figures
+# and MLPerf-era reports); the Megatron-LM and TorchTitan rows of plan/validation.json are consistent with
+# it (`threefold plan --validate`).
 _AMPERE_GEMM = ((0.01, 0.08), (0.1, 0.3), (1.0, 0.6), (10.0, 0.76), (100.0, 0.83), (1000.0, 0.86))
+# Blackwell: no measurement yet; Hopper's curve (calibrate with `threefold plan --calibrate`).
+_BLACKWELL_GEMM = _HOPPER_GEMM
 
 PRESETS: dict[str, Hardware] = {
     # DGX A100 80GB (the paper's machine): NVLink3 600 GB/s per GPU (both directions), 8 x 200 Gb/s HDR
@@ -138,6 +146,19 @@ PRESETS: dict[str, Hardware] = {
         peak_tflops=GPU_PEAK_BF16_FLOPS["a100"] / 1e12,
         memory_gib=80.0,
         hbm_gbps=2039.0,
+        intra_node_gbps=230.0,
+        inter_node_gbps=22.0,
+        p2p_intra_gbps=250.0,
+        p2p_inter_gbps=23.0,
+        gemm_curve=_AMPERE_GEMM,
+        attention_efficiency=0.5,
+    ),
+    # DGX A100 40GB: the same node (NVLink3, 8 x HDR 200 Gb/s) with HBM2 at 1555 GB/s.
+    "a100-40gb": Hardware(
+        name="a100-40gb",
+        peak_tflops=GPU_PEAK_BF16_FLOPS["a100"] / 1e12,
+        memory_gib=40.0,
+        hbm_gbps=1555.0,
         intra_node_gbps=230.0,
         inter_node_gbps=22.0,
         p2p_intra_gbps=250.0,
@@ -170,7 +191,63 @@ PRESETS: dict[str, Hardware] = {
         p2p_inter_gbps=47.0,
         gemm_curve=_HOPPER_GEMM,
     ),
+    # B200 (HGX B200): 2.25 PFLOP/s dense bf16 per GPU at 1000 W, 180 GB HBM3e at 8 TB/s, NVLink5 1.8 TB/s
+    # per GPU (both directions), 8 x 400 Gb/s ConnectX-7 per node. Collective and GEMM efficiencies are
+    # Hopper's scaled by the datasheet until measured.
+    "b200": Hardware(
+        name="b200",
+        peak_tflops=GPU_PEAK_BF16_FLOPS["b200"] / 1e12,
+        memory_gib=178.0,
+        hbm_gbps=8000.0,
+        intra_node_gbps=680.0,
+        inter_node_gbps=45.0,
+        p2p_intra_gbps=740.0,
+        p2p_inter_gbps=47.0,
+        gemm_curve=_BLACKWELL_GEMM,
+    ),
 }
+
+PRESET_SOURCES: dict[str, dict[str, str]] = {
+    "a100-80gb": {
+        "peak_tflops": "NVIDIA A100 datasheet: 312 TFLOP/s dense bf16",
+        "memory_gib": "datasheet: 80 GB HBM2e",
+        "hbm_gbps": "datasheet: 2,039 GB/s (SXM4 80GB)",
+        "intra_node_gbps": "NVLink3 600 GB/s per GPU both directions (300 per direction); NCCL all-reduce "
+        "bus bandwidth on DGX A100 ~230 GB/s (nccl-tests reports)",
+        "inter_node_gbps": "DGX A100: 8 x HDR 200 Gb/s InfiniBand per node = 25 GB/s per GPU; ~22 achieved",
+        "gemm_curve": "cuBLAS bf16 ~250-270 TFLOP/s on large shapes; fits the Megatron-LM 2021 and "
+        "TorchTitan A100 rows of plan/validation.json",
+        "attention_efficiency": "FlashAttention-2 paper: 50-73% of A100 peak forward, less backward",
+    },
+    "a100-40gb": {
+        "peak_tflops": "NVIDIA A100 datasheet: 312 TFLOP/s dense bf16",
+        "hbm_gbps": "datasheet: 1,555 GB/s (SXM4 40GB)",
+        "links": "DGX A100 (NVLink3, 8 x HDR 200 Gb/s): as a100-80gb",
+    },
+    "h100": {
+        "peak_tflops": "NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16",
+        "hbm_gbps": "datasheet: 3.35 TB/s; 3.0 TB/s measured copy (BENCHMARKS.md)",
+        "intra_node_gbps": "NVLink4 900 GB/s per GPU both directions; ~340 GB/s all-reduce bus bandwidth "
+        "(as measured on H200, same NVLink)",
+        "inter_node_gbps": "DGX/HGX H100: 8 x NDR 400 Gb/s per node = 50 GB/s per GPU; ~45 achieved",
+        "gemm_curve": "690-770 TFLOP/s bf16 measured on large random matrices (BENCHMARKS.md)",
+    },
+    "h200": {
+        "peak_tflops": "NVIDIA H200 SXM datasheet: 989 TFLOP/s dense bf16",
+        "hbm_gbps": "datasheet: 4.8 TB/s HBM3e",
+        "intra_node_gbps": "measured: NCCL all-reduce bus bandwidth 340-354 GB/s on 4 H200 (BENCHMARKS.md)",
+        "inter_node_gbps": "HGX H200 with 8 x NDR 400 Gb/s per node = 50 GB/s per GPU; ~45 achieved",
+        "gemm_curve": "759 / 686 / 681 TFLOP/s at 4096^3 / 8192^3 / 16384^3 measured (BENCHMARKS.md)",
+    },
+    "b200": {
+        "peak_tflops": "NVIDIA HGX B200 datasheet: 2.25 PFLOP/s dense bf16 per GPU",
+        "hbm_gbps": "datasheet: 8 TB/s HBM3e, 180 GB",
+        "intra_node_gbps": "NVLink5 1.8 TB/s per GPU both directions: Hopper's measured ratio, doubled",
+        "inter_node_gbps": "8 x 400 Gb/s ConnectX-7 per node = 50 GB/s per GPU; ~45 achieved",
+        "gemm_curve": "not measured: Hopper's fractions (run `threefold plan --calibrate` on the machine)",
+    },
+}
+"""Where each preset value comes from (printed by `threefold plan --explain`)."""
 
 
 def load_hardware(name_or_path: str) -> Hardware:
@@ -222,6 +299,8 @@ def preset_for_device(device_name: str) -> Hardware | None:
         return PRESETS["h200"]
     if "h100" in name:
         return PRESETS["h100"]
+    if "b200" in name:
+        return PRESETS["b200"]
     if "a100" in name:
-        return PRESETS["a100-80gb"]
+        return PRESETS["a100-40gb" if "40gb" in name else "a100-80gb"]
     return None

@@ -25,7 +25,8 @@ Communication:
     DP      per step, the all-reduce of the fp32 gradients (4 P_r bytes) or, with ZeRO-1, their
             reduce-scatter plus the all-gather of the updated parameters (e P_r). The gradient collective
             starts during the last micro-batch's backward and hides behind it (up to the last bucket);
-            the ZeRO all-gather follows the optimizer step and is exposed. Intra-node when t d <= g.
+            the ZeRO all-gather runs behind the next step's first forward (up to its first bucket).
+            Intra-node when t d <= g. Without overlap (Kernels.dp_overlap off) both are exposed.
 
 Pipeline (the paper's bubble): with C_r the per-micro-batch time of pipeline rank r (its v chunks, forward
 and backward, with its TP and p2p communication),
@@ -73,6 +74,10 @@ HOST_OPS_BACKWARD = 110
 """Autograd nodes run by one layer's backward, with the gradient hooks that fill main_grad."""
 STEP_OVERHEAD_S = 0.005
 """Per step: host synchronization, loss and gradient-norm all-reduces, Python."""
+EAGER_BANDWIDTH_FRACTION = 0.67
+"""Eager element-wise kernels (many small launches, mixed fp32/bf16 reads) reach about this fraction of the
+HBM bandwidth; fitted on the validation set (plan/validation.json), where at 1.0 eager runs were predicted
+~10% fast and compiled ones ~10% slow."""
 COMPILED_TRAFFIC = 0.5
 """torch.compile fuses a layer's element-wise kernels (norms, RoPE, activation, residuals): the bytes they
 move fall to about this fraction of the eager ones (measured on llama-1b, H100: 16 ms of element-wise time
@@ -104,6 +109,10 @@ class Kernels:
     """torch.compile: element-wise traffic and host operators scaled by COMPILED_TRAFFIC/_HOST_OPS."""
     dropout: bool = False
     """Dropout on the hidden states and (materialized) attention probabilities."""
+    dp_overlap: bool = True
+    """The data-parallel gradient collective starts during the last backward (bucketed), and ZeRO's
+    parameter all-gather runs behind the next forward (threefold, FSDP); False: both wait for the whole
+    backward and the optimizer (Megatron-LM 2021)."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("flash", "materialized"):
@@ -201,9 +210,7 @@ def _attention_core(
     return forward, 2 * bmm + hw.memory_time(bwd_bytes * scores)
 
 
-def layer_pass(
-    w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels: Kernels = EAGER
-) -> _Pass:
+def layer_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels: Kernels = EAGER) -> _Pass:
     """One transformer layer, one micro-batch: compute (with recomputation) and its TP all-reduces."""
     m, par = w.model, lay.parallel
     b, s, e, t = lay.micro_batch_size, w.seq_len, w.dtype_bytes, par.tp_size  # the docstring's notation
@@ -226,8 +233,7 @@ def layer_pass(
     if kernels.dropout:
         traffic += DROPOUT_BYTES_PER_H * replicated
     traffic += MLP_BYTES_PER_F * n * f / t
-    if kernels.compiled:
-        traffic *= COMPILED_TRAFFIC
+    traffic *= COMPILED_TRAFFIC if kernels.compiled else 1 / EAGER_BANDWIDTH_FRACTION
     elementwise = hw.memory_time(traffic)
     all_reduce = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp)
     forward = gemm + core_f + elementwise
@@ -312,10 +318,12 @@ def boundary_transfer(w: Workload, lay: Layout, hw: Hardware, *, intra_pp: bool)
 
 
 def data_parallel_tail(
-    lay: Layout, hw: Hardware, params: int, *, dtype_bytes: int, backward: float, intra_dp: bool
-) -> tuple[float, float]:
+    lay: Layout, hw: Hardware, params: int, *, dtype_bytes: int, backward: float, intra_dp: bool,
+    forward: float = 0.0, overlap: bool = True,
+) -> tuple[float, float]:  # fmt: skip
     """(exposed data-parallel communication, optimizer step) seconds per step of a rank holding `params`
-    parameters whose last micro-batch's backward takes `backward` seconds."""
+    parameters whose last micro-batch's backward takes `backward` seconds (and first forward `forward`:
+    ZeRO's all-gather of the updated parameters hides behind it, layer by layer)."""
     d, e = lay.parallel.dp_size, dtype_bytes
     grads = 4.0 * params
     if lay.parallel.zero and d > 1:
@@ -326,9 +334,13 @@ def data_parallel_tail(
         dp_comm = hw.all_reduce_time(grads, d, intra_node=intra_dp)
         gather = 0.0
         opt_bytes = (48 + e) * params if e == 2 else 44 * params
+    if not overlap:
+        return dp_comm + gather, hw.memory_time(opt_bytes)
     last_bucket = hw.all_reduce_time(min(grads, 25 * 2**20), d, intra_node=intra_dp)
-    hidden = DP_OVERLAP * backward
-    exposed = max(dp_comm - hidden, min(dp_comm, last_bucket)) + gather
+    exposed = max(dp_comm - DP_OVERLAP * backward, min(dp_comm, last_bucket))
+    if gather:
+        first_bucket = hw.all_gather_time(min(e * params, 25 * 2**20), d, intra_node=intra_dp)
+        exposed += max(gather - DP_OVERLAP * forward, min(gather, first_bucket))
     return exposed, hw.memory_time(opt_bytes)
 
 
@@ -370,7 +382,16 @@ def estimate_layout_time(
         works.append(work)
         # Data parallelism and the optimizer, once per step.
         dp_tail.append(
-            data_parallel_tail(lay, hw, params, dtype_bytes=e, backward=work.backward, intra_dp=intra_dp)
+            data_parallel_tail(
+                lay,
+                hw,
+                params,
+                dtype_bytes=e,
+                backward=work.backward,
+                intra_dp=intra_dp,
+                forward=work.forward,
+                overlap=kernels.dp_overlap,
+            )  # fmt: skip
         )
 
     slowest = max(range(p), key=lambda r: per_rank[r])

@@ -11,6 +11,7 @@ FLOP/s, whose count is fixed by the workload).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +76,12 @@ def _throughput(unit: str, w: Workload, step: float, num_gpus: int) -> float:
 
 def predict_row(row: dict[str, Any]) -> Prediction:
     """The time model's prediction for one validation row."""
-    w = Workload(model=_model(row["model"]), seq_len=row["seq_len"], global_batch_size=row["global_batch_size"],
-                 dtype=row.get("dtype", "bfloat16"))  # fmt: skip
+    w = Workload(
+        model=_model(row["model"]),
+        seq_len=row["seq_len"],
+        global_batch_size=row["global_batch_size"],
+        dtype=row.get("dtype", "bfloat16"),
+    )
     hw = PRESETS[row["hardware"]]
     kernels = Kernels(**row.get("kernels", {}))
     given = dict(row["layout"])
@@ -91,8 +96,6 @@ def predict_row(row: dict[str, Any]) -> Prediction:
         raise ValueError(f"row {row['id']}: no valid layout with {given}")
     layout = candidates[0].layout
     if sp:
-        import dataclasses
-
         layout = dataclasses.replace(
             layout, parallel=dataclasses.replace(layout.parallel, sequence_parallel=True)
         )
@@ -127,8 +130,8 @@ def _mae(predictions: list[Prediction]) -> float:
 def format_report(predictions: list[Prediction], sources: dict[str, Any]) -> str:
     """The validation table, its error summary and the sources, as Markdown."""
     lines = [
-        "| row | source | GPUs | layout (planner's where the source gives none) | unit | reported | predicted "
-        "| error |",
+        "| row | source | GPUs | layout (planner's where the source gives none) | unit | reported "
+        "| predicted | error |",
         "|---|---|---:|---|---|---:|---:|---:|",
     ]
     for p in predictions:
@@ -136,7 +139,8 @@ def format_report(predictions: list[Prediction], sources: dict[str, Any]) -> str
         lines.append(
             f"| {r['id']} | {r['source']} | {r['num_gpus']} x {r['hardware']} | {p.layout.label()} | "
             f"{'tokens/s/GPU' if p.unit == 'tokens_per_s_per_gpu' else 'HW TFLOP/s/GPU'} | "
-            f"{p.reported:,.0f} | {p.predicted:,.0f} | {p.error:+.1%}{' (not counted)' if r.get('superseded') else ''} |"
+            f"{p.reported:,.0f} | {p.predicted:,.0f} | {p.error:+.1%}"
+            f"{' (not counted)' if r.get('superseded') else ''} |"
         )
     s = summary(predictions)
     lines.append("")
@@ -146,7 +150,7 @@ def format_report(predictions: list[Prediction], sources: dict[str, Any]) -> str
     )
     for key, value in s.items():
         if key.startswith("mean_abs_error["):
-            lines.append(f"  {key[len('mean_abs_error['):-1]}: mean |error| {value:.1%}")
+            lines.append(f"  {key[len('mean_abs_error[') : -1]}: mean |error| {value:.1%}")
     lines.append("")
     for key, src in sources.items():
         lines.append(f"[{key}] {src['cite']}. {src['url']}")
