@@ -53,6 +53,12 @@ class Hardware:
     """Point-to-point bandwidth between GPUs of different nodes, one direction."""
     latency_us: float = 30.0
     """Fixed cost of one collective or transfer (launch, synchronization), microseconds."""
+    nic_gbps_per_node: float = 0.0
+    """Line rate of all the node's network adapters together, GB/s (DGX A100: 8 x HDR 200 Gb/s = 200 GB/s).
+    The presets derive inter_node_gbps from it: one NIC per GPU, NIC_EFFICIENCY of line rate achieved."""
+    inter_node_latency_us: float = 5.0
+    """Network latency of one step of a ring across nodes (switch hops, RDMA), microseconds: a ring
+    collective over n ranks that crosses nodes takes (n - 1) such steps per pass, on top of latency_us."""
     half_bandwidth_mb: float = 8.0
     """Message size (MiB) at which a collective reaches half its large-message bandwidth: the achieved
     bandwidth of an S-byte message is bw * S / (S + half)."""
@@ -94,14 +100,16 @@ class Hardware:
         if group_size <= 1 or nbytes <= 0:
             return 0.0
         bw = self._bandwidth(self.intra_node_gbps if intra_node else self.inter_node_gbps, nbytes)
-        return self.latency_us * 1e-6 + 2 * (group_size - 1) / group_size * nbytes / bw
+        return (
+            self._latency(2 * (group_size - 1), intra_node) + 2 * (group_size - 1) / group_size * nbytes / bw
+        )
 
     def reduce_scatter_time(self, nbytes: float, group_size: int, *, intra_node: bool) -> float:
         """Reduce-scatter (or all-gather) of a full tensor of `nbytes`: latency + (n-1)/n * S / busbw."""
         if group_size <= 1 or nbytes <= 0:
             return 0.0
         bw = self._bandwidth(self.intra_node_gbps if intra_node else self.inter_node_gbps, nbytes)
-        return self.latency_us * 1e-6 + (group_size - 1) / group_size * nbytes / bw
+        return self._latency(group_size - 1, intra_node) + (group_size - 1) / group_size * nbytes / bw
 
     all_gather_time = reduce_scatter_time
 
@@ -110,7 +118,11 @@ class Hardware:
         if nbytes <= 0:
             return 0.0
         bw = self._bandwidth(self.p2p_intra_gbps if intra_node else self.p2p_inter_gbps, nbytes)
-        return self.latency_us * 1e-6 + nbytes / bw
+        return self._latency(1, intra_node) + nbytes / bw
+
+    def _latency(self, ring_steps: int, intra_node: bool) -> float:
+        """Seconds of fixed cost: the launch, plus the network's per-step latency across nodes."""
+        return (self.latency_us + (0.0 if intra_node else ring_steps * self.inter_node_latency_us)) * 1e-6
 
     def _bandwidth(self, gbps: float, nbytes: float) -> float:
         """Achieved bytes/s for one message: bw * S / (S + S_half)."""
@@ -138,6 +150,19 @@ _AMPERE_GEMM = ((0.01, 0.08), (0.1, 0.3), (1.0, 0.6), (10.0, 0.76), (100.0, 0.83
 # Blackwell: no measurement yet; Hopper's curve (calibrate with `threefold plan --calibrate`).
 _BLACKWELL_GEMM = _HOPPER_GEMM
 
+NIC_EFFICIENCY = 0.88
+"""Fraction of a NIC's line rate NCCL's inter-node collectives reach (nccl-tests on HDR/NDR fabrics report
+85-92% of line rate as bus bandwidth)."""
+HDR_X8 = 8 * 200 / 8  # GB/s per node: 8 x HDR 200 Gb/s
+NDR_X8 = 8 * 400 / 8  # GB/s per node: 8 x NDR 400 Gb/s
+
+
+def _network(nic_gbps_per_node: float, gpus_per_node: int = 8) -> dict[str, float]:
+    """Inter-node fields from the node's NICs: one NIC per GPU, NIC_EFFICIENCY of line rate."""
+    per_gpu = nic_gbps_per_node / gpus_per_node * NIC_EFFICIENCY
+    return dict(nic_gbps_per_node=nic_gbps_per_node, inter_node_gbps=per_gpu, p2p_inter_gbps=per_gpu)
+
+
 PRESETS: dict[str, Hardware] = {
     # DGX A100 80GB (the paper's machine): NVLink3 600 GB/s per GPU (both directions), 8 x 200 Gb/s HDR
     # InfiniBand per node (25 GB/s per GPU).
@@ -147,9 +172,8 @@ PRESETS: dict[str, Hardware] = {
         memory_gib=80.0,
         hbm_gbps=2039.0,
         intra_node_gbps=230.0,
-        inter_node_gbps=22.0,
         p2p_intra_gbps=250.0,
-        p2p_inter_gbps=23.0,
+        **_network(HDR_X8),
         gemm_curve=_AMPERE_GEMM,
         attention_efficiency=0.5,
     ),
@@ -160,9 +184,8 @@ PRESETS: dict[str, Hardware] = {
         memory_gib=40.0,
         hbm_gbps=1555.0,
         intra_node_gbps=230.0,
-        inter_node_gbps=22.0,
         p2p_intra_gbps=250.0,
-        p2p_inter_gbps=23.0,
+        **_network(HDR_X8),
         gemm_curve=_AMPERE_GEMM,
         attention_efficiency=0.5,
     ),
@@ -173,9 +196,8 @@ PRESETS: dict[str, Hardware] = {
         memory_gib=79.6,
         hbm_gbps=3350.0,
         intra_node_gbps=340.0,
-        inter_node_gbps=45.0,
         p2p_intra_gbps=370.0,
-        p2p_inter_gbps=47.0,
+        **_network(NDR_X8),
         gemm_curve=_HOPPER_GEMM,
     ),
     # H200 SXM 141GB: the H100's compute and NVLink with faster, larger HBM3e. All-reduce bus bandwidth
@@ -186,9 +208,8 @@ PRESETS: dict[str, Hardware] = {
         memory_gib=140.4,
         hbm_gbps=4800.0,
         intra_node_gbps=340.0,
-        inter_node_gbps=45.0,
         p2p_intra_gbps=370.0,
-        p2p_inter_gbps=47.0,
+        **_network(NDR_X8),
         gemm_curve=_HOPPER_GEMM,
     ),
     # B200 (HGX B200): 2.25 PFLOP/s dense bf16 per GPU at 1000 W, 180 GB HBM3e at 8 TB/s, NVLink5 1.8 TB/s
@@ -200,9 +221,8 @@ PRESETS: dict[str, Hardware] = {
         memory_gib=178.0,
         hbm_gbps=8000.0,
         intra_node_gbps=680.0,
-        inter_node_gbps=45.0,
         p2p_intra_gbps=740.0,
-        p2p_inter_gbps=47.0,
+        **_network(NDR_X8),
         gemm_curve=_BLACKWELL_GEMM,
     ),
 }
