@@ -186,7 +186,7 @@ def plan(
     too_big: list[Candidate] = []
     g = min(gpus_per_node, num_gpus)
     for lay in enumerate_layouts(w, num_gpus, fixed=fixed, allow_zero=allow_zero):
-        mem = worst_rank(w, lay)
+        mem = worst_rank(w, lay, compiled=kernels.compiled)
         time = estimate_layout_time(w, lay, hw, gpus_per_node=g, kernels=kernels)
         (too_big if mem.total > capacity else ranked).append(Candidate(lay, mem, time))
     ranked.sort(key=_preference)

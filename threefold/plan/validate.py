@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from threefold.config import ModelConfig
-from threefold.plan.hardware import PRESETS
+from threefold.plan.hardware import GIB, PRESETS
 from threefold.plan.layout import Layout, Workload
+from threefold.plan.memory_model import worst_rank
 from threefold.plan.search import FIXABLE, Candidate, plan
 from threefold.plan.time_model import Kernels, StepTime, estimate_layout_time
 from threefold.presets import MODEL_PRESETS
@@ -38,10 +39,18 @@ class Prediction:
     """Throughput in the row's reported unit."""
     reported: float
     unit: str
+    memory_gib: float
+    """Predicted peak memory of the most loaded rank (compare with `measured_peak_gib` where a row has it)."""
 
     @property
     def error(self) -> float:
         return self.predicted / self.reported - 1
+
+    @property
+    def memory_error(self) -> float | None:
+        """Predicted / measured peak memory - 1, or None when the row has no measured peak."""
+        peak = self.row.get("measured_peak_gib")
+        return None if peak is None else self.memory_gib / peak - 1
 
 
 def load_rows(path: Path = VALIDATION_FILE) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -101,7 +110,9 @@ def predict_row(row: dict[str, Any]) -> Prediction:
         )
     time = estimate_layout_time(w, layout, hw, gpus_per_node=g, kernels=kernels)
     (unit, reported), *_ = ((k, v) for k, v in row["reported"].items() if k != "percent_of_peak")
-    return Prediction(row, layout, time, _throughput(unit, w, time.step, row["num_gpus"]), reported, unit)
+    memory = worst_rank(w, layout, compiled=kernels.compiled).total / GIB
+    throughput = _throughput(unit, w, time.step, row["num_gpus"])
+    return Prediction(row, layout, time, throughput, reported, unit, memory)
 
 
 def validate(path: Path = VALIDATION_FILE) -> list[Prediction]:
@@ -120,6 +131,10 @@ def summary(predictions: list[Prediction]) -> dict[str, float]:
     out = {"mean_abs_error": _mae(predictions), "max_abs_error": max(abs(p.error) for p in predictions)}
     for source in sorted({p.row["source"] for p in predictions}):
         out[f"mean_abs_error[{source}]"] = _mae([p for p in predictions if p.row["source"] == source])
+    memory = [abs(e) for p in predictions if (e := p.memory_error) is not None]
+    if memory:
+        out.update(memory_rows=len(memory), memory_mean_abs_error=sum(memory) / len(memory),
+                   memory_max_abs_error=max(memory))  # fmt: skip
     return out
 
 
@@ -131,8 +146,8 @@ def format_report(predictions: list[Prediction], sources: dict[str, Any]) -> str
     """The validation table, its error summary and the sources, as Markdown."""
     lines = [
         "| row | source | GPUs | layout (planner's where the source gives none) | unit | reported "
-        "| predicted | error |",
-        "|---|---|---:|---|---|---:|---:|---:|",
+        "| predicted | error | peak GiB measured | predicted | error |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in predictions:
         r = p.row
@@ -140,7 +155,12 @@ def format_report(predictions: list[Prediction], sources: dict[str, Any]) -> str
             f"| {r['id']} | {r['source']} | {r['num_gpus']} x {r['hardware']} | {p.layout.label()} | "
             f"{'tokens/s/GPU' if p.unit == 'tokens_per_s_per_gpu' else 'HW TFLOP/s/GPU'} | "
             f"{p.reported:,.0f} | {p.predicted:,.0f} | {p.error:+.1%}"
-            f"{' (not counted)' if r.get('superseded') else ''} |"
+            f"{' (not counted)' if r.get('superseded') else ''} | "
+            + (
+                f"{r['measured_peak_gib']:.1f} | {p.memory_gib:.1f} | {p.memory_error:+.1%} |"
+                if p.memory_error is not None
+                else "| | |"
+            )  # fmt: skip
         )
     s = summary(predictions)
     lines.append("")
@@ -151,6 +171,11 @@ def format_report(predictions: list[Prediction], sources: dict[str, Any]) -> str
     for key, value in s.items():
         if key.startswith("mean_abs_error["):
             lines.append(f"  {key[len('mean_abs_error[') : -1]}: mean |error| {value:.1%}")
+    if "memory_rows" in s:
+        lines.append(
+            f"peak memory, {s['memory_rows']:.0f} measured rows: mean |error| "
+            f"{s['memory_mean_abs_error']:.1%}, largest {s['memory_max_abs_error']:.1%}"
+        )
     lines.append("")
     for key, src in sources.items():
         lines.append(f"[{key}] {src['cite']}. {src['url']}")
