@@ -157,3 +157,21 @@ def test_compiled_memory_drops_the_fp32_norm_copies():
     head = {k: v for k, v in kw.items() if k != "recompute"}
     (_, t_eager), (_, t_compiled) = (head_loss_activation(llama, **head, compiled=c) for c in (False, True))
     assert t_eager == 2 * t_compiled
+
+
+def test_thin_matmuls_are_memory_bound():
+    """A matmul's time is the longer of its FLOPs at the size's efficiency and its bytes at HBM bandwidth."""
+    hw = PRESETS["h100"]
+    thin = hw.matmul_time(8192, 8192, 8)  # q k^T over an 8-wide head: 128 MiB of scores for 1 GFLOP
+    assert thin == pytest.approx(hw.memory_time(2 * (8192 * 8 * 2 + 8192 * 8192)))
+    assert thin > hw.gemm_time(2.0 * 8192 * 8192 * 8)
+    assert hw.matmul_time(8192, 8192, 8192) == hw.gemm_time(2.0 * 8192**3)
+
+
+def test_calibration_measures_attention():
+    import torch
+
+    from threefold.plan.calibrate import measure_attention_efficiency
+
+    eff = measure_attention_efficiency(torch.device("cpu"), 0.05, seq_len=128, num_heads=2, head_dim=32)
+    assert 0 < eff <= 1

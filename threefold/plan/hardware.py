@@ -91,6 +91,13 @@ class Hardware:
             return 0.0
         return flops / (self.peak_tflops * 1e12 * self.gemm_efficiency(flops))
 
+    def matmul_time(self, m: int, n: int, k: int, dtype_bytes: int = 2) -> float:
+        """Seconds for an (m, k) x (k, n) matmul by its shape: the FLOPs at the curve's efficiency for
+        their size, or the bytes of its operands and result at HBM bandwidth when that is longer (a thin
+        inner dimension, such as attention's q k^T over a 64-128 wide head, makes it memory-bound)."""
+        flops = 2.0 * m * n * k
+        return max(self.gemm_time(flops), self.memory_time(dtype_bytes * (m * k + k * n + m * n)))
+
     def memory_time(self, nbytes: float) -> float:
         """Seconds to stream `nbytes` through device memory (memory-bound kernels)."""
         return nbytes / (self.hbm_gbps * 1e9)

@@ -189,7 +189,7 @@ class _Pass:
 
 def _gemms(hw: Hardware, shapes: list[tuple[int, int, int]]) -> float:
     """Seconds of the forward matmuls (n_tok, k) x (k, N): each 2 n_tok k N FLOPs."""
-    return sum(hw.gemm_time(2.0 * n * k * out) for n, k, out in shapes)
+    return sum(hw.matmul_time(n, out, k) for n, k, out in shapes)
 
 
 def _attention_core(
@@ -202,7 +202,7 @@ def _attention_core(
     # Materialized: q k^T and p v as batched matmuls over the whole s x s square, the softmax in memory.
     scores = b * heads_local * s * s
     head_dim = hq_local // max(1, heads_local)
-    bmm = b * heads_local * hw.gemm_time(2.0 * s * s * head_dim) * 2
+    bmm = b * heads_local * (hw.matmul_time(s, s, head_dim) + hw.matmul_time(s, head_dim, s))
     fwd_bytes, bwd_bytes = SCORE_BYTES_FORWARD, SCORE_BYTES_BACKWARD
     if kernels.dropout:
         fwd_bytes, bwd_bytes = fwd_bytes + DROPOUT_SCORE_BYTES[0], bwd_bytes + DROPOUT_SCORE_BYTES[1]
