@@ -4,11 +4,16 @@ Notation as in threefold.plan.memory_model; n_tok = b s tokens per micro-batch, 
 time below is per micro-batch on one GPU unless it says "per step".
 
 Compute of one layer (forward; backward = 2x the matmuls, 2.5x the attention core, 2x the memory traffic):
-    matmuls       each GEMM of 2 n_tok k N FLOPs at the hardware's efficiency for that size:
+    matmuls       each (n_tok, k) x (k, N) matmul by its shape (`Hardware.matmul_time`): 2 n_tok k N FLOPs
+                  at the efficiency for that size, or its operands' bytes at HBM bandwidth if longer:
                   llama q, k, v, o, gate, up, down (widths h_q/t, h_kv/t, f/t); gpt2 q, k, v, o, up, down
-    attention     causal core: 2 b s^2 h_q / t FLOPs forward at `attention_efficiency`
+    attention     flash (`Kernels.attention`): causal core, 2 b s^2 h_q / t FLOPs forward at
+                  `attention_efficiency`; materialized: q k^T and p v per head over the whole s x s square
+                  as matmuls, and the softmax (and dropout) over b a/t s^2 scores by bytes
     element-wise  memory-bound bytes / HBM bandwidth: norms and residual adds (replicated over t unless
-                  sequence parallel), RoPE and the k/v repeat (per head), the MLP activation (per f/t)
+                  sequence parallel), RoPE and the k/v repeat (per head), the MLP activation (per f/t),
+                  dropout when on; eager kernels at EAGER_BANDWIDTH_FRACTION of the bandwidth, compiled
+                  ones moving COMPILED_TRAFFIC of the bytes
     recompute     full: one more forward of the layer in backward (its TP all-reduces included);
                   selective: one more forward of the attention core
 Head: the final norm, the logits GEMM (2 n_tok h V_p/t) and the cross-entropy's passes over the local
@@ -36,6 +41,9 @@ loss) on every micro-batch.
 
 Per step: T = T_pipeline + exposed DP communication + optimizer (memory-bound AdamW over the rank's
 shard, about 48 + e bytes per parameter, 4 + (44 + e) / d with ZeRO-1) + a fixed overhead.
+`StepTime.terms` splits T of the slowest pipeline rank by TERMS (`threefold plan --explain`); the
+validation set, threefold/plan/validation.json, checks the whole against published and measured runs
+(`threefold plan --validate`, docs/planner.md).
 """
 
 from __future__ import annotations
