@@ -74,6 +74,9 @@ CE_BACKWARD_BYTES = 14.0
 BACKWARD_TRAFFIC = 2.0
 ATTENTION_BACKWARD_FLOPS = 2.5
 """Flash attention's backward executes about 2.5x the forward FLOPs (it recomputes the scores)."""
+COLLECTIVE_HBM_PASSES = 3.0
+"""A ring collective reads and writes each byte of its buffer about this many times in device memory
+(send, receive, reduce); overlapped with compute it takes that HBM time from the kernels it hides behind."""
 DP_OVERLAP = 0.9
 """Fraction of the last micro-batch's backward the gradient collective can hide behind."""
 HOST_OPS_FORWARD = 50
@@ -349,6 +352,9 @@ def data_parallel_tail(
     if gather:
         first_bucket = hw.all_gather_time(min(e * params, 25 * 2**20), d, intra_node=intra_dp)
         exposed += max(gather - DP_OVERLAP * forward, min(gather, first_bucket))
+    # A hidden collective still streams its buffers through HBM, slowing the kernels it overlaps.
+    if d > 1:
+        exposed += hw.memory_time(COLLECTIVE_HBM_PASSES * (grads + e * params * bool(gather)))
     return exposed, hw.memory_time(opt_bytes)
 
 
