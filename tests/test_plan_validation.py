@@ -118,7 +118,7 @@ def test_plan_validate_prints_the_table(capsys):
     assert main(["plan", "--validate"]) == 0
     out = capsys.readouterr().out
     assert (
-        sum(line.startswith("| megatron-") for line in out.splitlines()) == 10
+        sum(line.startswith("| megatron-") for line in out.splitlines()) == 11
         and "mean |error|" in out
         and "arxiv.org/abs/2104.04473" in out
     )
