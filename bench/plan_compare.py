@@ -22,6 +22,7 @@ from threefold.config import ModelConfig, ParallelConfig
 from threefold.plan.cli import run_plan
 from threefold.plan.hardware import load_hardware
 from threefold.plan.layout import Layout, Workload
+from threefold.plan.time_model import Kernels
 from threefold.presets import MODEL_PRESETS
 
 KEYS = ("tp_size", "pp_size", "dp_size", "num_model_chunks", "micro_batch_size", "pipeline_schedule",
@@ -80,9 +81,10 @@ def predict(row: dict[str, Any], *, gpu: str, gpus_per_node: int, model: str | N
     )
     lay = layout_of(row)
     fixed = {k: lay.get(k) for k in KEYS}
+    compiled = str(row.get("compile", False)).lower() == "true"  # bench records say whether they compiled
     result = run_plan(
         w, load_hardware(gpu), num_gpus=lay.num_gpus, gpus_per_node=gpus_per_node, fixed=fixed, margin=0.0,
-        allow_zero=True,
+        allow_zero=True, kernels=Kernels(compiled=compiled),
     )  # fmt: skip
     return result.ranked[0].as_dict()
 

@@ -129,6 +129,7 @@ GPU_PEAK_BF16_FLOPS: dict[str, float] = {
     "h100": 989e12,
     "h200": 989e12,
     "a100": 312e12,
+    "b200": 2250e12,
 }
 """The one table of GPU peaks: dense (no 2:4 sparsity) bf16 tensor-core FLOP/s from NVIDIA's datasheets
 (half the with-sparsity figure, rounded down), by the words of a device name joined with '-'.

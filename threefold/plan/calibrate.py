@@ -1,5 +1,6 @@
-"""Measure this machine for the planner: matmul rate over a few sizes, memory bandwidth, and (with several
-ranks) all-reduce and point-to-point bandwidth; the result is a `Hardware` preset saved as JSON.
+"""Measure this machine for the planner: matmul rate over a few sizes, memory bandwidth, causal attention's
+rate, and (with several ranks) all-reduce and point-to-point bandwidth; the result is a `Hardware` preset
+saved as JSON.
 
 bf16 matmuls on CUDA, fp32 on CPU. The GEMM curve stores each size's achieved fraction of the peak: the
 datasheet peak for a known GPU, else the best rate measured (so the curve tops out at 1.0).
@@ -44,6 +45,29 @@ def measure_gemm(device: torch.device, sizes: list[int], repeats: int = 5) -> li
         flops = 2.0 * n**3
         out.append((flops / 1e9, flops / seconds / 1e12))
     return out
+
+
+def measure_attention_efficiency(
+    device: torch.device, peak_tflops: float, *, seq_len: int, num_heads: int = 16, head_dim: int = 128,
+    repeats: int = 5,
+) -> float:  # fmt: skip
+    """Fraction of `peak_tflops` that causal scaled-dot-product attention reaches, forward and backward, on
+    the FLOPs the time model charges it: 2 s^2 h_q forward (causal half of q k^T and p v), 2.5x backward."""
+    import torch.nn.functional as F
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (
+        torch.randn(1, num_heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3)
+    )
+
+    def step() -> None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.sum().backward()
+
+    seconds = _timed(step, device, repeats)
+    flops = 3.5 * 2.0 * seq_len * seq_len * num_heads * head_dim
+    return min(1.0, flops / seconds / (peak_tflops * 1e12))
 
 
 def measure_copy_gbps(device: torch.device, mib: int, repeats: int = 5) -> float:
@@ -96,6 +120,7 @@ def calibrate(
         peak_tflops=peak,
         gemm_curve=tuple((gflop, min(1.0, rate / peak)) for gflop, rate in gemm),
         hbm_gbps=measure_copy_gbps(device, 1024 if cuda else 64),
+        attention_efficiency=measure_attention_efficiency(device, peak, seq_len=4096 if cuda else 256),
     )
     if cuda:
         values["memory_gib"] = torch.cuda.get_device_properties(device).total_memory / GIB

@@ -13,7 +13,8 @@ from typing import Any
 from threefold.config import Config, ModelConfig, load_config
 from threefold.plan.hardware import PRESETS, Hardware, load_hardware, save_hardware
 from threefold.plan.layout import Layout, Workload
-from threefold.plan.search import PlanResult, explain, format_table, plan
+from threefold.plan.search import PlanResult, explain, explain_terms, format_table, plan
+from threefold.plan.time_model import EAGER, Kernels
 from threefold.presets import MODEL_PRESETS
 
 DESCRIPTION = """Predict memory and speed of every (tp, pp, dp, v, micro-batch, schedule, recompute, ZeRO)
@@ -53,6 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero", choices=["on", "off"], help="fix ZeRO-1 on or off")
     p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], help="fix the pipeline schedule")
     p.add_argument("--calibrate", action="store_true", help="measure this machine and save a preset")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="predict every published and measured result in plan/validation.json; print the errors",
+    )
+    p.add_argument(
+        "--explain", action="store_true", help="print the best layout's step time term by term, with sources"
+    )
+    p.add_argument("--compiled", action="store_true", help="predict for torch.compile (fused element-wise)")
     p.add_argument(
         "--out", default="hardware.json", metavar="FILE.json", help="where --calibrate writes its preset"
     )
@@ -125,7 +135,7 @@ def _check_fixed(fixed: dict[str, Any], num_gpus: int, w: Workload) -> None:
 
 def run_plan(
     w: Workload, hw: Hardware, *, num_gpus: int, gpus_per_node: int, fixed: dict[str, Any], margin: float,
-    allow_zero: bool,
+    allow_zero: bool, kernels: Kernels = EAGER,
 ) -> PlanResult:  # fmt: skip
     """Plan, or raise ValueError saying why nothing fits."""
     if num_gpus <= 0 or gpus_per_node <= 0:
@@ -137,7 +147,7 @@ def run_plan(
     _check_fixed(fixed, num_gpus, w)
     result = plan(
         w, hw, num_gpus=num_gpus, gpus_per_node=gpus_per_node, fixed=fixed, memory_margin=margin,
-        allow_zero=allow_zero,
+        allow_zero=allow_zero, kernels=kernels,
     )  # fmt: skip
     if not result.ranked:
         what = f"{w.model.preset or 'the model'} (seq {w.seq_len}, global batch {w.global_batch_size})"
@@ -157,14 +167,20 @@ def run(args: argparse.Namespace) -> int:
     """Print the ranked layouts (or calibrate) for parsed `threefold plan` arguments."""
     if args.calibrate:
         return _calibrate(args)
+    if args.validate:
+        from threefold.plan.validate import format_report, load_rows, validate
+
+        print(format_report(validate(), load_rows()[0]))
+        return 0
     if args.gpus is None:
         raise ValueError("--gpus is required")
     w = _workload(args)
     hw = load_hardware(args.gpu)
     gpus_per_node = args.gpus_per_node or args.gpus
+    kernels = Kernels(compiled=args.compiled)
     result = run_plan(
         w, hw, num_gpus=args.gpus, gpus_per_node=gpus_per_node, fixed=_fixed(args), margin=args.memory_margin,
-        allow_zero=not args.no_zero,
+        allow_zero=not args.no_zero, kernels=kernels,
     )  # fmt: skip
     top = result.ranked[: max(1, args.top)]
     if args.json:
@@ -178,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(top, hw))
     print()
     print("\n".join(explain(result)))
+    if args.explain:
+        print()
+        print("\n".join(explain_terms(result.ranked[0], hw)))
     print(f"\nrun the best:\n  {best_command(args, w, result.ranked[0].layout, gpus_per_node)}")
     return 0
 

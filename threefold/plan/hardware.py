@@ -53,6 +53,12 @@ class Hardware:
     """Point-to-point bandwidth between GPUs of different nodes, one direction."""
     latency_us: float = 30.0
     """Fixed cost of one collective or transfer (launch, synchronization), microseconds."""
+    nic_gbps_per_node: float = 0.0
+    """Line rate of all the node's network adapters together, GB/s (DGX A100: 8 x HDR 200 Gb/s = 200 GB/s).
+    The presets derive inter_node_gbps from it: one NIC per GPU, NIC_EFFICIENCY of line rate achieved."""
+    inter_node_latency_us: float = 5.0
+    """Network latency of one step of a ring across nodes (switch hops, RDMA), microseconds: a ring
+    collective over n ranks that crosses nodes takes (n - 1) such steps per pass, on top of latency_us."""
     half_bandwidth_mb: float = 8.0
     """Message size (MiB) at which a collective reaches half its large-message bandwidth: the achieved
     bandwidth of an S-byte message is bw * S / (S + half)."""
@@ -85,6 +91,13 @@ class Hardware:
             return 0.0
         return flops / (self.peak_tflops * 1e12 * self.gemm_efficiency(flops))
 
+    def matmul_time(self, m: int, n: int, k: int, dtype_bytes: int = 2) -> float:
+        """Seconds for an (m, k) x (k, n) matmul by its shape: the FLOPs at the curve's efficiency for
+        their size, or the bytes of its operands and result at HBM bandwidth when that is longer (a thin
+        inner dimension, such as attention's q k^T over a 64-128 wide head, makes it memory-bound)."""
+        flops = 2.0 * m * n * k
+        return max(self.gemm_time(flops), self.memory_time(dtype_bytes * (m * k + k * n + m * n)))
+
     def memory_time(self, nbytes: float) -> float:
         """Seconds to stream `nbytes` through device memory (memory-bound kernels)."""
         return nbytes / (self.hbm_gbps * 1e9)
@@ -94,14 +107,16 @@ class Hardware:
         if group_size <= 1 or nbytes <= 0:
             return 0.0
         bw = self._bandwidth(self.intra_node_gbps if intra_node else self.inter_node_gbps, nbytes)
-        return self.latency_us * 1e-6 + 2 * (group_size - 1) / group_size * nbytes / bw
+        return (
+            self._latency(2 * (group_size - 1), intra_node) + 2 * (group_size - 1) / group_size * nbytes / bw
+        )
 
     def reduce_scatter_time(self, nbytes: float, group_size: int, *, intra_node: bool) -> float:
         """Reduce-scatter (or all-gather) of a full tensor of `nbytes`: latency + (n-1)/n * S / busbw."""
         if group_size <= 1 or nbytes <= 0:
             return 0.0
         bw = self._bandwidth(self.intra_node_gbps if intra_node else self.inter_node_gbps, nbytes)
-        return self.latency_us * 1e-6 + (group_size - 1) / group_size * nbytes / bw
+        return self._latency(group_size - 1, intra_node) + (group_size - 1) / group_size * nbytes / bw
 
     all_gather_time = reduce_scatter_time
 
@@ -110,7 +125,11 @@ class Hardware:
         if nbytes <= 0:
             return 0.0
         bw = self._bandwidth(self.p2p_intra_gbps if intra_node else self.p2p_inter_gbps, nbytes)
-        return self.latency_us * 1e-6 + nbytes / bw
+        return self._latency(1, intra_node) + nbytes / bw
+
+    def _latency(self, ring_steps: int, intra_node: bool) -> float:
+        """Seconds of fixed cost: the launch, plus the network's per-step latency across nodes."""
+        return (self.latency_us + (0.0 if intra_node else ring_steps * self.inter_node_latency_us)) * 1e-6
 
     def _bandwidth(self, gbps: float, nbytes: float) -> float:
         """Achieved bytes/s for one message: bw * S / (S + S_half)."""
@@ -126,9 +145,30 @@ class Hardware:
         return d
 
 
-# Hopper bf16 matmuls: 690-770 TFLOP/s on large random matrices (BENCHMARKS.md, H100), less for small ones.
-_HOPPER_GEMM = ((0.01, 0.04), (0.1, 0.2), (1.0, 0.4), (10.0, 0.56), (100.0, 0.66), (1000.0, 0.72))
+# Achieved fraction of the bf16 peak of one matmul by its size (GFLOP = 2 m n k / 1e9).
+# Hopper: 759 / 686 / 681 TFLOP/s (0.77 / 0.69 / 0.69) at 4096^3 / 8192^3 / 16384^3 on random data on an
+# H200, and 764 TFLOP/s inside llama-1b's training step on an H100 (BENCHMARKS.md, docs/benchmarks.md's
+# profile); real activations draw less power than random data, so large GEMMs hold ~0.75.
+_HOPPER_GEMM = ((0.01, 0.04), (0.1, 0.2), (1.0, 0.45), (10.0, 0.62), (100.0, 0.72), (1000.0, 0.75))
+# Ampere: cuBLAS reaches ~250-270 of 312 TFLOP/s on large bf16 matmuls (NVIDIA's A100 whitepaper figures
+# and MLPerf-era reports); the Megatron-LM and TorchTitan rows of plan/validation.json are consistent with
+# it (`threefold plan --validate`).
 _AMPERE_GEMM = ((0.01, 0.08), (0.1, 0.3), (1.0, 0.6), (10.0, 0.76), (100.0, 0.83), (1000.0, 0.86))
+# Blackwell: no measurement yet; Hopper's curve (calibrate with `threefold plan --calibrate`).
+_BLACKWELL_GEMM = _HOPPER_GEMM
+
+NIC_EFFICIENCY = 0.88
+"""Fraction of a NIC's line rate NCCL's inter-node collectives reach (nccl-tests on HDR/NDR fabrics report
+85-92% of line rate as bus bandwidth)."""
+HDR_X8 = 8 * 200 / 8  # GB/s per node: 8 x HDR 200 Gb/s
+NDR_X8 = 8 * 400 / 8  # GB/s per node: 8 x NDR 400 Gb/s
+
+
+def _network(nic_gbps_per_node: float, gpus_per_node: int = 8) -> dict[str, float]:
+    """Inter-node fields from the node's NICs: one NIC per GPU, NIC_EFFICIENCY of line rate."""
+    per_gpu = nic_gbps_per_node / gpus_per_node * NIC_EFFICIENCY
+    return dict(nic_gbps_per_node=nic_gbps_per_node, inter_node_gbps=per_gpu, p2p_inter_gbps=per_gpu)
+
 
 PRESETS: dict[str, Hardware] = {
     # DGX A100 80GB (the paper's machine): NVLink3 600 GB/s per GPU (both directions), 8 x 200 Gb/s HDR
@@ -139,9 +179,20 @@ PRESETS: dict[str, Hardware] = {
         memory_gib=80.0,
         hbm_gbps=2039.0,
         intra_node_gbps=230.0,
-        inter_node_gbps=22.0,
         p2p_intra_gbps=250.0,
-        p2p_inter_gbps=23.0,
+        **_network(HDR_X8),
+        gemm_curve=_AMPERE_GEMM,
+        attention_efficiency=0.5,
+    ),
+    # DGX A100 40GB: the same node (NVLink3, 8 x HDR 200 Gb/s) with HBM2 at 1555 GB/s.
+    "a100-40gb": Hardware(
+        name="a100-40gb",
+        peak_tflops=GPU_PEAK_BF16_FLOPS["a100"] / 1e12,
+        memory_gib=40.0,
+        hbm_gbps=1555.0,
+        intra_node_gbps=230.0,
+        p2p_intra_gbps=250.0,
+        **_network(HDR_X8),
         gemm_curve=_AMPERE_GEMM,
         attention_efficiency=0.5,
     ),
@@ -152,9 +203,8 @@ PRESETS: dict[str, Hardware] = {
         memory_gib=79.6,
         hbm_gbps=3350.0,
         intra_node_gbps=340.0,
-        inter_node_gbps=45.0,
         p2p_intra_gbps=370.0,
-        p2p_inter_gbps=47.0,
+        **_network(NDR_X8),
         gemm_curve=_HOPPER_GEMM,
     ),
     # H200 SXM 141GB: the H100's compute and NVLink with faster, larger HBM3e. All-reduce bus bandwidth
@@ -165,12 +215,66 @@ PRESETS: dict[str, Hardware] = {
         memory_gib=140.4,
         hbm_gbps=4800.0,
         intra_node_gbps=340.0,
-        inter_node_gbps=45.0,
         p2p_intra_gbps=370.0,
-        p2p_inter_gbps=47.0,
+        **_network(NDR_X8),
         gemm_curve=_HOPPER_GEMM,
     ),
+    # B200 (HGX B200): 2.25 PFLOP/s dense bf16 per GPU at 1000 W, 180 GB HBM3e at 8 TB/s, NVLink5 1.8 TB/s
+    # per GPU (both directions), 8 x 400 Gb/s ConnectX-7 per node. Collective and GEMM efficiencies are
+    # Hopper's scaled by the datasheet until measured.
+    "b200": Hardware(
+        name="b200",
+        peak_tflops=GPU_PEAK_BF16_FLOPS["b200"] / 1e12,
+        memory_gib=178.0,
+        hbm_gbps=8000.0,
+        intra_node_gbps=680.0,
+        p2p_intra_gbps=740.0,
+        **_network(NDR_X8),
+        gemm_curve=_BLACKWELL_GEMM,
+    ),
 }
+
+PRESET_SOURCES: dict[str, dict[str, str]] = {
+    "a100-80gb": {
+        "peak_tflops": "NVIDIA A100 datasheet: 312 TFLOP/s dense bf16",
+        "memory_gib": "datasheet: 80 GB HBM2e",
+        "hbm_gbps": "datasheet: 2,039 GB/s (SXM4 80GB)",
+        "intra_node_gbps": "NVLink3 600 GB/s per GPU both directions (300 per direction); NCCL all-reduce "
+        "bus bandwidth on DGX A100 ~230 GB/s (nccl-tests reports)",
+        "inter_node_gbps": "DGX A100: 8 x HDR 200 Gb/s InfiniBand per node = 25 GB/s per GPU; ~22 achieved",
+        "gemm_curve": "cuBLAS bf16 ~250-270 TFLOP/s on large shapes; fits the Megatron-LM 2021 and "
+        "TorchTitan A100 rows of plan/validation.json",
+        "attention_efficiency": "FlashAttention-2 paper: 50-73% of A100 peak forward, less backward",
+    },
+    "a100-40gb": {
+        "peak_tflops": "NVIDIA A100 datasheet: 312 TFLOP/s dense bf16",
+        "hbm_gbps": "datasheet: 1,555 GB/s (SXM4 40GB)",
+        "links": "DGX A100 (NVLink3, 8 x HDR 200 Gb/s): as a100-80gb",
+    },
+    "h100": {
+        "peak_tflops": "NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16",
+        "hbm_gbps": "datasheet: 3.35 TB/s; 3.0 TB/s measured copy (BENCHMARKS.md)",
+        "intra_node_gbps": "NVLink4 900 GB/s per GPU both directions; ~340 GB/s all-reduce bus bandwidth "
+        "(as measured on H200, same NVLink)",
+        "inter_node_gbps": "DGX/HGX H100: 8 x NDR 400 Gb/s per node = 50 GB/s per GPU; ~45 achieved",
+        "gemm_curve": "690-770 TFLOP/s bf16 measured on large random matrices (BENCHMARKS.md)",
+    },
+    "h200": {
+        "peak_tflops": "NVIDIA H200 SXM datasheet: 989 TFLOP/s dense bf16",
+        "hbm_gbps": "datasheet: 4.8 TB/s HBM3e",
+        "intra_node_gbps": "measured: NCCL all-reduce bus bandwidth 340-354 GB/s on 4 H200 (BENCHMARKS.md)",
+        "inter_node_gbps": "HGX H200 with 8 x NDR 400 Gb/s per node = 50 GB/s per GPU; ~45 achieved",
+        "gemm_curve": "759 / 686 / 681 TFLOP/s at 4096^3 / 8192^3 / 16384^3 measured (BENCHMARKS.md)",
+    },
+    "b200": {
+        "peak_tflops": "NVIDIA HGX B200 datasheet: 2.25 PFLOP/s dense bf16 per GPU",
+        "hbm_gbps": "datasheet: 8 TB/s HBM3e, 180 GB",
+        "intra_node_gbps": "NVLink5 1.8 TB/s per GPU both directions: Hopper's measured ratio, doubled",
+        "inter_node_gbps": "8 x 400 Gb/s ConnectX-7 per node = 50 GB/s per GPU; ~45 achieved",
+        "gemm_curve": "not measured: Hopper's fractions (run `threefold plan --calibrate` on the machine)",
+    },
+}
+"""Where each preset value comes from (printed by `threefold plan --explain`)."""
 
 
 def load_hardware(name_or_path: str) -> Hardware:
@@ -222,6 +326,8 @@ def preset_for_device(device_name: str) -> Hardware | None:
         return PRESETS["h200"]
     if "h100" in name:
         return PRESETS["h100"]
+    if "b200" in name:
+        return PRESETS["b200"]
     if "a100" in name:
-        return PRESETS["a100-80gb"]
+        return PRESETS["a100-40gb" if "40gb" in name else "a100-80gb"]
     return None

@@ -83,8 +83,14 @@ def layer_activation_bytes(
     recompute: str,
     sequence_parallel: bool,
     kv_repeated: bool = False,
+    compiled: bool = False,
 ) -> float:
-    """Bytes one transformer layer saves for backward, for one micro-batch (see the module docstring)."""
+    """Bytes one transformer layer saves for backward, for one micro-batch (see the module docstring).
+
+    `compiled`: under torch.compile a llama RMSNorm saves its bf16 input instead of the fp32 copy and the
+    normalized output ((4 + e) -> e per element): the compiler recomputes the normalization in backward.
+    Measured: llama-1b on one H200 peaks at 38.5 / 50.8 GiB compiled at b4 / b8, 4.7 / 6.3 GiB under the
+    eager-counted estimate, which is 2.1 / 4.2 GiB of these norms plus the loss's smaller transient."""
     b, s, t, e = micro_batch_size, seq_len, tp_size, dtype_bytes  # the module docstring's notation
     h, f, a = m.hidden_size, m.ffn_hidden_size, m.num_heads
     assert f is not None and m.num_kv_heads is not None
@@ -94,7 +100,7 @@ def layer_activation_bytes(
     hq = a * m.head_dim
     hkv = local_kv_heads(m.num_kv_heads, t) * m.head_dim * t  # t times a rank's: h_kv, or t d_h when t > k
     linear_inputs = 2  # the (gathered) input of the attention projections and of the MLP's
-    norm_own = (4 + e) if m.arch == "llama" else e
+    norm_own = (4 + e) if m.arch == "llama" and not compiled else e
     norms = 2 * norm_own * b * s_ * h + linear_inputs * e * b * s * h
     mlp = (4 if m.arch == "llama" else 2) * e * b * s * f / t
     if recompute == "selective":
@@ -107,7 +113,7 @@ def layer_activation_bytes(
 
 def head_loss_activation(
     m: ModelConfig, *, micro_batch_size: int, seq_len: int, tp_size: int, dtype_bytes: int,
-    sequence_parallel: bool,
+    sequence_parallel: bool, compiled: bool = False,
 ) -> tuple[float, float]:  # fmt: skip
     """(saved, transient) bytes of the final norm, the output projection and the loss, per micro-batch.
 
@@ -115,7 +121,7 @@ def head_loss_activation(
     c = min(n, CHUNK_ELEMENTS / (V_p/t)) tokens. Saved until backward: the final norm's own tensors,
     the input gradient (e n h) and the output weight's gradient (e V_p/t h for one chunk, an fp32 sum
     4 V_p/t h for several). Transient while the head runs: a chunk's logits and their gradient
-    (2 e c V_p/t; fused kernels, no fp32 copies).
+    (2 e c V_p/t) with the compiled kernels; eager bf16 adds the fp32 working copy (4 c V_p/t).
     """
     from threefold.model import CHUNK_ELEMENTS
 
@@ -126,7 +132,8 @@ def head_loss_activation(
     norm = ((4 + e) if m.arch == "llama" else e) * b * s_ * h  # the loss saves no input of its own
     chunk = max(1, min(n, CHUNK_ELEMENTS // vloc))
     weight_grad = (e if chunk >= n else 4) * vloc * h
-    return norm + e * n * h + weight_grad, 2 * e * chunk * vloc
+    fp32_copy = 4 if e == 2 and not compiled else 0  # eager: logits.float() (fp32 logits are used in place)
+    return norm + e * n * h + weight_grad, (2 * e + fp32_copy) * chunk * vloc
 
 
 def layer_backward_transient(
@@ -203,8 +210,8 @@ class RankMemory:
         }
 
 
-def memory_by_rank(w: Workload, lay: Layout) -> list[RankMemory]:
-    """Every pipeline rank's peak memory (ranks of one stage are alike)."""
+def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[RankMemory]:
+    """Every pipeline rank's peak memory (ranks of one stage are alike); `compiled`: under torch.compile."""
     m, e, par = w.model, w.dtype_bytes, lay.parallel
     b, s, p, v = lay.micro_batch_size, w.seq_len, par.pp_size, par.num_model_chunks
     num_mb = lay.num_microbatches(w.global_batch_size)
@@ -214,11 +221,12 @@ def memory_by_rank(w: Workload, lay: Layout) -> list[RankMemory]:
     last_chunk = len(ranges) - 1
     per_layer = layer_activation_bytes(
         m, micro_batch_size=b, seq_len=s, tp_size=par.tp_size, dtype_bytes=e, recompute=lay.recompute,
-        sequence_parallel=sp,
+        sequence_parallel=sp, compiled=compiled,
     )  # fmt: skip
     head_saved, head_transient = head_loss_activation(
-        m, micro_batch_size=b, seq_len=s, tp_size=par.tp_size, dtype_bytes=e, sequence_parallel=sp
-    )
+        m, micro_batch_size=b, seq_len=s, tp_size=par.tp_size, dtype_bytes=e, sequence_parallel=sp,
+        compiled=compiled,
+    )  # fmt: skip
     layer_transient = layer_backward_transient(
         m, micro_batch_size=b, seq_len=s, tp_size=par.tp_size, dtype_bytes=e, recompute=lay.recompute,
         sequence_parallel=sp,
@@ -256,8 +264,8 @@ def memory_by_rank(w: Workload, lay: Layout) -> list[RankMemory]:
     return out
 
 
-def worst_rank(w: Workload, lay: Layout) -> RankMemory:
-    return max(memory_by_rank(w, lay), key=lambda r: r.total)
+def worst_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> RankMemory:
+    return max(memory_by_rank(w, lay, compiled=compiled), key=lambda r: r.total)
 
 
 def estimate_memory(config: Config) -> dict[str, float]:
@@ -269,4 +277,4 @@ def estimate_memory(config: Config) -> dict[str, float]:
     torch.cuda.max_memory_allocated().
     """
     workload, layout = from_config(config)
-    return worst_rank(workload, layout).as_dict()
+    return worst_rank(workload, layout, compiled=config.training.compile).as_dict()

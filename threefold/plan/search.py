@@ -18,7 +18,7 @@ from threefold.pipeline.schedules import ScheduleName, check_schedule_args
 from threefold.plan.hardware import GIB, Hardware
 from threefold.plan.layout import Layout, Workload
 from threefold.plan.memory_model import RankMemory, worst_rank
-from threefold.plan.time_model import StepTime, estimate_layout_time
+from threefold.plan.time_model import EAGER, Kernels, StepTime, estimate_layout_time
 
 RECOMPUTE_ORDER = ("none", "selective", "full")
 FIXABLE = ("tp_size", "pp_size", "dp_size", "num_model_chunks", "micro_batch_size", "recompute", "zero",
@@ -177,17 +177,18 @@ def plan(
     fixed: dict[str, Any] | None = None,
     memory_margin: float = 0.05,
     allow_zero: bool = True,
+    kernels: Kernels = EAGER,
 ) -> PlanResult:
-    """Evaluate every valid layout; those whose peak memory is within (1 - margin) of usable memory fit."""
+    """Evaluate every valid layout; those whose peak memory is within (1 - margin) of usable memory fit.
+    `kernels`: the software the step runs (threefold's eager path by default)."""
     capacity = hw.usable_bytes * (1 - memory_margin)
-    ranked, too_big = [], []
+    ranked: list[Candidate] = []
+    too_big: list[Candidate] = []
     g = min(gpus_per_node, num_gpus)
     for lay in enumerate_layouts(w, num_gpus, fixed=fixed, allow_zero=allow_zero):
-        mem = worst_rank(w, lay)
-        if mem.total > capacity:
-            too_big.append(Candidate(lay, mem, estimate_layout_time(w, lay, hw, gpus_per_node=g)))
-            continue
-        ranked.append(Candidate(lay, mem, estimate_layout_time(w, lay, hw, gpus_per_node=g)))
+        mem = worst_rank(w, lay, compiled=kernels.compiled)
+        time = estimate_layout_time(w, lay, hw, gpus_per_node=g, kernels=kernels)
+        (too_big if mem.total > capacity else ranked).append(Candidate(lay, mem, time))
     ranked.sort(key=_preference)
     too_big.sort(key=lambda c: c.memory.total)
     return PlanResult(ranked=ranked, too_big=too_big, capacity_bytes=capacity)
@@ -239,6 +240,30 @@ def explain(result: PlanResult) -> list[str]:
                 f"{name}={big.layout.get(key)} would be faster ({big.layout.label()}) but needs "
                 f"{big.memory.total / GIB:.1f} GiB"
             )
+    return lines
+
+
+def explain_terms(best: Candidate, hw: Hardware) -> list[str]:
+    """The step time of `best` term by term (seconds per step on its slowest pipeline rank, share of the
+    step), then the hardware values they rest on and where those come from."""
+    from threefold.plan.hardware import PRESET_SOURCES
+    from threefold.plan.time_model import TERMS
+
+    t = best.time
+    lines = [f"step time of {best.layout.label()}, term by term (slowest pipeline rank):"]
+    for key, what in TERMS.items():
+        seconds = t.terms.get(key, 0.0)
+        if seconds > 0:
+            lines.append(f"  {key:<16} {seconds:>9.4f} s {seconds / t.step:>6.1%}  {what}")
+    lines.append(f"  {'total':<16} {sum(t.terms.values()):>9.4f} s  (step {t.step:.4f} s)")
+    lines.append(
+        f"hardware {hw.name}: peak {hw.peak_tflops:g} TFLOP/s, HBM {hw.hbm_gbps:g} GB/s, all-reduce bus "
+        f"{hw.intra_node_gbps:g} GB/s in a node / {hw.inter_node_gbps:g} across, latency "
+        f"{hw.latency_us:g} us, attention at {hw.attention_efficiency:.0%} of peak, "
+        f"GEMM curve (GFLOP, fraction) {list(hw.gemm_curve)}"
+    )
+    for key, source in PRESET_SOURCES.get(hw.name, {}).items():
+        lines.append(f"  {key}: {source}")
     return lines
 
 

@@ -4,11 +4,16 @@ Notation as in threefold.plan.memory_model; n_tok = b s tokens per micro-batch, 
 time below is per micro-batch on one GPU unless it says "per step".
 
 Compute of one layer (forward; backward = 2x the matmuls, 2.5x the attention core, 2x the memory traffic):
-    matmuls       each GEMM of 2 n_tok k N FLOPs at the hardware's efficiency for that size:
+    matmuls       each (n_tok, k) x (k, N) matmul by its shape (`Hardware.matmul_time`): 2 n_tok k N FLOPs
+                  at the efficiency for that size, or its operands' bytes at HBM bandwidth if longer:
                   llama q, k, v, o, gate, up, down (widths h_q/t, h_kv/t, f/t); gpt2 q, k, v, o, up, down
-    attention     causal core: 2 b s^2 h_q / t FLOPs forward at `attention_efficiency`
+    attention     flash (`Kernels.attention`): causal core, 2 b s^2 h_q / t FLOPs forward at
+                  `attention_efficiency`; materialized: q k^T and p v per head over the whole s x s square
+                  as matmuls, and the softmax (and dropout) over b a/t s^2 scores by bytes
     element-wise  memory-bound bytes / HBM bandwidth: norms and residual adds (replicated over t unless
-                  sequence parallel), RoPE and the k/v repeat (per head), the MLP activation (per f/t)
+                  sequence parallel), RoPE and the k/v repeat (per head), the MLP activation (per f/t),
+                  dropout when on; eager kernels at EAGER_BANDWIDTH_FRACTION of the bandwidth, compiled
+                  ones moving COMPILED_TRAFFIC of the bytes
     recompute     full: one more forward of the layer in backward (its TP all-reduces included);
                   selective: one more forward of the attention core
 Head: the final norm, the logits GEMM (2 n_tok h V_p/t) and the cross-entropy's passes over the local
@@ -25,7 +30,8 @@ Communication:
     DP      per step, the all-reduce of the fp32 gradients (4 P_r bytes) or, with ZeRO-1, their
             reduce-scatter plus the all-gather of the updated parameters (e P_r). The gradient collective
             starts during the last micro-batch's backward and hides behind it (up to the last bucket);
-            the ZeRO all-gather follows the optimizer step and is exposed. Intra-node when t d <= g.
+            the ZeRO all-gather runs behind the next step's first forward (up to its first bucket).
+            Intra-node when t d <= g. Without overlap (Kernels.dp_overlap off) both are exposed.
 
 Pipeline (the paper's bubble): with C_r the per-micro-batch time of pipeline rank r (its v chunks, forward
 and backward, with its TP and p2p communication),
@@ -35,11 +41,14 @@ loss) on every micro-batch.
 
 Per step: T = T_pipeline + exposed DP communication + optimizer (memory-bound AdamW over the rank's
 shard, about 48 + e bytes per parameter, 4 + (44 + e) / d with ZeRO-1) + a fixed overhead.
+`StepTime.terms` splits T of the slowest pipeline rank by TERMS (`threefold plan --explain`); the
+validation set, threefold/plan/validation.json, checks the whole against published and measured runs
+(`threefold plan --validate`, docs/planner.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from threefold.config import Config
 from threefold.metrics import flops_per_token, local_kv_heads, local_vocab_size
@@ -65,6 +74,9 @@ CE_BACKWARD_BYTES = 14.0
 BACKWARD_TRAFFIC = 2.0
 ATTENTION_BACKWARD_FLOPS = 2.5
 """Flash attention's backward executes about 2.5x the forward FLOPs (it recomputes the scores)."""
+COLLECTIVE_HBM_PASSES = 3.0
+"""A ring collective reads and writes each byte of its buffer about this many times in device memory
+(send, receive, reduce); overlapped with compute it takes that HBM time from the kernels it hides behind."""
 DP_OVERLAP = 0.9
 """Fraction of the last micro-batch's backward the gradient collective can hide behind."""
 HOST_OPS_FORWARD = 50
@@ -73,6 +85,52 @@ HOST_OPS_BACKWARD = 110
 """Autograd nodes run by one layer's backward, with the gradient hooks that fill main_grad."""
 STEP_OVERHEAD_S = 0.005
 """Per step: host synchronization, loss and gradient-norm all-reduces, Python."""
+EAGER_BANDWIDTH_FRACTION = 0.67
+"""Eager element-wise kernels (many small launches, mixed fp32/bf16 reads) reach about this fraction of the
+HBM bandwidth; fitted on the validation set (plan/validation.json), where at 1.0 eager runs were predicted
+~10% fast and compiled ones ~10% slow."""
+COMPILED_TRAFFIC = 0.5
+"""torch.compile fuses a layer's element-wise kernels (norms, RoPE, activation, residuals): the bytes they
+move fall to about this fraction of the eager ones (measured on llama-1b, H100: 16 ms of element-wise time
+eager at b4 against 8 ms compiled, docs/benchmarks.md's profile)."""
+COMPILED_HOST_OPS = 0.4
+"""A compiled layer launches fused kernels: about this fraction of the eager operators reach the host."""
+SCORE_BYTES_FORWARD = 4.0
+"""Materialized attention, per score element (b a/t s^2): the fused scale-mask-softmax reads and writes
+bf16 scores."""
+SCORE_BYTES_BACKWARD = 6.0
+"""Its backward reads the output gradient and the saved probabilities and writes the input gradient."""
+DROPOUT_SCORE_BYTES = (5.0, 5.0)
+"""Attention dropout on materialized scores (forward, backward): read, write, and a one-byte mask."""
+DROPOUT_BYTES_PER_H = 6.0
+"""Hidden-state dropout (two per layer, fused with the bias and the residual add): the mask and the bias."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kernels:
+    """The software a step runs, where it changes the time (the hardware is `Hardware`'s business).
+
+    The default is threefold's own eager path: flash attention (SDPA), no dropout. Validation rows of
+    other systems say what they ran (Megatron-LM 2021: materialized attention scores and dropout)."""
+
+    attention: str = "flash"
+    """'flash': fused attention on the causal FLOPs (`Hardware.attention_efficiency`); 'materialized':
+    two batched matmuls over the full s x s scores and a memory-bound softmax between them."""
+    compiled: bool = False
+    """torch.compile: element-wise traffic and host operators scaled by COMPILED_TRAFFIC/_HOST_OPS."""
+    dropout: bool = False
+    """Dropout on the hidden states and (materialized) attention probabilities."""
+    dp_overlap: bool = True
+    """The data-parallel gradient collective starts during the last backward (bucketed), and ZeRO's
+    parameter all-gather runs behind the next forward (threefold, FSDP); False: both wait for the whole
+    backward and the optimizer (Megatron-LM 2021)."""
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("flash", "materialized"):
+            raise ValueError(f"kernels.attention must be 'flash' or 'materialized', got {self.attention!r}")
+
+
+EAGER = Kernels()
 
 
 @dataclass(frozen=True)
@@ -95,9 +153,28 @@ class StepTime:
     tokens_per_s_per_gpu: float
     tflops_per_gpu: float
     mfu: float
+    terms: dict[str, float] = field(default_factory=dict, compare=False)
+    """Seconds per step of the slowest pipeline rank by term (see `TERMS`); they sum to `step`."""
 
     def as_dict(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "terms"}
+
+
+TERMS = {
+    "gemm": "matmuls (projections, MLP, logits), forward and backward",
+    "attention": "attention core (flash, or materialized scores: matmuls and softmax)",
+    "elementwise": "memory-bound kernels: norms, RoPE, activation, residuals, cross-entropy, embedding",
+    "recompute": "recomputation in backward (full: the layer's forward; selective: the attention core)",
+    "host": "GPU waiting for the host to issue kernels (small per-GPU work)",
+    "grad_accumulate": "adding each micro-batch's gradients into the fp32 main_grad",
+    "tp_comm": "tensor-parallel all-reduces (or reduce-scatter + all-gather)",
+    "pp_comm": "pipeline p2p transfers (and the scatter/gather all-gather)",
+    "bubble": "pipeline bubble, (p - 1)/v of one micro-batch's time",
+    "dp_exposed": "data-parallel gradient collective not hidden by the backward, and ZeRO's all-gather",
+    "optimizer": "AdamW step, memory-bound over the rank's parameter shard",
+    "overhead": "per-step fixed cost (host sync, loss and norm all-reduces)",
+}
+"""The terms `StepTime.terms` splits a step into, with what each covers (`threefold plan --explain`)."""
 
 
 @dataclass(frozen=True)
@@ -107,20 +184,44 @@ class _Pass:
     forward: float
     backward: float
     tp: float = 0.0
+    terms: dict[str, float] = field(default_factory=dict)
+    """forward + backward seconds by TERMS key (tp included as tp_comm)."""
 
     def __add__(self, other: _Pass) -> _Pass:
-        return _Pass(self.forward + other.forward, self.backward + other.backward, self.tp + other.tp)
+        terms = dict(self.terms)
+        for k, v in other.terms.items():
+            terms[k] = terms.get(k, 0.0) + v
+        return _Pass(self.forward + other.forward, self.backward + other.backward, self.tp + other.tp, terms)
 
     def scaled(self, k: float) -> _Pass:
-        return _Pass(self.forward * k, self.backward * k, self.tp * k)
+        terms = {key: v * k for key, v in self.terms.items()}
+        return _Pass(self.forward * k, self.backward * k, self.tp * k, terms)
 
 
 def _gemms(hw: Hardware, shapes: list[tuple[int, int, int]]) -> float:
     """Seconds of the forward matmuls (n_tok, k) x (k, N): each 2 n_tok k N FLOPs."""
-    return sum(hw.gemm_time(2.0 * n * k * out) for n, k, out in shapes)
+    return sum(hw.matmul_time(n, out, k) for n, k, out in shapes)
 
 
-def layer_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pass:
+def _attention_core(
+    hw: Hardware, kernels: Kernels, *, b: int, s: int, hq_local: int, heads_local: int
+) -> tuple[float, float]:
+    """(forward, backward) seconds of the attention core of one layer and micro-batch on one rank."""
+    if kernels.attention == "flash":
+        forward = 2.0 * b * s * s * hq_local / (hw.peak_tflops * 1e12 * hw.attention_efficiency)
+        return forward, ATTENTION_BACKWARD_FLOPS * forward
+    # Materialized: q k^T and p v as batched matmuls over the whole s x s square, the softmax in memory.
+    scores = b * heads_local * s * s
+    head_dim = hq_local // max(1, heads_local)
+    bmm = b * heads_local * (hw.matmul_time(s, s, head_dim) + hw.matmul_time(s, head_dim, s))
+    fwd_bytes, bwd_bytes = SCORE_BYTES_FORWARD, SCORE_BYTES_BACKWARD
+    if kernels.dropout:
+        fwd_bytes, bwd_bytes = fwd_bytes + DROPOUT_SCORE_BYTES[0], bwd_bytes + DROPOUT_SCORE_BYTES[1]
+    forward = bmm + hw.memory_time(fwd_bytes * scores)
+    return forward, 2 * bmm + hw.memory_time(bwd_bytes * scores)
+
+
+def layer_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels: Kernels = EAGER) -> _Pass:
     """One transformer layer, one micro-batch: compute (with recomputation) and its TP all-reduces."""
     m, par = w.model, lay.parallel
     b, s, e, t = lay.micro_batch_size, w.seq_len, w.dtype_bytes, par.tp_size  # the docstring's notation
@@ -133,33 +234,46 @@ def layer_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pa
     shapes = [(n, h, hq // t), (n, h, hkv_local), (n, h, hkv_local), (n, hq // t, h), (n, f // t, h)]
     shapes += [(n, h, f // t)] * (2 if m.arch == "llama" else 1)
     gemm = _gemms(hw, shapes)
-    core_flops = 2.0 * b * s * s * hq / t
-    core = core_flops / (hw.peak_tflops * 1e12 * hw.attention_efficiency)
+    core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
     replicated = n / (t if sp else 1) * h
     if m.arch == "llama":
         traffic = LLAMA_BYTES_PER_H * replicated + ROPE_BYTES_PER_QK * n * (hq / t + hkv_local)
         traffic += 2 * e * n * (hq / t + hkv_local)  # repeat k and v to the query heads
     else:
         traffic = GPT2_BYTES_PER_H * replicated
+    if kernels.dropout:
+        traffic += DROPOUT_BYTES_PER_H * replicated
     traffic += MLP_BYTES_PER_F * n * f / t
+    traffic *= COMPILED_TRAFFIC if kernels.compiled else 1 / EAGER_BANDWIDTH_FRACTION
     elementwise = hw.memory_time(traffic)
     all_reduce = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp)
-    forward = gemm + core + elementwise
-    backward = 2 * gemm + ATTENTION_BACKWARD_FLOPS * core + BACKWARD_TRAFFIC * elementwise
+    forward = gemm + core_f + elementwise
+    backward = 2 * gemm + core_b + BACKWARD_TRAFFIC * elementwise
     num_all_reduce = 4 if t > 1 else 0
     host_ops = HOST_OPS_FORWARD + HOST_OPS_BACKWARD
+    recompute = 0.0
     if lay.recompute == "full":
-        backward += forward
+        recompute = forward
         num_all_reduce += 2 if t > 1 else 0
         host_ops += HOST_OPS_FORWARD
     elif lay.recompute == "selective":
-        backward += core
+        recompute = core_f
         host_ops += 5
+    if kernels.compiled:
+        host_ops = int(host_ops * COMPILED_HOST_OPS)
     tp_time = num_all_reduce * all_reduce
     # The host issues work asynchronously; when the GPU's share of a layer is small it waits for the host.
     host = (host_ops * hw.host_op_us + num_all_reduce * hw.collective_host_us) * 1e-6
-    slack = max(0.0, host - (forward + backward + tp_time))
-    return _Pass(forward, backward + slack, tp_time)
+    slack = max(0.0, host - (forward + backward + recompute + tp_time))
+    terms = {
+        "gemm": 3 * gemm,
+        "attention": core_f + core_b,
+        "elementwise": (1 + BACKWARD_TRAFFIC) * elementwise,
+        "recompute": recompute,
+        "host": slack,
+        "tp_comm": tp_time,
+    }
+    return _Pass(forward, backward + recompute + slack, tp_time, terms)
 
 
 def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pass:
@@ -172,12 +286,14 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pas
     )
     gemm = _gemms(hw, [(n, h, vloc)])
     norm = hw.memory_time(LLAMA_BYTES_PER_H / 2 * n * h)
-    forward = gemm + norm + hw.memory_time(CE_FORWARD_BYTES * n * vloc)
-    backward = 2 * gemm + 2 * norm + hw.memory_time(CE_BACKWARD_BYTES * n * vloc)
+    ce_f, ce_b = hw.memory_time(CE_FORWARD_BYTES * n * vloc), hw.memory_time(CE_BACKWARD_BYTES * n * vloc)
+    forward = gemm + norm + ce_f
+    backward = 2 * gemm + 2 * norm + ce_b
     tp_time = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp) + 3 * hw.all_reduce_time(
         4 * n, t, intra_node=intra_tp
     )
-    return _Pass(forward, backward, tp_time)
+    terms = {"gemm": 3 * gemm, "elementwise": 3 * norm + ce_f + ce_b, "tp_comm": tp_time}
+    return _Pass(forward, backward, tp_time, terms)
 
 
 def embedding_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pass:
@@ -190,7 +306,8 @@ def embedding_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) ->
     )
     forward = hw.memory_time(2 * e * n * h)
     backward = hw.memory_time(2 * e * vloc * h + 2 * e * n * h)
-    return _Pass(forward, backward, hw.all_reduce_time(e * n * h, t, intra_node=intra_tp))
+    tp_time = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp)
+    return _Pass(forward, backward, tp_time, {"elementwise": forward + backward, "tp_comm": tp_time})
 
 
 def boundary_transfer(w: Workload, lay: Layout, hw: Hardware, *, intra_pp: bool) -> float:
@@ -212,10 +329,12 @@ def boundary_transfer(w: Workload, lay: Layout, hw: Hardware, *, intra_pp: bool)
 
 
 def data_parallel_tail(
-    lay: Layout, hw: Hardware, params: int, *, dtype_bytes: int, backward: float, intra_dp: bool
-) -> tuple[float, float]:
+    lay: Layout, hw: Hardware, params: int, *, dtype_bytes: int, backward: float, intra_dp: bool,
+    forward: float = 0.0, overlap: bool = True,
+) -> tuple[float, float]:  # fmt: skip
     """(exposed data-parallel communication, optimizer step) seconds per step of a rank holding `params`
-    parameters whose last micro-batch's backward takes `backward` seconds."""
+    parameters whose last micro-batch's backward takes `backward` seconds (and first forward `forward`:
+    ZeRO's all-gather of the updated parameters hides behind it, layer by layer)."""
     d, e = lay.parallel.dp_size, dtype_bytes
     grads = 4.0 * params
     if lay.parallel.zero and d > 1:
@@ -226,13 +345,22 @@ def data_parallel_tail(
         dp_comm = hw.all_reduce_time(grads, d, intra_node=intra_dp)
         gather = 0.0
         opt_bytes = (48 + e) * params if e == 2 else 44 * params
+    if not overlap:
+        return dp_comm + gather, hw.memory_time(opt_bytes)
     last_bucket = hw.all_reduce_time(min(grads, 25 * 2**20), d, intra_node=intra_dp)
-    hidden = DP_OVERLAP * backward
-    exposed = max(dp_comm - hidden, min(dp_comm, last_bucket)) + gather
+    exposed = max(dp_comm - DP_OVERLAP * backward, min(dp_comm, last_bucket))
+    if gather:
+        first_bucket = hw.all_gather_time(min(e * params, 25 * 2**20), d, intra_node=intra_dp)
+        exposed += max(gather - DP_OVERLAP * forward, min(gather, first_bucket))
+    # A hidden collective still streams its buffers through HBM, slowing the kernels it overlaps.
+    if d > 1:
+        exposed += hw.memory_time(COLLECTIVE_HBM_PASSES * (grads + e * params * bool(gather)))
     return exposed, hw.memory_time(opt_bytes)
 
 
-def estimate_layout_time(w: Workload, lay: Layout, hw: Hardware, *, gpus_per_node: int) -> StepTime:
+def estimate_layout_time(
+    w: Workload, lay: Layout, hw: Hardware, *, gpus_per_node: int, kernels: Kernels = EAGER
+) -> StepTime:
     """Step time of `lay` for workload `w` (see the module docstring for every term)."""
     m, e, s, par = w.model, w.dtype_bytes, w.seq_len, lay.parallel
     p, v = par.pp_size, par.num_model_chunks
@@ -240,14 +368,14 @@ def estimate_layout_time(w: Workload, lay: Layout, hw: Hardware, *, gpus_per_nod
     num_mb = lay.num_microbatches(w.global_batch_size)
     intra_tp = par.tp_size <= gpus_per_node
     intra_dp = par.tp_size * par.dp_size <= gpus_per_node
-    layer = layer_pass(w, lay, hw, intra_tp=intra_tp)
+    layer = layer_pass(w, lay, hw, intra_tp=intra_tp, kernels=kernels)
     head = head_pass(w, lay, hw, intra_tp=intra_tp)
     embed = embedding_pass(w, lay, hw, intra_tp=intra_tp)
     transfer = boundary_transfer(w, lay, hw, intra_pp=n_gpus <= gpus_per_node)
 
     ranges = chunk_layer_ranges(m.num_layers, p, v)
     last = len(ranges) - 1
-    per_rank, compute_rank, tp_rank, pp_rank_time, dp_tail = [], [], [], [], []
+    per_rank, compute_rank, tp_rank, pp_rank_time, dp_tail, works = [], [], [], [], [], []
     for pp_rank in range(p):
         work = _Pass(0.0, 0.0)
         for c in chunks_of_rank(pp_rank, p, v):
@@ -259,14 +387,25 @@ def estimate_layout_time(w: Workload, lay: Layout, hw: Hardware, *, gpus_per_nod
         params = rank_parameters(w, lay, pp_rank)
         accumulate = hw.memory_time((8 + e) * params)  # .grad into the fp32 main_grad, every micro-batch
         p2p = 2 * v * transfer
+        work = work + _Pass(0.0, 0.0, 0.0, {"grad_accumulate": accumulate, "pp_comm": p2p})
         compute = work.forward + work.backward + accumulate
         per_rank.append(compute + work.tp + p2p)
         compute_rank.append(compute)
         tp_rank.append(work.tp)
         pp_rank_time.append(p2p)
+        works.append(work)
         # Data parallelism and the optimizer, once per step.
         dp_tail.append(
-            data_parallel_tail(lay, hw, params, dtype_bytes=e, backward=work.backward, intra_dp=intra_dp)
+            data_parallel_tail(
+                lay,
+                hw,
+                params,
+                dtype_bytes=e,
+                backward=work.backward,
+                intra_dp=intra_dp,
+                forward=work.forward,
+                overlap=kernels.dp_overlap,
+            )  # fmt: skip
         )
 
     slowest = max(range(p), key=lambda r: per_rank[r])
@@ -277,6 +416,8 @@ def estimate_layout_time(w: Workload, lay: Layout, hw: Hardware, *, gpus_per_nod
     step = pipeline + dp_exposed + optimizer + STEP_OVERHEAD_S
     tokens = w.global_batch_size * s / (step * n_gpus)
     tflops = tokens * flops_per_token(m, s) / 1e12
+    terms = {k: num_mb * works[slowest].terms.get(k, 0.0) for k in TERMS}
+    terms.update(bubble=bubble, dp_exposed=dp_exposed, optimizer=optimizer, overhead=STEP_OVERHEAD_S)
     return StepTime(
         step=step,
         pipeline=pipeline,
@@ -290,10 +431,17 @@ def estimate_layout_time(w: Workload, lay: Layout, hw: Hardware, *, gpus_per_nod
         tokens_per_s_per_gpu=tokens,
         tflops_per_gpu=tflops,
         mfu=tflops / hw.peak_tflops,
+        terms=terms,
     )
 
 
-def estimate_step_time(config: Config, hardware: Hardware, *, gpus_per_node: int | None = None) -> StepTime:
-    """Predicted step time of `config`'s layout on `hardware` (gpus_per_node: default all in one node)."""
+def estimate_step_time(
+    config: Config, hardware: Hardware, *, gpus_per_node: int | None = None, kernels: Kernels | None = None
+) -> StepTime:
+    """Predicted step time of `config`'s layout on `hardware` (gpus_per_node: default all in one node;
+    kernels: default threefold's, compiled when config.training.compile is on)."""
     workload, layout = from_config(config)
-    return estimate_layout_time(workload, layout, hardware, gpus_per_node=gpus_per_node or layout.num_gpus)
+    kernels = kernels or Kernels(compiled=bool(getattr(config.training, "compile", False)))
+    return estimate_layout_time(
+        workload, layout, hardware, gpus_per_node=gpus_per_node or layout.num_gpus, kernels=kernels
+    )
