@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from threefold.checkpoint import Checkpointer
 from threefold.config import Config
-from threefold.data.dataset import BatchLoader, TokenDataset, eval_batches
+from threefold.data.dataset import BatchLoader, TokenDataset, eval_batches, read_meta
 from threefold.model.transformer import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
 from threefold.parallel import track
@@ -117,6 +117,8 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         device=device,
         scatter_gather=p.scatter_gather,
         grad_syncs=grad_syncs,
+        document_eos_id=_document_eos_id(config),
+        reset_positions=config.data.reset_position_ids,
     )
     schedule = build_schedule(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     connect_neighbours(mesh, device)
@@ -138,6 +140,13 @@ def check_fp8_device(device: torch.device, recipe: str) -> None:
             f"training.fp8 = {recipe!r} needs compute capability >= 8.9 (Ada, Hopper or newer); {name} "
             f"({device}) has {capability[0]}.{capability[1]}"
         )
+
+
+def _document_eos_id(config: Config) -> int | None:
+    """The EOS id that separates the dataset's documents when document masking is on, else None."""
+    if not config.data.document_masking:
+        return None
+    return int(read_meta(config.data.path)["eos_token_id"])
 
 
 def train_loader(config: Config, mesh: Mesh, train_set: TokenDataset | None = None) -> BatchLoader:

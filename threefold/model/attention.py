@@ -1,0 +1,127 @@
+"""Causal attention, optionally kept inside each document of a packed sequence (document masking).
+
+Shape legend: b micro-batch, a query heads, k key/value heads (k divides a), s sequence, d head dim.
+Heads are whatever this rank holds (a/t, k_ under tensor parallelism); nothing here communicates, so
+tensor, sequence and pipeline parallelism and recomputation compose with it unchanged.
+
+A packed sample joins documents with the EOS id. Document ids are a pure function of the input tokens
+(`document_ids`), so every pipeline stage derives them from the micro-batch it already holds and nothing
+extra travels between stages or into checkpoints. Token i may attend to token j when j <= i and both
+belong to the same document: a block-diagonal causal mask.
+
+Two implementations of that mask, which must agree:
+- the exact reference: a dense (b, 1, s, s) boolean mask given to scaled_dot_product_attention; used on
+  the CPU and wherever FlexAttention is missing;
+- FlexAttention's block mask on CUDA: blocks of 128 x 128 that lie wholly outside every document are
+  skipped, so masking costs nothing in memory and saves the compute of the cross-document blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch keeps the dense reference
+    create_block_mask = flex_attention = None  # type: ignore[assignment]
+
+_compiled_flex: Callable[..., Any] | None = None
+
+
+def document_ids(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(b, s) token ids -> (b, s) int32 document index within each row, 0 first.
+
+    The EOS that ends a document belongs to it (it predicts the next document's first token, as in an
+    unmasked run); the token after it starts the next document.
+    """
+    is_eos = (tokens == eos_token_id).to(torch.int32)
+    return (torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos).contiguous()
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(b, s) document ids -> (b, s) int64 position of each token within its document (0 at each start)."""
+    s = doc_ids.shape[1]
+    index = torch.arange(s, device=doc_ids.device).expand_as(doc_ids)  # (b, s)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    # The latest document start at or before each token: a running maximum of the start indices.
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    return index - first
+
+
+@dataclass(frozen=True)
+class DocumentMask:
+    """A block-diagonal causal mask built once per micro-batch and read by every layer.
+
+    Exactly one of `dense` ((b, 1, s, s) bool, True = may attend) and `block` (a FlexAttention BlockMask)
+    is set.
+    """
+
+    dense: torch.Tensor | None = None
+    block: Any = None
+
+
+def flex_available(device: torch.device) -> bool:
+    """FlexAttention is used on CUDA when this torch has it; the CPU keeps the exact dense reference."""
+    return device.type == "cuda" and flex_attention is not None
+
+
+def document_mask(doc_ids: torch.Tensor, *, use_flex: bool | None = None) -> DocumentMask:
+    """The mask of (b, s) document ids; `use_flex` None picks FlexAttention where `flex_available`."""
+    if use_flex is None:
+        use_flex = flex_available(doc_ids.device)
+    b, s = doc_ids.shape
+    if not use_flex:
+        causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+        same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (b, s, s)
+        return DocumentMask(dense=(same & causal)[:, None])  # (b, 1, s, s)
+
+    def mask_mod(batch: Any, head: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return (q_idx >= kv_idx) & (doc_ids[batch, q_idx] == doc_ids[batch, kv_idx])
+
+    assert create_block_mask is not None
+    return DocumentMask(block=create_block_mask(mask_mod, b, None, s, s, device=doc_ids.device))
+
+
+def _flex() -> Callable[..., Any]:
+    # Compiled once per process: the eager FlexAttention materializes the scores and is only a reference.
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    mask: DocumentMask | None = None,
+) -> torch.Tensor:
+    """Causal attention of (b, a, s, d) queries over (b, k, s, d) keys and values -> (b, a, s, d).
+
+    With `doc_ids` ((b, s)) or a prebuilt `mask` from `document_mask`, attention stays inside each
+    document; pass the mask when several layers share one micro-batch, so it is built once.
+    """
+    if mask is None and doc_ids is not None:
+        mask = document_mask(doc_ids)
+    group_size = q.shape[1] // k.shape[1]
+    if mask is not None and mask.block is not None:
+        return _flex()(q, k, v, block_mask=mask.block, enable_gqa=group_size > 1)
+    flash = (
+        mask is None and q.is_cuda and q.dtype != torch.float32 and torch.backends.cuda.flash_sdp_enabled()
+    )
+    if group_size > 1 and not flash:
+        # Query head j reads kv head j // group_size. Flash attention reads the shared heads in place
+        # (enable_gqa); the other kernels get copies.
+        k = k.repeat_interleave(group_size, dim=1)
+        v = v.repeat_interleave(group_size, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group_size > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
