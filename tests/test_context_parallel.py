@@ -54,7 +54,9 @@ def _attention_rank(rank: int, world: int, mode: str, num_kv_heads: int) -> dict
     # receives the complete gradient of its own chunks.
     return {
         "out": (out.detach(), split_sequence(ref.detach(), rank, world, dim=2)),
-        "grads": [(t.grad, split_sequence(f.grad, rank, world, dim=2)) for t, f in zip(local, full, strict=True)],
+        "grads": [
+            (t.grad, split_sequence(f.grad, rank, world, dim=2)) for t, f in zip(local, full, strict=True)
+        ],
     }
 
 
@@ -104,19 +106,16 @@ def _merged(results: list[dict]) -> dict:
 
 
 LAYOUTS = {
-    # name: (arch, tp, dp, pp, cp, extra sections)
+    # name: (arch, tp, dp, pp, cp, extra sections); each layout adds what it proves to the plain ring.
     "cp2": ("llama", 1, 1, 1, 2, {}),
     "cp4": ("llama", 1, 1, 1, 4, {}),
-    "cp2-gpt2": ("gpt2", 1, 1, 1, 2, {}),
-    "cp2-all_to_all": ("llama", 1, 1, 1, 2, {"parallel": {"cp_attention": "all_to_all"}}),
     "cp4-all_to_all": ("llama", 1, 1, 1, 4, {"parallel": {"cp_attention": "all_to_all"}}),
-    "cp2-tp2": ("llama", 2, 1, 1, 2, {}),
-    "cp2-tp2-sp": ("llama", 2, 1, 1, 2, {"parallel": {"sequence_parallel": True}}),
+    "cp2-gpt2-selective": ("gpt2", 1, 1, 1, 2, {"training": {"recompute": "selective"}}),
+    "cp2-tp2-sp-full": ("llama", 2, 1, 1, 2, {"parallel": {"sequence_parallel": True},
+                                              "training": {"recompute": "full"}}),
     "cp2-pp2-interleaved": ("llama", 1, 1, 2, 2, {"v": 2, "model": {"num_layers": 4}}),
     "cp2-dp2-zero": ("llama", 1, 2, 1, 2, {"zero": True}),
-    "cp2-full-recompute": ("llama", 1, 1, 1, 2, {"training": {"recompute": "full"}}),
-    "cp2-selective-recompute": ("gpt2", 1, 1, 1, 2, {"training": {"recompute": "selective"}}),
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -124,7 +123,65 @@ def test_cp_layout_matches_single_process(config, reference, name):
     arch, tp, dp, pp, cp, extra = LAYOUTS[name]
     extra = {k: dict(v) if isinstance(v, dict) else v for k, v in extra.items()}
     layout = config(arch, tp, dp, pp, cp, **extra)
-    # The same model and training settings (recompute does not change the math) in one process.
-    single = {k: v for k, v in extra.items() if k in ("model", "training")}
+    # The same model in one process, without recomputation: recomputing must not change the math.
+    single = {k: v for k, v in extra.items() if k == "model"}
     got = _merged(run_ranks(tp * dp * pp * cp, train_and_gather, layout, timeout=120))
     _check(got, reference(config(arch, **single)))
+
+
+def _ckpt_run(config) -> dict:
+    return _merged(run_ranks(config.world_size, train_and_gather, config, timeout=120))
+
+
+def test_checkpoint_moves_between_cp_sizes(config, tmp_path):
+    """cp is a layout: a cp 2 (ZeRO over the cp ranks) checkpoint resumes at cp 1, and that one at cp 2."""
+
+    def run(cp: int, where: str, load: str = "", zero: bool = False):
+        ckpt = dict(dir=str(tmp_path / where), interval=1, keep_last=4, load=load)
+        return _ckpt_run(config(cp=cp, zero=zero, checkpoint=ckpt))
+
+    first = run(2, "a", zero=True)
+    second = run(1, "b", load=str(tmp_path / "a" / "step_2"))
+    torch.testing.assert_close(
+        torch.tensor(second["losses"]), torch.tensor(first["losses"][2:]), rtol=1e-5, atol=0
+    )
+    third = run(2, "c", load=str(tmp_path / "b" / "step_3"))
+    torch.testing.assert_close(
+        torch.tensor(third["losses"]), torch.tensor(second["losses"][1:]), rtol=1e-5, atol=0
+    )
+    for name, w in first["weights"].items():
+        torch.testing.assert_close(second["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(third["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+WIDE = dict(num_heads=8, num_kv_heads=4)
+BAD = [
+    # (parallel, model, data.seq_len, training, message): each trips exactly one rule
+    (dict(cp_size=3), {}, 20, {}, r"data.seq_len \(20\) must be divisible by 2 \* parallel.cp_size \(3\) ="),
+    (dict(cp_size=4, tp_size=2, cp_attention="all_to_all"), {}, 16, {},
+     r"model.num_heads \(4\) / parallel.tp_size \(2\) = 2 heads per tp rank to be divisible by "
+     r"parallel.cp_size \(4\)"),
+    (dict(cp_size=2), {}, 16, dict(attention_backend="cudnn"),
+     r"training.attention_backend = 'cudnn' cannot run context parallelism"),
+    (dict(cp_size=2, tp_size=4, sequence_parallel=True), WIDE, 20, {},
+     r"parallel.cp_size \(2\) \* parallel.tp_size \(4\) must divide data.seq_len \(20\)"),
+    (dict(cp_size=0), {}, 16, {}, r"parallel.cp_size must be positive, got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("parallel,model,seq_len,training,message", BAD)
+def test_bad_cp_config_is_refused(sonnets_dataset, tmp_path, parallel, model, seq_len, training, message):
+    parallel = dict(parallel)
+    tp = parallel.pop("tp_size", 1)
+    with pytest.raises(ValueError, match=message):
+        tiny_config(sonnets_dataset, tmp_path, tp=tp, parallel=parallel, model=model, training=training,
+                    data=dict(seq_len=seq_len))  # fmt: skip
+
+
+def test_world_size_counts_cp(sonnets_dataset, tmp_path):
+    from threefold.config import check_world_size
+
+    cfg = tiny_config(sonnets_dataset, tmp_path, tp=2, parallel=dict(cp_size=2))
+    assert cfg.world_size == 4
+    with pytest.raises(ValueError, match=r"parallel.cp_size \(2\)"):
+        check_world_size(cfg, 2)
