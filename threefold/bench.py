@@ -124,6 +124,8 @@ def _record(
         "tp": p.tp_size,
         "pp": p.pp_size,
         "dp": p.dp_size,
+        "cp": p.cp_size,
+        "cp_attention": p.cp_attention,
         "v": p.num_model_chunks,
         "schedule": p.pipeline_schedule,
         "zero": p.zero,
