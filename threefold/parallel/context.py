@@ -144,10 +144,12 @@ def block_attention_backward(
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     if _uses_flash(q):
         n, m = q.shape[2], k.shape[2]
-        empty = torch.empty(0, device=q.device)
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        # Dense (not variable-length) blocks pass no cumulative lengths (None, as the forward returns);
+        # without dropout the random state is unused but must have the forward's shapes and dtype.
+        rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        unused = torch.zeros((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse, empty, empty, n, m, 0.0, causal, seed, seed, scale=scale
+            grad_out, q, k, v, out, lse, None, None, n, m, 0.0, causal, rng_state, unused, scale=scale
         )
     else:
         qf, kf, vf, go = q.float(), k.float(), v.float(), grad_out.float()
