@@ -185,3 +185,38 @@ def test_world_size_counts_cp(sonnets_dataset, tmp_path):
     assert cfg.world_size == 4
     with pytest.raises(ValueError, match=r"parallel.cp_size \(2\)"):
         check_world_size(cfg, 2)
+
+
+def _llama_1b(tmp_path, cp: int, **parallel):
+    from threefold.config import build_config
+
+    return build_config(
+        {"model": {"preset": "llama-1b", "max_seq_len": 32768},
+         "data": {"seq_len": 32768, "path": str(tmp_path)},
+         "parallel": {"cp_size": cp, **parallel},
+         "training": {"micro_batch_size": 1, "global_batch_size": 8, "dtype": "bfloat16"}},
+        check_paths=False,
+    )  # fmt: skip
+
+
+def test_planner_knows_cp(tmp_path):
+    """Activations per GPU shrink by cp; ZeRO shards over dp x cp; compute per GPU halves at cp 2, and the
+    ring's transfers are charged only where they outlast the attention core."""
+    from threefold.plan.hardware import PRESETS
+    from threefold.plan.layout import from_config
+    from threefold.plan.memory_model import estimate_memory
+    from threefold.plan.time_model import context_parallel_comm, estimate_step_time
+
+    one, two = _llama_1b(tmp_path, 1), _llama_1b(tmp_path, 2)
+    mem_one, mem_two = estimate_memory(one), estimate_memory(two)
+    assert mem_two["activations"] == pytest.approx(mem_one["activations"] / 2, rel=0.02)
+    assert mem_two["parameters"] == mem_one["parameters"]
+    zero = estimate_memory(_llama_1b(tmp_path, 2, zero=True))
+    assert zero["optimizer"] == pytest.approx(mem_one["optimizer"] / 2)
+    hw = PRESETS["h200"]
+    time_one, time_two = estimate_step_time(one, hw), estimate_step_time(two, hw)
+    assert time_two.compute == pytest.approx(time_one.compute / 2, rel=0.05)
+    w, lay = from_config(two)
+    forward, backward = context_parallel_comm(w, lay, hw, core=0.0, intra_cp=True)
+    assert forward > 0 and backward > forward  # dK/dV travel in fp32 in backward
+    assert context_parallel_comm(w, lay, hw, core=1.0, intra_cp=True) == (0.0, 0.0)  # hidden by the core

@@ -38,7 +38,7 @@ class Layout:
     @property
     def num_gpus(self) -> int:
         p = self.parallel
-        return p.tp_size * p.pp_size * p.dp_size
+        return p.tp_size * p.cp_size * p.pp_size * p.dp_size
 
     def num_microbatches(self, global_batch_size: int) -> int:
         """m = B / (d b)."""
@@ -61,6 +61,8 @@ class Layout:
         out += [("training", key, getattr(self, key)) for key in TRAINING_FIELDS]
         if p.sequence_parallel:
             out.append(("parallel", "sequence_parallel", True))
+        if p.cp_size > 1:
+            out += [("parallel", "cp_size", p.cp_size), ("parallel", "cp_attention", p.cp_attention)]
         out.append(("parallel", "zero", p.zero))
         return out
 
