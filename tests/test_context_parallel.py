@@ -220,3 +220,22 @@ def test_planner_knows_cp(tmp_path):
     forward, backward = context_parallel_comm(w, lay, hw, core=0.0, intra_cp=True)
     assert forward > 0 and backward > forward  # dK/dV travel in fp32 in backward
     assert context_parallel_comm(w, lay, hw, core=1.0, intra_cp=True) == (0.0, 0.0)  # hidden by the core
+
+
+def test_plan_proposes_cp_for_long_sequences(tmp_path):
+    """llama-8b at 128k tokens does not fit one H200 per sequence without splitting it: the best layout
+    on 8 GPUs uses cp; at 4k tokens cp is never tried."""
+    from threefold.config import build_config
+    from threefold.plan.hardware import PRESETS
+    from threefold.plan.layout import from_config
+    from threefold.plan.search import enumerate_layouts, plan
+
+    def workload(seq_len: int):
+        raw = {"model": {"preset": "llama-8b", "max_seq_len": seq_len},
+               "data": {"seq_len": seq_len, "path": str(tmp_path)},
+               "training": {"global_batch_size": 8, "dtype": "bfloat16"}}  # fmt: skip
+        return from_config(build_config(raw, check_paths=False))[0]
+
+    result = plan(workload(131072), PRESETS["h200"], num_gpus=8, gpus_per_node=8)
+    assert result.ranked and result.ranked[0].layout.parallel.cp_size > 1
+    assert all(lay.parallel.cp_size == 1 for lay in enumerate_layouts(workload(4096), 8))

@@ -87,7 +87,7 @@ class Layout:
     def label(self) -> str:
         """Short name, e.g. 't2 p2 d1 v2 b1 interleaved' plus the options that are on."""
         p = self.parallel
-        parts = [f"t{p.tp_size} p{p.pp_size} d{p.dp_size}"]
+        parts = [f"t{p.tp_size} p{p.pp_size} d{p.dp_size}" + (f" c{p.cp_size}" if p.cp_size > 1 else "")]
         if p.num_model_chunks > 1:
             parts.append(f"v{p.num_model_chunks}")
         parts.append(f"b{self.micro_batch_size}")

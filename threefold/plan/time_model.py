@@ -94,6 +94,7 @@ class StepTime:
     compute: float
     """Per step on the slowest rank: forwards, backwards, recomputation (m max_r of its compute)."""
     tp_comm: float
+    """Per step: the TP collectives, and the context-parallel transfers left exposed (cp_size > 1)."""
     pp_comm: float
     dp_exposed: float
     optimizer: float
