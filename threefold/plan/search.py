@@ -37,13 +37,13 @@ class Candidate:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON record; the layout under the short keys of `threefold bench`'s records (tp, pp, dp, v,
-        schedule), which bench/plan_compare.py matches against."""
+        schedule, and cp when it splits the sequence), which bench/plan_compare.py matches against."""
         lay, par, t = self.layout, self.layout.parallel, self.time
         return {
             "tp": par.tp_size,
             "pp": par.pp_size,
             "dp": par.dp_size,
-            "cp": par.cp_size,
+            **({"cp": par.cp_size} if par.cp_size > 1 else {}),
             "v": par.num_model_chunks,
             "micro_batch_size": lay.micro_batch_size,
             "schedule": par.pipeline_schedule,
