@@ -79,21 +79,21 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0)
 def train_and_gather(rank: int, world_size: int, config: Any) -> dict:
     """Rank body: build the mesh, train, and report losses, norms and the full weights this rank holds.
 
-    Weights come from TP rank 0 of DP rank 0 of each stage (tied copies left out), so merging every
-    rank's dict gives the whole model once.
+    Weights come from TP rank 0 of DP rank 0 and CP rank 0 of each stage (tied copies left out), so
+    merging every rank's dict gives the whole model once.
     """
     from threefold.parallel.layers import gather_full
     from threefold.parallel.mesh import build_mesh
     from threefold.train import train
 
     p = config.parallel
-    mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
+    mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size, p.cp_size)
     result = train(config, mesh, torch.device("cpu"))
     weights = {}
     for chunk in result.trainer.chunks.values():
         for name, param in chunk.named_parameters():
             if not getattr(param, "tied_copy", False):
                 weights[name] = gather_full(param, mesh.tp_group)
-    keep = mesh.tp_rank == 0 and mesh.dp_rank == 0
+    keep = mesh.tp_rank == 0 and mesh.dp_rank == 0 and mesh.cp_rank == 0
     return {"losses": result.losses, "val": result.val_losses, "norms": result.grad_norms,
             "weights": weights if keep else {}}  # fmt: skip

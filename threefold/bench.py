@@ -23,7 +23,7 @@ from threefold.config import Config
 from threefold.metrics import count_parameters, flops_per_token, mfu, peak_flops
 from threefold.parallel.mesh import Mesh
 from threefold.plan.memory_model import estimate_memory
-from threefold.train import build, train_loader, train_step, wait_params
+from threefold.train import build, context_shard, train_loader, train_step, wait_params
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 GIB = 2**30
@@ -43,13 +43,17 @@ def synthetic_steps(config: Config, mesh: Mesh, device: torch.device, count: int
         tokens = torch.randint(0, config.model.vocab_size, (t.global_batch_size, seq + 1), generator=gen)
         mine = tokens[mesh.dp_rank * per_rank : (mesh.dp_rank + 1) * per_rank]
         x, y = mine[:, :-1].to(device), mine[:, 1:].to(device)
-        steps.append(list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True)))
+        micro = list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True))
+        steps.append(context_shard(micro, mesh))
     return steps
 
 
 def _real_steps(config: Config, mesh: Mesh, device: torch.device, count: int) -> list[list[Batch]]:
     loader = train_loader(config, mesh)
-    return [[(x.to(device), y.to(device)) for x, y in loader.next_batch()] for _ in range(count)]
+    return [
+        [(x.to(device), y.to(device)) for x, y in context_shard(loader.next_batch(), mesh)]
+        for _ in range(count)
+    ]
 
 
 def run_bench(
@@ -122,6 +126,8 @@ def _record(
         "tp": p.tp_size,
         "pp": p.pp_size,
         "dp": p.dp_size,
+        "cp": p.cp_size,
+        "cp_attention": p.cp_attention,
         "v": p.num_model_chunks,
         "schedule": p.pipeline_schedule,
         "zero": p.zero,

@@ -247,7 +247,7 @@ def run_workers(
             prepare_data_if_asked(config)  # torchrun multi-node: once per node
         dist.barrier()
         p = config.parallel
-        mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
+        mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size, p.cp_size)
         if log_layout:
             record_layout(config, world, mesh)
         return body(config, mesh, device, faults)

@@ -204,7 +204,7 @@ class Optimizer:
             squares = torch.stack([g.square().sum() for g in grads]).sum()
         else:
             squares = torch.zeros((), device=device)
-        if self.zero and self.mesh.dp_size > 1:
+        if self.zero and self.mesh.dp_cp_size > 1:
             with track.collective(None, "all_reduce(grad norm)"):
                 dist.all_reduce(squares)  # every rank holds a distinct part of the gradient
         elif self.mesh.tp_size * self.mesh.pp_size > 1:

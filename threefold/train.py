@@ -18,6 +18,7 @@ from threefold.data.dataset import BatchLoader, TokenDataset, eval_batches, read
 from threefold.model.transformer import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
 from threefold.parallel import track
+from threefold.parallel.context import ContextParallel, split_sequence
 from threefold.parallel.data_parallel import GradSync, all_reduce_tp_replicated_grads
 from threefold.parallel.layers import TPContext
 from threefold.parallel.mesh import Mesh
@@ -72,9 +73,13 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     if t.fp8:
         check_fp8_device(device, t.fp8)
     tp = TPContext(
-        mesh.tp_group, p.sequence_parallel, recompute=t.recompute, overlap_comm=p.overlap_tp_comm,
+        mesh.tp_group,
+        p.sequence_parallel,
+        recompute=t.recompute,
+        overlap_comm=p.overlap_tp_comm,
         fp8=t.fp8 or None,
-    )  # fmt: skip
+        context=ContextParallel(mesh.cp_group, p.cp_attention) if mesh.cp_size > 1 else None,
+    )
     chunks = {
         c: build_model(
             config.model,
@@ -94,20 +99,21 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     grad_syncs = {
         c: GradSync(
             list(chunk.parameters()),
-            dp_group=mesh.dp_group,
+            # cp ranks hold the same weights, each with the gradient of its own tokens: averaged like dp.
+            dp_group=mesh.dp_cp_group,
             bucket_mb=p.dp_bucket_mb,
             zero=p.zero,
             solo=[chunk.embed_tokens.weight] if tied_across_stages and hasattr(chunk, "embed_tokens") else [],
         )
         for c, chunk in chunks.items()
     }
-    if p.zero and mesh.dp_size > 1:
+    if p.zero and mesh.dp_cp_size > 1:
         for c, chunk in chunks.items():
             chunk.set_before_use(grad_syncs[c].wait_for)  # the parameter all-gather overlaps the forward
     owned = [r for c in sorted(grad_syncs) for r in grad_syncs[c].owned_ranges()]
     names = {param: name for chunk in chunks.values() for name, param in chunk.named_parameters()}
     optimizer = Optimizer(owned, config.optimizer, mesh=mesh, max_steps=t.max_steps, zero=p.zero, names=names)
-    seq_local = config.data.seq_len // (p.tp_size if p.sequence_parallel else 1)
+    seq_local = config.data.seq_len // (p.tp_size if p.sequence_parallel else 1) // p.cp_size
     executor = PipelineExecutor(
         chunks,
         mesh,
@@ -162,6 +168,24 @@ def train_loader(config: Config, mesh: Mesh, train_set: TokenDataset | None = No
         dp_size=mesh.dp_size,
         seed=t.seed,
     )
+
+
+def context_shard(batches: list[Batch], mesh: Mesh) -> list[Batch]:
+    """This cp rank's chunks of every sample (all of them without context parallelism)."""
+    if mesh.cp_size == 1:
+        return batches
+    return [
+        (split_sequence(x, mesh.cp_rank, mesh.cp_size), split_sequence(y, mesh.cp_rank, mesh.cp_size))
+        for x, y in batches
+    ]
+
+
+def _replica_sum(value: torch.Tensor, mesh: Mesh, what: str) -> torch.Tensor:
+    """Sum over the dp x cp ranks, the ranks holding the same weights (in place)."""
+    if mesh.dp_cp_size > 1:
+        with track.collective(mesh.dp_cp_group, f"all_reduce({what})"):
+            dist.all_reduce(value, group=mesh.dp_cp_group)
+    return value
 
 
 def wait_params(trainer: Trainer) -> None:
@@ -223,10 +247,8 @@ def train_step(trainer: Trainer, micro_batches: list[Batch], step: int) -> Pendi
     _sync_tied_embedding(trainer)
     # The loss is reduced before the update so that a non-finite loss can veto it on every rank.
     track.set_action("loss reduction")
-    loss = _pipeline_sum(loss_sum / (num_microbatches * mesh.dp_size), mesh)
-    if mesh.dp_size > 1:
-        with track.collective(mesh.dp_group, "all_reduce(loss)"):
-            dist.all_reduce(loss, group=mesh.dp_group)
+    loss = _pipeline_sum(loss_sum / (num_microbatches * mesh.dp_cp_size), mesh)
+    loss = _replica_sum(loss, mesh, "loss")
     bad_loss = ~torch.isfinite(loss)
     track.set_action("optimizer step")
     wait_params(trainer)  # a parameter no forward used may still be arriving from the last step
@@ -249,10 +271,11 @@ def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
     total = trainer.executor.run(actions, batches, loss_scale=1.0, train=False, loss_weights=sizes)
     for chunk in trainer.chunks.values():
         chunk.train()
-    # [summed loss, sequences]: the ranks' shares may differ by one sequence.
+    # [summed loss, sequences] over the dp x cp ranks: the dp shares may differ by one sequence, and each
+    # cp rank's loss is the mean over its part of the same sequences (equal parts), so the ratio is the
+    # mean over every token.
     total = torch.stack([_pipeline_sum(total, mesh), total.new_tensor(float(sum(sizes)))])
-    with track.collective(mesh.dp_group, "all_reduce(validation loss)"):
-        dist.all_reduce(total, group=mesh.dp_group)
+    total = _replica_sum(total, mesh, "validation loss")
     with track.waiting_for(mesh.dp_group, "host sync (validation loss)"):
         return float(total[0] / total[1])
 
@@ -351,16 +374,14 @@ class _Duties:
 def _validation_batches(config: Config, mesh: Mesh, device: torch.device) -> list[Batch]:
     """This data-parallel rank's share of the validation batches, on `device`."""
     val_set = TokenDataset(config.data.path, "val", config.data.seq_len)
-    return _to_device(
-        eval_batches(
-            val_set,
-            num_sequences=config.training.eval_sequences,
-            micro_batch_size=config.training.micro_batch_size,
-            dp_rank=mesh.dp_rank,
-            dp_size=mesh.dp_size,
-        ),
-        device,
+    batches = eval_batches(
+        val_set,
+        num_sequences=config.training.eval_sequences,
+        micro_batch_size=config.training.micro_batch_size,
+        dp_rank=mesh.dp_rank,
+        dp_size=mesh.dp_size,
     )
+    return _to_device(context_shard(batches, mesh), device)
 
 
 def train(
@@ -401,7 +422,8 @@ def _train(
             duties.evaluate(0)
         for step in range(start_step, t.max_steps):
             guard.begin_step(step, trainer)
-            duties.pending.append(train_step(trainer, _to_device(loader.next_batch(), device), step))
+            batches = context_shard(loader.next_batch(), mesh)
+            duties.pending.append(train_step(trainer, _to_device(batches, device), step))
             # Every step: a signal reaching any rank, or the time limit, stops all of them after this step.
             interrupted, late = guard.end_step(
                 stop_requested=stop.requested, out_of_time=due.out_of_time(started)

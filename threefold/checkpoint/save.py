@@ -33,10 +33,12 @@ from threefold.parallel.mesh import Mesh
 def _saves(param: nn.Parameter, mesh: Mesh, dp_sharded: bool) -> bool:
     """Whether this rank writes its range of the parameter: each element exactly once across the world.
 
-    Without ZeRO data-parallel rank 0 holds everything; with ZeRO each data-parallel rank its own part.
+    Without ZeRO data-parallel (and context-parallel) rank 0 holds everything; with ZeRO each rank of
+    the dp x cp group its own part.
     Of a TP shard held by several ranks (replicated kv heads) only the first saves.
     """
-    if (mesh.dp_rank != 0 and not dp_sharded) or getattr(param, "tied_copy", False):
+    replica = mesh.dp_rank != 0 or mesh.cp_rank != 0
+    if (replica and not dp_sharded) or getattr(param, "tied_copy", False):
         return False
     return is_tp_primary(param, mesh.tp_rank)
 

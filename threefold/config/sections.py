@@ -23,6 +23,7 @@ LoadMode = Literal["resume", "weights"]
 Fp8Recipe = Literal["tensorwise", "rowwise"]
 """How float8 GEMMs scale their operands (threefold.parallel.fp8): one scale per tensor, or per row."""
 Fp8Setting = Literal[False, "tensorwise", "rowwise"]
+CPAttention = Literal["ring", "all_to_all"]
 
 DTYPE_NAMES: tuple[DtypeName, ...] = typing.get_args(DtypeName)
 """Names of the compute dtypes (train.DTYPES maps them to torch dtypes)."""
@@ -189,7 +190,7 @@ def check_rope_scaling(m: ModelConfig) -> None:
 
 @dataclass(kw_only=True)
 class ParallelConfig(Section):
-    """How the ranks are laid out: world size = tp_size * pp_size * dp_size."""
+    """How the ranks are laid out: world size = tp_size * cp_size * pp_size * dp_size."""
 
     section = "parallel"
 
@@ -199,6 +200,13 @@ class ParallelConfig(Section):
     """Pipeline-parallel size p."""
     dp_size: int = 1
     """Data-parallel size d."""
+    cp_size: int = 1
+    """Context-parallel size c: each sequence is split over c ranks (two mirrored chunks each, so causal
+    work is even); weights are replicated over them like data-parallel replicas."""
+    cp_attention: CPAttention = "ring"
+    """Attention across the cp ranks: 'ring' (K/V blocks travel a ring, overlapped with compute) or
+    'all_to_all' (Ulysses: re-shard from sequence to heads around attention; needs heads / tp divisible
+    by cp_size)."""
     num_model_chunks: int = 1
     """Model chunks v per pipeline rank (interleaved schedule); 1 means no interleaving."""
     pipeline_schedule: ScheduleName = "1f1b"
@@ -222,7 +230,7 @@ class ParallelConfig(Section):
         # The schedule's rules (num_model_chunks > 1 needs pp_size > 1, ...) belong to
         # pipeline.schedules.check_schedule_args, which validate calls with the micro-batch count.
         super().check()
-        self._positive("tp_size", "pp_size", "dp_size", "num_model_chunks")
+        self._positive("tp_size", "pp_size", "dp_size", "cp_size", "num_model_chunks")
         self._non_negative("dp_bucket_mb")
         if self.sequence_parallel and self.tp_size == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1 (got tp_size = 1)")
@@ -480,7 +488,7 @@ class Config:
     @property
     def world_size(self) -> int:
         p = self.parallel
-        return p.tp_size * p.pp_size * p.dp_size
+        return p.tp_size * p.cp_size * p.pp_size * p.dp_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -53,6 +53,7 @@ def check_across_sections(config: Config) -> None:
         )
     if t.fp8:
         _check_fp8_shapes(config)
+    check_context_parallel(config)
     if d.seq_len > m.max_seq_len:
         raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     per_step = t.micro_batch_size * p.dp_size
@@ -93,11 +94,12 @@ FP8_MULTIPLE = 16
 def _check_fp8_shapes(config: Config) -> None:
     """Every dimension of the layers' float8 GEMMs, as each TP rank sees it, a multiple of 16."""
     m, tp, t = config.model, config.parallel.tp_size, config.training
+    cp = config.parallel.cp_size
     assert m.num_kv_heads is not None and m.ffn_hidden_size is not None  # ModelConfig.check
     kv_heads = f"max(1, model.num_kv_heads ({m.num_kv_heads}) / parallel.tp_size ({tp}))"
     dims = {
-        f"training.micro_batch_size ({t.micro_batch_size}) * data.seq_len ({config.data.seq_len}) tokens":
-            t.micro_batch_size * config.data.seq_len,
+        f"training.micro_batch_size ({t.micro_batch_size}) * data.seq_len ({config.data.seq_len}) / "
+        f"parallel.cp_size ({cp}) tokens": t.micro_batch_size * config.data.seq_len // cp,
         "model.hidden_size": m.hidden_size,
         f"model.num_heads ({m.num_heads}) / parallel.tp_size ({tp}) * head dim ({m.head_dim})":
             m.num_heads // tp * m.head_dim,
@@ -110,6 +112,46 @@ def _check_fp8_shapes(config: Config) -> None:
                 f"training.fp8 = {t.fp8!r} needs every GEMM dimension to be a multiple of {FP8_MULTIPLE}; "
                 f"{name} = {size} is not"
             )
+
+
+def check_context_parallel(config: Config) -> None:
+    """cp_size's rules: whole mirrored chunks per rank, and whole heads per rank for all-to-all."""
+    m, p, d, t = config.model, config.parallel, config.data, config.training
+    cp = p.cp_size
+    if cp == 1:
+        return
+    # Each cp rank holds chunks i and 2cp-1-i of every sequence; under sequence parallelism its tp ranks
+    # then split that local part again.
+    if d.seq_len % (2 * cp):
+        raise ValueError(
+            f"data.seq_len ({d.seq_len}) must be divisible by 2 * parallel.cp_size ({cp}) = {2 * cp}: "
+            "each context-parallel rank holds two mirrored chunks of every sequence"
+        )
+    if p.sequence_parallel and d.seq_len % (cp * p.tp_size):
+        raise ValueError(
+            f"with sequence parallelism, parallel.cp_size ({cp}) * parallel.tp_size ({p.tp_size}) must "
+            f"divide data.seq_len ({d.seq_len})"
+        )
+    if d.document_masking:
+        raise ValueError(
+            f"data.document_masking (true) does not yet run with context parallelism (parallel.cp_size = "
+            f"{cp}): the cp attention blocks are causal over the whole sequence; set cp_size = 1 or "
+            "document_masking = false"
+        )
+    if p.cp_attention == "all_to_all":
+        heads = m.num_heads // p.tp_size
+        if heads % cp:
+            raise ValueError(
+                f"parallel.cp_attention = 'all_to_all' needs model.num_heads ({m.num_heads}) / "
+                f"parallel.tp_size ({p.tp_size}) = {heads} heads per tp rank to be divisible by "
+                f"parallel.cp_size ({cp}); use cp_attention = 'ring'"
+            )
+    if t.attention_backend not in ("auto", "flash", "math"):
+        raise ValueError(
+            f"training.attention_backend = {t.attention_backend!r} cannot run context parallelism "
+            f"(parallel.cp_size = {cp}): its blocks need the log-sum-exp, which 'flash' (GPU) and 'math' "
+            "return; choose 'auto', 'flash' or 'math'"
+        )
 
 
 def _check_paths(config: Config) -> None:
@@ -209,6 +251,7 @@ def check_world_size(config: Config, world_size: int) -> None:
     p = config.parallel
     if world_size != config.world_size:
         raise ValueError(
-            f"world size ({world_size}) must equal parallel.tp_size ({p.tp_size}) * parallel.pp_size "
-            f"({p.pp_size}) * parallel.dp_size ({p.dp_size}) = {config.world_size}"
+            f"world size ({world_size}) must equal parallel.tp_size ({p.tp_size}) * parallel.cp_size "
+            f"({p.cp_size}) * parallel.pp_size ({p.pp_size}) * parallel.dp_size ({p.dp_size}) = "
+            f"{config.world_size}"
         )

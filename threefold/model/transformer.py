@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from threefold.config import ATTENTION_BACKENDS, ModelConfig
 from threefold.model.attention import DocumentMask, attend, document_mask, document_positions
 from threefold.model.loss import linear_cross_entropy
+from threefold.parallel.context import context_attention
 from threefold.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -151,7 +152,10 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask | None = None
     ) -> torch.Tensor:
         """Causal attention of (b, a/t, s, d) queries over (b, k_, s, d) keys and values, inside each
-        document when a mask is given."""
+        document when a mask is given (under context parallelism s is this rank's part, s/cp, and the
+        keys of the other parts are read across ranks; config validation keeps masks away from it)."""
+        if self.tp.context is not None:
+            return context_attention(q, k, v, self.tp.context)
         return attend(q, k, v, mask=mask)
 
 
@@ -288,7 +292,8 @@ class Transformer(nn.Module):
     def rope(
         self, seq_len: int, device: torch.device, positions: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """cos, sin (s, d), or (b, 1, s, d) read at per-token `positions` (b, s); None without RoPE."""
+        """cos, sin (s, d) of this rank's tokens of a `seq_len`-token sequence (its chunks under cp), or
+        (b, 1, s, d) read at per-token `positions` (b, s); None without RoPE."""
         if self.cfg.arch != "llama":
             return None
         if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != device:
@@ -296,23 +301,30 @@ class Transformer(nn.Module):
         cos, sin = self._rope
         if positions is not None:
             return cos[positions][:, None], sin[positions][:, None]  # (b, 1, s, d)
+        if self.tp.context is not None:
+            positions = self.tp.context.positions(seq_len, device)
+            return cos[positions], sin[positions]
         return cos[:seq_len], sin[:seq_len]
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """(b, s) token ids -> (b, s_, h); `positions` (b, s) replace 0..s-1 for learned positions."""
+        """(b, s) token ids -> (b, s_, h) (under context parallelism s is this rank's part, s/cp);
+        `positions` (b, s) replace 0..s-1 for learned positions."""
         x = self.embed_tokens(ids)
         if self.cfg.arch == "gpt2":
             seq_len = ids.shape[1]
+            table = self.embed_positions.weight
+            if self.tp.context is not None:
+                table = table[self.tp.context.positions(seq_len * self.tp.context.size, ids.device)]
             start, end = 0, seq_len
             if self.tp.sequence_parallel:
                 # Only this rank's sequence chunk: its rows' gradient is then partial, and summed over
                 # the TP group with the other sequence-parallel parameters after backward.
                 start = self.tp.rank * seq_len // self.tp.size
                 end = start + seq_len // self.tp.size
-            if positions is None:
-                x = x + self.embed_positions.weight[start:end]  # (s_, h)
-            else:
+            if positions is not None:
                 x = x + self.embed_positions.weight[positions[:, start:end]]  # (b, s_, h)
+            else:
+                x = x + table[start:end]  # (s_, h)
         return x
 
     def forward(
@@ -340,6 +352,8 @@ class Transformer(nn.Module):
             x = self.embed(x, positions)
         else:
             seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
+        if self.tp.context is not None:
+            seq_len *= self.tp.context.size  # the whole sequence, whose positions the chunks take
         rope = self.rope(seq_len, x.device, positions)
         mask = document_mask(doc_ids) if doc_ids is not None else None  # built once, read by every layer
         for layer in self.layers.values():

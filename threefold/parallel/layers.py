@@ -44,6 +44,7 @@ from threefold.parallel.comm import (
     reduce_from_tp,
     reduce_scatter_to_sequence,
 )
+from threefold.parallel.context import ContextParallel
 
 
 def mark_sharded(param: nn.Parameter, tp_dim: int, full_size: int, replicas: int = 1) -> nn.Parameter:
@@ -339,6 +340,8 @@ class TPContext:
     parallelism)."""
     fp8: Fp8Recipe | None = None
     """Float8 GEMMs in the layers' column- and row-parallel linears: the recipe, or None for none."""
+    context: ContextParallel | None = None
+    """Context parallelism (cp_size > 1): the sequence is split over its ranks, attention crosses them."""
     size: int = field(init=False)
     """tp_size, read from the group."""
     rank: int = field(init=False)

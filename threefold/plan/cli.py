@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--memory-margin", type=float, default=0.05, metavar="F", help="headroom kept free (fraction)"
     )
     p.add_argument("--no-zero", action="store_true", help="do not consider the distributed optimizer")
-    for name in ("tp", "pp", "dp", "v"):
+    for name in ("tp", "cp", "pp", "dp", "v"):
         p.add_argument(f"--{name}", type=int, help=f"fix {name}")
     p.add_argument("--micro-batch-size", type=int, metavar="B", help="fix the micro-batch size b")
     p.add_argument("--recompute", choices=["none", "selective", "full"], help="fix recomputation")
@@ -94,7 +94,7 @@ def _workload(args: argparse.Namespace) -> Workload:
     return Workload(model=model, seq_len=seq, global_batch_size=batch, dtype=dtype or "bfloat16")
 
 
-FLAGS = {"tp": "tp_size", "pp": "pp_size", "dp": "dp_size", "v": "num_model_chunks",
+FLAGS = {"tp": "tp_size", "cp": "cp_size", "pp": "pp_size", "dp": "dp_size", "v": "num_model_chunks",
          "micro_batch_size": "micro_batch_size"}  # fmt: skip
 """The integer flags that fix a setting, by argparse name: the Config field each fixes."""
 
@@ -119,15 +119,21 @@ def _fixed(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_fixed(fixed: dict[str, Any], num_gpus: int, w: Workload) -> None:
     """Name the factors when a fixed dimension cannot work at all."""
-    for flag in ("tp", "pp", "dp"):
+    for flag in ("tp", "cp", "pp", "dp"):
         key = FLAGS[flag]
         if key in fixed and num_gpus % fixed[key]:
             raise ValueError(f"--{flag} ({fixed[key]}) must divide --gpus ({num_gpus})")
     tp_size, pp_size, dp_size = (fixed.get(k, 1) for k in ("tp_size", "pp_size", "dp_size"))
-    if {"tp_size", "pp_size", "dp_size"} <= fixed.keys() and tp_size * pp_size * dp_size != num_gpus:
+    cp_size = fixed.get("cp_size", 1)
+    if {
+        "tp_size",
+        "pp_size",
+        "dp_size",
+    } <= fixed.keys() and tp_size * cp_size * pp_size * dp_size != num_gpus:
+        cp = f" * --cp ({cp_size})" if "cp_size" in fixed else ""
         raise ValueError(
-            f"--tp ({tp_size}) * --pp ({pp_size}) * --dp ({dp_size}) = {tp_size * pp_size * dp_size} "
-            f"!= --gpus ({num_gpus})"
+            f"--tp ({tp_size}){cp} * --pp ({pp_size}) * --dp ({dp_size}) = "
+            f"{tp_size * cp_size * pp_size * dp_size} != --gpus ({num_gpus})"
         )
     if "tp_size" in fixed and w.model.num_heads % tp_size:
         raise ValueError(f"--tp ({tp_size}) must divide the model's num_heads ({w.model.num_heads})")

@@ -38,7 +38,7 @@ class Layout:
     @property
     def num_gpus(self) -> int:
         p = self.parallel
-        return p.tp_size * p.pp_size * p.dp_size
+        return p.tp_size * p.cp_size * p.pp_size * p.dp_size
 
     def num_microbatches(self, global_batch_size: int) -> int:
         """m = B / (d b)."""
@@ -61,6 +61,8 @@ class Layout:
         out += [("training", key, getattr(self, key)) for key in TRAINING_FIELDS]
         if p.sequence_parallel:
             out.append(("parallel", "sequence_parallel", True))
+        if p.cp_size > 1:
+            out += [("parallel", "cp_size", p.cp_size), ("parallel", "cp_attention", p.cp_attention)]
         out.append(("parallel", "zero", p.zero))
         return out
 
@@ -85,7 +87,7 @@ class Layout:
     def label(self) -> str:
         """Short name, e.g. 't2 p2 d1 v2 b1 interleaved' plus the options that are on."""
         p = self.parallel
-        parts = [f"t{p.tp_size} p{p.pp_size} d{p.dp_size}"]
+        parts = [f"t{p.tp_size} p{p.pp_size} d{p.dp_size}" + (f" c{p.cp_size}" if p.cp_size > 1 else "")]
         if p.num_model_chunks > 1:
             parts.append(f"v{p.num_model_chunks}")
         parts.append(f"b{self.micro_batch_size}")

@@ -4,7 +4,9 @@ Notation: t, p, d tensor/pipeline/data-parallel sizes; v chunks per pipeline ran
 m micro-batches per step; s sequence length (s_ = s/t under sequence parallelism, else s); h hidden size;
 a query heads, k kv heads, d_h head dim (a d_h = h_q, k d_h = h_kv); f MLP width; V vocabulary, padded to
 V_p (a multiple of t); l layers; e bytes per element of the compute dtype (2 for bf16, 4 for fp32);
-P_r parameters held by pipeline rank r (its share of every tensor-parallel matrix).
+P_r parameters held by pipeline rank r (its share of every tensor-parallel matrix); c context-parallel
+size: every per-token term below counts the rank's s/c tokens (ring attention keeps what flash attention
+keeps: q, k, v, output, LSE of the local tokens), and ZeRO-1 shards over d c ranks.
 
 Static state of rank r (bytes):
     parameters  e * P_r
@@ -213,7 +215,7 @@ class RankMemory:
 def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[RankMemory]:
     """Every pipeline rank's peak memory (ranks of one stage are alike); `compiled`: under torch.compile."""
     m, e, par = w.model, w.dtype_bytes, lay.parallel
-    b, s, p, v = lay.micro_batch_size, w.seq_len, par.pp_size, par.num_model_chunks
+    b, s, p, v = lay.micro_batch_size, w.seq_len // par.cp_size, par.pp_size, par.num_model_chunks
     num_mb = lay.num_microbatches(w.global_batch_size)
     sp = par.sequence_parallel and par.tp_size > 1
     s_ = s // par.tp_size if sp else s
@@ -233,7 +235,7 @@ def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[
     )  # fmt: skip
     input_bytes = 0 if _layer_saves_input(m, e, lay.recompute) else e * b * s_ * m.hidden_size
     optimizer_bytes = 12 if e == 2 else 8
-    rope_cache = 2 * 4 * max(m.max_seq_len, s) * m.head_dim if m.arch == "llama" else 0
+    rope_cache = 2 * 4 * max(m.max_seq_len, w.seq_len) * m.head_dim if m.arch == "llama" else 0
     out = []
     for pp_rank in range(p):
         chunks = chunks_of_rank(pp_rank, p, v)
@@ -255,7 +257,7 @@ def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[
                 pp_rank=pp_rank,
                 parameters=e * params,
                 gradients=4.0 * params,
-                optimizer=optimizer_bytes * params / (par.dp_size if par.zero else 1),
+                optimizer=optimizer_bytes * params / (par.dp_size * par.cp_size if par.zero else 1),
                 activations=activations,
                 transient=transient,
                 buffers=buffers,

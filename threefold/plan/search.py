@@ -21,9 +21,12 @@ from threefold.plan.memory_model import RankMemory, worst_rank
 from threefold.plan.time_model import EAGER, Kernels, StepTime, estimate_layout_time
 
 RECOMPUTE_ORDER = ("none", "selective", "full")
-FIXABLE = ("tp_size", "pp_size", "dp_size", "num_model_chunks", "micro_batch_size", "recompute", "zero",
-           "pipeline_schedule")  # fmt: skip
+FIXABLE = ("tp_size", "pp_size", "dp_size", "cp_size", "num_model_chunks", "micro_batch_size", "recompute",
+           "zero", "pipeline_schedule")  # fmt: skip
 """The settings `fixed` may pin, by their Config field names."""
+LONG_CONTEXT = 16384
+"""Sequences from this length on are also tried split over context-parallel ranks (shorter ones gain
+nothing from it that tensor parallelism with sequence parallelism would not give as well)."""
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,13 @@ class Candidate:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON record; the layout under the short keys of `threefold bench`'s records (tp, pp, dp, v,
-        schedule), which bench/plan_compare.py matches against."""
+        schedule, and cp when it splits the sequence), which bench/plan_compare.py matches against."""
         lay, par, t = self.layout, self.layout.parallel, self.time
         return {
             "tp": par.tp_size,
             "pp": par.pp_size,
             "dp": par.dp_size,
+            **({"cp": par.cp_size} if par.cp_size > 1 else {}),
             "v": par.num_model_chunks,
             "micro_batch_size": lay.micro_batch_size,
             "schedule": par.pipeline_schedule,
@@ -99,27 +103,50 @@ def enumerate_layouts(
             continue
         if m.ffn_hidden_size % tp_size:
             continue
-        for pp_size in _divisors(num_gpus // tp_size):
-            dp_size = num_gpus // (tp_size * pp_size)
-            if not allowed("pp_size", pp_size) or not allowed("dp_size", dp_size) or pp_size > m.num_layers:
+        for cp_size in _divisors(num_gpus // tp_size):
+            if not allowed("cp_size", cp_size) or w.seq_len % (2 * cp_size if cp_size > 1 else 1):
                 continue
-            if w.global_batch_size % dp_size:
+            if cp_size > 1 and w.seq_len < LONG_CONTEXT and "cp_size" not in fixed:
                 continue
-            vs = [1] if pp_size == 1 else [v for v in range(1, max_v + 1) if pp_size * v <= m.num_layers]
-            if "num_model_chunks" not in fixed:  # the paper's interleaving splits the layers evenly
-                vs = [v for v in vs if v == 1 or m.num_layers % (pp_size * v) == 0]
-            for v in vs:
-                if not allowed("num_model_chunks", v):
+            for parallel, b in _pipeline_and_data(
+                w, num_gpus, tp_size, cp_size, allowed, fixed, max_micro_batch, max_v
+            ):
+                yield from _variants(w, parallel, b, fixed, allow_zero)
+
+
+def _pipeline_and_data(
+    w: Workload,
+    num_gpus: int,
+    tp_size: int,
+    cp_size: int,
+    allowed: Any,
+    fixed: dict[str, Any],
+    max_micro_batch: int,
+    max_v: int,
+) -> Iterator[tuple[ParallelConfig, int]]:
+    """The (p, d, v) splits of the GPUs left after t and c, with every micro-batch size b."""
+    m = w.model
+    for pp_size in _divisors(num_gpus // (tp_size * cp_size)):
+        dp_size = num_gpus // (tp_size * cp_size * pp_size)
+        if not allowed("pp_size", pp_size) or not allowed("dp_size", dp_size) or pp_size > m.num_layers:
+            continue
+        if w.global_batch_size % dp_size:
+            continue
+        vs = [1] if pp_size == 1 else [v for v in range(1, max_v + 1) if pp_size * v <= m.num_layers]
+        if "num_model_chunks" not in fixed:  # the paper's interleaving splits the layers evenly
+            vs = [v for v in vs if v == 1 or m.num_layers % (pp_size * v) == 0]
+        for v in vs:
+            if not allowed("num_model_chunks", v):
+                continue
+            for b in _divisors(w.global_batch_size // dp_size):
+                if not allowed("micro_batch_size", b) or (
+                    b > max_micro_batch and "micro_batch_size" not in fixed
+                ):
                     continue
-                for b in _divisors(w.global_batch_size // dp_size):
-                    if not allowed("micro_batch_size", b) or (
-                        b > max_micro_batch and "micro_batch_size" not in fixed
-                    ):
-                        continue
-                    parallel = ParallelConfig(
-                        tp_size=tp_size, pp_size=pp_size, dp_size=dp_size, num_model_chunks=v
-                    )
-                    yield from _variants(w, parallel, b, fixed, allow_zero)
+                parallel = ParallelConfig(
+                    tp_size=tp_size, pp_size=pp_size, dp_size=dp_size, cp_size=cp_size, num_model_chunks=v
+                )
+                yield parallel, b
 
 
 def _variants(
@@ -144,7 +171,7 @@ def _variants(
             if "recompute" in fixed and fixed["recompute"] != recompute:
                 continue
             for zero in (False, True):
-                if zero and (dp_size == 1 or not allow_zero):
+                if zero and (dp_size * parallel.cp_size == 1 or not allow_zero):  # ZeRO shards over d c
                     continue
                 if "zero" in fixed and fixed["zero"] != zero:
                     continue
@@ -223,8 +250,8 @@ def explain(result: PlanResult) -> list[str]:
         f"step {t.step:.3f} s = compute {t.compute:.3f} + TP {t.tp_comm:.3f} + p2p {t.pp_comm:.3f} "
         f"+ bubble {t.bubble:.3f} + DP {t.dp_exposed:.3f} + optimizer {t.optimizer:.3f} (+ overhead)"
     ]
-    dims = [("tp_size", "t"), ("pp_size", "p"), ("num_model_chunks", "v"), ("micro_batch_size", "b"),
-            ("recompute", "recompute"), ("zero", "zero")]  # fmt: skip
+    dims = [("tp_size", "t"), ("cp_size", "c"), ("pp_size", "p"), ("num_model_chunks", "v"),
+            ("micro_batch_size", "b"), ("recompute", "recompute"), ("zero", "zero")]  # fmt: skip
     for key, name in dims:
         mine = lay.get(key)
         rival = next((c for c in result.ranked[1:] if c.layout.get(key) != mine), None)
@@ -268,16 +295,20 @@ def explain_terms(best: Candidate, hw: Hardware) -> list[str]:
 
 
 def format_table(candidates: list[Candidate], hw: Hardware) -> str:
-    """The ranked layouts as a fixed-width table."""
+    """The ranked layouts as a fixed-width table (with a c column when any layout splits the sequence)."""
+    with_cp = any(c.layout.parallel.cp_size > 1 for c in candidates)
     header = (
         f"{'#':>2}  {'t':>2} {'p':>2} {'d':>3} {'v':>2} {'b':>2}  {'schedule':<11} {'recompute':<9} "
         f"{'zero':<5} {'tokens/s/GPU':>12} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6} {'bubble':>7} {'step s':>7}"
     )
+    if with_cp:
+        header = header.replace(f"{'d':>3} ", f"{'d':>3} {'c':>2} ", 1)
     rows = [header, "-" * len(header)]
     for i, c in enumerate(candidates, 1):
         lay, par, t = c.layout, c.layout.parallel, c.time
+        cp = f"{par.cp_size:>2} " if with_cp else ""
         rows.append(
-            f"{i:>2}  {par.tp_size:>2} {par.pp_size:>2} {par.dp_size:>3} {par.num_model_chunks:>2} "
+            f"{i:>2}  {par.tp_size:>2} {par.pp_size:>2} {par.dp_size:>3} {cp}{par.num_model_chunks:>2} "
             f"{lay.micro_batch_size:>2}  {(par.pipeline_schedule if par.pp_size > 1 else '-'):<11} "
             f"{lay.recompute:<9} {('on' if par.zero else 'off'):<5} {t.tokens_per_s_per_gpu:>12,.0f} "
             f"{t.tflops_per_gpu:>8.1f} {t.mfu:>6.1%} "

@@ -33,6 +33,15 @@ Communication:
             the ZeRO all-gather runs behind the next step's first forward (up to its first bucket).
             Intra-node when t d <= g. Without overlap (Kernels.dp_overlap off) both are exposed.
 
+    CP      c context-parallel ranks each hold s/c tokens of every sequence: every per-token term counts
+            b s/c tokens, the causal core 1/c of the whole sequence's work. Ring attention passes K/V
+            blocks c - 1 times per layer forward (e b s/c h_kv/t bytes each) and, in backward, K/V plus
+            their fp32 dK/dV c times; the transfers overlap the core's blocks, and only what exceeds
+            the core is exposed. All-to-all instead exposes four all-to-alls (q, k, v, output) forward
+            and four backward, each moving (c-1)/c of the rank's e b s/c (h_q + h_kv)/t-sized tensors.
+            The gradients are averaged over the d c ranks holding the same weights (ZeRO shards over
+            them). Intra-node when t c <= g.
+
 Pipeline (the paper's bubble): with C_r the per-micro-batch time of pipeline rank r (its v chunks, forward
 and backward, with its TP and p2p communication),
     T_pipeline = m max_r C_r + (p - 1) / v * mean_r C_r,   bubble fraction = (p - 1) / (v m)
@@ -143,6 +152,7 @@ class StepTime:
     compute: float
     """Per step on the slowest rank: forwards, backwards, recomputation (m max_r of its compute)."""
     tp_comm: float
+    """Per step: the TP collectives, and the context-parallel transfers left exposed (cp_size > 1)."""
     pp_comm: float
     dp_exposed: float
     optimizer: float
@@ -221,20 +231,50 @@ def _attention_core(
     return forward, 2 * bmm + hw.memory_time(bwd_bytes * scores)
 
 
-def layer_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels: Kernels = EAGER) -> _Pass:
+def context_parallel_comm(
+    w: Workload, lay: Layout, hw: Hardware, *, core: float, intra_cp: bool
+) -> tuple[float, float]:
+    """Exposed (forward, backward) seconds of one layer's context-parallel traffic, one micro-batch."""
+    m, par = w.model, lay.parallel
+    c, t, e = par.cp_size, par.tp_size, w.dtype_bytes
+    if c == 1:
+        return 0.0, 0.0
+    assert m.num_kv_heads is not None
+    tokens = lay.micro_batch_size * w.seq_len // c
+    hkv_local = local_kv_heads(m.num_kv_heads, t) * m.head_dim
+    if par.cp_attention == "all_to_all":
+        hq_local = m.num_heads * m.head_dim // t
+        moved = (c - 1) / c * e * tokens * (2 * hq_local + 2 * hkv_local)  # q, k, v in; output back
+        each = hw.p2p_time(moved, intra_node=intra_cp)
+        return each, each
+    kv_block = 2 * e * tokens * hkv_local
+    forward = (c - 1) * hw.p2p_time(kv_block, intra_node=intra_cp)
+    backward = (c - 1) * hw.p2p_time(kv_block, intra_node=intra_cp) + c * hw.p2p_time(
+        2 * 4 * tokens * hkv_local, intra_node=intra_cp
+    )
+    return max(0.0, forward - core), max(0.0, backward - ATTENTION_BACKWARD_FLOPS * core)
+
+
+def layer_pass(
+    w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels: Kernels = EAGER, intra_cp: bool = True
+) -> _Pass:
     """One transformer layer, one micro-batch: compute (with recomputation) and its TP all-reduces."""
     m, par = w.model, lay.parallel
     b, s, e, t = lay.micro_batch_size, w.seq_len, w.dtype_bytes, par.tp_size  # the docstring's notation
+    c = par.cp_size
     f = m.ffn_hidden_size
     assert f is not None and m.num_kv_heads is not None
-    h, n = m.hidden_size, b * s
+    h, n = m.hidden_size, b * s // c  # this rank's tokens
     hq = m.num_heads * m.head_dim
     hkv_local = local_kv_heads(m.num_kv_heads, t) * m.head_dim  # one replicated head when t > kv heads
     sp = par.sequence_parallel and t > 1
     shapes = [(n, h, hq // t), (n, h, hkv_local), (n, h, hkv_local), (n, hq // t, h), (n, f // t, h)]
     shapes += [(n, h, f // t)] * (2 if m.arch == "llama" else 1)
     gemm = _gemms(hw, shapes)
+    # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
     core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
+    core_f, core_b = core_f / c, core_b / c
+    cp_forward, cp_backward = context_parallel_comm(w, lay, hw, core=core_f, intra_cp=intra_cp)
     replicated = n / (t if sp else 1) * h
     if m.arch == "llama":
         traffic = LLAMA_BYTES_PER_H * replicated + ROPE_BYTES_PER_QK * n * (hq / t + hkv_local)
@@ -261,7 +301,9 @@ def layer_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernel
         host_ops += 5
     if kernels.compiled:
         host_ops = int(host_ops * COMPILED_HOST_OPS)
-    tp_time = num_all_reduce * all_reduce
+    tp_time = num_all_reduce * all_reduce + cp_forward + cp_backward
+    if lay.recompute in ("full", "selective"):
+        tp_time += cp_forward  # the recomputed core passes its blocks around the ring again
     # The host issues work asynchronously; when the GPU's share of a layer is small it waits for the host.
     host = (host_ops * hw.host_op_us + num_all_reduce * hw.collective_host_us) * 1e-6
     slack = max(0.0, host - (forward + backward + recompute + tp_time))
@@ -281,7 +323,7 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pas
     t, e = lay.parallel.tp_size, w.dtype_bytes
     h, n, vloc = (
         w.model.hidden_size,
-        lay.micro_batch_size * w.seq_len,
+        lay.micro_batch_size * w.seq_len // lay.parallel.cp_size,
         local_vocab_size(w.model.vocab_size, t),
     )
     gemm = _gemms(hw, [(n, h, vloc)])
@@ -301,7 +343,7 @@ def embedding_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) ->
     t, e = lay.parallel.tp_size, w.dtype_bytes
     h, n, vloc = (
         w.model.hidden_size,
-        lay.micro_batch_size * w.seq_len,
+        lay.micro_batch_size * w.seq_len // lay.parallel.cp_size,
         local_vocab_size(w.model.vocab_size, t),
     )
     forward = hw.memory_time(2 * e * n * h)
@@ -318,9 +360,8 @@ def boundary_transfer(w: Workload, lay: Layout, hw: Hardware, *, intra_pp: bool)
     if par.pp_size == 1:
         return 0.0
     sp = par.sequence_parallel and t > 1
-    boundary = (
-        w.dtype_bytes * lay.micro_batch_size * (w.seq_len // t if sp else w.seq_len) * w.model.hidden_size
-    )
+    s_ = w.seq_len // par.cp_size
+    boundary = w.dtype_bytes * lay.micro_batch_size * (s_ // t if sp else s_) * w.model.hidden_size
     scatter = par.scatter_gather and t > 1 and not sp
     transfer = hw.p2p_time(boundary / t if scatter else boundary, intra_node=intra_pp)
     if scatter:
@@ -335,7 +376,7 @@ def data_parallel_tail(
     """(exposed data-parallel communication, optimizer step) seconds per step of a rank holding `params`
     parameters whose last micro-batch's backward takes `backward` seconds (and first forward `forward`:
     ZeRO's all-gather of the updated parameters hides behind it, layer by layer)."""
-    d, e = lay.parallel.dp_size, dtype_bytes
+    d, e = lay.parallel.dp_size * lay.parallel.cp_size, dtype_bytes  # every rank holding the same weights
     grads = 4.0 * params
     if lay.parallel.zero and d > 1:
         dp_comm = hw.reduce_scatter_time(grads, d, intra_node=intra_dp)
@@ -367,8 +408,9 @@ def estimate_layout_time(
     n_gpus = lay.num_gpus
     num_mb = lay.num_microbatches(w.global_batch_size)
     intra_tp = par.tp_size <= gpus_per_node
-    intra_dp = par.tp_size * par.dp_size <= gpus_per_node
-    layer = layer_pass(w, lay, hw, intra_tp=intra_tp, kernels=kernels)
+    intra_cp = par.tp_size * par.cp_size <= gpus_per_node
+    intra_dp = par.tp_size * par.cp_size * par.dp_size <= gpus_per_node
+    layer = layer_pass(w, lay, hw, intra_tp=intra_tp, kernels=kernels, intra_cp=intra_cp)
     head = head_pass(w, lay, hw, intra_tp=intra_tp)
     embed = embedding_pass(w, lay, hw, intra_tp=intra_tp)
     transfer = boundary_transfer(w, lay, hw, intra_pp=n_gpus <= gpus_per_node)

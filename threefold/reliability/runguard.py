@@ -222,6 +222,8 @@ class RunGuard:
         self.events = EventLog(config.logging.out_dir, rank=mesh.rank)
         names = {mesh.tp_group: "tp", mesh.dp_group: "dp", mesh.pp_group: "pp",
                  mesh.model_parallel_group: "mp", control.group: "control"}  # fmt: skip
+        if mesh.cp_size > 1:
+            names |= {mesh.cp_group: "cp", mesh.dp_cp_group: "dp_cp"}
         if mesh.embedding_group is not None:
             names[mesh.embedding_group] = "embedding"
         self.tracker = CommTracker(mesh.rank, names)

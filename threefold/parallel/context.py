@@ -1,0 +1,379 @@
+"""Context parallelism: every sequence split over the cp ranks, attention computed across them.
+
+Shape legend (all local to this rank): b micro-batch, s global sequence, c = s / (2 cp) chunk length,
+a_ query heads and k_ key/value heads of this TP rank, d head dim.
+
+Layout (causal load balance): a sequence is cut into 2 cp chunks and cp rank r holds chunks r and
+2cp-1-r, concatenated, (b, 2c, ...). Under a causal mask late queries read many keys and early ones few;
+the mirrored pair gives every rank the same work. Every other layer is per token, so only attention (and
+the positions fed to RoPE or the position table) needs to know.
+
+Two ways to attend across the ranks (`parallel.cp_attention`):
+- ring: K/V blocks travel the cp ring while each rank attends to the block it holds; the next block's
+  transfer overlaps the current block's compute. Partial results merge by their log-sum-exp in fp32
+  (online softmax). Backward runs the ring again: K/V travel with their fp32 dK/dV accumulators, each
+  rank adds its share, and after cp steps each accumulator is back at the rank that owns the block.
+- all_to_all (Ulysses): one all-to-all turns (b, a_, 2c, d) sequence shards into (b, a_/cp, s, d) head
+  shards, attention runs on whole sequences, and the reverse all-to-all brings the output back. Needs
+  a_ divisible by cp.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed import ProcessGroup
+
+from threefold.parallel import track
+
+CPAttention = Literal["ring", "all_to_all"]
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """What attention and the positions need to know about context parallelism."""
+
+    group: ProcessGroup
+    """The cp ring: the ranks holding the chunks of the same sequences, in chunk order."""
+    attention: CPAttention = "ring"
+    """How attention crosses the ranks: 'ring' or 'all_to_all'."""
+    size: int = field(init=False)
+    """cp_size, read from the group."""
+    rank: int = field(init=False)
+    """This rank's index in the group."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", dist.get_world_size(self.group))
+        object.__setattr__(self, "rank", dist.get_rank(self.group))
+
+    def positions(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Global positions (2c,) of this rank's tokens of a `seq_len`-token sequence."""
+        return load_balanced_positions(seq_len, self.rank, self.size, device)
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's two chunks of a whole-sequence tensor (the data loader's samples)."""
+        return split_sequence(x, self.rank, self.size, dim)
+
+
+def load_balanced_positions(seq_len: int, cp_rank: int, cp_size: int, device: torch.device) -> torch.Tensor:
+    """Positions of chunks cp_rank and 2 cp_size - 1 - cp_rank of a sequence cut into 2 cp_size chunks."""
+    num_chunks = 2 * cp_size
+    if seq_len % num_chunks:
+        raise ValueError(f"sequence length ({seq_len}) must be divisible by 2 * cp_size ({num_chunks})")
+    c = seq_len // num_chunks
+    first = torch.arange(cp_rank * c, (cp_rank + 1) * c, device=device)
+    second = torch.arange((num_chunks - 1 - cp_rank) * c, (num_chunks - cp_rank) * c, device=device)
+    return torch.cat([first, second])
+
+
+def split_sequence(x: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 1) -> torch.Tensor:
+    """The chunks of `x` along `dim` that cp rank `cp_rank` holds, concatenated (a copy)."""
+    if cp_size == 1:
+        return x
+    chunks = x.chunk(2 * cp_size, dim=dim)
+    return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=dim)
+
+
+# --- One block: attention of some queries over some keys, with the log-sum-exp ------------------------
+
+
+def _uses_flash(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def _expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(b, k_, n, d) -> (b, a_, n, d): query head j reads kv head j // (a_ / k_)."""
+    group_size = num_heads // k.shape[1]
+    return k if group_size == 1 else k.repeat_interleave(group_size, dim=1)
+
+
+def _fold_kv_grad(grad: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(b, a_, n, d) gradient of expanded kv heads -> (b, k_, n, d): sum over the query heads sharing one."""
+    b, a, n, d = grad.shape
+    return grad.view(b, num_kv_heads, a // num_kv_heads, n, d).sum(2)
+
+
+def _causal_mask(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (b, a_, n, d) in q's dtype, log-sum-exp (b, a_, n) fp32) of q over k, v.
+
+    k, v may have fewer (grouped) heads. `causal` applies only to a square block (key j <= query i).
+    The flash kernel on CUDA in 16-bit dtypes, else plain math in fp32. A per-token mask (document ids)
+    would enter here, next to `causal`.
+    """
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    if _uses_flash(q):
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return out[0], out[1][..., : q.shape[2]]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (b, a_, n, m)
+    if causal:
+        scores = scores.masked_fill(~_causal_mask(q.shape[2], q.device), float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    out = torch.matmul((scores - lse.unsqueeze(-1)).exp(), v.float())
+    return out.to(q.dtype), lse
+
+
+def block_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of one block, given the final (merged) output and log-sum-exp of its rows.
+
+    With the final lse, exp(scores - lse) is this block's share of the full softmax, and with the final
+    output the softmax's backward term (rowsum(dO * O)) is the full one: so the blocks' gradients add up
+    to the gradient of the whole attention.
+    """
+    num_kv_heads = k.shape[1]
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    if _uses_flash(q):
+        n, m = q.shape[2], k.shape[2]
+        # Dense (not variable-length) blocks pass no cumulative lengths (None, as the forward returns);
+        # without dropout the random state is unused but must have the forward's shapes and dtype.
+        rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        unused = torch.zeros((), dtype=torch.uint64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse, None, None, n, m, 0.0, causal, rng_state, unused, scale=scale
+        )
+    else:
+        qf, kf, vf, go = q.float(), k.float(), v.float(), grad_out.float()
+        scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+        if causal:
+            scores = scores.masked_fill(~_causal_mask(q.shape[2], q.device), float("-inf"))
+        probs = (scores - lse.unsqueeze(-1)).exp()  # (b, a_, n, m)
+        dv = torch.matmul(probs.transpose(-1, -2), go)
+        dprobs = torch.matmul(go, vf.transpose(-1, -2))
+        delta = (go * out.float()).sum(dim=-1, keepdim=True)
+        dscores = probs * (dprobs - delta) * scale
+        dq, dk = torch.matmul(dscores, kf), torch.matmul(dscores.transpose(-1, -2), qf)
+    return dq, _fold_kv_grad(dk, num_kv_heads), _fold_kv_grad(dv, num_kv_heads)
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold one block's (output, lse) into the running fp32 (out, lse), in place (online softmax)."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    out.mul_((lse - new_lse).exp().unsqueeze(-1)).add_(
+        block_out.float() * (block_lse - new_lse).exp().unsqueeze(-1)
+    )
+    lse.copy_(new_lse)
+
+
+# --- The ring ---------------------------------------------------------------------------------------
+
+
+class _Ring:
+    """Point-to-point with the ring neighbours: send to the next cp rank, receive from the previous."""
+
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group = group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (rank + 1) % size)
+        self.prev = dist.get_global_rank(group, (rank - 1) % size)
+
+    def start(self, send: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+        """Begin passing `send` on and receiving its neighbour's; (receive buffer, works to wait for)."""
+        recv = torch.empty_like(send)
+        ops = [
+            dist.P2POp(dist.isend, send, self.next, self.group),
+            dist.P2POp(dist.irecv, recv, self.prev, self.group),
+        ]
+        # Batched: NCCL would deadlock on two separate sends between the same pair (cp 2).
+        return recv, dist.batch_isend_irecv(ops)
+
+    def wait(self, works: list[Any]) -> None:
+        with track.transfer([self.next, self.prev]):
+            for work in works:
+                work.wait()
+
+
+def _block_plan(step: int, cp_rank: int, cp_size: int) -> str:
+    """Which part of the block held at `step` this rank's queries read, given the mirrored layout.
+
+    'diagonal': its own chunks, causally (their positions increase along the local sequence).
+    'first_keys': an earlier rank's block; every local query reads its first chunk, none its second.
+    'last_queries': a later rank's block; only the local second chunk reads it, all of it.
+    """
+    if step == 0:
+        return "diagonal"
+    source = (cp_rank - step) % cp_size
+    return "first_keys" if source < cp_rank else "last_queries"
+
+
+class RingAttention(torch.autograd.Function):
+    """Causal attention over the whole sequence from this rank's chunks: ring forward, ring backward.
+
+    Forward: q (b, a_, 2c, d), k, v (b, k_, 2c, d) local -> output (b, a_, 2c, d) local.
+    Backward: dq local; dK/dV of every block are accumulated along the ring and returned to their owner.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, scale: float
+    ) -> torch.Tensor:
+        ring = _Ring(group)
+        cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
+        half = q.shape[2] // 2
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])  # one buffer to pass on: (2, b, k_, 2c, d)
+        for step in range(cp_size):
+            works: list[Any] = []
+            if step + 1 < cp_size:
+                incoming, works = ring.start(kv)  # the next block travels while this one is computed
+            kb, vb = kv[0], kv[1]
+            plan = _block_plan(step, cp_rank, cp_size)
+            if plan == "diagonal":
+                _merge(out, lse, *block_attention(q, kb, vb, causal=True, scale=scale))
+            elif plan == "first_keys":
+                _merge(
+                    out, lse, *block_attention(q, kb[:, :, :half], vb[:, :, :half], causal=False, scale=scale)
+                )
+            else:
+                o, m = block_attention(q[:, :, half:], kb, vb, causal=False, scale=scale)
+                _merge(out[:, :, half:], lse[:, :, half:], o, m)
+            if works:
+                ring.wait(works)
+                kv = incoming
+        result = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, result, lse)
+        ctx.group, ctx.scale = group, scale
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale = ctx.group, ctx.scale
+        ring = _Ring(group)
+        cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
+        half = q.shape[2] // 2
+        grad_out = grad_out.contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # travels with its block
+        for step in range(cp_size):
+            kv_works: list[Any] = []
+            if step + 1 < cp_size:
+                next_kv, kv_works = ring.start(kv)
+            kb, vb = kv[0], kv[1]
+            plan = _block_plan(step, cp_rank, cp_size)
+            if plan == "diagonal":
+                dq_b, dk_b, dv_b = block_attention_backward(
+                    grad_out, q, kb, vb, out, lse, causal=True, scale=scale
+                )
+                dq += dq_b
+                dkv[0] += dk_b
+                dkv[1] += dv_b
+            elif plan == "first_keys":
+                dq_b, dk_b, dv_b = block_attention_backward(
+                    grad_out, q, kb[:, :, :half], vb[:, :, :half], out, lse, causal=False, scale=scale
+                )
+                dq += dq_b
+                dkv[0, :, :, :half] += dk_b
+                dkv[1, :, :, :half] += dv_b
+            else:
+                dq_b, dk_b, dv_b = block_attention_backward(
+                    grad_out[:, :, half:], q[:, :, half:], kb, vb, out[:, :, half:], lse[:, :, half:],
+                    causal=False, scale=scale,
+                )  # fmt: skip
+                dq[:, :, half:] += dq_b
+                dkv[0] += dk_b
+                dkv[1] += dv_b
+            # The accumulator follows its block; after the last step it reaches the block's owner.
+            next_dkv, dkv_works = ring.start(dkv)
+            ring.wait(kv_works + dkv_works)
+            dkv = next_dkv
+            if kv_works:
+                kv = next_kv
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+
+
+# --- All-to-all (Ulysses) ------------------------------------------------------------------------------
+
+
+def _all_to_all(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Split dim 0 into cp parts; part j goes to rank j, and rank j's part for us lands at index j."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    with track.collective(group, "all_to_all"):
+        dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """All-to-all along dim 0 forward, the same all-to-all backward (it is its own dual: what rank i sent
+    rank j, rank j's gradient for it goes back from j to i the same way)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _all_to_all(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_to_all(grad, ctx.group), None
+
+
+def _natural_order(cp_size: int, device: torch.device) -> torch.Tensor:
+    """Index into the 2 cp chunks as gathered (rank-major, each rank's pair) that puts them in order."""
+    order = [2 * m if m < cp_size else 2 * (2 * cp_size - 1 - m) + 1 for m in range(2 * cp_size)]
+    return torch.tensor(order, device=device)
+
+
+def _sequence_to_heads(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """(b, n, 2c, d) sequence shard -> (b, n/cp, s, d) head shard, the sequence in natural order."""
+    cp = dist.get_world_size(group)
+    b, n, length, d = x.shape
+    x = x.reshape(b, cp, n // cp, length, d).transpose(0, 1)  # (cp, b, n/cp, 2c, d): part j for rank j
+    x = AllToAll.apply(x, group)  # index j: rank j's chunks, our heads
+    x = x.reshape(cp, b, n // cp, 2, length // 2, d).permute(1, 2, 0, 3, 4, 5)
+    x = x.reshape(b, n // cp, 2 * cp, length // 2, d)[:, :, _natural_order(cp, x.device)]
+    return x.reshape(b, n // cp, cp * length, d)
+
+
+def _heads_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """(b, n/cp, s, d) head shard, natural order -> (b, n, 2c, d) this rank's sequence shard."""
+    cp = dist.get_world_size(group)
+    b, h, s, d = x.shape
+    c = s // (2 * cp)
+    gathered = torch.argsort(_natural_order(cp, x.device))  # natural chunk order -> rank-major pairs
+    x = x.reshape(b, h, 2 * cp, c, d)[:, :, gathered].reshape(b, h, cp, 2 * c, d)
+    x = AllToAll.apply(x.permute(2, 0, 1, 3, 4), group)  # (cp, b, h, 2c, d): index j: our chunks, j's heads
+    return x.transpose(0, 1).reshape(b, cp * h, 2 * c, d)
+
+
+def _all_to_all_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup
+) -> torch.Tensor:
+    cp = dist.get_world_size(group)
+    if k.shape[1] % cp:
+        # Fewer kv heads than ranks can split: send each query head its own copy.
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    q, k, v = (_sequence_to_heads(t, group) for t in (q, k, v))
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, a_/cp, s, d)
+    return _heads_to_sequence(out, group)
+
+
+def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """Causal attention of this rank's (b, a_, 2c, d) queries over the whole sequence's keys and values,
+    k, v (b, k_, 2c, d) local: (b, a_, 2c, d)."""
+    if cp.attention == "all_to_all":
+        return _all_to_all_attention(q, k, v, cp.group)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return RingAttention.apply(q, k.contiguous(), v.contiguous(), cp.group, scale)
