@@ -66,8 +66,9 @@ class Optimizer:
     `ranges` lists (parameter, start, end) flat ranges (see GradSync.owned_ranges): whole parameters
     without ZeRO, this data-parallel rank's shard of them with ZeRO. Each range gets a 1-D fp32 master:
     the parameter's own storage when training in fp32, a copy (written back after each step) in bf16.
-    Gradients come from each parameter's fp32 `main_grad`. `names` gives each parameter the name its
-    state goes by in `state_dict()` (default: its position in `params`).
+    Gradients come from each parameter's fp32 `main_grad`, or from `grads` (one per range) when given;
+    `weights` (one per range) replaces the parameters' ranges as what is updated. `names` gives each
+    parameter the name its state goes by in `state_dict()` (default: its position in `params`).
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -79,21 +80,28 @@ class Optimizer:
         *,
         mesh: Mesh,
         max_steps: int,
-        zero: bool = False,
+        zero: bool | int = False,
         names: Mapping[nn.Parameter, str] | None = None,
+        grads: list[torch.Tensor] | None = None,
+        weights: list[torch.Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
         self.mesh = mesh
         self.max_steps = max_steps
-        self.zero = zero
+        self.zero = bool(zero)
         self.params = list(dict.fromkeys(p for p, _, _ in ranges))
         self.ranges = ranges
         position = {p: str(i) for i, p in enumerate(self.params)}
         self._names = [(names or position)[p] for p, _, _ in ranges]
         assert len(set(self._names)) == len(ranges), "one range per parameter, each with its own name"
-        self._targets = [p.data.view(-1)[a:b] for p, a, b in ranges]
+        # ZeRO-2/3 keep the reduced gradients (and ZeRO-3 the parameters) in shards of their own: the
+        # gradient sync hands over those (GradSync.owned_grads / owned_weights).
+        self._targets = weights if weights is not None else [p.data.view(-1)[a:b] for p, a, b in ranges]
         self.masters = [t if t.dtype == torch.float32 else t.float() for t in self._targets]
-        self._grads = [p.main_grad.view(-1)[a:b] for p, a, b in ranges]  # type: ignore[attr-defined]
+        self._grads = (
+            grads if grads is not None else [p.main_grad.view(-1)[a:b] for p, a, b in ranges]  # type: ignore[attr-defined]
+        )
+        assert len(self._targets) == len(self._grads) == len(ranges)
         # Norms and biases (1-D) get no weight decay.
         decay = [m for m, (p, _, _) in zip(self.masters, ranges, strict=True) if p.ndim >= 2]
         no_decay = [m for m, (p, _, _) in zip(self.masters, ranges, strict=True) if p.ndim < 2]
@@ -118,6 +126,10 @@ class Optimizer:
             for g, (p, _, _) in zip(self._grads, ranges, strict=True)
             if is_tp_primary(p, mesh.tp_rank) and not getattr(p, "tied_copy", False)
         ]
+
+    def grads(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, fp32 gradient of the range this rank updates): what cross-group sums must reach."""
+        return [(p, g) for (p, _, _), g in zip(self.ranges, self._grads, strict=True)]
 
     def state_dict(self) -> OptimizerState:
         """This rank's state by parameter name: its ranges' masters and moments (live tensors)."""
