@@ -3,6 +3,7 @@ same model, alone and with tensor parallelism, pipeline parallelism and full rec
 what it gathers; a checkpoint saved under stage 3 continues identically under stage 0, and back."""
 
 import pytest
+import torch
 from distributed import run_ranks, train_and_gather
 from test_parity import STEPS, _check
 from tiny import tiny_config, wide_model
@@ -46,3 +47,34 @@ def test_zero_stage_matches_single_process(config, reference, arch, tp, pp, dp, 
 
 def _train_and_merge(rank: int, world: int, config) -> dict:
     return train_and_gather(rank, world, config)
+
+
+@pytest.mark.parametrize(
+    "before,after",
+    [((1, 1, 2, 1, 3), (1, 1, 1, 1, 0)), ((1, 1, 1, 1, 0), (1, 2, 2, 1, 3))],
+    ids=["zero3-dp2-to-zero0", "zero0-to-zero3-pp2-dp2"],
+)
+def test_checkpoint_moves_between_zero_stages(sonnets_dataset, tmp_path, before, after):
+    """Checkpoints hold whole tensors whatever the stage: a run continues under another stage and layout."""
+    from test_checkpoint import _config, _run
+
+    whole = _run(_config(sonnets_dataset, tmp_path / "a", *before))
+    step_2 = str(tmp_path / "a" / "ckpt" / "step_2")
+    moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=step_2))
+    torch.testing.assert_close(
+        torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0
+    )
+    for name, w in whole["weights"].items():
+        torch.testing.assert_close(moved["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_zero3_resume_is_bit_exact(sonnets_dataset, tmp_path):
+    from test_checkpoint import _config, _run
+
+    whole = _run(_config(sonnets_dataset, tmp_path / "a", 1, 1, 2, 1, 3))
+    resumed = _run(
+        _config(sonnets_dataset, tmp_path / "b", 1, 1, 2, 1, 3, load=str(tmp_path / "a/ckpt/step_2"))
+    )
+    assert resumed["losses"] == whole["losses"][2:]
+    for name, w in whole["weights"].items():
+        assert torch.equal(resumed["weights"][name], w), name
