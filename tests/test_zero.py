@@ -2,6 +2,8 @@
 same model, alone and with tensor parallelism, pipeline parallelism and full recompute; stage 3 frees
 what it gathers; a checkpoint saved under stage 3 continues identically under stage 0, and back."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from distributed import run_ranks, train_and_gather
@@ -75,6 +77,37 @@ def test_zero3_resume_is_bit_exact(sonnets_dataset, tmp_path):
     resumed = _run(
         _config(sonnets_dataset, tmp_path / "b", 1, 1, 2, 1, 3, load=str(tmp_path / "a/ckpt/step_2"))
     )
+    assert resumed["losses"] == whole["losses"][2:]
+    for name, w in whole["weights"].items():
+        assert torch.equal(resumed["weights"][name], w), name
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1, 0), (1, 1, 2, 1)], ids=["single", "dp2-zero1"])
+def test_offloaded_optimizer_gives_the_same_weights(config, layout, tmp_path):
+    """optimizer.offload: masters and moments in host memory, gradients copied there, weights copied
+    back; on the CPU the same kernels, so the same weights bit for bit."""
+    tp, pp, dp, zero = layout
+    base = config("llama", tp, pp, dp, zero)
+    plain = run_ranks(base.world_size, _train_and_merge, base)
+    offloaded = run_ranks(
+        base.world_size, _train_and_merge, replace(base, optimizer=replace(base.optimizer, offload=True))
+    )
+    assert plain[0]["losses"] == offloaded[0]["losses"]
+    for name, w in plain[0]["weights"].items():
+        assert torch.equal(offloaded[0]["weights"][name], w), name
+
+
+def test_offloaded_run_resumes_bit_exact(sonnets_dataset, tmp_path):
+    """A run killed after an offloaded step's checkpoint continues exactly (masters and moments saved
+    from host memory and loaded back there)."""
+    from test_checkpoint import _config, _run
+
+    def offloaded(run, **kw):
+        c = _config(sonnets_dataset, tmp_path / run, 1, 1, 2, 1, 2, **kw)
+        return replace(c, optimizer=replace(c.optimizer, offload=True))
+
+    whole = _run(offloaded("a"))
+    resumed = _run(offloaded("b", load=str(tmp_path / "a/ckpt/step_2")))
     assert resumed["losses"] == whole["losses"][2:]
     for name, w in whole["weights"].items():
         assert torch.equal(resumed["weights"][name], w), name

@@ -21,6 +21,13 @@ from threefold.parallel.layers import is_tp_primary
 from threefold.parallel.mesh import Mesh
 
 
+def _host_copy(t: torch.Tensor, *, pin: bool) -> torch.Tensor:
+    """An fp32 copy of `t` in host memory, pinned when `pin`."""
+    host = torch.empty(t.shape, dtype=torch.float32, pin_memory=pin)
+    host.copy_(t)
+    return host
+
+
 def lr_at(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr."""
     if step < cfg.warmup_steps:
@@ -67,7 +74,9 @@ class Optimizer:
     without ZeRO, this data-parallel rank's shard of them with ZeRO. Each range gets a 1-D fp32 master:
     the parameter's own storage when training in fp32, a copy (written back after each step) in bf16.
     Gradients come from each parameter's fp32 `main_grad`, or from `grads` (one per range) when given;
-    `weights` (one per range) replaces the parameters' ranges as what is updated. `names` gives each
+    `weights` (one per range) replaces the parameters' ranges as what is updated. With `offload` the
+    masters and moments live in host memory (pinned on CUDA), the reduced gradients are copied there and
+    the updated weights copied back, on a side stream. `names` gives each
     parameter the name its state goes by in `state_dict()` (default: its position in `params`).
     """
 
@@ -84,6 +93,7 @@ class Optimizer:
         names: Mapping[nn.Parameter, str] | None = None,
         grads: list[torch.Tensor] | None = None,
         weights: list[torch.Tensor] | None = None,
+        offload: bool = False,
     ) -> None:
         self.cfg = cfg
         self.mesh = mesh
@@ -97,11 +107,20 @@ class Optimizer:
         # ZeRO-2/3 keep the reduced gradients (and ZeRO-3 the parameters) in shards of their own: the
         # gradient sync hands over those (GradSync.owned_grads / owned_weights).
         self._targets = weights if weights is not None else [p.data.view(-1)[a:b] for p, a, b in ranges]
-        self.masters = [t if t.dtype == torch.float32 else t.float() for t in self._targets]
         self._grads = (
             grads if grads is not None else [p.main_grad.view(-1)[a:b] for p, a, b in ranges]  # type: ignore[attr-defined]
         )
         assert len(self._targets) == len(self._grads) == len(ranges)
+        on_cuda = bool(ranges) and ranges[0][0].is_cuda
+        self.offload = offload
+        self._host_grads: list[torch.Tensor] = []
+        self._copy_stream = torch.cuda.Stream() if offload and on_cuda else None
+        if offload:
+            # Masters, moments and a gradient copy in host memory (pinned, for asynchronous copies).
+            self.masters = [_host_copy(t, pin=on_cuda) for t in self._targets]
+            self._host_grads = [torch.empty_like(m, pin_memory=on_cuda) for m in self.masters]
+        else:
+            self.masters = [t if t.dtype == torch.float32 else t.float() for t in self._targets]
         # Norms and biases (1-D) get no weight decay.
         decay = [m for m, (p, _, _) in zip(self.masters, ranges, strict=True) if p.ndim >= 2]
         no_decay = [m for m, (p, _, _) in zip(self.masters, ranges, strict=True) if p.ndim < 2]
@@ -109,14 +128,19 @@ class Optimizer:
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        self.fused = bool(ranges) and ranges[0][0].is_cuda
+        self.fused = on_cuda and not offload
+        # Offloaded from a GPU, the update runs torch's fused CPU AdamW: one vectorized pass over each
+        # tensor, spread over the cores, where foreach makes a pass per arithmetic step (memory bound).
+        # On a CPU-only run the offloaded update keeps foreach, the kernel of the run without offload,
+        # so that the two give the same weights bit for bit.
+        host_fused = offload and on_cuda
         self.adam = torch.optim.AdamW(
             [g for g in groups if g["params"]] or [{"params": [torch.zeros(0)]}],
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
-            fused=self.fused,
-            foreach=None if self.fused else True,
+            fused=self.fused or host_fused,
+            foreach=None if self.fused or host_fused else True,
         )
         # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
         # (a replicated kv shard on each of its replicas), a tied embedding on both the first and the
@@ -154,9 +178,7 @@ class Optimizer:
         masters, moments = self._pieces_of(state)
         for master, piece in zip(self.masters, masters, strict=True):
             master.copy_(piece)
-        copies = [(t, m) for t, m in zip(self._targets, self.masters, strict=True) if t is not m]
-        if copies:
-            torch._foreach_copy_([t for t, _ in copies], [m for _, m in copies])
+        self._write_back()
         position = {m: i for i, m in enumerate(p for g in self.adam.param_groups for p in g["params"])}
         adam_state: dict[int, dict[str, torch.Tensor]] = {}
         for master, pieces in zip(self.masters, moments, strict=True):
@@ -239,6 +261,9 @@ class Optimizer:
         lr = lr_at(step, self.cfg, self.max_steps)
         for group in self.adam.param_groups:
             group["lr"] = lr
+        if self.offload:
+            self._host_step(norm, skip)
+            return norm, lr
         if self.cfg.grad_clip > 0:
             # Scale by min(1, clip / norm) without a host sync; the fused kernel divides by grad_scale
             # as it reads each gradient, which saves a pass over all of them.
@@ -256,7 +281,44 @@ class Optimizer:
             self.adam.step()
         for master in self.masters:
             master.grad = None
-        copies = [(t, m) for t, m in zip(self._targets, self.masters, strict=True) if t is not m]
-        if copies:
-            torch._foreach_copy_([t for t, _ in copies], [m for _, m in copies])
+        self._write_back()
         return norm, lr
+
+    def _host_step(self, norm: torch.Tensor, skip: torch.Tensor) -> None:
+        """Offload: the reduced gradients to the host, AdamW there, the new weights back."""
+        stream = self._copy_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())  # the gradients are final
+            with torch.cuda.stream(stream):
+                for host, grad in zip(self._host_grads, self._grads, strict=True):
+                    host.copy_(grad, non_blocking=True)
+            stream.synchronize()  # before the CPU reads them
+        elif self._host_grads:
+            torch._foreach_copy_(self._host_grads, self._grads)
+        if bool(skip.cpu()):
+            return
+        if self.cfg.grad_clip > 0 and self._host_grads:
+            scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0)
+            torch._foreach_div_(self._host_grads, scale.cpu())
+        for master, grad in zip(self.masters, self._host_grads, strict=True):
+            master.grad = grad
+        self.adam.step()
+        for master in self.masters:
+            master.grad = None
+        self._write_back()
+
+    def _write_back(self) -> None:
+        """Copy the masters into the weights they are not (bf16 weights, or host masters when offloaded)."""
+        copies = [(t, m) for t, m in zip(self._targets, self.masters, strict=True) if t is not m]
+        if not copies:
+            return
+        stream = self._copy_stream
+        if stream is None:
+            torch._foreach_copy_([t for t, _ in copies], [m for _, m in copies])
+            return
+        with torch.cuda.stream(stream):
+            for target, master in copies:
+                target.copy_(master, non_blocking=True)
+        # The next forward (and the ZeRO all-gathers queued after this) read the weights on the compute
+        # stream: it waits for the copies, the host does not.
+        torch.cuda.current_stream().wait_stream(stream)

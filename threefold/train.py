@@ -113,6 +113,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         names={param: name for chunk in chunks.values() for name, param in chunk.named_parameters()},
         grads=[g for s in syncs for g in s.owned_grads()],
         weights=[w for s in syncs for w in s.owned_weights()],
+        offload=config.optimizer.offload,
     )
     seq_local = config.data.seq_len // (p.tp_size if p.sequence_parallel else 1)
     executor = PipelineExecutor(

@@ -278,6 +278,9 @@ class OptimizerConfig(Section):
     """Adam's denominator epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    offload: bool = False
+    """Keep the fp32 master weights and Adam moments in (pinned) host memory and run AdamW on the CPU:
+    16 bytes per parameter this rank updates move to the host (masters, moments, a gradient copy)."""
 
     def check(self) -> None:
         super().check()
