@@ -111,3 +111,43 @@ def test_offloaded_run_resumes_bit_exact(sonnets_dataset, tmp_path):
     assert resumed["losses"] == whole["losses"][2:]
     for name, w in whole["weights"].items():
         assert torch.equal(resumed["weights"][name], w), name
+
+
+def test_zero_is_a_stage_and_true_still_means_one():
+    from threefold.config import build_config
+
+    def stage(value) -> int:
+        return build_config({"parallel": {"zero": value, "dp_size": 2}}, check_paths=False).parallel.zero
+
+    assert [stage(v) for v in (True, False, 2, 3)] == [1, 0, 2, 3]
+    assert build_config({}, ["--parallel.zero=true"], check_paths=False).parallel.zero == 1
+    assert build_config({}, ["--parallel.zero=3"], check_paths=False).parallel.zero == 3
+    with pytest.raises(ValueError, match=r"parallel.zero must be a ZeRO stage 0, 1, 2 or 3 .* got 4"):
+        stage(4)
+
+
+def test_zero3_with_compile_is_refused():
+    from threefold.config import build_config
+
+    with pytest.raises(ValueError, match=r"parallel.zero = 3 cannot be combined with training.compile"):
+        build_config(
+            {"parallel": {"zero": 3, "dp_size": 2}, "training": {"compile": True}}, check_paths=False
+        )
+
+
+def test_offload_without_enough_host_memory_is_refused(sonnets_dataset, monkeypatch):
+    import importlib
+
+    from threefold.config import build_config
+
+    validate = importlib.import_module(
+        "threefold.config.validate"
+    )  # the package exports a function of that name
+
+    raw = {"model": {"preset": "llama-8b"}, "data": {"path": str(sonnets_dataset), "seq_len": 16},
+           "training": {"device": "cpu"}, "optimizer": {"offload": True}}  # fmt: skip
+    monkeypatch.setattr(validate, "host_memory_available", lambda: 64 * 2**30)
+    with pytest.raises(ValueError, match=r"optimizer.offload needs 11\d\.\d GiB of host memory .* 64.0 GiB"):
+        build_config(raw)
+    monkeypatch.setattr(validate, "host_memory_available", lambda: 256 * 2**30)
+    assert build_config(raw).optimizer.offload
