@@ -1,0 +1,100 @@
+"""The planner's memory model of ZeRO stages 2-3 and optimizer offload, against its own rules and against
+the tensors a real stage-3 / stage-2 trainer holds."""
+
+import pytest
+import torch
+from distributed import run_ranks
+from tiny import tiny_config
+
+from threefold.config import ParallelConfig, build_config
+from threefold.metrics import count_parameters
+from threefold.plan.layout import Layout, Workload
+from threefold.plan.memory_model import estimate_host_memory, estimate_memory, memory_by_rank, rank_parameters
+
+
+def _memory(zero: int, dp: int, offload: bool = False) -> dict[str, float]:
+    raw = {"model": {"preset": "llama-8b"}, "parallel": {"dp_size": dp, "zero": zero},
+           "training": {"dtype": "bfloat16", "global_batch_size": 16, "micro_batch_size": 1},
+           "optimizer": {"offload": offload}}  # fmt: skip
+    config = build_config(raw, check_paths=False)
+    return estimate_memory(config) | {"host": estimate_host_memory(config)}
+
+
+def test_each_stage_shards_one_more_term_and_offload_moves_the_optimizer_to_the_host():
+    config = build_config({"model": {"preset": "llama-8b"}}, check_paths=False)
+    total = count_parameters(config.model)["total"]
+    counts = count_parameters(config.model)
+    unit = counts["output_weight"] + counts["final_norm"]  # the head: llama-8b's largest unit
+    z0, z1, z2, z3 = (_memory(z, 8) for z in range(4))
+    assert z1["optimizer"] == pytest.approx(12 * total / 8) and z0["optimizer"] == pytest.approx(12 * total)
+    assert z2["parameters"] == z1["parameters"] == 2 * total
+    # In hand: the vocabulary matrix (its own bucket, larger than dp_bucket_mb) and a layer's MLP matrix.
+    in_hand = counts["output_weight"] + 4096 * 14336
+    assert z2["gradients"] == pytest.approx(4 * (total / 8 + in_hand))
+    assert z3["parameters"] == pytest.approx(2 * (total / 8 + 2 * unit))  # two whole units
+    assert z3["gradients"] == pytest.approx(4 * (total / 8 + 2 * unit))
+    assert z0["total"] > z1["total"] > z2["total"] > z3["total"]
+    off = _memory(0, 1, offload=True)
+    assert off["optimizer"] == 0 and off["host"] == 16 * total  # master, two moments, gradient copy
+    assert _memory(1, 8, offload=True)["host"] == pytest.approx(16 * total / 8)
+    assert z0["host"] == 0
+
+
+def _live_bytes(rank: int, world: int, config) -> dict:
+    """Parameter and gradient bytes of a stage-2/3 trainer: at rest after a step, and the most alive at
+    any layer boundary of a step's forward and backward."""
+    from threefold.bench import synthetic_steps
+    from threefold.parallel.mesh import build_mesh
+    from threefold.train import build, train_step
+
+    mesh = build_mesh(1, world, 1)
+    trainer = build(config, mesh, torch.device("cpu"))
+    (sync,) = trainer.grad_syncs.values()
+
+    def live() -> int:
+        nbytes = 0
+        for b in sync.buckets:
+            nbytes += b.buffer.untyped_storage().nbytes() + b.grad_shard.untyped_storage().nbytes()
+            nbytes += b.param_buffer.untyped_storage().nbytes()
+            if b.param_shard is not None:
+                nbytes += b.param_shard.untyped_storage().nbytes()
+        return nbytes
+
+    peak = [0]
+
+    def sample(*_) -> None:
+        peak[0] = max(peak[0], live())
+
+    chunk = trainer.chunks[0]
+    for module in [chunk.embed_tokens, *chunk.layers.values(), chunk.lm_head]:
+        module.register_forward_pre_hook(sample)
+        module.register_forward_hook(sample)
+        module.register_full_backward_pre_hook(sample)
+        module.register_full_backward_hook(sample)
+    for batches in synthetic_steps(config, mesh, torch.device("cpu"), 2):
+        train_step(trainer, batches, 0)
+    params = sum(p.numel() for p in chunk.parameters())
+    return {"rest": live(), "peak": peak[0], "params": params}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_real_trainer_holds_what_the_model_says(sonnets_dataset, tmp_path, zero):
+    # Layers larger than the vocabulary matrices, so that what is sharded dominates.
+    model = dict(num_layers=6, vocab_size=256, hidden_size=64, ffn_hidden_size=256)
+    config = tiny_config(sonnets_dataset, tmp_path, dp=2, zero=zero, model=model,
+                         parallel=dict(dp_bucket_mb=0.05))  # fmt: skip
+    got = run_ranks(2, _live_bytes, config)[0]
+    w = Workload(model=config.model, seq_len=16, global_batch_size=8, dtype="float32")
+    lay = Layout(parallel=ParallelConfig(dp_size=2, zero=zero, dp_bucket_mb=0.05), micro_batch_size=2)
+    (rank,) = memory_by_rank(w, lay)
+    assert got["params"] == rank_parameters(w, lay, 0)
+    sharded = 4 * got["params"] / 2  # fp32: 1/d of the gradients, and at stage 3 of the parameters
+    whole_params = 4 * got["params"] if zero == 2 else sharded
+    # At rest: the shards (and at stage 2 the whole parameters), within the padding to a multiple of d.
+    assert got["rest"] == pytest.approx(whole_params + sharded, abs=4 * 2 * 8)
+    # During the step: never more than the model's parameters + gradients terms, and well above rest.
+    assert got["rest"] < got["peak"] <= rank.parameters + rank.gradients
+    # Neither the whole gradient (both stages) nor the whole parameters (stage 3) were ever alive at once.
+    assert got["peak"] < whole_params + sharded + 4 * got["params"] * 0.7
+    if zero == 3:
+        assert got["peak"] < 4 * got["params"] + sharded
