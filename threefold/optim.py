@@ -16,16 +16,10 @@ import torch.distributed as dist
 from torch import nn
 
 from threefold.config import OptimizerConfig
+from threefold.offload import HostAdam, host_copy
 from threefold.parallel import track
 from threefold.parallel.layers import is_tp_primary
 from threefold.parallel.mesh import Mesh
-
-
-def _host_copy(t: torch.Tensor, *, pin: bool) -> torch.Tensor:
-    """An fp32 copy of `t` in host memory, pinned when `pin`."""
-    host = torch.empty(t.shape, dtype=torch.float32, pin_memory=pin)
-    host.copy_(t)
-    return host
 
 
 def lr_at(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
@@ -75,8 +69,8 @@ class Optimizer:
     the parameter's own storage when training in fp32, a copy (written back after each step) in bf16.
     Gradients come from each parameter's fp32 `main_grad`, or from `grads` (one per range) when given;
     `weights` (one per range) replaces the parameters' ranges as what is updated. With `offload` the
-    masters and moments live in host memory (pinned on CUDA), the reduced gradients are copied there and
-    the updated weights copied back, on a side stream. `names` gives each
+    masters and moments of the last `cfg.offload_fraction` of the elements live in host memory and are
+    updated there (threefold/offload.py); the rest as without. `names` gives each
     parameter the name its state goes by in `state_dict()` (default: its position in `params`).
     """
 
@@ -113,35 +107,44 @@ class Optimizer:
         assert len(self._targets) == len(self._grads) == len(ranges)
         on_cuda = bool(ranges) and ranges[0][0].is_cuda
         self.offload = offload
-        self._host_grads: list[torch.Tensor] = []
-        self._copy_stream = torch.cuda.Stream() if offload and on_cuda else None
-        if offload:
-            # Masters, moments and a gradient copy in host memory (pinned, for asynchronous copies).
-            self.masters = [_host_copy(t, pin=on_cuda) for t in self._targets]
-            self._host_grads = [torch.empty_like(m, pin_memory=on_cuda) for m in self.masters]
-        else:
-            self.masters = [t if t.dtype == torch.float32 else t.float() for t in self._targets]
-        # Norms and biases (1-D) get no weight decay.
-        decay = [m for m, (p, _, _) in zip(self.masters, ranges, strict=True) if p.ndim >= 2]
-        no_decay = [m for m, (p, _, _) in zip(self.masters, ranges, strict=True) if p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+        decays = [cfg.weight_decay if p.ndim >= 2 else 0.0 for p, _, _ in ranges]  # none on norms, biases
+        # Offload keeps the state of the last `offload_fraction` of the elements in host memory (the rest
+        # stays on the GPU: Deep Optimizer States' split); masters there are always separate copies.
+        total = sum(t.numel() for t in self._targets)
+        budget, on_host = total * cfg.offload_fraction if offload else 0.0, set()
+        for i in reversed(range(len(ranges))):
+            if budget <= 0:
+                break
+            on_host.add(i)
+            budget -= self._targets[i].numel()
+        self._host = sorted(on_host)
+        self._device = [i for i in range(len(ranges)) if i not in on_host]
+        self.masters = [
+            host_copy(t, pin=on_cuda) if i in on_host else t if t.dtype == torch.float32 else t.float()
+            for i, t in enumerate(self._targets)
         ]
-        self.fused = on_cuda and not offload
-        # Offloaded from a GPU, the update runs torch's fused CPU AdamW: one vectorized pass over each
-        # tensor, spread over the cores, where foreach makes a pass per arithmetic step (memory bound).
-        # On a CPU-only run the offloaded update keeps foreach, the kernel of the run without offload,
-        # so that the two give the same weights bit for bit.
-        host_fused = offload and on_cuda
+        groups: dict[float, list[torch.Tensor]] = {}
+        for i in self._device:
+            groups.setdefault(decays[i], []).append(self.masters[i])
+        self.fused = on_cuda
         self.adam = torch.optim.AdamW(
-            [g for g in groups if g["params"]] or [{"params": [torch.zeros(0)]}],
+            [{"params": ps, "weight_decay": wd} for wd, ps in groups.items()]
+            or [{"params": [torch.zeros(0)]}],
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
-            fused=self.fused or host_fused,
-            foreach=None if self.fused or host_fused else True,
+            fused=self.fused,
+            foreach=None if self.fused else True,
         )
+        self.host_adam = (
+            HostAdam(
+                [self.masters[i] for i in self._host], [decays[i] for i in self._host], cfg, on_cuda=on_cuda
+            )
+            if self._host
+            else None
+        )
+        self._adams = [self.adam, *(self.host_adam.adams if self.host_adam else [])]
+        self._adam_of = {m: a for a in self._adams for g in a.param_groups for m in g["params"]}
         # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
         # (a replicated kv shard on each of its replicas), a tied embedding on both the first and the
         # last pipeline stage, and with ZeRO each rank holds only its own part.
@@ -159,11 +162,11 @@ class Optimizer:
         """This rank's state by parameter name: its ranges' masters and moments (live tensors)."""
         params = {}
         for name, (_, start, end), master in zip(self._names, self.ranges, self.masters, strict=True):
-            adam_state = self.adam.state.get(master, {})
+            adam_state = self._adam_of[master].state.get(master, {})
             moments = {k: adam_state[k] for k in self.moment_names if k in adam_state}
             params[name] = ParamSlice(start, end, master, moments)
         # Every range takes (or skips) every step together, so any one count is all of them.
-        steps = [s["step"] for s in self.adam.state.values() if "step" in s]
+        steps = [s["step"] for a in self._adams for s in a.state.values() if "step" in s]
         return OptimizerState(float(steps[0]) if steps else 0.0, params, dp_sharded=self.zero)
 
     @torch.no_grad()
@@ -178,16 +181,17 @@ class Optimizer:
         masters, moments = self._pieces_of(state)
         for master, piece in zip(self.masters, masters, strict=True):
             master.copy_(piece)
-        self._write_back()
-        position = {m: i for i, m in enumerate(p for g in self.adam.param_groups for p in g["params"])}
-        adam_state: dict[int, dict[str, torch.Tensor]] = {}
-        for master, pieces in zip(self.masters, moments, strict=True):
-            if pieces:
-                step = {"step": torch.tensor(state.step, dtype=torch.float32)}
-                adam_state[position[master]] = step | {k: v.to(master.device) for k, v in pieces.items()}
-        state_dict = self.adam.state_dict()
-        state_dict["state"] = adam_state  # none: Adam starts afresh
-        self.adam.load_state_dict(state_dict)
+        self._write_back(host=True)
+        for adam in self._adams:
+            position = {m: i for i, m in enumerate(p for g in adam.param_groups for p in g["params"])}
+            adam_state: dict[int, dict[str, torch.Tensor]] = {}
+            for master, pieces in zip(self.masters, moments, strict=True):
+                if pieces and master in position:
+                    step = {"step": torch.tensor(state.step, dtype=torch.float32)}
+                    adam_state[position[master]] = step | {k: v.to(master.device) for k, v in pieces.items()}
+            state_dict = adam.state_dict()
+            state_dict["state"] = adam_state  # none: Adam starts afresh
+            adam.load_state_dict(state_dict)
 
     def _pieces_of(self, state: OptimizerState) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         """(master, moments by name) of each of this rank's ranges, cut from `state`; ValueError if unfit."""
@@ -261,64 +265,38 @@ class Optimizer:
         lr = lr_at(step, self.cfg, self.max_steps)
         for group in self.adam.param_groups:
             group["lr"] = lr
-        if self.offload:
-            self._host_step(norm, skip)
-            return norm, lr
-        if self.cfg.grad_clip > 0:
+        scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0) if self.cfg.grad_clip > 0 else None
+        dev_masters = [self.masters[i] for i in self._device]
+        dev_grads = [self._grads[i] for i in self._device]
+        if scale is not None:
             # Scale by min(1, clip / norm) without a host sync; the fused kernel divides by grad_scale
             # as it reads each gradient, which saves a pass over all of them.
-            scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0)
             if self.fused:
                 self.adam.grad_scale = scale  # type: ignore[attr-defined]
-            else:
-                torch._foreach_div_(self._grads, scale)
-        for master, grad in zip(self.masters, self._grads, strict=True):
+            elif dev_grads:
+                torch._foreach_div_(dev_grads, scale)
+        for master, grad in zip(dev_masters, dev_grads, strict=True):
             master.grad = grad
         if self.fused:
             self.adam.found_inf = skip.float()  # type: ignore[attr-defined]  # 0-dim, like Adam's steps
             self.adam.step()
         elif not bool(skip):
             self.adam.step()
-        for master in self.masters:
+        for master in dev_masters:
             master.grad = None
         self._write_back()
+        # The host reads the flag: an offloaded update waits for the gradients anyway.
+        if self.host_adam is not None and not bool(skip.cpu()):
+            self.host_adam.step(
+                [self._grads[i] for i in self._host], [self._targets[i] for i in self._host], scale, lr
+            )
         return norm, lr
 
-    def _host_step(self, norm: torch.Tensor, skip: torch.Tensor) -> None:
-        """Offload: the reduced gradients to the host, AdamW there, the new weights back."""
-        stream = self._copy_stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())  # the gradients are final
-            with torch.cuda.stream(stream):
-                for host, grad in zip(self._host_grads, self._grads, strict=True):
-                    host.copy_(grad, non_blocking=True)
-            stream.synchronize()  # before the CPU reads them
-        elif self._host_grads:
-            torch._foreach_copy_(self._host_grads, self._grads)
-        if bool(skip.cpu()):
-            return
-        if self.cfg.grad_clip > 0 and self._host_grads:
-            scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0)
-            torch._foreach_div_(self._host_grads, scale.cpu())
-        for master, grad in zip(self.masters, self._host_grads, strict=True):
-            master.grad = grad
-        self.adam.step()
-        for master in self.masters:
-            master.grad = None
-        self._write_back()
-
-    def _write_back(self) -> None:
-        """Copy the masters into the weights they are not (bf16 weights, or host masters when offloaded)."""
-        copies = [(t, m) for t, m in zip(self._targets, self.masters, strict=True) if t is not m]
-        if not copies:
-            return
-        stream = self._copy_stream
-        if stream is None:
+    def _write_back(self, *, host: bool = False) -> None:
+        """Copy the device masters into the weights they are not (bf16); `host`: the host masters too."""
+        copies = [(self._targets[i], self.masters[i]) for i in self._device]
+        copies = [(t, m) for t, m in copies if t is not m]
+        if copies:
             torch._foreach_copy_([t for t, _ in copies], [m for _, m in copies])
-            return
-        with torch.cuda.stream(stream):
-            for target, master in copies:
-                target.copy_(master, non_blocking=True)
-        # The next forward (and the ZeRO all-gathers queued after this) read the weights on the compute
-        # stream: it waits for the copies, the host does not.
-        torch.cuda.current_stream().wait_stream(stream)
+        if host and self.host_adam is not None:
+            self.host_adam.write_back([self._targets[i] for i in self._host])

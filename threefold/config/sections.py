@@ -279,12 +279,18 @@ class OptimizerConfig(Section):
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     offload: bool = False
-    """Keep the fp32 master weights and Adam moments in (pinned) host memory and run AdamW on the CPU:
-    16 bytes per parameter this rank updates move to the host (masters, moments, a gradient copy)."""
+    """Keep the fp32 master weights and Adam moments in (pinned) host memory and run AdamW on the CPU,
+    the gradients streamed down and the weights streamed back: 12 bytes per parameter this rank updates
+    move from the GPU to the host."""
+    offload_fraction: float = 1.0
+    """With offload: the share of the optimizer state (by elements) held and updated on the host; the rest
+    stays on the GPU and is updated there (Deep Optimizer States' split)."""
 
     def check(self) -> None:
         super().check()
         self._non_negative("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+        if not 0.0 < self.offload_fraction <= 1.0:
+            raise ValueError(f"optimizer.offload_fraction must lie in (0, 1], got {self.offload_fraction}")
         if self.decay_steps is not None:
             self._positive("decay_steps")
         if not 0.0 <= self.min_lr <= self.lr:

@@ -89,8 +89,9 @@ def check_across_sections(config: Config) -> None:
         raise ValueError(f"parallel.pipeline_schedule = {p.pipeline_schedule!r}: {e}") from None
 
 
-OFFLOAD_BYTES_PER_PARAMETER = 16
-"""Host memory of optimizer.offload per parameter a rank updates: fp32 master, two moments, gradient."""
+OFFLOAD_BYTES_PER_PARAMETER = 12
+"""Host memory of optimizer.offload per parameter a rank updates on the host: fp32 master, two moments
+(gradients pass through two fixed staging buffers, threefold.offload)."""
 
 
 def host_memory_available() -> int | None:
@@ -114,14 +115,14 @@ def ranks_on_this_host(config: Config) -> int:
 
 
 def offload_host_bytes(config: Config) -> int:
-    """Host bytes optimizer.offload needs per rank: 16 per parameter the rank updates (the largest stage's
-    share; under ZeRO 1/dp of it)."""
+    """Host bytes optimizer.offload needs per rank: 12 per parameter the rank updates on the host (the
+    largest stage's share, 1/dp of it under ZeRO, offload_fraction of that on the host)."""
     from threefold.metrics import count_parameters  # metrics imports this package
 
     p = config.parallel
     total = count_parameters(config.model, tp_size=p.tp_size)["total"]
     per_rank = -(-total // p.pp_size) // (p.dp_size if p.zero else 1)
-    return OFFLOAD_BYTES_PER_PARAMETER * per_rank
+    return int(OFFLOAD_BYTES_PER_PARAMETER * per_rank * config.optimizer.offload_fraction)
 
 
 def check_host_memory(config: Config) -> None:
@@ -132,13 +133,14 @@ def check_host_memory(config: Config) -> None:
     if available is None:
         return
     ranks = ranks_on_this_host(config)
-    need = offload_host_bytes(config) * ranks
-    if need > 0.9 * available:  # the data loader, pinned staging and the OS need the rest
+    per_rank = offload_host_bytes(config)
+    need = per_rank * ranks
+    if need > 0.9 * available:  # the data loader, the staging buffers and the OS need the rest
         raise ValueError(
             f"optimizer.offload needs {need / 2**30:.1f} GiB of host memory ({OFFLOAD_BYTES_PER_PARAMETER} "
-            f"bytes x {offload_host_bytes(config) // OFFLOAD_BYTES_PER_PARAMETER:,} parameters per rank x "
-            f"{ranks} ranks on this host), more than 90% of the {available / 2**30:.1f} GiB available; "
-            "raise parallel.dp_size with parallel.zero, raise tp_size or pp_size, or turn offload off"
+            f"bytes x {per_rank // OFFLOAD_BYTES_PER_PARAMETER:,} offloaded parameters per rank x {ranks} "
+            f"ranks on this host), more than 90% of the {available / 2**30:.1f} GiB available; lower "
+            "optimizer.offload_fraction, or raise parallel.dp_size (with parallel.zero), tp_size or pp_size"
         )
 
 

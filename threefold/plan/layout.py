@@ -36,6 +36,8 @@ class Layout:
     """Activation recomputation: 'none', 'selective' or 'full' (Config.training.recompute)."""
     offload: bool = False
     """Optimizer state in host memory (Config.optimizer.offload)."""
+    offload_fraction: float = 1.0
+    """The share of it on the host (Config.optimizer.offload_fraction)."""
 
     @property
     def num_gpus(self) -> int:
@@ -137,4 +139,5 @@ def from_config(config: Config) -> tuple[Workload, Layout]:
         micro_batch_size=t.micro_batch_size,
         recompute=t.recompute,
         offload=config.optimizer.offload,
+        offload_fraction=config.optimizer.offload_fraction,
     )

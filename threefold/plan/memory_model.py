@@ -16,8 +16,8 @@ ZeRO-2 keeps 4 P_r / d of gradients plus the two buckets a backward has in hand 
 reducing; dp_bucket_mb each, or a matrix larger than that, one of them the vocabulary's). ZeRO-3 also
 keeps e P_r / d of parameters plus two whole units (the one computing and the one prefetched; a unit is
 a layer, the embedding or the head), and its gradients' two buckets are two units. optimizer.offload
-moves the optimizer term to the host, where each parameter the rank updates takes 16 bytes (fp32
-master, two moments, a gradient copy): `host`, not part of the GPU total.
+moves offload_fraction of the optimizer term to the host, where each parameter updated there takes 12
+bytes (fp32 master, two moments; fp32 weights still keep theirs on the GPU): `host`, not in the GPU total.
 
 Activations: what autograd keeps for backward, counted from what threefold.model.transformer saves (tests/
 test_planner.py checks every term against the real tensors, and the per-layer formula is the sum of):
@@ -272,11 +272,11 @@ def memory_by_rank(w: Workload, lay: Layout) -> list[RankMemory]:
                 pp_rank=pp_rank,
                 parameters=parameters,
                 gradients=gradients,
-                optimizer=0.0 if lay.offload else optimizer_bytes * updated,
+                optimizer=optimizer_bytes * updated * (1 - lay.offload_fraction if lay.offload else 1),
                 activations=activations,
                 transient=transient,
                 buffers=buffers,
-                host=OFFLOAD_BYTES_PER_PARAMETER * updated if lay.offload else 0.0,
+                host=OFFLOAD_BYTES_PER_PARAMETER * updated * lay.offload_fraction if lay.offload else 0.0,
             )
         )
     return out
