@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from threefold.config import OptimizerConfig
-from threefold.offload import HostAdam, host_copy
+from threefold.offload import HostAdam, host_masters
 from threefold.parallel import track
 from threefold.parallel.layers import is_tp_primary
 from threefold.parallel.mesh import Mesh
@@ -119,8 +119,10 @@ class Optimizer:
             budget -= self._targets[i].numel()
         self._host = sorted(on_host)
         self._device = [i for i in range(len(ranges)) if i not in on_host]
+        on_host_masters = host_masters([self._targets[i] for i in self._host], pin=on_cuda)
+        host_of = dict(zip(self._host, on_host_masters, strict=True))
         self.masters = [
-            host_copy(t, pin=on_cuda) if i in on_host else t if t.dtype == torch.float32 else t.float()
+            host_of[i] if i in host_of else t if t.dtype == torch.float32 else t.float()
             for i, t in enumerate(self._targets)
         ]
         groups: dict[float, list[torch.Tensor]] = {}
