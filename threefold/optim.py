@@ -279,7 +279,9 @@ class Optimizer:
                 torch._foreach_div_(dev_grads, scale)
         for master, grad in zip(dev_masters, dev_grads, strict=True):
             master.grad = grad
-        if self.fused:
+        if not self._device:
+            pass  # everything is offloaded
+        elif self.fused:
             self.adam.found_inf = skip.float()  # type: ignore[attr-defined]  # 0-dim, like Adam's steps
             self.adam.step()
         elif not bool(skip):
