@@ -1,6 +1,8 @@
 """The planner's memory model of ZeRO stages 2-3 and optimizer offload, against its own rules and against
 the tensors a real stage-3 / stage-2 trainer holds."""
 
+import dataclasses
+
 import pytest
 import torch
 from distributed import run_ranks
@@ -98,3 +100,30 @@ def test_a_real_trainer_holds_what_the_model_says(sonnets_dataset, tmp_path, zer
     assert got["peak"] < whole_params + sharded + 4 * got["params"] * 0.7
     if zero == 3:
         assert got["peak"] < 4 * got["params"] + sharded
+
+
+def test_the_time_model_charges_stage_3_gathers_and_the_offloaded_update():
+    from threefold.plan.hardware import PRESETS
+    from threefold.plan.time_model import estimate_layout_time
+
+    hw = PRESETS["h200"]
+    config = build_config({"model": {"preset": "llama-8b"}}, check_paths=False)
+    w = Workload(model=config.model, seq_len=4096, global_batch_size=64)
+
+    def step(link=hw, **kw):
+        offload = kw.pop("offload", False)
+        lay = Layout(
+            parallel=ParallelConfig(**kw), micro_batch_size=1, recompute="selective", offload=offload
+        )
+        return estimate_layout_time(w, lay, link, gpus_per_node=8)
+
+    # On a slow link stage 3's gathers before every forward and backward, and stage 2's reduce-scatter
+    # every micro-batch (8 here), cost more than stage 1's once-a-step reduce-scatter and gather.
+    slow = dataclasses.replace(hw, intra_node_gbps=1.0)
+    z1, z2, z3 = (step(slow, dp_size=8, zero=z) for z in (1, 2, 3))
+    assert z3.dp_exposed > z2.dp_exposed > z1.dp_exposed and z3.compute == z1.compute
+    alone, offloaded = step(), step(offload=True)
+    total = count_parameters(config.model)["total"]
+    expected = max(28 * total / (hw.host_adam_gbps * 1e9), 4 * total / (hw.host_link_gbps * 1e9))
+    assert offloaded.optimizer == pytest.approx(expected)
+    assert offloaded.optimizer > 10 * alone.optimizer and offloaded.compute == alone.compute

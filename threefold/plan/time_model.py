@@ -212,24 +212,48 @@ def boundary_transfer(w: Workload, lay: Layout, hw: Hardware, *, intra_pp: bool)
 
 
 def data_parallel_tail(
-    lay: Layout, hw: Hardware, params: int, *, dtype_bytes: int, backward: float, intra_dp: bool
+    lay: Layout,
+    hw: Hardware,
+    params: int,
+    *,
+    dtype_bytes: int,
+    backward: float,
+    intra_dp: bool,
+    num_microbatches: int = 1,
 ) -> tuple[float, float]:
     """(exposed data-parallel communication, optimizer step) seconds per step of a rank holding `params`
-    parameters whose last micro-batch's backward takes `backward` seconds."""
-    d, e = lay.parallel.dp_size, dtype_bytes
+    parameters whose last micro-batch's backward takes `backward` seconds.
+
+    ZeRO-2/3 reduce-scatter every micro-batch (the earlier ones hidden behind their backward like the
+    last one's); ZeRO-3 all-gathers the parameters before every forward and backward instead of once
+    after the update, prefetched behind the previous layer's compute (counted as hidden as the reduction
+    is). Offload: the host AdamW (28 bytes per parameter through host memory) pipelined with the copies
+    down and up, the slowest of the three setting the pace.
+    """
+    d, e, stage = lay.parallel.dp_size, dtype_bytes, int(lay.parallel.zero)
     grads = 4.0 * params
-    if lay.parallel.zero and d > 1:
-        dp_comm = hw.reduce_scatter_time(grads, d, intra_node=intra_dp)
+    if stage and d > 1:
+        rounds = num_microbatches if stage >= 2 else 1
+        dp_comm = rounds * hw.reduce_scatter_time(grads, d, intra_node=intra_dp)
         gather = hw.all_gather_time(e * params, d, intra_node=intra_dp)
+        if stage >= 3:
+            dp_comm += 2 * num_microbatches * gather
+            gather = 0.0
         opt_bytes = 4 * params + (44 + e) * params / d
     else:
         dp_comm = hw.all_reduce_time(grads, d, intra_node=intra_dp)
         gather = 0.0
         opt_bytes = (48 + e) * params if e == 2 else 44 * params
     last_bucket = hw.all_reduce_time(min(grads, 25 * 2**20), d, intra_node=intra_dp)
-    hidden = DP_OVERLAP * backward
+    hidden = DP_OVERLAP * backward * (num_microbatches if stage >= 2 else 1)
     exposed = max(dp_comm - hidden, min(dp_comm, last_bucket)) + gather
-    return exposed, hw.memory_time(opt_bytes)
+    optimizer = hw.memory_time(opt_bytes)
+    if lay.offload:
+        on_host = params / (d if stage else 1) * lay.offload_fraction
+        cpu = 28 * on_host / (hw.host_adam_gbps * 1e9)
+        link = 4 * on_host / (hw.host_link_gbps * 1e9)
+        optimizer = optimizer * (1 - lay.offload_fraction) + max(cpu, link)
+    return exposed, optimizer
 
 
 def estimate_layout_time(w: Workload, lay: Layout, hw: Hardware, *, gpus_per_node: int) -> StepTime:
@@ -266,7 +290,15 @@ def estimate_layout_time(w: Workload, lay: Layout, hw: Hardware, *, gpus_per_nod
         pp_rank_time.append(p2p)
         # Data parallelism and the optimizer, once per step.
         dp_tail.append(
-            data_parallel_tail(lay, hw, params, dtype_bytes=e, backward=work.backward, intra_dp=intra_dp)
+            data_parallel_tail(
+                lay,
+                hw,
+                params,
+                dtype_bytes=e,
+                backward=work.backward,
+                intra_dp=intra_dp,
+                num_microbatches=num_mb,
+            )
         )
 
     slowest = max(range(p), key=lambda r: per_rank[r])
