@@ -127,3 +127,17 @@ def test_the_time_model_charges_stage_3_gathers_and_the_offloaded_update():
     expected = max(28 * total / (hw.host_adam_gbps * 1e9), 4 * total / (hw.host_link_gbps * 1e9))
     assert offloaded.optimizer == pytest.approx(expected)
     assert offloaded.optimizer > 10 * alone.optimizer and offloaded.compute == alone.compute
+
+
+def test_plan_proposes_offload_and_stage_3_only_when_nothing_else_fits():
+    from threefold.plan.hardware import PRESETS
+    from threefold.plan.search import plan
+
+    config = build_config({"model": {"preset": "llama-8b"}}, check_paths=False)
+    w = Workload(model=config.model, seq_len=4096, global_batch_size=8)
+    # One H200: 18 bytes per parameter (144 GiB) do not fit; with the optimizer on the host they do.
+    one = plan(w, PRESETS["h200"], num_gpus=1, gpus_per_node=1, fixed={"tp_size": 1})
+    assert one.ranked and all(c.layout.offload for c in one.ranked)
+    # Eight GPUs fit without either: they are not proposed.
+    eight = plan(w, PRESETS["h200"], num_gpus=8, gpus_per_node=8)
+    assert eight.ranked and not any(c.layout.offload or c.layout.parallel.zero > 1 for c in eight.ranked)
