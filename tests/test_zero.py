@@ -83,7 +83,9 @@ def test_zero3_resume_is_bit_exact(sonnets_dataset, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "layout,fraction", [((1, 1, 1, 0), 1.0), ((1, 1, 2, 1), 0.5)], ids=["single-all", "dp2-zero1-half"]
+    "layout,fraction",
+    [((1, 1, 1, 0), 1.0), ((1, 1, 2, 1), 0.5), ((1, 1, 2, 3), 1.0)],
+    ids=["single-all", "dp2-zero1-half", "dp2-zero3-all"],
 )
 def test_offloaded_optimizer_gives_the_same_weights(config, monkeypatch, layout, fraction):
     """optimizer.offload: masters and moments in host memory, updated part by part as the gradients
