@@ -115,6 +115,7 @@ LAYOUTS = {
                                               "training": {"recompute": "full"}}),
     "cp2-pp2-interleaved": ("llama", 1, 1, 2, 2, {"v": 2, "model": {"num_layers": 4}}),
     "cp2-dp2-zero": ("llama", 1, 2, 1, 2, {"zero": True}),
+    "cp2-zero3": ("llama", 1, 1, 1, 2, {"zero": 3}),
 }  # fmt: skip
 
 

@@ -293,7 +293,10 @@ def test_recompute_only_when_needed():
     big = Workload(model=_preset("llama-8b"), seq_len=4096, global_batch_size=8)
     fixed = {"tp_size": 1, "pp_size": 1, "dp_size": 1, "micro_batch_size": 8}
     with pytest.raises(ValueError):
-        _raise_if_empty(plan(big, PRESETS["h200"], num_gpus=1, gpus_per_node=1, fixed=fixed))
+        # Without ZeRO or offload (which would let it fit by moving the optimizer state to the host).
+        _raise_if_empty(
+            plan(big, PRESETS["h200"], num_gpus=1, gpus_per_node=1, fixed=fixed, allow_zero=False)
+        )
     result = plan(w, hw, num_gpus=1, gpus_per_node=1, fixed={"micro_batch_size": 16})
     for c in result.ranked[:3]:  # whatever recomputes does so because "none" does not fit
         if c.layout.recompute != "none":

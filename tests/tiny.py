@@ -59,7 +59,7 @@ def tiny_config(
     pp: int = 1,
     dp: int = 1,
     v: int = 1,
-    zero: bool = False,
+    zero: bool | int = False,
     **sections: dict[str, Any],
 ) -> Config:
     """The tiny model on `dataset` (a prepared one) under a tp x pp x dp layout with v chunks per stage

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from threefold.config import OptimizerConfig
+from threefold.offload import HostAdam, host_masters
 from threefold.parallel import track
 from threefold.parallel.layers import is_tp_primary
 from threefold.parallel.mesh import Mesh
@@ -66,8 +67,11 @@ class Optimizer:
     `ranges` lists (parameter, start, end) flat ranges (see GradSync.owned_ranges): whole parameters
     without ZeRO, this data-parallel rank's shard of them with ZeRO. Each range gets a 1-D fp32 master:
     the parameter's own storage when training in fp32, a copy (written back after each step) in bf16.
-    Gradients come from each parameter's fp32 `main_grad`. `names` gives each parameter the name its
-    state goes by in `state_dict()` (default: its position in `params`).
+    Gradients come from each parameter's fp32 `main_grad`, or from `grads` (one per range) when given;
+    `weights` (one per range) replaces the parameters' ranges as what is updated. With `offload` the
+    masters and moments of the last `cfg.offload_fraction` of the elements live in host memory and are
+    updated there (threefold/offload.py); the rest as without. `names` gives each
+    parameter the name its state goes by in `state_dict()` (default: its position in `params`).
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -79,37 +83,70 @@ class Optimizer:
         *,
         mesh: Mesh,
         max_steps: int,
-        zero: bool = False,
+        zero: bool | int = False,
         names: Mapping[nn.Parameter, str] | None = None,
+        grads: list[torch.Tensor] | None = None,
+        weights: list[torch.Tensor] | None = None,
+        offload: bool = False,
     ) -> None:
         self.cfg = cfg
         self.mesh = mesh
         self.max_steps = max_steps
-        self.zero = zero
+        self.zero = bool(zero)
         self.params = list(dict.fromkeys(p for p, _, _ in ranges))
         self.ranges = ranges
         position = {p: str(i) for i, p in enumerate(self.params)}
         self._names = [(names or position)[p] for p, _, _ in ranges]
         assert len(set(self._names)) == len(ranges), "one range per parameter, each with its own name"
-        self._targets = [p.data.view(-1)[a:b] for p, a, b in ranges]
-        self.masters = [t if t.dtype == torch.float32 else t.float() for t in self._targets]
-        self._grads = [p.main_grad.view(-1)[a:b] for p, a, b in ranges]  # type: ignore[attr-defined]
-        # Norms and biases (1-D) get no weight decay.
-        decay = [m for m, (p, _, _) in zip(self.masters, ranges, strict=True) if p.ndim >= 2]
-        no_decay = [m for m, (p, _, _) in zip(self.masters, ranges, strict=True) if p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+        # ZeRO-2/3 keep the reduced gradients (and ZeRO-3 the parameters) in shards of their own: the
+        # gradient sync hands over those (GradSync.owned_grads / owned_weights).
+        self._targets = weights if weights is not None else [p.data.view(-1)[a:b] for p, a, b in ranges]
+        self._grads = (
+            grads if grads is not None else [p.main_grad.view(-1)[a:b] for p, a, b in ranges]  # type: ignore[attr-defined]
+        )
+        assert len(self._targets) == len(self._grads) == len(ranges)
+        on_cuda = bool(ranges) and ranges[0][0].is_cuda
+        self.offload = offload
+        decays = [cfg.weight_decay if p.ndim >= 2 else 0.0 for p, _, _ in ranges]  # none on norms, biases
+        # Offload keeps the state of the last `offload_fraction` of the elements in host memory (the rest
+        # stays on the GPU: Deep Optimizer States' split); masters there are always separate copies.
+        total = sum(t.numel() for t in self._targets)
+        budget, on_host = total * cfg.offload_fraction if offload else 0.0, set()
+        for i in reversed(range(len(ranges))):
+            if budget <= 0:
+                break
+            on_host.add(i)
+            budget -= self._targets[i].numel()
+        self._host = sorted(on_host)
+        self._device = [i for i in range(len(ranges)) if i not in on_host]
+        on_host_masters = host_masters([self._targets[i] for i in self._host], pin=on_cuda)
+        host_of = dict(zip(self._host, on_host_masters, strict=True))
+        self.masters = [
+            host_of[i] if i in host_of else t if t.dtype == torch.float32 else t.float()
+            for i, t in enumerate(self._targets)
         ]
-        self.fused = bool(ranges) and ranges[0][0].is_cuda
+        groups: dict[float, list[torch.Tensor]] = {}
+        for i in self._device:
+            groups.setdefault(decays[i], []).append(self.masters[i])
+        self.fused = on_cuda
         self.adam = torch.optim.AdamW(
-            [g for g in groups if g["params"]] or [{"params": [torch.zeros(0)]}],
+            [{"params": ps, "weight_decay": wd} for wd, ps in groups.items()]
+            or [{"params": [torch.zeros(0)]}],
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
             fused=self.fused,
             foreach=None if self.fused else True,
         )
+        self.host_adam = (
+            HostAdam(
+                [self.masters[i] for i in self._host], [decays[i] for i in self._host], cfg, on_cuda=on_cuda
+            )
+            if self._host
+            else None
+        )
+        self._adams = [self.adam, *(self.host_adam.adams if self.host_adam else [])]
+        self._adam_of = {m: a for a in self._adams for g in a.param_groups for m in g["params"]}
         # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
         # (a replicated kv shard on each of its replicas), a tied embedding on both the first and the
         # last pipeline stage, and with ZeRO each rank holds only its own part.
@@ -119,15 +156,19 @@ class Optimizer:
             if is_tp_primary(p, mesh.tp_rank) and not getattr(p, "tied_copy", False)
         ]
 
+    def grads(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, fp32 gradient of the range this rank updates): what cross-group sums must reach."""
+        return [(p, g) for (p, _, _), g in zip(self.ranges, self._grads, strict=True)]
+
     def state_dict(self) -> OptimizerState:
         """This rank's state by parameter name: its ranges' masters and moments (live tensors)."""
         params = {}
         for name, (_, start, end), master in zip(self._names, self.ranges, self.masters, strict=True):
-            adam_state = self.adam.state.get(master, {})
+            adam_state = self._adam_of[master].state.get(master, {})
             moments = {k: adam_state[k] for k in self.moment_names if k in adam_state}
             params[name] = ParamSlice(start, end, master, moments)
         # Every range takes (or skips) every step together, so any one count is all of them.
-        steps = [s["step"] for s in self.adam.state.values() if "step" in s]
+        steps = [s["step"] for a in self._adams for s in a.state.values() if "step" in s]
         return OptimizerState(float(steps[0]) if steps else 0.0, params, dp_sharded=self.zero)
 
     @torch.no_grad()
@@ -142,18 +183,17 @@ class Optimizer:
         masters, moments = self._pieces_of(state)
         for master, piece in zip(self.masters, masters, strict=True):
             master.copy_(piece)
-        copies = [(t, m) for t, m in zip(self._targets, self.masters, strict=True) if t is not m]
-        if copies:
-            torch._foreach_copy_([t for t, _ in copies], [m for _, m in copies])
-        position = {m: i for i, m in enumerate(p for g in self.adam.param_groups for p in g["params"])}
-        adam_state: dict[int, dict[str, torch.Tensor]] = {}
-        for master, pieces in zip(self.masters, moments, strict=True):
-            if pieces:
-                step = {"step": torch.tensor(state.step, dtype=torch.float32)}
-                adam_state[position[master]] = step | {k: v.to(master.device) for k, v in pieces.items()}
-        state_dict = self.adam.state_dict()
-        state_dict["state"] = adam_state  # none: Adam starts afresh
-        self.adam.load_state_dict(state_dict)
+        self._write_back(host=True)
+        for adam in self._adams:
+            position = {m: i for i, m in enumerate(p for g in adam.param_groups for p in g["params"])}
+            adam_state: dict[int, dict[str, torch.Tensor]] = {}
+            for master, pieces in zip(self.masters, moments, strict=True):
+                if pieces and master in position:
+                    step = {"step": torch.tensor(state.step, dtype=torch.float32)}
+                    adam_state[position[master]] = step | {k: v.to(master.device) for k, v in pieces.items()}
+            state_dict = adam.state_dict()
+            state_dict["state"] = adam_state  # none: Adam starts afresh
+            adam.load_state_dict(state_dict)
 
     def _pieces_of(self, state: OptimizerState) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         """(master, moments by name) of each of this rank's ranges, cut from `state`; ValueError if unfit."""
@@ -227,24 +267,40 @@ class Optimizer:
         lr = lr_at(step, self.cfg, self.max_steps)
         for group in self.adam.param_groups:
             group["lr"] = lr
-        if self.cfg.grad_clip > 0:
+        scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0) if self.cfg.grad_clip > 0 else None
+        dev_masters = [self.masters[i] for i in self._device]
+        dev_grads = [self._grads[i] for i in self._device]
+        if scale is not None:
             # Scale by min(1, clip / norm) without a host sync; the fused kernel divides by grad_scale
             # as it reads each gradient, which saves a pass over all of them.
-            scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0)
             if self.fused:
                 self.adam.grad_scale = scale  # type: ignore[attr-defined]
-            else:
-                torch._foreach_div_(self._grads, scale)
-        for master, grad in zip(self.masters, self._grads, strict=True):
+            elif dev_grads:
+                torch._foreach_div_(dev_grads, scale)
+        for master, grad in zip(dev_masters, dev_grads, strict=True):
             master.grad = grad
-        if self.fused:
+        if not self._device:
+            pass  # everything is offloaded
+        elif self.fused:
             self.adam.found_inf = skip.float()  # type: ignore[attr-defined]  # 0-dim, like Adam's steps
             self.adam.step()
         elif not bool(skip):
             self.adam.step()
-        for master in self.masters:
+        for master in dev_masters:
             master.grad = None
-        copies = [(t, m) for t, m in zip(self._targets, self.masters, strict=True) if t is not m]
+        self._write_back()
+        # The host reads the flag: an offloaded update waits for the gradients anyway.
+        if self.host_adam is not None and not bool(skip.cpu()):
+            self.host_adam.step(
+                [self._grads[i] for i in self._host], [self._targets[i] for i in self._host], scale, lr
+            )
+        return norm, lr
+
+    def _write_back(self, *, host: bool = False) -> None:
+        """Copy the device masters into the weights they are not (bf16); `host`: the host masters too."""
+        copies = [(self._targets[i], self.masters[i]) for i in self._device]
+        copies = [(t, m) for t, m in copies if t is not m]
         if copies:
             torch._foreach_copy_([t for t, _ in copies], [m for _, m in copies])
-        return norm, lr
+        if host and self.host_adam is not None:
+            self.host_adam.write_back([self._targets[i] for i in self._host])

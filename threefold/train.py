@@ -22,6 +22,7 @@ from threefold.parallel.context import ContextParallel, split_sequence
 from threefold.parallel.data_parallel import GradSync, all_reduce_tp_replicated_grads
 from threefold.parallel.layers import TPContext
 from threefold.parallel.mesh import Mesh
+from threefold.parallel.zero_params import ParamGather, WaitForGather
 from threefold.pipeline.executor import Batch, PipelineExecutor, connect_neighbours
 from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.pipeline.schedules import Action, add_communication, build_schedule, forward_only
@@ -104,15 +105,27 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
             bucket_mb=p.dp_bucket_mb,
             zero=p.zero,
             solo=[chunk.embed_tokens.weight] if tied_across_stages and hasattr(chunk, "embed_tokens") else [],
+            units=[[q for m in unit for q in m.parameters()] for unit in chunk.units()],
         )
         for c, chunk in chunks.items()
     }
-    if p.zero and mesh.dp_cp_size > 1:
-        for c, chunk in chunks.items():
-            chunk.set_before_use(grad_syncs[c].wait_for)  # the parameter all-gather overlaps the forward
-    owned = [r for c in sorted(grad_syncs) for r in grad_syncs[c].owned_ranges()]
-    names = {param: name for chunk in chunks.values() for name, param in chunk.named_parameters()}
-    optimizer = Optimizer(owned, config.optimizer, mesh=mesh, max_steps=t.max_steps, zero=p.zero, names=names)
+    for c, chunk in chunks.items():
+        if p.zero >= 3:
+            chunk.set_unit_hooks(ParamGather(grad_syncs[c], chunk.units()))
+        elif p.zero and mesh.dp_cp_size > 1:
+            chunk.set_unit_hooks(WaitForGather(grad_syncs[c], chunk.units()))  # all-gather overlaps forward
+    syncs = [grad_syncs[c] for c in sorted(grad_syncs)]
+    optimizer = Optimizer(
+        [r for s in syncs for r in s.owned_ranges()],
+        config.optimizer,
+        mesh=mesh,
+        max_steps=t.max_steps,
+        zero=p.zero,
+        names={param: name for chunk in chunks.values() for name, param in chunk.named_parameters()},
+        grads=[g for s in syncs for g in s.owned_grads()],
+        weights=[w for s in syncs for w in s.owned_weights()],
+        offload=config.optimizer.offload,
+    )
     seq_local = config.data.seq_len // (p.tp_size if p.sequence_parallel else 1) // p.cp_size
     executor = PipelineExecutor(
         chunks,
@@ -208,9 +221,11 @@ def _sync_tied_embedding(trainer: Trainer) -> None:
     if group is None or not trainer.config.model.tie_embeddings:
         return
     holder = 0 if 0 in trainer.chunks else trainer.executor.last_chunk
-    chunk = trainer.chunks[holder]
-    with track.collective(group, "all_reduce(tied embedding grad)"):
-        dist.all_reduce(chunk.embed_tokens.weight.main_grad, group=group)  # type: ignore[attr-defined]
+    weight = trainer.chunks[holder].embed_tokens.weight
+    # Both holders keep the weight in a bucket of its own, so their ranges (ZeRO) are the same.
+    for grad in [g for p, g in trainer.optimizer.grads() if p is weight]:
+        with track.collective(group, "all_reduce(tied embedding grad)"):
+            dist.all_reduce(grad, group=group)
 
 
 @dataclass(frozen=True)
@@ -243,7 +258,7 @@ def train_step(trainer: Trainer, micro_batches: list[Batch], step: int) -> Pendi
     track.set_action("gradient sync")
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.finish()
-    all_reduce_tp_replicated_grads(trainer.optimizer.params, mesh.tp_group)
+    all_reduce_tp_replicated_grads(trainer.optimizer.grads(), mesh.tp_group)
     _sync_tied_embedding(trainer)
     # The loss is reduced before the update so that a non-finite loss can veto it on every rank.
     track.set_action("loss reduction")
@@ -442,8 +457,8 @@ def _train(
                 break
         if checkpointer:
             checkpointer.finish(trainer)  # an asynchronous save still in flight
-    wait_params(trainer)
     for grad_sync in trainer.grad_syncs.values():
+        grad_sync.quiesce()  # the parameters whole (ZeRO-3) for whoever reads them next
         grad_sync.remove_hooks()
     return result
 

@@ -82,6 +82,15 @@ def _choice(where: str, value: Any, choices: tuple[Any, ...], *, text: bool) -> 
     return value
 
 
+def _bool_as_int(value: Any, text: bool) -> Any:
+    """true/false (TOML or override text) as 1/0, for the integer fields that once were booleans."""
+    if isinstance(value, bool):
+        return int(value)
+    if text and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return int(value.lower() in ("true", "yes", "on"))
+    return value
+
+
 def _parse_override(arg: str) -> tuple[str, str, str]:
     if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
         raise ValueError(f"override {arg!r} must look like --section.key=value")
@@ -102,7 +111,12 @@ def _build_section(section: str, values: dict[str, tuple[Any, bool]]) -> Section
         )
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in [{section}]; known: {sorted(hints)}")
-    kwargs = {k: _coerce(f"{section}.{k}", v, hints[k], text=text) for k, (v, text) in values.items()}
+    kwargs = {
+        k: _coerce(
+            f"{section}.{k}", _bool_as_int(v, text) if k in cls.bool_as_int else v, hints[k], text=text
+        )
+        for k, (v, text) in values.items()
+    }
     if section == "model" and kwargs.get("preset") is not None:
         # An unknown name adds nothing here; ModelConfig.check reports it.
         kwargs = {**MODEL_PRESETS.get(kwargs["preset"], {}), **kwargs}

@@ -62,6 +62,8 @@ class Section:
 
     section: ClassVar[str]
     """The section's name in the TOML file and in error messages."""
+    bool_as_int: ClassVar[frozenset[str]] = frozenset()
+    """Integer fields that also take true/false (read as 1/0)."""
 
     def check(self) -> None:
         """Every float finite and every string one of its choices; a section extends this with its rules."""
@@ -193,6 +195,8 @@ class ParallelConfig(Section):
     """How the ranks are laid out: world size = tp_size * cp_size * pp_size * dp_size."""
 
     section = "parallel"
+    bool_as_int: ClassVar[frozenset[str]] = frozenset({"zero"})
+    """Integer fields that also take true/false (which were their only values once)."""
 
     tp_size: int = 1
     """Tensor-parallel size t (keep it within one node)."""
@@ -221,10 +225,13 @@ class ParallelConfig(Section):
     its compiled f/g operators, which measured faster (docs/benchmarks.md)."""
     dp_bucket_mb: float = 25.0
     """Size of the gradient buckets all-reduced across data-parallel ranks during backward, in MiB."""
-    zero: bool = False
-    """ZeRO-1: shard the fp32 master weights and Adam moments over the data-parallel ranks (gradients are
-    reduce-scattered, each rank updates its 1/dp, parameters are all-gathered): 12/dp instead of 12 bytes
-    of optimizer state per parameter, same communication volume."""
+    zero: int = 0
+    """ZeRO stage 0-3 over the data-parallel ranks (true means 1, false 0). 1: shard the fp32 master
+    weights and Adam moments (gradients reduce-scattered, each rank updates its 1/dp, parameters
+    all-gathered): 12/dp instead of 12 bytes of optimizer state per parameter, same communication.
+    2: also keep only 1/dp of the fp32 gradients between backward passes (reduce-scattered every
+    micro-batch). 3: also shard the parameters; each layer is all-gathered before its forward and its
+    backward and freed after (1.5x the communication of 1 and 2)."""
 
     def check(self) -> None:
         # The schedule's rules (num_model_chunks > 1 needs pp_size > 1, ...) belong to
@@ -232,6 +239,10 @@ class ParallelConfig(Section):
         super().check()
         self._positive("tp_size", "pp_size", "dp_size", "cp_size", "num_model_chunks")
         self._non_negative("dp_bucket_mb")
+        if self.zero not in (0, 1, 2, 3):  # True and False are 1 and 0
+            raise ValueError(
+                f"parallel.zero must be a ZeRO stage 0, 1, 2 or 3 (or true/false), got {self.zero}"
+            )
         if self.sequence_parallel and self.tp_size == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1 (got tp_size = 1)")
 
@@ -288,10 +299,19 @@ class OptimizerConfig(Section):
     """Adam's denominator epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    offload: bool = False
+    """Keep the fp32 master weights and Adam moments in (pinned) host memory and run AdamW on the CPU,
+    the gradients streamed down and the weights streamed back: 12 bytes per parameter this rank updates
+    move from the GPU to the host."""
+    offload_fraction: float = 1.0
+    """With offload: the share of the optimizer state (by elements) held and updated on the host; the rest
+    stays on the GPU and is updated there (Deep Optimizer States' split)."""
 
     def check(self) -> None:
         super().check()
         self._non_negative("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+        if not 0.0 < self.offload_fraction <= 1.0:
+            raise ValueError(f"optimizer.offload_fraction must lie in (0, 1], got {self.offload_fraction}")
         if self.decay_steps is not None:
             self._positive("decay_steps")
         if not 0.0 <= self.min_lr <= self.lr:

@@ -25,6 +25,7 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
         check_world_size(config, world_size)
     if check_paths:
         _check_paths(config)
+        check_host_memory(config)
 
 
 MAX_MICROBATCHES = 1 << 16
@@ -80,6 +81,11 @@ def check_across_sections(config: Config) -> None:
         raise ValueError(
             f"parallel.pp_size ({p.pp_size}) * parallel.num_model_chunks ({p.num_model_chunks}) "
             f"exceeds model.num_layers ({m.num_layers})"
+        )
+    if p.zero >= 3 and t.compile:
+        # A compiled layer guards on its parameters' storage, which ZeRO-3 frees and refills every use.
+        raise ValueError(
+            "parallel.zero = 3 cannot be combined with training.compile = true; use zero 2 or no compile"
         )
     try:
         check_schedule_args(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
@@ -151,6 +157,61 @@ def check_context_parallel(config: Config) -> None:
             f"training.attention_backend = {t.attention_backend!r} cannot run context parallelism "
             f"(parallel.cp_size = {cp}): its blocks need the log-sum-exp, which 'flash' (GPU) and 'math' "
             "return; choose 'auto', 'flash' or 'math'"
+        )
+
+
+OFFLOAD_BYTES_PER_PARAMETER = 12
+"""Host memory of optimizer.offload per parameter a rank updates on the host: fp32 master, two moments
+(gradients pass through two fixed staging buffers, threefold.offload)."""
+
+
+def host_memory_available() -> int | None:
+    """Bytes of memory this host can still give (MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def ranks_on_this_host(config: Config) -> int:
+    """How many of the run's ranks share this host: one per GPU (up to the world size), or all on CPU."""
+    import torch  # only when a run is about to start
+
+    if config.training.device != "cpu" and torch.cuda.is_available():
+        return min(config.world_size, torch.cuda.device_count())
+    return config.world_size
+
+
+def offload_host_bytes(config: Config) -> int:
+    """Host bytes optimizer.offload needs per rank: 12 per parameter the rank updates on the host (the
+    largest stage's share, 1/dp of it under ZeRO, offload_fraction of that on the host)."""
+    from threefold.metrics import count_parameters  # metrics imports this package
+
+    p = config.parallel
+    total = count_parameters(config.model, tp_size=p.tp_size)["total"]
+    per_rank = -(-total // p.pp_size) // (p.dp_size if p.zero else 1)
+    return int(OFFLOAD_BYTES_PER_PARAMETER * per_rank * config.optimizer.offload_fraction)
+
+
+def check_host_memory(config: Config) -> None:
+    """optimizer.offload: the ranks on this host must fit their optimizer state in its free memory."""
+    if not config.optimizer.offload:
+        return
+    available = host_memory_available()
+    if available is None:
+        return
+    ranks = ranks_on_this_host(config)
+    per_rank = offload_host_bytes(config)
+    need = per_rank * ranks
+    if need > 0.9 * available:  # the data loader, the staging buffers and the OS need the rest
+        raise ValueError(
+            f"optimizer.offload needs {need / 2**30:.1f} GiB of host memory ({OFFLOAD_BYTES_PER_PARAMETER} "
+            f"bytes x {per_rank // OFFLOAD_BYTES_PER_PARAMETER:,} offloaded parameters per rank x {ranks} "
+            f"ranks on this host), more than 90% of the {available / 2**30:.1f} GiB available; lower "
+            "optimizer.offload_fraction, or raise parallel.dp_size (with parallel.zero), tp_size or pp_size"
         )
 
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
 from functools import partial
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -41,6 +40,14 @@ from threefold.parallel.layers import (
     mark_sequence_parallel,
     shard_of,
 )
+
+
+class UnitHooks(Protocol):
+    """What runs around each unit of a Transformer's forward (see Transformer.set_unit_hooks)."""
+
+    def enter(self, unit: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    def leave(self, unit: int, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def make_norm(cfg: ModelConfig, tp: TPContext) -> nn.Module:
@@ -273,18 +280,32 @@ class Transformer(nn.Module):
             for layer in self.layers.values():
                 layer.compile()  # lazy: traced at the first forward
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._before_use: Callable[[nn.Module], None] | None = None
+        self._unit_hooks: UnitHooks | None = None
 
-    def set_before_use(self, hook: Callable[[nn.Module], None]) -> None:
-        """Have the forward call `hook(submodule)` just before it reads that submodule's parameters: ZeRO
-        waits there for the previous step's parameter all-gather, which so overlaps the forward. Set once,
-        after construction: the hook belongs to the gradient synchronizer built from these parameters."""
-        assert self._before_use is None, "the before-use hook is set once"
-        self._before_use = hook
+    def units(self) -> list[list[nn.Module]]:
+        """The modules each forward step reads, in forward order: the embedding, each layer, the head (final
+        norm and output weight). ZeRO gathers parameters unit by unit (see parallel/zero_params.py)."""
+        units: list[list[nn.Module]] = []
+        if self.has_embedding:
+            units.append([self.embed_tokens] + ([self.embed_positions] if self.cfg.arch == "gpt2" else []))
+        units += [[layer] for layer in self.layers.values()]
+        if self.has_head:
+            units.append([self.norm, self.embed_tokens if self.cfg.tie_embeddings else self.lm_head])
+        return units
 
-    def _ready(self, module: nn.Module) -> None:
-        if self._before_use is not None:
-            self._before_use(module)
+    def set_unit_hooks(self, hooks: UnitHooks) -> None:
+        """Have the forward pass each unit's input through `hooks.enter(unit, x)` and its output through
+        `hooks.leave(unit, x)`: ZeRO waits there for (or gathers, and frees) the unit's parameters. Set
+        once, after construction: the hooks belong to the gradient synchronizer built from these
+        parameters."""
+        assert self._unit_hooks is None, "the unit hooks are set once"
+        self._unit_hooks = hooks
+
+    def _enter(self, unit: int, x: torch.Tensor) -> torch.Tensor:
+        return x if self._unit_hooks is None else self._unit_hooks.enter(unit, x)
+
+    def _leave(self, unit: int, x: torch.Tensor) -> torch.Tensor:
+        return x if self._unit_hooks is None else self._unit_hooks.leave(unit, x)
 
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
@@ -344,12 +365,11 @@ class Transformer(nn.Module):
         (b, s, Vp/t).
         """
         positions = document_positions(doc_ids) if doc_ids is not None and reset_positions else None
+        unit = 0
         if self.has_embedding:
             seq_len = x.shape[1]
-            self._ready(self.embed_tokens)
-            if self.cfg.arch == "gpt2":
-                self._ready(self.embed_positions)
-            x = self.embed(x, positions)
+            x = self._leave(unit, self.embed(self._enter(unit, x), positions))
+            unit += 1
         else:
             seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
         if self.tp.context is not None:
@@ -357,14 +377,18 @@ class Transformer(nn.Module):
         rope = self.rope(seq_len, x.device, positions)
         mask = document_mask(doc_ids) if doc_ids is not None else None  # built once, read by every layer
         for layer in self.layers.values():
-            self._ready(layer)
+            x = self._enter(unit, x)
             if self.tp.recompute == "full" and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rope, mask, use_reentrant=False)  # keep only each layer's input
             else:
                 x = layer(x, rope, mask)
+            x = self._leave(unit, x)
+            unit += 1
         if not self.has_head:
             return x
-        self._ready(self)  # the final norm and the output weight (a no-op once everything has arrived)
+        return self._leave(unit, self._head(self._enter(unit, x), targets))
+
+    def _head(self, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         x = self.tp.enter(self.norm(x))  # (b, s, h)
         if targets is None:
             return F.linear(x, self.output_weight())  # (b, s, Vp/t)

@@ -1,4 +1,4 @@
-"""Data-parallel gradient reduction in buckets, overlapped with the backward pass, optionally ZeRO-1.
+"""Data-parallel gradient reduction in buckets, overlapped with the backward pass, ZeRO stages 0-3.
 
 Every parameter gets a `main_grad`: an fp32 view into a flat bucket buffer. A post-accumulate hook
 moves each fresh `.grad` into `main_grad` (so bf16 training accumulates micro-batches in fp32): the
@@ -29,7 +29,7 @@ from threefold.parallel.layers import num_tp_shards, pad_to_multiple, tp_replica
 
 class _Bucket:
     def __init__(
-        self, params: list[nn.Parameter], device: torch.device, dp_rank: int, dp_size: int, zero: bool
+        self, params: list[nn.Parameter], device: torch.device, dp_rank: int, dp_size: int, zero: int
     ) -> None:
         self.params = params
         numel = sum(p.numel() for p in params)
@@ -52,17 +52,58 @@ class _Bucket:
                 p.data = flat.view_as(p)  # the parameter now lives in the bucket's flat buffer
             self.offsets[p] = offset
             offset += p.numel()
+        self.numel = numel
         shard = padded // dp_size
         self.shard = (dp_rank * shard, (dp_rank + 1) * shard) if zero else (0, padded)
         """The flat range of the buffer this rank reduces and updates (all of it without ZeRO)."""
-        self.num_ready = 0
+        lo, hi = self.shard
+        self.grad_shard: torch.Tensor | None = None
+        """ZeRO-2/3: this rank's reduced part of the gradient, summed over the step's micro-batches."""
+        self.param_shard: torch.Tensor | None = None
+        """ZeRO-3: this rank's part of the parameters, the only copy kept between uses."""
+        if zero >= 2:
+            self.grad_shard = torch.zeros(hi - lo, dtype=torch.float32, device=device)
+            free_storage(self.buffer)  # allocated again by the first gradient of a backward
+        if zero >= 3:
+            assert self.param_buffer is not None
+            self.param_shard = self.param_buffer[lo:hi].clone()
+            free_storage(self.param_buffer)  # gathered again just before each use
+        self.ready: set[nn.Parameter] = set()
+        """Parameters whose gradient arrived since the bucket's last reduction."""
         self.handle: dist.Work | None = None
+        self.reduced_into: torch.Tensor | None = None
+        """ZeRO-2/3: where the reduction in flight writes (grad_shard, or a scratch tensor added to it)."""
+        self.shard_written = False
+        """ZeRO-2/3: grad_shard holds part of this step's gradient (later reductions add to it)."""
         self.gather: dist.Work | None = None
         """The parameter all-gather in flight (ZeRO), waited for before the parameters are used."""
 
 
+def free_storage(t: torch.Tensor) -> None:
+    """Release `t`'s memory while every view of it (a parameter, a main_grad) stays valid to refill."""
+    t.untyped_storage().resize_(0)
+
+
+def ensure_storage(t: torch.Tensor) -> bool:
+    """Give `t` (a whole buffer) its memory back after `free_storage`; True if it had none (contents are
+    then undefined)."""
+    nbytes = t.numel() * t.element_size()
+    if t.untyped_storage().size() == nbytes:
+        return False
+    t.untyped_storage().resize_(nbytes)
+    return True
+
+
 class GradSync:
     """Owns the fp32 gradient buffers of `params` and reduces them over `dp_group`.
+
+    `zero` is the ZeRO stage (0-3; True means 1). Stage 1 is described above. Stage 2 reduce-scatters
+    every bucket as soon as its gradients are complete in each backward (every micro-batch), adds the
+    result into the bucket's fp32 `grad_shard`, and frees the full bucket: between the backward passes
+    each rank holds only its 1/d of the gradient. Stage 3 also keeps only `param_shard`, 1/d of the
+    parameters: `units` (forward order, one list of parameters per layer, see Transformer.units) then
+    become the buckets, and a `ParamGather` (parallel/zero_params.py) all-gathers each unit around its
+    forward and backward.
 
     `solo` parameters get a bucket of their own. With ZeRO a bucket's shard boundaries depend on what
     else is in it, so a parameter whose gradient is also summed across another group (the tied
@@ -75,51 +116,79 @@ class GradSync:
         *,
         dp_group: ProcessGroup,
         bucket_mb: float,
-        zero: bool = False,
+        zero: int = 0,
         solo: list[nn.Parameter] | None = None,
+        units: list[list[nn.Parameter]] | None = None,
     ) -> None:
         self.dp_group = dp_group
         self.dp_size = dist.get_world_size(dp_group)
         self.dp_rank = dist.get_rank(dp_group)
-        self.zero = zero
+        self.zero = int(zero)
+        if not 0 <= self.zero <= 3:
+            raise ValueError(f"the ZeRO stage must be 0, 1, 2 or 3, got {zero}")
         self.sync_this_backward = True
         solo_ids = {id(p) for p in solo or []}
-        # Backward visits layers last-to-first, so fill buckets in reverse registration order.
-        ordered = [p for p in reversed(params) if p.requires_grad]
-        bucket_numel = max(1, int(bucket_mb * 2**20 / 4))
-        groups: list[list[nn.Parameter]] = [[p] for p in ordered if id(p) in solo_ids]
-        groups.append([])
-        size = 0
-        for p in ordered:
-            if id(p) in solo_ids:
-                continue
-            if groups[-1] and size + p.numel() > bucket_numel:
-                groups.append([])
-                size = 0
-            groups[-1].append(p)
-            size += p.numel()
+        trainable = {id(p) for p in params if p.requires_grad}
+        groups: list[list[nn.Parameter]] = [[p] for p in reversed(params) if id(p) in solo_ids & trainable]
+        if self.zero >= 3:
+            # One bucket per unit: what a layer's forward reads is gathered (and freed) together.
+            assert units is not None, "ZeRO-3 gathers parameters by unit"
+            seen = set(solo_ids)
+            for unit in units:
+                group = [p for p in unit if id(p) in trainable and id(p) not in seen]
+                seen |= {id(p) for p in group}
+                if group:
+                    groups.append(group)
+            assert trainable <= seen, "every parameter belongs to a unit"
+            groups.reverse()  # last layer first, as backward produces them
+        else:
+            # Backward visits layers last-to-first, so fill buckets in reverse registration order.
+            groups.append([])
+            bucket_numel = max(1, int(bucket_mb * 2**20 / 4))
+            size = 0
+            for p in reversed(params):
+                if id(p) in solo_ids or id(p) not in trainable:
+                    continue
+                if groups[-1] and size + p.numel() > bucket_numel:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(p)
+                size += p.numel()
+        ordered = [p for g in groups for p in g]
         device = ordered[0].device if ordered else torch.device("cpu")
-        self.buckets = [_Bucket(g, device, self.dp_rank, self.dp_size, zero) for g in groups if g]
+        self.buckets = [_Bucket(g, device, self.dp_rank, self.dp_size, self.zero) for g in groups if g]
         self._bucket_of: dict[nn.Parameter, _Bucket] = {p: b for b in self.buckets for p in b.params}
         self._written: set[nn.Parameter] = set()  # parameters whose main_grad holds this step's gradient
+        self._in_flight: list[_Bucket] = []  # ZeRO-2/3: reductions launched, not yet added to grad_shard
         self._buckets_of_module: dict[int, list[_Bucket]] = {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in ordered]
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
+        bucket = self._bucket_of[param]  # type: ignore[index]
+        if self.zero >= 2:
+            if bucket.reduced_into is not None:  # last micro-batch's reduction still reads the buffer
+                self._in_flight.remove(bucket)
+                self._complete(bucket)
+            if ensure_storage(bucket.buffer):
+                bucket.buffer[bucket.numel :].zero_()  # the padding is reduced too; keep it finite
         if param in self._written:
             param.main_grad.add_(param.grad)  # type: ignore[attr-defined]
         else:
             param.main_grad.copy_(param.grad)  # type: ignore[attr-defined]
             self._written.add(param)  # type: ignore[arg-type]
         param.grad = None  # free the compute-dtype gradient right away
-        if not self.sync_this_backward:
+        # ZeRO-2/3 reduce every micro-batch: the full gradient must not outlive its backward.
+        if not self.sync_this_backward and self.zero < 2:
             return
-        bucket = self._bucket_of[param]  # type: ignore[index]
-        bucket.num_ready += 1
-        if bucket.num_ready == len(bucket.params):
+        bucket.ready.add(param)  # type: ignore[arg-type]
+        if len(bucket.ready) == len(bucket.params):
             self._launch(bucket)
 
     def _launch(self, bucket: _Bucket) -> None:
+        bucket.ready.clear()
+        if self.zero >= 2:
+            self._launch_sharded(bucket)
+            return
         if self.dp_size == 1:
             return
         # Sum of 1/d-scaled gradients = the mean (gloo has no AVG everywhere).
@@ -134,10 +203,44 @@ class GradSync:
             with track.collective(self.dp_group, "all_reduce(grad bucket)"):
                 bucket.handle = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
 
+    def _launch_sharded(self, bucket: _Bucket) -> None:
+        """ZeRO-2/3: reduce-scatter this micro-batch's gradient of the bucket into (or onto) its shard."""
+        assert bucket.grad_shard is not None
+        for p in bucket.params:  # the next micro-batch starts the full buffer afresh
+            self._written.discard(p)
+        out = torch.empty_like(bucket.grad_shard) if bucket.shard_written else bucket.grad_shard
+        bucket.reduced_into = out
+        if self.dp_size == 1:
+            out.copy_(bucket.buffer)
+        else:
+            bucket.buffer.div_(self.dp_size)
+            with track.collective(self.dp_group, "reduce_scatter(grad bucket)"):
+                bucket.handle = reduce_scatter_flat(out, bucket.buffer, group=self.dp_group, async_op=True)
+        self._in_flight.append(bucket)
+        # Keep one reduction in flight behind the backward; the older ones' full buffers can go.
+        while len(self._in_flight) > 1:
+            self._complete(self._in_flight.pop(0))
+
+    def _complete(self, bucket: _Bucket) -> None:
+        """ZeRO-2/3: wait for the bucket's reduction, add it to grad_shard and free the full gradient."""
+        assert bucket.grad_shard is not None and bucket.reduced_into is not None
+        if bucket.handle is not None:
+            with track.waiting_for(self.dp_group, "reduce_scatter(grad bucket)"):
+                bucket.handle.wait()
+            bucket.handle = None
+        if bucket.reduced_into is not bucket.grad_shard:
+            bucket.grad_shard.add_(bucket.reduced_into)
+        bucket.reduced_into = None
+        bucket.shard_written = True
+        free_storage(bucket.buffer)
+
     def finish(self) -> None:
         """Wait for every bucket's reduction (launching any whose hooks did not all fire)."""
+        if self.zero >= 2:
+            self._finish_sharded()
+            return
         for bucket in self.buckets:
-            if self.sync_this_backward and bucket.handle is None and bucket.num_ready < len(bucket.params):
+            if self.sync_this_backward and bucket.handle is None and len(bucket.ready) < len(bucket.params):
                 for p in bucket.params:  # no gradient this step: reduce zeros, not last step's values
                     if p not in self._written:
                         p.main_grad.zero_()  # type: ignore[attr-defined]
@@ -147,17 +250,37 @@ class GradSync:
                 with track.waiting_for(self.dp_group, op):
                     bucket.handle.wait()
                 bucket.handle = None
-            bucket.num_ready = 0
+            bucket.ready.clear()
+
+    def _finish_sharded(self) -> None:
+        for bucket in self.buckets:
+            if any(p in self._written for p in bucket.params):  # a partly complete bucket
+                for p in bucket.params:
+                    if p not in self._written:
+                        p.main_grad.zero_()  # type: ignore[attr-defined]
+                self._launch(bucket)
+        while self._in_flight:
+            self._complete(self._in_flight.pop(0))
+        for bucket in self.buckets:
+            assert bucket.grad_shard is not None
+            if not bucket.shard_written:  # no gradient at all this step
+                bucket.grad_shard.zero_()
+                bucket.shard_written = True
 
     def reset(self) -> None:
         """Start a new step: the next backward overwrites the gradient buffers."""
         self._written.clear()
+        for bucket in self.buckets:
+            bucket.shard_written = False
 
     def owned_ranges(self) -> list[tuple[nn.Parameter, int, int]]:
         """(parameter, start, end): the flat ranges of each parameter this rank updates.
 
         The whole of every parameter without ZeRO; with ZeRO, the parts inside this rank's shards.
         """
+        return [(p, a, b) for p, a, b, _ in self._owned()]
+
+    def _owned(self) -> list[tuple[nn.Parameter, int, int, _Bucket]]:
         ranges = []
         for bucket in self.buckets:
             lo, hi = bucket.shard
@@ -165,16 +288,49 @@ class GradSync:
                 start = bucket.offsets[p]
                 a, b = max(start, lo), min(start + p.numel(), hi)
                 if a < b:
-                    ranges.append((p, a - start, b - start))
+                    ranges.append((p, a - start, b - start, bucket))
         return ranges
 
+    def owned_grads(self) -> list[torch.Tensor]:
+        """The reduced fp32 gradient of each owned range (owned_ranges' order), valid after `finish`."""
+        grads = []
+        for p, a, b, bucket in self._owned():
+            at = bucket.offsets[p] + a
+            if bucket.grad_shard is None:
+                grads.append(bucket.buffer[at : at + b - a])
+            else:
+                lo = bucket.shard[0]
+                grads.append(bucket.grad_shard[at - lo : at - lo + b - a])
+        return grads
+
+    def owned_weights(self) -> list[torch.Tensor]:
+        """This rank's copy of each owned range (owned_ranges' order): what the optimizer updates."""
+        weights = []
+        for p, a, b, bucket in self._owned():
+            if bucket.param_shard is None:
+                weights.append(p.data.view(-1)[a:b])
+            else:
+                at = bucket.offsets[p] + a - bucket.shard[0]
+                weights.append(bucket.param_shard[at : at + b - a])
+        return weights
+
     def gather_params(self) -> None:
-        """ZeRO: start bringing every rank the parameters the others updated (one all-gather per bucket).
+        """ZeRO-1/2: start bringing every rank the parameters the others updated (one all-gather per
+        bucket); ZeRO-3 gathers each unit when it is used instead, and frees here what the update made
+        stale.
 
         The all-gathers run in the background, in forward order (the buckets holding the first layers
         first), so they overlap the next forward pass: `wait_for(module)` blocks only until the buckets
         holding that module's parameters have arrived, and `wait_params()` until all have.
         """
+        if self.zero >= 3:
+            # Whatever is still whole (the embedding after its backward, or everything after `quiesce`)
+            # holds the old values: free it, the next use gathers the updated shards.
+            for bucket in self.buckets:
+                self._wait([bucket])
+                assert bucket.param_buffer is not None
+                free_storage(bucket.param_buffer)
+            return
         if not self.zero or self.dp_size == 1:
             return
         for bucket in reversed(self.buckets):  # buckets are filled last layer first
@@ -197,33 +353,63 @@ class GradSync:
         self._wait(self.buckets)
 
     def quiesce(self) -> None:
-        """Return once no collective of this GradSync still writes into the parameters.
+        """Return once no collective of this GradSync still writes into the parameters, and (ZeRO-3)
+        every parameter is whole, for whatever reads or writes them outside a step (a checkpoint, a test).
 
-        Call between steps, before anything outside the step reads or overwrites the parameters (a
-        checkpoint save or load): every ZeRO parameter all-gather has then landed.
+        Call between steps; ZeRO-3 frees each unit again as the next forward leaves it.
         """
         assert all(b.handle is None for b in self.buckets), "a gradient reduction is in flight"
         self.wait_params()
+        if self.zero >= 3:
+            self.materialize()
+
+    def materialize(self) -> None:
+        """ZeRO-3: gather every bucket's parameters from the shards (synchronously)."""
+        for bucket in self.buckets:
+            self._wait([bucket])
+            gather_bucket(bucket, self.dp_group, async_op=False)
 
     def wait_for(self, module: nn.Module) -> None:
         """Block until the parameters of `module` (and its children) are current."""
+        self._wait(self.buckets_of(module))
+
+    def buckets_of(self, module: nn.Module) -> list[_Bucket]:
+        """The buckets holding any parameter of `module` (and its children)."""
         key = id(module)
         if key not in self._buckets_of_module:
             ids = {id(p) for p in module.parameters()}
             self._buckets_of_module[key] = [b for b in self.buckets if any(id(p) in ids for p in b.params)]
-        self._wait(self._buckets_of_module[key])
+        return self._buckets_of_module[key]
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
 
 
-def all_reduce_tp_replicated_grads(params: list[nn.Parameter], tp_group: ProcessGroup) -> None:
-    """Sum over the TP group the main_grads each TP rank holds only a part of, in one all-reduce:
+def gather_bucket(bucket: _Bucket, dp_group: ProcessGroup, *, async_op: bool) -> dist.Work | None:
+    """ZeRO-3: refill the bucket's full parameter buffer from every rank's `param_shard` (a no-op when
+    it is already whole); returns the all-gather's handle when `async_op`."""
+    assert bucket.param_buffer is not None and bucket.param_shard is not None
+    if not ensure_storage(bucket.param_buffer):
+        return None
+    if dist.get_world_size(dp_group) == 1:
+        bucket.param_buffer.copy_(bucket.param_shard)
+        return None
+    with track.collective(dp_group, "all_gather(parameters)"):
+        return all_gather_flat(bucket.param_buffer, bucket.param_shard, group=dp_group, async_op=async_op)
+
+
+def all_reduce_tp_replicated_grads(
+    grads: list[tuple[nn.Parameter, torch.Tensor]], tp_group: ProcessGroup
+) -> None:
+    """Sum over the TP group the gradients each TP rank holds only a part of, in one all-reduce:
 
     - replicated parameters that only saw a sequence chunk (norms, biases under sequence parallelism);
     - shards replicated over consecutive TP ranks (`tp_replicas` > 1: the key/value projections when
       tp_size exceeds num_kv_heads), each replica having seen only its own query heads.
+
+    `grads` pairs each parameter with the part of its fp32 gradient this rank updates (all of it without
+    ZeRO): the same range on every TP rank, as every TP rank's buckets hold the same shapes.
 
     A replicated shard travels in a buffer with one slot per distinct shard, zero but for this rank's,
     so the sum over the group leaves in each slot the sum over that shard's replicas. This needs no
@@ -234,19 +420,19 @@ def all_reduce_tp_replicated_grads(params: list[nn.Parameter], tp_group: Process
     if tp_size == 1:
         return
     tp_rank = dist.get_rank(tp_group)
-    grads: list[torch.Tensor] = []  # main_grads to sum, each with the slot it occupies (None: all of it)
+    summed: list[torch.Tensor] = []  # gradients to sum, each with the slot it occupies (None: all of it)
     slots: list[tuple[int, int] | None] = []
-    for p in params:
+    for p, g in grads:
         if getattr(p, "sequence_parallel", False):
-            grads.append(p.main_grad)  # type: ignore[attr-defined]
+            summed.append(g)
             slots.append(None)
         elif tp_replicas(p) > 1:
-            grads.append(p.main_grad)  # type: ignore[attr-defined]
+            summed.append(g)
             slots.append((tp_shard_index(p, tp_rank), num_tp_shards(p, tp_size)))
-    if not grads:
+    if not summed:
         return
     pieces = []
-    for g, slot in zip(grads, slots, strict=True):
+    for g, slot in zip(summed, slots, strict=True):
         if slot is None:
             pieces.append(g.reshape(-1))
         else:
@@ -261,4 +447,4 @@ def all_reduce_tp_replicated_grads(params: list[nn.Parameter], tp_group: Process
         t if slot is None else t.view(slot[1], -1)[slot[0]]
         for t, slot in zip(flat.split([p.numel() for p in pieces]), slots, strict=True)
     ]
-    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(sums, grads, strict=True)])
+    torch._foreach_copy_(summed, [t.view_as(g) for t, g in zip(sums, summed, strict=True)])

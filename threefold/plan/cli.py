@@ -46,7 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory-margin", type=float, default=0.05, metavar="F", help="headroom kept free (fraction)"
     )
-    p.add_argument("--no-zero", action="store_true", help="do not consider the distributed optimizer")
+    p.add_argument(
+        "--no-zero",
+        action="store_true",
+        help="do not consider the distributed optimizer (ZeRO) nor optimizer offload",
+    )
     for name in ("tp", "cp", "pp", "dp", "v"):
         p.add_argument(f"--{name}", type=int, help=f"fix {name}")
     p.add_argument("--micro-batch-size", type=int, metavar="B", help="fix the micro-batch size b")

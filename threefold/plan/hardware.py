@@ -71,6 +71,10 @@ class Hardware:
     microseconds: small per-GPU work makes the GPU wait for the host."""
     collective_host_us: float = 60.0
     """Host time to issue one collective through torch.distributed, microseconds."""
+    host_link_gbps: float = 50.0
+    """Copies between pinned host memory and the GPU, one direction (PCIe 5 x16 ~ 50): optimizer offload."""
+    host_adam_gbps: float = 60.0
+    """Host-memory bandwidth a fused CPU AdamW reaches over the node's cores (optimizer offload)."""
 
     def gemm_efficiency(self, flops: float) -> float:
         """Fraction of peak for one matmul of `flops` FLOPs (2 m n k), from the measured curve."""

@@ -34,6 +34,10 @@ class Layout:
     """Sequences per forward/backward b (Config.training.micro_batch_size)."""
     recompute: str = "none"
     """Activation recomputation: 'none', 'selective' or 'full' (Config.training.recompute)."""
+    offload: bool = False
+    """Optimizer state in host memory (Config.optimizer.offload)."""
+    offload_fraction: float = 1.0
+    """The share of it on the host (Config.optimizer.offload_fraction)."""
 
     @property
     def num_gpus(self) -> int:
@@ -63,7 +67,10 @@ class Layout:
             out.append(("parallel", "sequence_parallel", True))
         if p.cp_size > 1:
             out += [("parallel", "cp_size", p.cp_size), ("parallel", "cp_attention", p.cp_attention)]
-        out.append(("parallel", "zero", p.zero))
+        # Stages 0 and 1 as false/true: what configs written before stages 2-3 existed say.
+        out.append(("parallel", "zero", bool(p.zero) if p.zero in (0, 1) else p.zero))
+        if self.offload:
+            out.append(("optimizer", "offload", True))
         return out
 
     def apply(self, config: Config) -> Config:
@@ -96,7 +103,9 @@ class Layout:
         if self.recompute != "none":
             parts.append(f"rc={self.recompute}")
         if p.zero:
-            parts.append("zero")
+            parts.append("zero" if p.zero == 1 else f"zero{p.zero}")
+        if self.offload:
+            parts.append("offload")
         if p.sequence_parallel:
             parts.append("sp")
         return " ".join(parts)
@@ -127,4 +136,10 @@ def from_config(config: Config) -> tuple[Workload, Layout]:
         dtype=t.dtype,
     )
     parallel = dataclasses.replace(config.parallel)  # a copy: the layout must not change with the config
-    return workload, Layout(parallel=parallel, micro_batch_size=t.micro_batch_size, recompute=t.recompute)
+    return workload, Layout(
+        parallel=parallel,
+        micro_batch_size=t.micro_batch_size,
+        recompute=t.recompute,
+        offload=config.optimizer.offload,
+        offload_fraction=config.optimizer.offload_fraction,
+    )

@@ -14,6 +14,12 @@ Static state of rank r (bytes):
     optimizer   12 * P_r   (bf16: fp32 master + two fp32 Adam moments)
                  8 * P_r   (fp32: the parameter is its own master)
                 divided by d under ZeRO-1 (parallel.zero), which shards masters and moments over d
+ZeRO-2 keeps 4 P_r / d of gradients plus the two buckets a backward has in hand (one filling, one
+reducing; dp_bucket_mb each, or a matrix larger than that, one of them the vocabulary's). ZeRO-3 also
+keeps e P_r / d of parameters plus two whole units (the one computing and the one prefetched; a unit is
+a layer, the embedding or the head), and its gradients' two buckets are two units. optimizer.offload
+moves offload_fraction of the optimizer term to the host, where each parameter updated there takes 12
+bytes (fp32 master, two moments; fp32 weights still keep theirs on the GPU): `host`, not in the GPU total.
 
 Activations: what autograd keeps for backward, counted from what threefold.model.transformer saves (tests/
 test_planner.py checks every term against the real tensors, and the per-layer formula is the sum of):
@@ -43,6 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from threefold.config import Config, ModelConfig
+from threefold.config.validate import OFFLOAD_BYTES_PER_PARAMETER
 from threefold.metrics import count_parameters, local_kv_heads, local_vocab_size
 from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
 from threefold.plan.layout import Layout, Workload, from_config
@@ -188,6 +195,8 @@ class RankMemory:
     activations: float
     transient: float
     buffers: float
+    host: float = 0.0
+    """Host (CPU) bytes of this rank's offloaded optimizer state; not in `total`, which is the GPU's."""
 
     @property
     def total(self) -> float:
@@ -236,10 +245,26 @@ def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[
     input_bytes = 0 if _layer_saves_input(m, e, lay.recompute) else e * b * s_ * m.hidden_size
     optimizer_bytes = 12 if e == 2 else 8
     rope_cache = 2 * 4 * max(m.max_seq_len, w.seq_len) * m.head_dim if m.arch == "llama" else 0
+    counts = count_parameters(m, tp_size=par.tp_size)
+    unit = max(counts["per_layer"], counts["input_embedding"], counts["output_weight"] + counts["final_norm"])
+    stage, d = int(par.zero), par.dp_size * par.cp_size  # ZeRO shards over every rank holding the weights
     out = []
     for pp_rank in range(p):
         chunks = chunks_of_rank(pp_rank, p, v)
         params = rank_parameters(w, lay, pp_rank)
+        updated = params / (d if stage else 1)  # what this rank's optimizer updates
+        parameters = e * params if stage < 3 else e * (params / d + min(2 * unit, params))
+        if stage < 2:
+            gradients = 4.0 * params
+        else:
+            # A bucket holds one tensor at least: a matrix larger than dp_bucket_mb makes its own. The two
+            # vocabulary matrices sit at the two ends of the backward, never in hand together.
+            bucket = par.dp_bucket_mb * 2**20 / 4
+            layer_matrix = m.hidden_size * (m.ffn_hidden_size or 0) / par.tp_size
+            in_hand = 2 * unit if stage == 3 else max(bucket, counts["output_weight"], layer_matrix)
+            in_hand += 0 if stage == 3 else max(bucket, layer_matrix)
+            in_hand = min(in_hand, params)
+            gradients = 4.0 * (params / d + in_hand)
         # One chunk-micro-batch, averaged over the rank's chunks (they differ by a layer at most).
         per_chunk = [
             (ranges[c][1] - ranges[c][0]) * per_layer + (input_bytes if c > 0 else 0) for c in chunks
@@ -255,12 +280,13 @@ def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[
         out.append(
             RankMemory(
                 pp_rank=pp_rank,
-                parameters=e * params,
-                gradients=4.0 * params,
-                optimizer=optimizer_bytes * params / (par.dp_size * par.cp_size if par.zero else 1),
+                parameters=parameters,
+                gradients=gradients,
+                optimizer=optimizer_bytes * updated * (1 - lay.offload_fraction if lay.offload else 1),
                 activations=activations,
                 transient=transient,
                 buffers=buffers,
+                host=OFFLOAD_BYTES_PER_PARAMETER * updated * lay.offload_fraction if lay.offload else 0.0,
             )
         )
     return out
@@ -280,3 +306,9 @@ def estimate_memory(config: Config) -> dict[str, float]:
     """
     workload, layout = from_config(config)
     return worst_rank(workload, layout, compiled=config.training.compile).as_dict()
+
+
+def estimate_host_memory(config: Config) -> float:
+    """Host bytes per rank of `config`'s optimizer offload (0 without it), on the most loaded rank."""
+    workload, layout = from_config(config)
+    return worst_rank(workload, layout).host

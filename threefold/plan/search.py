@@ -182,6 +182,22 @@ def _variants(
                 )
 
 
+def _memory_savers(lay: Layout) -> Iterator[Layout]:
+    """`lay` with ZeRO stage 2 or 3 (with data parallelism), or with the optimizer offloaded."""
+    par = lay.parallel
+    if par.dp_size > 1 and par.zero:
+        for stage in (2, 3):
+            yield dataclasses.replace(lay, parallel=dataclasses.replace(par, zero=stage))
+    if par.dp_size == 1 or par.zero:
+        yield dataclasses.replace(lay, offload=True)
+
+
+def _zero_text(lay: Layout) -> str:
+    """The table's zero column: off, on (stage 1), z2, z3; +o with the optimizer offloaded."""
+    stage = int(lay.parallel.zero)
+    return ("off", "on", "z2", "z3")[stage] + ("+o" if lay.offload else "")
+
+
 def _preference(c: Candidate) -> tuple:
     """Fastest first; among equals, less model parallelism, less recomputation, no ZeRO, fewer chunks."""
     lay, par = c.layout, c.layout.parallel
@@ -190,6 +206,7 @@ def _preference(c: Candidate) -> tuple:
         par.tp_size * par.pp_size,
         RECOMPUTE_ORDER.index(lay.recompute),
         par.zero,
+        lay.offload,
         par.num_model_chunks,
         -lay.micro_batch_size,
     )
@@ -212,10 +229,18 @@ def plan(
     ranked: list[Candidate] = []
     too_big: list[Candidate] = []
     g = min(gpus_per_node, num_gpus)
-    for lay in enumerate_layouts(w, num_gpus, fixed=fixed, allow_zero=allow_zero):
+    layouts = list(enumerate_layouts(w, num_gpus, fixed=fixed, allow_zero=allow_zero))
+    for lay in layouts:
         mem = worst_rank(w, lay, compiled=kernels.compiled)
         time = estimate_layout_time(w, lay, hw, gpus_per_node=g, kernels=kernels)
         (too_big if mem.total > capacity else ranked).append(Candidate(lay, mem, time))
+    if not ranked and allow_zero and "zero" not in (fixed or {}):
+        # Nothing fits: the slower memory savers, ZeRO-2/3 and optimizer offload, get their turn.
+        for saver in (saver for lay in layouts for saver in _memory_savers(lay)):
+            mem = worst_rank(w, saver, compiled=kernels.compiled)
+            if mem.total <= capacity:
+                time = estimate_layout_time(w, saver, hw, gpus_per_node=g, kernels=kernels)
+                ranked.append(Candidate(saver, mem, time))
     ranked.sort(key=_preference)
     too_big.sort(key=lambda c: c.memory.total)
     return PlanResult(ranked=ranked, too_big=too_big, capacity_bytes=capacity)
@@ -310,7 +335,7 @@ def format_table(candidates: list[Candidate], hw: Hardware) -> str:
         rows.append(
             f"{i:>2}  {par.tp_size:>2} {par.pp_size:>2} {par.dp_size:>3} {cp}{par.num_model_chunks:>2} "
             f"{lay.micro_batch_size:>2}  {(par.pipeline_schedule if par.pp_size > 1 else '-'):<11} "
-            f"{lay.recompute:<9} {('on' if par.zero else 'off'):<5} {t.tokens_per_s_per_gpu:>12,.0f} "
+            f"{lay.recompute:<9} {_zero_text(lay):<5} {t.tokens_per_s_per_gpu:>12,.0f} "
             f"{t.tflops_per_gpu:>8.1f} {t.mfu:>6.1%} "
             f"{c.memory.total / GIB:>6.1f} {t.bubble_fraction:>7.1%} {t.step:>7.3f}"
         )

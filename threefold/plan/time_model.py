@@ -371,32 +371,52 @@ def boundary_transfer(w: Workload, lay: Layout, hw: Hardware, *, intra_pp: bool)
 
 def data_parallel_tail(
     lay: Layout, hw: Hardware, params: int, *, dtype_bytes: int, backward: float, intra_dp: bool,
-    forward: float = 0.0, overlap: bool = True,
+    forward: float = 0.0, overlap: bool = True, num_microbatches: int = 1,
 ) -> tuple[float, float]:  # fmt: skip
     """(exposed data-parallel communication, optimizer step) seconds per step of a rank holding `params`
     parameters whose last micro-batch's backward takes `backward` seconds (and first forward `forward`:
-    ZeRO's all-gather of the updated parameters hides behind it, layer by layer)."""
-    d, e = lay.parallel.dp_size * lay.parallel.cp_size, dtype_bytes  # every rank holding the same weights
+    ZeRO-1's all-gather of the updated parameters hides behind it, layer by layer).
+
+    ZeRO-2/3 reduce-scatter every micro-batch (the earlier ones hidden behind their backward like the
+    last one's); ZeRO-3 all-gathers the parameters before every forward and backward instead of once
+    after the update, prefetched behind the previous layer's compute (counted as hidden as the reduction
+    is). Offload: the host AdamW (28 bytes per parameter through host memory) pipelined with the copies
+    down and up, the slowest of the three setting the pace.
+    """
+    # every rank holding the same weights
+    d, e, stage = lay.parallel.dp_size * lay.parallel.cp_size, dtype_bytes, int(lay.parallel.zero)
     grads = 4.0 * params
-    if lay.parallel.zero and d > 1:
-        dp_comm = hw.reduce_scatter_time(grads, d, intra_node=intra_dp)
+    if stage and d > 1:
+        rounds = num_microbatches if stage >= 2 else 1
+        dp_comm = rounds * hw.reduce_scatter_time(grads, d, intra_node=intra_dp)
         gather = hw.all_gather_time(e * params, d, intra_node=intra_dp)
+        if stage >= 3:
+            dp_comm += 2 * num_microbatches * gather
+            gather = 0.0
         opt_bytes = 4 * params + (44 + e) * params / d
     else:
         dp_comm = hw.all_reduce_time(grads, d, intra_node=intra_dp)
         gather = 0.0
         opt_bytes = (48 + e) * params if e == 2 else 44 * params
     if not overlap:
-        return dp_comm + gather, hw.memory_time(opt_bytes)
-    last_bucket = hw.all_reduce_time(min(grads, 25 * 2**20), d, intra_node=intra_dp)
-    exposed = max(dp_comm - DP_OVERLAP * backward, min(dp_comm, last_bucket))
-    if gather:
-        first_bucket = hw.all_gather_time(min(e * params, 25 * 2**20), d, intra_node=intra_dp)
-        exposed += max(gather - DP_OVERLAP * forward, min(gather, first_bucket))
-    # A hidden collective still streams its buffers through HBM, slowing the kernels it overlaps.
-    if d > 1:
-        exposed += hw.memory_time(COLLECTIVE_HBM_PASSES * (grads + e * params * bool(gather)))
-    return exposed, hw.memory_time(opt_bytes)
+        exposed = dp_comm + gather
+    else:
+        last_bucket = hw.all_reduce_time(min(grads, 25 * 2**20), d, intra_node=intra_dp)
+        hidden = DP_OVERLAP * backward * (num_microbatches if stage >= 2 else 1)
+        exposed = max(dp_comm - hidden, min(dp_comm, last_bucket))
+        if gather:
+            first_bucket = hw.all_gather_time(min(e * params, 25 * 2**20), d, intra_node=intra_dp)
+            exposed += max(gather - DP_OVERLAP * forward, min(gather, first_bucket))
+        # A hidden collective still streams its buffers through HBM, slowing the kernels it overlaps.
+        if d > 1:
+            exposed += hw.memory_time(COLLECTIVE_HBM_PASSES * (grads + e * params * bool(gather)))
+    optimizer = hw.memory_time(opt_bytes)
+    if lay.offload:
+        on_host = params / (d if stage else 1) * lay.offload_fraction
+        cpu = 28 * on_host / (hw.host_adam_gbps * 1e9)
+        link = 4 * on_host / (hw.host_link_gbps * 1e9)
+        optimizer = optimizer * (1 - lay.offload_fraction) + max(cpu, link)
+    return exposed, optimizer
 
 
 def estimate_layout_time(
@@ -447,6 +467,7 @@ def estimate_layout_time(
                 intra_dp=intra_dp,
                 forward=work.forward,
                 overlap=kernels.dp_overlap,
+                num_microbatches=num_mb,
             )  # fmt: skip
         )
 

@@ -1,0 +1,161 @@
+"""ZeRO stages 2 and 3: every layout reproduces the losses and final weights of one process training the
+same model, alone and with tensor parallelism, pipeline parallelism and full recompute; stage 3 frees
+what it gathers; a checkpoint saved under stage 3 continues identically under stage 0, and back."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from distributed import run_ranks, train_and_gather
+from test_parity import STEPS, _check
+from tiny import tiny_config, wide_model
+
+
+@pytest.fixture(scope="module")
+def config(sonnets_dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("zero")
+
+    def layout(arch: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, **training):
+        return tiny_config(
+            sonnets_dataset, run, tp=tp, pp=pp, dp=dp, zero=zero, model=wide_model(arch),
+            optimizer=dict(warmup_steps=2), training=dict(max_steps=STEPS, seed=7, **training),
+        )  # fmt: skip
+
+    return layout
+
+
+LAYOUTS = [  # arch, tp, pp, dp, zero, recompute
+    ("llama", 1, 1, 2, 2, "none"),
+    ("llama", 1, 1, 2, 3, "none"),
+    ("llama", 1, 1, 4, 3, "none"),
+    ("gpt2", 1, 1, 2, 3, "none"),  # the tied embedding is gathered for the embedding and the head
+    ("llama", 2, 1, 2, 3, "none"),
+    ("llama", 1, 2, 2, 2, "none"),
+    ("gpt2", 1, 2, 2, 3, "none"),  # the tied embedding's gradient summed across stages, in shards
+    ("llama", 1, 1, 2, 3, "full"),
+]
+
+
+@pytest.mark.parametrize(
+    "arch,tp,pp,dp,zero,recompute",
+    LAYOUTS,
+    ids=[f"{a}-tp{t}-pp{p}-dp{d}-zero{z}{'-rc' if r != 'none' else ''}" for a, t, p, d, z, r in LAYOUTS],
+)
+def test_zero_stage_matches_single_process(config, reference, arch, tp, pp, dp, zero, recompute):
+    got = run_ranks(tp * pp * dp, _train_and_merge, config(arch, tp, pp, dp, zero, recompute=recompute))
+    merged = got[0] | {"weights": {k: v for r in got for k, v in r["weights"].items()}}
+    _check(merged, reference(config(arch, recompute=recompute)))
+
+
+def _train_and_merge(rank: int, world: int, config) -> dict:
+    return train_and_gather(rank, world, config)
+
+
+@pytest.mark.parametrize(
+    "before,after",
+    [((1, 1, 2, 1, 3), (1, 1, 1, 1, 0)), ((1, 1, 1, 1, 0), (1, 2, 2, 1, 3))],
+    ids=["zero3-dp2-to-zero0", "zero0-to-zero3-pp2-dp2"],
+)
+def test_checkpoint_moves_between_zero_stages(sonnets_dataset, tmp_path, before, after):
+    """Checkpoints hold whole tensors whatever the stage: a run continues under another stage and layout."""
+    from test_checkpoint import _config, _run
+
+    whole = _run(_config(sonnets_dataset, tmp_path / "a", *before))
+    step_2 = str(tmp_path / "a" / "ckpt" / "step_2")
+    moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=step_2))
+    torch.testing.assert_close(
+        torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0
+    )
+    for name, w in whole["weights"].items():
+        torch.testing.assert_close(moved["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_zero3_resume_is_bit_exact(sonnets_dataset, tmp_path):
+    from test_checkpoint import _config, _run
+
+    whole = _run(_config(sonnets_dataset, tmp_path / "a", 1, 1, 2, 1, 3))
+    resumed = _run(
+        _config(sonnets_dataset, tmp_path / "b", 1, 1, 2, 1, 3, load=str(tmp_path / "a/ckpt/step_2"))
+    )
+    assert resumed["losses"] == whole["losses"][2:]
+    for name, w in whole["weights"].items():
+        assert torch.equal(resumed["weights"][name], w), name
+
+
+@pytest.mark.parametrize(
+    "layout,fraction",
+    [((1, 1, 1, 0), 1.0), ((1, 1, 2, 1), 0.5), ((1, 1, 2, 3), 1.0)],
+    ids=["single-all", "dp2-zero1-half", "dp2-zero3-all"],
+)
+def test_offloaded_optimizer_gives_the_same_weights(config, monkeypatch, layout, fraction):
+    """optimizer.offload: masters and moments in host memory, updated part by part as the gradients
+    arrive (parts of 5,000 elements here, so that there are many), weights written back; on the CPU the
+    same kernels, so the same weights bit for bit, whatever share stays on the device."""
+    import threefold.offload
+
+    monkeypatch.setattr(threefold.offload, "PART_NUMEL", 5000)  # the forked ranks inherit it
+    base = config("llama", *layout)
+    plain = run_ranks(base.world_size, _train_and_merge, base)
+    cfg = replace(base.optimizer, offload=True, offload_fraction=fraction)
+    offloaded = run_ranks(base.world_size, _train_and_merge, replace(base, optimizer=cfg))
+    assert plain[0]["losses"] == offloaded[0]["losses"]
+    for name, w in plain[0]["weights"].items():
+        assert torch.equal(offloaded[0]["weights"][name], w), name
+
+
+def test_offloaded_run_resumes_bit_exact(sonnets_dataset, tmp_path):
+    """A run killed after an offloaded step's checkpoint continues exactly (masters and moments saved
+    from host memory and loaded back there)."""
+    from test_checkpoint import _config, _run
+
+    def offloaded(run, **kw):
+        c = _config(sonnets_dataset, tmp_path / run, 1, 1, 2, 1, 2, **kw)
+        return replace(c, optimizer=replace(c.optimizer, offload=True))
+
+    whole = _run(offloaded("a"))
+    resumed = _run(offloaded("b", load=str(tmp_path / "a/ckpt/step_2")))
+    assert resumed["losses"] == whole["losses"][2:]
+    for name, w in whole["weights"].items():
+        assert torch.equal(resumed["weights"][name], w), name
+
+
+def test_zero_is_a_stage_and_true_still_means_one():
+    from threefold.config import build_config
+
+    def stage(value) -> int:
+        return build_config({"parallel": {"zero": value, "dp_size": 2}}, check_paths=False).parallel.zero
+
+    assert [stage(v) for v in (True, False, 2, 3)] == [1, 0, 2, 3]
+    assert build_config({}, ["--parallel.zero=true"], check_paths=False).parallel.zero == 1
+    assert build_config({}, ["--parallel.zero=3"], check_paths=False).parallel.zero == 3
+    with pytest.raises(ValueError, match=r"parallel.zero must be a ZeRO stage 0, 1, 2 or 3 .* got 4"):
+        stage(4)
+
+
+def test_zero3_with_compile_is_refused():
+    from threefold.config import build_config
+
+    with pytest.raises(ValueError, match=r"parallel.zero = 3 cannot be combined with training.compile"):
+        build_config(
+            {"parallel": {"zero": 3, "dp_size": 2}, "training": {"compile": True}}, check_paths=False
+        )
+
+
+def test_offload_without_enough_host_memory_is_refused(sonnets_dataset, monkeypatch):
+    import importlib
+
+    from threefold.config import build_config
+
+    validate = importlib.import_module(
+        "threefold.config.validate"
+    )  # the package exports a function of that name
+
+    raw = {"model": {"preset": "llama-8b"}, "data": {"path": str(sonnets_dataset), "seq_len": 16},
+           "training": {"device": "cpu"}, "optimizer": {"offload": True}}  # fmt: skip
+    monkeypatch.setattr(validate, "host_memory_available", lambda: 64 * 2**30)
+    with pytest.raises(ValueError, match=r"optimizer.offload needs 89\.\d GiB of host memory .* 64.0 GiB"):
+        build_config(raw)
+    raw["optimizer"]["offload_fraction"] = 0.25  # the rest of the state stays on the GPU
+    assert build_config(raw).optimizer.offload_fraction == 0.25
+    monkeypatch.setattr(validate, "host_memory_available", lambda: 128 * 2**30)
+    assert build_config(raw | {"optimizer": {"offload": True}}).optimizer.offload
