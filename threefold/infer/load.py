@@ -99,12 +99,3 @@ def load_checkpoint_weights(model: Transformer, path: Path) -> None:
         raise ValueError(f"checkpoint {str(path)!r} lacks tensors {missing[:5]}")
     verify_files(path, manifest, {e["file"] for n in names for e in manifest["tensors"][n]})
     load_weights(model, ShardReader(path, manifest).full)
-
-
-def find_tokenizer(path: Path) -> Path | None:
-    """The tokenizer.json that travels with a checkpoint: in its directory, or in the run's checkpoint
-    directory above a step directory; None when there is none."""
-    for where in (path, path.parent):
-        if (where / "tokenizer.json").is_file():
-            return where / "tokenizer.json"
-    return None
