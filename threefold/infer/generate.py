@@ -74,9 +74,13 @@ class _Stages:
 
 class _GraphedStep:
     """The decode step captured in a CUDA graph at its first call and replayed after: its inputs are
-    copied into static buffers, the cache is written in place, the logits come back in a static buffer."""
+    copied into static buffers, the cache is written in place, the logits come back in a static buffer.
+    `compiled`: the step is torch.compile'd first, which fuses its element-wise kernels (norms, RoPE)."""
 
-    def __init__(self) -> None:
+    def __init__(self, compiled: bool) -> None:
+        self.step: Callable[..., torch.Tensor] = forward_step
+        if compiled:
+            self.step = torch.compile(forward_step, dynamic=False)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.out: torch.Tensor | None = None
@@ -94,12 +98,12 @@ class _GraphedStep:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up (lazy initializations) off the capture
-                for _ in range(2):
-                    forward_step(model, *self.inputs[:1], cache, *self.inputs[1:])
+                for _ in range(3):
+                    self.step(model, self.inputs[0], cache, self.inputs[1], self.inputs[2])
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out = forward_step(model, self.inputs[0], cache, self.inputs[1], self.inputs[2])
+                self.out = self.step(model, self.inputs[0], cache, self.inputs[1], self.inputs[2])
         assert self.inputs is not None and self.out is not None
         for buffer, value in zip(self.inputs, (x, slots, positions), strict=True):
             buffer.copy_(value)
@@ -145,12 +149,14 @@ def generate(
     pad_id: int = 0,
     mesh: Mesh | None = None,
     cuda_graph: bool = False,
+    compiled: bool = False,
 ) -> Generation:
     """Continue each prompt (token ids) with up to params.max_new_tokens tokens, stopping a row at EOS.
 
     Run it on every rank of the model's pipeline and TP groups alike (same prompts, same params); every
     rank returns the same Generation. `mesh` is needed with pp_size > 1 only. New tokens stop where the
-    model's context (model.max_seq_len) ends."""
+    model's context (model.max_seq_len) ends. `cuda_graph` (CUDA, one stage): replay the decode step as a
+    CUDA graph, torch.compile'd first when `compiled`."""
     params.check()
     cfg = model.cfg
     check_prompts(prompts, cfg.max_seq_len)
@@ -171,7 +177,7 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(params.seed)
     decode_step: Callable[..., torch.Tensor] = forward_step
     if cuda_graph and device.type == "cuda" and (mesh is None or mesh.pp_size == 1):
-        decode_step = _GraphedStep()
+        decode_step = _GraphedStep(compiled)
 
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (b, L): each row counts its own tokens
     logits = stages.run(ids, torch.arange(length, device=device), positions, forward_step)
