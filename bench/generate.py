@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from threefold.config import ModelConfig
-from threefold.infer.generate import generate
+from threefold.infer.generate import Decoder, generate
 from threefold.infer.load import build_stage
 from threefold.infer.sampling import SamplingParams
 from threefold.parallel.mesh import build_mesh
@@ -49,13 +49,14 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / seconds
 
 
-def ours(cfg: ModelConfig, prompts: list[list[int]], new: int, *, compiled: bool, cuda_graph: bool) -> float:
-    mesh = build_mesh(1, 1, 1)
-    model = build_stage(cfg, mesh, device="cuda", dtype=torch.bfloat16).eval()
+def ours(
+    model: torch.nn.Module, prompts: list[list[int]], new: int, *, compiled: bool, cuda_graph: bool
+) -> float:
     params = SamplingParams(max_new_tokens=new, temperature=0.0)
-    out = generate(model, prompts, params, cuda_graph=cuda_graph, compiled=compiled)
+    decoder = Decoder(cuda_graph=cuda_graph, compiled=compiled)  # keeps the cache and graph across calls
+    out = generate(model, prompts, params, decoder=decoder)
     assert all(len(t) == new for t in out.tokens)
-    seconds = timed(lambda: generate(model, prompts, params, cuda_graph=cuda_graph, compiled=compiled), 3)
+    seconds = timed(lambda: generate(model, prompts, params, decoder=decoder), 3)
     return len(prompts) * new / seconds
 
 
@@ -93,9 +94,8 @@ def main() -> None:
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
     torch.cuda.set_device(0)
     cfg = ModelConfig(**MODEL_PRESETS["llama-1b"])
-    weight_bytes = 2 * sum(
-        p.numel() for p in build_stage(cfg, build_mesh(1, 1, 1), device="meta").parameters()
-    )
+    model = build_stage(cfg, build_mesh(1, 1, 1), device="cuda", dtype=torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth()
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}; weights {weight_bytes / 1e9:.2f} GB bf16"
@@ -115,9 +115,9 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(0, cfg.vocab_size, (batch, PROMPT_LEN), generator=gen).tolist()
         row = {"batch": batch}
-        row["threefold eager"] = ours(cfg, prompts, args.new, compiled=False, cuda_graph=False)
-        row["threefold CUDA graph"] = ours(cfg, prompts, args.new, compiled=False, cuda_graph=True)
-        row["threefold compile+graph"] = ours(cfg, prompts, args.new, compiled=True, cuda_graph=True)
+        row["threefold eager"] = ours(model, prompts, args.new, compiled=False, cuda_graph=False)
+        row["threefold CUDA graph"] = ours(model, prompts, args.new, compiled=False, cuda_graph=True)
+        row["threefold compile+graph"] = ours(model, prompts, args.new, compiled=True, cuda_graph=True)
         if have_hf:
             row["HF dynamic cache"] = theirs(cfg, prompts, args.new, static=False)
             try:

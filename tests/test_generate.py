@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from distributed import run_ranks
 
-from threefold.infer.generate import generate
+from threefold.infer.generate import Decoder, generate
 from threefold.infer.load import build_stage, load_weights
 from threefold.infer.sampling import SamplingParams, choose
 from threefold.model.hf import from_hf_state_dict, model_config_from_hf
@@ -147,3 +147,22 @@ def _too_long(rank: int, world: int, hf_cfg: dict, hf_state: dict):
 def test_prompt_longer_than_the_context_is_rejected():
     hf_cfg, hf_state, _, _ = _reference("llama")
     run_ranks(1, _too_long, hf_cfg, hf_state)
+
+
+def _reuse(rank: int, world: int, hf_cfg: dict, hf_state: dict):
+    cfg = model_config_from_hf(hf_cfg)
+    model = build_stage(cfg, build_mesh(1, 1, 1))
+    load_weights(model, from_hf_state_dict(cfg, hf_state).__getitem__)
+    decoder = Decoder()
+    first = generate(model, PROMPTS, GREEDY, decoder=decoder)
+    cache = decoder.prepare(model, len(PROMPTS), 9 + NEW_TOKENS, None)
+    reordered = generate(model, PROMPTS[::-1], GREEDY, decoder=decoder)  # the same cache, stale contents
+    assert decoder.prepare(model, len(PROMPTS), 9 + NEW_TOKENS, None) is cache
+    return first, reordered, generate(model, PROMPTS[::-1], GREEDY)
+
+
+def test_a_decoder_reuses_its_cache_across_calls():
+    hf_cfg, hf_state, tokens, _ = _reference("gpt2")
+    first, reordered, fresh = run_ranks(1, _reuse, hf_cfg, hf_state)[0]
+    assert first.tokens == tokens
+    assert reordered.tokens == fresh.tokens == tokens[::-1]

@@ -56,7 +56,9 @@ def register(sub: Any) -> None:
     )
     gen.add_argument("--json", action="store_true", help="print one JSON line per prompt")
     gen.add_argument(
-        "--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA, pp 1)"
+        "--cuda-graph",
+        action="store_true",
+        help="compile the decode step and replay it as a CUDA graph (CUDA, pp 1)",
     )
     _add_nproc(gen)
 
@@ -160,10 +162,11 @@ def _generate_body(
     config: Config, mesh: Mesh, device: torch.device, faults: FaultPlan | None, *, path: Path,
     prompts: list[list[int]], texts: list[str], params: Any, codec: Any, as_json: bool, cuda_graph: bool,
 ) -> int:  # fmt: skip
-    from threefold.infer.generate import generate
+    from threefold.infer.generate import Decoder, generate
 
     model = _load_stage(config, mesh, device, path)
-    out = generate(model, prompts, params, eos_id=codec.eos_id(), mesh=mesh, cuda_graph=cuda_graph)
+    decoder = Decoder(cuda_graph=cuda_graph, compiled=cuda_graph)
+    out = generate(model, prompts, params, eos_id=codec.eos_id(), mesh=mesh, decoder=decoder)
     if mesh.rank != 0:
         return 0
     for text, tokens, logprobs in zip(texts, out.tokens, out.logprobs, strict=True):

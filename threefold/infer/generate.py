@@ -7,9 +7,10 @@ chooses the tokens and broadcasts them back along the pipeline, where the first 
 TP rank of the last stage holds the same gathered logits and the same seeded generator, so they choose
 the same tokens without talking.
 
-On CUDA with one stage, `cuda_graph` captures the decode step once (its shapes never change) and
-replays it, which removes the launch cost of its many small kernels: at batch 1 decoding is otherwise
-bound by launches, not by reading the weights.
+On CUDA with one stage, a `Decoder(cuda_graph=True)` captures the decode step once (its shapes never
+change) and replays it, which removes the launch cost of its many small kernels: at batch 1 decoding is
+otherwise bound by launches, not by reading the weights. The Decoder keeps the cache and the captured
+graph for the next call of the same batch size and length.
 """
 
 from __future__ import annotations
@@ -111,6 +112,42 @@ class _GraphedStep:
         return self.out.clone()
 
 
+class Decoder:
+    """How the decode step runs, and what it keeps between generate calls: the KV cache and the captured
+    CUDA graph, reused by the next call with the same batch size and cache length."""
+
+    def __init__(self, *, cuda_graph: bool = False, compiled: bool = False) -> None:
+        """`cuda_graph` (CUDA, one pipeline stage): replay the decode step as a CUDA graph; `compiled`:
+        torch.compile it first."""
+        self.cuda_graph, self.compiled = cuda_graph, compiled
+        self._key: tuple[int, ...] | None = None
+        self._cache: KVCache | None = None
+        self._step: Callable[..., torch.Tensor] = forward_step
+
+    def prepare(self, model: Transformer, batch_size: int, max_len: int, mesh: Mesh | None) -> KVCache:
+        """A cleared cache for this call; the one of the last call when the shapes match."""
+        key = (id(model), batch_size, max_len)
+        if self._cache is not None and self._key == key:
+            self._cache.valid.zero_()
+            return self._cache
+        cfg = model.cfg
+        param = next(model.parameters())
+        block = next(iter(model.layers.values()))
+        assert isinstance(block, Block)
+        self._cache = KVCache(
+            [int(i) for i in model.layers], batch_size=batch_size,
+            num_kv_heads=block.self_attn.num_local_kv_heads, max_len=max_len, head_dim=cfg.head_dim,
+            dtype=param.dtype, device=param.device,
+        )  # fmt: skip
+        self._key = key
+        graphable = param.device.type == "cuda" and (mesh is None or mesh.pp_size == 1)
+        self._step = _GraphedStep(self.compiled) if self.cuda_graph and graphable else forward_step
+        return self._cache
+
+    def step(self) -> Callable[..., torch.Tensor]:
+        return self._step
+
+
 def left_pad(
     prompts: list[list[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,36 +185,27 @@ def generate(
     eos_id: int | None = None,
     pad_id: int = 0,
     mesh: Mesh | None = None,
-    cuda_graph: bool = False,
-    compiled: bool = False,
+    decoder: Decoder | None = None,
 ) -> Generation:
     """Continue each prompt (token ids) with up to params.max_new_tokens tokens, stopping a row at EOS.
 
     Run it on every rank of the model's pipeline and TP groups alike (same prompts, same params); every
     rank returns the same Generation. `mesh` is needed with pp_size > 1 only. New tokens stop where the
-    model's context (model.max_seq_len) ends. `cuda_graph` (CUDA, one stage): replay the decode step as a
-    CUDA graph, torch.compile'd first when `compiled`."""
+    model's context (model.max_seq_len) ends. `decoder`: how decode steps run (default: eagerly), and the
+    state it keeps for the next call."""
     params.check()
     cfg = model.cfg
     check_prompts(prompts, cfg.max_seq_len)
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     ids, valid = left_pad(prompts, pad_id, device)
     b, length = ids.shape
     new = min(params.max_new_tokens, cfg.max_seq_len - length)
-    first_block = next(iter(model.layers.values()))
-    assert isinstance(first_block, Block)
-    attn = first_block.self_attn
-    cache = KVCache(
-        [int(i) for i in model.layers], batch_size=b, num_kv_heads=attn.num_local_kv_heads,
-        max_len=length + new, head_dim=cfg.head_dim, dtype=dtype, device=device,
-    )  # fmt: skip
+    decoder = decoder or Decoder()
+    cache = decoder.prepare(model, b, length + new, mesh)
     cache.valid[:, :length] = valid
     stages = _Stages(model, cache, mesh)
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    decode_step: Callable[..., torch.Tensor] = forward_step
-    if cuda_graph and device.type == "cuda" and (mesh is None or mesh.pp_size == 1):
-        decode_step = _GraphedStep(compiled)
+    decode_step = decoder.step()
 
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (b, L): each row counts its own tokens
     logits = stages.run(ids, torch.arange(length, device=device), positions, forward_step)

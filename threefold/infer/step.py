@@ -36,9 +36,14 @@ def _attention(
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     cache.write(layer, slots, k, v)
     keys, values = cache.keys[layer], cache.values[layer]  # (b, k_, T, d)
-    group_size = attn.num_local_heads // attn.num_local_kv_heads
-    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=group_size > 1)
-    y = y.transpose(1, 2).reshape(b, s, attn.num_local_heads * d)  # (b, s, a/t d)
+    kv_heads = attn.num_local_kv_heads
+    group_size = attn.num_local_heads // kv_heads
+    # Query head j reads kv head j // group_size: fold each group's queries into the query axis,
+    # (b, k_, g s, d), so every kernel reads the shared keys in place instead of copies of the cache.
+    q = q.reshape(b, kv_heads, group_size * s, d)
+    mask = mask.unsqueeze(2).expand(b, 1, group_size, s, mask.shape[-1]).reshape(b, 1, group_size * s, -1)
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, k_, g s, d)
+    y = y.view(b, attn.num_local_heads, s, d).transpose(1, 2).reshape(b, s, attn.num_local_heads * d)
     return attn.o_proj(y)  # all-reduced over TP: (b, s, h)
 
 
