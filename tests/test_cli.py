@@ -16,7 +16,8 @@ from threefold.commands.args import load_run_config, split_overrides
 from threefold.commands.toml_writer import toml_value
 from threefold.config import describe_fields, load_config
 
-COMMANDS = ["train", "bench", "data", "config", "schedule", "plan", "import-hf", "export-hf", "checkpoint"]
+COMMANDS = ["train", "bench", "data", "config", "schedule", "plan", "import-hf", "export-hf", "checkpoint",
+            "generate", "eval"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -231,6 +232,11 @@ def test_bare_threefold_prints_help_and_launches_nothing(capsys, monkeypatch, tm
         (["import-hf"], ["hf_dir", "out_dir"]),
         (["export-hf"], ["checkpoint", "out_dir", "--dtype", "--max-shard-gb"]),
         (["checkpoint", "convert"], ["src", "dst"]),
+        (
+            ["generate"],
+            ["checkpoint", "--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-p"],
+        ),
+        (["eval"], ["checkpoint", "--data", "--split", "--seq-len", "--batches", "--json"]),
         (["data"], ["prepare"]),
         (["checkpoint"], ["convert"]),
     ],

