@@ -167,8 +167,9 @@ def test_generate_refuses_bad_input(imported, capsys, args, message):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_generate_needs_a_tokenizer_and_a_checkpoint(imported, tmp_path, capsys):
+def test_generate_needs_a_tokenizer_and_a_checkpoint(imported, tmp_path, capsys, monkeypatch):
     _, ckpt, _ = imported
+    monkeypatch.chdir(tmp_path)  # the import's relative data.path (data/shakespeare) must not exist here
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("manifest.json", "rank00000.safetensors"):
