@@ -21,9 +21,17 @@ from threefold.parallel import track
 from threefold.parallel.data_parallel import GradSync, all_reduce_tp_replicated_grads
 from threefold.parallel.layers import TPContext
 from threefold.parallel.mesh import Mesh
+from threefold.parallel.weight_grad import WeightGradQueue
 from threefold.pipeline.executor import Batch, PipelineExecutor, connect_neighbours
 from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
-from threefold.pipeline.schedules import Action, add_communication, build_schedule, forward_only
+from threefold.pipeline.schedules import (
+    SPLIT_BACKWARD,
+    V_SHAPED,
+    Action,
+    add_communication,
+    build_schedule,
+    forward_only,
+)
 from threefold.reliability.control import ControlChannel, StopRequest
 from threefold.reliability.faults import FaultPlan
 from threefold.reliability.runguard import RunGuard, check_data, hold_run_directories, resume, rollback
@@ -69,7 +77,13 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     num_virtual_stages = len(ranges)
     if device.type == "cuda":
         use_attention_backend(t.attention_backend)
-    tp = TPContext(mesh.tp_group, p.sequence_parallel, recompute=t.recompute, overlap_comm=p.overlap_tp_comm)
+    tp = TPContext(
+        mesh.tp_group,
+        p.sequence_parallel,
+        recompute=t.recompute,
+        overlap_comm=p.overlap_tp_comm,
+        weight_grads=WeightGradQueue() if p.pipeline_schedule in SPLIT_BACKWARD else None,
+    )
     chunks = {
         c: build_model(
             config.model,
@@ -83,7 +97,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
             has_head=c == num_virtual_stages - 1,
             compiled=t.compile,
         )
-        for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks)
+        for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks, p.pipeline_schedule in V_SHAPED)
     }
     tied_across_stages = config.model.tie_embeddings and p.pp_size > 1
     grad_syncs = {
@@ -212,8 +226,9 @@ def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
     mesh, p = trainer.mesh, trainer.config.parallel
     for chunk in trainer.chunks.values():
         chunk.eval()
-    steps = forward_only(mesh.pp_rank, p.pp_size, p.num_model_chunks, len(batches))
-    actions = add_communication(steps, mesh.pp_rank, p.pp_size, p.num_model_chunks)
+    v_shape = p.pipeline_schedule in V_SHAPED
+    steps = forward_only(mesh.pp_rank, p.pp_size, p.num_model_chunks, len(batches), v_shape)
+    actions = add_communication(steps, mesh.pp_rank, p.pp_size, p.num_model_chunks, v_shape)
     total = trainer.executor.run(actions, batches, loss_scale=1.0, train=False)
     for chunk in trainer.chunks.values():
         chunk.train()

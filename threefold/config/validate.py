@@ -77,6 +77,12 @@ def check_across_sections(config: Config) -> None:
             f"parallel.pp_size ({p.pp_size}) * parallel.num_model_chunks ({p.num_model_chunks}) "
             f"exceeds model.num_layers ({m.num_layers})"
         )
+    if p.pipeline_schedule == "zb-v" and m.tie_embeddings and p.pp_size > 1:
+        raise ValueError(
+            f"parallel.pipeline_schedule = 'zb-v' places the embedding and the output layer on the same rank "
+            f"(pp_size = {p.pp_size}), which does not support model.tie_embeddings = true yet; use zb-h1 "
+            "or untie the embeddings"
+        )
     try:
         check_schedule_args(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     except ValueError as e:

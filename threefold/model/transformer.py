@@ -114,11 +114,23 @@ class Attention(nn.Module):
         bias = cfg.arch == "gpt2"
         qkv_bias = bias or cfg.attention_bias  # Qwen2 biases q, k, v but not o
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = ColumnParallelLinear(h, cfg.num_heads * d, tp_group=tp.group, bias=qkv_bias)
-        self.k_proj = ColumnParallelLinear(h, kv * d, tp_group=tp.group, bias=qkv_bias, replicas=kv_replicas)
-        self.v_proj = ColumnParallelLinear(h, kv * d, tp_group=tp.group, bias=qkv_bias, replicas=kv_replicas)
+        defer = tp.weight_grads  # zero-bubble schedules compute the weight gradients later
+        self.q_proj = ColumnParallelLinear(
+            h, cfg.num_heads * d, tp_group=tp.group, bias=qkv_bias, weight_grads=defer
+        )
+        self.k_proj = ColumnParallelLinear(
+            h, kv * d, tp_group=tp.group, bias=qkv_bias, replicas=kv_replicas, weight_grads=defer
+        )
+        self.v_proj = ColumnParallelLinear(
+            h, kv * d, tp_group=tp.group, bias=qkv_bias, replicas=kv_replicas, weight_grads=defer
+        )
         self.o_proj = RowParallelLinear(
-            cfg.num_heads * d, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel
+            cfg.num_heads * d,
+            h,
+            tp_group=tp.group,
+            bias=bias,
+            sequence_parallel=tp.sequence_parallel,
+            weight_grads=defer,
         )
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -175,11 +187,12 @@ class MLP(nn.Module):
         bias = cfg.arch == "gpt2"
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
         assert f is not None  # filled in by ModelConfig.__post_init__
+        defer = tp.weight_grads
         if self.gated:
-            self.gate_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias)
-        self.up_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias)
+            self.gate_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias, weight_grads=defer)
+        self.up_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias, weight_grads=defer)
         self.down_proj = RowParallelLinear(
-            f, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel
+            f, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel, weight_grads=defer
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

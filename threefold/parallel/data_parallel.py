@@ -106,6 +106,8 @@ class GradSync:
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in ordered]
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if param.grad is None:
+            return  # a weight gradient a zero-bubble B put off: the W brings it (parallel.weight_grad)
         if param in self._written:
             param.main_grad.add_(param.grad)  # type: ignore[attr-defined]
         else:

@@ -23,6 +23,7 @@ switches from it, so a new option is added here and where it is read, not to eve
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from threefold.parallel.comm import (
     reduce_from_tp,
     reduce_scatter_to_sequence,
 )
+from threefold.parallel.weight_grad import WeightGradQueue, accumulate, linear, weight_grads
 
 
 def mark_sharded(param: nn.Parameter, tp_dim: int, full_size: int, replicas: int = 1) -> nn.Parameter:
@@ -124,8 +126,11 @@ class ColumnParallelLinear(nn.Module):
         bias: bool,
         pad_output: bool = False,
         replicas: int = 1,
+        weight_grads: WeightGradQueue | None = None,
     ) -> None:
+        """`weight_grads`: the queue that defers this layer's weight gradient (zero-bubble schedules)."""
         super().__init__()
+        self.weight_grads = weight_grads
         tp_size = dist.get_world_size(tp_group)
         if tp_size % replicas:
             raise ValueError(f"replicas ({replicas}) must divide tp_size ({tp_size})")
@@ -141,7 +146,7 @@ class ColumnParallelLinear(nn.Module):
             self.bias = mark_sharded(nn.Parameter(torch.empty(local)), 0, out_features, replicas)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) -> (b, s, out/t)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.weight_grads)
 
 
 class _ColumnParallelProjections(torch.autograd.Function):
@@ -151,13 +156,18 @@ class _ColumnParallelProjections(torch.autograd.Function):
     The input gradient is a partial sum on each TP rank. Megatron's f operator all-reduces it after the
     projections' backward, which leaves the GEMM units idle during the reduction. Here the backward
     computes the input gradient first, starts its all-reduce, computes the weight gradients while it runs,
-    and only then waits.
+    and only then waits. While `queue` captures, the weight gradients are deferred instead (the W of a
+    zero-bubble schedule fills pipeline idle time, which is worth more than this overlap).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, *params: Any) -> Any:
+    def forward(
+        ctx: Any, x: torch.Tensor, group: ProcessGroup, queue: WeightGradQueue | None, *params: Any
+    ) -> Any:
         weights, biases = params[0::2], params[1::2]
         ctx.group = group
+        ctx.queue = queue
+        ctx.params = params
         ctx.set_materialize_grads(False)  # an output left out of the loss costs no GEMMs in backward
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x, *weights)
@@ -176,6 +186,11 @@ class _ColumnParallelProjections(torch.autograd.Function):
         assert grad_input is not None
         with track.collective(ctx.group, "all_reduce"):
             reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", ctx.group.group_name)
+        if ctx.queue is not None and ctx.queue.capturing:
+            ctx.queue.defer(_deferred_projection_grads(x, grads, ctx.params))
+            with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
+                reduced = torch.ops._c10d_functional.wait_tensor(reduced)
+            return (reduced.view(x.shape), None, None, *([None] * len(ctx.params)))
         # The weight gradients run while the all-reduce is in flight.
         flat_input = x.reshape(-1, h)
         param_grads: list[torch.Tensor | None] = []
@@ -186,7 +201,23 @@ class _ColumnParallelProjections(torch.autograd.Function):
                 param_grads += [g.t().mm(flat_input), g.sum(0) if has_bias else None]  # (out/t, h), (out/t,)
         with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
             reduced = torch.ops._c10d_functional.wait_tensor(reduced)
-        return (reduced.view(x.shape), None, *param_grads)
+        return (reduced.view(x.shape), None, None, *param_grads)
+
+
+def _deferred_projection_grads(
+    x: torch.Tensor, grads: tuple[torch.Tensor | None, ...], params: tuple[Any, ...]
+) -> Callable[[], None]:
+    """The weight-gradient work of the projections' backward, for a WeightGradQueue."""
+
+    def work() -> None:
+        targets, values = [], []
+        for g, weight, bias in zip(grads, params[0::2], params[1::2], strict=True):
+            if g is not None:
+                targets += [weight] if bias is None else [weight, bias]
+                values += weight_grads(x, g, bias is not None)
+        accumulate(targets, values)
+
+    return work
 
 
 @torch.compiler.disable
@@ -201,7 +232,7 @@ def column_parallel_projections(
     params: list[torch.Tensor | None] = []
     for layer in layers:
         params += [layer.weight, layer.bias]
-    return list(_ColumnParallelProjections.apply(x, group, *params))
+    return list(_ColumnParallelProjections.apply(x, group, layers[0].weight_grads, *params))
 
 
 class RowParallelLinear(nn.Module):
@@ -219,8 +250,11 @@ class RowParallelLinear(nn.Module):
         tp_group: ProcessGroup,
         bias: bool,
         sequence_parallel: bool,
+        weight_grads: WeightGradQueue | None = None,
     ) -> None:
+        """`weight_grads`: the queue that defers this layer's weight gradient (zero-bubble schedules)."""
         super().__init__()
+        self.weight_grads = weight_grads
         tp_size = dist.get_world_size(tp_group)
         if in_features % tp_size:
             raise ValueError(f"tp_size ({tp_size}) must divide the input features ({in_features})")
@@ -234,7 +268,7 @@ class RowParallelLinear(nn.Module):
             self.bias = mark_sequence_parallel(nn.Parameter(torch.empty(out_features)), sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/t) -> (b, s, out) or (b, s/t, out)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, None, self.weight_grads)
         y = (
             reduce_scatter_to_sequence(y, self.tp_group)
             if self.sequence_parallel
@@ -301,6 +335,9 @@ class TPContext:
     overlap_comm: bool = True
     """All-reduce column-parallel input gradients during the weight gradients (without sequence
     parallelism)."""
+    weight_grads: WeightGradQueue | None = None
+    """Set when the pipeline schedule splits the backward (zero-bubble): the linear layers then defer their
+    weight gradients to the schedule's W actions (threefold.parallel.weight_grad)."""
     size: int = field(init=False)
     """tp_size, read from the group."""
     rank: int = field(init=False)
