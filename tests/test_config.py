@@ -307,7 +307,7 @@ def test_non_finite_float(key, value):
         (
             "--parallel.pipeline_schedule=zigzag",
             r"^parallel\.pipeline_schedule 'zigzag' is unknown; "
-            r"choose one of \('gpipe', '1f1b', 'interleaved'\)$",
+            r"choose one of \('gpipe', '1f1b', 'interleaved', 'zb-h1', 'zb-v'\)$",
         ),
     ],
 )

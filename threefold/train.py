@@ -22,10 +22,18 @@ from threefold.parallel.context import ContextParallel, split_sequence
 from threefold.parallel.data_parallel import GradSync, all_reduce_tp_replicated_grads
 from threefold.parallel.layers import TPContext
 from threefold.parallel.mesh import Mesh
+from threefold.parallel.weight_grad import WeightGradQueue
 from threefold.parallel.zero_params import ParamGather, WaitForGather
 from threefold.pipeline.executor import Batch, PipelineExecutor, connect_neighbours
 from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
-from threefold.pipeline.schedules import Action, add_communication, build_schedule, forward_only
+from threefold.pipeline.schedules import (
+    SPLIT_BACKWARD,
+    V_SHAPED,
+    Action,
+    add_communication,
+    build_schedule,
+    forward_only,
+)
 from threefold.reliability.control import ControlChannel, StopRequest
 from threefold.reliability.faults import FaultPlan
 from threefold.reliability.runguard import RunGuard, check_data, hold_run_directories, resume, rollback
@@ -80,6 +88,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         overlap_comm=p.overlap_tp_comm,
         fp8=t.fp8 or None,
         context=ContextParallel(mesh.cp_group, p.cp_attention) if mesh.cp_size > 1 else None,
+        weight_grads=WeightGradQueue() if p.pipeline_schedule in SPLIT_BACKWARD else None,
     )
     chunks = {
         c: build_model(
@@ -94,7 +103,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
             has_head=c == num_virtual_stages - 1,
             compiled=t.compile,
         )
-        for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks)
+        for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks, p.pipeline_schedule in V_SHAPED)
     }
     tied_across_stages = config.model.tie_embeddings and p.pp_size > 1
     grad_syncs = {
@@ -280,8 +289,9 @@ def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
     mesh, p = trainer.mesh, trainer.config.parallel
     for chunk in trainer.chunks.values():
         chunk.eval()
-    steps = forward_only(mesh.pp_rank, p.pp_size, p.num_model_chunks, len(batches))
-    actions = add_communication(steps, mesh.pp_rank, p.pp_size, p.num_model_chunks)
+    v_shape = p.pipeline_schedule in V_SHAPED
+    steps = forward_only(mesh.pp_rank, p.pp_size, p.num_model_chunks, len(batches), v_shape)
+    actions = add_communication(steps, mesh.pp_rank, p.pp_size, p.num_model_chunks, v_shape)
     sizes = [x.shape[0] for x, _ in batches]
     total = trainer.executor.run(actions, batches, loss_scale=1.0, train=False, loss_weights=sizes)
     for chunk in trainer.chunks.values():

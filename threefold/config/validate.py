@@ -87,6 +87,18 @@ def check_across_sections(config: Config) -> None:
         raise ValueError(
             "parallel.zero = 3 cannot be combined with training.compile = true; use zero 2 or no compile"
         )
+    if p.pipeline_schedule == "zb-v" and m.tie_embeddings and p.pp_size > 1:
+        raise ValueError(
+            f"parallel.pipeline_schedule = 'zb-v' places the embedding and the output layer on the same rank "
+            f"(pp_size = {p.pp_size}), which does not support model.tie_embeddings = true yet; use zb-h1 "
+            "or untie the embeddings"
+        )
+    if t.fp8 and p.pipeline_schedule in ("zb-h1", "zb-v"):
+        raise ValueError(
+            f"training.fp8 = {t.fp8!r} does not yet run with parallel.pipeline_schedule = "
+            f"{p.pipeline_schedule!r}: the float8 GEMMs do not defer their weight gradients to the "
+            "schedule's W steps; use 1f1b or interleaved, or turn fp8 off"
+        )
     try:
         check_schedule_args(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     except ValueError as e:

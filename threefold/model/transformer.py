@@ -124,13 +124,16 @@ class Attention(nn.Module):
         bias = cfg.arch == "gpt2"
         qkv_bias = bias or cfg.attention_bias  # Qwen2 biases q, k, v but not o
         h, d = cfg.hidden_size, cfg.head_dim
-        column = partial(ColumnParallelLinear, tp_group=tp.group, bias=qkv_bias, fp8=tp.fp8)
+        defer = tp.weight_grads  # zero-bubble schedules compute the weight gradients later
+        column = partial(
+            ColumnParallelLinear, tp_group=tp.group, bias=qkv_bias, fp8=tp.fp8, weight_grads=defer
+        )
         self.q_proj = column(h, cfg.num_heads * d)
         self.k_proj = column(h, kv * d, replicas=kv_replicas)
         self.v_proj = column(h, kv * d, replicas=kv_replicas)
         self.o_proj = RowParallelLinear(
             cfg.num_heads * d, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel,
-            fp8=tp.fp8,
+            fp8=tp.fp8, weight_grads=defer,
         )  # fmt: skip
 
     def forward(
@@ -191,11 +194,22 @@ class MLP(nn.Module):
         bias = cfg.arch == "gpt2"
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
         assert f is not None  # filled in by ModelConfig.__post_init__
+        defer = tp.weight_grads
         if self.gated:
-            self.gate_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias, fp8=tp.fp8)
-        self.up_proj = ColumnParallelLinear(h, f, tp_group=tp.group, bias=bias, fp8=tp.fp8)
+            self.gate_proj = ColumnParallelLinear(
+                h, f, tp_group=tp.group, bias=bias, fp8=tp.fp8, weight_grads=defer
+            )
+        self.up_proj = ColumnParallelLinear(
+            h, f, tp_group=tp.group, bias=bias, fp8=tp.fp8, weight_grads=defer
+        )
         self.down_proj = RowParallelLinear(
-            f, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel, fp8=tp.fp8
+            f,
+            h,
+            tp_group=tp.group,
+            bias=bias,
+            sequence_parallel=tp.sequence_parallel,
+            fp8=tp.fp8,
+            weight_grads=defer,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,8 @@ class GradSync:
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in ordered]
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if param.grad is None:
+            return  # a weight gradient a zero-bubble B put off: the W brings it (parallel.weight_grad)
         bucket = self._bucket_of[param]  # type: ignore[index]
         if self.zero >= 2:
             if bucket.reduced_into is not None:  # last micro-batch's reduction still reads the buffer

@@ -26,6 +26,7 @@ transformer layers run their GEMMs in float8; the layers' parameters and communi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ from threefold.parallel.comm import (
     reduce_scatter_to_sequence,
 )
 from threefold.parallel.context import ContextParallel
+from threefold.parallel.weight_grad import WeightGradQueue, accumulate, linear, weight_grads
 
 
 def mark_sharded(param: nn.Parameter, tp_dim: int, full_size: int, replicas: int = 1) -> nn.Parameter:
@@ -131,8 +133,11 @@ class ColumnParallelLinear(nn.Module):
         pad_output: bool = False,
         replicas: int = 1,
         fp8: Fp8Recipe | None = None,
+        weight_grads: WeightGradQueue | None = None,
     ) -> None:
+        """`weight_grads`: the queue that defers this layer's weight gradient (zero-bubble schedules)."""
         super().__init__()
+        self.weight_grads = weight_grads
         tp_size = dist.get_world_size(tp_group)
         if tp_size % replicas:
             raise ValueError(f"replicas ({replicas}) must divide tp_size ({tp_size})")
@@ -150,7 +155,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) -> (b, s, out/t)
         if self.fp8 is None:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, self.weight_grads)
         y = float8.fp8_linear(x, self.weight, self.fp8)
         return y if self.bias is None else y + self.bias
 
@@ -162,19 +167,28 @@ class _ColumnParallelProjections(torch.autograd.Function):
     The input gradient is a partial sum on each TP rank. Megatron's f operator all-reduces it after the
     projections' backward, which leaves the GEMM units idle during the reduction. Here the backward
     computes the input gradient first, starts its all-reduce, computes the weight gradients while it runs,
-    and only then waits.
+    and only then waits. While `queue` captures, the weight gradients are deferred instead (the W of a
+    zero-bubble schedule fills pipeline idle time, which is worth more than this overlap).
 
     With an fp8 `recipe` every GEMM runs in float8 (threefold.parallel.fp8), the shared input cast once
-    for all projections in forward and once for all weight gradients in backward.
+    for all projections in forward and once for all weight gradients in backward (fp8 and zero-bubble
+    schedules are not combined: the config check refuses it).
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, group: ProcessGroup, recipe: Fp8Recipe | None, *params: Any
+        ctx: Any,
+        x: torch.Tensor,
+        group: ProcessGroup,
+        recipe: Fp8Recipe | None,
+        queue: WeightGradQueue | None,
+        *params: Any,
     ) -> Any:
         weights, biases = params[0::2], params[1::2]
         ctx.group = group
         ctx.recipe = recipe
+        ctx.queue = queue
+        ctx.params = params
         ctx.set_materialize_grads(False)  # an output left out of the loss costs no GEMMs in backward
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x, *weights)
@@ -206,6 +220,12 @@ class _ColumnParallelProjections(torch.autograd.Function):
         assert grad_input is not None
         with track.collective(ctx.group, "all_reduce"):
             reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", ctx.group.group_name)
+        if ctx.queue is not None and ctx.queue.capturing:
+            assert recipe is None, "fp8 GEMMs do not defer their weight gradients"
+            ctx.queue.defer(_deferred_projection_grads(x, grads, ctx.params))
+            with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
+                reduced = torch.ops._c10d_functional.wait_tensor(reduced)
+            return (reduced.view(x.shape), None, None, None, *([None] * len(ctx.params)))
         # The weight gradients run while the all-reduce is in flight.
         flat_input = x.reshape(-1, h)
         x_fp8 = None if recipe is None else float8.operand(flat_input, float8.E4M3, recipe, "b")
@@ -218,7 +238,23 @@ class _ColumnParallelProjections(torch.autograd.Function):
             param_grads += [grad_weight, g.sum(0) if has_bias else None]  # (out/t, h), (out/t,)
         with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
             reduced = torch.ops._c10d_functional.wait_tensor(reduced)
-        return (reduced.view(x.shape), None, None, *param_grads)
+        return (reduced.view(x.shape), None, None, None, *param_grads)
+
+
+def _deferred_projection_grads(
+    x: torch.Tensor, grads: tuple[torch.Tensor | None, ...], params: tuple[Any, ...]
+) -> Callable[[], None]:
+    """The weight-gradient work of the projections' backward, for a WeightGradQueue."""
+
+    def work() -> None:
+        targets, values = [], []
+        for g, weight, bias in zip(grads, params[0::2], params[1::2], strict=True):
+            if g is not None:
+                targets += [weight] if bias is None else [weight, bias]
+                values += weight_grads(x, g, bias is not None)
+        accumulate(targets, values)
+
+    return work
 
 
 @torch.compiler.disable
@@ -233,9 +269,10 @@ def column_parallel_projections(
     params: list[torch.Tensor | None] = []
     for layer in layers:
         params += [layer.weight, layer.bias]
+    queue = layers[0].weight_grads
     if recipe is None:
-        return list(_ColumnParallelProjections.apply(x, group, None, *params))
-    outputs = _ColumnParallelProjections.apply(x.reshape(-1, x.shape[-1]), group, recipe, *params)
+        return list(_ColumnParallelProjections.apply(x, group, None, queue, *params))
+    outputs = _ColumnParallelProjections.apply(x.reshape(-1, x.shape[-1]), group, recipe, queue, *params)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
@@ -255,8 +292,11 @@ class RowParallelLinear(nn.Module):
         bias: bool,
         sequence_parallel: bool,
         fp8: Fp8Recipe | None = None,
+        weight_grads: WeightGradQueue | None = None,
     ) -> None:
+        """`weight_grads`: the queue that defers this layer's weight gradient (zero-bubble schedules)."""
         super().__init__()
+        self.weight_grads = weight_grads
         tp_size = dist.get_world_size(tp_group)
         if in_features % tp_size:
             raise ValueError(f"tp_size ({tp_size}) must divide the input features ({in_features})")
@@ -271,7 +311,11 @@ class RowParallelLinear(nn.Module):
         self.fp8 = fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/t) -> (b, s, out) or (b, s/t, out)
-        y = float8.linear(x, self.weight, self.fp8)
+        y = (
+            linear(x, self.weight, None, self.weight_grads)
+            if self.fp8 is None
+            else float8.linear(x, self.weight, self.fp8)
+        )
         y = (
             reduce_scatter_to_sequence(y, self.tp_group)
             if self.sequence_parallel
@@ -342,6 +386,9 @@ class TPContext:
     """Float8 GEMMs in the layers' column- and row-parallel linears: the recipe, or None for none."""
     context: ContextParallel | None = None
     """Context parallelism (cp_size > 1): the sequence is split over its ranks, attention crosses them."""
+    weight_grads: WeightGradQueue | None = None
+    """Set when the pipeline schedule splits the backward (zero-bubble): the linear layers then defer their
+    weight gradients to the schedule's W actions (threefold.parallel.weight_grad)."""
     size: int = field(init=False)
     """tp_size, read from the group."""
     rank: int = field(init=False)

@@ -4,6 +4,14 @@ Shapes: a boundary tensor is (b, s_, h), s_ = s/t under sequence parallelism els
 dtype. With scatter/gather (tp > 1, no sequence parallelism) each TP rank sends only its 1/t slice of the
 flattened tensor and the receiving stage all-gathers it over its TP group: the TP ranks of a stage hold
 identical boundary tensors, so the slow inter-stage link carries each byte once.
+
+Split backward (zero-bubble schedules, lists with W actions): B runs the chunk's backward while the
+chunks' WeightGradQueue captures, so the linear layers queue their weight gradients instead of computing
+them (threefold.parallel.weight_grad); W runs that queue. The data-parallel reduction of a chunk's
+gradients is armed for its last B (norms, embeddings) and its last W (the linear layers), so every
+parameter is counted on its final accumulation of the step. Sends are then eager: posted, not waited for
+until the step ends (the simulator models this), with activations and gradients on separate tags so each
+kind keeps its own order between two ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from threefold.parallel import track
 from threefold.parallel.comm import all_gather_flat
 from threefold.parallel.data_parallel import GradSync
 from threefold.parallel.mesh import Mesh
-from threefold.pipeline.schedules import COMPUTE, Action, Kind, batches
+from threefold.parallel.weight_grad import WeightWork, run
+from threefold.pipeline.schedules import Action, Kind, batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -34,6 +43,10 @@ class _StepState:
     outputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     output_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     input_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    weight_work: dict[tuple[int, int], WeightWork] = field(default_factory=dict)
+    """The weight gradients each B put off, for its W."""
+    sends: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list)
+    """Eager sends in flight with the buffers they read (split backward)."""
 
 
 def _free(t: torch.Tensor) -> None:
@@ -112,6 +125,7 @@ class PipelineExecutor:
         self._loss_weights: list[int] | None = None
         self.document_eos_id = document_eos_id
         self.reset_positions = reset_positions
+        self.weight_grads = next(iter(chunks.values())).tp.weight_grads
 
     def run(
         self,
@@ -128,21 +142,28 @@ class PipelineExecutor:
         state = _StepState(loss_sum=torch.zeros((), device=self.device))
         self._batch_sizes = [x.shape[0] for x, _ in micro_batches]
         self._loss_weights = loss_weights
-        last_backward = {}
+        split = any(a.kind is Kind.W for a in actions)
+        assert not split or self.weight_grads is not None, "a split backward needs the layers' queue"
+        last = {}  # (kind, chunk) -> micro-batch of the action that arms the chunk's gradient sync
         for a in actions:
-            if a.kind is Kind.B:
-                last_backward[a.chunk] = a.microbatch  # the backward that launches the chunk's gradient sync
+            if a.kind in (Kind.B, Kind.W):
+                last[(a.kind, a.chunk)] = a.microbatch
         for group in batches(actions):
             track.set_action(group)
-            if group[0].kind in COMPUTE:
-                a = group[0]
-                if a.kind is Kind.F:
-                    self._forward(a, micro_batches, state, loss_scale, train)
-                else:
-                    self._backward(a, state, is_last=last_backward[a.chunk] == a.microbatch)
+            a = group[0]
+            if a.kind is Kind.F:
+                self._forward(a, micro_batches, state, loss_scale, train)
+            elif a.kind is Kind.B:
+                self._backward(a, state, is_last=last[(Kind.B, a.chunk)] == a.microbatch, split=split)
+            elif a.kind is Kind.W:
+                self._arm_sync(a.chunk, last[(Kind.W, a.chunk)] == a.microbatch)
+                run(state.weight_work.pop((a.chunk, a.microbatch)))
             else:
-                self._transfer(group, state)
+                self._transfer(group, state, eager=split)
+        for work, _ in state.sends:
+            work.wait()
         assert not state.outputs and not state.inputs, "every forward met its backward"
+        assert not state.weight_work, "every B met its W"
         return state.loss_sum
 
     def _forward(
@@ -161,23 +182,41 @@ class PipelineExecutor:
                 state.outputs[key] = loss * loss_scale
         else:
             state.outputs[key] = model(x, doc_ids=docs, reset_positions=self.reset_positions)
+            if a.chunk + 1 in self.chunks:  # the tip of a V: the next chunk is here, no transfer
+                out = state.outputs[key] if train else state.outputs.pop(key)
+                state.inputs[(a.chunk + 1, a.microbatch)] = out.detach().requires_grad_(train)
         if not train:
             state.inputs.pop(key, None)
 
-    def _backward(self, a: Action, state: _StepState, *, is_last: bool) -> None:
+    def _arm_sync(self, chunk: int, is_last: bool) -> None:
+        if chunk in self.grad_syncs:
+            # Data-parallel reductions start during the chunk's last backward of the step, not before.
+            self.grad_syncs[chunk].sync_this_backward = is_last
+
+    def _backward(self, a: Action, state: _StepState, *, is_last: bool, split: bool) -> None:
         key = (a.chunk, a.microbatch)
-        if a.chunk in self.grad_syncs:
-            # Data-parallel all-reduces start during the chunk's last backward of the step, not before.
-            self.grad_syncs[a.chunk].sync_this_backward = is_last
+        self._arm_sync(a.chunk, is_last)
         output = state.outputs.pop(key)
-        if a.chunk == self.last_chunk:
-            output.backward()
+        if split:
+            assert self.weight_grads is not None
+            with self.weight_grads.capture() as work:
+                self._run_backward(a, output, state)
+            state.weight_work[key] = work
         else:
-            _backward(output, state.output_grads.pop(key))
+            self._run_backward(a, output, state)
         if a.chunk > 0:
             grad = state.inputs.pop(key).grad
             assert grad is not None, "a received activation always feeds the chunk's output"
-            state.input_grads[key] = grad
+            if a.chunk - 1 in self.chunks:  # the tip of a V: hand the gradient over in place
+                state.output_grads[(a.chunk - 1, a.microbatch)] = grad
+            else:
+                state.input_grads[key] = grad
+
+    def _run_backward(self, a: Action, output: torch.Tensor, state: _StepState) -> None:
+        if a.chunk == self.last_chunk:
+            output.backward()
+        else:
+            _backward(output, state.output_grads.pop((a.chunk, a.microbatch)))
 
     def _peer(self, pp_rank: int) -> int:
         return self.mesh.rank_at(pp_rank=pp_rank, dp_rank=self.mesh.dp_rank, tp_rank=self.mesh.tp_rank)
@@ -205,25 +244,39 @@ class PipelineExecutor:
             wire = full
         return wire.view(self._wire_shape(microbatch))
 
-    def _transfer(self, group: list[Action], state: _StepState) -> None:
-        ops, received, sent, peers = [], [], [], []
+    def _transfer(self, group: list[Action], state: _StepState, *, eager: bool) -> None:
+        ops, received, sent, peers, wires = [], [], [], [], []
         for a in group:
             key = (a.chunk, a.microbatch)
             assert a.peer is not None  # every transfer names its peer
             peer = self._peer(a.peer)
             peers.append(peer)
+            # Eager sends keep each kind in order on its own tag (the simulator's model).
+            tag = 1 if eager and a.kind in (Kind.SEND_B, Kind.RECV_B) else 0
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 source = state.outputs[key] if a.kind is Kind.SEND_F else state.input_grads.pop(key)
-                ops.append(dist.P2POp(dist.isend, self._outgoing(source), peer))
+                wire = self._outgoing(source)
+                ops.append(dist.P2POp(dist.isend, wire, peer, tag=tag))
+                wires.append(wire)
                 if a.kind is Kind.SEND_F:
                     sent.append(key)
             else:
                 buffer = torch.empty(self._wire_numel(a.microbatch), dtype=self.dtype, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, buffer, peer))
+                ops.append(dist.P2POp(dist.irecv, buffer, peer, tag=tag))
                 received.append((a, buffer))
         with track.transfer(peers):
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            if eager:
+                # The wire tensors own their data (a flat copy or view), so freeing the outputs below
+                # leaves what the sends read alive until they complete.
+                sends = [op for op in ops if op.op is dist.isend]
+                if sends:
+                    state.sends += zip(dist.batch_isend_irecv(sends), wires, strict=True)
+                recvs = [op for op in ops if op.op is not dist.isend]
+                for work in dist.batch_isend_irecv(recvs) if recvs else []:
+                    work.wait()
+            else:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
         for key in sent:
             if state.outputs[key].requires_grad:
                 _free(state.outputs[key])  # sent: only its graph is needed until the backward

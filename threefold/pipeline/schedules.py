@@ -18,11 +18,14 @@ neighbours that both send from waiting on each other.
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-ScheduleName = Literal["gpipe", "1f1b", "interleaved"]
+from threefold.pipeline.partition import chunks_of_rank, rank_of_chunk
+
+ScheduleName = Literal["gpipe", "1f1b", "interleaved", "zb-h1", "zb-v"]
 """The schedules this module builds; config.py types `parallel.pipeline_schedule` with it."""
 SCHEDULES: tuple[ScheduleName, ...] = typing.get_args(ScheduleName)
 
@@ -30,13 +33,20 @@ SCHEDULES: tuple[ScheduleName, ...] = typing.get_args(ScheduleName)
 class Kind(StrEnum):
     F = "F"
     B = "B"
+    W = "W"
     SEND_F = "SEND_F"
     RECV_F = "RECV_F"
     SEND_B = "SEND_B"
     RECV_B = "RECV_B"
 
 
-COMPUTE = (Kind.F, Kind.B)
+COMPUTE = (Kind.F, Kind.B, Kind.W)
+
+SPLIT_BACKWARD: frozenset[str] = frozenset({"zb-h1", "zb-v"})
+"""Schedules whose backward is two actions: B, the input gradient the previous chunk waits for, and W,
+the weight gradient nobody waits for, run later to fill what would be idle time."""
+V_SHAPED: frozenset[str] = frozenset({"zb-v"})
+"""Schedules that place two chunks per rank in a V (threefold.pipeline.partition)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,10 @@ def B(chunk: int, mb: int) -> Action:  # noqa: N802
     return Action(Kind.B, chunk, mb)
 
 
+def W(chunk: int, mb: int) -> Action:  # noqa: N802
+    return Action(Kind.W, chunk, mb)
+
+
 def check_schedule_args(name: str, pp_size: int, num_model_chunks: int, num_microbatches: int) -> None:
     """ValueError for combinations a schedule cannot run, naming the numbers."""
     if name not in SCHEDULES:
@@ -71,11 +85,18 @@ def check_schedule_args(name: str, pp_size: int, num_model_chunks: int, num_micr
     ):
         if value <= 0:
             raise ValueError(f"{label} must be positive, got {value}")
-    if name == "1f1b" and num_model_chunks != 1:
+    if name in ("1f1b", "zb-h1") and num_model_chunks != 1:
         raise ValueError(
-            f"the 1f1b schedule runs one model chunk per rank (num_model_chunks = {num_model_chunks}); "
-            "use the interleaved schedule for more"
+            f"the {name} schedule runs one model chunk per rank (num_model_chunks = {num_model_chunks}); "
+            "use the interleaved or zb-v schedule for more"
         )
+    if name == "zb-v":
+        if num_model_chunks != 2:
+            raise ValueError(
+                f"the zb-v schedule runs exactly two model chunks per rank, in a V "
+                f"(num_model_chunks = {num_model_chunks})"
+            )
+        return  # any micro-batch count: its order is not built from groups of pp_size
     if num_model_chunks > 1 and pp_size == 1:
         raise ValueError(f"num_model_chunks ({num_model_chunks}) > 1 needs pp_size > 1")
     if num_model_chunks > 1 and num_microbatches % pp_size:
@@ -156,41 +177,62 @@ def interleaved(rank: int, pp_size: int, num_model_chunks: int, num_microbatches
     return steps
 
 
-def forward_only(rank: int, pp_size: int, num_model_chunks: int, num_microbatches: int) -> list[Step]:
+def forward_only(
+    rank: int, pp_size: int, num_model_chunks: int, num_microbatches: int, v_shape: bool = False
+) -> list[Step]:
     """Evaluation: each micro-batch through this rank's chunks in turn; works for any micro-batch count."""
-    chunks = [rank + k * pp_size for k in range(num_model_chunks)]
+    chunks = chunks_of_rank(rank, pp_size, num_model_chunks, v_shape)
     return [[F(c, mb)] for mb in range(num_microbatches) for c in chunks]
 
 
-BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved}
+BUILDERS: dict[str, Callable[[int, int, int, int], list[Step]]] = {
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved": interleaved,
+}
+
+
+def builder(name: str) -> Callable[[int, int, int, int], list[Step]]:
+    """The function (rank, pp_size, num_model_chunks, num_microbatches) -> steps of schedule `name`."""
+    if name in BUILDERS:
+        return BUILDERS[name]
+    from threefold.pipeline import zero_bubble  # it builds on this module's vocabulary
+
+    return {"zb-h1": zero_bubble.zb_h1, "zb-v": zero_bubble.zb_v}[name]
+
 
 # Inside a batch, activations go before gradients on both sides, so two neighbours that exchange both
 # (pp_size = 2: next and previous are the same rank) match their messages in the same order.
 _ORDER = {Kind.SEND_F: 0, Kind.RECV_F: 1, Kind.SEND_B: 2, Kind.RECV_B: 3}
 
 
-def add_communication(steps: list[Step], rank: int, pp_size: int, num_model_chunks: int) -> list[Action]:
+def add_communication(
+    steps: list[Step], rank: int, pp_size: int, num_model_chunks: int, v_shape: bool = False
+) -> list[Action]:
     """Lower compute steps to actions: after each step, one batch with its sends and the receives the next
-    step needs (the receives of the first step come first)."""
+    step needs (the receives of the first step come first). Neighbouring chunks on the same rank (the tip
+    of the V) hand their tensors over without a transfer."""
     last_chunk = pp_size * num_model_chunks - 1
-    prev_rank, next_rank = (rank - 1) % pp_size, (rank + 1) % pp_size
+
+    def owner(chunk: int) -> int:
+        return rank_of_chunk(chunk, pp_size, v_shape)
 
     def receives(step: Step) -> list[Action]:
         out = []
         for a in step:
-            if a.kind is Kind.F and a.chunk > 0:
-                out.append(Action(Kind.RECV_F, a.chunk, a.microbatch, prev_rank))
-            elif a.kind is Kind.B and a.chunk < last_chunk:
-                out.append(Action(Kind.RECV_B, a.chunk, a.microbatch, next_rank))
+            if a.kind is Kind.F and a.chunk > 0 and owner(a.chunk - 1) != rank:
+                out.append(Action(Kind.RECV_F, a.chunk, a.microbatch, owner(a.chunk - 1)))
+            elif a.kind is Kind.B and a.chunk < last_chunk and owner(a.chunk + 1) != rank:
+                out.append(Action(Kind.RECV_B, a.chunk, a.microbatch, owner(a.chunk + 1)))
         return out
 
     def sends(step: Step) -> list[Action]:
         out = []
         for a in step:
-            if a.kind is Kind.F and a.chunk < last_chunk:
-                out.append(Action(Kind.SEND_F, a.chunk, a.microbatch, next_rank))
-            elif a.kind is Kind.B and a.chunk > 0:
-                out.append(Action(Kind.SEND_B, a.chunk, a.microbatch, prev_rank))
+            if a.kind is Kind.F and a.chunk < last_chunk and owner(a.chunk + 1) != rank:
+                out.append(Action(Kind.SEND_F, a.chunk, a.microbatch, owner(a.chunk + 1)))
+            elif a.kind is Kind.B and a.chunk > 0 and owner(a.chunk - 1) != rank:
+                out.append(Action(Kind.SEND_B, a.chunk, a.microbatch, owner(a.chunk - 1)))
         return out
 
     actions = receives(steps[0]) if steps else []
@@ -205,7 +247,7 @@ def compute_actions(
     name: str, rank: int, pp_size: int, num_model_chunks: int, num_microbatches: int
 ) -> list[Action]:
     """The rank's forwards and backwards in order, without transfers."""
-    return [a for step in BUILDERS[name](rank, pp_size, num_model_chunks, num_microbatches) for a in step]
+    return [a for step in builder(name)(rank, pp_size, num_model_chunks, num_microbatches) for a in step]
 
 
 def build_schedule(
@@ -213,10 +255,14 @@ def build_schedule(
 ) -> list[list[Action]]:
     """Every rank's action list, transfers included."""
     check_schedule_args(name, pp_size, num_model_chunks, num_microbatches)
-    builder = BUILDERS[name]
+    build = builder(name)
     return [
         add_communication(
-            builder(r, pp_size, num_model_chunks, num_microbatches), r, pp_size, num_model_chunks
+            build(r, pp_size, num_model_chunks, num_microbatches),
+            r,
+            pp_size,
+            num_model_chunks,
+            name in V_SHAPED,
         )
         for r in range(pp_size)
     ]

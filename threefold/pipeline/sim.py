@@ -2,9 +2,16 @@
 
 Model of execution (the executor's, and NCCL's): a rank runs its actions in order. A batch of transfers
 is posted all at once and completes when every transfer in it has met its partner, a send meeting the
-receive posted by the peer; transfers between two ranks meet in FIFO order (the k-th send from a to b
-meets the k-th receive on b from a), so the simulator also proves that each receive gets the tensor it
-expects. Transfers take no time; forwards and backwards take the given costs.
+receive posted by the peer (with the backward split, schedules with W actions, sends are eager: the
+executor posts them and moves on, a batch waits for its receives only, and activations and gradients
+travel with different tags, so each kind keeps its own order); transfers between two ranks meet in
+FIFO order (the k-th send from a to b meets the k-th receive on b from a), so the simulator also proves
+that each receive gets the tensor it expects. Transfers take no time; computing takes the given costs.
+
+Costs: a forward takes forward_cost; with the backward split (zero-bubble schedules) B takes backward_cost
+and W weight_cost, and an unsplit backward takes their sum, so the same three numbers compare every
+schedule. Memory: a forward's activations count as in flight until its B, the paper's measure (what W
+still needs, the inputs of each linear layer and their output gradients, is a fraction of it).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ class SimResult:
     ideal: float
     """Busy time of one rank: its forwards and backwards back to back."""
     peak_in_flight: list[int]
-    """Per rank, the most (chunk, micro-batch) forwards whose backward had not yet run."""
+    """Per rank, the most (chunk, micro-batch) forwards whose backward (B) had not yet run."""
     starts: list[list[tuple[float, Action]]] = field(default_factory=list)
     """Per rank, each compute action with its start time."""
 
@@ -63,8 +70,10 @@ class _Rank:
     received: set[tuple[str, int, int]] = field(default_factory=set)
     """Payloads (see _payload) that arrived."""
     forwarded: set[tuple[int, int]] = field(default_factory=set)
-    """(chunk, micro-batch) of each forward run; `backwarded` the same for backwards."""
+    """(chunk, micro-batch) of each forward run; `backwarded` the same for backwards (B), `weighted` for
+    weight gradients (W)."""
     backwarded: set[tuple[int, int]] = field(default_factory=set)
+    weighted: set[tuple[int, int]] = field(default_factory=set)
     in_flight: int = 0
     """Forwards whose backward has not run yet; `peak` is its maximum."""
     peak: int = 0
@@ -78,13 +87,21 @@ class _Rank:
 class _Simulator:
     """The state of one simulation; `run` plays every rank until all finish or none can move."""
 
-    def __init__(self, schedule: list[list[Action]], forward_cost: float, backward_cost: float) -> None:
+    def __init__(
+        self, schedule: list[list[Action]], forward_cost: float, backward_cost: float, weight_cost: float
+    ) -> None:
         self.ranks = [_Rank(batches(actions)) for actions in schedule]
-        self.cost = {Kind.F: forward_cost, Kind.B: backward_cost}
+        split = any(a.kind is Kind.W for actions in schedule for a in actions)
+        b = backward_cost if split else backward_cost + weight_cost
+        self.cost = {Kind.F: forward_cost, Kind.B: b, Kind.W: weight_cost}
+        self.eager_sends = split
         self.last_chunk = max((a.chunk for actions in schedule for a in actions), default=0)
-        # FIFO queues per (src, dst): [payload, post time, matched partner's post time or None]
-        self.sends: dict[tuple[int, int], list[list]] = defaultdict(list)
-        self.recvs: dict[tuple[int, int], list[list]] = defaultdict(list)
+        # The rank that runs each chunk's forwards: neighbouring chunks on one rank need no transfer.
+        self.owner = {a.chunk: r for r, actions in enumerate(schedule) for a in actions if a.kind is Kind.F}
+        # FIFO queues per channel (src, dst), or (src, dst, kind) when the two kinds have their own tags:
+        # [payload, post time, matched partner's post time or None]
+        self.sends: dict[tuple, list[list]] = defaultdict(list)
+        self.recvs: dict[tuple, list[list]] = defaultdict(list)
 
     def run(self) -> SimResult:
         progress = True
@@ -122,20 +139,34 @@ class _Simulator:
         """A forward or backward, after checking that its inputs have arrived."""
         rank, key = self.ranks[r], (a.chunk, a.microbatch)
         if a.kind is Kind.F:
-            if a.chunk > 0 and ("activation", a.chunk - 1, a.microbatch) not in rank.received:
+            if a.chunk > 0 and not self._has_input(r, a):
                 raise ScheduleError(f"rank {r} runs {a} before receiving its input")
             rank.forwarded.add(key)
             rank.in_flight += 1
             rank.peak = max(rank.peak, rank.in_flight)
-        else:
+        elif a.kind is Kind.B:
             if key not in rank.forwarded:
                 raise ScheduleError(f"rank {r} runs {a} before its forward")
-            if a.chunk < self.last_chunk and ("gradient", a.chunk + 1, a.microbatch) not in rank.received:
+            if a.chunk < self.last_chunk and not self._has_output_grad(r, a):
                 raise ScheduleError(f"rank {r} runs {a} before receiving its output gradient")
             rank.in_flight -= 1
             rank.backwarded.add(key)
+        else:
+            if key not in rank.backwarded or key in rank.weighted:
+                raise ScheduleError(f"rank {r} runs {a} before its B, or twice")
+            rank.weighted.add(key)
         rank.starts.append((rank.clock, a))
         rank.clock += self.cost[a.kind]
+
+    def _has_input(self, r: int, a: Action) -> bool:
+        if self.owner.get(a.chunk - 1) == r:
+            return (a.chunk - 1, a.microbatch) in self.ranks[r].forwarded
+        return ("activation", a.chunk - 1, a.microbatch) in self.ranks[r].received
+
+    def _has_output_grad(self, r: int, a: Action) -> bool:
+        if self.owner.get(a.chunk + 1) == r:
+            return (a.chunk + 1, a.microbatch) in self.ranks[r].backwarded
+        return ("gradient", a.chunk + 1, a.microbatch) in self.ranks[r].received
 
     def _post(self, r: int, group: list[Action]) -> None:
         """Post a whole batch of transfers at the rank's clock and match what its peers posted."""
@@ -149,15 +180,23 @@ class _Simulator:
         for a in group:
             assert a.peer is not None  # every transfer names its peer
             entry = [_payload(a), rank.clock, None]
-            (self.sends[(r, a.peer)] if _is_send(a) else self.recvs[(a.peer, r)]).append(entry)
-            rank.open_batch.append(entry)
+            (self.sends if _is_send(a) else self.recvs)[self._channel(r, a)].append(entry)
+            if not (_is_send(a) and self.eager_sends):  # an eager send is not waited for
+                rank.open_batch.append(entry)
         for a in group:
-            assert a.peer is not None
-            self._match(*((r, a.peer) if _is_send(a) else (a.peer, r)))
+            self._match(self._channel(r, a))
 
-    def _match(self, src: int, dst: int) -> None:
-        """Pair the k-th send from src to dst with the k-th receive on dst from src."""
-        for s, rv in zip(self.sends[(src, dst)], self.recvs[(src, dst)], strict=False):
+    def _channel(self, r: int, a: Action) -> tuple:
+        assert a.peer is not None  # every transfer names its peer
+        src, dst = (r, a.peer) if _is_send(a) else (a.peer, r)
+        if not self.eager_sends:
+            return (src, dst)
+        return (src, dst, "gradient" if a.kind in (Kind.SEND_B, Kind.RECV_B) else "activation")
+
+    def _match(self, channel: tuple) -> None:
+        """Pair the k-th send on a channel (from src to dst) with the k-th receive on it."""
+        src, dst = channel[:2]
+        for s, rv in zip(self.sends[channel], self.recvs[channel], strict=False):
             if s[2] is None:
                 if s[0] != rv[0]:
                     raise ScheduleError(
@@ -185,18 +224,30 @@ class _Simulator:
                 for r in stuck
             )
             raise ScheduleError(f"deadlock: {waits}")
-        for (src, dst), queue in self.sends.items():
-            if len(queue) != len(self.recvs[(src, dst)]):
+        for r, rank in enumerate(self.ranks):
+            if rank.weighted and rank.weighted != rank.backwarded:
+                missing = sorted(rank.backwarded - rank.weighted)
+                raise ScheduleError(f"rank {r} never runs W for (chunk, micro-batch) {missing}")
+        for channel, queue in self.sends.items():
+            if len(queue) != len(self.recvs[channel]):
                 raise ScheduleError(
-                    f"{len(queue)} sends from rank {src} to {dst} but {len(self.recvs[(src, dst)])} receives"
+                    f"{len(queue)} sends from rank {channel[0]} to {channel[1]} but "
+                    f"{len(self.recvs[channel])} receives"
                 )
 
 
 def simulate(
-    schedule: list[list[Action]], *, forward_cost: float = 1.0, backward_cost: float = 1.0
+    schedule: list[list[Action]],
+    *,
+    forward_cost: float = 1.0,
+    backward_cost: float = 1.0,
+    weight_cost: float = 0.0,
 ) -> SimResult:
-    """Run all ranks' lists; raises ScheduleError naming each stuck rank's next action on a deadlock."""
-    return _Simulator(schedule, forward_cost, backward_cost).run()
+    """Run all ranks' lists; raises ScheduleError naming each stuck rank's next action on a deadlock.
+
+    backward_cost is the input-gradient part B, weight_cost the weight-gradient part W (see the module's
+    docstring); the default weight_cost 0 makes backward_cost the whole backward."""
+    return _Simulator(schedule, forward_cost, backward_cost, weight_cost).run()
 
 
 def timeline(result: SimResult) -> str:
