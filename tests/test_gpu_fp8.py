@@ -50,7 +50,12 @@ def _inputs(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor
 def test_gpu_kernels_compute_what_the_cpu_does(recipe):
     """Same bf16 inputs, same code: the GPU's float8 GEMMs (bf16 out) against the CPU's (fp32 out)."""
     gpu = _linear(*_inputs("cuda", torch.bfloat16), recipe)
-    cpu = _linear(*(t.float() for t in _inputs("cpu", torch.bfloat16)), recipe)
+    try:
+        cpu = _linear(*(t.float() for t in _inputs("cpu", torch.bfloat16)), recipe)
+    except RuntimeError as e:  # torch 2.11's CPU _scaled_mm is per-tensor only (2.13's has rowwise)
+        if "per-tensor scaling for CPU" not in str(e):
+            raise
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm has no {recipe} scaling to compare with")
     for got, want, name in zip(gpu, cpu, ["y", "grad_x", "grad_w"], strict=True):
         assert got.dtype == torch.bfloat16, name
         assert _relative_error(got, want) < 0.01, name  # bf16 rounding of the outputs, fast accumulation

@@ -148,6 +148,9 @@ def block_attention_backward(
         # without dropout the random state is unused but must have the forward's shapes and dtype.
         rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
         unused = torch.zeros((), dtype=torch.uint64, device=q.device)
+        # The kernel reads the log-sum-exp (and the other operands) as dense row-major tensors: a slice
+        # of the sequence (the second half of a rank's queries) must be copied first.
+        grad_out, q, k, v, out, lse = (t.contiguous() for t in (grad_out, q, k, v, out, lse))
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             grad_out, q, k, v, out, lse, None, None, n, m, 0.0, causal, rng_state, unused, scale=scale
         )
