@@ -2,6 +2,7 @@
 Llama, Qwen2, Mistral and GPT-2 models, batched prompts of different lengths (left-padded), under
 tp 1, tp 2 and pp 2; plus sampling, EOS and the errors a user can cause."""
 
+import functools
 from functools import cache
 
 import pytest
@@ -12,6 +13,7 @@ from distributed import run_ranks
 from threefold.infer.generate import Decoder, generate
 from threefold.infer.load import build_stage, load_weights
 from threefold.infer.sampling import SamplingParams, choose
+from threefold.infer.step import forward_step
 from threefold.model.hf import from_hf_state_dict, model_config_from_hf
 from threefold.parallel.mesh import build_mesh
 
@@ -166,3 +168,30 @@ def test_a_decoder_reuses_its_cache_across_calls():
     first, reordered, fresh = run_ranks(1, _reuse, hf_cfg, hf_state)[0]
     assert first.tokens == tokens
     assert reordered.tokens == fresh.tokens == tokens[::-1]
+
+
+def _matvec_vs_matmul(rank: int, world: int, hf_cfg: dict, hf_state: dict, tp: int):
+    """Batch-1 generation with the decode step's projections as product-and-sum (`matvec`, what the
+    compiled GPU step uses) and as the layers' own matrix products."""
+    cfg = model_config_from_hf(hf_cfg)
+    state = from_hf_state_dict(cfg, hf_state)
+    mesh = build_mesh(tp, 1, 1)
+    model = build_stage(cfg, mesh)
+    load_weights(model, state.__getitem__)
+    results = []
+    for matvec in (False, True):
+        decoder = Decoder()
+        decoder.prepare(model, 1, len(PROMPTS[0]) + NEW_TOKENS, mesh)
+        decoder._step = functools.partial(forward_step, matvec=matvec)
+        results.append(generate(model, PROMPTS[:1], GREEDY, mesh=mesh, decoder=decoder))
+    return results
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("case", ["llama", "gpt2"])
+def test_matvec_decode_step_matches_the_layers(case, tp):
+    hf_cfg, hf_state, _, _ = _reference(case)
+    for plain, matvec in run_ranks(tp, _matvec_vs_matmul, hf_cfg, hf_state, tp, timeout=60):
+        assert matvec.tokens == plain.tokens
+        diff = max(abs(a - b) for a, b in zip(matvec.logprobs[0], plain.logprobs[0], strict=True))
+        assert diff < 1e-4, f"{case} tp={tp}: max |logprob(matvec) - logprob(matmul)| = {diff:.3g}"

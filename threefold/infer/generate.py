@@ -15,6 +15,7 @@ graph for the next call of the same batch size and length.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ from threefold.infer.sampling import SamplingParams, choose
 from threefold.infer.step import forward_step
 from threefold.model.transformer import Block, Transformer
 from threefold.parallel.mesh import Mesh
+
+STOP_CHECK_EVERY = 16
+"""Decode steps between checks of whether every row has reached EOS (each check waits for the GPU)."""
 
 
 @dataclass
@@ -81,7 +85,11 @@ class _GraphedStep:
     def __init__(self, compiled: bool) -> None:
         self.step: Callable[..., torch.Tensor] = forward_step
         if compiled:
-            self.step = torch.compile(forward_step, dynamic=False)
+            # A one-token step (batch 1) computes its projections as reductions the compiler can tune.
+            self.step = torch.compile(
+                functools.partial(forward_step, matvec=True), dynamic=False,
+                options={"coordinate_descent_tuning": True},
+            )  # fmt: skip
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.out: torch.Tensor | None = None
@@ -224,7 +232,11 @@ def generate(
         logprobs.append(logprob)
         if eos_id is not None:
             done = done | (token == eos_id)
-        if i == new - 1 or bool(done.all()):
+        if i == new - 1:
+            break
+        # Asking whether every row has stopped waits for the GPU, so ask only every few tokens: a row
+        # that stopped keeps producing padding, which _per_row cuts off, so the result is the same.
+        if eos_id is not None and (i + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):
             break
         slot = length + i
         cache.valid[:, slot] = True

@@ -7,15 +7,43 @@ The training model's modules are reused as they are (same parameters, same TP la
 attention differs: it appends the new keys and values to the cache and attends over all T slots under
 the cache's mask. Shapes do not depend on how much of the cache is filled, so a decode step has one
 static shape and compiles (or captures) once.
+
+With `matvec` (a compiled step of one token in all: batch 1 decoding), every projection is written as a
+product and a sum over the input features instead of a matrix product. The compiler turns each into one
+reduction kernel that reads the weight once, at close to the memory's speed, where the library's
+matrix-product kernels for a single row reach about half of it (bench/decode_profile.py). Eagerly that
+form would materialize the products, so only compiled steps use it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from threefold.infer.cache import KVCache
 from threefold.model.transformer import Attention, Block, Transformer, apply_rope, gather_logits
+from threefold.parallel.comm import reduce_from_tp
+from threefold.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+def _matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (b, s, in) @ weight (out, in)^T [+ bias] as an fp32 product-and-sum; the result in x's dtype."""
+    y = (x.float().unsqueeze(-2) * weight.float()).sum(dim=-1)  # (b, s, out)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _project(layer: nn.Module, x: torch.Tensor, matvec: bool) -> torch.Tensor:
+    """The layer's output for x; with `matvec`, through `_matvec` and the row-parallel all-reduce."""
+    if not matvec:
+        return layer(x)
+    if isinstance(layer, ColumnParallelLinear):
+        return _matvec(x, layer.weight, layer.bias)
+    assert isinstance(layer, RowParallelLinear) and not layer.sequence_parallel
+    y = reduce_from_tp(_matvec(x, layer.weight), layer.tp_group)
+    return y + layer.bias if layer.bias is not None else y
 
 
 def _attention(
@@ -26,17 +54,18 @@ def _attention(
     slots: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     mask: torch.Tensor,
+    matvec: bool,
 ) -> torch.Tensor:
     b, s, _ = x.shape
     d = attn.head_dim
-    q = attn.q_proj(x).view(b, s, attn.num_local_heads, d).transpose(1, 2)  # (b, a/t, s, d)
-    k = attn.k_proj(x).view(b, s, attn.num_local_kv_heads, d).transpose(1, 2)  # (b, k_, s, d)
-    v = attn.v_proj(x).view(b, s, attn.num_local_kv_heads, d).transpose(1, 2)
+    heads, kv_heads = attn.num_local_heads, attn.num_local_kv_heads
+    q = _project(attn.q_proj, x, matvec).view(b, s, heads, d).transpose(1, 2)  # (b, a/t, s, d)
+    k = _project(attn.k_proj, x, matvec).view(b, s, kv_heads, d).transpose(1, 2)  # (b, k_, s, d)
+    v = _project(attn.v_proj, x, matvec).view(b, s, kv_heads, d).transpose(1, 2)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     cache.write(layer, slots, k, v)
     keys, values = cache.keys[layer], cache.values[layer]  # (b, k_, T, d)
-    kv_heads = attn.num_local_kv_heads
     group_size = attn.num_local_heads // kv_heads
     # Query head j reads kv head j // group_size: fold each group's queries into the query axis,
     # (b, k_, g s, d), so every kernel reads the shared keys in place instead of copies of the cache.
@@ -44,16 +73,16 @@ def _attention(
     mask = mask.unsqueeze(2).expand(b, 1, group_size, s, mask.shape[-1]).reshape(b, 1, group_size * s, -1)
     y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, k_, g s, d)
     y = y.view(b, attn.num_local_heads, s, d).transpose(1, 2).reshape(b, s, attn.num_local_heads * d)
-    return attn.o_proj(y)  # all-reduced over TP: (b, s, h)
+    return _project(attn.o_proj, y, matvec)  # all-reduced over TP: (b, s, h)
 
 
-def _mlp(block: Block, x: torch.Tensor) -> torch.Tensor:
+def _mlp(block: Block, x: torch.Tensor, matvec: bool) -> torch.Tensor:
     mlp = block.mlp
     if mlp.gated:
-        hidden = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)  # (b, s, f/t)
+        hidden = F.silu(_project(mlp.gate_proj, x, matvec)) * _project(mlp.up_proj, x, matvec)  # (b, s, f/t)
     else:
-        hidden = F.gelu(mlp.up_proj(x), approximate="tanh")
-    return mlp.down_proj(hidden)  # (b, s, h)
+        hidden = F.gelu(_project(mlp.up_proj, x, matvec), approximate="tanh")
+    return _project(mlp.down_proj, hidden, matvec)  # (b, s, h)
 
 
 @torch.no_grad()
@@ -65,10 +94,12 @@ def forward_step(
     positions: torch.Tensor,
     *,
     last_only: bool = True,
+    matvec: bool = False,
 ) -> torch.Tensor:
     """Run token ids (b, s) (first stage) or hidden states (b, s, h) at cache `slots` (s,) with token
     `positions` (b, s). Returns hidden states (b, s, h) without a head, else full fp32 logits: (b, V) of
-    the last token when `last_only`, (b, s, V) otherwise. The caller marks the slots valid first."""
+    the last token when `last_only`, (b, s, V) otherwise. The caller marks the slots valid first.
+    `matvec`: projections as products and sums when there is one token in all (for compiled steps)."""
     cfg = model.cfg
     if model.has_embedding:
         ids = x
@@ -80,13 +111,16 @@ def forward_step(
         cos, sin = model.rope(cache.max_len, x.device)  # type: ignore[misc]  # (T, d) each
         rope = (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))  # (b, 1, s, d)
     mask = cache.mask(slots)  # (b, 1, s, T)
+    matvec = matvec and x.shape[0] * x.shape[1] == 1
     for name, block in model.layers.items():
         assert isinstance(block, Block)
-        x = x + _attention(block.self_attn, block.input_layernorm(x), int(name), cache, slots, rope, mask)
-        x = x + _mlp(block, block.post_attention_layernorm(x))
+        normed = block.input_layernorm(x)
+        x = x + _attention(block.self_attn, normed, int(name), cache, slots, rope, mask, matvec)
+        x = x + _mlp(block, block.post_attention_layernorm(x), matvec)
     if not model.has_head:
         return x
     if last_only:
         x = x[:, -1]  # (b, h)
-    logits = F.linear(model.norm(x), model.output_weight())  # (b, [s,] Vp/t)
+    head = _matvec if matvec else F.linear
+    logits = head(model.norm(x), model.output_weight())  # (b, [s,] Vp/t)
     return gather_logits(logits, model.tp.group, cfg.vocab_size).float()
