@@ -60,7 +60,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names to run")
     args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29534")
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
@@ -74,7 +79,7 @@ def main() -> None:
     prompts = torch.randint(0, cfg.vocab_size, (args.batch, 128)).tolist()
     params = SamplingParams(max_new_tokens=args.new, temperature=0.0)
     reference = None
-    for name in VARIANTS:
+    for name in names:
         decoder = Decoder(cuda_graph=True)
         decoder.prepare(model, args.batch, 128 + args.new, None)
         decoder._step = variant_step(name)
