@@ -122,11 +122,21 @@ class Reporter:
             mfu=util,
         )
 
-    def validation(self, step: int, loss: float) -> None:
+    def validation(self, step: int, loss: float, per_source: dict[str, float] | None = None) -> None:
+        """The validation loss after `step` steps; with a blend, each source's too (`val/<name>/loss`)."""
         if self.enabled:
             assert self.writer is not None  # set whenever enabled
-            self.writer.log(step, {"val/loss": loss})
-            self.progress.print(f"step {step}: validation loss {loss:.4f}")
+            metrics = {"val/loss": loss} | {f"val/{n}/loss": v for n, v in (per_source or {}).items()}
+            self.writer.log(step, metrics)
+            each = "".join(f", {n} {v:.4f}" for n, v in (per_source or {}).items())
+            self.progress.print(f"step {step}: validation loss {loss:.4f}{each}")
+
+    def data_mix(self, step: int, samples: dict[str, int]) -> None:
+        """Tokens each source of a blend has given up to `step` (cumulative: `data/<name>/tokens`)."""
+        if self.enabled:
+            assert self.writer is not None
+            seq_len = self.config.data.seq_len
+            self.writer.log(step, {f"data/{n}/tokens": c * seq_len for n, c in samples.items()})
 
     def checkpoint(self, step: int, path: Path, blocked_seconds: float) -> None:
         """A save started (or, synchronous, finished); the step waited `blocked_seconds` for it."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -165,6 +166,19 @@ def check_dataset(path: str | Path, *, model_vocab_size: int, scan: bool = True)
                     )
             del tokens
     return meta
+
+
+class SampleLoader(Protocol):
+    """What the training loop and checkpoints need of a loader (BatchLoader, blend.BlendLoader)."""
+
+    @property
+    def consumed_samples(self) -> int: ...
+
+    def next_batch(self) -> list[Batch]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def _check_dp(dp_rank: int, dp_size: int) -> None:
