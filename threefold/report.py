@@ -52,6 +52,8 @@ class Reporter:
         self.paused = 0.0
         """Seconds of the current log window spent evaluating or saving, left out of the speed figures."""
         self.writer = None
+        self.mix: dict[str, int] = {}
+        """Tokens each source of a blend has given, as last logged (for the summary at the end)."""
         self.progress = TrainProgress(t.max_steps, enabled=enabled and config.logging.progress)
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +138,8 @@ class Reporter:
         if self.enabled:
             assert self.writer is not None
             seq_len = self.config.data.seq_len
-            self.writer.log(step, {f"data/{n}/tokens": c * seq_len for n, c in samples.items()})
+            self.mix = {n: c * seq_len for n, c in samples.items()}
+            self.writer.log(step, {f"data/{n}/tokens": t for n, t in self.mix.items()})
 
     def checkpoint(self, step: int, path: Path, blocked_seconds: float) -> None:
         """A save started (or, synchronous, finished); the step waited `blocked_seconds` for it."""
@@ -153,6 +156,10 @@ class Reporter:
         self.progress.__exit__(*exc)
         if not self.enabled:
             return
+        if self.mix:
+            total = sum(self.mix.values()) or 1
+            each = ", ".join(f"{n} {t:,} ({100 * t / total:.1f}%)" for n, t in self.mix.items())
+            self.progress.print(f"tokens per source: {each}")
         assert self.writer is not None  # set whenever enabled
         self.writer.close()
         if self.config.logging.plot:

@@ -38,6 +38,7 @@ from threefold.checkpoint import (
 from threefold.checkpoint.parts import named_parameters
 from threefold.config import Config
 from threefold.config.validate import checkpoint_to_load
+from threefold.data.blend import check_compatible
 from threefold.data.dataset import SampleLoader, check_dataset
 from threefold.files import RunLock
 from threefold.parallel.mesh import Mesh
@@ -55,6 +56,8 @@ def check_data(config: Config, control: ControlChannel, rank: int) -> None:
     try:
         for source in config.data.datasets():
             check_dataset(source.path, model_vocab_size=config.model.vocab_size, scan=rank == 0)
+        if config.data.sources:
+            check_compatible([(s.label, s.path) for s in config.data.sources])
         error = None
     except ValueError as e:
         error = str(e)
