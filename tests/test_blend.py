@@ -125,6 +125,19 @@ def test_one_source_is_the_plain_loader(three: list[BlendSource]) -> None:
             assert _ids(plain.next_batch()) == _ids(blend.next_batch())
 
 
+def test_loader_errors_and_a_zero_weight(three: list[BlendSource], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"blend weights \[0.5, -1\] must be finite, >= 0"):
+        apportion([0.5, -1], BLOCK)
+    with pytest.raises(ValueError, match=r"need distinct names, got \['s0', 's0'\]"):
+        _blend([three[0], three[0]])
+    other = BlendSource("long", TokenDataset(tmp_path / "s0", "train", SEQ_LEN + 1), 1.0)
+    with pytest.raises(ValueError, match=r"must share seq_len, got \[4, 5\]"):
+        _blend([three[0], other])
+    muted = [three[0], BlendSource("s1", three[1].dataset, 0.0)]
+    assert all(i < 20000 for i in _global_stream(muted, 5))
+    assert _blend(muted, start_sample=40).samples_per_source() == {"s0": 40, "s1": 0}
+
+
 # --- Config -------------------------------------------------------------------------------------------
 
 

@@ -412,7 +412,7 @@ class TrainingConfig(Section):
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
     eval_sequences: int = 16
     """Validation sequences per evaluation, in total: the first ones of the split, shared among the
-    data-parallel ranks, so every layout scores the same tokens."""
+    data-parallel ranks, so every layout scores the same tokens. With data.sources, this many of each."""
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no limit)."""
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from threefold.data.dataset import Batch, BatchLoader, TokenDataset, _check_dp, read_meta
+from threefold.data.dataset import Batch, BatchLoader, TokenDataset, check_batching, read_meta
 
 BLOCK = 1 << 16
 """Positions per block of the blend: the weights are quantized to 1/BLOCK."""
@@ -96,9 +96,12 @@ class BlendLoader:
         start_sample: int = 0,
         shuffle: bool = True,
     ) -> None:
-        _check_dp(dp_rank, dp_size)
+        check_batching(micro_batch_size, global_batch_size, dp_rank, dp_size, seed, start_sample)
         if not sources:
             raise ValueError("a blend needs at least one source")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the sources of a blend need distinct names, got {names}")
         seq_lens = {s.dataset.seq_len for s in sources}
         if len(seq_lens) != 1:
             raise ValueError(f"the sources of a blend must share seq_len, got {sorted(seq_lens)}")
@@ -118,16 +121,6 @@ class BlendLoader:
             )
             for i, s in enumerate(sources)
         ]
-        # The checks of micro_batch_size, global_batch_size, seed and start_sample are BatchLoader's.
-        BatchLoader(
-            sources[0].dataset,
-            micro_batch_size=micro_batch_size,
-            global_batch_size=global_batch_size,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            seed=seed,
-            start_sample=start_sample,
-        )
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size
         self.dp_rank = dp_rank

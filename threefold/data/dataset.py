@@ -186,6 +186,23 @@ def _check_dp(dp_rank: int, dp_size: int) -> None:
         raise ValueError(f"dp_rank ({dp_rank}) must lie in [0, dp_size ({dp_size}))")
 
 
+def check_batching(
+    micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int, seed: int, start_sample: int
+) -> None:
+    """ValueError unless the arguments describe a loader: the global batch splits into whole micro-batches
+    on every DP rank, and the seed and the start are non-negative."""
+    _check_dp(dp_rank, dp_size)
+    if micro_batch_size < 1 or global_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
+        raise ValueError(
+            f"global_batch_size ({global_batch_size}) must be a positive multiple of "
+            f"micro_batch_size ({micro_batch_size}) * dp_size ({dp_size})"
+        )
+    if seed < 0:
+        raise ValueError(f"seed ({seed}) must be non-negative")
+    if start_sample < 0:
+        raise ValueError(f"start_sample ({start_sample}) must be non-negative")
+
+
 def _split_micro_batches(dataset: TokenDataset, indices: np.ndarray, micro_batch_size: int) -> list[Batch]:
     inputs, targets = dataset.get_batch(indices)
     return list(zip(inputs.split(micro_batch_size), targets.split(micro_batch_size), strict=True))
@@ -213,16 +230,7 @@ class BatchLoader:
         start_sample: int = 0,
         shuffle: bool = True,
     ) -> None:
-        _check_dp(dp_rank, dp_size)
-        if micro_batch_size < 1 or global_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(
-                f"global_batch_size ({global_batch_size}) must be a positive multiple of "
-                f"micro_batch_size ({micro_batch_size}) * dp_size ({dp_size})"
-            )
-        if seed < 0:
-            raise ValueError(f"seed ({seed}) must be non-negative")
-        if start_sample < 0:
-            raise ValueError(f"start_sample ({start_sample}) must be non-negative")
+        check_batching(micro_batch_size, global_batch_size, dp_rank, dp_size, seed, start_sample)
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size
