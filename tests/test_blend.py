@@ -109,11 +109,11 @@ def test_resume_under_another_layout_continues_the_same_stream(
 def test_resume_refuses_another_blend(three: list[BlendSource]) -> None:
     state = _blend(three).state_dict()
     reweighted = [BlendSource(s.name, s.dataset, w) for s, w in zip(three, [0.2, 0.3, 0.5], strict=True)]
-    with pytest.raises(ValueError, match=r"loader state has sources=.*this blend has sources="):
+    with pytest.raises(ValueError, match=r"loader state has blend=.*this blend has blend="):
         _blend(reweighted).load_state_dict(state)
     with pytest.raises(ValueError, match=r"loader state has seed=3 but this blend has seed=4"):
         _blend(three, seed=4).load_state_dict(state)
-    _blend(three).load_state_dict({"consumed_samples": 16})  # a checkpoint's manifest holds only this
+    _blend(three).load_state_dict({"consumed_samples": 16})  # a single dataset's checkpoint holds only this
 
 
 def test_one_source_is_the_plain_loader(three: list[BlendSource]) -> None:
@@ -238,19 +238,35 @@ def _train_body(rank: int, world_size: int, config: Config) -> dict:
     return {"losses": result.losses, "val": result.val_losses, "per_source": result.source_val_losses}
 
 
+def _train_or_error(rank: int, world_size: int, config: Config) -> dict | str:
+    try:
+        return _train_body(rank, world_size, config)
+    except ValueError as e:
+        return str(e)
+
+
 def _metrics(config: Config) -> list[dict]:
     path = Path(config.logging.out_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _training_config(datasets: dict[str, Path], run: Path, dp: int = 1, **checkpoint: Any) -> Config:
+def _training_config(
+    datasets: dict[str, Path],
+    run: Path,
+    dp: int = 1,
+    weights: tuple[float, float] = (0.75, 0.25),
+    **checkpoint: Any,
+) -> Config:
     base = tiny_config(
         datasets["poems"], run, dp=dp,
         training=dict(max_steps=4, seed=5, eval_interval=2),
         logging=dict(log_interval=2),
         checkpoint=dict(interval=2) | checkpoint,
     )  # fmt: skip
-    sources = [dict(path=str(datasets["poems"]), weight=0.75), dict(path=str(datasets["more"]), weight=0.25)]
+    sources = [
+        dict(path=str(datasets["poems"]), weight=weights[0]),
+        dict(path=str(datasets["more"]), weight=weights[1]),
+    ]
     return _blend_config(base, sources)
 
 
@@ -281,3 +297,10 @@ def test_training_on_a_blend_reports_each_source_and_resumes_exactly(
     assert resumed["per_source"][4] == pytest.approx(whole["per_source"][4], rel=1e-5)
     last = [r for r in _metrics(resumed_config) if "data/more/tokens" in r][-1]
     assert last["data/more/tokens"] == tokens[-1]["data/more/tokens"]
+
+    # Another blend would give other samples at the checkpoint's position: refused.
+    other = _training_config(
+        datasets, tmp_path / "c", weights=(0.5, 0.5), load=str(tmp_path / "a" / "ckpt" / "step_2")
+    )
+    error = run_ranks(1, _train_or_error, other, timeout=240)[0]
+    assert isinstance(error, str) and "loader state has blend=[['poems', 0.75], ['more', 0.25]]" in error

@@ -181,17 +181,20 @@ class BlendLoader:
             "consumed_samples": self._consumed,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "sources": [[s.name, s.weight, s.dataset.num_samples] for s in self.sources],
+            "blend": [[s.name, s.weight] for s in self.sources],
+            "num_samples": [s.dataset.num_samples for s in self.sources],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state["consumed_samples"]``; the blend (names, weights, sizes, seed) must be the
-        one the state came from."""
+        """Resume at ``state["consumed_samples"]``; the blend (names and weights), the seed and the sources'
+        sizes, where the state holds them, must be this loader's: another would not continue the stream."""
         mine = self.state_dict()
-        for key in ("seed", "shuffle", "sources"):
-            theirs = state.get(key, mine[key])
-            if key == "sources":
-                theirs = [list(t) for t in theirs]
+        for key in ("seed", "shuffle", "blend", "num_samples"):
+            if key not in state:
+                continue
+            theirs = [list(t) for t in state[key]] if key == "blend" else state[key]
+            if key == "num_samples":
+                theirs = list(theirs)
             if theirs != mine[key]:
                 raise ValueError(
                     f"loader state has {key}={theirs!r} but this blend has {key}={mine[key]!r}; resuming "

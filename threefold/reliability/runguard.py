@@ -36,7 +36,7 @@ from threefold.checkpoint import (
     load_manifest,
 )
 from threefold.checkpoint.parts import named_parameters
-from threefold.config import Config
+from threefold.config import Config, DataSource
 from threefold.config.validate import checkpoint_to_load
 from threefold.data.blend import check_compatible
 from threefold.data.dataset import SampleLoader, check_dataset
@@ -189,12 +189,23 @@ def _load_together(
     return None, f"{text} (on rank {rank})" if rank else text
 
 
+def _saved_blend(manifest: Manifest) -> dict:
+    """A blend's checkpoint (data.sources) names its sources, weights and seed in its config: the loader
+    refuses to continue its stream under another blend (the position would mean other samples)."""
+    saved = manifest["config"]
+    sources = saved.get("data", {}).get("sources")
+    if not sources:
+        return {}
+    blend = [[DataSource(**s).label, s["weight"]] for s in sources]
+    return {"blend": blend, "seed": saved["training"]["seed"]}
+
+
 def _continue(
     loader: SampleLoader, path: Path, manifest: Manifest, *, how: Literal["resumed", "loaded"]
 ) -> Start:
     """Resume the data where the checkpoint left it."""
     consumed, step = int(manifest["consumed_samples"]), int(manifest["step"])
-    loader.load_state_dict({"consumed_samples": consumed})
+    loader.load_state_dict({"consumed_samples": consumed} | _saved_blend(manifest))
     return Start(step=step, path=path, how=how, consumed_samples=consumed, saved_step=step)
 
 
