@@ -431,13 +431,18 @@ def _validation_batches(config: Config, mesh: Mesh, device: torch.device) -> dic
     each), on `device`, by source name."""
     out = {}
     for source in config.data.datasets():
-        batches = eval_batches(
-            TokenDataset(source.path, "val", config.data.seq_len),
-            num_sequences=config.training.eval_sequences,
-            micro_batch_size=config.training.micro_batch_size,
-            dp_rank=mesh.dp_rank,
-            dp_size=mesh.dp_size,
-        )
+        try:
+            batches = eval_batches(
+                TokenDataset(source.path, "val", config.data.seq_len),
+                num_sequences=config.training.eval_sequences,
+                micro_batch_size=config.training.micro_batch_size,
+                dp_rank=mesh.dp_rank,
+                dp_size=mesh.dp_size,
+            )
+        except ValueError as e:
+            if not config.data.sources:
+                raise
+            raise ValueError(f"data source {source.label!r}: {e}") from None
         out[source.label] = _to_device(context_shard(batches, mesh), device)
     return out
 
