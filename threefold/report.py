@@ -52,6 +52,8 @@ class Reporter:
         self.paused = 0.0
         """Seconds of the current log window spent evaluating or saving, left out of the speed figures."""
         self.writer = None
+        self.mix: dict[str, int] = {}
+        """Tokens each source of a blend has given, as last logged (for the summary at the end)."""
         self.progress = TrainProgress(t.max_steps, enabled=enabled and config.logging.progress)
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,11 +124,22 @@ class Reporter:
             mfu=util,
         )
 
-    def validation(self, step: int, loss: float) -> None:
+    def validation(self, step: int, loss: float, per_source: dict[str, float] | None = None) -> None:
+        """The validation loss after `step` steps; with a blend, each source's too (`val/<name>/loss`)."""
         if self.enabled:
             assert self.writer is not None  # set whenever enabled
-            self.writer.log(step, {"val/loss": loss})
-            self.progress.print(f"step {step}: validation loss {loss:.4f}")
+            metrics = {"val/loss": loss} | {f"val/{n}/loss": v for n, v in (per_source or {}).items()}
+            self.writer.log(step, metrics)
+            each = "".join(f", {n} {v:.4f}" for n, v in (per_source or {}).items())
+            self.progress.print(f"step {step}: validation loss {loss:.4f}{each}")
+
+    def data_mix(self, step: int, samples: dict[str, int]) -> None:
+        """Tokens each source of a blend has given up to `step` (cumulative: `data/<name>/tokens`)."""
+        if self.enabled:
+            assert self.writer is not None
+            seq_len = self.config.data.seq_len
+            self.mix = {n: c * seq_len for n, c in samples.items()}
+            self.writer.log(step, {f"data/{n}/tokens": t for n, t in self.mix.items()})
 
     def checkpoint(self, step: int, path: Path, blocked_seconds: float) -> None:
         """A save started (or, synchronous, finished); the step waited `blocked_seconds` for it."""
@@ -143,6 +156,10 @@ class Reporter:
         self.progress.__exit__(*exc)
         if not self.enabled:
             return
+        if self.mix:
+            total = sum(self.mix.values()) or 1
+            each = ", ".join(f"{n} {t:,} ({100 * t / total:.1f}%)" for n, t in self.mix.items())
+            self.progress.print(f"tokens per source: {each}")
         assert self.writer is not None  # set whenever enabled
         self.writer.close()
         if self.config.logging.plot:

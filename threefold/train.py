@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from threefold.checkpoint import Checkpointer
 from threefold.config import Config
-from threefold.data.dataset import BatchLoader, TokenDataset, eval_batches, read_meta
+from threefold.data.blend import BlendLoader, BlendSource, val_loss
+from threefold.data.dataset import BatchLoader, SampleLoader, TokenDataset, eval_batches, read_meta
 from threefold.model.transformer import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
 from threefold.parallel import track
@@ -47,6 +48,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     """Training loss of every step (mean over the global batch)."""
     val_losses: dict[int, float] = field(default_factory=dict)
+    """Validation loss by step; for a blend (data.sources), the sources' losses weighted by their weights."""
+    source_val_losses: dict[int, dict[str, float]] = field(default_factory=dict)
+    """With data.sources: each source's validation loss by step."""
     grad_norms: list[float] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     """Steps (1-based) whose update was skipped for a non-finite loss or gradient norm."""
@@ -174,12 +178,27 @@ def _document_eos_id(config: Config) -> int | None:
     """The EOS id that separates the dataset's documents when document masking is on, else None."""
     if not config.data.document_masking:
         return None
-    return int(read_meta(config.data.path)["eos_token_id"])
+    # A blend's sources share their EOS id (threefold.data.blend.check_compatible).
+    return int(read_meta(config.data.datasets()[0].path)["eos_token_id"])
 
 
-def train_loader(config: Config, mesh: Mesh, train_set: TokenDataset | None = None) -> BatchLoader:
-    """This data-parallel rank's batches of the training split (opened here unless given)."""
+def train_loader(config: Config, mesh: Mesh, train_set: TokenDataset | None = None) -> SampleLoader:
+    """This data-parallel rank's batches of the training split (opened here unless given); a blend's
+    (data.sources) when the config names one."""
     t = config.training
+    if config.data.sources and train_set is None:
+        sources = [
+            BlendSource(s.label, TokenDataset(s.path, "train", config.data.seq_len), s.weight)
+            for s in config.data.sources
+        ]
+        return BlendLoader(
+            sources,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size,
+            dp_rank=mesh.dp_rank,
+            dp_size=mesh.dp_size,
+            seed=t.seed,
+        )
     if train_set is None:
         train_set = TokenDataset(config.data.path, "train", config.data.seq_len)
     return BatchLoader(
@@ -341,8 +360,9 @@ class _Duties:
     """The loop's periodic duties on one rank: log, evaluate, save, stop."""
 
     trainer: Trainer
-    loader: BatchLoader
-    val_batches: list[Batch]
+    loader: SampleLoader
+    val_batches: dict[str, list[Batch]]
+    """Each dataset's validation batches, by source name (one entry without data.sources)."""
     guard: RunGuard
     checkpointer: Checkpointer | None
     reporter: Reporter
@@ -362,6 +382,10 @@ class _Duties:
         self.result.grad_norms += [s.grad_norm for s in synced]
         self.result.skipped += [s.step + 1 for s in synced if s.skipped]
         self.reporter.interval(synced)
+        if isinstance(self.loader, BlendLoader) and synced:
+            # Logged before the spike check: the loader stands exactly at the interval's last step.
+            per_source = self.loader.samples_per_source()
+            self.reporter.data_mix(synced[-1].step + 1, per_source)
         spike_step = self.guard.interval(synced, self.reporter.note)
         if spike_step is not None:
             with self.reporter.pause():
@@ -370,9 +394,15 @@ class _Duties:
     def evaluate(self, done: int) -> None:
         track.set_action("evaluation")
         with self.reporter.pause():
-            val = evaluate(self.trainer, self.val_batches)
+            losses = {name: evaluate(self.trainer, batches) for name, batches in self.val_batches.items()}
+        data = self.trainer.config.data
+        if data.sources:
+            val = val_loss(losses, {s.label: s.weight for s in data.sources})
+            self.result.source_val_losses[done] = losses
+        else:
+            (val,) = losses.values()
         self.result.val_losses[done] = val
-        self.reporter.validation(done, val)
+        self.reporter.validation(done, val, losses if data.sources else None)
 
     def save(self, done: int) -> None:
         assert self.checkpointer is not None  # Cadence.save is never due without one
@@ -396,17 +426,25 @@ class _Duties:
         self.reporter.note(f"stopped after step {done} ({why})")
 
 
-def _validation_batches(config: Config, mesh: Mesh, device: torch.device) -> list[Batch]:
-    """This data-parallel rank's share of the validation batches, on `device`."""
-    val_set = TokenDataset(config.data.path, "val", config.data.seq_len)
-    batches = eval_batches(
-        val_set,
-        num_sequences=config.training.eval_sequences,
-        micro_batch_size=config.training.micro_batch_size,
-        dp_rank=mesh.dp_rank,
-        dp_size=mesh.dp_size,
-    )
-    return _to_device(context_shard(batches, mesh), device)
+def _validation_batches(config: Config, mesh: Mesh, device: torch.device) -> dict[str, list[Batch]]:
+    """This data-parallel rank's share of each dataset's validation batches (training.eval_sequences of
+    each), on `device`, by source name."""
+    out = {}
+    for source in config.data.datasets():
+        try:
+            batches = eval_batches(
+                TokenDataset(source.path, "val", config.data.seq_len),
+                num_sequences=config.training.eval_sequences,
+                micro_batch_size=config.training.micro_batch_size,
+                dp_rank=mesh.dp_rank,
+                dp_size=mesh.dp_size,
+            )
+        except ValueError as e:
+            if not config.data.sources:
+                raise
+            raise ValueError(f"data source {source.label!r}: {e}") from None
+        out[source.label] = _to_device(context_shard(batches, mesh), device)
+    return out
 
 
 def train(

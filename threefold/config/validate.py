@@ -10,6 +10,7 @@ from threefold.config.sections import (
     CheckpointConfig,
     Config,
 )
+from threefold.data.blend import check_compatible
 from threefold.files import inside
 from threefold.pipeline.schedules import check_schedule_args
 
@@ -231,11 +232,20 @@ def _check_paths(config: Config) -> None:
     """The files a run reads must exist (skipped for configs checked away from the data)."""
     data = config.data
     _check_load(config.checkpoint)
-    if not (Path(data.path) / "meta.json").is_file() and not data.prepare_shakespeare:
-        raise ValueError(
-            f"data.path {data.path!r} holds no prepared dataset (no meta.json); "
-            "run `threefold data prepare` first or set data.prepare_shakespeare = true"
-        )
+    if not data.sources:
+        if not (Path(data.path) / "meta.json").is_file() and not data.prepare_shakespeare:
+            raise ValueError(
+                f"data.path {data.path!r} holds no prepared dataset (no meta.json); "
+                "run `threefold data prepare` first or set data.prepare_shakespeare = true"
+            )
+        return
+    for i, source in enumerate(data.sources):
+        if not (Path(source.path) / "meta.json").is_file():
+            raise ValueError(
+                f"data.sources[{i}].path {source.path!r} holds no prepared dataset (no meta.json); "
+                "run `threefold data prepare` first"
+            )
+    check_compatible([(s.label, s.path) for s in data.sources])
 
 
 def _check_load(ckpt: CheckpointConfig) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -167,9 +168,39 @@ def check_dataset(path: str | Path, *, model_vocab_size: int, scan: bool = True)
     return meta
 
 
+class SampleLoader(Protocol):
+    """What the training loop and checkpoints need of a loader (BatchLoader, blend.BlendLoader)."""
+
+    @property
+    def consumed_samples(self) -> int: ...
+
+    def next_batch(self) -> list[Batch]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 def _check_dp(dp_rank: int, dp_size: int) -> None:
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank ({dp_rank}) must lie in [0, dp_size ({dp_size}))")
+
+
+def check_batching(
+    micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int, seed: int, start_sample: int
+) -> None:
+    """ValueError unless the arguments describe a loader: the global batch splits into whole micro-batches
+    on every DP rank, and the seed and the start are non-negative."""
+    _check_dp(dp_rank, dp_size)
+    if micro_batch_size < 1 or global_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
+        raise ValueError(
+            f"global_batch_size ({global_batch_size}) must be a positive multiple of "
+            f"micro_batch_size ({micro_batch_size}) * dp_size ({dp_size})"
+        )
+    if seed < 0:
+        raise ValueError(f"seed ({seed}) must be non-negative")
+    if start_sample < 0:
+        raise ValueError(f"start_sample ({start_sample}) must be non-negative")
 
 
 def _split_micro_batches(dataset: TokenDataset, indices: np.ndarray, micro_batch_size: int) -> list[Batch]:
@@ -199,16 +230,7 @@ class BatchLoader:
         start_sample: int = 0,
         shuffle: bool = True,
     ) -> None:
-        _check_dp(dp_rank, dp_size)
-        if micro_batch_size < 1 or global_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(
-                f"global_batch_size ({global_batch_size}) must be a positive multiple of "
-                f"micro_batch_size ({micro_batch_size}) * dp_size ({dp_size})"
-            )
-        if seed < 0:
-            raise ValueError(f"seed ({seed}) must be non-negative")
-        if start_sample < 0:
-            raise ValueError(f"start_sample ({start_sample}) must be non-negative")
+        check_batching(micro_batch_size, global_batch_size, dp_rank, dp_size, seed, start_sample)
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size

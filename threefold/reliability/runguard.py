@@ -36,9 +36,10 @@ from threefold.checkpoint import (
     load_manifest,
 )
 from threefold.checkpoint.parts import named_parameters
-from threefold.config import Config
+from threefold.config import Config, DataSource
 from threefold.config.validate import checkpoint_to_load
-from threefold.data.dataset import BatchLoader, check_dataset
+from threefold.data.blend import check_compatible
+from threefold.data.dataset import SampleLoader, check_dataset
 from threefold.files import RunLock
 from threefold.parallel.mesh import Mesh
 from threefold.parallel.track import CommTracker, activate
@@ -53,7 +54,10 @@ from threefold.report import StepStats
 def check_data(config: Config, control: ControlChannel, rank: int) -> None:
     """ValueError on every rank if the dataset is unusable (rank 0 scans the token ids)."""
     try:
-        check_dataset(config.data.path, model_vocab_size=config.model.vocab_size, scan=rank == 0)
+        for source in config.data.datasets():
+            check_dataset(source.path, model_vocab_size=config.model.vocab_size, scan=rank == 0)
+        if config.data.sources:
+            check_compatible([(s.label, s.path) for s in config.data.sources])
         error = None
     except ValueError as e:
         error = str(e)
@@ -120,7 +124,7 @@ class Start:
         return line
 
 
-def resume(trainer: TrainState, loader: BatchLoader, control: ControlChannel, events: EventLog) -> Start:
+def resume(trainer: TrainState, loader: SampleLoader, control: ControlChannel, events: EventLog) -> Start:
     """Load what the run starts from on every rank; returns where it starts.
 
     The precedence (CheckpointConfig): the newest checkpoint of `checkpoint.dir` that every rank can load
@@ -146,7 +150,7 @@ def resume(trainer: TrainState, loader: BatchLoader, control: ControlChannel, ev
 
 def _load_newest(
     trainer: TrainState,
-    loader: BatchLoader,
+    loader: SampleLoader,
     control: ControlChannel,
     events: EventLog,
     candidates: list[Path],
@@ -185,12 +189,23 @@ def _load_together(
     return None, f"{text} (on rank {rank})" if rank else text
 
 
+def _saved_blend(manifest: Manifest) -> dict:
+    """A blend's checkpoint (data.sources) names its sources, weights and seed in its config: the loader
+    refuses to continue its stream under another blend (the position would mean other samples)."""
+    saved = manifest["config"]
+    sources = saved.get("data", {}).get("sources")
+    if not sources:
+        return {}
+    blend = [[DataSource(**s).label, s["weight"]] for s in sources]
+    return {"blend": blend, "seed": saved["training"]["seed"]}
+
+
 def _continue(
-    loader: BatchLoader, path: Path, manifest: Manifest, *, how: Literal["resumed", "loaded"]
+    loader: SampleLoader, path: Path, manifest: Manifest, *, how: Literal["resumed", "loaded"]
 ) -> Start:
     """Resume the data where the checkpoint left it."""
     consumed, step = int(manifest["consumed_samples"]), int(manifest["step"])
-    loader.load_state_dict({"consumed_samples": consumed})
+    loader.load_state_dict({"consumed_samples": consumed} | _saved_blend(manifest))
     return Start(step=step, path=path, how=how, consumed_samples=consumed, saved_step=step)
 
 
