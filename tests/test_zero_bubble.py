@@ -8,6 +8,8 @@ from test_pipeline import _check
 from tiny import tiny_config, wide_model
 
 from threefold.parallel.weight_grad import WeightGradQueue, linear, run
+from threefold.pipeline.schedules import build_schedule
+from threefold.pipeline.sim import simulate
 
 STEPS = 3
 
@@ -89,3 +91,26 @@ def test_deferred_weight_gradients_equal_autograd():
     weight.grad = bias.grad = None
     torch.autograd.backward(linear(x, weight, bias, queue), grad)
     torch.testing.assert_close(weight.grad, expected[1])
+
+
+@pytest.mark.parametrize("pp", [4, 8])
+@pytest.mark.parametrize("factor", [2, 4])
+def test_zb_h1_has_at_most_a_third_of_1f1bs_bubble(pp, factor):
+    """The issue's simulator target, with F = B = W: ZB-H1's bubble is at most 1/3 of 1F1B's."""
+    m, costs = factor * pp, {"forward_cost": 1.0, "backward_cost": 1.0, "weight_cost": 1.0}
+    base = simulate(build_schedule("1f1b", pp, 1, m), **costs)
+    zb = simulate(build_schedule("zb-h1", pp, 1, m), **costs)
+    assert zb.bubble_fraction <= base.bubble_fraction / 3 + 1e-12
+    assert max(zb.peak_in_flight) <= max(base.peak_in_flight)
+
+
+@pytest.mark.parametrize("pp", [4, 8])
+@pytest.mark.parametrize("factor", [4, 6, 8])
+def test_zb_v_bubble_under_five_percent_at_1f1b_memory(pp, factor):
+    """The issue's target: ZB-V's bubble <= 5% for m >= 4p, its peak activations (two half-stage chunks
+    per rank, so in_flight / 2 whole stages) no more than 1F1B's."""
+    m, costs = factor * pp, {"forward_cost": 1.0, "backward_cost": 1.0, "weight_cost": 1.0}
+    base = simulate(build_schedule("1f1b", pp, 1, m), **costs)
+    zb = simulate(build_schedule("zb-v", pp, 2, m), **costs)
+    assert zb.bubble_fraction <= 0.05
+    assert max(zb.peak_in_flight) / 2 <= max(base.peak_in_flight)
