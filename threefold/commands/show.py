@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     schedule.add_argument("--pp", type=int, default=4, help="pipeline-parallel size p")
     schedule.add_argument("--v", "--chunks", dest="v", type=int, default=None,
-                          help="model chunks per rank (default: 2 for interleaved and zb-v, else 1)")  # fmt: skip
+                          help="model chunks per rank (default: 2 for interleaved and zb-v, "
+                          "else 1)")  # fmt: skip
     schedule.add_argument("-m", "--microbatches", type=int, default=8, help="micro-batches per step")
     schedule.add_argument("--schedule", choices=list(SCHEDULES), default=None,
                           help="default: interleaved when --v > 1, else 1f1b")  # fmt: skip
@@ -38,10 +39,11 @@ def register(sub: Any) -> None:
     schedule.add_argument("--b", "--backward-cost", dest="backward_cost", type=float, default=1.0,
                           help="time of B, the input-gradient half of a backward (default 1)")  # fmt: skip
     schedule.add_argument("--w", "--weight-cost", dest="weight_cost", type=float, default=1.0,
-                          help="time of W, the weight-gradient half; a backward that is not split takes B + W "
-                          "(default 1)")  # fmt: skip
+                          help="time of W, the weight-gradient half; a backward that is not split "
+                          "takes B + W (default 1)")  # fmt: skip
     schedule.add_argument("--compare", action="store_true",
-                          help="also print every schedule's bubble and peak activations in one table")  # fmt: skip
+                          help="also print every schedule's bubble and peak activations in one "
+                          "table")  # fmt: skip
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -100,7 +102,8 @@ def compare_table(rows: list[tuple[str, int, Any]]) -> str:
             lines.append(f"| {name} | {chunks} | - | - | not possible: {result} |")
             continue
         peak = max(result.peak_in_flight) / chunks
-        lines.append(f"| {name} | {chunks} | {result.bubble_fraction:.4f} | {result.makespan / chunks:g} | {peak:g} |")
+        makespan = result.makespan / chunks
+        lines.append(f"| {name} | {chunks} | {result.bubble_fraction:.4f} | {makespan:g} | {peak:g} |")
     return "\n".join(lines)
 
 
@@ -128,9 +131,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             f"bubble fraction: {result.bubble_fraction:.4f} (simulated), 1f1b's (p-1)/m = {(p - 1) / m:.4f}"
         )
     else:
-        print(
-            f"bubble fraction: {result.bubble_fraction:.4f} (simulated), {(p - 1) / (v * m):.4f} = (p-1)/(v*m)"
-        )
+        paper = (p - 1) / (v * m)
+        print(f"bubble fraction: {result.bubble_fraction:.4f} (simulated), {paper:.4f} = (p-1)/(v*m)")
     print(f"makespan {result.makespan:g}, busy time per rank {result.ideal:g}")
     in_flight = ", ".join(f"{n / v:g}" for n in result.peak_in_flight)
     print(f"peak activations in flight per rank, in micro-batches of a whole stage: {in_flight}")
