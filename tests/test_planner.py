@@ -661,3 +661,17 @@ def test_search_ranking_is_the_recorded_one():
 def test_plan_output_is_the_recorded_one():
     for d in json.loads(GOLDEN.read_text())["cli"]:
         assert _plan_stdout(d["argv"]) == d["stdout"], d["argv"]
+
+
+def test_time_model_charges_the_ends_to_their_stages():
+    """llama-8b over 8 stages: the head and loss (~2.1 layers) make the last stage the slowest under an even
+    split; counted as layers ("ends") they leave it 2 layers, and the step is predicted faster."""
+    w = Workload(model=_preset("llama-8b"), seq_len=4096, global_batch_size=64)
+    even = _layout(pp_size=8, pipeline_schedule="1f1b")
+    ends = _layout(pp_size=8, pipeline_schedule="1f1b", pipeline_balance="ends")
+    t_even, t_ends = (estimate_layout_time(w, lay, PRESETS["h100"], gpus_per_node=8) for lay in (even, ends))
+    assert t_ends.step < 0.9 * t_even.step
+    from threefold.plan.memory_model import layer_ranges
+
+    assert [b - a for a, b in layer_ranges(w, ends.parallel)][-1] == 2
+    assert rank_parameters(w, ends, 7) < rank_parameters(w, even, 7)

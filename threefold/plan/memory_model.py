@@ -49,10 +49,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from threefold.config import Config, ModelConfig
+from threefold.config import Config, ModelConfig, ParallelConfig
 from threefold.config.validate import OFFLOAD_BYTES_PER_PARAMETER
 from threefold.metrics import count_parameters, local_kv_heads, local_vocab_size
-from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
+from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank, end_layer_costs
 from threefold.pipeline.schedules import SPLIT_BACKWARD, V_SHAPED
 from threefold.plan.layout import Layout, Workload, from_config
 
@@ -60,12 +60,22 @@ WORKSPACE_BYTES = 256 * 2**20
 """Library workspaces inside the allocator (cuBLAS, attention kernels): a small constant."""
 
 
+def layer_ranges(w: Workload, par: ParallelConfig) -> list[tuple[int, int]]:
+    """Every chunk's [first, last) layers, as threefold.train.layer_ranges splits them."""
+    m = w.model
+    ends = end_layer_costs(
+        par.pipeline_balance, per_layer_params=count_parameters(m)["per_layer"], hidden_size=m.hidden_size,
+        vocab_size=m.vocab_size, seq_len=w.seq_len,
+    )  # fmt: skip
+    return chunk_layer_ranges(m.num_layers, par.pp_size, par.num_model_chunks, ends)
+
+
 def rank_parameters(w: Workload, lay: Layout, pp_rank: int) -> int:
     """P_r: parameters held by one rank of pipeline rank `pp_rank` (its v chunks), from the one counter,
     threefold.metrics.count_parameters, at this layout's tensor-parallel size."""
     par = lay.parallel
     counts = count_parameters(w.model, tp_size=par.tp_size)
-    ranges = chunk_layer_ranges(w.model.num_layers, par.pp_size, par.num_model_chunks)
+    ranges = layer_ranges(w, par)
     chunks = chunks_of_rank(pp_rank, par.pp_size, par.num_model_chunks, par.pipeline_schedule in V_SHAPED)
     total = sum(ranges[c][1] - ranges[c][0] for c in chunks) * counts["per_layer"]
     has_embedding = 0 in chunks
@@ -245,7 +255,7 @@ def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[
     num_mb = lay.num_microbatches(w.global_batch_size)
     sp = par.sequence_parallel and par.tp_size > 1
     s_ = s // par.tp_size if sp else s
-    ranges = chunk_layer_ranges(m.num_layers, p, v)
+    ranges = layer_ranges(w, par)
     last_chunk = len(ranges) - 1
     per_layer = layer_activation_bytes(
         m, micro_batch_size=b, seq_len=s, tp_size=par.tp_size, dtype_bytes=e, recompute=lay.recompute,

@@ -64,11 +64,11 @@ from dataclasses import dataclass, field
 
 from threefold.config import Config
 from threefold.metrics import flops_per_token, local_kv_heads, local_vocab_size
-from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
+from threefold.pipeline.partition import chunks_of_rank
 from threefold.pipeline.schedules import SPLIT_BACKWARD, V_SHAPED
 from threefold.plan.hardware import Hardware
 from threefold.plan.layout import Layout, Workload, from_config
-from threefold.plan.memory_model import rank_parameters
+from threefold.plan.memory_model import layer_ranges, rank_parameters
 
 # Memory-bound bytes per element of one forward pass (backward: BACKWARD_TRAFFIC x), counted from the
 # element-wise kernels threefold.model.transformer runs in eager mode.
@@ -457,7 +457,7 @@ def estimate_layout_time(
     embed = embedding_pass(w, lay, hw, intra_tp=intra_tp)
     transfer = boundary_transfer(w, lay, hw, intra_pp=n_gpus <= gpus_per_node)
 
-    ranges = chunk_layer_ranges(m.num_layers, p, v)
+    ranges = layer_ranges(w, par)
     last = len(ranges) - 1
     per_rank, compute_rank, tp_rank, pp_rank_time, dp_tail, works = [], [], [], [], [], []
     for pp_rank in range(p):
