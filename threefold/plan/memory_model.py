@@ -40,7 +40,9 @@ forward pass, chunk by chunk, and keeps only the input gradient and the output w
 
 Micro-batches in flight on pipeline rank r (`in_flight`, in chunk-micro-batches, checked against
 threefold.pipeline.sim): GPipe m v; 1F1B min(p - r, m); interleaved min(2 (p - r - 1) + (v - 1) p + 1, m v)
-(all m v when m = p). The peak of rank r is then
+(all m v when m = p); ZB-H1 1F1B's, ZB-V at most 2 p half-stage chunks (the simulator's peak). What a
+zero-bubble W still holds after its B (the inputs and output gradients of the linear layers) is not
+counted, as in the paper's measure. The peak of rank r is then
     static + in_flight * (activations of one chunk-micro-batch) + the largest transient of a backward step
 """
 
