@@ -33,7 +33,7 @@ from threefold.plan.memory_model import (
     rank_parameters,
     worst_rank,
 )
-from threefold.plan.search import plan
+from threefold.plan.search import explain, plan
 from threefold.plan.time_model import estimate_layout_time
 from threefold.presets import MODEL_PRESETS
 
@@ -248,7 +248,10 @@ def test_head_and_loss_activations():
 # ---- pipeline: in-flight micro-batches and the bubble against the simulator ----------------------------
 
 SCHEDULE_CASES = [("1f1b", 4, 1, 8), ("1f1b", 4, 1, 2), ("gpipe", 2, 1, 4), ("interleaved", 4, 2, 8),
-                  ("interleaved", 4, 2, 4), ("interleaved", 2, 4, 6), ("interleaved", 3, 2, 9)]  # fmt: skip
+                  ("interleaved", 4, 2, 4), ("interleaved", 2, 4, 6), ("interleaved", 3, 2, 9),
+                  ("zb-h1", 4, 1, 8), ("zb-h1", 4, 1, 2), ("zb-v", 4, 2, 8), ("zb-v", 2, 2, 5)]  # fmt: skip
+ZB_CASES = [("zb-h1", 4, 1, 8), ("zb-h1", 8, 1, 64), ("zb-v", 4, 2, 16), ("zb-v", 8, 2, 64),
+            ("zb-v", 2, 2, 3)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "p", "v", "m"), SCHEDULE_CASES)
@@ -257,7 +260,39 @@ def test_in_flight_matches_simulator(name, p, v, m):
     assert [in_flight(name, p, v, m, r) for r in range(p)] == result.peak_in_flight
 
 
-@pytest.mark.parametrize(("name", "p", "v", "m"), SCHEDULE_CASES)
+@pytest.mark.parametrize(("name", "p", "v", "m"), ZB_CASES)
+def test_zero_bubble_time_is_the_simulators(name, p, v, m):
+    """The zero-bubble schedules' bubble is the simulator's with F = B = W, also past the m = 4 p it is
+    simulated at."""
+    sim = simulate(build_schedule(name, p, v, m), forward_cost=1.0, backward_cost=1.0, weight_cost=1.0)
+    w = Workload(model=ModelConfig(**dict(TINY_LLAMA, num_layers=32)), seq_len=64, global_batch_size=m)
+    lay = _layout(pp_size=p, num_model_chunks=v, pipeline_schedule=name)
+    step = estimate_layout_time(w, lay, PRESETS["h100"], gpus_per_node=8)
+    assert step.bubble_fraction == pytest.approx(sim.bubble_fraction)
+    one_f_one_b = _layout(pp_size=p, pipeline_schedule="1f1b")
+    base = estimate_layout_time(w, one_f_one_b, PRESETS["h100"], gpus_per_node=8)
+    assert step.bubble_fraction <= base.bubble_fraction / 3 + 1e-12
+
+
+def test_planner_picks_a_zero_bubble_schedule_when_the_bubble_dominates(capsys):
+    """Eight pipeline stages and few micro-batches: the bubble is most of 1F1B's step, and the search's
+    best layout runs a zero-bubble schedule; --explain names the schedule it beat."""
+    w = Workload(model=_preset("llama-8b"), seq_len=4096, global_batch_size=8)
+    fixed = {"tp_size": 1, "pp_size": 8, "dp_size": 1, "micro_batch_size": 1}
+    result = plan(w, PRESETS["h100"], num_gpus=8, gpus_per_node=8, fixed=fixed)
+    best = result.ranked[0]
+    assert best.layout.parallel.pipeline_schedule in ("zb-h1", "zb-v")
+    one_f_one_b = next(c for c in result.ranked if c.layout.parallel.pipeline_schedule == "1f1b")
+    assert one_f_one_b.time.bubble > 0.3 * one_f_one_b.time.step
+    assert best.time.step < one_f_one_b.time.step
+    assert any(line.startswith("vs schedule=") for line in explain(result))
+    assert main(["plan", "--model", "llama-8b", "--gpus", "8", "--gpu", "h100", "--global-batch", "8",
+                 "--seq", "4096", "--pp", "8", "--tp", "1", "--micro-batch-size", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert best.layout.label() in out and "vs schedule=" in out
+
+
+@pytest.mark.parametrize(("name", "p", "v", "m"), [c for c in SCHEDULE_CASES if not c[0].startswith("zb")])
 def test_bubble_matches_simulator(name, p, v, m):
     sim = simulate(build_schedule(name, p, v, m), forward_cost=1.0, backward_cost=2.0)
     w = Workload(model=ModelConfig(**dict(TINY_LLAMA, num_layers=24)), seq_len=64, global_batch_size=m)
@@ -626,3 +661,17 @@ def test_search_ranking_is_the_recorded_one():
 def test_plan_output_is_the_recorded_one():
     for d in json.loads(GOLDEN.read_text())["cli"]:
         assert _plan_stdout(d["argv"]) == d["stdout"], d["argv"]
+
+
+def test_time_model_charges_the_ends_to_their_stages():
+    """llama-8b over 8 stages: the head and loss (~2.1 layers) make the last stage the slowest under an even
+    split; counted as layers ("ends") they leave it 2 layers, and the step is predicted faster."""
+    w = Workload(model=_preset("llama-8b"), seq_len=4096, global_batch_size=64)
+    even = _layout(pp_size=8, pipeline_schedule="1f1b")
+    ends = _layout(pp_size=8, pipeline_schedule="1f1b", pipeline_balance="ends")
+    t_even, t_ends = (estimate_layout_time(w, lay, PRESETS["h100"], gpus_per_node=8) for lay in (even, ends))
+    assert t_ends.step < 0.9 * t_even.step
+    from threefold.plan.memory_model import layer_ranges
+
+    assert [b - a for a, b in layer_ranges(w, ends.parallel)][-1] == 2
+    assert rank_parameters(w, ends, 7) < rank_parameters(w, even, 7)

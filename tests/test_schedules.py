@@ -119,3 +119,34 @@ def test_timeline_prints_every_compute_action():
 def test_bad_schedule_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         check_schedule_args(*args)
+
+
+# ---- balanced ends: the output layer and loss counted as layers ------------------------------------------
+
+
+def test_ends_balance_without_end_costs_is_the_even_rule():
+    from threefold.pipeline.partition import chunk_layer_ranges
+
+    for layers in range(1, 20):
+        for pp in range(1, 6):
+            for v in range(1, 4):
+                if pp * v <= layers:
+                    even = chunk_layer_ranges(layers, pp, v)
+                    assert chunk_layer_ranges(layers, pp, v, (0.0, 0.0)) == even
+                    sizes = [b - a for a, b in even]
+                    assert max(sizes) - min(sizes) <= 1
+
+
+def test_ends_balance_minimises_the_costliest_chunk():
+    from threefold.pipeline.partition import chunk_layer_ranges, end_layer_costs
+
+    # llama-8b's shape: the head is ~2.1 layers of forward FLOPs at s = 4096.
+    ends = end_layer_costs(
+        "ends", per_layer_params=218_112_000, hidden_size=4096, vocab_size=128_256, seq_len=4096
+    )
+    assert ends[0] == 0.0 and 2.0 < ends[1] < 2.2
+    assert end_layer_costs("layers", per_layer_params=1, hidden_size=1, vocab_size=1, seq_len=1) == (0.0, 0.0)
+    sizes = [b - a for a, b in chunk_layer_ranges(32, 8, 1, ends)]
+    assert sum(sizes) == 32 and sizes[-1] == 2
+    cost = [s + (ends[1] if c == 7 else 0) for c, s in enumerate(sizes)]
+    assert max(cost) == 5  # the even split's last stage costs 4 + 2.1

@@ -8,6 +8,8 @@ from test_pipeline import _check
 from tiny import tiny_config, wide_model
 
 from threefold.parallel.weight_grad import WeightGradQueue, linear, run
+from threefold.pipeline.schedules import build_schedule
+from threefold.pipeline.sim import simulate
 
 STEPS = 3
 
@@ -19,7 +21,7 @@ def config(sonnets_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("zero_bubble")
 
     def layout(arch: str, tp=1, pp=1, dp=1, schedule="1f1b", **extra):
-        parallel = {k: extra.pop(k) for k in ("sequence_parallel",) if k in extra}
+        parallel = {k: extra.pop(k) for k in ("sequence_parallel", "pipeline_balance") if k in extra}
         v = 2 if schedule == "zb-v" else 1
         return tiny_config(
             sonnets_dataset, run_dir, tp=tp, pp=pp, dp=dp, v=v, zero=extra.pop("zero", False),
@@ -42,6 +44,11 @@ CASES = [
     ((2, 2, 2), "zb-h1", dict(zero=True, sequence_parallel=True)),
     ((1, 2, 2), "zb-h1", dict(zero=2)),
     ((1, 2, 2), "zb-v", dict(zero=3)),
+    # The ends counted as layers: the tiny model's 50257-word output layer costs ~150 layers, so 8 layers
+    # over 4 chunks split 2, 3, 2, 1 instead of 2, 2, 2, 2 (test_ends_balance_moves_layers).
+    ((1, 4, 1), "1f1b", dict(pipeline_balance="ends")),
+    ((1, 4, 1), "zb-h1", dict(pipeline_balance="ends")),
+    ((1, 2, 1), "zb-v", dict(pipeline_balance="ends")),
 ]
 
 
@@ -89,3 +96,36 @@ def test_deferred_weight_gradients_equal_autograd():
     weight.grad = bias.grad = None
     torch.autograd.backward(linear(x, weight, bias, queue), grad)
     torch.testing.assert_close(weight.grad, expected[1])
+
+
+@pytest.mark.parametrize("pp", [4, 8])
+@pytest.mark.parametrize("factor", [2, 4])
+def test_zb_h1_has_at_most_a_third_of_1f1bs_bubble(pp, factor):
+    """The issue's simulator target, with F = B = W: ZB-H1's bubble is at most 1/3 of 1F1B's."""
+    m, costs = factor * pp, {"forward_cost": 1.0, "backward_cost": 1.0, "weight_cost": 1.0}
+    base = simulate(build_schedule("1f1b", pp, 1, m), **costs)
+    zb = simulate(build_schedule("zb-h1", pp, 1, m), **costs)
+    assert zb.bubble_fraction <= base.bubble_fraction / 3 + 1e-12
+    assert max(zb.peak_in_flight) <= max(base.peak_in_flight)
+
+
+@pytest.mark.parametrize("pp", [4, 8])
+@pytest.mark.parametrize("factor", [4, 6, 8])
+def test_zb_v_bubble_under_five_percent_at_1f1b_memory(pp, factor):
+    """The issue's target: ZB-V's bubble <= 5% for m >= 4p, its peak activations (two half-stage chunks
+    per rank, so in_flight / 2 whole stages) no more than 1F1B's."""
+    m, costs = factor * pp, {"forward_cost": 1.0, "backward_cost": 1.0, "weight_cost": 1.0}
+    base = simulate(build_schedule("1f1b", pp, 1, m), **costs)
+    zb = simulate(build_schedule("zb-v", pp, 2, m), **costs)
+    assert zb.bubble_fraction <= 0.05
+    assert max(zb.peak_in_flight) / 2 <= max(base.peak_in_flight)
+
+
+def test_ends_balance_moves_layers(config):
+    """The parity cases with pipeline_balance = "ends" do split the layers unevenly."""
+    from threefold.train import layer_ranges
+
+    assert layer_ranges(config("llama", 1, 4, 1, "1f1b")) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    ends = [(0, 2), (2, 5), (5, 7), (7, 8)]
+    assert layer_ranges(config("llama", 1, 4, 1, "1f1b", pipeline_balance="ends")) == ends
+    assert layer_ranges(config("llama", 1, 2, 1, "zb-v", pipeline_balance="ends")) == ends

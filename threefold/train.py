@@ -16,6 +16,7 @@ from threefold.checkpoint import Checkpointer
 from threefold.config import Config
 from threefold.data.blend import BlendLoader, BlendSource, val_loss
 from threefold.data.dataset import BatchLoader, SampleLoader, TokenDataset, eval_batches, read_meta
+from threefold.metrics import count_parameters
 from threefold.model.transformer import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
 from threefold.parallel import track
@@ -26,7 +27,7 @@ from threefold.parallel.mesh import Mesh
 from threefold.parallel.weight_grad import WeightGradQueue
 from threefold.parallel.zero_params import ParamGather, WaitForGather
 from threefold.pipeline.executor import Batch, PipelineExecutor, connect_neighbours
-from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
+from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank, end_layer_costs
 from threefold.pipeline.schedules import (
     SPLIT_BACKWARD,
     V_SHAPED,
@@ -76,10 +77,20 @@ class Trainer:
     mesh: Mesh
 
 
+def layer_ranges(config: Config) -> list[tuple[int, int]]:
+    """Every pipeline chunk's [first, last) layers under parallel.pipeline_balance."""
+    p, m = config.parallel, config.model
+    ends = end_layer_costs(
+        p.pipeline_balance, per_layer_params=count_parameters(m)["per_layer"], hidden_size=m.hidden_size,
+        vocab_size=m.vocab_size, seq_len=config.data.seq_len,
+    )  # fmt: skip
+    return chunk_layer_ranges(m.num_layers, p.pp_size, p.num_model_chunks, ends)
+
+
 def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     """The model chunks of this rank, their gradient synchronizers, the optimizer and the schedule."""
     p, t = config.parallel, config.training
-    ranges = chunk_layer_ranges(config.model.num_layers, p.pp_size, p.num_model_chunks)
+    ranges = layer_ranges(config)
     num_virtual_stages = len(ranges)
     if device.type == "cuda":
         use_attention_backend(t.attention_backend)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, ClassVar, Literal
 
+from threefold.pipeline.partition import PipelineBalance
 from threefold.pipeline.schedules import ScheduleName
 from threefold.presets import MODEL_PRESETS
 
@@ -215,7 +216,12 @@ class ParallelConfig(Section):
     num_model_chunks: int = 1
     """Model chunks v per pipeline rank (interleaved schedule); 1 means no interleaving."""
     pipeline_schedule: ScheduleName = "1f1b"
-    """'gpipe', '1f1b' or 'interleaved' (needs num_model_chunks > 1 to differ from 1f1b)."""
+    """'gpipe', '1f1b', 'interleaved' (needs num_model_chunks > 1 to differ from 1f1b), or the zero-bubble
+    'zb-h1' (one chunk per rank) and 'zb-v' (exactly two chunks per rank, in a V)."""
+    pipeline_balance: PipelineBalance = "layers"
+    """How the layers split over the pipeline chunks: 'layers' evenly; 'ends' counts the output layer and
+    loss (2 V h FLOPs per token) as layers of their cost, so the last stage holds fewer layers
+    (threefold.pipeline.partition; docs/schedules.md compares them)."""
     scatter_gather: bool = True
     """With tp_size > 1, send 1/t of each pipeline boundary tensor per TP rank and all-gather on arrival."""
     sequence_parallel: bool = False

@@ -10,7 +10,6 @@ from threefold.config.sections import (
     CheckpointConfig,
     Config,
 )
-from threefold.data.blend import check_compatible
 from threefold.files import inside
 from threefold.pipeline.schedules import check_schedule_args
 
@@ -245,6 +244,8 @@ def _check_paths(config: Config) -> None:
                 f"data.sources[{i}].path {source.path!r} holds no prepared dataset (no meta.json); "
                 "run `threefold data prepare` first"
             )
+    from threefold.data.blend import check_compatible  # here: it loads torch, which `plan` never needs
+
     check_compatible([(s.label, s.path) for s in data.sources])
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from threefold.config import Config, ModelConfig, load_config
+from threefold.pipeline.schedules import SCHEDULES
 from threefold.plan.hardware import PRESETS, Hardware, load_hardware, save_hardware
 from threefold.plan.layout import Layout, Workload
 from threefold.plan.search import PlanResult, explain, explain_terms, format_table, plan
@@ -56,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=int, metavar="B", help="fix the micro-batch size b")
     p.add_argument("--recompute", choices=["none", "selective", "full"], help="fix recomputation")
     p.add_argument("--zero", choices=["on", "off"], help="fix ZeRO-1 on or off")
-    p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], help="fix the pipeline schedule")
+    p.add_argument("--schedule", choices=list(SCHEDULES), help="fix the pipeline schedule")
     p.add_argument("--calibrate", action="store_true", help="measure this machine and save a preset")
     p.add_argument(
         "--validate",

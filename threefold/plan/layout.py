@@ -100,6 +100,8 @@ class Layout:
         parts.append(f"b{self.micro_batch_size}")
         if p.pp_size > 1:
             parts.append(p.pipeline_schedule)
+            if p.pipeline_balance != "layers":
+                parts.append(f"balance={p.pipeline_balance}")
         if self.recompute != "none":
             parts.append(f"rc={self.recompute}")
         if p.zero:

@@ -40,22 +40,36 @@ forward pass, chunk by chunk, and keeps only the input gradient and the output w
 
 Micro-batches in flight on pipeline rank r (`in_flight`, in chunk-micro-batches, checked against
 threefold.pipeline.sim): GPipe m v; 1F1B min(p - r, m); interleaved min(2 (p - r - 1) + (v - 1) p + 1, m v)
-(all m v when m = p). The peak of rank r is then
+(all m v when m = p); ZB-H1 1F1B's, ZB-V at most 2 p half-stage chunks (the simulator's peak). What a
+zero-bubble W still holds after its B (the inputs and output gradients of the linear layers) is not
+counted, as in the paper's measure. The peak of rank r is then
     static + in_flight * (activations of one chunk-micro-batch) + the largest transient of a backward step
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from threefold.config import Config, ModelConfig
+from threefold.config import Config, ModelConfig, ParallelConfig
 from threefold.config.validate import OFFLOAD_BYTES_PER_PARAMETER
 from threefold.metrics import count_parameters, local_kv_heads, local_vocab_size
-from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
+from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank, end_layer_costs
+from threefold.pipeline.schedules import SPLIT_BACKWARD, V_SHAPED
 from threefold.plan.layout import Layout, Workload, from_config
 
 WORKSPACE_BYTES = 256 * 2**20
 """Library workspaces inside the allocator (cuBLAS, attention kernels): a small constant."""
+
+
+def layer_ranges(w: Workload, par: ParallelConfig) -> list[tuple[int, int]]:
+    """Every chunk's [first, last) layers, as threefold.train.layer_ranges splits them."""
+    m = w.model
+    ends = end_layer_costs(
+        par.pipeline_balance, per_layer_params=count_parameters(m)["per_layer"], hidden_size=m.hidden_size,
+        vocab_size=m.vocab_size, seq_len=w.seq_len,
+    )  # fmt: skip
+    return chunk_layer_ranges(m.num_layers, par.pp_size, par.num_model_chunks, ends)
 
 
 def rank_parameters(w: Workload, lay: Layout, pp_rank: int) -> int:
@@ -63,8 +77,8 @@ def rank_parameters(w: Workload, lay: Layout, pp_rank: int) -> int:
     threefold.metrics.count_parameters, at this layout's tensor-parallel size."""
     par = lay.parallel
     counts = count_parameters(w.model, tp_size=par.tp_size)
-    ranges = chunk_layer_ranges(w.model.num_layers, par.pp_size, par.num_model_chunks)
-    chunks = chunks_of_rank(pp_rank, par.pp_size, par.num_model_chunks)
+    ranges = layer_ranges(w, par)
+    chunks = chunks_of_rank(pp_rank, par.pp_size, par.num_model_chunks, par.pipeline_schedule in V_SHAPED)
     total = sum(ranges[c][1] - ranges[c][0] for c in chunks) * counts["per_layer"]
     has_embedding = 0 in chunks
     if has_embedding:
@@ -176,12 +190,27 @@ def in_flight(
         return 1 if pipeline_schedule != "gpipe" else m * v
     if pipeline_schedule == "gpipe":
         return m * v
+    if pipeline_schedule in SPLIT_BACKWARD:
+        return _zero_bubble_in_flight(pipeline_schedule, p, m)[pp_rank]
     if v == 1:
         return min(p - pp_rank, m)
     total = m * v
     if m == p:
         return total
     return min(2 * (p - pp_rank - 1) + (v - 1) * p + 1, total)
+
+
+@functools.cache
+def _zero_bubble_in_flight(pipeline_schedule: str, pp_size: int, num_microbatches: int) -> tuple[int, ...]:
+    """Per rank, the simulator's peak of forwards awaiting their B in a zero-bubble schedule: ZB-H1 holds
+    1F1B's min(p - r, m), ZB-V at most 2 p half-stage chunks on every rank (1F1B's p stages at rank 0). The
+    peak is reached within the first 2 p micro-batches, so longer steps are simulated at that length."""
+    from threefold.pipeline.schedules import build_schedule
+    from threefold.pipeline.sim import simulate
+
+    v = 2 if pipeline_schedule in V_SHAPED else 1
+    m = min(num_microbatches, 4 * pp_size)
+    return tuple(simulate(build_schedule(pipeline_schedule, pp_size, v, m)).peak_in_flight)
 
 
 @dataclass(frozen=True)
@@ -228,7 +257,7 @@ def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[
     num_mb = lay.num_microbatches(w.global_batch_size)
     sp = par.sequence_parallel and par.tp_size > 1
     s_ = s // par.tp_size if sp else s
-    ranges = chunk_layer_ranges(m.num_layers, p, v)
+    ranges = layer_ranges(w, par)
     last_chunk = len(ranges) - 1
     per_layer = layer_activation_bytes(
         m, micro_batch_size=b, seq_len=s, tp_size=par.tp_size, dtype_bytes=e, recompute=lay.recompute,
@@ -250,7 +279,7 @@ def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[
     stage, d = int(par.zero), par.dp_size * par.cp_size  # ZeRO shards over every rank holding the weights
     out = []
     for pp_rank in range(p):
-        chunks = chunks_of_rank(pp_rank, p, v)
+        chunks = chunks_of_rank(pp_rank, p, v, par.pipeline_schedule in V_SHAPED)
         params = rank_parameters(w, lay, pp_rank)
         updated = params / (d if stage else 1)  # what this rank's optimizer updates
         parameters = e * params if stage < 3 else e * (params / d + min(2 * unit, params))

@@ -156,10 +156,13 @@ def _variants(
     pp_size, v, dp_size = parallel.pp_size, parallel.num_model_chunks, parallel.dp_size
     num_mb = w.global_batch_size // (dp_size * b)
     schedules: list[ScheduleName] = (
-        ["interleaved"] if v > 1 else ["1f1b", "gpipe"] if pp_size > 1 else ["1f1b"]
-    )
+        ["interleaved", "zb-v"] if v == 2 else ["interleaved"] if v > 1
+        else ["1f1b", "zb-h1", "gpipe"] if pp_size > 1 else ["1f1b"]
+    )  # fmt: skip
     if "pipeline_schedule" not in fixed and pp_size > 1 and v == 1:
-        schedules = ["1f1b"]  # GPipe has 1F1B's bubble and more memory: never better
+        schedules = ["1f1b", "zb-h1"]  # GPipe has 1F1B's bubble and more memory: never better
+    if w.model.tie_embeddings and pp_size > 1:
+        schedules = [s for s in schedules if s != "zb-v"]  # config validation refuses it (see validate.py)
     for schedule in schedules:
         if "pipeline_schedule" in fixed and fixed["pipeline_schedule"] != schedule:
             continue
@@ -276,7 +279,8 @@ def explain(result: PlanResult) -> list[str]:
         f"+ bubble {t.bubble:.3f} + DP {t.dp_exposed:.3f} + optimizer {t.optimizer:.3f} (+ overhead)"
     ]
     dims = [("tp_size", "t"), ("cp_size", "c"), ("pp_size", "p"), ("num_model_chunks", "v"),
-            ("micro_batch_size", "b"), ("recompute", "recompute"), ("zero", "zero")]  # fmt: skip
+            ("micro_batch_size", "b"), ("pipeline_schedule", "schedule"), ("recompute", "recompute"),
+            ("zero", "zero")]  # fmt: skip
     for key, name in dims:
         mine = lay.get(key)
         rival = next((c for c in result.ranked[1:] if c.layout.get(key) != mine), None)

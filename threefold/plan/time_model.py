@@ -46,7 +46,9 @@ Pipeline (the paper's bubble): with C_r the per-micro-batch time of pipeline ran
 and backward, with its TP and p2p communication),
     T_pipeline = m max_r C_r + (p - 1) / v * mean_r C_r,   bubble fraction = (p - 1) / (v m)
 which is (m + (p - 1) / v) (t_f + t_b) for balanced stages, and charges the heavier last stage (head and
-loss) on every micro-batch.
+loss) on every micro-batch. The zero-bubble schedules (ZB-H1, ZB-V) replace (p - 1) / v by the
+simulator's idle time with F = B = W (`bubble_stages`): (p - 1) / 3 and about (p - 1) / 6. ZB-V places
+chunks 0 and 2p - 1 on rank 0, which then runs both the embedding and the head and loss.
 
 Per step: T = T_pipeline + exposed DP communication + optimizer (memory-bound AdamW over the rank's
 shard, about 48 + e bytes per parameter, 4 + (44 + e) / d with ZeRO-1) + a fixed overhead.
@@ -57,14 +59,16 @@ validation set, threefold/plan/validation.json, checks the whole against publish
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from threefold.config import Config
 from threefold.metrics import flops_per_token, local_kv_heads, local_vocab_size
-from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank
+from threefold.pipeline.partition import chunks_of_rank
+from threefold.pipeline.schedules import SPLIT_BACKWARD, V_SHAPED
 from threefold.plan.hardware import Hardware
 from threefold.plan.layout import Layout, Workload, from_config
-from threefold.plan.memory_model import rank_parameters
+from threefold.plan.memory_model import layer_ranges, rank_parameters
 
 # Memory-bound bytes per element of one forward pass (backward: BACKWARD_TRAFFIC x), counted from the
 # element-wise kernels threefold.model.transformer runs in eager mode.
@@ -179,7 +183,7 @@ TERMS = {
     "grad_accumulate": "adding each micro-batch's gradients into the fp32 main_grad",
     "tp_comm": "tensor-parallel all-reduces (or reduce-scatter + all-gather)",
     "pp_comm": "pipeline p2p transfers (and the scatter/gather all-gather)",
-    "bubble": "pipeline bubble, (p - 1)/v of one micro-batch's time",
+    "bubble": "pipeline bubble, (p - 1)/v of one micro-batch's time (zero-bubble: the simulator's)",
     "dp_exposed": "data-parallel gradient collective not hidden by the backward, and ZeRO's all-gather",
     "optimizer": "AdamW step, memory-bound over the rank's parameter shard",
     "overhead": "per-step fixed cost (host sync, loss and norm all-reduces)",
@@ -419,6 +423,24 @@ def data_parallel_tail(
     return exposed, optimizer
 
 
+@functools.cache
+def bubble_stages(
+    pipeline_schedule: str, pp_size: int, num_model_chunks: int, num_microbatches: int
+) -> float:
+    """The bubble in units of one micro-batch's time on a rank: the paper's (p - 1) / v, and for the
+    zero-bubble schedules the simulator's idle time with F = B = W (a linear layer's three GEMMs), which
+    is (p - 1) / 3 for ZB-H1 and about (p - 1) / 6 for ZB-V. The idle time stops changing once the steady
+    state is reached, so long steps are simulated at m = 4 p."""
+    p, v, m = pp_size, num_model_chunks, num_microbatches
+    if p == 1 or pipeline_schedule not in SPLIT_BACKWARD:
+        return (p - 1) / v
+    from threefold.pipeline.schedules import build_schedule
+    from threefold.pipeline.sim import simulate
+
+    r = simulate(build_schedule(pipeline_schedule, p, v, min(m, 4 * p)), backward_cost=1.0, weight_cost=1.0)
+    return (r.makespan - r.ideal) / (3 * v)
+
+
 def estimate_layout_time(
     w: Workload, lay: Layout, hw: Hardware, *, gpus_per_node: int, kernels: Kernels = EAGER
 ) -> StepTime:
@@ -435,12 +457,12 @@ def estimate_layout_time(
     embed = embedding_pass(w, lay, hw, intra_tp=intra_tp)
     transfer = boundary_transfer(w, lay, hw, intra_pp=n_gpus <= gpus_per_node)
 
-    ranges = chunk_layer_ranges(m.num_layers, p, v)
+    ranges = layer_ranges(w, par)
     last = len(ranges) - 1
     per_rank, compute_rank, tp_rank, pp_rank_time, dp_tail, works = [], [], [], [], [], []
     for pp_rank in range(p):
         work = _Pass(0.0, 0.0)
-        for c in chunks_of_rank(pp_rank, p, v):
+        for c in chunks_of_rank(pp_rank, p, v, par.pipeline_schedule in V_SHAPED):
             work = work + layer.scaled(ranges[c][1] - ranges[c][0])
             if c == 0:
                 work = work + embed
@@ -473,7 +495,7 @@ def estimate_layout_time(
 
     slowest = max(range(p), key=lambda r: per_rank[r])
     mean = sum(per_rank) / p
-    bubble = (p - 1) / v * mean
+    bubble = bubble_stages(par.pipeline_schedule, p, v, num_mb) * mean
     pipeline = num_mb * per_rank[slowest] + bubble
     dp_exposed, optimizer = max(dp_tail, key=lambda x: x[0] + x[1])
     step = pipeline + dp_exposed + optimizer + STEP_OVERHEAD_S
@@ -490,7 +512,7 @@ def estimate_layout_time(
         dp_exposed=dp_exposed,
         optimizer=optimizer,
         bubble=bubble,
-        bubble_fraction=(p - 1) / (v * num_mb),
+        bubble_fraction=bubble_stages(par.pipeline_schedule, p, v, num_mb) / num_mb,
         tokens_per_s_per_gpu=tokens,
         tflops_per_gpu=tflops,
         mfu=tflops / hw.peak_tflops,
