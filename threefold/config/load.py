@@ -89,7 +89,9 @@ def _choice(where: str, value: Any, choices: tuple[Any, ...], *, text: bool) -> 
 
 def _strings(where: str, value: Any, *, text: bool) -> tuple[str, ...]:
     """A list of strings (logging.sample_prompts): a TOML array, or override text holding a JSON list
-    (`--logging.sample_prompts='["Once", "The"]'`) or one string."""
+    (`--logging.sample_prompts='["Once", "The"]'`) or one string; () [] none or nothing: none."""
+    if text and value.strip().lower() in ("", "()", "[]", "none"):
+        return ()
     if text:
         try:
             value = json.loads(value) if value.lstrip().startswith("[") else [value]
