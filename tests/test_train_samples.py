@@ -55,7 +55,11 @@ def test_samples_are_generate_on_the_same_weights_and_leave_the_losses_unchanged
     assert not (tmp_path / "off" / "logs" / "metrics.jsonl").read_text().count('"samples"')
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [dict(tp=2), dict(pp=2), dict(pp=2, parallel=dict(pipeline_schedule="zb-h1")), dict(dp=2, zero=1)],
+    ids=["tp2", "pp2", "pp2-zb-h1", "dp2-zero1"],
+)
 def test_samples_under_tp_and_pp_match_one_process(sonnets_dataset, tmp_path, layout):
     one = _run(sonnets_dataset, tmp_path / "one", logging=SAMPLING)
     split = _run(sonnets_dataset, tmp_path / "split", world=2, logging=SAMPLING, **layout)
@@ -71,6 +75,24 @@ def test_sampling_with_temperature_is_seeded(sonnets_dataset, tmp_path):
         tmp_path / "b" / "logs" / "metrics.jsonl"
     )
     assert first["losses"] == second["losses"]
+
+
+def test_samples_go_to_the_metrics_file_and_tensorboard_text(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from threefold.monitor import MetricsWriter
+
+    with MetricsWriter(tmp_path, tensorboard=True) as writer:
+        writer.samples(3, [("a | b", "c\nd"), ("e", "")])
+    assert _samples_of(tmp_path / "metrics.jsonl") == {
+        3: [{"prompt": "a | b", "completion": "c\nd"}, {"prompt": "e", "completion": ""}]
+    }
+    (run,) = (tmp_path / "tb").iterdir()
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    events.Reload()
+    (text,) = events.Tensors("samples/text_summary")
+    assert text.step == 3
+    assert "| a \\| b | c<br>d |" in text.tensor_proto.string_val[0].decode()
 
 
 def _config(dataset, tmp_path, **logging):
