@@ -30,12 +30,13 @@ def _train_and_sample(rank: int, world_size: int, config) -> dict:
     p = config.parallel
     mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size, p.cp_size)
     result = train(config, mesh, torch.device("cpu"))
+    rng = torch.get_rng_state()
     (chunk,) = result.trainer.chunks.values()
     chunk.eval()
     after = []
     if config.logging.sample_prompts:
         after = [(s.prompt, s.completion) for s in Sampler.for_run(config).sample(chunk, mesh)]
-    return {"losses": result.losses, "after": after}
+    return {"losses": result.losses, "after": after, "rng": rng}
 
 
 def _run(dataset, run: Path, *, world: int = 1, logging: dict | None = None, **layout) -> dict:
@@ -43,10 +44,20 @@ def _run(dataset, run: Path, *, world: int = 1, logging: dict | None = None, **l
     return run_ranks(world, _train_and_sample, config)[0]
 
 
-def test_samples_are_generate_on_the_same_weights_and_leave_the_losses_unchanged(sonnets_dataset, tmp_path):
+def test_samples_are_generate_on_the_same_weights_and_leave_the_losses_unchanged(
+    sonnets_dataset, tmp_path, monkeypatch
+):
+    sample = Sampler.sample
+
+    def drawing_sample(self, model, mesh):
+        torch.rand(7)  # as a sampler drawing on the global generator would (the ranks fork after this)
+        return sample(self, model, mesh)
+
+    monkeypatch.setattr(Sampler, "sample", drawing_sample)
     sampled = _run(sonnets_dataset, tmp_path / "on", logging=SAMPLING)
     plain = _run(sonnets_dataset, tmp_path / "off")
-    assert sampled["losses"] == plain["losses"]  # bit for bit: sampling draws on no training RNG
+    assert sampled["losses"] == plain["losses"]  # bit for bit
+    assert torch.equal(sampled["rng"], plain["rng"])  # the global generator's state is restored
     logged = _samples_of(tmp_path / "on" / "logs" / "metrics.jsonl")
     assert sorted(logged) == [2, 4]
     assert [(s["prompt"], s["completion"]) for s in logged[4]] == sampled["after"]
