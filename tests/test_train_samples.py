@@ -158,3 +158,13 @@ def test_wandb_offline_run_holds_the_scalars_and_samples(sonnets_dataset, tmp_pa
     data = records.read_bytes()
     for key in (b"train/loss", b"train/lr", b"samples", b"sample_every"):
         assert key in data, key
+
+
+def test_wandb_without_the_package_names_the_extra(sonnets_dataset, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    hidden = lambda name: None if name == "wandb" else find_spec(name)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hidden)
+    with pytest.raises(ValueError, match=r"pip install 'threefold\[wandb\]'"):
+        _config(sonnets_dataset, tmp_path, wandb=True)
