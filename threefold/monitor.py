@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from threefold.config.sections import WandbMode
 from threefold.files import write_atomic
 
 
@@ -48,8 +49,17 @@ class MetricsWriter:
     complete up to the last logged step if the job dies.
     """
 
-    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, run_name: str = "run") -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        tensorboard: bool = True,
+        run_name: str = "run",
+        wandb: WandbRun | None = None,
+    ) -> None:
+        """`wandb`: a W&B run that receives the same scalars and samples (finished by close())."""
         self.out_dir = Path(out_dir)
+        self._wandb = wandb
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / "metrics.jsonl"
         self._file = open(self.jsonl_path, "a", encoding="utf-8")  # closed in close()
@@ -72,6 +82,25 @@ class MetricsWriter:
                 if value is not None:
                     self._tb.add_scalar(key, float(value), global_step=int(step))
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, {k: v for k, v in metrics.items() if v is not None})
+
+    def samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """Texts the model generated after `step` steps, as (prompt, completion) pairs: one metrics.jsonl
+        record `{"step": ..., "samples": [{"prompt": ..., "completion": ...}]}`, TensorBoard's text tab,
+        and a W&B table."""
+        rows = [{"prompt": p, "completion": c} for p, c in samples]
+        self._file.write(json.dumps({"step": int(step), "samples": rows}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            # TensorBoard renders text as markdown: one table row per sample.
+            table = "| prompt | completion |\n|---|---|\n" + "".join(
+                f"| {_markdown_cell(p)} | {_markdown_cell(c)} |\n" for p, c in samples
+            )
+            self._tb.add_text("samples", table, global_step=int(step))
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.samples(step, samples)
 
     def close(self) -> None:
         if not self._file.closed:
@@ -79,12 +108,49 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+class WandbRun:
+    """A Weights & Biases run of the logging rank: its config is the run's, `log` mirrors the scalars of
+    metrics.jsonl (at the same steps), `samples` adds the generated texts as a table."""
+
+    def __init__(
+        self, config: dict[str, Any], *, project: str, name: str | None, mode: WandbMode, out_dir: Path
+    ) -> None:
+        import wandb  # an optional extra: validation has checked that it is installed
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._wandb = wandb
+        # console="off": the progress bar owns the terminal, and W&B's copy of it would only hold noise.
+        self.run = wandb.init(
+            project=project, name=name, mode=mode, dir=str(out_dir), config=config,
+            settings=wandb.Settings(console="off", silent=True),
+        )  # fmt: skip
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=int(step))
+
+    def samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        table = self._wandb.Table(columns=["step", "prompt", "completion"])
+        for prompt, completion in samples:
+            table.add_data(int(step), prompt, completion)
+        self.run.log({"samples": table}, step=int(step))
+
+    def finish(self) -> None:
+        self.run.finish()
 
 
 def tensorboard_run_name(start_step: int, now: float | None = None) -> str:

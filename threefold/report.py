@@ -37,7 +37,13 @@ class Reporter:
     def __init__(
         self, config: Config, mesh: Mesh, device: torch.device, *, enabled: bool, start_step: int = 0
     ) -> None:
-        from threefold.monitor import MetricsWriter, TrainProgress, drop_records_after, tensorboard_run_name
+        from threefold.monitor import (
+            MetricsWriter,
+            TrainProgress,
+            WandbRun,
+            drop_records_after,
+            tensorboard_run_name,
+        )
 
         self.enabled = enabled
         self.config = config
@@ -63,10 +69,18 @@ class Reporter:
                 metrics.unlink()  # a fresh run starts a fresh curve; a resumed one continues its own
             elif start_step > 0:
                 drop_records_after(metrics, start_step)  # the steps after the checkpoint run again
+            log = config.logging
+            wandb = None
+            if log.wandb:
+                wandb = WandbRun(
+                    config.to_dict(), project=log.wandb_project, name=log.wandb_run_name, mode=log.wandb_mode,
+                    out_dir=Path(log.wandb_dir) if log.wandb_dir else self.out_dir,
+                )  # fmt: skip
             self.writer = MetricsWriter(
                 self.out_dir,
-                tensorboard=config.logging.tensorboard,
+                tensorboard=log.tensorboard,
                 run_name=tensorboard_run_name(start_step),
+                wandb=wandb,
             )
 
     def __enter__(self) -> Reporter:
@@ -148,6 +162,14 @@ class Reporter:
             self.writer.log(step, {"checkpoint/blocking_seconds": blocked_seconds})
             self.progress.print(f"checkpoint {path} ({blocked_seconds:.2f} s in the step)")
 
+    def samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """Texts the model generated after `step` steps, as (prompt, completion) pairs."""
+        if self.enabled:
+            assert self.writer is not None
+            self.writer.samples(step, samples)
+            for prompt, completion in samples:
+                self.progress.print(f"step {step} sample: {_shorten(prompt + completion)!r}")
+
     def note(self, text: str) -> None:
         if self.enabled:
             self.progress.print(text)
@@ -169,3 +191,11 @@ class Reporter:
                 plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
             except ValueError as e:  # nothing logged (stopped before the first step)
                 self.progress.print(f"no loss plot: {e}")
+
+
+SAMPLE_CHARS = 120
+"""Characters of a sample the console shows (metrics.jsonl and TensorBoard keep all of it)."""
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= SAMPLE_CHARS else text[: SAMPLE_CHARS - 3] + "..."

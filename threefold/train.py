@@ -1,7 +1,8 @@
 """train(config): config -> model -> gradient sync -> optimizer -> loop (with evaluation and metrics).
 
 Each iteration of the loop: one training step, the stop agreement, then the duties, each behind one
-condition (`Cadence` says when, `_Duties` does it): log (may roll back on a loss spike), evaluate, save, stop.
+condition (`Cadence` says when, `_Duties` does it): log (may roll back on a loss spike), evaluate, sample,
+save, stop.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from threefold.checkpoint import Checkpointer
 from threefold.config import Config
 from threefold.data.blend import BlendLoader, BlendSource, val_loss
 from threefold.data.dataset import BatchLoader, SampleLoader, TokenDataset, eval_batches, read_meta
+from threefold.infer.samples import Sampler
 from threefold.metrics import count_parameters
 from threefold.model.transformer import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
@@ -361,6 +363,10 @@ class Cadence:
         every = self.config.training.eval_interval
         return every > 0 and (done % every == 0 or end)
 
+    def sample(self, done: int, end: bool) -> bool:
+        every = self.config.logging.sample_every
+        return every > 0 and (done % every == 0 or end)
+
     def save(self, done: int, end: bool) -> bool:
         every = self.config.checkpoint.interval
         return bool(self.config.checkpoint.dir) and ((every > 0 and done % every == 0) or end)
@@ -378,6 +384,8 @@ class _Duties:
     checkpointer: Checkpointer | None
     reporter: Reporter
     result: TrainResult
+    sampler: Sampler | None = None
+    """Continues logging.sample_prompts every logging.sample_every steps (None: never)."""
     pending: list[PendingStats] = field(default_factory=list)
     """The steps since the last log, not yet read on the host."""
 
@@ -414,6 +422,24 @@ class _Duties:
             (val,) = losses.values()
         self.result.val_losses[done] = val
         self.reporter.validation(done, val, losses if data.sources else None)
+
+    def sample(self, done: int) -> None:
+        """Generate from the prompts with the weights of step `done`, on every rank (each stage runs its
+        layers). The global RNG states are restored after, so that a run's losses do not depend on
+        whether it samples."""
+        assert self.sampler is not None  # Cadence.sample is never due without one
+        track.set_action("sample")
+        trainer = self.trainer
+        (chunk,) = trainer.chunks.values()  # check_samples: one chunk per pipeline stage
+        device = next(chunk.parameters()).device
+        wait_params(trainer)  # ZeRO: this step's updated parameters have landed
+        with self.reporter.pause(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            chunk.eval()
+            try:
+                samples = self.sampler.sample(chunk, trainer.mesh)
+            finally:
+                chunk.train()
+        self.reporter.samples(done, [(s.prompt, s.completion) for s in samples])
 
     def save(self, done: int) -> None:
         assert self.checkpointer is not None  # Cadence.save is never due without one
@@ -475,6 +501,8 @@ def _train(
 ) -> TrainResult:
     t, ckpt = config.training, config.checkpoint
     check_data(config, control, mesh.rank)
+    # Before the model is built: a prompt too long for the context fails fast, on every rank alike.
+    sampler = Sampler.for_run(config) if config.logging.sample_every > 0 else None
     trainer = build(config, mesh, device)
     loader = train_loader(config, mesh)
     val_batches = _validation_batches(config, mesh, device)
@@ -489,7 +517,7 @@ def _train(
     reporter = Reporter(config, mesh, device, enabled=mesh.rank == 0, start_step=start_step)
     result = TrainResult(trainer=trainer, steps_done=start_step)
     due = Cadence(config)
-    duties = _Duties(trainer, loader, val_batches, guard, checkpointer, reporter, result)
+    duties = _Duties(trainer, loader, val_batches, guard, checkpointer, reporter, result, sampler)
     started = time.perf_counter()
     with StopRequest(config.reliability.preemption_deadline) as stop, reporter, guard:
         if start_step == 0 and due.evaluate(0, end=False):  # the starting point of the validation curve
@@ -509,6 +537,8 @@ def _train(
                 duties.log()
             if due.evaluate(done, end):
                 duties.evaluate(done)
+            if due.sample(done, end):
+                duties.sample(done)
             if due.save(done, end):
                 duties.save(done)
             if result.stopped_early:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,8 @@ def _coerce(where: str, value: Any, hint: Any, *, text: bool) -> Any:
     choices = _choices(base)
     if choices:
         return _choice(where, value, choices, text=text)
+    if typing.get_origin(base) is tuple:
+        return _strings(where, value, text=text)
     try:
         return _from_text(value, base) if text else _from_toml(value, base)
     except (TypeError, ValueError):
@@ -81,6 +85,21 @@ def _choice(where: str, value: Any, choices: tuple[Any, ...], *, text: bool) -> 
     if value not in choices:
         raise _unknown_choice(where, value, choices)
     return value
+
+
+def _strings(where: str, value: Any, *, text: bool) -> tuple[str, ...]:
+    """A list of strings (logging.sample_prompts): a TOML array, or override text holding a JSON list
+    (`--logging.sample_prompts='["Once", "The"]'`) or one string; () [] none or nothing: none."""
+    if text and value.strip().lower() in ("", "()", "[]", "none"):
+        return ()
+    if text:
+        try:
+            value = json.loads(value) if value.lstrip().startswith("[") else [value]
+        except json.JSONDecodeError:
+            raise ValueError(f"{where} = {value!r} is not a JSON list of strings") from None
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where} = {value!r} must be a list of strings")
+    return tuple(value)
 
 
 def _bool_as_int(value: Any, text: bool) -> Any:

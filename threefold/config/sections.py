@@ -26,6 +26,7 @@ Fp8Recipe = Literal["tensorwise", "rowwise"]
 """How float8 GEMMs scale their operands (threefold.parallel.fp8): one scale per tensor, or per row."""
 Fp8Setting = Literal[False, "tensorwise", "rowwise"]
 CPAttention = Literal["ring", "all_to_all"]
+WandbMode = Literal["online", "offline", "disabled"]
 
 DTYPE_NAMES: tuple[DtypeName, ...] = typing.get_args(DtypeName)
 """Names of the compute dtypes (train.DTYPES maps them to torch dtypes)."""
@@ -504,10 +505,40 @@ class LoggingConfig(Section):
     """Write TensorBoard event files."""
     plot: bool = True
     """Save a loss-curve PNG at the end."""
+    sample_prompts: tuple[str, ...] = ()
+    """Prompts the model being trained continues every `sample_every` steps, encoded with the training
+    data's tokenizer; the texts go to metrics.jsonl (`samples`), TensorBoard, W&B and the console."""
+    sample_every: int = 0
+    """Sample the prompts every this many optimizer steps (and at the end); 0: never."""
+    sample_max_new_tokens: int = 32
+    """New tokens per sample at most (fewer at EOS or where model.max_seq_len ends)."""
+    sample_temperature: float = 0.0
+    """0 is greedy; above 0, sampled with this temperature from a generator seeded by `sample_seed`."""
+    sample_seed: int = 0
+    """Seed of the sampling generator (the same on every rank, so every rank picks the same tokens)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (`pip install 'threefold[wandb]'`): the same scalars as
+    metrics.jsonl at the same steps, the samples as a table, the config as the run's config."""
+    wandb_project: str = "threefold"
+    """The W&B project."""
+    wandb_run_name: str | None = None
+    """The W&B run's display name; None: W&B's own."""
+    wandb_mode: WandbMode = "online"
+    """'online' (sync as it runs), 'offline' (write locally, `wandb sync` later) or 'disabled'."""
+    wandb_dir: str | None = None
+    """Where W&B writes its files (a `wandb/` directory inside); None: logging.out_dir."""
 
     def check(self) -> None:
         super().check()
-        self._positive("log_interval")
+        self._positive("log_interval", "sample_max_new_tokens")
+        self._non_negative("sample_every", "sample_temperature")
+        if self.sample_every > 0 and not self.sample_prompts:
+            raise ValueError(
+                f"logging.sample_every = {self.sample_every} needs at least one logging.sample_prompts entry"
+            )
+        for i, prompt in enumerate(self.sample_prompts):
+            if not prompt:
+                raise ValueError(f"logging.sample_prompts[{i}] is empty")
 
 
 @dataclass(kw_only=True)

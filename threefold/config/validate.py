@@ -3,6 +3,7 @@ the paths a run reads."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from threefold.config.sections import (
@@ -21,11 +22,43 @@ def validate(config: Config, world_size: int | None = None, *, check_paths: bool
     for section in SECTIONS:
         getattr(config, section).check()
     check_across_sections(config)
+    if config.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            "logging.wandb = true needs the wandb package: pip install 'threefold[wandb]' "
+            "(or set logging.wandb = false)"
+        )
     if world_size is not None:
         check_world_size(config, world_size)
     if check_paths:
         _check_paths(config)
         check_host_memory(config)
+
+
+def check_samples(config: Config) -> None:
+    """Samples during training (logging.sample_every) run generation on each rank's one model chunk as it
+    trains, whole on every TP rank: a layout that splits it further is refused. (Each prompt's length
+    is checked against model.max_seq_len at start-up, where the tokenizer is at hand.)"""
+    log, p, m = config.logging, config.parallel, config.model
+    if log.sample_every == 0:
+        return
+    where = f"logging.sample_every = {log.sample_every}"
+    if p.num_model_chunks > 1:
+        raise ValueError(
+            f"{where} needs parallel.num_model_chunks = 1 (got {p.num_model_chunks}): generation runs one "
+            "model chunk per pipeline stage; set sample_every = 0 with interleaved or V-shaped schedules"
+        )
+    if p.sequence_parallel:
+        raise ValueError(f"{where} needs parallel.sequence_parallel = false: generation splits no sequences")
+    if p.zero >= 3:
+        raise ValueError(
+            f"{where} needs parallel.zero < 3 (got {p.zero}): generation reads every layer's parameters "
+            "whole, and ZeRO-3 gathers them only inside the training forward"
+        )
+    if log.sample_max_new_tokens >= m.max_seq_len:
+        raise ValueError(
+            f"logging.sample_max_new_tokens ({log.sample_max_new_tokens}) must be below model.max_seq_len "
+            f"({m.max_seq_len}), leaving room for a prompt"
+        )
 
 
 MAX_MICROBATCHES = 1 << 16
@@ -99,6 +132,7 @@ def check_across_sections(config: Config) -> None:
             f"{p.pipeline_schedule!r}: the float8 GEMMs do not defer their weight gradients to the "
             "schedule's W steps; use 1f1b or interleaved, or turn fp8 off"
         )
+    check_samples(config)
     try:
         check_schedule_args(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     except ValueError as e:

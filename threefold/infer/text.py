@@ -69,15 +69,15 @@ def _token_text(token: Any) -> str | None:
 def load_codec(checkpoint: Path, named: str | None, config: dict[str, Any]) -> TextCodec:
     """The tokenizer for a checkpoint: `named`, else its own, else its training data's (see the module)."""
     if named is not None:
-        return _codec(named)
+        return codec_for(named)
     own = find_tokenizer(checkpoint)
     if own is not None:
-        return _codec(str(own))
+        return codec_for(str(own))
     data_path = config.get("data", {}).get("path")
     meta = Path(str(data_path)) / "meta.json" if data_path else None
     if meta is not None and meta.is_file():
         try:
-            return _codec(str(json.loads(meta.read_text())["tokenizer"]))
+            return codec_for(str(json.loads(meta.read_text())["tokenizer"]))
         except (ValueError, KeyError, TypeError):
             pass  # that dataset moved or changed: no tokenizer from there
     raise ValueError(
@@ -86,7 +86,7 @@ def load_codec(checkpoint: Path, named: str | None, config: dict[str, Any]) -> T
     )
 
 
-def _codec(named: str) -> TextCodec:
+def codec_for(named: str) -> TextCodec:
     """A tokenizer by name or path, with the settings and chat template beside its tokenizer.json."""
     tokenizer = load_tokenizer(named)
     if named == GPT2_NAME:
