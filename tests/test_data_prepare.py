@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from threefold.cli import main
+from threefold.data.inspect import inspect_dataset
 from threefold.data.prepare import prepare_dataset, prepare_main
 
 DOCS = [
@@ -205,3 +207,25 @@ def test_the_command_takes_max_record_bytes(tmp_path, capsys):
     assert prepare_main([str(source), "--out", str(tmp_path / "a"), "--max-record-bytes", "100"]) == 1
     assert "over --max-record-bytes (100)" in capsys.readouterr().err
     assert prepare_main([str(source), "--out", str(tmp_path / "b"), "--max-record-bytes", "10000"]) == 0
+
+
+def test_inspect_counts_documents_and_decodes_one(tmp_path, capsys):
+    docs = ["one two three", "four", "five six seven eight nine ten", "eleven"] * 6
+    meta = prepare_dataset([_write("parquet", tmp_path, docs)], tmp_path / "ds", val_fraction=0.25)
+    report = inspect_dataset(tmp_path / "ds", sample=2, sample_tokens=3)
+    splits = report["splits"]
+    assert {s: splits[s]["tokens"] for s in ("train", "val")} == meta["num_tokens"]
+    # The split cuts at most one document in two: the documents add up to the prepared count (+1 if cut).
+    total = splits["train"]["documents"] + splits["val"]["documents"]
+    assert total in (meta["num_documents"], meta["num_documents"] + 1)
+    assert sum(b["documents"] for b in splits["train"]["histogram"]) == splits["train"]["documents"]
+    assert report["sample"]["text"] == "five six seven"
+    assert len(report["sample"]["token_ids"]) == 3
+
+    # The command line: --json prints the same report.
+    assert main(["data", "inspect", str(tmp_path / "ds"), "--sample", "2", "--tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == report
+    assert main(["data", "inspect", str(tmp_path / "ds"), "--sample", "999"]) == 1
+    assert "--sample 999 is out of range" in capsys.readouterr().err
+    assert main(["data", "inspect", str(tmp_path / "nothing")]) == 1
+    assert "no meta.json" in capsys.readouterr().err
