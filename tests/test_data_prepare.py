@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
@@ -229,3 +230,13 @@ def test_inspect_counts_documents_and_decodes_one(tmp_path, capsys):
     assert "--sample 999 is out of range" in capsys.readouterr().err
     assert main(["data", "inspect", str(tmp_path / "nothing")]) == 1
     assert "no meta.json" in capsys.readouterr().err
+
+
+def test_special_tokens_in_the_text_do_not_end_a_document(tmp_path):
+    docs = ["the string <|endoftext|> is how GPT-2 ends a document", "second"] * 3
+    meta = prepare_dataset([_write("jsonl", tmp_path, docs)], tmp_path / "ds", val_fraction=0.3)
+    tokens = np.concatenate(
+        [np.fromfile(tmp_path / "ds" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")]
+    )
+    assert int((tokens == meta["eos_token_id"]).sum()) == len(docs)
+    assert tokens[-1] == meta["eos_token_id"]

@@ -113,6 +113,9 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     _validate_out_dir(out_dir)
     tok = load_tokenizer(tokenizer)
+    # A document that merely mentions "<|endoftext|>" (code, web pages about tokenizers) must not be cut
+    # in two: special tokens in the text are encoded as plain text, so the EOS id only ever ends a document.
+    tok.encode_special_tokens = True
     eos = eos_token_id(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
