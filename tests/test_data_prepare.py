@@ -4,6 +4,7 @@ input is named and leaves an existing dataset untouched."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -240,3 +241,17 @@ def test_special_tokens_in_the_text_do_not_end_a_document(tmp_path):
     )
     assert int((tokens == meta["eos_token_id"]).sum()) == len(docs)
     assert tokens[-1] == meta["eos_token_id"]
+
+
+def test_checksums_are_recorded_and_verify_finds_a_changed_byte(tmp_path, capsys):
+    meta = prepare_dataset([_write("jsonl", tmp_path)], tmp_path / "ds", val_fraction=0.2)
+    for name in ("train.bin", "val.bin"):
+        expected = "sha256:" + hashlib.sha256((tmp_path / "ds" / name).read_bytes()).hexdigest()
+        assert meta["checksums"][name] == expected
+    assert main(["data", "inspect", str(tmp_path / "ds"), "--verify"]) == 0
+    assert "checksums: all match" in capsys.readouterr().out
+    data = bytearray((tmp_path / "ds" / "val.bin").read_bytes())
+    data[3] ^= 1
+    (tmp_path / "ds" / "val.bin").write_bytes(bytes(data))
+    assert main(["data", "inspect", str(tmp_path / "ds"), "--verify"]) == 1
+    assert "val.bin bytes differ from meta.json's sha256:" in capsys.readouterr().out

@@ -6,7 +6,9 @@ A prepared dataset is a directory holding
     train.bin, val.bin   flat token ids, documents joined by the EOS id (uint16, or uint32 for
                          vocabularies over 65536 entries)
     meta.json            {"format_version": 1, "dtype", "vocab_size", "eos_token_id", "tokenizer",
-                          "num_tokens": {"train": N, "val": M}, "num_documents", "sources"}
+                          "num_tokens": {"train": N, "val": M}, "num_documents", "sources",
+                          "checksums": {"train.bin": "sha256:...", "val.bin": ...}}
+                         (checksums since 2026-12; older datasets have none and still load)
 
 Training samples are windows of ``seq_len + 1`` tokens cut from a split without overlap; inputs are
 the first ``seq_len`` tokens and targets the last ``seq_len``. Batching is a pure function of
@@ -16,6 +18,7 @@ that the uninterrupted run would have seen, whatever the data-parallel layout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +30,32 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def file_checksum(path: str | Path) -> str:
+    """ "sha256:<hex>" of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def verify_checksums(path: str | Path, meta: dict) -> dict[str, str]:
+    """{file: problem} for each split file whose bytes differ from meta.json's "checksums" (empty: all
+    match). A dataset prepared before checksums existed has none to compare: {"meta.json": ...}."""
+    recorded = meta.get("checksums")
+    if not isinstance(recorded, dict):
+        return {"meta.json": "records no checksums (prepared by an older threefold)"}
+    problems = {}
+    for split in SPLITS:
+        name = f"{split}.bin"
+        expected = recorded.get(name)
+        if not (Path(path) / name).is_file():
+            problems[name] = "missing"
+        elif file_checksum(Path(path) / name) != expected:
+            problems[name] = f"bytes differ from meta.json's {expected}"
+    return problems
 
 
 def read_meta(path: str | Path) -> dict:

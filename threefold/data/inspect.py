@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from threefold.data.dataset import SPLITS, check_dataset
+from threefold.data.dataset import SPLITS, check_dataset, verify_checksums
 
 CHUNK = 1 << 24  # tokens scanned at a time, so memory stays flat for any size
 
@@ -40,8 +40,11 @@ def histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
     return [(2**e, 2 ** (e + 1), int(c)) for e, c in enumerate(counts) if c]
 
 
-def inspect_dataset(path: str | Path, *, sample: int = 0, sample_tokens: int = 64) -> dict[str, Any]:
-    """The report as a dict (what `--json` prints)."""
+def inspect_dataset(
+    path: str | Path, *, sample: int = 0, sample_tokens: int = 64, verify: bool = False
+) -> dict[str, Any]:
+    """The report as a dict (what `--json` prints); with `verify`, "checksums" maps each file whose
+    bytes differ from meta.json's checksum to the problem (empty when all match)."""
     meta = check_dataset(path, model_vocab_size=2**63, scan=False)
     eos = meta["eos_token_id"]
     report: dict[str, Any] = {
@@ -71,6 +74,8 @@ def inspect_dataset(path: str | Path, *, sample: int = 0, sample_tokens: int = 6
             sample_ids = [int(t) for t in tokens[start : start + min(sample_tokens, int(lengths[sample]))]]
         del tokens
     report["splits"] = splits
+    if verify:
+        report["checksums"] = verify_checksums(path, meta)
     report["sample"] = {
         "document": sample,
         "token_ids": sample_ids,
@@ -101,6 +106,12 @@ def format_report(report: dict[str, Any]) -> str:
         for b in s["histogram"]:
             bar = "#" * max(1, round(40 * b["documents"] / widest))
             lines.append(f"  {b['from']:>9,} - {b['below'] - 1:>9,} tokens  {b['documents']:>9,}  {bar}")
+    if "checksums" in report:
+        problems = report["checksums"]
+        lines.append(
+            "checksums: "
+            + ("all match" if not problems else "; ".join(f"{k} {v}" for k, v in problems.items()))
+        )
     sample = report["sample"]
     if sample["token_ids"]:
         text = sample["text"] if sample["text"] is not None else "(tokenizer not available here)"
@@ -119,11 +130,12 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("--sample", type=int, default=0, metavar="K", help="decode the K-th train document")
     parser.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens of it to decode")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--verify", action="store_true", help="check the files against meta.json's checksums")
     args = parser.parse_args(argv)
     try:
-        report = inspect_dataset(args.path, sample=args.sample, sample_tokens=args.tokens)
+        report = inspect_dataset(args.path, sample=args.sample, sample_tokens=args.tokens, verify=args.verify)
     except ValueError as exc:
         print(f"threefold data inspect: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    return 1 if report.get("checksums") else 0

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from threefold.data import readers
-from threefold.data.dataset import FORMAT_VERSION
+from threefold.data.dataset import FORMAT_VERSION, file_checksum
 from threefold.data.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer
 from threefold.files import fsync_dir, sync_tree
 
@@ -158,6 +158,7 @@ def prepare_dataset(
             "num_tokens": {"train": num_train, "val": num_val},
             "num_documents": num_documents,
             "sources": [str(p.resolve()) for p in files],
+            "checksums": {name: file_checksum(tmp_dir / name) for name in ("train.bin", "val.bin")},
         }
         (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         sync_tree(tmp_dir)  # durable before the rename makes it visible
