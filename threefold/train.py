@@ -432,7 +432,10 @@ class _Duties:
         trainer = self.trainer
         (chunk,) = trainer.chunks.values()  # check_samples: one chunk per pipeline stage
         device = next(chunk.parameters()).device
-        wait_params(trainer)  # ZeRO: this step's updated parameters have landed
+        for grad_sync in trainer.grad_syncs.values():
+            # ZeRO: this step's updated parameters have landed; ZeRO-3 gathers them whole (as a checkpoint
+            # save does), and the next training forward frees each unit again as it leaves it.
+            grad_sync.quiesce()
         with self.reporter.pause(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             chunk.eval()
             try:
