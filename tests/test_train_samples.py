@@ -1,6 +1,7 @@
 """Samples during training (logging.sample_every): the texts are what `generate` makes of the same
-weights, under tp 2 and pp 2 as in one process; sampling leaves the losses bit-identical; they land in
-metrics.jsonl; the config errors; and the optional Weights & Biases run (offline)."""
+weights, under tp 2 (with sequence parallelism too), pp 2 (one, interleaved and V-shaped chunks), dp 2
+with ZeRO-1 and ZeRO-3, and cp 2 as in one process; sampling leaves every layout's losses bit-identical;
+the texts land in metrics.jsonl; the config errors; and the optional Weights & Biases run (offline)."""
 
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ from tiny import tiny_config
 
 from threefold.config import build_config
 from threefold.infer.samples import Sampler
+from threefold.pipeline.schedules import V_SHAPED
 
 PROMPTS = ["Shall I compare thee", "From fairest creatures we desire"]
 SAMPLING = dict(sample_prompts=PROMPTS, sample_every=2, sample_max_new_tokens=6)
@@ -31,11 +33,14 @@ def _train_and_sample(rank: int, world_size: int, config) -> dict:
     mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size, p.cp_size)
     result = train(config, mesh, torch.device("cpu"))
     rng = torch.get_rng_state()
-    (chunk,) = result.trainer.chunks.values()
-    chunk.eval()
+    chunks = result.trainer.chunks
+    for chunk in chunks.values():
+        chunk.eval()
     after = []
     if config.logging.sample_prompts:
-        after = [(s.prompt, s.completion) for s in Sampler.for_run(config).sample(chunk, mesh)]
+        v_shape = p.pipeline_schedule in V_SHAPED
+        samples = Sampler.for_run(config).sample(chunks, mesh, v_shape=v_shape)
+        after = [(s.prompt, s.completion) for s in samples]
     return {"losses": result.losses, "after": after, "rng": rng}
 
 
@@ -49,9 +54,9 @@ def test_samples_are_generate_on_the_same_weights_and_leave_the_losses_unchanged
 ):
     sample = Sampler.sample
 
-    def drawing_sample(self, model, mesh):
+    def drawing_sample(self, model, mesh, **kwargs):
         torch.rand(7)  # as a sampler drawing on the global generator would (the ranks fork after this)
-        return sample(self, model, mesh)
+        return sample(self, model, mesh, **kwargs)
 
     monkeypatch.setattr(Sampler, "sample", drawing_sample)
     sampled = _run(sonnets_dataset, tmp_path / "on", logging=SAMPLING)
@@ -68,14 +73,27 @@ def test_samples_are_generate_on_the_same_weights_and_leave_the_losses_unchanged
 
 @pytest.mark.parametrize(
     "layout",
-    [dict(tp=2), dict(pp=2), dict(pp=2, parallel=dict(pipeline_schedule="zb-h1")), dict(dp=2, zero=1)],
-    ids=["tp2", "pp2", "pp2-zb-h1", "dp2-zero1"],
+    [
+        dict(tp=2),
+        dict(tp=2, parallel=dict(sequence_parallel=True)),
+        dict(pp=2),
+        dict(pp=2, parallel=dict(pipeline_schedule="zb-h1")),
+        dict(dp=2, zero=1),
+        dict(dp=2, zero=3),
+        dict(parallel=dict(cp_size=2)),
+        dict(pp=2, v=2, model=dict(num_layers=4)),
+        dict(pp=2, v=2, model=dict(num_layers=4), parallel=dict(pipeline_schedule="zb-v")),
+    ],
+    ids=["tp2", "tp2-sp", "pp2", "pp2-zb-h1", "dp2-zero1", "dp2-zero3", "cp2", "pp2-interleaved", "pp2-zb-v"],
 )
 def test_samples_under_tp_and_pp_match_one_process(sonnets_dataset, tmp_path, layout):
-    one = _run(sonnets_dataset, tmp_path / "one", logging=SAMPLING)
+    model = {"model": layout["model"]} if "model" in layout else {}
+    one = _run(sonnets_dataset, tmp_path / "one", logging=SAMPLING, **model)
     split = _run(sonnets_dataset, tmp_path / "split", world=2, logging=SAMPLING, **layout)
     logged = _samples_of(tmp_path / "split" / "logs" / "metrics.jsonl")
     assert [(s["prompt"], s["completion"]) for s in logged[4]] == split["after"] == one["after"]
+    plain = _run(sonnets_dataset, tmp_path / "plain", world=2, **layout)
+    assert split["losses"] == plain["losses"]  # sampling leaves this layout's training as it was
 
 
 def test_sampling_with_temperature_is_seeded(sonnets_dataset, tmp_path):
@@ -119,19 +137,12 @@ def _config(dataset, tmp_path, **logging):
         (SAMPLING | dict(sample_max_new_tokens=0), {}, "sample_max_new_tokens must be positive, got 0"),
         (SAMPLING | dict(sample_max_new_tokens=32), {}, "(32) must be below model.max_seq_len (32)"),
         (dict(sample_prompts=["a", ""]), {}, "logging.sample_prompts[1] is empty"),
-        (SAMPLING, dict(pp=2, v=2, model=dict(num_layers=4)), "needs parallel.num_model_chunks = 1 (got 2)"),
-        (SAMPLING, dict(tp=2, zero=3, dp=2), "needs parallel.zero < 3 (got 3)"),
     ],
 )
 def test_config_errors_name_the_values(sonnets_dataset, tmp_path, logging, layout, message):
     with pytest.raises(ValueError) as e:
         tiny_config(sonnets_dataset, tmp_path, logging=logging, **layout)
     assert message in str(e.value)
-
-
-def test_sequence_parallel_is_refused(sonnets_dataset, tmp_path):
-    with pytest.raises(ValueError, match="needs parallel.sequence_parallel = false"):
-        tiny_config(sonnets_dataset, tmp_path, tp=2, parallel=dict(sequence_parallel=True), logging=SAMPLING)
 
 
 def test_a_prompt_too_long_for_the_context_is_named_with_its_length(sonnets_dataset, tmp_path):

@@ -430,15 +430,20 @@ class _Duties:
         assert self.sampler is not None  # Cadence.sample is never due without one
         track.set_action("sample")
         trainer = self.trainer
-        (chunk,) = trainer.chunks.values()  # check_samples: one chunk per pipeline stage
-        device = next(chunk.parameters()).device
-        wait_params(trainer)  # ZeRO: this step's updated parameters have landed
+        device = next(trainer.chunks[min(trainer.chunks)].parameters()).device
+        for grad_sync in trainer.grad_syncs.values():
+            # ZeRO: this step's updated parameters have landed; ZeRO-3 gathers them whole (as a checkpoint
+            # save does), and the next training forward frees each unit again as it leaves it.
+            grad_sync.quiesce()
+        v_shape = trainer.config.parallel.pipeline_schedule in V_SHAPED
         with self.reporter.pause(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            chunk.eval()
+            for chunk in trainer.chunks.values():
+                chunk.eval()
             try:
-                samples = self.sampler.sample(chunk, trainer.mesh)
+                samples = self.sampler.sample(trainer.chunks, trainer.mesh, v_shape=v_shape)
             finally:
-                chunk.train()
+                for chunk in trainer.chunks.values():
+                    chunk.train()
         self.reporter.samples(done, [(s.prompt, s.completion) for s in samples])
 
     def save(self, done: int) -> None:

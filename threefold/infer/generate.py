@@ -5,7 +5,8 @@ step i; the cache's `valid` mask hides the padding and each row's positions coun
 Each pipeline stage runs its layers and sends the hidden states (b, s, h) to the next; the last stage
 chooses the tokens and broadcasts them back along the pipeline, where the first stage embeds them. Every
 TP rank of the last stage holds the same gathered logits and the same seeded generator, so they choose
-the same tokens without talking.
+the same tokens without talking. A training run's interleaved or V-shaped schedule gives a rank several
+chunks (virtual stages): the hidden states then pass through every chunk in order, from rank to rank.
 
 On CUDA with one stage, a `Decoder(cuda_graph=True)` captures the decode step once (its shapes never
 change) and replays it, which removes the launch cost of its many small kernels: at batch 1 decoding is
@@ -27,6 +28,7 @@ from threefold.infer.sampling import SamplingParams, choose
 from threefold.infer.step import forward_step
 from threefold.model.transformer import Block, Transformer
 from threefold.parallel.mesh import Mesh
+from threefold.pipeline.partition import rank_of_chunk
 
 STOP_CHECK_EVERY = 16
 """Decode steps between checks of whether every row has reached EOS (each check waits for the GPU)."""
@@ -41,39 +43,57 @@ class Generation:
     logprobs: list[list[float]]
 
 
+Chunks = dict[int, Transformer]
+"""A rank's model chunks by global chunk index (virtual stage): one per pipeline stage as inference
+loads a checkpoint, several under a training run's interleaved or V-shaped schedule."""
+
+
+def as_chunks(model: Transformer | Chunks, mesh: Mesh | None) -> Chunks:
+    """`model` as this rank's chunks: a lone model is the chunk of its pipeline stage."""
+    if isinstance(model, Transformer):
+        return {mesh.pp_rank if mesh is not None else 0: model}
+    return model
+
+
 class _Stages:
-    """This rank's part of the pipeline: receive from the previous stage, run, send to the next."""
+    """This rank's part of the pipeline: for each chunk it holds, in chunk order, receive from the
+    previous chunk's rank, run, send to the next chunk's rank. Every rank runs its chunks in the same
+    global order, so the chain of transfers cannot deadlock."""
 
-    def __init__(self, model: Transformer, cache: KVCache, mesh: Mesh | None) -> None:
-        self.model, self.cache, self.mesh = model, cache, mesh
+    def __init__(self, chunks: Chunks, cache: KVCache, mesh: Mesh | None, v_shape: bool) -> None:
+        self.chunks, self.cache, self.mesh = chunks, cache, mesh
+        model = next(iter(chunks.values()))
         self.hidden = model.cfg.hidden_size
+        self.dtype = next(model.parameters()).dtype
+        pp_size = mesh.pp_size if mesh is not None else 1
+        self.num_chunks = pp_size * len(chunks)
+        self.holders = [rank_of_chunk(c, pp_size, v_shape) for c in range(self.num_chunks)]
+        """The pipeline rank of every chunk."""
 
-    def neighbour(self, offset: int) -> int:
+    def rank_of(self, chunk: int) -> int:
         m = self.mesh
         assert m is not None
-        return m.rank_at(pp_rank=m.pp_rank + offset, dp_rank=m.dp_rank, tp_rank=m.tp_rank)
+        return m.rank_at(pp_rank=self.holders[chunk], dp_rank=m.dp_rank, tp_rank=m.tp_rank)
 
     def run(
         self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, step: Callable[..., torch.Tensor]
     ) -> torch.Tensor | None:
-        m = self.mesh
-        if m is not None and not m.is_first_stage:
-            b, s = positions.shape
-            dtype = next(self.model.parameters()).dtype
-            x = torch.empty(b, s, self.hidden, dtype=dtype, device=positions.device)
-            dist.recv(x, src=self.neighbour(-1))
-        out = step(self.model, x, self.cache, slots, positions)
-        if m is not None and not m.is_last_stage:
-            dist.send(out.contiguous(), dst=self.neighbour(1))
-            return None
-        return out
+        """The last chunk's logits on the rank holding it; None on the others."""
+        for c, chunk in sorted(self.chunks.items()):
+            if c > 0 and self.holders[c - 1] != self.holders[c]:
+                b, s = positions.shape
+                x = torch.empty(b, s, self.hidden, dtype=self.dtype, device=positions.device)
+                dist.recv(x, src=self.rank_of(c - 1))
+            x = step(chunk, x, self.cache, slots, positions)
+            if c < self.num_chunks - 1 and self.holders[c + 1] != self.holders[c]:
+                dist.send(x.contiguous(), dst=self.rank_of(c + 1))
+        return x if self.num_chunks - 1 in self.chunks else None
 
     def share(self, t: torch.Tensor) -> torch.Tensor:
-        """The last stage's tensor `t` on every stage (same shape and dtype everywhere)."""
+        """The last chunk's rank's tensor `t` on every stage (same shape and dtype everywhere)."""
         m = self.mesh
         if m is not None and m.pp_size > 1:
-            src = m.rank_at(pp_rank=m.pp_size - 1, dp_rank=m.dp_rank, tp_rank=m.tp_rank)
-            dist.broadcast(t, src=src, group=m.pp_group)
+            dist.broadcast(t, src=self.rank_of(self.num_chunks - 1), group=m.pp_group)
         return t
 
 
@@ -132,23 +152,28 @@ class Decoder:
         self._cache: KVCache | None = None
         self._step: Callable[..., torch.Tensor] = forward_step
 
-    def prepare(self, model: Transformer, batch_size: int, max_len: int, mesh: Mesh | None) -> KVCache:
-        """A cleared cache for this call; the one of the last call when the shapes match."""
-        key = (id(model), batch_size, max_len)
+    def prepare(
+        self, model: Transformer | Chunks, batch_size: int, max_len: int, mesh: Mesh | None
+    ) -> KVCache:
+        """A cleared cache (of every layer of this rank's chunks) for this call; the one of the last call
+        when the shapes match."""
+        chunks = as_chunks(model, mesh)
+        key = (*(id(c) for c in chunks.values()), batch_size, max_len)
         if self._cache is not None and self._key == key:
             self._cache.valid.zero_()
             return self._cache
-        cfg = model.cfg
-        param = next(model.parameters())
-        block = next(iter(model.layers.values()))
+        first = next(iter(chunks.values()))
+        param = next(first.parameters())
+        block = next(iter(first.layers.values()))
         assert isinstance(block, Block)
         self._cache = KVCache(
-            [int(i) for i in model.layers], batch_size=batch_size,
-            num_kv_heads=block.self_attn.num_local_kv_heads, max_len=max_len, head_dim=cfg.head_dim,
+            [int(i) for c in chunks.values() for i in c.layers], batch_size=batch_size,
+            num_kv_heads=block.self_attn.num_local_kv_heads, max_len=max_len, head_dim=first.cfg.head_dim,
             dtype=param.dtype, device=param.device,
         )  # fmt: skip
         self._key = key
-        graphable = param.device.type == "cuda" and (mesh is None or mesh.pp_size == 1)
+        one_stage = len(chunks) == 1 and (mesh is None or mesh.pp_size == 1)
+        graphable = param.device.type == "cuda" and one_stage
         self._step = _GraphedStep(self.compiled) if self.cuda_graph and graphable else forward_step
         return self._cache
 
@@ -186,7 +211,7 @@ def check_prompts(prompts: list[list[int]], max_seq_len: int) -> None:
 
 @torch.no_grad()
 def generate(
-    model: Transformer,
+    model: Transformer | Chunks,
     prompts: list[list[int]],
     params: SamplingParams,
     *,
@@ -194,24 +219,28 @@ def generate(
     pad_id: int = 0,
     mesh: Mesh | None = None,
     decoder: Decoder | None = None,
+    v_shape: bool = False,
 ) -> Generation:
     """Continue each prompt (token ids) with up to params.max_new_tokens tokens, stopping a row at EOS.
 
     Run it on every rank of the model's pipeline and TP groups alike (same prompts, same params); every
     rank returns the same Generation. `mesh` is needed with pp_size > 1 only. New tokens stop where the
     model's context (model.max_seq_len) ends. `decoder`: how decode steps run (default: eagerly), and the
-    state it keeps for the next call."""
+    state it keeps for the next call. `model` may be this rank's several chunks (a training run's
+    interleaved schedule, or its V-shaped one with `v_shape`)."""
     params.check()
-    cfg = model.cfg
+    chunks = as_chunks(model, mesh)
+    first = next(iter(chunks.values()))
+    cfg = first.cfg
     check_prompts(prompts, cfg.max_seq_len)
-    device = next(model.parameters()).device
+    device = next(first.parameters()).device
     ids, valid = left_pad(prompts, pad_id, device)
     b, length = ids.shape
     new = min(params.max_new_tokens, cfg.max_seq_len - length)
     decoder = decoder or Decoder()
-    cache = decoder.prepare(model, b, length + new, mesh)
+    cache = decoder.prepare(chunks, b, length + new, mesh)
     cache.valid[:, :length] = valid
-    stages = _Stages(model, cache, mesh)
+    stages = _Stages(chunks, cache, mesh, v_shape)
     generator = torch.Generator(device=device).manual_seed(params.seed)
     decode_step = decoder.step()
 

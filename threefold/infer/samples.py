@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from threefold.config import Config
 from threefold.data.dataset import read_meta
-from threefold.infer.generate import generate
+from threefold.infer.generate import Chunks, generate
 from threefold.infer.sampling import SamplingParams
 from threefold.infer.text import TextCodec, codec_for
 from threefold.model.transformer import Transformer
@@ -53,9 +53,10 @@ class Sampler:
         )
         return cls(codec, log.sample_prompts, ids, params)
 
-    def sample(self, model: Transformer, mesh: Mesh) -> list[Sample]:
-        """Every prompt's continuation by this rank's model part (the same texts on every rank)."""
-        out = generate(model, self.ids, self.params, eos_id=self.codec.eos_id(), mesh=mesh)
+    def sample(self, model: Transformer | Chunks, mesh: Mesh, *, v_shape: bool = False) -> list[Sample]:
+        """Every prompt's continuation by this rank's model part (the same texts on every rank); `model`:
+        its one chunk, or its chunks by index (`v_shape`: placed as the V-shaped schedules place them)."""
+        out = generate(model, self.ids, self.params, eos_id=self.codec.eos_id(), mesh=mesh, v_shape=v_shape)
         return [
             Sample(prompt, self.codec.decode(tokens))
             for prompt, tokens in zip(self.prompts, out.tokens, strict=True)

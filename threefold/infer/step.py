@@ -13,18 +13,24 @@ product and a sum over the input features instead of a matrix product. The compi
 reduction kernel that reads the weight once, at close to the memory's speed, where the library's
 matrix-product kernels for a single row reach about half of it (bench/decode_profile.py). Eagerly that
 form would materialize the products, so only compiled steps use it.
+
+A model as training built it (samples during training) may have sequence-parallel layers and float8
+GEMMs. Generation splits no sequence, so their outputs are all-reduced over TP instead of scattered along
+the sequence; and its GEMMs run in the weights' own dtype, since a decode step's few tokens are not the
+multiple of 16 rows that float8 kernels take.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from threefold.infer.cache import KVCache
 from threefold.model.transformer import Attention, Block, Transformer, apply_rope, gather_logits
 from threefold.parallel.comm import reduce_from_tp
-from threefold.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from threefold.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
 def _matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,14 +42,27 @@ def _matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def _project(layer: nn.Module, x: torch.Tensor, matvec: bool) -> torch.Tensor:
-    """The layer's output for x; with `matvec`, through `_matvec` and the row-parallel all-reduce."""
-    if not matvec:
+    """The layer's output for x, whole on every TP rank (see the module for what differs from training);
+    with `matvec`, through `_matvec` and the row-parallel all-reduce."""
+    assert isinstance(layer, ColumnParallelLinear | RowParallelLinear)
+    training_only = layer.fp8 is not None or getattr(layer, "sequence_parallel", False)
+    if not matvec and not training_only:
         return layer(x)
+    product = _matvec if matvec else F.linear
     if isinstance(layer, ColumnParallelLinear):
-        return _matvec(x, layer.weight, layer.bias)
-    assert isinstance(layer, RowParallelLinear) and not layer.sequence_parallel
-    y = reduce_from_tp(_matvec(x, layer.weight), layer.tp_group)
+        return product(x, layer.weight, layer.bias)
+    y = reduce_from_tp(product(x, layer.weight), layer.tp_group)
     return y + layer.bias if layer.bias is not None else y
+
+
+def _embed(embedding: VocabParallelEmbedding, ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings (b, s, h), whole on every TP rank, also of a sequence-parallel embedding."""
+    if not embedding.sequence_parallel or dist.get_world_size(embedding.tp_group) == 1:
+        return embedding(ids)
+    local_ids = ids - embedding.vocab_start
+    outside = (local_ids < 0) | (local_ids >= embedding.weight.shape[0])
+    out = F.embedding(local_ids.masked_fill(outside, 0), embedding.weight)
+    return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), embedding.tp_group)
 
 
 def _attention(
@@ -103,13 +122,13 @@ def forward_step(
     cfg = model.cfg
     if model.has_embedding:
         ids = x
-        x = model.embed_tokens(ids)  # (b, s, h)
+        x = _embed(model.embed_tokens, ids)  # (b, s, h)
         if cfg.arch == "gpt2":
             x = x + model.embed_positions(positions)
     rope = None
     if cfg.arch == "llama":
-        cos, sin = model.rope(cache.max_len, x.device)  # type: ignore[misc]  # (T, d) each
-        rope = (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))  # (b, 1, s, d)
+        # Read at the tokens' positions: without them, a context-parallel model's table is its chunks'.
+        rope = model.rope(cache.max_len, x.device, positions)  # (b, 1, s, d) each
     mask = cache.mask(slots)  # (b, 1, s, T)
     matvec = matvec and x.shape[0] * x.shape[1] == 1
     for name, block in model.layers.items():
