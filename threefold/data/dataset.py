@@ -1,12 +1,21 @@
 """Token datasets: reading prepared datasets back and batching them deterministically (threefold.data.prepare
 makes them).
 
-A prepared dataset is a directory holding
+A prepared dataset (format 2) is a directory holding
 
     train.bin, val.bin   flat token ids, documents joined by the EOS id (uint16, or uint32 for
-                         vocabularies over 65536 entries)
-    meta.json            {"format_version": 1, "dtype", "vocab_size", "eos_token_id", "tokenizer",
-                          "num_tokens": {"train": N, "val": M}, "num_documents", "sources"}
+                         vocabularies over 65536 entries), memory-mapped for training
+    train.idx, val.idx   little-endian uint64 document offsets into the .bin of the same split: the
+                         start of each document, then the end of the last (num_documents + 1 entries,
+                         the first 0, the last num_tokens), so a document is found without scanning
+    meta.json            {"format_version": 2, "dtype", "vocab_size", "eos_token_id", "tokenizer",
+                          "num_tokens": {"train": N, "val": M}, "num_documents": {"train", "val"},
+                          "checksums": {"train.bin": "sha256:<hex>", ... one per .bin and .idx},
+                          "sources": [the inputs, in order]}
+
+The split falls on a document boundary: val holds the last documents, about val_fraction of the
+tokens. Only a dataset of one document is cut mid-document (each split's index then holds that one,
+partial, document). Format 1 (no .idx files, no checksums, num_documents one total) is still read.
 
 Training samples are windows of ``seq_len + 1`` tokens cut from a split without overlap; inputs are
 the first ``seq_len`` tokens and targets the last ``seq_len``. Batching is a pure function of
@@ -16,14 +25,17 @@ that the uninterrupted run would have seen, whatever the data-parallel layout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "val")
+INDEX_DTYPE = np.dtype("<u8")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -39,9 +51,11 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{str(meta_path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{str(meta_path)!r} has format_version {version!r}, expected {FORMAT_VERSION}")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise ValueError(
+            f"{str(meta_path)!r} has format_version {version!r}, expected one of {list(READABLE_VERSIONS)}"
+        )
     missing = [k for k in ("dtype", "vocab_size", "eos_token_id", "tokenizer", "num_tokens") if k not in meta]
     if missing:
         raise ValueError(f"{str(meta_path)!r} lacks keys {missing}")
@@ -60,7 +74,52 @@ def read_meta(path: str | Path) -> dict:
             )
     if not isinstance(meta["tokenizer"], str):
         raise ValueError(f"{str(meta_path)!r} has tokenizer {meta['tokenizer']!r}, expected a name or path")
+    if version >= 2:
+        documents, checksums = meta.get("num_documents"), meta.get("checksums")
+        if not isinstance(documents, dict) or not all(
+            isinstance(documents.get(s), int) and not isinstance(documents.get(s), bool) for s in SPLITS
+        ):
+            raise ValueError(
+                f"{str(meta_path)!r} has num_documents {documents!r}, expected integer 'train' and 'val'"
+            )
+        if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+            raise ValueError(f"{str(meta_path)!r} has checksums {checksums!r}, expected file name -> digest")
     return meta
+
+
+def read_index(path: str | Path, split: str) -> np.ndarray | None:
+    """The document offsets of one split (memory-mapped, num_documents + 1 entries), or None for a
+    format-1 dataset, which has no index."""
+    meta = read_meta(path)
+    if meta["format_version"] < 2:
+        return None
+    return np.memmap(Path(path) / f"{split}.idx", dtype=INDEX_DTYPE, mode="r")
+
+
+def dataset_files(meta: dict) -> list[str]:
+    """The data files a dataset of this meta holds (meta.json aside)."""
+    names = [f"{split}.bin" for split in SPLITS]
+    if meta["format_version"] >= 2:
+        names += [f"{split}.idx" for split in SPLITS]
+    return names
+
+
+def verify_checksums(path: str | Path) -> dict[str, bool | None]:
+    """Re-hash every data file and compare with meta.json: name -> True (matches), False, or None
+    (format 1 records no checksum). Reads every byte, so it is for `data inspect --verify`, not start-up."""
+    meta = read_meta(path)
+    result: dict[str, bool | None] = {}
+    for name in dataset_files(meta):
+        expected = meta.get("checksums", {}).get(name)
+        if expected is None:
+            result[name] = None
+            continue
+        digest = hashlib.sha256()
+        with (Path(path) / name).open("rb") as f:
+            while chunk := f.read(16 << 20):
+                digest.update(chunk)
+        result[name] = "sha256:" + digest.hexdigest() == expected
+    return result
 
 
 class TokenDataset:
@@ -152,6 +211,8 @@ def check_dataset(path: str | Path, *, model_vocab_size: int, scan: bool = True)
                 f"= {expected * dtype.itemsize} bytes (the file is {hint}, or meta.json belongs to another "
                 f"file or dtype); {redo}"
             )
+        if meta["format_version"] >= 2:
+            _check_index(Path(path), split, meta, redo)
         if scan and expected:
             tokens = np.memmap(file, dtype=dtype, mode="r")
             chunk = 1 << 24
@@ -165,6 +226,26 @@ def check_dataset(path: str | Path, *, model_vocab_size: int, scan: bool = True)
                     )
             del tokens
     return meta
+
+
+def _check_index(path: Path, split: str, meta: dict, redo: str) -> None:
+    """The cheap half of an index check: its size and its first and last offsets, not every entry."""
+    file = path / f"{split}.idx"
+    num_documents, num_tokens = meta["num_documents"][split], meta["num_tokens"][split]
+    size = file.stat().st_size if file.is_file() else None
+    if size != (num_documents + 1) * INDEX_DTYPE.itemsize:
+        raise ValueError(
+            f"{str(file)!r} holds {size} bytes, but meta.json promises {num_documents} documents = "
+            f"{(num_documents + 1) * INDEX_DTYPE.itemsize} bytes of offsets; {redo}"
+        )
+    index = np.memmap(file, dtype=INDEX_DTYPE, mode="r")
+    first, last = int(index[0]), int(index[-1])
+    del index
+    if first != 0 or last != num_tokens:
+        raise ValueError(
+            f"{str(file)!r} runs from offset {first} to {last}, but {split}.bin holds {num_tokens} tokens "
+            f"(expected 0 to {num_tokens}); {redo}"
+        )
 
 
 def _check_dp(dp_rank: int, dp_size: int) -> None:
