@@ -58,12 +58,17 @@ def build_parser() -> tuple[Parser, list[str]]:
 
 
 def _register_data(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="datasets: prepare", description="Dataset tools.")
+    data = sub.add_parser("data", help="datasets: prepare, inspect", description="Dataset tools.")
     actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
-    # `data prepare` parses its own arguments (threefold/data/prepare.py), its --help included.
+    # `data prepare` and `data inspect` parse their own arguments (threefold/data/), --help included.
     add_command(
         actions, "prepare", _cmd_prepare, passthrough=True, add_help=False,
-        help="tokenize .txt/.jsonl files (or Shakespeare) into train.bin, val.bin, meta.json",
+        help="tokenize text, JSON lines (.gz, .zst), Parquet, Arrow or saved HF datasets (or Shakespeare) "
+        "into token files with document indexes",
+    )  # fmt: skip
+    add_command(
+        actions, "inspect", _cmd_inspect, passthrough=True, add_help=False,
+        help="show a prepared dataset: tokens, documents, lengths, checksums, a decoded sample",
     )  # fmt: skip
 
 
@@ -72,6 +77,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     try:
         return prepare_main(args.passthrough)
+    except SystemExit as e:  # its own parser exits after --help or a usage error
+        return int(e.code or 0)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from threefold.data.inspect import inspect_main
+
+    try:
+        return inspect_main(args.passthrough)
     except SystemExit as e:  # its own parser exits after --help or a usage error
         return int(e.code or 0)
 

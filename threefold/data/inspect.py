@@ -1,0 +1,147 @@
+"""``threefold data inspect DIR``: what a prepared dataset holds, at a glance or as JSON.
+
+Tokens and documents per split, a histogram of document lengths (log-spaced buckets, read from the
+.idx files, so it costs a few bytes per document), the tokenizer, the state of the checksums
+(``--verify`` re-hashes every file), and one document's first tokens decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from threefold.data.dataset import SPLITS, check_dataset, read_index, read_meta, verify_checksums
+from threefold.data.tokenizer import load_tokenizer
+
+
+def length_histogram(lengths: np.ndarray) -> list[dict]:
+    """Document lengths counted in power-of-two buckets [lo, hi); empty buckets between are kept."""
+    if not len(lengths):
+        return []
+    top = int(np.ceil(np.log2(max(int(lengths.max()), 1) + 1)))
+    edges = [0] + [1 << i for i in range(top + 1)]
+    counts, _ = np.histogram(lengths, bins=edges)
+    first = int(np.argmax(counts > 0))
+    return [
+        {"min": edges[i], "max": edges[i + 1], "documents": int(counts[i])} for i in range(first, len(counts))
+    ]
+
+
+def _document_lengths(path: Path, meta: dict, split: str) -> np.ndarray:
+    index = read_index(path, split)
+    if index is None:  # format 1: documents are only known by their EOS tokens
+        tokens = np.memmap(path / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        ends = np.flatnonzero(tokens == meta["eos_token_id"]) + 1
+        if not len(ends) or ends[-1] != len(tokens):
+            ends = np.append(ends, len(tokens))
+        return np.diff(ends, prepend=0)
+    return np.diff(np.asarray(index, dtype=np.int64))
+
+
+def _sample(path: Path, meta: dict, split: str, document: int, num_tokens: int) -> dict:
+    index = read_index(path, split)
+    count = len(index) - 1 if index is not None else None
+    if count is not None and not 0 <= document < count:
+        raise ValueError(f"--sample {document} is outside the {count} documents of the {split} split")
+    tokens = np.memmap(path / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    start = int(index[document]) if index is not None else 0
+    stop = int(index[document + 1]) if index is not None else len(tokens)
+    ids = np.asarray(tokens[start : min(stop, start + num_tokens)], dtype=np.int64).tolist()
+    try:
+        text = load_tokenizer(meta["tokenizer"]).decode(ids, skip_special_tokens=False)
+    except ValueError as exc:
+        text = f"(tokenizer {meta['tokenizer']!r} could not be loaded to decode: {exc})"
+    return {"split": split, "document": document, "start": start, "ids": ids, "text": text}
+
+
+def inspect_dataset(path: str | Path, *, sample: int = 0, num_tokens: int = 64, verify: bool = False) -> dict:
+    """A report on the dataset at ``path``: the facts `data inspect` prints, as a JSON-ready dict."""
+    path = Path(path)
+    meta = read_meta(path)
+    check_dataset(path, model_vocab_size=meta["vocab_size"], scan=False)
+    splits = {}
+    for split in SPLITS:
+        lengths = _document_lengths(path, meta, split)
+        splits[split] = {
+            "tokens": meta["num_tokens"][split],
+            "documents": len(lengths),
+            "mean_document_tokens": float(lengths.mean()) if len(lengths) else 0.0,
+            "max_document_tokens": int(lengths.max()) if len(lengths) else 0,
+            "histogram": length_histogram(lengths),
+        }
+    if meta["format_version"] < 2:
+        checksums = "none (format 1)"
+    elif verify:
+        results = verify_checksums(path)
+        bad = sorted(name for name, ok in results.items() if ok is False)
+        checksums = f"MISMATCH: {', '.join(bad)}" if bad else "verified"
+    else:
+        checksums = "recorded (not verified; pass --verify)"
+    return {
+        "path": str(path),
+        "format_version": meta["format_version"],
+        "tokenizer": meta["tokenizer"],
+        "vocab_size": meta["vocab_size"],
+        "dtype": meta["dtype"],
+        "eos_token_id": meta["eos_token_id"],
+        "splits": splits,
+        "checksums": checksums,
+        "sources": meta.get("sources", []),
+        "sample": _sample(path, meta, "train", sample, num_tokens),
+    }
+
+
+def format_report(report: dict) -> str:
+    """The report as text for a terminal."""
+    lines = [
+        f"dataset   {report['path']} (format {report['format_version']})",
+        f"tokenizer {report['tokenizer']} (vocab {report['vocab_size']:,}, eos {report['eos_token_id']}, "
+        f"{report['dtype']})",
+        f"checksums {report['checksums']}",
+        f"sources   {len(report['sources'])} input(s)",
+    ]
+    for split, facts in report["splits"].items():
+        lines.append(
+            f"{split:5} {facts['tokens']:>14,} tokens {facts['documents']:>10,} documents "
+            f"(mean {facts['mean_document_tokens']:,.1f}, max {facts['max_document_tokens']:,} tokens)"
+        )
+        peak = max((b["documents"] for b in facts["histogram"]), default=1)
+        for bucket in facts["histogram"]:
+            bar = "#" * round(40 * bucket["documents"] / peak)
+            span = f"[{bucket['min']:,}, {bucket['max']:,})"
+            lines.append(f"  {span:>22} {bucket['documents']:>10,} {bar}")
+    sample = report["sample"]
+    lines.append(
+        f"sample: {sample['split']} document {sample['document']} (token {sample['start']:,}), "
+        f"first {len(sample['ids'])} tokens:"
+    )
+    lines.append(repr(sample["text"]))
+    return "\n".join(lines)
+
+
+def inspect_main(argv: list[str]) -> int:
+    """``threefold data inspect DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="threefold data inspect",
+        description="Show a prepared dataset: tokens and documents per split, document lengths, tokenizer, "
+        "checksums, and a decoded sample.",
+    )
+    parser.add_argument("path", metavar="DIR", help="prepared dataset directory")
+    parser.add_argument("--sample", type=int, default=0, metavar="K", help="train document to decode (0)")
+    parser.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens of it to decode (64)")
+    parser.add_argument("--verify", action="store_true", help="re-hash every file against its checksum")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if args.tokens < 0:
+        parser.error(f"--tokens ({args.tokens}) must be non-negative")
+    try:
+        report = inspect_dataset(args.path, sample=args.sample, num_tokens=args.tokens, verify=args.verify)
+    except ValueError as exc:
+        print(f"threefold data inspect: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["checksums"].startswith("MISMATCH") else 0
