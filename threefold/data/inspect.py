@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from threefold.data.dataset import SPLITS, check_dataset, read_index, read_meta, verify_checksums
+from threefold.data.format import SPLITS, check_dataset, read_index, read_meta, verify_checksums
 from threefold.data.tokenizer import load_tokenizer
 
 

@@ -24,8 +24,8 @@ from typing import TextIO
 
 import numpy as np
 
-from threefold.data.dataset import FORMAT_VERSION, read_meta
 from threefold.data.encode import default_workers, encode_documents
+from threefold.data.format import FORMAT_VERSION, read_meta
 from threefold.data.readers import DEFAULT_MAX_RECORD_BYTES, MIB, SUFFIXES, find_inputs, read_documents
 from threefold.data.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer
 from threefold.data.writer import DatasetWriter

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from threefold.data.dataset import INDEX_DTYPE
+from threefold.data.format import INDEX_DTYPE
 
 CHUNK = 16 << 20
 
