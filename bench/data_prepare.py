@@ -9,7 +9,8 @@ For each corpus size (--mb) it builds a JSON-lines corpus from Shakespeare's wor
       checksums, start-up included;
 
 and prints MB/s (10^6 bytes of UTF-8 text per second) for both, their ratio, and the peak resident
-memory of the prepare process and of its whole process tree (sampled every 0.1 s from /proc).
+memory of the prepare process (VmHWM) and of its whole process tree (the sum of proportional set sizes,
+so the pages forked workers share with the parent count once; sampled every 0.1 s from /proc).
 
 Usage: python bench/data_prepare.py --mb 50 200 [--workers N] [--work-dir DIR] [--keep]
 """
@@ -92,8 +93,11 @@ def _tree(pid: int) -> list[int]:
 
 
 def _rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of ``pid`` in KiB: VmRSS or VmHWM from status, or Pss (which splits pages shared
+    with forked workers between them instead of counting them in each) from smaps_rollup."""
+    source = "smaps_rollup" if field == "Pss" else "status"
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -102,7 +106,7 @@ def _rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 
 def run_measured(command: list[str], cores: set[int]) -> tuple[float, int, int, str]:
-    """Run ``command`` pinned to ``cores``; return (seconds, peak RSS of the process in KiB, peak RSS of
+    """Run ``command`` pinned to ``cores``; return (seconds, peak RSS of the process in KiB, peak PSS of
     its process tree in KiB, stdout)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.perf_counter()
@@ -113,7 +117,7 @@ def run_measured(command: list[str], cores: set[int]) -> tuple[float, int, int, 
     peak_self = peak_tree = 0
     while proc.poll() is None:
         peak_self = max(peak_self, _rss_kib(proc.pid, "VmHWM"))
-        peak_tree = max(peak_tree, sum(_rss_kib(p) for p in _tree(proc.pid)))
+        peak_tree = max(peak_tree, sum(_rss_kib(p, "Pss") for p in _tree(proc.pid)))
         time.sleep(0.1)
     seconds = time.perf_counter() - start
     out, err = proc.communicate()
@@ -141,7 +145,7 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(cores)} cores {sorted(cores)}; "
           f"{len(docs)} Shakespeare documents of ~{DOC_CHARS} chars")  # fmt: skip
     print("| corpus MB | tokens | (a) tokenizers alone MB/s | (b) data prepare MB/s | (b)/(a) | "
-          "prepare peak RSS MiB (main / tree) |")  # fmt: skip
+          "prepare peak MiB (main RSS / tree PSS) |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|")
     for megabytes in args.mb:
         corpus = args.work_dir / f"corpus-{megabytes:g}mb.jsonl"

@@ -25,8 +25,6 @@ from multiprocessing.pool import AsyncResult
 import numpy as np
 from tokenizers import Tokenizer
 
-from threefold.data.tokenizer import load_tokenizer
-
 BATCH_CHARS = 1 << 20  # about 1 MB of text per task: long enough to amortize the hand-off
 BATCH_DOCS = 4096  # ... and never too many tiny documents in one task
 
@@ -56,10 +54,12 @@ class _Worker:
     vocab_size = 0
 
 
-def _init_worker(tokenizer: str | None, eos: int, dtype: str, vocab_size: int) -> None:
+def _init_worker(tokenizer: Tokenizer, eos: int, dtype: str, vocab_size: int) -> None:
     # The pool provides the parallelism; Rust threads inside each worker would only oversubscribe cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _Worker.tokenizer = load_tokenizer(tokenizer)
+    # The parent's tokenizer arrives by fork (or pickled, under spawn): rebuilding GPT-2's from its
+    # vocabulary files would cost each worker about a second.
+    _Worker.tokenizer = tokenizer
     _Worker.eos, _Worker.dtype, _Worker.vocab_size = eos, np.dtype(dtype), vocab_size
 
 
@@ -94,7 +94,7 @@ def _batched(texts: Iterable[str]) -> Iterator[list[str]]:
 
 
 def encode_documents(
-    texts: Iterable[str], *, tokenizer: str | None, eos: int, dtype: np.dtype, vocab_size: int, workers: int
+    texts: Iterable[str], *, tokenizer: Tokenizer, eos: int, dtype: np.dtype, vocab_size: int, workers: int
 ) -> Iterator[Encoded]:
     """Tokenize ``texts`` in ``workers`` processes; yield the batches in input order.
 

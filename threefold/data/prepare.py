@@ -207,7 +207,7 @@ def prepare_dataset(
         try:
             texts = _documents(files, text_field, max_record_bytes)
             batches = encode_documents(
-                texts, tokenizer=tokenizer, eos=eos, dtype=dtype, vocab_size=vocab_size, workers=workers
+                texts, tokenizer=tok, eos=eos, dtype=dtype, vocab_size=vocab_size, workers=workers
             )
             for batch in batches:
                 writer.add(batch.tokens, batch.lengths, batch.num_bytes)
