@@ -96,6 +96,19 @@ def _make_zst(d: Path, docs: list[str]) -> Path:
     return d / "docs.jsonl.zst"
 
 
+def _zst(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _make_zst_frames(d: Path, docs: list[str]) -> Path:
+    # Two frames back to back, as `cat a.zst b.zst` makes: both are read.
+    (d / "frames.jsonl.zst").write_bytes(
+        _zst(_write_jsonl(d / "x", docs[:20]).read_bytes())
+        + _zst(_write_jsonl(d / "y", docs[20:]).read_bytes())
+    )
+    return d / "frames.jsonl.zst"
+
+
 def _make_hf(d: Path, docs: list[str]) -> Path:
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": docs, "n": list(range(len(docs)))}).save_to_disk(str(d / "hf"))
@@ -120,13 +133,24 @@ def _make_mixed_dir(d: Path, docs: list[str]) -> Path:
         _make_txt_dir,
         _make_gz,
         _make_zst,
+        _make_zst_frames,
         lambda d, docs: _write_parquet(d / "docs.parquet", docs),
         lambda d, docs: _write_arrow(d / "file.arrow", docs, stream=False),
         lambda d, docs: _write_arrow(d / "stream.arrow", docs, stream=True),
         _make_hf,
         _make_mixed_dir,
     ],
-    ids=["txt", "jsonl.gz", "jsonl.zst", "parquet", "arrow-file", "arrow-stream", "hf-dataset", "mixed-dir"],
+    ids=[
+        "txt",
+        "jsonl.gz",
+        "jsonl.zst",
+        "jsonl.zst-frames",
+        "parquet",
+        "arrow-file",
+        "arrow-stream",
+        "hf-dataset",
+        "mixed-dir",
+    ],
 )
 def test_every_format_gives_the_same_tokens(tmp_path: Path, reference: Path, make) -> None:
     meta = prepare_dataset([make(tmp_path, _documents())], tmp_path / "ds", workers=1)
@@ -335,6 +359,11 @@ def _bad_inputs(d: Path) -> dict:
             {},
             "g.jsonl.zst' is corrupt or truncated",
         ),
+        "truncated zst": (
+            lambda: _put(d / "t.jsonl.zst", _zst(_write_jsonl(d / "t", _documents()).read_bytes())[:-20]),
+            {},
+            "t.jsonl.zst' is corrupt or truncated",
+        ),
         "garbage parquet": (
             lambda: _put(d / "g.parquet", b"PAR1 this is not parquet"),
             {},
@@ -506,3 +535,18 @@ def test_prepare_main_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert read_meta(out)["num_documents"]["train"] == 2 * meta["num_documents"]["train"]
     assert prepare_main([str(corpus), "--out", out, "--max-record-bytes", "10", "--text-field", "body"]) == 1
     assert "c.parquet' row 0 is" in capsys.readouterr().err
+
+
+def test_length_stats_buckets_across_chunks() -> None:
+    from threefold.data.inspect import length_stats
+
+    stats = length_stats([np.array([1, 2, 3]), np.array([], dtype=np.int64), np.array([4, 9])])
+    assert (
+        stats["documents"] == 5 and stats["max_document_tokens"] == 9 and stats["mean_document_tokens"] == 3.8
+    )
+    assert stats["histogram"] == [
+        {"min": 1, "max": 2, "documents": 1},
+        {"min": 2, "max": 4, "documents": 2},
+        {"min": 4, "max": 8, "documents": 1},
+        {"min": 8, "max": 16, "documents": 1},
+    ]

@@ -118,7 +118,8 @@ def check_dataset(path: str | Path, *, model_vocab_size: int, scan: bool = True)
     """Stop a run at start-up on a dataset that would train on garbage; returns the meta.
 
     Checks that meta.json's vocabulary fits the model and its dtype, that each split's file holds
-    exactly the tokens meta.json promises (catches truncation and a wrong dtype), and with `scan`, that
+    exactly the tokens meta.json promises (catches truncation and a wrong dtype), that each format-2 index
+    has one offset per document plus one and runs from 0 to the split's token count, and with `scan`, that
     every token id lies below the vocabulary size (catches corruption; reads each file once, about a
     second per GB, so the caller runs it on one rank). Every error names the file, the values and a fix.
     """

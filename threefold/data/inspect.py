@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,29 +18,54 @@ import numpy as np
 from threefold.data.format import SPLITS, check_dataset, read_index, read_meta, verify_checksums
 from threefold.data.tokenizer import load_tokenizer
 
-
-def length_histogram(lengths: np.ndarray) -> list[dict]:
-    """Document lengths counted in power-of-two buckets [lo, hi); empty buckets between are kept."""
-    if not len(lengths):
-        return []
-    top = int(np.ceil(np.log2(max(int(lengths.max()), 1) + 1)))
-    edges = [0] + [1 << i for i in range(top + 1)]
-    counts, _ = np.histogram(lengths, bins=edges)
-    first = int(np.argmax(counts > 0))
-    return [
-        {"min": edges[i], "max": edges[i + 1], "documents": int(counts[i])} for i in range(first, len(counts))
-    ]
+CHUNK = 1 << 22  # index entries (or format-1 tokens) read at a time: memory stays flat on any dataset
+BUCKETS = 64  # power-of-two length buckets: [0, 1), [1, 2), [2, 4), ... cover any uint64 length
 
 
-def _document_lengths(path: Path, meta: dict, split: str) -> np.ndarray:
+def _length_chunks(path: Path, meta: dict, split: str) -> Iterator[np.ndarray]:
+    """Every document length of a split (EOS included), a chunk at a time."""
     index = read_index(path, split)
-    if index is None:  # format 1: documents are only known by their EOS tokens
-        tokens = np.memmap(path / f"{split}.bin", dtype=meta["dtype"], mode="r")
-        ends = np.flatnonzero(tokens == meta["eos_token_id"]) + 1
-        if not len(ends) or ends[-1] != len(tokens):
+    if index is not None:
+        for start in range(0, len(index) - 1, CHUNK):
+            yield np.diff(np.asarray(index[start : start + CHUNK + 1], dtype=np.int64))
+        return
+    # Format 1 has no index: documents end at EOS tokens (and a last one may lack its EOS).
+    tokens = np.memmap(path / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    previous_end = 0
+    for start in range(0, len(tokens), CHUNK):
+        ends = start + np.flatnonzero(tokens[start : start + CHUNK] == meta["eos_token_id"]) + 1
+        if start + CHUNK >= len(tokens) and (not len(ends) or ends[-1] != len(tokens)):
             ends = np.append(ends, len(tokens))
-        return np.diff(ends, prepend=0)
-    return np.diff(np.asarray(index, dtype=np.int64))
+        yield np.diff(ends, prepend=previous_end)
+        previous_end = int(ends[-1]) if len(ends) else previous_end
+
+
+def length_stats(chunks: Iterable[np.ndarray]) -> dict:
+    """Count, mean, max and a power-of-two histogram ([lo, hi) buckets, the empty ones between the
+    first and the last non-empty bucket kept) of document lengths."""
+    counts = np.zeros(BUCKETS, dtype=np.int64)
+    total = num_documents = longest = 0
+    for lengths in chunks:
+        if not len(lengths):
+            continue
+        # Bucket b holds [2^(b-1), 2^b) for b >= 1, bucket 0 holds length 0.
+        buckets = np.where(lengths > 0, np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64) + 1, 0)
+        counts += np.bincount(buckets, minlength=BUCKETS)[:BUCKETS]
+        total += int(lengths.sum())
+        num_documents += len(lengths)
+        longest = max(longest, int(lengths.max()))
+    used = np.flatnonzero(counts)
+    histogram = []
+    if len(used):
+        for b in range(int(used[0]), int(used[-1]) + 1):
+            low, high = (0, 1) if b == 0 else (1 << (b - 1), 1 << b)
+            histogram.append({"min": low, "max": high, "documents": int(counts[b])})
+    return {
+        "documents": num_documents,
+        "mean_document_tokens": total / num_documents if num_documents else 0.0,
+        "max_document_tokens": longest,
+        "histogram": histogram,
+    }
 
 
 def _sample(path: Path, meta: dict, split: str, document: int, num_tokens: int) -> dict:
@@ -65,13 +91,9 @@ def inspect_dataset(path: str | Path, *, sample: int = 0, num_tokens: int = 64, 
     check_dataset(path, model_vocab_size=meta["vocab_size"], scan=False)
     splits = {}
     for split in SPLITS:
-        lengths = _document_lengths(path, meta, split)
         splits[split] = {
             "tokens": meta["num_tokens"][split],
-            "documents": len(lengths),
-            "mean_document_tokens": float(lengths.mean()) if len(lengths) else 0.0,
-            "max_document_tokens": int(lengths.max()) if len(lengths) else 0,
-            "histogram": length_histogram(lengths),
+            **length_stats(_length_chunks(path, meta, split)),
         }
     if meta["format_version"] < 2:
         checksums = "none (format 1)"

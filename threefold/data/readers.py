@@ -154,15 +154,52 @@ def _open_lines(path: Path) -> Any:
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        zstandard = _require("zstandard", "zstandard", ".zst files")
-        raw = path.open("rb")
-        try:
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        except BaseException:
-            raw.close()
-            raise
-        return io.BufferedReader(stream, buffer_size=MIB)
+        return io.BufferedReader(_ZstdStream(path), buffer_size=MIB)
     return path.open("rb", buffering=MIB)
+
+
+class _ZstdStream(io.RawIOBase):
+    """A .zst file decompressed frame by frame, as a readable stream.
+
+    zstandard's own stream_reader ends quietly at a truncated frame, which would drop the documents
+    after it without a word; this one raises ZstdError when the file stops inside a frame.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.zstandard = _require("zstandard", "zstandard", ".zst files")
+        self.raw = path.open("rb")
+        self.decompressor = self.zstandard.ZstdDecompressor().decompressobj()
+        self.pending = b""  # decompressed bytes not yet returned, from self.position on
+        self.position = 0
+        self.in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self.position == len(self.pending):
+            self.pending, self.position = b"", 0
+            compressed = self.raw.read(MIB)
+            if not compressed:
+                if self.in_frame:
+                    raise self.zstandard.ZstdError("the file ends inside a compressed frame")
+                return 0
+            while compressed:
+                self.in_frame = True
+                self.pending += self.decompressor.decompress(compressed)
+                compressed = b""
+                if self.decompressor.eof:  # a frame ended: any bytes after it start the next one
+                    compressed = self.decompressor.unused_data
+                    self.decompressor = self.zstandard.ZstdDecompressor().decompressobj()
+                    self.in_frame = False
+        size = min(len(buffer), len(self.pending) - self.position)
+        buffer[:size] = memoryview(self.pending)[self.position : self.position + size]
+        self.position += size
+        return size
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def _decode_errors(path: Path) -> tuple[type[BaseException], ...]:
@@ -186,7 +223,7 @@ def _read_jsonl(path: Path, text_field: str, max_record_bytes: int) -> Iterator[
                 line_number += 1
                 where = f"line {line_number}"
                 if len(line) > max_record_bytes:
-                    raise _too_large(path, where, len(line) + len(stream.readline()), max_record_bytes)
+                    raise _too_large(path, where, len(line) + _rest_of_line(stream), max_record_bytes)
                 if line_number == 1 and line.startswith(b"\xef\xbb\xbf"):
                     line, offset = line[3:], 3
                 yield _parse_line(path, where, offset, line, text_field)
@@ -199,6 +236,16 @@ def _read_jsonl(path: Path, text_field: str, max_record_bytes: int) -> Iterator[
         if isinstance(exc, PermissionError | IsADirectoryError | FileNotFoundError):
             raise
         raise ValueError(f"{str(path)!r} could not be read after line {line_number}: {exc}") from exc
+
+
+def _rest_of_line(stream: Any) -> int:
+    """Bytes left in the current line, counted a chunk at a time (the line may not fit in memory)."""
+    size = 0
+    while chunk := stream.readline(MIB):
+        size += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return size
 
 
 def _parse_line(path: Path, where: str, offset: int, line: bytes, text_field: str) -> str:
