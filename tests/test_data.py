@@ -21,6 +21,7 @@ from threefold.data.tokenizer import eos_token_id, load_tokenizer
 
 SONNETS = Path(__file__).parent / "data" / "sonnets.txt"
 GPT2_EOS_ID = 50256
+DATA_FILES = ["train.bin", "train.idx", "val.bin", "val.idx"]
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,7 @@ def test_prepare_txt(tmp_path: Path, gpt2: Tokenizer) -> None:
     assert meta["num_tokens"] == {"train": len(train), "val": len(val)}
     assert train.tolist() + val.tolist() == expected
     assert abs(len(val) - 0.1 * len(expected)) <= 1
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", *DATA_FILES]
 
 
 def test_prepare_jsonl_and_directory(tmp_path: Path) -> None:
@@ -189,7 +190,7 @@ def test_prepare_jsonl_and_directory(tmp_path: Path) -> None:
     # Sorted path order puts a.txt before sub/x.jsonl; every document ends with EOS (id 1).
     stream = _read_tokens(tmp_path / "ds", "train").tolist() + _read_tokens(tmp_path / "ds", "val").tolist()
     assert stream == [5, 5, 1, 2, 3, 1, 4, 1]
-    assert meta["num_documents"] == 3
+    assert meta["num_documents"] == {"train": 2, "val": 1}
     assert meta["tokenizer"] == str(Path(tok_path).resolve())
     assert meta["num_tokens"] == {"train": 6, "val": 2}
 
@@ -262,7 +263,7 @@ def test_prepare_fsyncs_the_dataset_before_publishing_it(tmp_path: Path, monkeyp
     prepare_dataset([SONNETS], tmp_path / "ds")
     assert len(seen) == 1
     name, files, published = seen[0]
-    assert name.startswith(".ds.tmp-") and files == ["meta.json", "train.bin", "val.bin"]
+    assert name.startswith(".ds.tmp-") and files == ["meta.json", *DATA_FILES]
     assert not published  # synced before the rename, not after
 
 

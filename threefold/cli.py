@@ -60,15 +60,15 @@ def build_parser() -> tuple[Parser, list[str]]:
 def _register_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="datasets: prepare, inspect", description="Dataset tools.")
     actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
-    # `data prepare` parses its own arguments (threefold/data/prepare.py), its --help included.
+    # `data prepare` and `data inspect` parse their own arguments (threefold/data/), --help included.
     add_command(
         actions, "prepare", _cmd_prepare, passthrough=True, add_help=False,
-        help="tokenize .txt/.jsonl(.gz/.zst)/.parquet/.arrow files or saved HF datasets (or Shakespeare) "
-        "into train.bin, val.bin, meta.json",
+        help="tokenize text, JSON lines (.gz, .zst), Parquet, Arrow or saved HF datasets (or Shakespeare) "
+        "into token files with document indexes",
     )  # fmt: skip
     add_command(
         actions, "inspect", _cmd_inspect, passthrough=True, add_help=False,
-        help="tokens, documents, a length histogram and a decoded sample of a prepared dataset",
+        help="show a prepared dataset: tokens, documents, lengths, checksums, a decoded sample",
     )  # fmt: skip
 
 

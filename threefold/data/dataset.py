@@ -1,14 +1,5 @@
-"""Token datasets: reading prepared datasets back and batching them deterministically (threefold.data.prepare
-makes them).
-
-A prepared dataset is a directory holding
-
-    train.bin, val.bin   flat token ids, documents joined by the EOS id (uint16, or uint32 for
-                         vocabularies over 65536 entries)
-    meta.json            {"format_version": 1, "dtype", "vocab_size", "eos_token_id", "tokenizer",
-                          "num_tokens": {"train": N, "val": M}, "num_documents", "sources",
-                          "checksums": {"train.bin": "sha256:...", "val.bin": ...}}
-                         (checksums since 2026-12; older datasets have none and still load)
+"""Token datasets: memory-mapped token files (the format is threefold.data.format, written by
+threefold.data.prepare) read back as samples and batched deterministically.
 
 Training samples are windows of ``seq_len + 1`` tokens cut from a split without overlap; inputs are
 the first ``seq_len`` tokens and targets the last ``seq_len``. Batching is a pure function of
@@ -18,79 +9,25 @@ that the uninterrupted run would have seen, whatever the data-parallel layout.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
+# Re-exported: the format's readers and checks, imported from here by train, runguard and the commands.
+from threefold.data.format import (  # noqa: F401
+    FORMAT_VERSION,
+    INDEX_DTYPE,
+    SPLITS,
+    check_dataset,
+    dataset_files,
+    read_index,
+    read_meta,
+    verify_checksums,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def file_checksum(path: str | Path) -> str:
-    """ "sha256:<hex>" of a file's bytes, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
-
-
-def verify_checksums(path: str | Path, meta: dict) -> dict[str, str]:
-    """{file: problem} for each split file whose bytes differ from meta.json's "checksums" (empty: all
-    match). A dataset prepared before checksums existed has none to compare: {"meta.json": ...}."""
-    recorded = meta.get("checksums")
-    if not isinstance(recorded, dict):
-        return {"meta.json": "records no checksums (prepared by an older threefold)"}
-    problems = {}
-    for split in SPLITS:
-        name = f"{split}.bin"
-        expected = recorded.get(name)
-        if not (Path(path) / name).is_file():
-            problems[name] = "missing"
-        elif file_checksum(Path(path) / name) != expected:
-            problems[name] = f"bytes differ from meta.json's {expected}"
-    return problems
-
-
-def read_meta(path: str | Path) -> dict:
-    """Read and check a prepared dataset's meta.json; ``path`` is the dataset directory."""
-    meta_path = Path(path) / "meta.json"
-    if not meta_path.is_file():
-        raise ValueError(
-            f"{str(path)!r} is not a prepared dataset (no meta.json); run `threefold data prepare`"
-        )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(meta_path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{str(meta_path)!r} has format_version {version!r}, expected {FORMAT_VERSION}")
-    missing = [k for k in ("dtype", "vocab_size", "eos_token_id", "tokenizer", "num_tokens") if k not in meta]
-    if missing:
-        raise ValueError(f"{str(meta_path)!r} lacks keys {missing}")
-    counts = meta["num_tokens"]
-    if not isinstance(counts, dict):
-        raise ValueError(f"{str(meta_path)!r} has num_tokens {counts!r}, expected integer 'train' and 'val'")
-    if not isinstance(meta["dtype"], str) or meta["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"{str(meta_path)!r} has dtype {meta['dtype']!r}, expected 'uint16' or 'uint32'")
-    fields = [("vocab_size", meta["vocab_size"], 1), ("eos_token_id", meta["eos_token_id"], 0)]
-    fields += [(f"num_tokens.{s}", counts.get(s), 0) for s in SPLITS]
-    for name, value, low in fields:
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(
-                f"{str(meta_path)!r} has {name} {value!r} ({type(value).__name__}), expected an integer "
-                f">= {low}; re-run `threefold data prepare` to rebuild it"
-            )
-    if not isinstance(meta["tokenizer"], str):
-        raise ValueError(f"{str(meta_path)!r} has tokenizer {meta['tokenizer']!r}, expected a name or path")
-    return meta
 
 
 class TokenDataset:
@@ -140,61 +77,6 @@ class TokenDataset:
         offsets = indices[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # (n, seq_len + 1)
         window = torch.from_numpy(np.asarray(self.tokens[offsets], dtype=np.int64))
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
-
-
-def check_dataset(path: str | Path, *, model_vocab_size: int, scan: bool = True) -> dict:
-    """Stop a run at start-up on a dataset that would train on garbage; returns the meta.
-
-    Checks that meta.json's vocabulary fits the model and its dtype, that each split's file holds
-    exactly the tokens meta.json promises (catches truncation and a wrong dtype), and with `scan`, that
-    every token id lies below the vocabulary size (catches corruption; reads each file once, about a
-    second per GB, so the caller runs it on one rank). Every error names the file, the values and a fix.
-    """
-    meta = read_meta(path)
-    vocab, dtype = meta["vocab_size"], np.dtype(meta["dtype"])
-    redo = "re-run `threefold data prepare` to rebuild it"
-    if not isinstance(vocab, int) or vocab <= 0:
-        raise ValueError(f"{str(path)!r}: meta.json has vocab_size {vocab!r}, expected a positive integer")
-    if vocab > np.iinfo(dtype).max + 1:
-        raise ValueError(
-            f"{str(path)!r}: meta.json says dtype {dtype.name} but vocab_size {vocab} needs more than "
-            f"{dtype.name} holds (max id {np.iinfo(dtype).max}); {redo}"
-        )
-    if vocab > model_vocab_size:
-        raise ValueError(
-            f"{str(path)!r} was tokenized with a vocabulary of {vocab} ids but model.vocab_size is "
-            f"{model_vocab_size}: ids >= {model_vocab_size} have no embedding. Set model.vocab_size >= "
-            f"{vocab}, or prepare the data with the model's tokenizer"
-        )
-    if not 0 <= meta["eos_token_id"] < vocab:
-        raise ValueError(
-            f"{str(path)!r}: eos_token_id {meta['eos_token_id']} is outside [0, {vocab}); {redo}"
-        )
-    for split in SPLITS:
-        file = Path(path) / f"{split}.bin"
-        if not file.is_file():
-            raise ValueError(f"{str(file)!r} is missing; {redo}")
-        size, expected = file.stat().st_size, meta["num_tokens"][split]
-        if size != expected * dtype.itemsize:
-            hint = "truncated or still being copied" if size < expected * dtype.itemsize else "longer"
-            raise ValueError(
-                f"{str(file)!r} holds {size} bytes, but meta.json promises {expected} {dtype.name} tokens "
-                f"= {expected * dtype.itemsize} bytes (the file is {hint}, or meta.json belongs to another "
-                f"file or dtype); {redo}"
-            )
-        if scan and expected:
-            tokens = np.memmap(file, dtype=dtype, mode="r")
-            chunk = 1 << 24
-            for start in range(0, expected, chunk):
-                block = tokens[start : start + chunk]
-                if int(block.max()) >= vocab:
-                    at = int(np.argmax(block >= vocab))
-                    raise ValueError(
-                        f"{str(file)!r} is corrupt: token {start + at} has id {int(block[at])}, outside the "
-                        f"vocabulary of {vocab} ids (meta.json); {redo}"
-                    )
-            del tokens
-    return meta
 
 
 class SampleLoader(Protocol):

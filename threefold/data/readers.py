@@ -1,271 +1,374 @@
-"""Reading documents out of corpus files, one small reader per format, all streaming.
+"""Reading documents out of text corpora, one small reader per format and a dispatcher by suffix.
 
-Formats, by name:
-    .txt                    the whole file is one document
-    .jsonl .jsonl.gz .jsonl.zst   one JSON object per line, the text under `text_field`
-    .parquet                a column `text_field`, read one row group batch at a time (pyarrow)
-    .arrow                  an Arrow IPC file or stream with a column `text_field` (pyarrow)
-    a directory holding dataset_info.json and state.json: a Hugging Face dataset written by
-    `datasets.Dataset.save_to_disk`, read as the Arrow streams its state.json lists, in order (pyarrow;
-    the `datasets` package itself is not needed)
+    .txt                 the whole file is one document
+    .jsonl .jsonl.gz     one JSON object per line, the text under the text field
+    .jsonl.zst
+    .parquet .arrow      one row per document, the text in the text column (Arrow IPC file or stream)
+    a directory holding a Hugging Face dataset saved with ``datasets.Dataset.save_to_disk``
 
-Every reader yields non-empty strings and never holds more than one batch of records. Every error is a
-ValueError that names the file and the record (line number or row index), so a bad corpus is found, not
-silently skipped.
+Other directories are searched recursively for all of these, in sorted path order. Every reader
+streams: Parquet and Arrow in record batches, compressed files through a decompressing stream, line by
+line, so a file larger than memory is never held whole. Every error is a ValueError naming the file and
+the record (line number or row index) it stopped at.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import json
+import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
-HF_MARKERS = ("dataset_info.json", "state.json")
-ARROW_BATCH_ROWS = 1024
-DEFAULT_MAX_RECORD_BYTES = 64 * 2**20
+MIB = 1 << 20
+DEFAULT_MAX_RECORD_BYTES = 64 * MIB
+ROW_BATCH = 1024  # rows per Parquet/Arrow/HF record batch: bounded memory, few Python round trips
+HF_DATASET_FILE = "state.json"  # with dataset_info.json, what save_to_disk leaves in a Dataset's directory
+HF_DICT_FILE = "dataset_dict.json"  # what save_to_disk leaves in a DatasetDict's directory
+HF_FORMAT = "hf-dataset"
+
+_FORMATS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".txt", ".parquet", ".arrow")
+SUFFIXES = _FORMATS
+"""The file name endings `data prepare` reads (a Hugging Face dataset is a directory)."""
 
 
-def suffix_of(path: Path) -> str | None:
-    """The supported format of `path` by its name (".jsonl.gz", ...), or None."""
+def input_format(path: Path) -> str | None:
+    """The format of ``path`` (a suffix in SUFFIXES, or HF_FORMAT), or None when no reader takes it."""
+    if path.is_dir():
+        if (path / HF_DATASET_FILE).is_file() and (path / "dataset_info.json").is_file():
+            return HF_FORMAT
+        if (path / HF_DICT_FILE).is_file():
+            return HF_FORMAT
+        return None
     name = path.name.lower()
-    return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+    return next((suffix for suffix in _FORMATS if name.endswith(suffix)), None)
 
 
-def is_hf_dataset(path: Path) -> bool:
-    """Whether directory `path` is a dataset written by `datasets.Dataset.save_to_disk`."""
-    return path.is_dir() and all((path / m).is_file() for m in HF_MARKERS)
+def find_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and directories into the inputs to read, in a fixed order.
 
-
-def input_sources(inputs: list[str | Path]) -> list[Path]:
-    """The files and Hugging Face dataset directories to read, in order; ValueError naming a bad input."""
+    A directory that is a saved Hugging Face dataset is one input; any other directory is searched
+    recursively (sorted, so the order never depends on the file system) and must hold at least one
+    readable input. A file named explicitly must have a supported suffix.
+    """
     if not inputs:
         raise ValueError("no input paths given")
     found: list[Path] = []
     for raw in inputs:
         path = Path(raw)
-        if is_hf_dataset(path):
-            found.append(path)
-        elif path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and suffix_of(p))
-            # A saved HF dataset inside the directory is read as one source, not as loose .arrow files.
-            datasets = sorted({p.parent for p in path.rglob("state.json") if is_hf_dataset(p.parent)})
-            inside = [p for p in inside if not any(d in p.parents for d in datasets)]
-            if not inside and not datasets:
-                raise ValueError(
-                    f"input directory {str(path)!r} holds no {', '.join(FILE_SUFFIXES)} files and no saved "
-                    "Hugging Face dataset"
-                )
-            found.extend(sorted([*inside, *datasets]))
-        elif path.is_file():
-            if suffix_of(path) is None:
-                raise ValueError(
-                    f"input file {str(path)!r} has unsupported extension {path.suffix!r} (expected a name "
-                    f"ending in {', '.join(FILE_SUFFIXES)}, or a saved Hugging Face dataset directory)"
-                )
-            found.append(path)
-        else:
+        if not path.exists():
             raise ValueError(f"input path {str(path)!r} does not exist")
+        if path.is_dir() and input_format(path) is None:
+            inside = _search(path)
+            if not inside:
+                raise ValueError(
+                    f"input directory {str(path)!r} holds no readable inputs "
+                    f"(files ending {list(SUFFIXES)} or a saved Hugging Face dataset)"
+                )
+            found.extend(inside)
+        elif input_format(path) is None:
+            raise ValueError(
+                f"input file {str(path)!r} has unsupported extension {''.join(path.suffixes)!r} "
+                f"(expected one of {list(SUFFIXES)}, or a saved Hugging Face dataset directory)"
+            )
+        else:
+            found.append(path)
     return found
 
 
-def documents(
-    source: Path, text_field: str, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
-) -> Iterator[str]:
-    """Every non-empty document of one source (a file or a saved HF dataset directory)."""
+def _search(root: Path) -> list[Path]:
+    found: list[Path] = []
+    for entry in sorted(root.iterdir()):
+        kind = input_format(entry)
+        if kind is not None:
+            found.append(entry)  # a Hugging Face dataset's own .arrow files are not read twice
+        elif entry.is_dir():
+            found.extend(_search(entry))
+    return found
+
+
+def read_documents(path: Path, *, text_field: str, max_record_bytes: int) -> Iterator[str]:
+    """Yield the non-empty documents of one input, in order; empty texts are skipped."""
+    kind = input_format(path)
+    readers: dict[str | None, Callable[[Path, str, int], Iterator[str]]] = {
+        ".txt": _read_txt,
+        ".jsonl": _read_jsonl,
+        ".jsonl.gz": _read_jsonl,
+        ".jsonl.zst": _read_jsonl,
+        ".parquet": _read_parquet,
+        ".arrow": _read_arrow,
+        HF_FORMAT: _read_hf,
+    }
+    if kind not in readers:
+        raise ValueError(f"no reader for input {str(path)!r}")
     try:
-        if is_hf_dataset(source):
-            yield from _hf_dataset(source, text_field, max_record_bytes)
-            return
-        kind = suffix_of(source)
-        if kind == ".txt":
-            yield from _text_file(source, max_record_bytes)
-        elif kind in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
-            with _open_binary(source, kind) as raw:
-                yield from _json_lines(source, raw, text_field, max_record_bytes)
-        elif kind == ".parquet":
-            yield from _parquet(source, text_field, max_record_bytes)
-        elif kind == ".arrow":
-            yield from _arrow(source, text_field, max_record_bytes)
-        else:
-            raise ValueError(f"input {str(source)!r} has an unsupported format")
+        for text in readers[kind](path, text_field, max_record_bytes):
+            if text:
+                yield text
     except PermissionError as exc:
-        raise ValueError(f"input {str(source)!r} cannot be read: {exc.strerror}") from exc
-    except _STREAM_ERRORS + _zstd_errors() as exc:
-        # gzip's and zstandard's errors for a damaged stream are OSErrors or EOFError.
-        raise ValueError(f"input {str(source)!r} is damaged or not in its format: {exc}") from exc
+        raise ValueError(f"cannot read input {str(path)!r}: permission denied ({exc.strerror})") from exc
+    except IsADirectoryError as exc:
+        raise ValueError(f"input {str(path)!r} is a directory, not a {kind} file") from exc
 
 
-_STREAM_ERRORS: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error)
-
-
-def _zstd_errors() -> tuple[type[Exception], ...]:
+def _require(module: str, package: str, what: str) -> Any:
     try:
-        import zstandard
-    except ImportError:
-        return ()
-    return (zstandard.ZstdError,)
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"reading {what} needs the {package!r} package: pip install {package}") from exc
 
 
-def _check_size(where: str, text: str, limit: int) -> None:
-    size = len(text.encode("utf-8", errors="surrogatepass"))
-    if size > limit:
-        raise ValueError(f"{where} holds {size:,} bytes of text, over --max-record-bytes ({limit:,})")
+def _too_large(path: Path, where: str, size: int, limit: int) -> ValueError:
+    return ValueError(
+        f"{str(path)!r} {where} is {size:,} bytes, over --max-record-bytes ({limit:,}); "
+        "raise the limit or split the record"
+    )
 
 
-def _text_file(path: Path, limit: int) -> Iterator[str]:
+# ---------------------------------------------------------------------------------------------
+# Text and JSON lines
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_txt(path: Path, text_field: str, max_record_bytes: int) -> Iterator[str]:
     size = path.stat().st_size
-    if size > limit:
-        raise ValueError(
-            f"{str(path)!r} is one document of {size:,} bytes, over --max-record-bytes ({limit:,})"
-        )
+    if size > max_record_bytes:
+        raise _too_large(path, "(one document)", size, max_record_bytes)
     data = path.read_bytes()
     try:
-        # utf-8-sig drops a leading byte-order mark (an editor artefact); "\r\n" stays as written.
-        text = data.decode("utf-8-sig")
+        # utf-8-sig drops a leading byte-order mark, an editor artefact rather than text. Decoding the
+        # bytes keeps "\r\n" as written: the tokens reflect the file, not the OS.
+        yield data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{str(path)!r} is not valid UTF-8: byte {exc.start} (line {line})") from exc
-    if text:
-        yield text
-
-
-def _open_binary(path: Path, kind: str) -> IO[bytes]:
-    if kind == ".jsonl.gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if kind == ".jsonl.zst":
-        try:
-            import zstandard
-        except ImportError as exc:
-            raise ValueError(
-                f"reading {str(path)!r} needs the zstandard package: pip install zstandard"
-            ) from exc
-        stream = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-        return io.BufferedReader(stream)  # line iteration over the stream
-    return path.open("rb")
-
-
-def _json_lines(path: Path, raw: IO[bytes], field: str, limit: int) -> Iterator[str]:
-    for number, line in enumerate(raw, start=1):
-        where = f"{str(path)!r} line {number}"
-        if len(line) > limit + 1024:
-            raise ValueError(f"{where} is {len(line):,} bytes long, over --max-record-bytes ({limit:,})")
-        try:
-            text_line = line.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{where} is not valid UTF-8 (byte {exc.start} of the line)") from exc
-        if not text_line.strip():
-            continue
-        try:
-            record = json.loads(text_line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not valid JSON: {exc.msg}") from exc
-        yield from _field(where, record, field, limit)
-
-
-def _field(where: str, record: Any, field: str, limit: int) -> Iterator[str]:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object with field {field!r}")
-    if field not in record:
-        present = sorted(record)[:20]
         raise ValueError(
-            f"{where} has no string field {field!r} (its fields: {present}); choose one with --text-field"
-        )
-    value = record[field]
-    if not isinstance(value, str):
-        raise ValueError(f"{where} has no string field {field!r} (it holds a {type(value).__name__})")
-    _check_size(where, value, limit)
-    if value:
-        yield value
+            f"input file {str(path)!r} is not valid UTF-8: byte offset {exc.start} ({exc.reason})"
+        ) from exc
 
 
-def _pyarrow() -> Any:
+def _open_lines(path: Path) -> Any:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        return io.BufferedReader(_ZstdStream(path), buffer_size=MIB)
+    return path.open("rb", buffering=MIB)
+
+
+class _ZstdStream(io.RawIOBase):
+    """A .zst file decompressed frame by frame, as a readable stream.
+
+    zstandard's own stream_reader ends quietly at a truncated frame, which would drop the documents
+    after it without a word; this one raises ZstdError when the file stops inside a frame.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.zstandard = _require("zstandard", "zstandard", ".zst files")
+        self.raw = path.open("rb")
+        self.decompressor = self.zstandard.ZstdDecompressor().decompressobj()
+        self.pending = b""  # decompressed bytes not yet returned, from self.position on
+        self.position = 0
+        self.in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self.position == len(self.pending):
+            self.pending, self.position = b"", 0
+            compressed = self.raw.read(MIB)
+            if not compressed:
+                if self.in_frame:
+                    raise self.zstandard.ZstdError("the file ends inside a compressed frame")
+                return 0
+            while compressed:
+                self.in_frame = True
+                self.pending += self.decompressor.decompress(compressed)
+                compressed = b""
+                if self.decompressor.eof:  # a frame ended: any bytes after it start the next one
+                    compressed = self.decompressor.unused_data
+                    self.decompressor = self.zstandard.ZstdDecompressor().decompressobj()
+                    self.in_frame = False
+        size = min(len(buffer), len(self.pending) - self.position)
+        buffer[:size] = memoryview(self.pending)[self.position : self.position + size]
+        self.position += size
+        return size
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _decode_errors(path: Path) -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [EOFError, zlib.error, gzip.BadGzipFile]
+    if path.name.lower().endswith(".zst"):
+        errors.append(_require("zstandard", "zstandard", ".zst files").ZstdError)
+    return tuple(errors)
+
+
+def _read_jsonl(path: Path, text_field: str, max_record_bytes: int) -> Iterator[str]:
+    corrupt = _decode_errors(path)
+    line_number, offset = 0, 0
     try:
-        import pyarrow
-        import pyarrow.ipc
-        import pyarrow.parquet
-    except ImportError as exc:  # pragma: no cover - pyarrow is a dependency
-        raise ValueError("reading Parquet or Arrow needs the pyarrow package: pip install pyarrow") from exc
-    return pyarrow
+        with _open_lines(path) as stream:
+            while True:
+                # One byte over the limit tells a line that is too long from one that just fits, without
+                # ever reading more than the limit into memory.
+                line = stream.readline(max_record_bytes + 1)
+                if not line:
+                    return
+                line_number += 1
+                where = f"line {line_number}"
+                if len(line) > max_record_bytes:
+                    raise _too_large(path, where, len(line) + _rest_of_line(stream), max_record_bytes)
+                if line_number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line, offset = line[3:], 3
+                yield _parse_line(path, where, offset, line, text_field)
+                offset += len(line)
+    except corrupt as exc:
+        raise ValueError(
+            f"{str(path)!r} is corrupt or truncated: decompression failed after line {line_number} ({exc})"
+        ) from exc
+    except OSError as exc:
+        if isinstance(exc, PermissionError | IsADirectoryError | FileNotFoundError):
+            raise
+        raise ValueError(f"{str(path)!r} could not be read after line {line_number}: {exc}") from exc
 
 
-def _column_batches(
-    path: Path, batches: Iterator[Any], field: str, limit: int, first_row: int = 0
+def _rest_of_line(stream: Any) -> int:
+    """Bytes left in the current line, counted a chunk at a time (the line may not fit in memory)."""
+    size = 0
+    while chunk := stream.readline(MIB):
+        size += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return size
+
+
+def _parse_line(path: Path, where: str, offset: int, line: bytes, text_field: str) -> str:
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{str(path)!r} {where} is not valid UTF-8 (byte offset {offset + exc.start} of the "
+            f"{'decompressed ' if not path.name.endswith('.jsonl') else ''}file: {exc.reason})"
+        ) from exc
+    if not decoded.strip():
+        return ""
+    try:
+        record = json.loads(decoded)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} {where} is not valid JSON: {exc.msg}") from exc
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        present = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{str(path)!r} {where} has no string field {text_field!r} (fields: {present})")
+    return record[text_field]
+
+
+# ---------------------------------------------------------------------------------------------
+# Columnar: Parquet, Arrow IPC, Hugging Face datasets on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def _column_texts(
+    path: Path, batches: Iterator[Any], text_field: str, max_record_bytes: int
 ) -> Iterator[str]:
-    row = first_row
+    """The text column of a stream of pyarrow record batches, checked row by row."""
+    row = 0
     for batch in batches:
-        names = batch.schema.names
-        if field not in names:
-            raise ValueError(
-                f"{str(path)!r} has no column {field!r} (it has {names}); choose one with --text-field"
-            )
-        column = batch.column(names.index(field))
-        for value in column.to_pylist():
-            where = f"{str(path)!r} row {row}"
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{where} has {field!r} = {type(value).__name__}, expected a string")
-            if value is None:
-                raise ValueError(f"{where} has {field!r} = null, expected a string")
-            _check_size(where, value, limit)
-            if value:
-                yield value
+        column = batch.column(batch.schema.get_field_index(text_field))
+        for text in column.to_pylist():
+            where = f"row {row}"
+            if not isinstance(text, str):
+                kind = "null" if text is None else type(text).__name__
+                raise ValueError(f"{str(path)!r} {where} has a {kind} {text_field!r}, expected a string")
+            # A character takes at most 4 bytes, so only long texts need encoding to be measured.
+            if len(text) * 4 > max_record_bytes and len(text.encode("utf-8")) > max_record_bytes:
+                raise _too_large(path, where, len(text.encode("utf-8")), max_record_bytes)
+            yield text
             row += 1
 
 
-def _parquet(path: Path, field: str, limit: int) -> Iterator[str]:
-    pa = _pyarrow()
+def _check_column(path: Path, names: list[str], text_field: str) -> None:
+    if text_field not in names:
+        raise ValueError(f"{str(path)!r} has no column {text_field!r} (columns: {names}); pass --text-field")
+
+
+def _read_parquet(path: Path, text_field: str, max_record_bytes: int) -> Iterator[str]:
+    pa = _require("pyarrow", "pyarrow", ".parquet files")
+    pq = _require("pyarrow.parquet", "pyarrow", ".parquet files")
+    rows = 0
     try:
-        file = pa.parquet.ParquetFile(path)
-    except pa.lib.ArrowException as exc:
-        raise ValueError(f"{str(path)!r} is not a readable Parquet file: {exc}") from exc
-    names = file.schema_arrow.names
-    if field not in names:
+        parquet = pq.ParquetFile(path)
+        _check_column(path, parquet.schema_arrow.names, text_field)
+        for text in _column_texts(
+            path,
+            parquet.iter_batches(batch_size=ROW_BATCH, columns=[text_field]),
+            text_field,
+            max_record_bytes,
+        ):
+            yield text
+            rows += 1
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
         raise ValueError(
-            f"{str(path)!r} has no column {field!r} (it has {names}); choose one with --text-field"
-        )
+            f"{str(path)!r} is not a readable Parquet file (stopped at row {rows}): {exc}"
+        ) from exc
+
+
+def _read_arrow(path: Path, text_field: str, max_record_bytes: int) -> Iterator[str]:
+    pa = _require("pyarrow", "pyarrow", ".arrow files")
+    ipc = _require("pyarrow.ipc", "pyarrow", ".arrow files")
+    rows = 0
     try:
-        yield from _column_batches(
-            path, file.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[field]), field, limit
+        with pa.memory_map(str(path), "r") as source:
+            try:
+                reader = ipc.open_file(source)
+                schema = reader.schema
+                batches: Iterator[Any] = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:  # not the random-access file format: try the stream format
+                source.seek(0)
+                reader = ipc.open_stream(source)
+                schema = reader.schema
+                batches = iter(reader)
+            _check_column(path, schema.names, text_field)
+            for text in _column_texts(path, batches, text_field, max_record_bytes):
+                yield text
+                rows += 1
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise ValueError(
+            f"{str(path)!r} is not a readable Arrow file (stopped at row {rows}): {exc}"
+        ) from exc
+
+
+def _read_hf(path: Path, text_field: str, max_record_bytes: int) -> Iterator[str]:
+    """A Dataset written by save_to_disk: the Arrow streams its state.json lists, in order. Read with pyarrow
+    rather than ``datasets.load_from_disk``, so that no file outside the directory is ever opened and the
+    `datasets` package is not needed."""
+    if (path / HF_DICT_FILE).is_file():
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise ValueError(
+            f"{str(path)!r} is a Hugging Face DatasetDict with splits {splits}; pass one split's "
+            f"directory, e.g. {str(path / splits[0]) if splits else str(path / 'train')!r}"
         )
-    except pa.lib.ArrowException as exc:
-        raise ValueError(f"{str(path)!r} is damaged: {exc}") from exc
-
-
-def _arrow_batches(path: Path) -> Iterator[Any]:
-    pa = _pyarrow()
-    with pa.memory_map(str(path), "r") as source:
-        try:
-            reader = pa.ipc.open_file(source)
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
-            return
-        except pa.lib.ArrowInvalid:
-            source.seek(0)
-        yield from pa.ipc.open_stream(source)
-
-
-def _arrow(path: Path, field: str, limit: int) -> Iterator[str]:
-    pa = _pyarrow()
-    try:
-        yield from _column_batches(path, _arrow_batches(path), field, limit)
-    except pa.lib.ArrowException as exc:
-        raise ValueError(f"{str(path)!r} is not a readable Arrow file or stream: {exc}") from exc
-
-
-def _hf_dataset(directory: Path, field: str, limit: int) -> Iterator[str]:
-    state_path = directory / "state.json"
+    state_path = path / HF_DATASET_FILE
+    if not os.access(state_path, os.R_OK):
+        raise PermissionError(13, "permission denied", str(state_path))
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))
         names = [entry["filename"] for entry in state["_data_files"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{str(state_path)!r} does not list the dataset's Arrow files: {exc}") from exc
     for name in names:
-        path = directory / name
-        # state.json names files inside the dataset directory only.
-        if Path(name).name != name or not path.is_file():
-            raise ValueError(f"{str(state_path)!r} names {name!r}, which is not a file in {str(directory)!r}")
-        yield from _arrow(path, field, limit)
+        # state.json may name files inside the dataset directory only: no separators, no "..".
+        inside = isinstance(name, str) and Path(name).name == name and name not in (".", "..")
+        if not inside or not (path / name).is_file():
+            raise ValueError(f"{str(state_path)!r} names {name!r}, which is not a file in {str(path)!r}")
+    for name in names:
+        yield from _read_arrow(path / name, text_field, max_record_bytes)
