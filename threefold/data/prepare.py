@@ -27,7 +27,7 @@ import numpy as np
 from threefold.data.encode import default_workers, encode_documents
 from threefold.data.format import FORMAT_VERSION, read_meta
 from threefold.data.readers import DEFAULT_MAX_RECORD_BYTES, MIB, SUFFIXES, find_inputs, read_documents
-from threefold.data.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer
+from threefold.data.tokenizer import GPT2_NAME, eos_token_id, load_tokenizer, vocabulary_difference
 from threefold.data.writer import DatasetWriter
 from threefold.files import fsync_dir, sync_tree
 
@@ -113,16 +113,16 @@ def _check_same_tokenizer(out_dir: Path, meta: dict, tokenizer: str | None) -> s
         return old
     new = _tokenizer_name(tokenizer)
     try:
-        old_vocab = load_tokenizer(old).get_vocab(with_added_tokens=True)
+        difference = vocabulary_difference(old, tokenizer)
     except ValueError as exc:
         raise ValueError(
             f"{str(out_dir)!r} was prepared with tokenizer {old!r}, which cannot be loaded to compare "
             f"with {new!r}: {exc}"
         ) from exc
-    if load_tokenizer(tokenizer).get_vocab(with_added_tokens=True) != old_vocab:
+    if difference:
         raise ValueError(
             f"--append with tokenizer {new!r}, but {str(out_dir)!r} was prepared with tokenizer {old!r} "
-            "and their vocabularies differ; appended tokens would mean something else"
+            f"and {difference}; appended tokens would mean something else"
         )
     return old
 

@@ -105,6 +105,21 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
         raise ValueError(f"tokenizer file {path!r} could not be loaded: {exc}") from exc
 
 
+def vocabulary_difference(first: str, second: str) -> str | None:
+    """None when the tokenizers ``first`` and ``second`` (names load_tokenizer takes) give every token the
+    same id; else a phrase saying how their vocabularies differ. ValueError if either cannot be loaded."""
+    a = load_tokenizer(first).get_vocab(with_added_tokens=True)
+    b = load_tokenizer(second).get_vocab(with_added_tokens=True)
+    if a == b:
+        return None
+    differ = sorted(t for t in a.keys() | b.keys() if a.get(t) != b.get(t))
+    token = differ[0]
+    return (
+        f"their vocabularies differ ({len(a):,} and {len(b):,} entries; {len(differ):,} tokens missing or "
+        f"with another id, e.g. {token!r}: {a.get(token, 'absent')} and {b.get(token, 'absent')})"
+    )
+
+
 def eos_token_id(tokenizer: Tokenizer) -> int:
     """Id of the end-of-text token that separates documents, for GPT-2 and common Llama-style vocabularies."""
     for token in EOS_CANDIDATES:

@@ -39,7 +39,8 @@ from threefold.checkpoint.parts import named_parameters
 from threefold.config import Config, DataSource
 from threefold.config.validate import checkpoint_to_load
 from threefold.data.blend import check_compatible
-from threefold.data.dataset import SampleLoader, check_dataset
+from threefold.data.dataset import SampleLoader, check_dataset, read_meta
+from threefold.data.tokenizer import find_tokenizer, vocabulary_difference
 from threefold.files import RunLock
 from threefold.parallel.mesh import Mesh
 from threefold.parallel.track import CommTracker, activate
@@ -58,12 +59,44 @@ def check_data(config: Config, control: ControlChannel, rank: int) -> None:
             check_dataset(source.path, model_vocab_size=config.model.vocab_size, scan=rank == 0)
         if config.data.sources:
             check_compatible([(s.label, s.path) for s in config.data.sources])
+        if rank == 0:
+            check_tokenizer(config)
         error = None
     except ValueError as e:
         error = str(e)
     error = control.broadcast(error) or error  # the same message everywhere, even if only rank 0 scanned
     if error:
         raise ValueError(error)
+
+
+def check_tokenizer(config: Config) -> None:
+    """ValueError if `checkpoint.load` carries a tokenizer (an `import-hf` checkpoint does) whose vocabulary
+    differs from the one a dataset was prepared with: its token ids would mean other words to the model,
+    and the vocabulary-size check alone passes whenever the model's vocabulary is the larger."""
+    if not config.checkpoint.load:
+        return
+    try:
+        checkpoint = checkpoint_to_load(config.checkpoint)
+    except ValueError:
+        return  # reported, with its reasons, where the checkpoint is loaded
+    own = find_tokenizer(checkpoint)
+    if own is None:
+        return
+    for source in config.data.datasets():
+        used = str(read_meta(source.path)["tokenizer"])
+        try:
+            difference = vocabulary_difference(used, str(own))
+        except ValueError as exc:
+            raise ValueError(
+                f"dataset {source.path!r} was prepared with tokenizer {used!r}, which cannot be loaded to "
+                f"compare with the tokenizer of checkpoint.load ({str(own)!r}): {exc}"
+            ) from exc
+        if difference:
+            raise ValueError(
+                f"dataset {source.path!r} was prepared with tokenizer {used!r}, but checkpoint.load "
+                f"{config.checkpoint.load!r} carries its own tokenizer ({str(own)!r}) and {difference}; "
+                f"prepare the data with it: threefold data prepare ... --tokenizer {str(checkpoint)!r}"
+            )
 
 
 @contextlib.contextmanager
