@@ -5,7 +5,7 @@ curves are compared as trailing means over --window steps, from step --from on (
 ~12 and differ most in absolute terms while both are far from any plateau). Prints the largest relative
 gap, the gap of the last window, and each run's median tokens/s and peak memory; writes an SVG plot.
 
-Usage: python bench/fp8_loss_plot.py DIR [--svg docs/fp8_loss.svg] [--window 20] [--from 50]
+Usage: python bench/fp8_loss_plot.py DIR [--svg docs/fp8_loss.svg] [--window 20] [--from 50] [--control JSONL]
        python bench/fp8_loss_plot.py --make-corpus data/fp8-src/code.jsonl   (the corpus's JSON lines)
 DIR holds false.jsonl and tensorwise.jsonl (the runs' metrics.jsonl files).
 """
@@ -41,7 +41,7 @@ def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[1:] - sums[np.maximum(np.arange(1, len(values) + 1) - window, 0)]) / counts
 
 
-def compare(directory: Path, svg: Path | None, window: int, start: int) -> int:
+def compare(directory: Path, svg: Path | None, window: int, start: int, control: Path | None = None) -> int:
     runs = {
         name: read_run(directory / f"{mode}.jsonl")
         for name, mode in (("bf16", "false"), ("fp8", "tensorwise"))
@@ -65,6 +65,17 @@ def compare(directory: Path, svg: Path | None, window: int, start: int) -> int:
         if speed:
             median = statistics.median(speed)
             print(f"  {name}: median {median:,.0f} tokens/s (after the 10th step), peak {peak:.1f} GiB")
+    control_gap = None
+    if control is not None:  # bf16 again with another seed: how far two bf16 runs drift apart
+        other = read_run(control)["train/loss"]
+        if set(steps) <= set(other):
+            control_curve = trailing_mean(np.array([other[s] for s in steps]), window)
+            control_gap = (control_curve - smooth["bf16"]) / smooth["bf16"]
+            worst_control = int(np.argmax(np.abs(control_gap) * mask))
+            print(
+                f"  control (bf16, {control.name}): largest |gap| {abs(control_gap[worst_control]):.3%} at "
+                f"step {steps[worst_control]}, last window {control_gap[-1]:+.3%}"
+            )
     if svg is not None:
         import matplotlib
 
@@ -79,10 +90,20 @@ def compare(directory: Path, svg: Path | None, window: int, start: int) -> int:
         top.set_ylim(top=min(float(curves["bf16"][:start].max(initial=0)) + 0.5, 12.5))
         top.legend()
         top.set_title("llama-1b, seq 2048, 16,384 tokens/step, 1x H200: bf16 vs fp8 tensorwise")
-        bottom.plot(steps, 100 * gap, color="black", linewidth=0.8)
+        bottom.plot(steps, 100 * gap, color="black", linewidth=0.8, label="fp8")
+        if control_gap is not None:
+            bottom.plot(
+                steps,
+                100 * control_gap,
+                color="gray",
+                linewidth=0.8,
+                linestyle="--",
+                label="bf16, other seed",
+            )
+            bottom.legend(fontsize="small")
         bottom.axhline(1, color="red", linestyle=":")
         bottom.axhline(-1, color="red", linestyle=":")
-        bottom.set_ylabel("fp8 - bf16 (%)")
+        bottom.set_ylabel("gap to bf16 (%)")
         bottom.set_xlabel("step")
         fig.tight_layout()
         fig.savefig(svg)
@@ -123,6 +144,7 @@ def main() -> int:
     parser.add_argument("--svg", type=Path, default=None)
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--from", dest="start", type=int, default=50)
+    parser.add_argument("--control", type=Path, default=None, metavar="JSONL", help="bf16, another seed")
     parser.add_argument("--make-corpus", type=Path, default=None, metavar="JSONL")
     args = parser.parse_args()
     if args.make_corpus is not None:
@@ -130,7 +152,7 @@ def main() -> int:
         return 0
     if args.dir is None:
         parser.error("give DIR or --make-corpus")
-    return compare(args.dir, args.svg, args.window, args.start)
+    return compare(args.dir, args.svg, args.window, args.start, args.control)
 
 
 if __name__ == "__main__":
