@@ -22,7 +22,6 @@ from threefold.config import ModelConfig
 from threefold.infer.generate import Decoder, generate
 from threefold.infer.load import build_stage
 from threefold.infer.sampling import SamplingParams
-from threefold.infer.step import fuse_projections
 from threefold.parallel.mesh import build_mesh
 from threefold.presets import MODEL_PRESETS
 
@@ -119,10 +118,6 @@ def main() -> None:
         row["threefold eager"] = ours(model, prompts, args.new, compiled=False, cuda_graph=False)
         row["threefold CUDA graph"] = ours(model, prompts, args.new, compiled=False, cuda_graph=True)
         row["threefold compile+graph"] = ours(model, prompts, args.new, compiled=True, cuda_graph=True)
-        if batch == 1:  # fused q/k/v and gate/up weights change only the batch-1 (matvec) step
-            fuse_projections(model)  # views: the other columns, batch 64 included, read the same values
-            fused = ours(model, prompts, args.new, compiled=True, cuda_graph=True)
-            row["threefold compile+graph fused"] = fused
         if have_hf:
             row["HF dynamic cache"] = theirs(cfg, prompts, args.new, static=False)
             try:

@@ -13,7 +13,7 @@ from distributed import run_ranks
 from threefold.infer.generate import Decoder, generate
 from threefold.infer.load import build_stage, load_weights
 from threefold.infer.sampling import SamplingParams, choose
-from threefold.infer.step import forward_step, fuse_projections
+from threefold.infer.step import forward_step
 from threefold.model.hf import from_hf_state_dict, model_config_from_hf
 from threefold.parallel.mesh import build_mesh
 
@@ -179,11 +179,7 @@ def _matvec_vs_matmul(rank: int, world: int, hf_cfg: dict, hf_state: dict, tp: i
     model = build_stage(cfg, mesh)
     load_weights(model, state.__getitem__)
     results = []
-    for matvec, fused in ((False, False), (True, False), (True, True), (False, True)):
-        if fused:  # q/k/v and gate/up laid end to end; the layers' weights become views of the fused tensor
-            fuse_projections(model)
-            attn = model.layers["0"].self_attn
-            assert attn.qkv_fused[0].data_ptr() == attn.q_proj.weight.data_ptr()
+    for matvec in (False, True):
         decoder = Decoder()
         decoder.prepare(model, 1, len(PROMPTS[0]) + NEW_TOKENS, mesh)
         decoder._step = functools.partial(forward_step, matvec=matvec)
@@ -192,14 +188,10 @@ def _matvec_vs_matmul(rank: int, world: int, hf_cfg: dict, hf_state: dict, tp: i
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("case", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("case", ["llama", "gpt2"])
 def test_matvec_decode_step_matches_the_layers(case, tp):
-    """The matvec step, unfused and over fused q/k/v and gate/up weights (`fuse_projections`), gives the
-    layers' tokens and log-probabilities; and the layers give the same after fusing (their weights are now
-    views of the fused tensors)."""
     hf_cfg, hf_state, _, _ = _reference(case)
-    for plain, *others in run_ranks(tp, _matvec_vs_matmul, hf_cfg, hf_state, tp, timeout=60):
-        for name, other in zip(("matvec", "fused matvec", "layers after fusing"), others, strict=True):
-            assert other.tokens == plain.tokens, name
-            diff = max(abs(a - b) for a, b in zip(other.logprobs[0], plain.logprobs[0], strict=True))
-            assert diff < 1e-4, f"{case} tp={tp}: max |logprob({name}) - logprob(matmul)| = {diff:.3g}"
+    for plain, matvec in run_ranks(tp, _matvec_vs_matmul, hf_cfg, hf_state, tp, timeout=60):
+        assert matvec.tokens == plain.tokens
+        diff = max(abs(a - b) for a, b in zip(matvec.logprobs[0], plain.logprobs[0], strict=True))
+        assert diff < 1e-4, f"{case} tp={tp}: max |logprob(matvec) - logprob(matmul)| = {diff:.3g}"

@@ -163,12 +163,8 @@ def _generate_body(
     prompts: list[list[int]], texts: list[str], params: Any, codec: Any, as_json: bool, cuda_graph: bool,
 ) -> int:  # fmt: skip
     from threefold.infer.generate import Decoder, generate
-    from threefold.infer.step import fuse_projections
-    from threefold.model.transformer import Transformer
 
     model = _load_stage(config, mesh, device, path)
-    if cuda_graph and isinstance(model, Transformer):
-        fuse_projections(model)  # this model only generates: its batch-1 step reads q/k/v and gate/up at once
     decoder = Decoder(cuda_graph=cuda_graph, compiled=cuda_graph)
     out = generate(model, prompts, params, eos_id=codec.eos_id(), mesh=mesh, decoder=decoder)
     if mesh.rank != 0:

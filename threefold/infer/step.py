@@ -12,9 +12,7 @@ With `matvec` (a compiled step of one token in all: batch 1 decoding), every pro
 product and a sum over the input features instead of a matrix product. The compiler turns each into one
 reduction kernel that reads the weight once, at close to the memory's speed, where the library's
 matrix-product kernels for a single row reach about half of it (bench/decode_profile.py). Eagerly that
-form would materialize the products, so only compiled steps use it. `fuse_projections` (for a model that
-only generates) lays each layer's q/k/v weights, and its gate/up weights, end to end in one tensor, so
-that such a step reads them in one reduction rather than in several small ones.
+form would materialize the products, so only compiled steps use it.
 
 A model as training built it (samples during training) may have sequence-parallel layers and float8
 GEMMs. Generation splits no sequence, so their outputs are all-reduced over TP instead of scattered along
@@ -47,59 +45,14 @@ def _project(layer: nn.Module, x: torch.Tensor, matvec: bool) -> torch.Tensor:
     """The layer's output for x, whole on every TP rank (see the module for what differs from training);
     with `matvec`, through `_matvec` and the row-parallel all-reduce."""
     assert isinstance(layer, ColumnParallelLinear | RowParallelLinear)
-    if not matvec and not _training_only(layer):
+    training_only = layer.fp8 is not None or getattr(layer, "sequence_parallel", False)
+    if not matvec and not training_only:
         return layer(x)
     product = _matvec if matvec else F.linear
     if isinstance(layer, ColumnParallelLinear):
         return product(x, layer.weight, layer.bias)
     y = reduce_from_tp(product(x, layer.weight), layer.tp_group)
     return y + layer.bias if layer.bias is not None else y
-
-
-def _training_only(layer: nn.Module) -> bool:
-    return layer.fp8 is not None or bool(getattr(layer, "sequence_parallel", False))
-
-
-def fuse_projections(model: Transformer) -> None:
-    """Lay each layer's q/k/v weights (and biases), and its gate/up weights, end to end in one tensor whose
-    row blocks become the layers' parameters (views: no memory is added). A compiled batch-1 step then
-    computes each group as one product-and-sum. For a model that only generates: a trained model's
-    parameters may be views into its optimizer's buffers, which this would cut loose."""
-    for block in model.layers.values():
-        assert isinstance(block, Block)
-        _fuse(block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_fused")
-        if block.mlp.gated:
-            _fuse(block.mlp, ("gate_proj", "up_proj"), "gate_up_fused")
-
-
-def _fuse(owner: nn.Module, names: tuple[str, ...], attribute: str) -> None:
-    layers = [getattr(owner, name) for name in names]
-    if any(_training_only(layer) for layer in layers) or hasattr(owner, attribute):
-        return
-    weight = torch.cat([layer.weight.detach() for layer in layers])
-    biased = all(layer.bias is not None for layer in layers)
-    bias = torch.cat([layer.bias.detach() for layer in layers]) if biased else None
-    sizes = [layer.weight.shape[0] for layer in layers]
-    start = 0
-    for layer, size in zip(layers, sizes, strict=True):
-        layer.weight.data = weight[start : start + size]
-        if bias is not None:
-            layer.bias.data = bias[start : start + size]
-        start += size
-    # A plain attribute, not a parameter: state dicts and optimizers see only the layers' own parameters.
-    object.__setattr__(owner, attribute, (weight, bias, sizes))
-
-
-def _projections(
-    owner: nn.Module, names: tuple[str, ...], attribute: str, x: torch.Tensor, matvec: bool
-) -> list[torch.Tensor]:
-    """The outputs of the column-parallel layers `names` of `owner` for x: one product-and-sum over their
-    fused weight when the step is a matvec step and `fuse_projections` laid them together."""
-    fused = getattr(owner, attribute, None) if matvec else None
-    if fused is None:
-        return [_project(getattr(owner, name), x, matvec) for name in names]
-    weight, bias, sizes = fused
-    return list(_matvec(x, weight, bias).split(sizes, dim=-1))
 
 
 def _embed(embedding: VocabParallelEmbedding, ids: torch.Tensor) -> torch.Tensor:
@@ -125,10 +78,9 @@ def _attention(
     b, s, _ = x.shape
     d = attn.head_dim
     heads, kv_heads = attn.num_local_heads, attn.num_local_kv_heads
-    q, k, v = _projections(attn, ("q_proj", "k_proj", "v_proj"), "qkv_fused", x, matvec)
-    q = q.reshape(b, s, heads, d).transpose(1, 2)  # (b, a/t, s, d)
-    k = k.reshape(b, s, kv_heads, d).transpose(1, 2)  # (b, k_, s, d)
-    v = v.reshape(b, s, kv_heads, d).transpose(1, 2)
+    q = _project(attn.q_proj, x, matvec).view(b, s, heads, d).transpose(1, 2)  # (b, a/t, s, d)
+    k = _project(attn.k_proj, x, matvec).view(b, s, kv_heads, d).transpose(1, 2)  # (b, k_, s, d)
+    v = _project(attn.v_proj, x, matvec).view(b, s, kv_heads, d).transpose(1, 2)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     cache.write(layer, slots, k, v)
@@ -146,8 +98,7 @@ def _attention(
 def _mlp(block: Block, x: torch.Tensor, matvec: bool) -> torch.Tensor:
     mlp = block.mlp
     if mlp.gated:
-        gate, up = _projections(mlp, ("gate_proj", "up_proj"), "gate_up_fused", x, matvec)
-        hidden = F.silu(gate) * up  # (b, s, f/t)
+        hidden = F.silu(_project(mlp.gate_proj, x, matvec)) * _project(mlp.up_proj, x, matvec)  # (b, s, f/t)
     else:
         hidden = F.gelu(_project(mlp.up_proj, x, matvec), approximate="tanh")
     return _project(mlp.down_proj, hidden, matvec)  # (b, s, h)
