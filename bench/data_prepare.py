@@ -7,6 +7,9 @@ For each corpus size (--mb) it builds a JSON-lines corpus from Shakespeare's wor
       threads, batches of 8192 documents so the Encoding objects fit in memory), nothing written;
   (b) `threefold data prepare CORPUS --workers N`, the whole command: reading, tokenizing, writing,
       checksums, start-up included;
+  (c) a Megatron-LM `tools/preprocess_data.py`-style pipeline, rebuilt here (not Megatron's code): a
+      forked pool of N workers, each parsing one JSON line and encoding one document (`imap`, chunksize
+      32), the parent writing the ids; start-up included, as for (b);
 
 and prints MB/s (10^6 bytes of UTF-8 text per second) for both, their ratio, and the peak resident
 memory of the prepare process (VmHWM) and of its whole process tree (the sum of proportional set sizes,
@@ -45,6 +48,24 @@ tokens = 0
 for i in range(0, len(docs), 8192):
     tokens += sum(len(e.ids) for e in tok.encode_batch_fast(docs[i : i + 8192], add_special_tokens=False))
 print(json.dumps({"seconds": time.perf_counter() - start, "bytes": num_bytes, "tokens": tokens}))
+"""
+
+
+MEGATRON_STYLE_SCRIPT = """
+import json, multiprocessing, sys, time
+import numpy as np
+from threefold.data.tokenizer import eos_token_id, load_tokenizer
+start = time.perf_counter()
+tok = load_tokenizer()
+eos = eos_token_id(tok)
+def encode(line):
+    return tok.encode(json.loads(line)["text"], add_special_tokens=False).ids
+with open(sys.argv[1], encoding="utf-8") as f, open(sys.argv[2], "wb") as sink:
+    with multiprocessing.get_context("fork").Pool(int(sys.argv[3])) as pool:
+        for ids in pool.imap(encode, f, chunksize=32):
+            ids.append(eos)
+            np.asarray(ids, dtype=np.uint16).tofile(sink)
+print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
@@ -145,15 +166,19 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(cores)} cores {sorted(cores)}; "
           f"{len(docs)} Shakespeare documents of ~{DOC_CHARS} chars")  # fmt: skip
     print("| corpus MB | tokens | (a) tokenizers alone MB/s | (b) data prepare MB/s | (b)/(a) | "
-          "prepare peak MiB (main RSS / tree PSS) |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|")
+          "(c) Megatron-style MB/s | (c)/(a) | prepare peak MiB (main RSS / tree PSS) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for megabytes in args.mb:
         corpus = args.work_dir / f"corpus-{megabytes:g}mb.jsonl"
         num_bytes = write_corpus(corpus, docs, megabytes)
-        limit = None
+        limit = megatron = None
         if megabytes <= args.skip_limit_above:
             _, _, _, out = run_measured([sys.executable, "-c", LIMIT_SCRIPT, str(corpus)], cores)
             limit = json.loads(out)
+            sink = args.work_dir / "megatron-style.bin"
+            command = [sys.executable, "-c", MEGATRON_STYLE_SCRIPT, str(corpus), str(sink), str(args.workers)]
+            megatron = json.loads(run_measured(command, cores)[3])
+            sink.unlink()
         out_dir = args.work_dir / f"ds-{megabytes:g}mb"
         shutil.rmtree(out_dir, ignore_errors=True)
         command = [
@@ -173,8 +198,15 @@ def main() -> None:
         limit_rate = limit["bytes"] / 1e6 / limit["seconds"] if limit else None
         ratio = f"{prepare_rate / limit_rate:.0%}" if limit_rate else "-"
         limit_text = f"{limit_rate:.2f}" if limit_rate else "-"
+        megatron_rate = num_bytes / 1e6 / megatron["seconds"] if megatron else None
+        megatron_text = (
+            f"{megatron_rate:.2f} | {megatron_rate / limit_rate:.0%}"
+            if megatron_rate and limit_rate
+            else "- | -"
+        )
         print(f"| {num_bytes / 1e6:,.0f} | {tokens:,} | {limit_text} | {prepare_rate:.2f} | {ratio} | "
-              f"{peak_self / 1024:,.0f} / {peak_tree / 1024:,.0f} |", flush=True)  # fmt: skip
+              f"{megatron_text} | {peak_self / 1024:,.0f} / {peak_tree / 1024:,.0f} |",
+              flush=True)  # fmt: skip
         if not args.keep:
             corpus.unlink()
             shutil.rmtree(out_dir, ignore_errors=True)
