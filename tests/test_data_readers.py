@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +257,19 @@ def test_checksums_are_recorded_and_verify_finds_a_changed_byte(tmp_path, capsys
     (tmp_path / "ds" / "val.bin").write_bytes(bytes(data))
     assert main(["data", "inspect", str(tmp_path / "ds"), "--verify"]) == 1
     assert "checksums MISMATCH: val.bin" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`threefold data inspect DIR | head -1`: the reader has gone before the report is written. The
+    command ends quietly with status 141 (a shell's SIGPIPE status) instead of a BrokenPipeError."""
+    prepare_dataset([_write("jsonl", tmp_path)], tmp_path / "ds", val_fraction=0.2)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "threefold", "data", "inspect", str(tmp_path / "ds")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.close()  # long before the interpreter has started, let alone written the report
+    _, err = proc.communicate(timeout=60)
+    assert "BrokenPipeError" not in err.decode() and "Traceback" not in err.decode()
+    assert proc.returncode == 141

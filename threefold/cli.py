@@ -8,6 +8,7 @@ module (`python -m threefold.cli ...`) in each local worker.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import metadata
 
@@ -122,13 +123,21 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # --help and --version print, then argparse exits
             return int(e.code or 0)
         check_leftovers(args, leftovers, overrides)
-        return int(args.command_run(args))
+        status = int(args.command_run(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
     except UsageError as e:
         print(f"threefold: error: {e} (see '{e.prog} --help')", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"threefold: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`threefold data inspect DIR | head`): not an error of ours.
+        # Point stdout at /dev/null so that the interpreter's final flush does not fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # what a shell reports for a process ended by SIGPIPE (128 + 13)
 
 
 if __name__ == "__main__":
