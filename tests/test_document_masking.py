@@ -137,3 +137,37 @@ def test_masked_training_matches_single_process(
 def test_reset_position_ids_needs_document_masking(sonnets_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"data.reset_position_ids \(true\) needs data.document_masking"):
         tiny_config(sonnets_dataset, tmp_path, data=dict(reset_position_ids=True))
+
+
+CP_MASKED_LAYOUTS = {
+    # name: (arch, tp, pp, cp, v, parallel, recompute); each against one process, masked the same way.
+    "cp2-ring": ("llama", 1, 1, 2, 1, {}, "none"),
+    "cp4-ring": ("llama", 1, 1, 4, 1, {}, "none"),
+    "cp4-all_to_all": ("llama", 1, 1, 4, 1, {"cp_attention": "all_to_all"}, "none"),
+    "cp2-gpt2-selective": ("gpt2", 1, 1, 2, 1, {}, "selective"),
+    "cp2-tp2-sp-full": ("llama", 2, 1, 2, 1, {"sequence_parallel": True}, "full"),
+    "cp2-pp2-interleaved": ("llama", 1, 2, 2, 2, {}, "none"),
+}
+
+
+@pytest.mark.parametrize("name", list(CP_MASKED_LAYOUTS))
+def test_masked_training_with_cp_matches_single_process(documents_dataset, reference, tmp_path_factory, name):
+    """Document masks across context-parallel shards: a document's tokens on other cp ranks are read,
+    other documents' are not, and positions restart per document, as in one process."""
+    arch, tp, pp, cp, v, parallel, recompute = CP_MASKED_LAYOUTS[name]
+    run = tmp_path_factory.mktemp("cp-masked")
+    model = wide_model(arch) | ({"num_layers": 4} if v > 1 else {})
+
+    def config(tp: int = 1, pp: int = 1, cp: int = 1, v: int = 1, parallel: dict | None = None,
+               recompute: str = "none", masking: bool = True):  # fmt: skip
+        return tiny_config(
+            documents_dataset, run, tp=tp, pp=pp, v=v, model=model,
+            parallel=(parallel or {}) | ({"cp_size": cp} if cp > 1 else {}), optimizer=dict(warmup_steps=2),
+            data=dict(document_masking=masking, reset_position_ids=masking),
+            training=dict(max_steps=5, seed=7, recompute=recompute),
+        )  # fmt: skip
+
+    ref = reference(config())
+    plain = reference(config(masking=False))
+    assert abs(ref["losses"][-1] - plain["losses"][-1]) > 1e-3, "masking must change the loss to be tested"
+    _check(config(tp, pp, cp, v, parallel, recompute), ref)

@@ -168,11 +168,11 @@ def check_context_parallel(config: Config) -> None:
             f"with sequence parallelism, parallel.cp_size ({cp}) * parallel.tp_size ({p.tp_size}) must "
             f"divide data.seq_len ({d.seq_len})"
         )
-    if d.document_masking:
+    if d.document_masking and p.cp_attention == "ring" and t.device == "cuda":
         raise ValueError(
-            f"data.document_masking (true) does not yet run with context parallelism (parallel.cp_size = "
-            f"{cp}): the cp attention blocks are causal over the whole sequence; set cp_size = 1 or "
-            "document_masking = false"
+            f"data.document_masking (true) with parallel.cp_size ({cp}) runs the ring's blocks through exact "
+            "fp32 math, which on a GPU would hold every block's scores; set parallel.cp_attention = "
+            "'all_to_all' (whole sequences per head group, FlexAttention) or document_masking = false"
         )
     if p.cp_attention == "all_to_all":
         heads = m.num_heads // p.tp_size

@@ -58,12 +58,15 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
 class DocumentMask:
     """A block-diagonal causal mask built once per micro-batch and read by every layer.
 
-    Exactly one of `dense` ((b, 1, s, s) bool, True = may attend) and `block` (a FlexAttention BlockMask)
-    is set.
+    Without context parallelism exactly one of `dense` ((b, 1, s, s) bool, True = may attend) and `block`
+    (a FlexAttention BlockMask) is set. Under context parallelism `doc_ids` holds the whole sequence's
+    document ids (b, s), which the ring reads block by block; all-to-all attention, which sees whole
+    sequences, also gets `dense` or `block` (threefold.parallel.context.context_document_mask).
     """
 
     dense: torch.Tensor | None = None
     block: Any = None
+    doc_ids: torch.Tensor | None = None
 
 
 def flex_available(device: torch.device) -> bool:

@@ -163,9 +163,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Causal attention of (b, a/t, s, d) queries over (b, k_, s, d) keys and values, inside each
         document when a mask is given (under context parallelism s is this rank's part, s/cp, and the
-        keys of the other parts are read across ranks; config validation keeps masks away from it)."""
+        keys of the other parts are read across ranks)."""
         if self.tp.context is not None:
-            return context_attention(q, k, v, self.tp.context)
+            return context_attention(q, k, v, self.tp.context, mask)
         return attend(q, k, v, mask=mask)
 
 
@@ -379,6 +379,8 @@ class Transformer(nn.Module):
         (b, s, Vp/t).
         """
         positions = document_positions(doc_ids) if doc_ids is not None and reset_positions else None
+        if positions is not None and self.tp.context is not None:
+            positions = self.tp.context.shard(positions)  # the positions of this rank's chunks
         unit = 0
         if self.has_embedding:
             seq_len = x.shape[1]
@@ -389,7 +391,11 @@ class Transformer(nn.Module):
         if self.tp.context is not None:
             seq_len *= self.tp.context.size  # the whole sequence, whose positions the chunks take
         rope = self.rope(seq_len, x.device, positions)
-        mask = document_mask(doc_ids) if doc_ids is not None else None  # built once, read by every layer
+        mask = None  # built once, read by every layer
+        if doc_ids is not None:
+            mask = (
+                document_mask(doc_ids) if self.tp.context is None else self.tp.context.document_mask(doc_ids)
+            )
         for layer in self.layers.values():
             x = self._enter(unit, x)
             if self.tp.recompute == "full" and torch.is_grad_enabled():

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
+from threefold.model.attention import DocumentMask, attend, document_mask
 from threefold.parallel import track
 
 CPAttention = Literal["ring", "all_to_all"]
@@ -58,6 +59,23 @@ class ContextParallel:
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's two chunks of a whole-sequence tensor (the data loader's samples)."""
         return split_sequence(x, self.rank, self.size, dim)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole sequence (b, s) from every rank's chunks (b, 2c) of it: the inverse of `shard`, on
+        every rank (for document ids, which count the EOS tokens of every earlier chunk)."""
+        b, length = x.shape
+        parts = torch.empty(self.size * b, length, dtype=x.dtype, device=x.device)  # rank-major
+        with track.collective(self.group, "all_gather(tokens)"):
+            dist.all_gather_into_tensor(parts, x.contiguous(), group=self.group)
+        chunks = parts.reshape(self.size, b, 2, length // 2).permute(1, 0, 2, 3).reshape(b, 2 * self.size, -1)
+        return chunks[:, _natural_order(self.size, x.device)].reshape(b, self.size * length)
+
+    def document_mask(self, doc_ids: torch.Tensor) -> DocumentMask:
+        """The mask of a micro-batch's whole-sequence document ids (b, s) for `context_attention`."""
+        if self.attention == "all_to_all":  # attention runs on whole sequences: the usual mask, and the ids
+            whole = document_mask(doc_ids)
+            return DocumentMask(dense=whole.dense, block=whole.block, doc_ids=doc_ids)
+        return DocumentMask(doc_ids=doc_ids)
 
 
 def load_balanced_positions(seq_len: int, cp_rank: int, cp_size: int, device: torch.device) -> torch.Tensor:
@@ -102,24 +120,38 @@ def _causal_mask(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
+Docs = tuple[torch.Tensor, torch.Tensor] | None
+"""Document ids of a block's queries (b, n) and keys (b, m): a query reads only keys of its document."""
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, docs: Docs, scale: float) -> torch.Tensor:
+    """fp32 scores (b, a_, n, m) of q over (expanded) k, -inf where the causal or document mask forbids."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    allowed = _causal_mask(q.shape[2], q.device) if causal else None
+    if docs is not None:
+        same = (docs[0][:, :, None] == docs[1][:, None, :])[:, None]  # (b, 1, n, m)
+        allowed = same if allowed is None else same & allowed
+    return scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
+
+
 def block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, docs: Docs = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output (b, a_, n, d) in q's dtype, log-sum-exp (b, a_, n) fp32) of q over k, v.
 
-    k, v may have fewer (grouped) heads. `causal` applies only to a square block (key j <= query i).
-    The flash kernel on CUDA in 16-bit dtypes, else plain math in fp32. A per-token mask (document ids)
-    would enter here, next to `causal`.
+    k, v may have fewer (grouped) heads. `causal` applies only to a square block (key j <= query i);
+    `docs` keeps each query to the keys of its document. The flash kernel on CUDA in 16-bit dtypes
+    without documents, else plain math in fp32. A query with no key to read in this block gets the
+    log-sum-exp -inf and the output 0, which add nothing when merged.
     """
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-    if _uses_flash(q):
+    if _uses_flash(q) and docs is None:
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return out[0], out[1][..., : q.shape[2]]
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (b, a_, n, m)
-    if causal:
-        scores = scores.masked_fill(~_causal_mask(q.shape[2], q.device), float("-inf"))
+    scores = _scores(q, k, causal, docs, scale)  # (b, a_, n, m)
     lse = scores.logsumexp(dim=-1)
-    out = torch.matmul((scores - lse.unsqueeze(-1)).exp(), v.float())
+    probs = (scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)).exp()  # 0 where masked
+    out = torch.matmul(probs, v.float())
     return out.to(q.dtype), lse
 
 
@@ -133,6 +165,7 @@ def block_attention_backward(
     *,
     causal: bool,
     scale: float,
+    docs: Docs = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of one block, given the final (merged) output and log-sum-exp of its rows.
 
@@ -142,7 +175,7 @@ def block_attention_backward(
     """
     num_kv_heads = k.shape[1]
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-    if _uses_flash(q):
+    if _uses_flash(q) and docs is None:
         n, m = q.shape[2], k.shape[2]
         # Dense (not variable-length) blocks pass no cumulative lengths (None, as the forward returns);
         # without dropout the random state is unused but must have the forward's shapes and dtype.
@@ -156,10 +189,8 @@ def block_attention_backward(
         )
     else:
         qf, kf, vf, go = q.float(), k.float(), v.float(), grad_out.float()
-        scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-        if causal:
-            scores = scores.masked_fill(~_causal_mask(q.shape[2], q.device), float("-inf"))
-        probs = (scores - lse.unsqueeze(-1)).exp()  # (b, a_, n, m)
+        scores = _scores(q, k, causal, docs, scale)
+        probs = (scores - lse.unsqueeze(-1)).exp()  # (b, a_, n, m); the final lse is finite (own token)
         dv = torch.matmul(probs.transpose(-1, -2), go)
         dprobs = torch.matmul(go, vf.transpose(-1, -2))
         delta = (go * out.float()).sum(dim=-1, keepdim=True)
@@ -218,20 +249,48 @@ def _block_plan(step: int, cp_rank: int, cp_size: int) -> str:
     return "first_keys" if source < cp_rank else "last_queries"
 
 
+class _BlockDocs:
+    """The document ids (queries, keys) of each ring step's block, None without documents."""
+
+    def __init__(self, doc_ids: torch.Tensor | None, cp_rank: int, cp_size: int, half: int) -> None:
+        self.doc_ids, self.cp_rank, self.cp_size, self.half = doc_ids, cp_rank, cp_size, half
+        self.local = None if doc_ids is None else split_sequence(doc_ids, cp_rank, cp_size)  # (b, 2c)
+
+    def docs(self, step: int, plan: str) -> Docs:
+        if self.doc_ids is None or self.local is None:
+            return None
+        source = (self.cp_rank - step) % self.cp_size
+        keys = split_sequence(self.doc_ids, source, self.cp_size)  # the ids of the block held at `step`
+        if plan == "diagonal":
+            return self.local, keys
+        if plan == "first_keys":
+            return self.local, keys[:, : self.half]
+        return self.local[:, self.half :], keys
+
+
 class RingAttention(torch.autograd.Function):
     """Causal attention over the whole sequence from this rank's chunks: ring forward, ring backward.
 
     Forward: q (b, a_, 2c, d), k, v (b, k_, 2c, d) local -> output (b, a_, 2c, d) local.
     Backward: dq local; dK/dV of every block are accumulated along the ring and returned to their owner.
+    `doc_ids` (b, s), the whole sequence's document ids (the same on every rank), keep attention inside
+    each document: every block's keys take their ids from the chunks of the rank that holds them.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, scale: float
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        group: ProcessGroup,
+        scale: float,
+        doc_ids: torch.Tensor | None,
     ) -> torch.Tensor:
         ring = _Ring(group)
         cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
         half = q.shape[2] // 2
+        plans = _BlockDocs(doc_ids, cp_rank, cp_size, half)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])  # one buffer to pass on: (2, b, k_, 2c, d)
@@ -241,21 +300,23 @@ class RingAttention(torch.autograd.Function):
                 incoming, works = ring.start(kv)  # the next block travels while this one is computed
             kb, vb = kv[0], kv[1]
             plan = _block_plan(step, cp_rank, cp_size)
+            docs = plans.docs(step, plan)
             if plan == "diagonal":
-                _merge(out, lse, *block_attention(q, kb, vb, causal=True, scale=scale))
+                _merge(out, lse, *block_attention(q, kb, vb, causal=True, scale=scale, docs=docs))
             elif plan == "first_keys":
-                _merge(
-                    out, lse, *block_attention(q, kb[:, :, :half], vb[:, :, :half], causal=False, scale=scale)
+                o, m = block_attention(
+                    q, kb[:, :, :half], vb[:, :, :half], causal=False, scale=scale, docs=docs
                 )
+                _merge(out, lse, o, m)
             else:
-                o, m = block_attention(q[:, :, half:], kb, vb, causal=False, scale=scale)
+                o, m = block_attention(q[:, :, half:], kb, vb, causal=False, scale=scale, docs=docs)
                 _merge(out[:, :, half:], lse[:, :, half:], o, m)
             if works:
                 ring.wait(works)
                 kv = incoming
         result = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, result, lse)
-        ctx.group, ctx.scale = group, scale
+        ctx.group, ctx.scale, ctx.doc_ids = group, scale, doc_ids
         return result
 
     @staticmethod
@@ -265,6 +326,7 @@ class RingAttention(torch.autograd.Function):
         ring = _Ring(group)
         cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
         half = q.shape[2] // 2
+        plans = _BlockDocs(ctx.doc_ids, cp_rank, cp_size, half)
         grad_out = grad_out.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
@@ -275,24 +337,26 @@ class RingAttention(torch.autograd.Function):
                 next_kv, kv_works = ring.start(kv)
             kb, vb = kv[0], kv[1]
             plan = _block_plan(step, cp_rank, cp_size)
+            docs = plans.docs(step, plan)
             if plan == "diagonal":
                 dq_b, dk_b, dv_b = block_attention_backward(
-                    grad_out, q, kb, vb, out, lse, causal=True, scale=scale
+                    grad_out, q, kb, vb, out, lse, causal=True, scale=scale, docs=docs
                 )
                 dq += dq_b
                 dkv[0] += dk_b
                 dkv[1] += dv_b
             elif plan == "first_keys":
                 dq_b, dk_b, dv_b = block_attention_backward(
-                    grad_out, q, kb[:, :, :half], vb[:, :, :half], out, lse, causal=False, scale=scale
-                )
+                    grad_out, q, kb[:, :, :half], vb[:, :, :half], out, lse, causal=False, scale=scale,
+                    docs=docs,
+                )  # fmt: skip
                 dq += dq_b
                 dkv[0, :, :, :half] += dk_b
                 dkv[1, :, :, :half] += dv_b
             else:
                 dq_b, dk_b, dv_b = block_attention_backward(
                     grad_out[:, :, half:], q[:, :, half:], kb, vb, out[:, :, half:], lse[:, :, half:],
-                    causal=False, scale=scale,
+                    causal=False, scale=scale, docs=docs,
                 )  # fmt: skip
                 dq[:, :, half:] += dq_b
                 dkv[0] += dk_b
@@ -303,7 +367,7 @@ class RingAttention(torch.autograd.Function):
             dkv = next_dkv
             if kv_works:
                 kv = next_kv
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 # --- All-to-all (Ulysses) ------------------------------------------------------------------------------
@@ -361,22 +425,28 @@ def _heads_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 
 def _all_to_all_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, mask: DocumentMask | None
 ) -> torch.Tensor:
     cp = dist.get_world_size(group)
     if k.shape[1] % cp:
         # Fewer kv heads than ranks can split: send each query head its own copy.
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     q, k, v = (_sequence_to_heads(t, group) for t in (q, k, v))
+    if mask is not None:  # whole sequences: the usual document-masked attention (FlexAttention on GPUs)
+        return _heads_to_sequence(attend(q, k, v, mask=mask), group)
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, a_/cp, s, d)
     return _heads_to_sequence(out, group)
 
 
-def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+def context_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: ContextParallel, mask: DocumentMask | None = None
+) -> torch.Tensor:
     """Causal attention of this rank's (b, a_, 2c, d) queries over the whole sequence's keys and values,
-    k, v (b, k_, 2c, d) local: (b, a_, 2c, d)."""
+    k, v (b, k_, 2c, d) local: (b, a_, 2c, d); inside each document with a `mask` from
+    `ContextParallel.document_mask`."""
     if cp.attention == "all_to_all":
-        return _all_to_all_attention(q, k, v, cp.group)
+        return _all_to_all_attention(q, k, v, cp.group, mask)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    return RingAttention.apply(q, k.contiguous(), v.contiguous(), cp.group, scale)
+    doc_ids = mask.doc_ids if mask is not None else None
+    return RingAttention.apply(q, k.contiguous(), v.contiguous(), cp.group, scale, doc_ids)

@@ -173,7 +173,11 @@ class PipelineExecutor:
         inputs, targets = micro_batches[a.microbatch]
         x = inputs if a.chunk == 0 else state.inputs[key]
         model = self.chunks[a.chunk]
-        docs = None if self.document_eos_id is None else document_ids(inputs, self.document_eos_id)
+        docs = None
+        if self.document_eos_id is not None:
+            context = model.tp.context
+            whole = inputs if context is None else context.gather(inputs)  # ids count every earlier EOS
+            docs = document_ids(whole, self.document_eos_id)
         if a.chunk == self.last_chunk:
             loss = model(x, targets, doc_ids=docs, reset_positions=self.reset_positions)
             weight = 1 if self._loss_weights is None else self._loss_weights[a.microbatch]
