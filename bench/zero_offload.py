@@ -5,6 +5,7 @@ Three runs of the same model and batch (a fresh process group of one, synthetic 
             reaches without the optimizer's cost
   offload   optimizer.offload, every fp32 master and moment in host memory, AdamW on the CPU
   split     optimizer.offload_fraction = --fraction: the rest of the state on the GPU
+  auto      optimizer.offload_fraction = 'auto': the share chosen at start-up from the GPU's memory
 and for each: tokens/s, the ratio to the bound, peak GPU memory (torch) next to the planner's estimate,
 and peak host memory (VmHWM) next to the planner's host estimate plus what the process held before. Each
 run is a child process of its own (clean GPU and host peaks). The bound's GPU estimate counts Adam moments
@@ -58,6 +59,7 @@ def run(name: str, config, mesh, steps: int, skip_update: bool) -> dict:
     before_host = host_now()
     began = time.perf_counter()
     trainer = build(config, mesh, torch.device("cuda"))
+    config = trainer.config  # with offload_fraction 'auto' resolved to the share build chose
     if skip_update:
         opt = trainer.optimizer
         opt.step = lambda step, found_inf=None: (opt.grad_norm(), 0.0)  # type: ignore[method-assign]
@@ -74,6 +76,7 @@ def run(name: str, config, mesh, steps: int, skip_update: bool) -> dict:
     t = config.training
     record = {
         "name": name,
+        "offload_fraction": config.optimizer.offload_fraction if config.optimizer.offload else 0.0,
         "tokens_per_s": t.global_batch_size * config.data.seq_len / step_s,
         "step_s": step_s,
         "first_step_s": times[0],
@@ -104,6 +107,7 @@ def child(a: argparse.Namespace) -> None:
         "bound": {},
         "offload": {"offload": True},
         "split": {"offload": True, "offload_fraction": a.fraction},
+        "auto": {"offload": True, "offload_fraction": "auto"},
     }
     config = replace(base, optimizer=replace(base.optimizer, **offload[a.child]))
     print("RECORD " + json.dumps(run(a.child, config, mesh, a.steps, a.child == "bound")), flush=True)
@@ -136,12 +140,16 @@ def main() -> None:
         print(records[-1], flush=True)
     bound = next((r["tokens_per_s"] for r in records if r["name"] == "bound"), None)
     print(f"\nllama-8b seq 4096, GBS {a.gbs} x 4096, micro-batch {a.mbs}, recompute {a.recompute}, 1 GPU")
-    print("| run | tokens/s | vs bound | step s | GPU peak GiB (plan) | host peak GiB (plan + before) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| run | on host | tokens/s | vs bound | step s | GPU peak GiB (plan) "
+        "| host peak GiB (plan + before) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in records:
         ratio = f"{r['tokens_per_s'] / bound:.1%}" if bound else "-"
         print(
-            f"| {r['name']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['step_s']:.2f} | "
+            f"| {r['name']} | {r['offload_fraction']} | {r['tokens_per_s']:,.0f} | {ratio} | "
+            f"{r['step_s']:.2f} | "
             f"{r['gpu_peak_gib']:.1f} ({r['gpu_estimate_gib']:.1f}) | {r['host_peak_gib']:.1f} "
             f"({r['host_estimate_gib']:.1f} + {r['host_before_gib']:.1f}) |"
         )

@@ -159,3 +159,80 @@ def test_offload_without_enough_host_memory_is_refused(sonnets_dataset, monkeypa
     assert build_config(raw).optimizer.offload_fraction == 0.25
     monkeypatch.setattr(validate, "host_memory_available", lambda: 128 * 2**30)
     assert build_config(raw | {"optimizer": {"offload": True}}).optimizer.offload
+
+
+def test_offload_fraction_auto_is_a_word_or_a_number():
+    from threefold.config import build_config
+
+    def share(value, text: bool = False):
+        if text:
+            return build_config({}, [f"--optimizer.offload_fraction={value}"], check_paths=False)
+        return build_config({"optimizer": {"offload_fraction": value}}, check_paths=False)
+
+    assert share("auto").optimizer.offload_fraction == "auto"
+    assert share("auto", text=True).optimizer.offload_fraction == "auto"
+    assert share(0.25).optimizer.offload_fraction == 0.25
+    assert share("0.25", text=True).optimizer.offload_fraction == 0.25
+    with pytest.raises(
+        ValueError, match=r"offload_fraction = 'half' is neither a float nor one of \('auto',\)"
+    ):
+        share("half")
+    with pytest.raises(ValueError, match=r"offload_fraction must lie in \(0, 1\], got 1.5"):
+        share(1.5)
+
+
+def test_auto_offload_keeps_on_the_gpu_what_fits():
+    """'auto' picks the smallest host share (steps of 0.01) whose estimated peak fits the GPU with 5% to
+    spare: the next smaller share would not fit; all on the GPU when that fits, all on the host when
+    nothing else does."""
+    from threefold.config import build_config
+    from threefold.plan.fit import AUTO_OFFLOAD_MARGIN, resolve_offload
+    from threefold.plan.memory_model import estimate_memory
+
+    raw = {"model": {"preset": "llama-8b"}, "data": {"seq_len": 4096},
+           "training": {"device": "cuda", "dtype": "bfloat16", "micro_batch_size": 1, "global_batch_size": 32,
+                        "recompute": "selective"},
+           "optimizer": {"offload": True, "offload_fraction": "auto"}}  # fmt: skip
+    config = build_config(raw, check_paths=False)
+
+    def total(share: float) -> float:
+        optimizer = replace(config.optimizer, offload_fraction=share)
+        return estimate_memory(replace(config, optimizer=optimizer))["total"]
+
+    for limit_gib in (100.0, 139.8):
+        limit = limit_gib * 2**30
+        share = resolve_offload(config, limit).optimizer.offload_fraction
+        assert 0.0 < share < 1.0
+        assert total(share) <= limit * (1 - AUTO_OFFLOAD_MARGIN) < total(round(share - 0.01, 2))
+    assert resolve_offload(config, 10_000 * 2**30).optimizer.offload_fraction == 0.0
+    assert resolve_offload(config, 20 * 2**30).optimizer.offload_fraction == 1.0
+    fixed = replace(config, optimizer=replace(config.optimizer, offload_fraction=0.3))
+    assert resolve_offload(fixed, 100 * 2**30) is fixed
+
+
+def test_auto_offload_trains_like_no_offload(config, monkeypatch, capfd):
+    """A run with offload_fraction 'auto', its device memory made small enough that about half the state
+    goes to the host: the share is chosen at start-up and said, and the weights are those of a run
+    without offload, bit for bit (on the CPU the host and device updates use the same kernels)."""
+    import threefold.offload
+    import threefold.plan.fit
+    from threefold.plan.memory_model import estimate_memory
+
+    monkeypatch.setattr(threefold.offload, "PART_NUMEL", 5000)
+    base = config("llama", 1, 1, 2, 1)
+    auto = replace(base, optimizer=replace(base.optimizer, offload=True, offload_fraction="auto"))
+
+    def total(share: float) -> float:
+        return estimate_memory(replace(auto, optimizer=replace(auto.optimizer, offload_fraction=share)))[
+            "total"
+        ]
+
+    limit = (total(0.0) + total(1.0)) / 2 / (1 - threefold.plan.fit.AUTO_OFFLOAD_MARGIN)
+    monkeypatch.setattr(threefold.plan.fit, "device_memory", lambda device, ranks: limit)  # forked ranks too
+    plain = run_ranks(base.world_size, _train_and_merge, base)
+    offloaded = run_ranks(auto.world_size, _train_and_merge, auto)
+    said = capfd.readouterr().out
+    assert "optimizer.offload_fraction 'auto': 0.5 of the optimizer state on the host" in said
+    assert plain[0]["losses"] == offloaded[0]["losses"]
+    for name, w in plain[0]["weights"].items():
+        assert torch.equal(offloaded[0]["weights"][name], w), name

@@ -111,7 +111,9 @@ class Optimizer:
         # Offload keeps the state of the last `offload_fraction` of the elements in host memory (the rest
         # stays on the GPU: Deep Optimizer States' split); masters there are always separate copies.
         total = sum(t.numel() for t in self._targets)
-        budget, on_host = total * cfg.offload_fraction if offload else 0.0, set()
+        fraction = cfg.offload_fraction
+        assert not isinstance(fraction, str), "offload_fraction 'auto' is resolved at start-up (plan.fit)"
+        budget, on_host = total * fraction if offload else 0.0, set()
         for i in reversed(range(len(ranges))):
             if budget <= 0:
                 break

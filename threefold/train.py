@@ -91,6 +91,8 @@ def layer_ranges(config: Config) -> list[tuple[int, int]]:
 
 def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     """The model chunks of this rank, their gradient synchronizers, the optimizer and the schedule."""
+    if config.optimizer.offload_fraction == "auto":
+        config = _resolve_offload(config, mesh, device)
     p, t = config.parallel, config.training
     ranges = layer_ranges(config)
     num_virtual_stages = len(ranges)
@@ -168,6 +170,18 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     schedule = build_schedule(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     connect_neighbours(mesh, device)
     return Trainer(chunks, grad_syncs, optimizer, executor, schedule[mesh.pp_rank], config, mesh)
+
+
+def _resolve_offload(config: Config, mesh: Mesh, device: torch.device) -> Config:
+    """optimizer.offload_fraction 'auto' as the share plan.fit.resolve_offload picks for this device's memory
+    (on CPU, the host's memory shared by this run's ranks); every rank of one GPU kind picks the same."""
+    from threefold.plan.fit import device_memory, resolve_offload
+
+    resolved = resolve_offload(config, device_memory(device, ranks=mesh.world_size))
+    if mesh.rank == 0 and config.optimizer.offload:
+        share = resolved.optimizer.offload_fraction
+        print(f"optimizer.offload_fraction 'auto': {share} of the optimizer state on the host", flush=True)
+    return resolved
 
 
 FP8_MIN_CAPABILITY = (8, 9)

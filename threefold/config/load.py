@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from threefold.config.sections import (
     SECTIONS,
@@ -61,6 +62,20 @@ def _coerce(where: str, value: Any, hint: Any, *, text: bool) -> Any:
     choices = _choices(base)
     if choices:
         return _choice(where, value, choices, text=text)
+    if typing.get_origin(base) in (typing.Union, types.UnionType):
+        # A number or a word (optimizer.offload_fraction: a float or 'auto'): the word when it is one.
+        words = tuple(
+            c for a in typing.get_args(base) if typing.get_origin(a) is Literal for c in typing.get_args(a)
+        )
+        if isinstance(value, str) and value.strip() in words:
+            return value.strip()
+        number = next(a for a in typing.get_args(base) if typing.get_origin(a) is not Literal)
+        try:
+            return _from_text(value, number) if text else _from_toml(value, number)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where} = {value!r} is neither a {number.__name__} nor one of {words}"
+            ) from None
     if typing.get_origin(base) is tuple:
         return _strings(where, value, text=text)
     try:

@@ -367,14 +367,20 @@ class OptimizerConfig(Section):
     """Keep the fp32 master weights and Adam moments in (pinned) host memory and run AdamW on the CPU,
     the gradients streamed down and the weights streamed back: 12 bytes per parameter this rank updates
     move from the GPU to the host."""
-    offload_fraction: float = 1.0
+    offload_fraction: float | Literal["auto"] = 1.0
     """With offload: the share of the optimizer state (by elements) held and updated on the host; the rest
-    stays on the GPU and is updated there (Deep Optimizer States' split)."""
+    stays on the GPU and is updated there (Deep Optimizer States' split). 'auto': the smallest share that
+    lets the run fit the GPU's memory with 5% to spare, from the memory model, chosen at start-up."""
 
     def check(self) -> None:
         super().check()
         self._non_negative("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
-        if not 0.0 < self.offload_fraction <= 1.0:
+        if isinstance(self.offload_fraction, str):
+            if self.offload_fraction != "auto":
+                raise ValueError(
+                    f"optimizer.offload_fraction must be a number or 'auto', got {self.offload_fraction!r}"
+                )
+        elif not 0.0 < self.offload_fraction <= 1.0:
             raise ValueError(f"optimizer.offload_fraction must lie in (0, 1], got {self.offload_fraction}")
         if self.decay_steps is not None:
             self._positive("decay_steps")

@@ -223,13 +223,14 @@ def offload_host_bytes(config: Config) -> int:
     p = config.parallel
     total = count_parameters(config.model, tp_size=p.tp_size)["total"]
     per_rank = -(-total // p.pp_size) // (p.dp_size if p.zero else 1)
-    return int(OFFLOAD_BYTES_PER_PARAMETER * per_rank * config.optimizer.offload_fraction)
+    share = config.optimizer.offload_fraction
+    return int(OFFLOAD_BYTES_PER_PARAMETER * per_rank * (1.0 if share == "auto" else share))
 
 
 def check_host_memory(config: Config) -> None:
     """optimizer.offload: the ranks on this host must fit their optimizer state in its free memory."""
-    if not config.optimizer.offload:
-        return
+    if not config.optimizer.offload or config.optimizer.offload_fraction == "auto":
+        return  # 'auto' is checked once resolved (plan.fit.check_fits)
     available = host_memory_available()
     if available is None:
         return

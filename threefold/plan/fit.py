@@ -10,11 +10,14 @@ starts; the planner (`threefold plan`) is the place for margins.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 
 import torch
 
 from threefold.config import Config
+from threefold.config.validate import check_host_memory
 from threefold.plan.hardware import GIB
 from threefold.plan.memory_model import estimate_memory
 
@@ -36,10 +39,53 @@ def process_memory_limit(config: Config, *, procs_per_node: int) -> tuple[float,
     )
 
 
+def device_memory(device: torch.device, *, ranks: int) -> float:
+    """Bytes one rank may use on `device`: the GPU's memory, or on CPU the host's shared by `ranks`."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / max(1, ranks)
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+AUTO_OFFLOAD_MARGIN = 0.05
+"""The share of a GPU's memory that optimizer.offload_fraction = 'auto' leaves free (as `threefold plan`)."""
+
+
+def resolve_offload(config: Config, limit: float) -> Config:
+    """`config` with optimizer.offload_fraction 'auto' replaced by a number: the smallest share of the
+    optimizer state on the host (in steps of 0.01) that brings the memory model's peak within
+    (1 - AUTO_OFFLOAD_MARGIN) of `limit` bytes; 0 when it all fits on the GPU, 1 when even all of it on the
+    host does not fit (check_fits then says so). Any other config comes back as it is."""
+    opt = config.optimizer
+    if opt.offload_fraction != "auto":
+        return config
+
+    def with_share(share: float) -> Config:
+        return dataclasses.replace(config, optimizer=dataclasses.replace(opt, offload_fraction=share))
+
+    if not opt.offload:
+        return with_share(1.0)  # nothing is offloaded: the share decides nothing
+    # The model's GPU peak falls linearly with the share (only the optimizer term moves to the host).
+    all_on_gpu = estimate_memory(with_share(0.0))["total"]
+    all_on_host = estimate_memory(with_share(1.0))["total"]
+    room = limit * (1 - AUTO_OFFLOAD_MARGIN)
+    if all_on_gpu <= room:
+        return with_share(0.0)
+    if all_on_host >= room or all_on_gpu <= all_on_host:
+        return with_share(1.0)
+    share = (all_on_gpu - room) / (all_on_gpu - all_on_host)
+    return with_share(min(1.0, math.ceil(share * 100 - 1e-9) / 100))
+
+
 def check_fits(config: Config, *, procs_per_node: int) -> None:
     """ValueError naming the estimate, its parts and the limit when the config cannot fit in memory."""
-    estimate = estimate_memory(config)
     limit, where = process_memory_limit(config, procs_per_node=procs_per_node)
+    if config.optimizer.offload_fraction == "auto":
+        config = resolve_offload(config, limit)
+        check_host_memory(config)  # skipped at load time, before the share was known
+    estimate = estimate_memory(config)
     if estimate["total"] <= limit:
         return
     m, p, t = config.model, config.parallel, config.training

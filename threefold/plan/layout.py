@@ -138,10 +138,16 @@ def from_config(config: Config) -> tuple[Workload, Layout]:
         dtype=t.dtype,
     )
     parallel = dataclasses.replace(config.parallel)  # a copy: the layout must not change with the config
+    # 'auto' (resolved at start-up by plan.fit.resolve_offload) counts as all on the host until then.
+    share = config.optimizer.offload_fraction
+    share = 1.0 if share == "auto" else share
     return workload, Layout(
         parallel=parallel,
         micro_batch_size=t.micro_batch_size,
         recompute=t.recompute,
         offload=config.optimizer.offload,
-        offload_fraction=config.optimizer.offload_fraction,
+        # 'auto' (resolved at start-up by plan.fit.resolve_offload) counts as all on the host until then.
+        offload_fraction=1.0
+        if config.optimizer.offload_fraction == "auto"
+        else config.optimizer.offload_fraction,
     )
