@@ -1,6 +1,10 @@
 """Time real training steps of 1f1b, interleaved, zb-h1 and zb-v on CPU ranks (gloo) and print a table.
 
     PYTHONPATH=. python bench/schedules_cpu.py [--pp 2] [--microbatches 4] [--rounds 2] [--steps 4]
+                                               [--schedules 1f1b,interleaved,zb-h1,zb-v]
+
+With --pp 1 --schedules 1f1b,zb-h1 there is no bubble at all: the two differ only in zb-h1's split backward
+(B, then W as separate matrix products on kept inputs), so their ratio is the split's own cost.
 
 Each schedule runs `threefold bench` (fork-started workers, one per pipeline rank, synthetic tokens,
 float32, one intra-op thread per rank) on a model whose per-stage compute dominates the transfers: a
@@ -52,10 +56,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--schedules", default=",".join(name for name, _ in SCHEDULES))
     args = parser.parse_args()
-    medians: dict[str, list[float]] = {name: [] for name, _ in SCHEDULES}
+    wanted = args.schedules.split(",")
+    schedules = [(name, v) for name, v in SCHEDULES if name in wanted]
+    medians: dict[str, list[float]] = {name: [] for name, _ in schedules}
     for r in range(args.rounds):
-        order = SCHEDULES if r % 2 == 0 else SCHEDULES[::-1]
+        order = schedules if r % 2 == 0 else schedules[::-1]
         for name, v in order:
             medians[name].append(run(name, v, args)[1])
             print(f"round {r}: {name} median step {medians[name][-1]:.3f} s", file=sys.stderr, flush=True)
@@ -69,7 +76,7 @@ def main() -> None:
         "| schedule | v | simulated bubble (F=B=W) | step time median (s) | per-round medians (s) | vs 1f1b |"
     )
     print("|---|---|---|---|---|---|")
-    for name, v in SCHEDULES:
+    for name, v in schedules:
         sim = simulate(
             build_schedule(name, args.pp, v, args.microbatches), backward_cost=1.0, weight_cost=1.0
         )

@@ -175,3 +175,28 @@ def test_calibration_measures_attention():
 
     eff = measure_attention_efficiency(torch.device("cpu"), 0.05, seq_len=128, num_heads=2, head_dim=32)
     assert 0 < eff <= 1
+
+
+def test_calibration_times_short_kernels_back_to_back(monkeypatch):
+    """A call far shorter than a launch plus a synchronization is timed over many back-to-back calls, so
+    that the overhead is not charged to it: with a 0.2 ms synchronization (a stand-in for the GPU's) a
+    10-microsecond call must come out near 10 microseconds, not near 200."""
+    import time
+
+    import torch
+
+    import threefold.plan.calibrate as calibrate
+
+    calls = 0
+
+    def short() -> None:
+        nonlocal calls
+        calls += 1
+        end = time.perf_counter() + 10e-6
+        while time.perf_counter() < end:
+            pass
+
+    monkeypatch.setattr(calibrate, "_sync", lambda device: time.sleep(2e-4))
+    seconds = calibrate._timed(short, torch.device("cpu"), repeats=3)
+    assert calls > 500  # not one call per repeat
+    assert seconds < 20e-6, f"{seconds * 1e6:.1f} us per call: the synchronization was charged to the call"

@@ -18,19 +18,34 @@ import torch.distributed as dist
 from threefold.metrics import peak_flops
 from threefold.plan.hardware import GIB, PRESETS, Hardware, preset_for_device
 
+TIMED_SPAN_S = 0.01
+"""Each timing runs `fn` back to back for about this long, so that one launch and one synchronization
+(tens of microseconds) do not count against a kernel of a few microseconds, as they would not in training."""
+MAX_TIMED_CALLS = 1 << 14
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _span(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Seconds of `calls` back-to-back calls of `fn`, the work done (synchronized) at both ends."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return time.perf_counter() - start
+
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    """Median seconds of one call of `fn`: each repeat times enough back-to-back calls to fill
+    TIMED_SPAN_S (found by doubling from one, which also warms up)."""
+    calls = 1
+    while calls < MAX_TIMED_CALLS and _span(fn, device, calls) < TIMED_SPAN_S:
+        calls *= 2
+    times = [_span(fn, device, calls) / calls for _ in range(repeats)]
     return sorted(times)[len(times) // 2]
 
 
