@@ -41,7 +41,8 @@ def _span(fn: Callable[[], object], device: torch.device, calls: int) -> float:
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median seconds of one call of `fn`: each repeat times enough back-to-back calls to fill
-    TIMED_SPAN_S (found by doubling from one, which also warms up)."""
+    TIMED_SPAN_S (found by doubling from one, after a warm-up call)."""
+    _span(fn, device, 1)  # warm-up: the first call pays for library handles and kernel selection
     calls = 1
     while calls < MAX_TIMED_CALLS and _span(fn, device, calls) < TIMED_SPAN_S:
         calls *= 2
