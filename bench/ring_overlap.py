@@ -12,6 +12,10 @@ max(compute, transfer) rather than their sum. Four timings per rank of the ring:
   ring           both, transfers on the side stream (as the code runs them)
   serialized     both, transfers on the compute stream (what no overlap would cost)
 
+A device-to-device copy runs on the SMs, which the attention blocks keep busy; with --to-host each transfer
+is a copy into pinned host memory instead, done by the copy engines, as NVLink transfers are by NCCL's few
+SMs and the link itself.
+
 Usage (one H200, ~1 minute): PYTHONPATH=. python3 bench/ring_overlap.py [--seq 32768] [--cp 4] [--copies N]
 Shapes: llama-1b attention (32 query heads, 8 kv heads, head dim 64), bf16, micro-batch 1.
 """
@@ -34,6 +38,17 @@ class StreamRing:
     copies = 1
     active = True
     sent: list[torch.Tensor] = []  # what the last ring step sent, for the transfer-only timing
+    to_host = False  # copy to pinned host memory (the copy engines) instead of on the device (the SMs)
+    pinned: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        if not StreamRing.to_host:
+            return torch.empty_like(tensor).copy_(tensor)
+        key = (tuple(tensor.shape), tensor.dtype)
+        if key not in StreamRing.pinned:
+            StreamRing.pinned[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return StreamRing.pinned[key].copy_(tensor, non_blocking=True)
 
     def __init__(self, group: Any) -> None:
         pass
@@ -47,7 +62,10 @@ class StreamRing:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(StreamRing.copies):
-                recv.copy_(send)
+                if StreamRing.to_host:
+                    StreamRing.copy(send)
+                else:
+                    recv.copy_(send)
             done = torch.cuda.Event()
             done.record()
         send.record_stream(stream)
@@ -82,8 +100,10 @@ def main() -> None:
     parser.add_argument("--cp", type=int, default=4)
     parser.add_argument("--rank", type=int, default=1, help="which cp rank's share of the ring to run")
     parser.add_argument("--copies", type=int, default=0, help="copies per transfer (0: match the compute)")
+    parser.add_argument("--to-host", action="store_true", help="transfers through the copy engines")
     args = parser.parse_args()
     cp, rank = args.cp, args.rank
+    StreamRing.to_host = args.to_host
     context._Ring = StreamRing  # type: ignore[assignment,misc]
     context.dist.get_world_size = lambda group=None: cp
     context.dist.get_rank = lambda group=None: rank
@@ -110,7 +130,7 @@ def main() -> None:
     def transfers_only(copies: int) -> None:
         for tensor_sent in sent:
             for _ in range(copies):
-                torch.empty_like(tensor_sent).copy_(tensor_sent)
+                StreamRing.copy(tensor_sent)
 
     copies = args.copies or max(1, round(compute / timed(lambda: transfers_only(1))))
     StreamRing.copies = copies
