@@ -330,7 +330,12 @@ class RingAttention(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # travels with its block
+        # The fp32 dK/dV accumulator travels with its block. It is sent on as soon as this rank has added
+        # its share, and the next rank computes its share of that block before it waits for it, so each
+        # accumulator's transfer overlaps the next block's compute, as the blocks' own transfers do.
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # our own block's, at step 0
+        incoming: torch.Tensor = dkv
+        pending: list[Any] = []
         for step in range(cp_size):
             kv_works: list[Any] = []
             if step + 1 < cp_size:
@@ -338,35 +343,30 @@ class RingAttention(torch.autograd.Function):
             kb, vb = kv[0], kv[1]
             plan = _block_plan(step, cp_rank, cp_size)
             docs = plans.docs(step, plan)
-            if plan == "diagonal":
-                dq_b, dk_b, dv_b = block_attention_backward(
-                    grad_out, q, kb, vb, out, lse, causal=True, scale=scale, docs=docs
-                )
-                dq += dq_b
-                dkv[0] += dk_b
-                dkv[1] += dv_b
-            elif plan == "first_keys":
-                dq_b, dk_b, dv_b = block_attention_backward(
-                    grad_out, q, kb[:, :, :half], vb[:, :, :half], out, lse, causal=False, scale=scale,
-                    docs=docs,
-                )  # fmt: skip
-                dq += dq_b
-                dkv[0, :, :, :half] += dk_b
-                dkv[1, :, :, :half] += dv_b
-            else:
+            keys = slice(None) if plan != "first_keys" else slice(None, half)
+            if plan == "last_queries":
                 dq_b, dk_b, dv_b = block_attention_backward(
                     grad_out[:, :, half:], q[:, :, half:], kb, vb, out[:, :, half:], lse[:, :, half:],
                     causal=False, scale=scale, docs=docs,
                 )  # fmt: skip
                 dq[:, :, half:] += dq_b
-                dkv[0] += dk_b
-                dkv[1] += dv_b
-            # The accumulator follows its block; after the last step it reaches the block's owner.
-            next_dkv, dkv_works = ring.start(dkv)
-            ring.wait(kv_works + dkv_works)
-            dkv = next_dkv
+            else:
+                dq_b, dk_b, dv_b = block_attention_backward(
+                    grad_out, q, kb[:, :, keys], vb[:, :, keys], out, lse, causal=plan == "diagonal",
+                    scale=scale, docs=docs,
+                )  # fmt: skip
+                dq += dq_b
+            ring.wait(pending)  # the accumulator of the block just computed
+            dkv = incoming
+            dkv[0, :, :, keys] += dk_b
+            dkv[1, :, :, keys] += dv_b
+            # After the last step the accumulator reaches the block's owner: this rank's own dK/dV.
+            incoming, pending = ring.start(dkv)
             if kv_works:
+                ring.wait(kv_works)
                 kv = next_kv
+        ring.wait(pending)
+        dkv = incoming
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
