@@ -193,6 +193,11 @@ def check_context_parallel(config: Config) -> None:
 OFFLOAD_BYTES_PER_PARAMETER = 12
 """Host memory of optimizer.offload per parameter a rank updates on the host: fp32 master, two moments
 (gradients pass through two fixed staging buffers, threefold.offload)."""
+OFFLOAD_HOST_OVERHEAD_BYTES = int(4.5 * 2**30)
+"""Host memory of an offloading GPU rank beyond its optimizer state and its Python + torch baseline: the CUDA
+runtime and libraries once their kernels are loaded, and the two staging buffers. Measured on one H200
+(torch 2.11, llama-8b, 2026-12-03/04): the host peak exceeded 12 bytes per offloaded parameter plus the
+baseline by 4.6, 4.7 and 5.1 GiB at offload shares 1.0, 0.5 and 0.36 (docs/benchmarks.md)."""
 
 
 def host_memory_available() -> int | None:
@@ -236,11 +241,13 @@ def check_host_memory(config: Config) -> None:
         return
     ranks = ranks_on_this_host(config)
     per_rank = offload_host_bytes(config)
-    need = per_rank * ranks
+    overhead = OFFLOAD_HOST_OVERHEAD_BYTES if config.training.device != "cpu" else 0
+    need = (per_rank + overhead) * ranks
     if need > 0.9 * available:  # the data loader, the staging buffers and the OS need the rest
         raise ValueError(
-            f"optimizer.offload needs {need / 2**30:.1f} GiB of host memory ({OFFLOAD_BYTES_PER_PARAMETER} "
-            f"bytes x {per_rank // OFFLOAD_BYTES_PER_PARAMETER:,} offloaded parameters per rank x {ranks} "
+            f"optimizer.offload needs {need / 2**30:.1f} GiB of host memory (({OFFLOAD_BYTES_PER_PARAMETER} "
+            f"bytes x {per_rank // OFFLOAD_BYTES_PER_PARAMETER:,} offloaded parameters + "
+            f"{overhead / 2**30:.1f} GiB for the CUDA runtime) per rank x {ranks} "
             f"ranks on this host), more than 90% of the {available / 2**30:.1f} GiB available; lower "
             "optimizer.offload_fraction, or raise parallel.dp_size (with parallel.zero), tp_size or pp_size"
         )

@@ -52,7 +52,7 @@ import functools
 from dataclasses import dataclass
 
 from threefold.config import Config, ModelConfig, ParallelConfig
-from threefold.config.validate import OFFLOAD_BYTES_PER_PARAMETER
+from threefold.config.validate import OFFLOAD_BYTES_PER_PARAMETER, OFFLOAD_HOST_OVERHEAD_BYTES
 from threefold.metrics import count_parameters, local_kv_heads, local_vocab_size
 from threefold.pipeline.partition import chunk_layer_ranges, chunks_of_rank, end_layer_costs
 from threefold.pipeline.schedules import SPLIT_BACKWARD, V_SHAPED
@@ -338,6 +338,9 @@ def estimate_memory(config: Config) -> dict[str, float]:
 
 
 def estimate_host_memory(config: Config) -> float:
-    """Host bytes per rank of `config`'s optimizer offload (0 without it), on the most loaded rank."""
+    """Host bytes per rank of `config`'s optimizer offload (0 without it), on the most loaded rank: its
+    optimizer state, and on a GPU the runtime's share (OFFLOAD_HOST_OVERHEAD_BYTES)."""
     workload, layout = from_config(config)
-    return worst_rank(workload, layout).host
+    state = worst_rank(workload, layout).host
+    on_gpu = config.training.device != "cpu"
+    return state + (OFFLOAD_HOST_OVERHEAD_BYTES if state and on_gpu else 0.0)
