@@ -108,6 +108,24 @@ MASKED_LAYOUTS = [
 ]
 
 
+def _masked_config(dataset, run, model: dict, *, tp: int = 1, pp: int = 1, v: int = 1,
+                   parallel: dict | None = None, recompute: str = "none", masking: bool = True):  # fmt: skip
+    """The tiny model on the documents, masked with positions restarting per document (or neither)."""
+    return tiny_config(
+        dataset, run, tp=tp, pp=pp, v=v, model=model, parallel=parallel or {}, optimizer=dict(warmup_steps=2),
+        data=dict(document_masking=masking, reset_position_ids=masking),
+        training=dict(max_steps=5, seed=7, recompute=recompute),
+    )  # fmt: skip
+
+
+def _check_masked(reference, config, ref_config, plain_config) -> None:
+    ref = reference(ref_config)
+    plain = reference(plain_config)
+    # At initialization attention is near uniform; after a few steps the mask shows in the loss.
+    assert abs(ref["losses"][-1] - plain["losses"][-1]) > 1e-3, "masking must change the loss to be tested"
+    _check(config, ref)  # runs the layout; merges the stages' weights
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize(
     "tp,pp,sp,recompute",
@@ -117,21 +135,11 @@ MASKED_LAYOUTS = [
 def test_masked_training_matches_single_process(
     documents_dataset, reference, tmp_path_factory, arch, tp, pp, sp, recompute
 ):
-    run = tmp_path_factory.mktemp("masked")
-
-    def config(tp: int = 1, pp: int = 1, sp: bool = False, recompute: str = "none", masking: bool = True):
-        return tiny_config(
-            documents_dataset, run, tp=tp, pp=pp, model=wide_model(arch),
-            parallel=dict(sequence_parallel=sp), optimizer=dict(warmup_steps=2),
-            data=dict(document_masking=masking, reset_position_ids=masking),
-            training=dict(max_steps=5, seed=7, recompute=recompute),
-        )  # fmt: skip
-
-    ref = reference(config())
-    plain = reference(config(masking=False))
-    # At initialization attention is near uniform; after a few steps the mask shows in the loss.
-    assert abs(ref["losses"][-1] - plain["losses"][-1]) > 1e-3, "masking must change the loss to be tested"
-    _check(config(tp, pp, sp, recompute), ref)  # runs the layout; merges the stages' weights
+    run, model = tmp_path_factory.mktemp("masked"), wide_model(arch)
+    layout = _masked_config(documents_dataset, run, model, tp=tp, pp=pp, parallel=dict(sequence_parallel=sp),
+                            recompute=recompute)  # fmt: skip
+    one = _masked_config(documents_dataset, run, model)
+    _check_masked(reference, layout, one, _masked_config(documents_dataset, run, model, masking=False))
 
 
 def test_reset_position_ids_needs_document_masking(sonnets_dataset, tmp_path):
@@ -157,17 +165,7 @@ def test_masked_training_with_cp_matches_single_process(documents_dataset, refer
     arch, tp, pp, cp, v, parallel, recompute = CP_MASKED_LAYOUTS[name]
     run = tmp_path_factory.mktemp("cp-masked")
     model = wide_model(arch) | ({"num_layers": 4} if v > 1 else {})
-
-    def config(tp: int = 1, pp: int = 1, cp: int = 1, v: int = 1, parallel: dict | None = None,
-               recompute: str = "none", masking: bool = True):  # fmt: skip
-        return tiny_config(
-            documents_dataset, run, tp=tp, pp=pp, v=v, model=model,
-            parallel=(parallel or {}) | ({"cp_size": cp} if cp > 1 else {}), optimizer=dict(warmup_steps=2),
-            data=dict(document_masking=masking, reset_position_ids=masking),
-            training=dict(max_steps=5, seed=7, recompute=recompute),
-        )  # fmt: skip
-
-    ref = reference(config())
-    plain = reference(config(masking=False))
-    assert abs(ref["losses"][-1] - plain["losses"][-1]) > 1e-3, "masking must change the loss to be tested"
-    _check(config(tp, pp, cp, v, parallel, recompute), ref)
+    layout = _masked_config(documents_dataset, run, model, tp=tp, pp=pp, v=v,
+                            parallel=parallel | {"cp_size": cp}, recompute=recompute)  # fmt: skip
+    one = _masked_config(documents_dataset, run, model)
+    _check_masked(reference, layout, one, _masked_config(documents_dataset, run, model, masking=False))
