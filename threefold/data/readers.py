@@ -297,34 +297,39 @@ def _check_column(path: Path, names: list[str], text_field: str) -> None:
         raise ValueError(f"{str(path)!r} has no column {text_field!r} (columns: {names}); pass --text-field")
 
 
-def _read_parquet(path: Path, text_field: str, max_record_bytes: int) -> Iterator[str]:
-    pa = _require("pyarrow", "pyarrow", ".parquet files")
-    pq = _require("pyarrow.parquet", "pyarrow", ".parquet files")
+def _rows_of(path: Path, kind: str, texts: Iterator[str]) -> Iterator[str]:
+    """`texts`, read from a columnar file, with pyarrow's and the file system's errors (a permission error
+    aside) turned into one naming the file, its format and the row it stopped at."""
+    pa = _require("pyarrow", "pyarrow", f".{kind.lower()} files")
     rows = 0
     try:
-        parquet = pq.ParquetFile(path)
-        _check_column(path, parquet.schema_arrow.names, text_field)
-        for text in _column_texts(
-            path,
-            parquet.iter_batches(batch_size=ROW_BATCH, columns=[text_field]),
-            text_field,
-            max_record_bytes,
-        ):
+        for text in texts:
             yield text
             rows += 1
     except (pa.ArrowException, OSError) as exc:
         if isinstance(exc, PermissionError):
             raise
-        raise ValueError(
-            f"{str(path)!r} is not a readable Parquet file (stopped at row {rows}): {exc}"
-        ) from exc
+        where = f"{str(path)!r} is not a readable {kind} file (stopped at row {rows})"
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _read_parquet(path: Path, text_field: str, max_record_bytes: int) -> Iterator[str]:
+    pq = _require("pyarrow.parquet", "pyarrow", ".parquet files")
+
+    def texts() -> Iterator[str]:
+        parquet = pq.ParquetFile(path)
+        _check_column(path, parquet.schema_arrow.names, text_field)
+        batches = parquet.iter_batches(batch_size=ROW_BATCH, columns=[text_field])
+        yield from _column_texts(path, batches, text_field, max_record_bytes)
+
+    yield from _rows_of(path, "Parquet", texts())
 
 
 def _read_arrow(path: Path, text_field: str, max_record_bytes: int) -> Iterator[str]:
     pa = _require("pyarrow", "pyarrow", ".arrow files")
     ipc = _require("pyarrow.ipc", "pyarrow", ".arrow files")
-    rows = 0
-    try:
+
+    def texts() -> Iterator[str]:
         with pa.memory_map(str(path), "r") as source:
             try:
                 reader = ipc.open_file(source)
@@ -336,15 +341,9 @@ def _read_arrow(path: Path, text_field: str, max_record_bytes: int) -> Iterator[
                 schema = reader.schema
                 batches = iter(reader)
             _check_column(path, schema.names, text_field)
-            for text in _column_texts(path, batches, text_field, max_record_bytes):
-                yield text
-                rows += 1
-    except (pa.ArrowException, OSError) as exc:
-        if isinstance(exc, PermissionError):
-            raise
-        raise ValueError(
-            f"{str(path)!r} is not a readable Arrow file (stopped at row {rows}): {exc}"
-        ) from exc
+            yield from _column_texts(path, batches, text_field, max_record_bytes)
+
+    yield from _rows_of(path, "Arrow", texts())
 
 
 def _read_hf(path: Path, text_field: str, max_record_bytes: int) -> Iterator[str]:
