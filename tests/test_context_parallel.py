@@ -2,6 +2,8 @@
 parity of cp layouts (alone and with tp, sp, pp, dp + ZeRO, recompute) against one process, the checks
 on bad configs, and checkpoints moving between cp sizes."""
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -77,7 +79,7 @@ def _masked_attention_rank(rank: int, world: int, mode: str) -> dict:
     ref.backward(grad)
     cp = ContextParallel(dist.group.WORLD, mode)  # type: ignore[arg-type]
     local = [split_sequence(t, rank, world, dim=2).requires_grad_() for t in (q, k, v)]
-    out = context_attention(*local, cp, cp.document_mask(doc_ids))
+    out = context_attention(*local, cp, doc_ids=doc_ids, whole=functools.partial(attend, doc_ids=doc_ids))
     out.backward(split_sequence(grad, rank, world, dim=2))
     unmasked = context_attention(*(t.detach() for t in local), cp)
     return {

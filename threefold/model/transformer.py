@@ -165,7 +165,9 @@ class Attention(nn.Module):
         document when a mask is given (under context parallelism s is this rank's part, s/cp, and the
         keys of the other parts are read across ranks)."""
         if self.tp.context is not None:
-            return context_attention(q, k, v, self.tp.context, mask)
+            doc_ids = mask.doc_ids if mask is not None else None
+            whole = partial(attend, mask=mask)
+            return context_attention(q, k, v, self.tp.context, doc_ids=doc_ids, whole=whole)
         return attend(q, k, v, mask=mask)
 
 
@@ -392,10 +394,12 @@ class Transformer(nn.Module):
             seq_len *= self.tp.context.size  # the whole sequence, whose positions the chunks take
         rope = self.rope(seq_len, x.device, positions)
         mask = None  # built once, read by every layer
-        if doc_ids is not None:
-            mask = (
-                document_mask(doc_ids) if self.tp.context is None else self.tp.context.document_mask(doc_ids)
-            )
+        if doc_ids is not None and self.tp.context is not None:
+            # The ring reads the ids block by block; all-to-all sees whole sequences: the usual mask.
+            whole = document_mask(doc_ids) if self.tp.context.attention == "all_to_all" else DocumentMask()
+            mask = DocumentMask(dense=whole.dense, block=whole.block, doc_ids=doc_ids)
+        elif doc_ids is not None:
+            mask = document_mask(doc_ids)
         for layer in self.layers.values():
             x = self._enter(unit, x)
             if self.tp.recompute == "full" and torch.is_grad_enabled():

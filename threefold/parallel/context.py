@@ -21,6 +21,7 @@ Two ways to attend across the ranks (`parallel.cp_attention`):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +30,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from threefold.model.attention import DocumentMask, attend, document_mask
 from threefold.parallel import track
 
 CPAttention = Literal["ring", "all_to_all"]
@@ -69,13 +69,6 @@ class ContextParallel:
             dist.all_gather_into_tensor(parts, x.contiguous(), group=self.group)
         chunks = parts.reshape(self.size, b, 2, length // 2).permute(1, 0, 2, 3).reshape(b, 2 * self.size, -1)
         return chunks[:, _natural_order(self.size, x.device)].reshape(b, self.size * length)
-
-    def document_mask(self, doc_ids: torch.Tensor) -> DocumentMask:
-        """The mask of a micro-batch's whole-sequence document ids (b, s) for `context_attention`."""
-        if self.attention == "all_to_all":  # attention runs on whole sequences: the usual mask, and the ids
-            whole = document_mask(doc_ids)
-            return DocumentMask(dense=whole.dense, block=whole.block, doc_ids=doc_ids)
-        return DocumentMask(doc_ids=doc_ids)
 
 
 def load_balanced_positions(seq_len: int, cp_rank: int, cp_size: int, device: torch.device) -> torch.Tensor:
@@ -424,29 +417,43 @@ def _heads_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return x.transpose(0, 1).reshape(b, cp * h, 2 * c, d)
 
 
+WholeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""Causal attention of whole sequences, (b, a, s, d) queries over (b, k, s, d) keys and values, inside each
+document (threefold.model.attention.attend with the micro-batch's mask)."""
+
+
 def _all_to_all_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, mask: DocumentMask | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, whole: WholeAttention | None
 ) -> torch.Tensor:
     cp = dist.get_world_size(group)
     if k.shape[1] % cp:
         # Fewer kv heads than ranks can split: send each query head its own copy.
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     q, k, v = (_sequence_to_heads(t, group) for t in (q, k, v))
-    if mask is not None:  # whole sequences: the usual document-masked attention (FlexAttention on GPUs)
-        return _heads_to_sequence(attend(q, k, v, mask=mask), group)
+    if (
+        whole is not None
+    ):  # documents: whole sequences take the usual masked attention (FlexAttention on GPUs)
+        return _heads_to_sequence(whole(q, k, v), group)
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, a_/cp, s, d)
     return _heads_to_sequence(out, group)
 
 
 def context_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: ContextParallel, mask: DocumentMask | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp: ContextParallel,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    whole: WholeAttention | None = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's (b, a_, 2c, d) queries over the whole sequence's keys and values,
-    k, v (b, k_, 2c, d) local: (b, a_, 2c, d); inside each document with a `mask` from
-    `ContextParallel.document_mask`."""
+    k, v (b, k_, 2c, d) local: (b, a_, 2c, d). Inside each document given the whole sequence's document ids
+    `doc_ids` (b, s): the ring masks its blocks with them, all-to-all attention calls `whole`."""
     if cp.attention == "all_to_all":
-        return _all_to_all_attention(q, k, v, cp.group, mask)
+        if doc_ids is not None and whole is None:
+            raise ValueError("all-to-all attention with documents needs the whole-sequence attention `whole`")
+        return _all_to_all_attention(q, k, v, cp.group, whole if doc_ids is not None else None)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    doc_ids = mask.doc_ids if mask is not None else None
     return RingAttention.apply(q, k.contiguous(), v.contiguous(), cp.group, scale, doc_ids)
