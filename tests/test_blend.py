@@ -184,6 +184,12 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
         ),
         ([dict(path="P", weight=0), dict(path="M", weight=0.0)], {}, r"data.sources weights sum to 0"),
         (
+            [dict(path="P", weight=1e-6), dict(path="M", weight=1.0)],
+            {},
+            r"data.sources\[0\] \('poems'\) has weight 1e-06, 1.00e-06 of the total, below the blend's "
+            r"resolution of 1/65,536: it would get no samples",
+        ),
+        (
             [dict(path="P")],
             dict(path="P"),
             r"data.path \('.*poems'\) and data.sources \(1 of them\) are exclusive",
@@ -304,3 +310,12 @@ def test_training_on_a_blend_reports_each_source_and_resumes_exactly(
     )
     error = run_ranks(1, _train_or_error, other, timeout=240)[0]
     assert isinstance(error, str) and "loader state has blend=[['poems', 0.75], ['more', 0.25]]" in error
+
+
+def test_the_config_resolution_is_the_blocks():
+    from threefold.config.sections import BLEND_RESOLUTION
+    from threefold.data.blend import BLOCK, apportion
+
+    assert BLEND_RESOLUTION == BLOCK
+    # The smallest share the config lets through still gets a sample in every block.
+    assert apportion([1.0, BLOCK - 1.0], BLOCK)[0] == 1

@@ -59,6 +59,10 @@ def _unknown_choice(where: str, value: Any, choices: tuple[Any, ...]) -> ValueEr
     return ValueError(f"{where} {value!r} is unknown; choose one of {choices}")
 
 
+BLEND_RESOLUTION = 1 << 16
+"""Blend weights are quantized to 1/BLEND_RESOLUTION (threefold.data.blend.BLOCK, kept torch-free here)."""
+
+
 @dataclass(kw_only=True)
 class Section:
     """Base of the config sections: `check()` rejects what a section can tell is wrong on its own."""
@@ -325,6 +329,14 @@ class DataConfig(Section):
         if total <= 0:
             weights = ", ".join(str(s.weight) for s in self.sources)
             raise ValueError(f"data.sources weights sum to 0 ({weights}); at least one must be positive")
+        for i, source in enumerate(self.sources):
+            share = source.weight / total
+            if 0 < share < 1 / BLEND_RESOLUTION:
+                raise ValueError(
+                    f"data.sources[{i}] ({source.label!r}) has weight {source.weight}, {share:.2e} of the "
+                    f"total, below the blend's resolution of 1/{BLEND_RESOLUTION:,}: it would get no "
+                    "samples; raise its weight, or set it to 0 to leave the source out"
+                )
         seen: dict[str, int] = {}
         for i, source in enumerate(self.sources):
             if source.label in seen:

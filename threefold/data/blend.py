@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from threefold.config.sections import BLEND_RESOLUTION
 from threefold.data.dataset import Batch, BatchLoader, TokenDataset, check_batching, read_meta
 
-BLOCK = 1 << 16
-"""Positions per block of the blend: the weights are quantized to 1/BLOCK."""
+BLOCK = BLEND_RESOLUTION
+"""Positions per block of the blend: the weights are quantized to 1/BLOCK (a smaller share is refused by
+config validation)."""
 
 
 def apportion(weights: Sequence[float], total: int) -> np.ndarray:
