@@ -63,7 +63,7 @@ def _init_worker(tokenizer: Tokenizer, eos: int, dtype: str, vocab_size: int) ->
     # The parent's tokenizer arrives by fork (or pickled, under spawn): rebuilding GPT-2's from its
     # vocabulary files would cost each worker about a second.
     _Worker.tokenizer = tokenizer
-    tokenizer.encode_special_tokens = True  # as the parent's; said again in case pickling lost it
+    tokenizer.encode_special_tokens = True  # as the parent's: pickling (spawn) drops the setting
     _Worker.eos, _Worker.dtype, _Worker.vocab_size = eos, np.dtype(dtype), vocab_size
 
 

@@ -47,6 +47,8 @@ class _StepState:
     """The weight gradients each B put off, for its W."""
     sends: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list)
     """Eager sends in flight with the buffers they read (split backward)."""
+    documents: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Each micro-batch's document ids (document masking), found once for all of this rank's chunks."""
 
 
 def _free(t: torch.Tensor) -> None:
@@ -173,11 +175,7 @@ class PipelineExecutor:
         inputs, targets = micro_batches[a.microbatch]
         x = inputs if a.chunk == 0 else state.inputs[key]
         model = self.chunks[a.chunk]
-        docs = None
-        if self.document_eos_id is not None:
-            context = model.tp.context
-            whole = inputs if context is None else context.gather(inputs)  # ids count every earlier EOS
-            docs = document_ids(whole, self.document_eos_id)
+        docs = self._documents(a.microbatch, inputs, model, state)
         if a.chunk == self.last_chunk:
             loss = model(x, targets, doc_ids=docs, reset_positions=self.reset_positions)
             weight = 1 if self._loss_weights is None else self._loss_weights[a.microbatch]
@@ -191,6 +189,20 @@ class PipelineExecutor:
                 state.inputs[(a.chunk + 1, a.microbatch)] = out.detach().requires_grad_(train)
         if not train:
             state.inputs.pop(key, None)
+
+    def _documents(
+        self, microbatch: int, inputs: torch.Tensor, model: Transformer, state: _StepState
+    ) -> torch.Tensor | None:
+        """The document ids (b, s) of a micro-batch's whole sequence, None without document masking. Under
+        context parallelism the ids count the EOS tokens of every earlier chunk, so the cp ranks gather the
+        token ids first: once per micro-batch, in the same order on every cp rank (the same schedule)."""
+        if self.document_eos_id is None:
+            return None
+        if microbatch not in state.documents:
+            context = model.tp.context
+            whole = inputs if context is None else context.gather(inputs)
+            state.documents[microbatch] = document_ids(whole, self.document_eos_id)
+        return state.documents[microbatch]
 
     def _arm_sync(self, chunk: int, is_last: bool) -> None:
         if chunk in self.grad_syncs:
