@@ -78,3 +78,23 @@ def test_synthetic_tokens_are_the_same_for_every_layout(overrides):
     got = run_ranks(world, _bench_losses, overrides)[0]
     assert len(got) == 3
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0)
+
+
+def _bench_record(rank: int, world: int, overrides: list[str]) -> dict | None:
+    config = build_config({}, SMALL + overrides, check_paths=False)
+    return run_bench(config, build_mesh(1, 1, 1), torch.device("cpu"), steps=1, warmup=0)
+
+
+def test_bench_record_reports_the_offload_share_auto_picked():
+    """The record's share and memory estimate are those of the run, not of 'auto' read as all on the host."""
+    from threefold.plan.fit import device_memory, resolve_offload
+    from threefold.plan.memory_model import estimate_memory
+
+    overrides = ["--optimizer.offload=true", "--optimizer.offload_fraction=auto"]
+    record = run_ranks(1, _bench_record, overrides)[0]
+    config = build_config({}, SMALL + overrides, check_paths=False)
+    resolved = resolve_offload(config, device_memory(torch.device("cpu"), ranks=1))
+    share = resolved.optimizer.offload_fraction
+    assert record["offload"] is True and record["offload_fraction"] == share == 0.0  # a tiny model fits
+    assert record["estimated_memory_gib"] == pytest.approx(estimate_memory(resolved)["total"] / 2**30)
+    assert record["estimated_memory_gib"] > estimate_memory(config)["total"] / 2**30  # 'auto' read as 1.0

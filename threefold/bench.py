@@ -66,6 +66,7 @@ def run_bench(
         raise ValueError(f"tokens must be 'synthetic' or 'real', got {tokens!r}")
     cuda = device.type == "cuda"
     trainer = build(config, mesh, device)
+    config = trainer.config  # optimizer.offload_fraction 'auto' resolved to the share the run uses
     make = synthetic_steps if tokens == "synthetic" else _real_steps
     data = make(config, mesh, device, min(warmup + steps, 8))  # a few distinct batches, reused
     losses: list[torch.Tensor] = []
@@ -131,6 +132,8 @@ def _record(
         "v": p.num_model_chunks,
         "schedule": p.pipeline_schedule,
         "zero": p.zero,
+        "offload": config.optimizer.offload,
+        "offload_fraction": config.optimizer.offload_fraction,
         "sequence_parallel": p.sequence_parallel,
         "overlap_tp_comm": p.overlap_tp_comm,
         "micro_batch_size": t.micro_batch_size,

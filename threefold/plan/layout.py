@@ -146,8 +146,5 @@ def from_config(config: Config) -> tuple[Workload, Layout]:
         micro_batch_size=t.micro_batch_size,
         recompute=t.recompute,
         offload=config.optimizer.offload,
-        # 'auto' (resolved at start-up by plan.fit.resolve_offload) counts as all on the host until then.
-        offload_fraction=1.0
-        if config.optimizer.offload_fraction == "auto"
-        else config.optimizer.offload_fraction,
+        offload_fraction=share,
     )
