@@ -232,13 +232,13 @@ def test_loss_spike_rolls_back_to_the_checkpoint_before_it(sonnets_dataset, tmp_
 # --- Real processes: kill -9 under torchrun, SIGTERM, a stalled rank ----------------------------------
 
 
-def _write_config(path: Path, dataset: Path, run: Path, **reliability) -> Path:
+def _write_config(path: Path, dataset: Path, run: Path, optimizer: dict | None = None, **reliability) -> Path:
     config = tiny_config(
         dataset, run, dp=2,
         model=dict(preset="tiny", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
                    ffn_hidden_size=128),
         data=dict(seq_len=32),
-        optimizer=defaults(OptimizerConfig) | dict(lr=3e-3, warmup_steps=2),
+        optimizer=defaults(OptimizerConfig) | dict(lr=3e-3, warmup_steps=2) | (optimizer or {}),
         training=dict(max_steps=STEPS, global_batch_size=4, eval_sequences=4),
         logging=dict(out_dir=str(run)),
         checkpoint=dict(interval=2),
@@ -289,6 +289,22 @@ def test_kill_9_under_torchrun_resumes_bit_exact(sonnets_dataset, tmp_path, refe
     resumes = [e for e in read_events(run) if e["event"] == "resume"]
     assert {e["step"] for e in resumes} == {4}, "restarted from the step-4 checkpoint, losing only step 5"
     assert _losses(run) == reference  # bit for bit (float32 values written as JSON round-trip exactly)
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_during_an_offloaded_step_resumes_bit_exact(sonnets_dataset, tmp_path, reference):
+    """Rank 1 dies at step 5 while rank 0 is inside its offloaded step (host AdamW, streams to and from the
+    host); the restarted run loads masters and moments back into host memory and matches the run without
+    offload (which the offloaded optimizer equals bit for bit)."""
+    run = tmp_path / "run"
+    config = _write_config(tmp_path / "run.toml", sonnets_dataset, run, optimizer=dict(offload=True))
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+           "-m", "threefold", "train", str(config)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170,
+                          env=_env(THREEFOLD_FAULT="kill:rank=1:step=5"))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {e["step"] for e in read_events(run) if e["event"] == "resume"} == {4}
+    assert _losses(run) == reference
 
 
 @pytest.mark.timeout(180)
