@@ -4,8 +4,7 @@
 
 llama-1b shape, random weights (normal, std 0.02), bf16, a 128-token prompt, greedy. For each way of
 running the decode step (CUDA graph; compiled; compiled with the projections as product-and-sum
-reductions; the same with inductor's coordinate-descent tuning; the same with threefold.infer.gemv's Triton
-kernel for the projections, what `generate` runs) prints the generate loop's tokens/s,
+reductions; the same with inductor's coordinate-descent tuning) prints the generate loop's tokens/s,
 the captured step's replay time alone (the GPU floor of a token), and whether its tokens equal the first
 variant's; then the kernels of one step of the last variant (torch.profiler), grouped by kind.
 """
@@ -41,12 +40,11 @@ def kind(name: str) -> str:
 
 
 VARIANTS = {
-    # name: (torch.compile it, forward_step's matvec, inductor options)
-    "CUDA graph": (False, None, {}),
-    "compile+graph": (True, None, {}),
-    "compile+graph, matvec": (True, "sum", {}),
-    "compile+graph, matvec, coordinate descent": (True, "sum", {"coordinate_descent_tuning": True}),
-    "compile+graph, gemv kernel, coordinate descent": (True, "kernel", {"coordinate_descent_tuning": True}),
+    # name: (torch.compile it, matvec projections, inductor options)
+    "CUDA graph": (False, False, {}),
+    "compile+graph": (True, False, {}),
+    "compile+graph, matvec": (True, True, {}),
+    "compile+graph, matvec, coordinate descent": (True, True, {"coordinate_descent_tuning": True}),
 }
 
 
@@ -62,9 +60,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--variants", default=";".join(VARIANTS), help="names to run, separated by ';'")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names to run")
     args = parser.parse_args()
-    names = args.variants.split(";")
+    names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")

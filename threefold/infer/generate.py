@@ -105,9 +105,9 @@ class _GraphedStep:
     def __init__(self, compiled: bool) -> None:
         self.step: Callable[..., torch.Tensor] = forward_step
         if compiled:
-            # A one-token step (batch 1) computes its projections with the matrix-vector kernel.
+            # A one-token step (batch 1) computes its projections as reductions the compiler can tune.
             self.step = torch.compile(
-                functools.partial(forward_step, matvec="kernel"), dynamic=False,
+                functools.partial(forward_step, matvec=True), dynamic=False,
                 options={"coordinate_descent_tuning": True},
             )  # fmt: skip
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -8,12 +8,11 @@ attention differs: it appends the new keys and values to the cache and attends o
 the cache's mask. Shapes do not depend on how much of the cache is filled, so a decode step has one
 static shape and compiles (or captures) once.
 
-With `matvec` (a compiled step of one token in all: batch 1 decoding), no projection goes through the
-library's matrix-product kernels, which read a weight at about half the memory's speed for a single row
-(bench/decode_profile.py). "sum" writes each as a product and a sum over the input features, which the
-compiler turns into one reduction that reads the weight once (eagerly it would materialize the products,
-so only compiled steps use it); "kernel" calls threefold.infer.gemv's Triton kernel where it can run, and
-"sum" elsewhere.
+With `matvec` (a compiled step of one token in all: batch 1 decoding), every projection is written as a
+product and a sum over the input features instead of a matrix product. The compiler turns each into one
+reduction kernel that reads the weight once, at close to the memory's speed, where the library's
+matrix-product kernels for a single row reach about half of it (bench/decode_profile.py). Eagerly that
+form would materialize the products, so only compiled steps use it.
 
 A model as training built it (samples during training) may have sequence-parallel layers and float8
 GEMMs. Generation splits no sequence, so their outputs are all-reduced over TP instead of scattered along
@@ -23,27 +22,18 @@ multiple of 16 rows that float8 kernels take.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from threefold.infer import gemv
 from threefold.infer.cache import KVCache
 from threefold.model.transformer import Attention, Block, Transformer, apply_rope, gather_logits
 from threefold.parallel.comm import reduce_from_tp
 from threefold.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-MatVec = Literal["sum", "kernel"] | None
-"""How a one-token step computes its projections (see the module): None, the layers' matrix products."""
 
-Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-def _sum_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (b, s, in) @ weight (out, in)^T [+ bias] as an fp32 product-and-sum; the result in x's dtype."""
     y = (x.float().unsqueeze(-2) * weight.float()).sum(dim=-1)  # (b, s, out)
     if bias is not None:
@@ -51,27 +41,17 @@ def _sum_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y.to(x.dtype)
 
 
-def _kernel_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T [+ bias] by the Triton matrix-vector kernel where it runs, else as `_sum_product`."""
-    if gemv.usable(x, weight):
-        return gemv.gemv(x, weight, bias)
-    return _sum_product(x, weight, bias)
-
-
-PRODUCTS: dict[MatVec, Product] = {None: F.linear, "sum": _sum_product, "kernel": _kernel_product}
-
-
-def _project(layer: nn.Module, x: torch.Tensor, matvec: MatVec) -> torch.Tensor:
+def _project(layer: nn.Module, x: torch.Tensor, matvec: bool) -> torch.Tensor:
     """The layer's output for x, whole on every TP rank (see the module for what differs from training);
-    with `matvec`, through its product and the row-parallel all-reduce."""
+    with `matvec`, through `_matvec` and the row-parallel all-reduce."""
     assert isinstance(layer, ColumnParallelLinear | RowParallelLinear)
     training_only = layer.fp8 is not None or getattr(layer, "sequence_parallel", False)
-    if matvec is None and not training_only:
+    if not matvec and not training_only:
         return layer(x)
-    product = PRODUCTS[matvec]
+    product = _matvec if matvec else F.linear
     if isinstance(layer, ColumnParallelLinear):
         return product(x, layer.weight, layer.bias)
-    y = reduce_from_tp(product(x, layer.weight, None), layer.tp_group)
+    y = reduce_from_tp(product(x, layer.weight), layer.tp_group)
     return y + layer.bias if layer.bias is not None else y
 
 
@@ -93,7 +73,7 @@ def _attention(
     slots: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     mask: torch.Tensor,
-    matvec: MatVec,
+    matvec: bool,
 ) -> torch.Tensor:
     b, s, _ = x.shape
     d = attn.head_dim
@@ -115,7 +95,7 @@ def _attention(
     return _project(attn.o_proj, y, matvec)  # all-reduced over TP: (b, s, h)
 
 
-def _mlp(block: Block, x: torch.Tensor, matvec: MatVec) -> torch.Tensor:
+def _mlp(block: Block, x: torch.Tensor, matvec: bool) -> torch.Tensor:
     mlp = block.mlp
     if mlp.gated:
         hidden = F.silu(_project(mlp.gate_proj, x, matvec)) * _project(mlp.up_proj, x, matvec)  # (b, s, f/t)
@@ -133,12 +113,12 @@ def forward_step(
     positions: torch.Tensor,
     *,
     last_only: bool = True,
-    matvec: MatVec = None,
+    matvec: bool = False,
 ) -> torch.Tensor:
     """Run token ids (b, s) (first stage) or hidden states (b, s, h) at cache `slots` (s,) with token
     `positions` (b, s). Returns hidden states (b, s, h) without a head, else full fp32 logits: (b, V) of
     the last token when `last_only`, (b, s, V) otherwise. The caller marks the slots valid first.
-    `matvec`: how projections are computed when there is one token in all (for compiled steps)."""
+    `matvec`: projections as products and sums when there is one token in all (for compiled steps)."""
     cfg = model.cfg
     if model.has_embedding:
         ids = x
@@ -150,7 +130,7 @@ def forward_step(
         # Read at the tokens' positions: without them, a context-parallel model's table is its chunks'.
         rope = model.rope(cache.max_len, x.device, positions)  # (b, 1, s, d) each
     mask = cache.mask(slots)  # (b, 1, s, T)
-    matvec = matvec if x.shape[0] * x.shape[1] == 1 else None
+    matvec = matvec and x.shape[0] * x.shape[1] == 1
     for name, block in model.layers.items():
         assert isinstance(block, Block)
         normed = block.input_layernorm(x)
@@ -160,5 +140,6 @@ def forward_step(
         return x
     if last_only:
         x = x[:, -1]  # (b, h)
-    logits = PRODUCTS[matvec](model.norm(x), model.output_weight(), None)  # (b, [s,] Vp/t)
+    head = _matvec if matvec else F.linear
+    logits = head(model.norm(x), model.output_weight())  # (b, [s,] Vp/t)
     return gather_logits(logits, model.tp.group, cfg.vocab_size).float()
