@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA-only tests (tests/test_gpu.py, marker `gpu`), which CPU CI skips: the fused AdamW's skipped
-# step, the compiled loss against the eager one, and the overlapped column-parallel backward.
+# step, the compiled loss against the eager one, the overlapped column-parallel backward, and the graphed
+# decode step against the eager loop.
 # Needs one GPU and pytest. Usage: bash bench/gpu_tests.sh   (the log also goes to $OUT/gpu_tests.log if
 # OUT is set). Exits non-zero if a test fails, or if there is no GPU (every test would only be skipped).
 set -u -o pipefail

@@ -8,10 +8,13 @@ TP rank of the last stage holds the same gathered logits and the same seeded gen
 the same tokens without talking. A training run's interleaved or V-shaped schedule gives a rank several
 chunks (virtual stages): the hidden states then pass through every chunk in order, from rank to rank.
 
-On CUDA with one stage, a `Decoder(cuda_graph=True)` captures the decode step once (its shapes never
-change) and replays it, which removes the launch cost of its many small kernels: at batch 1 decoding is
-otherwise bound by launches, not by reading the weights. The Decoder keeps the cache and the captured
-graph for the next call of the same batch size and length.
+A decode step reads and writes only tensors that keep their addresses (`_Tokens`: the last token, its
+slot and positions, which rows reached EOS, the tokens chosen so far), so the whole step (advance, forward,
+choose, record) needs no value from the host. On CUDA with one stage, a `Decoder(cuda_graph=True)` captures
+it once and replays it: for greedy decoding the whole step, when sampling the forward alone (the sampling
+generator stays outside the graph). That removes the launch cost of its many small kernels: at batch 1
+decoding is otherwise bound by launches, not by reading the weights. The Decoder keeps the cache, the
+decode state and the captured graphs for the next call of the same batch size and length.
 """
 
 from __future__ import annotations
@@ -140,17 +143,110 @@ class _GraphedStep:
         return self.out.clone()
 
 
-class Decoder:
-    """How the decode step runs, and what it keeps between generate calls: the KV cache and the captured
-    CUDA graph, reused by the next call with the same batch size and cache length."""
+class _Tokens:
+    """One generate call's decode state, in tensors that keep their addresses across calls (b batch, T
+    cache length): the input of the next step and what was chosen so far."""
 
-    def __init__(self, *, cuda_graph: bool = False, compiled: bool = False) -> None:
+    def __init__(self, batch_size: int, max_len: int, device: torch.device) -> None:
+        b = batch_size
+        self.token = torch.zeros(b, 1, dtype=torch.long, device=device)  # (b, 1): the last token chosen
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # (1,): the cache slot it came from
+        self.positions = torch.zeros(b, 1, dtype=torch.long, device=device)  # (b, 1): of that token
+        self.done = torch.zeros(b, dtype=torch.bool, device=device)  # (b,): rows that chose EOS
+        self.count = torch.zeros(1, dtype=torch.long, device=device)  # (1,): tokens chosen so far
+        self.tokens = torch.zeros(b, max_len, dtype=torch.long, device=device)  # (b, T), the first `count`
+        self.logprobs = torch.zeros(b, max_len, dtype=torch.float32, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.token, self.slot, self.positions, self.done, self.count, self.tokens, self.logprobs]
+
+    def start(self, slot: int, positions: torch.Tensor) -> None:
+        """Reset for a new call whose prompt's last token sits at cache `slot` with `positions` (b, 1)."""
+        self.slot.fill_(slot)
+        self.positions.copy_(positions)
+        self.done.zero_()
+        self.count.zero_()
+
+
+@dataclass(frozen=True)
+class _Chooser:
+    """How a generate call turns the last chunk's logits into each row's next token, and records it."""
+
+    state: _Tokens
+    stages: _Stages
+    params: SamplingParams
+    generator: torch.Generator
+    eos_id: int | None
+    pad_id: int
+
+    def __call__(self, logits: torch.Tensor | None) -> None:
+        state = self.state
+        b = state.token.shape[0]
+        token = torch.zeros(b, dtype=torch.long, device=state.token.device)
+        logprob = torch.zeros(b, dtype=torch.float32, device=state.token.device)
+        if logits is not None:
+            token = choose(logits, self.params, self.generator)
+            logprob = logits.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
+        token, logprob = self.stages.share(token), self.stages.share(logprob)
+        token = token.masked_fill(state.done, self.pad_id)  # a row that stopped keeps producing padding
+        state.tokens.index_copy_(1, state.count, token[:, None])
+        state.logprobs.index_copy_(1, state.count, logprob[:, None])
+        if self.eos_id is not None:
+            state.done.logical_or_(token == self.eos_id)
+        state.token.copy_(token[:, None])
+        state.count.add_(1)
+
+
+def _decode(
+    state: _Tokens, cache: KVCache, stages: _Stages, take: _Chooser, step: Callable[..., torch.Tensor]
+) -> None:
+    """One decode step: the last token into the next slot, through the model, the next token chosen."""
+    state.slot.add_(1)
+    state.positions.add_(1)
+    cache.valid.index_fill_(1, state.slot, True)
+    take(stages.run(state.token, state.slot, state.positions, step))
+
+
+class _GraphedDecode:
+    """A whole decode step (`_decode`) captured in a CUDA graph at its first call and replayed after. The
+    warm-up runs before the capture advance the decode state, so it is saved before them and put back."""
+
+    def __init__(self, run: Callable[[], None], saved: list[torch.Tensor]) -> None:
+        self.run, self.saved = run, saved
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            before = [t.clone() for t in self.saved]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up (compilation, lazy initializations) off the capture
+                for _ in range(3):
+                    self.run()
+            torch.cuda.current_stream().wait_stream(stream)
+            for tensor, value in zip(self.saved, before, strict=True):
+                tensor.copy_(value)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.run()
+        self.graph.replay()
+
+
+class Decoder:
+    """How the decode step runs, and what it keeps between generate calls: the KV cache, the decode state
+    and the captured CUDA graphs, reused by the next call with the same batch size and cache length."""
+
+    def __init__(self, *, cuda_graph: bool = False, compiled: bool = False, whole_step: bool = True) -> None:
         """`cuda_graph` (CUDA, one pipeline stage): replay the decode step as a CUDA graph; `compiled`:
-        torch.compile it first."""
-        self.cuda_graph, self.compiled = cuda_graph, compiled
+        torch.compile it first; `whole_step`: for greedy decoding capture the whole step, token choice
+        included (False: the forward alone, as when sampling)."""
+        self.cuda_graph, self.compiled, self.whole_step = cuda_graph, compiled, whole_step
         self._key: tuple[int, ...] | None = None
         self._cache: KVCache | None = None
+        self._state: _Tokens | None = None
         self._step: Callable[..., torch.Tensor] = forward_step
+        self._graphable = False
+        self._decode: tuple[tuple[int | None, int], _GraphedDecode] | None = None
 
     def prepare(
         self, model: Transformer | Chunks, batch_size: int, max_len: int, mesh: Mesh | None
@@ -162,6 +258,7 @@ class Decoder:
         if self._cache is not None and self._key == key:
             self._cache.valid.zero_()
             return self._cache
+        self._cache = self._state = self._decode = None  # the old graphs hold the old buffers
         first = next(iter(chunks.values()))
         param = next(first.parameters())
         block = next(iter(first.layers.values()))
@@ -171,14 +268,35 @@ class Decoder:
             num_kv_heads=block.self_attn.num_local_kv_heads, max_len=max_len, head_dim=first.cfg.head_dim,
             dtype=param.dtype, device=param.device,
         )  # fmt: skip
+        self._state = _Tokens(batch_size, max_len, param.device)
         self._key = key
         one_stage = len(chunks) == 1 and (mesh is None or mesh.pp_size == 1)
-        graphable = param.device.type == "cuda" and one_stage
-        self._step = _GraphedStep(self.compiled) if self.cuda_graph and graphable else forward_step
+        self._graphable = self.cuda_graph and param.device.type == "cuda" and one_stage
+        self._step = _GraphedStep(self.compiled) if self._graphable else forward_step
         return self._cache
 
     def step(self) -> Callable[..., torch.Tensor]:
+        """The forward of a decode step (captured in a CUDA graph when graphable)."""
         return self._step
+
+    def state(self) -> _Tokens:
+        assert self._state is not None, "prepare() first"
+        return self._state
+
+    def decode(self, stages: _Stages, take: _Chooser) -> Callable[[], None]:
+        """One decode step of this call: for greedy decoding on a graphable model the whole step replayed
+        as a CUDA graph (captured at the first step of the first call with these EOS and padding ids),
+        else `_decode` with `step()`."""
+        cache, state = self._cache, self.state()
+        assert cache is not None
+        whole = self.whole_step and take.params.temperature == 0
+        if not (self._graphable and whole and isinstance(self._step, _GraphedStep)):
+            return functools.partial(_decode, state, cache, stages, take, self._step)
+        key = (take.eos_id, take.pad_id)
+        if self._decode is None or self._decode[0] != key:
+            run = functools.partial(_decode, state, cache, stages, take, self._step.step)
+            self._decode = (key, _GraphedDecode(run, [*state.tensors(), cache.valid]))
+        return self._decode[1]
 
 
 def left_pad(
@@ -242,37 +360,23 @@ def generate(
     cache.valid[:, :length] = valid
     stages = _Stages(chunks, cache, mesh, v_shape)
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    decode_step = decoder.step()
 
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (b, L): each row counts its own tokens
     logits = stages.run(ids, torch.arange(length, device=device), positions, forward_step)
-    positions = positions[:, -1:]  # (b, 1)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    tokens, logprobs = [], []
-    for i in range(new):
-        token = torch.zeros(b, dtype=torch.long, device=device)
-        logprob = torch.zeros(b, dtype=torch.float32, device=device)
-        if logits is not None:
-            token = choose(logits, params, generator)
-            logprob = logits.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
-        token, logprob = stages.share(token), stages.share(logprob)
-        token = token.masked_fill(done, pad_id)
-        tokens.append(token)
-        logprobs.append(logprob)
-        if eos_id is not None:
-            done = done | (token == eos_id)
-        if i == new - 1:
-            break
+    state = decoder.state()
+    state.start(length - 1, positions[:, -1:])
+    take = _Chooser(state, stages, params, generator, eos_id, pad_id)
+    take(logits)
+    decode = decoder.decode(stages, take)
+    chosen = 1
+    while chosen < new:
         # Asking whether every row has stopped waits for the GPU, so ask only every few tokens: a row
         # that stopped keeps producing padding, which _per_row cuts off, so the result is the same.
-        if eos_id is not None and (i + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):
+        if eos_id is not None and chosen % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
             break
-        slot = length + i
-        cache.valid[:, slot] = True
-        positions = positions + 1
-        slots = torch.full((1,), slot, dtype=torch.long, device=device)
-        logits = stages.run(token[:, None], slots, positions, decode_step)
-    return _per_row(torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist(), eos_id)
+        decode()
+        chosen += 1
+    return _per_row(state.tokens[:, :chosen].tolist(), state.logprobs[:, :chosen].tolist(), eos_id)
 
 
 def _per_row(tokens: list[list[int]], logprobs: list[list[float]], eos_id: int | None) -> Generation:

@@ -11,8 +11,9 @@ static shape and compiles (or captures) once.
 With `matvec` (a compiled step of one token in all: batch 1 decoding), every projection is written as a
 product and a sum over the input features instead of a matrix product. The compiler turns each into one
 reduction kernel that reads the weight once, at close to the memory's speed, where the library's
-matrix-product kernels for a single row reach about half of it (bench/decode_profile.py). Eagerly that
-form would materialize the products, so only compiled steps use it.
+matrix-product kernels for a single row reach about half of it (bench/decode_profile.py). Attention over
+the cache is written the same way. Eagerly that form would materialize the products, so only compiled
+steps use it.
 
 A model as training built it (samples during training) may have sequence-parallel layers and float8
 GEMMs. Generation splits no sequence, so their outputs are all-reduced over TP instead of scattered along
@@ -65,6 +66,17 @@ def _embed(embedding: VocabParallelEmbedding, ids: torch.Tensor) -> torch.Tensor
     return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), embedding.tp_group)
 
 
+def _one_token_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention of a few queries (b, k_, g, d) over the cache (b, k_, T, d) under mask (b, 1, g, T),
+    written as products, sums and a softmax in fp32 so the compiler fuses it into a few small kernels; a
+    fused attention kernel pays its launch and tiling for a handful of rows. Same scale as SDPA's."""
+    scores = (q.float().unsqueeze(-2) * keys.float().unsqueeze(2)).sum(-1) * q.shape[-1] ** -0.5  # (b,k_,g,T)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (weights.unsqueeze(-1) * values.float().unsqueeze(2)).sum(-2).to(q.dtype)  # (b, k_, g, d)
+
+
 def _attention(
     attn: Attention,
     x: torch.Tensor,
@@ -90,7 +102,10 @@ def _attention(
     # (b, k_, g s, d), so every kernel reads the shared keys in place instead of copies of the cache.
     q = q.reshape(b, kv_heads, group_size * s, d)
     mask = mask.unsqueeze(2).expand(b, 1, group_size, s, mask.shape[-1]).reshape(b, 1, group_size * s, -1)
-    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, k_, g s, d)
+    if matvec:
+        y = _one_token_attention(q, keys, values, mask)
+    else:
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, k_, g s, d)
     y = y.view(b, attn.num_local_heads, s, d).transpose(1, 2).reshape(b, s, attn.num_local_heads * d)
     return _project(attn.o_proj, y, matvec)  # all-reduced over TP: (b, s, h)
 
