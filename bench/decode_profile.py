@@ -41,13 +41,14 @@ def kind(name: str) -> str:
     return "other"
 
 
+TUNED = {"coordinate_descent_tuning": True}
 VARIANTS = {
     # name: (torch.compile it, matvec projections, inductor options)
     "CUDA graph": (False, False, {}),
     "compile+graph": (True, False, {}),
     "compile+graph, matvec": (True, True, {}),
-    "compile+graph, matvec, coordinate descent": (True, True, {"coordinate_descent_tuning": True}),
-    "compile+graph, matvec, coordinate descent, whole step": (True, True, {"coordinate_descent_tuning": True}),  # noqa: E501
+    "compile+graph, matvec, coordinate descent": (True, True, TUNED),
+    "compile+graph, matvec, coordinate descent, whole step": (True, True, TUNED),
 }
 WHOLE = "compile+graph, matvec, coordinate descent, whole step"
 """The variant `generate` runs; its graph captures the whole greedy step, token choice included. The
