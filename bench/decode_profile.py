@@ -109,9 +109,10 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=args.new, temperature=0.0)
     reference = None
     for name in names:
-        decoder = Decoder(cuda_graph=True, whole_step=name == WHOLE)
+        decoder = Decoder(cuda_graph=True, compiled=True, whole_step=name == WHOLE)
         decoder.prepare(model, args.batch, 128 + args.new, None)
-        decoder._step = variant_step(name)
+        if name != WHOLE:  # the whole step is the Decoder's own (compiled with its options)
+            decoder._step = variant_step(name)
         out = generate(model, prompts, params, decoder=decoder)
         reference = reference or out
         pairs = zip(out.tokens, reference.tokens, strict=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,7 @@ class _Stages:
 
     def __init__(self, chunks: Chunks, cache: KVCache, mesh: Mesh | None, v_shape: bool) -> None:
         self.chunks, self.cache, self.mesh = chunks, cache, mesh
+        self.order = sorted(chunks)
         model = next(iter(chunks.values()))
         self.hidden = model.cfg.hidden_size
         self.dtype = next(model.parameters()).dtype
@@ -82,7 +84,8 @@ class _Stages:
         self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, step: Callable[..., torch.Tensor]
     ) -> torch.Tensor | None:
         """The last chunk's logits on the rank holding it; None on the others."""
-        for c, chunk in sorted(self.chunks.items()):
+        for c in self.order:
+            chunk = self.chunks[c]
             if c > 0 and self.holders[c - 1] != self.holders[c]:
                 b, s = positions.shape
                 x = torch.empty(b, s, self.hidden, dtype=self.dtype, device=positions.device)
@@ -100,6 +103,12 @@ class _Stages:
         return t
 
 
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile for a decode step: one static shape; a one-token step (batch 1) computes its
+    projections as reductions (forward_step's `matvec`), which coordinate-descent tuning sizes."""
+    return torch.compile(fn, dynamic=False, options={"coordinate_descent_tuning": True})
+
+
 class _GraphedStep:
     """The decode step captured in a CUDA graph at its first call and replayed after: its inputs are
     copied into static buffers, the cache is written in place, the logits come back in a static buffer.
@@ -108,11 +117,7 @@ class _GraphedStep:
     def __init__(self, compiled: bool) -> None:
         self.step: Callable[..., torch.Tensor] = forward_step
         if compiled:
-            # A one-token step (batch 1) computes its projections as reductions the compiler can tune.
-            self.step = torch.compile(
-                functools.partial(forward_step, matvec=True), dynamic=False,
-                options={"coordinate_descent_tuning": True},
-            )  # fmt: skip
+            self.step = _compile(functools.partial(forward_step, matvec=True))
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.out: torch.Tensor | None = None
@@ -294,8 +299,11 @@ class Decoder:
             return functools.partial(_decode, state, cache, stages, take, self._step)
         key = (take.eos_id, take.pad_id)
         if self._decode is None or self._decode[0] != key:
-            run = functools.partial(_decode, state, cache, stages, take, self._step.step)
-            self._decode = (key, _GraphedDecode(run, [*state.tensors(), cache.valid]))
+            # Compiled, the token choice and its bookkeeping fuse into a few kernels with the forward's.
+            forward = functools.partial(forward_step, matvec=True) if self.compiled else forward_step
+            run = functools.partial(_decode, state, cache, stages, take, forward)
+            self._decode = (key, _GraphedDecode(_compile(run) if self.compiled else run,
+                                                [*state.tensors(), cache.valid]))  # fmt: skip
         return self._decode[1]
 
 

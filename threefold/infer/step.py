@@ -106,7 +106,7 @@ def _attention(
         y = _one_token_attention(q, keys, values, mask)
     else:
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, k_, g s, d)
-    y = y.view(b, attn.num_local_heads, s, d).transpose(1, 2).reshape(b, s, attn.num_local_heads * d)
+    y = y.reshape(b, attn.num_local_heads, s, d).transpose(1, 2).reshape(b, s, attn.num_local_heads * d)
     return _project(attn.o_proj, y, matvec)  # all-reduced over TP: (b, s, h)
 
 
