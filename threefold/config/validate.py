@@ -110,12 +110,6 @@ def check_across_sections(config: Config) -> None:
             f"(pp_size = {p.pp_size}), which does not support model.tie_embeddings = true yet; use zb-h1 "
             "or untie the embeddings"
         )
-    if t.fp8 and p.pipeline_schedule in ("zb-h1", "zb-v"):
-        raise ValueError(
-            f"training.fp8 = {t.fp8!r} does not yet run with parallel.pipeline_schedule = "
-            f"{p.pipeline_schedule!r}: the float8 GEMMs do not defer their weight gradients to the "
-            "schedule's W steps; use 1f1b or interleaved, or turn fp8 off"
-        )
     check_samples(config)
     try:
         check_schedule_args(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)

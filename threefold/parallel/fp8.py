@@ -139,8 +139,3 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torc
     # (the tensor-parallel all-reduce).
     y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, recipe)
     return y.view(*x.shape[:-1], weight.shape[0])
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe | None) -> torch.Tensor:
-    """x W^T in float8 under a recipe, else torch's linear (bias added by the caller)."""
-    return torch.nn.functional.linear(x, weight) if recipe is None else fp8_linear(x, weight, recipe)

@@ -154,10 +154,7 @@ class ColumnParallelLinear(nn.Module):
         self.fp8 = fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) -> (b, s, out/t)
-        if self.fp8 is None:
-            return linear(x, self.weight, self.bias, self.weight_grads)
-        y = float8.fp8_linear(x, self.weight, self.fp8)
-        return y if self.bias is None else y + self.bias
+        return linear(x, self.weight, self.bias, self.weight_grads, self.fp8)
 
 
 class _ColumnParallelProjections(torch.autograd.Function):
@@ -171,8 +168,7 @@ class _ColumnParallelProjections(torch.autograd.Function):
     zero-bubble schedule fills pipeline idle time, which is worth more than this overlap).
 
     With an fp8 `recipe` every GEMM runs in float8 (threefold.parallel.fp8), the shared input cast once
-    for all projections in forward and once for all weight gradients in backward (fp8 and zero-bubble
-    schedules are not combined: the config check refuses it).
+    for all projections in forward and once for all weight gradients in backward (deferred or not).
     """
 
     @staticmethod
@@ -221,8 +217,7 @@ class _ColumnParallelProjections(torch.autograd.Function):
         with track.collective(ctx.group, "all_reduce"):
             reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", ctx.group.group_name)
         if ctx.queue is not None and ctx.queue.capturing:
-            assert recipe is None, "fp8 GEMMs do not defer their weight gradients"
-            ctx.queue.defer(_deferred_projection_grads(x, grads, ctx.params))
+            ctx.queue.defer(_deferred_projection_grads(x, grads, ctx.params, recipe))
             with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
                 reduced = torch.ops._c10d_functional.wait_tensor(reduced)
             return (reduced.view(x.shape), None, None, None, *([None] * len(ctx.params)))
@@ -242,16 +237,19 @@ class _ColumnParallelProjections(torch.autograd.Function):
 
 
 def _deferred_projection_grads(
-    x: torch.Tensor, grads: tuple[torch.Tensor | None, ...], params: tuple[Any, ...]
+    x: torch.Tensor, grads: tuple[torch.Tensor | None, ...], params: tuple[Any, ...], recipe: Fp8Recipe | None
 ) -> Callable[[], None]:
-    """The weight-gradient work of the projections' backward, for a WeightGradQueue."""
+    """The weight-gradient work of the projections' backward, for a WeightGradQueue (under an fp8
+    `recipe`, x cast once for all of them)."""
 
     def work() -> None:
+        flat_x = x.reshape(-1, x.shape[-1])
+        x_fp8 = None if recipe is None else float8.operand(flat_x, float8.E4M3, recipe, "b")
         targets, values = [], []
         for g, weight, bias in zip(grads, params[0::2], params[1::2], strict=True):
             if g is not None:
                 targets += [weight] if bias is None else [weight, bias]
-                values += weight_grads(x, g, bias is not None)
+                values += weight_grads(flat_x, g, bias is not None, recipe, x_fp8)
         accumulate(targets, values)
 
     return work
@@ -311,11 +309,7 @@ class RowParallelLinear(nn.Module):
         self.fp8 = fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/t) -> (b, s, out) or (b, s/t, out)
-        y = (
-            linear(x, self.weight, None, self.weight_grads)
-            if self.fp8 is None
-            else float8.linear(x, self.weight, self.fp8)
-        )
+        y = linear(x, self.weight, None, self.weight_grads, self.fp8)
         y = (
             reduce_scatter_to_sequence(y, self.tp_group)
             if self.sequence_parallel

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from threefold.config import Fp8Recipe
+from threefold.parallel import fp8 as float8
+
 WeightWork = list[Callable[[], None]]
 """The weight-gradient closures one backward queued, run in order by `run`."""
 
@@ -63,51 +66,95 @@ def accumulate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     torch.autograd.backward(params, grads)
 
 
-def weight_grads(x: torch.Tensor, grad: torch.Tensor, has_bias: bool) -> list[torch.Tensor]:
-    """[dW (out, in), db (out,) if has_bias] of y = x W^T + b, from x (..., in) and dY (..., out)."""
+def weight_grads(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    has_bias: bool,
+    recipe: Fp8Recipe | None = None,
+    x_fp8: float8.Operand | None = None,
+) -> list[torch.Tensor]:
+    """[dW (out, in), db (out,) if has_bias] of y = x W^T + b, from x (..., in) and dY (..., out). With an
+    fp8 `recipe`, dW is the float8 GEMM (threefold.parallel.fp8), reusing `x_fp8` (x cast as its right
+    operand) when given."""
     flat_grad = grad.reshape(-1, grad.shape[-1])
-    grads = [flat_grad.t().mm(x.reshape(-1, x.shape[-1]))]
+    flat_x = x.reshape(-1, x.shape[-1])
+    if recipe is None:
+        grads = [flat_grad.t().mm(flat_x)]
+    else:
+        if x_fp8 is None:
+            x_fp8 = float8.operand(flat_x, float8.E4M3, recipe, "b")
+        grads = [float8.grad_weight_gemm(flat_grad, x_fp8, recipe)]
     if has_bias:
         grads.append(flat_grad.sum(0))
     return grads
 
 
 class _Linear(torch.autograd.Function):
-    """y = x W^T + b whose backward defers dW (and db) while its queue captures."""
+    """y = x W^T + b whose backward defers dW (and db) while its queue captures; with an fp8 `recipe`,
+    x (M, K) 2-D and all three GEMMs in float8, as threefold.parallel.fp8's linear."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, queue: WeightGradQueue
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        queue: WeightGradQueue,
+        recipe: Fp8Recipe | None,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.params = [weight] if bias is None else [weight, bias]
-        ctx.queue = queue
-        return F.linear(x, weight, bias)
+        ctx.queue, ctx.recipe = queue, recipe
+        if recipe is None:
+            return F.linear(x, weight, bias)
+        y = float8.forward_gemm(float8.operand(x, float8.E4M3, recipe, "a"), weight, recipe, x.dtype)
+        return y if bias is None else y + bias
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         x, weight = ctx.saved_tensors
-        grad_input = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        recipe = ctx.recipe
+        grad_input = None
+        if ctx.needs_input_grad[0] and recipe is None:
+            grad_input = grad.matmul(weight)
+        elif ctx.needs_input_grad[0]:
+            grad_input = float8.grad_input_gemm(grad, weight, recipe)
         has_bias = len(ctx.params) == 2
         if not ctx.queue.capturing:
-            grads = weight_grads(x, grad, has_bias)
-            return grad_input, grads[0], grads[1] if has_bias else None, None
+            grads = weight_grads(x, grad, has_bias, recipe)
+            return grad_input, grads[0], grads[1] if has_bias else None, None, None
         params = ctx.params
-        ctx.queue.defer(lambda: accumulate(params, weight_grads(x, grad, has_bias)))
-        return grad_input, None, None, None
+        ctx.queue.defer(lambda: accumulate(params, weight_grads(x, grad, has_bias, recipe)))
+        return grad_input, None, None, None, None
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, queue: WeightGradQueue | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    queue: WeightGradQueue | None,
+    recipe: Fp8Recipe | None = None,
 ) -> torch.Tensor:
-    """F.linear, with its weight gradient deferred while `queue` captures (plain F.linear without one)."""
+    """F.linear (its GEMMs in float8 under an fp8 `recipe`), with its weight gradient deferred while
+    `queue` captures (computed in the one backward without a queue)."""
     if queue is None:
-        return F.linear(x, weight, bias)
-    return _deferring_linear(x, weight, bias, queue)
+        if recipe is None:
+            return F.linear(x, weight, bias)
+        y = float8.fp8_linear(x, weight, recipe)
+        return y if bias is None else y + bias
+    return _deferring_linear(x, weight, bias, queue, recipe)
 
 
 @torch.compiler.disable  # the queue is Python state a compiled graph could not replay
 def _deferring_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, queue: WeightGradQueue
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    queue: WeightGradQueue,
+    recipe: Fp8Recipe | None,
 ) -> torch.Tensor:
-    return _Linear.apply(x, weight, bias, queue)
+    if recipe is None:
+        return _Linear.apply(x, weight, bias, queue, None)
+    # 2-D inside the Function, as fp8.fp8_linear: a view of its output would refuse in-place ops after.
+    y = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias, queue, recipe)
+    return y.view(*x.shape[:-1], weight.shape[0])
