@@ -369,7 +369,7 @@ def test_fp8_without_a_gpu_stops_before_the_workers_start(tmp_path, sonnets_data
 @pytest.mark.parametrize(
     "tp,schedule,recipe", [(1, "zb-h1", "tensorwise"), (2, "zb-v", "rowwise")], ids=["tp1-zb-h1", "tp2-zb-v"]
 )
-def test_zero_bubble_schedules_defer_the_float8_weight_gradients(sonnets_dataset, tmp_path, tp, schedule, recipe):
+def test_zero_bubble_defers_the_float8_weight_gradients(sonnets_dataset, tmp_path, tp, schedule, recipe):
     """The zero-bubble schedules' W steps run the float8 weight-gradient GEMMs that B put off (plain linears
     at tp 1; the overlapped column-parallel projections at tp 2): the run equals 1F1B's on the same two
     stages, and the float8 GEMMs did run (it differs from bf16)."""
@@ -389,6 +389,7 @@ def test_zero_bubble_schedules_defer_the_float8_weight_gradients(sonnets_dataset
     assert zero_bubble["weights"].keys() == one_f_one_b["weights"].keys()
     for name, w in one_f_one_b["weights"].items():  # bf16 weights: within one rounding step at their scale
         step = 2.0 ** (torch.floor(torch.log2(w.float().abs().max())).item() - 7)
-        torch.testing.assert_close(zero_bubble["weights"][name].float(), w.float(), rtol=0, atol=step, msg=name)
+        got = zero_bubble["weights"][name].float()
+        torch.testing.assert_close(got, w.float(), rtol=0, atol=step, msg=name)
     gaps = [abs(a / b - 1) for a, b in zip(zero_bubble["losses"], bf16["losses"], strict=True)]
     assert 0 < max(gaps) < 0.02, gaps
