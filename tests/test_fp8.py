@@ -393,3 +393,24 @@ def test_zero_bubble_defers_the_float8_weight_gradients(sonnets_dataset, tmp_pat
         torch.testing.assert_close(got, w.float(), rtol=0, atol=step, msg=name)
     gaps = [abs(a / b - 1) for a, b in zip(zero_bubble["losses"], bf16["losses"], strict=True)]
     assert 0 < max(gaps) < 0.02, gaps
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_float8_with_zero_matches_one_rank(sonnets_dataset, tmp_path, zero):
+    """fp8 under data parallelism with ZeRO (stage 3 gathers each layer's bf16 weights before its float8
+    casts): dp 2 trains as dp 1 does, up to the summation order of the gradient reduction."""
+
+    def run(dp: int, stage: int) -> dict:
+        config = tiny_config(
+            sonnets_dataset, tmp_path / f"dp{dp}-zero{stage}", dp=dp, zero=stage,
+            model=dict(hidden_size=64, ffn_hidden_size=128),
+            training=dict(dtype="bfloat16", device="auto", fp8="tensorwise", max_steps=3),
+        )  # fmt: skip
+        return run_ranks(dp, _train_fp8_on_cpu, config, timeout=120)[0]
+
+    one, two = run(1, 0), run(2, zero)
+    assert two["checked"] == [("cpu", "tensorwise")]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=2e-3, atol=0)
+    for name, w in one["weights"].items():
+        step = 2.0 ** (torch.floor(torch.log2(w.float().abs().max())).item() - 7)  # one bf16 rounding step
+        torch.testing.assert_close(two["weights"][name].float(), w.float(), rtol=0, atol=2 * step, msg=name)
