@@ -109,6 +109,26 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn, dynamic=False, options={"coordinate_descent_tuning": True})
 
 
+def _capture(
+    run: Callable[[], Any], restore: Callable[[], None] | None = None
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(A CUDA graph of one call of `run`, that call's output). `run` is first called three times on a side
+    stream, so compilation and lazy initializations stay out of the capture; `restore` then undoes what
+    those calls changed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    if restore is not None:
+        restore()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 class _GraphedStep:
     """The decode step captured in a CUDA graph at its first call and replayed after: its inputs are
     copied into static buffers, the cache is written in place, the logits come back in a static buffer.
@@ -131,16 +151,8 @@ class _GraphedStep:
         positions: torch.Tensor,
     ) -> torch.Tensor:
         if self.graph is None:
-            self.inputs = (x.clone(), slots.clone(), positions.clone())
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up (lazy initializations) off the capture
-                for _ in range(3):
-                    self.step(model, self.inputs[0], cache, self.inputs[1], self.inputs[2])
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.step(model, self.inputs[0], cache, self.inputs[1], self.inputs[2])
+            inputs = self.inputs = (x.clone(), slots.clone(), positions.clone())
+            self.graph, self.out = _capture(lambda: self.step(model, inputs[0], cache, inputs[1], inputs[2]))
         assert self.inputs is not None and self.out is not None
         for buffer, value in zip(self.inputs, (x, slots, positions), strict=True):
             buffer.copy_(value)
@@ -223,17 +235,12 @@ class _GraphedDecode:
     def __call__(self) -> None:
         if self.graph is None:
             before = [t.clone() for t in self.saved]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up (compilation, lazy initializations) off the capture
-                for _ in range(3):
-                    self.run()
-            torch.cuda.current_stream().wait_stream(stream)
-            for tensor, value in zip(self.saved, before, strict=True):
-                tensor.copy_(value)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.run()
+
+            def restore() -> None:
+                for tensor, value in zip(self.saved, before, strict=True):
+                    tensor.copy_(value)
+
+            self.graph, _ = _capture(self.run, restore)
         self.graph.replay()
 
 
