@@ -414,3 +414,51 @@ def test_float8_with_zero_matches_one_rank(sonnets_dataset, tmp_path, zero):
     for name, w in one["weights"].items():
         step = 2.0 ** (torch.floor(torch.log2(w.float().abs().max())).item() - 7)  # one bf16 rounding step
         torch.testing.assert_close(two["weights"][name].float(), w.float(), rtol=0, atol=2 * step, msg=name)
+
+
+def _train_counting_float8_gathers(rank: int, world_size: int, config) -> dict:
+    """`_train_fp8_on_cpu`, counting the all-gathers that carried float8 bytes."""
+    import threefold.parallel.fp8_gather as fp8_gather
+
+    sent = []
+    plain = fp8_gather.all_gather_flat
+
+    def counting(out, inp, **kw):
+        sent.append(inp.dtype)
+        return plain(out, inp, **kw)
+
+    fp8_gather.all_gather_flat = counting
+    return _train_fp8_on_cpu(rank, world_size, config) | {"float8_gathers": len(sent)}
+
+
+def test_zero3_float8_gather_trains_bit_for_bit_like_the_bf16_gather(sonnets_dataset, tmp_path):
+    """parallel.zero_fp8_gather sends the float8 linears' weights as float8 bytes; the GEMMs cast the same
+    float8 values as from the bf16 gather, so the run is the same to the bit (see parallel/fp8_gather.py)."""
+
+    def run(fp8_gather: bool) -> dict:
+        config = tiny_config(
+            sonnets_dataset, tmp_path / f"gather-{fp8_gather}", dp=2, zero=3,
+            model=dict(hidden_size=64, ffn_hidden_size=128),
+            parallel=dict(zero_fp8_gather=fp8_gather),
+            training=dict(dtype="bfloat16", device="auto", fp8="tensorwise", max_steps=3),
+        )  # fmt: skip
+        return run_ranks(2, _train_counting_float8_gathers, config, timeout=120)[0]
+
+    bf16_gather, float8_gather = run(False), run(True)
+    assert bf16_gather["float8_gathers"] == 0
+    assert float8_gather["float8_gathers"] >= 2 * 2 * 3  # each of 2 layers, forward and backward, 3 steps
+    assert float8_gather["losses"] == bf16_gather["losses"]
+    for name, w in bf16_gather["weights"].items():
+        assert torch.equal(float8_gather["weights"][name], w), name
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(zero=1, fp8="tensorwise"), dict(zero=3, fp8="rowwise"), dict(zero=3, fp8=False)]
+)
+def test_zero_fp8_gather_needs_zero3_and_tensorwise(overrides):
+    from threefold.config import build_config
+
+    raw = {"parallel": {"zero": overrides["zero"], "dp_size": 2, "zero_fp8_gather": True},
+           "training": {"dtype": "bfloat16", "fp8": overrides["fp8"]}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"zero_fp8_gather needs parallel.zero = 3 and training.fp8"):
+        build_config(raw, check_paths=False)

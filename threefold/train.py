@@ -134,6 +134,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
             zero=p.zero,
             solo=[chunk.embed_tokens.weight] if tied_across_stages and hasattr(chunk, "embed_tokens") else [],
             units=[[q for m in unit for q in m.parameters()] for unit in chunk.units()],
+            fp8_gather=p.zero_fp8_gather,
         )
         for c, chunk in chunks.items()
     }

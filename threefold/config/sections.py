@@ -244,6 +244,12 @@ class ParallelConfig(Section):
     2: also keep only 1/dp of the fp32 gradients between backward passes (reduce-scattered every
     micro-batch). 3: also shard the parameters; each layer is all-gathered before its forward and its
     backward and freed after (1.5x the communication of 1 and 2)."""
+    zero_fp8_gather: bool = False
+    """With zero = 3 and training.fp8 = 'tensorwise': all-gather the float8 linears' weights as float8
+    (1 byte per element instead of 2), with the power-of-two scale of each whole tensor. The GEMMs then
+    cast exactly the same float8 values as without, so training is unchanged; only the all-gather's bytes
+    halve. Worth it where the parameter all-gather is exposed (slow links, many data-parallel ranks).
+    Checkpoints and exports still gather the exact weights; samples during training read the rounded ones."""
 
     def check(self) -> None:
         # The schedule's rules (num_model_chunks > 1 needs pp_size > 1, ...) belong to

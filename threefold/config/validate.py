@@ -99,6 +99,12 @@ def check_across_sections(config: Config) -> None:
             f"parallel.pp_size ({p.pp_size}) * parallel.num_model_chunks ({p.num_model_chunks}) "
             f"exceeds model.num_layers ({m.num_layers})"
         )
+    if p.zero_fp8_gather and (p.zero < 3 or t.fp8 != "tensorwise"):
+        raise ValueError(
+            f"parallel.zero_fp8_gather needs parallel.zero = 3 and training.fp8 = 'tensorwise' (got zero = "
+            f"{p.zero}, fp8 = {t.fp8!r}): it all-gathers ZeRO-3's parameter shards as float8 with one scale "
+            "per tensor"
+        )
     if p.zero >= 3 and t.compile:
         # A compiled layer guards on its parameters' storage, which ZeRO-3 frees and refills every use.
         raise ValueError(

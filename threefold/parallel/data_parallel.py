@@ -24,6 +24,7 @@ from torch.distributed import ProcessGroup
 
 from threefold.parallel import track
 from threefold.parallel.comm import all_gather_flat, reduce_scatter_flat
+from threefold.parallel.fp8_gather import Float8Gather, gather_float8
 from threefold.parallel.layers import num_tp_shards, pad_to_multiple, tp_replicas, tp_shard_index
 
 
@@ -75,8 +76,13 @@ class _Bucket:
         """ZeRO-2/3: where the reduction in flight writes (grad_shard, or a scratch tensor added to it)."""
         self.shard_written = False
         """ZeRO-2/3: grad_shard holds part of this step's gradient (later reductions add to it)."""
-        self.gather: dist.Work | None = None
+        self.gather: dist.Work | Float8Gather | None = None
         """The parameter all-gather in flight (ZeRO), waited for before the parameters are used."""
+        self.fp8_gather = False
+        """ZeRO-3 with parallel.zero_fp8_gather: a bucket of float8 linears' weights, gathered as float8."""
+        self.fp8_values = False
+        """The full parameter buffer holds float8-rounded values (a float8 gather's): good for the float8
+        GEMMs, not for reading the weights themselves (`GradSync.materialize` gathers those again)."""
 
 
 def free_storage(t: torch.Tensor) -> None:
@@ -119,6 +125,7 @@ class GradSync:
         zero: int = 0,
         solo: list[nn.Parameter] | None = None,
         units: list[list[nn.Parameter]] | None = None,
+        fp8_gather: bool = False,
     ) -> None:
         self.dp_group = dp_group
         self.dp_size = dist.get_world_size(dp_group)
@@ -137,7 +144,9 @@ class GradSync:
             for unit in units:
                 group = [p for p in unit if id(p) in trainable and id(p) not in seen]
                 seen |= {id(p) for p in group}
-                if group:
+                if fp8_gather:  # the float8 linears' weights in a bucket of their own, gathered as float8
+                    groups += [[p for p in group if not _tensorwise(p)], [p for p in group if _tensorwise(p)]]
+                else:
                     groups.append(group)
             assert trainable <= seen, "every parameter belongs to a unit"
             groups.reverse()  # last layer first, as backward produces them
@@ -157,6 +166,8 @@ class GradSync:
         ordered = [p for g in groups for p in g]
         device = ordered[0].device if ordered else torch.device("cpu")
         self.buckets = [_Bucket(g, device, self.dp_rank, self.dp_size, self.zero) for g in groups if g]
+        for bucket in self.buckets:
+            bucket.fp8_gather = fp8_gather and self.zero >= 3 and all(map(_tensorwise, bucket.params))
         self._bucket_of: dict[nn.Parameter, _Bucket] = {p: b for b in self.buckets for p in b.params}
         self._written: set[nn.Parameter] = set()  # parameters whose main_grad holds this step's gradient
         self._in_flight: list[_Bucket] = []  # ZeRO-2/3: reductions launched, not yet added to grad_shard
@@ -388,15 +399,30 @@ class GradSync:
             h.remove()
 
 
-def gather_bucket(bucket: _Bucket, dp_group: ProcessGroup, *, async_op: bool) -> dist.Work | None:
+def _tensorwise(p: nn.Parameter) -> bool:
+    """A float8 linear's weight under the tensorwise recipe (see threefold.parallel.fp8_gather)."""
+    return getattr(p, "float8_recipe", None) == "tensorwise"
+
+
+def gather_bucket(
+    bucket: _Bucket, dp_group: ProcessGroup, *, async_op: bool, float8: bool = False
+) -> dist.Work | Float8Gather | None:
     """ZeRO-3: refill the bucket's full parameter buffer from every rank's `param_shard` (a no-op when
-    it is already whole); returns the all-gather's handle when `async_op`."""
+    it is already whole); returns the all-gather's handle when `async_op`. `float8`: for the layers'
+    forward and backward, a bucket of float8 linears' weights travels as float8 (parallel.fp8_gather)."""
     assert bucket.param_buffer is not None and bucket.param_shard is not None
+    if bucket.fp8_values and not float8:
+        free_storage(bucket.param_buffer)  # float8-rounded: gather the weights themselves
     if not ensure_storage(bucket.param_buffer):
         return None
+    bucket.fp8_values = False
     if dist.get_world_size(dp_group) == 1:
         bucket.param_buffer.copy_(bucket.param_shard)
         return None
+    if float8 and bucket.fp8_gather:
+        bucket.fp8_values = True
+        assert async_op, "the layers' gathers are asynchronous"
+        return gather_float8(bucket, dp_group)
     with track.collective(dp_group, "all_gather(parameters)"):
         return all_gather_flat(bucket.param_buffer, bucket.param_shard, group=dp_group, async_op=async_op)
 

@@ -62,6 +62,11 @@ def scale_for(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> torch.Ten
     """The power-of-two factor that brings amax(|t|) (over all of t, or over `dim`, kept) within dtype's
     range: 2^floor(log2(fp8_max / amax)), fp32."""
     amax = t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
+    return scale_from_amax(amax, dtype)
+
+
+def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^floor(log2(fp8_max / amax)) elementwise, fp32: the scale `scale_for` gives a tensor of that amax."""
     ratio = FP8_MAX[dtype] / amax.float().clamp(min=AMAX_FLOOR)
     return torch.exp2(torch.floor(torch.log2(ratio)))
 

@@ -152,6 +152,8 @@ class ColumnParallelLinear(nn.Module):
         if bias:
             self.bias = mark_sharded(nn.Parameter(torch.empty(local)), 0, out_features, replicas)
         self.fp8 = fp8
+        if fp8 is not None:
+            self.weight.float8_recipe = fp8  # type: ignore[attr-defined]  # read by ZeRO-3's float8 gather
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) -> (b, s, out/t)
         return linear(x, self.weight, self.bias, self.weight_grads, self.fp8)
@@ -307,6 +309,8 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = mark_sequence_parallel(nn.Parameter(torch.empty(out_features)), sequence_parallel)
         self.fp8 = fp8
+        if fp8 is not None:
+            self.weight.float8_recipe = fp8  # type: ignore[attr-defined]  # read by ZeRO-3's float8 gather
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/t) -> (b, s, out) or (b, s/t, out)
         y = linear(x, self.weight, None, self.weight_grads, self.fp8)

@@ -87,7 +87,7 @@ class ParamGather:
         if 0 <= unit < len(self.unit_buckets):
             for bucket in self.unit_buckets[unit]:
                 if bucket.gather is None:
-                    bucket.gather = gather_bucket(bucket, self.dp_group, async_op=True)
+                    bucket.gather = gather_bucket(bucket, self.dp_group, async_op=True, float8=True)
 
     def _gather(self, unit: int, prefetch: int) -> None:
         self._start(unit)
