@@ -32,9 +32,15 @@ class Float8Gather:
     """A float8 all-gather in flight; `wait` lands it and fills the bucket's parameter buffer."""
 
     def __init__(
-        self, work: dist.Work | None, full: torch.Tensor, bucket: _Bucket, inverse: torch.Tensor
+        self,
+        work: dist.Work | None,
+        wire: torch.Tensor,
+        full: torch.Tensor,
+        bucket: _Bucket,
+        inverse: torch.Tensor,
     ) -> None:
         self.work, self.full, self.bucket, self.inverse = work, full, bucket, inverse
+        self.wire = wire  # this rank's bytes, kept alive until the all-gather has read them
 
     def wait(self) -> bool:
         if self.work is not None:
@@ -76,4 +82,4 @@ def gather_float8(bucket: _Bucket, dp_group: ProcessGroup) -> Float8Gather:
     full = torch.empty(bucket.param_buffer.numel(), dtype=torch.uint8, device=shard.device)
     with track.collective(dp_group, "all_gather(float8 parameters)"):
         work = all_gather_flat(full, wire, group=dp_group, async_op=True)
-    return Float8Gather(work, full, bucket, scale.reciprocal())
+    return Float8Gather(work, wire, full, bucket, scale.reciprocal())
