@@ -416,10 +416,20 @@ def test_float8_with_zero_matches_one_rank(sonnets_dataset, tmp_path, zero):
         torch.testing.assert_close(two["weights"][name].float(), w.float(), rtol=0, atol=2 * step, msg=name)
 
 
-def _train_counting_float8_gathers(rank: int, world_size: int, config) -> dict:
-    """`_train_fp8_on_cpu`, counting the all-gathers that carried float8 bytes."""
+def _train_counting_float8_gathers(rank: int, world_size: int, config, bf16_transport: bool = False) -> dict:
+    """`_train_fp8_on_cpu`, counting the all-gathers that carried float8 bytes; `bf16_transport`: the
+    float8 gather's buckets sent as bf16 instead (the same buckets, so the same gradient-norm sums)."""
+    import threefold.parallel.data_parallel as data_parallel
     import threefold.parallel.fp8_gather as fp8_gather
 
+    if bf16_transport:
+
+        def as_bf16(bucket, dp_group):
+            return data_parallel.all_gather_flat(
+                bucket.param_buffer, bucket.param_shard, group=dp_group, async_op=True
+            )
+
+        data_parallel.gather_float8 = as_bf16
     sent = []
     plain = fp8_gather.all_gather_flat
 
@@ -431,23 +441,30 @@ def _train_counting_float8_gathers(rank: int, world_size: int, config) -> dict:
     return _train_fp8_on_cpu(rank, world_size, config) | {"float8_gathers": len(sent)}
 
 
-def test_zero3_float8_gather_trains_bit_for_bit_like_the_bf16_gather(sonnets_dataset, tmp_path):
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "dp2-tp2", "dp2-pp2"])
+def test_zero3_float8_gather_trains_bit_for_bit_like_the_bf16_gather(sonnets_dataset, tmp_path, tp, pp):
     """parallel.zero_fp8_gather sends the float8 linears' weights as float8 bytes; the GEMMs cast the same
-    float8 values as from the bf16 gather, so the run is the same to the bit (see parallel/fp8_gather.py)."""
+    float8 values as from a bf16 gather of the same buckets, so the run is the same to the bit (see
+    parallel/fp8_gather.py), also with the weights sharded over tp or split over pipeline stages. (Against
+    zero_fp8_gather = false the buckets differ, and with them the order of the gradient-norm sum.)"""
 
-    def run(fp8_gather: bool) -> dict:
+    def run(bf16_transport: bool) -> dict:
+        training = dict(dtype="bfloat16", device="auto", fp8="tensorwise", max_steps=3, global_batch_size=8)
         config = tiny_config(
-            sonnets_dataset, tmp_path / f"gather-{fp8_gather}", dp=2, zero=3,
-            model=dict(hidden_size=64, ffn_hidden_size=128),
-            parallel=dict(zero_fp8_gather=fp8_gather),
-            training=dict(dtype="bfloat16", device="auto", fp8="tensorwise", max_steps=3),
+            sonnets_dataset, tmp_path / f"gather-{bf16_transport}", dp=2, tp=tp, pp=pp, zero=3,
+            model=dict(hidden_size=64, ffn_hidden_size=128, num_layers=4),
+            parallel=dict(zero_fp8_gather=True), training=training,
         )  # fmt: skip
-        return run_ranks(2, _train_counting_float8_gathers, config, timeout=120)[0]
+        out = run_ranks(2 * tp * pp, _train_counting_float8_gathers, config, bf16_transport, timeout=120)
+        gathers = sum(o["float8_gathers"] for o in out)
+        return {"losses": out[0]["losses"], "weights": {k: v for o in out for k, v in o["weights"].items()},
+                "gathers": gathers}  # fmt: skip
 
-    bf16_gather, float8_gather = run(False), run(True)
-    assert bf16_gather["float8_gathers"] == 0
-    assert float8_gather["float8_gathers"] >= 2 * 2 * 3  # each of 2 layers, forward and backward, 3 steps
+    bf16_gather, float8_gather = run(True), run(False)
+    assert bf16_gather["gathers"] == 0
+    assert float8_gather["gathers"] >= 4 * 2 * 3  # each of 4 layers, forward and backward, 3 steps
     assert float8_gather["losses"] == bf16_gather["losses"]
+    assert float8_gather["weights"].keys() == bf16_gather["weights"].keys()
     for name, w in bf16_gather["weights"].items():
         assert torch.equal(float8_gather["weights"][name], w), name
 

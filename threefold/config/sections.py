@@ -247,8 +247,9 @@ class ParallelConfig(Section):
     zero_fp8_gather: bool = False
     """With zero = 3 and training.fp8 = 'tensorwise': all-gather the float8 linears' weights as float8
     (1 byte per element instead of 2), with the power-of-two scale of each whole tensor. The GEMMs then
-    cast exactly the same float8 values as without, so training is unchanged; only the all-gather's bytes
-    halve. Worth it where the parameter all-gather is exposed (slow links, many data-parallel ranks).
+    cast exactly the same float8 values as from a bf16 gather, and the all-gather's bytes halve. Those
+    weights get buckets of their own, which changes the order of the gradient-norm sum (float rounding).
+    Worth it where the parameter all-gather is exposed (slow links, many data-parallel ranks).
     Checkpoints and exports still gather the exact weights; samples during training read the rounded ones."""
 
     def check(self) -> None:
