@@ -198,12 +198,12 @@ class _Chooser:
 
     def __call__(self, logits: torch.Tensor | None) -> None:
         state = self.state
-        b = state.token.shape[0]
-        token = torch.zeros(b, dtype=torch.long, device=state.token.device)
-        logprob = torch.zeros(b, dtype=torch.float32, device=state.token.device)
         if logits is not None:
             token = choose(logits, self.params, self.generator)
             logprob = logits.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
+        else:  # an earlier pipeline stage: the last one's choice arrives in these
+            token = torch.zeros_like(state.token[:, 0])
+            logprob = torch.zeros_like(state.logprobs[:, 0])
         token, logprob = self.stages.share(token), self.stages.share(logprob)
         token = token.masked_fill(state.done, self.pad_id)  # a row that stopped keeps producing padding
         state.tokens.index_copy_(1, state.count, token[:, None])
