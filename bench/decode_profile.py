@@ -27,7 +27,9 @@ from threefold.config import ModelConfig
 from threefold.infer.generate import Decoder, _GraphedStep, generate
 from threefold.infer.load import build_stage
 from threefold.infer.sampling import SamplingParams
+from threefold.infer import step
 from threefold.infer.step import forward_step
+from threefold.model.transformer import Attention
 from threefold.parallel.mesh import build_mesh
 from threefold.presets import MODEL_PRESETS
 
@@ -41,7 +43,7 @@ def kind(name: str) -> str:
     return "other"
 
 
-TUNED = {"coordinate_descent_tuning": True}
+TUNED = {"coordinate_descent_tuning": True, "force_pointwise_cat": True}  # as generate._compile
 VARIANTS = {
     # name: (torch.compile it, matvec projections, inductor options)
     "CUDA graph": (False, False, {}),
@@ -49,10 +51,17 @@ VARIANTS = {
     "compile+graph, matvec": (True, True, {}),
     "compile+graph, matvec, coordinate descent": (True, True, TUNED),
     "compile+graph, matvec, coordinate descent, whole step": (True, True, TUNED),
+    APART: (True, True, TUNED),
 }
 WHOLE = "compile+graph, matvec, coordinate descent, whole step"
+APART = "whole step, q/k/v apart"
+"""The whole step with the query, key and value projections as three reductions (before 2026-12-04)."""
 """The variant `generate` runs; its graph captures the whole greedy step, token choice included. The
 others capture the forward alone (Decoder(whole_step=False)) and choose each token outside the graph."""
+
+
+def qkv_apart(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(step._project(p, x, True) for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # type: ignore[return-value]
 
 
 def variant_step(name: str) -> _GraphedStep:
@@ -108,10 +117,13 @@ def main() -> None:
     prompts = torch.randint(0, cfg.vocab_size, (args.batch, 128)).tolist()
     params = SamplingParams(max_new_tokens=args.new, temperature=0.0)
     reference = None
+    stacked = step._qkv_matvec
     for name in names:
-        decoder = Decoder(cuda_graph=True, compiled=True, whole_step=name == WHOLE)
+        whole = name in (WHOLE, APART)
+        step._qkv_matvec = qkv_apart if name == APART else stacked  # read when the step is traced
+        decoder = Decoder(cuda_graph=True, compiled=True, whole_step=whole)
         decoder.prepare(model, args.batch, 128 + args.new, None)
-        if name != WHOLE:  # the whole step is the Decoder's own (compiled with its options)
+        if not whole:  # the whole step is the Decoder's own (compiled with its options)
             decoder._step = variant_step(name)
         out = generate(model, prompts, params, decoder=decoder)
         reference = reference or out
@@ -128,7 +140,7 @@ def main() -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         loop = sorted(times)[1] / args.new
-        replay = replay_seconds(decoder, name == WHOLE)
+        replay = replay_seconds(decoder, whole)
         print(f"batch {args.batch} {name:55s}: generate {args.batch / loop:8,.0f} tokens/s; replay alone "
               f"{replay * 1e3:.3f} ms ({args.batch / replay:,.0f} tokens/s); tokens equal to the first "
               f"variant's: {same}/{args.batch * args.new}; first-8 logprob drift {drift:.4f}",

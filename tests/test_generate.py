@@ -188,10 +188,31 @@ def _matvec_vs_matmul(rank: int, world: int, hf_cfg: dict, hf_state: dict, tp: i
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("case", ["llama", "gpt2"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "gpt2"])  # qwen2: biases on q, k and v
 def test_matvec_decode_step_matches_the_layers(case, tp):
     hf_cfg, hf_state, _, _ = _reference(case)
     for plain, matvec in run_ranks(tp, _matvec_vs_matmul, hf_cfg, hf_state, tp, timeout=60):
         assert matvec.tokens == plain.tokens
         diff = max(abs(a - b) for a, b in zip(matvec.logprobs[0], plain.logprobs[0], strict=True))
         assert diff < 1e-4, f"{case} tp={tp}: max |logprob(matvec) - logprob(matmul)| = {diff:.3g}"
+
+
+def _compiled_prefill(rank: int, world: int, hf_cfg: dict, hf_state: dict):
+    cfg = model_config_from_hf(hf_cfg)
+    model = build_stage(cfg, build_mesh(1, 1, 1))
+    load_weights(model, from_hf_state_dict(cfg, hf_state).__getitem__)
+    decoder = Decoder(compiled=True)  # on CPU: the prompt's forward compiled, decode steps eager
+    torch._dynamo.utils.counters.clear()
+    batch = generate(model, PROMPTS, GREEDY, decoder=decoder)
+    one = generate(model, PROMPTS[:1], GREEDY, decoder=decoder)  # a prompt of another length
+    return batch, one, sum(torch._dynamo.utils.counters["stats"].values())
+
+
+def test_a_compiled_prefill_matches_transformers_at_two_prompt_lengths():
+    hf_cfg, hf_state, tokens, logprobs = _reference("llama")
+    batch, one, compiled = run_ranks(1, _compiled_prefill, hf_cfg, hf_state, timeout=240)[0]
+    assert compiled > 0, "the prompt's forward was not compiled"
+    assert batch.tokens == tokens
+    assert one.tokens == tokens[:1]
+    diff = max(abs(a - b) for a, b in zip(batch.logprobs[1], logprobs[1], strict=True))
+    assert diff < 1e-4, f"max |logprob - transformers| = {diff:.3g}"

@@ -106,7 +106,10 @@ class _Stages:
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     """torch.compile for a decode step: one static shape; a one-token step (batch 1) computes its
     projections as reductions (forward_step's `matvec`), which coordinate-descent tuning sizes."""
-    return torch.compile(fn, dynamic=False, options={"coordinate_descent_tuning": True})
+    # Forcing a concatenation to be read in place lets the stacked q/k/v weights (step._qkv_matvec)
+    # feed one reduction without a copy; on CPU inductor would copy them otherwise.
+    options = {"coordinate_descent_tuning": True, "force_pointwise_cat": True}
+    return torch.compile(fn, dynamic=False, options=options)
 
 
 def _capture(
@@ -250,7 +253,7 @@ class Decoder:
 
     def __init__(self, *, cuda_graph: bool = False, compiled: bool = False, whole_step: bool = True) -> None:
         """`cuda_graph` (CUDA, one pipeline stage): replay the decode step as a CUDA graph; `compiled`:
-        torch.compile it first; `whole_step`: for greedy decoding capture the whole step, token choice
+        torch.compile it (and the prompt's forward) first; `whole_step`: for greedy decoding capture the whole step, token choice
         included (False: the forward alone, as when sampling)."""
         self.cuda_graph, self.compiled, self.whole_step = cuda_graph, compiled, whole_step
         self._key: tuple[int, ...] | None = None
@@ -259,6 +262,10 @@ class Decoder:
         self._step: Callable[..., torch.Tensor] = forward_step
         self._graphable = False
         self._decode: tuple[tuple[int | None, int], _GraphedDecode] | None = None
+        # The prompt's forward, compiled with symbolic shapes so that prompts of other lengths reuse it.
+        self._prefill: Callable[..., torch.Tensor] = (
+            torch.compile(forward_step, dynamic=True) if compiled else forward_step
+        )
 
     def prepare(
         self, model: Transformer | Chunks, batch_size: int, max_len: int, mesh: Mesh | None
@@ -286,6 +293,10 @@ class Decoder:
         self._graphable = self.cuda_graph and param.device.type == "cuda" and one_stage
         self._step = _GraphedStep(self.compiled) if self._graphable else forward_step
         return self._cache
+
+    def prefill(self) -> Callable[..., torch.Tensor]:
+        """The forward of the prompt (compiled when the Decoder is)."""
+        return self._prefill
 
     def step(self) -> Callable[..., torch.Tensor]:
         """The forward of a decode step (captured in a CUDA graph when graphable)."""
@@ -377,7 +388,7 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(params.seed)
 
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (b, L): each row counts its own tokens
-    logits = stages.run(ids, torch.arange(length, device=device), positions, forward_step)
+    logits = stages.run(ids, torch.arange(length, device=device), positions, decoder.prefill())
     state = decoder.state()
     state.start(length - 1, positions[:, -1:])
     take = _Chooser(state, stages, params, generator, eos_id, pad_id)

@@ -56,6 +56,21 @@ def _project(layer: nn.Module, x: torch.Tensor, matvec: bool) -> torch.Tensor:
     return y + layer.bias if layer.bias is not None else y
 
 
+def _qkv_matvec(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query, key and value projections of x (b, s, h) as one product-and-sum over their stacked
+    weights: compiled, the concatenation becomes the reduction's loads, so the three run as one kernel
+    that reads each weight once, instead of three small ones that each pay a launch and a ramp-up."""
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    weight = torch.cat([p.weight for p in layers])
+    bias = None
+    if any(p.bias is not None for p in layers):
+        bias = torch.cat(
+            [p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in layers]
+        )
+    q, k, v = _matvec(x, weight, bias).split([p.weight.shape[0] for p in layers], dim=-1)
+    return q, k, v
+
+
 def _embed(embedding: VocabParallelEmbedding, ids: torch.Tensor) -> torch.Tensor:
     """Token embeddings (b, s, h), whole on every TP rank, also of a sequence-parallel embedding."""
     if not embedding.sequence_parallel or dist.get_world_size(embedding.tp_group) == 1:
@@ -90,9 +105,13 @@ def _attention(
     b, s, _ = x.shape
     d = attn.head_dim
     heads, kv_heads = attn.num_local_heads, attn.num_local_kv_heads
-    q = _project(attn.q_proj, x, matvec).view(b, s, heads, d).transpose(1, 2)  # (b, a/t, s, d)
-    k = _project(attn.k_proj, x, matvec).view(b, s, kv_heads, d).transpose(1, 2)  # (b, k_, s, d)
-    v = _project(attn.v_proj, x, matvec).view(b, s, kv_heads, d).transpose(1, 2)
+    if matvec:
+        q, k, v = _qkv_matvec(attn, x)
+    else:
+        q, k, v = (_project(p, x, matvec) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q = q.view(b, s, heads, d).transpose(1, 2)  # (b, a/t, s, d)
+    k = k.view(b, s, kv_heads, d).transpose(1, 2)  # (b, k_, s, d)
+    v = v.view(b, s, kv_heads, d).transpose(1, 2)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     cache.write(layer, slots, k, v)
