@@ -7,6 +7,7 @@ moments, and the step count. Checkpoints move these without knowing AdamW's layo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from threefold.adamw import adamw_update
 from threefold.config import OptimizerConfig
 from threefold.offload import HostAdam, host_masters
 from threefold.parallel import track
@@ -147,6 +149,12 @@ class Optimizer:
             if self._host
             else None
         )
+        self._decays = decays
+        device = ranges[0][0].device if ranges else torch.device("cpu")
+        self._lr = torch.zeros((), dtype=torch.float32, device=device)
+        self._one = torch.ones((), dtype=torch.float32, device=device)
+        # Compiled on CUDA, where it pays; eager on CPU, where tests check its arithmetic.
+        self._update = torch.compile(adamw_update, dynamic=False) if on_cuda else adamw_update
         self._adams = [self.adam, *(self.host_adam.adams if self.host_adam else [])]
         self._adam_of = {m: a for a in self._adams for g in a.param_groups for m in g["params"]}
         # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
@@ -272,6 +280,42 @@ class Optimizer:
         scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0) if self.cfg.grad_clip > 0 else None
         dev_masters = [self.masters[i] for i in self._device]
         dev_grads = [self._grads[i] for i in self._device]
+        if self.cfg.fused_update and self._device:
+            self._fused_step(lr, scale, skip)
+        else:
+            self._torch_step(dev_masters, dev_grads, scale, skip)
+        # The host reads the flag: an offloaded update waits for the gradients anyway.
+        if self.host_adam is not None and not bool(skip.cpu()):
+            self.host_adam.step(
+                [self._grads[i] for i in self._host], [self._targets[i] for i in self._host], scale, lr
+            )
+        return norm, lr
+
+    def _fused_step(self, lr: float, scale: torch.Tensor | None, skip: torch.Tensor) -> None:
+        """The device ranges' update and write-back in one pass per range (threefold/adamw.py)."""
+        masters = [self.masters[i] for i in self._device]
+        device = masters[0].device
+        for master in masters:  # torch's AdamW holds the state (checkpoints read it from there)
+            if master not in self.adam.state:
+                zeros = functools.partial(torch.zeros_like, master, memory_format=torch.preserve_format)
+                step = torch.zeros((), dtype=torch.float32, device=device)
+                self.adam.state[master] = {"step": step, "exp_avg": zeros(), "exp_avg_sq": zeros()}
+        states = [self.adam.state[m] for m in masters]
+        weights = [None if self._targets[i] is self.masters[i] else self._targets[i] for i in self._device]
+        self._lr.fill_(lr)
+        self._update(
+            masters, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states], [self._grads[i] for i in self._device], weights,
+            [self._decays[i] for i in self._device],
+            lr=self._lr, scale=self._one if scale is None else scale, skip=skip.to(device),
+            betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps,
+        )  # fmt: skip
+
+    def _torch_step(
+        self, dev_masters: list[torch.Tensor], dev_grads: list[torch.Tensor], scale: torch.Tensor | None,
+        skip: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """torch's AdamW (fused on CUDA) over the device ranges, then the masters copied into the weights."""
         if scale is not None:
             # Scale by min(1, clip / norm) without a host sync; the fused kernel divides by grad_scale
             # as it reads each gradient, which saves a pass over all of them.
@@ -291,12 +335,6 @@ class Optimizer:
         for master in dev_masters:
             master.grad = None
         self._write_back()
-        # The host reads the flag: an offloaded update waits for the gradients anyway.
-        if self.host_adam is not None and not bool(skip.cpu()):
-            self.host_adam.step(
-                [self._grads[i] for i in self._host], [self._targets[i] for i in self._host], scale, lr
-            )
-        return norm, lr
 
     def _write_back(self, *, host: bool = False) -> None:
         """Copy the device masters into the weights they are not (bf16); `host`: the host masters too."""
