@@ -24,10 +24,10 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from threefold.config import ModelConfig
+from threefold.infer import step
 from threefold.infer.generate import Decoder, _GraphedStep, generate
 from threefold.infer.load import build_stage
 from threefold.infer.sampling import SamplingParams
-from threefold.infer import step
 from threefold.infer.step import forward_step
 from threefold.model.transformer import Attention
 from threefold.parallel.mesh import build_mesh
@@ -43,6 +43,11 @@ def kind(name: str) -> str:
     return "other"
 
 
+WHOLE = "compile+graph, matvec, coordinate descent, whole step"
+"""The variant `generate` runs; its graph captures the whole greedy step, token choice included. The
+others capture the forward alone (Decoder(whole_step=False)) and choose each token outside the graph."""
+APART = "whole step, q/k/v apart"
+"""The whole step with the query, key and value projections as three reductions (before 2026-12-04)."""
 TUNED = {"coordinate_descent_tuning": True, "force_pointwise_cat": True}  # as generate._compile
 VARIANTS = {
     # name: (torch.compile it, matvec projections, inductor options)
@@ -53,11 +58,6 @@ VARIANTS = {
     "compile+graph, matvec, coordinate descent, whole step": (True, True, TUNED),
     APART: (True, True, TUNED),
 }
-WHOLE = "compile+graph, matvec, coordinate descent, whole step"
-APART = "whole step, q/k/v apart"
-"""The whole step with the query, key and value projections as three reductions (before 2026-12-04)."""
-"""The variant `generate` runs; its graph captures the whole greedy step, token choice included. The
-others capture the forward alone (Decoder(whole_step=False)) and choose each token outside the graph."""
 
 
 def qkv_apart(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     projections as reductions (forward_step's `matvec`), which coordinate-descent tuning sizes."""
     # Forcing a concatenation to be read in place lets the stacked q/k/v weights (step._qkv_matvec)
     # feed one reduction without a copy; on CPU inductor would copy them otherwise.
-    options = {"coordinate_descent_tuning": True, "force_pointwise_cat": True}
+    options: dict[str, Any] = {"coordinate_descent_tuning": True, "force_pointwise_cat": True}
     return torch.compile(fn, dynamic=False, options=options)
 
 
@@ -253,8 +253,8 @@ class Decoder:
 
     def __init__(self, *, cuda_graph: bool = False, compiled: bool = False, whole_step: bool = True) -> None:
         """`cuda_graph` (CUDA, one pipeline stage): replay the decode step as a CUDA graph; `compiled`:
-        torch.compile it (and the prompt's forward) first; `whole_step`: for greedy decoding capture the whole step, token choice
-        included (False: the forward alone, as when sampling)."""
+        torch.compile it (and the prompt's forward) first; `whole_step`: for greedy decoding capture the
+        whole step, token choice included (False: the forward alone, as when sampling)."""
         self.cuda_graph, self.compiled, self.whole_step = cuda_graph, compiled, whole_step
         self._key: tuple[int, ...] | None = None
         self._cache: KVCache | None = None
