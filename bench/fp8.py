@@ -36,13 +36,19 @@ RUNS = [(8, False, 5, 45), (8, "tensorwise", 5, 45), (4, False, 5, 20), (4, "ten
 """(micro-batch, fp8, warm-up steps, timed steps): the micro-batch-8 runs give the 50-step loss curves."""
 
 
+TORCH_ADAMW = "bf16, torch AdamW"
+"""The mode of the --compare-update runs: bf16 with optimizer.fused_update = false (torch's fused AdamW,
+then the copy into the weights), the step as it was before 2026-12-04."""
+
+
 def config_for(micro_batch: int, fp8: Any, steps: int, data: str | None) -> Any:
     raw: dict[str, dict[str, Any]] = {
         "model": {"preset": "llama-1b"},
         "data": {"seq_len": 2048} | ({"path": data} if data else {}),
-        "optimizer": {"warmup_steps": 5},
+        "optimizer": {"warmup_steps": 5, "fused_update": fp8 != TORCH_ADAMW},
         "training": {
-            "dtype": "bfloat16", "device": "cuda", "compile": True, "fp8": fp8, "max_steps": steps,
+            "dtype": "bfloat16", "device": "cuda", "compile": True,
+            "fp8": fp8 if fp8 != TORCH_ADAMW else False, "max_steps": steps,
             "micro_batch_size": micro_batch, "global_batch_size": micro_batch, "eval_interval": 0,
         },
         "logging": {"progress": False, "tensorboard": False, "plot": False},
@@ -54,7 +60,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/shakespeare", help="prepared dataset (else synthetic tokens)")
     parser.add_argument("--budget", type=float, default=160.0, help="start no run after this many seconds")
+    parser.add_argument(
+        "--compare-update",
+        action="store_true",
+        help="also bf16 with torch's AdamW (optimizer.fused_update = false), first",
+    )
     args = parser.parse_args()
+    runs = RUNS
+    if args.compare_update:
+        runs = [(8, TORCH_ADAMW, 5, 45), (4, TORCH_ADAMW, 5, 20), *RUNS]
     start = time.perf_counter()
     data = args.data if (Path(args.data) / "meta.json").is_file() else None
     tokens = "real" if data else "synthetic"
@@ -75,8 +89,8 @@ def main() -> None:
     out = Path(os.environ["OUT"]) / "fp8.jsonl" if os.environ.get("OUT") else None
     records: dict[tuple[int, Any], dict[str, Any]] = {}
     longest = 0.0
-    for micro_batch, fp8, warmup, steps in RUNS:
-        if fp8 and capability < (8, 9):
+    for micro_batch, fp8, warmup, steps in runs:
+        if fp8 and fp8 != TORCH_ADAMW and capability < (8, 9):
             continue
         elapsed = time.perf_counter() - start
         if elapsed + 0.8 * longest > args.budget:
@@ -123,7 +137,7 @@ def report(records: dict[tuple[int, Any], dict[str, Any]], seconds: float) -> No
     if base is not None:
         print("\nloss check, micro-batch 8, same data and seed (step: loss):")
         marks = [0, 9, 19, 29, 39, 49]
-        for fp8 in MODES:
+        for fp8 in [*MODES, TORCH_ADAMW]:
             r = records.get((8, fp8))
             if r is None:
                 continue

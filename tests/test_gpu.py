@@ -54,13 +54,15 @@ def _assert_near(got: torch.Tensor | None, want: torch.Tensor | None, tol: float
 # --- Fused AdamW: a non-finite step is skipped on the device, like the CPU's host-side skip -----------
 
 
-def _optimizer(device: str, dtype: torch.dtype, mesh: Mesh) -> tuple[Optimizer, list[nn.Parameter]]:
+def _optimizer(
+    device: str, dtype: torch.dtype, mesh: Mesh, fused_update: bool = False
+) -> tuple[Optimizer, list[nn.Parameter]]:
     generator = torch.Generator().manual_seed(0)
     shapes = [(64, 32), (64,)]  # a weight (decayed) and a bias (not decayed)
     params = [nn.Parameter(torch.randn(s, generator=generator).to(device, dtype)) for s in shapes]
     for p in params:
         p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=device)  # type: ignore[attr-defined]
-    cfg = OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, grad_clip=1.0)
+    cfg = OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, grad_clip=1.0, fused_update=fused_update)
     return Optimizer([(p, 0, p.numel()) for p in params], cfg, mesh=mesh, max_steps=10), params
 
 
@@ -84,9 +86,12 @@ def _state(opt: Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor
     return out
 
 
+@pytest.mark.parametrize("update", ["compiled", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_adamw_skips_non_finite_steps_like_the_cpu_path(mesh, dtype):
-    fused, gpu_params = _optimizer("cuda", dtype, mesh)
+def test_fused_adamw_skips_non_finite_steps_like_the_cpu_path(mesh, dtype, update):
+    """The GPU's update (threefold/adamw.py compiled, or torch's fused AdamW) against torch's foreach
+    AdamW on the CPU, and its device-side skip against the CPU's host-side one."""
+    fused, gpu_params = _optimizer("cuda", dtype, mesh, fused_update=update == "compiled")
     plain, cpu_params = _optimizer("cpu", dtype, mesh)
     assert fused.fused and not plain.fused
 

@@ -95,6 +95,9 @@ def test_offloaded_optimizer_gives_the_same_weights(config, monkeypatch, layout,
 
     monkeypatch.setattr(threefold.offload, "PART_NUMEL", 5000)  # the forked ranks inherit it
     base = config("llama", *layout)
+    # The host's part runs torch's AdamW: so does the device's here (fused_update's arithmetic differs
+    # in rounding; tests/test_optim.py compares the two).
+    base = replace(base, optimizer=replace(base.optimizer, fused_update=False))
     plain = run_ranks(base.world_size, _train_and_merge, base)
     cfg = replace(base.optimizer, offload=True, offload_fraction=fraction)
     offloaded = run_ranks(base.world_size, _train_and_merge, replace(base, optimizer=cfg))
