@@ -78,7 +78,7 @@ def main() -> None:
                 times.append(start.elapsed_time(end) / 1e3)
         seconds = statistics.median(times)
         moved = numel * (4 + (30 if fused else 28 + 6))
-        name = "one pass (fused_update)" if fused else "torch fused AdamW + copy"
+        name = "one pass (Triton kernel)" if fused else "torch fused AdamW + copy"
         rate = moved / seconds
         print(f"{name:26s} {seconds * 1e3:7.2f} ms/step; at least {moved / 1e9:5.1f} GB moved: "
               f"{rate / 1e12:.2f} TB/s ({rate / bandwidth:.0%} of the copy's)", flush=True)  # fmt: skip

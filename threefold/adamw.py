@@ -1,20 +1,21 @@
 """AdamW's update of fp32 masters, with the copy into the bf16 weights in the same pass.
 
 torch's fused AdamW updates the masters and moments in one multi-tensor kernel, and a second pass then
-copies every master into its bf16 weight. Written element-wise, per tensor, and compiled, the update
-becomes one kernel per parameter that reads the gradient, the master and both moments once and writes
-the master, the moments and the bf16 weight: 30 bytes per element instead of 28 + 6 in two kernels, and
-inductor's element-wise kernels run closer to the memory's speed than the multi-tensor one
-(docs/benchmarks.md has the measurement).
+copies every master into its bf16 weight. Here one kernel per parameter reads the gradient, the master
+and both moments once and writes the master, the moments and the bf16 weight: 30 bytes per element
+instead of 28 + 6 in two kernels (docs/benchmarks.md has the measurement). On CUDA it is a Triton kernel
+(threefold/_adamw_kernel.py); `adamw_update` writes the same arithmetic with torch operations, for the CPU
+and for tensors that are not contiguous.
 
 The arithmetic is AdamW's as torch writes it (decoupled decay, bias corrections from the step count,
 `eps` added after the square root), in fp32. Clipping divides each gradient by `scale` as it is read;
 `skip` (a device bool) leaves everything, the step counts included, as it was, so the caller never reads a
-value back to the host. The learning rate is a device tensor too, so a new value compiles nothing.
+value back to the host. The learning rate is a device tensor too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -58,3 +59,44 @@ def adamw_update(
         step.copy_(count)
         if weight is not None:
             weight.copy_(master)
+
+
+def triton_adamw_update(
+    masters: Sequence[torch.Tensor],
+    avgs: Sequence[torch.Tensor],
+    squares: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor | None],
+    decays: Sequence[float],
+    *,
+    lr: torch.Tensor,
+    scale: torch.Tensor,
+    skip: torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+) -> None:
+    """`adamw_update` as one Triton kernel per tensor (CUDA; contiguous tensors). The kernel compiles
+    once, in about a second; torch.compile of the whole list took minutes for a 1B model."""
+    from threefold._adamw_kernel import adamw_kernel  # imports triton: only where it runs
+
+    beta1, beta2 = betas
+    keep = skip.logical_not().float()
+    for master, avg, square, step, grad, weight, decay in zip(
+        masters, avgs, squares, steps, grads, weights, decays, strict=True
+    ):
+        n = master.numel()
+        adamw_kernel[(triton_blocks(n),)](
+            master, avg, square, grad, master if weight is None else weight, n, step, lr, scale, keep,
+            decay, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
+            HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=8,
+        )  # fmt: skip
+    torch._foreach_add_(list(steps), keep)
+
+
+BLOCK = 2048
+"""Elements per Triton program: 8 per thread of 8 warps, in 16-byte loads."""
+
+
+def triton_blocks(n: int) -> int:
+    return (n + BLOCK - 1) // BLOCK

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from threefold.adamw import adamw_update
+from threefold.adamw import adamw_update, triton_adamw_update
 from threefold.config import OptimizerConfig
 from threefold.offload import HostAdam, host_masters
 from threefold.parallel import track
@@ -153,8 +153,9 @@ class Optimizer:
         device = ranges[0][0].device if ranges else torch.device("cpu")
         self._lr = torch.zeros((), dtype=torch.float32, device=device)
         self._one = torch.ones((), dtype=torch.float32, device=device)
-        # Compiled on CUDA, where it pays; eager on CPU, where tests check its arithmetic.
-        self._update = torch.compile(adamw_update, dynamic=False) if on_cuda else adamw_update
+        # One Triton kernel per range on CUDA; torch operations on the CPU (and for strided ranges).
+        dense = all(t.is_contiguous() for t in (*self._targets, *self._grads, *self.masters))
+        self._update = triton_adamw_update if on_cuda and dense else adamw_update
         self._adams = [self.adam, *(self.host_adam.adams if self.host_adam else [])]
         self._adam_of = {m: a for a in self._adams for g in a.param_groups for m in g["params"]}
         # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
