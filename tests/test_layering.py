@@ -16,7 +16,7 @@ ABOVE_NUMERICS = (
     "threefold.reliability", "threefold.plan", "threefold.infer", "threefold.cli", "threefold.train",
     "threefold.checkpoint", "threefold.launch", "threefold.bench", "threefold.report", "threefold.monitor",
 )  # fmt: skip
-SPINE = ("metrics.py", "optim.py")
+SPINE = ("metrics.py", "optim.py", "adamw.py", "_adamw_kernel.py")
 ABOVE_SPINE = ("threefold.reliability", "threefold.plan")
 
 
