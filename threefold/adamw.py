@@ -20,6 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
+BLOCK = 2048
+"""Elements per Triton program: 8 per thread of 8 warps, in 16-byte loads."""
+
 
 def adamw_update(
     masters: Sequence[torch.Tensor],
@@ -35,17 +38,31 @@ def adamw_update(
     skip: torch.Tensor,
     betas: tuple[float, float],
     eps: float,
+    triton: bool = False,
 ) -> None:
     """One AdamW step, in place, of each fp32 master with its first and second moments (`avgs`,
     `squares`), 0-dim fp32 step count and gradient; then the master into its weight (None: the master is
     the weight). `decays` are per tensor; `lr`, `scale` (the gradients are divided by it) and `skip` are
-    0-dim device tensors."""
+    0-dim device tensors. `triton`: one Triton kernel per tensor (CUDA, contiguous tensors; it compiles
+    once, in about a second, where torch.compile of a 1B model's list took minutes); else torch operations."""
     beta1, beta2 = betas
-    keep = skip.logical_not()
-    for master, avg, square, step, grad, weight, decay in zip(
-        masters, avgs, squares, steps, grads, weights, decays, strict=True
-    ):
-        count = step + keep.float()
+    rows = zip(masters, avgs, squares, steps, grads, weights, decays, strict=True)
+    if triton:
+        from threefold._adamw_kernel import adamw_kernel  # imports triton: only where it runs
+
+        keep = skip.logical_not().float()
+        for master, avg, square, step, grad, weight, decay in rows:
+            n = master.numel()
+            adamw_kernel[((n + BLOCK - 1) // BLOCK,)](
+                master, avg, square, grad, master if weight is None else weight, n, step, lr, scale, keep,
+                decay, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
+                HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=8,
+            )  # fmt: skip
+        torch._foreach_add_(list(steps), keep)
+        return
+    keep_float = skip.logical_not().float()
+    for master, avg, square, step, grad, weight, decay in rows:
+        count = step + keep_float
         g = grad.float() / scale
         new_avg = avg.lerp(g, 1 - beta1)
         new_square = square * beta2 + (1 - beta2) * g * g
@@ -59,44 +76,3 @@ def adamw_update(
         step.copy_(count)
         if weight is not None:
             weight.copy_(master)
-
-
-def triton_adamw_update(
-    masters: Sequence[torch.Tensor],
-    avgs: Sequence[torch.Tensor],
-    squares: Sequence[torch.Tensor],
-    steps: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor | None],
-    decays: Sequence[float],
-    *,
-    lr: torch.Tensor,
-    scale: torch.Tensor,
-    skip: torch.Tensor,
-    betas: tuple[float, float],
-    eps: float,
-) -> None:
-    """`adamw_update` as one Triton kernel per tensor (CUDA; contiguous tensors). The kernel compiles
-    once, in about a second; torch.compile of the whole list took minutes for a 1B model."""
-    from threefold._adamw_kernel import adamw_kernel  # imports triton: only where it runs
-
-    beta1, beta2 = betas
-    keep = skip.logical_not().float()
-    for master, avg, square, step, grad, weight, decay in zip(
-        masters, avgs, squares, steps, grads, weights, decays, strict=True
-    ):
-        n = master.numel()
-        adamw_kernel[(triton_blocks(n),)](
-            master, avg, square, grad, master if weight is None else weight, n, step, lr, scale, keep,
-            decay, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
-            HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=8,
-        )  # fmt: skip
-    torch._foreach_add_(list(steps), keep)
-
-
-BLOCK = 2048
-"""Elements per Triton program: 8 per thread of 8 warps, in 16-byte loads."""
-
-
-def triton_blocks(n: int) -> int:
-    return (n + BLOCK - 1) // BLOCK

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from threefold.adamw import adamw_update, triton_adamw_update
+from threefold.adamw import adamw_update
 from threefold.config import OptimizerConfig
 from threefold.offload import HostAdam, host_masters
 from threefold.parallel import track
@@ -155,7 +155,7 @@ class Optimizer:
         self._one = torch.ones((), dtype=torch.float32, device=device)
         # One Triton kernel per range on CUDA; torch operations on the CPU (and for strided ranges).
         dense = all(t.is_contiguous() for t in (*self._targets, *self._grads, *self.masters))
-        self._update = triton_adamw_update if on_cuda and dense else adamw_update
+        self._triton = on_cuda and dense
         self._adams = [self.adam, *(self.host_adam.adams if self.host_adam else [])]
         self._adam_of = {m: a for a in self._adams for g in a.param_groups for m in g["params"]}
         # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
@@ -304,12 +304,12 @@ class Optimizer:
         states = [self.adam.state[m] for m in masters]
         weights = [None if self._targets[i] is self.masters[i] else self._targets[i] for i in self._device]
         self._lr.fill_(lr)
-        self._update(
+        adamw_update(
             masters, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states], [self._grads[i] for i in self._device], weights,
             [self._decays[i] for i in self._device],
             lr=self._lr, scale=self._one if scale is None else scale, skip=skip.to(device),
-            betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps,
+            betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps, triton=self._triton,
         )  # fmt: skip
 
     def _torch_step(
