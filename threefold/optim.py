@@ -8,6 +8,7 @@ moments, and the step count. Checkpoints move these without knowing AdamW's layo
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -153,9 +154,10 @@ class Optimizer:
         device = ranges[0][0].device if ranges else torch.device("cpu")
         self._lr = torch.zeros((), dtype=torch.float32, device=device)
         self._one = torch.ones((), dtype=torch.float32, device=device)
-        # One Triton kernel per range on CUDA; torch operations on the CPU (and for strided ranges).
+        # One Triton kernel per range on CUDA; torch operations on the CPU, for strided ranges, or without
+        # Triton.
         dense = all(t.is_contiguous() for t in (*self._targets, *self._grads, *self.masters))
-        self._triton = on_cuda and dense
+        self._triton = on_cuda and dense and importlib.util.find_spec("triton") is not None
         self._adams = [self.adam, *(self.host_adam.adams if self.host_adam else [])]
         self._adam_of = {m: a for a in self._adams for g in a.param_groups for m in g["params"]}
         # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
