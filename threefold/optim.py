@@ -270,8 +270,9 @@ class Optimizer:
 
         The update is skipped (weights, moments and Adam's step count untouched) when the global grad
         norm is not finite or `found_inf` (a device bool, e.g. a non-finite loss) is set. Both are the
-        same on every rank, so all ranks skip together. On CUDA the fused kernel reads the flag on the
-        device (no host sync); on CPU it is read on the host.
+        same on every rank, so all ranks skip together. The one-pass update (`cfg.fused_update`) and
+        torch's fused AdamW on CUDA read the flag on the device (no host sync); torch's AdamW on the CPU
+        reads it on the host.
         """
         norm = self.grad_norm()
         skip = ~torch.isfinite(norm)
@@ -281,12 +282,10 @@ class Optimizer:
         for group in self.adam.param_groups:
             group["lr"] = lr
         scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0) if self.cfg.grad_clip > 0 else None
-        dev_masters = [self.masters[i] for i in self._device]
-        dev_grads = [self._grads[i] for i in self._device]
         if self.cfg.fused_update and self._device:
             self._fused_step(lr, scale, skip)
         else:
-            self._torch_step(dev_masters, dev_grads, scale, skip)
+            self._torch_step(scale, skip)
         # The host reads the flag: an offloaded update waits for the gradients anyway.
         if self.host_adam is not None and not bool(skip.cpu()):
             self.host_adam.step(
@@ -314,11 +313,10 @@ class Optimizer:
             betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps, triton=self._triton,
         )  # fmt: skip
 
-    def _torch_step(
-        self, dev_masters: list[torch.Tensor], dev_grads: list[torch.Tensor], scale: torch.Tensor | None,
-        skip: torch.Tensor,
-    ) -> None:  # fmt: skip
+    def _torch_step(self, scale: torch.Tensor | None, skip: torch.Tensor) -> None:
         """torch's AdamW (fused on CUDA) over the device ranges, then the masters copied into the weights."""
+        dev_masters = [self.masters[i] for i in self._device]
+        dev_grads = [self._grads[i] for i in self._device]
         if scale is not None:
             # Scale by min(1, clip / norm) without a host sync; the fused kernel divides by grad_scale
             # as it reads each gradient, which saves a pass over all of them.
