@@ -675,3 +675,45 @@ def test_time_model_charges_the_ends_to_their_stages():
 
     assert [b - a for a, b in layer_ranges(w, ends.parallel)][-1] == 2
     assert rank_parameters(w, ends, 7) < rank_parameters(w, even, 7)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "measured"),
+    [
+        ("tensorwise", {8: 73_926 / 64_472, 4: 68_062 / 60_329}),
+        ("rowwise", {8: 69_121 / 64_472, 4: 61_007 / 60_329}),
+    ],
+)
+def test_fp8_predictions_follow_the_measured_speedups(recipe, measured):
+    """The float8 term against what one H200 measured (docs/benchmarks.md, 2026-12-04: llama-1b, seq 2048,
+    compiled, micro-batch 8 and 4): the predicted fp8/bf16 ratio within 3%, and only the layers' GEMMs
+    change (the output layer stays bf16)."""
+    from threefold.plan.time_model import Kernels, head_pass, layer_pass
+
+    hw = load_hardware("h200")
+    model = ModelConfig(**MODEL_PRESETS["llama-1b"])
+    for batch, ratio in measured.items():
+        w, lay = Workload(model=model, seq_len=2048, global_batch_size=batch), Layout(micro_batch_size=batch)
+        bf16, fp8 = Kernels(compiled=True), Kernels(compiled=True, fp8=recipe)
+        times = [estimate_layout_time(w, lay, hw, gpus_per_node=1, kernels=k).step for k in (bf16, fp8)]
+        predicted = times[0] / times[1]
+        assert abs(predicted / ratio - 1) < 0.03, (
+            f"{recipe} mb {batch}: predicted {predicted:.3f}x, measured {ratio:.3f}x"
+        )
+        plain, fast = (layer_pass(w, lay, hw, intra_tp=True, kernels=k).terms for k in (bf16, fp8))
+        assert fast["gemm"] < plain["gemm"] and fast["elementwise"] == plain["elementwise"]
+        assert head_pass(w, lay, hw, intra_tp=True).terms["gemm"] > 0  # no kernels argument: bf16 always
+    with pytest.raises(ValueError, match="kernels.fp8 must be one of"):
+        Kernels(fp8="e4m3")
+
+
+def test_plan_cli_takes_fp8():
+    args = ["plan", "--model", "llama-1b", "--gpus", "1", "--gpu", "h200", "--global-batch", "8", "--seq",
+            "2048", "--micro-batch-size", "8", "--compiled", "--no-zero", "--json", "--top", "1"]  # fmt: skip
+    speeds = []
+    for extra in ([], ["--fp8", "tensorwise"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main([*args, *extra]) == 0
+        speeds.append(json.loads(out.getvalue())[0]["tokens_per_s_per_gpu"])
+    assert speeds[1] > 1.1 * speeds[0]

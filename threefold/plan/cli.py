@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compiled", action="store_true", help="predict for torch.compile (fused element-wise)")
     p.add_argument(
+        "--fp8", choices=["tensorwise", "rowwise"], help="predict for float8 linears (training.fp8)"
+    )
+    p.add_argument(
         "--out", default="hardware.json", metavar="FILE.json", help="where --calibrate writes its preset"
     )
 
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     w = _workload(args)
     hw = load_hardware(args.gpu)
     gpus_per_node = args.gpus_per_node or args.gpus
-    kernels = Kernels(compiled=args.compiled)
+    kernels = Kernels(compiled=args.compiled, fp8=args.fp8)
     result = run_plan(
         w, hw, num_gpus=args.gpus, gpus_per_node=gpus_per_node, fixed=_fixed(args), margin=args.memory_margin,
         allow_zero=not args.no_zero, kernels=kernels,

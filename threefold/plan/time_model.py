@@ -119,6 +119,15 @@ DROPOUT_BYTES_PER_H = 6.0
 """Hidden-state dropout (two per layer, fused with the bias and the residual add): the mask and the bias."""
 
 
+FP8_GEMM_SPEEDUP = {"tensorwise": 1.34, "rowwise": 1.09}
+"""How much faster a layer's GEMMs run with float8 linears, their casts and scales included: what makes
+this model's step match threefold's measured fp8/bf16 ratios on one H200 (`python bench/fp8.py
+--compare-update`, 2026-12-04, llama-1b, seq 2048, compiled; docs/benchmarks.md). Tensorwise fits micro-
+batch 8 and 4 with 1.35 and 1.33; rowwise ranges from 1.16 (micro-batch 8) to 1.03 (4), so its figure is
+the middle, about +-3% of the step. Measured on 2048-wide GEMMs: larger models' GEMMs gain more, so
+for them this is a floor."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Kernels:
     """The software a step runs, where it changes the time (the hardware is `Hardware`'s business).
@@ -137,10 +146,17 @@ class Kernels:
     """The data-parallel gradient collective starts during the last backward (bucketed), and ZeRO's
     parameter all-gather runs behind the next forward (threefold, FSDP); False: both wait for the whole
     backward and the optimizer (Megatron-LM 2021)."""
+    fp8: str | None = None
+    """Float8 linears (training.fp8: 'tensorwise' or 'rowwise'): the layers' GEMMs take
+    1 / FP8_GEMM_SPEEDUP of their bf16 time, casts included; the output layer stays bf16."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("flash", "materialized"):
             raise ValueError(f"kernels.attention must be 'flash' or 'materialized', got {self.attention!r}")
+        if self.fp8 is not None and self.fp8 not in FP8_GEMM_SPEEDUP:
+            raise ValueError(
+                f"kernels.fp8 must be one of {sorted(FP8_GEMM_SPEEDUP)} or None, got {self.fp8!r}"
+            )
 
 
 EAGER = Kernels()
@@ -275,6 +291,8 @@ def layer_pass(
     shapes = [(n, h, hq // t), (n, h, hkv_local), (n, h, hkv_local), (n, hq // t, h), (n, f // t, h)]
     shapes += [(n, h, f // t)] * (2 if m.arch == "llama" else 1)
     gemm = _gemms(hw, shapes)
+    if kernels.fp8 is not None:
+        gemm /= FP8_GEMM_SPEEDUP[kernels.fp8]
     # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
     core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
     core_f, core_b = core_f / c, core_b / c
@@ -524,9 +542,12 @@ def estimate_step_time(
     config: Config, hardware: Hardware, *, gpus_per_node: int | None = None, kernels: Kernels | None = None
 ) -> StepTime:
     """Predicted step time of `config`'s layout on `hardware` (gpus_per_node: default all in one node;
-    kernels: default threefold's, compiled when config.training.compile is on)."""
+    kernels: default threefold's, compiled and float8 as config.training says)."""
     workload, layout = from_config(config)
-    kernels = kernels or Kernels(compiled=bool(getattr(config.training, "compile", False)))
+    t = config.training
+    kernels = kernels or Kernels(
+        compiled=bool(getattr(t, "compile", False)), fp8=getattr(t, "fp8", None) or None
+    )
     return estimate_layout_time(
         workload, layout, hardware, gpus_per_node=gpus_per_node or layout.num_gpus, kernels=kernels
     )
