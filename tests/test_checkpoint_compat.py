@@ -29,8 +29,7 @@ def _config(tp: int, dp: int, zero: bool):
                       num_kv_heads=2, ffn_hidden_size=32, max_seq_len=16),
         "parallel": dict(tp_size=tp, dp_size=dp, zero=zero),
         "data": dict(path="unused", seq_len=8),
-        # torch's AdamW, as in the code that wrote the assets: the next step is compared bit for bit.
-        "optimizer": dict(lr=1e-2, warmup_steps=1, fused_update=False),
+        "optimizer": dict(lr=1e-2, warmup_steps=1),
         "training": dict(max_steps=4, global_batch_size=4, micro_batch_size=1, eval_interval=0, seed=3),
         "logging": dict(progress=False, tensorboard=False, plot=False),
     }, check_paths=False)  # fmt: skip

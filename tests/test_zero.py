@@ -95,9 +95,6 @@ def test_offloaded_optimizer_gives_the_same_weights(config, monkeypatch, layout,
 
     monkeypatch.setattr(threefold.offload, "PART_NUMEL", 5000)  # the forked ranks inherit it
     base = config("llama", *layout)
-    # The host's part runs torch's AdamW: so does the device's here (fused_update's arithmetic differs
-    # in rounding; tests/test_optim.py compares the two).
-    base = replace(base, optimizer=replace(base.optimizer, fused_update=False))
     plain = run_ranks(base.world_size, _train_and_merge, base)
     cfg = replace(base.optimizer, offload=True, offload_fraction=fraction)
     offloaded = run_ranks(base.world_size, _train_and_merge, replace(base, optimizer=cfg))
@@ -223,7 +220,6 @@ def test_auto_offload_trains_like_no_offload(config, monkeypatch, capfd):
 
     monkeypatch.setattr(threefold.offload, "PART_NUMEL", 5000)
     base = config("llama", 1, 1, 2, 1)
-    base = replace(base, optimizer=replace(base.optimizer, fused_update=False))  # as the host's part
     auto = replace(base, optimizer=replace(base.optimizer, offload=True, offload_fraction="auto"))
 
     def total(share: float) -> float:

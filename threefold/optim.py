@@ -154,10 +154,11 @@ class Optimizer:
         device = ranges[0][0].device if ranges else torch.device("cpu")
         self._lr = torch.zeros((), dtype=torch.float32, device=device)
         self._one = torch.ones((), dtype=torch.float32, device=device)
-        # One Triton kernel per range on CUDA; torch operations on the CPU, for strided ranges, or without
-        # Triton.
+        # The one-pass update is a Triton kernel: on CUDA, for contiguous ranges, with Triton installed;
+        # elsewhere torch's AdamW, which is faster on the CPU than the same update in torch operations.
         dense = all(t.is_contiguous() for t in (*self._targets, *self._grads, *self.masters))
-        self._triton = on_cuda and dense and importlib.util.find_spec("triton") is not None
+        triton = importlib.util.find_spec("triton") is not None
+        self._one_pass = bool(cfg.fused_update and self._device and on_cuda and dense and triton)
         self._adams = [self.adam, *(self.host_adam.adams if self.host_adam else [])]
         self._adam_of = {m: a for a in self._adams for g in a.param_groups for m in g["params"]}
         # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
@@ -270,9 +271,8 @@ class Optimizer:
 
         The update is skipped (weights, moments and Adam's step count untouched) when the global grad
         norm is not finite or `found_inf` (a device bool, e.g. a non-finite loss) is set. Both are the
-        same on every rank, so all ranks skip together. The one-pass update (`cfg.fused_update`) and
-        torch's fused AdamW on CUDA read the flag on the device (no host sync); torch's AdamW on the CPU
-        reads it on the host.
+        same on every rank, so all ranks skip together. On CUDA the update (the one-pass kernel or torch's
+        fused AdamW) reads the flag on the device (no host sync); on CPU it is read on the host.
         """
         norm = self.grad_norm()
         skip = ~torch.isfinite(norm)
@@ -282,7 +282,7 @@ class Optimizer:
         for group in self.adam.param_groups:
             group["lr"] = lr
         scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0) if self.cfg.grad_clip > 0 else None
-        if self.cfg.fused_update and self._device:
+        if self._one_pass:
             self._fused_step(lr, scale, skip)
         else:
             self._torch_step(scale, skip)
@@ -310,7 +310,7 @@ class Optimizer:
             [s["step"] for s in states], [self._grads[i] for i in self._device], weights,
             [self._decays[i] for i in self._device],
             lr=self._lr, scale=self._one if scale is None else scale, skip=skip.to(device),
-            betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps, triton=self._triton,
+            betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps,
         )  # fmt: skip
 
     def _torch_step(self, scale: torch.Tensor | None, skip: torch.Tensor) -> None:

@@ -383,8 +383,8 @@ class OptimizerConfig(Section):
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     fused_update: bool = True
-    """AdamW's update and the copy of each master into its bf16 weight as one element-wise pass per
-    parameter (a Triton kernel on CUDA); false: torch's AdamW (fused on CUDA), then the copy."""
+    """On CUDA (with Triton): AdamW's update and the copy of each master into its bf16 weight as one
+    Triton kernel per parameter. False, or on the CPU: torch's AdamW (fused on CUDA), then the copy."""
     offload: bool = False
     """Keep the fp32 master weights and Adam moments in (pinned) host memory and run AdamW on the CPU,
     the gradients streamed down and the weights streamed back: 12 bytes per parameter this rank updates
