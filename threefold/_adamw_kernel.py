@@ -1,4 +1,4 @@
-"""The Triton kernel of threefold/adamw.py's `triton_adamw_update` (imported only where Triton runs)."""
+"""The Triton kernel of threefold/adamw.py's `adamw_update` (imported only where Triton runs)."""
 
 import triton
 import triton.language as tl

@@ -150,7 +150,12 @@ class Optimizer:
             if self._host
             else None
         )
-        self._decays = decays
+        # What the one-pass update reads besides the state: each device range's decay and bf16 weight
+        # (None where the master is the weight).
+        self._device_decays = [decays[i] for i in self._device]
+        self._device_weights = [
+            None if self._targets[i] is self.masters[i] else self._targets[i] for i in self._device
+        ]
         device = ranges[0][0].device if ranges else torch.device("cpu")
         self._lr = torch.zeros((), dtype=torch.float32, device=device)
         self._one = torch.ones((), dtype=torch.float32, device=device)
@@ -303,12 +308,11 @@ class Optimizer:
                 step = torch.zeros((), dtype=torch.float32, device=device)
                 self.adam.state[master] = {"step": step, "exp_avg": zeros(), "exp_avg_sq": zeros()}
         states = [self.adam.state[m] for m in masters]
-        weights = [None if self._targets[i] is self.masters[i] else self._targets[i] for i in self._device]
         self._lr.fill_(lr)
         adamw_update(
             masters, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], [self._grads[i] for i in self._device], weights,
-            [self._decays[i] for i in self._device],
+            [s["step"] for s in states], [self._grads[i] for i in self._device], self._device_weights,
+            self._device_decays,
             lr=self._lr, scale=self._one if scale is None else scale, skip=skip.to(device),
             betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps,
         )  # fmt: skip

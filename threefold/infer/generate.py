@@ -313,7 +313,7 @@ class Decoder:
         cache, state = self._cache, self.state()
         assert cache is not None
         whole = self.whole_step and take.params.temperature == 0
-        if not (self._graphable and whole and isinstance(self._step, _GraphedStep)):
+        if not (self._graphable and whole):
             return functools.partial(_decode, state, cache, stages, take, self._step)
         key = (take.eos_id, take.pad_id)
         if self._decode is None or self._decode[0] != key:

@@ -115,10 +115,10 @@ class _Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         recipe = ctx.recipe
         grad_input = None
-        if ctx.needs_input_grad[0] and recipe is None:
-            grad_input = grad.matmul(weight)
-        elif ctx.needs_input_grad[0]:
-            grad_input = float8.grad_input_gemm(grad, weight, recipe)
+        if ctx.needs_input_grad[0]:
+            grad_input = (
+                grad.matmul(weight) if recipe is None else float8.grad_input_gemm(grad, weight, recipe)
+            )
         has_bias = len(ctx.params) == 2
         if not ctx.queue.capturing:
             grads = weight_grads(x, grad, has_bias, recipe)
