@@ -230,3 +230,65 @@ def test_the_one_pass_kernel_matches_torch_adamw_under_the_interpreter():
         [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
+
+
+WIRED = """
+import os
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing import assert_close
+from threefold.config import OptimizerConfig
+from threefold.optim import Optimizer
+from threefold.parallel.data_parallel import GradSync
+from threefold.parallel.mesh import build_mesh
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+mesh = build_mesh(1, 1, 1)
+runs = []
+for one_pass in (True, False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 300), nn.Tanh(), nn.Linear(300, 4), nn.LayerNorm(4)).to(torch.bfloat16)
+    sync = GradSync(list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=1.0, zero=0)
+    cfg = OptimizerConfig(lr=0.05, warmup_steps=2, weight_decay=0.1, grad_clip=0.5)
+    opt = Optimizer(sync.owned_ranges(), cfg, mesh=mesh, max_steps=10)
+    opt._one_pass = one_pass  # on the CPU only torch's AdamW is chosen; the interpreter runs the kernel
+    runs.append((model, opt))
+for step in range(5):
+    torch.manual_seed(step)
+    grads = [torch.randn(p.shape) for p in runs[0][0].parameters()]
+    for model, opt in runs:
+        for p, g in zip(model.parameters(), grads):
+            p.main_grad.copy_(g)
+        opt.step(step, found_inf=torch.tensor(step == 2))
+(kernel_model, kernel_opt), (torch_model, torch_opt) = runs
+mine, theirs = kernel_opt.state_dict(), torch_opt.state_dict()
+assert mine.step == theirs.step == 4.0, (mine.step, theirs.step)
+for name, piece in theirs.params.items():
+    assert_close(mine.params[name].master, piece.master, rtol=1e-5, atol=1e-6)
+    for key in Optimizer.moment_names:
+        assert_close(mine.params[name].moments[key], piece.moments[key], rtol=1e-5, atol=1e-7)
+for a, b in zip(kernel_model.parameters(), torch_model.parameters()):
+    assert_close(a.float(), b.float(), rtol=2**-7, atol=0)  # bf16 weights, within one step
+dist.destroy_process_group()
+print("same")
+"""
+
+
+def test_the_optimizer_with_its_one_pass_kernel_matches_torch_adamw_under_the_interpreter():
+    """The Optimizer's one-pass path (state made on the first step, the decays, the bf16 weights, the
+    clipping scale, a skipped step) through the kernel under Triton's interpreter, against the same
+    Optimizer on torch's AdamW."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PORT": str(port)}
+    done = subprocess.run([sys.executable, "-c", WIRED], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
