@@ -1,19 +1,23 @@
 """Profile a few training steps of a config on one GPU: where the step time goes, by kernel.
 
 Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps 3] [--warmup 5]
+    [--torch-grad-move] (gradients into main_grad through torch's copy_/add_, as before 2026-12-04)
 Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_size=N ... (rank 0 reports)
 Prints the top CUDA kernels by total time and a summary by kind (GEMM, attention, communication,
 optimizer, element-wise), as a share of the profiled GPU time.
 
-It also prints how busy the GPU is: the union of all kernel intervals per step (from the profile) over the
-step time measured without the profiler. The idle rest is launch gaps and host work the GPU waits on; it
-bounds what CUDA graphs, which remove launch overhead, could save.
+It also prints how long the host takes to queue a step, which kernels the GPU sat idle before (the gaps
+between kernels, charged to the kernel that ends each), and how busy the GPU is: the union of all kernel
+intervals per step (from the profile) over the step time measured without the profiler. The idle rest is
+launch gaps and host work the GPU waits on; it bounds what CUDA graphs, which remove launch overhead, could
+save.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -60,8 +64,28 @@ def kernel_union_us(prof: torch.profiler.profile) -> float:
     return busy
 
 
+def idle_gaps(prof: torch.profiler.profile, top: int = 12) -> list[tuple[str, int, float]]:
+    """Where the GPU waits: each idle gap between kernels (over all streams), charged to the kernel that
+    ends it, as (kernel, gaps, microseconds) for the `top` kernels with the most idle time before them."""
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    waits: dict[str, list[float]] = {}
+    busy_until = None
+    for lo, hi, name in kernels:
+        if busy_until is not None and lo > busy_until:
+            waits.setdefault(name, []).append(lo - busy_until)
+        busy_until = hi if busy_until is None else max(busy_until, hi)
+    ranked = sorted(waits.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return [(name, len(gaps), sum(gaps)) for name, gaps in ranked]
+
+
 def main(argv: list[str]) -> None:
     steps, warmup, overrides = 3, 5, []
+    torch_grad_move = "--torch-grad-move" in argv  # torch's copy_/add_ into main_grad, not the kernel
+    argv = [a for a in argv if a != "--torch-grad-move"]
     i = 0
     while i < len(argv):
         if argv[i] in ("--steps", "--warmup"):
@@ -83,6 +107,8 @@ def main(argv: list[str]) -> None:
     mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
     trainer = build(config, mesh, device)
     data = synthetic_steps(config, mesh, device, 4)
+    for grad_sync in trainer.grad_syncs.values():
+        grad_sync.grad_kernel = grad_sync.grad_kernel and not torch_grad_move
     for s in range(warmup):
         train_step(trainer, data[s % 4], s)
     torch.cuda.synchronize()
@@ -93,6 +119,14 @@ def main(argv: list[str]) -> None:
     end.record()
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / steps
+    # How long the host takes to queue one step (no sync inside a step): near step_ms, the host paces it.
+    torch.cuda.synchronize()
+    host_ms = []
+    for s in range(steps):
+        began = time.perf_counter()
+        train_step(trainer, data[s % 4], warmup + steps + s)
+        host_ms.append((time.perf_counter() - began) * 1e3)
+    torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for s in range(steps):
@@ -110,6 +144,10 @@ def main(argv: list[str]) -> None:
         f"{busy_ms:.1f} ms per step = {busy_ms / step_ms:.1%}; idle {1 - busy_ms / step_ms:.1%} "
         "(the most CUDA graphs could save)"
     )
+    print("host time to queue a step (ms): " + ", ".join(f"{t:.1f}" for t in host_ms))
+    print("\n| idle before kernel | gaps/step | idle ms/step |\n|---|---:|---:|")
+    for name, count, us in idle_gaps(prof):
+        print(f"| {name[:90]} | {count / steps:.0f} | {us / 1e3 / steps:.2f} |")
     by_kind: dict[str, float] = {}
     for e in events:
         by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.device_time_total

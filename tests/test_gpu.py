@@ -125,6 +125,23 @@ def test_fused_adamw_skips_non_finite_steps_like_the_cpu_path(mesh, dtype, updat
     assert fused.state_dict().step == 3.0, "skipped steps do not count"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gradients_move_into_main_grad_through_the_kernel_as_through_torch(dtype):
+    """threefold/parallel/main_grad.py's Triton kernel on the GPU: copy, then add, bit for bit torch's."""
+    from threefold.parallel.main_grad import into_main_grad, kernel_runs_on
+
+    assert kernel_runs_on(torch.device("cuda"))
+    for n in (1, 4097, 3 * 2**20 + 5):
+        first, second = (torch.randn(n, device="cuda").to(dtype) for _ in range(2))
+        mine, theirs = (torch.full((n,), float("nan"), device="cuda") for _ in range(2))
+        into_main_grad(mine, first, add=False, kernel=True)
+        theirs.copy_(first)
+        assert torch.equal(mine, theirs), f"copy of {n}"
+        into_main_grad(mine, second, add=True, kernel=True)
+        theirs.add_(second)
+        assert torch.equal(mine, theirs), f"add of {n}"
+
+
 # --- The compiled loss: torch.compile's fused kernels give the eager chunk's loss and gradients --------
 
 

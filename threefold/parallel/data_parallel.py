@@ -26,6 +26,7 @@ from threefold.parallel import track
 from threefold.parallel.comm import all_gather_flat, reduce_scatter_flat
 from threefold.parallel.fp8_gather import Float8Gather, gather_float8
 from threefold.parallel.layers import num_tp_shards, pad_to_multiple, tp_replicas, tp_shard_index
+from threefold.parallel.main_grad import into_main_grad, kernel_runs_on
 
 
 class _Bucket:
@@ -170,6 +171,7 @@ class GradSync:
             bucket.fp8_gather = fp8_gather and self.zero >= 3 and all(map(_tensorwise, bucket.params))
         self._bucket_of: dict[nn.Parameter, _Bucket] = {p: b for b in self.buckets for p in b.params}
         self._written: set[nn.Parameter] = set()  # parameters whose main_grad holds this step's gradient
+        self.grad_kernel = kernel_runs_on(device)  # move gradients into main_grad with the Triton kernel
         self._in_flight: list[_Bucket] = []  # ZeRO-2/3: reductions launched, not yet added to grad_shard
         self._buckets_of_module: dict[int, list[_Bucket]] = {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in ordered]
@@ -184,10 +186,9 @@ class GradSync:
                 self._complete(bucket)
             if ensure_storage(bucket.buffer):
                 bucket.buffer[bucket.numel :].zero_()  # the padding is reduced too; keep it finite
-        if param in self._written:
-            param.main_grad.add_(param.grad)  # type: ignore[attr-defined]
-        else:
-            param.main_grad.copy_(param.grad)  # type: ignore[attr-defined]
+        written = param in self._written
+        into_main_grad(param.main_grad, param.grad, add=written, kernel=self.grad_kernel)  # type: ignore[attr-defined]
+        if not written:
             self._written.add(param)  # type: ignore[arg-type]
         param.grad = None  # free the compute-dtype gradient right away
         # ZeRO-2/3 reduce every micro-batch: the full gradient must not outlive its backward.
