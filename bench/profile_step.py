@@ -2,6 +2,8 @@
 
 Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps 3] [--warmup 5]
     [--torch-grad-move] (gradients into main_grad through torch's copy_/add_, as before 2026-12-04)
+    [--host] (also: the host's Python functions by own time, under cProfile, and the operators that
+    launched the most GPU time, with their input shapes)
 Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_size=N ... (rank 0 reports)
 Prints the top CUDA kernels by total time and a summary by kind (GEMM, attention, communication,
 optimizer, element-wise), as a share of the profiled GPU time.
@@ -15,9 +17,12 @@ save.
 
 from __future__ import annotations
 
+import cProfile
 import os
+import pstats
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,7 +90,8 @@ def idle_gaps(prof: torch.profiler.profile, top: int = 12) -> list[tuple[str, in
 def main(argv: list[str]) -> None:
     steps, warmup, overrides = 3, 5, []
     torch_grad_move = "--torch-grad-move" in argv  # torch's copy_/add_ into main_grad, not the kernel
-    argv = [a for a in argv if a != "--torch-grad-move"]
+    host = "--host" in argv
+    argv = [a for a in argv if a not in ("--torch-grad-move", "--host")]
     i = 0
     while i < len(argv):
         if argv[i] in ("--steps", "--warmup"):
@@ -158,7 +164,34 @@ def main(argv: list[str]) -> None:
     for e in sorted(events, key=lambda e: -e.device_time_total)[:30]:
         print(f"| {e.key[:90]} | {e.count / steps:.0f} | {e.device_time_total / 1e3 / steps:.2f} | "
               f"{e.device_time_total / total:.1%} |")  # fmt: skip
+    if host:
+        host_report(trainer, data, warmup + 2 * steps, steps)
     dist.destroy_process_group()
+
+
+def host_report(trainer: Any, data: list[Any], first: int, steps: int) -> None:
+    """What the host spends a step on (cProfile, own time) and which operators launched the GPU time
+    (torch's profiler, grouped by input shapes)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for s in range(steps):
+        train_step(trainer, data[s % 4], first + s)
+    torch.cuda.synchronize()
+    profiler.disable()
+    print(f"\nhost functions by own time over {steps} steps:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        for s in range(steps):
+            train_step(trainer, data[s % 4], first + steps + s)
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    print("| operator | input shapes | calls/step | GPU ms/step |\n|---|---|---:|---:|")
+    for e in rows[:40]:
+        shapes = str(e.input_shapes)[:100]
+        gpu_ms = e.self_device_time_total / 1e3 / steps
+        print(f"| {e.key[:60]} | {shapes} | {e.count / steps:.0f} | {gpu_ms:.2f} |")
 
 
 if __name__ == "__main__":

@@ -479,3 +479,55 @@ def test_zero_fp8_gather_needs_zero3_and_tensorwise(overrides):
            "training": {"dtype": "bfloat16", "fp8": overrides["fp8"]}}  # fmt: skip
     with pytest.raises(ValueError, match=r"zero_fp8_gather needs parallel.zero = 3 and training.fp8"):
         build_config(raw, check_paths=False)
+
+
+TRANSPOSED = """
+import torch
+from threefold.parallel._fp8_kernel import transposed_cast_kernel
+
+generator = torch.Generator().manual_seed(0)
+for rows, cols in ((64, 64), (70, 45), (1, 130)):
+    t = torch.randn(rows, cols, generator=generator) * 300
+    for source in (t, t.t().contiguous().t()):
+        for scale in (torch.tensor(2.0), torch.rand(rows, 1) * 4, torch.rand(1, cols) * 4):
+            out = torch.full((cols, rows), float("nan"))  # fp32 out: the interpreter's float8 casts are not
+            factor = scale.expand(rows, cols)              # the GPU's; the GPU test checks those bits
+            grid = ((rows + 31) // 32, (cols + 31) // 32)
+            transposed_cast_kernel[grid](source, out, factor, rows, cols, *source.stride(), *factor.stride(),
+                                         448.0, BLOCK_ROWS=32, BLOCK_COLS=32)
+            assert torch.equal(out, (source * scale).clamp(-448.0, 448.0).t()), (rows, cols, scale.shape)
+print("same")
+"""
+
+
+def test_the_transposed_cast_kernel_moves_every_element_under_the_interpreter():
+    """fp8.transposed_cast's Triton kernel, run by Triton's interpreter on the CPU with an fp32 output:
+    every element lands transposed, scaled and clamped, for ragged tiles, strided inputs and each scale
+    layout."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", TRANSPOSED], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_transposed_cast_is_the_cast_then_the_transpose():
+    """On the CPU the operator is torch's cast and copy; the operands built on it keep their layouts."""
+    t = torch.randn(6, 10) * 100
+    scale = fp8.scale_for(t, fp8.E4M3, None)
+    got = fp8.transposed_cast(t, scale, fp8.E4M3)
+    assert got.shape == (10, 6) and got.is_contiguous()
+    assert torch.equal(got.float(), fp8.to_fp8(t, scale, fp8.E4M3).float().t())
+    right = fp8.operand(t, fp8.E4M3, "tensorwise", "b")  # column-major
+    assert right.data.stride() == (1, 6) and torch.equal(
+        right.data.float(), fp8.to_fp8(t, scale, fp8.E4M3).float()
+    )
+    left = fp8.operand(t.t(), fp8.E5M2, "rowwise", "a")  # row-major out of a transposed view
+    assert left.data.is_contiguous() and left.scale.shape == (10, 1)
+    want = fp8.quantize(t.t(), fp8.E5M2, 1)
+    assert torch.equal(left.data.float(), want.data.float()) and torch.equal(left.scale, want.scale)

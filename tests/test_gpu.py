@@ -298,3 +298,39 @@ def test_graphed_greedy_decoding_matches_the_eager_loop(mesh, compiled):
     # Sampling keeps the generator outside the graph: the forward alone is replayed.
     sampled = SamplingParams(max_new_tokens=16, temperature=1.0, seed=3)
     assert generate(model, [[7]], sampled, decoder=decoder).tokens == generate(model, [[7]], sampled).tokens
+
+
+# --- A training step queues its work and returns: nothing in it waits for the device ------------------
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_training_step_never_waits_for_the_device(mesh, micro_batches):
+    """Under CUDA's sync-debug mode "error", any read of a device value by the host (an .item(), a bool of
+    a device tensor, a blocking copy) raises. The one-pass update's step counts once did (2026-12-04):
+    the host then waited for the device at every step, and the GPU sat idle while the next step's
+    first kernels were queued."""
+    from threefold.bench import synthetic_steps
+    from threefold.config import build_config
+    from threefold.train import build, train_step
+
+    raw = {
+        "model": {"preset": "tiny"},
+        "data": {"seq_len": 64},
+        "training": {
+            "device": "cuda", "dtype": "bfloat16", "micro_batch_size": 2,
+            "global_batch_size": 2 * micro_batches, "max_steps": 4,
+        },
+    }  # fmt: skip
+    config = build_config(raw, [], check_paths=False)
+    trainer = build(config, mesh, torch.device("cuda"))
+    assert trainer.optimizer._one_pass, "the Triton update is the one under test"
+    data = synthetic_steps(config, mesh, torch.device("cuda"), 3)
+    train_step(trainer, data[0], 0)  # the first step makes the optimizer's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (1, 2):
+            stats = train_step(trainer, data[step], step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not stats.read().skipped and stats.read().loss > 0

@@ -58,4 +58,6 @@ def adamw_update(
             decay, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
             HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=8,
         )  # fmt: skip
-    torch._foreach_add_(list(steps), keep)
+    # A list of tensors, not the 0-dim `keep` alone: that overload reads it as a host scalar (.item()),
+    # which would make the host wait for the device every step.
+    torch._foreach_add_(list(steps), [keep] * len(steps))

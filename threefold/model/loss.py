@@ -193,6 +193,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             elif grad_w is not None:
                 if grad_w.dtype == g.dtype:
                     grad_w.addmm_(g.t(), xc)
+                elif grad_w.is_cuda:  # a bf16 GEMM per chunk whose fp32 output adds into grad_w
+                    torch.addmm(grad_w, g.t(), xc, out_dtype=torch.float32, out=grad_w)
                 else:
                     grad_w += g.t() @ xc  # a bf16 GEMM per chunk, summed over chunks in fp32
         ctx.save_for_backward(grad_x, grad_w)

@@ -34,6 +34,7 @@ four lines on top of torch._scaled_mm, and the GPU machine then needs nothing be
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, NamedTuple
 
 import torch
@@ -83,13 +84,51 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> Operand:
     return Operand(to_fp8(t, scale, dtype), scale.reciprocal())
 
 
+@torch.library.custom_op("threefold::fp8_transposed_cast", mutates_args=())
+def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """to_fp8(t, scale, dtype).t().contiguous() for 2-D t (R, C) of any strides, `scale` broadcast to it:
+    (C, R), row-major. On CUDA one Triton kernel does it in tiles (threefold/parallel/_fp8_kernel.py).
+    torch.compile's fused cast-and-transpose wrote float8 bytes at a stride of a row; on one H200 such
+    kernels took 0.7 ms where the bytes need 0.04 (bench/profile_step.py, docs/benchmarks.md). An opaque
+    operator, so the compiler calls the kernel rather than fusing its own."""
+    if not (t.is_cuda and importlib.util.find_spec("triton") is not None):
+        return to_fp8(t, scale, dtype).t().contiguous()
+    from threefold.parallel._fp8_kernel import transposed_cast_kernel  # imports triton
+
+    rows, cols = t.shape
+    out = torch.empty((cols, rows), dtype=dtype, device=t.device)
+    factor = scale.float().expand(rows, cols)
+    grid = ((rows + TILE - 1) // TILE, (cols + TILE - 1) // TILE)
+    transposed_cast_kernel[grid](
+        t, out, factor, rows, cols, *t.stride(), *factor.stride(), FP8_MAX[dtype],
+        BLOCK_ROWS=TILE, BLOCK_COLS=TILE, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@transposed_cast.register_fake
+def _(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.new_empty((t.shape[1], t.shape[0]), dtype=dtype)
+
+
+TILE = 64
+"""Rows and columns of the tile one program of the transposed cast moves."""
+
+
 def operand(t: torch.Tensor, dtype: torch.dtype, recipe: Fp8Recipe, side: str) -> Operand:
     """2-D t as the left ('a', (M, K)) or right ('b', (K, N)) operand of a float8 GEMM, scaled per the
-    recipe: rowwise scales each row of a / column of b over the contraction dimension K."""
+    recipe: rowwise scales each row of a / column of b over the contraction dimension K. Where the
+    operand's layout is the transpose of t's (every right operand but a weight's transpose, and a left
+    one taken from a transposed view such as dy^T), `transposed_cast` writes it."""
     dim = None if recipe == "tensorwise" else (1 if side == "a" else 0)
-    q = quantize(t, dtype, dim)
-    data = q.data.contiguous() if side == "a" else q.data.t().contiguous().t()
-    return Operand(data, q.scale)
+    scale = scale_for(t, dtype, dim)
+    if side == "b":  # column-major: t^T's rows, one after the other
+        data = transposed_cast(t, scale, dtype).t()
+    elif t.is_contiguous():
+        data = to_fp8(t, scale, dtype)
+    else:  # row-major out of a transposed view: the transpose of t^T
+        data = transposed_cast(t.t(), scale.t() if scale.dim() == 2 else scale, dtype)
+    return Operand(data, scale.reciprocal())
 
 
 def matmul(a: Operand, b: Operand, out_dtype: torch.dtype, *, fast_accum: bool) -> torch.Tensor:
@@ -118,23 +157,26 @@ def grad_weight_gemm(grad: torch.Tensor, x: Operand, recipe: Fp8Recipe) -> torch
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """x W^T for x (M, K), W (N, K), all three GEMMs in float8; saves x and W as they came (the same
-    memory as F.linear)."""
+    """x W^T for x (M, K), W (N, K), all three GEMMs in float8; saves W and x in float8, laid out for the
+    weight gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
         ctx.recipe = recipe
-        ctx.save_for_backward(x, weight)
+        # x as the weight gradient's right operand is made here and kept (one byte an element, where x
+        # itself is two); under torch.compile the projections that read one x share it.
+        x_b = operand(x, E4M3, recipe, "b") if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(weight, *(x_b or ()))
         return forward_gemm(operand(x, E4M3, recipe, "a"), weight, recipe, x.dtype)  # (M, N)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        x, weight = ctx.saved_tensors
+        weight, *x_b = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_input_gemm(grad, weight, ctx.recipe)
         if ctx.needs_input_grad[1]:
-            grad_weight = grad_weight_gemm(grad, operand(x, E4M3, ctx.recipe, "b"), ctx.recipe)
+            grad_weight = grad_weight_gemm(grad, Operand(*x_b), ctx.recipe)
         return grad_x, grad_weight, None
 
 
