@@ -29,7 +29,8 @@ Why our own autograd Function rather than torchao's Float8Linear: threefold's te
 are not nn.Linear, and the column-parallel projections run their GEMMs inside their own autograd
 Function (to overlap the input gradient's all-reduce with the weight gradients), which a module swap
 cannot reach. The GEMM helpers here serve both that Function and a plain linear. The float8 math is
-four lines on top of torch._scaled_mm, and the GPU machine then needs nothing beyond torch.
+four lines on top of torch._scaled_mm; the one kernel of our own, the transposed cast, is Triton, which
+CUDA builds of torch bring, so the GPU machine needs nothing beyond torch.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> Operand:
     return Operand(to_fp8(t, scale, dtype), scale.reciprocal())
 
 
+TILE = 64
+"""Rows and columns of the tile one program of the transposed cast moves."""
+
+
 @torch.library.custom_op("threefold::fp8_transposed_cast", mutates_args=())
 def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """to_fp8(t, scale, dtype).t().contiguous() for 2-D t (R, C) of any strides, `scale` broadcast to it:
@@ -109,10 +114,6 @@ def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 @transposed_cast.register_fake
 def _(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.new_empty((t.shape[1], t.shape[0]), dtype=dtype)
-
-
-TILE = 64
-"""Rows and columns of the tile one program of the transposed cast moves."""
 
 
 def operand(t: torch.Tensor, dtype: torch.dtype, recipe: Fp8Recipe, side: str) -> Operand:
