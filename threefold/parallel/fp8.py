@@ -60,6 +60,15 @@ class Operand(NamedTuple):
     """fp32 dequantization scale: () tensorwise; (rows, 1) for a left, (1, columns) for a right operand."""
 
 
+class GradOperands(NamedTuple):
+    """dy cast for the backward's two GEMMs; None where that gradient is not needed."""
+
+    for_input: Operand | None
+    """dy (M, N), row-major: the left operand of dy W."""
+    for_weight: Operand | None
+    """dy^T (N, M), row-major: the left operand of dy^T x."""
+
+
 def scale_for(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> torch.Tensor:
     """The power-of-two factor that brings amax(|t|) (over all of t, or over `dim`, kept) within dtype's
     range: 2^floor(log2(fp8_max / amax)), fp32."""
@@ -89,14 +98,18 @@ TILE = 64
 """Rows and columns of the tile one program of the transposed cast moves."""
 
 
-@torch.library.custom_op("threefold::fp8_transposed_cast", mutates_args=())
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@torch.library.triton_op("threefold::fp8_transposed_cast", mutates_args=())
 def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """to_fp8(t, scale, dtype).t().contiguous() for 2-D t (R, C) of any strides, `scale` broadcast to it:
     (C, R), row-major. On CUDA one Triton kernel does it in tiles (threefold/parallel/_fp8_kernel.py).
     torch.compile's fused cast-and-transpose wrote float8 bytes at a stride of a row; on one H200 such
-    kernels took 0.7 ms where the bytes need 0.04 (bench/profile_step.py, docs/benchmarks.md). An opaque
-    operator, so the compiler calls the kernel rather than fusing its own."""
-    if not (t.is_cuda and importlib.util.find_spec("triton") is not None):
+    kernels took 0.7 ms where the bytes need 0.04 (bench/profile_step.py, docs/benchmarks.md). A Triton
+    operator: the compiler launches the kernel from its own generated code (no trip through the
+    dispatcher and Triton's Python launcher, about 400 times a step) and does not fuse into it."""
+    if not (t.is_cuda and _TRITON):
         return to_fp8(t, scale, dtype).t().contiguous()
     from threefold.parallel._fp8_kernel import transposed_cast_kernel  # imports triton
 
@@ -104,32 +117,49 @@ def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     out = torch.empty((cols, rows), dtype=dtype, device=t.device)
     factor = scale.float().expand(rows, cols)
     grid = ((rows + TILE - 1) // TILE, (cols + TILE - 1) // TILE)
-    transposed_cast_kernel[grid](
+    torch.library.wrap_triton(transposed_cast_kernel)[grid](
         t, out, factor, rows, cols, *t.stride(), *factor.stride(), FP8_MAX[dtype],
         BLOCK_ROWS=TILE, BLOCK_COLS=TILE, num_warps=4,
     )  # fmt: skip
     return out
 
 
-@transposed_cast.register_fake
-def _(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.new_empty((t.shape[1], t.shape[0]), dtype=dtype)
-
-
-def operand(t: torch.Tensor, dtype: torch.dtype, recipe: Fp8Recipe, side: str) -> Operand:
-    """2-D t as the left ('a', (M, K)) or right ('b', (K, N)) operand of a float8 GEMM, scaled per the
-    recipe: rowwise scales each row of a / column of b over the contraction dimension K. Where the
-    operand's layout is the transpose of t's (every right operand but a weight's transpose, and a left
-    one taken from a transposed view such as dy^T), `transposed_cast` writes it."""
-    dim = None if recipe == "tensorwise" else (1 if side == "a" else 0)
-    scale = scale_for(t, dtype, dim)
+def cast_as(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, side: str) -> torch.Tensor:
+    """t * scale in float8, laid out as _scaled_mm wants the left ('a': row-major) or right ('b':
+    column-major) operand. Where that layout is the transpose of t's (every right operand but a weight's
+    transpose, and a left one taken from a transposed view such as dy^T), `transposed_cast` writes it."""
     if side == "b":  # column-major: t^T's rows, one after the other
-        data = transposed_cast(t, scale, dtype).t()
-    elif t.is_contiguous():
-        data = to_fp8(t, scale, dtype)
-    else:  # row-major out of a transposed view: the transpose of t^T
-        data = transposed_cast(t.t(), scale.t() if scale.dim() == 2 else scale, dtype)
-    return Operand(data, scale.reciprocal())
+        return transposed_cast(t, scale, dtype).t()
+    if t.is_contiguous():
+        return to_fp8(t, scale, dtype)
+    return transposed_cast(t.t(), scale.t() if scale.dim() == 2 else scale, dtype)  # row-major, from t^T
+
+
+def operand(
+    t: torch.Tensor, dtype: torch.dtype, recipe: Fp8Recipe, side: str, scale: torch.Tensor | None = None
+) -> Operand:
+    """2-D t as the left ('a', (M, K)) or right ('b', (K, N)) operand of a float8 GEMM, scaled per the
+    recipe: rowwise scales each row of a / column of b over the contraction dimension K. A tensorwise
+    `scale` (t's own, found earlier) saves reading t once more for its amax."""
+    if scale is None:
+        scale = scale_for(t, dtype, None if recipe == "tensorwise" else (1 if side == "a" else 0))
+    return Operand(cast_as(t, scale, dtype, side), scale.reciprocal())
+
+
+def grad_operands(
+    grad: torch.Tensor, recipe: Fp8Recipe, *, for_input: bool, for_weight: bool
+) -> GradOperands:
+    """The output gradient dy (M, N) as the left operand of the input gradient (dy) and of the weight
+    gradient (dy^T), each where asked. Tensorwise, both share one amax, read from dy in its own layout:
+    taking it again through the transposed view dy^T cost a slow strided reduction (7.0 ms a step at
+    llama-1b micro-batch 8 for the gate and up projections alone, docs/benchmarks.md). Rowwise scales
+    differ: dy's per row, dy^T's per column of dy."""
+    dtype = GRAD_DTYPE[recipe]
+    scale = scale_for(grad, dtype, None) if recipe == "tensorwise" else None
+    return GradOperands(
+        operand(grad, dtype, recipe, "a", scale) if for_input else None,
+        operand(grad.t(), dtype, recipe, "a", scale) if for_weight else None,
+    )
 
 
 def matmul(a: Operand, b: Operand, out_dtype: torch.dtype, *, fast_accum: bool) -> torch.Tensor:
@@ -146,38 +176,44 @@ def forward_gemm(x: Operand, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype:
     return matmul(x, operand(weight.t(), E4M3, recipe, "b"), out_dtype, fast_accum=True)  # (M, N)
 
 
-def grad_input_gemm(grad: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
-    """dy W: dy (M, N), W (N, K) -> (M, K)."""
-    g = operand(grad, GRAD_DTYPE[recipe], recipe, "a")
-    return matmul(g, operand(weight, E4M3, recipe, "b"), grad.dtype, fast_accum=False)
+def grad_input_gemm(
+    grad: Operand, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """dy W: dy (M, N) already a left operand (`grad_operands`), W (N, K) -> (M, K)."""
+    return matmul(grad, operand(weight, E4M3, recipe, "b"), out_dtype, fast_accum=False)
 
 
-def grad_weight_gemm(grad: torch.Tensor, x: Operand, recipe: Fp8Recipe) -> torch.Tensor:
-    """dy^T x: dy (M, N), x (M, K) already a right operand -> (N, K)."""
-    return matmul(operand(grad.t(), GRAD_DTYPE[recipe], recipe, "a"), x, grad.dtype, fast_accum=False)
+def grad_weight_gemm(grad_t: Operand, x: Operand, out_dtype: torch.dtype) -> torch.Tensor:
+    """dy^T x: dy^T (N, M) already a left operand (`grad_operands`), x (M, K) a right one -> (N, K)."""
+    return matmul(grad_t, x, out_dtype, fast_accum=False)
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """x W^T for x (M, K), W (N, K), all three GEMMs in float8; saves W and x in float8, laid out for the
-    weight gradient."""
+    """x W^T for x (M, K), W (N, K), all three GEMMs in float8. It saves x itself, not a float8 copy: x
+    is a tensor the layer keeps anyway (attention's output) or one the compiler recomputes from such
+    tensors (SwiGLU's product), so keeping it costs nothing, where a float8 copy is a byte an element
+    more (2.5 GiB at llama-1b micro-batch 8, docs/benchmarks.md). Tensorwise, x's scale from the forward
+    is kept too, so the backward does not read x again for its amax."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
         ctx.recipe = recipe
-        # x as the weight gradient's right operand is made here and kept (one byte an element, where x
-        # itself is two); under torch.compile the projections that read one x share it.
-        x_b = operand(x, E4M3, recipe, "b") if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(weight, *(x_b or ()))
-        return forward_gemm(operand(x, E4M3, recipe, "a"), weight, recipe, x.dtype)  # (M, N)
+        x_a = operand(x, E4M3, recipe, "a")
+        # a tensorwise dequantization scale is a power of two, so its reciprocal is the exact cast scale
+        ctx.save_for_backward(x, weight, x_a.scale if recipe == "tensorwise" else None)
+        return forward_gemm(x_a, weight, recipe, x.dtype)  # (M, N)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        weight, *x_b = ctx.saved_tensors
+        x, weight, x_scale = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad_operands(grad, ctx.recipe, for_input=need_x, for_weight=need_w)
         grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_input_gemm(grad, weight, ctx.recipe)
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_weight_gemm(grad, Operand(*x_b), ctx.recipe)
+        if g.for_input is not None:
+            grad_x = grad_input_gemm(g.for_input, weight, ctx.recipe, grad.dtype)
+        if g.for_weight is not None:
+            cast = None if x_scale is None else x_scale.reciprocal()
+            grad_weight = grad_weight_gemm(g.for_weight, operand(x, E4M3, ctx.recipe, "b", cast), grad.dtype)
         return grad_x, grad_weight, None
 
 

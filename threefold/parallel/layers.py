@@ -189,11 +189,13 @@ class _ColumnParallelProjections(torch.autograd.Function):
         ctx.params = params
         ctx.set_materialize_grads(False)  # an output left out of the loss costs no GEMMs in backward
         ctx.has_bias = [b is not None for b in biases]
-        ctx.save_for_backward(x, *weights)
         if recipe is None:
+            ctx.save_for_backward(x, None, *weights)
             return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
         # x is (b*s, h) here: outputs that were views of the GEMM's would refuse the in-place ops after.
         x_fp8 = float8.operand(x, float8.E4M3, recipe, "a")
+        # tensorwise, the backward's cast of x reuses this scale (a power of two: its reciprocal is exact)
+        ctx.save_for_backward(x, x_fp8.scale if recipe == "tensorwise" else None, *weights)
         outputs = []
         for w, b in zip(weights, biases, strict=True):
             y = float8.forward_gemm(x_fp8, w, recipe, x.dtype)  # (b*s, out/t)
@@ -202,36 +204,49 @@ class _ColumnParallelProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
-        x, *weights = ctx.saved_tensors
+        x, x_scale, *weights = ctx.saved_tensors
         h, recipe = x.shape[-1], ctx.recipe
         # (b*s, out/t) each; None for an output that took no part in the loss
         flat_grads = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         grad_input = x.new_zeros(x.shape).view(-1, h) if all(g is None for g in flat_grads) else None
-        for g, w in zip(flat_grads, weights, strict=True):
+        deferred = ctx.queue is not None and ctx.queue.capturing
+        # float8: each dy cast once for both of its GEMMs (its weight-gradient side unless deferred)
+        grads_fp8 = [
+            None if g is None or recipe is None
+            else float8.grad_operands(g, recipe, for_input=True, for_weight=not deferred)
+            for g in flat_grads
+        ]  # fmt: skip
+        for g, g_fp8, w in zip(flat_grads, grads_fp8, weights, strict=True):
             if g is None:
                 continue
-            if recipe is not None:
-                part = float8.grad_input_gemm(g, w, recipe)
+            if g_fp8 is not None:
+                assert recipe is not None and g_fp8.for_input is not None
+                part = float8.grad_input_gemm(g_fp8.for_input, w, recipe, g.dtype)
                 grad_input = part if grad_input is None else grad_input.add_(part)
             else:
                 grad_input = g.mm(w) if grad_input is None else grad_input.addmm_(g, w)  # (b*s, h)
         assert grad_input is not None
         with track.collective(ctx.group, "all_reduce"):
             reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", ctx.group.group_name)
-        if ctx.queue is not None and ctx.queue.capturing:
+        if deferred:
             ctx.queue.defer(_deferred_projection_grads(x, grads, ctx.params, recipe))
             with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
                 reduced = torch.ops._c10d_functional.wait_tensor(reduced)
             return (reduced.view(x.shape), None, None, None, *([None] * len(ctx.params)))
         # The weight gradients run while the all-reduce is in flight.
         flat_input = x.reshape(-1, h)
-        x_fp8 = None if recipe is None else float8.operand(flat_input, float8.E4M3, recipe, "b")
+        cast = None if x_scale is None else x_scale.reciprocal()
+        x_fp8 = None if recipe is None else float8.operand(flat_input, float8.E4M3, recipe, "b", cast)
         param_grads: list[torch.Tensor | None] = []
-        for g, has_bias in zip(flat_grads, ctx.has_bias, strict=True):
+        for g, g_fp8, has_bias in zip(flat_grads, grads_fp8, ctx.has_bias, strict=True):
             if g is None:
                 param_grads += [None, None]
                 continue
-            grad_weight = g.t().mm(flat_input) if x_fp8 is None else float8.grad_weight_gemm(g, x_fp8, recipe)
+            if g_fp8 is None or x_fp8 is None:
+                grad_weight = g.t().mm(flat_input)
+            else:
+                assert g_fp8.for_weight is not None
+                grad_weight = float8.grad_weight_gemm(g_fp8.for_weight, x_fp8, g.dtype)
             param_grads += [grad_weight, g.sum(0) if has_bias else None]  # (out/t, h), (out/t,)
         with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
             reduced = torch.ops._c10d_functional.wait_tensor(reduced)

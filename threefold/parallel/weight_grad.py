@@ -83,7 +83,9 @@ def weight_grads(
     else:
         if x_fp8 is None:
             x_fp8 = float8.operand(flat_x, float8.E4M3, recipe, "b")
-        grads = [float8.grad_weight_gemm(flat_grad, x_fp8, recipe)]
+        grad_t = float8.grad_operands(flat_grad, recipe, for_input=False, for_weight=True).for_weight
+        assert grad_t is not None
+        grads = [float8.grad_weight_gemm(grad_t, x_fp8, flat_grad.dtype)]
     if has_bias:
         grads.append(flat_grad.sum(0))
     return grads
@@ -114,14 +116,20 @@ class _Linear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         x, weight = ctx.saved_tensors
         recipe = ctx.recipe
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            grad_input = (
-                grad.matmul(weight) if recipe is None else float8.grad_input_gemm(grad, weight, recipe)
-            )
-        has_bias = len(ctx.params) == 2
-        if not ctx.queue.capturing:
-            grads = weight_grads(x, grad, has_bias, recipe)
+        has_bias, now = len(ctx.params) == 2, not ctx.queue.capturing
+        grad_input = grads = None
+        if recipe is None:
+            grad_input = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+            grads = weight_grads(x, grad, has_bias) if now else None
+        else:  # dy cast once for both GEMMs when both run now
+            g = float8.grad_operands(grad, recipe, for_input=ctx.needs_input_grad[0], for_weight=now)
+            if g.for_input is not None:
+                grad_input = float8.grad_input_gemm(g.for_input, weight, recipe, grad.dtype)
+            if g.for_weight is not None:
+                x_fp8 = float8.operand(x, float8.E4M3, recipe, "b")
+                grads = [float8.grad_weight_gemm(g.for_weight, x_fp8, grad.dtype)]
+                grads += [grad.sum(0)] if has_bias else []
+        if grads is not None:
             return grad_input, grads[0], grads[1] if has_bias else None, None, None
         params = ctx.params
         ctx.queue.defer(lambda: accumulate(params, weight_grads(x, grad, has_bias, recipe)))
