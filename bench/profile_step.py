@@ -8,11 +8,11 @@ Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_si
 Prints the top CUDA kernels by total time and a summary by kind (GEMM, attention, communication,
 optimizer, element-wise), as a share of the profiled GPU time.
 
-It also prints the peak memory allocated, how long the host takes to queue a step, which kernels the GPU
-sat idle before (the gaps between kernels, charged to the kernel that ends each), and how busy the GPU is:
-the union of all kernel intervals per step (from the profile) over the step time measured without the
-profiler. The idle rest is launch gaps and host work the GPU waits on; it bounds what CUDA graphs, which
-remove launch overhead, could save.
+It also prints the peak memory allocated, torch.compile's graphs and graph breaks, how long the host
+takes to queue a step, which kernels the GPU sat idle before (the gaps between kernels, charged to the
+kernel that ends each), and how busy the GPU is: the union of all kernel intervals per step (from the
+profile) over the step time measured without the profiler. The idle rest is launch gaps and host work the
+GPU waits on; it bounds what CUDA graphs, which remove launch overhead, could save.
 """
 
 from __future__ import annotations
@@ -152,6 +152,9 @@ def main(argv: list[str]) -> None:
     )
     print("host time to queue a step (ms): " + ", ".join(f"{t:.1f}" for t in host_ms))
     print(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    counters = torch._dynamo.utils.counters
+    breaks = sum(counters["graph_break"].values())
+    print(f"torch.compile: {counters['stats']['unique_graphs']} graphs, {breaks} graph breaks")
     print("\n| idle before kernel | gaps/step | idle ms/step |\n|---|---:|---:|")
     for name, count, us in idle_gaps(prof):
         print(f"| {name[:90]} | {count / steps:.0f} | {us / 1e3 / steps:.2f} |")

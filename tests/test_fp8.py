@@ -554,3 +554,32 @@ def test_the_compiled_fp8_linear_is_the_eager_one_on_the_cpu(recipe):
         results.append((y.detach(), xi.grad, wi.grad))
     for got, want in zip(*results, strict=True):
         assert got is not None and torch.equal(got, want)
+
+
+def test_the_transposed_cast_kernel_compiles_for_hopper_as_torch_compile_launches_it():
+    """torch.compile launches the kernel with its own signature: a Python float argument becomes fp64,
+    and Hopper's back end has no fp64 to float8 conversion, so a clamp limit passed at run time failed
+    to compile there (2026-12-04, 'PassManager::run failed'). Compiled here for sm_90 (Triton brings its
+    own ptxas; no GPU needed) with the types the compiler gives each argument."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from threefold.parallel._fp8_kernel import transposed_cast_kernel
+
+    # the arguments fp8.transposed_cast passes, in order: three pointers, then sizes and strides of a
+    # transposed (64, 64) input, then float8's largest value
+    values = ["*bf16", "*fp8e4nv", "*fp32", 64, 64, 1, 64, 0, 0, fp8.FP8_MAX[fp8.E4M3]]
+    constants = {"BLOCK_ROWS": fp8.TILE, "BLOCK_COLS": fp8.TILE}
+    signature, constexprs = {}, {}
+    for p, value in zip(transposed_cast_kernel.params, values + [None] * 4, strict=False):
+        if p.is_constexpr or value == 1:  # the compiler makes an integer 1 (a unit stride) a constant
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = constants.get(p.name, value)
+        else:
+            signature[p.name] = (
+                value if isinstance(value, str) else "fp64" if isinstance(value, float) else "i32"
+            )
+    source = ASTSource(fn=transposed_cast_kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert "cvt.rn.satfinite.e4m3x2.f32" in compiled.asm["ptx"]  # the float8 cast, from fp32

@@ -334,3 +334,33 @@ def test_a_training_step_never_waits_for_the_device(mesh, micro_batches):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert not stats.read().skipped and stats.read().loss > 0
+
+
+# --- A compiled layer is one graph on the GPU -------------------------------------------------------
+
+
+@pytest.mark.parametrize("fp8", [None, "tensorwise"], ids=["bf16", "fp8"])
+def test_a_compiled_llama_layer_is_one_graph_on_the_gpu(mesh, fp8):
+    """The attention's check of torch's flash switch once returned a Python bool inside the traced code,
+    and torch.compile split every layer on the GPU in six graphs around it (2026-12-04): no fusion across
+    them, the attention's layouts fixed at graph edges. The CPU never reached that check. One llama layer,
+    forward and backward, must now compile without a graph break, in bf16 and with float8 linears."""
+    from torch._dynamo.utils import counters
+
+    from threefold.config import ModelConfig
+    from threefold.model.transformer import build_model
+    from threefold.parallel.layers import TPContext
+
+    cfg = ModelConfig(
+        arch="llama", num_layers=1, hidden_size=256, num_heads=4, num_kv_heads=2, ffn_hidden_size=512,
+        vocab_size=512, max_seq_len=128,
+    )  # fmt: skip
+    tp = TPContext(mesh.tp_group, fp8=fp8)
+    model = build_model(cfg, tp, device="cuda", dtype=torch.bfloat16, compiled=True)
+    tokens = torch.randint(0, 512, (2, 129), device="cuda")
+    torch._dynamo.reset()
+    counters.clear()
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])

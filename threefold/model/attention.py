@@ -91,6 +91,14 @@ def document_mask(doc_ids: torch.Tensor, *, use_flex: bool | None = None) -> Doc
     return DocumentMask(block=create_block_mask(mask_mod, b, None, s, s, device=doc_ids.device))
 
 
+@torch.compiler.assume_constant_result
+def _flash_enabled() -> bool:
+    """Whether torch may pick flash attention (a process-wide switch, set once by use_attention_backend).
+    Read as a constant under torch.compile: the plain call returns a Python bool, which torch.compile
+    cannot put in a graph, so it split every compiled layer on the GPU in six graphs around attention."""
+    return torch.backends.cuda.flash_sdp_enabled()
+
+
 def _flex() -> Callable[..., Any]:
     # Compiled once per process: the eager FlexAttention materializes the scores and is only a reference.
     global _compiled_flex
@@ -117,9 +125,7 @@ def attend(
     group_size = q.shape[1] // k.shape[1]
     if mask is not None and mask.block is not None:
         return _flex()(q, k, v, block_mask=mask.block, enable_gqa=group_size > 1)
-    flash = (
-        mask is None and q.is_cuda and q.dtype != torch.float32 and torch.backends.cuda.flash_sdp_enabled()
-    )
+    flash = mask is None and q.is_cuda and q.dtype != torch.float32 and _flash_enabled()
     if group_size > 1 and not flash:
         # Query head j reads kv head j // group_size. Flash attention reads the shared heads in place
         # (enable_gqa); the other kernels get copies.
