@@ -115,10 +115,14 @@ def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
     rows, cols = t.shape
     out = torch.empty((cols, rows), dtype=dtype, device=t.device)
-    factor = scale.float().expand(rows, cols)
+    # The scale's strides as broadcast to (rows, cols), 0 along its size-1 dimensions. Not an expanded
+    # tensor: the compiler may write an expanded argument out in full (4 bytes an element of t).
+    scale = scale.float().reshape(scale.shape if scale.dim() == 2 else (1, 1))
+    s_row = scale.stride(0) if scale.shape[0] > 1 else 0
+    s_col = scale.stride(1) if scale.shape[1] > 1 else 0
     grid = ((rows + TILE - 1) // TILE, (cols + TILE - 1) // TILE)
     torch.library.wrap_triton(transposed_cast_kernel)[grid](
-        t, out, factor, rows, cols, *t.stride(), *factor.stride(), FP8_MAX[dtype],
+        t, out, scale, rows, cols, *t.stride(), s_row, s_col, FP8_MAX[dtype],
         BLOCK_ROWS=TILE, BLOCK_COLS=TILE, num_warps=4,
     )  # fmt: skip
     return out
