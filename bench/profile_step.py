@@ -2,6 +2,8 @@
 
 Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps 3] [--warmup 5]
     [--torch-grad-move] (gradients into main_grad through torch's copy_/add_, as before 2026-12-04)
+    [--fp8-kernel] (float8 transposed casts through the Triton kernel in compiled code too:
+    threefold.parallel.fp8.KERNEL_UNDER_COMPILE)
     [--host] (also: the host's Python functions by own time, under cProfile, and the operators that
     launched the most GPU time, with their input shapes)
 Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_size=N ... (rank 0 reports)
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 from threefold.bench import synthetic_steps
 from threefold.config import build_config
+from threefold.parallel import fp8
 from threefold.parallel.mesh import build_mesh
 from threefold.train import build, train_step
 
@@ -91,7 +94,8 @@ def main(argv: list[str]) -> None:
     steps, warmup, overrides = 3, 5, []
     torch_grad_move = "--torch-grad-move" in argv  # torch's copy_/add_ into main_grad, not the kernel
     host = "--host" in argv
-    argv = [a for a in argv if a not in ("--torch-grad-move", "--host")]
+    fp8.KERNEL_UNDER_COMPILE = "--fp8-kernel" in argv
+    argv = [a for a in argv if a not in ("--torch-grad-move", "--host", "--fp8-kernel")]
     i = 0
     while i < len(argv):
         if argv[i] in ("--steps", "--warmup"):

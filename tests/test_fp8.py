@@ -538,9 +538,7 @@ def test_the_transposed_cast_is_the_cast_then_the_transpose():
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_the_compiled_fp8_linear_is_the_eager_one_on_the_cpu(recipe):
-    """Under torch.compile the transposed casts are an opaque operator (its fake twin gives the compiler
-    the shapes) and x's float8 copy is kept from the forward: on the CPU, in fp32, the compiled layer's
-    output and both gradients equal the eager layer's."""
+    """On the CPU, in fp32, the compiled layer's output and both gradients equal the eager layer's."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=gen)
     w = torch.randn(48, 32, generator=gen) * 0.1
@@ -583,3 +581,27 @@ def test_the_transposed_cast_kernel_compiles_for_hopper_as_torch_compile_launche
     source = ASTSource(fn=transposed_cast_kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert "cvt.rn.satfinite.e4m3x2.f32" in compiled.asm["ptx"]  # the float8 cast, from fp32
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_compiled_code_leaves_the_transposed_casts_to_the_compiler_unless_asked(monkeypatch, kernel):
+    """fp8.KERNEL_UNDER_COMPILE off (the default), the float8 linear's graphs as torch.compile captures
+    them (forward and backward bodies of the autograd Function) hold no call of the Triton operator, so
+    the compiler fuses the casts; on, they call it; eager code calls it either way."""
+    monkeypatch.setattr(fp8, "KERNEL_UNDER_COMPILE", kernel)
+    torch._dynamo.reset()
+    graphs: list[str] = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))
+        return gm
+
+    x, w = torch.randn(64, 32, requires_grad=True), (torch.randn(48, 32) * 0.1).requires_grad_()
+    torch.compile(fp8.fp8_linear, backend=keep)(x, w, "tensorwise").backward(torch.randn(64, 48))
+    text = "\n".join(graphs)
+    assert "bwd_body" in text  # the backward was captured too
+    assert ("fp8_transposed_cast" in text) == kernel
+    calls = []
+    monkeypatch.setattr(fp8, "transposed_cast", lambda *a: calls.append(1) or fp8.to_fp8(*a).t().contiguous())
+    fp8.fp8_linear(x, w, "tensorwise").backward(torch.randn(64, 48))
+    assert len(calls) == 4  # eager: W^T in the forward; W, dy^T and x in the backward

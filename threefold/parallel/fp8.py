@@ -29,8 +29,8 @@ Why our own autograd Function rather than torchao's Float8Linear: threefold's te
 are not nn.Linear, and the column-parallel projections run their GEMMs inside their own autograd
 Function (to overlap the input gradient's all-reduce with the weight gradients), which a module swap
 cannot reach. The GEMM helpers here serve both that Function and a plain linear. The float8 math is
-four lines on top of torch._scaled_mm; the one kernel of our own, the transposed cast, is Triton, which
-CUDA builds of torch bring, so the GPU machine needs nothing beyond torch.
+four lines on top of torch._scaled_mm; the one kernel of our own, the transposed cast of eager code, is
+Triton, which CUDA builds of torch bring, so the GPU machine needs nothing beyond torch.
 """
 
 from __future__ import annotations
@@ -104,11 +104,11 @@ _TRITON = importlib.util.find_spec("triton") is not None
 @torch.library.triton_op("threefold::fp8_transposed_cast", mutates_args=())
 def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """to_fp8(t, scale, dtype).t().contiguous() for 2-D t (R, C) of any strides, `scale` broadcast to it:
-    (C, R), row-major. On CUDA one Triton kernel does it in tiles (threefold/parallel/_fp8_kernel.py).
-    torch.compile's fused cast-and-transpose wrote float8 bytes at a stride of a row; on one H200 such
-    kernels took 0.7 ms where the bytes need 0.04 (bench/profile_step.py, docs/benchmarks.md). A Triton
-    operator: the compiler launches the kernel from its own generated code (no trip through the
-    dispatcher and Triton's Python launcher, about 400 times a step) and does not fuse into it."""
+    (C, R), row-major. On CUDA one Triton kernel does it in tiles (threefold/parallel/_fp8_kernel.py),
+    reading and writing whole tiles where torch's copy writes float8 bytes a row apart. Eager code uses
+    it; compiled code only with KERNEL_UNDER_COMPILE. A Triton operator, so that compiled code launches
+    the kernel from its own generated code (no trip through the dispatcher and Triton's Python launcher)
+    and does not fuse into it."""
     if not (t.is_cuda and _TRITON):
         return to_fp8(t, scale, dtype).t().contiguous()
     from threefold.parallel._fp8_kernel import transposed_cast_kernel  # imports triton
@@ -128,15 +128,33 @@ def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return out
 
 
+KERNEL_UNDER_COMPILE = False
+"""Whether code compiled by torch.compile casts transposed operands with `transposed_cast`'s kernel too
+(eager code on CUDA always does). Off: inside a whole compiled layer the compiler fuses each cast and
+transpose with the work that produces its input, and on one H200 that ran llama-1b fp8 tensorwise at
+micro-batch 8 2.1% faster with 4.0 GiB less peak memory than the kernel, an opaque operator around which
+the compiler can neither fuse nor recompute (2026-12-04, docs/benchmarks.md, "One graph per layer"). The
+kernel paid while the layers were split in several graphs. A module-level switch for A/B runs
+(bench/profile_step.py --fp8-kernel); set it before the first compile."""
+
+
+def _transposed(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """to_fp8(t, scale, dtype).t().contiguous(): the Triton operator, or torch's ops for the compiler to
+    fuse (KERNEL_UNDER_COMPILE)."""
+    if torch.compiler.is_compiling() and not KERNEL_UNDER_COMPILE:
+        return to_fp8(t, scale, dtype).t().contiguous()
+    return transposed_cast(t, scale, dtype)
+
+
 def cast_as(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, side: str) -> torch.Tensor:
     """t * scale in float8, laid out as _scaled_mm wants the left ('a': row-major) or right ('b':
     column-major) operand. Where that layout is the transpose of t's (every right operand but a weight's
-    transpose, and a left one taken from a transposed view such as dy^T), `transposed_cast` writes it."""
+    transpose, and a left one taken from a transposed view such as dy^T), `_transposed` writes it."""
     if side == "b":  # column-major: t^T's rows, one after the other
-        return transposed_cast(t, scale, dtype).t()
+        return _transposed(t, scale, dtype).t()
     if t.is_contiguous():
         return to_fp8(t, scale, dtype)
-    return transposed_cast(t.t(), scale.t() if scale.dim() == 2 else scale, dtype)  # row-major, from t^T
+    return _transposed(t.t(), scale.t() if scale.dim() == 2 else scale, dtype)  # row-major, from t^T
 
 
 def operand(
