@@ -6,6 +6,8 @@ curves are compared as trailing means over --window steps, from step --from on (
 gap, the gap of the last window, and each run's median tokens/s and peak memory; writes an SVG plot.
 
 Usage: python bench/fp8_loss_plot.py DIR [--svg docs/fp8_loss.svg] [--window 20] [--from 50] [--control JSONL]
+       python bench/fp8_loss_plot.py DIR --seeds   (DIR also holds false-seedN / tensorwise-seedN pairs,
+       from `SEED=N bash bench/fp8_loss.sh`: fp8's mean curve against bf16's, and bf16's own spread)
        python bench/fp8_loss_plot.py --make-corpus data/fp8-src/code.jsonl   (the corpus's JSON lines)
 DIR holds false.jsonl and tensorwise.jsonl (the runs' metrics.jsonl files).
 """
@@ -111,6 +113,44 @@ def compare(directory: Path, svg: Path | None, window: int, start: int, control:
     return 0 if abs(gap[worst]) <= 0.01 else 2
 
 
+def seed_pairs(directory: Path) -> dict[str, tuple[Path, Path]]:
+    """{seed label: (bf16 run, fp8 run)}: false.jsonl with tensorwise.jsonl ('base'), and each
+    false-seedN.jsonl with its tensorwise-seedN.jsonl (bench/fp8_loss.sh with SEED=N)."""
+    pairs = {}
+    for bf16 in sorted(directory.glob("false*.jsonl")):
+        label = bf16.stem.removeprefix("false").removeprefix("-") or "base"
+        fp8 = directory / bf16.name.replace("false", "tensorwise", 1)
+        if fp8.exists():
+            pairs[label] = (bf16, fp8)
+    return pairs
+
+
+def seed_summary(directory: Path, window: int) -> dict[str, float]:
+    """Over every seed pair in `directory`: the last-window gap of fp8's mean curve to bf16's, and the
+    spread of the bf16 runs themselves (the largest last-window distance of one bf16 run from their
+    mean), both relative to bf16's mean. fp8 passes the guard where its gap is within 1%; the spread
+    says how much of a gap one pair of runs could show by chance."""
+    pairs = seed_pairs(directory)
+    if not pairs:
+        raise ValueError(f"{directory} holds no pair of false*.jsonl and tensorwise*.jsonl runs")
+    runs = {label: tuple(read_run(p)["train/loss"] for p in pair) for label, pair in pairs.items()}
+    steps = sorted(set.intersection(*(set(r) for pair in runs.values() for r in pair)))
+    if not steps:
+        raise ValueError(f"the runs in {directory} share no step")
+
+    def last(curve: dict[int, float]) -> float:
+        return float(trailing_mean(np.array([curve[s] for s in steps]), window)[-1])
+
+    bf16 = np.array([last(pair[0]) for pair in runs.values()])
+    fp8 = np.array([last(pair[1]) for pair in runs.values()])
+    return {
+        "seeds": float(len(runs)),
+        "gap": float(fp8.mean() / bf16.mean() - 1),
+        "bf16_spread": float(np.abs(bf16 - bf16.mean()).max() / bf16.mean()),
+        "pair_gaps_max": float(np.abs(fp8 / bf16 - 1).max()),
+    }
+
+
 def make_corpus(out: Path) -> None:
     """Python source as JSON lines, one file a document: the standard library, then transformers and torch
     (from the running interpreter's site-packages), stopping after CORPUS_BYTES."""
@@ -146,10 +186,19 @@ def main() -> int:
     parser.add_argument("--from", dest="start", type=int, default=50)
     parser.add_argument("--control", type=Path, default=None, metavar="JSONL", help="bf16, another seed")
     parser.add_argument("--make-corpus", type=Path, default=None, metavar="JSONL")
+    parser.add_argument("--seeds", action="store_true", help="summarize every seed pair in DIR")
     args = parser.parse_args()
     if args.make_corpus is not None:
         make_corpus(args.make_corpus)
         return 0
+    if args.seeds and args.dir is not None:
+        summary = seed_summary(args.dir, args.window)
+        print(
+            f"{summary['seeds']:.0f} seeds, last {args.window}-step window: fp8's mean {summary['gap']:+.3%} "
+            f"from bf16's; bf16 runs within {summary['bf16_spread']:.3%} of their mean; the largest "
+            f"single-pair gap {summary['pair_gaps_max']:.3%}"
+        )
+        return 0 if abs(summary["gap"]) <= 0.01 else 2
     if args.dir is None:
         parser.error("give DIR or --make-corpus")
     return compare(args.dir, args.svg, args.window, args.start, args.control)
