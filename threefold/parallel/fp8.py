@@ -172,10 +172,8 @@ def grad_operands(
     grad: torch.Tensor, recipe: Fp8Recipe, *, for_input: bool, for_weight: bool
 ) -> GradOperands:
     """The output gradient dy (M, N) as the left operand of the input gradient (dy) and of the weight
-    gradient (dy^T), each where asked. Tensorwise, both share one amax, read from dy in its own layout:
-    taking it again through the transposed view dy^T cost a slow strided reduction (7.0 ms a step at
-    llama-1b micro-batch 8 for the gate and up projections alone, docs/benchmarks.md). Rowwise scales
-    differ: dy's per row, dy^T's per column of dy."""
+    gradient (dy^T), each where asked. Tensorwise, both share one amax (the same value), so dy is read
+    once for it, not twice. Rowwise scales differ: dy's per row, dy^T's per column of dy."""
     dtype = GRAD_DTYPE[recipe]
     scale = scale_for(grad, dtype, None) if recipe == "tensorwise" else None
     return GradOperands(
@@ -211,11 +209,11 @@ def grad_weight_gemm(grad_t: Operand, x: Operand, out_dtype: torch.dtype) -> tor
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """x W^T for x (M, K), W (N, K), all three GEMMs in float8. It saves x itself, not a float8 copy: x
-    is a tensor the layer keeps anyway (attention's output) or one the compiler recomputes from such
-    tensors (SwiGLU's product), so keeping it costs nothing, where a float8 copy is a byte an element
-    more (2.5 GiB at llama-1b micro-batch 8, docs/benchmarks.md). Tensorwise, x's scale from the forward
-    is kept too, so the backward does not read x again for its amax."""
+    """x W^T for x (M, K), W (N, K), all three GEMMs in float8. It saves x itself and casts it for the
+    weight gradient in the backward; saving the float8 copy made in the forward instead measured the
+    same speed and peak memory (llama-1b, one H200, docs/benchmarks.md), and x is the simpler.
+    Tensorwise, x's scale from the forward is kept too, so the backward does not read x again for its
+    amax."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
