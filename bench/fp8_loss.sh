@@ -17,8 +17,9 @@ mkdir -p "$out"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 # SEED=N (optional) runs both modes with training.seed N (other initial weights and data order) and
 # names the files <mode>-seedN: a seed's pair of runs takes about 5.5 minutes, one device call each.
+# MODES="..." (optional) picks the runs: e.g. MODES=rowwise SEED=1234 for the rowwise recipe alone.
 seed="${SEED:-}"
-for mode in false tensorwise; do
+for mode in ${MODES:-false tensorwise}; do
   name="$mode${seed:+-seed$seed}"
   run="/tmp/fp8-loss-$name"
   rm -rf "$run"
