@@ -2,8 +2,8 @@
 
 Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps 3] [--warmup 5]
     [--torch-grad-move] (gradients into main_grad through torch's copy_/add_, as before 2026-12-04)
-    [--fp8-kernel] (float8 transposed casts through the Triton kernel in compiled code too:
-    threefold.parallel.fp8.KERNEL_UNDER_COMPILE)
+    [--fp8-kernel=on|off] (float8 transposed casts in compiled code through the Triton kernel, or left to
+    the compiler, for every recipe; unset: threefold.parallel.fp8.KERNEL_UNDER_COMPILE's per-recipe choice)
     [--host] (also: the host's Python functions by own time, under cProfile, and the operators that
     launched the most GPU time, with their input shapes)
 Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_size=N ... (rank 0 reports)
@@ -94,8 +94,11 @@ def main(argv: list[str]) -> None:
     steps, warmup, overrides = 3, 5, []
     torch_grad_move = "--torch-grad-move" in argv  # torch's copy_/add_ into main_grad, not the kernel
     host = "--host" in argv
-    fp8.KERNEL_UNDER_COMPILE = "--fp8-kernel" in argv
-    argv = [a for a in argv if a not in ("--torch-grad-move", "--host", "--fp8-kernel")]
+    for arg in argv:  # --fp8-kernel[=on] / --fp8-kernel=off: every recipe's transposed casts under compile
+        if arg.startswith("--fp8-kernel"):
+            on = arg in ("--fp8-kernel", "--fp8-kernel=on")
+            fp8.KERNEL_UNDER_COMPILE = dict.fromkeys(fp8.KERNEL_UNDER_COMPILE, on)
+    argv = [a for a in argv if a not in ("--torch-grad-move", "--host") and not a.startswith("--fp8-kernel")]
     i = 0
     while i < len(argv):
         if argv[i] in ("--steps", "--warmup"):

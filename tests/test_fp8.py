@@ -583,12 +583,15 @@ def test_the_transposed_cast_kernel_compiles_for_hopper_as_torch_compile_launche
     assert "cvt.rn.satfinite.e4m3x2.f32" in compiled.asm["ptx"]  # the float8 cast, from fp32
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("kernel", [False, True])
-def test_compiled_code_leaves_the_transposed_casts_to_the_compiler_unless_asked(monkeypatch, kernel):
-    """fp8.KERNEL_UNDER_COMPILE off (the default), the float8 linear's graphs as torch.compile captures
+def test_compiled_code_casts_transposed_operands_as_the_switch_says(monkeypatch, recipe, kernel):
+    """fp8.KERNEL_UNDER_COMPILE off for a recipe, the float8 linear's graphs as torch.compile captures
     them (forward and backward bodies of the autograd Function) hold no call of the Triton operator, so
-    the compiler fuses the casts; on, they call it; eager code calls it either way."""
-    monkeypatch.setattr(fp8, "KERNEL_UNDER_COMPILE", kernel)
+    the compiler fuses the casts; on, they call it; eager code calls it either way. The defaults as
+    measured: the compiler's casts for tensorwise, the kernel for rowwise."""
+    assert fp8.KERNEL_UNDER_COMPILE == {"tensorwise": False, "rowwise": True}
+    monkeypatch.setitem(fp8.KERNEL_UNDER_COMPILE, recipe, kernel)
     torch._dynamo.reset()
     graphs: list[str] = []
 
@@ -597,11 +600,11 @@ def test_compiled_code_leaves_the_transposed_casts_to_the_compiler_unless_asked(
         return gm
 
     x, w = torch.randn(64, 32, requires_grad=True), (torch.randn(48, 32) * 0.1).requires_grad_()
-    torch.compile(fp8.fp8_linear, backend=keep)(x, w, "tensorwise").backward(torch.randn(64, 48))
+    torch.compile(fp8.fp8_linear, backend=keep)(x, w, recipe).backward(torch.randn(64, 48))
     text = "\n".join(graphs)
     assert "bwd_body" in text  # the backward was captured too
     assert ("fp8_transposed_cast" in text) == kernel
     calls = []
     monkeypatch.setattr(fp8, "transposed_cast", lambda *a: calls.append(1) or fp8.to_fp8(*a).t().contiguous())
-    fp8.fp8_linear(x, w, "tensorwise").backward(torch.randn(64, 48))
+    fp8.fp8_linear(x, w, recipe).backward(torch.randn(64, 48))
     assert len(calls) == 4  # eager: W^T in the forward; W, dy^T and x in the backward

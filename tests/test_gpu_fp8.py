@@ -125,19 +125,19 @@ def test_fp8_model_stays_close_to_bf16(group, recipe):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_the_compiled_model_casts_with_the_kernel_as_with_torch(group, monkeypatch, recipe):
     """A compiled two-layer Llama with float8 linears, its transposed casts done by the Triton kernel
-    (fp8.KERNEL_UNDER_COMPILE: launched from the compiler's code, with the strides it traced), against
-    the same model whose transposed casts are torch's cast and copy (the default under compile; run on
-    2026-12-04 with fp8._TRITON off, the same graphs). The compiler fuses the second into the bf16 work
-    before it, so float8 roundings differ here and there and the two are not equal
-    bit for bit. The bound on the projections' gradients follows from the test above: each float8 run
-    is within 0.25 of bf16, so within 0.5 of the other; a kernel reading its input with wrong strides
-    gives unrelated values, about 1.4 apart."""
+    (fp8.KERNEL_UNDER_COMPILE on: launched from the compiler's code, with the strides it traced), against
+    the same model whose transposed casts are torch's cast and copy (tensorwise's default under compile;
+    run on 2026-12-04 with fp8._TRITON off, the same graphs). The compiler fuses the second into the bf16
+    work before it, so float8 roundings differ here and there and the two are not equal bit for bit. The
+    bound on the projections' gradients follows from the test above: each float8 run is within 0.25 of
+    bf16, so within 0.5 of the other; a kernel reading its input with wrong strides gives unrelated
+    values, about 1.4 apart."""
     shape = ModelConfig(vocab_size=4096, hidden_size=512, num_layers=2, num_heads=8, num_kv_heads=4,
                         ffn_hidden_size=1536, max_seq_len=256)  # fmt: skip
     tokens = torch.randint(0, shape.vocab_size, (4, 257), generator=torch.Generator().manual_seed(0)).cuda()
     results = []
     for kernel in (True, False):
-        monkeypatch.setattr(fp8, "KERNEL_UNDER_COMPILE", kernel)
+        monkeypatch.setitem(fp8.KERNEL_UNDER_COMPILE, recipe, kernel)
         torch._dynamo.reset()
         tp = TPContext(group, fp8=recipe)
         model = build_model(shape, tp, seed=1, device="cuda", dtype=torch.bfloat16, compiled=True)

@@ -106,9 +106,9 @@ def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     """to_fp8(t, scale, dtype).t().contiguous() for 2-D t (R, C) of any strides, `scale` broadcast to it:
     (C, R), row-major. On CUDA one Triton kernel does it in tiles (threefold/parallel/_fp8_kernel.py),
     reading and writing whole tiles where torch's copy writes float8 bytes a row apart. Eager code uses
-    it; compiled code only with KERNEL_UNDER_COMPILE. A Triton operator, so that compiled code launches
-    the kernel from its own generated code (no trip through the dispatcher and Triton's Python launcher)
-    and does not fuse into it."""
+    it; compiled code where KERNEL_UNDER_COMPILE says so for the recipe. A Triton operator, so that
+    compiled code launches the kernel from its own generated code (no trip through the dispatcher and
+    Triton's Python launcher) and does not fuse into it."""
     if not (t.is_cuda and _TRITON):
         return to_fp8(t, scale, dtype).t().contiguous()
     from threefold.parallel._fp8_kernel import transposed_cast_kernel  # imports triton
@@ -128,33 +128,36 @@ def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return out
 
 
-KERNEL_UNDER_COMPILE = False
-"""Whether code compiled by torch.compile casts transposed operands with `transposed_cast`'s kernel too
-(eager code on CUDA always does). Off: inside a whole compiled layer the compiler fuses each cast and
-transpose with the work that produces its input, and on one H200 that ran llama-1b fp8 tensorwise at
-micro-batch 8 2.1% faster with 4.0 GiB less peak memory than the kernel, an opaque operator around which
-the compiler can neither fuse nor recompute (2026-12-04, docs/benchmarks.md, "One graph per layer"). The
-kernel paid while the layers were split in several graphs. A module-level switch for A/B runs
-(bench/profile_step.py --fp8-kernel); set it before the first compile."""
+KERNEL_UNDER_COMPILE: dict[Fp8Recipe, bool] = {"tensorwise": False, "rowwise": True}
+"""Per recipe, whether code compiled by torch.compile casts transposed operands with `transposed_cast`'s
+kernel too (eager code on CUDA always does). Where off, the compiler fuses each cast and transpose with
+the work that produces its input, inside the whole compiled layer. Measured on one H200, llama-1b,
+micro-batch 8 (2026-12-04, docs/benchmarks.md): tensorwise ran 2.1% faster with the compiler's casts, its
+peak 4.0 GiB lower; rowwise ran 4.9% faster with the kernel (225.8 against 236.8 ms a step; peaks 48.9
+and 44.9 GiB), because the compiler fused RMSNorm, x's per-column amax and its transposed cast into one
+reduction taking 2 ms a layer. A module-level switch for A/B runs (bench/profile_step.py
+--fp8-kernel=on|off sets both recipes); set it before the first compile."""
 
 
-def _transposed(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _transposed(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, recipe: Fp8Recipe) -> torch.Tensor:
     """to_fp8(t, scale, dtype).t().contiguous(): the Triton operator, or torch's ops for the compiler to
     fuse (KERNEL_UNDER_COMPILE)."""
-    if torch.compiler.is_compiling() and not KERNEL_UNDER_COMPILE:
+    if torch.compiler.is_compiling() and not KERNEL_UNDER_COMPILE[recipe]:
         return to_fp8(t, scale, dtype).t().contiguous()
     return transposed_cast(t, scale, dtype)
 
 
-def cast_as(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, side: str) -> torch.Tensor:
+def cast_as(
+    t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, side: str, recipe: Fp8Recipe
+) -> torch.Tensor:
     """t * scale in float8, laid out as _scaled_mm wants the left ('a': row-major) or right ('b':
     column-major) operand. Where that layout is the transpose of t's (every right operand but a weight's
     transpose, and a left one taken from a transposed view such as dy^T), `_transposed` writes it."""
     if side == "b":  # column-major: t^T's rows, one after the other
-        return _transposed(t, scale, dtype).t()
+        return _transposed(t, scale, dtype, recipe).t()
     if t.is_contiguous():
         return to_fp8(t, scale, dtype)
-    return _transposed(t.t(), scale.t() if scale.dim() == 2 else scale, dtype)  # row-major, from t^T
+    return _transposed(t.t(), scale.t() if scale.dim() == 2 else scale, dtype, recipe)  # row-major, from t^T
 
 
 def operand(
@@ -165,7 +168,7 @@ def operand(
     `scale` (t's own, found earlier) saves reading t once more for its amax."""
     if scale is None:
         scale = scale_for(t, dtype, None if recipe == "tensorwise" else (1 if side == "a" else 0))
-    return Operand(cast_as(t, scale, dtype, side), scale.reciprocal())
+    return Operand(cast_as(t, scale, dtype, side, recipe), scale.reciprocal())
 
 
 def grad_operands(
