@@ -6,8 +6,9 @@ curves are compared as trailing means over --window steps, from step --from on (
 gap, the gap of the last window, and each run's median tokens/s and peak memory; writes an SVG plot.
 
 Usage: python bench/fp8_loss_plot.py DIR [--svg docs/fp8_loss.svg] [--window 20] [--from 50] [--control JSONL]
-       python bench/fp8_loss_plot.py DIR --seeds   (DIR also holds false-seedN / tensorwise-seedN pairs,
-       from `SEED=N bash bench/fp8_loss.sh`: fp8's mean curve against bf16's, and bf16's own spread)
+       python bench/fp8_loss_plot.py DIR --seeds [--fp8 tensorwise rowwise] [--svg F]   (DIR holds
+       false-seedN / <recipe>-seedN runs from `SEED=N [MODES=...] bash bench/fp8_loss.sh`: each recipe's
+       mean curve over the seeds against bf16's, bf16's own spread; exit 2 where a mean curve leaves 1%)
        python bench/fp8_loss_plot.py --make-corpus data/fp8-src/code.jsonl   (the corpus's JSON lines)
 DIR holds false.jsonl and tensorwise.jsonl (the runs' metrics.jsonl files).
 """
@@ -113,42 +114,99 @@ def compare(directory: Path, svg: Path | None, window: int, start: int, control:
     return 0 if abs(gap[worst]) <= 0.01 else 2
 
 
-def seed_pairs(directory: Path) -> dict[str, tuple[Path, Path]]:
-    """{seed label: (bf16 run, fp8 run)}: false.jsonl with tensorwise.jsonl ('base'), and each
-    false-seedN.jsonl with its tensorwise-seedN.jsonl (bench/fp8_loss.sh with SEED=N)."""
+def seed_pairs(directory: Path, fp8: str = "tensorwise") -> dict[str, tuple[Path, Path]]:
+    """{seed label: (bf16 run, fp8 run)} for the `fp8` recipe: false.jsonl with <fp8>.jsonl ('base'), and
+    each false-seedN.jsonl with its <fp8>-seedN.jsonl (bench/fp8_loss.sh with SEED=N, MODES=...)."""
     pairs = {}
     for bf16 in sorted(directory.glob("false*.jsonl")):
         label = bf16.stem.removeprefix("false").removeprefix("-") or "base"
-        fp8 = directory / bf16.name.replace("false", "tensorwise", 1)
-        if fp8.exists():
-            pairs[label] = (bf16, fp8)
+        partner = directory / bf16.name.replace("false", fp8, 1)
+        if partner.exists():
+            pairs[label] = (bf16, partner)
     return pairs
 
 
-def seed_summary(directory: Path, window: int) -> dict[str, float]:
-    """Over every seed pair in `directory`: the last-window gap of fp8's mean curve to bf16's, and the
-    spread of the bf16 runs themselves (the largest last-window distance of one bf16 run from their
-    mean), both relative to bf16's mean. fp8 passes the guard where its gap is within 1%; the spread
-    says how much of a gap one pair of runs could show by chance."""
-    pairs = seed_pairs(directory)
+def seed_curves(
+    directory: Path, window: int, fp8: str = "tensorwise"
+) -> tuple[list[int], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The steps every seed pair of `fp8` shares, and each pair's trailing-mean loss curves (bf16, fp8)."""
+    pairs = seed_pairs(directory, fp8)
     if not pairs:
-        raise ValueError(f"{directory} holds no pair of false*.jsonl and tensorwise*.jsonl runs")
+        raise ValueError(f"{directory} holds no pair of false*.jsonl and {fp8}*.jsonl runs")
     runs = {label: tuple(read_run(p)["train/loss"] for p in pair) for label, pair in pairs.items()}
     steps = sorted(set.intersection(*(set(r) for pair in runs.values() for r in pair)))
     if not steps:
         raise ValueError(f"the runs in {directory} share no step")
-
-    def last(curve: dict[int, float]) -> float:
-        return float(trailing_mean(np.array([curve[s] for s in steps]), window)[-1])
-
-    bf16 = np.array([last(pair[0]) for pair in runs.values()])
-    fp8 = np.array([last(pair[1]) for pair in runs.values()])
-    return {
-        "seeds": float(len(runs)),
-        "gap": float(fp8.mean() / bf16.mean() - 1),
-        "bf16_spread": float(np.abs(bf16 - bf16.mean()).max() / bf16.mean()),
-        "pair_gaps_max": float(np.abs(fp8 / bf16 - 1).max()),
+    smooth = {
+        label: tuple(trailing_mean(np.array([curve[s] for s in steps]), window) for curve in pair)
+        for label, pair in runs.items()
     }
+    return steps, smooth  # type: ignore[return-value]
+
+
+def seed_summary(directory: Path, window: int, start: int = 50, fp8: str = "tensorwise") -> dict[str, float]:
+    """Over every seed pair of the `fp8` recipe in `directory`, on trailing means over `window` steps:
+    - gap: fp8's mean curve against bf16's mean curve (both over the seeds) in the last window;
+    - largest_gap, largest_gap_step: the largest |gap| of those mean curves from step `start` on, and
+      where; the guard holds where it is within 1%;
+    - within: the share of steps from `start` on where the mean curves are within 1%;
+    - bf16_spread: the largest last-window distance of one bf16 run from the bf16 mean;
+    - pair_gaps_max: the largest last-window gap of one seed's fp8 run to its own bf16 run.
+    All relative to bf16. The spread and the single pairs say how much of a gap one pair of runs could
+    show by chance (the trajectories of two runs part even when only bf16 rounding differs)."""
+    steps, smooth = seed_curves(directory, window, fp8)
+    bf16 = np.array([pair[0] for pair in smooth.values()])  # (seeds, steps)
+    other = np.array([pair[1] for pair in smooth.values()])
+    gap = other.mean(0) / bf16.mean(0) - 1
+    after = np.array(steps) >= start
+    if not after.any():
+        raise ValueError(f"the runs in {directory} end before step {start}")
+    worst = int(np.argmax(np.abs(gap) * after))
+    return {
+        "seeds": float(len(smooth)),
+        "gap": float(gap[-1]),
+        "largest_gap": float(gap[worst]),
+        "largest_gap_step": float(steps[worst]),
+        "within": float(np.mean(np.abs(gap[after]) <= 0.01)),
+        "bf16_spread": float(np.abs(bf16[:, -1] - bf16[:, -1].mean()).max() / bf16[:, -1].mean()),
+        "pair_gaps_max": float(np.abs(other[:, -1] / bf16[:, -1] - 1).max()),
+    }
+
+
+def plot_seeds(directory: Path, svg: Path, window: int, recipes: list[str]) -> None:
+    """Upper panel: bf16's and each recipe's loss curves averaged over the seeds (trailing means); lower
+    panel: each recipe's mean-curve gap to bf16 (thick) and each seed's own pair gap (thin), +-1% dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 2])
+    colors = {"tensorwise": "tab:orange", "rowwise": "tab:green"}
+    for i, recipe in enumerate(recipes):
+        steps, smooth = seed_curves(directory, window, recipe)
+        bf16 = np.array([pair[0] for pair in smooth.values()])
+        other = np.array([pair[1] for pair in smooth.values()])
+        if i == 0:
+            top.plot(steps, bf16.mean(0), color="tab:blue", label=f"bf16 ({len(smooth)} seeds)")
+        color = colors.get(recipe, "tab:red")
+        top.plot(steps, other.mean(0), color=color, label=f"fp8 {recipe} ({len(smooth)} seeds)")
+        for pair_bf16, pair_fp8 in zip(bf16, other, strict=True):
+            bottom.plot(steps, 100 * (pair_fp8 / pair_bf16 - 1), color=color, linewidth=0.5, alpha=0.4)
+        bottom.plot(steps, 100 * (other.mean(0) / bf16.mean(0) - 1), color=color, linewidth=1.8, label=recipe)
+    top.set_ylabel(f"training loss ({window}-step mean)")
+    top.set_ylim(1, 5)
+    top.legend()
+    top.set_title("llama-1b, 16,384 tokens/step, 1x H200: bf16 vs fp8, mean over seeds")
+    bottom.axhline(1, color="red", linestyle=":")
+    bottom.axhline(-1, color="red", linestyle=":")
+    bottom.set_ylim(-6, 6)
+    bottom.set_ylabel("gap to bf16 (%)")
+    bottom.set_xlabel("step (thick: mean curves; thin: each seed's pair)")
+    bottom.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(svg)
+    print(f"wrote {svg}")
 
 
 def make_corpus(out: Path) -> None:
@@ -187,18 +245,28 @@ def main() -> int:
     parser.add_argument("--control", type=Path, default=None, metavar="JSONL", help="bf16, another seed")
     parser.add_argument("--make-corpus", type=Path, default=None, metavar="JSONL")
     parser.add_argument("--seeds", action="store_true", help="summarize every seed pair in DIR")
+    parser.add_argument(
+        "--fp8", nargs="+", default=["tensorwise"], metavar="RECIPE", help="with --seeds: the recipes"
+    )
     args = parser.parse_args()
     if args.make_corpus is not None:
         make_corpus(args.make_corpus)
         return 0
     if args.seeds and args.dir is not None:
-        summary = seed_summary(args.dir, args.window)
-        print(
-            f"{summary['seeds']:.0f} seeds, last {args.window}-step window: fp8's mean {summary['gap']:+.3%} "
-            f"from bf16's; bf16 runs within {summary['bf16_spread']:.3%} of their mean; the largest "
-            f"single-pair gap {summary['pair_gaps_max']:.3%}"
-        )
-        return 0 if abs(summary["gap"]) <= 0.01 else 2
+        met = True
+        for recipe in args.fp8:
+            got = seed_summary(args.dir, args.window, args.start, recipe)
+            met = met and abs(got["largest_gap"]) <= 0.01
+            print(
+                f"{recipe}, {got['seeds']:.0f} seeds, {args.window}-step trailing means: fp8's mean curve "
+                f"{got['gap']:+.3%} from bf16's in the last window, at most {got['largest_gap']:+.3%} "
+                f"(step {got['largest_gap_step']:.0f}) from step {args.start} on, within 1% at "
+                f"{got['within']:.0%} of those steps; bf16 runs within {got['bf16_spread']:.3%} of their "
+                f"mean; the largest single-pair gap {got['pair_gaps_max']:.3%}"
+            )
+        if args.svg is not None:
+            plot_seeds(args.dir, args.svg, args.window, args.fp8)
+        return 0 if met else 2
     if args.dir is None:
         parser.error("give DIR or --make-corpus")
     return compare(args.dir, args.svg, args.window, args.start, args.control)
