@@ -29,8 +29,9 @@ Why our own autograd Function rather than torchao's Float8Linear: threefold's te
 are not nn.Linear, and the column-parallel projections run their GEMMs inside their own autograd
 Function (to overlap the input gradient's all-reduce with the weight gradients), which a module swap
 cannot reach. The GEMM helpers here serve both that Function and a plain linear. The float8 math is
-four lines on top of torch._scaled_mm; the one kernel of our own, the transposed cast of eager code, is
-Triton, which CUDA builds of torch bring, so the GPU machine needs nothing beyond torch.
+four lines on top of torch._scaled_mm; the one kernel of our own, the transposed cast (eager code, and
+rowwise under compile: KERNEL_UNDER_COMPILE), is Triton, which CUDA builds of torch bring, so the GPU
+machine needs nothing beyond torch.
 """
 
 from __future__ import annotations
