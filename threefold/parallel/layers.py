@@ -242,12 +242,9 @@ class _ColumnParallelProjections(torch.autograd.Function):
             if g is None:
                 param_grads += [None, None]
                 continue
-            if g_fp8 is None or x_fp8 is None:
-                grad_weight = g.t().mm(flat_input)
-            else:
-                assert g_fp8.for_weight is not None
-                grad_weight = float8.grad_weight_gemm(g_fp8.for_weight, x_fp8, g.dtype)
-            param_grads += [grad_weight, g.sum(0) if has_bias else None]  # (out/t, h), (out/t,)
+            grad_t = None if g_fp8 is None else g_fp8.for_weight
+            dw_db = weight_grads(flat_input, g, has_bias, recipe, x_fp8, grad_t)
+            param_grads += dw_db if has_bias else [*dw_db, None]  # (out/t, h), (out/t,)
         with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
             reduced = torch.ops._c10d_functional.wait_tensor(reduced)
         return (reduced.view(x.shape), None, None, None, *param_grads)

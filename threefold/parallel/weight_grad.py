@@ -72,10 +72,11 @@ def weight_grads(
     has_bias: bool,
     recipe: Fp8Recipe | None = None,
     x_fp8: float8.Operand | None = None,
+    grad_t: float8.Operand | None = None,
 ) -> list[torch.Tensor]:
     """[dW (out, in), db (out,) if has_bias] of y = x W^T + b, from x (..., in) and dY (..., out). With an
     fp8 `recipe`, dW is the float8 GEMM (threefold.parallel.fp8), reusing `x_fp8` (x cast as its right
-    operand) when given."""
+    operand) and `grad_t` (dY^T cast as its left one, `fp8.grad_operands`) when given."""
     flat_grad = grad.reshape(-1, grad.shape[-1])
     flat_x = x.reshape(-1, x.shape[-1])
     if recipe is None:
@@ -83,8 +84,9 @@ def weight_grads(
     else:
         if x_fp8 is None:
             x_fp8 = float8.operand(flat_x, float8.E4M3, recipe, "b")
-        grad_t = float8.grad_operands(flat_grad, recipe, for_input=False, for_weight=True).for_weight
-        assert grad_t is not None
+        if grad_t is None:
+            grad_t = float8.grad_operands(flat_grad, recipe, for_input=False, for_weight=True).for_weight
+            assert grad_t is not None
         grads = [float8.grad_weight_gemm(grad_t, x_fp8, flat_grad.dtype)]
     if has_bias:
         grads.append(flat_grad.sum(0))
@@ -126,9 +128,7 @@ class _Linear(torch.autograd.Function):
             if g.for_input is not None:
                 grad_input = float8.grad_input_gemm(g.for_input, weight, recipe, grad.dtype)
             if g.for_weight is not None:
-                x_fp8 = float8.operand(x, float8.E4M3, recipe, "b")
-                grads = [float8.grad_weight_gemm(g.for_weight, x_fp8, grad.dtype)]
-                grads += [grad.sum(0)] if has_bias else []
+                grads = weight_grads(x, grad, has_bias, recipe, grad_t=g.for_weight)
         if grads is not None:
             return grad_input, grads[0], grads[1] if has_bias else None, None, None
         params = ctx.params
