@@ -7,6 +7,12 @@ ones r it prints the mean relative error |g - r| / |r| and the mean of <g, r> / 
 g keeps (1 for an unbiased gradient; below 1 where rounding shrinks it).
 
 Usage: PYTHONPATH=. python bench/fp8_grad_error.py [--hidden 256] [--layers 2] [--tokens 512]
+         [--data DIR --train-steps N]
+With --data (a prepared dataset, e.g. data/fp8-corpus) the model first trains in float32 for N steps on
+the train split (AdamW), and the gradients are taken on a batch of the val split, so that the comparison
+sees trained weights and the outlier features training grows: it prints, per kind of linear, how far the
+inputs' largest magnitude stands above their root mean square (median over the layers). The float8 runs
+also include "mixed": tensorwise with the MLP's down projection rowwise.
 torch._scaled_mm runs on the CPU, so no GPU is needed (fast accumulation, a GPU matter, is not modelled).
 
 What it cannot see: a randomly initialized model, where both recipes err alike. On one H200 tensorwise
@@ -18,23 +24,82 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from threefold.config import Fp8Recipe, ModelConfig
+from threefold.data.dataset import TokenDataset
+from threefold.data.format import read_meta
 from threefold.model.transformer import build_model
 from threefold.parallel import fp8
 from threefold.parallel.layers import TPContext
 
 
 def weight_grads(
-    cfg: ModelConfig, tokens: torch.Tensor, recipe: Fp8Recipe | None, dtype: torch.dtype
+    cfg: ModelConfig,
+    tokens: torch.Tensor,
+    recipe: Fp8Recipe | None,
+    dtype: torch.dtype,
+    state: dict[str, torch.Tensor] | None = None,
+    down_recipe: Fp8Recipe | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The linears' weight gradients (float32 copies) of one forward and backward."""
+    """The linears' weight gradients (float32 copies) of one forward and backward, from the initial
+    weights or from `state`; `down_recipe` overrides the recipe of the MLP's down projections."""
     model = build_model(cfg, TPContext(dist.group.WORLD, fp8=recipe), seed=3, dtype=dtype)
+    if state is not None:
+        model.load_state_dict(state)
+    if down_recipe is not None:
+        for name, module in model.named_modules():
+            if name.endswith("down_proj"):
+                module.fp8 = down_recipe
     model(tokens[:, :-1], tokens[:, 1:]).backward()
     return {n: p.grad.float() for n, p in model.named_parameters() if "proj" in n and p.grad is not None}
+
+
+def train(cfg: ModelConfig, data: TokenDataset, steps: int, lr: float) -> dict[str, torch.Tensor]:
+    """The float32 model's weights after `steps` AdamW steps of 4 random train samples each."""
+    model = build_model(cfg, TPContext(dist.group.WORLD), seed=3, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    order = np.random.default_rng(0)
+    for step in range(steps):
+        inputs, targets = data.get_batch(order.integers(0, len(data), 4))
+        loss = model(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            print(f"train step {step}: loss {loss.item():.3f}", flush=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def input_outliers(
+    cfg: ModelConfig, tokens: torch.Tensor, state: dict[str, torch.Tensor] | None
+) -> dict[str, float]:
+    """Per kind of linear (q_proj, down_proj, ...): max |x| / rms(x) of its input in float32, the
+    median over the layers. One scale per tensor spends float8's range on that ratio."""
+    model = build_model(cfg, TPContext(dist.group.WORLD), seed=3, dtype=torch.float32)
+    if state is not None:
+        model.load_state_dict(state)
+    ratios: dict[str, list[float]] = {}
+
+    def record(kind: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach()
+            ratios.setdefault(kind, []).append(float(x.abs().max() / x.pow(2).mean().sqrt()))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name.endswith("_proj"):
+            module.register_forward_pre_hook(record(name.rsplit(".", 1)[-1]))
+    with torch.no_grad():
+        model(tokens[:, :-1], tokens[:, 1:])
+    return {kind: float(np.median(values)) for kind, values in ratios.items()}
 
 
 def compare(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -49,6 +114,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=512, help="tokens in the batch (4 sequences)")
+    parser.add_argument("--data", type=Path, default=None, help="a prepared dataset: train on it first")
+    parser.add_argument("--train-steps", type=int, default=300, help="with --data: float32 AdamW steps")
+    parser.add_argument("--lr", type=float, default=3e-3, help="with --data: the learning rate")
     args = parser.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29541")
@@ -56,21 +124,47 @@ def main() -> None:
     seq = args.tokens // 4
     cfg = ModelConfig(arch="llama", num_layers=args.layers, hidden_size=args.hidden, num_heads=4,
                       num_kv_heads=2, ffn_hidden_size=(args.hidden * 11 // 4 + 15) // 16 * 16,
-                      vocab_size=2048, max_seq_len=seq)  # fmt: skip
-    tokens = torch.randint(0, cfg.vocab_size, (4, seq + 1), generator=torch.Generator().manual_seed(1))
-    ref = weight_grads(cfg, tokens, None, torch.float32)
-    rows = [("bf16", *compare(weight_grads(cfg, tokens, None, torch.bfloat16), ref))]
+                      vocab_size=2048 if args.data is None else int(read_meta(args.data)["vocab_size"]),
+                      max_seq_len=seq)  # fmt: skip
+    state = None
+    if args.data is None:
+        tokens = torch.randint(0, cfg.vocab_size, (4, seq + 1), generator=torch.Generator().manual_seed(1))
+    else:
+        state = train(cfg, TokenDataset(args.data, "train", seq), args.train_steps, args.lr)
+        val = TokenDataset(args.data, "val", seq)
+        if len(val) < 4:
+            raise SystemExit(
+                f"{args.data}'s val split holds {len(val)} samples of {seq} tokens; 4 are needed"
+            )
+        inputs, targets = val.get_batch(np.arange(4))
+        tokens = torch.cat([inputs, targets[:, -1:]], dim=1)  # (4, seq + 1)
+    ref = weight_grads(cfg, tokens, None, torch.float32, state)
+    rows = [("bf16", *compare(weight_grads(cfg, tokens, None, torch.bfloat16, state), ref))]
     default = dict(fp8.GRAD_DTYPE)
     try:
         for recipe in ("tensorwise", "rowwise"):
             for grad_dtype in (fp8.E5M2, fp8.E4M3):
                 fp8.GRAD_DTYPE[recipe] = grad_dtype
                 name = f"fp8 {recipe}, dy in {str(grad_dtype).removeprefix('torch.float8_')}"
-                rows.append((name, *compare(weight_grads(cfg, tokens, recipe, torch.bfloat16), ref)))
+                grads = weight_grads(cfg, tokens, recipe, torch.bfloat16, state)
+                rows.append((name, *compare(grads, ref)))
+        fp8.GRAD_DTYPE.update(default)
+        grads = weight_grads(cfg, tokens, "tensorwise", torch.bfloat16, state, down_recipe="rowwise")
+        rows.append(("fp8 mixed (down projection rowwise)", *compare(grads, ref)))
+        outliers = input_outliers(cfg, tokens, state)
     finally:
         fp8.GRAD_DTYPE.update(default)
         dist.destroy_process_group()
-    print(f"llama, {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens: the linears' dW")
+    trained = (
+        "initial weights" if args.data is None else f"after {args.train_steps} float32 steps on {args.data}"
+    )
+    print(
+        "inputs' max |x| / rms(x), median over layers: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in outliers.items())
+    )
+    print(
+        f"llama, {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens, {trained}: the linears' dW"
+    )
     print("| run | relative error to fp32 | share of fp32's gradient kept |\n|---|---:|---:|")
     for name, error, kept in rows:
         print(f"| {name} | {error:.4f} | {kept:.4f} |")
