@@ -37,3 +37,10 @@ def test_the_gradient_error_tool_trains_then_compares_every_recipe(sonnets_datas
         # float8's 3 or 2 mantissa bits err far more than bf16's 8, and keep most of float32's gradient
         assert bf16_error < error < 0.5, (name, error)
         assert 0.8 < kept < 1.1, (name, kept)
+    casts = re.findall(r"^\| (\w+_proj) (x|dy) \| (e4m3fn|e5m2) \| (.+) \|$", out, re.M)
+    assert len(casts) == 7 * 2 * 2  # every linear's x and dy in both formats
+    for kind, which, dtype, cells in casts:
+        for flushed, error in re.findall(r"([\d.]+)% / ([\d.]+)", cells):
+            # float8 rounding: at most 2^-4 (e4m3) or 2^-3 (e5m2) relative, about a quarter of it on average
+            assert 0.0 < float(error) < (0.07 if dtype == "e4m3fn" else 0.14), (kind, which, dtype, error)
+            assert float(flushed) < 50.0
