@@ -336,6 +336,38 @@ def test_a_training_step_never_waits_for_the_device(mesh, micro_batches):
     assert not stats.read().skipped and stats.read().loss > 0
 
 
+def test_direct_gradients_train_bit_for_bit_as_the_fp32_buffers_on_the_gpu(mesh, monkeypatch):
+    """One micro-batch a step alone: the optimizer reads autograd's bf16 gradients (the norm through
+    `_foreach_norm(..., dtype=float32)`, the one-pass kernel upcasting them), against the fp32 buffers."""
+    import threefold.train as train_module
+    from threefold.bench import synthetic_steps
+    from threefold.config import Config, build_config
+
+    raw = {
+        "model": {"preset": "tiny"},
+        "data": {"seq_len": 64},
+        "optimizer": {"grad_clip": 0.05},  # clipping acts at every step
+        "training": {"device": "cuda", "dtype": "bfloat16", "micro_batch_size": 2, "global_batch_size": 2,
+                     "max_steps": 4},
+    }  # fmt: skip
+    config = build_config(raw, [], check_paths=False)
+    runs = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(Config, "direct_grads", property(lambda self: False))
+        trainer = train_module.build(config, mesh, torch.device("cuda"))
+        assert all(s.direct == direct for s in trainer.grad_syncs.values())
+        assert trainer.optimizer._one_pass
+        data = synthetic_steps(config, mesh, torch.device("cuda"), 3)
+        stats = [train_module.train_step(trainer, data[step], step).read() for step in range(3)]
+        params = [p.detach().clone() for c in trainer.chunks.values() for p in c.parameters()]
+        runs.append((stats, params))
+    (direct_stats, direct_params), (buffered_stats, buffered_params) = runs
+    assert min(s.grad_norm for s in direct_stats) > 0.05
+    assert direct_stats == buffered_stats
+    assert all(torch.equal(a, b) for a, b in zip(direct_params, buffered_params, strict=True))
+
+
 # --- A compiled layer is one graph on the GPU -------------------------------------------------------
 
 

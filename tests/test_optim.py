@@ -247,27 +247,32 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
 dist.init_process_group("gloo", rank=0, world_size=1)
 mesh = build_mesh(1, 1, 1)
 runs = []
-for one_pass in (True, False):
+for one_pass, direct in ((True, False), (False, False), (True, True)):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 300), nn.Tanh(), nn.Linear(300, 4), nn.LayerNorm(4)).to(torch.bfloat16)
-    sync = GradSync(list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=1.0, zero=0)
+    sync = GradSync(list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=1.0, zero=0, direct=direct)
     cfg = OptimizerConfig(lr=0.05, warmup_steps=2, weight_decay=0.1, grad_clip=0.5)
-    opt = Optimizer(sync.owned_ranges(), cfg, mesh=mesh, max_steps=10)
+    source = sync.owned_grads if direct else None
+    opt = Optimizer(sync.owned_ranges(), cfg, mesh=mesh, max_steps=10, grads=source)
     opt._one_pass = one_pass  # on the CPU only torch's AdamW is chosen; the interpreter runs the kernel
-    runs.append((model, opt))
+    runs.append((model, opt, sync))
 for step in range(5):
     torch.manual_seed(step)
-    grads = [torch.randn(p.shape) for p in runs[0][0].parameters()]
-    for model, opt in runs:
+    grads = [torch.randn(p.shape).bfloat16() for p in runs[0][0].parameters()]  # what backward gives
+    for model, opt, sync in runs:
         for p, g in zip(model.parameters(), grads):
-            p.main_grad.copy_(g)
+            if sync.direct:
+                p.grad = g.clone()  # the kernel reads the bf16 gradient itself
+            else:
+                p.main_grad.copy_(g)
         with torch.profiler.profile() as prof:
             opt.step(step, found_inf=torch.tensor(step == 2))
+        sync.reset()
         # Nothing read back to the host (on CUDA that would be a wait for the device every step).
         if opt._one_pass:  # (torch's CPU path reads the skip flag on the host, as it must there)
             assert "aten::_local_scalar_dense" not in {e.key for e in prof.key_averages()}, step
-(kernel_model, kernel_opt), (torch_model, torch_opt) = runs
-mine, theirs = kernel_opt.state_dict(), torch_opt.state_dict()
+(kernel_model, kernel_opt, _), (torch_model, torch_opt, _), (direct_model, direct_opt, _) = runs
+mine, theirs, direct = kernel_opt.state_dict(), torch_opt.state_dict(), direct_opt.state_dict()
 assert mine.step == theirs.step == 4.0, (mine.step, theirs.step)
 for name, piece in theirs.params.items():
     assert_close(mine.params[name].master, piece.master, rtol=1e-5, atol=1e-6)
@@ -275,6 +280,14 @@ for name, piece in theirs.params.items():
         assert_close(mine.params[name].moments[key], piece.moments[key], rtol=1e-5, atol=1e-7)
 for a, b in zip(kernel_model.parameters(), torch_model.parameters()):
     assert_close(a.float(), b.float(), rtol=2**-7, atol=0)  # bf16 weights, within one step
+# The kernel reading bf16 gradients directly: the same values as their fp32 copies, so bit for bit.
+assert direct.step == mine.step
+for name, piece in mine.params.items():
+    assert torch.equal(direct.params[name].master, piece.master), name
+    for key in Optimizer.moment_names:
+        assert torch.equal(direct.params[name].moments[key], piece.moments[key]), (name, key)
+for a, b in zip(direct_model.parameters(), kernel_model.parameters()):
+    assert torch.equal(a, b)
 dist.destroy_process_group()
 print("same")
 """
@@ -283,7 +296,8 @@ print("same")
 def test_the_optimizer_with_its_one_pass_kernel_matches_torch_adamw_under_the_interpreter():
     """The Optimizer's one-pass path (state made on the first step, the decays, the bf16 weights, the
     clipping scale, a skipped step) through the kernel under Triton's interpreter, against the same
-    Optimizer on torch's AdamW."""
+    Optimizer on torch's AdamW; and the kernel reading direct bf16 gradients, bit for bit as their fp32
+    copies."""
     import os
     import socket
     import subprocess

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +70,9 @@ class Optimizer:
     `ranges` lists (parameter, start, end) flat ranges (see GradSync.owned_ranges): whole parameters
     without ZeRO, this data-parallel rank's shard of them with ZeRO. Each range gets a 1-D fp32 master:
     the parameter's own storage when training in fp32, a copy (written back after each step) in bf16.
-    Gradients come from each parameter's fp32 `main_grad`, or from `grads` (one per range) when given;
+    Gradients come from each parameter's fp32 `main_grad`, or from `grads` (one per range) when given:
+    a list, or a function returning this step's list (GradSync.owned_grads with direct gradients, in the
+    compute dtype; read in fp32);
     `weights` (one per range) replaces the parameters' ranges as what is updated. With `offload` the
     masters and moments of the last `cfg.offload_fraction` of the elements live in host memory and are
     updated there (threefold/offload.py); the rest as without. `names` gives each
@@ -88,7 +90,7 @@ class Optimizer:
         max_steps: int,
         zero: bool | int = False,
         names: Mapping[nn.Parameter, str] | None = None,
-        grads: list[torch.Tensor] | None = None,
+        grads: list[torch.Tensor] | Callable[[], list[torch.Tensor]] | None = None,
         weights: list[torch.Tensor] | None = None,
         offload: bool = False,
     ) -> None:
@@ -104,10 +106,13 @@ class Optimizer:
         # ZeRO-2/3 keep the reduced gradients (and ZeRO-3 the parameters) in shards of their own: the
         # gradient sync hands over those (GradSync.owned_grads / owned_weights).
         self._targets = weights if weights is not None else [p.data.view(-1)[a:b] for p, a, b in ranges]
-        self._grads = (
-            grads if grads is not None else [p.main_grad.view(-1)[a:b] for p, a, b in ranges]  # type: ignore[attr-defined]
-        )
-        assert len(self._targets) == len(self._grads) == len(ranges)
+        self._grad_source = grads if callable(grads) else None
+        self._grads: list[torch.Tensor] = (
+            [] if callable(grads)
+            else grads if grads is not None
+            else [p.main_grad.view(-1)[a:b] for p, a, b in ranges]  # type: ignore[attr-defined]
+        )  # fmt: skip
+        assert len(self._targets) == len(ranges) and (callable(grads) or len(self._grads) == len(ranges))
         on_cuda = bool(ranges) and ranges[0][0].is_cuda
         self.offload = offload
         decays = [cfg.weight_decay if p.ndim >= 2 else 0.0 for p, _, _ in ranges]  # none on norms, biases
@@ -170,14 +175,16 @@ class Optimizer:
         # (a replicated kv shard on each of its replicas), a tied embedding on both the first and the
         # last pipeline stage, and with ZeRO each rank holds only its own part.
         self._counted = [
-            g
-            for g, (p, _, _) in zip(self._grads, ranges, strict=True)
-            if is_tp_primary(p, mesh.tp_rank) and not getattr(p, "tied_copy", False)
+            is_tp_primary(p, mesh.tp_rank) and not getattr(p, "tied_copy", False) for p, _, _ in ranges
         ]
 
+    def _current_grads(self) -> list[torch.Tensor]:
+        """The gradient of each range: the fixed views, or this step's from the grads function."""
+        return self._grad_source() if self._grad_source is not None else self._grads
+
     def grads(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """(parameter, fp32 gradient of the range this rank updates): what cross-group sums must reach."""
-        return [(p, g) for (p, _, _), g in zip(self.ranges, self._grads, strict=True)]
+        """(parameter, gradient of the range this rank updates): what cross-group sums must reach."""
+        return [(p, g) for (p, _, _), g in zip(self.ranges, self._current_grads(), strict=True)]
 
     def state_dict(self) -> OptimizerState:
         """This rank's state by parameter name: its ranges' masters and moments (live tensors)."""
@@ -251,16 +258,21 @@ class Optimizer:
             )
         return masters, moments
 
-    def grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the gradient over the whole model (all ranks), as a device tensor."""
-        grads = self._counted
+    def grad_norm(self, grads: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Global L2 norm of the gradient (`grads`, one per range: this step's by default) over the whole
+        model (all ranks), in fp32, as a device tensor."""
+        every = self._current_grads() if grads is None else grads
+        grads = [g for g, counted in zip(every, self._counted, strict=True) if counted]
         device = self.params[0].device if self.params else torch.device("cpu")
         if grads and device.type == "cuda":
-            squares = torch.stack(torch._foreach_norm(grads)).square().sum()  # one fused tree reduction
+            # One fused tree reduction; direct bf16 gradients accumulate and return in fp32 as well.
+            fp32 = all(g.dtype == torch.float32 for g in grads)
+            norms = torch._foreach_norm(grads) if fp32 else torch._foreach_norm(grads, 2, dtype=torch.float32)
+            squares = torch.stack(norms).square().sum()
         elif grads:
             # CPU norms accumulate sequentially in fp32 (5e-5 relative error on a 1.6M-element vocab
             # gradient, enough to make layouts disagree); sum() uses cascade summation.
-            squares = torch.stack([g.square().sum() for g in grads]).sum()
+            squares = torch.stack([g.float().square().sum() for g in grads]).sum()
         else:
             squares = torch.zeros((), device=device)
         if self.zero and self.mesh.dp_cp_size > 1:
@@ -279,7 +291,8 @@ class Optimizer:
         same on every rank, so all ranks skip together. On CUDA the update (the one-pass kernel or torch's
         fused AdamW) reads the flag on the device (no host sync); on CPU it is read on the host.
         """
-        norm = self.grad_norm()
+        grads = self._current_grads()
+        norm = self.grad_norm(grads)
         skip = ~torch.isfinite(norm)
         if found_inf is not None:
             skip = skip | found_inf
@@ -288,17 +301,19 @@ class Optimizer:
             group["lr"] = lr
         scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0) if self.cfg.grad_clip > 0 else None
         if self._one_pass:
-            self._fused_step(lr, scale, skip)
+            self._fused_step(grads, lr, scale, skip)
         else:
-            self._torch_step(scale, skip)
+            self._torch_step(grads, scale, skip)
         # The host reads the flag: an offloaded update waits for the gradients anyway.
         if self.host_adam is not None and not bool(skip.cpu()):
             self.host_adam.step(
-                [self._grads[i] for i in self._host], [self._targets[i] for i in self._host], scale, lr
+                [grads[i] for i in self._host], [self._targets[i] for i in self._host], scale, lr
             )
         return norm, lr
 
-    def _fused_step(self, lr: float, scale: torch.Tensor | None, skip: torch.Tensor) -> None:
+    def _fused_step(
+        self, grads: list[torch.Tensor], lr: float, scale: torch.Tensor | None, skip: torch.Tensor
+    ) -> None:
         """The device ranges' update and write-back in one pass per range (threefold/adamw.py)."""
         masters = [self.masters[i] for i in self._device]
         device = masters[0].device
@@ -311,16 +326,17 @@ class Optimizer:
         self._lr.fill_(lr)
         adamw_update(
             masters, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], [self._grads[i] for i in self._device], self._device_weights,
+            [s["step"] for s in states], [grads[i] for i in self._device], self._device_weights,
             self._device_decays,
             lr=self._lr, scale=self._one if scale is None else scale, skip=skip.to(device),
             betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps,
         )  # fmt: skip
 
-    def _torch_step(self, scale: torch.Tensor | None, skip: torch.Tensor) -> None:
+    def _torch_step(self, grads: list[torch.Tensor], scale: torch.Tensor | None, skip: torch.Tensor) -> None:
         """torch's AdamW (fused on CUDA) over the device ranges, then the masters copied into the weights."""
         dev_masters = [self.masters[i] for i in self._device]
-        dev_grads = [self._grads[i] for i in self._device]
+        # torch's AdamW wants gradients of the masters' dtype: direct bf16 gradients are read in fp32.
+        dev_grads = [grads[i].to(self.masters[i].dtype) for i in self._device]
         if scale is not None:
             # Scale by min(1, clip / norm) without a host sync; the fused kernel divides by grad_scale
             # as it reads each gradient, which saves a pass over all of them.

@@ -125,6 +125,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         for c in chunks_of_rank(mesh.pp_rank, p.pp_size, p.num_model_chunks, p.pipeline_schedule in V_SHAPED)
     }
     tied_across_stages = config.model.tie_embeddings and p.pp_size > 1
+    direct = config.direct_grads  # alone, one micro-batch a step: no fp32 gradient buffers
     grad_syncs = {
         c: GradSync(
             list(chunk.parameters()),
@@ -135,6 +136,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
             solo=[chunk.embed_tokens.weight] if tied_across_stages and hasattr(chunk, "embed_tokens") else [],
             units=[[q for m in unit for q in m.parameters()] for unit in chunk.units()],
             fp8_gather=p.zero_fp8_gather,
+            direct=direct,
         )
         for c, chunk in chunks.items()
     }
@@ -144,6 +146,10 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         elif p.zero and mesh.dp_cp_size > 1:
             chunk.set_unit_hooks(WaitForGather(grad_syncs[c], chunk.units()))  # all-gather overlaps forward
     syncs = [grad_syncs[c] for c in sorted(grad_syncs)]
+
+    def owned_grads() -> list[torch.Tensor]:
+        return [g for s in syncs for g in s.owned_grads()]
+
     optimizer = Optimizer(
         [r for s in syncs for r in s.owned_ranges()],
         config.optimizer,
@@ -151,7 +157,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         max_steps=t.max_steps,
         zero=p.zero,
         names={param: name for chunk in chunks.values() for name, param in chunk.named_parameters()},
-        grads=[g for s in syncs for g in s.owned_grads()],
+        grads=owned_grads if direct else owned_grads(),
         weights=[w for s in syncs for w in s.owned_weights()],
         offload=config.optimizer.offload,
     )
@@ -308,6 +314,9 @@ def train_step(trainer: Trainer, micro_batches: list[Batch], step: int) -> Pendi
     """One optimizer step over this rank's micro-batches."""
     mesh = trainer.mesh
     num_microbatches = len(micro_batches)
+    if num_microbatches > 1 and any(s.direct for s in trainer.grad_syncs.values()):
+        # autograd would sum the micro-batches' gradients in the compute dtype, not in fp32
+        raise ValueError(f"direct gradients take one micro-batch a step, got {num_microbatches}")
     loss_sum = trainer.executor.run(
         trainer.schedule, micro_batches, loss_scale=1.0 / num_microbatches, train=True
     )

@@ -632,6 +632,14 @@ class Config:
         p = self.parallel
         return p.tp_size * p.cp_size * p.pp_size * p.dp_size
 
+    @property
+    def direct_grads(self) -> bool:
+        """Whether the optimizer reads each parameter's compute-dtype gradient as autograd leaves it, with
+        no fp32 gradient buffers (parallel.data_parallel.GradSync): one process (nothing to reduce), one
+        micro-batch a step (nothing to accumulate), and the optimizer state on the device (the host
+        update reads fp32). The buffers would hold the same values, so the update is the same."""
+        return self.world_size == 1 and self.num_microbatches == 1 and not self.optimizer.offload
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

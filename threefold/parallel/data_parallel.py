@@ -1,8 +1,9 @@
 """Data-parallel gradient reduction in buckets, overlapped with the backward pass, ZeRO stages 0-3.
 
-Every parameter gets a `main_grad`: an fp32 view into a flat bucket buffer. A post-accumulate hook
-moves each fresh `.grad` into `main_grad` (so bf16 training accumulates micro-batches in fp32): the
-first micro-batch of a step copies, later ones add, so the buffers never need zeroing. On the last
+Every parameter gets a `main_grad` (but with direct gradients, see GradSync): an fp32 view into a flat
+bucket buffer. A post-accumulate hook moves each fresh `.grad` into `main_grad` (so bf16 training
+accumulates micro-batches in fp32): the first micro-batch of a step copies, later ones add, so the
+buffers never need zeroing. On the last
 micro-batch of a step, a bucket's reduction starts as soon as all its parameters are done, and the rest
 of the backward pass overlaps with it. Gradients are synchronized once per step.
 
@@ -112,6 +113,11 @@ class GradSync:
     become the buckets, and a `ParamGather` (parallel/zero_params.py) all-gathers each unit around its
     forward and backward.
 
+    `direct` (one process alone, one micro-batch per step: `Config.direct_grads`) keeps no fp32
+    buffers: nothing is accumulated or reduced, so each parameter's compute-dtype `.grad` goes to the
+    optimizer as autograd left it, which reads it in fp32 as it would have read the copy (the same
+    values), and `reset` drops it. No gradient is moved, and the fp32 buffers' memory is free.
+
     `solo` parameters get a bucket of their own. With ZeRO a bucket's shard boundaries depend on what
     else is in it, so a parameter whose gradient is also summed across another group (the tied
     embedding, held by the first and the last pipeline stage) must sit at the same offsets in both.
@@ -127,6 +133,7 @@ class GradSync:
         solo: list[nn.Parameter] | None = None,
         units: list[list[nn.Parameter]] | None = None,
         fp8_gather: bool = False,
+        direct: bool = False,
     ) -> None:
         self.dp_group = dp_group
         self.dp_size = dist.get_world_size(dp_group)
@@ -134,9 +141,19 @@ class GradSync:
         self.zero = int(zero)
         if not 0 <= self.zero <= 3:
             raise ValueError(f"the ZeRO stage must be 0, 1, 2 or 3, got {zero}")
+        if direct and (self.zero or self.dp_size > 1 or solo):
+            raise ValueError(
+                f"direct gradients need one data-parallel rank, no ZeRO and no solo parameters, got "
+                f"dp_size {self.dp_size}, zero {self.zero}, {len(solo or [])} solo"
+            )
+        self.direct = direct
         self.sync_this_backward = True
         solo_ids = {id(p) for p in solo or []}
         trainable = {id(p) for p in params if p.requires_grad}
+        # The buckets' order (backward's, last layer first): the norm sums the parameters in this order.
+        self._direct = [p for p in reversed(params) if id(p) in trainable] if direct else []
+        if direct:
+            params = []
         groups: list[list[nn.Parameter]] = [[p] for p in reversed(params) if id(p) in solo_ids & trainable]
         if self.zero >= 3:
             # One bucket per unit: what a layer's forward reads is gathered (and freed) together.
@@ -282,7 +299,9 @@ class GradSync:
                 bucket.shard_written = True
 
     def reset(self) -> None:
-        """Start a new step: the next backward overwrites the gradient buffers."""
+        """Start a new step: the next backward overwrites the gradient buffers (direct: drops `.grad`)."""
+        for p in self._direct:
+            p.grad = None
         self._written.clear()
         for bucket in self.buckets:
             bucket.shard_written = False
@@ -292,6 +311,8 @@ class GradSync:
 
         The whole of every parameter without ZeRO; with ZeRO, the parts inside this rank's shards.
         """
+        if self.direct:
+            return [(p, 0, p.numel()) for p in self._direct]
         return [(p, a, b) for p, a, b, _ in self._owned()]
 
     def _owned(self) -> list[tuple[nn.Parameter, int, int, _Bucket]]:
@@ -306,7 +327,13 @@ class GradSync:
         return ranges
 
     def owned_grads(self) -> list[torch.Tensor]:
-        """The reduced fp32 gradient of each owned range (owned_ranges' order), valid after `finish`."""
+        """The reduced fp32 gradient of each owned range (owned_ranges' order), valid after `finish`.
+        Direct: each parameter's `.grad` of this step (zeros where it has none), flat."""
+        if self.direct:
+            return [
+                torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if p.grad is None else p.grad.view(-1)
+                for p in self._direct
+            ]
         grads = []
         for p, a, b, bucket in self._owned():
             at = bucket.offsets[p] + a
@@ -319,6 +346,8 @@ class GradSync:
 
     def owned_weights(self) -> list[torch.Tensor]:
         """This rank's copy of each owned range (owned_ranges' order): what the optimizer updates."""
+        if self.direct:
+            return [p.data.view(-1) for p in self._direct]
         weights = []
         for p, a, b, bucket in self._owned():
             if bucket.param_shard is None:
