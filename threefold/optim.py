@@ -174,7 +174,7 @@ class Optimizer:
         # Count every gradient once in the global norm: a replicated parameter appears on every TP rank
         # (a replicated kv shard on each of its replicas), a tied embedding on both the first and the
         # last pipeline stage, and with ZeRO each rank holds only its own part.
-        self._counted = [
+        self._counted_mask = [
             is_tp_primary(p, mesh.tp_rank) and not getattr(p, "tied_copy", False) for p, _, _ in ranges
         ]
 
@@ -262,7 +262,7 @@ class Optimizer:
         """Global L2 norm of the gradient (`grads`, one per range: this step's by default) over the whole
         model (all ranks), in fp32, as a device tensor."""
         every = self._current_grads() if grads is None else grads
-        grads = [g for g, counted in zip(every, self._counted, strict=True) if counted]
+        grads = [g for g, counted in zip(every, self._counted_mask, strict=True) if counted]
         device = self.params[0].device if self.params else torch.device("cpu")
         if grads and device.type == "cuda":
             # One fused tree reduction; direct bf16 gradients accumulate and return in fp32 as well.

@@ -149,11 +149,9 @@ class GradSync:
         self.direct = direct
         self.sync_this_backward = True
         solo_ids = {id(p) for p in solo or []}
-        trainable = {id(p) for p in params if p.requires_grad}
         # The buckets' order (backward's, last layer first): the norm sums the parameters in this order.
-        self._direct = [p for p in reversed(params) if id(p) in trainable] if direct else []
-        if direct:
-            params = []
+        self._direct = [p for p in reversed(params) if p.requires_grad] if direct else []
+        trainable = set() if direct else {id(p) for p in params if p.requires_grad}  # what gets a bucket
         groups: list[list[nn.Parameter]] = [[p] for p in reversed(params) if id(p) in solo_ids & trainable]
         if self.zero >= 3:
             # One bucket per unit: what a layer's forward reads is gathered (and freed) together.
