@@ -56,6 +56,14 @@ def config_for(micro_batch: int, fp8: Any, steps: int, data: str | None) -> Any:
     return build_config(raw, check_paths=data is not None)
 
 
+def mode_named(name: str) -> Any:
+    """The fp8 mode a --modes entry names ("false" for bf16)."""
+    mode = {"false": False, "bf16": False}.get(name.strip(), name.strip())
+    if mode not in MODES:
+        raise SystemExit(f"--modes: {name!r} is none of false, tensorwise, rowwise")
+    return mode
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/shakespeare", help="prepared dataset (else synthetic tokens)")
@@ -65,10 +73,16 @@ def main() -> None:
         action="store_true",
         help="also bf16 with torch's AdamW (optimizer.fused_update = false), first",
     )
+    parser.add_argument(
+        "--modes",
+        default="false,tensorwise,rowwise",
+        help="which of false (bf16), tensorwise, rowwise to run, comma-separated",
+    )
     args = parser.parse_args()
-    runs = RUNS
+    chosen = [mode_named(m) for m in args.modes.split(",")]
+    runs = [run for run in RUNS if run[1] in chosen]
     if args.compare_update:
-        runs = [(8, TORCH_ADAMW, 5, 45), (4, TORCH_ADAMW, 5, 20), *RUNS]
+        runs = [(8, TORCH_ADAMW, 5, 45), (4, TORCH_ADAMW, 5, 20), *runs]
     start = time.perf_counter()
     data = args.data if (Path(args.data) / "meta.json").is_file() else None
     tokens = "real" if data else "synthetic"
