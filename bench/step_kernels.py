@@ -3,9 +3,10 @@
 - projections: q, k, v (and gate, up) as separate GEMMs against one GEMM on their weights concatenated,
   forward, input gradient and weight gradient (the input gradient of separate projections is a sum of
   their GEMMs), with the concatenation's copy counted;
-- the loss's element-wise work on one chunk of logits (threefold.model.loss's compiled kernels: row max,
-  then target and sum of exponentials, then the logits' gradient) against a row max and sum in one pass
-  (torch.compile's online softmax) and a gradient without the division.
+- the loss's element-wise work on one chunk of logits: threefold.model.loss's two Triton kernels (the
+  row max and sum of exponentials in one read, then the logits' gradient over the logits) against the
+  three kernels torch.compile made of the same math (row max; target and sum; gradient), used until
+  2026-12-04.
 
 Usage (from the repo root, on a GPU): PYTHONPATH=. python bench/step_kernels.py [--tokens 16384]
 Prints milliseconds per call (CUDA events, median of 20 after 5 warm-up calls), TFLOP/s for the GEMMs
@@ -73,47 +74,68 @@ def projections(n: int, hidden: int, outs: list[int]) -> None:
           f"{3 * flops / tb / 1e9:.0f} |")  # fmt: skip
 
 
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    return x.float().amax(dim=-1)
+
+
+def _target_and_sum_exp(x: torch.Tensor, row_max: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    shifted = x.float() - row_max.unsqueeze(-1)
+    return torch.stack([shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1), shifted.exp().sum(dim=-1)])
+
+
+def _grad_logits(
+    x: torch.Tensor, row_max: torch.Tensor, sum_exp: torch.Tensor, targets: torch.Tensor, scale: float
+) -> torch.Tensor:
+    probs = (x.float() - row_max.unsqueeze(-1)).exp() / sum_exp.unsqueeze(-1)
+    one_hot = torch.arange(x.shape[-1], device=x.device) == targets.unsqueeze(-1)
+    return ((probs - one_hot.float()) * scale).to(x.dtype)
+
+
 def loss_kernels(rows: int, vocab: int) -> None:
+    """threefold's loss chunk (`loss._kernel_chunk`, two Triton kernels) against the three kernels
+    torch.compile made of the same math before 2026-12-04 (the functions above, as they were)."""
     dev = torch.device("cuda")
     torch.manual_seed(0)
     logits = (torch.randn(rows, vocab, device=dev) * 3).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (rows,), device=dev)
     owned = torch.ones(rows, dtype=torch.bool, device=dev)
-    row_max_fn, target_sum_fn, grad_fn = loss_module._kernels(True)
     scale = 1.0 / rows
+    row_max_fn, target_sum_fn, grad_fn = (
+        torch.compile(f, dynamic=False) for f in (_row_max, _target_and_sum_exp, _grad_logits)
+    )
 
-    def max_and_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.float()
-        m = x.amax(dim=-1, keepdim=True)
-        return m.squeeze(-1), (x - m).exp().sum(dim=-1)
+    def compiled() -> tuple[torch.Tensor, torch.Tensor]:
+        m = row_max_fn(logits)
+        both = target_sum_fn(logits, m, targets)
+        return (both[1].log() - both[0]).sum(), grad_fn(logits, m, both[1], targets, scale)
 
-    def grad_no_div(x: torch.Tensor, log_norm: torch.Tensor, t: torch.Tensor, s: float) -> torch.Tensor:
-        probs = (x.float() - log_norm.unsqueeze(-1)).exp()
-        col = torch.arange(x.shape[-1], device=x.device)
-        return ((probs - (col == t.unsqueeze(-1)).float()) * s).to(x.dtype)
+    def kernels() -> tuple[torch.Tensor, torch.Tensor | None]:
+        work = logits.clone()  # the kernel writes the gradient over its logits
+        return loss_module._kernel_chunk(work, targets, owned, vocab, scale, True, _none, _none)
 
-    online = torch.compile(max_and_sum, dynamic=False)
-    no_div = torch.compile(grad_no_div, dynamic=False)
-    m = row_max_fn(logits, vocab)
-    both = target_sum_fn(logits, m, targets, owned, vocab)
-    g = grad_fn(logits, m, both[1], targets, owned, vocab, scale)
-    m2, s2 = online(logits)
-    g2 = no_div(logits, m + both[1].log(), targets, scale)
+    def clone() -> torch.Tensor:
+        return logits.clone()
+
+    ref_loss, ref_grad = compiled()
+    loss, grad = kernels()
+    assert grad is not None
+    copy_ms = timed(clone)
     size = logits.numel() * logits.element_size() / 1e9
-    rows_out = [
-        ("row max (now)", timed(lambda: row_max_fn(logits, vocab)), size, "0"),
-        ("target, sum exp (now)", timed(lambda: target_sum_fn(logits, m, targets, owned, vocab)), size, "0"),
-        ("max and sum in one (online)", timed(lambda: online(logits)), size,
-         f"{(m2 - m).abs().max().item():.3g}, {((s2 / both[1]) - 1).abs().max().item():.3g} rel"),
-        ("gradient (now)", timed(lambda: grad_fn(logits, m, both[1], targets, owned, vocab, scale)),
-         2 * size, "0"),
-        ("gradient, no division", timed(lambda: no_div(logits, m + both[1].log(), targets, scale)), 2 * size,
-         f"{(g2.float() - g.float()).abs().max().item():.3g}"),
-    ]  # fmt: skip
-    print(f"\nloss chunk ({rows}, {vocab}) bf16:\n")
-    print("| kernel | ms | GB/s | max diff from now |\n|---|---:|---:|---|")
-    for name, ms, gb, diff in rows_out:
-        print(f"| {name} | {ms:.3f} | {gb / ms * 1e3:.0f} | {diff} |")
+    print(
+        f"\nloss chunk ({rows}, {vocab}) bf16, max and sum, then the gradient (3 reads, 1 write of the logits"
+    )
+    print("before, 2 reads and 1 write now; the Triton rows exclude the clone each call needs):\n")
+    print("| path | ms | loss relative diff | gradient max diff |\n|---|---:|---:|---:|")
+    print(f"| torch.compile's three kernels | {timed(compiled):.3f} | 0 | 0 |")
+    ms = timed(kernels) - copy_ms
+    loss_diff = (loss / ref_loss - 1).abs().item()
+    grad_diff = (grad.float() - ref_grad.float()).abs().max().item()
+    rate = f"{3 * size / ms * 1e3:.0f} GB/s"
+    print(f"| Triton, two kernels | {ms:.3f} ({rate}) | {loss_diff:.2e} | {grad_diff:.3g} |")
+
+
+def _none(t: torch.Tensor) -> None:
+    """No reduction: one rank holds the whole vocabulary."""
 
 
 def main() -> None:

@@ -1,5 +1,9 @@
 """Each tensor-parallel layer against its unsharded torch.nn reference: outputs and every gradient."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -116,13 +120,11 @@ def test_vocab_parallel_embedding(tp, sequence_parallel):
     run_ranks(tp, _embedding, 37, sequence_parallel)  # 37 is prime: padded on every tp > 1
 
 
-def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int, fused: bool) -> None:
-    if fused:  # the kernels torch.compile fuses on the GPU, run here as plain functions (forked rank)
-        loss_module._kernels = lambda compiled: (
-            loss_module._row_max,
-            loss_module._target_and_sum_exp,
-            loss_module._grad_logits,
-        )
+def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int, kernels: bool) -> None:
+    chunks = []  # which chunk function ran (forked rank: the patch stays here)
+    for name in ("_kernel_chunk", "_eager_chunk"):
+        original = getattr(loss_module, name)
+        setattr(loss_module, name, lambda *a, _f=original, _n=name: chunks.append(_n) or _f(*a))
     torch.manual_seed(2)
     n, h = 24, 8
     padded = -(-vocab // world) * world
@@ -140,13 +142,14 @@ def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int, fu
     local_w = padded_weight.chunk(world)[rank].clone().requires_grad_()
     local_x = x.clone().requires_grad_()
     loss_module.CHUNK_ELEMENTS = chunk_rows * local_w.shape[0]  # forked rank: no effect on other tests
+    loss_module.BLOCK = 8  # the kernels' rows span several blocks, the last one part padding
     loss = loss_module.linear_cross_entropy(
         copy_to_tp(local_x, dist.group.WORLD),
         local_w,
         targets,
         tp_group=dist.group.WORLD,
         vocab_size=vocab,
-        compiled=fused,
+        compiled=kernels,
     )
     torch.testing.assert_close(loss, ref, **TOL)
     (loss * 3).backward()
@@ -156,36 +159,69 @@ def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int, fu
     assert torch.all(full_grad[vocab:] == 0), "padding rows must never be predicted"
     with torch.no_grad():  # evaluation: the same loss, no gradient work
         again = loss_module.linear_cross_entropy(
-            local_x, local_w, targets, tp_group=dist.group.WORLD, vocab_size=vocab, compiled=fused
+            local_x, local_w, targets, tp_group=dist.group.WORLD, vocab_size=vocab, compiled=kernels
         )
     torch.testing.assert_close(again, ref.detach(), **TOL)
+    expected = "_kernel_chunk" if kernels else "_eager_chunk"
+    assert chunks and set(chunks) == {expected}, chunks
 
 
-@pytest.mark.parametrize(
-    "tp,vocab,chunk_rows", [(1, 37, 24), (1, 37, 5), (2, 40, 7), (2, 37, 24), (4, 37, 5), (4, 64, 1)]
-)
-@pytest.mark.parametrize("fused", [False, True], ids=["in-place", "fusable-kernels"])
-def test_linear_cross_entropy(tp, vocab, chunk_rows, fused):
-    """Chunked output layer + vocab-parallel loss against F.cross_entropy on the full logits, both the
-    in-place CPU path and the element-wise kernels that are compiled on the GPU."""
-    run_ranks(tp, _linear_cross_entropy, vocab, chunk_rows, fused)
+CROSS_ENTROPY_CASES = [(1, 37, 24), (1, 37, 5), (2, 40, 7), (2, 37, 24), (4, 37, 5), (4, 64, 1), (4, 5, 3)]
+"""(tp, vocab, chunk rows): (4, 5, 3) leaves the last rank only padding columns (its max is -inf)."""
+
+
+@pytest.mark.parametrize("tp,vocab,chunk_rows", CROSS_ENTROPY_CASES)
+def test_linear_cross_entropy(tp, vocab, chunk_rows):
+    """Chunked output layer + vocab-parallel loss against F.cross_entropy on the full logits, through the
+    in-place fp32 path that runs where Triton does not."""
+    run_ranks(tp, _linear_cross_entropy, vocab, chunk_rows, False)
+
+
+INTERPRETED = """
+import sys
+sys.path.insert(0, "tests")
+from distributed import run_ranks
+import test_layers
+for case in test_layers.CROSS_ENTROPY_CASES:
+    run_ranks(case[0], test_layers._linear_cross_entropy, *case[1:], True)
+run_ranks(1, test_layers._ce_bf16, True)
+print("all cases passed")
+"""
+
+
+def test_linear_cross_entropy_through_the_triton_kernels():
+    """The same cases through the Triton kernels that run on the GPU (`compiled`), here under Triton's
+    interpreter on the CPU, in fp32, and one in bf16 (the gradient written over the bf16 logits)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "all cases passed" in done.stdout, done.stderr[-3000:]
 
 
 def test_linear_cross_entropy_bf16():
-    run_ranks(1, _ce_bf16)
+    run_ranks(1, _ce_bf16, False)
 
 
-def _ce_bf16(rank: int, world: int) -> None:
+def _ce_bf16(rank: int, world: int, kernels: bool) -> None:
     torch.manual_seed(3)
     x = torch.randn(10, 16).bfloat16().requires_grad_()
     w = torch.randn(33, 16).bfloat16().requires_grad_()
     targets = torch.randint(0, 33, (10,))
-    loss = loss_module.linear_cross_entropy(x, w, targets, tp_group=dist.group.WORLD, vocab_size=33)
+    loss_module.BLOCK = 8  # forked rank: several blocks a row
+    loss = loss_module.linear_cross_entropy(
+        x, w, targets, tp_group=dist.group.WORLD, vocab_size=33, compiled=kernels
+    )
     assert loss.dtype == torch.float32
     ref = F.cross_entropy((x @ w.t()).float(), targets)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     loss.backward()
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    F.cross_entropy(xr @ wr.t(), targets).backward()
+    torch.testing.assert_close(x.grad.float(), xr.grad, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(w.grad.float(), wr.grad, rtol=2e-2, atol=2e-3)
 
 
 def _projections(rank: int, world: int, bias: bool, use_all: bool) -> None:

@@ -10,14 +10,18 @@ gradient. Peak extra memory: one chunk of logits plus an fp32 weight-gradient ac
 
 Under tensor parallelism each rank holds Vl columns: the row max and the (target logit, sum of
 exponentials) pair are all-reduced over the TP group, as in `layers.vocab_parallel_cross_entropy`.
-The element-wise work on a chunk is three small functions; with `compiled=True` each becomes one
-fused kernel (torch.compile), which reads the bf16 logits instead of materializing fp32 copies. Without
-a compiler (the CPU) the same math runs in place on one fp32 buffer (`_eager_chunk`).
+With `compiled=True` (training.compile) where Triton runs, a chunk's element-wise work is two Triton
+kernels (`_kernel_chunk`): one read of the bf16 logits gives each row's max and sum of exponentials
+together, and one pass writes the gradient over the logits. torch.compile's kernels for the same math
+took three passes, the max and the sum apart, and divided for the softmax: on one H200, a chunk of
+llama-1b (8371 x 128256 bf16 logits) took 3.23 ms that way and 1.77 ms here (bench/step_kernels.py,
+docs/benchmarks.md); the gradient taking the logits' memory also lowers the peak by one chunk of logits
+(1.9 GiB at micro-batch 8). Each rank's sum is taken at its own max, then rescaled to the all-reduced
+one. Elsewhere the same math runs in place on one fp32 buffer (`_eager_chunk`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,62 +31,15 @@ from torch.distributed import ProcessGroup
 
 from threefold.model import CHUNK_ELEMENTS  # a global of this module too: tests shrink it here
 from threefold.parallel import track
-
-
-def _masked(logits: torch.Tensor, num_valid: int) -> torch.Tensor:
-    """fp32 logits with the padding columns (>= num_valid) at -inf: they are never predicted."""
-    logits = logits.float()
-    if num_valid < logits.shape[-1]:
-        col = torch.arange(logits.shape[-1], device=logits.device)
-        logits = torch.where(col < num_valid, logits, float("-inf"))
-    return logits
-
-
-def _row_max(logits: torch.Tensor, num_valid: int) -> torch.Tensor:
-    return _masked(logits, num_valid).amax(dim=-1)
-
-
-def _target_and_sum_exp(
-    logits: torch.Tensor,
-    row_max: torch.Tensor,
-    local_targets: torch.Tensor,
-    owned: torch.Tensor,
-    num_valid: int,
-) -> torch.Tensor:
-    """Stacked (target logit - max, sum of exp(logit - max)) per row; the target part is 0 where not owned."""
-    shifted = _masked(logits, num_valid) - row_max.unsqueeze(-1)
-    target = shifted.gather(-1, local_targets.unsqueeze(-1)).squeeze(-1).masked_fill(~owned, 0.0)
-    return torch.stack([target, shifted.exp().sum(dim=-1)])
-
-
-def _grad_logits(
-    logits: torch.Tensor,
-    row_max: torch.Tensor,
-    sum_exp: torch.Tensor,
-    local_targets: torch.Tensor,
-    owned: torch.Tensor,
-    num_valid: int,
-    scale: float,
-) -> torch.Tensor:
-    """d(scale * sum of losses)/d(logits) = scale * (softmax - one-hot), in the logits' dtype."""
-    probs = (_masked(logits, num_valid) - row_max.unsqueeze(-1)).exp() / sum_exp.unsqueeze(-1)
-    col = torch.arange(logits.shape[-1], device=logits.device)
-    one_hot = (col == local_targets.unsqueeze(-1)) & owned.unsqueeze(-1)
-    return ((probs - one_hot.float()) * scale).to(logits.dtype)
-
-
-@functools.cache
-def _kernels(compiled: bool) -> tuple[Callable[..., torch.Tensor], ...]:
-    fns = (_row_max, _target_and_sum_exp, _grad_logits)
-    if not compiled:
-        return fns
-    return tuple(torch.compile(f, dynamic=False) for f in fns)
-
+from threefold.parallel.main_grad import kernel_runs_on
 
 Reduce = Callable[[torch.Tensor], None]
 
+BLOCK = 4096
+"""Logits per Triton program (16 per thread of 8 warps)."""
 
-def _fused_chunk(
+
+def _kernel_chunk(
     logits: torch.Tensor,
     local_targets: torch.Tensor,
     owned: torch.Tensor,
@@ -92,16 +49,36 @@ def _fused_chunk(
     reduce_max: Reduce,
     reduce_sums: Reduce,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sum of the chunk's losses, scale * d(losses)/d(logits) or None) with the three compiled kernels."""
-    row_max_fn, target_sum_fn, grad_fn = _kernels(True)
-    row_max = row_max_fn(logits, num_valid)
+    """The same result through two Triton kernels (CUDA, or the CPU under Triton's interpreter): one read
+    of the bf16 logits for each row's max and sum of exponentials together, one read and write for the
+    gradient, written over the logits (the chunk's fresh GEMM output, needed no more)."""
+    from threefold.model._loss_kernels import grad_kernel, row_stats_kernel  # imports triton
+
+    logits = logits.contiguous()
+    rows, cols = logits.shape
+    local_max = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    local_sum = torch.empty_like(local_max)
+    stats_args = (logits, logits.stride(0), local_max, local_sum, num_valid)
+    row_stats_kernel[(rows,)](*stats_args, BLOCKS=-(-num_valid // BLOCK), BLOCK=BLOCK, num_warps=8)
+    row_max = local_max.clone()
     reduce_max(row_max)
-    both = target_sum_fn(logits, row_max, local_targets, owned, num_valid)
+    # Each rank summed exp(logit - its own max): rescaled to the global max (a factor of 1 on one rank; 0
+    # on a rank whose columns are all padding, whose max is -inf and sum 0).
+    sum_exp = local_sum * torch.exp(local_max - row_max)
+    rows_index = torch.arange(rows, device=logits.device)
+    target = (logits[rows_index, local_targets].float() - row_max).masked_fill(~owned, 0.0)
+    both = torch.stack([target, sum_exp])
     reduce_sums(both)
     loss = (both[1].log() - both[0]).sum()
     if not want_grad:
         return loss, None
-    return loss, grad_fn(logits, row_max, both[1], local_targets, owned, num_valid, scale)
+    log_norm = row_max + both[1].log()
+    hot = local_targets.masked_fill(~owned, -1)  # no column is -1: no one-hot on the other ranks' targets
+    grid = (rows, -(-cols // BLOCK))
+    grad_kernel[grid](
+        logits, logits, logits.stride(0), log_norm, hot, scale, num_valid, cols, BLOCK=BLOCK, num_warps=8
+    )
+    return loss, logits
 
 
 def _eager_chunk(
@@ -165,6 +142,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     dist.all_reduce(t, group=group)
 
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        kernels = compiled and kernel_runs_on(x.device)
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local_vocab)))
         grad_x = torch.empty_like(x) if want_x else None
         # One chunk: the weight gradient is one GEMM, in the weight's dtype (fp32 accumulation inside the
@@ -179,7 +157,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             local_targets = targets[start : start + chunk] - vocab_start
             owned = (local_targets >= 0) & (local_targets < local_vocab)
             local_targets = local_targets.masked_fill(~owned, 0)
-            chunk_loss, g = (_fused_chunk if compiled else _eager_chunk)(
+            chunk_loss, g = (_kernel_chunk if kernels else _eager_chunk)(
                 logits, local_targets, owned, num_valid, 1.0 / n, want_x or want_w, reduce_max, reduce_sums
             )
             loss_sum += chunk_loss
