@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -167,6 +168,129 @@ def test_zero_shards_optimizer_state_only():
     assert plain["total"] == pytest.approx(sum(v for k, v in plain.items() if k != "total"))
 
 
+# ---- direct gradients: one GPU, one micro-batch a step, no offload (Config.direct_grads) ----------------
+
+LLAMA_1B = {"model": {"preset": "llama-1b"}, "data": {"seq_len": 2048}}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"training": {"global_batch_size": 8, "micro_batch_size": 8}},
+        {"training": {"global_batch_size": 8, "micro_batch_size": 8, "dtype": "float32"}},
+        {"training": {"global_batch_size": 16, "micro_batch_size": 8}},
+        {"training": {"global_batch_size": 16, "micro_batch_size": 8}, "parallel": {"dp_size": 2}},
+        {"training": {"global_batch_size": 8, "micro_batch_size": 8}, "parallel": {"tp_size": 2}},
+        {"training": {"global_batch_size": 8, "micro_batch_size": 8}, "parallel": {"pp_size": 2}},
+        {"training": {"global_batch_size": 8, "micro_batch_size": 8}, "parallel": {"cp_size": 2}},
+        {"training": {"global_batch_size": 8, "micro_batch_size": 8}, "optimizer": {"offload": True}},
+    ],
+)
+def test_direct_gradients_follow_the_config_rule(overrides):
+    """The planner's rule is Config.direct_grads's, and the memory model counts e P gradients exactly
+    where it holds (4 P fp32 buffers elsewhere); estimate_memory(config) says which it counted."""
+    raw = {**LLAMA_1B, **overrides}
+    config = build_config(raw, check_paths=False)
+    w, lay = from_config(config)
+    assert lay.direct_grads(w.global_batch_size) == config.direct_grads
+    (rank,) = memory_by_rank(w, lay, compiled=True) if lay.num_gpus == 1 else memory_by_rank(w, lay)[:1]
+    params = rank_parameters(w, lay, 0)
+    assert rank.direct == config.direct_grads
+    assert rank.gradients == (w.dtype_bytes if config.direct_grads else 4) * params
+
+
+def test_direct_gradients_memory_is_e_p_and_not_summed_with_the_activations():
+    """llama-1b, bf16, one GPU: e P = 2 P bytes of gradients at one micro-batch a step, the 4 P buffers at
+    two micro-batches, on two data-parallel ranks, with the optimizer offloaded or when told to count the
+    buffers (direct_grads=False); the peak holds the larger of gradients and activations, not both."""
+    w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=8)
+    params = rank_parameters(w, _layout(), 0)
+    direct = worst_rank(w, _layout(micro_batch_size=8), compiled=True)
+    buffers = worst_rank(w, _layout(micro_batch_size=8), compiled=True, direct_grads=False)
+    assert direct.direct and direct.gradients == 2 * params
+    assert not buffers.direct and buffers.gradients == 4 * params
+    assert worst_rank(w, _layout(micro_batch_size=4)).gradients == 4 * params  # two micro-batches
+    assert worst_rank(w, _layout(micro_batch_size=4, dp_size=2)).gradients == 4 * params
+    offloaded = dataclasses.replace(_layout(micro_batch_size=8), offload=True)
+    assert worst_rank(w, offloaded).gradients == 4 * params
+    # Everything but the gradients is the same; they take none of the peak while activations are larger.
+    for key in ("parameters", "optimizer", "activations", "transient", "buffers"):
+        assert getattr(direct, key) == getattr(buffers, key), key
+    assert direct.activations > direct.gradients
+    assert direct.total == pytest.approx(buffers.total - 4 * params)
+    assert buffers.total == pytest.approx(sum(v for k, v in buffers.as_dict().items() if k != "total"))
+    # Full recomputation saves less than the gradients: then they set the peak, as the backward ends.
+    full = worst_rank(w, _layout(micro_batch_size=8, recompute="full"), compiled=True)
+    assert full.activations < full.gradients == 2 * params
+    static = full.parameters + full.optimizer + full.transient + full.buffers
+    assert full.total == pytest.approx(static + full.gradients)
+
+
+def _direct_gradient_bytes(rank: int, world: int, model_kw: dict, dtype: str) -> dict:
+    """After one forward and backward of a whole model under GradSync(direct=True): bytes of the fp32
+    buffers and of the gradients autograd left, and what `reset` leaves."""
+    from threefold.model.transformer import build_model
+    from threefold.parallel.data_parallel import GradSync
+    from threefold.parallel.layers import TPContext
+    from threefold.parallel.mesh import build_mesh
+
+    mesh = build_mesh(1, 1, 1)
+    cfg = ModelConfig(**model_kw)
+    model = build_model(cfg, TPContext(mesh.tp_group), dtype=DTYPES[dtype][0], first_layer=0,
+                        last_layer=cfg.num_layers, has_embedding=True, has_head=True)  # fmt: skip
+    sync = GradSync(list(model.parameters()), dp_group=mesh.dp_group, bucket_mb=1.0, direct=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    model(ids, ids).backward()
+    got = {
+        "buffers": sum(b.buffer.numel() * b.buffer.element_size() for b in sync.buckets),
+        "gradients": sum(
+            p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None
+        ),
+    }
+    sync.reset()
+    got["after_reset"] = sum(p.grad is not None for p in model.parameters())
+    return got
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_direct_gradients_match_real_tensors(dtype):
+    got = run_ranks(1, _direct_gradient_bytes, TINY_LLAMA, dtype)[0]
+    w = Workload(model=ModelConfig(**TINY_LLAMA), seq_len=32, global_batch_size=2, dtype=dtype)
+    (rank,) = memory_by_rank(w, _layout(micro_batch_size=2))
+    assert got == {"buffers": 0, "gradients": rank.gradients, "after_reset": 0}
+
+
+def test_direct_gradients_make_the_step_faster():
+    """No move into main_grad ((8 + e) P bytes), and the norm and the update read 2 bytes of each bf16
+    gradient instead of 4 (4 P bytes less); nothing changes at two micro-batches a step or on two GPUs."""
+    from threefold.plan.time_model import Kernels
+
+    hw = PRESETS["h200"]
+    w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=8)
+    params = rank_parameters(w, _layout(), 0)
+    for b in (8, 4):
+        w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=b)
+        direct, buffers = (
+            estimate_layout_time(w, _layout(micro_batch_size=b), hw, gpus_per_node=1,
+                                 kernels=Kernels(compiled=True, direct_grads=flag))
+            for flag in (True, False)
+        )  # fmt: skip
+        assert direct.terms["grad_accumulate"] == 0 < buffers.terms["grad_accumulate"]
+        assert buffers.terms["grad_accumulate"] == pytest.approx(hw.memory_time(10 * params))
+        assert buffers.optimizer - direct.optimizer == pytest.approx(hw.memory_time(4 * params))
+        assert direct.step == pytest.approx(buffers.step - hw.memory_time(14 * params))
+        assert sum(direct.terms.values()) == pytest.approx(direct.step)
+    w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=16)
+    for lay, gpus in ((_layout(micro_batch_size=8), 1), (_layout(micro_batch_size=8, dp_size=2), 2)):
+        steps = {
+            estimate_layout_time(
+                w, lay, hw, gpus_per_node=gpus, kernels=Kernels(compiled=True, direct_grads=f)
+            ).step
+            for f in (True, False)
+        }
+        assert len(steps) == 1, lay.label()
+
+
 # ---- memory: activations, counted with saved-tensor hooks ----------------------------------------------
 
 
@@ -325,7 +449,9 @@ def test_recompute_only_when_needed():
     hw = PRESETS["h100"]
     w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=64)
     assert plan(w, hw, num_gpus=8, gpus_per_node=8).ranked[0].layout.recompute == "none"
-    big = Workload(model=_preset("llama-8b"), seq_len=4096, global_batch_size=8)
+    # Two micro-batches a step, so with the fp32 gradient buffers (at one, direct gradients' 2 P instead of
+    # 4 P would let full recomputation fit, within a GiB).
+    big = Workload(model=_preset("llama-8b"), seq_len=4096, global_batch_size=16)
     fixed = {"tp_size": 1, "pp_size": 1, "dp_size": 1, "micro_batch_size": 8}
     with pytest.raises(ValueError):
         # Without ZeRO or offload (which would let it fit by moving the optimizer state to the host).
@@ -678,23 +804,28 @@ def test_time_model_charges_the_ends_to_their_stages():
 
 
 @pytest.mark.parametrize(
-    ("recipe", "measured"),
+    ("recipe", "direct", "measured"),
     [
-        ("tensorwise", {8: 76_627 / 67_722, 4: 71_694 / 64_042}),
-        ("rowwise", {8: 75_632 / 67_722, 4: 68_772 / 64_042}),
+        # Sixth session: the fp32 gradient buffers (before direct gradients).
+        ("tensorwise", False, {8: 76_627 / 67_722, 4: 71_694 / 64_042}),
+        ("rowwise", False, {8: 75_632 / 67_722, 4: 68_772 / 64_042}),
+        # Ninth session's call 1 (bench/results/issue18-2026-12-04-s9): direct gradients, both modes.
+        ("rowwise", True, {8: 76_917 / 68_055, 4: 70_506 / 65_171}),
     ],
 )
-def test_fp8_predictions_follow_the_measured_speedups(recipe, measured):
-    """The float8 term against what one H200 measured (docs/benchmarks.md, 2026-12-04, sixth session:
-    llama-1b, seq 2048, compiled, micro-batch 8 and 4): the predicted fp8/bf16 ratio within 3%, and only
-    the layers' GEMMs change (the output layer stays bf16)."""
+def test_fp8_predictions_follow_the_measured_speedups(recipe, direct, measured):
+    """The float8 term against what one H200 measured (docs/benchmarks.md, 2026-12-04, sixth and ninth
+    sessions: llama-1b, seq 2048, compiled, micro-batch 8 and 4, one micro-batch a step, so with direct
+    gradients since they exist): the predicted fp8/bf16 ratio within 3%, and only the layers' GEMMs change
+    (the output layer stays bf16)."""
     from threefold.plan.time_model import Kernels, head_pass, layer_pass
 
     hw = load_hardware("h200")
     model = ModelConfig(**MODEL_PRESETS["llama-1b"])
     for batch, ratio in measured.items():
         w, lay = Workload(model=model, seq_len=2048, global_batch_size=batch), Layout(micro_batch_size=batch)
-        bf16, fp8 = Kernels(compiled=True), Kernels(compiled=True, fp8=recipe)
+        assert lay.direct_grads(batch)
+        bf16, fp8 = (Kernels(compiled=True, fp8=f, direct_grads=direct) for f in (None, recipe))
         times = [estimate_layout_time(w, lay, hw, gpus_per_node=1, kernels=k).step for k in (bf16, fp8)]
         predicted = times[0] / times[1]
         assert abs(predicted / ratio - 1) < 0.03, (

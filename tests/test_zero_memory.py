@@ -137,8 +137,11 @@ def test_plan_proposes_offload_and_stage_3_only_when_nothing_else_fits():
 
     config = build_config({"model": {"preset": "llama-8b"}}, check_paths=False)
     w = Workload(model=config.model, seq_len=4096, global_batch_size=8)
-    # One H200: 18 bytes per parameter (144 GiB) do not fit; with the optimizer on the host they do.
-    one = plan(w, PRESETS["h200"], num_gpus=1, gpus_per_node=1, fixed={"tp_size": 1})
+    # One H200: 18 bytes per parameter (144 GiB) do not fit; with the optimizer on the host they do. Two
+    # micro-batches a step keep the fp32 gradient buffers: at one, direct gradients (16 bytes per parameter)
+    # with full recomputation fit, by less than a GiB.
+    two = dataclasses.replace(w, global_batch_size=16)
+    one = plan(two, PRESETS["h200"], num_gpus=1, gpus_per_node=1, fixed={"tp_size": 1})
     assert one.ranked and all(c.layout.offload for c in one.ranked)
     # Eight GPUs fit without either: they are not proposed.
     eight = plan(w, PRESETS["h200"], num_gpus=8, gpus_per_node=8)

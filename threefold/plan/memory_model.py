@@ -11,6 +11,9 @@ keeps: q, k, v, output, LSE of the local tokens), and ZeRO-1 shards over d c ran
 Static state of rank r (bytes):
     parameters  e * P_r
     gradients   4 * P_r                  fp32 `main_grad` buckets, whatever the dtype
+                e * P_r                  direct gradients (`Layout.direct_grads`, Config.direct_grads's rule:
+                                         one GPU, one micro-batch a step, no optimizer offload): no buffers,
+                                         the optimizer reads autograd's compute-dtype `.grad`
     optimizer   12 * P_r   (bf16: fp32 master + two fp32 Adam moments)
                  8 * P_r   (fp32: the parameter is its own master)
                 divided by d under ZeRO-1 (parallel.zero), which shards masters and moments over d
@@ -44,6 +47,14 @@ threefold.pipeline.sim): GPipe m v; 1F1B min(p - r, m); interleaved min(2 (p - r
 zero-bubble W still holds after its B (the inputs and output gradients of the linear layers) is not
 counted, as in the paper's measure. The peak of rank r is then
     static + in_flight * (activations of one chunk-micro-batch) + the largest transient of a backward step
+Direct gradients are not held across steps: `GradSync.reset` drops them at the step's start and the
+backward makes each layer's as it frees that layer's activations, so the peak holds the larger of the two,
+max(activations, e P_r), not their sum (`RankMemory.direct`): all the activations as the backward starts
+(the last stage's output-weight gradient, made by the loss in the forward, is counted with them), or all
+the gradients as it ends and through the optimizer step, where the activations are the smaller (full
+recomputation, short sequences). Measured on llama-1b, one H200, compiled, micro-batch 8 and 4: the peak
+fell by 5.6 GiB at both, the whole 4 P_r of the buffers (45.3 / 33.0 GiB from 50.9 / 38.6): the bf16
+gradients took none of it back.
 """
 
 from __future__ import annotations
@@ -143,8 +154,9 @@ def head_loss_activation(
     With n = b s tokens and V_p/t local vocabulary rows, threefold.model.loss runs chunks of
     c = min(n, CHUNK_ELEMENTS / (V_p/t)) tokens. Saved until backward: the final norm's own tensors,
     the input gradient (e n h) and the output weight's gradient (e V_p/t h for one chunk, an fp32 sum
-    4 V_p/t h for several). Transient while the head runs: a chunk's logits and their gradient
-    (2 e c V_p/t) with the compiled kernels; eager bf16 adds the fp32 working copy (4 c V_p/t).
+    4 V_p/t h for several). Transient while the head runs: a chunk's logits (e c V_p/t), which the
+    compiled run's Triton kernels overwrite with their gradient; eager, the gradient beside them (e c V_p/t)
+    and in bf16 the fp32 working copy (4 c V_p/t).
     """
     from threefold.model import CHUNK_ELEMENTS
 
@@ -156,7 +168,8 @@ def head_loss_activation(
     chunk = max(1, min(n, CHUNK_ELEMENTS // vloc))
     weight_grad = (e if chunk >= n else 4) * vloc * h
     fp32_copy = 4 if e == 2 and not compiled else 0  # eager: logits.float() (fp32 logits are used in place)
-    return norm + e * n * h + weight_grad, (2 * e + fp32_copy) * chunk * vloc
+    per_logit = e if compiled else 2 * e + fp32_copy
+    return norm + e * n * h + weight_grad, per_logit * chunk * vloc
 
 
 def layer_backward_transient(
@@ -226,17 +239,14 @@ class RankMemory:
     buffers: float
     host: float = 0.0
     """Host (CPU) bytes of this rank's offloaded optimizer state; not in `total`, which is the GPU's."""
+    direct: bool = False
+    """Direct gradients (`gradients` is e P_r of autograd's own): made as the backward frees the
+    activations, so `total` counts the larger of the two instead of their sum."""
 
     @property
     def total(self) -> float:
-        return (
-            self.parameters
-            + self.gradients
-            + self.optimizer
-            + self.activations
-            + self.transient
-            + self.buffers
-        )
+        held = max(self.activations, self.gradients) if self.direct else self.activations + self.gradients
+        return self.parameters + held + self.optimizer + self.transient + self.buffers
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -250,9 +260,14 @@ class RankMemory:
         }
 
 
-def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[RankMemory]:
-    """Every pipeline rank's peak memory (ranks of one stage are alike); `compiled`: under torch.compile."""
+def memory_by_rank(
+    w: Workload, lay: Layout, *, compiled: bool = False, direct_grads: bool = True
+) -> list[RankMemory]:
+    """Every pipeline rank's peak memory (ranks of one stage are alike); `compiled`: under torch.compile;
+    `direct_grads`: False counts the fp32 gradient buffers even where the layout would have direct
+    gradients (threefold before them: rows of plan/validation.json measured then)."""
     m, e, par = w.model, w.dtype_bytes, lay.parallel
+    direct = direct_grads and lay.direct_grads(w.global_batch_size)
     b, s, p, v = lay.micro_batch_size, w.seq_len // par.cp_size, par.pp_size, par.num_model_chunks
     num_mb = lay.num_microbatches(w.global_batch_size)
     sp = par.sequence_parallel and par.tp_size > 1
@@ -283,7 +298,9 @@ def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[
         params = rank_parameters(w, lay, pp_rank)
         updated = params / (d if stage else 1)  # what this rank's optimizer updates
         parameters = e * params if stage < 3 else e * (params / d + min(2 * unit, params))
-        if stage < 2:
+        if direct:
+            gradients = float(e * params)  # autograd's .grad, no fp32 buffers (one rank: nothing to shard)
+        elif stage < 2:
             gradients = 4.0 * params
         else:
             # A bucket holds one tensor at least: a matrix larger than dp_bucket_mb makes its own. The two
@@ -316,13 +333,14 @@ def memory_by_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> list[
                 transient=transient,
                 buffers=buffers,
                 host=OFFLOAD_BYTES_PER_PARAMETER * updated * lay.offload_fraction if lay.offload else 0.0,
+                direct=direct,
             )
         )
     return out
 
 
-def worst_rank(w: Workload, lay: Layout, *, compiled: bool = False) -> RankMemory:
-    return max(memory_by_rank(w, lay, compiled=compiled), key=lambda r: r.total)
+def worst_rank(w: Workload, lay: Layout, *, compiled: bool = False, direct_grads: bool = True) -> RankMemory:
+    return max(memory_by_rank(w, lay, compiled=compiled, direct_grads=direct_grads), key=lambda r: r.total)
 
 
 def estimate_memory(config: Config) -> dict[str, float]:
@@ -330,7 +348,8 @@ def estimate_memory(config: Config) -> dict[str, float]:
 
     Keys: parameters, gradients, optimizer, activations (saved for backward, all in-flight micro-batches),
     transient (the largest short-lived buffer set of a backward step), buffers (workspaces, RoPE tables,
-    pipeline receive buffers), total. Hardware independent; compare "total" with
+    pipeline receive buffers), total: their sum, but with direct gradients (config.direct_grads) the larger
+    of gradients and activations in place of both. Hardware independent; compare "total" with
     torch.cuda.max_memory_allocated().
     """
     workload, layout = from_config(config)

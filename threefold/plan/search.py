@@ -234,13 +234,13 @@ def plan(
     g = min(gpus_per_node, num_gpus)
     layouts = list(enumerate_layouts(w, num_gpus, fixed=fixed, allow_zero=allow_zero))
     for lay in layouts:
-        mem = worst_rank(w, lay, compiled=kernels.compiled)
+        mem = worst_rank(w, lay, compiled=kernels.compiled, direct_grads=kernels.direct_grads)
         time = estimate_layout_time(w, lay, hw, gpus_per_node=g, kernels=kernels)
         (too_big if mem.total > capacity else ranked).append(Candidate(lay, mem, time))
     if not ranked and allow_zero and "zero" not in (fixed or {}):
         # Nothing fits: the slower memory savers, ZeRO-2/3 and optimizer offload, get their turn.
         for saver in (saver for lay in layouts for saver in _memory_savers(lay)):
-            mem = worst_rank(w, saver, compiled=kernels.compiled)
+            mem = worst_rank(w, saver, compiled=kernels.compiled, direct_grads=kernels.direct_grads)
             if mem.total <= capacity:
                 time = estimate_layout_time(w, saver, hw, gpus_per_node=g, kernels=kernels)
                 ranked.append(Candidate(saver, mem, time))
@@ -278,6 +278,12 @@ def explain(result: PlanResult) -> list[str]:
         f"step {t.step:.3f} s = compute {t.compute:.3f} + TP {t.tp_comm:.3f} + p2p {t.pp_comm:.3f} "
         f"+ bubble {t.bubble:.3f} + DP {t.dp_exposed:.3f} + optimizer {t.optimizer:.3f} (+ overhead)"
     ]
+    if best.memory.direct:
+        lines.append(
+            f"direct gradients (one GPU, one micro-batch a step): {best.memory.gradients / GIB:.1f} GiB of "
+            "autograd's own, made as the backward frees the activations (the peak counts the larger of the "
+            "two); no fp32 buffers and no move into them"
+        )
     dims = [("tp_size", "t"), ("cp_size", "c"), ("pp_size", "p"), ("num_model_chunks", "v"),
             ("micro_batch_size", "b"), ("pipeline_schedule", "schedule"), ("recompute", "recompute"),
             ("zero", "zero")]  # fmt: skip

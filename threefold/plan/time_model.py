@@ -18,7 +18,8 @@ Compute of one layer (forward; backward = 2x the matmuls, 2.5x the attention cor
                   selective: one more forward of the attention core
 Head: the final norm, the logits GEMM (2 n_tok h V_p/t) and the cross-entropy's passes over the local
 logits; embedding: the lookup, and the dense gradient of the table in backward. After each micro-batch's
-backward every parameter's gradient is added to its fp32 main_grad: (8 + e) P_r bytes.
+backward every parameter's gradient is added to its fp32 main_grad: (8 + e) P_r bytes; none with direct
+gradients (`Layout.direct_grads`: one GPU, one micro-batch a step, no offload), which stay autograd's.
 
 Communication:
     TP      4 all-reduces of e b s h per layer per micro-batch (2 forward, 2 backward; +2 with full
@@ -51,7 +52,8 @@ simulator's idle time with F = B = W (`bubble_stages`): (p - 1) / 3 and about (p
 chunks 0 and 2p - 1 on rank 0, which then runs both the embedding and the head and loss.
 
 Per step: T = T_pipeline + exposed DP communication + optimizer (memory-bound AdamW over the rank's
-shard, about 48 + e bytes per parameter, 4 + (44 + e) / d with ZeRO-1) + a fixed overhead.
+shard, about 48 + e bytes per parameter, 4 + (44 + e) / d with ZeRO-1; direct bf16 gradients: the norm
+and the update read e bytes of each gradient instead of 4, 48 + e - 2 (4 - e)) + a fixed overhead.
 `StepTime.terms` splits T of the slowest pipeline rank by TERMS (`threefold plan --explain`); the
 validation set, threefold/plan/validation.json, checks the whole against published and measured runs
 (`threefold plan --validate`, docs/planner.md).
@@ -149,6 +151,11 @@ class Kernels:
     fp8: str | None = None
     """Float8 linears (training.fp8: 'tensorwise' or 'rowwise'): the layers' GEMMs take
     1 / FP8_GEMM_SPEEDUP of their bf16 time, casts included; the output layer stays bf16."""
+    direct_grads: bool = True
+    """Direct gradients where the layout allows them (`Layout.direct_grads`, Config.direct_grads's rule):
+    no fp32 gradient buffers, no move into them, the optimizer reading the compute-dtype gradients.
+    False: the fp32 buffers on every run, as threefold had them before (commit aeaa91d), for the
+    validation rows measured then (and the memory model likewise, `memory_model.worst_rank`)."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("flash", "materialized"):
@@ -196,7 +203,7 @@ TERMS = {
     "elementwise": "memory-bound kernels: norms, RoPE, activation, residuals, cross-entropy, embedding",
     "recompute": "recomputation in backward (full: the layer's forward; selective: the attention core)",
     "host": "GPU waiting for the host to issue kernels (small per-GPU work)",
-    "grad_accumulate": "adding each micro-batch's gradients into the fp32 main_grad",
+    "grad_accumulate": "adding each micro-batch's gradients into the fp32 main_grad (none when direct)",
     "tp_comm": "tensor-parallel all-reduces (or reduce-scatter + all-gather)",
     "pp_comm": "pipeline p2p transfers (and the scatter/gather all-gather)",
     "bubble": "pipeline bubble, (p - 1)/v of one micro-batch's time (zero-bubble: the simulator's)",
@@ -393,7 +400,7 @@ def boundary_transfer(w: Workload, lay: Layout, hw: Hardware, *, intra_pp: bool)
 
 def data_parallel_tail(
     lay: Layout, hw: Hardware, params: int, *, dtype_bytes: int, backward: float, intra_dp: bool,
-    forward: float = 0.0, overlap: bool = True, num_microbatches: int = 1,
+    forward: float = 0.0, overlap: bool = True, num_microbatches: int = 1, direct: bool = False,
 ) -> tuple[float, float]:  # fmt: skip
     """(exposed data-parallel communication, optimizer step) seconds per step of a rank holding `params`
     parameters whose last micro-batch's backward takes `backward` seconds (and first forward `forward`:
@@ -403,7 +410,8 @@ def data_parallel_tail(
     last one's); ZeRO-3 all-gathers the parameters before every forward and backward instead of once
     after the update, prefetched behind the previous layer's compute (counted as hidden as the reduction
     is). Offload: the host AdamW (28 bytes per parameter through host memory) pipelined with the copies
-    down and up, the slowest of the three setting the pace.
+    down and up, the slowest of the three setting the pace. `direct` (direct gradients, one rank): the
+    gradient norm and the update each read e bytes of every gradient instead of the buffer's 4.
     """
     # every rank holding the same weights
     d, e, stage = lay.parallel.dp_size * lay.parallel.cp_size, dtype_bytes, int(lay.parallel.zero)
@@ -420,6 +428,8 @@ def data_parallel_tail(
         dp_comm = hw.all_reduce_time(grads, d, intra_node=intra_dp)
         gather = 0.0
         opt_bytes = (48 + e) * params if e == 2 else 44 * params
+        if direct:
+            opt_bytes -= 2 * (4 - e) * params  # two reads of each gradient, norm and update, at e bytes
     if not overlap:
         exposed = dp_comm + gather
     else:
@@ -477,6 +487,7 @@ def estimate_layout_time(
 
     ranges = layer_ranges(w, par)
     last = len(ranges) - 1
+    direct = kernels.direct_grads and lay.direct_grads(w.global_batch_size)
     per_rank, compute_rank, tp_rank, pp_rank_time, dp_tail, works = [], [], [], [], [], []
     for pp_rank in range(p):
         work = _Pass(0.0, 0.0)
@@ -487,7 +498,8 @@ def estimate_layout_time(
             if c == last:
                 work = work + head
         params = rank_parameters(w, lay, pp_rank)
-        accumulate = hw.memory_time((8 + e) * params)  # .grad into the fp32 main_grad, every micro-batch
+        # .grad into the fp32 main_grad, every micro-batch; direct gradients stay where autograd left them
+        accumulate = 0.0 if direct else hw.memory_time((8 + e) * params)
         p2p = 2 * v * transfer
         work = work + _Pass(0.0, 0.0, 0.0, {"grad_accumulate": accumulate, "pp_comm": p2p})
         compute = work.forward + work.backward + accumulate
@@ -508,6 +520,7 @@ def estimate_layout_time(
                 forward=work.forward,
                 overlap=kernels.dp_overlap,
                 num_microbatches=num_mb,
+                direct=direct,
             )  # fmt: skip
         )
 

@@ -110,7 +110,7 @@ def predict_row(row: dict[str, Any]) -> Prediction:
         )
     time = estimate_layout_time(w, layout, hw, gpus_per_node=g, kernels=kernels)
     (unit, reported), *_ = ((k, v) for k, v in row["reported"].items() if k != "percent_of_peak")
-    memory = worst_rank(w, layout, compiled=kernels.compiled).total / GIB
+    memory = worst_rank(w, layout, compiled=kernels.compiled, direct_grads=kernels.direct_grads).total / GIB
     throughput = _throughput(unit, w, time.step, row["num_gpus"])
     return Prediction(row, layout, time, throughput, reported, unit, memory)
 
