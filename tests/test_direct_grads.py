@@ -7,9 +7,11 @@ from distributed import run_ranks, train_and_gather
 from tiny import tiny_config
 from torch import nn
 
+from threefold.bench import synthetic_steps
 from threefold.config import Config
 from threefold.parallel.data_parallel import GradSync
 from threefold.parallel.mesh import build_mesh
+from threefold.train import build, train_step
 
 
 def _train(rank: int, world: int, config: Config, direct: bool) -> dict:
@@ -49,16 +51,27 @@ def test_direct_gradients_train_bit_for_bit_as_the_fp32_buffers(sonnets_dataset,
 def test_direct_gradients_apply_alone_with_one_micro_batch_and_the_state_on_the_device(
     sonnets_dataset, tmp_path
 ):
-    def direct(dp: int = 1, micro: int = 2, offload: bool = False) -> bool:
+    def config(dp: int = 1, micro: int = 2, offload: bool = False, zero: int = 0) -> Config:
         training = dict(global_batch_size=2 * dp, micro_batch_size=micro)
         return tiny_config(
-            sonnets_dataset, tmp_path, dp=dp, training=training, optimizer=dict(offload=offload)
-        ).direct_grads
+            sonnets_dataset, tmp_path, dp=dp, zero=zero, training=training, optimizer=dict(offload=offload)
+        )
 
-    assert direct()
-    assert not direct(dp=2)  # a gradient to reduce
-    assert not direct(micro=1)  # two micro-batches to accumulate
-    assert not direct(offload=True)  # the host update reads fp32 gradients
+    assert config().direct_grads
+    assert not config(dp=2).direct_grads  # a gradient to reduce
+    assert not config(micro=1).direct_grads  # two micro-batches to accumulate
+    assert not config(offload=True).direct_grads  # the host update reads fp32 gradients
+    for zero in (1, 2, 3):  # ZeRO alone on one process keeps its buffers, and trains
+        alone = config(zero=zero)
+        assert not alone.direct_grads
+        assert run_ranks(1, _one_step, alone)[0] > 0
+
+
+def _one_step(rank: int, world: int, config: Config) -> float:
+    mesh = build_mesh(1, 1, 1)
+    trainer = build(config, mesh, torch.device("cpu"))
+    data = synthetic_steps(config, mesh, torch.device("cpu"), 1)
+    return train_step(trainer, data[0], 0).read().loss
 
 
 def _direct_sync(rank: int, world: int) -> dict:

@@ -184,6 +184,7 @@ LLAMA_1B = {"model": {"preset": "llama-1b"}, "data": {"seq_len": 2048}}
         {"training": {"global_batch_size": 8, "micro_batch_size": 8}, "parallel": {"pp_size": 2}},
         {"training": {"global_batch_size": 8, "micro_batch_size": 8}, "parallel": {"cp_size": 2}},
         {"training": {"global_batch_size": 8, "micro_batch_size": 8}, "optimizer": {"offload": True}},
+        {"training": {"global_batch_size": 8, "micro_batch_size": 8}, "parallel": {"zero": 1}},
     ],
 )
 def test_direct_gradients_follow_the_config_rule(overrides):

@@ -636,9 +636,11 @@ class Config:
     def direct_grads(self) -> bool:
         """Whether the optimizer reads each parameter's compute-dtype gradient as autograd leaves it, with
         no fp32 gradient buffers (parallel.data_parallel.GradSync): one process (nothing to reduce), one
-        micro-batch a step (nothing to accumulate), and the optimizer state on the device (the host
-        update reads fp32). The buffers would hold the same values, so the update is the same."""
-        return self.world_size == 1 and self.num_microbatches == 1 and not self.optimizer.offload
+        micro-batch a step (nothing to accumulate), the optimizer state on the device (the host update
+        reads fp32), and no ZeRO stage (whose sharded buffers it keeps, pointless as they are on one
+        process). The buffers would hold the same values, so the update is the same."""
+        alone = self.world_size == 1 and self.num_microbatches == 1
+        return alone and not self.optimizer.offload and not self.parallel.zero
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

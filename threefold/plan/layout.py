@@ -50,9 +50,10 @@ class Layout:
 
     def direct_grads(self, global_batch_size: int) -> bool:
         """Whether a run of this layout keeps no fp32 gradient buffers (Config.direct_grads's rule): one
-        GPU, one micro-batch a step, the optimizer on the device. The optimizer then reads autograd's
-        compute-dtype gradients (e bytes a parameter), and nothing moves them into fp32."""
-        return self.num_gpus == 1 and self.num_microbatches(global_batch_size) == 1 and not self.offload
+        GPU, one micro-batch a step, the optimizer on the device, no ZeRO stage. The optimizer then reads
+        autograd's compute-dtype gradients (e bytes a parameter), and nothing moves them into fp32."""
+        alone = self.num_gpus == 1 and self.num_microbatches(global_batch_size) == 1
+        return alone and not self.offload and not self.parallel.zero
 
     def get(self, name: str) -> Any:
         """A setting by its Config field name: micro_batch_size, recompute or a ParallelConfig field."""
