@@ -11,9 +11,10 @@ written), and checks that every setting writes the same masters bit for bit from
 from __future__ import annotations
 
 import math
-import statistics
+from functools import partial
 
 import torch
+from cuda_timing import median_ms
 
 from threefold._adamw_kernel import adamw_kernel
 
@@ -59,17 +60,7 @@ def main() -> None:
         if reference is None:
             reference = result
         same = all(torch.equal(a, b) for a, b in zip(result, reference, strict=True))
-        for _ in range(3):
-            update(block, warps)
-        times = []
-        for _ in range(10):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            update(block, warps)
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        ms = statistics.median(times)
+        ms = median_ms(partial(update, block, warps), iters=10, warmup=3)
         print(f"| {block} | {warps} | {ms:.2f} | {28 * params / ms / 1e9:.2f} | {same} |")
 
 

@@ -13,28 +13,12 @@ difference of its output and gradients from cuDNN's, so that a fast kernel that 
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import median_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-
-def timed(fn: Callable[[], Any], iters: int) -> float:
-    """Median milliseconds of fn over iters calls, after 5 untimed ones."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -91,13 +75,13 @@ def main() -> None:
     for name, fn in kernels.items():
         try:
             with torch.no_grad():
-                fwd = timed(fn, args.iters)
+                fwd = median_ms(fn, args.iters)
 
             def both(fn: Callable[[], torch.Tensor] = fn) -> None:
                 q.grad = k.grad = v.grad = None
                 fn().backward(dy)
 
-            total = timed(both, args.iters)
+            total = median_ms(both, args.iters)
             q.grad = None
             out = fn()
             out.backward(dy)

@@ -16,28 +16,11 @@ and GB/s for the element-wise kernels, and the largest difference of each altern
 from __future__ import annotations
 
 import argparse
-import statistics
-from collections.abc import Callable
-from typing import Any
 
 import torch
+from cuda_timing import median_ms
 
 from threefold.model import loss as loss_module
-
-
-def timed(fn: Callable[[], Any], iters: int = 20) -> float:
-    """Median milliseconds of fn over iters calls, after 5 untimed ones."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def projections(n: int, hidden: int, outs: list[int]) -> None:
@@ -67,9 +50,9 @@ def projections(n: int, hidden: int, outs: list[int]) -> None:
     parts = {"forward": (lambda: [x @ w.t() for w in ws], lambda: x @ torch.cat(ws).t())}
     name = "+".join(str(o) for o in outs)
     for label, (a, b) in parts.items():
-        ta, tb = timed(a), timed(b)
+        ta, tb = median_ms(a), median_ms(b)
         print(f"| {name} {label} | {ta:.3f} | {flops / ta / 1e9:.0f} | {tb:.3f} | {flops / tb / 1e9:.0f} |")
-    ta, tb = timed(separate), timed(fused)
+    ta, tb = median_ms(separate), median_ms(fused)
     print(f"| {name} fwd+dgrad+wgrad | {ta:.3f} | {3 * flops / ta / 1e9:.0f} | {tb:.3f} | "
           f"{3 * flops / tb / 1e9:.0f} |")  # fmt: skip
 
@@ -119,15 +102,15 @@ def loss_kernels(rows: int, vocab: int) -> None:
     ref_loss, ref_grad = compiled()
     loss, grad = kernels()
     assert grad is not None
-    copy_ms = timed(clone)
+    copy_ms = median_ms(clone)
     size = logits.numel() * logits.element_size() / 1e9
     print(
         f"\nloss chunk ({rows}, {vocab}) bf16, max and sum, then the gradient (3 reads, 1 write of the logits"
     )
     print("before, 2 reads and 1 write now; the Triton rows exclude the clone each call needs):\n")
     print("| path | ms | loss relative diff | gradient max diff |\n|---|---:|---:|---:|")
-    print(f"| torch.compile's three kernels | {timed(compiled):.3f} | 0 | 0 |")
-    ms = timed(kernels) - copy_ms
+    print(f"| torch.compile's three kernels | {median_ms(compiled):.3f} | 0 | 0 |")
+    ms = median_ms(kernels) - copy_ms
     loss_diff = (loss / ref_loss - 1).abs().item()
     grad_diff = (grad.float() - ref_grad.float()).abs().max().item()
     rate = f"{3 * size / ms * 1e3:.0f} GB/s"
