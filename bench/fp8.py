@@ -78,9 +78,18 @@ def main() -> None:
         default="false,tensorwise,rowwise",
         help="which of false (bf16), tensorwise, rowwise to run, comma-separated",
     )
+    parser.add_argument(
+        "--micro-batches", default="8,4", help="which micro-batch sizes to run, comma-separated"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed steps of every run (default: RUNS')")
     args = parser.parse_args()
     chosen = [mode_named(m) for m in args.modes.split(",")]
-    runs = [run for run in RUNS if run[1] in chosen]
+    sizes = [int(b) for b in args.micro_batches.split(",")]
+    runs = [
+        (b, fp8, warmup, args.steps or steps)
+        for b, fp8, warmup, steps in RUNS
+        if fp8 in chosen and b in sizes
+    ]
     if args.compare_update:
         runs = [(8, TORCH_ADAMW, 5, 45), (4, TORCH_ADAMW, 5, 20), *runs]
     start = time.perf_counter()
