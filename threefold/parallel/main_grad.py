@@ -20,8 +20,9 @@ BLOCK = 4096
 
 
 def kernel_runs_on(device: torch.device) -> bool:
-    """Whether `into_main_grad` may use its Triton kernel on `device`: Triton is installed, and the device
-    is CUDA (or the CPU under Triton's interpreter)."""
+    """Whether threefold's Triton kernels may run on `device` (`into_main_grad`'s here, the loss's in
+    threefold.model.loss): Triton is installed, and the device is CUDA (or the CPU under Triton's
+    interpreter)."""
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     return importlib.util.find_spec("triton") is not None and (device.type == "cuda" or interpreting)
 
