@@ -30,6 +30,7 @@ from threefold.config.sections import (
     Section,
     TrainingConfig,
     check_rope_scaling,
+    has_direct_grads,
 )
 from threefold.config.validate import MAX_MICROBATCHES, check_across_sections, check_world_size, validate
 
@@ -46,6 +47,7 @@ __all__ = [
     "Section",
     "ModelConfig",
     "check_rope_scaling",
+    "has_direct_grads",
     "ParallelConfig",
     "DataConfig",
     "DataSource",

@@ -177,6 +177,12 @@ class ModelConfig(Section):
             raise ValueError(f"RoPE needs an even head dim; hidden_size/num_heads = {self.head_dim}")
 
 
+def has_direct_grads(*, world_size: int, num_microbatches: int, offload: bool, zero: bool | int) -> bool:
+    """The rule of `Config.direct_grads`, for the planner's layouts too: one process, one micro-batch a
+    step, the optimizer state on the device, no ZeRO stage."""
+    return world_size == 1 and num_microbatches == 1 and not offload and not zero
+
+
 def check_rope_scaling(m: ModelConfig) -> None:
     """Reject Llama 3.x RoPE scaling settings that make no sense (also used for Hugging Face configs)."""
     if not m.rope_scaling_factor >= 1.0:  # `not >=` also catches NaN
@@ -639,8 +645,10 @@ class Config:
         micro-batch a step (nothing to accumulate), the optimizer state on the device (the host update
         reads fp32), and no ZeRO stage (whose sharded buffers it keeps, pointless as they are on one
         process). The buffers would hold the same values, so the update is the same."""
-        alone = self.world_size == 1 and self.num_microbatches == 1
-        return alone and not self.optimizer.offload and not self.parallel.zero
+        return has_direct_grads(
+            world_size=self.world_size, num_microbatches=self.num_microbatches,
+            offload=self.optimizer.offload, zero=self.parallel.zero,
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,9 +3,9 @@
 Every parameter gets a `main_grad` (but with direct gradients, see GradSync): an fp32 view into a flat
 bucket buffer. A post-accumulate hook moves each fresh `.grad` into `main_grad` (so bf16 training
 accumulates micro-batches in fp32): the first micro-batch of a step copies, later ones add, so the
-buffers never need zeroing. On the last
-micro-batch of a step, a bucket's reduction starts as soon as all its parameters are done, and the rest
-of the backward pass overlaps with it. Gradients are synchronized once per step.
+buffers never need zeroing. On the last micro-batch of a step, a bucket's reduction starts as soon as
+all its parameters are done, and the rest of the backward pass overlaps with it. Gradients are
+synchronized once per step.
 
 Without ZeRO the reduction is an all-reduce: every data-parallel rank ends with the mean gradient.
 With `zero=True` (ZeRO stage 1, the "distributed optimizer") each bucket is padded to a multiple of

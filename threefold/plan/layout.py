@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from threefold.config import Config, ModelConfig, ParallelConfig, validate
+from threefold.config import Config, ModelConfig, ParallelConfig, has_direct_grads, validate
 
 BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -52,8 +52,10 @@ class Layout:
         """Whether a run of this layout keeps no fp32 gradient buffers (Config.direct_grads's rule): one
         GPU, one micro-batch a step, the optimizer on the device, no ZeRO stage. The optimizer then reads
         autograd's compute-dtype gradients (e bytes a parameter), and nothing moves them into fp32."""
-        alone = self.num_gpus == 1 and self.num_microbatches(global_batch_size) == 1
-        return alone and not self.offload and not self.parallel.zero
+        return has_direct_grads(
+            world_size=self.num_gpus, num_microbatches=self.num_microbatches(global_batch_size),
+            offload=self.offload, zero=self.parallel.zero,
+        )  # fmt: skip
 
     def get(self, name: str) -> Any:
         """A setting by its Config field name: micro_batch_size, recompute or a ParallelConfig field."""
