@@ -15,8 +15,10 @@ from threefold.parallel.comm import copy_to_tp, gather_from_sequence
 from threefold.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    TPContext,
     VocabParallelEmbedding,
     column_parallel_projections,
+    fused_projections,
     shard_of,
 )
 
@@ -280,3 +282,72 @@ def _projections(rank: int, world: int, bias: bool, use_all: bool) -> None:
 @pytest.mark.parametrize("bias,use_all", [(False, True), (True, True), (True, False)])
 def test_column_parallel_projections_overlap(tp, bias, use_all):
     run_ranks(tp, _projections, bias, use_all)
+
+
+def _stacked(rank: int, world: int, bias: bool, sequence_parallel: bool) -> int:
+    """TPContext.project without the overlapped path: the layers' GEMMs stacked into one, against
+    torch.nn.Linear on the full input, outputs and every gradient. Returns how many stacked GEMMs ran."""
+    import threefold.parallel.layers as layers_module
+
+    stacked = []
+    original = layers_module.fused_projections
+    layers_module.fused_projections = lambda x, ls: stacked.append(len(ls)) or original(x, ls)
+    torch.manual_seed(1)
+    b, s, h, outs = 2, 8, 12, (16, 8, 8)
+    refs = [torch.nn.Linear(h, o, bias=bias) for o in outs]
+    x = torch.randn(b, s, h)
+    grads_out = [torch.randn(b, s, o) for o in outs]
+    group = dist.group.WORLD
+    layers = [ColumnParallelLinear(h, o, tp_group=group, bias=bias) for o in outs]
+    with torch.no_grad():
+        for mine, ref in zip(layers, refs, strict=True):
+            mine.weight.copy_(shard_of(ref.weight, mine.weight, rank, world))
+            if bias:
+                mine.bias.copy_(shard_of(ref.bias, mine.bias, rank, world))
+    x_ref = x.clone().requires_grad_()
+    ys_ref = [ref(x_ref) for ref in refs]
+    torch.autograd.backward(ys_ref, grads_out)
+
+    tp = TPContext(group, sequence_parallel=sequence_parallel, overlap_comm=False)
+    x_local = (x.chunk(world, dim=1)[rank] if sequence_parallel else x).clone().requires_grad_()
+    ys = tp.project(x_local, layers)
+    for i, (y, y_ref) in enumerate(zip(ys, ys_ref, strict=True)):
+        torch.testing.assert_close(y, y_ref.chunk(world, dim=-1)[rank], **TOL, msg=f"output {i}")
+    torch.autograd.backward(ys, [g.chunk(world, dim=-1)[rank] for g in grads_out])
+    x_grad = x_ref.grad.chunk(world, dim=1)[rank] if sequence_parallel else x_ref.grad
+    torch.testing.assert_close(x_local.grad, x_grad, **TOL)
+    for mine, ref in zip(layers, refs, strict=True):
+        torch.testing.assert_close(
+            mine.weight.grad, shard_of(ref.weight.grad, mine.weight, rank, world), **TOL
+        )
+        if bias:
+            torch.testing.assert_close(mine.bias.grad, shard_of(ref.bias.grad, mine.bias, rank, world), **TOL)
+    return sum(stacked)
+
+
+@pytest.mark.parametrize("tp,sequence_parallel", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_projections_stacked_into_one_gemm(tp, sequence_parallel, bias):
+    assert run_ranks(tp, _stacked, bias, sequence_parallel) == [3] * tp
+
+
+def test_projections_stay_apart_where_stacking_does_not_apply():
+    """Float8 layers, deferred weight gradients, or biases on some layers only: each layer its own GEMM."""
+    run_ranks(1, _apart)
+
+
+def _apart(rank: int, world: int) -> None:
+    group = dist.group.WORLD
+    x = torch.randn(2, 4, 16)
+    plain = [ColumnParallelLinear(16, 16, tp_group=group, bias=False) for _ in range(2)]
+    assert fused_projections(x, plain) is not None
+    mixed = [ColumnParallelLinear(16, 16, tp_group=group, bias=b) for b in (True, False)]
+    assert fused_projections(x, mixed) is None
+    fp8 = [ColumnParallelLinear(16, 16, tp_group=group, bias=False, fp8="tensorwise") for _ in range(2)]
+    assert fused_projections(x, fp8) is None
+    queue = object()  # any queue: the layers defer their weight gradients
+    deferring = [
+        ColumnParallelLinear(16, 16, tp_group=group, bias=False, weight_grads=queue)  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    assert fused_projections(x, deferring) is None

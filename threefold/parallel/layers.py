@@ -288,6 +288,25 @@ def column_parallel_projections(
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
+def fused_projections(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> list[torch.Tensor] | None:
+    """The bf16 (or fp32) `layers` reading one input as one GEMM on their weights stacked: [x W_i^T + b_i],
+    as views of its output; None where that does not apply (float8, deferred weight gradients, biases on
+    some layers only). The input gradient becomes one GEMM over the stacked outputs instead of a sum of
+    one per layer, and the weight gradients one GEMM whose rows are each layer's. On one H200 at llama-1b's
+    sizes (16,384 tokens) forward and both backward GEMMs took 0.884 ms against 1.003 for q, k, v, and
+    4.650 against 4.901 for gate and up, the stacking's copy counted (bench/step_kernels.py).
+    """
+    if any(layer.fp8 or layer.weight_grads is not None for layer in layers):
+        return None
+    biases = [layer.bias for layer in layers]
+    if len({b is None for b in biases}) > 1:
+        return None
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None if biases[0] is None else torch.cat([b for b in biases if b is not None])
+    y = F.linear(x, weight, bias)
+    return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
+
+
 class RowParallelLinear(nn.Module):
     """y = sum_over_tp(x_local W_local^T) + b with W split by input columns: (out, in/t) per rank.
 
@@ -418,4 +437,5 @@ class TPContext:
         if self.size > 1 and self.overlap_comm and not self.sequence_parallel:
             return column_parallel_projections(x, layers, self.group, self.fp8)
         x = self.enter(x)
-        return [layer(x) for layer in layers]
+        fused = fused_projections(x, layers) if len(layers) > 1 else None
+        return fused if fused is not None else [layer(x) for layer in layers]
