@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from threefold.bench import run_bench
 from threefold.config import build_config
+from threefold.parallel import layers
 from threefold.parallel.mesh import build_mesh
 
 MODES: list[Any] = [False, "tensorwise", "rowwise"]
@@ -82,7 +83,13 @@ def main() -> None:
         "--micro-batches", default="8,4", help="which micro-batch sizes to run, comma-separated"
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps of every run (default: RUNS')")
+    parser.add_argument(
+        "--stack-projections",
+        action="store_true",
+        help="q/k/v and gate/up as one GEMM each (threefold.parallel.layers.STACK_PROJECTIONS)",
+    )
     args = parser.parse_args()
+    layers.STACK_PROJECTIONS = args.stack_projections
     chosen = [mode_named(m) for m in args.modes.split(",")]
     sizes = [int(b) for b in args.micro_batches.split(",")]
     runs = [
@@ -108,7 +115,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device)
     source = f"{tokens} ({data})" if data else tokens
     sm = f"sm {capability[0]}{capability[1]}"
-    print(f"{name} ({sm}), torch {torch.__version__}, tokens: {source}", flush=True)
+    stacking = ", projections stacked" if args.stack_projections else ""
+    print(f"{name} ({sm}), torch {torch.__version__}, tokens: {source}{stacking}", flush=True)
     out = Path(os.environ["OUT"]) / "fp8.jsonl" if os.environ.get("OUT") else None
     records: dict[tuple[int, Any], dict[str, Any]] = {}
     longest = 0.0

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from distributed import run_ranks
+from tiny import TINY_LLAMA
 
 from threefold.model import loss as loss_module
 from threefold.parallel.comm import copy_to_tp, gather_from_sequence
@@ -18,8 +19,8 @@ from threefold.parallel.layers import (
     TPContext,
     VocabParallelEmbedding,
     column_parallel_projections,
-    fused_projections,
     shard_of,
+    stacked_projections,
 )
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -290,8 +291,9 @@ def _stacked(rank: int, world: int, bias: bool, sequence_parallel: bool) -> int:
     import threefold.parallel.layers as layers_module
 
     stacked = []
-    original = layers_module.fused_projections
-    layers_module.fused_projections = lambda x, ls: stacked.append(len(ls)) or original(x, ls)
+    original = layers_module.stacked_projections
+    layers_module.stacked_projections = lambda x, ls: stacked.append(len(ls)) or original(x, ls)
+    layers_module.STACK_PROJECTIONS = True
     torch.manual_seed(1)
     b, s, h, outs = 2, 8, 12, (16, 8, 8)
     refs = [torch.nn.Linear(h, o, bias=bias) for o in outs]
@@ -340,14 +342,64 @@ def _apart(rank: int, world: int) -> None:
     group = dist.group.WORLD
     x = torch.randn(2, 4, 16)
     plain = [ColumnParallelLinear(16, 16, tp_group=group, bias=False) for _ in range(2)]
-    assert fused_projections(x, plain) is not None
+    assert stacked_projections(x, plain) is not None
     mixed = [ColumnParallelLinear(16, 16, tp_group=group, bias=b) for b in (True, False)]
-    assert fused_projections(x, mixed) is None
+    assert stacked_projections(x, mixed) is None
     fp8 = [ColumnParallelLinear(16, 16, tp_group=group, bias=False, fp8="tensorwise") for _ in range(2)]
-    assert fused_projections(x, fp8) is None
+    assert stacked_projections(x, fp8) is None
     queue = object()  # any queue: the layers defer their weight gradients
     deferring = [
         ColumnParallelLinear(16, 16, tp_group=group, bias=False, weight_grads=queue)  # type: ignore[arg-type]
         for _ in range(2)
     ]
-    assert fused_projections(x, deferring) is None
+    assert stacked_projections(x, deferring) is None
+
+
+def _model_step(rank: int, world: int, stack: bool, compiled: bool) -> tuple[float, dict, int, int]:
+    """One forward and backward of a tiny llama with the projections stacked or not: the loss, the
+    gradients, the bytes autograd saved for backward beyond the parameters, and how many stacked GEMMs
+    the forward ran."""
+    import threefold.parallel.layers as layers_module
+    from threefold.config import ModelConfig
+    from threefold.model.transformer import build_model
+    from threefold.parallel.mesh import build_mesh
+
+    layers_module.STACK_PROJECTIONS = stack
+    stacked = []
+    original = layers_module._StackedProjections.forward
+    layers_module._StackedProjections.forward = staticmethod(  # type: ignore[method-assign]
+        lambda ctx, *args: stacked.append(1) or original(ctx, *args)
+    )
+    cfg = ModelConfig(**dict(TINY_LLAMA, vocab_size=256, num_layers=2))
+    mesh = build_mesh(world, 1, 1)
+    model = build_model(cfg, TPContext(mesh.tp_group), seed=3, compiled=compiled)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, ids.roll(-1, dims=1))
+    loss.backward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = sum(n for ptr, n in seen.items() if ptr not in params)
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, saved, len(stacked)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_stacked_projections_train_the_model_as_separate_ones(compiled):
+    """The whole model with q/k/v and gate/up stacked: the same loss and gradients (to float32 rounding)
+    as with one GEMM a projection, and eagerly no more bytes saved for backward (the stacked weight is
+    built again in backward, not kept)."""
+    (loss, grads, saved, none), (loss_s, grads_s, saved_s, count) = (
+        run_ranks(1, _model_step, stack, compiled)[0] for stack in (False, True)
+    )
+    assert (none, count) == (0, 4)  # q/k/v and gate/up in each of the two layers
+    assert loss_s == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == grads_s.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_s[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    if not compiled:
+        assert saved_s <= saved

@@ -288,23 +288,52 @@ def column_parallel_projections(
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
-def fused_projections(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> list[torch.Tensor] | None:
-    """The bf16 (or fp32) `layers` reading one input as one GEMM on their weights stacked: [x W_i^T + b_i],
-    as views of its output; None where that does not apply (float8, deferred weight gradients, biases on
-    some layers only). The input gradient becomes one GEMM over the stacked outputs instead of a sum of
-    one per layer, and the weight gradients one GEMM whose rows are each layer's. On one H200 at llama-1b's
-    sizes (16,384 tokens) forward and both backward GEMMs took 0.884 ms against 1.003 for q, k, v, and
-    4.650 against 4.901 for gate and up, the stacking's copy counted (bench/step_kernels.py).
+STACK_PROJECTIONS = False
+"""Whether `TPContext.project` runs projections reading one input (q/k/v, gate/up) as one GEMM on their
+stacked weights (`stacked_projections`) where that applies. Off until measured on a GPU: a module-level
+switch for A/B runs (bench/fp8.py --stack-projections), set before the first compile."""
+
+
+class _StackedProjections(torch.autograd.Function):
+    """x (M, K) -> x W^T + b with W the projections' weights stacked, (sum_i out_i, K), and b their biases.
+    It saves the layers' own weights, not the stacked copy, and stacks them again in backward (a copy of
+    the weights, small beside the activations). The caller splits the output into each layer's; autograd
+    concatenates their gradients back for this backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, num_layers: int, *params: Any) -> torch.Tensor:
+        weights, biases = params[:num_layers], params[num_layers:]
+        ctx.widths = [w.shape[0] for w in weights]
+        ctx.has_bias = bool(biases)
+        ctx.save_for_backward(x, *weights)
+        return F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        x, *weights = ctx.saved_tensors
+        grad_x = grad.mm(torch.cat(weights)) if ctx.needs_input_grad[0] else None
+        grad_w = grad.t().mm(x).split(ctx.widths)  # rows of each layer's weight
+        grad_b = grad.sum(0).split(ctx.widths) if ctx.has_bias else ()
+        return (grad_x, None, *grad_w, *grad_b)
+
+
+def stacked_projections(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> list[torch.Tensor] | None:
+    """The bf16 (or fp32) `layers` reading one input x (b, s, h) as one GEMM on their stacked weights:
+    [(b, s, out_i/t)]; None where that does not apply (float8, deferred weight gradients, biases on some
+    layers only). The input gradient is then one GEMM over the stacked output gradients instead of a sum
+    of one per layer, and the weight gradients one GEMM whose rows are each layer's. On one H200 at
+    llama-1b's sizes (16,384 tokens) forward and both backward GEMMs took 0.884 ms against 1.003 for q, k,
+    v, and 4.650 against 4.901 for gate and up, the weights' stacking counted but not the output
+    gradients' (bench/step_kernels.py, 2026-12-04). The layers' own forward (and its hooks) do not run.
     """
     if any(layer.fp8 or layer.weight_grads is not None for layer in layers):
         return None
     biases = [layer.bias for layer in layers]
     if len({b is None for b in biases}) > 1:
         return None
-    weight = torch.cat([layer.weight for layer in layers])
-    bias = None if biases[0] is None else torch.cat([b for b in biases if b is not None])
-    y = F.linear(x, weight, bias)
-    return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
+    params = [layer.weight for layer in layers] + [b for b in biases if b is not None]
+    y = _StackedProjections.apply(x.reshape(-1, x.shape[-1]), len(layers), *params)
+    return list(y.view(*x.shape[:-1], y.shape[-1]).split([layer.weight.shape[0] for layer in layers], dim=-1))
 
 
 class RowParallelLinear(nn.Module):
@@ -437,5 +466,5 @@ class TPContext:
         if self.size > 1 and self.overlap_comm and not self.sequence_parallel:
             return column_parallel_projections(x, layers, self.group, self.fp8)
         x = self.enter(x)
-        fused = fused_projections(x, layers) if len(layers) > 1 else None
-        return fused if fused is not None else [layer(x) for layer in layers]
+        stacked = stacked_projections(x, layers) if STACK_PROJECTIONS and len(layers) > 1 else None
+        return stacked if stacked is not None else [layer(x) for layer in layers]
