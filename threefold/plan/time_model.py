@@ -121,13 +121,29 @@ DROPOUT_BYTES_PER_H = 6.0
 """Hidden-state dropout (two per layer, fused with the bias and the residual add): the mask and the bias."""
 
 
-FP8_GEMM_SPEEDUP = {"tensorwise": 1.34, "rowwise": 1.26}
-"""How much faster a layer's GEMMs run with float8 linears, their casts and scales included: what makes
-this model's step match threefold's measured fp8/bf16 ratios on one H200 (`python bench/fp8.py`,
-2026-12-04 fifth session, llama-1b, seq 2048, compiled; docs/benchmarks.md). Tensorwise fits micro-batch
-8 and 4 with 1.34 and 1.32; rowwise with 1.32 (micro-batch 8) and 1.21 (4), so its figure is the middle,
-about +-2% of the step. Measured on 2048-wide GEMMs: larger models' GEMMs gain more, so for them this is
-a floor."""
+FP8_GEMM_RATE = {"tensorwise": 1.93, "rowwise": 1.80}
+"""How much faster the layers' GEMM kernels alone run in float8 than in bf16: one H200, llama-1b, seq
+2048, micro-batch 8, profiled (`bench/profile_step.py`, 2026-12-04): the bf16 layers' GEMMs 135.2 ms a step
+(bench/results/issue18-2026-12-04-s9/call2-profile_bf16_8.txt, the output layer's five GEMMs left out),
+rowwise's float8 GEMMs 74.9 ms (issue18-2026-12-04-s7/rowwise_kernel.txt), tensorwise's 70.1 ms
+(issue18-2026-12-04/call1-prof_8_tensorwise.txt). Hopper's float8 tensor cores have twice bf16's peak;
+these GEMMs are too small to get all of it."""
+FP8_CAST_BYTES = {"tensorwise": 7.0, "rowwise": 7.0}
+"""HBM bytes a float8 cast moves per element of the tensor it casts (its amax read, the scaled cast's read
+and write, transposed copies; `fp8_cast_elements` counts the elements). Fitted to the same H200's fp8 and
+bf16 steps measured side by side (tests/test_planner.py): 32.5 ms of casts a step for rowwise and 34.3 for
+tensorwise at micro-batch 8, 21.8e9 elements. A cast whose amax came from the kernel that wrote the tensor
+would move 3 (read 2, write 1), the floor of this design."""
+
+
+def fp8_cast_elements(n: int, inputs: list[int], shapes: list[tuple[int, int, int]]) -> tuple[float, float]:
+    """(forward, backward) elements the float8 casts of one layer read for `n` tokens: forward, each
+    distinct input (width in `inputs`) once, row-scaled, and each weight; backward, each input again for
+    the weight gradients (scaled along the tokens, transposed), each output gradient twice (for the input
+    and the weight gradient) and each weight again (scaled along its other dimension)."""
+    weights = sum(k * out for _, k, out in shapes)
+    activations = n * sum(inputs)
+    return activations + weights, activations + 2 * sum(tok * out for tok, _, out in shapes) + weights
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,8 +165,8 @@ class Kernels:
     parameter all-gather runs behind the next forward (threefold, FSDP); False: both wait for the whole
     backward and the optimizer (Megatron-LM 2021)."""
     fp8: str | None = None
-    """Float8 linears (training.fp8: 'tensorwise' or 'rowwise'): the layers' GEMMs take
-    1 / FP8_GEMM_SPEEDUP of their bf16 time, casts included; the output layer stays bf16."""
+    """Float8 linears (training.fp8: 'tensorwise' or 'rowwise'): the layers' GEMMs take 1 / FP8_GEMM_RATE
+    of their bf16 time, and their operands' casts FP8_CAST_BYTES an element; the output layer stays bf16."""
     direct_grads: bool = True
     """Direct gradients where the layout allows them (`Layout.direct_grads`, Config.direct_grads's rule):
     no fp32 gradient buffers, no move into them, the optimizer reading the compute-dtype gradients.
@@ -160,10 +176,8 @@ class Kernels:
     def __post_init__(self) -> None:
         if self.attention not in ("flash", "materialized"):
             raise ValueError(f"kernels.attention must be 'flash' or 'materialized', got {self.attention!r}")
-        if self.fp8 is not None and self.fp8 not in FP8_GEMM_SPEEDUP:
-            raise ValueError(
-                f"kernels.fp8 must be one of {sorted(FP8_GEMM_SPEEDUP)} or None, got {self.fp8!r}"
-            )
+        if self.fp8 is not None and self.fp8 not in FP8_GEMM_RATE:
+            raise ValueError(f"kernels.fp8 must be one of {sorted(FP8_GEMM_RATE)} or None, got {self.fp8!r}")
 
 
 EAGER = Kernels()
@@ -201,6 +215,7 @@ TERMS = {
     "gemm": "matmuls (projections, MLP, logits), forward and backward",
     "attention": "attention core (flash, or materialized scores: matmuls and softmax)",
     "elementwise": "memory-bound kernels: norms, RoPE, activation, residuals, cross-entropy, embedding",
+    "fp8_cast": "float8 casts of the linears' inputs, output gradients and weights (amax, scale, copies)",
     "recompute": "recomputation in backward (full: the layer's forward; selective: the attention core)",
     "host": "GPU waiting for the host to issue kernels (small per-GPU work)",
     "grad_accumulate": "adding each micro-batch's gradients into the fp32 main_grad (none when direct)",
@@ -298,8 +313,13 @@ def layer_pass(
     shapes = [(n, h, hq // t), (n, h, hkv_local), (n, h, hkv_local), (n, hq // t, h), (n, f // t, h)]
     shapes += [(n, h, f // t)] * (2 if m.arch == "llama" else 1)
     gemm = _gemms(hw, shapes)
+    cast_f = cast_b = 0.0
     if kernels.fp8 is not None:
-        gemm /= FP8_GEMM_SPEEDUP[kernels.fp8]
+        gemm /= FP8_GEMM_RATE[kernels.fp8]
+        inputs = [h, hq // t, h, f // t]  # q/k/v's, o's, the MLP's, its down projection's
+        cast_f, cast_b = (
+            hw.memory_time(FP8_CAST_BYTES[kernels.fp8] * k) for k in fp8_cast_elements(n, inputs, shapes)
+        )
     # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
     core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
     core_f, core_b = core_f / c, core_b / c
@@ -316,8 +336,8 @@ def layer_pass(
     traffic *= COMPILED_TRAFFIC if kernels.compiled else 1 / EAGER_BANDWIDTH_FRACTION
     elementwise = hw.memory_time(traffic)
     all_reduce = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp)
-    forward = gemm + core_f + elementwise
-    backward = 2 * gemm + core_b + BACKWARD_TRAFFIC * elementwise
+    forward = gemm + core_f + elementwise + cast_f
+    backward = 2 * gemm + core_b + BACKWARD_TRAFFIC * elementwise + cast_b
     num_all_reduce = 4 if t > 1 else 0
     host_ops = HOST_OPS_FORWARD + HOST_OPS_BACKWARD
     recompute = 0.0
@@ -340,6 +360,7 @@ def layer_pass(
         "gemm": 3 * gemm,
         "attention": core_f + core_b,
         "elementwise": (1 + BACKWARD_TRAFFIC) * elementwise,
+        "fp8_cast": cast_f + cast_b,
         "recompute": recompute,
         "host": slack,
         "tp_comm": tp_time,
