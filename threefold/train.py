@@ -412,15 +412,29 @@ class _Duties:
     """Continues logging.sample_prompts every logging.sample_every steps (None: never)."""
     pending: list[PendingStats] = field(default_factory=list)
     """The steps since the last log, not yet read on the host."""
+    late_log: bool = False
+    """The last log interval is read after the next step is queued (`defer_log`)."""
+
+    def defer_log(self, now: bool) -> None:
+        """Log the interval now, or (`now` False) once the next step's work is queued, so that the device
+        runs that step while the host waits for this one's figures and reports them. Read at once, the
+        device sits idle from the end of this step until the host has logged and queued the next one:
+        at log_interval 1, every step."""
+        self.late_log = not now
+        if now:
+            self.log()
 
     def log(self) -> None:
-        """The interval's one host sync (losses, norms, skip flags), then its report and its checks.
+        """The interval's one host sync (losses, norms, skip flags), then its report and its checks; a
+        late log leaves the newest step, just queued, for the next interval.
 
         Raises NumericsError after too many consecutive skipped steps; rolls back from a loss spike.
         """
+        interval = self.pending[:-1] if self.late_log else list(self.pending)
+        self.late_log = False
         with track.waiting_for(None, "host sync (losses)"):
-            synced = [s.read() for s in self.pending]
-        self.pending.clear()
+            synced = [s.read() for s in interval]
+        del self.pending[: len(interval)]
         self.result.losses += [s.loss for s in synced]
         self.result.grad_norms += [s.grad_norm for s in synced]
         self.result.skipped += [s.step + 1 for s in synced if s.skipped]
@@ -559,11 +573,20 @@ def _train(
             interrupted, late = guard.end_step(
                 stop_requested=stop.requested, out_of_time=due.out_of_time(started)
             )
+            if duties.late_log:  # the last interval, while the device runs this step
+                duties.log()
             done = result.steps_done = step + 1
             result.stopped_early = (interrupted or late) and not due.last(done)
             end = due.last(done) or result.stopped_early
             if due.log(done, end):
-                duties.log()
+                # Late unless something this step must see the interval first: a rollback from a loss
+                # spike (before the next step), the end of the run, or another duty now.
+                now = (
+                    end
+                    or guard.spikes is not None
+                    or any(duty(done, end) for duty in (due.evaluate, due.sample, due.save))
+                )
+                duties.defer_log(now)
             if due.evaluate(done, end):
                 duties.evaluate(done)
             if due.sample(done, end):

@@ -1,0 +1,11 @@
+# Call 1 (not run yet: no device was lent in the tenth session). The GPU tests of the tenth session's
+# changes; bf16 through bench/fp8.py, micro-batch 8 and 4, with q/k/v and gate/up as separate GEMMs, then
+# stacked (layers.STACK_PROJECTIONS via --stack-projections), then separate again (run-to-run spread).
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+timeout -s INT -k 5 170 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+  -k "stacked or compiled_loss or never_waits or one_graph" > $OUT/gpu_tests.txt 2>&1; tail -n 2 $OUT/gpu_tests.txt
+for run in separate stacked separate_again; do
+  flag=""; [ "$run" = stacked ] && flag="--stack-projections"
+  timeout 130 python bench/fp8.py --modes false --budget 90 $flag > $OUT/$run.txt 2>&1
+  echo "$run:"; grep -E "tok/s|FAILED|Error" $OUT/$run.txt
+done
