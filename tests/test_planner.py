@@ -18,7 +18,7 @@ from distributed import run_ranks
 
 import threefold.launch
 from threefold.cli import main
-from threefold.config import ModelConfig, ParallelConfig, build_config
+from threefold.config import ModelConfig, ParallelConfig, build_config, load_config
 from threefold.metrics import peak_flops
 from threefold.pipeline.partition import chunk_layer_ranges
 from threefold.pipeline.schedules import build_schedule
@@ -503,6 +503,8 @@ def test_plan_table_explains_the_winner(capsys):
         (["--model", "llama-8b", "--gpus", "16", "--gpus-per-node", "8", "--seq", "4096", "--global-batch",
           "128"], 16, "torchrun"),
         (["--model", "configs/gpt2-124m.toml", "--gpus", "4", "--seq", "512"], 4, "threefold"),
+        (["--model", "llama-1b", "--gpus", "1", "--seq", "2048", "--global-batch", "8", "--compiled", "--fp8",
+          "rowwise"], 1, "threefold"),
     ],
 )  # fmt: skip
 def test_plan_prints_a_whole_command_that_builds_the_planned_run(capsys, argv, gpus, launcher):
@@ -528,6 +530,36 @@ def test_plan_prints_a_whole_command_that_builds_the_planned_run(capsys, argv, g
     if "--global-batch" in argv:
         assert config.training.global_batch_size == int(argv[argv.index("--global-batch") + 1])
         assert config.model.preset == argv[1]
+    if argv[1] in MODEL_PRESETS:  # a config file holds its own training.compile and training.fp8
+        assert config.training.compile == ("--compiled" in argv)
+        assert config.training.fp8 == (argv[argv.index("--fp8") + 1] if "--fp8" in argv else False)
+
+
+@pytest.mark.parametrize("gpu", ["h200", "a100-80gb"])
+def test_plan_says_what_float8_would_give_on_hardware_that_has_it(capsys, gpu):
+    """On float8 hardware, a bf16 plan without --fp8 ends with each recipe's predicted speed-up for the
+    best layout (the same ratio --fp8 predicts); on an A100, or when --fp8 is given, no such line."""
+    from threefold.plan.time_model import Kernels
+
+    argv = ["plan", "--model", "llama-1b", "--gpus", "1", "--gpu", gpu, "--global-batch", "8",
+            "--seq", "2048", "--micro-batch-size", "8", "--recompute", "none", "--compiled",
+            "--no-zero"]  # fmt: skip
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("float8 linears")]
+    if gpu == "a100-80gb":
+        assert lines == []
+        return
+    w = Workload(model=ModelConfig(**MODEL_PRESETS["llama-1b"]), seq_len=2048, global_batch_size=8)
+    lay, hw = Layout(micro_batch_size=8), load_hardware(gpu)
+    step = {
+        f: estimate_layout_time(w, lay, hw, gpus_per_node=1, kernels=Kernels(compiled=True, fp8=f)).step
+        for f in (None, "rowwise", "tensorwise")
+    }
+    ratios = {f: step[None] / step[f] for f in ("rowwise", "tensorwise")}
+    assert len(lines) == 1 and 1 < ratios["rowwise"] < ratios["tensorwise"]
+    assert f"rowwise {ratios['rowwise']:.2f}x, tensorwise {ratios['tensorwise']:.2f}x" in lines[0]
+    assert main([*argv, "--fp8", "rowwise"]) == 0
+    assert "float8 linears" not in capsys.readouterr().out
 
 
 def test_plan_starts_without_loading_torch():
@@ -881,3 +913,23 @@ def test_plan_cli_takes_fp8():
             assert main([*args, *extra]) == 0
         speeds.append(json.loads(out.getvalue())[0]["tokens_per_s_per_gpu"])
     assert speeds[1] > 1.1 * speeds[0]
+
+
+def test_plan_of_a_config_file_predicts_what_its_training_section_runs():
+    """configs/fp8-h200.toml compiles and trains rowwise float8: its plan is predicted so, with no flags."""
+    from threefold.plan.time_model import Kernels
+
+    repo = Path(__file__).resolve().parent.parent
+    argv = ["plan", "--model", str(repo / "configs/fp8-h200.toml"), "--gpus", "1", "--gpu", "h200", "--json"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*argv, "--top", "1"]) == 0
+    best = json.loads(out.getvalue())[0]
+    config = load_config(str(repo / "configs/fp8-h200.toml"), check_paths=False)
+    assert (config.training.compile, config.training.fp8) == (True, "rowwise")
+    w = Workload(model=config.model, seq_len=config.data.seq_len,
+                 global_batch_size=config.training.global_batch_size)  # fmt: skip
+    lay = Layout(micro_batch_size=best["micro_batch_size"], recompute=best["recompute"])
+    planned = estimate_layout_time(w, lay, load_hardware("h200"), gpus_per_node=1,
+                                   kernels=Kernels(compiled=True, fp8="rowwise"))  # fmt: skip
+    assert best["tokens_per_s_per_gpu"] == pytest.approx(planned.tokens_per_s_per_gpu, abs=0.1)

@@ -140,8 +140,9 @@ def calibrate(
     )
     if cuda:
         values["memory_gib"] = torch.cuda.get_device_properties(device).total_memory / GIB
+        values["float8"] = torch.cuda.get_device_capability(device) >= (8, 9)
     else:
-        values.update(memory_gib=_host_memory_gib(), memory_reserve_gib=1.0)
+        values.update(memory_gib=_host_memory_gib(), memory_reserve_gib=1.0, float8=False)
     if dist.is_initialized() and dist.get_world_size() > 1:
         busbw, p2p = measure_collectives(device, collective_mib if cuda else 16)
         if intra_node:

@@ -75,6 +75,9 @@ class Hardware:
     """Copies between pinned host memory and the GPU, one direction (PCIe 5 x16 ~ 50): optimizer offload."""
     host_adam_gbps: float = 60.0
     """Host-memory bandwidth a fused CPU AdamW reaches over the node's cores (optimizer offload)."""
+    float8: bool = False
+    """Float8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell), where training.fp8
+    runs; the planner then says what float8 would give."""
 
     def gemm_efficiency(self, flops: float) -> float:
         """Fraction of peak for one matmul of `flops` FLOPs (2 m n k), from the measured curve."""
@@ -168,7 +171,7 @@ HDR_X8 = 8 * 200 / 8  # GB/s per node: 8 x HDR 200 Gb/s
 NDR_X8 = 8 * 400 / 8  # GB/s per node: 8 x NDR 400 Gb/s
 
 
-def _network(nic_gbps_per_node: float, gpus_per_node: int = 8) -> dict[str, float]:
+def _network(nic_gbps_per_node: float, gpus_per_node: int = 8) -> dict[str, Any]:
     """Inter-node fields from the node's NICs: one NIC per GPU, NIC_EFFICIENCY of line rate."""
     per_gpu = nic_gbps_per_node / gpus_per_node * NIC_EFFICIENCY
     return dict(nic_gbps_per_node=nic_gbps_per_node, inter_node_gbps=per_gpu, p2p_inter_gbps=per_gpu)
@@ -203,6 +206,7 @@ PRESETS: dict[str, Hardware] = {
     # H100 SXM 80GB: NVLink4 900 GB/s per GPU (both directions); nodes with 8 x 400 Gb/s NDR (50 GB/s/GPU).
     "h100": Hardware(
         name="h100",
+        float8=True,
         peak_tflops=GPU_PEAK_BF16_FLOPS["h100"] / 1e12,
         memory_gib=79.6,
         hbm_gbps=3350.0,
@@ -215,6 +219,7 @@ PRESETS: dict[str, Hardware] = {
     # 340-354 GB/s measured on 4 NVLink-connected H200s (BENCHMARKS.md).
     "h200": Hardware(
         name="h200",
+        float8=True,
         peak_tflops=GPU_PEAK_BF16_FLOPS["h200"] / 1e12,
         memory_gib=140.4,
         hbm_gbps=4800.0,
@@ -228,6 +233,7 @@ PRESETS: dict[str, Hardware] = {
     # Hopper's scaled by the datasheet until measured.
     "b200": Hardware(
         name="b200",
+        float8=True,
         peak_tflops=GPU_PEAK_BF16_FLOPS["b200"] / 1e12,
         memory_gib=178.0,
         hbm_gbps=8000.0,
