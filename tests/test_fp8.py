@@ -608,3 +608,84 @@ def test_compiled_code_casts_transposed_operands_as_the_switch_says(monkeypatch,
     monkeypatch.setattr(fp8, "transposed_cast", lambda *a: calls.append(1) or fp8.to_fp8(*a).t().contiguous())
     fp8.fp8_linear(x, w, recipe).backward(torch.randn(64, 48))
     assert len(calls) == 4  # eager: W^T in the forward; W, dy^T and x in the backward
+
+
+def _shared_against_separate(rank: int, world_size: int, recipe: str) -> dict:
+    """Three float8 projections of one input through `shared_input_projections` and one by one: outputs,
+    gradients, and how many operands each way cast (`fp8.scale_for` calls, forward and backward)."""
+    from threefold.parallel.layers import ColumnParallelLinear, shared_input_projections
+
+    group = dist.group.WORLD
+    torch.manual_seed(2)
+    layers = [ColumnParallelLinear(32, n, tp_group=group, bias=False, fp8=recipe) for n in (32, 16, 16)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight, std=0.2)
+    x, grads_out = torch.randn(2, 16, 32), [torch.randn(2, 16, n) for n in (32, 16, 16)]
+    casts = []
+    original = fp8.scale_for
+    fp8.scale_for = lambda *a: casts.append(1) or original(*a)  # operands cast (rowwise: also the grads')
+    out = {}
+    for name, project in (("separate", lambda t: [layer(t) for layer in layers]),
+                          ("shared", lambda t: shared_input_projections(t, layers, recipe))):  # fmt: skip
+        casts.clear()
+        xi = x.clone().requires_grad_()
+        ys = project(xi)
+        torch.autograd.backward(ys, grads_out)
+        out[name] = ([y.detach() for y in ys], xi.grad, [layer.weight.grad for layer in layers], len(casts))
+        for layer in layers:
+            layer.weight.grad = None
+    return out
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_projections_of_one_input_share_its_float8_casts(recipe):
+    """q/k/v (and gate/up) on one rank cast their shared input once for the forward GEMMs and once for
+    the weight gradients, not once per projection: the same float8 values and GEMMs as three float8
+    linears, and their input gradients summed in autograd's order: every result equal bit for bit."""
+    out = run_ranks(1, _shared_against_separate, recipe)[0]
+    (ys, gx, gw, n_separate), (ys_s, gx_s, gw_s, n_shared) = out["separate"], out["shared"]
+    assert all(torch.equal(a, b) for a, b in zip(ys, ys_s, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(gw, gw_s, strict=True))
+    assert torch.equal(gx_s, gx)
+    # tensorwise reuses x's forward scale in backward; rowwise scales x again along the tokens
+    saved = {"tensorwise": 2, "rowwise": 4}[recipe]  # two fewer casts of x per pass that casts it
+    assert n_shared == n_separate - saved
+
+
+def _compiled_layer_casts(rank: int, world_size: int, recipe: str) -> dict:
+    """The amax reductions (one per float8 operand cast) in the forward and backward graphs of one
+    compiled llama layer on the CPU, as AOTAutograd hands them to the compiler, and graph breaks."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    counts = {"forward": 0, "backward": 0}
+
+    def counting(name):
+        def compiler(gm, example_inputs):
+            counts[name] += sum(n.target is torch.ops.aten.amax.default for n in gm.graph.nodes)
+            return gm
+
+        return compiler
+
+    backend = aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward"))
+    cfg = ModelConfig(arch="llama", num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2,
+                      ffn_hidden_size=128, vocab_size=128, max_seq_len=64)  # fmt: skip
+    model = build_model(cfg, TPContext(dist.group.WORLD, fp8=recipe), seed=1)
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in model.layers.values():
+        layer.compile(backend=backend)
+    ids = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
+    model(ids[:, :-1], ids[:, 1:]).backward()
+    return counts | {"graph_breaks": sum(counters["graph_break"].values())}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_compiled_layer_casts_each_distinct_operand_once(recipe):
+    """One llama layer's 7 float8 linears read 4 distinct inputs (q/k/v's, o's, gate/up's, down's): the
+    forward casts the 7 weights and the 4 inputs; rowwise's backward scales each of the 7 output
+    gradients twice (rows, columns), the 7 weights again and the 4 inputs along the tokens, tensorwise's
+    one scale of each output gradient and weight serves both (x's forward scale is reused). In one graph."""
+    counts = run_ranks(1, _compiled_layer_casts, recipe)[0]
+    backward = {"rowwise": 2 * 7 + 7 + 4, "tensorwise": 7 + 7}[recipe]
+    assert counts == {"forward": 7 + 4, "backward": backward, "graph_breaks": 0}

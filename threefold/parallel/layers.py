@@ -171,13 +171,17 @@ class _ColumnParallelProjections(torch.autograd.Function):
 
     With an fp8 `recipe` every GEMM runs in float8 (threefold.parallel.fp8), the shared input cast once
     for all projections in forward and once for all weight gradients in backward (deferred or not).
+
+    With `group` None (the input made whole by the caller: one TP rank, or sequence parallelism's
+    all-gather) the input gradient is returned as it is, with no collective: under an fp8 recipe the
+    projections still share the input's casts, which one float8 linear per projection would repeat.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        group: ProcessGroup,
+        group: ProcessGroup | None,
         recipe: Fp8Recipe | None,
         queue: WeightGradQueue | None,
         *params: Any,
@@ -186,7 +190,8 @@ class _ColumnParallelProjections(torch.autograd.Function):
         ctx.group = group
         ctx.recipe = recipe
         ctx.queue = queue
-        ctx.params = params
+        if queue is not None:
+            ctx.params = params  # for the deferred weight gradients
         ctx.set_materialize_grads(False)  # an output left out of the loss costs no GEMMs in backward
         ctx.has_bias = [b is not None for b in biases]
         if recipe is None:
@@ -216,7 +221,11 @@ class _ColumnParallelProjections(torch.autograd.Function):
             else float8.grad_operands(g, recipe, for_input=True, for_weight=not deferred)
             for g in flat_grads
         ]  # fmt: skip
-        for g, g_fp8, w in zip(flat_grads, grads_fp8, weights, strict=True):
+        parts = list(zip(flat_grads, grads_fp8, weights, strict=True))
+        # Without a group (one rank, or sequence parallelism), summed last projection first: autograd's
+        # order when each projection is its own linear (the one created last runs first), which the
+        # zero-bubble schedules' layers are, so that both paths give the same bits.
+        for g, g_fp8, w in reversed(parts) if ctx.group is None else parts:
             if g is None:
                 continue
             if g_fp8 is not None:
@@ -226,6 +235,9 @@ class _ColumnParallelProjections(torch.autograd.Function):
             else:
                 grad_input = g.mm(w) if grad_input is None else grad_input.addmm_(g, w)  # (b*s, h)
         assert grad_input is not None
+        if ctx.group is None:
+            param_grads = _weight_grads(x, x_scale, recipe, ctx.has_bias, flat_grads, grads_fp8)
+            return (grad_input.view(x.shape), None, None, None, *param_grads)
         with track.collective(ctx.group, "all_reduce"):
             reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", ctx.group.group_name)
         if deferred:
@@ -233,21 +245,36 @@ class _ColumnParallelProjections(torch.autograd.Function):
             with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
                 reduced = torch.ops._c10d_functional.wait_tensor(reduced)
             return (reduced.view(x.shape), None, None, None, *([None] * len(ctx.params)))
-        # The weight gradients run while the all-reduce is in flight.
-        flat_input = x.reshape(-1, h)
-        cast = None if x_scale is None else x_scale.reciprocal()
-        x_fp8 = None if recipe is None else float8.operand(flat_input, float8.E4M3, recipe, "b", cast)
-        param_grads: list[torch.Tensor | None] = []
-        for g, g_fp8, has_bias in zip(flat_grads, grads_fp8, ctx.has_bias, strict=True):
-            if g is None:
-                param_grads += [None, None]
-                continue
-            grad_t = None if g_fp8 is None else g_fp8.for_weight
-            dw_db = weight_grads(flat_input, g, has_bias, recipe, x_fp8, grad_t)
-            param_grads += dw_db if has_bias else [*dw_db, None]  # (out/t, h), (out/t,)
+        # the weight gradients run while the all-reduce is in flight
+        param_grads = _weight_grads(x, x_scale, recipe, ctx.has_bias, flat_grads, grads_fp8)
         with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
             reduced = torch.ops._c10d_functional.wait_tensor(reduced)
         return (reduced.view(x.shape), None, None, None, *param_grads)
+
+
+def _weight_grads(
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    recipe: Fp8Recipe | None,
+    has_bias: list[bool],
+    flat_grads: list[torch.Tensor | None],
+    grads_fp8: list[Any],
+) -> list[torch.Tensor | None]:
+    """[dW_i, db_i] of every projection of `_ColumnParallelProjections`' backward (None for an output left
+    out of the loss); under fp8, the input x cast once for all of them (with its forward scale
+    `x_scale`, tensorwise)."""
+    flat_input = x.reshape(-1, x.shape[-1])
+    cast = None if x_scale is None else x_scale.reciprocal()
+    x_fp8 = None if recipe is None else float8.operand(flat_input, float8.E4M3, recipe, "b", cast)
+    param_grads: list[torch.Tensor | None] = []
+    for g, g_fp8, bias in zip(flat_grads, grads_fp8, has_bias, strict=True):
+        if g is None:
+            param_grads += [None, None]
+            continue
+        grad_t = None if g_fp8 is None else g_fp8.for_weight
+        dw_db = weight_grads(flat_input, g, bias, recipe, x_fp8, grad_t)
+        param_grads += dw_db if bias else [*dw_db, None]  # (out/t, h), (out/t,)
+    return param_grads
 
 
 def _deferred_projection_grads(
@@ -315,6 +342,19 @@ class _StackedProjections(torch.autograd.Function):
         grad_w = grad.t().mm(x).split(ctx.widths)  # rows of each layer's weight
         grad_b = grad.sum(0).split(ctx.widths) if ctx.has_bias else ()
         return (grad_x, None, *grad_w, *grad_b)
+
+
+def shared_input_projections(
+    x: torch.Tensor, layers: list[ColumnParallelLinear], recipe: Fp8Recipe
+) -> list[torch.Tensor]:
+    """The float8 `layers` on one input x (b, s, h), already whole on this rank: [(b, s, out_i/t)], with
+    x cast once for all of their forward GEMMs and once for all of their weight gradients, where one
+    float8 linear each would cast it as many times. No communication, so compiled code traces it."""
+    params: list[torch.Tensor | None] = []
+    for layer in layers:
+        params += [layer.weight, layer.bias]
+    outputs = _ColumnParallelProjections.apply(x.reshape(-1, x.shape[-1]), None, recipe, None, *params)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
 def stacked_projections(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> list[torch.Tensor] | None:
@@ -466,5 +506,7 @@ class TPContext:
         if self.size > 1 and self.overlap_comm and not self.sequence_parallel:
             return column_parallel_projections(x, layers, self.group, self.fp8)
         x = self.enter(x)
+        if len(layers) > 1 and self.fp8 is not None and all(layer.weight_grads is None for layer in layers):
+            return shared_input_projections(x, layers, self.fp8)
         stacked = stacked_projections(x, layers) if STACK_PROJECTIONS and len(layers) > 1 else None
         return stacked if stacked is not None else [layer(x) for layer in layers]
