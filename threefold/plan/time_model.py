@@ -132,8 +132,10 @@ FP8_CAST_BYTES = {"tensorwise": 7.0, "rowwise": 7.0}
 """HBM bytes a float8 cast moves per element of the tensor it casts (its amax read, the scaled cast's read
 and write, transposed copies; `fp8_cast_elements` counts the elements). Fitted to the same H200's fp8 and
 bf16 steps measured side by side (tests/test_planner.py): 32.5 ms of casts a step for rowwise and 34.3 for
-tensorwise at micro-batch 8, 21.8e9 elements. A cast whose amax came from the kernel that wrote the tensor
-would move 3 (read 2, write 1), the floor of this design."""
+tensorwise at micro-batch 8, 21.8e9 elements. Those runs cast q/k/v's and gate/up's shared input once per
+projection, 3.2e9 more elements than the distinct operands counted here (shared since the tenth session).
+A cast whose amax came from the kernel that wrote the tensor would move 3 (read 2, write 1), the floor of
+this design."""
 
 
 def fp8_cast_elements(n: int, inputs: list[int], shapes: list[tuple[int, int, int]]) -> tuple[float, float]:
