@@ -227,21 +227,28 @@ def _ce_bf16(rank: int, world: int, kernels: bool) -> None:
     torch.testing.assert_close(w.grad.float(), wr.grad, rtol=2e-2, atol=2e-3)
 
 
-def _projections(rank: int, world: int, bias: bool, use_all: bool) -> None:
-    """Three projections of one input (q, k, v shaped) against torch.nn.Linear on the full input."""
+def _three_projections(rank: int, world: int, bias: bool) -> tuple:
+    """q, k, v shaped projections of one input: torch.nn.Linear references, this rank's
+    ColumnParallelLinear shards of them, the input (b, s, h) and an output gradient for each."""
     torch.manual_seed(1)
     b, s, h, outs = 2, 8, 12, (16, 8, 8)
     refs = [torch.nn.Linear(h, o, bias=bias) for o in outs]
     x = torch.randn(b, s, h)
     grads_out = [torch.randn(b, s, o) for o in outs]
-    group = dist.group.WORLD
-    layers = [ColumnParallelLinear(h, o, tp_group=group, bias=bias) for o in outs]
+    layers = [ColumnParallelLinear(h, o, tp_group=dist.group.WORLD, bias=bias) for o in outs]
     with torch.no_grad():
         for mine, ref in zip(layers, refs, strict=True):
             mine.weight.copy_(shard_of(ref.weight, mine.weight, rank, world))
             if bias:
                 mine.bias.copy_(shard_of(ref.bias, mine.bias, rank, world))
-    used = range(len(outs)) if use_all else [0, 2]  # an output left out of the loss gets no gradient
+    return refs, layers, x, grads_out
+
+
+def _projections(rank: int, world: int, bias: bool, use_all: bool) -> None:
+    """Three projections of one input (q, k, v shaped) against torch.nn.Linear on the full input."""
+    refs, layers, x, grads_out = _three_projections(rank, world, bias)
+    group = dist.group.WORLD
+    used = range(len(layers)) if use_all else [0, 2]  # an output left out of the loss gets no gradient
 
     x_ref = x.clone().requires_grad_()
     ys_ref = [ref(x_ref) for ref in refs]
@@ -294,18 +301,8 @@ def _stacked(rank: int, world: int, bias: bool, sequence_parallel: bool) -> int:
     original = layers_module.stacked_projections
     layers_module.stacked_projections = lambda x, ls: stacked.append(len(ls)) or original(x, ls)
     layers_module.STACK_PROJECTIONS = True
-    torch.manual_seed(1)
-    b, s, h, outs = 2, 8, 12, (16, 8, 8)
-    refs = [torch.nn.Linear(h, o, bias=bias) for o in outs]
-    x = torch.randn(b, s, h)
-    grads_out = [torch.randn(b, s, o) for o in outs]
+    refs, layers, x, grads_out = _three_projections(rank, world, bias)
     group = dist.group.WORLD
-    layers = [ColumnParallelLinear(h, o, tp_group=group, bias=bias) for o in outs]
-    with torch.no_grad():
-        for mine, ref in zip(layers, refs, strict=True):
-            mine.weight.copy_(shard_of(ref.weight, mine.weight, rank, world))
-            if bias:
-                mine.bias.copy_(shard_of(ref.bias, mine.bias, rank, world))
     x_ref = x.clone().requires_grad_()
     ys_ref = [ref(x_ref) for ref in refs]
     torch.autograd.backward(ys_ref, grads_out)
