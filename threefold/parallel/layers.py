@@ -349,7 +349,8 @@ def shared_input_projections(
 ) -> list[torch.Tensor]:
     """The float8 `layers` on one input x (b, s, h), already whole on this rank: [(b, s, out_i/t)], with
     x cast once for all of their forward GEMMs and once for all of their weight gradients, where one
-    float8 linear each would cast it as many times. No communication, so compiled code traces it."""
+    float8 linear each would cast it as many times. No communication, so compiled code traces it. The
+    layers' own forward (and its hooks) do not run, as with tensor parallelism's overlapped projections."""
     params: list[torch.Tensor | None] = []
     for layer in layers:
         params += [layer.weight, layer.bias]
