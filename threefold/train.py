@@ -583,7 +583,7 @@ def _train(
                 # spike (before the next step), the end of the run, or another duty now.
                 now = (
                     end
-                    or guard.spikes is not None
+                    or config.reliability.spike_rollback
                     or any(duty(done, end) for duty in (due.evaluate, due.sample, due.save))
                 )
                 duties.defer_log(now)
