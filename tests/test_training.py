@@ -175,6 +175,11 @@ def test_cadence_says_when_each_duty_of_the_loop_is_due():
     assert due("save", cadence(checkpoint={"dir": "ckpt"})) == [10], "interval 0: only at the end"
     assert due("save", cadence(checkpoint={"dir": "ckpt", "interval": 4}), stop_after=7) == [4, 7]
     assert [c.last(done) for done in (9, 10)] == [False, True]
+    late = sorted(set(due("log", c)) & set(due("log_late", c)))
+    assert late == [4, 8], "the logs read late: not the one at the end"
+    c = cadence(logging={"log_interval": 1}, training={"max_steps": 10, "eval_interval": 3})
+    assert due("log_late", c) == [1, 2, 4, 5, 7, 8], "read at once before an evaluation and at the end"
+    assert due("log_late", cadence(reliability={"spike_rollback": True})) == []
     assert not c.out_of_time(started=0.0), "no time limit by default"
 
 

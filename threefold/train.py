@@ -383,6 +383,13 @@ class Cadence:
     def log(self, done: int, end: bool) -> bool:
         return done % self.config.logging.log_interval == 0 or end
 
+    def log_late(self, done: int, end: bool) -> bool:
+        """Whether a log due now may be read once the next step is queued (`_Duties.defer_log`): not at
+        the end, not before another duty of this step, not when a loss spike must roll back before the
+        next step (reliability.spike_rollback)."""
+        others = (self.evaluate, self.sample, self.save)
+        return not (end or self.config.reliability.spike_rollback or any(d(done, end) for d in others))
+
     def evaluate(self, done: int, end: bool) -> bool:
         every = self.config.training.eval_interval
         return every > 0 and (done % every == 0 or end)
@@ -579,14 +586,7 @@ def _train(
             result.stopped_early = (interrupted or late) and not due.last(done)
             end = due.last(done) or result.stopped_early
             if due.log(done, end):
-                # Late unless something this step must see the interval first: a rollback from a loss
-                # spike (before the next step), the end of the run, or another duty now.
-                now = (
-                    end
-                    or config.reliability.spike_rollback
-                    or any(duty(done, end) for duty in (due.evaluate, due.sample, due.save))
-                )
-                duties.defer_log(now)
+                duties.defer_log(now=not due.log_late(done, end))
             if due.evaluate(done, end):
                 duties.evaluate(done)
             if due.sample(done, end):
