@@ -21,8 +21,12 @@ from collections.abc import Sequence
 
 import torch
 
-BLOCK = 2048
-"""Elements per Triton program: 8 per thread of 8 warps, in 16-byte loads."""
+BLOCK = 1024
+"""Elements per Triton program: 8 per thread of NUM_WARPS warps, in 16-byte loads."""
+NUM_WARPS = 4
+"""Warps per program. 1024 / 4 measured 10.66 ms for a step over 1.5B parameters against 10.94 for 2048 / 8
+(3.94 against 3.84 TB/s), the masters equal bit for bit; the fastest of seven shapes (one H200, torch 2.11,
+2026-12-04, `python bench/adamw_blocks.py`: bench/results/issue18-2026-12-04-s9/call5-adamw_blocks.txt)."""
 
 
 def adamw_update(
@@ -56,7 +60,7 @@ def adamw_update(
         adamw_kernel[((n + BLOCK - 1) // BLOCK,)](
             master, avg, square, grad, master if weight is None else weight, n, step, lr, scale, keep,
             decay, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
-            HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=8,
+            HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     # A list of tensors, not the 0-dim `keep` alone: that overload reads it as a host scalar (.item()),
     # which would make the host wait for the device every step.
