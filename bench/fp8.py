@@ -42,9 +42,12 @@ TORCH_ADAMW = "bf16, torch AdamW"
 then the copy into the weights), the step as it was before 2026-12-04."""
 
 
-def config_for(micro_batch: int, fp8: Any, steps: int, data: str | None) -> Any:
+def config_for(
+    micro_batch: int, fp8: Any, steps: int, data: str | None, model: dict[str, Any] | None = None
+) -> Any:
+    """One run's config; `model` overrides the model section (default llama-1b)."""
     raw: dict[str, dict[str, Any]] = {
-        "model": {"preset": "llama-1b"},
+        "model": model or {"preset": "llama-1b"},
         "data": {"seq_len": 2048} | ({"path": data} if data else {}),
         "optimizer": {"warmup_steps": 5, "fused_update": fp8 != TORCH_ADAMW},
         "training": {
@@ -84,12 +87,19 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps of every run (default: RUNS')")
     parser.add_argument(
+        "--model",
+        default="llama-1b",
+        help="model preset (e.g. llama-8b with --num-layers 8: a wider model that fits one GPU)",
+    )
+    parser.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count")
+    parser.add_argument(
         "--stack-projections",
         action="store_true",
         help="q/k/v and gate/up as one GEMM each (threefold.parallel.layers.STACK_PROJECTIONS)",
     )
     args = parser.parse_args()
     layers.STACK_PROJECTIONS = args.stack_projections
+    model = {"preset": args.model} | ({"num_layers": args.num_layers} if args.num_layers else {})
     chosen = [mode_named(m) for m in args.modes.split(",")]
     sizes = [int(b) for b in args.micro_batches.split(",")]
     runs = [
@@ -115,7 +125,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device)
     source = f"{tokens} ({data})" if data else tokens
     sm = f"sm {capability[0]}{capability[1]}"
-    stacking = ", projections stacked" if args.stack_projections else ""
+    stacking = f", {model}" + (", projections stacked" if args.stack_projections else "")
     print(f"{name} ({sm}), torch {torch.__version__}, tokens: {source}{stacking}", flush=True)
     out = Path(os.environ["OUT"]) / "fp8.jsonl" if os.environ.get("OUT") else None
     records: dict[tuple[int, Any], dict[str, Any]] = {}
@@ -132,7 +142,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         began = time.perf_counter()
-        config = config_for(micro_batch, fp8, warmup + steps, data)
+        config = config_for(micro_batch, fp8, warmup + steps, data, model)
         try:
             record = run_bench(config, mesh, device, steps=steps, warmup=warmup, tokens=tokens)
         except Exception as e:  # report and go on: one failing recipe must not hide the others' figures
