@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from threefold import adamw
 from threefold.bench import run_bench
 from threefold.config import build_config
 from threefold.parallel import layers
@@ -93,12 +94,18 @@ def main() -> None:
     )
     parser.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count")
     parser.add_argument(
+        "--one-launch-adamw",
+        action="store_true",
+        help="the optimizer's update in one kernel launch (threefold.adamw.ONE_LAUNCH)",
+    )
+    parser.add_argument(
         "--stack-projections",
         action="store_true",
         help="q/k/v and gate/up as one GEMM each (threefold.parallel.layers.STACK_PROJECTIONS)",
     )
     args = parser.parse_args()
     layers.STACK_PROJECTIONS = args.stack_projections
+    adamw.ONE_LAUNCH = args.one_launch_adamw
     model = {"preset": args.model} | ({"num_layers": args.num_layers} if args.num_layers else {})
     chosen = [mode_named(m) for m in args.modes.split(",")]
     sizes = [int(b) for b in args.micro_batches.split(",")]
@@ -126,6 +133,7 @@ def main() -> None:
     source = f"{tokens} ({data})" if data else tokens
     sm = f"sm {capability[0]}{capability[1]}"
     stacking = f", {model}" + (", projections stacked" if args.stack_projections else "")
+    stacking += ", AdamW in one launch" if args.one_launch_adamw else ""
     print(f"{name} ({sm}), torch {torch.__version__}, tokens: {source}{stacking}", flush=True)
     out = Path(os.environ["OUT"]) / "fp8.jsonl" if os.environ.get("OUT") else None
     records: dict[tuple[int, Any], dict[str, Any]] = {}

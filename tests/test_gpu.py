@@ -433,3 +433,33 @@ def test_stacked_projections_train_like_separate_ones_on_the_gpu(mesh, monkeypat
     _assert_near(stacked_loss, loss, 1e-2, "loss")
     for name, grad in grads.items():
         _assert_near(stacked_grads[name], grad, 3e-2, name)
+
+
+# --- The optimizer's update in one launch (adamw.ONE_LAUNCH) ----------------------------------------------
+
+
+def test_the_one_launch_update_is_the_launch_per_tensor_on_the_gpu(monkeypatch):
+    """Every tensor in one launch, their addresses from tables, writes what one launch per tensor writes,
+    bit for bit: masters, moments, bf16 weights and step counts, over three steps with bf16 gradients."""
+    import threefold.adamw as adamw
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4096, 1024), (1024,), (3, 5), (50_000,)]
+    runs = []
+    for one in (False, True):
+        monkeypatch.setattr(adamw, "ONE_LAUNCH", one)
+        generator.manual_seed(0)  # the same tensors and gradients in both runs
+        masters = [torch.randn(s, generator=generator).cuda() for s in shapes]
+        avgs, squares = [torch.zeros_like(m) for m in masters], [torch.zeros_like(m) for m in masters]
+        steps = [torch.zeros((), device="cuda") for _ in shapes]
+        weights = [m.bfloat16() for m in masters]
+        cache: dict = {}
+        for step in range(3):
+            grads = [(torch.randn(s, generator=generator) * (step + 1)).cuda().bfloat16() for s in shapes]
+            adamw.adamw_update(masters, avgs, squares, steps, grads, weights, [0.1, 0.0, 0.1, 0.0],
+                               lr=torch.tensor(0.01, device="cuda"), scale=torch.tensor(1.5, device="cuda"),
+                               skip=torch.tensor(False, device="cuda"), betas=(0.9, 0.95), eps=1e-8,
+                               cache=cache)  # fmt: skip
+        runs.append([t.cpu() for t in (*masters, *avgs, *squares, *weights, *steps)])
+        assert bool(cache) == one
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

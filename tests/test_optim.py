@@ -181,9 +181,15 @@ def test_state_before_the_first_step_has_no_moments_and_loads():
 
 
 INTERPRETED = """
+import sys
 import torch
 from torch.testing import assert_close
+import threefold.adamw
 from threefold.adamw import adamw_update
+
+threefold.adamw.ONE_LAUNCH = sys.argv[1] == "one"
+grad_dtype = getattr(torch, sys.argv[2])
+cache = {}  # the one-launch tables, kept between steps as the optimizer keeps them
 
 torch.manual_seed(0)
 shapes, decays = [5000, 2049, 7], [0.1, 0.0, 0.1]  # several programs, a partial block, a tiny tensor
@@ -196,13 +202,15 @@ avgs, squares = [torch.zeros(n) for n in shapes], [torch.zeros(n) for n in shape
 steps = [torch.zeros(()) for _ in shapes]
 weights = [m.to(torch.bfloat16) for m in masters[:2]] + [None]  # bf16 copies; the last is its own master
 for step in range(6):
-    grads = [torch.randn(n) * 3 for n in shapes]
+    grads = [(torch.randn(n) * 3).to(grad_dtype) for n in shapes]
     skip = step == 2  # a skipped step: nothing moves, the step counts included
+    if step == 4:  # a state tensor replaced (as loading a checkpoint may): its new address is used
+        avgs[0] = avgs[0].clone()
     adamw_update(masters, avgs, squares, steps, grads, weights, decays, lr=torch.tensor(0.01),
-                 scale=torch.tensor(2.0), skip=torch.tensor(skip), betas=(0.9, 0.95), eps=1e-8)
+                 scale=torch.tensor(2.0), skip=torch.tensor(skip), betas=(0.9, 0.95), eps=1e-8, cache=cache)
     if not skip:
         for r, g in zip(reference, grads):
-            r.grad = g / 2.0  # clipping: the kernel divides by the scale as it reads
+            r.grad = g.float() / 2.0  # clipping: the kernel divides by the scale as it reads
         adam.step()
     for i, r in enumerate(reference):
         state = adam.state[r]
@@ -212,14 +220,18 @@ for step in range(6):
         assert_close(masters[i], r, rtol=1e-6, atol=1e-6)
     for w, m in zip(weights[:2], masters[:2]):
         assert_close(w.float(), m, rtol=2**-7, atol=0)  # the master in bf16, within one step
+assert len(cache) == (2 if threefold.adamw.ONE_LAUNCH else 0)  # two groups: bf16 weights, own master
 print("same")
 """
 
 
-def test_the_one_pass_kernel_matches_torch_adamw_under_the_interpreter():
+@pytest.mark.parametrize("launch,grad_dtype", [("each", "float32"), ("one", "float32"), ("one", "bfloat16")])
+def test_the_one_pass_kernel_matches_torch_adamw_under_the_interpreter(launch, grad_dtype):
     """The CUDA kernel of `optimizer.fused_update` (threefold/_adamw_kernel.py), run by Triton's
     interpreter on the CPU, against torch's AdamW over six steps: masters, moments, step counts and the
-    bf16 weights, with weight decay on and off, clipping, and a skipped step."""
+    bf16 weights, with weight decay on and off, clipping, and a skipped step. One launch per tensor, or
+    one for all (adamw.ONE_LAUNCH: two groups here, bf16 weights and a master that is its own weight,
+    with fp32 or bf16 gradients), whose address tables follow a state tensor replaced mid-run."""
     import os
     import subprocess
     import sys
@@ -227,8 +239,9 @@ def test_the_one_pass_kernel_matches_torch_adamw_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=240
-    )
+        [sys.executable, "-c", INTERPRETED, launch, grad_dtype], env=env, capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
 
 
@@ -310,3 +323,33 @@ def test_the_optimizer_with_its_one_pass_kernel_matches_torch_adamw_under_the_in
     env = {**os.environ, "TRITON_INTERPRET": "1", "PORT": str(port)}
     done = subprocess.run([sys.executable, "-c", WIRED], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("grad", ["bf16", "fp32"])
+def test_the_one_launch_kernel_compiles_for_hopper(grad):
+    """`adamw_tensors_kernel` turns table entries into pointers: the interpreter accepts what the GPU
+    back end may not, so it is compiled here for sm_90 (Triton brings its own ptxas; no GPU needed) with
+    the argument types `adamw_update` passes, and its loads and stores are there."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from threefold._adamw_kernel import adamw_tensors_kernel
+    from threefold.adamw import BLOCK
+
+    pointers = {"block_tensor": "*i32", "first_block": "*i32", "sizes": "*i64", "decays": "*fp32",
+                "lr": "*fp32", "scale": "*fp32", "keep": "*fp32"}  # fmt: skip
+    floats = {"beta1", "beta2", "log2_beta1", "log2_beta2", "eps"}
+    constexprs = {"GRAD": tl.bfloat16 if grad == "bf16" else tl.float32, "WEIGHT": tl.bfloat16,
+                  "HAS_WEIGHT": True, "BLOCK": BLOCK}  # fmt: skip
+    signature = {}
+    for p in adamw_tensors_kernel.params:
+        if p.name in constexprs:
+            signature[p.name] = "constexpr"
+        else:
+            signature[p.name] = pointers.get(p.name, "fp32" if p.name in floats else "*i64")
+    source = ASTSource(fn=adamw_tensors_kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    assert "ld.global" in ptx and "st.global" in ptx

@@ -1,18 +1,17 @@
-"""The Triton kernel of threefold/adamw.py's `adamw_update` (imported only where Triton runs)."""
+"""The Triton kernels of threefold/adamw.py's `adamw_update` (imported only where Triton runs)."""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def adamw_kernel(
-    master, avg, square, grad, weight, n, step, lr, scale, keep,
-    decay, beta1, beta2, log2_beta1, log2_beta2, eps,
-    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+def _update(
+    master, avg, square, grad, weight, n, step, decay, block, lr, scale, keep,
+    beta1, beta2, log2_beta1, log2_beta2, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One AdamW step of elements [pid * BLOCK, (pid + 1) * BLOCK) of one tensor; nothing is stored when
-    `keep` (a 0-dim fp32 device flag) is 0. `step` is the count before this step."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """One AdamW step of elements [block * BLOCK, (block + 1) * BLOCK) of one tensor of `n`; nothing is
+    stored when `keep` (a 0-dim fp32 device flag) is 0. `step` points at the count before this step."""
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     store = offsets < tl.where(tl.load(keep) != 0.0, n, 0)  # nothing when the step is skipped
     count = tl.load(step) + 1.0
@@ -31,3 +30,39 @@ def adamw_kernel(
     tl.store(master + offsets, p, mask=store)
     if HAS_WEIGHT:
         tl.store(weight + offsets, p.to(weight.dtype.element_ty), mask=store)
+
+
+@triton.jit
+def adamw_kernel(
+    master, avg, square, grad, weight, n, step, lr, scale, keep,
+    decay, beta1, beta2, log2_beta1, log2_beta2, eps,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One tensor, one program per BLOCK elements."""
+    _update(
+        master, avg, square, grad, weight, n, step, decay, tl.program_id(0), lr, scale, keep,
+        beta1, beta2, log2_beta1, log2_beta2, eps, HAS_WEIGHT, BLOCK,
+    )  # fmt: skip
+
+
+@triton.jit
+def adamw_tensors_kernel(
+    block_tensor, first_block, masters, avgs, squares, grads, weights, sizes, steps, decays,
+    lr, scale, keep, beta1, beta2, log2_beta1, log2_beta2, eps,
+    GRAD: tl.constexpr, WEIGHT: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Every tensor of a list in one launch: program p updates block p - first_block[t] of tensor
+    t = block_tensor[p], whose addresses (int64) and size come from the tables; GRAD and WEIGHT are the
+    element types of the gradients and the weights (fp32 for masters and moments)."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    block = pid - tl.load(first_block + t)
+    f32 = tl.pointer_type(tl.float32)
+    master = tl.load(masters + t).to(f32)
+    weight = tl.load(weights + t).to(tl.pointer_type(WEIGHT))
+    _update(
+        master, tl.load(avgs + t).to(f32), tl.load(squares + t).to(f32),
+        tl.load(grads + t).to(tl.pointer_type(GRAD)), weight, tl.load(sizes + t), tl.load(steps + t).to(f32),
+        tl.load(decays + t), block, lr, scale, keep, beta1, beta2, log2_beta1, log2_beta2, eps,
+        HAS_WEIGHT, BLOCK,
+    )  # fmt: skip

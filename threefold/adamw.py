@@ -29,6 +29,14 @@ NUM_WARPS = 4
 2026-12-04, `python bench/adamw_blocks.py`: bench/results/issue18-2026-12-04-s9/call5-adamw_blocks.txt)."""
 
 
+ONE_LAUNCH = False
+"""Update every tensor of a call in one kernel launch (`adamw_tensors_kernel`, reading each tensor's
+addresses from a table) instead of one launch per tensor: 147 launches a step for llama-1b, each some
+microseconds of host time, which counts where the host, not the GPU, sets the pace (micro-batch 4 on one
+H200 showed the GPU idle 4-6% of a step, 2026-12-04). Off until measured: a module-level switch for A/B
+runs (bench/fp8.py --one-launch-adamw)."""
+
+
 def adamw_update(
     masters: Sequence[torch.Tensor],
     avgs: Sequence[torch.Tensor],
@@ -43,25 +51,105 @@ def adamw_update(
     skip: torch.Tensor,
     betas: tuple[float, float],
     eps: float,
+    cache: TableCache | None = None,
 ) -> None:
     """One AdamW step, in place, of each fp32 master with its first and second moments (`avgs`,
     `squares`), 0-dim fp32 step count and gradient; then the master into its weight (None: the master is
     the weight). `decays` are per tensor; `lr`, `scale` (the gradients are divided by it) and `skip` are
-    0-dim device tensors. One Triton kernel launch per tensor (contiguous tensors); the kernel compiles
-    once, in about a second, where torch.compile of a 1B model's list of updates took minutes."""
+    0-dim device tensors. One Triton kernel launch per tensor (contiguous tensors), or with ONE_LAUNCH one
+    for all, its tables kept in `cache` (the caller's, between steps); the kernel compiles once, in about a
+    second, where torch.compile of a 1B model's list of updates took minutes."""
     from threefold._adamw_kernel import adamw_kernel  # imports triton: only where it runs
 
     beta1, beta2 = betas
     keep = skip.logical_not().float()
-    for master, avg, square, step, grad, weight, decay in zip(
-        masters, avgs, squares, steps, grads, weights, decays, strict=True
-    ):
-        n = master.numel()
-        adamw_kernel[((n + BLOCK - 1) // BLOCK,)](
-            master, avg, square, grad, master if weight is None else weight, n, step, lr, scale, keep,
-            decay, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
-            HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )  # fmt: skip
+    constants = (lr, scale, keep, beta1, beta2, math.log2(beta1), math.log2(beta2), eps)
+    if ONE_LAUNCH:
+        tables = {} if cache is None else cache
+        _update_in_one_launch(masters, avgs, squares, steps, grads, weights, decays, constants, tables)
+    else:
+        for master, avg, square, step, grad, weight, decay in zip(
+            masters, avgs, squares, steps, grads, weights, decays, strict=True
+        ):
+            n = master.numel()
+            adamw_kernel[((n + BLOCK - 1) // BLOCK,)](
+                master, avg, square, grad, master if weight is None else weight, n, step, *constants[:3],
+                decay, *constants[3:], HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            )  # fmt: skip
     # A list of tensors, not the 0-dim `keep` alone: that overload reads it as a host scalar (.item()),
     # which would make the host wait for the device every step.
     torch._foreach_add_(list(steps), [keep] * len(steps))
+
+
+class _Tables:
+    """One group's tensor tables on the device for `adamw_tensors_kernel`: which tensor each program
+    updates, and each tensor's first program, addresses, size and decay. Built again whenever any
+    address differs from the one it was built for (a state tensor replaced, e.g. by loading a
+    checkpoint), so the kernel never writes through a stale address."""
+
+    def __init__(self, key: tuple[int, ...], tensors: list[tuple[torch.Tensor, ...]], decays: list[float]):
+        device = tensors[0][0].device
+        blocks = [(t[0].numel() + BLOCK - 1) // BLOCK for t in tensors]
+        starts = [0]
+        for b in blocks[:-1]:
+            starts.append(starts[-1] + b)
+        self.key = key
+        self.num_blocks = sum(blocks)
+        self.block_tensor = torch.repeat_interleave(
+            torch.arange(len(blocks), dtype=torch.int32), torch.tensor(blocks)
+        ).to(device)
+        self.first_block = torch.tensor(starts, dtype=torch.int32, device=device)
+        # master, avg, square, weight, step addresses: rows of one int64 table
+        self.addresses = torch.tensor([[t[i].data_ptr() for t in tensors] for i in range(5)], device=device)
+        self.sizes = torch.tensor([t[0].numel() for t in tensors], dtype=torch.int64, device=device)
+        self.decays = torch.tensor(decays, dtype=torch.float32, device=device)
+
+
+def _weight_or(master: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The tensor the update writes the weight into: the master itself where there is no other weight."""
+    return master if weight is None else weight
+
+
+TableCache = dict[tuple[torch.dtype, torch.dtype | None], _Tables]
+"""The last tables built per (gradient dtype, weight dtype), kept by the caller between steps."""
+
+
+def _update_in_one_launch(
+    masters: Sequence[torch.Tensor],
+    avgs: Sequence[torch.Tensor],
+    squares: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor | None],
+    decays: Sequence[float],
+    constants: tuple,
+    cache: TableCache,
+) -> None:
+    """`adamw_update`'s work in one launch per (gradient dtype, weight dtype) group of tensors, the
+    tables from `cache` where still valid; the gradients' addresses (new tensors every step) go to the
+    device each call."""
+    import triton.language as tl
+
+    from threefold._adamw_kernel import adamw_tensors_kernel
+
+    element = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    groups: dict[tuple[torch.dtype, torch.dtype | None], list[int]] = {}
+    for i, (grad, weight) in enumerate(zip(grads, weights, strict=True)):
+        groups.setdefault((grad.dtype, None if weight is None else weight.dtype), []).append(i)
+    for (grad_dtype, weight_dtype), members in groups.items():
+        tensors: list[tuple[torch.Tensor, ...]] = [
+            (masters[i], avgs[i], squares[i], _weight_or(masters[i], weights[i]), steps[i]) for i in members
+        ]
+        key = tuple(t.data_ptr() for row in tensors for t in row)
+        tables = cache.get((grad_dtype, weight_dtype))
+        if tables is None or tables.key != key:
+            tables = cache[(grad_dtype, weight_dtype)] = _Tables(key, tensors, [decays[i] for i in members])
+        device = masters[members[0]].device
+        grad_addresses = torch.tensor([grads[i].data_ptr() for i in members]).to(device, non_blocking=True)
+        master_at, avg_at, square_at, weight_at, step_at = tables.addresses
+        adamw_tensors_kernel[(tables.num_blocks,)](
+            tables.block_tensor, tables.first_block, master_at, avg_at, square_at, grad_addresses, weight_at,
+            tables.sizes, step_at, tables.decays, *constants,
+            GRAD=element[grad_dtype], WEIGHT=element[weight_dtype or torch.float32],
+            HAS_WEIGHT=weight_dtype is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip

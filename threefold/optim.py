@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from threefold.adamw import adamw_update
+from threefold.adamw import TableCache, adamw_update
 from threefold.config import OptimizerConfig
 from threefold.offload import HostAdam, host_masters
 from threefold.parallel import track
@@ -164,6 +164,7 @@ class Optimizer:
         device = ranges[0][0].device if ranges else torch.device("cpu")
         self._lr = torch.zeros((), dtype=torch.float32, device=device)
         self._one = torch.ones((), dtype=torch.float32, device=device)
+        self._adamw_tables: TableCache = {}  # the one-launch update's address tables (threefold/adamw.py)
         # The one-pass update is a Triton kernel: on CUDA, for contiguous ranges, with Triton installed;
         # elsewhere torch's AdamW, which is faster on the CPU than the same update in torch operations.
         dense = all(t.is_contiguous() for t in (*self._targets, *self._grads, *self.masters))
@@ -329,7 +330,7 @@ class Optimizer:
             [s["step"] for s in states], [grads[i] for i in self._device], self._device_weights,
             self._device_decays,
             lr=self._lr, scale=self._one if scale is None else scale, skip=skip.to(device),
-            betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps,
+            betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps, cache=self._adamw_tables,
         )  # fmt: skip
 
     def _torch_step(self, grads: list[torch.Tensor], scale: torch.Tensor | None, skip: torch.Tensor) -> None:
