@@ -144,6 +144,8 @@ def _update_in_one_launch(
         tables = cache.get((grad_dtype, weight_dtype))
         if tables is None or tables.key != key:
             tables = cache[(grad_dtype, weight_dtype)] = _Tables(key, tensors, [decays[i] for i in members])
+        if tables.num_blocks == 0:  # only empty tensors
+            continue
         device = masters[members[0]].device
         grad_addresses = torch.tensor([grads[i].data_ptr() for i in members]).to(device, non_blocking=True)
         master_at, avg_at, square_at, weight_at, step_at = tables.addresses
