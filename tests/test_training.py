@@ -183,9 +183,10 @@ def test_cadence_says_when_each_duty_of_the_loop_is_due():
     assert not c.out_of_time(started=0.0), "no time limit by default"
 
 
-def _when_steps_are_read(rank: int, world: int, config) -> dict:
-    """Train with train_step and PendingStats.read recorded: for each step read on the host, how many
-    steps had been queued by then."""
+def _when_steps_are_read(rank: int, world: int, config, queue_ahead: tuple[str, ...]) -> dict:
+    """Train with train_step and PendingStats.read recorded, with `queue_ahead` as the device types whose work
+    the host queues ahead (the CPU's is not, but here it stands in for CUDA): for each step read on the
+    host, how many steps had been queued by then."""
     import threefold.train as train_module
     from threefold.train import train
 
@@ -202,26 +203,30 @@ def _when_steps_are_read(rank: int, world: int, config) -> dict:
 
     train_module.train_step = counting_step
     train_module.PendingStats.read = recording_read
+    train_module.QUEUED_DEVICES = queue_ahead
     result = train(config, build_mesh(1, 1, 1), torch.device("cpu"))
     return {"read_after": read_after, "losses": result.losses}
 
 
 def test_the_loop_reads_each_step_while_the_next_one_runs(sonnets_dataset, tmp_path):
-    """log_interval 1: step k's loss is read once step k + 1 is queued (the device is never left idle
-    while the host logs), but at once before a duty that must see it (an evaluation, the run's end) and
-    on every step when a loss spike must roll back before the next one. The losses are the same."""
+    """log_interval 1 on a device that queues work: step k's loss is read once step k + 1 is queued (the
+    device is never left idle while the host logs), but at once before a duty that must see it (an
+    evaluation, the run's end), on every step when a loss spike must roll back before the next one, and
+    on the CPU. The losses are the same."""
     from tiny import tiny_config
 
-    def run(name: str, **reliability) -> dict:
+    def run(name: str, queued: tuple[str, ...] = ("cuda", "cpu"), **reliability) -> dict:
         config = tiny_config(
             sonnets_dataset, tmp_path / name,
             training=dict(max_steps=6, eval_interval=3), logging=dict(log_interval=1),
             reliability=reliability,
         )  # fmt: skip
-        return run_ranks(1, _when_steps_are_read, config)[0]
+        return run_ranks(1, _when_steps_are_read, config, queued)[0]
 
-    late, guarded = run("late"), run("guarded", spike_rollback=True)
+    late, guarded, cpu = run("late"), run("guarded", spike_rollback=True), run("cpu", queued=("cuda",))
     # 0-based step -> steps queued when it was read: steps 3 and 6 (1-based) end an evaluation interval
     assert late["read_after"] == {0: 2, 1: 3, 2: 3, 3: 5, 4: 6, 5: 6}
-    assert guarded["read_after"] == {k: k + 1 for k in range(6)}
-    assert late["losses"] == guarded["losses"] and len(late["losses"]) == 6
+    at_once = {k: k + 1 for k in range(6)}
+    assert guarded["read_after"] == at_once
+    assert cpu["read_after"] == at_once, "the CPU runs each step as it is called: read at once"
+    assert late["losses"] == guarded["losses"] == cpu["losses"] and len(late["losses"]) == 6

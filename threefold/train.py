@@ -44,6 +44,10 @@ from threefold.reliability.runguard import RunGuard, check_data, hold_run_direct
 from threefold.report import Reporter, StepStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUEUED_DEVICES = ("cuda",)
+"""Device types whose work the host queues ahead of it, where a log read once the next step is queued
+(`Cadence.log_late`) keeps the device busy. On the CPU a step has run when it returns: a late read would
+only shift the log's timestamps by one step."""
 
 
 @dataclass
@@ -586,7 +590,7 @@ def _train(
             result.stopped_early = (interrupted or late) and not due.last(done)
             end = due.last(done) or result.stopped_early
             if due.log(done, end):
-                duties.defer_log(now=not due.log_late(done, end))
+                duties.defer_log(now=device.type not in QUEUED_DEVICES or not due.log_late(done, end))
             if due.evaluate(done, end):
                 duties.evaluate(done)
             if due.sample(done, end):

@@ -532,8 +532,8 @@ class LoggingConfig(Section):
     out_dir: str = "runs/default"
     """Directory for metrics.jsonl, TensorBoard events and loss.png."""
     log_interval: int = 1
-    """Log (and sync the loss to the host) every this many steps; read once the next step is queued,
-    so the device does not wait for the log."""
+    """Log (and sync the loss to the host) every this many steps; on a GPU, read once the next step is
+    queued, so the device does not wait for the log."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     tensorboard: bool = True
