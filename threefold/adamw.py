@@ -64,13 +64,11 @@ def adamw_update(
     beta1, beta2 = betas
     keep = skip.logical_not().float()
     constants = (lr, scale, keep, beta1, beta2, math.log2(beta1), math.log2(beta2), eps)
+    rows = list(zip(masters, avgs, squares, steps, grads, weights, decays, strict=True))
     if ONE_LAUNCH:
-        tables = {} if cache is None else cache
-        _update_in_one_launch(masters, avgs, squares, steps, grads, weights, decays, constants, tables)
+        _update_in_one_launch(rows, constants, {} if cache is None else cache)
     else:
-        for master, avg, square, step, grad, weight, decay in zip(
-            masters, avgs, squares, steps, grads, weights, decays, strict=True
-        ):
+        for master, avg, square, step, grad, weight, decay in rows:
             n = master.numel()
             adamw_kernel[((n + BLOCK - 1) // BLOCK,)](
                 master, avg, square, grad, master if weight is None else weight, n, step, *constants[:3],
@@ -114,17 +112,7 @@ TableCache = dict[tuple[torch.dtype, torch.dtype | None], _Tables]
 """The last tables built per (gradient dtype, weight dtype), kept by the caller between steps."""
 
 
-def _update_in_one_launch(
-    masters: Sequence[torch.Tensor],
-    avgs: Sequence[torch.Tensor],
-    squares: Sequence[torch.Tensor],
-    steps: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor | None],
-    decays: Sequence[float],
-    constants: tuple,
-    cache: TableCache,
-) -> None:
+def _update_in_one_launch(rows: list[tuple], constants: tuple, cache: TableCache) -> None:
     """`adamw_update`'s work in one launch per (gradient dtype, weight dtype) group of tensors, the
     tables from `cache` where still valid; the gradients' addresses (new tensors every step) go to the
     device each call."""
@@ -133,21 +121,22 @@ def _update_in_one_launch(
     from threefold._adamw_kernel import adamw_tensors_kernel
 
     element = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-    groups: dict[tuple[torch.dtype, torch.dtype | None], list[int]] = {}
-    for i, (grad, weight) in enumerate(zip(grads, weights, strict=True)):
-        groups.setdefault((grad.dtype, None if weight is None else weight.dtype), []).append(i)
+    groups: dict[tuple[torch.dtype, torch.dtype | None], list[tuple]] = {}
+    for row in rows:  # (master, avg, square, step, grad, weight, decay)
+        groups.setdefault((row[4].dtype, None if row[5] is None else row[5].dtype), []).append(row)
     for (grad_dtype, weight_dtype), members in groups.items():
         tensors: list[tuple[torch.Tensor, ...]] = [
-            (masters[i], avgs[i], squares[i], _weight_or(masters[i], weights[i]), steps[i]) for i in members
+            (master, avg, square, _weight_or(master, weight), step)
+            for master, avg, square, step, _, weight, _ in members
         ]
         key = tuple(t.data_ptr() for row in tensors for t in row)
         tables = cache.get((grad_dtype, weight_dtype))
         if tables is None or tables.key != key:
-            tables = cache[(grad_dtype, weight_dtype)] = _Tables(key, tensors, [decays[i] for i in members])
+            tables = cache[(grad_dtype, weight_dtype)] = _Tables(key, tensors, [row[6] for row in members])
         if tables.num_blocks == 0:  # only empty tensors
             continue
-        device = masters[members[0]].device
-        grad_addresses = torch.tensor([grads[i].data_ptr() for i in members]).to(device, non_blocking=True)
+        device = tensors[0][0].device
+        grad_addresses = torch.tensor([row[4].data_ptr() for row in members]).to(device, non_blocking=True)
         master_at, avg_at, square_at, weight_at, step_at = tables.addresses
         adamw_tensors_kernel[(tables.num_blocks,)](
             tables.block_tensor, tables.first_block, master_at, avg_at, square_at, grad_addresses, weight_at,
