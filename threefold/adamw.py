@@ -82,10 +82,10 @@ def adamw_update(
 class _Tables:
     """One group's tensor tables on the device for `adamw_tensors_kernel`: which tensor each program
     updates, and each tensor's first program, addresses, size and decay. Built again whenever any
-    address differs from the one it was built for (a state tensor replaced, e.g. by loading a
+    address or decay differs from the ones it was built for (a state tensor replaced, e.g. by loading a
     checkpoint), so the kernel never writes through a stale address."""
 
-    def __init__(self, key: tuple[int, ...], tensors: list[tuple[torch.Tensor, ...]], decays: list[float]):
+    def __init__(self, key: tuple[float, ...], tensors: list[tuple[torch.Tensor, ...]], decays: list[float]):
         device = tensors[0][0].device
         blocks = [(t[0].numel() + BLOCK - 1) // BLOCK for t in tensors]
         starts = [0]
@@ -129,10 +129,11 @@ def _update_in_one_launch(rows: list[tuple], constants: tuple, cache: TableCache
             (master, avg, square, _weight_or(master, weight), step)
             for master, avg, square, step, _, weight, _ in members
         ]
-        key = tuple(t.data_ptr() for row in tensors for t in row)
+        decays = [row[6] for row in members]
+        key = (*(t.data_ptr() for row in tensors for t in row), *decays)
         tables = cache.get((grad_dtype, weight_dtype))
         if tables is None or tables.key != key:
-            tables = cache[(grad_dtype, weight_dtype)] = _Tables(key, tensors, [row[6] for row in members])
+            tables = cache[(grad_dtype, weight_dtype)] = _Tables(key, tensors, decays)
         if tables.num_blocks == 0:  # only empty tensors
             continue
         device = tensors[0][0].device
