@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from threefold.config import build_config
@@ -87,3 +88,32 @@ def test_speed_leaves_out_evaluations_and_saves_inside_the_window(tmp_path, monk
         clock.now += 3.0  # a window without pauses: steps 5-7
         reporter.interval(_steps(5, 3))
     assert _speeds(tmp_path / "metrics.jsonl") == [1.0] * 7
+
+
+def test_the_run_ends_with_the_median_speed_after_the_warm_up(tmp_path, monkeypatch):
+    """`Reporter.speed`: the median tokens/s of the steps after the first 10 (steps 2-10 are slow
+    here: compilation); a run too short for that takes every step after the first."""
+    from threefold.report import WARMUP_STEPS
+
+    clock = _Clock()
+    monkeypatch.setattr("threefold.report.time.perf_counter", clock)
+    reporter = _reporter(tmp_path, start_step=0)
+    tokens = reporter.tokens_per_step
+    with reporter:
+        assert reporter.speed() is None
+        clock.now += 50.0
+        reporter.interval(_steps(0, 1))  # step 1: not a speed at all
+        for step in range(1, 40):
+            clock.now += 4.0 if step < WARMUP_STEPS else 1.0 + 0.01 * (step % 3)
+            reporter.interval(_steps(step, 1))
+    speed = reporter.speed()
+    assert speed is not None and speed.steps == 39 - (WARMUP_STEPS - 1)
+    assert speed.tokens_per_s == pytest.approx(tokens / 1.01)  # the median of 1.00, 1.01, 1.02 s steps
+    assert speed.peak_memory_gib is None and "tokens/s/device over the last 30 steps" in speed.describe()
+
+    short = _reporter(tmp_path / "short", start_step=0)
+    with short:
+        for step, seconds in enumerate([50.0, 4.0, 2.0, 2.0]):
+            clock.now += seconds
+            short.interval(_steps(step, 1))
+    assert short.speed() == type(speed)(tokens / 2.0, 3, None)  # median of 4, 2, 2 s

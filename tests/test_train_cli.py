@@ -63,6 +63,7 @@ def test_train_command_writes_metrics_plot_and_events(tmp_path, dataset):
     assert list((run / "tb").glob("*/events.out.tfevents.*"))
     assert json.loads((run / "config.json").read_text())["parallel"]["tp_size"] == 2
     assert "done: 6 steps" in proc.stdout
+    assert "tokens/s/device over the last 5 steps" in proc.stdout  # the median after step 1 (a short run)
 
 
 @pytest.mark.timeout(180)

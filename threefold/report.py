@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,27 @@ class StepStats:
     lr: float
     skipped: bool
     """The loss or the gradient norm was not finite, so the update was not applied (on every rank)."""
+
+
+WARMUP_STEPS = 10
+"""Steps left out of a run's summary speed (`Reporter.speed`): compilation, allocation, the first
+optimizer steps."""
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A run's speed as `threefold train` ends it: the median over its steps after the warm-up."""
+
+    tokens_per_s: float
+    """Median tokens/s per device."""
+    steps: int
+    """How many steps the median is over."""
+    peak_memory_gib: float | None
+    """The device's peak allocated memory (CUDA), else None."""
+
+    def describe(self) -> str:
+        peak = f", peak {self.peak_memory_gib:.1f} GiB" if self.peak_memory_gib is not None else ""
+        return f"median {self.tokens_per_s:,.0f} tokens/s/device over the last {self.steps} steps{peak}"
 
 
 class Reporter:
@@ -58,6 +80,8 @@ class Reporter:
         self.paused = 0.0
         """Seconds of the current log window spent evaluating or saving, left out of the speed figures."""
         self.writer = None
+        self.speeds: list[float] = []
+        """Tokens/s per device of every step logged after the first (its interval's figure)."""
         self.mix: dict[str, int] = {}
         """Tokens each source of a blend has given, as last logged (for the summary at the end)."""
         self.progress = TrainProgress(t.max_steps, enabled=enabled and config.logging.progress)
@@ -116,6 +140,7 @@ class Reporter:
         for s in steps:
             metrics = {"train/loss": s.loss, "train/lr": s.lr, "train/grad_norm": s.grad_norm}
             if s.step > 0:  # step 0 pays for allocation and compilation: keep it out of the speed figures
+                self.speeds.append(tokens_per_s)
                 metrics |= {
                     "perf/tokens_per_s_per_device": tokens_per_s,
                     "perf/tflops_per_device": tflops,
@@ -137,6 +162,16 @@ class Reporter:
             tflops_per_device=tflops,
             mfu=util,
         )
+
+    def speed(self) -> Speed | None:
+        """The run's speed as peers report it: the median tokens/s per device of the logged steps after
+        the first WARMUP_STEPS (of those after the first, in a run too short for that); None if none."""
+        if not self.speeds:
+            return None
+        warm = self.speeds[WARMUP_STEPS - 1 :] if len(self.speeds) > 2 * WARMUP_STEPS else self.speeds
+        steps = len(warm)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        return Speed(statistics.median(warm), steps, peak)
 
     def validation(self, step: int, loss: float, per_source: dict[str, float] | None = None) -> None:
         """The validation loss after `step` steps; with a blend, each source's too (`val/<name>/loss`)."""

@@ -41,7 +41,7 @@ from threefold.pipeline.schedules import (
 from threefold.reliability.control import ControlChannel, StopRequest
 from threefold.reliability.faults import FaultPlan
 from threefold.reliability.runguard import RunGuard, check_data, hold_run_directories, resume, rollback
-from threefold.report import Reporter, StepStats
+from threefold.report import Reporter, Speed, StepStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUEUED_DEVICES = ("cuda",)
@@ -66,6 +66,8 @@ class TrainResult:
     steps_done: int = 0
     stopped_early: bool = False
     trainer: Trainer | None = None
+    speed: Speed | None = None
+    """The logging rank's summary speed (`Reporter.speed`); None elsewhere or before any step logged."""
 
 
 @dataclass
@@ -602,6 +604,7 @@ def _train(
                 break
         if checkpointer:
             checkpointer.finish(trainer)  # an asynchronous save still in flight
+        result.speed = reporter.speed() if reporter.enabled else None
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.quiesce()  # the parameters whole (ZeRO-3) for whoever reads them next
         grad_sync.remove_hooks()

@@ -161,6 +161,8 @@ def _train_body(config: Config, mesh: Mesh, device: torch.device, faults: FaultP
             summary += f", validation loss {val[first]:.4f} (step {first})"
             if last != first:
                 summary += f" -> {val[last]:.4f} (step {last})"
+        if result.speed is not None:
+            summary += f"; {result.speed.describe()}"
         print(f"{summary}; metrics and loss.png in {config.logging.out_dir}", flush=True)
     return 0
 
