@@ -7,7 +7,7 @@ Usage (dev machine, no GPU; the defaults are the recorded H200 profiles of llama
 
 Inputs: `bench/profile_step.py` outputs (their "| gemm | ms |" row and kernel table). A profile's GEMMs of
 the output layer are the GEMM kernels launched at most twice a step (once per loss chunk); the rest are the
-layers'. The cast elements are the planner's count (`threefold.plan.time_model.fp8_cast_elements`): every
+layers'. The cast elements are the planner's count (`time_model.layer_fp8_cast_elements`): every
 distinct input twice, every output gradient twice, every weight twice. Prints the implied bytes per element
 of today's casts (from a rowwise step and the bf16 step measured in the same call) and the step and
 speed-up over today's bf16 step at that cost, at 3 bytes (an amax from the kernel that wrote the tensor)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from threefold.config import ModelConfig
 from threefold.plan.hardware import load_hardware
-from threefold.plan.time_model import fp8_cast_elements
+from threefold.plan.time_model import layer_fp8_cast_elements
 from threefold.presets import MODEL_PRESETS
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,12 +51,7 @@ def layer_gemm_ms(profile: Path) -> float:
 def cast_elements(preset: str, tokens: int) -> float:
     """Elements the float8 casts of every layer touch in one step of `tokens` tokens (one rank)."""
     m = ModelConfig(**MODEL_PRESETS[preset])
-    assert m.ffn_hidden_size is not None and m.num_kv_heads is not None
-    h, f, hq, kv = m.hidden_size, m.ffn_hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-    shapes = [(tokens, h, hq), (tokens, h, kv), (tokens, h, kv), (tokens, hq, h), (tokens, f, h)]
-    shapes += [(tokens, h, f)] * 2
-    forward, backward = fp8_cast_elements(tokens, [h, hq, h, f], shapes)
-    return m.num_layers * (forward + backward)
+    return m.num_layers * sum(layer_fp8_cast_elements(m, tokens, 1))
 
 
 def main() -> None:

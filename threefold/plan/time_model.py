@@ -64,7 +64,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from threefold.config import Config
+from threefold.config import Config, ModelConfig
 from threefold.metrics import flops_per_token, local_kv_heads, local_vocab_size
 from threefold.pipeline.partition import chunks_of_rank
 from threefold.pipeline.schedules import SPLIT_BACKWARD, V_SHAPED
@@ -146,6 +146,26 @@ def fp8_cast_elements(n: int, inputs: list[int], shapes: list[tuple[int, int, in
     weights = sum(k * out for _, k, out in shapes)
     activations = n * sum(inputs)
     return activations + weights, activations + 2 * sum(tok * out for tok, _, out in shapes) + weights
+
+
+def layer_gemm_shapes(m: ModelConfig, n: int, t: int) -> list[tuple[int, int, int]]:
+    """The forward GEMMs (tokens, k, out) of one layer for `n` tokens on one of `t` tensor-parallel ranks:
+    q, k, v, o, the MLP's down projection, and its up projection (gate and up for llama)."""
+    f = m.ffn_hidden_size
+    assert f is not None and m.num_kv_heads is not None
+    h, hq = m.hidden_size, m.num_heads * m.head_dim
+    hkv_local = local_kv_heads(m.num_kv_heads, t) * m.head_dim  # one replicated head when t > kv heads
+    shapes = [(n, h, hq // t), (n, h, hkv_local), (n, h, hkv_local), (n, hq // t, h), (n, f // t, h)]
+    return shapes + [(n, h, f // t)] * (2 if m.arch == "llama" else 1)
+
+
+def layer_fp8_cast_elements(m: ModelConfig, n: int, t: int) -> tuple[float, float]:
+    """`fp8_cast_elements` of one layer: its distinct inputs (q/k/v's, o's, the MLP's, its down
+    projection's) and its GEMMs (`layer_gemm_shapes`)."""
+    f = m.ffn_hidden_size
+    assert f is not None
+    h, hq = m.hidden_size, m.num_heads * m.head_dim
+    return fp8_cast_elements(n, [h, hq // t, h, f // t], layer_gemm_shapes(m, n, t))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,15 +332,12 @@ def layer_pass(
     hq = m.num_heads * m.head_dim
     hkv_local = local_kv_heads(m.num_kv_heads, t) * m.head_dim  # one replicated head when t > kv heads
     sp = par.sequence_parallel and t > 1
-    shapes = [(n, h, hq // t), (n, h, hkv_local), (n, h, hkv_local), (n, hq // t, h), (n, f // t, h)]
-    shapes += [(n, h, f // t)] * (2 if m.arch == "llama" else 1)
-    gemm = _gemms(hw, shapes)
+    gemm = _gemms(hw, layer_gemm_shapes(m, n, t))
     cast_f = cast_b = 0.0
     if kernels.fp8 is not None:
         gemm /= FP8_GEMM_RATE[kernels.fp8]
-        inputs = [h, hq // t, h, f // t]  # q/k/v's, o's, the MLP's, its down projection's
         cast_f, cast_b = (
-            hw.memory_time(FP8_CAST_BYTES[kernels.fp8] * k) for k in fp8_cast_elements(n, inputs, shapes)
+            hw.memory_time(FP8_CAST_BYTES[kernels.fp8] * k) for k in layer_fp8_cast_elements(m, n, t)
         )
     # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
     core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
