@@ -463,3 +463,20 @@ def test_the_one_launch_update_is_the_launch_per_tensor_on_the_gpu(monkeypatch):
         runs.append([t.cpu() for t in (*masters, *avgs, *squares, *weights, *steps)])
         assert bool(cache) == one
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_the_log_window_is_the_device_time_however_late_the_host_reads_it():
+    """`DeviceClock`: a window between two marks is the device's time between them (here a kernel that
+    spins about 50 ms), not the host's time until it reads it (0.5 s later)."""
+    import time
+
+    from threefold.report import DeviceClock
+
+    clock = DeviceClock()
+    torch.cuda.synchronize()
+    start = clock.mark()
+    torch.cuda._sleep(100_000_000)  # cycles: about 50 ms at the H200's 1.98 GHz
+    end = clock.mark()
+    time.sleep(0.5)
+    seconds = clock.seconds(start, end)
+    assert 0.01 < seconds < 0.3, seconds

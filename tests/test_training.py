@@ -1,6 +1,7 @@
 """Gradient synchronization, the optimizer, bf16 training, the schedule and the loop's cadence."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +231,52 @@ def test_the_loop_reads_each_step_while_the_next_one_runs(sonnets_dataset, tmp_p
     assert guarded["read_after"] == at_once
     assert cpu["read_after"] == at_once, "the CPU runs each step as it is called: read at once"
     assert late["losses"] == guarded["losses"] == cpu["losses"] and len(late["losses"]) == 6
+
+
+def _logged_step_seconds(rank: int, world: int, config, queue_ahead: tuple[str, ...]) -> dict:
+    """Train on a clock that moves only inside the work: 1 s a step, 10 s an evaluation, 5 s a save.
+    Returns each logged step's perf/step_seconds by 1-based step."""
+    import json
+    import time as time_module
+
+    import threefold.train as train_module
+    from threefold.train import train
+
+    now = [100.0]
+    step_fn, evaluate_fn = train_module.train_step, train_module.evaluate
+    save_fn = train_module.Checkpointer.save
+
+    def timed(fn, seconds):
+        def run(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            now[0] += seconds
+            return result
+
+        return run
+
+    time_module.perf_counter = lambda: now[0]  # this rank's process only (fork)
+    train_module.train_step = timed(step_fn, 1.0)
+    train_module.evaluate = timed(evaluate_fn, 10.0)
+    train_module.Checkpointer.save = timed(save_fn, 5.0)
+    train_module.QUEUED_DEVICES = queue_ahead
+    train(config, build_mesh(1, 1, 1), torch.device("cpu"))
+    records = (Path(config.logging.out_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["perf/step_seconds"] for r in map(json.loads, records) if "perf/step_seconds" in r}
+
+
+@pytest.mark.parametrize("log_interval", [1, 2])
+def test_logged_speed_is_the_steps_time_however_late_it_is_read(sonnets_dataset, tmp_path, log_interval):
+    """Each logged step took 1 s, whether its interval was read at once or once the next step was queued,
+    and with evaluations and saves (inside an interval too, at log_interval 2) left out. Timing windows at
+    the host's read instead made a late-read interval last two steps and the one read at once after it
+    none."""
+    from tiny import tiny_config
+
+    for name, queued in [("late", ("cuda", "cpu")), ("at_once", ("cuda",))]:
+        config = tiny_config(
+            sonnets_dataset, tmp_path / f"{name}{log_interval}",
+            training=dict(max_steps=8, eval_interval=3), logging=dict(log_interval=log_interval),
+            checkpoint=dict(interval=5),
+        )  # fmt: skip
+        seconds = run_ranks(1, _logged_step_seconds, config, queued)[0]
+        assert seconds == {step: pytest.approx(1.0) for step in range(2, 9)}, (name, seconds)

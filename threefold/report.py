@@ -53,6 +53,30 @@ class Speed:
         return f"median {self.tokens_per_s:,.0f} tokens/s/device over the last {self.steps} steps{peak}"
 
 
+class HostClock:
+    """Log windows on the host's clock: for a device whose step has run when `train_step` returns (CPU)."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        return float(end - start)
+
+
+class DeviceClock:
+    """Log windows on the device's own timeline: a mark is a CUDA event queued on the current stream, so
+    a window's length is the same whether the host reads it before or after the next step is queued."""
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        end.synchronize()  # the step's last work (its optimizer update) has run, not only its loss
+        return float(start.elapsed_time(end)) / 1e3
+
+
 class Reporter:
     """Progress bar, metrics (JSONL + TensorBoard) and the loss plot, on the logging rank only."""
 
@@ -76,9 +100,11 @@ class Reporter:
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.world_size = mesh.world_size
         self.device = device
-        self.last_time = time.perf_counter()
-        self.paused = 0.0
-        """Seconds of the current log window spent evaluating or saving, left out of the speed figures."""
+        self.clock: HostClock | DeviceClock = DeviceClock() if device.type == "cuda" else HostClock()
+        self.window_start: Any = None
+        """The clock's mark where the current log window (or its part after a pause) began."""
+        self.counted = 0.0
+        """Seconds of the current log window before its last pause (an evaluation or a save)."""
         self.writer = None
         self.speeds: list[float] = []
         """Tokens/s per device of every step logged after the first (its interval's figure)."""
@@ -109,9 +135,13 @@ class Reporter:
 
     def __enter__(self) -> Reporter:
         self.progress.__enter__()
-        self.last_time = time.perf_counter()
-        self.paused = 0.0
+        self.window_start, self.counted = self.mark(), 0.0
         return self
+
+    def mark(self) -> Any:
+        """The clock's mark now (None where disabled): the loop takes one as each step is queued, so that
+        a log window ends where its last step's work does, however late the host reads it."""
+        return self.clock.mark() if self.enabled else None
 
     @contextmanager
     def pause(self) -> Iterator[None]:
@@ -119,21 +149,26 @@ class Reporter:
         device finishes the steps already queued first, so their time stays in the window."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        began = time.perf_counter()
+        if not self.enabled:
+            yield
+            return
+        began = self.mark()
         try:
             yield
         finally:
-            self.paused += time.perf_counter() - began
+            self.counted += self.clock.seconds(self.window_start, began)
+            self.window_start = self.mark()
 
-    def interval(self, steps: list[StepStats]) -> None:
-        """Log the steps completed since the last call."""
+    def interval(self, steps: list[StepStats], end: Any = None) -> None:
+        """Log the steps completed since the last call; `end` is the clock's mark taken when the last of
+        them was queued (None: now, for a host that has waited on it)."""
         if not self.enabled or not steps:
             return
-        now = time.perf_counter()
-        # The host waited on the last step, so the window's clock is fair; evaluations and saves inside
-        # it are not training time, and every step of the window is counted.
-        seconds = (now - self.last_time - self.paused) / len(steps)
-        self.last_time, self.paused = now, 0.0
+        end = self.mark() if end is None else end
+        # The window runs from the end of the last interval's last step to the end of this one's, less
+        # the evaluations and saves inside it; every step of the window is counted.
+        seconds = (self.counted + self.clock.seconds(self.window_start, end)) / len(steps)
+        self.window_start, self.counted = end, 0.0
         tokens_per_s = self.tokens_per_step / seconds / self.world_size
         tflops = tokens_per_s * self.flops_per_token / 1e12
         util = mfu(tokens_per_s, self.flops_per_token, self.peak)

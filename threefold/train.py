@@ -8,7 +8,8 @@ save, stop.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,8 +47,8 @@ from threefold.report import Reporter, Speed, StepStats
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUEUED_DEVICES = ("cuda",)
 """Device types whose work the host queues ahead of it, where a log read once the next step is queued
-(`Cadence.log_late`) keeps the device busy. On the CPU a step has run when it returns: a late read would
-only shift the log's timestamps by one step."""
+(`Cadence.log_late`) keeps the device busy. On the CPU a step has run when it returns: a late read gains
+nothing there. Either way a log window ends where its last step was queued (`PendingStats.queued`)."""
 
 
 @dataclass
@@ -310,6 +311,9 @@ class PendingStats:
     skipped: torch.Tensor
     """Set, identically on every rank, when the loss or the norm is not finite and the update was not
     applied."""
+    queued: Any = None
+    """The reporter's clock mark taken once the step's work was queued (`Reporter.mark`): where its log
+    window ends."""
 
     def read(self) -> StepStats:
         """The same figures on the host (waits for the device)."""
@@ -451,7 +455,7 @@ class _Duties:
         self.result.losses += [s.loss for s in synced]
         self.result.grad_norms += [s.grad_norm for s in synced]
         self.result.skipped += [s.step + 1 for s in synced if s.skipped]
-        self.reporter.interval(synced)
+        self.reporter.interval(synced, interval[-1].queued if interval else None)
         if isinstance(self.loader, BlendLoader) and synced:
             # Logged before the spike check: the loader stands exactly at the interval's last step.
             per_source = self.loader.samples_per_source()
@@ -581,7 +585,8 @@ def _train(
         for step in range(start_step, t.max_steps):
             guard.begin_step(step, trainer)
             batches = context_shard(loader.next_batch(), mesh)
-            duties.pending.append(train_step(trainer, _to_device(batches, device), step))
+            pending = train_step(trainer, _to_device(batches, device), step)
+            duties.pending.append(replace(pending, queued=reporter.mark()))
             # Every step: a signal reaching any rank, or the time limit, stops all of them after this step.
             interrupted, late = guard.end_step(
                 stop_requested=stop.requested, out_of_time=due.out_of_time(started)

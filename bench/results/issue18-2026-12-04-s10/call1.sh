@@ -5,7 +5,7 @@
 # `git archive 934ebd1 -o data/old.tar` on the dev machine, carried), run with this bench/fp8.py.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 timeout -s INT -k 5 170 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
-  -k "stacked or compiled_loss or never_waits or one_graph or one_launch" > $OUT/gpu_tests.txt 2>&1; tail -n 2 $OUT/gpu_tests.txt
+  -k "stacked or compiled_loss or never_waits or one_graph or one_launch or log_window" > $OUT/gpu_tests.txt 2>&1; tail -n 2 $OUT/gpu_tests.txt
 for run in separate stacked separate_again; do
   flag=""; [ "$run" = stacked ] && flag="--stack-projections"
   timeout 130 python bench/fp8.py --modes false --budget 90 $flag > $OUT/$run.txt 2>&1
