@@ -69,6 +69,31 @@ def mode_named(name: str) -> Any:
     return mode
 
 
+def inductor_settings(text: str) -> dict[str, Any]:
+    """`--inductor`'s "key=value,..." as torch._inductor.config settings: true/false, numbers, else text
+    (e.g. "max_autotune_gemm=true,max_autotune_gemm_backends=ATEN+TRITON"; '+' stands for a comma)."""
+    import torch._inductor.config as inductor
+
+    settings: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key:
+            raise SystemExit(f"--inductor: {item!r} is not key=value")
+        if not hasattr(inductor, key):
+            raise SystemExit(f"--inductor: torch._inductor.config has no setting {key!r}")
+        value: Any = {"true": True, "false": False}.get(raw.lower(), raw.replace("+", ","))
+        if isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    value = kind(value)
+                    break
+                except ValueError:
+                    pass
+        settings[key] = value
+    return settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/shakespeare", help="prepared dataset (else synthetic tokens)")
@@ -103,7 +128,14 @@ def main() -> None:
         action="store_true",
         help="q/k/v and gate/up as one GEMM each (threefold.parallel.layers.STACK_PROJECTIONS)",
     )
+    parser.add_argument(
+        "--inductor",
+        default="",
+        help="torch._inductor.config settings for every run, key=value comma-separated "
+        "(e.g. max_autotune_gemm=true,coordinate_descent_tuning=true)",
+    )
     args = parser.parse_args()
+    compiler = inductor_settings(args.inductor)
     layers.STACK_PROJECTIONS = args.stack_projections
     adamw.ONE_LAUNCH = args.one_launch_adamw
     model = {"preset": args.model} | ({"num_layers": args.num_layers} if args.num_layers else {})
@@ -134,10 +166,15 @@ def main() -> None:
     sm = f"sm {capability[0]}{capability[1]}"
     stacking = f", {model}" + (", projections stacked" if args.stack_projections else "")
     stacking += ", AdamW in one launch" if args.one_launch_adamw else ""
+    stacking += f", inductor {compiler}" if compiler else ""
     print(f"{name} ({sm}), torch {torch.__version__}, tokens: {source}{stacking}", flush=True)
     out = Path(os.environ["OUT"]) / "fp8.jsonl" if os.environ.get("OUT") else None
     records: dict[tuple[int, Any], dict[str, Any]] = {}
     longest = 0.0
+    import torch._inductor.config as inductor
+
+    for key, value in compiler.items():  # every run of this process
+        setattr(inductor, key, value)
     for micro_batch, fp8, warmup, steps in runs:
         if fp8 and fp8 != TORCH_ADAMW and capability < (8, 9):
             continue
