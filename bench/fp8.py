@@ -71,7 +71,8 @@ def mode_named(name: str) -> Any:
 
 def inductor_settings(text: str) -> dict[str, Any]:
     """`--inductor`'s "key=value,..." as torch._inductor.config settings: true/false, numbers, else text
-    (e.g. "max_autotune_gemm=true,max_autotune_gemm_backends=ATEN+TRITON"; '+' stands for a comma)."""
+    (e.g. "max_autotune_gemm=true,max_autotune_gemm_backends=ATEN+TRITON,triton.multi_kernel=1"; '+'
+    stands for a comma)."""
     import torch._inductor.config as inductor
 
     settings: dict[str, Any] = {}
@@ -80,7 +81,7 @@ def inductor_settings(text: str) -> dict[str, Any]:
         key, raw = key.strip(), raw.strip()
         if not sep or not key:
             raise SystemExit(f"--inductor: {item!r} is not key=value")
-        if not hasattr(inductor, key):
+        if key not in inductor.get_config_copy():  # dotted for the sub-sections: triton.multi_kernel
             raise SystemExit(f"--inductor: torch._inductor.config has no setting {key!r}")
         value: Any = {"true": True, "false": False}.get(raw.lower(), raw.replace("+", ","))
         if isinstance(value, str):
@@ -173,8 +174,7 @@ def main() -> None:
     longest = 0.0
     import torch._inductor.config as inductor
 
-    for key, value in compiler.items():  # every run of this process
-        setattr(inductor, key, value)
+    inductor.patch(compiler).__enter__()  # every run of this process
     for micro_batch, fp8, warmup, steps in runs:
         if fp8 and fp8 != TORCH_ADAMW and capability < (8, 9):
             continue

@@ -22,6 +22,7 @@ def test_inductor_settings_read_booleans_numbers_and_text():
         "max_autotune_gemm_backends": "ATEN,TRITON",
         "autotune_fallback_to_aten": True,
     }
+    assert fp8_bench.inductor_settings("triton.multi_kernel=1") == {"triton.multi_kernel": 1}
     assert fp8_bench.inductor_settings("") == {}
     assert fp8_bench.inductor_settings("max_autotune_gemm_search_space=EXHAUSTIVE") == {
         "max_autotune_gemm_search_space": "EXHAUSTIVE"
@@ -35,3 +36,12 @@ def test_inductor_settings_read_booleans_numbers_and_text():
 def test_inductor_settings_name_what_is_wrong(text, message):
     with pytest.raises(SystemExit, match=message):
         fp8_bench.inductor_settings(text)
+
+
+def test_inductor_settings_take_effect_through_the_config_patch():
+    import torch._inductor.config as inductor
+
+    settings = fp8_bench.inductor_settings("triton.multi_kernel=1,coordinate_descent_tuning=true")
+    with inductor.patch(settings):
+        assert inductor.triton.multi_kernel == 1 and inductor.coordinate_descent_tuning is True
+    assert inductor.triton.multi_kernel == 0
