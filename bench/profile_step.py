@@ -6,6 +6,7 @@ Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps
     the compiler, for every recipe; unset: threefold.parallel.fp8.KERNEL_UNDER_COMPILE's per-recipe choice)
     [--host] (also: the host's Python functions by own time, under cProfile, and the operators that
     launched the most GPU time, with their input shapes)
+    [--full-names] (kernel names whole, not cut at 90 characters: to find them in the compiler's code)
 Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_size=N ... (rank 0 reports)
 Prints the top CUDA kernels by total time and a summary by kind (GEMM, attention, communication,
 optimizer, element-wise), as a share of the profiled GPU time.
@@ -94,11 +95,12 @@ def main(argv: list[str]) -> None:
     steps, warmup, overrides = 3, 5, []
     torch_grad_move = "--torch-grad-move" in argv  # torch's copy_/add_ into main_grad, not the kernel
     host = "--host" in argv
+    width = 1000 if "--full-names" in argv else 90
     for arg in argv:  # --fp8-kernel[=on] / --fp8-kernel=off: every recipe's transposed casts under compile
         if arg.startswith("--fp8-kernel"):
             on = arg in ("--fp8-kernel", "--fp8-kernel=on")
             fp8.KERNEL_UNDER_COMPILE = dict.fromkeys(fp8.KERNEL_UNDER_COMPILE, on)
-    argv = [a for a in argv if a not in ("--torch-grad-move", "--host") and not a.startswith("--fp8-kernel")]
+    argv = [a for a in argv if a not in ("--torch-grad-move", "--host", "--full-names") and not a.startswith("--fp8-kernel")]
     i = 0
     while i < len(argv):
         if argv[i] in ("--steps", "--warmup"):
@@ -164,7 +166,7 @@ def main(argv: list[str]) -> None:
     print(f"torch.compile: {counters['stats']['unique_graphs']} graphs, {breaks} graph breaks")
     print("\n| idle before kernel | gaps/step | idle ms/step |\n|---|---:|---:|")
     for name, count, us in idle_gaps(prof):
-        print(f"| {name[:90]} | {count / steps:.0f} | {us / 1e3 / steps:.2f} |")
+        print(f"| {name[:width]} | {count / steps:.0f} | {us / 1e3 / steps:.2f} |")
     by_kind: dict[str, float] = {}
     for e in events:
         by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.device_time_total
@@ -173,7 +175,7 @@ def main(argv: list[str]) -> None:
         print(f"| {kind} | {t / 1e3 / steps:.2f} | {t / total:.1%} |")
     print("\n| kernel | calls/step | ms/step | share |\n|---|---:|---:|---:|")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:30]:
-        print(f"| {e.key[:90]} | {e.count / steps:.0f} | {e.device_time_total / 1e3 / steps:.2f} | "
+        print(f"| {e.key[:width]} | {e.count / steps:.0f} | {e.device_time_total / 1e3 / steps:.2f} | "
               f"{e.device_time_total / total:.1%} |")  # fmt: skip
     if host:
         host_report(trainer, data, warmup + 2 * steps, steps)
