@@ -100,7 +100,8 @@ def main(argv: list[str]) -> None:
         if arg.startswith("--fp8-kernel"):
             on = arg in ("--fp8-kernel", "--fp8-kernel=on")
             fp8.KERNEL_UNDER_COMPILE = dict.fromkeys(fp8.KERNEL_UNDER_COMPILE, on)
-    argv = [a for a in argv if a not in ("--torch-grad-move", "--host", "--full-names") and not a.startswith("--fp8-kernel")]
+    flags = ("--torch-grad-move", "--host", "--full-names")
+    argv = [a for a in argv if a not in flags and not a.startswith("--fp8-kernel")]
     i = 0
     while i < len(argv):
         if argv[i] in ("--steps", "--warmup"):
