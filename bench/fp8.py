@@ -200,7 +200,8 @@ def main() -> None:
         longest = max(longest, took)
         losses = record["losses"]
         print(f"mb {micro_batch} fp8={str(fp8):<10} {record['tokens_per_s_per_gpu']:>9,.0f} tok/s  "
-              f"{record['step_time_median_s'] * 1e3:6.1f} ms/step  peak {record['peak_memory_gib']:.1f} GiB  "
+              f"{record['step_time_median_s'] * 1e3:6.1f} ms/step  peak {record['peak_memory_gib']:.1f} GiB "
+              f"(reserved {record['reserved_memory_gib']:.1f})  "
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  ({took:.0f} s)", flush=True)  # fmt: skip
         if out is not None:
             with out.open("a") as f:
