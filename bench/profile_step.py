@@ -7,6 +7,8 @@ Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps
     [--host] (also: the host's Python functions by own time, under cProfile, and the operators that
     launched the most GPU time, with their input shapes)
     [--full-names] (kernel names whole, not cut at 90 characters: to find them in the compiler's code)
+    [--launches] (also: which operators and source lines launched the memsets, and how much of the host's
+    time a step went into CUDA calls that waited, for the launch queue or the device, under a CPU profile)
 Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_size=N ... (rank 0 reports)
 Prints the top CUDA kernels by total time and a summary by kind (GEMM, attention, communication,
 optimizer, element-wise), as a share of the profiled GPU time.
@@ -96,11 +98,12 @@ def main(argv: list[str]) -> None:
     torch_grad_move = "--torch-grad-move" in argv  # torch's copy_/add_ into main_grad, not the kernel
     host = "--host" in argv
     width = 1000 if "--full-names" in argv else 90
+    launches = "--launches" in argv
     for arg in argv:  # --fp8-kernel[=on] / --fp8-kernel=off: every recipe's transposed casts under compile
         if arg.startswith("--fp8-kernel"):
             on = arg in ("--fp8-kernel", "--fp8-kernel=on")
             fp8.KERNEL_UNDER_COMPILE = dict.fromkeys(fp8.KERNEL_UNDER_COMPILE, on)
-    flags = ("--torch-grad-move", "--host", "--full-names")
+    flags = ("--torch-grad-move", "--host", "--full-names", "--launches")
     argv = [a for a in argv if a not in flags and not a.startswith("--fp8-kernel")]
     i = 0
     while i < len(argv):
@@ -180,7 +183,60 @@ def main(argv: list[str]) -> None:
               f"{e.device_time_total / total:.1%} |")  # fmt: skip
     if host:
         host_report(trainer, data, warmup + 2 * steps, steps)
+    if launches:
+        launch_report(trainer, data, warmup + 4 * steps, steps)
     dist.destroy_process_group()
+
+
+WAITED_US = 50.0
+"""A CUDA runtime call that takes longer on the host than this waited (a launch normally takes 2-10 us): for
+a free slot in the launch queue, which fills when the host runs ahead of the device, or for the device."""
+
+
+def launch_summary(events: Any, steps: int) -> tuple[float, float, dict[tuple[str, str, str], float]]:
+    """From a CPU and CUDA profile's events over `steps` steps: (ms a step the host spent in CUDA runtime
+    calls that waited, such calls a step, memsets a step by (operator, its two parents, the innermost
+    threefold frame of its Python stack))."""
+    sources: dict[tuple[str, str, str], float] = {}
+    waited_us, calls = 0.0, 0
+    for e in events:
+        memsets = sum(1 for k in e.kernels if k.name.startswith("Memset"))
+        if memsets:
+            parents: list[str] = []
+            p = e.cpu_parent
+            while p is not None and len(parents) < 2:
+                parents.append(p.name[:40])
+                p = p.cpu_parent
+            frame = next((f for f in e.stack if "threefold" in f), "")[-70:]
+            key = (e.name[:50], " < ".join(parents), frame)
+            sources[key] = sources.get(key, 0.0) + memsets / steps
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cu"):  # cuda*, cu* (driver)
+            duration = e.time_range.end - e.time_range.start
+            if duration > WAITED_US:
+                waited_us += duration
+                calls += 1
+    return waited_us / 1e3 / steps, calls / steps, sources
+
+
+def launch_report(trainer: Any, data: list[Any], first: int, steps: int) -> None:
+    """Under a CPU and CUDA profile with Python stacks: which operators (and the threefold source line
+    above them) launched the memsets, and the host's time a step less the CUDA runtime calls that waited.
+    Where that rest is well under the step time, the host is not what sets the pace."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    with torch.profiler.profile(activities=activities, with_stack=True) as prof:
+        for s in range(steps):
+            train_step(trainer, data[s % 4], first + s)
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - began) * 1e3 / steps
+    waited_ms, calls, sources = launch_summary(prof.events(), steps)
+    own = wall_ms - waited_ms
+    print(f"\nhost, under the CPU profile: {wall_ms:.1f} ms a step, {waited_ms:.1f} of it in {calls:.0f} "
+          f"CUDA calls a step that waited over {WAITED_US:.0f} us: {own:.1f} ms of its own")  # fmt: skip
+    print("\n| memsets/step | operator | its parents | innermost threefold frame |\n|---:|---|---|---|")
+    for (operator, chain, frame), count in sorted(sources.items(), key=lambda kv: -kv[1])[:20]:
+        print(f"| {count:.0f} | {operator} | {chain} | {frame} |")
 
 
 def host_report(trainer: Any, data: list[Any], first: int, steps: int) -> None:

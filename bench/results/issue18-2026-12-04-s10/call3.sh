@@ -6,7 +6,7 @@
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 args="--model.preset=llama-1b --data.seq_len=2048 --training.dtype=bfloat16 --training.device=cuda \
   --training.compile=true --training.micro_batch_size=4 --training.global_batch_size=4 --steps 6"
-timeout 200 python bench/profile_step.py $args > $OUT/profile_bf16_4.txt 2>&1; head -n 30 $OUT/profile_bf16_4.txt
+timeout 200 python bench/profile_step.py $args --launches > $OUT/profile_bf16_4.txt 2>&1; head -n 30 $OUT/profile_bf16_4.txt
 for run in each one; do
   flag=""; [ "$run" = one ] && flag="--one-launch-adamw"
   timeout 100 python bench/fp8.py --modes false --micro-batches 4 --budget 60 $flag > $OUT/adamw_$run.txt 2>&1
