@@ -138,7 +138,9 @@ def main(argv: list[str]) -> None:
     end.record()
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / steps
-    # How long the host takes to queue one step (no sync inside a step): near step_ms, the host paces it.
+    # How long the host takes to queue one step (no sync inside a step). Near step_ms, either the host sets
+    # the pace or it waits for slots in a full launch queue: the first step, after a sync, and --launches
+    # tell them apart.
     torch.cuda.synchronize()
     host_ms = []
     for s in range(steps):
