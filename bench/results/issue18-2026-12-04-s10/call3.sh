@@ -12,3 +12,8 @@ for run in each one; do
   timeout 100 python bench/fp8.py --modes false --micro-batches 4 --budget 60 $flag > $OUT/adamw_$run.txt 2>&1
   echo "AdamW launches: $run"; grep -E "tok/s|FAILED|Error" $OUT/adamw_$run.txt
 done
+# The float8 transposed cast's launch shape (eleventh session): 16 tile sizes and warp counts on the 12
+# shapes a rowwise llama-1b step casts at micro-batch 8 (400 casts), each checked bit for bit against
+# today's 64x64 / 4 warps. Predicted: today's runs near 2.9 TB/s (12.34 ms for 448 casts, s7 profile); a
+# larger tile 3.5-4 TB/s, 1-3 ms a step less.
+timeout 150 python bench/transposed_cast_tiles.py > $OUT/cast_tiles.txt 2>&1; tail -n 20 $OUT/cast_tiles.txt
