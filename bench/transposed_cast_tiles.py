@@ -13,12 +13,11 @@ The seventh session measured 12.34 ms a step for 448 casts at micro-batch 8, abo
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections import Counter
 from functools import partial
-from typing import Any
 
 import torch
+from cuda_timing import median_ms
 
 from threefold.config import ModelConfig
 from threefold.plan.time_model import layer_gemm_shapes
@@ -63,20 +62,6 @@ def launch(t: torch.Tensor, scale: torch.Tensor, config: tuple[int, int, int]) -
     return out
 
 
-def time_ms(fn: Any, repeats: int = 20) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-1b")
@@ -99,7 +84,7 @@ def main() -> None:
         for config in CONFIGS:
             got = launch(t, scale, config)
             assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (rows, cols, config)
-            ms = time_ms(partial(launch, t, scale, config))
+            ms = median_ms(partial(launch, t, scale, config))
             step_ms[config] += ms * calls
             cells.append(f"{3 * rows * cols / ms / 1e9:.2f}")
         print(f"| {rows} x {cols} | {'W^T' if view else '-'} | {calls} | " + " | ".join(cells) + " |")

@@ -2,6 +2,7 @@
 count of a layer's float8 casts and the seventh session's profile."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 from threefold.config import ModelConfig
@@ -9,6 +10,7 @@ from threefold.plan.time_model import layer_fp8_cast_elements, layer_gemm_shapes
 from threefold.presets import MODEL_PRESETS
 
 TOOL = Path(__file__).parents[1] / "bench/transposed_cast_tiles.py"
+sys.path.insert(0, str(TOOL.parent))  # its sibling cuda_timing, as `python bench/<script>.py` finds it
 SPEC = importlib.util.spec_from_file_location("transposed_cast_tiles", TOOL)
 assert SPEC is not None and SPEC.loader is not None
 tiles = importlib.util.module_from_spec(SPEC)
