@@ -207,6 +207,32 @@ def test_linear_cross_entropy_bf16():
     run_ranks(1, _ce_bf16, False)
 
 
+def _ce_bf16_chunked_weight_grad(rank: int, world: int, chunk_rows: int) -> None:
+    """The bf16 weight gradient over several chunks, to the bit: each chunk's bf16 product summed in fp32
+    in chunk order (the first written, not added to zeros), times the incoming gradient, rounded once."""
+    torch.manual_seed(4)
+    n, h, vocab = 12, 16, 40
+    x = torch.randn(n, h).bfloat16().requires_grad_()
+    w = torch.randn(vocab, h).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (n,))
+    grads = []  # each chunk's logit gradient, as the loss computed it
+    original = loss_module._eager_chunk
+    loss_module._eager_chunk = lambda *a: (lambda out: grads.append(out[1]) or out)(original(*a))
+    loss_module.CHUNK_ELEMENTS = chunk_rows * vocab  # forked rank: no effect on other tests
+    loss = loss_module.linear_cross_entropy(x, w, targets, tp_group=dist.group.WORLD, vocab_size=vocab)
+    (loss * 3.0).backward()
+    assert len(grads) == -(-n // chunk_rows) > 1
+    total = torch.zeros(vocab, h)
+    for i, g in enumerate(grads):
+        total += g.t() @ x.detach()[i * chunk_rows : (i + 1) * chunk_rows]
+    assert w.grad is not None and torch.equal(w.grad, (total * 3.0).bfloat16())
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 4])
+def test_the_chunked_bf16_weight_gradient_is_summed_in_fp32(chunk_rows):
+    run_ranks(1, _ce_bf16_chunked_weight_grad, chunk_rows)
+
+
 def _ce_bf16(rank: int, world: int, kernels: bool) -> None:
     torch.manual_seed(3)
     x = torch.randn(10, 16).bfloat16().requires_grad_()

@@ -149,7 +149,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # GEMM). Several: an fp32 sum of the chunks' GEMMs.
         grad_w = None
         if want_w and chunk < n:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            # In the compute dtype, the first chunk's product is written into the fp32 sum, not added to
+            # zeros: no zeroing pass (1 GB at llama's 128k vocabulary), and on CUDA no read of it.
+            empty = torch.empty if weight.dtype != torch.float32 else torch.zeros
+            grad_w = empty(weight.shape, dtype=torch.float32, device=weight.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, n, chunk):
             xc = x[start : start + chunk]
@@ -169,12 +172,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_w and grad_w is None:
                 grad_w = g.t() @ xc  # the only chunk
             elif grad_w is not None:
+                first = start == 0
                 if grad_w.dtype == g.dtype:
                     grad_w.addmm_(g.t(), xc)
-                elif grad_w.is_cuda:  # a bf16 GEMM per chunk whose fp32 output adds into grad_w
-                    torch.addmm(grad_w, g.t(), xc, out_dtype=torch.float32, out=grad_w)
+                elif grad_w.is_cuda:  # a bf16 GEMM per chunk whose fp32 output is (then adds into) grad_w
+                    if first:
+                        torch.mm(g.t(), xc, out_dtype=torch.float32, out=grad_w)
+                    else:
+                        torch.addmm(grad_w, g.t(), xc, out_dtype=torch.float32, out=grad_w)
+                elif first:
+                    grad_w.copy_(g.t() @ xc)  # a bf16 GEMM per chunk, summed over chunks in fp32
                 else:
-                    grad_w += g.t() @ xc  # a bf16 GEMM per chunk, summed over chunks in fp32
+                    grad_w += g.t() @ xc
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss_sum / n
@@ -184,8 +193,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         if grad_x is not None:
             grad_x = grad_x * grad_loss.to(grad_x.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
+        if grad_w is not None:  # one pass: the product in grad_w's dtype, written in the weight's
+            scaled = torch.empty(grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
+            grad_w = torch.mul(grad_w, grad_loss.to(grad_w.dtype), out=scaled)
         return grad_x, grad_w, None, None, None, None
 
 
