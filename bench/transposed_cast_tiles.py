@@ -20,7 +20,7 @@ import torch
 from cuda_timing import median_ms
 
 from threefold.config import ModelConfig
-from threefold.plan.time_model import layer_gemm_shapes
+from threefold.plan.time_model import layer_gemm_shapes, layer_linear_inputs
 from threefold.presets import MODEL_PRESETS
 
 CONFIGS = [(r, c, w) for r in (32, 64, 128) for c in (32, 64, 128) for w in (4, 8) if r * c >= 2048]
@@ -33,15 +33,12 @@ def step_casts(model: ModelConfig, tokens: int) -> Counter[tuple[int, int, bool]
     transposed view) -> calls a step: for each GEMM (n, k, out) of a layer, its weight W (out, k) read
     through W^T for the forward and as itself for the input gradient, and its output gradient (n, out);
     then each distinct input of the layer (projections of one input share its cast)."""
-    f = model.ffn_hidden_size
-    assert f is not None
-    h, hq = model.hidden_size, model.num_heads * model.head_dim
     casts: Counter[tuple[int, int, bool]] = Counter()
     for n, k, out in layer_gemm_shapes(model, tokens, 1):
         casts[(k, out, True)] += model.num_layers  # the forward's W^T
         casts[(out, k, False)] += model.num_layers  # W, for the input gradient
         casts[(n, out, False)] += model.num_layers  # dy, for the weight gradient
-    for width in (h, hq, h, f):  # q/k/v's input, o's, the MLP's, down's
+    for width in layer_linear_inputs(model, 1):  # q/k/v's input, o's, the MLP's, down's
         casts[(tokens, width, False)] += model.num_layers
     return casts
 

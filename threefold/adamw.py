@@ -16,6 +16,7 @@ value back to the host. The learning rate is a device tensor too.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -71,7 +72,7 @@ def adamw_update(
         for master, avg, square, step, grad, weight, decay in rows:
             n = master.numel()
             adamw_kernel[((n + BLOCK - 1) // BLOCK,)](
-                master, avg, square, grad, master if weight is None else weight, n, step, *constants[:3],
+                master, avg, square, grad, _weight_or(master, weight), n, step, *constants[:3],
                 decay, *constants[3:], HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
             )  # fmt: skip
     # A list of tensors, not the 0-dim `keep` alone: that overload reads it as a host scalar (.item()),
@@ -88,9 +89,7 @@ class _Tables:
     def __init__(self, key: tuple[float, ...], tensors: list[tuple[torch.Tensor, ...]], decays: list[float]):
         device = tensors[0][0].device
         blocks = [(t[0].numel() + BLOCK - 1) // BLOCK for t in tensors]
-        starts = [0]
-        for b in blocks[:-1]:
-            starts.append(starts[-1] + b)
+        starts = [0, *itertools.accumulate(blocks[:-1])]
         self.key = key
         self.num_blocks = sum(blocks)
         self.block_tensor = torch.repeat_interleave(

@@ -305,9 +305,14 @@ def column_parallel_projections(
     Runs eagerly inside a compiled layer: inductor would be free to move the wait before the weight
     gradients (nothing ties them together), and the GEMMs gain nothing from compilation.
     """
-    params: list[torch.Tensor | None] = []
-    for layer in layers:
-        params += [layer.weight, layer.bias]
+    return _projections(x, layers, group, recipe)
+
+
+def _projections(
+    x: torch.Tensor, layers: list[ColumnParallelLinear], group: ProcessGroup | None, recipe: Fp8Recipe | None
+) -> list[torch.Tensor]:
+    """`_ColumnParallelProjections` over `layers`' parameters: [(b, s, out_i/t)] for x (b, s, h)."""
+    params = [p for layer in layers for p in (layer.weight, layer.bias)]
     queue = layers[0].weight_grads
     if recipe is None:
         return list(_ColumnParallelProjections.apply(x, group, None, queue, *params))
@@ -351,11 +356,7 @@ def shared_input_projections(
     x cast once for all of their forward GEMMs and once for all of their weight gradients, where one
     float8 linear each would cast it as many times. No communication, so compiled code traces it. The
     layers' own forward (and its hooks) do not run, as with tensor parallelism's overlapped projections."""
-    params: list[torch.Tensor | None] = []
-    for layer in layers:
-        params += [layer.weight, layer.bias]
-    outputs = _ColumnParallelProjections.apply(x.reshape(-1, x.shape[-1]), None, recipe, None, *params)
-    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
+    return _projections(x, layers, None, recipe)  # no deferred weight gradients here (TPContext.project)
 
 
 def stacked_projections(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> list[torch.Tensor] | None:

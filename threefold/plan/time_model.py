@@ -159,13 +159,19 @@ def layer_gemm_shapes(m: ModelConfig, n: int, t: int) -> list[tuple[int, int, in
     return shapes + [(n, h, f // t)] * (2 if m.arch == "llama" else 1)
 
 
-def layer_fp8_cast_elements(m: ModelConfig, n: int, t: int) -> tuple[float, float]:
-    """`fp8_cast_elements` of one layer: its distinct inputs (q/k/v's, o's, the MLP's, its down
-    projection's) and its GEMMs (`layer_gemm_shapes`)."""
+def layer_linear_inputs(m: ModelConfig, t: int) -> list[int]:
+    """The widths of one layer's distinct linear inputs on one of `t` tensor-parallel ranks: q/k/v's, o's,
+    the MLP's, its down projection's (projections of one input share it)."""
     f = m.ffn_hidden_size
     assert f is not None
     h, hq = m.hidden_size, m.num_heads * m.head_dim
-    return fp8_cast_elements(n, [h, hq // t, h, f // t], layer_gemm_shapes(m, n, t))
+    return [h, hq // t, h, f // t]
+
+
+def layer_fp8_cast_elements(m: ModelConfig, n: int, t: int) -> tuple[float, float]:
+    """`fp8_cast_elements` of one layer: its distinct inputs (`layer_linear_inputs`) and its GEMMs
+    (`layer_gemm_shapes`)."""
+    return fp8_cast_elements(n, layer_linear_inputs(m, t), layer_gemm_shapes(m, n, t))
 
 
 @dataclass(frozen=True, kw_only=True)
