@@ -2,14 +2,7 @@
 # text output gathered in fewer files (the tool returns 8). carry: data/old.tar (git archive 934ebd1), data/fp8-corpus.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 t0=$(date +%s)
-timeout -s INT -k 5 170 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
-  -k "stacked or compiled_loss or never_waits or one_graph or one_launch or log_window" > $OUT/gpu_tests.txt 2>&1; tail -n 3 $OUT/gpu_tests.txt
-for run in separate stacked separate_again; do
-  flag=""; [ "$run" = stacked ] && flag="--stack-projections"
-  echo "== $run" >> $OUT/bench.txt
-  timeout 130 python bench/fp8.py --modes false --budget 90 $flag >> $OUT/bench.txt 2>&1
-  echo "$run: ($(( $(date +%s) - t0 )) s)"; grep -E "tok/s|FAILED|Error" $OUT/bench.txt | tail -n 2
-done
+bash "$(dirname "$0")/callA1.sh"  # the GPU tests; bf16 with the projections separate, stacked, separate again
 echo "== rowwise, shared casts" >> $OUT/bench.txt
 timeout 100 python bench/fp8.py --modes rowwise --micro-batches 8 --budget 60 >> $OUT/bench.txt 2>&1
 echo "rowwise, shared casts:"; grep -E "tok/s|FAILED|Error" $OUT/bench.txt | tail -n 1
