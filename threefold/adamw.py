@@ -34,8 +34,9 @@ ONE_LAUNCH = False
 """Update every tensor of a call in one kernel launch (`adamw_tensors_kernel`, reading each tensor's
 addresses from a table) instead of one launch per tensor: 147 launches a step for llama-1b, each some
 microseconds of host time, which counts where the host, not the GPU, sets the pace (micro-batch 4 on one
-H200 showed the GPU idle 4-6% of a step, 2026-12-04). Off until measured: a module-level switch for A/B
-runs (bench/fp8.py --one-launch-adamw)."""
+H200 showed the GPU idle 4-6% of a step, 2026-12-04). Off: measured at llama-1b bf16 micro-batch 4 on an
+H200 it saved nothing (65,333 against 65,684 tokens/s, 2026-12-05, bench/results/issue18-2026-12-05-s13/),
+as the host is not the pace there. A module-level switch for A/B runs (bench/fp8.py --one-launch-adamw)."""
 
 
 def adamw_update(

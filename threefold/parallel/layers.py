@@ -322,8 +322,10 @@ def _projections(
 
 STACK_PROJECTIONS = False
 """Whether `TPContext.project` runs projections reading one input (q/k/v, gate/up) as one GEMM on their
-stacked weights (`stacked_projections`) where that applies. Off until measured on a GPU: a module-level
-switch for A/B runs (bench/fp8.py --stack-projections), set before the first compile."""
+stacked weights (`stacked_projections`) where that applies. Off: llama-1b in bf16 on an H100 ran no faster
+stacked (65,698 against 65,834 tokens/s at micro-batch 8) and peaked 2.4 GiB higher (2026-12-05,
+bench/results/issue18-2026-12-05-s13/). A module-level switch for A/B runs (bench/fp8.py --stack-projections),
+set before the first compile."""
 
 
 class _StackedProjections(torch.autograd.Function):
