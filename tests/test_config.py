@@ -260,6 +260,7 @@ def test_zero_or_negative_size(override, got):
         ("--optimizer.grad_clip=-1", "optimizer.grad_clip"),
         ("--training.eval_interval=-5", "training.eval_interval"),
         ("--training.max_minutes=-1", "training.max_minutes"),
+        ("--training.gc_interval=-1", "training.gc_interval"),
         ("--parallel.dp_bucket_mb=-25", "parallel.dp_bucket_mb"),
         ("--model.init_std=-0.02", "model.init_std"),
         ("--checkpoint.interval=-1", "checkpoint.interval"),

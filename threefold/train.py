@@ -39,6 +39,7 @@ from threefold.pipeline.schedules import (
     build_schedule,
     forward_only,
 )
+from threefold.reliability.collector import CollectorSchedule
 from threefold.reliability.control import ControlChannel, StopRequest
 from threefold.reliability.faults import FaultPlan
 from threefold.reliability.runguard import RunGuard, check_data, hold_run_directories, resume, rollback
@@ -69,6 +70,8 @@ class TrainResult:
     trainer: Trainer | None = None
     speed: Speed | None = None
     """The logging rank's summary speed (`Reporter.speed`); None elsewhere or before any step logged."""
+    collections: int = 0
+    """Python garbage collections the loop ran on its schedule (training.gc_interval)."""
 
 
 @dataclass
@@ -579,7 +582,8 @@ def _train(
     due = Cadence(config)
     duties = _Duties(trainer, loader, val_batches, guard, checkpointer, reporter, result, sampler)
     started = time.perf_counter()
-    with StopRequest(config.reliability.preemption_deadline) as stop, reporter, guard:
+    collector = CollectorSchedule(t.gc_interval)
+    with StopRequest(config.reliability.preemption_deadline) as stop, reporter, guard, collector:
         if start_step == 0 and due.evaluate(0, end=False):  # the starting point of the validation curve
             duties.evaluate(0)
         for step in range(start_step, t.max_steps):
@@ -604,12 +608,16 @@ def _train(
                 duties.sample(done)
             if due.save(done, end):
                 duties.save(done)
+            if collector.due(done) and not end:
+                track.set_action("garbage collection")
+                collector.collect()
             if result.stopped_early:
                 duties.stop(done, stop, interrupted)
                 break
         if checkpointer:
             checkpointer.finish(trainer)  # an asynchronous save still in flight
         result.speed = reporter.speed() if reporter.enabled else None
+        result.collections = collector.collections
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.quiesce()  # the parameters whole (ZeRO-3) for whoever reads them next
         grad_sync.remove_hooks()

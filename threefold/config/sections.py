@@ -456,11 +456,15 @@ class TrainingConfig(Section):
     data-parallel ranks, so every layout scores the same tokens. With data.sources, this many of each."""
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no limit)."""
+    gc_interval: int = 50
+    """Python's garbage collector: off inside the training loop, and run by hand after every this many
+    steps, at the same step on every rank, so that no rank stalls the others with a pause of its own.
+    0 leaves Python's automatic collector on."""
 
     def check(self) -> None:
         super().check()
         self._positive("max_steps", "global_batch_size", "micro_batch_size", "eval_sequences")
-        self._non_negative("eval_interval", "max_minutes")
+        self._non_negative("eval_interval", "max_minutes", "gc_interval")
         if self.fp8 and self.dtype != "bfloat16":
             raise ValueError(
                 f"training.fp8 = {self.fp8!r} needs training.dtype = 'bfloat16' (got {self.dtype!r}): the "
