@@ -4,6 +4,9 @@
 # left, the rowwise micro-batch-8 profile.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 t0=$(date +%s)
+nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm,clocks_event_reasons.active --format=csv -lms 500 \
+  > $OUT/power.csv 2>&1 &
+query=$!
 bash bench/results/issue18-2026-12-05-s13/callD.sh
 echo "($(( $(date +%s) - t0 )) s)"
 timeout 200 python bench/fp8.py --model llama-8b --num-layers 8 --modes false,rowwise --micro-batches 4 \
@@ -13,4 +16,5 @@ args="--model.preset=llama-1b --data.seq_len=2048 --training.dtype=bfloat16 --tr
 [ $(( $(date +%s) - t0 )) -lt 440 ] && timeout 120 python bench/profile_step.py $args --training.micro_batch_size=8 \
   --training.global_batch_size=8 --training.fp8=rowwise --steps 4 --full-names > $OUT/rowwise_profile.txt 2>&1
 sed -n 3,7p $OUT/rowwise_profile.txt
+kill $query
 echo "total $(( $(date +%s) - t0 )) s"
