@@ -1,3 +1,11 @@
+import os
+
+# torch.compile's kernels built in this process, not by a pool of compile workers: a rank forked from a
+# process that has started that pool inherits the pool's handle without its threads, and its first compile
+# then waits for ever (seen with a cold compile cache: tests/test_fp8.py's compiles in the runner, then a
+# forked rank's compile in tests/test_generate.py). Set before torch is imported, which reads it.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 from collections.abc import Callable
 from pathlib import Path
 
