@@ -1,6 +1,7 @@
 """Causal attention kernels side by side on one GPU, at llama-1b's attention shape by default
 (32 query heads, 8 key/value heads, head size 64, seq 2048): each SDPA back end torch offers, and
-FlexAttention compiled, forward alone and forward plus backward, in bf16.
+FlexAttention compiled, and FlashAttention-4 through threefold's operators where the flash-attn-4
+package is installed, forward alone and forward plus backward, in bf16.
 
 Usage (from the repo root, on a GPU):
     PYTHONPATH=. python bench/attention_kernels.py [--batch 8] [--seq 2048] [--heads 32] [--kv-heads 8]
@@ -51,7 +52,7 @@ def main() -> None:
 
         return run
 
-    kernels: dict[str, Callable[[], torch.Tensor]] = {
+    kernels_of: dict[str, Callable[[], torch.Tensor]] = {
         "cudnn (k, v repeated)": sdpa(SDPBackend.CUDNN_ATTENTION, False),
         "cudnn (enable_gqa)": sdpa(SDPBackend.CUDNN_ATTENTION, True),
         "flash (enable_gqa)": sdpa(SDPBackend.FLASH_ATTENTION, True),
@@ -62,9 +63,19 @@ def main() -> None:
 
         mask = create_block_mask(lambda _b, _h, qi, ki: qi >= ki, None, None, s, s, device=dev)
         flex = torch.compile(flex_attention)
-        kernels["flex (compiled, enable_gqa)"] = lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)
+        kernels_of["flex (compiled, enable_gqa)"] = lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)
     except Exception as e:  # report and go on: the SDPA rows stand alone
         print(f"flex attention unavailable: {type(e).__name__}: {e}")
+
+    try:  # FlashAttention-4 through threefold's operators (training.attention_backend = "fa4")
+        from threefold.model.fa4 import fa4_attention, kernels
+
+        kernels()
+        kernels_of["fa4 (threefold ops)"] = lambda: fa4_attention(q, k, v)
+        compiled_fa4 = torch.compile(fa4_attention)
+        kernels_of["fa4 (threefold ops, compiled)"] = lambda: compiled_fa4(q, k, v)
+    except Exception as e:
+        print(f"FlashAttention-4 unavailable: {type(e).__name__}: {e}")
 
     cudnn = torch.backends.cudnn.version()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {cudnn}")
@@ -72,7 +83,7 @@ def main() -> None:
     print("| kernel | forward ms | TFLOP/s | fwd+bwd ms | TFLOP/s | max |diff| from cuDNN (out, dq) |")
     print("|---|---:|---:|---:|---:|---|")
     reference: tuple[torch.Tensor, torch.Tensor] | None = None
-    for name, fn in kernels.items():
+    for name, fn in kernels_of.items():
         try:
             with torch.no_grad():
                 fwd = median_ms(fn, args.iters)

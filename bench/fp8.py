@@ -44,7 +44,12 @@ then the copy into the weights), the step as it was before 2026-12-04."""
 
 
 def config_for(
-    micro_batch: int, fp8: Any, steps: int, data: str | None, model: dict[str, Any] | None = None
+    micro_batch: int,
+    fp8: Any,
+    steps: int,
+    data: str | None,
+    model: dict[str, Any] | None = None,
+    attention: str = "auto",
 ) -> Any:
     """One run's config; `model` overrides the model section (default llama-1b)."""
     raw: dict[str, dict[str, Any]] = {
@@ -55,6 +60,7 @@ def config_for(
             "dtype": "bfloat16", "device": "cuda", "compile": True,
             "fp8": fp8 if fp8 != TORCH_ADAMW else False, "max_steps": steps,
             "micro_batch_size": micro_batch, "global_batch_size": micro_batch, "eval_interval": 0,
+            "attention_backend": attention,
         },
         "logging": {"progress": False, "tensorboard": False, "plot": False},
     }  # fmt: skip
@@ -130,6 +136,11 @@ def main() -> None:
         help="q/k/v and gate/up as one GEMM each (threefold.parallel.layers.STACK_PROJECTIONS)",
     )
     parser.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="training.attention_backend of every run (e.g. fa4: FlashAttention-4)",
+    )
+    parser.add_argument(
         "--inductor",
         default="",
         help="torch._inductor.config settings for every run, key=value comma-separated "
@@ -168,6 +179,7 @@ def main() -> None:
     stacking = f", {model}" + (", projections stacked" if args.stack_projections else "")
     stacking += ", AdamW in one launch" if args.one_launch_adamw else ""
     stacking += f", inductor {compiler}" if compiler else ""
+    stacking += f", attention {args.attention_backend}" if args.attention_backend != "auto" else ""
     print(f"{name} ({sm}), torch {torch.__version__}, tokens: {source}{stacking}", flush=True)
     out = Path(os.environ["OUT"]) / "fp8.jsonl" if os.environ.get("OUT") else None
     records: dict[tuple[int, Any], dict[str, Any]] = {}
@@ -187,7 +199,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         began = time.perf_counter()
-        config = config_for(micro_batch, fp8, warmup + steps, data, model)
+        config = config_for(micro_batch, fp8, warmup + steps, data, model, args.attention_backend)
         try:
             record = run_bench(config, mesh, device, steps=steps, warmup=warmup, tokens=tokens)
         except Exception as e:  # report and go on: one failing recipe must not hide the others' figures

@@ -480,3 +480,100 @@ def test_the_log_window_is_the_device_time_however_late_the_host_reads_it():
     time.sleep(0.5)
     seconds = clock.seconds(start, end)
     assert 0.01 < seconds < 0.3, seconds
+
+
+# --- FlashAttention-4 (training.attention_backend = "fa4") ---------------------------------------------
+
+
+def _fa4_or_skip() -> None:
+    from threefold.model.fa4 import kernels
+
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("FA4 runs on Hopper and Blackwell")
+    try:
+        kernels()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
+def test_fa4_attention_matches_sdpa(compiled, heads, kv_heads):
+    """threefold's FA4 operators, eager and compiled (one graph), against torch's SDPA in fp32 on the same
+    bf16 inputs: the output and the gradients of q, k and v (k, v shared by query heads under GQA)."""
+    from torch._dynamo.utils import counters
+
+    from threefold.model.fa4 import fa4_attention
+
+    _fa4_or_skip()
+    generator = torch.Generator("cuda").manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=generator).bfloat16().requires_grad_()
+
+    b, s, d = 2, 384, 64
+    q, k, v = leaf(b, heads, s, d), leaf(b, kv_heads, s, d), leaf(b, kv_heads, s, d)
+    dy = torch.randn(b, heads, s, d, device="cuda", generator=generator).bfloat16()
+    run = fa4_attention
+    if compiled:
+        torch._dynamo.reset()
+        counters.clear()
+        run = torch.compile(fa4_attention, fullgraph=True)
+    out = run(q, k, v)
+    out.backward(dy)
+    got = [out, q.grad, k.grad, v.grad]
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want_out = F.scaled_dot_product_attention(*ref, is_causal=True, enable_gqa=heads != kv_heads)
+    want_out.backward(dy.float())
+    for name, a, w in zip(["out", "dq", "dk", "dv"], got, [want_out] + [t.grad for t in ref], strict=True):
+        _assert_near(a, w, 2e-2, name)
+
+
+def test_a_compiled_llama_trains_with_fa4_as_with_torchs_attention(mesh, monkeypatch):
+    """The whole compiled llama, bf16, attention by FA4 against torch's choice: one graph per layer, FA4's
+    kernels called once a layer each way, and the loss and every gradient to bf16's rounding."""
+    from torch._dynamo.utils import counters
+
+    from threefold.config import ModelConfig
+    from threefold.model.fa4 import kernels
+    from threefold.model.transformer import build_model, use_attention_backend
+    from threefold.parallel.layers import TPContext
+
+    _fa4_or_skip()
+    calls = {"_flash_attn_fwd": 0, "_flash_attn_bwd": 0}
+    for name in calls:
+        kernel = getattr(kernels(), name)
+
+        def counted(*args, _kernel=kernel, _name=name, **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+
+        monkeypatch.setattr(kernels(), name, counted)
+    cfg = ModelConfig(
+        arch="llama", num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, ffn_hidden_size=512,
+        vocab_size=512, max_seq_len=256,
+    )  # fmt: skip
+    tokens = torch.randint(0, 512, (2, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    runs, weights = [], None
+    try:
+        for backend in ("auto", "fa4"):
+            use_attention_backend(backend)
+            torch._dynamo.reset()
+            counters.clear()
+            tp = TPContext(mesh.tp_group)
+            model = build_model(cfg, tp, device="cuda", dtype=torch.bfloat16, compiled=True)
+            if weights is None:
+                weights = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(weights)
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+            runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    finally:
+        use_attention_backend("auto")
+        torch._dynamo.reset()
+    assert calls == {"_flash_attn_fwd": 2, "_flash_attn_bwd": 2}, calls
+    (loss, grads), (fa4_loss, fa4_grads) = runs
+    _assert_near(fa4_loss, loss, 1e-2, "loss")
+    for name, grad in grads.items():
+        _assert_near(fa4_grads[name], grad, 3e-2, name)

@@ -20,6 +20,7 @@ from threefold.data.blend import BlendLoader, BlendSource, val_loss
 from threefold.data.dataset import BatchLoader, SampleLoader, TokenDataset, eval_batches, read_meta
 from threefold.infer.samples import Sampler
 from threefold.metrics import count_parameters
+from threefold.model.fa4 import check_fa4_device
 from threefold.model.transformer import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
 from threefold.parallel import track
@@ -106,6 +107,8 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     p, t = config.parallel, config.training
     ranges = layer_ranges(config)
     num_virtual_stages = len(ranges)
+    if t.attention_backend == "fa4":
+        check_fa4_device(device)
     if device.type == "cuda":
         use_attention_backend(t.attention_backend)
     if t.fp8:

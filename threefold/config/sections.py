@@ -20,7 +20,7 @@ Arch = Literal["llama", "gpt2"]
 DtypeName = Literal["float32", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 Recompute = Literal["none", "selective", "full"]
-AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
+AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math", "fa4"]
 LoadMode = Literal["resume", "weights"]
 Fp8Recipe = Literal["tensorwise", "rowwise"]
 """How float8 GEMMs scale their operands (threefold.parallel.fp8): one scale per tensor, or per row."""
@@ -444,7 +444,9 @@ class TrainingConfig(Section):
     compile: bool = False
     """Wrap each transformer layer in torch.compile (GPU)."""
     attention_backend: AttentionBackend = "auto"
-    """Kernel for attention on CUDA: 'auto' (torch's choice), 'flash', 'cudnn', 'efficient' or 'math'."""
+    """Kernel for attention on CUDA: 'auto' (torch's choice), 'flash', 'cudnn', 'efficient', 'math', or
+    'fa4': FlashAttention-4 on Hopper and Blackwell (`pip install --pre flash-attn-4`; bf16, causal attention
+    without document masking; masked and context-parallel attention keep torch's kernels)."""
     fp8: Fp8Setting = False
     """Float8 GEMMs in the transformer layers' linears (not attention, not the output layer), dynamically
     scaled: 'tensorwise' (one scale per tensor), 'rowwise' (one per row) or false. Needs bfloat16 and a
@@ -474,6 +476,12 @@ class TrainingConfig(Section):
             raise ValueError(
                 f"training.fp8 = {self.fp8!r} needs a CUDA GPU of compute capability >= 8.9; training.device "
                 "is 'cpu'"
+            )
+        if self.attention_backend == "fa4" and (self.dtype != "bfloat16" or self.device == "cpu"):
+            raise ValueError(
+                f"training.attention_backend = 'fa4' needs training.dtype = 'bfloat16' (got {self.dtype!r}) "
+                f"and a CUDA GPU (training.device = {self.device!r}): FlashAttention-4's kernels run bf16 "
+                "on Hopper and Blackwell"
             )
 
 

@@ -71,6 +71,11 @@ def check_across_sections(config: Config) -> None:
         )
     if t.fp8:
         _check_fp8_shapes(config)
+    if t.attention_backend == "fa4" and not (8 <= m.head_dim <= 256 and m.head_dim % 8 == 0):
+        raise ValueError(
+            f"training.attention_backend = 'fa4' needs a head dim (model.hidden_size / model.num_heads = "
+            f"{m.hidden_size} / {m.num_heads} = {m.head_dim}) between 8 and 256 and a multiple of 8"
+        )
     check_context_parallel(config)
     if d.seq_len > m.max_seq_len:
         raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")

@@ -14,6 +14,9 @@ Two implementations of that mask, which must agree:
   the CPU and wherever FlexAttention is missing;
 - FlexAttention's block mask on CUDA: blocks of 128 x 128 that lie wholly outside every document are
   skipped, so masking costs nothing in memory and saves the compute of the cross-document blocks.
+
+Unmasked causal attention runs scaled_dot_product_attention, or FlashAttention-4 where
+`training.attention_backend = "fa4"` (threefold.model.fa4).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from threefold.model.fa4 import fa4_attention, fa4_enabled
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -123,6 +128,8 @@ def attend(
     if mask is None and doc_ids is not None:
         mask = document_mask(doc_ids)
     group_size = q.shape[1] // k.shape[1]
+    if mask is None and fa4_enabled() and q.shape[2] == k.shape[2]:
+        return fa4_attention(q, k, v)
     if mask is not None and mask.block is not None:
         return _flex()(q, k, v, block_mask=mask.block, enable_gqa=group_size > 1)
     flash = mask is None and q.is_cuda and q.dtype != torch.float32 and _flash_enabled()

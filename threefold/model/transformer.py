@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from threefold.config import ATTENTION_BACKENDS, ModelConfig
 from threefold.model.attention import DocumentMask, attend, document_mask, document_positions
+from threefold.model.fa4 import use_fa4
 from threefold.model.loss import linear_cross_entropy
 from threefold.parallel.context import context_attention
 from threefold.parallel.layers import (
@@ -173,7 +174,8 @@ class Attention(nn.Module):
 
 def use_attention_backend(name: str) -> None:
     """Choose the CUDA kernel behind scaled_dot_product_attention for this process ('auto': torch's
-    choice, flash attention on Hopper). A torch-wide setting, made once when the trainer is built."""
+    choice, flash attention on Hopper; 'fa4': FlashAttention-4, threefold.model.fa4). A process-wide
+    setting, made once when the trainer is built."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {name!r} is unknown; choose one of {ATTENTION_BACKENDS}")
     enable = {
@@ -182,8 +184,10 @@ def use_attention_backend(name: str) -> None:
         "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
     }
     for backend, switch in enable.items():
-        switch(name in ("auto", backend))
+        switch(name in ("auto", "fa4", backend))
     torch.backends.cuda.enable_math_sdp(True)  # the fallback for shapes the others refuse
+    # FA4 takes causal attention without a document mask; the rest keeps torch's choice.
+    use_fa4(name == "fa4")
 
 
 class MLP(nn.Module):

@@ -1,0 +1,168 @@
+"""FlashAttention-4 (the `flash-attn-4` package's CuTe-DSL kernels) as the causal attention kernel on
+Hopper and Blackwell GPUs: `training.attention_backend = "fa4"`.
+
+Shape legend: b micro-batch, s sequence, a query heads, k key/value heads (k divides a), d head dim.
+
+The kernels are reached through two operators of threefold's own (`threefold::fa4_forward`,
+`threefold::fa4_backward`), joined by `register_autograd`. Through operators, torch.compile keeps each
+kernel call opaque in its graph (it cannot trace into the package's JIT), while the compiler still fuses
+the layout change of q, k and v into the kernel that writes them. Grouped-query attention reads the
+shared key/value heads in place. The package is imported only when the backend is chosen; on a machine
+without it the choice fails with what to install.
+
+Why not torch's own FA4 switch (`torch.nn.attention.activate_flash_attention_impl`): it replaces the
+flash SDPA kernels of the whole process and follows the package's private call signature of the torch
+release it shipped with, so a newer package breaks it; here the one call site is ours to keep in step.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any
+
+import torch
+
+KERNELS_MODULE = "flash_attn.cute.interface"
+"""Where the FA4 kernels live (the `flash-attn-4` package on PyPI)."""
+
+_active = False
+
+
+@functools.cache
+def kernels() -> ModuleType:
+    """The FA4 kernel module; a clear error when the package is missing or has changed."""
+    try:
+        module = importlib.import_module(KERNELS_MODULE)
+    except ImportError as e:
+        raise RuntimeError(
+            "training.attention_backend = 'fa4' needs FlashAttention-4: pip install --pre flash-attn-4 "
+            f"(importing {KERNELS_MODULE} failed: {e})"
+        ) from e
+    for name in ("_flash_attn_fwd", "_flash_attn_bwd"):
+        if not hasattr(module, name):
+            raise RuntimeError(
+                f"{KERNELS_MODULE} has no {name}: this flash-attn-4 release is not one threefold knows; "
+                "pin flash-attn-4==4.0.0b40"
+            )
+    return module
+
+
+def use_fa4(active: bool) -> None:
+    """Route causal attention without a document mask through FA4 in this process (a process-wide switch
+    like torch's SDPA back-end flags, set once when the trainer is built)."""
+    global _active
+    if active:
+        kernels()  # fail now, with what to install, rather than inside the first compiled step
+    _active = active
+
+
+@torch.compiler.assume_constant_result
+def fa4_enabled() -> bool:
+    """Whether `use_fa4(True)` was called; a constant under torch.compile, so no graph splits on it."""
+    return _active
+
+
+def check_fa4_device(device: torch.device) -> None:
+    """FA4 runs on compute capability 9.x (Hopper) and 10.x (Blackwell); say so before a step fails."""
+    if device.type != "cuda":
+        raise ValueError(f"training.attention_backend = 'fa4' runs on CUDA GPUs, not on {device.type!r}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        raise ValueError(
+            f"training.attention_backend = 'fa4' needs a Hopper or Blackwell GPU (compute capability 9.x or "
+            f"10.x); {torch.cuda.get_device_name(device)} is {major}.{minor}: choose 'auto'"
+        )
+
+
+@torch.library.custom_op("threefold::fa4_forward", mutates_args=())
+def fa4_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of (b, s, a, d) q over (b, s, k, d) k, v -> out (b, s, a, d) and the fp32
+    log-sum-exp of each query's scores, (b, a, s), which the backward reads."""
+    result = kernels()._flash_attn_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale=scale, causal=True, return_lse=True
+    )
+    out, lse = result[0], result[1]  # later releases return more (scores for MLA), unused here
+    return out.contiguous(), lse.contiguous()
+
+
+@fa4_forward.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, s, a, _ = q.shape
+    out = q.new_empty(b, s, a, v.shape[-1])
+    return out, q.new_empty(b, a, s, dtype=torch.float32)
+
+
+@torch.library.custom_op("threefold::fa4_backward", mutates_args=())
+def fa4_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `fa4_forward` for q, k, v, in their (b, s, heads, d) shapes."""
+    dq, dk, dv = kernels()._flash_attn_bwd(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        out.contiguous(),
+        dout.contiguous(),
+        lse.contiguous(),
+        softmax_scale=scale,
+        causal=True,
+    )[:3]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@fa4_backward.register_fake
+def _(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    contiguous = torch.contiguous_format
+    return (
+        torch.empty_like(q, memory_format=contiguous),
+        torch.empty_like(k, memory_format=contiguous),
+        torch.empty_like(v, memory_format=contiguous),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(
+    ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    # The log-sum-exp is an output for the backward only; nothing upstream differentiates it.
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = fa4_backward(dout, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+fa4_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of (b, a, s, d) queries over (b, k, s, d) keys and values -> (b, a, s, d), the
+    layout `scaled_dot_product_attention` takes, by FA4 in its (b, s, heads, d) layout."""
+    scale = q.shape[-1] ** -0.5
+    # contiguous() here, in the traced graph, lets the compiler write q, k, v (after RoPE) straight in
+    # the kernel's layout instead of a copy inside the operator.
+    q_, k_, v_ = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out, _ = fa4_forward(q_, k_, v_, scale)
+    return out.transpose(1, 2)
