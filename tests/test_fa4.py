@@ -172,7 +172,7 @@ def test_a_missing_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(fa4, "KERNELS_MODULE", "threefold_no_such_module.interface")
     try:
         with pytest.raises(
-            RuntimeError, match=r"pip install --pre flash-attn-4 \(importing threefold_no_such"
+            RuntimeError, match=r"pip install --pre flash-attn-4==4\.0\.0b40 \(importing threefold_no_such"
         ):
             use_fa4(True)
         assert not fa4.fa4_enabled()

@@ -540,15 +540,23 @@ def test_a_compiled_llama_trains_with_fa4_as_with_torchs_attention(mesh, monkeyp
     from threefold.parallel.layers import TPContext
 
     _fa4_or_skip()
+    import types
+
+    import threefold.model.fa4 as fa4_module
+
     calls = {"_flash_attn_fwd": 0, "_flash_attn_bwd": 0}
-    for name in calls:
-        kernel = getattr(kernels(), name)
+    real = kernels()
 
-        def counted(*args, _kernel=kernel, _name=name, **kwargs):
-            calls[_name] += 1
-            return _kernel(*args, **kwargs)
+    def counted(name: str):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return getattr(real, name)(*args, **kwargs)
 
-        monkeypatch.setattr(kernels(), name, counted)
+        return call
+
+    # The package's functions look themselves up by module name, so the module itself stays untouched.
+    counting = types.SimpleNamespace(**{name: counted(name) for name in calls})
+    monkeypatch.setattr(fa4_module, "kernels", lambda: counting)
     cfg = ModelConfig(
         arch="llama", num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, ffn_hidden_size=512,
         vocab_size=512, max_seq_len=256,
