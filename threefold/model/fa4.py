@@ -37,8 +37,8 @@ def kernels() -> ModuleType:
         module = importlib.import_module(KERNELS_MODULE)
     except ImportError as e:
         raise RuntimeError(
-            "training.attention_backend = 'fa4' needs FlashAttention-4: pip install --pre flash-attn-4==4.0.0b40 "
-            f"(importing {KERNELS_MODULE} failed: {e})"
+            "training.attention_backend = 'fa4' needs FlashAttention-4: pip install --pre "
+            f"flash-attn-4==4.0.0b40 (importing {KERNELS_MODULE} failed: {e})"
         ) from e
     for name in ("_flash_attn_fwd", "_flash_attn_bwd"):
         if not hasattr(module, name):
