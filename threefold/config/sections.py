@@ -445,7 +445,7 @@ class TrainingConfig(Section):
     """Wrap each transformer layer in torch.compile (GPU)."""
     attention_backend: AttentionBackend = "auto"
     """Kernel for attention on CUDA: 'auto' (torch's choice), 'flash', 'cudnn', 'efficient', 'math', or
-    'fa4': FlashAttention-4 on Hopper and Blackwell (`pip install --pre flash-attn-4`; bf16, causal attention
+    'fa4': FlashAttention-4 on Hopper and Blackwell (`pip install -e ".[fa4]"`; bf16, causal attention
     without document masking; masked and context-parallel attention keep torch's kernels)."""
     fp8: Fp8Setting = False
     """Float8 GEMMs in the transformer layers' linears (not attention, not the output layer), dynamically
