@@ -7,6 +7,8 @@ Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps
     [--host] (also: the host's Python functions by own time, under cProfile, and the operators that
     launched the most GPU time, with their input shapes)
     [--full-names] (kernel names whole, not cut at 90 characters: to find them in the compiler's code)
+    [--real-tokens] (four steps of the dataset at data.path, as training reads it, instead of uniform
+    random token ids)
     [--launches] (also: which operators and source lines launched the memsets, and how much of the host's
     time a step went into CUDA calls that waited, for the launch queue or the device, under a CPU profile)
 Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_size=N ... (rank 0 reports)
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from threefold.bench import synthetic_steps
+from threefold.bench import real_steps, synthetic_steps
 from threefold.config import build_config
 from threefold.parallel import fp8
 from threefold.parallel.mesh import build_mesh
@@ -99,11 +101,12 @@ def main(argv: list[str]) -> None:
     host = "--host" in argv
     width = 1000 if "--full-names" in argv else 90
     launches = "--launches" in argv
+    real = "--real-tokens" in argv  # the dataset at data.path, as training reads it, not random ids
     for arg in argv:  # --fp8-kernel[=on] / --fp8-kernel=off: every recipe's transposed casts under compile
         if arg.startswith("--fp8-kernel"):
             on = arg in ("--fp8-kernel", "--fp8-kernel=on")
             fp8.KERNEL_UNDER_COMPILE = dict.fromkeys(fp8.KERNEL_UNDER_COMPILE, on)
-    flags = ("--torch-grad-move", "--host", "--full-names", "--launches")
+    flags = ("--torch-grad-move", "--host", "--full-names", "--launches", "--real-tokens")
     argv = [a for a in argv if a not in flags and not a.startswith("--fp8-kernel")]
     i = 0
     while i < len(argv):
@@ -125,7 +128,7 @@ def main(argv: list[str]) -> None:
     p = config.parallel
     mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size)
     trainer = build(config, mesh, device)
-    data = synthetic_steps(config, mesh, device, 4)
+    data = (real_steps if real else synthetic_steps)(config, mesh, device, 4)
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.grad_kernel = grad_sync.grad_kernel and not torch_grad_move
     for s in range(warmup):

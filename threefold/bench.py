@@ -48,7 +48,9 @@ def synthetic_steps(config: Config, mesh: Mesh, device: torch.device, count: int
     return steps
 
 
-def _real_steps(config: Config, mesh: Mesh, device: torch.device, count: int) -> list[list[Batch]]:
+def real_steps(config: Config, mesh: Mesh, device: torch.device, count: int) -> list[list[Batch]]:
+    """`count` steps of this data-parallel rank's micro-batches from the config's dataset, as training reads
+    them."""
     loader = train_loader(config, mesh)
     return [
         [(x.to(device), y.to(device)) for x, y in context_shard(loader.next_batch(), mesh)]
@@ -67,7 +69,7 @@ def run_bench(
     cuda = device.type == "cuda"
     trainer = build(config, mesh, device)
     config = trainer.config  # optimizer.offload_fraction 'auto' resolved to the share the run uses
-    make = synthetic_steps if tokens == "synthetic" else _real_steps
+    make = synthetic_steps if tokens == "synthetic" else real_steps
     data = make(config, mesh, device, min(warmup + steps, 8))  # a few distinct batches, reused
     losses: list[torch.Tensor] = []
     marks: list[Any] = []
