@@ -336,6 +336,28 @@ def test_a_training_step_never_waits_for_the_device(mesh, micro_batches):
     assert not stats.read().skipped and stats.read().loss > 0
 
 
+def test_batches_reach_the_gpu_without_the_host_waiting_for_queued_work():
+    """The loop's copy of a step's token ids (8 x 2048 int64, llama-1b's micro-batch 8) is queued behind
+    work already on the stream without the host waiting for that work, and arrives intact."""
+    import time
+
+    from threefold.train import _to_device
+
+    device = torch.device("cuda")
+    batches = [(torch.randint(0, 128256, (8, 2048)), torch.randint(0, 128256, (8, 2048))) for _ in range(2)]
+    _to_device(batches, device)  # the first pinned blocks, and CUDA's own start-up, outside the timing
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the copies
+    moved = _to_device(batches, device)
+    host_seconds = time.perf_counter() - started
+    torch.cuda.synchronize()
+    gpu_seconds = time.perf_counter() - started
+    assert host_seconds < 0.25 * gpu_seconds, (host_seconds, gpu_seconds)
+    for (x, y), (mx, my) in zip(batches, moved, strict=True):
+        assert mx.is_cuda and torch.equal(mx.cpu(), x) and torch.equal(my.cpu(), y)
+
+
 def test_direct_gradients_train_bit_for_bit_as_the_fp32_buffers_on_the_gpu(mesh, monkeypatch):
     """One micro-batch a step alone: the optimizer reads autograd's bf16 gradients (the norm through
     `_foreach_norm(..., dtype=float32)`, the one-pass kernel upcasting them), against the fp32 buffers."""

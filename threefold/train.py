@@ -51,6 +51,12 @@ QUEUED_DEVICES = ("cuda",)
 """Device types whose work the host queues ahead of it, where a log read once the next step is queued
 (`Cadence.log_late`) keeps the device busy. On the CPU a step has run when it returns: a late read gains
 nothing there. Either way a log window ends where its last step was queued (`PendingStats.queued`)."""
+PIN_HOST_BATCHES = True
+"""Whether a step's token ids reach a CUDA device from page-locked host memory. A copy from ordinary
+(pageable) memory may wait for the work already queued on the stream, so at every step the host would stop
+running ahead of the GPU and the GPU would wait for the next step's first launches; from page-locked
+memory the copy is queued like a kernel. A module-level switch for A/B runs (bench/results/
+issue18-2026-12-05-s16/callC.sh)."""
 
 
 @dataclass
@@ -378,7 +384,15 @@ def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
 
 
 def _to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
-    return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
+    """Host micro-batches onto `device` without waiting for it (see PIN_HOST_BATCHES)."""
+    pin = PIN_HOST_BATCHES and device.type == "cuda"
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        # pin_memory() copies into torch's cached page-locked blocks, which are not reused before the
+        # copy out of them has run.
+        return (t.pin_memory() if pin and not t.is_pinned() else t).to(device, non_blocking=True)
+
+    return [(move(x), move(y)) for x, y in batches]
 
 
 @dataclass(frozen=True)
