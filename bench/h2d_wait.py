@@ -2,9 +2,9 @@
 
 Usage (from the repo root, on a GPU): PYTHONPATH=. python bench/h2d_wait.py
 For each size, queues about a second of GPU work (torch.cuda._sleep), then copies (b, 2048) int64 token ids
-with `.to(device, non_blocking=True)` from pageable memory and through `pin_memory()` (what
-threefold.train._to_device does), and prints how long the host took to queue the copy. A copy that waits
-takes about as long as the queued work.
+with `.to(device, non_blocking=True)` from pageable memory (what threefold.train._to_device does) and through
+`pin_memory()`, and prints how long the host took to queue the copy. A copy that waits takes about as long
+as the queued work.
 """
 
 from __future__ import annotations

@@ -336,6 +336,37 @@ def test_a_training_step_never_waits_for_the_device(mesh, micro_batches):
     assert not stats.read().skipped and stats.read().loss > 0
 
 
+def test_a_steps_figures_are_read_without_waiting_for_work_queued_after_it(mesh):
+    """The loop reads step N's loss once step N + 1 is queued; the read must wait for step N's work alone.
+    A plain float(loss) queued its copy behind step N + 1 and waited for it (found 2026-12-05)."""
+    import time
+
+    from threefold.bench import synthetic_steps
+    from threefold.config import build_config
+    from threefold.train import build, train_step
+
+    raw = {
+        "model": {"preset": "tiny"},
+        "data": {"seq_len": 64},
+        "training": {"device": "cuda", "dtype": "bfloat16", "micro_batch_size": 2, "global_batch_size": 2},
+    }
+    config = build_config(raw, [], check_paths=False)
+    trainer = build(config, mesh, torch.device("cuda"))
+    data = synthetic_steps(config, mesh, torch.device("cuda"), 2)
+    train_step(trainer, data[0], 0)
+    torch.cuda.synchronize()
+    pending = train_step(trainer, data[1], 1)
+    torch.cuda._sleep(2_000_000_000)  # about a second of work queued after the step, as the next step's
+    started = time.perf_counter()
+    stats = pending.read()
+    waited = time.perf_counter() - started
+    torch.cuda.synchronize()
+    queued = time.perf_counter() - started
+    assert waited < 0.25 * queued, (waited, queued)
+    assert stats.loss == float(pending.loss) and stats.grad_norm == float(pending.grad_norm)
+    assert stats.skipped is False and stats.loss > 0
+
+
 def test_batches_reach_the_gpu_without_the_host_waiting_for_queued_work():
     """The loop's copy of a step's token ids (8 x 2048 int64, llama-1b's micro-batch 8) is queued behind
     work already on the stream without the host waiting for that work, and arrives intact."""

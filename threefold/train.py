@@ -51,12 +51,6 @@ QUEUED_DEVICES = ("cuda",)
 """Device types whose work the host queues ahead of it, where a log read once the next step is queued
 (`Cadence.log_late`) keeps the device busy. On the CPU a step has run when it returns: a late read gains
 nothing there. Either way a log window ends where its last step was queued (`PendingStats.queued`)."""
-PIN_HOST_BATCHES = True
-"""Whether a step's token ids reach a CUDA device from page-locked host memory. A copy from ordinary
-(pageable) memory may wait for the work already queued on the stream, so at every step the host would stop
-running ahead of the GPU and the GPU would wait for the next step's first launches; from page-locked
-memory the copy is queued like a kernel. A module-level switch for A/B runs (bench/results/
-issue18-2026-12-05-s16/callC.sh)."""
 
 
 @dataclass
@@ -326,10 +320,32 @@ class PendingStats:
     queued: Any = None
     """The reporter's clock mark taken once the step's work was queued (`Reporter.mark`): where its log
     window ends."""
+    on_host: torch.Tensor | None = None
+    """On CUDA: loss, norm and skip flag (float64), copied to page-locked host memory as the step's last
+    work (`copy_to_host`); valid once `copied` has run."""
+    copied: Any = None
+
+    def copy_to_host(self) -> PendingStats:
+        """Queue the figures' copy to the host behind this step's work, so that `read` waits for this step
+        alone. A plain read (`float(loss)`) queues its copy behind everything queued by then: read once
+        the next step is queued, it waited for that step too, and the device then sat idle until the host
+        had logged and queued another (at log_interval 1, every step)."""
+        if not self.loss.is_cuda:
+            return self
+        figures = torch.stack([t.to(torch.float64) for t in (self.loss, self.grad_norm, self.skipped)])
+        copied = torch.cuda.Event()
+        on_host = figures.to("cpu", non_blocking=True)  # into page-locked memory: queued, not waited on
+        copied.record()
+        return replace(self, on_host=on_host, copied=copied)
 
     def read(self) -> StepStats:
-        """The same figures on the host (waits for the device)."""
-        return StepStats(self.step, float(self.loss), float(self.grad_norm), self.lr, bool(self.skipped))
+        """The same figures on the host (waits for this step's work on the device)."""
+        if self.copied is None:
+            return StepStats(self.step, float(self.loss), float(self.grad_norm), self.lr, bool(self.skipped))
+        assert self.on_host is not None
+        self.copied.synchronize()
+        loss, norm, skipped = self.on_host.tolist()
+        return StepStats(self.step, loss, norm, self.lr, bool(skipped))
 
 
 def train_step(trainer: Trainer, micro_batches: list[Batch], step: int) -> PendingStats:
@@ -358,7 +374,7 @@ def train_step(trainer: Trainer, micro_batches: list[Batch], step: int) -> Pendi
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.gather_params()
         grad_sync.reset()
-    return PendingStats(step, loss, norm, lr, skipped=bad_loss | ~torch.isfinite(norm))
+    return PendingStats(step, loss, norm, lr, skipped=bad_loss | ~torch.isfinite(norm)).copy_to_host()
 
 
 @torch.no_grad()
@@ -384,15 +400,10 @@ def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
 
 
 def _to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
-    """Host micro-batches onto `device` without waiting for it (see PIN_HOST_BATCHES)."""
-    pin = PIN_HOST_BATCHES and device.type == "cuda"
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        # pin_memory() copies into torch's cached page-locked blocks, which are not reused before the
-        # copy out of them has run.
-        return (t.pin_memory() if pin and not t.is_pinned() else t).to(device, non_blocking=True)
-
-    return [(move(x), move(y)) for x, y in batches]
+    """Host micro-batches onto `device`, queued without the host waiting for the device. From pageable
+    memory too: a step's token ids (128 KB at llama-1b's micro-batch 8) were queued in 0.2 ms behind a
+    second of GPU work, and page-locked copies changed nothing (H100, 2026-12-05; bench/h2d_wait.py)."""
+    return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
 
 
 @dataclass(frozen=True)
