@@ -51,6 +51,9 @@ QUEUED_DEVICES = ("cuda",)
 """Device types whose work the host queues ahead of it, where a log read once the next step is queued
 (`Cadence.log_late`) keeps the device busy. On the CPU a step has run when it returns: a late read gains
 nothing there. Either way a log window ends where its last step was queued (`PendingStats.queued`)."""
+PIN_HOST_BATCHES = True
+"""Whether a step's token ids reach a CUDA device through page-locked host memory, whose copies are queued
+like kernels; a copy from pageable memory may make the host wait for work already queued."""
 
 
 @dataclass
@@ -400,10 +403,15 @@ def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
 
 
 def _to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
-    """Host micro-batches onto `device`, queued without the host waiting for the device. From pageable
-    memory too: a step's token ids (128 KB at llama-1b's micro-batch 8) were queued in 0.2 ms behind a
-    second of GPU work, and page-locked copies changed nothing (H100, 2026-12-05; bench/h2d_wait.py)."""
-    return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
+    """Host micro-batches onto `device`, queued without the host waiting for the device (PIN_HOST_BATCHES)."""
+    pin = PIN_HOST_BATCHES and device.type == "cuda"
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        # pin_memory() copies into torch's cached page-locked blocks, which are not reused before the
+        # copy out of them has run.
+        return (t.pin_memory() if pin and not t.is_pinned() else t).to(device, non_blocking=True)
+
+    return [(move(x), move(y)) for x, y in batches]
 
 
 @dataclass(frozen=True)
