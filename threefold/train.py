@@ -53,7 +53,9 @@ QUEUED_DEVICES = ("cuda",)
 nothing there. Either way a log window ends where its last step was queued (`PendingStats.queued`)."""
 PIN_HOST_BATCHES = True
 """Whether a step's token ids reach a CUDA device through page-locked host memory, whose copies are queued
-like kernels; a copy from pageable memory may make the host wait for work already queued."""
+like kernels. From pageable memory the driver queued two 128 KB copies (micro-batch 8's inputs and
+targets) at once, and a third waited for all the work queued before it (H100, 2026-12-05,
+bench/results/issue18-2026-12-05-s16/callE.sh): with several micro-batches a step, every step."""
 
 
 @dataclass
