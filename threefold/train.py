@@ -51,11 +51,6 @@ QUEUED_DEVICES = ("cuda",)
 """Device types whose work the host queues ahead of it, where a log read once the next step is queued
 (`Cadence.log_late`) keeps the device busy. On the CPU a step has run when it returns: a late read gains
 nothing there. Either way a log window ends where its last step was queued (`PendingStats.queued`)."""
-PIN_HOST_BATCHES = True
-"""Whether a step's token ids reach a CUDA device through page-locked host memory, whose copies are queued
-like kernels. From pageable memory the driver queued two 128 KB copies (micro-batch 8's inputs and
-targets) at once, and a third waited for all the work queued before it (H100, 2026-12-05,
-bench/results/issue18-2026-12-05-s16/callE.sh): with several micro-batches a step, every step."""
 
 
 @dataclass
@@ -325,10 +320,9 @@ class PendingStats:
     queued: Any = None
     """The reporter's clock mark taken once the step's work was queued (`Reporter.mark`): where its log
     window ends."""
-    on_host: torch.Tensor | None = None
-    """On CUDA: loss, norm and skip flag (float64), copied to page-locked host memory as the step's last
-    work (`copy_to_host`); valid once `copied` has run."""
-    copied: Any = None
+    host_copy: tuple[torch.Tensor, torch.cuda.Event] | None = None
+    """On CUDA: loss, norm and skip flag (float64) in page-locked host memory, and the event after which
+    they are valid: copied as the step's last work (`copy_to_host`)."""
 
     def copy_to_host(self) -> PendingStats:
         """Queue the figures' copy to the host behind this step's work, so that `read` waits for this step
@@ -341,15 +335,15 @@ class PendingStats:
         copied = torch.cuda.Event()
         on_host = figures.to("cpu", non_blocking=True)  # into page-locked memory: queued, not waited on
         copied.record()
-        return replace(self, on_host=on_host, copied=copied)
+        return replace(self, host_copy=(on_host, copied))
 
     def read(self) -> StepStats:
         """The same figures on the host (waits for this step's work on the device)."""
-        if self.copied is None:
+        if self.host_copy is None:
             return StepStats(self.step, float(self.loss), float(self.grad_norm), self.lr, bool(self.skipped))
-        assert self.on_host is not None
-        self.copied.synchronize()
-        loss, norm, skipped = self.on_host.tolist()
+        on_host, copied = self.host_copy
+        copied.synchronize()
+        loss, norm, skipped = on_host.tolist()
         return StepStats(self.step, loss, norm, self.lr, bool(skipped))
 
 
@@ -405,15 +399,19 @@ def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
 
 
 def _to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
-    """Host micro-batches onto `device`, queued without the host waiting for the device (PIN_HOST_BATCHES)."""
-    pin = PIN_HOST_BATCHES and device.type == "cuda"
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        # pin_memory() copies into torch's cached page-locked blocks, which are not reused before the
-        # copy out of them has run.
-        return (t.pin_memory() if pin and not t.is_pinned() else t).to(device, non_blocking=True)
-
-    return [(move(x), move(y)) for x, y in batches]
+    """Host micro-batches onto `device`, queued without the host waiting for the device. On CUDA through
+    page-locked memory, whose copies are queued like kernels: from pageable memory the driver queued two
+    128 KB copies (micro-batch 8's inputs and targets) at once, and a third waited for all the work queued
+    before it (H100, 2026-12-05, bench/results/issue18-2026-12-05-s16/callE.sh): with several
+    micro-batches a step, every step."""
+    if device.type != "cuda":
+        return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
+    # pin_memory() copies into torch's cached page-locked blocks, which are not reused before the copy out
+    # of them has run.
+    return [
+        (x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
+        for x, y in batches
+    ]
 
 
 @dataclass(frozen=True)
