@@ -1,3 +1,4 @@
+import json
 import os
 
 # torch.compile's kernels built in this process, not by a pool of compile workers: a rank forked from a
@@ -44,3 +45,22 @@ def reference() -> Callable[[Config], dict]:
         return runs[key]
 
     return single_process
+
+
+@pytest.fixture(scope="session")
+def documents_dataset(tmp_path_factory):
+    """The sonnets cut into documents of one to three lines (about 8 to 30 tokens): a 16-token sample
+    spans one to three documents."""
+    root = tmp_path_factory.mktemp("docs")
+    text = SONNETS.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    docs, at, n = [], 0, 0
+    while at < len(lines):
+        size = 1 + n % 3
+        docs.append("\n".join(lines[at : at + size]))
+        at, n = at + size, n + 1
+    src = root / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = root / "dataset"
+    prepare_dataset([src], out, val_fraction=0.1)
+    return out

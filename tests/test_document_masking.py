@@ -4,19 +4,15 @@ The exact statement: the loss of a packed, masked sample (positions restarting p
 token-weighted sum of the losses of its documents run one at a time. Then the layouts: TP, SP, PP and
 recomputation reproduce the single-process masked run."""
 
-import json
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import SONNETS
 from distributed import run_ranks
 from test_pipeline import _check
 from tiny import TINY_LLAMA, tiny_config, wide_model
 
 from threefold.config import ModelConfig
-from threefold.data.prepare import prepare_dataset
 from threefold.model.attention import attend, document_ids, document_mask, document_positions
 from threefold.model.transformer import build_model
 from threefold.parallel.layers import TPContext
@@ -79,25 +75,6 @@ def test_packed_masked_loss_equals_the_sum_over_documents_run_alone(arch):
     assert got["num_docs"] == 5
     torch.testing.assert_close(got["packed"], got["alone"], rtol=1e-5, atol=1e-5)
     assert abs(float(got["unmasked"] - got["alone"])) > 1e-3, "without the mask documents see each other"
-
-
-@pytest.fixture(scope="module")
-def documents_dataset(tmp_path_factory):
-    """The sonnets cut into documents of one to three lines (about 8 to 30 tokens): a 16-token sample
-    spans one to three documents."""
-    root = tmp_path_factory.mktemp("docs")
-    text = SONNETS.read_text(encoding="utf-8")
-    lines = [line for line in text.splitlines() if line.strip()]
-    docs, at, n = [], 0, 0
-    while at < len(lines):
-        size = 1 + n % 3
-        docs.append("\n".join(lines[at : at + size]))
-        at, n = at + size, n + 1
-    src = root / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    out = root / "dataset"
-    prepare_dataset([src], out, val_fraction=0.1)
-    return out
 
 
 MASKED_LAYOUTS = [

@@ -16,11 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import run_ranks
+from test_document_masking import _masked_config
+from test_pipeline import _check
+from tiny import wide_model
 
 import threefold.model.fa4 as fa4
 from threefold.config import ModelConfig, build_config
-from threefold.model.attention import attend, document_mask
-from threefold.model.fa4 import check_fa4_device, fa4_attention, use_fa4
+from threefold.model.attention import DocumentMask, attend, document_ids, document_mask, document_spans
+from threefold.model.fa4 import check_fa4_device, fa4_attention, fa4_document_attention, use_fa4
 
 
 def _expand(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -64,7 +67,47 @@ def _backward(q, k, v, out, dout, lse, *, softmax_scale, causal):
     return dq, shared(dk), shared(dv)
 
 
-STAND_IN = types.SimpleNamespace(_flash_attn_fwd=_forward, _flash_attn_bwd=_backward)
+def _documents(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    bounds = cu_seqlens.tolist()
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _any_forward(q, k, v, *, softmax_scale, causal, return_lse, **varlen):
+    """The kernels' forward: (b, s, heads, d) tensors, or with cu_seqlens (t, heads, d) tensors whose
+    documents are attended to one by one (the lse then (heads, t))."""
+    if not varlen:
+        return _forward(q, k, v, softmax_scale=softmax_scale, causal=causal, return_lse=return_lse)
+    cu = varlen["cu_seqlens_q"]
+    assert varlen["cu_seqlens_k"] is cu and cu.dtype == torch.int32
+    assert varlen["max_seqlen_q"] == varlen["max_seqlen_k"] >= max(hi - lo for lo, hi in _documents(cu))
+    outs, lses = [], []
+    for lo, hi in _documents(cu):
+        out, lse, *_ = _forward(
+            q[None, lo:hi], k[None, lo:hi], v[None, lo:hi],
+            softmax_scale=softmax_scale, causal=causal, return_lse=return_lse,
+        )  # fmt: skip
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1), None, None, None
+
+
+def _any_backward(q, k, v, out, dout, lse, *, softmax_scale, causal, **varlen):
+    if not varlen:
+        return _backward(q, k, v, out, dout, lse, softmax_scale=softmax_scale, causal=causal)
+    grads = []
+    for lo, hi in _documents(varlen["cu_seqlens_q"]):
+        grads.append(
+            _backward(
+                *(t[None, lo:hi] for t in (q, k, v, out, dout)),
+                lse[None, :, lo:hi],
+                softmax_scale=softmax_scale,
+                causal=causal,
+            )  # fmt: skip
+        )
+    return tuple(torch.cat([g[i][0] for g in grads]) for i in range(3))
+
+
+STAND_IN = types.SimpleNamespace(_flash_attn_fwd=_any_forward, _flash_attn_bwd=_any_backward)
 
 
 @pytest.fixture
@@ -122,7 +165,9 @@ def test_the_operators_pass_torchs_checks(stand_in):
 
 def test_attend_takes_fa4_only_for_unmasked_attention_of_equal_lengths(stand_in, monkeypatch):
     calls = []
-    monkeypatch.setattr(STAND_IN, "_flash_attn_fwd", lambda *a, **kw: calls.append(1) or _forward(*a, **kw))
+    monkeypatch.setattr(
+        STAND_IN, "_flash_attn_fwd", lambda *a, **kw: calls.append(1) or _any_forward(*a, **kw)
+    )
     q, k, v = _leaves(4, 2)
     use_fa4(False)
     attend(q, k, v)
@@ -216,3 +261,141 @@ def test_bad_fa4_configs_are_named(overrides, message):
     raw["training"] = raw["training"] | {"attention_backend": "fa4"}
     with pytest.raises(ValueError, match=message):
         build_config(raw, [], check_paths=False)
+
+
+# Document masking through FA4's variable-length kernels.
+
+EOS = 5
+
+
+def _packed(rows: list[list[int]]) -> torch.Tensor:
+    """(b, s) ids: 1 everywhere but an EOS at each listed position."""
+    s = 24
+    tokens = torch.ones(len(rows), s, dtype=torch.int64)
+    for row, ends in enumerate(rows):
+        tokens[row, ends] = EOS
+    return tokens
+
+
+def test_document_spans_are_the_boundaries_of_document_ids_over_the_rows_laid_end_to_end():
+    # Row 0: documents [0, 4), [4, 11), [11, 24); row 1: an EOS at its last token, no other; row 2: none.
+    tokens = _packed([[3, 10], [23], []])
+    spans = document_spans(tokens, EOS)
+    assert spans.dtype == torch.int32
+    assert spans.tolist() == [0, 4, 11, 24, 48, 72]
+    ids = document_ids(tokens, EOS)
+    starts = [i * 24 + j for i in range(3) for j in range(24) if j == 0 or ids[i, j] != ids[i, j - 1]]
+    assert spans.tolist() == starts + [72]
+
+
+@pytest.mark.parametrize("compiled", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)], ids=["mha", "gqa"])
+def test_fa4_document_attention_is_the_dense_document_mask(stand_in, compiled, heads, kv_heads):
+    """Output and gradients against SDPA with the exact dense mask, for two micro-batches whose document
+    counts differ (under compile: one graph for both, the count a dynamic size)."""
+    run = (
+        fa4_document_attention
+        if compiled == "eager"
+        else torch.compile(fa4_document_attention, backend=compiled, fullgraph=True)
+    )
+    for rows in ([[3, 10], [23]], [[0, 5, 6, 17], [12]]):
+        tokens = _packed(rows)
+        spans = document_spans(tokens, EOS)
+        torch._dynamo.maybe_mark_dynamic(spans, 0)
+        q, k, v = _leaves(heads, kv_heads)
+        dy = torch.randn(2, heads, 24, 16, generator=torch.Generator().manual_seed(1))
+        out = run(q, k, v, spans)
+        out.backward(dy)
+        ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        want = attend(*ref, mask=document_mask(document_ids(tokens, EOS), use_flex=False))
+        want.backward(dy)
+        for name, a, w in zip(
+            ["out", "dq", "dk", "dv"],
+            [out, q.grad, k.grad, v.grad],
+            [want] + [t.grad for t in ref],
+            strict=True,
+        ):
+            torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_varlen_operators_pass_torchs_checks(stand_in):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(48, heads, 16, generator=g) for heads in (4, 2, 2))
+    spans = document_spans(_packed([[3, 10], [23]]), EOS)
+    torch.library.opcheck(torch.ops.threefold.fa4_varlen_forward, (q.requires_grad_(), k, v, spans, 24, 0.25))
+    out, lse = torch.ops.threefold.fa4_varlen_forward(q.detach(), k, v, spans, 24, 0.25)
+    assert out.shape == (48, 4, 16) and lse.shape == (4, 48) and lse.dtype == torch.float32
+    args = (torch.randn_like(out), q.detach(), k, v, out, lse, spans, 24, 0.25)
+    torch.library.opcheck(torch.ops.threefold.fa4_varlen_backward, args)
+
+
+def test_attend_takes_fa4s_varlen_kernels_for_a_mask_of_spans(stand_in, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        STAND_IN, "_flash_attn_fwd", lambda *a, **kw: calls.append(kw) or _any_forward(*a, **kw)
+    )
+    tokens = _packed([[3, 10], [23]])
+    q, k, v = _leaves(4, 2)
+    got = attend(q, k, v, mask=DocumentMask(spans=document_spans(tokens, EOS)))
+    assert len(calls) == 1 and calls[0]["cu_seqlens_q"].tolist() == [0, 4, 11, 24, 48]
+    want = attend(q, k, v, mask=document_mask(document_ids(tokens, EOS), use_flex=False))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _masked_llama(rank: int, world: int, through_spans: bool) -> tuple[torch.Tensor, dict, list[bool]]:
+    from threefold.model.transformer import build_model
+    from threefold.parallel.layers import TPContext
+
+    cfg = ModelConfig(
+        arch="llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
+        vocab_size=97, max_seq_len=32,
+    )  # fmt: skip
+    tokens = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(0))
+    tokens[0, [4, 9, 20]] = EOS
+    tokens[1, [31]] = EOS
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    use_fa4(through_spans)
+    calls: list[bool] = []  # in this forked rank only
+    real = STAND_IN._flash_attn_fwd
+    STAND_IN._flash_attn_fwd = lambda *a, **kw: calls.append("cu_seqlens_q" in kw) or real(*a, **kw)
+    model = build_model(cfg, TPContext(torch.distributed.group.WORLD), seed=3)
+    spans = document_spans(x, EOS) if through_spans else None
+    loss = model(x, y, doc_ids=document_ids(x, EOS), doc_spans=spans, reset_positions=True)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, calls
+
+
+def test_a_document_masked_llama_trains_through_fa4_as_through_the_dense_mask(stand_in):
+    loss, grads, calls = run_ranks(1, _masked_llama, False)[0]
+    fa4_loss, fa4_grads, fa4_calls = run_ranks(1, _masked_llama, True)[0]
+    assert grads and calls == [] and fa4_calls == [True, True]  # each layer through the varlen kernels
+    torch.testing.assert_close(fa4_loss, loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            fa4_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_masked_training_through_fa4s_spans_matches_the_dense_single_process_run(
+    stand_in, monkeypatch, reference, documents_dataset, tmp_path_factory
+):
+    """tp 2 x pp 2 with document masking, attention through the varlen stand-in (the spans found by the
+    training loop from its host batches, by evaluation from its own), against one process with the dense
+    mask. The forked ranks inherit the switch and the stand-in, which notes each varlen call in a file."""
+    run, model = tmp_path_factory.mktemp("fa4-masked"), wide_model("llama")
+    ref = reference(_masked_config(documents_dataset, run, model))  # dense: FA4 is off while this forks
+    plain = reference(_masked_config(documents_dataset, run, model, masking=False))
+    assert abs(ref["losses"][-1] - plain["losses"][-1]) > 1e-3, "masking must change the loss to be tested"
+    notes = run / "varlen-calls"
+
+    def noted(*args, **kwargs):
+        if "cu_seqlens_q" in kwargs:
+            with notes.open("a") as f:
+                f.write(f"{kwargs['cu_seqlens_q'].numel() - 1}\n")
+        return _any_forward(*args, **kwargs)
+
+    monkeypatch.setattr(STAND_IN, "_flash_attn_fwd", noted)
+    use_fa4(True)
+    _check(_masked_config(documents_dataset, run, model, tp=2, pp=2), ref)
+    documents = [int(n) for n in notes.read_text().split()]
+    assert documents and all(n >= 2 for n in documents)  # the samples hold several documents each

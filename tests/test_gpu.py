@@ -638,3 +638,111 @@ def test_a_compiled_llama_trains_with_fa4_as_with_torchs_attention(mesh, monkeyp
     _assert_near(fa4_loss, loss, 1e-2, "loss")
     for name, grad in grads.items():
         _assert_near(fa4_grads[name], grad, 3e-2, name)
+
+
+def _document_tokens(rows: list[list[int]], s: int, eos: int = 3) -> torch.Tensor:
+    tokens = torch.full((len(rows), s), 7, dtype=torch.int64)
+    for row, ends in enumerate(rows):
+        tokens[row, ends] = eos
+    return tokens
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fa4_document_attention_matches_sdpa_run_one_document_at_a_time(compiled):
+    """FA4's variable-length kernels through threefold's operators, eager and compiled (one graph for two
+    micro-batches of different document counts), against fp32 SDPA on each document alone: the output
+    and the gradients of q, k and v (GQA)."""
+    from threefold.model.attention import document_spans
+    from threefold.model.fa4 import fa4_document_attention
+
+    _fa4_or_skip()
+    generator = torch.Generator("cuda").manual_seed(0)
+    b, s, d, heads, kv_heads = 2, 384, 64, 8, 2
+    run = fa4_document_attention
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(fa4_document_attention, fullgraph=True)
+    for rows in ([[40, 200], [383]], [[0, 1, 130, 131, 300], [10, 250]]):
+        host = _document_tokens(rows, s)
+        spans = document_spans(host, 3)
+        device_spans = spans.cuda()
+        torch._dynamo.maybe_mark_dynamic(device_spans, 0)
+        q, k, v = (
+            torch.randn(b, h, s, d, device="cuda", generator=generator).bfloat16().requires_grad_()
+            for h in (heads, kv_heads, kv_heads)
+        )
+        dy = torch.randn(b, heads, s, d, device="cuda", generator=generator).bfloat16()
+        out = run(q, k, v, device_spans)
+        out.backward(dy)
+        ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        want = torch.empty(b, heads, s, d, device="cuda")
+        bounds = spans.tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            row, a, z = lo // s, lo % s, hi - (lo // s) * s
+            want[row, :, a:z] = F.scaled_dot_product_attention(
+                *(t[row : row + 1, :, a:z] for t in ref), is_causal=True, enable_gqa=True
+            )[0]
+        want.backward(dy.float())
+        for name, a, w in zip(
+            ["out", "dq", "dk", "dv"],
+            [out, q.grad, k.grad, v.grad],
+            [want] + [t.grad for t in ref],
+            strict=True,
+        ):
+            _assert_near(a, w, 2e-2, f"{name} ({len(bounds) - 1} documents)")
+
+
+def test_a_compiled_llama_trains_document_masked_with_fa4_as_with_flex(mesh):
+    """The compiled llama, bf16, document masking with positions restarting: attention through FA4's
+    variable-length kernels (the spans found on the host) against FlexAttention's block mask, for two
+    micro-batches of different document counts: no graph break, the loss and every gradient."""
+    from torch._dynamo.utils import counters
+
+    from threefold.config import ModelConfig
+    from threefold.model.attention import document_ids, document_spans
+    from threefold.model.transformer import build_model, use_attention_backend
+    from threefold.parallel.layers import TPContext
+
+    _fa4_or_skip()
+    cfg = ModelConfig(
+        arch="llama", num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, ffn_hidden_size=512,
+        vocab_size=512, max_seq_len=256,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for rows in ([[20, 100], [255]], [[5, 60, 61, 200], [128]]):
+        tokens = torch.randint(8, 512, (2, 257), generator=generator)
+        tokens[:, :-1] = torch.where(_document_tokens(rows, 256) == 3, 3, tokens[:, :-1])
+        batches.append(tokens)
+    runs, weights = [], None
+    try:
+        for backend in ("auto", "fa4"):
+            use_attention_backend(backend)
+            torch._dynamo.reset()
+            counters.clear()
+            model = build_model(
+                cfg, TPContext(mesh.tp_group), device="cuda", dtype=torch.bfloat16, compiled=True
+            )
+            if weights is None:
+                weights = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(weights)
+            losses = []
+            for tokens in batches:
+                x, y = tokens[:, :-1], tokens[:, 1:]
+                spans = document_spans(x, 3).cuda() if backend == "fa4" else None
+                if spans is not None:
+                    torch._dynamo.maybe_mark_dynamic(spans, 0)
+                x, y = x.cuda(), y.cuda()
+                loss = model(x, y, doc_ids=document_ids(x, 3), doc_spans=spans, reset_positions=True)
+                loss.backward()
+                losses.append(loss.detach())
+            assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+            runs.append((losses, {n: p.grad for n, p in model.named_parameters()}))
+    finally:
+        use_attention_backend("auto")
+        torch._dynamo.reset()
+    (losses, grads), (fa4_losses, fa4_grads) = runs
+    for i, (a, w) in enumerate(zip(fa4_losses, losses, strict=True)):
+        _assert_near(a, w, 1e-2, f"loss {i}")
+    for name, grad in grads.items():
+        _assert_near(fa4_grads[name], grad, 3e-2, name)

@@ -21,7 +21,11 @@ SPEC.loader.exec_module(tool)
 
 def test_the_assets_hold_the_datasets_documents_through_its_tokenizer(tmp_path):
     corpus = tmp_path / "docs.jsonl"
-    docs = ["def f(x):\n    return x + 1\n", "Shall I compare thee to a summer's day?", "  spaced   text\n\n"] * 5
+    docs = [
+        "def f(x):\n    return x + 1\n",
+        "Shall I compare thee to a summer's day?",
+        "  spaced   text\n\n",
+    ] * 5
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     prepare_dataset([corpus], tmp_path / "ds", val_fraction=0.2)
     meta = read_meta(tmp_path / "ds")

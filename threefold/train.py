@@ -347,15 +347,19 @@ class PendingStats:
         return StepStats(self.step, loss, norm, self.lr, bool(skipped))
 
 
-def train_step(trainer: Trainer, micro_batches: list[Batch], step: int) -> PendingStats:
-    """One optimizer step over this rank's micro-batches."""
+def train_step(
+    trainer: Trainer, micro_batches: list[Batch], step: int, *, spans: list[torch.Tensor] | None = None
+) -> PendingStats:
+    """One optimizer step over this rank's micro-batches; `spans`, their document boundaries where FA4
+    needs them (PipelineExecutor.document_spans of the host batches; found from `micro_batches` if not
+    given)."""
     mesh = trainer.mesh
     num_microbatches = len(micro_batches)
     if num_microbatches > 1 and any(s.direct for s in trainer.grad_syncs.values()):
         # autograd would sum the micro-batches' gradients in the compute dtype, not in fp32
         raise ValueError(f"direct gradients take one micro-batch a step, got {num_microbatches}")
     loss_sum = trainer.executor.run(
-        trainer.schedule, micro_batches, loss_scale=1.0 / num_microbatches, train=True
+        trainer.schedule, micro_batches, loss_scale=1.0 / num_microbatches, train=True, spans=spans
     )
     track.set_action("gradient sync")
     for grad_sync in trainer.grad_syncs.values():
@@ -625,7 +629,8 @@ def _train(
         for step in range(start_step, t.max_steps):
             guard.begin_step(step, trainer)
             batches = context_shard(loader.next_batch(), mesh)
-            pending = train_step(trainer, _to_device(batches, device), step)
+            spans = trainer.executor.document_spans(batches)  # from the host's token ids: no wait
+            pending = train_step(trainer, _to_device(batches, device), step, spans=spans)
             duties.pending.append(replace(pending, queued=reporter.mark()))
             # Every step: a signal reaching any rank, or the time limit, stops all of them after this step.
             interrupted, late = guard.end_step(

@@ -9,11 +9,15 @@ A packed sample joins documents with the EOS id. Document ids are a pure functio
 extra travels between stages or into checkpoints. Token i may attend to token j when j <= i and both
 belong to the same document: a block-diagonal causal mask.
 
-Two implementations of that mask, which must agree:
+Three implementations of that mask, which must agree:
 - the exact reference: a dense (b, 1, s, s) boolean mask given to scaled_dot_product_attention; used on
   the CPU and wherever FlexAttention is missing;
 - FlexAttention's block mask on CUDA: blocks of 128 x 128 that lie wholly outside every document are
-  skipped, so masking costs nothing in memory and saves the compute of the cross-document blocks.
+  skipped, so masking costs nothing in memory and saves the compute of the cross-document blocks;
+- with `training.attention_backend = "fa4"`, FlashAttention-4's variable-length kernels over the
+  documents' boundaries (`document_spans`). Their count is a shape the kernels must be given, so the
+  training loop finds them from the token ids on the host, before the copy to the device, and no step
+  waits for the device to count them.
 
 Unmasked causal attention runs scaled_dot_product_attention, or FlashAttention-4 where
 `training.attention_backend = "fa4"` (threefold.model.fa4).
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from threefold.model.fa4 import fa4_attention, fa4_enabled
+from threefold.model.fa4 import fa4_attention, fa4_document_attention, fa4_enabled
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -48,6 +52,17 @@ def document_ids(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos).contiguous()
 
 
+def document_spans(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(b, s) token ids -> int32 (n + 1,): the cumulative boundaries of the n documents of the rows laid
+    end to end (FA4's cu_seqlens). A document ends after its EOS, as in `document_ids`, and at the end of
+    its row. Computed where `tokens` are: from device tensors the host waits for the device."""
+    b, s = tokens.shape
+    after_eos = torch.nonzero(tokens.reshape(-1) == eos_token_id).reshape(-1) + 1
+    row_ends = torch.arange(1, b + 1, device=tokens.device) * s
+    start = torch.zeros(1, dtype=after_eos.dtype, device=tokens.device)
+    return torch.unique(torch.cat([start, after_eos, row_ends])).to(torch.int32)  # sorted
+
+
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """(b, s) document ids -> (b, s) int64 position of each token within its document (0 at each start)."""
     s = doc_ids.shape[1]
@@ -63,15 +78,17 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
 class DocumentMask:
     """A block-diagonal causal mask built once per micro-batch and read by every layer.
 
-    Without context parallelism exactly one of `dense` ((b, 1, s, s) bool, True = may attend) and `block`
-    (a FlexAttention BlockMask) is set. Under context parallelism `doc_ids` holds the whole sequence's
-    document ids (b, s), which the ring reads block by block; all-to-all attention, which sees whole
-    sequences, also gets `dense` or `block` (threefold.parallel.context.context_document_mask).
+    Without context parallelism exactly one of `dense` ((b, 1, s, s) bool, True = may attend), `block`
+    (a FlexAttention BlockMask) and `spans` (FA4) is set. Under context parallelism `doc_ids` holds the
+    whole sequence's document ids (b, s), which the ring reads block by block; all-to-all attention, which
+    sees whole sequences, also gets `dense` or `block` (threefold.parallel.context.context_document_mask).
     """
 
     dense: torch.Tensor | None = None
     block: Any = None
     doc_ids: torch.Tensor | None = None
+    spans: torch.Tensor | None = None
+    """With FA4: the documents' boundaries (`document_spans`), on the device; the only field set."""
 
 
 def flex_available(device: torch.device) -> bool:
@@ -130,6 +147,8 @@ def attend(
     group_size = q.shape[1] // k.shape[1]
     if mask is None and fa4_enabled() and q.shape[2] == k.shape[2]:
         return fa4_attention(q, k, v)
+    if mask is not None and mask.spans is not None:
+        return fa4_document_attention(q, k, v, mask.spans)
     if mask is not None and mask.block is not None:
         return _flex()(q, k, v, block_mask=mask.block, enable_gqa=group_size > 1)
     flash = mask is None and q.is_cuda and q.dtype != torch.float32 and _flash_enabled()

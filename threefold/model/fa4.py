@@ -166,3 +166,120 @@ def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     q_, k_, v_ = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     out, _ = fa4_forward(q_, k_, v_, scale)
     return out.transpose(1, 2)
+
+
+# Document masking: FA4's variable-length kernels over the packed rows. The rows of a micro-batch are
+# flattened into one (b * s, heads, d) sequence and `spans` (int32, n + 1) holds the cumulative boundaries
+# of its n documents (threefold.model.attention.document_spans); attention stays inside each document.
+# `max_len` bounds a document's length (the row length, so that nothing is read back from the device).
+
+
+@torch.library.custom_op("threefold::fa4_varlen_forward", mutates_args=())
+def fa4_varlen_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, max_len: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention inside each document of (t, a, d) q over (t, k, d) k, v (t = b * s tokens) ->
+    out (t, a, d) and the fp32 log-sum-exp (a, t)."""
+    result = kernels()._flash_attn_fwd(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        cu_seqlens_q=spans,
+        cu_seqlens_k=spans,
+        max_seqlen_q=max_len,
+        max_seqlen_k=max_len,
+        softmax_scale=scale,
+        causal=True,
+        return_lse=True,
+    )
+    return result[0].contiguous(), result[1].contiguous()
+
+
+@fa4_varlen_forward.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, max_len: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    t, a, _ = q.shape
+    return q.new_empty(t, a, v.shape[-1]), q.new_empty(a, t, dtype=torch.float32)
+
+
+@torch.library.custom_op("threefold::fa4_varlen_backward", mutates_args=())
+def fa4_varlen_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    spans: torch.Tensor,
+    max_len: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `fa4_varlen_forward` for q, k, v, in their (t, heads, d) shapes."""
+    dq, dk, dv = kernels()._flash_attn_bwd(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        out.contiguous(),
+        dout.contiguous(),
+        lse.contiguous(),
+        softmax_scale=scale,
+        causal=True,
+        cu_seqlens_q=spans,
+        cu_seqlens_k=spans,
+        max_seqlen_q=max_len,
+        max_seqlen_k=max_len,
+    )[:3]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@fa4_varlen_backward.register_fake
+def _(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    spans: torch.Tensor,
+    max_len: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    contiguous = torch.contiguous_format
+    return (
+        torch.empty_like(q, memory_format=contiguous),
+        torch.empty_like(k, memory_format=contiguous),
+        torch.empty_like(v, memory_format=contiguous),
+    )
+
+
+def _varlen_setup_context(
+    ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    q, k, v, spans, max_len, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, spans)
+    ctx.max_len, ctx.scale = max_len, scale
+
+
+def _varlen_backward(
+    ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
+    q, k, v, out, lse, spans = ctx.saved_tensors
+    dq, dk, dv = fa4_varlen_backward(dout, q, k, v, out, lse, spans, ctx.max_len, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+fa4_varlen_forward.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def fa4_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor
+) -> torch.Tensor:
+    """Causal attention inside each document of (b, a, s, d) queries over (b, k, s, d) keys and values ->
+    (b, a, s, d), by FA4's variable-length kernels; `spans` are the documents' boundaries over the
+    flattened rows (int32 (n + 1,), on q's device)."""
+    b, a, s, d = q.shape
+    q_, k_, v_ = (t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[-1]) for t in (q, k, v))
+    out, _ = fa4_varlen_forward(q_, k_, v_, spans, s, d**-0.5)
+    return out.view(b, s, a, v.shape[-1]).transpose(1, 2)

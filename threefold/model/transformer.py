@@ -374,15 +374,18 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         doc_ids: torch.Tensor | None = None,
+        doc_spans: torch.Tensor | None = None,
         reset_positions: bool = False,
     ) -> torch.Tensor:
         """Token ids (b, s) on the first stage, else hidden states (b, s_, h).
 
         With `doc_ids` ((b, s) from threefold.model.attention.document_ids, for the whole sequence on
         every stage and TP rank) attention stays inside each document, and with `reset_positions` each
-        document's positions start again at 0. Returns hidden states (b, s_, h) when this part has no
-        head; with a head, the mean loss over all tokens when targets are given, else the local logits
-        (b, s, Vp/t).
+        document's positions start again at 0. `doc_spans` (the same documents' boundaries,
+        threefold.model.attention.document_spans, with FA4 and no context parallelism) takes attention
+        through FA4's variable-length kernels instead of a mask built from `doc_ids`. Returns hidden
+        states (b, s_, h) when this part has no head; with a head, the mean loss over all tokens when
+        targets are given, else the local logits (b, s, Vp/t).
         """
         positions = document_positions(doc_ids) if doc_ids is not None and reset_positions else None
         if positions is not None and self.tp.context is not None:
@@ -402,6 +405,8 @@ class Transformer(nn.Module):
             # The ring reads the ids block by block; all-to-all sees whole sequences: the usual mask.
             whole = document_mask(doc_ids) if self.tp.context.attention == "all_to_all" else DocumentMask()
             mask = DocumentMask(dense=whole.dense, block=whole.block, doc_ids=doc_ids)
+        elif doc_spans is not None:
+            mask = DocumentMask(spans=doc_spans)
         elif doc_ids is not None:
             mask = document_mask(doc_ids)
         for layer in self.layers.values():

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
-from threefold.model.attention import document_ids
+from threefold.model.attention import document_ids, document_spans
+from threefold.model.fa4 import fa4_enabled
 from threefold.model.transformer import Transformer
 from threefold.parallel import track
 from threefold.parallel.comm import all_gather_flat
@@ -49,6 +50,8 @@ class _StepState:
     """Eager sends in flight with the buffers they read (split backward)."""
     documents: dict[int, torch.Tensor] = field(default_factory=dict)
     """Each micro-batch's document ids (document masking), found once for all of this rank's chunks."""
+    spans: list[torch.Tensor] | None = None
+    """Each micro-batch's document boundaries on the device (document masking through FA4)."""
 
 
 def _free(t: torch.Tensor) -> None:
@@ -137,11 +140,17 @@ class PipelineExecutor:
         loss_scale: float,
         train: bool,
         loss_weights: list[int] | None = None,
+        spans: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Execute `actions`; returns the sum of the unscaled micro-batch losses (zero off the last stage),
         each times its entry in `loss_weights` when given. Micro-batches may differ in size (evaluation's
-        last one): what crosses a stage boundary is shaped by the micro-batch it belongs to."""
+        last one): what crosses a stage boundary is shaped by the micro-batch it belongs to. `spans`: the
+        micro-batches' `document_spans`, found here when not given (see there)."""
         state = _StepState(loss_sum=torch.zeros((), device=self.device))
+        if spans is None:
+            spans = self.document_spans(micro_batches)
+        if spans is not None:
+            state.spans = [self._spans_on_device(s) for s in spans]
         self._batch_sizes = [x.shape[0] for x, _ in micro_batches]
         self._loss_weights = loss_weights
         split = any(a.kind is Kind.W for a in actions)
@@ -168,6 +177,24 @@ class PipelineExecutor:
         assert not state.weight_work, "every B met its W"
         return state.loss_sum
 
+    def document_spans(self, micro_batches: list[Batch]) -> list[torch.Tensor] | None:
+        """Each micro-batch's document boundaries (threefold.model.attention.document_spans), on the host,
+        when attention runs through FA4's variable-length kernels (document masking with FA4, no context
+        parallelism), else None. The training loop passes its host batches, so that nothing waits; from
+        device tensors (evaluation, the bench's staged batches) the host waits for the device once."""
+        context = next(iter(self.chunks.values())).tp.context
+        if self.document_eos_id is None or not fa4_enabled() or context is not None:
+            return None
+        return [document_spans(x, self.document_eos_id).cpu() for x, _ in micro_batches]
+
+    def _spans_on_device(self, spans: torch.Tensor) -> torch.Tensor:
+        if spans.device.type == "cpu" and self.device.type == "cuda":
+            spans = spans.pin_memory()  # queued like a kernel, not after everything queued (train._to_device)
+        spans = spans.to(self.device, non_blocking=True)
+        # Their count changes from one micro-batch to the next: one compiled graph for every count.
+        torch._dynamo.maybe_mark_dynamic(spans, 0)
+        return spans
+
     def _forward(
         self, a: Action, micro_batches: list[Batch], state: _StepState, loss_scale: float, train: bool
     ) -> None:
@@ -176,14 +203,15 @@ class PipelineExecutor:
         x = inputs if a.chunk == 0 else state.inputs[key]
         model = self.chunks[a.chunk]
         docs = self._documents(a.microbatch, inputs, model, state)
+        spans = None if state.spans is None else state.spans[a.microbatch]
         if a.chunk == self.last_chunk:
-            loss = model(x, targets, doc_ids=docs, reset_positions=self.reset_positions)
+            loss = model(x, targets, doc_ids=docs, doc_spans=spans, reset_positions=self.reset_positions)
             weight = 1 if self._loss_weights is None else self._loss_weights[a.microbatch]
             state.loss_sum += loss.detach() * weight
             if train:
                 state.outputs[key] = loss * loss_scale
         else:
-            state.outputs[key] = model(x, doc_ids=docs, reset_positions=self.reset_positions)
+            state.outputs[key] = model(x, doc_ids=docs, doc_spans=spans, reset_positions=self.reset_positions)
             if a.chunk + 1 in self.chunks:  # the tip of a V: the next chunk is here, no transfer
                 out = state.outputs[key] if train else state.outputs.pop(key)
                 state.inputs[(a.chunk + 1, a.microbatch)] = out.detach().requires_grad_(train)
