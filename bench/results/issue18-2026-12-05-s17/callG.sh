@@ -36,9 +36,8 @@ train() {  # backend
   cp $dir/metrics.jsonl $OUT/$(basename $dir).jsonl
 }
 bench 2048 8 auto; bench 2048 8 fa4; bench 8192 4 auto; bench 8192 4 fa4
-train auto; train fa4
-for run in "bench 2048 8 auto" "bench 2048 8 fa4"; do
-  [ $(( $(date +%s) - t0 )) -lt 480 ] || break
+for run in "train auto" "train fa4"; do
+  [ $(( $(date +%s) - t0 )) -lt 250 ] || break
   $run
 done
 echo "total $(( $(date +%s) - t0 )) s"
