@@ -445,8 +445,8 @@ class TrainingConfig(Section):
     """Wrap each transformer layer in torch.compile (GPU)."""
     attention_backend: AttentionBackend = "auto"
     """Kernel for attention on CUDA: 'auto' (torch's choice), 'flash', 'cudnn', 'efficient', 'math', or
-    'fa4': FlashAttention-4 on Hopper and Blackwell (`pip install -e ".[fa4]"`; bf16, causal attention
-    without document masking; masked and context-parallel attention keep torch's kernels)."""
+    'fa4': FlashAttention-4 on Hopper and Blackwell (`pip install -e ".[fa4]"`; bf16; causal attention, and
+    with data.document_masking its variable-length kernels over the documents; no context parallelism)."""
     fp8: Fp8Setting = False
     """Float8 GEMMs in the transformer layers' linears (not attention, not the output layer), dynamically
     scaled: 'tensorwise' (one scale per tensor), 'rowwise' (one per row) or false. Needs bfloat16 and a
