@@ -746,3 +746,48 @@ def test_a_compiled_llama_trains_document_masked_with_fa4_as_with_flex(mesh):
         _assert_near(a, w, 1e-2, f"loss {i}")
     for name, grad in grads.items():
         _assert_near(fa4_grads[name], grad, 3e-2, name)
+
+
+def test_a_document_masked_fa4_step_never_waits_for_the_device(mesh, tmp_path):
+    """Document masking through FA4: the training loop finds each micro-batch's document boundaries from
+    its host batch and the executor copies them through page-locked memory, so under CUDA's sync-debug
+    mode "error" two steps run without the host reading anything back from the device."""
+    from conftest import SONNETS
+
+    from threefold.config import build_config
+    from threefold.data.prepare import prepare_dataset
+    from threefold.model.transformer import use_attention_backend
+    from threefold.train import _to_device, build, train_loader, train_step
+
+    _fa4_or_skip()
+    data = tmp_path / "sonnets"
+    prepare_dataset([SONNETS], data, val_fraction=0.1)
+    raw = {
+        "model": {"preset": "tiny"},
+        "data": {"path": str(data), "seq_len": 128, "document_masking": True},
+        "training": {
+            "device": "cuda", "dtype": "bfloat16", "micro_batch_size": 2, "global_batch_size": 4,
+            "max_steps": 4, "attention_backend": "fa4",
+        },
+    }  # fmt: skip
+    config = build_config(raw, [])
+    try:
+        trainer = build(config, mesh, torch.device("cuda"))
+        loader = train_loader(config, mesh)
+        device = torch.device("cuda")
+        batches = loader.next_batch()
+        spans = trainer.executor.document_spans(batches)
+        assert spans is not None and all(s.device.type == "cpu" for s in spans)
+        train_step(trainer, _to_device(batches, device), 0, spans=spans)  # makes the optimizer's state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in (1, 2):
+                batches = loader.next_batch()
+                spans = trainer.executor.document_spans(batches)
+                stats = train_step(trainer, _to_device(batches, device), step, spans=spans)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert not stats.read().skipped and stats.read().loss > 0
+    finally:
+        use_attention_backend("auto")
