@@ -35,9 +35,9 @@ train() {  # backend
   echo "train masked mb8 $1 rc=$? ($(( $(date +%s) - t0 )) s): $(grep "^done" $dir.log)"; grep -m2 Error $dir.log
   cp $dir/metrics.jsonl $OUT/$(basename $dir).jsonl
 }
-bench 2048 8 auto; bench 2048 8 fa4; bench 8192 4 auto; bench 8192 4 fa4
-for run in "train auto" "train fa4"; do
-  [ $(( $(date +%s) - t0 )) -lt 250 ] || break
+bench 2048 8 auto; bench 2048 8 fa4
+for run in "bench 8192 4 auto" "bench 8192 4 fa4" "train auto" "train fa4"; do
+  [ $(( $(date +%s) - t0 )) -lt 130 ] || break
   $run
 done
 echo "total $(( $(date +%s) - t0 )) s"
