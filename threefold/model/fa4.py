@@ -76,17 +76,58 @@ def check_fa4_device(device: torch.device) -> None:
         )
 
 
+def _run_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **documents: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA4's causal forward -> (out, lse); `documents` are the variable-length arguments (`_documents`)."""
+    result = kernels()._flash_attn_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale=scale, causal=True, return_lse=True,
+        **documents,
+    )  # fmt: skip
+    return result[0].contiguous(), result[1].contiguous()  # later releases return more (scores for MLA)
+
+
+def _run_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    **documents: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = kernels()._flash_attn_bwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous(), lse.contiguous(),
+        softmax_scale=scale, causal=True, **documents,
+    )[:3]  # fmt: skip
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _documents(spans: torch.Tensor, max_len: int) -> dict[str, Any]:
+    """The kernels' variable-length arguments: one sequence per document, the same for queries and keys."""
+    return {"cu_seqlens_q": spans, "cu_seqlens_k": spans, "max_seqlen_q": max_len, "max_seqlen_k": max_len}
+
+
+def _empty_grads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the backward kernels return, for torch.compile's tracing: contiguous tensors like q, k, v."""
+    contiguous = torch.contiguous_format
+    return (
+        torch.empty_like(q, memory_format=contiguous),
+        torch.empty_like(k, memory_format=contiguous),
+        torch.empty_like(v, memory_format=contiguous),
+    )
+
+
 @torch.library.custom_op("threefold::fa4_forward", mutates_args=())
 def fa4_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of (b, s, a, d) q over (b, s, k, d) k, v -> out (b, s, a, d) and the fp32
     log-sum-exp of each query's scores, (b, a, s), which the backward reads."""
-    result = kernels()._flash_attn_fwd(
-        q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale=scale, causal=True, return_lse=True
-    )
-    out, lse = result[0], result[1]  # later releases return more (scores for MLA), unused here
-    return out.contiguous(), lse.contiguous()
+    return _run_forward(q, k, v, scale)
 
 
 @fa4_forward.register_fake
@@ -107,17 +148,7 @@ def fa4_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `fa4_forward` for q, k, v, in their (b, s, heads, d) shapes."""
-    dq, dk, dv = kernels()._flash_attn_bwd(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        out.contiguous(),
-        dout.contiguous(),
-        lse.contiguous(),
-        softmax_scale=scale,
-        causal=True,
-    )[:3]
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _run_backward(dout, q, k, v, out, lse, scale)
 
 
 @fa4_backward.register_fake
@@ -130,12 +161,7 @@ def _(
     lse: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    contiguous = torch.contiguous_format
-    return (
-        torch.empty_like(q, memory_format=contiguous),
-        torch.empty_like(k, memory_format=contiguous),
-        torch.empty_like(v, memory_format=contiguous),
-    )
+    return _empty_grads(q, k, v)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -180,19 +206,7 @@ def fa4_varlen_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention inside each document of (t, a, d) q over (t, k, d) k, v (t = b * s tokens) ->
     out (t, a, d) and the fp32 log-sum-exp (a, t)."""
-    result = kernels()._flash_attn_fwd(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        cu_seqlens_q=spans,
-        cu_seqlens_k=spans,
-        max_seqlen_q=max_len,
-        max_seqlen_k=max_len,
-        softmax_scale=scale,
-        causal=True,
-        return_lse=True,
-    )
-    return result[0].contiguous(), result[1].contiguous()
+    return _run_forward(q, k, v, scale, **_documents(spans, max_len))
 
 
 @fa4_varlen_forward.register_fake
@@ -216,21 +230,7 @@ def fa4_varlen_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `fa4_varlen_forward` for q, k, v, in their (t, heads, d) shapes."""
-    dq, dk, dv = kernels()._flash_attn_bwd(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        out.contiguous(),
-        dout.contiguous(),
-        lse.contiguous(),
-        softmax_scale=scale,
-        causal=True,
-        cu_seqlens_q=spans,
-        cu_seqlens_k=spans,
-        max_seqlen_q=max_len,
-        max_seqlen_k=max_len,
-    )[:3]
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _run_backward(dout, q, k, v, out, lse, scale, **_documents(spans, max_len))
 
 
 @fa4_varlen_backward.register_fake
@@ -245,12 +245,7 @@ def _(
     max_len: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    contiguous = torch.contiguous_format
-    return (
-        torch.empty_like(q, memory_format=contiguous),
-        torch.empty_like(k, memory_format=contiguous),
-        torch.empty_like(v, memory_format=contiguous),
-    )
+    return _empty_grads(q, k, v)
 
 
 def _varlen_setup_context(
