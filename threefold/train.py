@@ -17,7 +17,14 @@ import torch.distributed as dist
 from threefold.checkpoint import Checkpointer
 from threefold.config import Config
 from threefold.data.blend import BlendLoader, BlendSource, val_loss
-from threefold.data.dataset import BatchLoader, SampleLoader, TokenDataset, eval_batches, read_meta
+from threefold.data.dataset import (
+    BatchLoader,
+    SampleLoader,
+    TokenDataset,
+    eval_batches,
+    read_meta,
+    to_device,
+)
 from threefold.infer.samples import Sampler
 from threefold.metrics import count_parameters
 from threefold.model.fa4 import check_fa4_device
@@ -403,19 +410,9 @@ def evaluate(trainer: Trainer, batches: list[Batch]) -> float:
 
 
 def _to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
-    """Host micro-batches onto `device`, queued without the host waiting for the device. On CUDA through
-    page-locked memory, whose copies are queued like kernels: from pageable memory the driver queued two
-    128 KB copies (micro-batch 8's inputs and targets) at once, and a third waited for all the work queued
-    before it (H100, 2026-12-05, bench/results/issue18-2026-12-05-s16/callE.sh): with several
-    micro-batches a step, every step."""
-    if device.type != "cuda":
-        return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
-    # pin_memory() copies into torch's cached page-locked blocks, which are not reused before the copy out
-    # of them has run.
-    return [
-        (x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
-        for x, y in batches
-    ]
+    """Host micro-batches onto `device`, queued without the host waiting for the device (`to_device`):
+    with several micro-batches a step, pageable copies would make it wait every step."""
+    return [(to_device(x, device), to_device(y, device)) for x, y in batches]
 
 
 @dataclass(frozen=True)

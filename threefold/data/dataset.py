@@ -30,6 +30,18 @@ from threefold.data.format import (  # noqa: F401
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`, its copy queued without the host waiting for the device. On CUDA a host tensor goes
+    through page-locked memory, whose copies are queued like kernels: from pageable memory the driver
+    queued two 128 KB copies (micro-batch 8's inputs and targets) at once, and a third waited for all the
+    work queued before it (H100, 2026-12-05, bench/results/issue18-2026-12-05-s16/callE.sh). pin_memory()
+    copies into torch's cached page-locked blocks, which are not reused before the copy out of them has
+    run."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class TokenDataset:
     """One split of a prepared dataset, memory-mapped, as non-overlapping (inputs, targets) samples."""
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
+from threefold.data.dataset import to_device
 from threefold.model.attention import document_ids, document_spans
 from threefold.model.fa4 import fa4_enabled
 from threefold.model.transformer import Transformer
@@ -178,19 +179,18 @@ class PipelineExecutor:
         return state.loss_sum
 
     def document_spans(self, micro_batches: list[Batch]) -> list[torch.Tensor] | None:
-        """Each micro-batch's document boundaries (threefold.model.attention.document_spans), on the host,
-        when attention runs through FA4's variable-length kernels (document masking with FA4, no context
-        parallelism), else None. The training loop passes its host batches, so that nothing waits; from
-        device tensors (evaluation, the bench's staged batches) the host waits for the device once."""
+        """Each micro-batch's document boundaries (threefold.model.attention.document_spans), where its
+        tokens are, when attention runs through FA4's variable-length kernels (document masking with FA4,
+        no context parallelism), else None. The training loop passes its host batches, so that
+        nothing waits; from device tensors (evaluation, the bench's staged batches) the host waits for the
+        device to count the documents."""
         context = next(iter(self.chunks.values())).tp.context
         if self.document_eos_id is None or not fa4_enabled() or context is not None:
             return None
-        return [document_spans(x, self.document_eos_id).cpu() for x, _ in micro_batches]
+        return [document_spans(x, self.document_eos_id) for x, _ in micro_batches]
 
     def _spans_on_device(self, spans: torch.Tensor) -> torch.Tensor:
-        if spans.device.type == "cpu" and self.device.type == "cuda":
-            spans = spans.pin_memory()  # queued like a kernel, not after everything queued (train._to_device)
-        spans = spans.to(self.device, non_blocking=True)
+        spans = to_device(spans, self.device)
         # Their count changes from one micro-batch to the next: one compiled graph for every count.
         torch._dynamo.maybe_mark_dynamic(spans, 0)
         return spans
