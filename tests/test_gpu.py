@@ -748,20 +748,39 @@ def test_a_compiled_llama_trains_document_masked_with_fa4_as_with_flex(mesh):
         _assert_near(fa4_grads[name], grad, 3e-2, name)
 
 
+def _write_documents(path, eos: int) -> None:
+    """A prepared dataset (format 1) of random ids in documents of 5 to 60 tokens, each closed by `eos`:
+    written directly, so the GPU machine needs no tokenizer package."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True)
+    counts = {"train": 4096, "val": 1024}
+    for split, n in counts.items():
+        tokens = rng.integers(0, eos, n, dtype=np.uint32)
+        ends = np.cumsum(rng.integers(5, 61, n)) - 1
+        tokens[ends[ends < n]] = eos
+        tokens.tofile(path / f"{split}.bin")
+    meta = {
+        "format_version": 1, "dtype": "uint32", "vocab_size": eos + 1, "eos_token_id": eos,
+        "tokenizer": "random ids", "num_tokens": counts, "num_documents": 0, "sources": [],
+    }  # fmt: skip
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
 def test_a_document_masked_fa4_step_never_waits_for_the_device(mesh, tmp_path):
     """Document masking through FA4: the training loop finds each micro-batch's document boundaries from
     its host batch and the executor copies them through page-locked memory, so under CUDA's sync-debug
     mode "error" two steps run without the host reading anything back from the device."""
-    from conftest import SONNETS
-
     from threefold.config import build_config
-    from threefold.data.prepare import prepare_dataset
     from threefold.model.transformer import use_attention_backend
     from threefold.train import _to_device, build, train_loader, train_step
 
     _fa4_or_skip()
-    data = tmp_path / "sonnets"
-    prepare_dataset([SONNETS], data, val_fraction=0.1)
+    data = tmp_path / "documents"
+    _write_documents(data, eos=50256)
     raw = {
         "model": {"preset": "tiny"},
         "data": {"path": str(data), "seq_len": 128, "document_masking": True},

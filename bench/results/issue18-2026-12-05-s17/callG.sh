@@ -37,7 +37,7 @@ train() {  # backend
 }
 bench 2048 8 auto; bench 2048 8 fa4
 for run in "bench 8192 4 auto" "bench 8192 4 fa4" "train auto" "train fa4"; do
-  [ $(( $(date +%s) - t0 )) -lt 130 ] || break
+  [ $(( $(date +%s) - t0 )) -lt 420 ] || break
   $run
 done
 echo "total $(( $(date +%s) - t0 )) s"
