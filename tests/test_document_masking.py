@@ -47,6 +47,63 @@ def test_masked_attention_equals_attention_per_document():
     assert not torch.allclose(unmasked, got), "the documents after the first must see a difference"
 
 
+BLOCK_MASK_FIELDS = (
+    "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+    "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["one document", "documents inside tiles", "documents across tiles", "eos at tile edges", "many short"],
+)
+def test_the_flex_block_mask_from_tiles_is_create_block_masks(case):
+    """FlexAttention's block mask built from each 128-token tile's first and last document id is, field for
+    field, the one create_block_mask finds by evaluating the mask at every pair; and flex attention through
+    it equals the dense mask's attention."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    gen = torch.Generator().manual_seed(len(case))
+    b, s = 2, 640
+    tokens = torch.randint(8, 64, (b, s), generator=gen)
+    if case == "documents inside tiles":
+        tokens[:, [40, 90, 300, 301, 500]] = EOS
+    elif case == "documents across tiles":
+        tokens[0, [200, 450]] = EOS
+        tokens[1, [129]] = EOS
+    elif case == "eos at tile edges":
+        tokens[:, [127, 255, 256, 511]] = EOS
+    elif case == "many short":
+        tokens[torch.rand(b, s, generator=gen) < 0.05] = EOS
+    doc_ids = document_ids(tokens, EOS)
+
+    def mask_mod(batch, head, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+        return (q_idx >= kv_idx) & (doc_ids[batch, q_idx] == doc_ids[batch, kv_idx])
+
+    want = create_block_mask(mask_mod, b, None, s, s, device="cpu")
+    got = document_mask(doc_ids, use_flex=True).block
+    for field in BLOCK_MASK_FIELDS:
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    q, k, v = (torch.randn(b, 2, s, 16, generator=gen) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids, use_flex=False).dense)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=got), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_a_length_off_the_flex_tile_still_gets_create_block_masks_mask():
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(8, 64, (1, 200), generator=gen)
+    tokens[0, [50, 150]] = EOS
+    doc_ids = document_ids(tokens, EOS)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block = document_mask(doc_ids, use_flex=True).block
+    dense = document_mask(doc_ids, use_flex=False).dense
+    assert torch.equal(dense[0, 0, 199, :].nonzero().flatten(), torch.arange(151, 200))
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=gen) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=block), want, rtol=1e-5, atol=1e-5)
+
+
 def _packed_vs_documents(rank: int, world: int, arch: str) -> dict:
     model_kw = dict(TINY_LLAMA, vocab_size=64)
     if arch == "gpt2":

@@ -109,8 +109,50 @@ def document_mask(doc_ids: torch.Tensor, *, use_flex: bool | None = None) -> Doc
     def mask_mod(batch: Any, head: Any, q_idx: Any, kv_idx: Any) -> Any:
         return (q_idx >= kv_idx) & (doc_ids[batch, q_idx] == doc_ids[batch, kv_idx])
 
+    if s % FLEX_BLOCK == 0:
+        return DocumentMask(block=_document_block_mask(doc_ids, mask_mod))
     assert create_block_mask is not None
     return DocumentMask(block=create_block_mask(mask_mod, b, None, s, s, device=doc_ids.device))
+
+
+FLEX_BLOCK = 128
+"""FlexAttention's block size: the mask is classified as empty, full or partial per 128 x 128 tile."""
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, 1, nq, nk) bool tiles -> per query tile the count of set tiles and their kv indices first, in
+    ascending order (FlexAttention's kv_num_blocks / kv_indices)."""
+    counts = blocks.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    return counts, order.to(torch.int32)
+
+
+def _document_block_mask(doc_ids: torch.Tensor, mask_mod: Callable[..., Any]) -> Any:
+    """The block-diagonal causal BlockMask of (b, s) document ids, s a multiple of FLEX_BLOCK, found from
+    each tile's first and last document id instead of evaluating `mask_mod` at all s x s pairs
+    (`create_block_mask`, ~4 ms a llama-1b micro-batch on an H100). Ids never decrease along a row, so a
+    kv tile j below the diagonal shares a document with query tile i iff j's last id >= i's first id, and
+    every pair in it may attend iff both tiles hold one and the same document; a diagonal tile is always
+    partial (causal inside it). These are the tiles create_block_mask finds."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, s = doc_ids.shape
+    tiles = doc_ids.reshape(b, s // FLEX_BLOCK, FLEX_BLOCK)
+    first, last = tiles[:, :, 0], tiles[:, :, -1]  # (b, n)
+    n = first.shape[1]
+    below = torch.ones(n, n, dtype=torch.bool, device=doc_ids.device).tril(-1)  # kv tile j < query tile i
+    diagonal = torch.eye(n, dtype=torch.bool, device=doc_ids.device)
+    shares = last[:, None, :] >= first[:, :, None]  # (b, i, j)
+    one_document = first == last  # (b, n)
+    # Below the diagonal j's last id <= i's first, so sharing one means both tiles hold that one document.
+    full = below & shares & one_document[:, :, None] & one_document[:, None, :]
+    partial = ((below & shares) | diagonal) & ~full
+    kv_num, kv_idx = _ordered(partial[:, None])
+    full_num, full_idx = _ordered(full[:, None])
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_kv_num_blocks=full_num, full_kv_indices=full_idx,
+        BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(s, s),
+    )  # fmt: skip
 
 
 @torch.compiler.assume_constant_result
