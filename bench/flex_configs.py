@@ -22,11 +22,12 @@ from document_masking import timed
 from fa4_varlen import EOS, packed_documents
 from torch.nn.attention.flex_attention import flex_attention
 
-from threefold.model.attention import document_ids, document_mask
+from threefold.model.attention import FLEX_TILES, document_ids, document_mask
 
 # (BLOCK_M, BLOCK_N, num_stages, num_warps) of the forward; torch's Hopper default for bf16, d=64 first.
 FORWARD = [(128, 128, 3, 4), (128, 64, 3, 4), (128, 128, 2, 8), (64, 128, 3, 4), (64, 64, 3, 4)]
-# (BLOCK_M1, BLOCK_N1, BLOCK_N2, BLOCK_M2, num_stages, num_warps) of the backward; the default first.
+# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages, num_warps) of the backward (torch's FlexBwDConfig
+# order); the default first.
 BACKWARD = [
     (64, 128, 128, 64, 3, 8), (64, 64, 64, 64, 3, 4), (32, 64, 64, 32, 3, 4), (64, 128, 128, 64, 2, 8),
     (32, 128, 128, 32, 3, 4), (64, 64, 64, 64, 4, 4),
@@ -35,7 +36,7 @@ BACKWARD = [
 
 def options(fwd: tuple[int, ...], bwd: tuple[int, ...]) -> dict[str, Any]:
     m, n, stages, warps = fwd
-    m1, n1, n2, m2, bstages, bwarps = bwd
+    m1, n1, m2, n2, bstages, bwarps = bwd
     return {
         "fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_stages": stages, "fwd_num_warps": warps,
         "bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_N2": n2, "bwd_BLOCK_M2": m2,
@@ -62,6 +63,7 @@ def run_shape(b: int, s: int, median: int, autotune: bool) -> None:
         runs.append((f"fwd {fwd}", torch.compile(flex_attention), options(fwd, BACKWARD[0])))
     for bwd in BACKWARD[1:]:
         runs.append((f"bwd {bwd}", torch.compile(flex_attention), options(FORWARD[0], bwd)))
+    runs.append(("threefold's tiles", torch.compile(flex_attention), dict(FLEX_TILES)))
     if autotune:
         runs.append(("max-autotune", torch.compile(flex_attention, mode="max-autotune-no-cudagraphs"), None))
     reference = None

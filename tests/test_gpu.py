@@ -692,6 +692,42 @@ def test_fa4_document_attention_matches_sdpa_run_one_document_at_a_time(compiled
             _assert_near(a, w, 2e-2, f"{name} ({len(bounds) - 1} documents)")
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_flex_document_attention_with_threefolds_tiles_matches_sdpa_per_document(compiled):
+    """FlexAttention through `attend` with the block mask built from tiles and, on Hopper, the pinned
+    Triton tiles (FLEX_TILES), against fp32 SDPA on each document alone: output and q, k, v gradients."""
+    from threefold.model.attention import FLEX_TILES, attend, document_ids, document_mask, flex_kernel_options
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    b, s, d, heads, kv_heads = 2, 384, 64, 8, 2
+    run = torch.compile(attend, fullgraph=True) if compiled else attend
+    torch._dynamo.reset()
+    for rows in ([[40, 200], [383]], [[0, 1, 127, 128, 300], [10, 250]]):
+        doc_ids = document_ids(_document_tokens(rows, s).cuda(), 3)
+        q, k, v = (
+            torch.randn(b, h, s, d, device="cuda", generator=generator).bfloat16().requires_grad_()
+            for h in (heads, kv_heads, kv_heads)
+        )
+        if torch.cuda.get_device_capability() == (9, 0):
+            assert flex_kernel_options(q) is FLEX_TILES
+        dy = torch.randn(b, heads, s, d, device="cuda", generator=generator).bfloat16()
+        out = run(q, k, v, mask=document_mask(doc_ids))
+        out.backward(dy)
+        ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        want = torch.empty(b, heads, s, d, device="cuda")
+        for row in range(b):
+            for doc in doc_ids[row].unique().tolist():
+                at = (doc_ids[row] == doc).nonzero().flatten()
+                a, z = int(at[0]), int(at[-1]) + 1
+                want[row, :, a:z] = F.scaled_dot_product_attention(
+                    *(t[row : row + 1, :, a:z] for t in ref), is_causal=True, enable_gqa=True
+                )[0]
+        want.backward(dy.float())
+        wants = [want] + [t.grad for t in ref]
+        for name, got, w in zip(["out", "dq", "dk", "dv"], [out, q.grad, k.grad, v.grad], wants, strict=True):
+            _assert_near(got, w, 2e-2, name)
+
+
 def test_a_compiled_llama_trains_document_masked_with_fa4_as_with_flex(mesh):
     """The compiled llama, bf16, document masking with positions restarting: attention through FA4's
     variable-length kernels (the spans found on the host) against FlexAttention's block mask, for two
