@@ -9,16 +9,15 @@
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/bench
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
-timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k flex_document_attention -p no:cacheprovider > $OUT/gpu_tests.txt 2>&1
+timeout 80 python3 -m pytest -q -m gpu tests/test_gpu.py -k flex_document_attention -p no:cacheprovider > $OUT/gpu_tests.txt 2>&1
 tail -n 1 $OUT/gpu_tests.txt; grep -E "^(FAILED|ERROR)" $OUT/gpu_tests.txt | head -5; echo "($(( $(date +%s) - t0 )) s)"
-timeout 100 python3 bench/flex_configs.py --shapes 8x2048 > $OUT/flex_configs.txt 2>&1
-grep -E "^  [a-z]|^b=" $OUT/flex_configs.txt; echo "($(( $(date +%s) - t0 )) s)"
+# (bench/flex_configs.py dropped here: three failed starts left 362 s of device time)
 rm -rf /tmp/old && mkdir -p /tmp/old && cp -r threefold /tmp/old/ && cp old_attention.py /tmp/old/threefold/model/attention.py
 python3 -c "from pathlib import Path; import document_masking as dm; dm.write_dataset(Path('/tmp/packed'))" || exit 5
 bench() {  # seq, micro-batch, tree (old / new)
   out=$OUT/bench-s$1-mb$2-$3.jsonl
   tree=$PWD; [ $3 = old ] && tree=/tmp/old
-  PYTHONPATH=$tree timeout 150 python3 -m threefold bench \
+  PYTHONPATH=$tree timeout 75 python3 -m threefold bench \
     --model.preset=llama-1b --model.max_seq_len=$1 --data.seq_len=$1 \
     --training.dtype=bfloat16 --training.device=cuda --training.compile=true --steps=10 --warmup=3 \
     --tokens=real --data.path=/tmp/packed --data.document_masking=true --data.reset_position_ids=true \
@@ -34,7 +33,7 @@ train() {  # tree
 }
 for run in "bench 2048 8 old" "bench 2048 8 new" "bench 8192 4 old" "bench 8192 4 new" "bench 2048 8 old" \
            "bench 2048 8 new" "train old" "train new"; do
-  [ $(( $(date +%s) - t0 )) -lt 260 ] || break
+  [ $(( $(date +%s) - t0 )) -lt 140 ] || break
   $run
 done
 echo "total $(( $(date +%s) - t0 )) s"
