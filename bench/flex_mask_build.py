@@ -12,25 +12,13 @@ import argparse
 
 import numpy as np
 import torch
+from document_masking import timed
 from fa4_varlen import EOS, packed_documents
 from torch.nn.attention.flex_attention import create_block_mask
 
 from threefold.model.attention import document_ids, document_mask
 
 FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices")
-
-
-def milliseconds(fn, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def run_shape(doc_ids: torch.Tensor) -> str:
@@ -48,8 +36,8 @@ def run_shape(doc_ids: torch.Tensor) -> str:
     want, got = torchs(), tiles()
     same = all(torch.equal(getattr(want, f), getattr(got, f)) for f in FIELDS)
     return (
-        f"{b} x {s}: create_block_mask {milliseconds(torchs):.3f} ms, "
-        f"from tiles {milliseconds(tiles):.3f} ms, same mask: {same}"
+        f"{b} x {s}: create_block_mask {timed(torchs, 20):.3f} ms, "
+        f"from tiles {timed(tiles, 20):.3f} ms, same mask: {same}"
     )
 
 
