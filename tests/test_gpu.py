@@ -693,10 +693,15 @@ def test_fa4_document_attention_matches_sdpa_run_one_document_at_a_time(compiled
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_flex_document_attention_with_threefolds_tiles_matches_sdpa_per_document(compiled):
-    """FlexAttention through `attend` with the block mask built from tiles and, on Hopper, the pinned
-    Triton tiles (FLEX_TILES), against fp32 SDPA on each document alone: output and q, k, v gradients."""
+@pytest.mark.parametrize("pinned", [False, True], ids=["torchs-tiles", "pinned-tiles"])
+def test_flex_document_attention_matches_sdpa_per_document(compiled, pinned, monkeypatch):
+    """FlexAttention through `attend` with the block mask built from tiles, with torch's Triton tiles and
+    (on Hopper) the pinned FLEX_TILES, against fp32 SDPA on each document alone: output and q, k, v
+    gradients."""
+    from threefold.model import attention
     from threefold.model.attention import FLEX_TILES, attend, document_ids, document_mask, flex_kernel_options
+
+    monkeypatch.setattr(attention, "PIN_FLEX_TILES", pinned)
 
     generator = torch.Generator("cuda").manual_seed(0)
     b, s, d, heads, kv_heads = 2, 384, 64, 8, 2
@@ -708,8 +713,8 @@ def test_flex_document_attention_with_threefolds_tiles_matches_sdpa_per_document
             torch.randn(b, h, s, d, device="cuda", generator=generator).bfloat16().requires_grad_()
             for h in (heads, kv_heads, kv_heads)
         )
-        if torch.cuda.get_device_capability() == (9, 0):
-            assert flex_kernel_options(q) is FLEX_TILES
+        hopper = torch.cuda.get_device_capability() == (9, 0)
+        assert flex_kernel_options(q) is (FLEX_TILES if pinned and hopper else None)
         dy = torch.randn(b, heads, s, d, device="cuda", generator=generator).bfloat16()
         out = run(q, k, v, mask=document_mask(doc_ids))
         out.backward(dy)

@@ -169,8 +169,12 @@ FLEX_TILES = {
     "bwd_num_stages": 3, "bwd_num_warps": 4,
 }  # fmt: skip
 """FlexAttention's Triton tiles on Hopper for 16-bit heads of 64 (llama-1b's): the ones torch's own
-autotuning picked on an H100 for document-masked attention (bench/flex_configs.py), 12% faster forward +
-backward than torch's default for this GPU (128 x 128 forward tiles, 64 x 128 backward)."""
+autotuning picked on an H100 for document-masked attention (bench/flex_configs.py), where they ran forward
++ backward 12% faster than torch's default for this GPU (128 x 128 forward tiles, 64 x 128 backward)."""
+
+PIN_FLEX_TILES = False
+"""Whether `attend` gives FlexAttention FLEX_TILES where they apply. Off until measured through threefold's
+own path on a GPU (bench/results/issue18-2026-12-05-s18/callD.sh); torch's choice meanwhile."""
 
 
 @torch.compiler.assume_constant_result
@@ -180,7 +184,7 @@ def _hopper(index: int) -> bool:
 
 def flex_kernel_options(q: torch.Tensor) -> dict[str, int] | None:
     """The kernel options threefold pins for FlexAttention over `q`'s heads, or None for torch's choice."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == 64:
+    if PIN_FLEX_TILES and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == 64:
         if _hopper(q.device.index if q.device.index is not None else torch.cuda.current_device()):
             return FLEX_TILES
     return None
