@@ -10,6 +10,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from distributed import run_ranks, train_and_gather
@@ -21,6 +22,26 @@ from threefold.data.prepare import prepare_dataset
 torch.set_num_threads(1)
 
 SONNETS = Path(__file__).parent / "data" / "sonnets.txt"
+
+
+def write_token_dataset(
+    path: Path, train: np.ndarray, val: np.ndarray, *, vocab_size: int = 65536, eos_token_id: int = 0
+) -> Path:
+    """A hand-made prepared dataset (format 1, uint16) of the given token ids, no tokenizer needed."""
+    path.mkdir(parents=True)
+    train.astype(np.uint16).tofile(path / "train.bin")
+    val.astype(np.uint16).tofile(path / "val.bin")
+    meta = {
+        "format_version": 1,
+        "dtype": "uint16",
+        "vocab_size": vocab_size,
+        "eos_token_id": eos_token_id,
+        "tokenizer": "gpt2",
+        "num_tokens": {"train": len(train), "val": len(val)},
+        "sources": [],
+    }
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
 
 
 @pytest.fixture(scope="session")

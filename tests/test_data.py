@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_token_dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import threefold.data.prepare as prepare
@@ -45,20 +46,7 @@ def _word_tokenizer(tmp_path: Path, words: list[str]) -> str:
 
 def _write_dataset(path: Path, train: np.ndarray, val: np.ndarray) -> Path:
     """A hand-made dataset directory, so loader tests can recognize samples by their token values."""
-    path.mkdir(parents=True)
-    train.astype(np.uint16).tofile(path / "train.bin")
-    val.astype(np.uint16).tofile(path / "val.bin")
-    meta = {
-        "format_version": 1,
-        "dtype": "uint16",
-        "vocab_size": 65536,
-        "eos_token_id": 0,
-        "tokenizer": "gpt2",
-        "num_tokens": {"train": len(train), "val": len(val)},
-        "sources": [],
-    }
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
+    return write_token_dataset(path, train, val)
 
 
 # With tokens 0, 1, 2, ... sample i starts with token i * SEQ_LEN, which identifies it.

@@ -790,25 +790,19 @@ def test_a_compiled_llama_trains_document_masked_with_fa4_as_with_flex(mesh):
 
 
 def _write_documents(path, eos: int) -> None:
-    """A prepared dataset (format 1) of random ids in documents of 5 to 60 tokens, each closed by `eos`:
-    written directly, so the GPU machine needs no tokenizer package."""
-    import json
-
+    """A prepared dataset of random ids in documents of 5 to 60 tokens, each closed by `eos`: written
+    directly, so the GPU machine needs no tokenizer package."""
     import numpy as np
+    from conftest import write_token_dataset
 
     rng = np.random.default_rng(0)
-    path.mkdir(parents=True)
-    counts = {"train": 4096, "val": 1024}
-    for split, n in counts.items():
-        tokens = rng.integers(0, eos, n, dtype=np.uint32)
+    splits = []
+    for n in (4096, 1024):
+        tokens = rng.integers(0, eos, n)
         ends = np.cumsum(rng.integers(5, 61, n)) - 1
         tokens[ends[ends < n]] = eos
-        tokens.tofile(path / f"{split}.bin")
-    meta = {
-        "format_version": 1, "dtype": "uint32", "vocab_size": eos + 1, "eos_token_id": eos,
-        "tokenizer": "random ids", "num_tokens": counts, "num_documents": 0, "sources": [],
-    }  # fmt: skip
-    (path / "meta.json").write_text(json.dumps(meta))
+        splits.append(tokens)
+    write_token_dataset(path, *splits, vocab_size=eos + 1, eos_token_id=eos)
 
 
 def test_a_document_masked_fa4_step_never_waits_for_the_device(mesh, tmp_path):
