@@ -5,10 +5,10 @@ ZeRO-1/2 (`WaitForGather`): the parameters are whole on every rank; the forward 
 previous step's all-gather of the unit's buckets, which so overlaps the forward.
 
 ZeRO-3 (`ParamGather`): each rank keeps 1/d of every unit's parameters. A unit is all-gathered just
-before its forward and freed after it; its output passes through `_BeforeBackward`, an identity whose
-backward gathers the unit again before autograd runs the unit's backward (weights saved for backward
-share the freed storage, which so comes back in place), and its input through `_AfterBackward`, whose
-backward frees it once the unit's input gradient is done. While one unit computes, the next one's
+before its forward and freed after it; its output and its input each pass through `_OnBackward`, an
+identity whose backward calls a hook: on the output the hook gathers the unit again before autograd runs
+the unit's backward (weights saved for backward share the freed storage, which so comes back in place), on
+the input it frees the unit once the unit's input gradient is done. While one unit computes, the next one's
 all-gather is in flight (the following unit in forward, the preceding one in backward). A recomputed
 layer (training.recompute = full) runs its forward again inside its backward, after the gather.
 """
@@ -25,22 +25,9 @@ from threefold.parallel import track
 from threefold.parallel.data_parallel import GradSync, _Bucket, free_storage, gather_bucket
 
 
-class _BeforeBackward(torch.autograd.Function):
-    """Identity forward; backward calls `hook()` first (gather the unit whose output this is)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, hook: Callable[[], None]) -> torch.Tensor:
-        ctx.hook = hook
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        ctx.hook()
-        return grad, None
-
-
-class _AfterBackward(torch.autograd.Function):
-    """Identity forward; backward calls `hook()` (free the unit whose input this is: its backward is done)."""
+class _OnBackward(torch.autograd.Function):
+    """Identity forward; backward calls `hook()` first. On a unit's output the hook gathers the unit again,
+    on its input it frees the unit (its backward is done)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, hook: Callable[[], None]) -> torch.Tensor:
@@ -112,11 +99,11 @@ class ParamGather:
     def enter(self, unit: int, x: torch.Tensor) -> torch.Tensor:
         self._gather(unit, prefetch=unit + 1)
         if _tracks_grad(x):
-            x = _AfterBackward.apply(x, lambda: self._free(unit, keep=unit - 1))
+            x = _OnBackward.apply(x, lambda: self._free(unit, keep=unit - 1))
         return x
 
     def leave(self, unit: int, x: torch.Tensor) -> torch.Tensor:
         self._free(unit, keep=unit + 1)
         if _tracks_grad(x):
-            x = _BeforeBackward.apply(x, lambda: self._gather(unit, prefetch=unit - 1))
+            x = _OnBackward.apply(x, lambda: self._gather(unit, prefetch=unit - 1))
         return x
