@@ -173,8 +173,10 @@ autotuning picked on an H100 for document-masked attention (bench/flex_configs.p
 + backward 12% faster than torch's default for this GPU (128 x 128 forward tiles, 64 x 128 backward)."""
 
 PIN_FLEX_TILES = False
-"""Whether `attend` gives FlexAttention FLEX_TILES where they apply. Off until measured through threefold's
-own path on a GPU (bench/results/issue18-2026-12-05-s18/callD.sh); torch's choice meanwhile."""
+"""Whether `attend` gives FlexAttention FLEX_TILES where they apply. Off: through threefold's document-masked
+step on an H100 they gained nothing beyond run-to-run spread (-0.8% to +0.5%; docs/benchmarks.md, nineteenth
+session), though 10-13% faster in the kernel alone. bench/results/issue18-2026-12-05-s18/callD.sh measures
+them again."""
 
 
 @torch.compiler.assume_constant_result
