@@ -172,11 +172,11 @@ FLEX_TILES = {
 autotuning picked on an H100 for document-masked attention (bench/flex_configs.py), where they ran forward
 + backward 12% faster than torch's default for this GPU (128 x 128 forward tiles, 64 x 128 backward)."""
 
-PIN_FLEX_TILES = False
-"""Whether `attend` gives FlexAttention FLEX_TILES where they apply. Off: through threefold's document-masked
-step on an H100 they gained nothing beyond run-to-run spread (-0.8% to +0.5%; docs/benchmarks.md, nineteenth
-session), though 10-13% faster in the kernel alone. bench/results/issue18-2026-12-05-s18/callD.sh measures
-them again."""
+PIN_FLEX_TILES = True
+"""Whether `attend` gives FlexAttention FLEX_TILES where they apply. On: through threefold's document-masked
+step on an H100 they gained 0.9% (seq 2048, micro-batch 8) and 1.4% (seq 8192, micro-batch 4) on the bench
+path and 0.7% through `threefold train`, 10-13% in the kernel alone (docs/benchmarks.md, nineteenth session;
+bench/results/issue18-2026-12-05-s19/callE.sh measures them again)."""
 
 
 @torch.compiler.assume_constant_result

@@ -1,3 +1,6 @@
+# FLAWED (found in the nineteenth session): the tree copies on PYTHONPATH were never imported, because
+# `python3 -m threefold` run from the repository root puts the current directory first on sys.path; every
+# run used this tree. Its step comparisons between trees measure nothing; see ../issue18-2026-12-05-s19/callE.sh.
 # Call B (eighteenth session), on call A's warm machine (carry .fa4b and data/fp8-corpus):
 # 1. the FA4 GPU tests after the masked test's fix (it now writes its documents itself);
 # 2. what FlexAttention's document block mask costs to build: torch's create_block_mask against the

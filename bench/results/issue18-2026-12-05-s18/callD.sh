@@ -1,3 +1,6 @@
+# FLAWED (found in the nineteenth session): the tree copies on PYTHONPATH were never imported, because
+# `python3 -m threefold` run from the repository root puts the current directory first on sys.path; every
+# run used this tree. Its step comparisons between trees measure nothing; see ../issue18-2026-12-05-s19/callE.sh.
 # Call D (written in the eighteenth session, NOT RUN: three starts failed and too little device time was
 # left; for the next session, carry data/fp8-corpus): FlexAttention with threefold's pinned Triton tiles
 # (threefold.model.attention.FLEX_TILES, torch's autotuned pick from call C), off by default

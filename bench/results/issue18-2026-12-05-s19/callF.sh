@@ -1,0 +1,5 @@
+# Call F (nineteenth session; carry data/fp8-corpus), on call E's warm machine, run as one command line:
+# document-masked `threefold train` on real text, micro-batch 8, torch's Flex tiles (this tree, "new")
+# against the pinned ones (a copy with PIN_FLEX_TILES = True), interleaved; PYTHONSAFEPATH=1 so each
+# process imports the tree its PYTHONPATH names (it prints which).
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1; rm -rf /tmp/pinned && mkdir -p /tmp/pinned && cp -r threefold /tmp/pinned/ && sed -i 's/^PIN_FLEX_TILES = False/PIN_FLEX_TILES = True/' /tmp/pinned/threefold/model/attention.py; for t in new pinned new pinned; do tree=$PWD; [ $t = pinned ] && tree=/tmp/pinned; d=/tmp/tr-$t-$(date +%s); PYTHONPATH=$tree python3 -c "import threefold.model.attention as a; print(a.__file__, a.PIN_FLEX_TILES)"; PYTHONPATH=$tree timeout 100 python3 -m threefold train bench/fp8_loss.toml --training.max_steps=70 --data.document_masking=true --logging.out_dir=$d > $d.log 2>&1; echo "train masked mb8 $t rc=$? $(grep '^done' $d.log)"; done
