@@ -715,6 +715,7 @@ def test_flex_document_attention_matches_sdpa_per_document(compiled, pinned, mon
         )
         hopper = torch.cuda.get_device_capability() == (9, 0)
         assert flex_kernel_options(q) is (FLEX_TILES if pinned and hopper else None)
+        assert flex_kernel_options(q[:, :, :-1]) is None  # off FLEX_BLOCK: torch's tiles
         dy = torch.randn(b, heads, s, d, device="cuda", generator=generator).bfloat16()
         out = run(q, k, v, mask=document_mask(doc_ids))
         out.backward(dy)

@@ -185,8 +185,10 @@ def _hopper(index: int) -> bool:
 
 
 def flex_kernel_options(q: torch.Tensor) -> dict[str, int] | None:
-    """The kernel options threefold pins for FlexAttention over `q`'s heads, or None for torch's choice."""
-    if PIN_FLEX_TILES and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == 64:
+    """The kernel options threefold pins for FlexAttention over `q`'s heads, or None for torch's choice:
+    pinned only where measured and tested, lengths a multiple of FLEX_BLOCK."""
+    pinnable = q.shape[-1] == 64 and q.shape[-2] % FLEX_BLOCK == 0
+    if PIN_FLEX_TILES and pinnable and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         if _hopper(q.device.index if q.device.index is not None else torch.cuda.current_device()):
             return FLEX_TILES
     return None
