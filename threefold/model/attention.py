@@ -174,7 +174,7 @@ autotuning picked on an H100 for document-masked attention (bench/flex_configs.p
 
 PIN_FLEX_TILES = True
 """Whether `attend` gives FlexAttention FLEX_TILES where they apply. On: through threefold's document-masked
-step on an H100 they gained 0.9% (seq 2048, micro-batch 8) and 1.4% (seq 8192, micro-batch 4) on the bench
+step on an H100 they gained 0.85% (seq 2048, micro-batch 8) and 1.4% (seq 8192, micro-batch 4) on the bench
 path and 0.7% through `threefold train`, 10-13% in the kernel alone (docs/benchmarks.md, nineteenth session;
 bench/results/issue18-2026-12-05-s19/callE.sh measures them again)."""
 
