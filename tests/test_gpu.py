@@ -647,6 +647,21 @@ def _document_tokens(rows: list[list[int]], s: int, eos: int = 3) -> torch.Tenso
     return tokens
 
 
+def _assert_matches_attention_per_document(out, q, k, v, dy, pieces, label: str = "") -> None:
+    """`out` and q, k, v's gradients (after `out.backward(dy)`) against fp32 SDPA run on each document
+    alone; `pieces` lists the documents as (row, start, end)."""
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want = torch.empty(out.shape, device=out.device)
+    for row, a, z in pieces:
+        want[row, :, a:z] = F.scaled_dot_product_attention(
+            *(t[row : row + 1, :, a:z] for t in ref), is_causal=True, enable_gqa=True
+        )[0]
+    want.backward(dy.float())
+    wants = [want] + [t.grad for t in ref]
+    for name, got, w in zip(["out", "dq", "dk", "dv"], [out, q.grad, k.grad, v.grad], wants, strict=True):
+        _assert_near(got, w, 2e-2, name + label)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_fa4_document_attention_matches_sdpa_run_one_document_at_a_time(compiled):
     """FA4's variable-length kernels through threefold's operators, eager and compiled (one graph for two
@@ -674,22 +689,10 @@ def test_fa4_document_attention_matches_sdpa_run_one_document_at_a_time(compiled
         dy = torch.randn(b, heads, s, d, device="cuda", generator=generator).bfloat16()
         out = run(q, k, v, device_spans)
         out.backward(dy)
-        ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        want = torch.empty(b, heads, s, d, device="cuda")
         bounds = spans.tolist()
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            row, a, z = lo // s, lo % s, hi - (lo // s) * s
-            want[row, :, a:z] = F.scaled_dot_product_attention(
-                *(t[row : row + 1, :, a:z] for t in ref), is_causal=True, enable_gqa=True
-            )[0]
-        want.backward(dy.float())
-        for name, a, w in zip(
-            ["out", "dq", "dk", "dv"],
-            [out, q.grad, k.grad, v.grad],
-            [want] + [t.grad for t in ref],
-            strict=True,
-        ):
-            _assert_near(a, w, 2e-2, f"{name} ({len(bounds) - 1} documents)")
+        ends = zip(bounds[:-1], bounds[1:], strict=True)
+        pieces = [(lo // s, lo % s, hi - (lo // s) * s) for lo, hi in ends]
+        _assert_matches_attention_per_document(out, q, k, v, dy, pieces, f" ({len(bounds) - 1} documents)")
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -719,19 +722,12 @@ def test_flex_document_attention_matches_sdpa_per_document(compiled, pinned, mon
         dy = torch.randn(b, heads, s, d, device="cuda", generator=generator).bfloat16()
         out = run(q, k, v, mask=document_mask(doc_ids))
         out.backward(dy)
-        ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        want = torch.empty(b, heads, s, d, device="cuda")
+        pieces = []
         for row in range(b):
             for doc in doc_ids[row].unique().tolist():
                 at = (doc_ids[row] == doc).nonzero().flatten()
-                a, z = int(at[0]), int(at[-1]) + 1
-                want[row, :, a:z] = F.scaled_dot_product_attention(
-                    *(t[row : row + 1, :, a:z] for t in ref), is_causal=True, enable_gqa=True
-                )[0]
-        want.backward(dy.float())
-        wants = [want] + [t.grad for t in ref]
-        for name, got, w in zip(["out", "dq", "dk", "dv"], [out, q.grad, k.grad, v.grad], wants, strict=True):
-            _assert_near(got, w, 2e-2, name)
+                pieces.append((row, int(at[0]), int(at[-1]) + 1))
+        _assert_matches_attention_per_document(out, q, k, v, dy, pieces)
 
 
 def test_a_compiled_llama_trains_document_masked_with_fa4_as_with_flex(mesh):
