@@ -203,18 +203,23 @@ steps = [torch.zeros(()) for _ in shapes]
 weights = [m.to(torch.bfloat16) for m in masters[:2]] + [None]  # bf16 copies; the last is its own master
 # With one launch, the same update by one launch per tensor alongside: the same arithmetic, so bit for bit.
 alone = [[None if t is None else t.clone() for t in ts] for ts in (masters, avgs, squares, steps, weights)]
+
+
+def update(state, launch_all, grads, skip):  # state: masters, avgs, squares, steps, weights
+    threefold.adamw.ONE_LAUNCH = launch_all
+    ms, avs, sqs, counts, ws = state
+    adamw_update(ms, avs, sqs, counts, grads, ws, decays, lr=torch.tensor(0.01), scale=torch.tensor(2.0),
+                 skip=torch.tensor(skip), betas=(0.9, 0.95), eps=1e-8, cache=cache)
+
+
 for step in range(6):
     grads = [(torch.randn(n) * 3).to(grad_dtype) for n in shapes]
     skip = step == 2  # a skipped step: nothing moves, the step counts included
     if step == 4:  # a state tensor replaced (as loading a checkpoint may): its new address is used
         avgs[0] = avgs[0].clone()
-    for launch_all, (ms, avs, sqs, counts, ws) in [(one_launch, (masters, avgs, squares, steps, weights))] + (
-        [(False, alone)] if one_launch else []
-    ):
-        threefold.adamw.ONE_LAUNCH = launch_all
-        adamw_update(ms, avs, sqs, counts, grads, ws, decays, lr=torch.tensor(0.01), scale=torch.tensor(2.0),
-                     skip=torch.tensor(skip), betas=(0.9, 0.95), eps=1e-8, cache=cache)
+    update((masters, avgs, squares, steps, weights), one_launch, grads, skip)
     if one_launch:
+        update(alone, False, grads, skip)
         for mine, each in zip((masters, avgs, squares, steps, weights), alone):
             for i, (x, y) in enumerate(zip(mine, each)):
                 assert x is y is None or torch.equal(x, y), (step, i)
