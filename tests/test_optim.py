@@ -239,8 +239,9 @@ for step in range(6):
         # the first step it shows.
         # One CI run failed with 1e-6 here: 3.04e-6 on 434 of tensor 0's elements. The error was torch's
         # AdamW, the reference: its first step without Triton came out 3.02e-6 off in 4 of 481 processes
-        # here (2026-12-06), only in elements 2500-4999, the half torch gives a second CPU thread
-        # (bench/results/issue18-2026-12-06-s21/); on one thread, 0 of 800. Hence one thread, and this margin.
+        # here (2026-12-06), where counted only in elements 2500-4999, the half torch gives a second CPU
+        # thread (bench/results/issue18-2026-12-06-s21/); on one thread, 0 of 800. Hence one thread, and
+        # this margin.
         assert_close(masters[i], r, rtol=1e-6, atol=1e-5, msg=lambda text: f"step {step}, tensor {i}: {text}")
     for w, m in zip(weights[:2], masters[:2]):
         assert_close(w.float(), m, rtol=2**-7, atol=0)  # the master in bf16, within one step
