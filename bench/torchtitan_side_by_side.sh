@@ -11,9 +11,13 @@
 #   python bench/torchtitan_llama1b.py assets .tt/assets      (needs data/fp8-corpus)
 # Then on the GPU machine (carry .tt and data/fp8-corpus): bash bench/torchtitan_side_by_side.sh [BATCHES]
 # BATCHES: the batch sizes, default "8 4"; the round is repeated while under 250 s.
+# BACKENDS (environment): threefold's `training.attention_backend` for its runs, default "auto"; e.g.
+# BACKENDS="auto fa4" runs threefold once with each after each TorchTitan run (fa4 needs FlashAttention-4's
+# packages importable).
 # Run on one H100 on 2026-12-05: bench/results/issue18-2026-12-05-s17/callC.sh (the same commands).
 set -u
 batches=${1:-"8 4"}
+backends=${BACKENDS:-auto}
 out=${OUT:-/tmp/side_by_side}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -36,17 +40,18 @@ print(f"median {statistics.median(late):,.0f} tokens/s over {len(late)} windows,
 PY
 )"
 }
-ours() {  # micro-batch
-  dir=/tmp/train$1-$(date +%s)
-  PYTHONPATH=$PWD timeout 120 python3 -m threefold train bench/fp8_loss.toml --training.max_steps=70 \
-    --training.micro_batch_size="$1" --training.global_batch_size="$1" --logging.out_dir="$dir" > "$dir.log" 2>&1
-  echo "threefold micro-batch $1 rc=$? ($(( $(date +%s) - t0 )) s): $(grep "^done" "$dir.log")"
+ours() {  # micro-batch, attention backend
+  dir=/tmp/train$1-$2-$(date +%s)
+  PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD timeout 120 python3 -m threefold train bench/fp8_loss.toml \
+    --training.max_steps=70 --training.micro_batch_size="$1" --training.global_batch_size="$1" \
+    --training.attention_backend="$2" --logging.out_dir="$dir" > "$dir.log" 2>&1
+  echo "threefold micro-batch $1 $2 rc=$? ($(( $(date +%s) - t0 )) s): $(grep "^done" "$dir.log")"
   cp "$dir/metrics.jsonl" "$out/$(basename "$dir").jsonl"
 }
 while :; do
   for b in $batches; do
     titan "$b"
-    ours "$b"
+    for a in $backends; do ours "$b" "$a"; done
   done
   [ $(( $(date +%s) - t0 )) -lt 250 ] || break
 done
