@@ -37,7 +37,7 @@ train() {  # backend, micro-batch
   cp "$dir/metrics.jsonl" "$out/$name.jsonl" 2>/dev/null
 }
 for run in "auto 8" "fa4 8" "auto 4" "fa4 4" "auto 8" "fa4 8" "auto 4" "fa4 4"; do
-  [ $(( $(date +%s) - t0 )) -lt 470 ] || break
+  [ $(( $(date +%s) - t0 )) -lt ${LIMIT:-470} ] || break  # LIMIT: no run starts after this many seconds
   train $run
 done
 kill $smi
