@@ -14,7 +14,8 @@
 # BACKENDS (environment): threefold's `training.attention_backend` for its runs, default "auto"; e.g.
 # BACKENDS="auto fa4" runs threefold once with each after each TorchTitan run (fa4 needs FlashAttention-4's
 # packages importable).
-# Run on one H100 on 2026-12-05: bench/results/issue18-2026-12-05-s17/callC.sh (the same commands).
+# Run on one H100 on 2026-12-05: bench/results/issue18-2026-12-05-s17/callC.sh (the same commands); on two
+# H100s on 2026-12-06, the second with BACKENDS="auto fa4": bench/results/issue18-2026-12-06-s22/.
 set -u
 batches=${1:-"8 4"}
 backends=${BACKENDS:-auto}
