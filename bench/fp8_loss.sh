@@ -17,15 +17,19 @@ mkdir -p "$out"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 # SEED=N (optional) runs both modes with training.seed N (other initial weights and data order) and
 # names the files <mode>-seedN: a seed's pair of runs takes about 5.5 minutes, one device call each.
-# MODES="..." (optional) picks the runs: e.g. MODES=rowwise SEED=1234 for the rowwise recipe alone.
+# MODES="..." (optional) picks the runs: e.g. MODES=rowwise SEED=1234 for the rowwise recipe alone. A mode
+# ending in +output (e.g. rowwise+output) also puts the output layer's GEMMs in float8
+# (training.fp8_output_layer = true).
 seed="${SEED:-}"
 for mode in ${MODES:-false tensorwise}; do
   name="$mode${seed:+-seed$seed}"
   run="/tmp/fp8-loss-$name"
   rm -rf "$run"
   start=$(date +%s)
-  timeout -s INT -k 10 280 python3 -m threefold train bench/fp8_loss.toml --training.fp8="$mode" \
-    --logging.out_dir="$run" ${seed:+--training.seed=$seed} "$@" > "$out/$name.log" 2>&1
+  output=false; [ "${mode%+output}" != "$mode" ] && output=true
+  timeout -s INT -k 10 280 python3 -m threefold train bench/fp8_loss.toml --training.fp8="${mode%+output}" \
+    --training.fp8_output_layer=$output --logging.out_dir="$run" ${seed:+--training.seed=$seed} "$@" \
+    > "$out/$name.log" 2>&1
   echo "fp8=$mode rc=$? $(( $(date +%s) - start )) s"; tail -n 3 "$out/$name.log"
   cp "$run/metrics.jsonl" "$out/$name.jsonl" 2>/dev/null || echo "no metrics.jsonl for $name"
 done

@@ -149,3 +149,37 @@ def test_the_compiled_model_casts_with_the_kernel_as_with_torch(group, monkeypat
     errors = {name: _relative_error(grads[name], ref) for name, ref in ref_grads.items() if "proj" in name}
     print(recipe, {name: round(e, 4) for name, e in errors.items()})
     assert max(errors.values()) < 0.5, errors
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_float8_output_layer_on_the_gpu(group, monkeypatch, recipe):
+    """The float8 output layer (training.fp8_output_layer) in bf16 on the GPU, through the Triton kernels
+    (compiled = True) and through torch's ops, over three chunks: the two agree, and the loss and both
+    gradients sit float8's error (no more) away from the bf16 output layer's."""
+    from threefold.model import loss as loss_module
+
+    gen = torch.Generator().manual_seed(2)
+    n, h, vocab = 3 * 1024, 512, 8192
+    x = torch.randn(n, h, generator=gen).bfloat16().cuda()
+    w = (torch.randn(vocab, h, generator=gen) * 0.05).bfloat16().cuda()
+    targets = torch.randint(0, vocab, (n,), generator=gen).cuda()
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 1024 * vocab)
+    results = {}
+    for name, mode, kernels in (("bf16", None, True), ("eager", recipe, False), ("kernels", recipe, True)):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = loss_module.linear_cross_entropy(
+            xi, wi, targets, tp_group=group, vocab_size=vocab, compiled=kernels, fp8=mode
+        )
+        loss.backward()
+        assert xi.grad.dtype == wi.grad.dtype == torch.bfloat16
+        results[name] = (loss.detach(), xi.grad, wi.grad)
+    for got, want, what in zip(
+        results["kernels"], results["eager"], ["loss", "grad_x", "grad_w"], strict=True
+    ):
+        assert _relative_error(got, want) < 0.01, what
+    for got, want, what in zip(
+        results["kernels"], results["bf16"], ["loss", "grad_x", "grad_w"], strict=True
+    ):
+        assert _relative_error(got, want) < (0.01 if what == "loss" else 0.1), what
+        if what != "loss":
+            assert _relative_error(got, want) > 1e-3, what

@@ -126,6 +126,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         recompute=t.recompute,
         overlap_comm=p.overlap_tp_comm,
         fp8=t.fp8 or None,
+        fp8_output_layer=t.fp8_output_layer,
         context=ContextParallel(mesh.cp_group, p.cp_attention) if mesh.cp_size > 1 else None,
         weight_grads=WeightGradQueue() if p.pipeline_schedule in SPLIT_BACKWARD else None,
     )

@@ -448,9 +448,14 @@ class TrainingConfig(Section):
     'fa4': FlashAttention-4 on Hopper and Blackwell (`pip install -e ".[fa4]"`; bf16; causal attention, and
     with data.document_masking its variable-length kernels over the documents; no context parallelism)."""
     fp8: Fp8Setting = False
-    """Float8 GEMMs in the transformer layers' linears (not attention, not the output layer), dynamically
-    scaled: 'tensorwise' (one scale per tensor), 'rowwise' (one per row) or false. Needs bfloat16 and a
-    GPU of compute capability >= 8.9 (Ada, Hopper); weights, optimizer and checkpoints stay as they are."""
+    """Float8 GEMMs in the transformer layers' linears (not attention; the output layer only with
+    fp8_output_layer), dynamically scaled: 'tensorwise' (one scale per tensor), 'rowwise' (one per row) or
+    false. Needs bfloat16 and a GPU of compute capability >= 8.9 (Ada, Hopper); weights, optimizer and
+    checkpoints stay as they are."""
+    fp8_output_layer: bool = False
+    """With training.fp8: the output layer's three GEMMs in float8 too (its weight and input scaled by the
+    recipe, the logits' gradient in e5m2 at one fixed scale); attention stays in bf16. Needs the local
+    vocabulary (vocab_size padded to tp_size, over tp_size) a multiple of 16."""
     eval_interval: int = 50
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
     eval_sequences: int = 16
@@ -471,6 +476,11 @@ class TrainingConfig(Section):
             raise ValueError(
                 f"training.fp8 = {self.fp8!r} needs training.dtype = 'bfloat16' (got {self.dtype!r}): the "
                 "float8 GEMMs read and write bf16"
+            )
+        if self.fp8_output_layer and not self.fp8:
+            raise ValueError(
+                "training.fp8_output_layer = true needs training.fp8 = 'tensorwise' or 'rowwise' (got "
+                f"{self.fp8!r}): it puts the output layer's GEMMs in float8 alongside the layers'"
             )
         if self.fp8 and self.device == "cpu":
             raise ValueError(

@@ -147,6 +147,10 @@ def _check_fp8_shapes(config: Config) -> None:
         f"{kv_heads} * head dim ({m.head_dim})": max(1, m.num_kv_heads // tp) * m.head_dim,
         f"model.ffn_hidden_size ({m.ffn_hidden_size}) / parallel.tp_size ({tp})": m.ffn_hidden_size // tp,
     }  # fmt: skip
+    if t.fp8_output_layer:
+        vocab = (f"model.vocab_size ({m.vocab_size}) padded to a multiple of parallel.tp_size ({tp}), over "
+                "tp_size (the output layer's local vocabulary)")  # fmt: skip
+        dims[vocab] = -(-m.vocab_size // tp)
     for name, size in dims.items():
         if size % FP8_MULTIPLE:
             raise ValueError(

@@ -18,6 +18,15 @@ llama-1b (8371 x 128256 bf16 logits) took 3.23 ms that way and 1.77 ms here (ben
 docs/benchmarks.md); the gradient taking the logits' memory also lowers the peak by one chunk of logits
 (1.9 GiB at micro-batch 8). Each rank's sum is taken at its own max, then rescaled to the all-reduced
 one. Elsewhere the same math runs in place on one fp32 buffer (`_eager_chunk`).
+
+With a float8 recipe (training.fp8_output_layer) the chunk's three GEMMs run in float8
+(threefold.parallel.fp8): x and the weight in e4m3, scaled as the recipe scales the layers' operands, the
+weight cast twice per call (once per GEMM that reads it), not per chunk. The logits' gradient
+g = (softmax - one_hot) / n lies within [-1/n, 1/n] whatever the logits, so it needs no amax: it is written
+straight in e5m2 at one fixed power-of-two scale (`GRAD_CAST`), by the same kernel (or eager code) that
+computes it. e5m2's range (2^-16 to 57344) keeps probabilities down to about 1e-9 of the row's largest
+entry, where e4m3's (2^-9 to 448) would flush the tail of a 128k vocabulary's softmax to zero. The weight
+gradient reads g transposed, a byte-for-byte copy of the float8 values (`fp8.transposed_cast` at scale 1).
 """
 
 from __future__ import annotations
@@ -29,7 +38,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from threefold.config import Fp8Recipe
+from threefold.config.validate import FP8_MULTIPLE
 from threefold.model import CHUNK_ELEMENTS  # a global of this module too: tests shrink it here
+from threefold.parallel import fp8 as float8
 from threefold.parallel import track
 from threefold.parallel.main_grad import kernel_runs_on
 
@@ -38,6 +50,12 @@ Reduce = Callable[[torch.Tensor], None]
 BLOCK = 4096
 """Logits per Triton program (16 per thread of 8 warps)."""
 
+GRAD_FORMAT = float8.E5M2
+"""The float8 format of the logits' gradient (float8 output layer)."""
+GRAD_CAST = 2.0**15
+"""softmax - one_hot (within [-1, 1]) times this is g in GRAD_FORMAT: the largest power of two that keeps
+1 within e5m2's 57344, so no value saturates and the scale needs no amax."""
+
 
 def _kernel_chunk(
     logits: torch.Tensor,
@@ -45,13 +63,14 @@ def _kernel_chunk(
     owned: torch.Tensor,
     num_valid: int,
     scale: float,
-    want_grad: bool,
+    grad_dtype: torch.dtype | None,
     reduce_max: Reduce,
     reduce_sums: Reduce,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same result through two Triton kernels (CUDA, or the CPU under Triton's interpreter): one read
     of the bf16 logits for each row's max and sum of exponentials together, one read and write for the
-    gradient, written over the logits (the chunk's fresh GEMM output, needed no more)."""
+    gradient, written over the logits (the chunk's fresh GEMM output, needed no more) where it keeps
+    their dtype, else into a new tensor of `grad_dtype`."""
     from threefold.model._loss_kernels import grad_kernel, row_stats_kernel  # imports triton
 
     logits = logits.contiguous()
@@ -70,15 +89,16 @@ def _kernel_chunk(
     both = torch.stack([target, sum_exp])
     reduce_sums(both)
     loss = (both[1].log() - both[0]).sum()
-    if not want_grad:
+    if grad_dtype is None:
         return loss, None
     log_norm = row_max + both[1].log()
     hot = local_targets.masked_fill(~owned, -1)  # no column is -1: no one-hot on the other ranks' targets
     grid = (rows, -(-cols // BLOCK))
+    out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
     grad_kernel[grid](
-        logits, logits, logits.stride(0), log_norm, hot, scale, num_valid, cols, BLOCK=BLOCK, num_warps=8
+        logits, out, logits.stride(0), log_norm, hot, scale, num_valid, cols, BLOCK=BLOCK, num_warps=8
     )
-    return loss, logits
+    return loss, out
 
 
 def _eager_chunk(
@@ -87,7 +107,7 @@ def _eager_chunk(
     owned: torch.Tensor,
     num_valid: int,
     scale: float,
-    want_grad: bool,
+    grad_dtype: torch.dtype | None,
     reduce_max: Reduce,
     reduce_sums: Reduce,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,11 +127,11 @@ def _eager_chunk(
     both = torch.stack([target, work.sum(dim=-1)])
     reduce_sums(both)
     loss = (both[1].log() - both[0]).sum()
-    if not want_grad:
+    if grad_dtype is None:
         return loss, None
     work.div_(both[1].unsqueeze(-1))  # the softmax
     work[rows, local_targets] -= owned.to(work.dtype)
-    return loss, work.mul_(scale).to(logits.dtype)
+    return loss, work.mul_(scale).to(grad_dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -124,6 +144,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         group: ProcessGroup,
         vocab_size: int,
         compiled: bool,
+        recipe: Fp8Recipe | None,
     ) -> torch.Tensor:
         # x: (n, h), identical on the TP ranks; weight: (Vl, h) local; targets: (n,) global ids.
         n, local_vocab = x.shape[0], weight.shape[0]
@@ -144,29 +165,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kernels = compiled and kernel_runs_on(x.device)
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local_vocab)))
+        gemms = None if recipe is None else _Fp8Gemms(weight, recipe, want_x)
+        if gemms is not None and chunk < n:
+            # whole multiples of 16 tokens: the weight gradient's float8 GEMM contracts over the chunk
+            chunk = max(FP8_MULTIPLE, chunk - chunk % FP8_MULTIPLE)
         grad_x = torch.empty_like(x) if want_x else None
         # One chunk: the weight gradient is one GEMM, in the weight's dtype (fp32 accumulation inside the
         # GEMM). Several: an fp32 sum of the chunks' GEMMs.
         grad_w = None
-        if want_w and chunk < n:
+        if want_w and chunk < n and gemms is None:
             # In the compute dtype, the first chunk's product is written into the fp32 sum, not added to
             # zeros: no zeroing pass (1 GB at llama's 128k vocabulary), and on CUDA no read of it.
             empty = torch.empty if weight.dtype != torch.float32 else torch.zeros
             grad_w = empty(weight.shape, dtype=torch.float32, device=weight.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+        want_grad = want_x or want_w
         for start in range(0, n, chunk):
             xc = x[start : start + chunk]
-            logits = xc @ weight.t()  # (c, Vl), in the compute dtype
             local_targets = targets[start : start + chunk] - vocab_start
             owned = (local_targets >= 0) & (local_targets < local_vocab)
             local_targets = local_targets.masked_fill(~owned, 0)
+            if gemms is not None:
+                logits, grad_scale, grad_dtype = gemms.logits(xc), GRAD_CAST, GRAD_FORMAT
+            else:
+                logits = xc @ weight.t()  # (c, Vl), in the compute dtype
+                grad_scale, grad_dtype = 1.0 / n, logits.dtype
             chunk_loss, g = (_kernel_chunk if kernels else _eager_chunk)(
-                logits, local_targets, owned, num_valid, 1.0 / n, want_x or want_w, reduce_max, reduce_sums
-            )
+                logits, local_targets, owned, num_valid, grad_scale, grad_dtype if want_grad else None,
+                reduce_max, reduce_sums,
+            )  # fmt: skip
             loss_sum += chunk_loss
             if g is None:
                 continue
             del logits
+            if gemms is not None:
+                gemms.backward(g, xc, 1.0 / (n * GRAD_CAST), grad_x, start, want_w)
+                continue
             if grad_x is not None:
                 torch.mm(g, weight, out=grad_x[start : start + chunk])
             if want_w and grad_w is None:
@@ -184,6 +218,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.copy_(g.t() @ xc)  # a bf16 GEMM per chunk, summed over chunks in fp32
                 else:
                     grad_w += g.t() @ xc
+        if gemms is not None and want_w:
+            grad_w = gemms.grad_weight
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss_sum / n
@@ -196,7 +232,62 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:  # one pass: the product in grad_w's dtype, written in the weight's
             scaled = torch.empty(grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
             grad_w = torch.mul(grad_w, grad_loss.to(grad_w.dtype), out=scaled)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
+
+
+class _Fp8Gemms:
+    """The output layer's GEMMs in float8 for one call: the weight cast once for the logits and once for
+    the input gradient, the chunks' products, and the weight gradient summed over the chunks (in the
+    weight's dtype for one chunk, else in fp32)."""
+
+    def __init__(self, weight: torch.Tensor, recipe: Fp8Recipe, want_x: bool) -> None:
+        self.recipe = recipe
+        self.dtype = weight.dtype
+        self.w_logits = float8.operand(weight.t(), float8.E4M3, recipe, "b")  # (h, Vl): x W^T
+        self.w_input = float8.operand(weight, float8.E4M3, recipe, "b") if want_x else None  # (Vl, h): g W
+        self.grad_weight: torch.Tensor | None = None
+        self.chunks = 0
+
+    def logits(self, xc: torch.Tensor) -> torch.Tensor:
+        """xc W^T (c, Vl) in the compute dtype, fast accumulation as in the layers' forward GEMMs."""
+        x_a = float8.operand(xc, float8.E4M3, self.recipe, "a")
+        return float8.matmul(x_a, self.w_logits, self.dtype, fast_accum=True)
+
+    def _left(self, data: torch.Tensor, dequant: float) -> float8.Operand:
+        """g (or g^T) as a left operand whose one fixed scale is given as the recipe's kernel takes it."""
+        scale = torch.full((), dequant, dtype=torch.float32, device=data.device)
+        if self.recipe == "rowwise":
+            scale = scale.expand(data.shape[0], 1).contiguous()
+        return float8.Operand(data, scale)
+
+    def backward(
+        self,
+        g: torch.Tensor,
+        xc: torch.Tensor,
+        dequant: float,
+        grad_x: torch.Tensor | None,
+        start: int,
+        want_w: bool,
+    ) -> None:
+        """The chunk's share of the input gradient (written into grad_x at `start`) and of the weight
+        gradient, from g (c, Vl) in GRAD_FORMAT whose values times `dequant` are the gradient."""
+        if grad_x is not None:
+            assert self.w_input is not None
+            part = float8.matmul(self._left(g, dequant), self.w_input, self.dtype, fast_accum=False)
+            grad_x[start : start + g.shape[0]].copy_(part)
+        if not want_w:
+            return
+        one = torch.ones((), dtype=torch.float32, device=g.device)
+        g_t = self._left(float8.transposed_cast(g, one, GRAD_FORMAT), dequant)  # (Vl, c): exact re-layout
+        x_b = float8.operand(xc, float8.E4M3, self.recipe, "b")  # (c, h), scaled over the chunk's tokens
+        part = float8.matmul(g_t, x_b, self.dtype, fast_accum=False)  # (Vl, h)
+        self.chunks += 1
+        if self.grad_weight is None:
+            self.grad_weight = part
+        elif self.chunks == 2:
+            self.grad_weight = self.grad_weight.float().add_(part)
+        else:
+            self.grad_weight.add_(part)
 
 
 def linear_cross_entropy(
@@ -207,13 +298,15 @@ def linear_cross_entropy(
     tp_group: ProcessGroup,
     vocab_size: int,
     compiled: bool = False,
+    fp8: Fp8Recipe | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy (fp32 scalar) of logits x @ weight^T over the tokens of x.
 
     x: (..., h), the same on every TP rank; weight: (Vp/t, h), this rank's vocabulary rows; targets: (...)
-    global token ids. Padding rows of the vocabulary (ids >= vocab_size) are never predicted.
+    global token ids. Padding rows of the vocabulary (ids >= vocab_size) are never predicted. With an
+    `fp8` recipe the GEMMs run in float8 (module docstring).
     """
     h = x.shape[-1]
     return _LinearCrossEntropy.apply(
-        x.reshape(-1, h), weight, targets.reshape(-1), tp_group, vocab_size, compiled
+        x.reshape(-1, h), weight, targets.reshape(-1), tp_group, vocab_size, compiled, fp8
     )

@@ -432,6 +432,7 @@ class Transformer(nn.Module):
             tp_group=self.tp.group,
             vocab_size=self.cfg.vocab_size,
             compiled=self.compiled,
+            fp8=self.tp.fp8 if self.tp.fp8_output_layer else None,
         )
 
 

@@ -486,6 +486,8 @@ class TPContext:
     parallelism)."""
     fp8: Fp8Recipe | None = None
     """Float8 GEMMs in the layers' column- and row-parallel linears: the recipe, or None for none."""
+    fp8_output_layer: bool = False
+    """With `fp8` set: the output layer's GEMMs (threefold.model.loss) in float8 too."""
     context: ContextParallel | None = None
     """Context parallelism (cp_size > 1): the sequence is split over its ranks, attention crosses them."""
     weight_grads: WeightGradQueue | None = None
