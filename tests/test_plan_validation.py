@@ -181,7 +181,9 @@ def test_calibration_measures_attention():
 def test_calibration_times_short_kernels_back_to_back(monkeypatch):
     """A call far shorter than a launch plus a synchronization is timed over many back-to-back calls, so
     that the overhead is not charged to it: with a 0.2 ms synchronization (a stand-in for the GPU's) a
-    10-microsecond call must come out near 10 microseconds, not near 200."""
+    10-microsecond call must come out near 10 microseconds, not near 200. The bound, half the
+    synchronization, leaves room for a busy machine (26.7 us was seen with two test runs sharing two
+    cores) and still fails where each call pays one synchronization."""
     import time
 
     import torch
@@ -200,7 +202,7 @@ def test_calibration_times_short_kernels_back_to_back(monkeypatch):
     monkeypatch.setattr(calibrate, "_sync", lambda device: time.sleep(2e-4))
     seconds = calibrate._timed(short, torch.device("cpu"), repeats=3)
     assert calls > 500  # not one call per repeat
-    assert seconds < 20e-6, f"{seconds * 1e6:.1f} us per call: the synchronization was charged to the call"
+    assert seconds < 100e-6, f"{seconds * 1e6:.1f} us per call: the synchronization was charged to the call"
 
 
 NINTH_SESSION = {  # bench/results/issue18-2026-12-04-s9/call{1,4}: (tokens/s, peak GiB) on one H200

@@ -21,6 +21,7 @@ output layer over the ranks) with the time model.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 PipelineBalance = Literal["layers", "ends"]
@@ -50,6 +51,17 @@ def chunk_layer_ranges(
             f"cannot split {num_layers} layers over pp_size ({pp_size}) * num_model_chunks "
             f"({num_model_chunks}) = {num_virtual_stages} chunks: each chunk needs at least one layer"
         )
+    ranges, start = [], 0
+    for size in _chunk_sizes(num_layers, num_virtual_stages, end_costs):
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+@functools.cache
+def _chunk_sizes(num_layers: int, num_virtual_stages: int, end_costs: tuple[float, float]) -> tuple[int, ...]:
+    """Layers per chunk: one each, then each further layer to the chunk with the least work, middle chunks
+    before the two ends (cached: the planner asks for the same split thousands of times)."""
     last = num_virtual_stages - 1
     preference = list(range(1, last)) + [0, last] if last > 0 else [0]
     extra = [0.0] * num_virtual_stages
@@ -59,11 +71,7 @@ def chunk_layer_ranges(
     for _ in range(num_layers - num_virtual_stages):
         chunk = min(preference, key=lambda c: sizes[c] + extra[c])  # min keeps the first of equals
         sizes[chunk] += 1
-    ranges, start = [], 0
-    for size in sizes:
-        ranges.append((start, start + size))
-        start += size
-    return ranges
+    return tuple(sizes)
 
 
 def chunks_of_rank(pp_rank: int, pp_size: int, num_model_chunks: int, v_shape: bool = False) -> list[int]:

@@ -102,6 +102,8 @@ class _Simulator:
         # [payload, post time, matched partner's post time or None]
         self.sends: dict[tuple, list[list]] = defaultdict(list)
         self.recvs: dict[tuple, list[list]] = defaultdict(list)
+        # How many pairs at the head of each channel's two queues are matched (always a prefix).
+        self.matched: dict[tuple, int] = defaultdict(int)
 
     def run(self) -> SimResult:
         progress = True
@@ -194,15 +196,19 @@ class _Simulator:
         return (src, dst, "gradient" if a.kind in (Kind.SEND_B, Kind.RECV_B) else "activation")
 
     def _match(self, channel: tuple) -> None:
-        """Pair the k-th send on a channel (from src to dst) with the k-th receive on it."""
+        """Pair the k-th send on a channel (from src to dst) with the k-th receive on it. Pairs are
+        matched in order, so only those past the matched prefix are new."""
         src, dst = channel[:2]
-        for s, rv in zip(self.sends[channel], self.recvs[channel], strict=False):
-            if s[2] is None:
-                if s[0] != rv[0]:
-                    raise ScheduleError(
-                        f"rank {dst} expects {rv[0]} from rank {src} but the next message sent is {s[0]}"
-                    )
-                s[2], rv[2] = rv[1], s[1]
+        sends, recvs = self.sends[channel], self.recvs[channel]
+        both = min(len(sends), len(recvs))
+        for k in range(self.matched[channel], both):
+            s, rv = sends[k], recvs[k]
+            if s[0] != rv[0]:
+                raise ScheduleError(
+                    f"rank {dst} expects {rv[0]} from rank {src} but the next message sent is {s[0]}"
+                )
+            s[2], rv[2] = rv[1], s[1]
+        self.matched[channel] = max(self.matched[channel], both)
 
     def _complete(self, r: int, group: list[Action]) -> bool:
         """Finish the rank's open batch if every transfer in it has met its partner."""

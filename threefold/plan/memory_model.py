@@ -204,7 +204,7 @@ def in_flight(
     if pipeline_schedule == "gpipe":
         return m * v
     if pipeline_schedule in SPLIT_BACKWARD:
-        return _zero_bubble_in_flight(pipeline_schedule, p, m)[pp_rank]
+        return _zero_bubble_in_flight(pipeline_schedule, p, min(m, 4 * p))[pp_rank]
     if v == 1:
         return min(p - pp_rank, m)
     total = m * v
@@ -217,13 +217,13 @@ def in_flight(
 def _zero_bubble_in_flight(pipeline_schedule: str, pp_size: int, num_microbatches: int) -> tuple[int, ...]:
     """Per rank, the simulator's peak of forwards awaiting their B in a zero-bubble schedule: ZB-H1 holds
     1F1B's min(p - r, m), ZB-V at most 2 p half-stage chunks on every rank (1F1B's p stages at rank 0). The
-    peak is reached within the first 2 p micro-batches, so longer steps are simulated at that length."""
+    peak is reached within the first 2 p micro-batches, so `in_flight` asks for at most 4 p (and the cache
+    then holds one entry for every longer step)."""
     from threefold.pipeline.schedules import build_schedule
     from threefold.pipeline.sim import simulate
 
     v = 2 if pipeline_schedule in V_SHAPED else 1
-    m = min(num_microbatches, 4 * pp_size)
-    return tuple(simulate(build_schedule(pipeline_schedule, pp_size, v, m)).peak_in_flight)
+    return tuple(simulate(build_schedule(pipeline_schedule, pp_size, v, num_microbatches)).peak_in_flight)
 
 
 @dataclass(frozen=True)

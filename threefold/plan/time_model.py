@@ -497,7 +497,6 @@ def data_parallel_tail(
     return exposed, optimizer
 
 
-@functools.cache
 def bubble_stages(
     pipeline_schedule: str, pp_size: int, num_model_chunks: int, num_microbatches: int
 ) -> float:
@@ -508,10 +507,17 @@ def bubble_stages(
     p, v, m = pp_size, num_model_chunks, num_microbatches
     if p == 1 or pipeline_schedule not in SPLIT_BACKWARD:
         return (p - 1) / v
+    return _simulated_bubble(pipeline_schedule, p, v, min(m, 4 * p))
+
+
+@functools.cache
+def _simulated_bubble(pipeline_schedule: str, p: int, v: int, m: int) -> float:
+    """`bubble_stages` of a zero-bubble schedule, simulated (cached on the capped m, which the planner's
+    search asks for again and again)."""
     from threefold.pipeline.schedules import build_schedule
     from threefold.pipeline.sim import simulate
 
-    r = simulate(build_schedule(pipeline_schedule, p, v, min(m, 4 * p)), backward_cost=1.0, weight_cost=1.0)
+    r = simulate(build_schedule(pipeline_schedule, p, v, m), backward_cost=1.0, weight_cost=1.0)
     return (r.makespan - r.ideal) / (3 * v)
 
 
