@@ -5,6 +5,7 @@ out=${OUT:-/tmp/s23e}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
 args="--model.preset=llama-1b --data.seq_len=2048 --training.dtype=bfloat16 --training.device=cuda \
  --training.compile=true --training.micro_batch_size=8 --training.global_batch_size=8 --training.fp8=rowwise"
+# Run as `PYTHONPATH=$PWD bash callE.sh` (the first try, without it, stopped at the import).
 for output in true false; do
   timeout 140 python bench/profile_step.py $args --training.fp8_output_layer=$output --steps 4 \
     > "$out/profile_rowwise_output_$output.txt" 2>&1
