@@ -66,7 +66,7 @@ def main() -> None:
 
                 try:
                     ms = timed(gemm, args.reps)
-                except RuntimeError as e:
+                except (RuntimeError, ValueError) as e:
                     print(f"{name:<14} {label:<28} refused: {str(e).splitlines()[0][:100]}")
                     continue
                 print(f"{name:<14} {label:<28} {ms:7.3f} ms  {flops / ms / 1e9:7.0f} TFLOP/s")
