@@ -228,3 +228,25 @@ def test_fp8_output_layer_config_errors_name_the_values(sonnets_dataset, tmp_pat
     raw = dict(dtype="bfloat16", device="auto", fp8="rowwise", fp8_output_layer=True) | training
     with pytest.raises(ValueError, match=message):
         tiny_config(sonnets_dataset, tmp_path, tp=2, model=shape, training=raw)
+
+
+def test_the_float8_output_layer_under_pipeline_and_zero3_matches_one_process(sonnets_dataset, tmp_path):
+    """pp 2 (the last stage holds the output layer) with dp 2 under ZeRO-3 (its weight gathered in bf16
+    before the float8 casts) trains as one process does with the same float8 output layer, up to the
+    summation order of the gradient reduction."""
+
+    def run(pp: int, dp: int, zero: int) -> dict:
+        config = tiny_config(
+            sonnets_dataset, tmp_path / f"pp{pp}-dp{dp}", pp=pp, dp=dp, zero=zero,
+            model=dict(hidden_size=64, ffn_hidden_size=128, vocab_size=50272, num_layers=4),
+            training=dict(dtype="bfloat16", device="auto", fp8="rowwise", fp8_output_layer=True, max_steps=3),
+        )  # fmt: skip
+        out = run_ranks(pp * dp, _train_on_cpu, config, timeout=120)
+        return {"losses": out[0]["losses"], "weights": {k: v for o in out for k, v in o["weights"].items()}}
+
+    one, split = run(1, 1, 0), run(2, 2, 3)
+    torch.testing.assert_close(torch.tensor(split["losses"]), torch.tensor(one["losses"]), rtol=2e-3, atol=0)
+    assert split["weights"].keys() == one["weights"].keys()
+    for name, w in one["weights"].items():
+        step = 2.0 ** (torch.floor(torch.log2(w.float().abs().max())).item() - 7)  # one bf16 rounding step
+        torch.testing.assert_close(split["weights"][name].float(), w.float(), rtol=0, atol=2 * step, msg=name)
