@@ -7,7 +7,9 @@ e5m2 x e4m3 pairing, near bf16's time while the e4m3 x e4m3 forward ran at twice
 each pairing alone, so the choice of formats can follow the measured rates.
 
 Usage (one Hopper GPU): PYTHONPATH=. python bench/fp8_gemm_formats.py [--reps 20]
-Prints one line per (GEMM, pairing, scaling): milliseconds and TFLOP/s, or why _scaled_mm refused it.
+Prints one line per (GEMM, pairing, scaling): the median milliseconds of a call (CUDA events,
+bench/cuda_timing.py) and TFLOP/s, or why _scaled_mm refused it. (The twenty-third session's figures came
+from commit 1fe4ec8's version, which took the mean of back-to-back calls instead.)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from cuda_timing import median_ms
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 TOKENS, HIDDEN, VOCAB = 8368, 2048, 128256
@@ -26,19 +29,6 @@ GEMMS = {  # name: (M, K, N) of a (M, K) @ b (K, N)
 PAIRS = [(E4M3, E4M3), (E5M2, E4M3), (E4M3, E5M2), (E5M2, E5M2)]
 
 
-def timed(fn, reps: int) -> float:
-    """Milliseconds per call, CUDA events, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=20)
@@ -48,7 +38,7 @@ def main() -> None:
         flops = 2 * m * k * n
         a16 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         b16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).t()  # column-major, as _scaled_mm wants
-        ms = timed(lambda a16=a16, b16=b16: torch.mm(a16, b16), args.reps)
+        ms = median_ms(lambda a16=a16, b16=b16: torch.mm(a16, b16), args.reps, warmup=2)
         print(f"{name:<14} bf16            {ms:7.3f} ms  {flops / ms / 1e9:7.0f} TFLOP/s")
         for fa, fb in PAIRS:
             a, b = a16.to(fa), b16.to(fb)
@@ -65,7 +55,7 @@ def main() -> None:
                     return torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16)
 
                 try:
-                    ms = timed(gemm, args.reps)
+                    ms = median_ms(gemm, args.reps, warmup=2)
                 except (RuntimeError, ValueError) as e:
                     print(f"{name:<14} {label:<28} refused: {str(e).splitlines()[0][:100]}")
                     continue
