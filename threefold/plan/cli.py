@@ -72,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fp8", choices=["tensorwise", "rowwise"], help="predict for float8 linears (training.fp8)"
     )
     p.add_argument(
+        "--fp8-output-layer",
+        action="store_true",
+        help="with --fp8: the output layer's GEMMs in float8 too (training.fp8_output_layer)",
+    )
+    p.add_argument(
         "--out", default="hardware.json", metavar="FILE.json", help="where --calibrate writes its preset"
     )
 
@@ -103,14 +108,18 @@ def _workload(args: argparse.Namespace) -> Workload:
 
 
 def _kernels(args: argparse.Namespace) -> Kernels:
-    """The software planned for: --compiled and --fp8, and where --model is a config file, what its
-    training section says (training.compile, training.fp8) unless those flags say more."""
-    compiled, fp8 = args.compiled, args.fp8
+    """The software planned for: --compiled, --fp8 and --fp8-output-layer, and where --model is a config
+    file, what its training section says (training.compile, training.fp8, training.fp8_output_layer)
+    unless those flags say more."""
+    compiled, fp8, output = args.compiled, args.fp8, args.fp8_output_layer
     if args.model.endswith(".toml"):
         training = load_config(args.model, check_paths=False).training
         compiled = compiled or training.compile
         fp8 = fp8 or training.fp8 or None
-    return Kernels(compiled=compiled, fp8=fp8)
+        output = output or training.fp8_output_layer
+    if output and fp8 is None:
+        raise ValueError("--fp8-output-layer needs --fp8 (or training.fp8 in the config file)")
+    return Kernels(compiled=compiled, fp8=fp8, fp8_output_layer=output)
 
 
 FLAGS = {"tp": "tp_size", "cp": "cp_size", "pp": "pp_size", "dp": "dp_size", "v": "num_model_chunks",
@@ -266,6 +275,7 @@ def best_command(args: argparse.Namespace, w: Workload, layout: Layout, gpus_per
                 workload.append(f"--{key}={value}")
     kernels = [f"--training.compile={str(args.compiled).lower()}"] if args.compiled else []
     kernels += [f"--training.fp8={args.fp8}"] if args.fp8 else []
+    kernels += ["--training.fp8_output_layer=true"] if args.fp8_output_layer else []
     train = " ".join(["train", *workload, *layout.overrides(), *kernels])
     if args.gpus <= gpus_per_node:
         return f"threefold {train} --nproc {args.gpus}"

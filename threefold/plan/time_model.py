@@ -128,6 +128,13 @@ FP8_GEMM_RATE = {"tensorwise": 1.93, "rowwise": 1.80}
 rowwise's float8 GEMMs 74.9 ms (issue18-2026-12-04-s7/rowwise_kernel.txt), tensorwise's 70.1 ms
 (issue18-2026-12-04/call1-prof_8_tensorwise.txt). Hopper's float8 tensor cores have twice bf16's peak;
 these GEMMs are too small to get all of it."""
+FP8_OUTPUT_GEMM_RATE = {"tensorwise": 1.68, "rowwise": 1.24}
+"""How much faster the output layer's three GEMMs run in float8 (training.fp8_output_layer): one H100,
+llama-1b's output layer on a chunk of 8,368 tokens (`bench/fp8_gemm_formats.py`, 2026-12-06,
+bench/results/issue18-2026-12-06-s23/gemm_formats.txt): bf16 17.93 ms, float8 10.65 ms with one scale per
+operand, 14.48 ms with rowwise's row and column scales (cuBLAS's row-scaled kernel for the weight gradient,
+128256 x 8368 x 2048, runs at bf16's speed). The step's profile agreed for rowwise: 33.3 ms of bf16 output
+GEMMs against 26.7 ms of float8 (1.25x)."""
 FP8_CAST_BYTES = {"tensorwise": 7.0, "rowwise": 7.0}
 """HBM bytes a float8 cast moves per element of the tensor it casts (its amax read, the scaled cast's read
 and write, transposed copies; `fp8_cast_elements` counts the elements). Fitted to the same H200's fp8 and
@@ -194,7 +201,10 @@ class Kernels:
     backward and the optimizer (Megatron-LM 2021)."""
     fp8: str | None = None
     """Float8 linears (training.fp8: 'tensorwise' or 'rowwise'): the layers' GEMMs take 1 / FP8_GEMM_RATE
-    of their bf16 time, and their operands' casts FP8_CAST_BYTES an element; the output layer stays bf16."""
+    of their bf16 time, and their operands' casts FP8_CAST_BYTES an element."""
+    fp8_output_layer: bool = False
+    """With fp8: the output layer's GEMMs too (training.fp8_output_layer), at 1 / FP8_OUTPUT_GEMM_RATE of
+    their bf16 time, plus its casts (`head_pass`)."""
     direct_grads: bool = True
     """Direct gradients where the layout allows them (`Layout.direct_grads`, Config.direct_grads's rule):
     no fp32 gradient buffers, no move into them, the optimizer reading the compute-dtype gradients.
@@ -206,6 +216,8 @@ class Kernels:
             raise ValueError(f"kernels.attention must be 'flash' or 'materialized', got {self.attention!r}")
         if self.fp8 is not None and self.fp8 not in FP8_GEMM_RATE:
             raise ValueError(f"kernels.fp8 must be one of {sorted(FP8_GEMM_RATE)} or None, got {self.fp8!r}")
+        if self.fp8_output_layer and self.fp8 is None:
+            raise ValueError("kernels.fp8_output_layer needs kernels.fp8 (a recipe)")
 
 
 EAGER = Kernels()
@@ -393,8 +405,11 @@ def layer_pass(
     return _Pass(forward, backward + recompute + slack, tp_time, terms)
 
 
-def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pass:
-    """Final norm, logits GEMM and cross-entropy over V_p/t columns, for one micro-batch."""
+def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels: Kernels = EAGER) -> _Pass:
+    """Final norm, logits GEMM and cross-entropy over V_p/t columns, for one micro-batch. With the output
+    layer in float8 its GEMMs run at FP8_OUTPUT_GEMM_RATE, and its casts move FP8_CAST_BYTES for each of
+    the weight's two casts and one byte more a logit (the gradient's transposed copy reads and writes a
+    byte, its kernel writes one byte where bf16 wrote two)."""
     t, e = lay.parallel.tp_size, w.dtype_bytes
     h, n, vloc = (
         w.model.hidden_size,
@@ -402,14 +417,21 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool) -> _Pas
         local_vocab_size(w.model.vocab_size, t),
     )
     gemm = _gemms(hw, [(n, h, vloc)])
+    cast_f = cast_b = 0.0
+    if kernels.fp8 is not None and kernels.fp8_output_layer:
+        gemm /= FP8_OUTPUT_GEMM_RATE[kernels.fp8]
+        cast_f = hw.memory_time(FP8_CAST_BYTES[kernels.fp8] * vloc * h)
+        cast_b = cast_f + hw.memory_time(n * vloc)
     norm = hw.memory_time(LLAMA_BYTES_PER_H / 2 * n * h)
     ce_f, ce_b = hw.memory_time(CE_FORWARD_BYTES * n * vloc), hw.memory_time(CE_BACKWARD_BYTES * n * vloc)
-    forward = gemm + norm + ce_f
-    backward = 2 * gemm + 2 * norm + ce_b
+    forward = gemm + norm + ce_f + cast_f
+    backward = 2 * gemm + 2 * norm + ce_b + cast_b
     tp_time = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp) + 3 * hw.all_reduce_time(
         4 * n, t, intra_node=intra_tp
     )
     terms = {"gemm": 3 * gemm, "elementwise": 3 * norm + ce_f + ce_b, "tp_comm": tp_time}
+    if cast_f:
+        terms["fp8_cast"] = cast_f + cast_b
     return _Pass(forward, backward, tp_time, terms)
 
 
@@ -533,7 +555,7 @@ def estimate_layout_time(
     intra_cp = par.tp_size * par.cp_size <= gpus_per_node
     intra_dp = par.tp_size * par.cp_size * par.dp_size <= gpus_per_node
     layer = layer_pass(w, lay, hw, intra_tp=intra_tp, kernels=kernels, intra_cp=intra_cp)
-    head = head_pass(w, lay, hw, intra_tp=intra_tp)
+    head = head_pass(w, lay, hw, intra_tp=intra_tp, kernels=kernels)
     embed = embedding_pass(w, lay, hw, intra_tp=intra_tp)
     transfer = boundary_transfer(w, lay, hw, intra_pp=n_gpus <= gpus_per_node)
 
@@ -610,8 +632,11 @@ def estimate_step_time(
     kernels: default threefold's, compiled and float8 as config.training says)."""
     workload, layout = from_config(config)
     t = config.training
+    fp8 = getattr(t, "fp8", None) or None
     kernels = kernels or Kernels(
-        compiled=bool(getattr(t, "compile", False)), fp8=getattr(t, "fp8", None) or None
+        compiled=bool(getattr(t, "compile", False)),
+        fp8=fp8,
+        fp8_output_layer=fp8 is not None and bool(getattr(t, "fp8_output_layer", False)),
     )
     return estimate_layout_time(
         workload, layout, hardware, gpus_per_node=gpus_per_node or layout.num_gpus, kernels=kernels
