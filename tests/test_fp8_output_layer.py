@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from distributed import run_ranks
-from test_fp8 import _emulated, _nearest, _relative_error
+from test_fp8 import _emulated, _nearest, _relative_error, _train_fp8_on_cpu
 from tiny import tiny_config
 
 from threefold.model import loss as loss_module
@@ -105,7 +105,7 @@ def test_the_logits_gradient_keeps_the_softmax_tail_that_e4m3_would_flush():
     g = torch.full((1, 4096), 1e-7, dtype=torch.float64)
     g[0, 0] = -0.9
     g[0, 1] = 0.9 - g[0, 2:].sum()
-    tail_e5m2 = _nearest(g * loss_module.GRAD_CAST, fp8.E5M2)[0, 2:] / loss_module.GRAD_CAST
+    tail_e5m2 = _nearest(g * loss_module.GRAD_CAST, loss_module.GRAD_FORMAT)[0, 2:] / loss_module.GRAD_CAST
     tail_e4m3 = _emulated(g, fp8.E4M3, 1)[0, 2:]
     assert torch.all(tail_e4m3 == 0)
     assert torch.allclose(tail_e5m2, g[0, 2:], rtol=0.13)
@@ -187,12 +187,6 @@ def test_tensor_parallel_float8_output_layer_matches_one_process(layouts, recipe
         assert 1e-3 < _relative_error(ref, plain_grads[name]) < 0.2, name
 
 
-def _train_on_cpu(rank: int, world_size: int, config) -> dict:
-    from test_fp8 import _train_fp8_on_cpu
-
-    return _train_fp8_on_cpu(rank, world_size, config)
-
-
 def _config(data, run, tp: int, output: bool, **model):
     shape = dict(hidden_size=64, ffn_hidden_size=128, vocab_size=50272) | model  # 50272 / 2 = 16 * 1571
     training = dict(dtype="bfloat16", device="auto", fp8="rowwise", fp8_output_layer=output, max_steps=3)
@@ -205,7 +199,7 @@ def test_training_with_the_float8_output_layer_from_the_config(sonnets_dataset, 
     runs = {}
     for tp, output in [(1, False), (1, True), (2, True)]:
         config = _config(sonnets_dataset, tmp_path / f"tp{tp}-{output}", tp, output)
-        runs[(tp, output)] = run_ranks(tp, _train_on_cpu, config, timeout=120)[0]
+        runs[(tp, output)] = run_ranks(tp, _train_fp8_on_cpu, config, timeout=120)[0]
     one, two, layers = runs[(1, True)], runs[(2, True)], runs[(1, False)]
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=2e-3, atol=0)
     gaps = [abs(a / b - 1) for a, b in zip(one["losses"], layers["losses"], strict=True)]
@@ -241,7 +235,7 @@ def test_the_float8_output_layer_under_pipeline_and_zero3_matches_one_process(so
             model=dict(hidden_size=64, ffn_hidden_size=128, vocab_size=50272, num_layers=4),
             training=dict(dtype="bfloat16", device="auto", fp8="rowwise", fp8_output_layer=True, max_steps=3),
         )  # fmt: skip
-        out = run_ranks(pp * dp, _train_on_cpu, config, timeout=120)
+        out = run_ranks(pp * dp, _train_fp8_on_cpu, config, timeout=120)
         return {"losses": out[0]["losses"], "weights": {k: v for o in out for k, v in o["weights"].items()}}
 
     one, split = run(1, 1, 0), run(2, 2, 3)

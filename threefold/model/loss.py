@@ -165,7 +165,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kernels = compiled and kernel_runs_on(x.device)
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local_vocab)))
-        gemms = None if recipe is None else _Fp8Gemms(weight, recipe, want_x)
+        gemms = None if recipe is None else _Fp8Gemms(weight, recipe, n, want_x=want_x, want_w=want_w)
         if gemms is not None and chunk < n:
             # whole multiples of 16 tokens: the weight gradient's float8 GEMM contracts over the chunk
             chunk = max(FP8_MULTIPLE, chunk - chunk % FP8_MULTIPLE)
@@ -199,7 +199,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             del logits
             if gemms is not None:
-                gemms.backward(g, xc, 1.0 / (n * GRAD_CAST), grad_x, start, want_w)
+                gemms.backward(g, xc, grad_x, start)
                 continue
             if grad_x is not None:
                 torch.mm(g, weight, out=grad_x[start : start + chunk])
@@ -240,54 +240,46 @@ class _Fp8Gemms:
     the input gradient, the chunks' products, and the weight gradient summed over the chunks (in the
     weight's dtype for one chunk, else in fp32)."""
 
-    def __init__(self, weight: torch.Tensor, recipe: Fp8Recipe, want_x: bool) -> None:
+    def __init__(
+        self, weight: torch.Tensor, recipe: Fp8Recipe, n: int, *, want_x: bool, want_w: bool
+    ) -> None:
         self.recipe = recipe
         self.dtype = weight.dtype
+        self.dequant = 1.0 / (n * GRAD_CAST)  # g's values times this are the gradient of the mean over n
+        self.want_w = want_w
         self.w_logits = float8.operand(weight.t(), float8.E4M3, recipe, "b")  # (h, Vl): x W^T
         self.w_input = float8.operand(weight, float8.E4M3, recipe, "b") if want_x else None  # (Vl, h): g W
         self.grad_weight: torch.Tensor | None = None
-        self.chunks = 0
 
     def logits(self, xc: torch.Tensor) -> torch.Tensor:
         """xc W^T (c, Vl) in the compute dtype, fast accumulation as in the layers' forward GEMMs."""
         x_a = float8.operand(xc, float8.E4M3, self.recipe, "a")
         return float8.matmul(x_a, self.w_logits, self.dtype, fast_accum=True)
 
-    def _left(self, data: torch.Tensor, dequant: float) -> float8.Operand:
+    def _left(self, data: torch.Tensor) -> float8.Operand:
         """g (or g^T) as a left operand whose one fixed scale is given as the recipe's kernel takes it."""
-        scale = torch.full((), dequant, dtype=torch.float32, device=data.device)
+        scale = torch.full((), self.dequant, dtype=torch.float32, device=data.device)
         if self.recipe == "rowwise":
             scale = scale.expand(data.shape[0], 1).contiguous()
         return float8.Operand(data, scale)
 
-    def backward(
-        self,
-        g: torch.Tensor,
-        xc: torch.Tensor,
-        dequant: float,
-        grad_x: torch.Tensor | None,
-        start: int,
-        want_w: bool,
-    ) -> None:
+    def backward(self, g: torch.Tensor, xc: torch.Tensor, grad_x: torch.Tensor | None, start: int) -> None:
         """The chunk's share of the input gradient (written into grad_x at `start`) and of the weight
-        gradient, from g (c, Vl) in GRAD_FORMAT whose values times `dequant` are the gradient."""
+        gradient, from g (c, Vl) in GRAD_FORMAT whose values times `self.dequant` are the gradient."""
         if grad_x is not None:
             assert self.w_input is not None
-            part = float8.matmul(self._left(g, dequant), self.w_input, self.dtype, fast_accum=False)
+            part = float8.matmul(self._left(g), self.w_input, self.dtype, fast_accum=False)
             grad_x[start : start + g.shape[0]].copy_(part)
-        if not want_w:
+        if not self.want_w:
             return
         one = torch.ones((), dtype=torch.float32, device=g.device)
-        g_t = self._left(float8.transposed_cast(g, one, GRAD_FORMAT), dequant)  # (Vl, c): exact re-layout
+        g_t = self._left(float8.transposed_cast(g, one, GRAD_FORMAT))  # (Vl, c): exact re-layout
         x_b = float8.operand(xc, float8.E4M3, self.recipe, "b")  # (c, h), scaled over the chunk's tokens
         part = float8.matmul(g_t, x_b, self.dtype, fast_accum=False)  # (Vl, h)
-        self.chunks += 1
         if self.grad_weight is None:
             self.grad_weight = part
-        elif self.chunks == 2:
+        else:  # several chunks: summed in fp32
             self.grad_weight = self.grad_weight.float().add_(part)
-        else:
-            self.grad_weight.add_(part)
 
 
 def linear_cross_entropy(

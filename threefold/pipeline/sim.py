@@ -208,7 +208,7 @@ class _Simulator:
                     f"rank {dst} expects {rv[0]} from rank {src} but the next message sent is {s[0]}"
                 )
             s[2], rv[2] = rv[1], s[1]
-        self.matched[channel] = max(self.matched[channel], both)
+        self.matched[channel] = both
 
     def _complete(self, r: int, group: list[Action]) -> bool:
         """Finish the rank's open batch if every transfer in it has met its partner."""
