@@ -19,12 +19,12 @@ docs/benchmarks.md); the gradient taking the logits' memory also lowers the peak
 (1.9 GiB at micro-batch 8). Each rank's sum is taken at its own max, then rescaled to the all-reduced
 one. Elsewhere the same math runs in place on one fp32 buffer (`_eager_chunk`).
 
-With a float8 recipe (training.fp8_output_layer) the chunk's three GEMMs run in float8
-(threefold.parallel.fp8): x and the weight in e4m3, scaled as the recipe scales the layers' operands, the
-weight cast twice per call (once per GEMM that reads it), not per chunk. The logits' gradient
-g = (softmax - one_hot) / n lies within [-1/n, 1/n] whatever the logits, so it needs no amax: it is written
-straight in e5m2 at one fixed power-of-two scale (`GRAD_CAST`), by the same kernel (or eager code) that
-computes it. e5m2's range (2^-16 to 57344) keeps probabilities down to about 1e-9 of the row's largest
+With training.fp8_output_layer the chunk's three GEMMs run in float8 (threefold.parallel.fp8): x and the
+weight in e4m3, one scale each (`SCALING`) whatever the layers' recipe, the weight's amax taken over all TP
+ranks' shards, and the weight cast twice per call (once per GEMM that reads it), not per chunk. The logits'
+gradient g = (softmax - one_hot) / n lies within [-1/n, 1/n] whatever the logits, so it needs no amax: it is
+written straight in e5m2 at one fixed power-of-two scale (`GRAD_CAST`), by the same kernel (or eager code)
+that computes it. e5m2's range (2^-16 to 57344) keeps probabilities down to about 1e-9 of the row's largest
 entry, where e4m3's (2^-9 to 448) would flush the tail of a 128k vocabulary's softmax to zero. The weight
 gradient reads g transposed, a byte-for-byte copy of the float8 values (`fp8.transposed_cast` at scale 1).
 """
@@ -50,6 +50,10 @@ Reduce = Callable[[torch.Tensor], None]
 BLOCK = 4096
 """Logits per Triton program (16 per thread of 8 warps)."""
 
+SCALING: Fp8Recipe = "tensorwise"
+"""How the float8 output layer scales x and the weight, whatever recipe the layers use: one scale each.
+cuBLAS's tensorwise-scaled float8 GEMMs at llama-1b's output layer ran 1.1-1.6x its rowwise-scaled ones
+(one H100, bench/fp8_gemm_formats.py, docs/benchmarks.md), the weight gradient most."""
 GRAD_FORMAT = float8.E5M2
 """The float8 format of the logits' gradient (float8 output layer)."""
 GRAD_CAST = 2.0**15
@@ -144,7 +148,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         group: ProcessGroup,
         vocab_size: int,
         compiled: bool,
-        recipe: Fp8Recipe | None,
+        fp8: bool,
     ) -> torch.Tensor:
         # x: (n, h), identical on the TP ranks; weight: (Vl, h) local; targets: (n,) global ids.
         n, local_vocab = x.shape[0], weight.shape[0]
@@ -162,10 +166,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 with track.collective(group, "all_reduce(softmax sums)"):
                     dist.all_reduce(t, group=group)
 
+        def reduce_amax(t: torch.Tensor) -> None:
+            if world > 1:
+                with track.collective(group, "all_reduce(output weight amax)"):
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kernels = compiled and kernel_runs_on(x.device)
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local_vocab)))
-        gemms = None if recipe is None else _Fp8Gemms(weight, recipe, n, want_x=want_x, want_w=want_w)
+        gemms = _Fp8Gemms(weight, n, reduce_amax, want_x=want_x, want_w=want_w) if fp8 else None
         if gemms is not None and chunk < n:
             # whole multiples of 16 tokens: the weight gradient's float8 GEMM contracts over the chunk
             chunk = max(FP8_MULTIPLE, chunk - chunk % FP8_MULTIPLE)
@@ -199,7 +208,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             del logits
             if gemms is not None:
-                gemms.backward(g, xc, grad_x, start)
+                gemms.backward(g, grad_x, start)
                 continue
             if grad_x is not None:
                 torch.mm(g, weight, out=grad_x[start : start + chunk])
@@ -238,44 +247,53 @@ class _LinearCrossEntropy(torch.autograd.Function):
 class _Fp8Gemms:
     """The output layer's GEMMs in float8 for one call: the weight cast once for the logits and once for
     the input gradient, the chunks' products, and the weight gradient summed over the chunks (in the
-    weight's dtype for one chunk, else in fp32)."""
+    weight's dtype for one chunk, else in fp32). Every operand takes one scale (`SCALING`), whatever the
+    layers' recipe."""
 
     def __init__(
-        self, weight: torch.Tensor, recipe: Fp8Recipe, n: int, *, want_x: bool, want_w: bool
+        self, weight: torch.Tensor, n: int, reduce_amax: Reduce, *, want_x: bool, want_w: bool
     ) -> None:
-        self.recipe = recipe
         self.dtype = weight.dtype
         self.dequant = 1.0 / (n * GRAD_CAST)  # g's values times this are the gradient of the mean over n
         self.want_w = want_w
-        self.w_logits = float8.operand(weight.t(), float8.E4M3, recipe, "b")  # (h, Vl): x W^T
-        self.w_input = float8.operand(weight, float8.E4M3, recipe, "b") if want_x else None  # (Vl, h): g W
+        # One read of W for both casts. The amax is the whole weight's, over the TP ranks' shards, so any
+        # tp rounds W as one process does (x is the same on every rank, and g's scale is fixed).
+        amax = weight.abs().amax().float()
+        reduce_amax(amax)
+        scale = float8.scale_from_amax(amax, float8.E4M3)
+        self.w_logits = float8.operand(weight.t(), float8.E4M3, SCALING, "b", scale)  # (h, Vl): x W^T
+        self.w_input = float8.operand(weight, float8.E4M3, SCALING, "b", scale) if want_x else None  # g W
+        self.x_weight: float8.Operand | None = None  # the chunk's x as the weight gradient's right operand
         self.grad_weight: torch.Tensor | None = None
 
     def logits(self, xc: torch.Tensor) -> torch.Tensor:
-        """xc W^T (c, Vl) in the compute dtype, fast accumulation as in the layers' forward GEMMs."""
-        x_a = float8.operand(xc, float8.E4M3, self.recipe, "a")
+        """xc W^T (c, Vl) in the compute dtype, fast accumulation as in the layers' forward GEMMs. The
+        chunk's x is cast for the weight gradient here too, at the same scale (one amax read)."""
+        scale = float8.scale_for(xc, float8.E4M3, None)
+        if self.want_w:
+            self.x_weight = float8.operand(xc, float8.E4M3, SCALING, "b", scale)  # (c, h)
+        x_a = float8.operand(xc, float8.E4M3, SCALING, "a", scale)
         return float8.matmul(x_a, self.w_logits, self.dtype, fast_accum=True)
 
     def _left(self, data: torch.Tensor) -> float8.Operand:
-        """g (or g^T) as a left operand whose one fixed scale is given as the recipe's kernel takes it."""
-        scale = torch.full((), self.dequant, dtype=torch.float32, device=data.device)
-        if self.recipe == "rowwise":
-            scale = scale.expand(data.shape[0], 1).contiguous()
-        return float8.Operand(data, scale)
+        """g (or g^T) in GRAD_FORMAT as a left operand, at its one fixed scale."""
+        return float8.Operand(data, torch.full((), self.dequant, dtype=torch.float32, device=data.device))
 
-    def backward(self, g: torch.Tensor, xc: torch.Tensor, grad_x: torch.Tensor | None, start: int) -> None:
+    def backward(self, g: torch.Tensor, grad_x: torch.Tensor | None, start: int) -> None:
         """The chunk's share of the input gradient (written into grad_x at `start`) and of the weight
-        gradient, from g (c, Vl) in GRAD_FORMAT whose values times `self.dequant` are the gradient."""
+        gradient, from g (c, Vl) in GRAD_FORMAT whose values times `self.dequant` are the gradient, and
+        the chunk's x as `logits` cast it."""
         if grad_x is not None:
             assert self.w_input is not None
             part = float8.matmul(self._left(g), self.w_input, self.dtype, fast_accum=False)
             grad_x[start : start + g.shape[0]].copy_(part)
         if not self.want_w:
             return
+        assert self.x_weight is not None, "logits() casts the chunk's x before its backward"
         one = torch.ones((), dtype=torch.float32, device=g.device)
         g_t = self._left(float8.transposed_cast(g, one, GRAD_FORMAT))  # (Vl, c): exact re-layout
-        x_b = float8.operand(xc, float8.E4M3, self.recipe, "b")  # (c, h), scaled over the chunk's tokens
-        part = float8.matmul(g_t, x_b, self.dtype, fast_accum=False)  # (Vl, h)
+        part = float8.matmul(g_t, self.x_weight, self.dtype, fast_accum=False)  # (Vl, h)
+        self.x_weight = None
         if self.grad_weight is None:
             self.grad_weight = part
         else:  # several chunks: summed in fp32
@@ -290,13 +308,13 @@ def linear_cross_entropy(
     tp_group: ProcessGroup,
     vocab_size: int,
     compiled: bool = False,
-    fp8: Fp8Recipe | None = None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy (fp32 scalar) of logits x @ weight^T over the tokens of x.
 
     x: (..., h), the same on every TP rank; weight: (Vp/t, h), this rank's vocabulary rows; targets: (...)
-    global token ids. Padding rows of the vocabulary (ids >= vocab_size) are never predicted. With an
-    `fp8` recipe the GEMMs run in float8 (module docstring).
+    global token ids. Padding rows of the vocabulary (ids >= vocab_size) are never predicted. With `fp8`
+    the GEMMs run in float8 (module docstring).
     """
     h = x.shape[-1]
     return _LinearCrossEntropy.apply(

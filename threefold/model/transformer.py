@@ -432,7 +432,7 @@ class Transformer(nn.Module):
             tp_group=self.tp.group,
             vocab_size=self.cfg.vocab_size,
             compiled=self.compiled,
-            fp8=self.tp.fp8 if self.tp.fp8_output_layer else None,
+            fp8=self.tp.fp8 is not None and self.tp.fp8_output_layer,
         )
 
 

@@ -128,8 +128,9 @@ FP8_GEMM_RATE = {"tensorwise": 1.93, "rowwise": 1.80}
 rowwise's float8 GEMMs 74.9 ms (issue18-2026-12-04-s7/rowwise_kernel.txt), tensorwise's 70.1 ms
 (issue18-2026-12-04/call1-prof_8_tensorwise.txt). Hopper's float8 tensor cores have twice bf16's peak;
 these GEMMs are too small to get all of it."""
-FP8_OUTPUT_GEMM_RATE = {"tensorwise": 1.68, "rowwise": 1.24}
-"""How much faster the output layer's three GEMMs run in float8 (training.fp8_output_layer): one H100,
+FP8_OUTPUT_GEMM_RATE = 1.68
+"""How much faster the output layer's three GEMMs run in float8 (training.fp8_output_layer, whose operands
+take one scale each whatever the layers' recipe, threefold.model.loss.SCALING): one H100,
 llama-1b's output layer on a chunk of 8,368 tokens (`bench/fp8_gemm_formats.py`, 2026-12-06,
 bench/results/issue18-2026-12-06-s23/gemm_formats.txt): bf16 17.93 ms, float8 10.65 ms with one scale per
 operand, 14.48 ms with rowwise's row and column scales (cuBLAS's row-scaled kernel for the weight gradient,
@@ -419,8 +420,8 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels
     gemm = _gemms(hw, [(n, h, vloc)])
     cast_f = cast_b = 0.0
     if kernels.fp8 is not None and kernels.fp8_output_layer:
-        gemm /= FP8_OUTPUT_GEMM_RATE[kernels.fp8]
-        cast_f = hw.memory_time(FP8_CAST_BYTES[kernels.fp8] * vloc * h)
+        gemm /= FP8_OUTPUT_GEMM_RATE
+        cast_f = hw.memory_time(FP8_CAST_BYTES["tensorwise"] * vloc * h)
         cast_b = cast_f + hw.memory_time(n * vloc)
     norm = hw.memory_time(LLAMA_BYTES_PER_H / 2 * n * h)
     ce_f, ce_b = hw.memory_time(CE_FORWARD_BYTES * n * vloc), hw.memory_time(CE_BACKWARD_BYTES * n * vloc)
