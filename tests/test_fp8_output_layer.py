@@ -28,7 +28,7 @@ N, H, VOCAB = 64, 32, 48
 def _case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(N, H, generator=gen)
-    x[5] *= 30  # an outlier token: one scale for all of x spends e4m3's range on it
+    x[5] *= 30  # an outlier token: scaled per token, it costs the other tokens no precision
     w = torch.randn(VOCAB, H, generator=gen) * 0.3
     targets = torch.randint(0, VOCAB, (N,), generator=gen)
     return x, w, targets
@@ -36,17 +36,17 @@ def _case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _emulated_output_layer(x, w, targets, chunk: int) -> tuple:
     """Loss, grad_x and grad_w of mean cross-entropy over x @ w^T, in float64, with each GEMM's operands
-    rounded as the float8 output layer rounds them: w in e4m3 at one scale, each chunk of x in e4m3 at
-    one scale of its own (the same for the logits and grad_w), and softmax - one_hot rounded to e5m2
-    after multiplying by 2^15 (no amax: its magnitude is at most 1)."""
+    rounded as the float8 output layer rounds them: x and w in e4m3 scaled along each GEMM's contraction
+    (per token and per vocabulary row for the logits; per column of w over the vocabulary for grad_x; per
+    column of each chunk of x over its tokens for grad_w), and softmax - one_hot rounded to e5m2 after
+    multiplying by 2^15 (no amax: its magnitude is at most 1)."""
     x, w = x.double(), w.double()
-    w8 = _emulated(w, fp8.E4M3, None)
-    x8 = torch.cat([_emulated(x[s : s + chunk], fp8.E4M3, None) for s in range(0, N, chunk)])
-    logits = x8 @ w8.t()
+    logits = _emulated(x, fp8.E4M3, 1) @ _emulated(w, fp8.E4M3, 1).t()
     loss = F.cross_entropy(logits, targets)
     g = torch.softmax(logits, dim=-1) - F.one_hot(targets, VOCAB).double()
     g8 = _nearest(g * 2.0**15, fp8.E5M2) / 2.0**15 / N
-    return loss, g8 @ w8, g8.t() @ x8
+    x8 = torch.cat([_emulated(x[s : s + chunk], fp8.E4M3, 0) for s in range(0, N, chunk)])
+    return loss, g8 @ _emulated(w, fp8.E4M3, 0), g8.t() @ x8
 
 
 def _run_output_layer(rank: int, world: int, chunk_rows: int, kernels: bool) -> dict:
@@ -111,8 +111,8 @@ TP_VOCAB = 64
 
 
 def _sharded_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A weight whose second half is 2^-14 the scale of its first: alone, that half would take a scale
-    2^14 larger; scaled with the whole weight, much of it lies in e4m3's subnormals (below 2^-6)."""
+    """A weight whose second half is 2^-14 the scale of its first: alone, that half's columns would take
+    scales 2^14 larger; scaled with the whole weight's, much of it lies in e4m3's subnormals (below 2^-6)."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(N, H, generator=gen)
     w = torch.randn(TP_VOCAB, H, generator=gen) * 0.3
@@ -139,19 +139,20 @@ def _run_sharded(rank: int, world: int) -> dict:
 
 
 def test_tensor_parallel_ranks_scale_the_weight_as_one_process_does():
-    """The weight's one scale comes from its amax over every rank's shard, so tp 2 rounds each weight
-    exactly as tp 1 does: the same loss and gradients up to summation order. The second rank's share of
-    x's gradient is the emulation's with the whole weight's scale, far from it with its shard's own."""
+    """The weight's column scales for x's gradient come from its amax over every rank's rows (its vocabulary
+    rows' scales for the logits are each rank's own anyway), so tp 2 rounds each weight exactly as tp 1
+    does: the same loss and gradients up to summation order. The second rank's share of x's gradient is
+    the emulation's with the whole weight's column scales, far from it with its shard's own."""
     one = run_ranks(1, _run_sharded, timeout=60)[0]
     two, second = run_ranks(2, _run_sharded, timeout=60)
     assert abs(two["loss"].item() / one["loss"].item() - 1) < 1e-6
     assert _relative_error(two["grad_x"], one["grad_x"]) < 1e-6
     assert _relative_error(two["grad_w"], one["grad_w"]) < 1e-6
     x, w, targets = _sharded_case()
-    x8 = torch.cat([_emulated(x[s : s + 16].double(), fp8.E4M3, None) for s in range(0, N, 16)])
-    whole = _emulated(w.double(), fp8.E4M3, None)
-    shards = torch.cat([_emulated(half.double(), fp8.E4M3, None) for half in w.chunk(2)])
-    g = torch.softmax(x8 @ whole.t(), dim=-1) - F.one_hot(targets, TP_VOCAB).double()
+    x8, w = _emulated(x.double(), fp8.E4M3, 1), w.double()
+    whole = _emulated(w, fp8.E4M3, 0)
+    shards = torch.cat([_emulated(half, fp8.E4M3, 0) for half in w.chunk(2)])
+    g = torch.softmax(x8 @ _emulated(w, fp8.E4M3, 1).t(), dim=-1) - F.one_hot(targets, TP_VOCAB).double()
     g8 = _nearest(g * 2.0**15, fp8.E5M2)[:, TP_VOCAB // 2 :] / 2.0**15 / N
     assert _relative_error(second["share"], g8 @ whole[TP_VOCAB // 2 :]) < 1e-5
     assert _relative_error(second["share"], g8 @ shards[TP_VOCAB // 2 :]) > 1e-3

@@ -20,13 +20,15 @@ docs/benchmarks.md); the gradient taking the logits' memory also lowers the peak
 one. Elsewhere the same math runs in place on one fp32 buffer (`_eager_chunk`).
 
 With training.fp8_output_layer the chunk's three GEMMs run in float8 (threefold.parallel.fp8): x and the
-weight in e4m3, one scale each (`SCALING`) whatever the layers' recipe, the weight's amax taken over all TP
-ranks' shards, and the weight cast twice per call (once per GEMM that reads it), not per chunk. The logits'
-gradient g = (softmax - one_hot) / n lies within [-1/n, 1/n] whatever the logits, so it needs no amax: it is
-written straight in e5m2 at one fixed power-of-two scale (`GRAD_CAST`), by the same kernel (or eager code)
-that computes it. e5m2's range (2^-16 to 57344) keeps probabilities down to about 1e-9 of the row's largest
-entry, where e4m3's (2^-9 to 448) would flush the tail of a 128k vocabulary's softmax to zero. The weight
-gradient reads g transposed, a byte-for-byte copy of the float8 values (`fp8.transposed_cast` at scale 1).
+weight in e4m3, scaled per row or column as the rowwise recipe scales the layers' operands whatever recipe the
+layers use (the weight's column scales over all TP ranks' rows, so any tp rounds as one process does), and the
+weight cast twice per call (once per GEMM that reads it), not per chunk. The logits' gradient g = (softmax -
+one_hot) / n lies within [-1/n, 1/n] whatever the logits, so it needs no amax: it is written straight in e5m2
+at one fixed power-of-two scale (`GRAD_CAST`), by the same kernel (or eager code) that computes it. e5m2's
+range (2^-16 to 57344) keeps probabilities down to about 1e-9 of the row's largest entry, where e4m3's (2^-9
+to 448) would flush the tail of a 128k vocabulary's softmax to zero. The weight gradient reads g transposed, a
+byte-for-byte copy of the float8 values (`fp8.transposed_cast` at scale 1). Both gradient GEMMs apply their
+column scales after cuBLAS's one-scale kernel rather than in its slower row-scaled one (`_Fp8Gemms`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from threefold.config import Fp8Recipe
 from threefold.config.validate import FP8_MULTIPLE
 from threefold.model import CHUNK_ELEMENTS  # a global of this module too: tests shrink it here
 from threefold.parallel import fp8 as float8
@@ -50,10 +51,6 @@ Reduce = Callable[[torch.Tensor], None]
 BLOCK = 4096
 """Logits per Triton program (16 per thread of 8 warps)."""
 
-SCALING: Fp8Recipe = "tensorwise"
-"""How the float8 output layer scales x and the weight, whatever recipe the layers use: one scale each.
-cuBLAS's tensorwise-scaled float8 GEMMs at llama-1b's output layer ran 1.1-1.6x its rowwise-scaled ones
-(one H100, bench/fp8_gemm_formats.py, docs/benchmarks.md), the weight gradient most."""
 GRAD_FORMAT = float8.E5M2
 """The float8 format of the logits' gradient (float8 output layer)."""
 GRAD_CAST = 2.0**15
@@ -227,77 +224,102 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.copy_(g.t() @ xc)  # a bf16 GEMM per chunk, summed over chunks in fp32
                 else:
                     grad_w += g.t() @ xc
+        columns = None  # the weight gradient's column scales, where still to apply
         if gemms is not None and want_w:
-            grad_w = gemms.grad_weight
-        ctx.save_for_backward(grad_x, grad_w)
+            grad_w, columns = gemms.grad_weight, gemms.grad_weight_scale
+        ctx.save_for_backward(grad_x, grad_w, columns)
         ctx.weight_dtype = weight.dtype
         return loss_sum / n
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_x, grad_w = ctx.saved_tensors
+        grad_x, grad_w, columns = ctx.saved_tensors
         if grad_x is not None:
             grad_x = grad_x * grad_loss.to(grad_x.dtype)
         if grad_w is not None:  # one pass: the product in grad_w's dtype, written in the weight's
+            factor = grad_loss.to(grad_w.dtype) if columns is None else (grad_loss * columns).to(grad_w.dtype)
             scaled = torch.empty(grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
-            grad_w = torch.mul(grad_w, grad_loss.to(grad_w.dtype), out=scaled)
+            grad_w = torch.mul(grad_w, factor, out=scaled)
         return grad_x, grad_w, None, None, None, None, None
 
 
 class _Fp8Gemms:
     """The output layer's GEMMs in float8 for one call: the weight cast once for the logits and once for
-    the input gradient, the chunks' products, and the weight gradient summed over the chunks (in the
-    weight's dtype for one chunk, else in fp32). Every operand takes one scale (`SCALING`), whatever the
-    layers' recipe."""
+    the input gradient, the chunks' products, and the weight gradient summed over the chunks.
+
+    Every operand of x and the weight is scaled per row or column along the GEMM's contraction, as the
+    rowwise recipe scales the layers' operands, and g has one fixed scale. The logits' GEMM takes its
+    scales inside cuBLAS's row-scaled kernel. The two gradient GEMMs take the one-scale kernel (1.1-1.6x
+    faster here: bench/fp8_gemm_formats.py) and apply the weight's or x's column scales to their output
+    columns after it: a column scale of the right operand multiplies its output column, and a power of
+    two changes no rounding, so the values are those the row-scaled kernel would give."""
 
     def __init__(
         self, weight: torch.Tensor, n: int, reduce_amax: Reduce, *, want_x: bool, want_w: bool
     ) -> None:
         self.dtype = weight.dtype
-        self.dequant = 1.0 / (n * GRAD_CAST)  # g's values times this are the gradient of the mean over n
         self.want_w = want_w
-        # One read of W for both casts. The amax is the whole weight's, over the TP ranks' shards, so any
-        # tp rounds W as one process does (x is the same on every rank, and g's scale is fixed).
-        amax = weight.abs().amax().float()
-        reduce_amax(amax)
-        scale = float8.scale_from_amax(amax, float8.E4M3)
-        self.w_logits = float8.operand(weight.t(), float8.E4M3, SCALING, "b", scale)  # (h, Vl): x W^T
-        self.w_input = float8.operand(weight, float8.E4M3, SCALING, "b", scale) if want_x else None  # g W
-        self.x_weight: float8.Operand | None = None  # the chunk's x as the weight gradient's right operand
+        self.g_scale = torch.full((), 1.0 / (n * GRAD_CAST), dtype=torch.float32, device=weight.device)
+        """g's values times this are the gradient of the mean over n."""
+        self.w_logits = float8.operand(weight.t(), float8.E4M3, "rowwise", "b")  # (h, Vl), per vocab row
+        self.w_input: tuple[torch.Tensor, torch.Tensor] | None = None
+        if want_x:  # (Vl, h) for g W, per hidden column over the whole vocabulary (all TP ranks' rows)
+            amax = weight.abs().amax(dim=0, keepdim=True).float()
+            reduce_amax(amax)
+            self.w_input = _column_scaled(weight, float8.scale_from_amax(amax, float8.E4M3), self.dtype)
+        self.x_weight: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's x for g^T x
         self.grad_weight: torch.Tensor | None = None
+        self.grad_weight_scale: torch.Tensor | None = None
+        """With one chunk, the column scales `grad_weight` still wants (the loss's backward applies them
+        with the incoming gradient, in the same pass); None once applied."""
 
     def logits(self, xc: torch.Tensor) -> torch.Tensor:
         """xc W^T (c, Vl) in the compute dtype, fast accumulation as in the layers' forward GEMMs. The
-        chunk's x is cast for the weight gradient here too, at the same scale (one amax read)."""
-        scale = float8.scale_for(xc, float8.E4M3, None)
+        chunk's x is cast for the weight gradient here too, per hidden column over the chunk's tokens."""
         if self.want_w:
-            self.x_weight = float8.operand(xc, float8.E4M3, SCALING, "b", scale)  # (c, h)
-        x_a = float8.operand(xc, float8.E4M3, SCALING, "a", scale)
+            self.x_weight = _column_scaled(xc, float8.scale_for(xc, float8.E4M3, 0), self.dtype)
+        x_a = float8.operand(xc, float8.E4M3, "rowwise", "a")
         return float8.matmul(x_a, self.w_logits, self.dtype, fast_accum=True)
 
-    def _left(self, data: torch.Tensor) -> float8.Operand:
-        """g (or g^T) in GRAD_FORMAT as a left operand, at its one fixed scale."""
-        return float8.Operand(data, torch.full((), self.dequant, dtype=torch.float32, device=data.device))
+    def _product(self, g: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """g (in GRAD_FORMAT at its fixed scale) @ right (float8, column-major), before column scales."""
+        one = torch.ones((), dtype=torch.float32, device=g.device)
+        return float8.matmul(
+            float8.Operand(g, self.g_scale), float8.Operand(right, one), self.dtype, fast_accum=False
+        )
 
     def backward(self, g: torch.Tensor, grad_x: torch.Tensor | None, start: int) -> None:
         """The chunk's share of the input gradient (written into grad_x at `start`) and of the weight
-        gradient, from g (c, Vl) in GRAD_FORMAT whose values times `self.dequant` are the gradient, and
-        the chunk's x as `logits` cast it."""
+        gradient, from g (c, Vl) in GRAD_FORMAT, and the chunk's x as `logits` cast it."""
         if grad_x is not None:
             assert self.w_input is not None
-            part = float8.matmul(self._left(g), self.w_input, self.dtype, fast_accum=False)
-            grad_x[start : start + g.shape[0]].copy_(part)
+            data, columns = self.w_input
+            torch.mul(self._product(g, data), columns, out=grad_x[start : start + g.shape[0]])
         if not self.want_w:
             return
         assert self.x_weight is not None, "logits() casts the chunk's x before its backward"
+        (data, columns), self.x_weight = self.x_weight, None
         one = torch.ones((), dtype=torch.float32, device=g.device)
-        g_t = self._left(float8.transposed_cast(g, one, GRAD_FORMAT))  # (Vl, c): exact re-layout
-        part = float8.matmul(g_t, self.x_weight, self.dtype, fast_accum=False)  # (Vl, h)
-        self.x_weight = None
+        part = self._product(float8.transposed_cast(g, one, GRAD_FORMAT), data)  # (Vl, h); exact g^T
         if self.grad_weight is None:
-            self.grad_weight = part
-        else:  # several chunks: summed in fp32
-            self.grad_weight = self.grad_weight.float().add_(part)
+            self.grad_weight, self.grad_weight_scale = part, columns
+        else:  # several chunks: summed in fp32, each chunk's columns scaled as it is added
+            if self.grad_weight_scale is not None:
+                self.grad_weight = torch.mul(
+                    self.grad_weight,
+                    self.grad_weight_scale,
+                    out=torch.empty(self.grad_weight.shape, dtype=torch.float32, device=part.device),
+                )
+                self.grad_weight_scale = None
+            self.grad_weight.addcmul_(part, columns)
+
+
+def _column_scaled(
+    t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (R, C) times `scale` (1, C) in e4m3, laid out as a right operand (column-major), and the columns'
+    inverse scales in `dtype` (powers of two, exact in it) to multiply the GEMM's output columns by."""
+    return float8.cast_as(t, scale, float8.E4M3, "b", "rowwise"), scale.reciprocal().to(dtype)
 
 
 def linear_cross_entropy(

@@ -128,14 +128,13 @@ FP8_GEMM_RATE = {"tensorwise": 1.93, "rowwise": 1.80}
 rowwise's float8 GEMMs 74.9 ms (issue18-2026-12-04-s7/rowwise_kernel.txt), tensorwise's 70.1 ms
 (issue18-2026-12-04/call1-prof_8_tensorwise.txt). Hopper's float8 tensor cores have twice bf16's peak;
 these GEMMs are too small to get all of it."""
-FP8_OUTPUT_GEMM_RATE = 1.68
-"""How much faster the output layer's three GEMMs run in float8 (training.fp8_output_layer, whose operands
-take one scale each whatever the layers' recipe, threefold.model.loss.SCALING): one H100,
+FP8_OUTPUT_GEMM_RATE = 1.54
+"""How much faster the output layer's three GEMMs run in float8 (training.fp8_output_layer): one H100,
 llama-1b's output layer on a chunk of 8,368 tokens (`bench/fp8_gemm_formats.py`, 2026-12-06,
-bench/results/issue18-2026-12-06-s23/gemm_formats.txt): bf16 17.93 ms, float8 10.65 ms with one scale per
-operand, 14.48 ms with rowwise's row and column scales (cuBLAS's row-scaled kernel for the weight gradient,
-128256 x 8368 x 2048, runs at bf16's speed). The step's profile agreed for rowwise: 33.3 ms of bf16 output
-GEMMs against 26.7 ms of float8 (1.25x)."""
+bench/results/issue18-2026-12-06-s23/gemm_formats.txt): bf16 17.93 ms; float8 11.61 ms as
+threefold.model.loss runs them, the logits through cuBLAS's row-scaled kernel (4.23 ms) and both gradients
+through its one-scale kernel with the column scales applied after (3.56 and 3.82 ms). All three through the
+row-scaled kernel took 14.48 ms (its weight gradient, 128256 x 8368 x 2048, runs at bf16's speed)."""
 FP8_CAST_BYTES = {"tensorwise": 7.0, "rowwise": 7.0}
 """HBM bytes a float8 cast moves per element of the tensor it casts (its amax read, the scaled cast's read
 and write, transposed copies; `fp8_cast_elements` counts the elements). Fitted to the same H200's fp8 and
@@ -421,7 +420,7 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels
     cast_f = cast_b = 0.0
     if kernels.fp8 is not None and kernels.fp8_output_layer:
         gemm /= FP8_OUTPUT_GEMM_RATE
-        cast_f = hw.memory_time(FP8_CAST_BYTES["tensorwise"] * vloc * h)
+        cast_f = hw.memory_time(FP8_CAST_BYTES["rowwise"] * vloc * h)
         cast_b = cast_f + hw.memory_time(n * vloc)
     norm = hw.memory_time(LLAMA_BYTES_PER_H / 2 * n * h)
     ce_f, ce_b = hw.memory_time(CE_FORWARD_BYTES * n * vloc), hw.memory_time(CE_BACKWARD_BYTES * n * vloc)
