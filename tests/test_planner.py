@@ -905,9 +905,11 @@ def test_fp8_casts_count_each_operand_and_weigh_less_on_wider_layers():
 
 def test_the_float8_output_layer_prediction_follows_the_measured_gain(capsys):
     """rowwise with the output layer in float8 against rowwise alone: llama-1b, seq 2048, micro-batch 8,
-    one H100, through `threefold train` on the same machine (2026-12-06, twenty-third session, seed 1234;
-    docs/benchmarks.md, "The output layer in float8"): 74,884 / 73,018 tokens/s, 1.026x. Predicted within
-    1.5%, with only the head's terms changed; the flag needs a recipe, and the run command carries it."""
+    H100s, through `threefold train`, each against bf16 on its own machine (seed 1234, 2026-12-06;
+    docs/benchmarks.md, "The output layer's gradient GEMMs on the one-scale kernel"): 77,985 / 65,794
+    tokens/s with the output layer, 73,018 / 65,260 without (the day before's code, another machine),
+    1.059x. Predicted within 2.5% (no same-machine pair of the current code was run), with only the head's
+    terms changed; the flag needs a recipe, and the run command carries it."""
     from threefold.plan.time_model import FP8_OUTPUT_GEMM_RATE, Kernels, head_pass, layer_pass
 
     hw = load_hardware("h100")
@@ -917,7 +919,7 @@ def test_the_float8_output_layer_prediction_follows_the_measured_gain(capsys):
     output = Kernels(compiled=True, fp8="rowwise", fp8_output_layer=True)
     steps = [estimate_layout_time(w, lay, hw, gpus_per_node=1, kernels=k).step for k in (rowwise, output)]
     predicted = steps[0] / steps[1]
-    assert abs(predicted / (74_884 / 73_018) - 1) < 0.015, predicted
+    assert abs(predicted / ((77_985 / 65_794) / (73_018 / 65_260)) - 1) < 0.025, predicted
     plain, fast = (head_pass(w, lay, hw, intra_tp=True, kernels=k).terms for k in (rowwise, output))
     assert fast["gemm"] == pytest.approx(plain["gemm"] / FP8_OUTPUT_GEMM_RATE)
     assert "fp8_cast" not in plain and fast["fp8_cast"] > 0
