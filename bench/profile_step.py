@@ -4,8 +4,6 @@ Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps
     [--torch-grad-move] (gradients into main_grad through torch's copy_/add_, as before 2026-12-04)
     [--fp8-kernel=on|off] (float8 transposed casts in compiled code through the Triton kernel, or left to
     the compiler, for every recipe; unset: threefold.parallel.fp8.KERNEL_UNDER_COMPILE's per-recipe choice)
-    [--fp8-row-scales=kernel|after] (rowwise GEMMs on cuBLAS's row-scaled kernel, or on its one-scale
-    kernel with the scales multiplied in after: threefold.parallel.fp8.ROW_SCALES_AFTER)
     [--host] (also: the host's Python functions by own time, under cProfile, and the operators that
     launched the most GPU time, with their input shapes)
     [--full-names] (kernel names whole, not cut at 90 characters: to find them in the compiler's code)
@@ -108,10 +106,8 @@ def main(argv: list[str]) -> None:
         if arg.startswith("--fp8-kernel"):
             on = arg in ("--fp8-kernel", "--fp8-kernel=on")
             fp8.KERNEL_UNDER_COMPILE = dict.fromkeys(fp8.KERNEL_UNDER_COMPILE, on)
-        if arg.startswith("--fp8-row-scales="):  # kernel (cuBLAS's row-scaled GEMM) or after
-            fp8.ROW_SCALES_AFTER = arg == "--fp8-row-scales=after"
     flags = ("--torch-grad-move", "--host", "--full-names", "--launches", "--real-tokens")
-    argv = [a for a in argv if a not in flags and not a.startswith(("--fp8-kernel", "--fp8-row-scales"))]
+    argv = [a for a in argv if a not in flags and not a.startswith("--fp8-kernel")]
     i = 0
     while i < len(argv):
         if argv[i] in ("--steps", "--warmup"):

@@ -148,34 +148,6 @@ def _emulated(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> torch.Ten
     return _nearest(t * scale, dtype) / scale
 
 
-def test_row_scales_after_the_one_scale_gemm_give_the_row_scaled_gemms_values(monkeypatch):
-    """fp8.ROW_SCALES_AFTER: rowwise's three GEMMs given unit scales, their row and column scales (powers
-    of two) multiplied in after, give the row-scaled GEMMs' output and gradients to the bit, an outlier
-    token and bf16 rounding included. (On the CPU the unit scales reach torch as rows of ones, see
-    fp8.matmul; on CUDA, cuBLAS's one-scale kernel.)"""
-    gen = torch.Generator().manual_seed(3)
-    x = (torch.randn(64, 96, generator=gen) * 3).bfloat16()
-    x[7] *= 500
-    w, dy = torch.randn(48, 96, generator=gen).bfloat16(), torch.randn(64, 48, generator=gen).bfloat16()
-    unit: list[bool] = []
-    scaled_mm = torch._scaled_mm
-
-    def recorded(a, b, scale_a, scale_b, **kwargs):
-        unit.append(bool((scale_a == 1).all() and (scale_b == 1).all()))
-        return scaled_mm(a, b, scale_a, scale_b, **kwargs)
-
-    monkeypatch.setattr(torch, "_scaled_mm", recorded)
-    results = {}
-    for after in (False, True):
-        monkeypatch.setattr(fp8, "ROW_SCALES_AFTER", after)
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = fp8.fp8_linear(xi, wi, "rowwise")
-        y.backward(dy)
-        results[after] = (y.detach(), xi.grad, wi.grad)
-    assert unit == [False] * 3 + [True] * 3
-    assert all(torch.equal(a, b) for a, b in zip(results[False], results[True], strict=True))
-
-
 @pytest.mark.parametrize("recipe,grad_dtype", [("tensorwise", E5M2), ("rowwise", E4M3)])
 def test_linear_forward_and_backward_are_the_float8_gemms(recipe, grad_dtype):
     """Forward x in e4m3 @ W in e4m3; grad_x: dy @ W in e4m3; grad_W: dy^T @ x in e4m3, with dy in e5m2

@@ -278,8 +278,8 @@ class _Fp8Gemms:
         chunk's x is cast for the weight gradient here too, per hidden column over the chunk's tokens."""
         if self.want_w:
             self.x_weight = _column_scaled(xc, float8.scale_for(xc, float8.E4M3, 0), self.dtype)
-        x_a = float8.operand(xc, float8.E4M3, "rowwise", "a")  # scales inside: 2 GB of logits a chunk
-        return float8.matmul(x_a, self.w_logits, self.dtype, fast_accum=True, scales_after=False)
+        x_a = float8.operand(xc, float8.E4M3, "rowwise", "a")
+        return float8.matmul(x_a, self.w_logits, self.dtype, fast_accum=True)
 
     def _product(self, g: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """g (in GRAD_FORMAT at its fixed scale) @ right (float8, column-major), before column scales."""

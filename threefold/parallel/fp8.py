@@ -186,25 +186,9 @@ def grad_operands(
     )
 
 
-ROW_SCALES_AFTER = False
-"""Whether GEMMs with row and column scales (rowwise) run on cuBLAS's one-scale kernel, given unit scales,
-and multiply its output by the scales after (in compiled code the compiler fuses that multiply into the
-work that reads the output). The scales are powers of two, so the values are the row-scaled kernel's. A
-module-level switch for A/B runs (bench/profile_step.py --fp8-row-scales=after); set it before the first
-compile."""
-
-
-def matmul(
-    a: Operand, b: Operand, out_dtype: torch.dtype, *, fast_accum: bool, scales_after: bool | None = None
-) -> torch.Tensor:
-    """(a.data * a.scale) @ (b.data * b.scale) in out_dtype, accumulated in fp32 by the GEMM. Row and
-    column scales go in after the GEMM where `scales_after` says so (None: ROW_SCALES_AFTER)."""
+def matmul(a: Operand, b: Operand, out_dtype: torch.dtype, *, fast_accum: bool) -> torch.Tensor:
+    """(a.data * a.scale) @ (b.data * b.scale) in out_dtype, accumulated in fp32 by the GEMM."""
     scale_a, scale_b = a.scale, b.scale
-    after = ROW_SCALES_AFTER if scales_after is None else scales_after
-    if after and scale_a.numel() * scale_b.numel() > 1:
-        one = torch.ones((), dtype=torch.float32, device=a.data.device)
-        product = matmul(Operand(a.data, one), Operand(b.data, one), out_dtype, fast_accum=fast_accum)
-        return product * scale_a.to(out_dtype) * scale_b.to(out_dtype)
     if not a.data.is_cuda and scale_a.numel() == scale_b.numel() == 1:
         # torch's CPU kernel for one scale per operand can be 1000x slower than its row-scaled one (41 s
         # against 0.05 s for 256 x 64 x 50272, torch 2.13): the same scales, one per row and column.
