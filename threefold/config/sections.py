@@ -453,9 +453,10 @@ class TrainingConfig(Section):
     false. Needs bfloat16 and a GPU of compute capability >= 8.9 (Ada, Hopper); weights, optimizer and
     checkpoints stay as they are."""
     fp8_output_layer: bool = False
-    """With training.fp8: the output layer's three GEMMs in float8 too (its weight and input in e4m3 at one
-    scale each, whatever the recipe; the logits' gradient in e5m2 at one fixed scale); attention stays in
-    bf16. Needs the local vocabulary (vocab_size padded to tp_size, over tp_size) a multiple of 16."""
+    """With training.fp8: the output layer's three GEMMs in float8 too (its weight and input in e4m3,
+    scaled per row or column as the rowwise recipe scales, whatever the layers' recipe; the logits'
+    gradient in e5m2 at one fixed scale); attention stays in bf16. Needs the local vocabulary (vocab_size
+    padded to tp_size, over tp_size) a multiple of 16."""
     eval_interval: int = 50
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
     eval_sequences: int = 16
