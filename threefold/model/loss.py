@@ -261,6 +261,7 @@ class _Fp8Gemms:
         self.want_w = want_w
         self.g_scale = torch.full((), 1.0 / (n * GRAD_CAST), dtype=torch.float32, device=weight.device)
         """g's values times this are the gradient of the mean over n."""
+        self.one = torch.ones((), dtype=torch.float32, device=weight.device)  # a unit scale
         self.w_logits = float8.operand(weight.t(), float8.E4M3, "rowwise", "b")  # (h, Vl), per vocab row
         self.w_input: tuple[torch.Tensor, torch.Tensor] | None = None
         if want_x:  # (Vl, h) for g W, per hidden column over the whole vocabulary (all TP ranks' rows)
@@ -283,9 +284,8 @@ class _Fp8Gemms:
 
     def _product(self, g: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """g (in GRAD_FORMAT at its fixed scale) @ right (float8, column-major), before column scales."""
-        one = torch.ones((), dtype=torch.float32, device=g.device)
         return float8.matmul(
-            float8.Operand(g, self.g_scale), float8.Operand(right, one), self.dtype, fast_accum=False
+            float8.Operand(g, self.g_scale), float8.Operand(right, self.one), self.dtype, fast_accum=False
         )
 
     def backward(self, g: torch.Tensor, grad_x: torch.Tensor | None, start: int) -> None:
@@ -299,8 +299,7 @@ class _Fp8Gemms:
             return
         assert self.x_weight is not None, "logits() casts the chunk's x before its backward"
         (data, columns), self.x_weight = self.x_weight, None
-        one = torch.ones((), dtype=torch.float32, device=g.device)
-        part = self._product(float8.transposed_cast(g, one, GRAD_FORMAT), data)  # (Vl, h); exact g^T
+        part = self._product(float8.transposed_cast(g, self.one, GRAD_FORMAT), data)  # (Vl, h); exact g^T
         if self.grad_weight is None:
             self.grad_weight, self.grad_weight_scale = part, columns
         else:  # several chunks: summed in fp32, each chunk's columns scaled as it is added

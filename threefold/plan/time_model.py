@@ -418,7 +418,7 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels
     )
     gemm = _gemms(hw, [(n, h, vloc)])
     cast_f = cast_b = 0.0
-    if kernels.fp8 is not None and kernels.fp8_output_layer:
+    if kernels.fp8_output_layer:  # needs kernels.fp8 (Kernels checks)
         gemm /= FP8_OUTPUT_GEMM_RATE
         cast_f = hw.memory_time(FP8_CAST_BYTES["rowwise"] * vloc * h)
         cast_b = cast_f + hw.memory_time(n * vloc)
