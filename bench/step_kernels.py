@@ -94,7 +94,7 @@ def loss_kernels(rows: int, vocab: int) -> None:
 
     def kernels() -> tuple[torch.Tensor, torch.Tensor | None]:
         work = logits.clone()  # the kernel writes the gradient over its logits
-        return loss_module._kernel_chunk(work, targets, owned, vocab, scale, True, _none, _none)
+        return loss_module._kernel_chunk(work, targets, owned, vocab, scale, work.dtype, _none, _none)
 
     def clone() -> torch.Tensor:
         return logits.clone()
