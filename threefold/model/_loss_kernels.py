@@ -5,21 +5,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _logits_block(logits, row, cols, valid, row_scale, col_scale, SCALED: tl.constexpr):
-    """One block of a row's logits in fp32, -inf past the valid columns. SCALED: the stored values are a
-    float8 GEMM's products before its scales, each times its row's and its column's (both powers of
-    two, so the product is what a GEMM that applied them would have rounded)."""
-    x = tl.load(logits + cols, mask=valid, other=float("-inf")).to(tl.float32)
-    if SCALED:
-        x = x * tl.load(row_scale + row) * tl.load(col_scale + cols, mask=valid, other=1.0)
-    return x
-
-
-@triton.jit
 def row_stats_kernel(
-    logits, row_stride, out_max, out_sum, num_valid, row_scale, col_scale,
-    SCALED: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    logits, row_stride, out_max, out_sum, num_valid, BLOCKS: tl.constexpr, BLOCK: tl.constexpr
+):
     """Per row of (rows, >= num_valid) logits: the max of its first num_valid entries and the sum of
     their exp(logit - max), in fp32, in one read (the max found so far rescales the running sum).
     BLOCKS = cdiv(num_valid, BLOCK), a constant: Triton's interpreter cannot loop to a runtime bound."""
@@ -30,7 +18,7 @@ def row_stats_kernel(
     running_sum = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     for block in range(0, BLOCKS):
         cols = block * BLOCK + offsets
-        x = _logits_block(base, row, cols, cols < num_valid, row_scale, col_scale, SCALED)
+        x = tl.load(base + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))  # finite: the block has a valid entry
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         running_max = new_max
@@ -39,16 +27,13 @@ def row_stats_kernel(
 
 
 @triton.jit
-def grad_kernel(
-    logits, out, row_stride, log_norm, hot_col, scale, num_valid, num_cols, row_scale, col_scale,
-    SCALED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+def grad_kernel(logits, out, row_stride, log_norm, hot_col, scale, num_valid, num_cols, BLOCK: tl.constexpr):
     """out[r, c] = scale * (exp(logits[r, c] - log_norm[r]) - (c == hot_col[r])) for c < num_valid, and 0
     for the padding columns up to num_cols; out may be logits itself (each entry is read, then written)."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     base = row.to(tl.int64) * row_stride
-    x = _logits_block(logits + base, row, cols, cols < num_valid, row_scale, col_scale, SCALED)
+    x = tl.load(logits + base + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
     norm = tl.load(log_norm + row)
     hot = tl.load(hot_col + row)
     g = (tl.exp(x - norm) - tl.where(cols == hot, 1.0, 0.0)) * scale

@@ -27,10 +27,8 @@ one_hot) / n lies within [-1/n, 1/n] whatever the logits, so it needs no amax: i
 at one fixed power-of-two scale (`GRAD_CAST`), by the same kernel (or eager code) that computes it. e5m2's
 range (2^-16 to 57344) keeps probabilities down to about 1e-9 of the row's largest entry, where e4m3's (2^-9
 to 448) would flush the tail of a 128k vocabulary's softmax to zero. The weight gradient reads g transposed, a
-byte-for-byte copy of the float8 values (`fp8.transposed_cast` at scale 1). The GEMMs run on cuBLAS's
-one-scale kernel rather than its slower row-scaled one, the scales applied to their outputs after them: the
-gradient GEMMs' in the writes that follow, the logits' by the loss's Triton kernels as they read them
-(`_Fp8Gemms`).
+byte-for-byte copy of the float8 values (`fp8.transposed_cast` at scale 1). Both gradient GEMMs apply their
+column scales after cuBLAS's one-scale kernel rather than in its slower row-scaled one (`_Fp8Gemms`).
 """
 
 from __future__ import annotations
@@ -69,35 +67,26 @@ def _kernel_chunk(
     grad_dtype: torch.dtype | None,
     reduce_max: Reduce,
     reduce_sums: Reduce,
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same result through two Triton kernels (CUDA, or the CPU under Triton's interpreter): one read
     of the bf16 logits for each row's max and sum of exponentials together, one read and write for the
     gradient, written over the logits (the chunk's fresh GEMM output, needed no more) where it keeps
-    their dtype, else into a new tensor of `grad_dtype`. With `scales` (fp32 (rows,) and (cols,), powers
-    of two), `logits` holds a float8 GEMM's products before its row and column scales, and the kernels
-    apply them as they read each entry."""
+    their dtype, else into a new tensor of `grad_dtype`."""
     from threefold.model._loss_kernels import grad_kernel, row_stats_kernel  # imports triton
 
     logits = logits.contiguous()
     rows, cols = logits.shape
     local_max = torch.empty(rows, dtype=torch.float32, device=logits.device)
     local_sum = torch.empty_like(local_max)
-    row_scale, col_scale = scales if scales is not None else (local_max, local_max)  # unread if None
-    scaled = scales is not None
-    stats_args = (logits, logits.stride(0), local_max, local_sum, num_valid, row_scale, col_scale)
-    blocks = -(-num_valid // BLOCK)
-    row_stats_kernel[(rows,)](*stats_args, SCALED=scaled, BLOCKS=blocks, BLOCK=BLOCK, num_warps=8)
+    stats_args = (logits, logits.stride(0), local_max, local_sum, num_valid)
+    row_stats_kernel[(rows,)](*stats_args, BLOCKS=-(-num_valid // BLOCK), BLOCK=BLOCK, num_warps=8)
     row_max = local_max.clone()
     reduce_max(row_max)
     # Each rank summed exp(logit - its own max): rescaled to the global max (a factor of 1 on one rank; 0
     # on a rank whose columns are all padding, whose max is -inf and sum 0).
     sum_exp = local_sum * torch.exp(local_max - row_max)
     rows_index = torch.arange(rows, device=logits.device)
-    picked = logits[rows_index, local_targets].float()
-    if scales is not None:
-        picked = picked * row_scale * col_scale[local_targets]
-    target = (picked - row_max).masked_fill(~owned, 0.0)
+    target = (logits[rows_index, local_targets].float() - row_max).masked_fill(~owned, 0.0)
     both = torch.stack([target, sum_exp])
     reduce_sums(both)
     loss = (both[1].log() - both[0]).sum()
@@ -107,8 +96,9 @@ def _kernel_chunk(
     hot = local_targets.masked_fill(~owned, -1)  # no column is -1: no one-hot on the other ranks' targets
     grid = (rows, -(-cols // BLOCK))
     out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
-    grad_args = (logits, out, logits.stride(0), log_norm, hot, scale, num_valid, cols, row_scale, col_scale)
-    grad_kernel[grid](*grad_args, SCALED=scaled, BLOCK=BLOCK, num_warps=8)
+    grad_kernel[grid](
+        logits, out, logits.stride(0), log_norm, hot, scale, num_valid, cols, BLOCK=BLOCK, num_warps=8
+    )
     return loss, out
 
 
@@ -201,18 +191,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             local_targets = targets[start : start + chunk] - vocab_start
             owned = (local_targets >= 0) & (local_targets < local_vocab)
             local_targets = local_targets.masked_fill(~owned, 0)
-            scales = None  # the logits' row and column scales, where the kernels apply them
             if gemms is not None:
-                logits, scales = gemms.logits(xc, defer_scales=kernels)
-                grad_scale, grad_dtype = GRAD_CAST, GRAD_FORMAT
+                logits, grad_scale, grad_dtype = gemms.logits(xc), GRAD_CAST, GRAD_FORMAT
             else:
                 logits = xc @ weight.t()  # (c, Vl), in the compute dtype
                 grad_scale, grad_dtype = 1.0 / n, logits.dtype
-            args = (logits, local_targets, owned, num_valid, grad_scale, grad_dtype if want_grad else None)
-            if kernels:
-                chunk_loss, g = _kernel_chunk(*args, reduce_max, reduce_sums, scales)
-            else:
-                chunk_loss, g = _eager_chunk(*args, reduce_max, reduce_sums)
+            chunk_loss, g = (_kernel_chunk if kernels else _eager_chunk)(
+                logits, local_targets, owned, num_valid, grad_scale, grad_dtype if want_grad else None,
+                reduce_max, reduce_sums,
+            )  # fmt: skip
             loss_sum += chunk_loss
             if g is None:
                 continue
@@ -261,13 +248,11 @@ class _Fp8Gemms:
     the input gradient, the chunks' products, and the weight gradient summed over the chunks.
 
     Every operand of x and the weight is scaled per row or column along the GEMM's contraction, as the
-    rowwise recipe scales the layers' operands, and g has one fixed scale. The GEMMs run on cuBLAS's
-    one-scale kernel (1.1-1.6x faster than its row-scaled one here: bench/fp8_gemm_formats.py), and the
-    scales are applied to its output after it: a row scale of the left operand multiplies its output row,
-    a column scale of the right operand its output column, and a power of two changes no rounding, so the
-    values are those the row-scaled kernel would give. The loss's Triton kernels apply the logits' scales
-    as they read them; the gradient GEMMs' column scales go into the writes that follow them. Without the
-    kernels (eager code), the logits take the row-scaled kernel, which costs no pass of its own."""
+    rowwise recipe scales the layers' operands, and g has one fixed scale. The logits' GEMM takes its
+    scales inside cuBLAS's row-scaled kernel. The two gradient GEMMs take the one-scale kernel (1.1-1.6x
+    faster here: bench/fp8_gemm_formats.py) and apply the weight's or x's column scales to their output
+    columns after it: a column scale of the right operand multiplies its output column, and a power of
+    two changes no rounding, so the values are those the row-scaled kernel would give."""
 
     def __init__(
         self, weight: torch.Tensor, n: int, reduce_amax: Reduce, *, want_x: bool, want_w: bool
@@ -289,22 +274,13 @@ class _Fp8Gemms:
         """With one chunk, the column scales `grad_weight` still wants (the loss's backward applies them
         with the incoming gradient, in the same pass); None once applied."""
 
-    def logits(
-        self, xc: torch.Tensor, *, defer_scales: bool
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """xc W^T (c, Vl) in the compute dtype, fast accumulation as in the layers' forward GEMMs. With
-        `defer_scales`, the one-scale kernel's products before xc's row and W's vocabulary-row scales,
-        and those scales (fp32 (c,) and (Vl,)) for the loss's kernels to apply as they read them; else
-        the logits themselves (the row-scaled kernel) and None. The chunk's x is cast for the weight
-        gradient here too, per hidden column over the chunk's tokens."""
+    def logits(self, xc: torch.Tensor) -> torch.Tensor:
+        """xc W^T (c, Vl) in the compute dtype, fast accumulation as in the layers' forward GEMMs. The
+        chunk's x is cast for the weight gradient here too, per hidden column over the chunk's tokens."""
         if self.want_w:
             self.x_weight = _column_scaled(xc, float8.scale_for(xc, float8.E4M3, 0), self.dtype)
         x_a = float8.operand(xc, float8.E4M3, "rowwise", "a")
-        if not defer_scales:
-            return float8.matmul(x_a, self.w_logits, self.dtype, fast_accum=True), None
-        x_unit, w_unit = float8.Operand(x_a.data, self.one), float8.Operand(self.w_logits.data, self.one)
-        products = float8.matmul(x_unit, w_unit, self.dtype, fast_accum=True)
-        return products, (x_a.scale.reshape(-1), self.w_logits.scale.reshape(-1))
+        return float8.matmul(x_a, self.w_logits, self.dtype, fast_accum=True)
 
     def _product(self, g: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """g (in GRAD_FORMAT at its fixed scale) @ right (float8, column-major), before column scales."""
