@@ -164,6 +164,12 @@ _AMPERE_GEMM = ((0.01, 0.08), (0.1, 0.3), (1.0, 0.6), (10.0, 0.76), (100.0, 0.83
 # Blackwell: no measurement yet; Hopper's curve (calibrate with `threefold plan --calibrate`).
 _BLACKWELL_GEMM = _HOPPER_GEMM
 
+HOPPER_ATTENTION = 0.30
+"""Fraction of peak torch's attention (cuDNN's flash kernels, what `attention_backend = "auto"` runs) reaches
+on the causal FLOPs at llama-1b's shape, seq 2048, micro-batch 8: 26.8 ms a step on one H100
+(bench/results/issue18-2026-12-06-s25/callB-h100/profile_2_old.txt) and 27.6 ms on one H200
+(issue18-2026-12-04-s9/call2-profile_bf16_8.txt), each 0.29 of the dense bf16 peak; FA4 reached 0.32
+(24.4 ms, issue18-2026-12-05-s16/callC-h100/profile8_fa4.txt)."""
 NIC_EFFICIENCY = 0.88
 """Fraction of a NIC's line rate NCCL's inter-node collectives reach (nccl-tests on HDR/NDR fabrics report
 85-92% of line rate as bus bandwidth)."""
@@ -214,6 +220,7 @@ PRESETS: dict[str, Hardware] = {
         p2p_intra_gbps=370.0,
         **_network(NDR_X8),
         gemm_curve=_HOPPER_GEMM,
+        attention_efficiency=HOPPER_ATTENTION,
     ),
     # H200 SXM 141GB: the H100's compute and NVLink with faster, larger HBM3e. All-reduce bus bandwidth
     # 340-354 GB/s measured on 4 NVLink-connected H200s (BENCHMARKS.md).
@@ -227,6 +234,7 @@ PRESETS: dict[str, Hardware] = {
         p2p_intra_gbps=370.0,
         **_network(NDR_X8),
         gemm_curve=_HOPPER_GEMM,
+        attention_efficiency=HOPPER_ATTENTION,
     ),
     # B200 (HGX B200): 2.25 PFLOP/s dense bf16 per GPU at 1000 W, 180 GB HBM3e at 8 TB/s, NVLink5 1.8 TB/s
     # per GPU (both directions), 8 x 400 Gb/s ConnectX-7 per node. Collective and GEMM efficiencies are
@@ -268,6 +276,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
         "(as measured on H200, same NVLink)",
         "inter_node_gbps": "DGX/HGX H100: 8 x NDR 400 Gb/s per node = 50 GB/s per GPU; ~45 achieved",
         "gemm_curve": "690-770 TFLOP/s bf16 measured on large random matrices (BENCHMARKS.md)",
+        "attention_efficiency": "cuDNN's flash attention in llama-1b's step: 0.29 of peak (HOPPER_ATTENTION)",
     },
     "h200": {
         "peak_tflops": "NVIDIA H200 SXM datasheet: 989 TFLOP/s dense bf16",
@@ -275,6 +284,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
         "intra_node_gbps": "measured: NCCL all-reduce bus bandwidth 340-354 GB/s on 4 H200 (BENCHMARKS.md)",
         "inter_node_gbps": "HGX H200 with 8 x NDR 400 Gb/s per node = 50 GB/s per GPU; ~45 achieved",
         "gemm_curve": "759 / 686 / 681 TFLOP/s at 4096^3 / 8192^3 / 16384^3 measured (BENCHMARKS.md)",
+        "attention_efficiency": "cuDNN's flash attention in llama-1b's step: 0.29 of peak (HOPPER_ATTENTION)",
     },
     "b200": {
         "peak_tflops": "NVIDIA HGX B200 datasheet: 2.25 PFLOP/s dense bf16 per GPU",

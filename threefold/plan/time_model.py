@@ -86,12 +86,34 @@ CE_FORWARD_BYTES = 38.0
 """Cross-entropy forward per local logit: fp32 copy, max, subtract, exp, sum, divide."""
 CE_BACKWARD_BYTES = 14.0
 """Cross-entropy backward per local logit: softmax minus one-hot, scale, cast to the compute dtype."""
+CE_KERNEL_READS = (1.0, 2.0)
+"""Compiled runs (training.compile, where Triton runs): the loss's two Triton kernels move this many times
+the compute dtype's bytes a local logit, forward and backward (threefold.model.loss: one read for each
+row's max and sum of exponentials; one read and one write for the gradient). The eager figures above are
+for torch's ops on an fp32 copy. Measured on one H100 (2026-12-06, bench/results/issue18-2026-12-06-s25/
+callB-h100/profile_2_old.txt): the two kernels took 1.43 and 2.16 ms a step over 16,384 x 128,256 bf16
+logits, 2.9 TB/s each for these bytes (the gradient there written in float8, a byte where bf16 writes
+two)."""
 BACKWARD_TRAFFIC = 2.0
 ATTENTION_BACKWARD_FLOPS = 2.5
 """Flash attention's backward executes about 2.5x the forward FLOPs (it recomputes the scores)."""
 COLLECTIVE_HBM_PASSES = 3.0
 """A ring collective reads and writes each byte of its buffer about this many times in device memory
 (send, receive, reduce); overlapped with compute it takes that HBM time from the kernels it hides behind."""
+COMPILED_LOSS_BEFORE_KERNELS = 1.82
+"""How much longer torch.compile's kernels of the loss's chunk took than threefold's two Triton kernels:
+3.23 against 1.77 ms for a chunk of llama-1b (8,371 x 128,256 bf16 logits) on one H200 (2026-12-04,
+bench/step_kernels.py, docs/benchmarks.md): three passes over the logits and a division, against two."""
+ADAMW_STATE_BYTES = 24.0
+"""The one-pass AdamW per element: the fp32 master and both moments read and written. Besides these it
+reads the gradient (4 bytes from an fp32 buffer, the compute dtype's with direct gradients), the gradient
+norm reads it once more, and it writes the bf16 weight where the master is not the weight."""
+OPTIMIZER_BANDWIDTH_FRACTION = 0.82
+"""Fraction of HBM bandwidth the one-pass update and the gradient norm reach together: 15.6 ms a step on
+one H100 for llama-1b's 1.498e9 parameters with direct gradients (30 bytes each: 0.86 of 3.35 TB/s;
+bench/results/issue18-2026-12-06-s25/callB-h100/profile_2_old.txt, adamw_kernel 14.2 ms and the norm's
+multi-tensor kernel 1.4) and 11.9 ms on one H200 (0.79 of 4.8 TB/s; issue18-2026-12-04-s9/
+call2-profile_bf16_8.txt)."""
 DP_OVERLAP = 0.9
 """Fraction of the last micro-batch's backward the gradient collective can hide behind."""
 HOST_OPS_FORWARD = 50
@@ -135,14 +157,15 @@ bench/results/issue18-2026-12-06-s23/gemm_formats.txt): bf16 17.93 ms; float8 11
 threefold.model.loss runs them, the logits through cuBLAS's row-scaled kernel (4.23 ms) and both gradients
 through its one-scale kernel with the column scales applied after (3.56 and 3.82 ms). All three through the
 row-scaled kernel took 14.48 ms (its weight gradient, 128256 x 8368 x 2048, runs at bf16's speed)."""
-FP8_CAST_BYTES = {"tensorwise": 7.0, "rowwise": 7.0}
+FP8_CAST_BYTES = {"tensorwise": 7.5, "rowwise": 7.5}
 """HBM bytes a float8 cast moves per element of the tensor it casts (its amax read, the scaled cast's read
 and write, transposed copies; `fp8_cast_elements` counts the elements). Fitted to the same H200's fp8 and
-bf16 steps measured side by side (tests/test_planner.py): 32.5 ms of casts a step for rowwise and 34.3 for
-tensorwise at micro-batch 8, 21.8e9 elements. Those runs cast q/k/v's and gate/up's shared input once per
+bf16 steps measured side by side (tests/test_planner.py: the six ratios within 1.6%), about 33 ms of casts a
+step at micro-batch 8 over 21.8e9 elements. Those runs cast q/k/v's and gate/up's shared input once per
 projection, 3.2e9 more elements than the distinct operands counted here (shared since the tenth session).
 A cast whose amax came from the kernel that wrote the tensor would move 3 (read 2, write 1), the floor of
-this design."""
+this design. (7.0 until the compiled loss's bytes were counted as its kernels move them, CE_KERNEL_READS:
+the bf16 step the ratios divide then came out 9% longer.)"""
 
 
 def fp8_cast_elements(n: int, inputs: list[int], shapes: list[tuple[int, int, int]]) -> tuple[float, float]:
@@ -205,6 +228,14 @@ class Kernels:
     fp8_output_layer: bool = False
     """With fp8: the output layer's GEMMs too (training.fp8_output_layer), at 1 / FP8_OUTPUT_GEMM_RATE of
     their bf16 time, plus its casts (`head_pass`)."""
+    loss_kernels: bool = True
+    """Compiled runs: the loss's element-wise work in threefold's two Triton kernels (CE_KERNEL_READS; since
+    2026-12-04, commit 0f1905c). False: torch.compile's kernels of the same math, as threefold ran before
+    them, COMPILED_LOSS_BEFORE_KERNELS times as long."""
+    one_pass_adamw: bool = True
+    """AdamW in one pass per parameter (threefold/adamw.py's Triton kernel, what CUDA runs since 2026-12-04):
+    `ADAMW_ONE_PASS_BYTES` an element at OPTIMIZER_BANDWIDTH_FRACTION of HBM. False: torch's fused AdamW,
+    then a copy of the masters into the bf16 weights, for the validation rows measured before it."""
     direct_grads: bool = True
     """Direct gradients where the layout allows them (`Layout.direct_grads`, Config.direct_grads's rule):
     no fp32 gradient buffers, no move into them, the optimizer reading the compute-dtype gradients.
@@ -423,7 +454,11 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels
         cast_f = hw.memory_time(FP8_CAST_BYTES["rowwise"] * vloc * h)
         cast_b = cast_f + hw.memory_time(n * vloc)
     norm = hw.memory_time(LLAMA_BYTES_PER_H / 2 * n * h)
-    ce_f, ce_b = hw.memory_time(CE_FORWARD_BYTES * n * vloc), hw.memory_time(CE_BACKWARD_BYTES * n * vloc)
+    ce_bytes = (CE_FORWARD_BYTES, CE_BACKWARD_BYTES)
+    if kernels.compiled:
+        slower = 1.0 if kernels.loss_kernels else COMPILED_LOSS_BEFORE_KERNELS
+        ce_bytes = (slower * e * CE_KERNEL_READS[0], slower * e * CE_KERNEL_READS[1])
+    ce_f, ce_b = (hw.memory_time(per_logit * n * vloc) for per_logit in ce_bytes)
     forward = gemm + norm + ce_f + cast_f
     backward = 2 * gemm + 2 * norm + ce_b + cast_b
     tp_time = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp) + 3 * hw.all_reduce_time(
@@ -469,6 +504,7 @@ def boundary_transfer(w: Workload, lay: Layout, hw: Hardware, *, intra_pp: bool)
 def data_parallel_tail(
     lay: Layout, hw: Hardware, params: int, *, dtype_bytes: int, backward: float, intra_dp: bool,
     forward: float = 0.0, overlap: bool = True, num_microbatches: int = 1, direct: bool = False,
+    one_pass: bool = True,
 ) -> tuple[float, float]:  # fmt: skip
     """(exposed data-parallel communication, optimizer step) seconds per step of a rank holding `params`
     parameters whose last micro-batch's backward takes `backward` seconds (and first forward `forward`:
@@ -480,10 +516,17 @@ def data_parallel_tail(
     is). Offload: the host AdamW (28 bytes per parameter through host memory) pipelined with the copies
     down and up, the slowest of the three setting the pace. `direct` (direct gradients, one rank): the
     gradient norm and the update each read e bytes of every gradient instead of the buffer's 4.
+    `one_pass` (Kernels.one_pass_adamw): the update's bytes are the one-pass kernel's (ADAMW_STATE_BYTES
+    and the gradient's and weight's), at OPTIMIZER_BANDWIDTH_FRACTION of HBM; else torch's fused AdamW
+    and the copy into the weights, 44 + e bytes an element.
     """
     # every rank holding the same weights
     d, e, stage = lay.parallel.dp_size * lay.parallel.cp_size, dtype_bytes, int(lay.parallel.zero)
     grads = 4.0 * params
+    grad_read = e if direct and not stage else 4  # ZeRO's shards of the reduced gradients are fp32
+    weight_write = e if e < 4 else 0  # fp32 training: the master is the weight
+    one_pass_bytes = (ADAMW_STATE_BYTES + 2 * grad_read + weight_write) / OPTIMIZER_BANDWIDTH_FRACTION
+    per_element = one_pass_bytes if one_pass else 44 + e
     if stage and d > 1:
         rounds = num_microbatches if stage >= 2 else 1
         dp_comm = rounds * hw.reduce_scatter_time(grads, d, intra_node=intra_dp)
@@ -491,13 +534,16 @@ def data_parallel_tail(
         if stage >= 3:
             dp_comm += 2 * num_microbatches * gather
             gather = 0.0
-        opt_bytes = 4 * params + (44 + e) * params / d
+        opt_bytes = 4 * params + per_element * params / d
     else:
         dp_comm = hw.all_reduce_time(grads, d, intra_node=intra_dp)
         gather = 0.0
-        opt_bytes = (48 + e) * params if e == 2 else 44 * params
-        if direct:
-            opt_bytes -= 2 * (4 - e) * params  # two reads of each gradient, norm and update, at e bytes
+        if one_pass:
+            opt_bytes = per_element * params
+        else:
+            opt_bytes = (48 + e) * params if e == 2 else 44 * params
+            if direct:
+                opt_bytes -= 2 * (4 - e) * params  # two reads of each gradient, norm and update, at e bytes
     if not overlap:
         exposed = dp_comm + gather
     else:
@@ -595,6 +641,7 @@ def estimate_layout_time(
                 overlap=kernels.dp_overlap,
                 num_microbatches=num_mb,
                 direct=direct,
+                one_pass=kernels.one_pass_adamw,
             )  # fmt: skip
         )
 
