@@ -53,7 +53,8 @@ def launch(t: torch.Tensor, scale: torch.Tensor, config: tuple[int, int, int]) -
     block_rows, block_cols, warps = config
     grid = ((rows + block_rows - 1) // block_rows, (cols + block_cols - 1) // block_cols)
     transposed_cast_kernel[grid](
-        t, out, scale, rows, cols, *t.stride(), 0, 1, fp8.FP8_MAX[fp8.E4M3],
+        t, out, scale, rows, cols, *t.stride(), *fp8.scale_strides(scale)[:2], fp8.FP8_MAX[fp8.E4M3],
+        fp8.scale_strides(scale)[2],
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
     )  # fmt: skip
     return out

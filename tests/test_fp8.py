@@ -484,18 +484,24 @@ def test_zero_fp8_gather_needs_zero3_and_tensorwise(overrides):
 TRANSPOSED = """
 import torch
 from threefold.parallel._fp8_kernel import transposed_cast_kernel
+from threefold.parallel.fp8 import scale_strides
 
 generator = torch.Generator().manual_seed(0)
+seen = set()
 for rows, cols in ((64, 64), (70, 45), (1, 130)):
     t = torch.randn(rows, cols, generator=generator) * 300
     for source in (t, t.t().contiguous().t()):
-        for scale in (torch.tensor(2.0), torch.rand(rows, 1) * 4, torch.rand(1, cols) * 4):
+        scales = (torch.tensor([[2.0]]), torch.rand(rows, 1) * 4, torch.rand(1, cols) * 4,
+                  torch.rand(rows, cols) * 4, (torch.rand(cols, rows) * 4).t())
+        for scale in scales:
             out = torch.full((cols, rows), float("nan"))  # fp32 out: the interpreter's float8 casts are not
-            factor = scale.expand(rows, cols)              # the GPU's; the GPU test checks those bits
+            s_row, s_col, along = scale_strides(scale)     # the GPU's; the GPU test checks those bits
+            seen.add(along)
             grid = ((rows + 31) // 32, (cols + 31) // 32)
-            transposed_cast_kernel[grid](source, out, factor, rows, cols, *source.stride(), *factor.stride(),
-                                         448.0, BLOCK_ROWS=32, BLOCK_COLS=32)
+            transposed_cast_kernel[grid](source, out, scale, rows, cols, *source.stride(), s_row, s_col,
+                                         448.0, along, BLOCK_ROWS=32, BLOCK_COLS=32)
             assert torch.equal(out, (source * scale).clamp(-448.0, 448.0).t()), (rows, cols, scale.shape)
+assert seen == {0, 1, 2, 3}, seen
 print("same")
 """
 
@@ -503,7 +509,7 @@ print("same")
 def test_the_transposed_cast_kernel_moves_every_element_under_the_interpreter():
     """fp8.transposed_cast's Triton kernel, run by Triton's interpreter on the CPU with an fp32 output:
     every element lands transposed, scaled and clamped, for ragged tiles, strided inputs and each scale
-    layout."""
+    layout (one value, per row, per column, per element, each read its own way: SCALE_ALONG)."""
     import os
     import subprocess
     import sys
@@ -554,7 +560,8 @@ def test_the_compiled_fp8_linear_is_the_eager_one_on_the_cpu(recipe):
         assert got is not None and torch.equal(got, want)
 
 
-def test_the_transposed_cast_kernel_compiles_for_hopper_as_torch_compile_launches_it():
+@pytest.mark.parametrize("scale_strides", [(0, 0), (1, 0), (0, 1)], ids=["one", "per-row", "per-column"])
+def test_the_transposed_cast_kernel_compiles_for_hopper_as_torch_compile_launches_it(scale_strides):
     """torch.compile launches the kernel with its own signature: a Python float argument becomes fp64,
     and Hopper's back end has no fp64 to float8 conversion, so a clamp limit passed at run time failed
     to compile there (2026-12-04, 'PassManager::run failed'). Compiled here for sm_90 (Triton brings its
@@ -566,11 +573,13 @@ def test_the_transposed_cast_kernel_compiles_for_hopper_as_torch_compile_launche
     from threefold.parallel._fp8_kernel import transposed_cast_kernel
 
     # the arguments fp8.transposed_cast passes, in order: three pointers, then sizes and strides of a
-    # transposed (64, 64) input, then float8's largest value
-    values = ["*bf16", "*fp8e4nv", "*fp32", 64, 64, 1, 64, 0, 0, fp8.FP8_MAX[fp8.E4M3]]
+    # transposed (64, 64) input and of the scale, then float8's largest value and how the scale varies
+    s_row, s_col = scale_strides
+    along = fp8.scale_strides(torch.ones(64 if s_row else 1, 64 if s_col else 1))[2]
+    values = ["*bf16", "*fp8e4nv", "*fp32", 64, 64, 1, 64, s_row, s_col, fp8.FP8_MAX[fp8.E4M3], along]
     constants = {"BLOCK_ROWS": fp8.TILE, "BLOCK_COLS": fp8.TILE}
     signature, constexprs = {}, {}
-    for p, value in zip(transposed_cast_kernel.params, values + [None] * 4, strict=False):
+    for p, value in zip(transposed_cast_kernel.params, values + [None] * 2, strict=True):
         if p.is_constexpr or value == 1:  # the compiler makes an integer 1 (a unit stride) a constant
             signature[p.name] = "constexpr"
             constexprs[p.name] = constants.get(p.name, value)

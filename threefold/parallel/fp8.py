@@ -119,14 +119,21 @@ def transposed_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     # The scale's strides as broadcast to (rows, cols), 0 along its size-1 dimensions. Not an expanded
     # tensor: the compiler may write an expanded argument out in full (4 bytes an element of t).
     scale = scale.float().reshape(scale.shape if scale.dim() == 2 else (1, 1))
-    s_row = scale.stride(0) if scale.shape[0] > 1 else 0
-    s_col = scale.stride(1) if scale.shape[1] > 1 else 0
+    s_row, s_col, along = scale_strides(scale)
     grid = ((rows + TILE - 1) // TILE, (cols + TILE - 1) // TILE)
     torch.library.wrap_triton(transposed_cast_kernel)[grid](
-        t, out, scale, rows, cols, *t.stride(), s_row, s_col, FP8_MAX[dtype],
+        t, out, scale, rows, cols, *t.stride(), s_row, s_col, FP8_MAX[dtype], along,
         BLOCK_ROWS=TILE, BLOCK_COLS=TILE, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def scale_strides(scale: torch.Tensor) -> tuple[int, int, int]:
+    """A 2-D scale's strides as broadcast to its tensor (0 along its size-1 dimensions) and the kernel's
+    SCALE_ALONG for them: 0 one value, 1 one per row, 2 one per column, 3 per element."""
+    s_row = scale.stride(0) if scale.shape[0] > 1 else 0
+    s_col = scale.stride(1) if scale.shape[1] > 1 else 0
+    return s_row, s_col, (1 if s_row else 0) + (2 if s_col else 0)
 
 
 KERNEL_UNDER_COMPILE: dict[Fp8Recipe, bool] = {"tensorwise": False, "rowwise": True}
