@@ -109,11 +109,10 @@ ADAMW_STATE_BYTES = 24.0
 reads the gradient (4 bytes from an fp32 buffer, the compute dtype's with direct gradients), the gradient
 norm reads it once more, and it writes the bf16 weight where the master is not the weight."""
 OPTIMIZER_BANDWIDTH_FRACTION = 0.82
-"""Fraction of HBM bandwidth the one-pass update and the gradient norm reach together: 15.6 ms a step on
-one H100 for llama-1b's 1.498e9 parameters with direct gradients (30 bytes each: 0.86 of 3.35 TB/s;
-bench/results/issue18-2026-12-06-s25/callB-h100/profile_2_old.txt, adamw_kernel 14.2 ms and the norm's
-multi-tensor kernel 1.4) and 11.9 ms on one H200 (0.79 of 4.8 TB/s; issue18-2026-12-04-s9/
-call2-profile_bf16_8.txt)."""
+"""Fraction of HBM bandwidth the one-pass update and the gradient norm reach together: 15.8 ms a step on
+one H100 for llama-1b's 1.498e9 parameters with direct gradients (30 bytes each: 0.85 of 3.35 TB/s;
+bench/results/issue18-2026-12-06-s25/callB-h100/profile_2_old.txt, adamw_kernel 14.3 ms of it) and 11.9
+ms on one H200 (0.79 of 4.8 TB/s; issue18-2026-12-04-s9/call2-profile_bf16_8.txt)."""
 DP_OVERLAP = 0.9
 """Fraction of the last micro-batch's backward the gradient collective can hide behind."""
 HOST_OPS_FORWARD = 50
