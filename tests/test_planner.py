@@ -294,6 +294,50 @@ def test_direct_gradients_make_the_step_faster():
         assert len(steps) == 1, lay.label()
 
 
+def test_the_compiled_loss_and_the_optimizer_are_charged_as_the_kernels_run():
+    """Compiled, the loss is its two Triton kernels' bytes (one read of the bf16 logits forward, a read and
+    a write backward; torch.compile's kernels before them 1.82x that, eager torch's ops far more); AdamW is
+    the one-pass kernel's 24 bytes of state, two reads of each gradient and the bf16 weight's write, at the
+    optimizer's share of the bandwidth (torch's fused AdamW and a copy, for rows measured before it)."""
+    from threefold.plan.time_model import (
+        ADAMW_STATE_BYTES,
+        COMPILED_LOSS_BEFORE_KERNELS,
+        OPTIMIZER_BANDWIDTH_FRACTION,
+        Kernels,
+        head_pass,
+    )  # fmt: skip
+
+    hw = PRESETS["h100"]
+    w, lay = (
+        Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=8),
+        _layout(micro_batch_size=8),
+    )
+    logits = 8 * 2048 * 128_256
+    norm = head_pass(w, lay, hw, intra_tp=True, kernels=Kernels(compiled=True, fp8="rowwise")).terms
+    heads = {
+        k: head_pass(w, lay, hw, intra_tp=True, kernels=k).terms["elementwise"]
+        for k in (Kernels(compiled=True), Kernels(compiled=True, loss_kernels=False), Kernels())
+    }
+    now, before, eager = heads.values()
+    loss = hw.memory_time(6 * logits)
+    assert now - loss == pytest.approx(before - COMPILED_LOSS_BEFORE_KERNELS * loss)  # the norm's bytes
+    assert now - loss == pytest.approx(norm["elementwise"] - loss)
+    assert eager - now == pytest.approx(hw.memory_time((38 + 14 - 6) * logits))
+
+    params = rank_parameters(w, lay, 0)
+    step = {
+        flag: estimate_layout_time(
+            w, lay, hw, gpus_per_node=1, kernels=Kernels(compiled=True, one_pass_adamw=flag)
+        )
+        for flag in (True, False)
+    }
+    assert step[True].optimizer == pytest.approx(
+        hw.memory_time((ADAMW_STATE_BYTES + 2 * 2 + 2) * params / OPTIMIZER_BANDWIDTH_FRACTION)
+    )
+    assert step[False].optimizer == pytest.approx(hw.memory_time(46 * params))
+    assert step[True].step < step[False].step
+
+
 # ---- memory: activations, counted with saved-tensor hooks ----------------------------------------------
 
 

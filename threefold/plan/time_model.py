@@ -233,8 +233,9 @@ class Kernels:
     them, COMPILED_LOSS_BEFORE_KERNELS times as long."""
     one_pass_adamw: bool = True
     """AdamW in one pass per parameter (threefold/adamw.py's Triton kernel, what CUDA runs since 2026-12-04):
-    `ADAMW_ONE_PASS_BYTES` an element at OPTIMIZER_BANDWIDTH_FRACTION of HBM. False: torch's fused AdamW,
-    then a copy of the masters into the bf16 weights, for the validation rows measured before it."""
+    ADAMW_STATE_BYTES and the gradient's and weight's bytes an element, at OPTIMIZER_BANDWIDTH_FRACTION of
+    HBM. False: torch's fused AdamW, then a copy of the masters into the bf16 weights, for the validation
+    rows measured before it."""
     direct_grads: bool = True
     """Direct gradients where the layout allows them (`Layout.direct_grads`, Config.direct_grads's rule):
     no fp32 gradient buffers, no move into them, the optimizer reading the compute-dtype gradients.
