@@ -305,7 +305,7 @@ def test_the_compiled_loss_and_the_optimizer_are_charged_as_the_kernels_run():
         OPTIMIZER_BANDWIDTH_FRACTION,
         Kernels,
         head_pass,
-    )  # fmt: skip
+    )
 
     hw = PRESETS["h100"]
     w, lay = (
@@ -313,7 +313,7 @@ def test_the_compiled_loss_and_the_optimizer_are_charged_as_the_kernels_run():
         _layout(micro_batch_size=8),
     )
     logits = 8 * 2048 * 128_256
-    norm = head_pass(w, lay, hw, intra_tp=True, kernels=Kernels(compiled=True, fp8="rowwise")).terms
+    rowwise_head = head_pass(w, lay, hw, intra_tp=True, kernels=Kernels(compiled=True, fp8="rowwise")).terms
     heads = {
         k: head_pass(w, lay, hw, intra_tp=True, kernels=k).terms["elementwise"]
         for k in (Kernels(compiled=True), Kernels(compiled=True, loss_kernels=False), Kernels())
@@ -321,7 +321,7 @@ def test_the_compiled_loss_and_the_optimizer_are_charged_as_the_kernels_run():
     now, before, eager = heads.values()
     loss = hw.memory_time(6 * logits)
     assert now - loss == pytest.approx(before - COMPILED_LOSS_BEFORE_KERNELS * loss)  # the norm's bytes
-    assert now - loss == pytest.approx(norm["elementwise"] - loss)
+    assert now - loss == pytest.approx(rowwise_head["elementwise"] - loss)
     assert eager - now == pytest.approx(hw.memory_time((38 + 14 - 6) * logits))
 
     params = rank_parameters(w, lay, 0)

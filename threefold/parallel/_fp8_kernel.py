@@ -3,10 +3,6 @@
 import triton
 import triton.language as tl
 
-ONE, PER_ROW, PER_COLUMN, PER_ELEMENT = 0, 1, 2, 3
-"""SCALE_ALONG: how the scale varies over t (R, C): one value; one per row (s_row its stride); one per
-column (s_col); or per element (both strides)."""
-
 
 @triton.jit
 def transposed_cast_kernel(
@@ -15,8 +11,9 @@ def transposed_cast_kernel(
 ):  # fmt: skip
     """out[c, r] = clamp(t[r, c] * scale[r, c], -LIMIT, LIMIT) in out's dtype, for one tile of t (any
     strides; the scale broadcast through its strides); out is (cols, rows), row-major. Triton stages the
-    tile through shared memory, so the reads and the writes are both coalesced. A scale that varies
-    along one axis (SCALE_ALONG) is read as one vector a tile and broadcast, not element by element.
+    tile through shared memory, so the reads and the writes are both coalesced. SCALE_ALONG says how the
+    scale varies (fp8.scale_strides gives it): 0 one value, 1 one per row, 2 one per column, 3 per element;
+    along one axis it is read as one vector a tile and broadcast, not element by element.
     LIMIT (the format's largest value) is a compile-time constant, so the clamp stays in fp32: a float
     argument passed by torch.compile's launcher is fp64, and the GPU back end has no fp64 to float8
     conversion."""
