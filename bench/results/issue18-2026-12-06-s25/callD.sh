@@ -17,7 +17,7 @@ fp8="--training.fp8=rowwise --training.fp8_output_layer=true"
 i=0
 for tree in new old new old; do
   i=$((i + 1)); dir=$PWD; [ $tree = old ] && dir=$old
-  (cd $dir && PYTHONPATH=$dir python3 -c "import threefold.parallel._fp8_kernel as k; print(k.__file__, 'vector scale read:', hasattr(k, 'PER_ROW'))")
+  (cd $dir && PYTHONPATH=$dir python3 -c "import threefold.parallel._fp8_kernel as k; print(k.__file__, 'vector scale read:', 'SCALE_ALONG' in open(k.__file__).read())")
   (cd $dir && PYTHONPATH=$dir timeout 150 python3 bench/profile_step.py $args $fp8 --steps 4) \
     > "$out/profile_${i}_$tree.txt" 2>&1
   echo "== $i $tree rc $? ($(( $(date +%s) - t0 )) s)"; grep -E "^step time|^peak|^\| transposed_cast_kernel" "$out/profile_${i}_$tree.txt"
