@@ -140,6 +140,37 @@ def test_matmul_is_the_product_of_the_dequantized_operands(recipe):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rowwise_on_cpu", [True, False])
+def test_cpu_tensorwise_matmul_passes_the_scales_this_torch_takes(monkeypatch, rowwise_on_cpu):
+    """On the CPU, one scale per operand goes to _scaled_mm as a scale per row and column where this
+    torch's CPU kernel takes those (the faster kernel), and as it is where it does not (torch 2.11)."""
+    a = fp8.operand(_randn(32, 64) * 3, E5M2, "tensorwise", "a")
+    b = fp8.operand(_randn(64, 48) / 5, E4M3, "tensorwise", "b")
+    shapes = []
+    scaled_mm = torch._scaled_mm
+
+    def spy(x, y, scale_a, scale_b, **kwargs):
+        shapes.append((tuple(scale_a.shape), tuple(scale_b.shape)))
+        return scaled_mm(x, y, scale_a, scale_b, **kwargs)
+
+    monkeypatch.setattr(fp8, "cpu_has_rowwise_scaled_mm", lambda: rowwise_on_cpu)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    got = fp8.matmul(a, b, torch.float32, fast_accum=False)
+    assert shapes == [((32, 1), (1, 48)) if rowwise_on_cpu else (tuple(a.scale.shape), tuple(b.scale.shape))]
+    want = (a.data.double() * a.scale.double()) @ (b.data.double() * b.scale.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpu_rowwise_check_says_what_torch_does():
+    one = torch.ones(4, 16).to(E4M3)
+    try:
+        torch._scaled_mm(one, one.t(), torch.ones(4, 1), torch.ones(1, 4), out_dtype=torch.float32)
+        takes_rowwise = True
+    except RuntimeError:
+        takes_rowwise = False
+    assert fp8.cpu_has_rowwise_scaled_mm() == takes_rowwise
+
+
 def _emulated(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> torch.Tensor:
     """t rounded through float8 with a power-of-two scale per tensor or per slice over `dim`: the
     reference the linear's GEMMs must match, written out without threefold's helpers."""

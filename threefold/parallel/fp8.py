@@ -36,6 +36,7 @@ machine needs nothing beyond torch.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any, NamedTuple
 
@@ -193,10 +194,22 @@ def grad_operands(
     )
 
 
+@functools.cache
+def cpu_has_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU _scaled_mm takes one scale per row and column (2.13's does; 2.11's
+    refuses anything but one scale per operand)."""
+    one = torch.ones(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(one, one.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
 def matmul(a: Operand, b: Operand, out_dtype: torch.dtype, *, fast_accum: bool) -> torch.Tensor:
     """(a.data * a.scale) @ (b.data * b.scale) in out_dtype, accumulated in fp32 by the GEMM."""
     scale_a, scale_b = a.scale, b.scale
-    if not a.data.is_cuda and scale_a.numel() == scale_b.numel() == 1:
+    if not a.data.is_cuda and scale_a.numel() == scale_b.numel() == 1 and cpu_has_rowwise_scaled_mm():
         # torch's CPU kernel for one scale per operand can be 1000x slower than its row-scaled one (41 s
         # against 0.05 s for 256 x 64 x 50272, torch 2.13): the same scales, one per row and column.
         scale_a = scale_a.reshape(1, 1).expand(a.data.shape[0], 1).contiguous()
