@@ -307,7 +307,7 @@ def test_the_compiled_loss_and_the_optimizer_are_charged_as_the_kernels_run():
         head_pass,
     )
 
-    hw = PRESETS["h100"]
+    hw = dataclasses.replace(PRESETS["h100"], fused_gbps=None)  # every kernel at HBM rate (see the next test)
     w, lay = (
         Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=8),
         _layout(micro_batch_size=8),
@@ -336,6 +336,32 @@ def test_the_compiled_loss_and_the_optimizer_are_charged_as_the_kernels_run():
     )
     assert step[False].optimizer == pytest.approx(hw.memory_time(46 * params))
     assert step[True].step < step[False].step
+
+
+def test_compiled_kernels_move_their_bytes_at_the_presets_fused_rate():
+    """The h100 preset's compiled element-wise kernels, float8 casts and loss kernels run at fused_gbps
+    (H100_FUSED_GBPS), faster than its HBM figure alone would say; eager kernels, GEMMs, attention and the
+    optimizer are untouched; a preset without the field (h200) runs them at its HBM rate."""
+    from threefold.plan.hardware import H100_FUSED_GBPS
+    from threefold.plan.time_model import Kernels, head_pass, layer_pass
+
+    w = Workload(model=_preset("llama-1b"), seq_len=2048, global_batch_size=8)
+    lay = _layout(micro_batch_size=8)
+    fused = PRESETS["h100"]
+    assert fused.fused_gbps == H100_FUSED_GBPS > fused.hbm_gbps
+    hbm = dataclasses.replace(fused, fused_gbps=None)
+    speedup = H100_FUSED_GBPS / fused.hbm_gbps
+    compiled = Kernels(compiled=True, fp8="rowwise", fp8_output_layer=True)
+    for passes in (layer_pass, head_pass):
+        quick, slow = (passes(w, lay, hw, intra_tp=True, kernels=compiled).terms for hw in (fused, hbm))
+        for term in ("elementwise", "fp8_cast"):
+            assert quick[term] == pytest.approx(slow[term] / speedup), (passes.__name__, term)
+        assert quick["gemm"] == slow["gemm"]
+        eager = [passes(w, lay, hw, intra_tp=True, kernels=Kernels()).terms for hw in (fused, hbm)]
+        assert eager[0] == eager[1]
+    steps = [estimate_layout_time(w, lay, hw, gpus_per_node=1, kernels=compiled) for hw in (fused, hbm)]
+    assert steps[0].optimizer == steps[1].optimizer and steps[0].step < steps[1].step
+    assert PRESETS["h200"].fused_time(1e9) == PRESETS["h200"].memory_time(1e9)
 
 
 # ---- memory: activations, counted with saved-tensor hooks ----------------------------------------------

@@ -75,6 +75,11 @@ class Hardware:
     """Copies between pinned host memory and the GPU, one direction (PCIe 5 x16 ~ 50): optimizer offload."""
     host_adam_gbps: float = 60.0
     """Host-memory bandwidth a fused CPU AdamW reaches over the node's cores (optimizer offload)."""
+    fused_gbps: float | None = None
+    """The rate at which compiled kernels (torch.compile's fused element-wise kernels, the float8 casts and
+    the loss's Triton kernels) move the bytes the time model counts for them; None: hbm_gbps. These kernels
+    do not all run at HBM speed, and where they don't, the rate is not the card's HBM figure
+    (H100_FUSED_GBPS)."""
     float8: bool = False
     """Float8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell), where training.fp8
     runs; the planner then says what float8 would give."""
@@ -108,6 +113,10 @@ class Hardware:
     def memory_time(self, nbytes: float) -> float:
         """Seconds to stream `nbytes` through device memory (memory-bound kernels)."""
         return nbytes / (self.hbm_gbps * 1e9)
+
+    def fused_time(self, nbytes: float) -> float:
+        """Seconds for compiled kernels to move `nbytes` of the time model's count (`fused_gbps`)."""
+        return nbytes / ((self.fused_gbps or self.hbm_gbps) * 1e9)
 
     def all_reduce_time(self, nbytes: float, group_size: int, *, intra_node: bool) -> float:
         """Ring all-reduce of `nbytes` over `group_size` ranks: latency + 2 (n-1)/n * S / busbw."""
@@ -170,6 +179,18 @@ on the causal FLOPs at llama-1b's shape, seq 2048, micro-batch 8: 26.8 ms a step
 (bench/results/issue18-2026-12-06-s25/callB-h100/profile_2_old.txt) and 27.6 ms on one H200
 (issue18-2026-12-04-s9/call2-profile_bf16_8.txt), each 0.29 of the dense bf16 peak; FA4 reached 0.32
 (24.4 ms, issue18-2026-12-05-s16/callC-h100/profile8_fa4.txt)."""
+H100_FUSED_GBPS = 4200.0
+"""The h100 preset's `fused_gbps`. The time model's byte counts for compiled kernels (COMPILED_TRAFFIC,
+FP8_CAST_BYTES, CE_KERNEL_READS) were fitted at the H200's 4.8 TB/s, but those kernels took only 1.1-1.2x as
+long on an H100 as on an H200, not the 1.43x of their HBM figures: llama-1b, seq 2048, micro-batch 8,
+compiled, torch.compile's element-wise kernels and the loss's, bf16 31.3 ms a step on the H100
+(bench/results/issue18-2026-12-06-s25/callD-h100/profile_bf16.txt) against 28.1 ms on the H200
+(issue18-2026-12-04-s9/call2-profile_bf16_8.txt), 1.11x; with rowwise float8 and its casts, 72.1 against
+61.5 ms (callD-h100/profile_1_new.txt, issue18-2026-12-05-s14/callF-h200/rowwise_profile.txt), 1.17x. Many
+of them are not bound by HBM on the H200 (the fused SwiGLU and norm kernels took the same time on both; the
+transposed cast, which is, took 1.42x). 4800 / 1.15 ~ 4200; over the six compiled H100 rows of
+plan/validation.json it takes the mean error from 4.4% to 2.8% (the rowwise + float8 output row from -12.6%
+to -4.8%)."""
 NIC_EFFICIENCY = 0.88
 """Fraction of a NIC's line rate NCCL's inter-node collectives reach (nccl-tests on HDR/NDR fabrics report
 85-92% of line rate as bus bandwidth)."""
@@ -221,6 +242,7 @@ PRESETS: dict[str, Hardware] = {
         **_network(NDR_X8),
         gemm_curve=_HOPPER_GEMM,
         attention_efficiency=HOPPER_ATTENTION,
+        fused_gbps=H100_FUSED_GBPS,
     ),
     # H200 SXM 141GB: the H100's compute and NVLink with faster, larger HBM3e. All-reduce bus bandwidth
     # 340-354 GB/s measured on 4 NVLink-connected H200s (BENCHMARKS.md).
@@ -277,6 +299,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
         "inter_node_gbps": "DGX/HGX H100: 8 x NDR 400 Gb/s per node = 50 GB/s per GPU; ~45 achieved",
         "gemm_curve": "690-770 TFLOP/s bf16 measured on large random matrices (BENCHMARKS.md)",
         "attention_efficiency": "cuDNN's flash attention in llama-1b's step: 0.29 of peak (HOPPER_ATTENTION)",
+        "fused_gbps": "compiled kernels 1.1-1.2x as long as on the H200 in llama-1b's step (H100_FUSED_GBPS)",
     },
     "h200": {
         "peak_tflops": "NVIDIA H200 SXM datasheet: 989 TFLOP/s dense bf16",

@@ -319,7 +319,9 @@ def explain_terms(best: Candidate, hw: Hardware) -> list[str]:
             lines.append(f"  {key:<16} {seconds:>9.4f} s {seconds / t.step:>6.1%}  {what}")
     lines.append(f"  {'total':<16} {sum(t.terms.values()):>9.4f} s  (step {t.step:.4f} s)")
     lines.append(
-        f"hardware {hw.name}: peak {hw.peak_tflops:g} TFLOP/s, HBM {hw.hbm_gbps:g} GB/s, all-reduce bus "
+        f"hardware {hw.name}: peak {hw.peak_tflops:g} TFLOP/s, HBM {hw.hbm_gbps:g} GB/s"
+        + (f" (compiled kernels' counted bytes at {hw.fused_gbps:g})" if hw.fused_gbps else "")
+        + ", all-reduce bus "
         f"{hw.intra_node_gbps:g} GB/s in a node / {hw.inter_node_gbps:g} across, latency "
         f"{hw.latency_us:g} us, attention at {hw.attention_efficiency:.0%} of peak, "
         f"GEMM curve (GFLOP, fraction) {list(hw.gemm_curve)}"

@@ -382,12 +382,11 @@ def layer_pass(
     hkv_local = local_kv_heads(m.num_kv_heads, t) * m.head_dim  # one replicated head when t > kv heads
     sp = par.sequence_parallel and t > 1
     gemm = _gemms(hw, layer_gemm_shapes(m, n, t))
+    moved = hw.fused_time if kernels.compiled else hw.memory_time
     cast_f = cast_b = 0.0
     if kernels.fp8 is not None:
         gemm /= FP8_GEMM_RATE[kernels.fp8]
-        cast_f, cast_b = (
-            hw.memory_time(FP8_CAST_BYTES[kernels.fp8] * k) for k in layer_fp8_cast_elements(m, n, t)
-        )
+        cast_f, cast_b = (moved(FP8_CAST_BYTES[kernels.fp8] * k) for k in layer_fp8_cast_elements(m, n, t))
     # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
     core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
     core_f, core_b = core_f / c, core_b / c
@@ -402,7 +401,7 @@ def layer_pass(
         traffic += DROPOUT_BYTES_PER_H * replicated
     traffic += MLP_BYTES_PER_F * n * f / t
     traffic *= COMPILED_TRAFFIC if kernels.compiled else 1 / EAGER_BANDWIDTH_FRACTION
-    elementwise = hw.memory_time(traffic)
+    elementwise = moved(traffic)
     all_reduce = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp)
     forward = gemm + core_f + elementwise + cast_f
     backward = 2 * gemm + core_b + BACKWARD_TRAFFIC * elementwise + cast_b
@@ -448,17 +447,18 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels
         local_vocab_size(w.model.vocab_size, t),
     )
     gemm = _gemms(hw, [(n, h, vloc)])
+    moved = hw.fused_time if kernels.compiled else hw.memory_time
     cast_f = cast_b = 0.0
     if kernels.fp8_output_layer:  # needs kernels.fp8 (Kernels checks)
         gemm /= FP8_OUTPUT_GEMM_RATE
-        cast_f = hw.memory_time(FP8_CAST_BYTES["rowwise"] * vloc * h)
-        cast_b = cast_f + hw.memory_time(n * vloc)
-    norm = hw.memory_time(LLAMA_BYTES_PER_H / 2 * n * h)
+        cast_f = moved(FP8_CAST_BYTES["rowwise"] * vloc * h)
+        cast_b = cast_f + moved(n * vloc)
+    norm = moved(LLAMA_BYTES_PER_H / 2 * n * h)
     ce_bytes = (CE_FORWARD_BYTES, CE_BACKWARD_BYTES)
     if kernels.compiled:
         slower = 1.0 if kernels.loss_kernels else COMPILED_LOSS_BEFORE_KERNELS
         ce_bytes = (slower * e * CE_KERNEL_READS[0], slower * e * CE_KERNEL_READS[1])
-    ce_f, ce_b = (hw.memory_time(per_logit * n * vloc) for per_logit in ce_bytes)
+    ce_f, ce_b = (moved(per_logit * n * vloc) for per_logit in ce_bytes)
     forward = gemm + norm + ce_f + cast_f
     backward = 2 * gemm + 2 * norm + ce_b + cast_b
     tp_time = hw.all_reduce_time(e * n * h, t, intra_node=intra_tp) + 3 * hw.all_reduce_time(
