@@ -451,6 +451,46 @@ def test_a_compiled_llama_layer_is_one_graph_on_the_gpu(mesh, fp8):
     assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("fp8", [None, "rowwise"], ids=["bf16", "rowwise"])
+def test_a_compiled_layers_wide_rows_are_reduced_in_one_pass(mesh, fp8):
+    """compile_choices.WideRowReductions: a llama layer 2048 wide with an 8192-wide MLP (llama-1b's),
+    compiled, reduces its norms' 2048-wide rows in persistent kernels (inductor's own limit, 1024, loops
+    over them twice), and computes what the eager layer does to bf16's rounding. The profiles in
+    docs/benchmarks.md show the float8 casts' rows."""
+    from torch._inductor.utils import run_and_get_code
+
+    from threefold.config import ModelConfig
+    from threefold.model.transformer import build_model
+    from threefold.parallel.layers import TPContext
+
+    cfg = ModelConfig(
+        arch="llama", num_layers=1, hidden_size=2048, num_heads=16, num_kv_heads=4, ffn_hidden_size=8192,
+        vocab_size=512, max_seq_len=256,
+    )  # fmt: skip
+    tp = TPContext(mesh.tp_group, fp8=fp8)
+    tokens = torch.randint(0, 512, (2, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = {}
+    for compiled in (False, True):
+        model = build_model(cfg, tp, seed=1, device="cuda", dtype=torch.bfloat16, compiled=compiled)
+        torch._dynamo.reset()
+
+        def step(model=model):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            return loss
+
+        loss, code = run_and_get_code(step)
+        results[compiled] = (
+            loss.item(),
+            model.layers["0"].mlp.down_proj.weight.grad.float(),
+            "\n".join(code),
+        )
+    (eager_loss, eager_grad, _), (loss, grad, code) = results[False], results[True]
+    assert abs(loss / eager_loss - 1) < 0.01
+    assert (grad - eager_grad).norm() / eager_grad.norm() < (0.02 if fp8 else 0.01)
+    assert "triton_per_fused__fused_rms_norm" in code and "triton_red_fused__fused_rms_norm" not in code
+
+
 # --- q/k/v and gate/up stacked into one GEMM each (layers.STACK_PROJECTIONS) -----------------------------
 
 

@@ -297,8 +297,12 @@ class Transformer(nn.Module):
                 )
         self.compiled = compiled
         if compiled:
+            from threefold.model.compile_choices import (
+                COMPILE_OPTIONS,
+            )  # imports inductor: only when compiling
+
             for layer in self.layers.values():
-                layer.compile()  # lazy: traced at the first forward
+                layer.compile(options=COMPILE_OPTIONS)  # lazy: traced at the first forward
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._unit_hooks: UnitHooks | None = None
 
