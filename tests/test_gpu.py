@@ -7,6 +7,7 @@ Each compares the GPU path with the path the CPU tests already cover. One proces
 group has size 1, so the collectives are real calls that reduce nothing.
 """
 
+import re
 import socket
 
 import pytest
@@ -452,13 +453,17 @@ def test_a_compiled_llama_layer_is_one_graph_on_the_gpu(mesh, fp8):
 
 
 @pytest.mark.parametrize("fp8", [None, "rowwise"], ids=["bf16", "rowwise"])
-def test_a_compiled_layers_wide_rows_are_reduced_in_one_pass(mesh, fp8):
+def test_a_compiled_layers_wide_rows_are_reduced_in_one_pass(mesh, monkeypatch, fp8):
     """compile_choices.WideRowReductions: a llama layer 2048 wide with an 8192-wide MLP (llama-1b's),
-    compiled, reduces its norms' 2048-wide rows in persistent kernels (inductor's own limit, 1024, loops
-    over them twice), and computes what the eager layer does to bf16's rounding. The profiles in
-    docs/benchmarks.md show the float8 casts' rows."""
+    compiled with it and with inductor's own choices. With it, kernels that looped over a row (inductor
+    keeps rows whole only up to 1024) keep it whole: fewer looped reductions, and persistent ones new,
+    among them the norms' (bf16) and the SwiGLU rows' float8 casts (rowwise). Reductions across
+    rows (a norm weight's gradient, a column's amax) still loop. Both compiled layers are as close to the
+    eager one: float8's rounding of values computed in another order (a 1-ulp flip is 6-12% of a value)
+    makes compiled and eager differ by several percent, so the bound is the default's own distance."""
     from torch._inductor.utils import run_and_get_code
 
+    import threefold.model.compile_choices as compile_choices
     from threefold.config import ModelConfig
     from threefold.model.transformer import build_model
     from threefold.parallel.layers import TPContext
@@ -470,7 +475,9 @@ def test_a_compiled_layers_wide_rows_are_reduced_in_one_pass(mesh, fp8):
     tp = TPContext(mesh.tp_group, fp8=fp8)
     tokens = torch.randint(0, 512, (2, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     results = {}
-    for compiled in (False, True):
+    for name, compiled, options in [("eager", False, {}), ("default", True, {}),
+                                    ("wide", True, compile_choices.COMPILE_OPTIONS)]:  # fmt: skip
+        monkeypatch.setattr(compile_choices, "COMPILE_OPTIONS", options)
         model = build_model(cfg, tp, seed=1, device="cuda", dtype=torch.bfloat16, compiled=compiled)
         torch._dynamo.reset()
 
@@ -480,15 +487,28 @@ def test_a_compiled_layers_wide_rows_are_reduced_in_one_pass(mesh, fp8):
             return loss
 
         loss, code = run_and_get_code(step)
-        results[compiled] = (
-            loss.item(),
-            model.layers["0"].mlp.down_proj.weight.grad.float(),
-            "\n".join(code),
-        )
-    (eager_loss, eager_grad, _), (loss, grad, code) = results[False], results[True]
-    assert abs(loss / eager_loss - 1) < 0.01
-    assert (grad - eager_grad).norm() / eager_grad.norm() < (0.02 if fp8 else 0.01)
-    assert "triton_per_fused__fused_rms_norm" in code and "triton_red_fused__fused_rms_norm" not in code
+        grad = model.layers["0"].mlp.down_proj.weight.grad.float()
+        kernels = set(re.findall(r"def (triton_(?:per|red)_\w+)\(", "\n".join(code)))
+        results[name] = (loss.item(), grad, kernels)
+    eager_loss, eager_grad, _ = results["eager"]
+    errors = {}
+    for name in ("default", "wide"):
+        loss, grad, _ = results[name]
+        assert abs(loss / eager_loss - 1) < 0.01, (name, loss, eager_loss)
+        errors[name] = float((grad - eager_grad).norm() / eager_grad.norm())
+    assert errors["wide"] < 1.25 * errors["default"] + 0.005, errors
+
+    looped = {
+        name: {k for k in results[name][2] if k.startswith("triton_red_")} for name in ("default", "wide")
+    }
+    whole = {name: results[name][2] - looped[name] for name in ("default", "wide")}
+    assert len(looped["wide"]) < len(looped["default"]), looped
+    moved = "_fused__scaled_mm" if fp8 else "_fused__fused_rms_norm"
+    assert (
+        any(moved in k and "silu" in k for k in whole["wide"] - whole["default"])
+        if fp8
+        else any(moved in k for k in whole["wide"] - whole["default"])
+    ), (whole, looped)
 
 
 # --- q/k/v and gate/up stacked into one GEMM each (layers.STACK_PROJECTIONS) -----------------------------
