@@ -297,9 +297,8 @@ class Transformer(nn.Module):
                 )
         self.compiled = compiled
         if compiled:
-            from threefold.model.compile_choices import (
-                COMPILE_OPTIONS,
-            )  # imports inductor: only when compiling
+            # imported here: it imports inductor, which only compiled models need
+            from threefold.model.compile_choices import COMPILE_OPTIONS
 
             for layer in self.layers.values():
                 layer.compile(options=COMPILE_OPTIONS)  # lazy: traced at the first forward
