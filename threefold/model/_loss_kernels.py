@@ -38,3 +38,38 @@ def grad_kernel(logits, out, row_stride, log_norm, hot_col, scale, num_valid, nu
     hot = tl.load(hot_col + row)
     g = (tl.exp(x - norm) - tl.where(cols == hot, 1.0, 0.0)) * scale
     tl.store(out + base + cols, g.to(out.dtype.element_ty), mask=cols < num_cols)
+
+
+@triton.jit
+def scaled_sum_kernel(
+    acc,
+    first,
+    first_scale,
+    second,
+    second_scale,
+    factor,
+    out,
+    num_cols,
+    numel,
+    HAS_ACC: tl.constexpr,
+    HAS_SECOND: tl.constexpr,
+    HAS_FACTOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out = ((acc +) first * first_scale (+ second * second_scale)) (* factor), element-wise over
+    (rows, num_cols) contiguous tensors, the scales one per column, in fp32 and in that order, written in
+    out's dtype. acc is fp32; factor is a one-element fp32 tensor."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    cols = offsets % num_cols
+    total = tl.load(first + offsets, mask=mask).to(tl.float32) * tl.load(first_scale + cols, mask=mask).to(
+        tl.float32
+    )
+    if HAS_ACC:
+        total = tl.load(acc + offsets, mask=mask) + total
+    if HAS_SECOND:
+        term = tl.load(second + offsets, mask=mask).to(tl.float32)
+        total = total + term * tl.load(second_scale + cols, mask=mask).to(tl.float32)
+    if HAS_FACTOR:
+        total = total * tl.load(factor)
+    tl.store(out + offsets, total.to(out.dtype.element_ty), mask=mask)

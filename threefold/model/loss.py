@@ -135,6 +135,47 @@ def _eager_chunk(
     return loss, work.mul_(scale).to(grad_dtype)
 
 
+HELD_PARTS = 2
+"""Chunks' float8 weight-gradient products (compute dtype) held before they are summed into fp32: llama-1b's
+micro-batch 8 has two chunks, summed with the incoming gradient in one pass in the backward."""
+
+
+def _scaled_sum(
+    acc: torch.Tensor | None,
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    factor: torch.Tensor | None,
+    dtype: torch.dtype,
+    kernels: bool,
+) -> torch.Tensor:
+    """((acc +) sum of part * its column scales) (* factor) in fp32, in that order, written in `dtype`: one
+    Triton pass where kernels run (`scaled_sum_kernel`), else torch's ops (the same values)."""
+    assert 1 <= len(parts) <= HELD_PARTS
+    first, first_scale = parts[0]
+    if kernels:
+        from threefold.model._loss_kernels import scaled_sum_kernel  # imports triton
+
+        second, second_scale = parts[1] if len(parts) == 2 else (first, first_scale)
+        out = torch.empty(first.shape, dtype=dtype, device=first.device)
+        numel, cols = first.numel(), first.shape[-1]
+        scaled_sum_kernel[(-(-numel // BLOCK),)](
+            acc if acc is not None else first, first.contiguous(), first_scale.contiguous(),
+            second.contiguous(), second_scale.contiguous(), factor if factor is not None else first_scale,
+            out, cols, numel, HAS_ACC=acc is not None, HAS_SECOND=len(parts) == 2,
+            HAS_FACTOR=factor is not None, BLOCK=BLOCK, num_warps=8,
+        )  # fmt: skip
+        return out
+    total = torch.mul(
+        first, first_scale, out=torch.empty(first.shape, dtype=torch.float32, device=first.device)
+    )
+    if acc is not None:
+        total = acc + total
+    for part, scale in parts[1:]:
+        total.addcmul_(part, scale)
+    if factor is not None:
+        total.mul_(factor)
+    return total.to(dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -171,7 +212,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kernels = compiled and kernel_runs_on(x.device)
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local_vocab)))
-        gemms = _Fp8Gemms(weight, n, reduce_amax, want_x=want_x, want_w=want_w) if fp8 else None
+        gemms = (
+            _Fp8Gemms(weight, n, reduce_amax, want_x=want_x, want_w=want_w, kernels=kernels) if fp8 else None
+        )
         if gemms is not None and chunk < n:
             # whole multiples of 16 tokens: the weight gradient's float8 GEMM contracts over the chunk
             chunk = max(FP8_MULTIPLE, chunk - chunk % FP8_MULTIPLE)
@@ -224,22 +267,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.copy_(g.t() @ xc)  # a bf16 GEMM per chunk, summed over chunks in fp32
                 else:
                     grad_w += g.t() @ xc
-        columns = None  # the weight gradient's column scales, where still to apply
+        parts: list[torch.Tensor] = []  # float8: the held products and their column scales, flattened
         if gemms is not None and want_w:
-            grad_w, columns = gemms.grad_weight, gemms.grad_weight_scale
-        ctx.save_for_backward(grad_x, grad_w, columns)
-        ctx.weight_dtype = weight.dtype
+            grad_w, parts = gemms.grad_weight, [t for part in gemms.parts for t in part]
+        ctx.save_for_backward(grad_x, grad_w, *parts)
+        ctx.weight_dtype, ctx.kernels = weight.dtype, kernels
         return loss_sum / n
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_x, grad_w, columns = ctx.saved_tensors
+        grad_x, grad_w, *flat = ctx.saved_tensors
         if grad_x is not None:
             grad_x = grad_x * grad_loss.to(grad_x.dtype)
-        if grad_w is not None:  # one pass: the product in grad_w's dtype, written in the weight's
-            factor = grad_loss.to(grad_w.dtype) if columns is None else (grad_loss * columns).to(grad_w.dtype)
+        if flat:  # float8: the held products, their column scales and the incoming gradient, in one pass
+            parts = list(zip(flat[::2], flat[1::2], strict=True))
+            factor = grad_loss.to(torch.float32).reshape(1)
+            grad_w = _scaled_sum(grad_w, parts, factor, ctx.weight_dtype, ctx.kernels)
+        elif grad_w is not None:  # one pass: the product in grad_w's dtype, written in the weight's
             scaled = torch.empty(grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
-            grad_w = torch.mul(grad_w, factor, out=scaled)
+            grad_w = torch.mul(grad_w, grad_loss.to(grad_w.dtype), out=scaled)
         return grad_x, grad_w, None, None, None, None, None
 
 
@@ -255,9 +301,10 @@ class _Fp8Gemms:
     two changes no rounding, so the values are those the row-scaled kernel would give."""
 
     def __init__(
-        self, weight: torch.Tensor, n: int, reduce_amax: Reduce, *, want_x: bool, want_w: bool
+        self, weight: torch.Tensor, n: int, reduce_amax: Reduce, *, want_x: bool, want_w: bool, kernels: bool
     ) -> None:
         self.dtype = weight.dtype
+        self.kernels = kernels
         self.want_w = want_w
         self.g_scale = torch.full((), 1.0 / (n * GRAD_CAST), dtype=torch.float32, device=weight.device)
         """g's values times this are the gradient of the mean over n."""
@@ -270,9 +317,10 @@ class _Fp8Gemms:
             self.w_input = _column_scaled(weight, float8.scale_from_amax(amax, float8.E4M3), self.dtype)
         self.x_weight: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's x for g^T x
         self.grad_weight: torch.Tensor | None = None
-        self.grad_weight_scale: torch.Tensor | None = None
-        """With one chunk, the column scales `grad_weight` still wants (the loss's backward applies them
-        with the incoming gradient, in the same pass); None once applied."""
+        """The fp32 sum of the weight-gradient products folded so far (with their column scales)."""
+        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """The chunks' products not yet in `grad_weight`, with the column scales they still want: the
+        loss's backward sums them with the incoming gradient in one pass (`_scaled_sum`)."""
 
     def logits(self, xc: torch.Tensor) -> torch.Tensor:
         """xc W^T (c, Vl) in the compute dtype, fast accumulation as in the layers' forward GEMMs. The
@@ -300,17 +348,10 @@ class _Fp8Gemms:
         assert self.x_weight is not None, "logits() casts the chunk's x before its backward"
         (data, columns), self.x_weight = self.x_weight, None
         part = self._product(float8.transposed_cast(g, self.one, GRAD_FORMAT), data)  # (Vl, h); exact g^T
-        if self.grad_weight is None:
-            self.grad_weight, self.grad_weight_scale = part, columns
-        else:  # several chunks: summed in fp32, each chunk's columns scaled as it is added
-            if self.grad_weight_scale is not None:
-                self.grad_weight = torch.mul(
-                    self.grad_weight,
-                    self.grad_weight_scale,
-                    out=torch.empty(self.grad_weight.shape, dtype=torch.float32, device=part.device),
-                )
-                self.grad_weight_scale = None
-            self.grad_weight.addcmul_(part, columns)
+        if len(self.parts) == HELD_PARTS:  # more chunks than are held: the held ones into the fp32 sum
+            self.grad_weight = _scaled_sum(self.grad_weight, self.parts, None, torch.float32, self.kernels)
+            self.parts = []
+        self.parts.append((part, columns))
 
 
 def _column_scaled(
