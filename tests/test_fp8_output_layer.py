@@ -201,6 +201,31 @@ def test_the_float8_output_layer_through_the_triton_kernels():
     assert done.returncode == 0 and "all cases passed" in done.stdout, done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("out_dtype", ["*bf16", "*fp32"], ids=["finish", "fold"])
+@pytest.mark.parametrize("has_acc", [False, True])
+def test_the_scaled_sum_kernel_compiles_for_hopper(out_dtype, has_acc):
+    """loss._scaled_sum's kernel compiled for sm_90 by Triton's own compiler (no GPU needed), with the
+    argument types the loss launches it with: the backward's finish (bf16 out, the incoming gradient as
+    factor) and the forward's fold of held products into the fp32 sum."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from threefold.model._loss_kernels import scaled_sum_kernel
+
+    factor = "*fp32" if out_dtype == "*bf16" else "*bf16"  # unused in a fold: the loss passes a scale
+    values = {"acc": "*fp32" if has_acc else "*bf16", "first": "*bf16", "first_scale": "*bf16",
+              "second": "*bf16", "second_scale": "*bf16", "factor": factor, "out": out_dtype,
+              "num_cols": "i32", "numel": "i32"}  # fmt: skip
+    constants = {"HAS_ACC": has_acc, "HAS_SECOND": True, "HAS_FACTOR": out_dtype == "*bf16",
+                 "BLOCK": loss_module.BLOCK}  # fmt: skip
+    signature = {p.name: "constexpr" if p.is_constexpr else values[p.name] for p in scaled_sum_kernel.params}
+    source = ASTSource(fn=scaled_sum_kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("ld.global") >= 4 and "st.global" in ptx
+
+
 # --- Tensor parallelism, training from the config, and the config's rules --------------------------
 
 
