@@ -28,7 +28,9 @@ at one fixed power-of-two scale (`GRAD_CAST`), by the same kernel (or eager code
 range (2^-16 to 57344) keeps probabilities down to about 1e-9 of the row's largest entry, where e4m3's (2^-9
 to 448) would flush the tail of a 128k vocabulary's softmax to zero. The weight gradient reads g transposed, a
 byte-for-byte copy of the float8 values (`fp8.transposed_cast` at scale 1). Both gradient GEMMs apply their
-column scales after cuBLAS's one-scale kernel rather than in its slower row-scaled one (`_Fp8Gemms`).
+column scales after cuBLAS's one-scale kernel rather than in its slower row-scaled one (`_Fp8Gemms`). The
+chunks' weight-gradient products are held in the compute dtype with their column scales (HELD_PARTS at most,
+then summed into fp32), and the backward sums them with the incoming gradient in one pass (`_scaled_sum`).
 """
 
 from __future__ import annotations
