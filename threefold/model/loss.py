@@ -170,7 +170,7 @@ def _scaled_sum(
         first, first_scale, out=torch.empty(first.shape, dtype=torch.float32, device=first.device)
     )
     if acc is not None:
-        total = acc + total
+        total.add_(acc)  # acc + the first term: the kernel's sum, in place
     for part, scale in parts[1:]:
         total.addcmul_(part, scale)
     if factor is not None:
