@@ -52,9 +52,9 @@ def launch(t: torch.Tensor, scale: torch.Tensor, config: tuple[int, int, int]) -
     out = torch.empty((cols, rows), dtype=fp8.E4M3, device=t.device)
     block_rows, block_cols, warps = config
     grid = ((rows + block_rows - 1) // block_rows, (cols + block_cols - 1) // block_cols)
+    s_row, s_col, along = fp8.scale_strides(scale)
     transposed_cast_kernel[grid](
-        t, out, scale, rows, cols, *t.stride(), *fp8.scale_strides(scale)[:2], fp8.FP8_MAX[fp8.E4M3],
-        fp8.scale_strides(scale)[2],
+        t, out, scale, rows, cols, *t.stride(), s_row, s_col, fp8.FP8_MAX[fp8.E4M3], along,
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
     )  # fmt: skip
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch._inductor.config as inductor
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
@@ -28,8 +29,6 @@ class WideRowReductions(InductorChoices):
 
     @staticmethod
     def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
-        import torch._inductor.config as inductor
-
         if (
             inductor.triton.persistent_reductions
             and not cooperative_reduction
