@@ -53,7 +53,7 @@ def test_the_choices_enter_the_compile_cache_key():
     assert COMPILE_OPTIONS == {"inductor_choices_class": WideRowReductions}
 
 
-def _compiled_against_eager(rank: int, world_size: int) -> tuple[list[str], float, float]:
+def _compiled_against_eager(rank: int, world_size: int) -> dict:
     compiled_with: list[dict] = []
     original = torch.nn.Module.compile
 
@@ -68,12 +68,36 @@ def _compiled_against_eager(rank: int, world_size: int) -> tuple[list[str], floa
         models = [build_model(cfg, tp, seed=3, compiled=c) for c in (False, True)]
     finally:
         torch.nn.Module.compile = original  # type: ignore[method-assign]
+    # The choices inductor asks while compiling (can_fuse: asked on the CPU too), in which phase.
+    asked = {"forward": 0, "backward": 0}
+    phase = "forward"
+
+    def can_fuse(*args, **kwargs) -> bool:
+        asked[phase] += 1
+        return InductorChoices.can_fuse(*args, **kwargs)
+
+    WideRowReductions.can_fuse = staticmethod(can_fuse)  # type: ignore[method-assign]
+    torch._inductor.config.force_disable_caches = True  # compiled here, not read from an earlier run's cache
+    before = type(V.choices)  # made now, from inductor's config: as if something else compiled first
     tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    losses = [float(m(tokens[:, :-1], tokens[:, 1:])) for m in models]
-    return [sorted(k["options"]) for k in compiled_with], losses[0], losses[1]
+    losses = [m(tokens[:, :-1], tokens[:, 1:]) for m in models]
+    phase = "backward"
+    losses[1].backward()
+    return {
+        "options": [sorted(k["options"]) for k in compiled_with],
+        "losses": [float(loss) for loss in losses],
+        "asked": asked,
+        "choices": (before, type(V.choices)),
+    }
 
 
 def test_a_compiled_model_compiles_each_layer_with_the_choices_and_computes_the_same():
-    options, eager, compiled = run_ranks(1, _compiled_against_eager)[0]
-    assert options == [["inductor_choices_class"]] * TINY_LLAMA["num_layers"]
+    """Each layer's compile gets the options (the cache key), and inductor asks the choices while it
+    compiles the layers, forward and backward, though this thread's own choices are inductor's: the
+    backward is compiled with the forward, and the thread's choices are its own again after."""
+    got = run_ranks(1, _compiled_against_eager)[0]
+    assert got["options"] == [["inductor_choices_class"]] * TINY_LLAMA["num_layers"]
+    eager, compiled = got["losses"]
     assert compiled == pytest.approx(eager, rel=1e-5)
+    assert got["asked"]["forward"] > 0 and got["asked"]["backward"] == 0, got["asked"]
+    assert got["choices"] == (InductorChoices, InductorChoices)

@@ -461,6 +461,7 @@ def test_a_compiled_layers_wide_rows_are_reduced_in_one_pass(mesh, monkeypatch, 
     rows (a norm weight's gradient, a column's amax) still loop. Both compiled layers are as close to the
     eager one: float8's rounding of values computed in another order (a 1-ulp flip is 6-12% of a value)
     makes compiled and eager differ by several percent, so the bound is the default's own distance."""
+    from torch._inductor.choices import InductorChoices
     from torch._inductor.utils import run_and_get_code
 
     import threefold.model.compile_choices as compile_choices
@@ -475,9 +476,15 @@ def test_a_compiled_layers_wide_rows_are_reduced_in_one_pass(mesh, monkeypatch, 
     tp = TPContext(mesh.tp_group, fp8=fp8)
     tokens = torch.randint(0, 512, (2, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     results = {}
-    for name, compiled, options in [("eager", False, {}), ("default", True, {}),
-                                    ("wide", True, compile_choices.COMPILE_OPTIONS)]:  # fmt: skip
-        monkeypatch.setattr(compile_choices, "COMPILE_OPTIONS", options)
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    ours = compile_choices.WideRowReductions.should_use_persistent_reduction
+    theirs = InductorChoices.should_use_persistent_reduction
+    arms = [("eager", False, ours), ("default", True, theirs), ("wide", True, ours)]
+    for name, compiled, heuristic in arms:
+        # "default": the same wiring (options, compile_choices.applied) with inductor's own heuristic
+        monkeypatch.setattr(
+            compile_choices.WideRowReductions, "should_use_persistent_reduction", staticmethod(heuristic)
+        )
         model = build_model(cfg, tp, seed=1, device="cuda", dtype=torch.bfloat16, compiled=compiled)
         torch._dynamo.reset()
 

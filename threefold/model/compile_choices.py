@@ -9,12 +9,21 @@ kinds read twice. Up to PERSISTENT_ROW_LIMIT elements these kernels now read onc
 
 Only the kernels' schedule changes: the same sums in another order (the float8 amax, a maximum, is exact
 either way; the norms' sums of squares round differently).
+
+Two parts, both needed. COMPILE_OPTIONS, passed to each layer's torch.compile, puts the choices in the
+compile cache's key. `applied()`, around the layers' calls, makes them the choices inductor reads: inductor
+keeps one choices object per thread, made from the options of the first compile in that thread, so options
+alone are ignored where anything else compiled first. The backward, which inductor would compile later in
+autograd's own thread, is compiled with the forward, inside `applied()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import torch._functorch.config as functorch
 import torch._inductor.config as inductor
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
@@ -45,3 +54,11 @@ class WideRowReductions(InductorChoices):
 
 COMPILE_OPTIONS: dict[str, Any] = {"inductor_choices_class": WideRowReductions}
 """torch.compile's options for a layer."""
+
+
+@contextlib.contextmanager
+def applied() -> Iterator[None]:
+    """The compiled layers' calls: a layer compiled here is compiled (forward and backward) with these
+    choices, whatever this thread compiled before. The thread's own choices come back after."""
+    with V.set_choices_handler(WideRowReductions()), functorch.patch(force_non_lazy_backward_lowering=True):
+        yield

@@ -15,8 +15,11 @@ same whatever the split (`layers.7.self_attn.q_proj.weight`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import Protocol, cast
 
@@ -298,10 +301,13 @@ class Transformer(nn.Module):
         self.compiled = compiled
         if compiled:
             # imported here: it imports inductor, which only compiled models need
-            from threefold.model.compile_choices import COMPILE_OPTIONS
+            from threefold.model import compile_choices
 
             for layer in self.layers.values():
-                layer.compile(options=COMPILE_OPTIONS)  # lazy: traced at the first forward
+                layer.compile(options=compile_choices.COMPILE_OPTIONS)  # lazy: traced at the first call
+            self._layer_calls: Callable[[], AbstractContextManager[None]] = compile_choices.applied
+        else:
+            self._layer_calls = contextlib.nullcontext
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._unit_hooks: UnitHooks | None = None
 
@@ -412,14 +418,15 @@ class Transformer(nn.Module):
             mask = DocumentMask(spans=doc_spans)
         elif doc_ids is not None:
             mask = document_mask(doc_ids)
-        for layer in self.layers.values():
-            x = self._enter(unit, x)
-            if self.tp.recompute == "full" and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, mask, use_reentrant=False)  # keep only each layer's input
-            else:
-                x = layer(x, rope, mask)
-            x = self._leave(unit, x)
-            unit += 1
+        with self._layer_calls():
+            for layer in self.layers.values():
+                x = self._enter(unit, x)
+                if self.tp.recompute == "full" and torch.is_grad_enabled():
+                    x = checkpoint(layer, x, rope, mask, use_reentrant=False)  # keep only each layer's input
+                else:
+                    x = layer(x, rope, mask)
+                x = self._leave(unit, x)
+                unit += 1
         if not self.has_head:
             return x
         return self._leave(unit, self._head(self._enter(unit, x), targets))
