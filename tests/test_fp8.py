@@ -98,6 +98,46 @@ def test_an_all_zero_tensor_gets_a_finite_scale_and_stays_zero():
         assert (q.data.float() == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim", [None, 0, 1])
+def test_amax_reads_the_tensor_once_and_equals_the_largest_magnitude(dtype, dim):
+    """fp8.amax: max |t| exactly, from t's least and greatest values, without writing |t|: no abs in
+    eager code. Rows whose largest magnitude is negative, all -0.0, and NaN (which must propagate)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    t = (torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * 1e3).to(dtype)
+    t[1, 7] = -5e4  # a row (and a column) whose largest magnitude is negative
+    t[2] = -0.0
+    t[:, 3] = -0.0
+    t[4, 9] = float("nan")
+    expected = t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        got = fp8.amax(t, dim)
+    assert "abs" not in ops.seen and "aminmax" in ops.seen, ops.seen
+    assert got.dtype == dtype and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)  # -0.0 == 0.0: scales alike
+
+
+def test_compiled_code_takes_the_largest_magnitude_as_abs_then_amax():
+    """Under torch.compile fp8.amax stays abs().amax(), which the compiler fuses into one read."""
+    t = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)) - 0.5
+    compiled = torch.compile(lambda x: fp8.amax(x, 1), backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    graphs = [str(g.graph) for g in torch._dynamo.explain(lambda x: fp8.amax(x, 1))(t).graphs]
+    assert any("abs" in g for g in graphs) and not any("aminmax" in g for g in graphs), graphs
+    torch.testing.assert_close(compiled(t), t.abs().amax(dim=1, keepdim=True), rtol=0, atol=0)
+
+
 def test_rowwise_operands_scale_each_row_or_column_over_the_contraction_dimension():
     t = _randn(32, 48) * torch.logspace(-2, 2, 32)[:, None]  # rows of very different sizes
     a = fp8.operand(t, E4M3, "rowwise", "a")  # (M, K): one scale per row

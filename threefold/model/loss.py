@@ -314,7 +314,7 @@ class _Fp8Gemms:
         self.w_logits = float8.operand(weight.t(), float8.E4M3, "rowwise", "b")  # (h, Vl), per vocab row
         self.w_input: tuple[torch.Tensor, torch.Tensor] | None = None
         if want_x:  # (Vl, h) for g W, per hidden column over the whole vocabulary (all TP ranks' rows)
-            amax = weight.abs().amax(dim=0, keepdim=True).float()
+            amax = float8.amax(weight, 0).float()
             reduce_amax(amax)
             self.w_input = _column_scaled(weight, float8.scale_from_amax(amax, float8.E4M3), self.dtype)
         self.x_weight: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's x for g^T x

@@ -73,7 +73,7 @@ def gather_float8(bucket: _Bucket, dp_group: ProcessGroup) -> Float8Gather:
     amax = torch.zeros(len(bucket.params), dtype=torch.float32, device=shard.device)
     parts = pieces(bucket)
     for i, start, end in parts:
-        amax[i] = shard[start:end].abs().amax().float()
+        amax[i] = fp8.amax(shard[start:end]).float()
     with track.collective(dp_group, "all_reduce(float8 amax)"):
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=dp_group)
     scale = fp8.scale_from_amax(amax, fp8.E4M3)
