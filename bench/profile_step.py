@@ -96,7 +96,7 @@ def idle_gaps(prof: torch.profiler.profile, top: int = 12) -> list[tuple[str, in
 
 
 def main(argv: list[str]) -> None:
-    steps, warmup, overrides = 3, 5, []
+    steps, warmup, top, overrides = 3, 5, 30, []
     torch_grad_move = "--torch-grad-move" in argv  # torch's copy_/add_ into main_grad, not the kernel
     host = "--host" in argv
     width = 1000 if "--full-names" in argv else 90
@@ -110,9 +110,12 @@ def main(argv: list[str]) -> None:
     argv = [a for a in argv if a not in flags and not a.startswith("--fp8-kernel")]
     i = 0
     while i < len(argv):
-        if argv[i] in ("--steps", "--warmup"):
+        if argv[i] in ("--steps", "--warmup", "--top"):  # --top N: kernels listed (30)
             value = int(argv[i + 1])
-            steps, warmup = (value, warmup) if argv[i] == "--steps" else (steps, value)
+            steps, warmup, top = (
+                (value, warmup, top) if argv[i] == "--steps" else
+                (steps, value, top) if argv[i] == "--warmup" else (steps, warmup, value)
+            )  # fmt: skip
             i += 2
             continue
         overrides.append(argv[i])
@@ -183,7 +186,7 @@ def main(argv: list[str]) -> None:
     for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {t / 1e3 / steps:.2f} | {t / total:.1%} |")
     print("\n| kernel | calls/step | ms/step | share |\n|---|---:|---:|---:|")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:30]:
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
         print(f"| {e.key[:width]} | {e.count / steps:.0f} | {e.device_time_total / 1e3 / steps:.2f} | "
               f"{e.device_time_total / total:.1%} |")  # fmt: skip
     if host:
