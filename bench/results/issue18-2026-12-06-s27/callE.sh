@@ -17,7 +17,7 @@ args="--model.preset=llama-1b --data.seq_len=2048 --training.dtype=bfloat16 --tr
  --training.fp8=rowwise --training.fp8_output_layer=true"
 i=0
 for tree in new old new old; do
-  [ $(( $(date +%s) - t0 )) -lt 500 ] || break
+  [ $(( $(date +%s) - t0 )) -lt ${BUDGET_S:-500} ] || break
   i=$((i + 1)); dir=$PWD; [ $tree = old ] && dir=$old
   (cd $dir && PYTHONPATH=$dir python3 -c "import threefold.parallel.fp8 as f; print(f.__file__, 'amax:', hasattr(f, 'amax'))")
   (cd $dir && PYTHONPATH=$dir timeout 150 python3 bench/profile_step.py $args --steps 4 --top 80) \
