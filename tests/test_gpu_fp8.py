@@ -66,6 +66,20 @@ def test_the_transposed_cast_kernel_is_bit_for_bit_torchs(dtype):
                 assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (rows, cols, name)
 
 
+def test_amax_on_the_gpu_is_the_largest_magnitude():
+    """fp8.amax's one-read form (CUDA's aminmax) against abs().amax() over an output-weight-shaped tensor
+    (many rows, reduced along them, as the float8 output layer's input-gradient cast does) and a small one
+    with a negative extreme and a NaN."""
+    generator = torch.Generator().manual_seed(0)
+    wide = (torch.randn(4099, 256, generator=generator) * 3).to("cuda", torch.bfloat16)
+    small = torch.randn(5, 33, generator=generator).to("cuda", torch.bfloat16)
+    small[1, 2], small[3, 4] = -1e4, float("nan")
+    for t in (wide, small):
+        for dim in (None, 0, 1):
+            want = t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
+            torch.testing.assert_close(fp8.amax(t, dim), want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_gpu_kernels_compute_what_the_cpu_does(recipe):
     """Same bf16 inputs, same code: the GPU's float8 GEMMs (bf16 out) against the CPU's (fp32 out)."""
