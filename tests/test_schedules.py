@@ -12,7 +12,7 @@ from threefold.pipeline.schedules import (
     build_schedule,
     check_schedule_args,
 )
-from threefold.pipeline.sim import ScheduleError, simulate, timeline
+from threefold.pipeline.sim import ScheduleError, simulate, simulate_named, timeline
 
 
 def _cases():
@@ -150,3 +150,17 @@ def test_ends_balance_minimises_the_costliest_chunk():
     assert sum(sizes) == 32 and sizes[-1] == 2
     cost = [s + (ends[1] if c == 7 else 0) for c, s in enumerate(sizes)]
     assert max(cost) == 5  # the even split's last stage costs 4 + 2.1
+
+
+@pytest.mark.parametrize(("name", "v"), [("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("zb-v", 2)])
+def test_the_planners_shared_simulation_gives_the_peaks_of_any_costs(name, v):
+    """simulate_named (F = B = W = 1, cached) serves both the planner's bubble and its memory: each rank's
+    peak in flight is the same whatever the costs, so the memory model may read it from there."""
+    p, m = 4, 8
+    shared = simulate_named(name, p, v, m)
+    assert simulate_named(name, p, v, m) is shared  # cached
+    uneven = {"forward_cost": 3.0, "backward_cost": 1.0, "weight_cost": 0.5}
+    for costs in ({}, {"backward_cost": 2.0}, uneven):
+        assert simulate(build_schedule(name, p, v, m), **costs).peak_in_flight == shared.peak_in_flight, costs
+    own = simulate(build_schedule(name, p, v, m), forward_cost=1.0, backward_cost=1.0, weight_cost=1.0)
+    assert (shared.makespan, shared.ideal) == (own.makespan, own.ideal)

@@ -16,10 +16,11 @@ still needs, the inputs of each linear layer and their output gradients, is a fr
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from threefold.pipeline.schedules import COMPUTE, Action, Kind, batches
+from threefold.pipeline.schedules import COMPUTE, Action, Kind, batches, build_schedule
 
 
 class ScheduleError(RuntimeError):
@@ -254,6 +255,16 @@ def simulate(
     backward_cost is the input-gradient part B, weight_cost the weight-gradient part W (see the module's
     docstring); the default weight_cost 0 makes backward_cost the whole backward."""
     return _Simulator(schedule, forward_cost, backward_cost, weight_cost).run()
+
+
+@functools.cache
+def simulate_named(name: str, pp_size: int, num_model_chunks: int, num_microbatches: int) -> SimResult:
+    """The named schedule's action lists simulated with F = B = W = 1 (a linear layer's three GEMMs),
+    cached: the planner's search asks for the same few again and again, for the bubble (time model) and
+    for the micro-batches in flight (memory model). Each rank's peak in flight depends on its order of
+    actions alone, not on the costs. Shared and cached: read it, do not change it."""
+    schedule = build_schedule(name, pp_size, num_model_chunks, num_microbatches)
+    return simulate(schedule, forward_cost=1.0, backward_cost=1.0, weight_cost=1.0)
 
 
 def timeline(result: SimResult) -> str:

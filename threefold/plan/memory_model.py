@@ -219,11 +219,10 @@ def _zero_bubble_in_flight(pipeline_schedule: str, pp_size: int, num_microbatche
     1F1B's min(p - r, m), ZB-V at most 2 p half-stage chunks on every rank (1F1B's p stages at rank 0). The
     peak is reached within the first 2 p micro-batches, so `in_flight` asks for at most 4 p (and the cache
     then holds one entry for every longer step)."""
-    from threefold.pipeline.schedules import build_schedule
-    from threefold.pipeline.sim import simulate
+    from threefold.pipeline.sim import simulate_named
 
     v = 2 if pipeline_schedule in V_SHAPED else 1
-    return tuple(simulate(build_schedule(pipeline_schedule, pp_size, v, num_microbatches)).peak_in_flight)
+    return tuple(simulate_named(pipeline_schedule, pp_size, v, num_microbatches).peak_in_flight)
 
 
 @dataclass(frozen=True)

@@ -582,10 +582,9 @@ def bubble_stages(
 def _simulated_bubble(pipeline_schedule: str, p: int, v: int, m: int) -> float:
     """`bubble_stages` of a zero-bubble schedule, simulated (cached on the capped m, which the planner's
     search asks for again and again)."""
-    from threefold.pipeline.schedules import build_schedule
-    from threefold.pipeline.sim import simulate
+    from threefold.pipeline.sim import simulate_named
 
-    r = simulate(build_schedule(pipeline_schedule, p, v, m), backward_cost=1.0, weight_cost=1.0)
+    r = simulate_named(pipeline_schedule, p, v, m)
     return (r.makespan - r.ideal) / (3 * v)
 
 
