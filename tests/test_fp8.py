@@ -611,6 +611,12 @@ def test_the_transposed_cast_is_the_cast_then_the_transpose():
     assert left.data.is_contiguous() and left.scale.shape == (10, 1)
     want = fp8.quantize(t.t(), fp8.E5M2, 1)
     assert torch.equal(left.data.float(), want.data.float()) and torch.equal(left.scale, want.scale)
+    # The row-major cast eager CUDA code takes from the kernel (cast_as): t as the transpose of t^T, with
+    # the scale transposed too (the kernel's reading of such strides: the interpreter test above).
+    per_row = fp8.scale_for(t, fp8.E4M3, 1)
+    for s in (scale, per_row):
+        got = fp8.transposed_cast(t.t(), s.t() if s.dim() == 2 else s, fp8.E4M3)
+        assert got.shape == t.shape and torch.equal(got.float(), fp8.to_fp8(t, s, fp8.E4M3).float())
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])

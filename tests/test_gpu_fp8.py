@@ -66,6 +66,27 @@ def test_the_transposed_cast_kernel_is_bit_for_bit_torchs(dtype):
                 assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (rows, cols, name)
 
 
+@pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2], ids=["e4m3", "e5m2"])
+def test_an_eager_row_major_cast_is_one_kernel_and_torchs_values(dtype):
+    """fp8.cast_as for a contiguous left operand, eager on CUDA: the transposed-cast kernel reading t^T,
+    bit for bit torch's cast, for each scale layout; the compiled form stays torch's ops."""
+    generator = torch.Generator().manual_seed(0)
+    t = (torch.randn(200, 70, generator=generator) * 300).to("cuda", torch.bfloat16)
+    scales = {
+        "tensorwise": torch.tensor(2.0, device="cuda"),
+        "per row": torch.rand(200, 1, generator=generator).cuda() * 4,
+    }
+    for name, scale in scales.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            got = fp8.cast_as(t, scale, dtype, "a", "rowwise")
+            torch.cuda.synchronize()
+        kernels = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert got.shape == t.shape and got.is_contiguous() and got.dtype == dtype
+        want = fp8.to_fp8(t, scale, dtype)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+        assert len(kernels) == 1 and "transposed_cast" in kernels[0], (name, kernels)
+
+
 def test_amax_on_the_gpu_is_the_largest_magnitude():
     """fp8.amax's one-read form (CUDA's aminmax) against abs().amax() over an output-weight-shaped tensor
     (many rows, reduced along them, as the float8 output layer's input-gradient cast does) and a small one
