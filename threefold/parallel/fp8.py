@@ -174,12 +174,10 @@ def cast_as(
     transpose, and a left one taken from a transposed view such as dy^T), `_transposed` writes it."""
     if side == "b":  # column-major: t^T's rows, one after the other
         return _transposed(t, scale, dtype, recipe).t()
-    if t.is_contiguous():
-        if t.is_cuda and not torch.compiler.is_compiling():
-            # Eager: the cast kernel in one pass, reading t as the transpose of its transposed view, where
-            # to_fp8 runs four of torch's kernels through fp32 copies (27 bytes moved an element, not 3).
-            # Compiled code keeps to_fp8, which the compiler fuses with the work that produces t.
-            return transposed_cast(t.t(), scale.t() if scale.dim() == 2 else scale, dtype)
+    if t.is_contiguous() and (not t.is_cuda or torch.compiler.is_compiling()):
+        # Compiled code fuses to_fp8 with the work that produces t. Eager CUDA code takes the kernel below
+        # even for a contiguous t: one pass, where to_fp8 runs four of torch's kernels through fp32 copies
+        # (27 bytes moved an element, not 3).
         return to_fp8(t, scale, dtype)
     return _transposed(t.t(), scale.t() if scale.dim() == 2 else scale, dtype, recipe)  # row-major, from t^T
 

@@ -59,7 +59,6 @@ gradients took none of it back.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from threefold.config import Config, ModelConfig, ParallelConfig
@@ -204,7 +203,7 @@ def in_flight(
     if pipeline_schedule == "gpipe":
         return m * v
     if pipeline_schedule in SPLIT_BACKWARD:
-        return _zero_bubble_in_flight(pipeline_schedule, p, min(m, 4 * p))[pp_rank]
+        return _zero_bubble_in_flight(pipeline_schedule, p, min(m, 4 * p), pp_rank)
     if v == 1:
         return min(p - pp_rank, m)
     total = m * v
@@ -213,16 +212,15 @@ def in_flight(
     return min(2 * (p - pp_rank - 1) + (v - 1) * p + 1, total)
 
 
-@functools.cache
-def _zero_bubble_in_flight(pipeline_schedule: str, pp_size: int, num_microbatches: int) -> tuple[int, ...]:
-    """Per rank, the simulator's peak of forwards awaiting their B in a zero-bubble schedule: ZB-H1 holds
+def _zero_bubble_in_flight(pipeline_schedule: str, pp_size: int, num_microbatches: int, pp_rank: int) -> int:
+    """The simulator's peak of forwards awaiting their B on `pp_rank` in a zero-bubble schedule: ZB-H1 holds
     1F1B's min(p - r, m), ZB-V at most 2 p half-stage chunks on every rank (1F1B's p stages at rank 0). The
-    peak is reached within the first 2 p micro-batches, so `in_flight` asks for at most 4 p (and the cache
-    then holds one entry for every longer step)."""
+    peak is reached within the first 2 p micro-batches, so `in_flight` asks for at most 4 p (and the
+    simulation's cache then holds one entry for every longer step)."""
     from threefold.pipeline.sim import simulate_named
 
     v = 2 if pipeline_schedule in V_SHAPED else 1
-    return tuple(simulate_named(pipeline_schedule, pp_size, v, num_microbatches).peak_in_flight)
+    return simulate_named(pipeline_schedule, pp_size, v, num_microbatches).peak_in_flight[pp_rank]
 
 
 @dataclass(frozen=True)

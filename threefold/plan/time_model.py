@@ -61,7 +61,6 @@ validation set, threefold/plan/validation.json, checks the whole against publish
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 from threefold.config import Config, ModelConfig
@@ -575,16 +574,9 @@ def bubble_stages(
     p, v, m = pp_size, num_model_chunks, num_microbatches
     if p == 1 or pipeline_schedule not in SPLIT_BACKWARD:
         return (p - 1) / v
-    return _simulated_bubble(pipeline_schedule, p, v, min(m, 4 * p))
+    from threefold.pipeline.sim import simulate_named  # cached on the capped m
 
-
-@functools.cache
-def _simulated_bubble(pipeline_schedule: str, p: int, v: int, m: int) -> float:
-    """`bubble_stages` of a zero-bubble schedule, simulated (cached on the capped m, which the planner's
-    search asks for again and again)."""
-    from threefold.pipeline.sim import simulate_named
-
-    r = simulate_named(pipeline_schedule, p, v, m)
+    r = simulate_named(pipeline_schedule, p, v, min(m, 4 * p))
     return (r.makespan - r.ideal) / (3 * v)
 
 
