@@ -2,6 +2,10 @@
 
 Fork (not spawn) keeps a 4-rank launch around a third of a second: children inherit the imported
 torch instead of re-importing it. A hung collective fails the test after `timeout` seconds.
+
+Gloo's rendezvous on a loaded machine now and then loses a connection before any test code runs
+("connectFullMesh failed ... Connection closed by peer"). Such a launch is torn down and started
+again on a fresh port, at most `RENDEZVOUS_TRIES` times; a failure inside `fn` is never retried.
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RENDEZVOUS_TRIES = 3
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-        )
+        try:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+            )
+        except Exception:
+            queue.put((rank, "rendezvous", traceback.format_exc()))
+            return
         result = fn(rank, world_size, *args)
         # Tensors go by value: shared-memory handles would die with this process.
         buffer = io.BytesIO()
@@ -41,8 +52,12 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0) -> list[Any]:
-    """fn(rank, world_size, *args) on every rank; returns the results ordered by rank."""
+class _RendezvousFailed(Exception):
+    pass
+
+
+def _launch(world_size: int, fn: Callable, args: tuple, timeout: float) -> list[Any]:
+    """One launch on a fresh port; raises _RendezvousFailed if the process group could not form."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = _free_port()
@@ -53,11 +68,15 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0)
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    rendezvous: list[str] = []
     try:
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
                 results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            elif status == "rendezvous":
+                rendezvous.append(f"rank {rank} could not join the process group on port {port}:\n{payload}")
+                break
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
@@ -66,14 +85,41 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0)
             f"timed out after {timeout}s waiting for ranks ({type(e).__name__}); got {sorted(results)}"
         )
     finally:
+        failed = bool(errors or rendezvous)
         for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
+            p.join(timeout=5 if not failed else 0.5)
             if p.is_alive():
                 p.kill()
                 p.join()
+        if failed:  # what the other ranks said before they were stopped
+            try:
+                while True:
+                    rank, status, payload = queue.get(timeout=0.1)
+                    if status != "ok":
+                        said = rendezvous if status == "rendezvous" else errors
+                        said.append(f"rank {rank} ({status}):\n{payload}")
+            except Exception:  # empty, or cut short by a killed writer
+                pass
+        queue.close()
+    exits = ", ".join(f"rank {r}: {p.exitcode}" for r, p in enumerate(procs))
     if errors:
-        raise AssertionError("\n".join(errors))
+        raise AssertionError("\n".join([*errors, *rendezvous, f"exit codes: {exits}"]))
+    if rendezvous:
+        raise _RendezvousFailed("\n".join([*rendezvous, f"exit codes: {exits}"]))
     return [results[r] for r in range(world_size)]
+
+
+def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0) -> list[Any]:
+    """fn(rank, world_size, *args) on every rank; returns the results ordered by rank."""
+    failures: list[str] = []
+    for _ in range(RENDEZVOUS_TRIES):
+        try:
+            return _launch(world_size, fn, args, timeout)
+        except _RendezvousFailed as e:
+            failures.append(str(e))
+    raise AssertionError(
+        f"the gloo process group failed to form {RENDEZVOUS_TRIES} times:\n" + "\n".join(failures)
+    )
 
 
 def train_and_gather(rank: int, world_size: int, config: Any) -> dict:

@@ -1,0 +1,73 @@
+"""The test harness's own contract: a failed rendezvous is retried on a new port, a failing rank is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+import tests.distributed as harness
+from tests.distributed import run_ranks
+
+
+def _rank_and_world(rank: int, world_size: int, log: Path) -> tuple[int, int]:
+    with open(log, "a") as f:
+        f.write(f"{rank}\n")
+    return rank, dist.get_world_size()
+
+
+def _flaky_init(marker: Path):
+    """init_process_group that fails on rank 1 until `marker` exists, as gloo's lost connections do."""
+    real = dist.init_process_group
+
+    def init(*args, **kwargs):
+        if kwargs.get("rank") == 1 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("Gloo connectFullMesh failed with ... Connection closed by peer")
+        return real(*args, **kwargs)
+
+    return init
+
+
+def test_a_lost_rendezvous_is_launched_again_on_a_fresh_port(tmp_path, monkeypatch):
+    used: list[int] = []
+    free_port = harness._free_port
+
+    def next_port() -> int:
+        used.append(free_port())
+        return used[-1]
+
+    monkeypatch.setattr(harness, "_free_port", next_port)
+    monkeypatch.setattr(dist, "init_process_group", _flaky_init(tmp_path / "failed-once"))
+    log = tmp_path / "ran"
+    assert run_ranks(2, _rank_and_world, log) == [(0, 2), (1, 2)]
+    assert len(used) == 2
+    assert sorted(log.read_text().split()) == ["0", "1"]  # fn ran once per rank, in the second launch
+
+
+def test_a_rendezvous_that_never_forms_names_every_try(tmp_path, monkeypatch):
+    def always_fails(*args, **kwargs):
+        raise RuntimeError("connection closed by peer")
+
+    monkeypatch.setattr(dist, "init_process_group", always_fails)
+    with pytest.raises(AssertionError, match=f"failed to form {harness.RENDEZVOUS_TRIES} times") as info:
+        run_ranks(2, _rank_and_world, tmp_path / "ran")
+    assert str(info.value).count("could not join the process group") == harness.RENDEZVOUS_TRIES
+    assert not (tmp_path / "ran").exists()
+
+
+def _fails_on_rank_1(rank: int, world_size: int, log: Path) -> int:
+    with open(log, "a") as f:
+        f.write(f"{rank}\n")
+    if rank == 1:
+        raise ValueError("the code under test is wrong")
+    return rank
+
+
+def test_a_failing_rank_is_reported_and_not_retried(tmp_path):
+    log = tmp_path / "ran"
+    with pytest.raises(AssertionError, match="the code under test is wrong") as info:
+        run_ranks(2, _fails_on_rank_1, log)
+    assert "exit codes" in str(info.value)
+    assert log.read_text().split().count("1") == 1
