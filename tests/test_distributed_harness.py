@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import distributed as harness
 import pytest
 import torch.distributed as dist
-
-import tests.distributed as harness
-from tests.distributed import run_ranks
+from distributed import run_ranks
 
 
 def _rank_and_world(rank: int, world_size: int, log: Path) -> tuple[int, int]:
