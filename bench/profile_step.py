@@ -1,6 +1,6 @@
 """Profile a few training steps of a config on one GPU: where the step time goes, by kernel.
 
-Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps 3] [--warmup 5]
+Usage (one GPU): python bench/profile_step.py [--section.key=value ...] [--steps 3] [--warmup 5] [--top 30]
     [--torch-grad-move] (gradients into main_grad through torch's copy_/add_, as before 2026-12-04)
     [--fp8-kernel=on|off] (float8 transposed casts in compiled code through the Triton kernel, or left to
     the compiler, for every recipe; unset: threefold.parallel.fp8.KERNEL_UNDER_COMPILE's per-recipe choice)
@@ -96,7 +96,8 @@ def idle_gaps(prof: torch.profiler.profile, top: int = 12) -> list[tuple[str, in
 
 
 def main(argv: list[str]) -> None:
-    steps, warmup, top, overrides = 3, 5, 30, []
+    counts = {"--steps": 3, "--warmup": 5, "--top": 30}  # --top N: kernels listed
+    overrides: list[str] = []
     torch_grad_move = "--torch-grad-move" in argv  # torch's copy_/add_ into main_grad, not the kernel
     host = "--host" in argv
     width = 1000 if "--full-names" in argv else 90
@@ -110,16 +111,13 @@ def main(argv: list[str]) -> None:
     argv = [a for a in argv if a not in flags and not a.startswith("--fp8-kernel")]
     i = 0
     while i < len(argv):
-        if argv[i] in ("--steps", "--warmup", "--top"):  # --top N: kernels listed (30)
-            value = int(argv[i + 1])
-            steps, warmup, top = (
-                (value, warmup, top) if argv[i] == "--steps" else
-                (steps, value, top) if argv[i] == "--warmup" else (steps, warmup, value)
-            )  # fmt: skip
+        if argv[i] in counts:
+            counts[argv[i]] = int(argv[i + 1])
             i += 2
             continue
         overrides.append(argv[i])
         i += 1
+    steps, warmup, top = counts["--steps"], counts["--warmup"], counts["--top"]
     # One GPU, or under torchrun (the layout comes from the --parallel.* overrides); rank 0 reports.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
