@@ -7,17 +7,20 @@ these tests run the same code as the GPU; only the kernel differs. The GPU's str
 multiple of 16, the gradient as the left e5m2 operand) are kept by the code and the config checks here.
 """
 
+import contextlib
+import io
+
 import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_ranks, train_and_gather
 from tiny import tiny_config
 
-from threefold.config import ModelConfig
+from threefold.config import ModelConfig, TrainingConfig
 from threefold.model.transformer import build_model
 from threefold.parallel import fp8
 from threefold.parallel.layers import TPContext, gather_full
-from threefold.train import check_fp8_device
+from threefold.train import check_fp8_device, fp8_notice
 
 E4M3, E5M2 = fp8.E4M3, fp8.E5M2
 RECIPES = ["tensorwise", "rowwise"]
@@ -323,12 +326,17 @@ def test_tensor_parallel_float8_matches_one_process(single_process, two_ranks, r
 
 
 def _train_fp8_on_cpu(rank: int, world_size: int, config) -> dict:
-    """`train_and_gather` with the device rule lifted (float8 runs on the CPU here), recording its calls."""
+    """`train_and_gather` with the device rule lifted (float8 runs on the CPU here), recording its calls
+    and the float8 notice's lines in what the rank prints."""
     import threefold.train as train_module
 
     checked = []
     train_module.check_fp8_device = lambda device, recipe: checked.append((device.type, recipe))
-    return train_and_gather(rank, world_size, config) | {"checked": checked}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = train_and_gather(rank, world_size, config)
+    notices = [line for line in printed.getvalue().splitlines() if "training.compile = false" in line]
+    return result | {"checked": checked, "notices": notices}
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +358,9 @@ def test_training_with_fp8_from_the_config(fp8_runs):
     under tp 1 and tp 2 alike, and differs from bf16 by float8's rounding only."""
     bf16, one, two = fp8_runs[(1, False)], fp8_runs[(1, "tensorwise")], fp8_runs[(2, "tensorwise")]
     assert bf16["checked"] == [] and one["checked"] == [("cpu", "tensorwise")]
+    assert bf16["notices"] == [] and one["notices"] == two["notices"] == [
+        fp8_notice(TrainingConfig(dtype="bfloat16", fp8="tensorwise"))
+    ]
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=2e-3, atol=0)
     gaps = [abs(a / b - 1) for a, b in zip(one["losses"], bf16["losses"], strict=True)]
     assert 0 < max(gaps) < 0.02, gaps
@@ -415,6 +426,13 @@ def test_fp8_config_errors_name_the_values(tmp_path, sonnets_dataset, training, 
     data = dict(seq_len=8) if "micro_batch_size" in training else {}
     with pytest.raises(ValueError, match=message):
         tiny_config(sonnets_dataset, tmp_path, tp=2, model=shape, training=raw_training, data=data)
+
+
+def test_the_fp8_notice_asks_for_compile_only_when_float8_runs_uncompiled():
+    notice = fp8_notice(TrainingConfig(dtype="bfloat16", fp8="rowwise"))
+    assert notice is not None and "training.fp8 = 'rowwise'" in notice and "training.compile = true" in notice
+    assert fp8_notice(TrainingConfig(dtype="bfloat16", fp8="rowwise", compile=True)) is None
+    assert fp8_notice(TrainingConfig(dtype="bfloat16")) is None
 
 
 def test_fp8_device_check_refuses_the_cpu():

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from threefold.checkpoint import Checkpointer
-from threefold.config import Config
+from threefold.config import Config, TrainingConfig
 from threefold.data.blend import BlendLoader, BlendSource, val_loss
 from threefold.data.dataset import (
     BatchLoader,
@@ -120,6 +120,9 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         use_attention_backend(t.attention_backend)
     if t.fp8:
         check_fp8_device(device, t.fp8)
+    notice = fp8_notice(t)
+    if notice and mesh.rank == 0:
+        print(notice, flush=True)
     tp = TPContext(
         mesh.tp_group,
         p.sequence_parallel,
@@ -227,6 +230,19 @@ def check_fp8_device(device: torch.device, recipe: str) -> None:
             f"training.fp8 = {recipe!r} needs compute capability >= 8.9 (Ada, Hopper or newer); {name} "
             f"({device}) has {capability[0]}.{capability[1]}"
         )
+
+
+def fp8_notice(training: TrainingConfig) -> str | None:
+    """What rank 0 says when training.fp8 is on without training.compile: float8 then runs, but its casts
+    are torch's separate kernels and the step measured no faster than bf16's (docs/benchmarks.md, issue 18's
+    twenty-ninth session); None otherwise."""
+    if not training.fp8 or training.compile:
+        return None
+    return (
+        f"training.fp8 = {training.fp8!r} with training.compile = false: float8 runs, but uncompiled its "
+        "casts are separate kernels and the step measured no faster than bf16's; set training.compile = true "
+        "for float8's speed"
+    )
 
 
 def _document_eos_id(config: Config) -> int | None:
