@@ -10,7 +10,8 @@
 #     docstring-parser shtab typeguard
 #   python bench/torchtitan_llama1b.py assets .tt/assets      (needs data/fp8-corpus)
 # Then on the GPU machine (carry .tt and data/fp8-corpus): bash bench/torchtitan_side_by_side.sh [BATCHES]
-# BATCHES: the batch sizes, default "8 4"; the round is repeated while under 250 s.
+# BATCHES: the batch sizes, default "8 4"; the round is repeated while under ROUND_S seconds (environment,
+# default 250; 1 runs one round).
 # BACKENDS (environment): threefold's `training.attention_backend` for its runs, default "auto"; e.g.
 # BACKENDS="auto fa4" runs threefold once with each after each TorchTitan run (fa4 needs FlashAttention-4's
 # packages importable).
@@ -54,6 +55,6 @@ while :; do
     titan "$b"
     for a in $backends; do ours "$b" "$a"; done
   done
-  [ $(( $(date +%s) - t0 )) -lt 250 ] || break
+  [ $(( $(date +%s) - t0 )) -lt "${ROUND_S:-250}" ] || break
 done
 echo "total $(( $(date +%s) - t0 )) s"
