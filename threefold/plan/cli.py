@@ -243,15 +243,24 @@ def float8_outlook(w: Workload, layout: Layout, hw: Hardware, gpus_per_node: int
     each recipe's predicted speed-up, and which one kept the loss (README, "FP8 training"); else ''."""
     if not hw.float8 or kernels.fp8 is not None or w.dtype != "bfloat16":
         return ""
-    base = estimate_layout_time(w, layout, hw, gpus_per_node=gpus_per_node, kernels=kernels).step
-    gains = []
-    for recipe in ("rowwise", "tensorwise"):
-        fp8 = dataclasses.replace(kernels, fp8=recipe)
-        step = estimate_layout_time(w, layout, hw, gpus_per_node=gpus_per_node, kernels=fp8).step
-        gains.append(f"{recipe} {base / step:.2f}x")
+
+    def gains(k: Kernels) -> str:
+        base = estimate_layout_time(w, layout, hw, gpus_per_node=gpus_per_node, kernels=k).step
+        steps = {
+            recipe: estimate_layout_time(
+                w, layout, hw, gpus_per_node=gpus_per_node, kernels=dataclasses.replace(k, fp8=recipe)
+            ).step
+            for recipe in ("rowwise", "tensorwise")
+        }
+        return ", ".join(f"{recipe} {base / step:.2f}x" for recipe, step in steps.items())
+
+    where = layout.label()
+    if not kernels.compiled:  # float8's casts fuse only compiled: say what it gives there too
+        compiled = gains(dataclasses.replace(kernels, compiled=True))
+        where += f" uncompiled; {compiled} compiled (--compiled, training.compile = true)"
     return (
-        f"float8 linears (training.fp8; plan them with --fp8): {', '.join(gains)} predicted for "
-        f"{layout.label()}; rowwise kept llama-1b's loss within 1% of bf16's, tensorwise did not (README)"
+        f"float8 linears (training.fp8; plan them with --fp8): {gains(kernels)} predicted for {where}; "
+        "rowwise kept llama-1b's loss within 1% of bf16's, tensorwise did not (README)"
     )
 
 

@@ -166,6 +166,16 @@ this design. (7.0 until the compiled loss's bytes were counted as its kernels mo
 the bf16 step the ratios divide then came out 9% longer.)"""
 
 
+def fp8_cast_time(hw: Hardware, kernels: Kernels, nbytes: float) -> float:
+    """Seconds for float8 casts that move `nbytes`. Compiled, the casts are fused with the work around them
+    and run at the fused kernels' rate; eager, each is torch's separate amax, scale and cast kernels, priced
+    like the rest of the eager element-wise work, at EAGER_BANDWIDTH_FRACTION of HBM. Measured eager on one
+    H100 (llama-1b, seq 2048, micro-batch 8, 2026-12-06, docs/benchmarks.md "Eager float8 measured"): rowwise
+    + float8 output layer 341.3 ms a step against bf16's 339.4; at full bandwidth the eager casts were
+    predicted 1.06x faster than bf16, at this fraction 0.99x."""
+    return hw.fused_time(nbytes) if kernels.compiled else hw.memory_time(nbytes / EAGER_BANDWIDTH_FRACTION)
+
+
 def fp8_cast_elements(n: int, inputs: list[int], shapes: list[tuple[int, int, int]]) -> tuple[float, float]:
     """(forward, backward) elements the float8 casts of one layer read for `n` tokens: forward, each
     distinct input (width in `inputs`) once, row-scaled, and each weight; backward, each input again for
@@ -385,7 +395,10 @@ def layer_pass(
     cast_f = cast_b = 0.0
     if kernels.fp8 is not None:
         gemm /= FP8_GEMM_RATE[kernels.fp8]
-        cast_f, cast_b = (moved(FP8_CAST_BYTES[kernels.fp8] * k) for k in layer_fp8_cast_elements(m, n, t))
+        cast_f, cast_b = (
+            fp8_cast_time(hw, kernels, FP8_CAST_BYTES[kernels.fp8] * k)
+            for k in layer_fp8_cast_elements(m, n, t)
+        )
     # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
     core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
     core_f, core_b = core_f / c, core_b / c
@@ -450,8 +463,8 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels
     cast_f = cast_b = 0.0
     if kernels.fp8_output_layer:  # needs kernels.fp8 (Kernels checks)
         gemm /= FP8_OUTPUT_GEMM_RATE
-        cast_f = moved(FP8_CAST_BYTES["rowwise"] * vloc * h)
-        cast_b = cast_f + moved(n * vloc)
+        cast_f = fp8_cast_time(hw, kernels, FP8_CAST_BYTES["rowwise"] * vloc * h)
+        cast_b = cast_f + fp8_cast_time(hw, kernels, n * vloc)
     norm = moved(LLAMA_BYTES_PER_H / 2 * n * h)
     ce_bytes = (CE_FORWARD_BYTES, CE_BACKWARD_BYTES)
     if kernels.compiled:
