@@ -244,15 +244,13 @@ def float8_outlook(w: Workload, layout: Layout, hw: Hardware, gpus_per_node: int
     if not hw.float8 or kernels.fp8 is not None or w.dtype != "bfloat16":
         return ""
 
+    def step(k: Kernels) -> float:
+        return estimate_layout_time(w, layout, hw, gpus_per_node=gpus_per_node, kernels=k).step
+
     def gains(k: Kernels) -> str:
-        base = estimate_layout_time(w, layout, hw, gpus_per_node=gpus_per_node, kernels=k).step
-        steps = {
-            recipe: estimate_layout_time(
-                w, layout, hw, gpus_per_node=gpus_per_node, kernels=dataclasses.replace(k, fp8=recipe)
-            ).step
-            for recipe in ("rowwise", "tensorwise")
-        }
-        return ", ".join(f"{recipe} {base / step:.2f}x" for recipe, step in steps.items())
+        base = step(k)
+        recipes = ("rowwise", "tensorwise")
+        return ", ".join(f"{r} {base / step(dataclasses.replace(k, fp8=r)):.2f}x" for r in recipes)
 
     where = layout.label()
     if not kernels.compiled:  # float8's casts fuse only compiled: say what it gives there too
