@@ -5,6 +5,7 @@ compiled against eager, and a model's loss and gradients against bf16.
 Marked `gpu` and skipped without such a GPU: `pytest -m gpu tests/test_gpu_fp8.py`.
 """
 
+import contextlib
 import socket
 
 import pytest
@@ -217,3 +218,43 @@ def test_the_float8_output_layer_on_the_gpu(group, monkeypatch):
         assert _relative_error(got, want) < (0.01 if what == "loss" else 0.1), what
         if what != "loss":
             assert _relative_error(got, want) > 1e-3, what
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_compiled_layers_with_weights_cast_once_a_step_train_as_without(group, recipe):
+    """A compiled two-layer Llama, two optimizer steps of three micro-batches: with the float8 weight
+    casts made once a step (threefold.parallel.fp8_cache, eager code on CUDA: the Triton cast kernel and
+    one-pass amax) the losses and accumulated gradients are those of the same model casting its weights
+    inside the compiled graphs at every micro-batch, bit for bit. The math attention kernel keeps both
+    runs deterministic."""
+    from threefold.parallel.fp8_cache import Float8WeightCache
+
+    shape = ModelConfig(vocab_size=4096, hidden_size=512, num_layers=2, num_heads=8, num_kv_heads=4,
+                        ffn_hidden_size=1536, max_seq_len=256)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, shape.vocab_size, (6, 4, 257), generator=gen).cuda()
+    results = []
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        for cache in (None, Float8WeightCache(recipe)):
+            torch._dynamo.reset()
+            tp = TPContext(group, fp8=recipe, fp8_weight_cache=cache)
+            model = build_model(shape, tp, seed=1, device="cuda", dtype=torch.bfloat16, compiled=True)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            losses, grads = [], []
+            for step in range(2):
+                with cache.step() if cache is not None else contextlib.nullcontext():
+                    for i in range(3):
+                        batch = tokens[3 * step + i]
+                        loss = model(batch[:, :-1], batch[:, 1:])
+                        loss.backward()
+                        losses.append(loss.item())
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+                optimizer.step()
+                optimizer.zero_grad()
+            results.append((losses, grads, None if cache is None else cache.casts))
+    (losses, grads, _), (cached_losses, cached_grads, casts) = results
+    assert casts == 2 * 2 * 7
+    assert cached_losses == losses
+    for step, (got, want) in enumerate(zip(cached_grads, grads, strict=True)):
+        for name, g in want.items():
+            assert torch.equal(got[name], g), (step, name, (got[name] - g).abs().max().item())

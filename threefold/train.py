@@ -7,6 +7,7 @@ save, stop.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,6 +34,7 @@ from threefold.optim import Optimizer
 from threefold.parallel import track
 from threefold.parallel.context import ContextParallel, split_sequence
 from threefold.parallel.data_parallel import GradSync, all_reduce_tp_replicated_grads
+from threefold.parallel.fp8_cache import Float8WeightCache
 from threefold.parallel.layers import TPContext
 from threefold.parallel.mesh import Mesh
 from threefold.parallel.weight_grad import WeightGradQueue
@@ -95,6 +97,8 @@ class Trainer:
     """This rank's training step: forwards, backwards and transfers."""
     config: Config
     mesh: Mesh
+    fp8_weight_cache: Float8WeightCache | None = None
+    """The float8 layers' weight casts kept for a step (Config.caches_fp8_weights), opened by train_step."""
 
 
 def layer_ranges(config: Config) -> list[tuple[int, int]]:
@@ -123,6 +127,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     notice = fp8_notice(t)
     if notice and mesh.rank == 0:
         print(notice, flush=True)
+    fp8_weight_cache = Float8WeightCache(t.fp8) if t.fp8 and config.caches_fp8_weights else None
     tp = TPContext(
         mesh.tp_group,
         p.sequence_parallel,
@@ -130,6 +135,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         overlap_comm=p.overlap_tp_comm,
         fp8=t.fp8 or None,
         fp8_output_layer=t.fp8_output_layer,
+        fp8_weight_cache=fp8_weight_cache,
         context=ContextParallel(mesh.cp_group, p.cp_attention) if mesh.cp_size > 1 else None,
         weight_grads=WeightGradQueue() if p.pipeline_schedule in SPLIT_BACKWARD else None,
     )
@@ -200,7 +206,9 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     )
     schedule = build_schedule(p.pipeline_schedule, p.pp_size, p.num_model_chunks, config.num_microbatches)
     connect_neighbours(mesh, device)
-    return Trainer(chunks, grad_syncs, optimizer, executor, schedule[mesh.pp_rank], config, mesh)
+    return Trainer(
+        chunks, grad_syncs, optimizer, executor, schedule[mesh.pp_rank], config, mesh, fp8_weight_cache
+    )
 
 
 def _resolve_offload(config: Config, mesh: Mesh, device: torch.device) -> Config:
@@ -382,9 +390,11 @@ def train_step(
     if num_microbatches > 1 and any(s.direct for s in trainer.grad_syncs.values()):
         # autograd would sum the micro-batches' gradients in the compute dtype, not in fp32
         raise ValueError(f"direct gradients take one micro-batch a step, got {num_microbatches}")
-    loss_sum = trainer.executor.run(
-        trainer.schedule, micro_batches, loss_scale=1.0 / num_microbatches, train=True, spans=spans
-    )
+    cache = trainer.fp8_weight_cache
+    with cache.step() if cache is not None else contextlib.nullcontext():  # weights cast once, then read
+        loss_sum = trainer.executor.run(
+            trainer.schedule, micro_batches, loss_scale=1.0 / num_microbatches, train=True, spans=spans
+        )
     track.set_action("gradient sync")
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.finish()

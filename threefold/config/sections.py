@@ -177,6 +177,12 @@ class ModelConfig(Section):
             raise ValueError(f"RoPE needs an even head dim; hidden_size/num_heads = {self.head_dim}")
 
 
+def caches_fp8_weights(*, fp8: bool | str, setting: bool, num_microbatches: int, zero: bool | int) -> bool:
+    """The rule of `Config.caches_fp8_weights`, for the planner's layouts too: float8 on, the setting on,
+    more than one micro-batch a step on a rank, and weights that stay whole between them (no ZeRO-3)."""
+    return bool(fp8) and setting and num_microbatches > 1 and int(zero) < 3
+
+
 def has_direct_grads(*, world_size: int, num_microbatches: int, offload: bool, zero: bool | int) -> bool:
     """The rule of `Config.direct_grads`, for the planner's layouts too: one process, one micro-batch a
     step, the optimizer state on the device, no ZeRO stage."""
@@ -458,6 +464,12 @@ class TrainingConfig(Section):
     scaled per row or column as the rowwise recipe scales, whatever the layers' recipe; the logits'
     gradient in e5m2 at one fixed scale); attention stays in bf16. Needs the local vocabulary (vocab_size
     padded to tp_size, over tp_size) a multiple of 16."""
+    fp8_weight_cache: bool = True
+    """With training.fp8: cast each layer weight to float8 once per optimizer step, not at every
+    micro-batch, where a step runs more than one micro-batch on a rank (gradient accumulation, pipeline
+    schedules) and ZeRO-3 does not free the weights between them. The same bits; it costs two bytes a
+    layer weight (its two float8 layouts) and saves two casts a weight for every further micro-batch.
+    false: cast at every micro-batch."""
     eval_interval: int = 50
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
     eval_sequences: int = 16
@@ -673,6 +685,16 @@ class Config:
         return has_direct_grads(
             world_size=self.world_size, num_microbatches=self.num_microbatches,
             offload=self.optimizer.offload, zero=self.parallel.zero,
+        )  # fmt: skip
+
+    @property
+    def caches_fp8_weights(self) -> bool:
+        """Whether the float8 layers cast their weights once a step (training.fp8_weight_cache, where it
+        applies: threefold.parallel.fp8_cache)."""
+        t = self.training
+        return caches_fp8_weights(
+            fp8=t.fp8, setting=t.fp8_weight_cache, num_microbatches=self.num_microbatches,
+            zero=self.parallel.zero,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:

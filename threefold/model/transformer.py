@@ -130,14 +130,15 @@ class Attention(nn.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         defer = tp.weight_grads  # zero-bubble schedules compute the weight gradients later
         column = partial(
-            ColumnParallelLinear, tp_group=tp.group, bias=qkv_bias, fp8=tp.fp8, weight_grads=defer
-        )
+            ColumnParallelLinear, tp_group=tp.group, bias=qkv_bias, fp8=tp.fp8, weight_grads=defer,
+            fp8_weight_cache=tp.fp8_weight_cache,
+        )  # fmt: skip
         self.q_proj = column(h, cfg.num_heads * d)
         self.k_proj = column(h, kv * d, replicas=kv_replicas)
         self.v_proj = column(h, kv * d, replicas=kv_replicas)
         self.o_proj = RowParallelLinear(
             cfg.num_heads * d, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel,
-            fp8=tp.fp8, weight_grads=defer,
+            fp8=tp.fp8, weight_grads=defer, fp8_weight_cache=tp.fp8_weight_cache,
         )  # fmt: skip
 
     def forward(
@@ -203,23 +204,17 @@ class MLP(nn.Module):
         bias = cfg.arch == "gpt2"
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
         assert f is not None  # filled in by ModelConfig.__post_init__
-        defer = tp.weight_grads
+        column = partial(
+            ColumnParallelLinear, tp_group=tp.group, bias=bias, fp8=tp.fp8, weight_grads=tp.weight_grads,
+            fp8_weight_cache=tp.fp8_weight_cache,
+        )  # fmt: skip
         if self.gated:
-            self.gate_proj = ColumnParallelLinear(
-                h, f, tp_group=tp.group, bias=bias, fp8=tp.fp8, weight_grads=defer
-            )
-        self.up_proj = ColumnParallelLinear(
-            h, f, tp_group=tp.group, bias=bias, fp8=tp.fp8, weight_grads=defer
-        )
+            self.gate_proj = column(h, f)
+        self.up_proj = column(h, f)
         self.down_proj = RowParallelLinear(
-            f,
-            h,
-            tp_group=tp.group,
-            bias=bias,
-            sequence_parallel=tp.sequence_parallel,
-            fp8=tp.fp8,
-            weight_grads=defer,
-        )
+            f, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel, fp8=tp.fp8,
+            weight_grads=tp.weight_grads, fp8_weight_cache=tp.fp8_weight_cache,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -421,6 +416,8 @@ class Transformer(nn.Module):
         with self._layer_calls():
             for layer in self.layers.values():
                 x = self._enter(unit, x)
+                if self.tp.fp8_weight_cache is not None:  # the layer's weight casts, at its step's first pass
+                    self.tp.fp8_weight_cache.refresh(layer)
                 if self.tp.recompute == "full" and torch.is_grad_enabled():
                     x = checkpoint(layer, x, rope, mask, use_reentrant=False)  # keep only each layer's input
                 else:

@@ -234,16 +234,53 @@ def matmul(a: Operand, b: Operand, out_dtype: torch.dtype, *, fast_accum: bool) 
 # then skip periodic promotion to full fp32): gradients are summed over every token and keep it.
 
 
-def forward_gemm(x: Operand, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype: torch.dtype) -> torch.Tensor:
-    """x W^T: x (M, K) already a left operand (shared by projections reading one input), W (N, K)."""
-    return matmul(x, operand(weight.t(), E4M3, recipe, "b"), out_dtype, fast_accum=True)  # (M, N)
+class WeightOperands(NamedTuple):
+    """A weight W (N, K) cast for both GEMMs that read it, as `weight_operands` makes them."""
+
+    forward: Operand
+    """W^T (K, N), column-major, as the right operand of x W^T."""
+    backward: Operand
+    """W (N, K), column-major, as the right operand of dy W."""
+
+
+def flatten_weight_operands(cast: WeightOperands | None) -> tuple[torch.Tensor, ...]:
+    """`cast`'s four tensors (none for None), for an autograd Function's arguments."""
+    return () if cast is None else (*cast.forward, *cast.backward)
+
+
+def unflatten_weight_operands(tensors: tuple[torch.Tensor, ...]) -> WeightOperands | None:
+    """The WeightOperands `flatten_weight_operands` gave `tensors` for (None for none)."""
+    if not tensors:
+        return None
+    f_data, f_scale, b_data, b_scale = tensors
+    return WeightOperands(Operand(f_data, f_scale), Operand(b_data, b_scale))
+
+
+def weight_operands(weight: torch.Tensor, recipe: Fp8Recipe) -> WeightOperands:
+    """W (N, K) cast as `forward_gemm` and `grad_input_gemm` cast it when given no operands."""
+    return WeightOperands(operand(weight.t(), E4M3, recipe, "b"), operand(weight, E4M3, recipe, "b"))
+
+
+def forward_gemm(
+    x: Operand, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype: torch.dtype, cast: Operand | None = None
+) -> torch.Tensor:
+    """x W^T: x (M, K) already a left operand (shared by projections reading one input), W (N, K); `cast`,
+    W's forward operand made earlier (`WeightOperands.forward`), else W is cast here."""
+    w = operand(weight.t(), E4M3, recipe, "b") if cast is None else cast
+    return matmul(x, w, out_dtype, fast_accum=True)  # (M, N)
 
 
 def grad_input_gemm(
-    grad: Operand, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype: torch.dtype
+    grad: Operand,
+    weight: torch.Tensor,
+    recipe: Fp8Recipe,
+    out_dtype: torch.dtype,
+    cast: Operand | None = None,
 ) -> torch.Tensor:
-    """dy W: dy (M, N) already a left operand (`grad_operands`), W (N, K) -> (M, K)."""
-    return matmul(grad, operand(weight, E4M3, recipe, "b"), out_dtype, fast_accum=False)
+    """dy W: dy (M, N) already a left operand (`grad_operands`), W (N, K) -> (M, K); `cast`, W's backward
+    operand made earlier (`WeightOperands.backward`), else W is cast here."""
+    w = operand(weight, E4M3, recipe, "b") if cast is None else cast
+    return matmul(grad, w, out_dtype, fast_accum=False)
 
 
 def grad_weight_gemm(grad_t: Operand, x: Operand, out_dtype: torch.dtype) -> torch.Tensor:
@@ -259,30 +296,40 @@ class _Fp8Linear(torch.autograd.Function):
     amax."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
-        ctx.recipe = recipe
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, *cast: torch.Tensor
+    ) -> torch.Tensor:
+        """`cast`: the weight's float8 operands made earlier (`WeightOperands`, flattened: the compiler
+        traces a Function's tensor arguments only at the top level), or nothing."""
+        ctx.recipe, ctx.num_cast = recipe, len(cast)
         x_a = operand(x, E4M3, recipe, "a")
         # a tensorwise dequantization scale is a power of two, so its reciprocal is the exact cast scale
-        ctx.save_for_backward(x, weight, x_a.scale if recipe == "tensorwise" else None)
-        return forward_gemm(x_a, weight, recipe, x.dtype)  # (M, N)
+        x_scale = x_a.scale if recipe == "tensorwise" else None
+        w_cast = unflatten_weight_operands(cast)
+        ctx.save_for_backward(x, weight, x_scale, *(w_cast.backward if w_cast is not None else (None, None)))
+        return forward_gemm(x_a, weight, recipe, x.dtype, w_cast.forward if w_cast is not None else None)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        x, weight, x_scale = ctx.saved_tensors
+        x, weight, x_scale, w_data, w_scale = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = grad_operands(grad, ctx.recipe, for_input=need_x, for_weight=need_w)
         grad_x = grad_weight = None
         if g.for_input is not None:
-            grad_x = grad_input_gemm(g.for_input, weight, ctx.recipe, grad.dtype)
+            w_cast = None if w_data is None else Operand(w_data, w_scale)
+            grad_x = grad_input_gemm(g.for_input, weight, ctx.recipe, grad.dtype, w_cast)
         if g.for_weight is not None:
             cast = None if x_scale is None else x_scale.reciprocal()
             grad_weight = grad_weight_gemm(g.for_weight, operand(x, E4M3, ctx.recipe, "b", cast), grad.dtype)
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, *([None] * ctx.num_cast)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
-    """F.linear(x, weight) without bias, its GEMMs in float8: x (..., K), weight (N, K) -> (..., N)."""
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, cast: WeightOperands | None = None
+) -> torch.Tensor:
+    """F.linear(x, weight) without bias, its GEMMs in float8: x (..., K), weight (N, K) -> (..., N). `cast`:
+    the weight's float8 operands made earlier (threefold.parallel.fp8_weights), else it is cast here."""
     # 2-D inside the Function: an output that was a view of its result would refuse in-place ops after
     # (the tensor-parallel all-reduce).
-    y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, recipe)
+    y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, recipe, *flatten_weight_operands(cast))
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -46,6 +46,7 @@ from threefold.parallel.comm import (
     reduce_scatter_to_sequence,
 )
 from threefold.parallel.context import ContextParallel
+from threefold.parallel.fp8_cache import Float8WeightCache, cached_weight
 from threefold.parallel.weight_grad import WeightGradQueue, accumulate, linear, weight_grads
 
 
@@ -134,8 +135,10 @@ class ColumnParallelLinear(nn.Module):
         replicas: int = 1,
         fp8: Fp8Recipe | None = None,
         weight_grads: WeightGradQueue | None = None,
+        fp8_weight_cache: Float8WeightCache | None = None,
     ) -> None:
-        """`weight_grads`: the queue that defers this layer's weight gradient (zero-bubble schedules)."""
+        """`weight_grads`: the queue that defers this layer's weight gradient (zero-bubble schedules);
+        `fp8_weight_cache`: with `fp8`, where the weight's float8 casts are kept for a step."""
         super().__init__()
         self.weight_grads = weight_grads
         tp_size = dist.get_world_size(tp_group)
@@ -154,9 +157,16 @@ class ColumnParallelLinear(nn.Module):
         self.fp8 = fp8
         if fp8 is not None:
             self.weight.float8_recipe = fp8  # type: ignore[attr-defined]  # read by ZeRO-3's float8 gather
+        self.cached_weight = cached_weight(fp8_weight_cache, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) -> (b, s, out/t)
-        return linear(x, self.weight, self.bias, self.weight_grads, self.fp8)
+        return linear(x, self.weight, self.bias, self.weight_grads, self.fp8, weight_casts(self))
+
+
+def weight_casts(layer: ColumnParallelLinear | RowParallelLinear) -> float8.WeightOperands | None:
+    """The float8 casts of `layer`'s weight kept for this step (threefold.parallel.fp8_cache), or None
+    where the layer casts its weight itself."""
+    return None if layer.cached_weight is None else layer.cached_weight.operands()
 
 
 class _ColumnParallelProjections(torch.autograd.Function):
@@ -184,8 +194,16 @@ class _ColumnParallelProjections(torch.autograd.Function):
         group: ProcessGroup | None,
         recipe: Fp8Recipe | None,
         queue: WeightGradQueue | None,
-        *params: Any,
+        num_layers: int,
+        *tensors: Any,
     ) -> Any:
+        """`tensors`: each layer's weight and bias (None where it has none), then, where the step keeps
+        them (threefold.parallel.fp8_cache), each weight's float8 operands, flattened four by four (a
+        Function's tensor arguments are traced at the top level only)."""
+        params, cast_tensors = tensors[: 2 * num_layers], tensors[2 * num_layers :]
+        assert len(cast_tensors) in (0, 4 * num_layers), "the step keeps every projection's casts or none"
+        ctx.num_cast_tensors = len(cast_tensors)
+        casts = [float8.unflatten_weight_operands(cast_tensors[4 * i : 4 * i + 4]) for i in range(num_layers)]
         weights, biases = params[0::2], params[1::2]
         ctx.group = group
         ctx.recipe = recipe
@@ -199,18 +217,24 @@ class _ColumnParallelProjections(torch.autograd.Function):
             return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
         # x is (b*s, h) here: outputs that were views of the GEMM's would refuse the in-place ops after.
         x_fp8 = float8.operand(x, float8.E4M3, recipe, "a")
-        # tensorwise, the backward's cast of x reuses this scale (a power of two: its reciprocal is exact)
-        ctx.save_for_backward(x, x_fp8.scale if recipe == "tensorwise" else None, *weights)
+        # tensorwise, the backward's cast of x reuses this scale (a power of two: its reciprocal is exact);
+        # with `casts` (each weight's float8 operands, kept for the step) their backward halves are saved
+        kept = [t for c in casts if c is not None for t in c.backward]
+        ctx.save_for_backward(x, x_fp8.scale if recipe == "tensorwise" else None, *weights, *kept)
         outputs = []
-        for w, b in zip(weights, biases, strict=True):
-            y = float8.forward_gemm(x_fp8, w, recipe, x.dtype)  # (b*s, out/t)
-            outputs.append(y if b is None else y + b)
+        for w, b, cast in zip(weights, biases, casts, strict=True):
+            y = float8.forward_gemm(x_fp8, w, recipe, x.dtype, cast.forward if cast is not None else None)
+            outputs.append(y if b is None else y + b)  # (b*s, out/t)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
-        x, x_scale, *weights = ctx.saved_tensors
+        x, x_scale, *saved = ctx.saved_tensors
+        num = len(ctx.has_bias)
+        weights, kept = saved[:num], saved[num:]
+        w_casts = [float8.Operand(*kept[2 * i : 2 * i + 2]) for i in range(num)] if kept else [None] * num
         h, recipe = x.shape[-1], ctx.recipe
+        none = [None] * ctx.num_cast_tensors  # the float8 operands' gradients
         # (b*s, out/t) each; None for an output that took no part in the loss
         flat_grads = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         grad_input = x.new_zeros(x.shape).view(-1, h) if all(g is None for g in flat_grads) else None
@@ -221,35 +245,35 @@ class _ColumnParallelProjections(torch.autograd.Function):
             else float8.grad_operands(g, recipe, for_input=True, for_weight=not deferred)
             for g in flat_grads
         ]  # fmt: skip
-        parts = list(zip(flat_grads, grads_fp8, weights, strict=True))
+        parts = list(zip(flat_grads, grads_fp8, weights, w_casts, strict=True))
         # Without a group (one rank, or sequence parallelism), summed last projection first: autograd's
         # order when each projection is its own linear (the one created last runs first), which the
         # zero-bubble schedules' layers are, so that both paths give the same bits.
-        for g, g_fp8, w in reversed(parts) if ctx.group is None else parts:
+        for g, g_fp8, w, w_cast in reversed(parts) if ctx.group is None else parts:
             if g is None:
                 continue
             if g_fp8 is not None:
                 assert recipe is not None and g_fp8.for_input is not None
-                part = float8.grad_input_gemm(g_fp8.for_input, w, recipe, g.dtype)
+                part = float8.grad_input_gemm(g_fp8.for_input, w, recipe, g.dtype, w_cast)
                 grad_input = part if grad_input is None else grad_input.add_(part)
             else:
                 grad_input = g.mm(w) if grad_input is None else grad_input.addmm_(g, w)  # (b*s, h)
         assert grad_input is not None
         if ctx.group is None:
             param_grads = _weight_grads(x, x_scale, recipe, ctx.has_bias, flat_grads, grads_fp8)
-            return (grad_input.view(x.shape), None, None, None, *param_grads)
+            return (grad_input.view(x.shape), None, None, None, None, *param_grads, *none)
         with track.collective(ctx.group, "all_reduce"):
             reduced = torch.ops._c10d_functional.all_reduce(grad_input, "sum", ctx.group.group_name)
         if deferred:
             ctx.queue.defer(_deferred_projection_grads(x, grads, ctx.params, recipe))
             with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
                 reduced = torch.ops._c10d_functional.wait_tensor(reduced)
-            return (reduced.view(x.shape), None, None, None, *([None] * len(ctx.params)))
+            return (reduced.view(x.shape), None, None, None, None, *([None] * len(ctx.params)), *none)
         # the weight gradients run while the all-reduce is in flight
         param_grads = _weight_grads(x, x_scale, recipe, ctx.has_bias, flat_grads, grads_fp8)
         with track.waiting_for(ctx.group, "all_reduce(input gradient)"):
             reduced = torch.ops._c10d_functional.wait_tensor(reduced)
-        return (reduced.view(x.shape), None, None, None, *param_grads)
+        return (reduced.view(x.shape), None, None, None, None, *param_grads, *none)
 
 
 def _weight_grads(
@@ -315,8 +339,10 @@ def _projections(
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
     queue = layers[0].weight_grads
     if recipe is None:
-        return list(_ColumnParallelProjections.apply(x, group, None, queue, *params))
-    outputs = _ColumnParallelProjections.apply(x.reshape(-1, x.shape[-1]), group, recipe, queue, *params)
+        return list(_ColumnParallelProjections.apply(x, group, None, queue, len(layers), *params))
+    casts = [t for layer in layers for t in float8.flatten_weight_operands(weight_casts(layer))]
+    flat_x = x.reshape(-1, x.shape[-1])
+    outputs = _ColumnParallelProjections.apply(flat_x, group, recipe, queue, len(layers), *params, *casts)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
@@ -397,8 +423,10 @@ class RowParallelLinear(nn.Module):
         sequence_parallel: bool,
         fp8: Fp8Recipe | None = None,
         weight_grads: WeightGradQueue | None = None,
+        fp8_weight_cache: Float8WeightCache | None = None,
     ) -> None:
-        """`weight_grads`: the queue that defers this layer's weight gradient (zero-bubble schedules)."""
+        """`weight_grads`: the queue that defers this layer's weight gradient (zero-bubble schedules);
+        `fp8_weight_cache`: with `fp8`, where the weight's float8 casts are kept for a step."""
         super().__init__()
         self.weight_grads = weight_grads
         tp_size = dist.get_world_size(tp_group)
@@ -415,9 +443,10 @@ class RowParallelLinear(nn.Module):
         self.fp8 = fp8
         if fp8 is not None:
             self.weight.float8_recipe = fp8  # type: ignore[attr-defined]  # read by ZeRO-3's float8 gather
+        self.cached_weight = cached_weight(fp8_weight_cache, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/t) -> (b, s, out) or (b, s/t, out)
-        y = linear(x, self.weight, None, self.weight_grads, self.fp8)
+        y = linear(x, self.weight, None, self.weight_grads, self.fp8, weight_casts(self))
         y = (
             reduce_scatter_to_sequence(y, self.tp_group)
             if self.sequence_parallel
@@ -488,6 +517,10 @@ class TPContext:
     """Float8 GEMMs in the layers' column- and row-parallel linears: the recipe, or None for none."""
     fp8_output_layer: bool = False
     """With `fp8` set: the output layer's GEMMs (threefold.model.loss) in float8 too."""
+    fp8_weight_cache: Float8WeightCache | None = None
+    """With `fp8` set: where the layers' weight casts are kept for an optimizer step
+    (threefold.parallel.fp8_cache), when a step runs several micro-batches on a rank; None: each float8
+    linear casts its weight at every pass."""
     context: ContextParallel | None = None
     """Context parallelism (cp_size > 1): the sequence is split over its ranks, attention crosses them."""
     weight_grads: WeightGradQueue | None = None

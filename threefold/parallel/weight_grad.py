@@ -105,18 +105,24 @@ class _Linear(torch.autograd.Function):
         bias: torch.Tensor | None,
         queue: WeightGradQueue,
         recipe: Fp8Recipe | None,
+        *cast_tensors: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        """`cast_tensors`: the weight's float8 operands kept for the step (fp8.flatten_weight_operands)."""
+        cast = float8.unflatten_weight_operands(cast_tensors)
+        ctx.num_cast_tensors = len(cast_tensors)
+        ctx.save_for_backward(x, weight, *(cast.backward if cast is not None else (None, None)))
         ctx.params = [weight] if bias is None else [weight, bias]
         ctx.queue, ctx.recipe = queue, recipe
         if recipe is None:
             return F.linear(x, weight, bias)
-        y = float8.forward_gemm(float8.operand(x, float8.E4M3, recipe, "a"), weight, recipe, x.dtype)
+        x_a = float8.operand(x, float8.E4M3, recipe, "a")
+        y = float8.forward_gemm(x_a, weight, recipe, x.dtype, cast.forward if cast is not None else None)
         return y if bias is None else y + bias
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        x, weight = ctx.saved_tensors
+        x, weight, w_data, w_scale = ctx.saved_tensors
+        w_cast = None if w_data is None else float8.Operand(w_data, w_scale)
         recipe = ctx.recipe
         has_bias, now = len(ctx.params) == 2, not ctx.queue.capturing
         grad_input = grads = None
@@ -126,14 +132,15 @@ class _Linear(torch.autograd.Function):
         else:  # dy cast once for both GEMMs when both run now
             g = float8.grad_operands(grad, recipe, for_input=ctx.needs_input_grad[0], for_weight=now)
             if g.for_input is not None:
-                grad_input = float8.grad_input_gemm(g.for_input, weight, recipe, grad.dtype)
+                grad_input = float8.grad_input_gemm(g.for_input, weight, recipe, grad.dtype, w_cast)
             if g.for_weight is not None:
                 grads = weight_grads(x, grad, has_bias, recipe, grad_t=g.for_weight)
+        none = [None] * ctx.num_cast_tensors
         if grads is not None:
-            return grad_input, grads[0], grads[1] if has_bias else None, None, None
+            return grad_input, grads[0], grads[1] if has_bias else None, None, None, *none
         params = ctx.params
         ctx.queue.defer(lambda: accumulate(params, weight_grads(x, grad, has_bias, recipe)))
-        return grad_input, None, None, None, None
+        return grad_input, None, None, None, None, *none
 
 
 def linear(
@@ -142,15 +149,17 @@ def linear(
     bias: torch.Tensor | None,
     queue: WeightGradQueue | None,
     recipe: Fp8Recipe | None = None,
+    cast: float8.WeightOperands | None = None,
 ) -> torch.Tensor:
-    """F.linear (its GEMMs in float8 under an fp8 `recipe`), with its weight gradient deferred while
-    `queue` captures (computed in the one backward without a queue)."""
+    """F.linear (its GEMMs in float8 under an fp8 `recipe`, the weight's operands `cast` where made
+    earlier), with its weight gradient deferred while `queue` captures (computed in the one backward
+    without a queue)."""
     if queue is None:
         if recipe is None:
             return F.linear(x, weight, bias)
-        y = float8.fp8_linear(x, weight, recipe)
+        y = float8.fp8_linear(x, weight, recipe, cast)
         return y if bias is None else y + bias
-    return _deferring_linear(x, weight, bias, queue, recipe)
+    return _deferring_linear(x, weight, bias, queue, recipe, cast)
 
 
 @torch.compiler.disable  # the queue is Python state a compiled graph could not replay
@@ -160,9 +169,11 @@ def _deferring_linear(
     bias: torch.Tensor | None,
     queue: WeightGradQueue,
     recipe: Fp8Recipe | None,
+    cast: float8.WeightOperands | None,
 ) -> torch.Tensor:
     if recipe is None:
         return _Linear.apply(x, weight, bias, queue, None)
     # 2-D inside the Function, as fp8.fp8_linear: a view of its output would refuse in-place ops after.
-    y = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias, queue, recipe)
+    flat_x = x.reshape(-1, x.shape[-1])
+    y = _Linear.apply(flat_x, weight, bias, queue, recipe, *float8.flatten_weight_operands(cast))
     return y.view(*x.shape[:-1], weight.shape[0])
