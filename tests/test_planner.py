@@ -19,7 +19,7 @@ from distributed import run_ranks
 import threefold.launch
 from threefold.cli import main
 from threefold.config import ModelConfig, ParallelConfig, build_config, load_config
-from threefold.metrics import peak_flops
+from threefold.metrics import count_parameters, peak_flops
 from threefold.pipeline.partition import chunk_layer_ranges
 from threefold.pipeline.schedules import build_schedule
 from threefold.pipeline.sim import simulate
@@ -988,6 +988,35 @@ def test_fp8_casts_count_each_operand_and_weigh_less_on_wider_layers():
             cast = fast.terms["fp8_cast"]
             assert cast == pytest.approx(hw.memory_time(FP8_CAST_BYTES["rowwise"] * (forward + backward)))
     assert 1 < ratios["llama-1b"] < ratios["llama-8b"]
+
+
+def test_weights_cast_once_a_step_are_priced_once_a_step_and_kept_in_memory():
+    """training.fp8_weight_cache in the plan: llama-1b at micro-batch 1 and 8 micro-batches a step, each
+    layer weight cast once a step, so a micro-batch's casts lose 7/8 of the weights' elements, and the
+    rank keeps two float8 bytes a layer parameter; with one micro-batch a step, the setting off, or ZeRO-3,
+    nothing changes."""
+    from threefold.plan.search import peak_memory
+    from threefold.plan.time_model import FP8_CAST_BYTES, Kernels, layer_gemm_shapes, layer_pass
+
+    hw = load_hardware("h100")
+    model = ModelConfig(**MODEL_PRESETS["llama-1b"])
+    w, lay = Workload(model=model, seq_len=2048, global_batch_size=8), Layout(micro_batch_size=1)
+    cached, plain = (Kernels(compiled=True, fp8="rowwise", fp8_weight_cache=c) for c in (True, False))
+    weights = sum(k * out for _, k, out in layer_gemm_shapes(model, 2048, 1))
+    saved = plain_cast = layer_pass(w, lay, hw, intra_tp=True, kernels=plain).terms["fp8_cast"]
+    saved -= layer_pass(w, lay, hw, intra_tp=True, kernels=cached).terms["fp8_cast"]
+    assert saved == pytest.approx(hw.fused_time(FP8_CAST_BYTES["rowwise"] * 2 * weights * 7 / 8))
+    assert 0.3 < saved / plain_cast < 0.7  # at 2,048 tokens a micro-batch the weights are half the casts
+    step = [estimate_layout_time(w, lay, hw, gpus_per_node=1, kernels=k).step for k in (cached, plain)]
+    assert step[0] < step[1]
+    layers = model.num_layers * count_parameters(model)["per_layer"]
+    memory = [peak_memory(w, lay, k) for k in (cached, plain)]
+    assert memory[0].buffers - memory[1].buffers == 2 * layers
+    for other in (Workload(model=model, seq_len=2048, global_batch_size=1), w):
+        zero3 = Layout(micro_batch_size=1, parallel=ParallelConfig(zero=3)) if other is w else lay
+        same = [layer_pass(other, zero3, hw, intra_tp=True, kernels=k).terms for k in (cached, plain)]
+        assert same[0] == same[1]
+        assert peak_memory(other, zero3, cached).total == peak_memory(other, zero3, plain).total
 
 
 def test_the_float8_output_layer_prediction_follows_the_measured_gain(capsys):

@@ -258,11 +258,13 @@ class RankMemory:
 
 
 def memory_by_rank(
-    w: Workload, lay: Layout, *, compiled: bool = False, direct_grads: bool = True
+    w: Workload, lay: Layout, *, compiled: bool = False, direct_grads: bool = True, fp8_weights: bool = False
 ) -> list[RankMemory]:
     """Every pipeline rank's peak memory (ranks of one stage are alike); `compiled`: under torch.compile;
     `direct_grads`: False counts the fp32 gradient buffers even where the layout would have direct
-    gradients (threefold before them: rows of plan/validation.json measured then)."""
+    gradients (threefold before them: rows of plan/validation.json measured then); `fp8_weights`: the
+    layers' weights are cast to float8 once a step (Config.caches_fp8_weights), their two float8 copies
+    kept in buffers (a byte a weight each; only the layers' linears are float8, norms counted too)."""
     m, e, par = w.model, w.dtype_bytes, lay.parallel
     direct = direct_grads and lay.direct_grads(w.global_batch_size)
     b, s, p, v = lay.micro_batch_size, w.seq_len // par.cp_size, par.pp_size, par.num_model_chunks
@@ -320,6 +322,8 @@ def memory_by_rank(
             if par.pipeline_schedule == "gpipe":
                 activations += (num_mb - 1) * head_saved
         buffers = WORKSPACE_BYTES + v * rope_cache + (2 * e * b * s_ * m.hidden_size if p > 1 else 0)
+        if fp8_weights:
+            buffers += 2 * counts["per_layer"] * sum(ranges[c][1] - ranges[c][0] for c in chunks)
         out.append(
             RankMemory(
                 pp_rank=pp_rank,
@@ -336,8 +340,11 @@ def memory_by_rank(
     return out
 
 
-def worst_rank(w: Workload, lay: Layout, *, compiled: bool = False, direct_grads: bool = True) -> RankMemory:
-    return max(memory_by_rank(w, lay, compiled=compiled, direct_grads=direct_grads), key=lambda r: r.total)
+def worst_rank(
+    w: Workload, lay: Layout, *, compiled: bool = False, direct_grads: bool = True, fp8_weights: bool = False
+) -> RankMemory:
+    ranks = memory_by_rank(w, lay, compiled=compiled, direct_grads=direct_grads, fp8_weights=fp8_weights)
+    return max(ranks, key=lambda r: r.total)
 
 
 def estimate_memory(config: Config) -> dict[str, float]:
@@ -350,7 +357,8 @@ def estimate_memory(config: Config) -> dict[str, float]:
     torch.cuda.max_memory_allocated().
     """
     workload, layout = from_config(config)
-    return worst_rank(workload, layout, compiled=config.training.compile).as_dict()
+    fp8_weights = config.caches_fp8_weights
+    return worst_rank(workload, layout, compiled=config.training.compile, fp8_weights=fp8_weights).as_dict()
 
 
 def estimate_host_memory(config: Config) -> float:

@@ -18,7 +18,13 @@ from threefold.pipeline.schedules import ScheduleName, check_schedule_args
 from threefold.plan.hardware import GIB, Hardware
 from threefold.plan.layout import Layout, Workload
 from threefold.plan.memory_model import RankMemory, worst_rank
-from threefold.plan.time_model import EAGER, Kernels, StepTime, estimate_layout_time
+from threefold.plan.time_model import (
+    EAGER,
+    Kernels,
+    StepTime,
+    estimate_layout_time,
+    layout_caches_fp8_weights,
+)
 
 RECOMPUTE_ORDER = ("none", "selective", "full")
 FIXABLE = ("tp_size", "pp_size", "dp_size", "cp_size", "num_model_chunks", "micro_batch_size", "recompute",
@@ -215,6 +221,14 @@ def _preference(c: Candidate) -> tuple:
     )
 
 
+def peak_memory(w: Workload, lay: Layout, kernels: Kernels) -> RankMemory:
+    """The most loaded rank's memory of `lay` running `kernels` (memory_model.worst_rank)."""
+    return worst_rank(
+        w, lay, compiled=kernels.compiled, direct_grads=kernels.direct_grads,
+        fp8_weights=layout_caches_fp8_weights(kernels, w, lay),
+    )  # fmt: skip
+
+
 def plan(
     w: Workload,
     hw: Hardware,
@@ -234,13 +248,13 @@ def plan(
     g = min(gpus_per_node, num_gpus)
     layouts = list(enumerate_layouts(w, num_gpus, fixed=fixed, allow_zero=allow_zero))
     for lay in layouts:
-        mem = worst_rank(w, lay, compiled=kernels.compiled, direct_grads=kernels.direct_grads)
+        mem = peak_memory(w, lay, kernels)
         time = estimate_layout_time(w, lay, hw, gpus_per_node=g, kernels=kernels)
         (too_big if mem.total > capacity else ranked).append(Candidate(lay, mem, time))
     if not ranked and allow_zero and "zero" not in (fixed or {}):
         # Nothing fits: the slower memory savers, ZeRO-2/3 and optimizer offload, get their turn.
         for saver in (saver for lay in layouts for saver in _memory_savers(lay)):
-            mem = worst_rank(w, saver, compiled=kernels.compiled, direct_grads=kernels.direct_grads)
+            mem = peak_memory(w, saver, kernels)
             if mem.total <= capacity:
                 time = estimate_layout_time(w, saver, hw, gpus_per_node=g, kernels=kernels)
                 ranked.append(Candidate(saver, mem, time))

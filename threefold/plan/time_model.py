@@ -64,6 +64,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from threefold.config import Config, ModelConfig
+from threefold.config.sections import caches_fp8_weights
 from threefold.metrics import flops_per_token, local_kv_heads, local_vocab_size
 from threefold.pipeline.partition import chunks_of_rank
 from threefold.pipeline.schedules import SPLIT_BACKWARD, V_SHAPED
@@ -176,12 +177,16 @@ def fp8_cast_time(hw: Hardware, kernels: Kernels, nbytes: float) -> float:
     return hw.fused_time(nbytes) if kernels.compiled else hw.memory_time(nbytes / EAGER_BANDWIDTH_FRACTION)
 
 
-def fp8_cast_elements(n: int, inputs: list[int], shapes: list[tuple[int, int, int]]) -> tuple[float, float]:
+def fp8_cast_elements(
+    n: int, inputs: list[int], shapes: list[tuple[int, int, int]], weight_share: float = 1.0
+) -> tuple[float, float]:
     """(forward, backward) elements the float8 casts of one layer read for `n` tokens: forward, each
     distinct input (width in `inputs`) once, row-scaled, and each weight; backward, each input again for
     the weight gradients (scaled along the tokens, transposed), each output gradient twice (for the input
-    and the weight gradient) and each weight again (scaled along its other dimension)."""
-    weights = sum(k * out for _, k, out in shapes)
+    and the weight gradient) and each weight again (scaled along its other dimension). `weight_share`:
+    the weights' casts a micro-batch, 1 / m where a step of m micro-batches casts them once
+    (threefold.parallel.fp8_cache), spread evenly over the step's passes."""
+    weights = weight_share * sum(k * out for _, k, out in shapes)
     activations = n * sum(inputs)
     return activations + weights, activations + 2 * sum(tok * out for tok, _, out in shapes) + weights
 
@@ -206,10 +211,18 @@ def layer_linear_inputs(m: ModelConfig, t: int) -> list[int]:
     return [h, hq // t, h, f // t]
 
 
-def layer_fp8_cast_elements(m: ModelConfig, n: int, t: int) -> tuple[float, float]:
+def layer_fp8_cast_elements(m: ModelConfig, n: int, t: int, weight_share: float = 1.0) -> tuple[float, float]:
     """`fp8_cast_elements` of one layer: its distinct inputs (`layer_linear_inputs`) and its GEMMs
     (`layer_gemm_shapes`)."""
-    return fp8_cast_elements(n, layer_linear_inputs(m, t), layer_gemm_shapes(m, n, t))
+    return fp8_cast_elements(n, layer_linear_inputs(m, t), layer_gemm_shapes(m, n, t), weight_share)
+
+
+def layout_caches_fp8_weights(kernels: Kernels, w: Workload, lay: Layout) -> bool:
+    """Whether `lay` casts the float8 layers' weights once a step (Config.caches_fp8_weights's rule)."""
+    return caches_fp8_weights(
+        fp8=kernels.fp8 or False, setting=kernels.fp8_weight_cache,
+        num_microbatches=lay.num_microbatches(w.global_batch_size), zero=lay.parallel.zero,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,6 +249,10 @@ class Kernels:
     fp8_output_layer: bool = False
     """With fp8: the output layer's GEMMs too (training.fp8_output_layer), at 1 / FP8_OUTPUT_GEMM_RATE of
     their bf16 time, plus its casts (`head_pass`)."""
+    fp8_weight_cache: bool = True
+    """With fp8: training.fp8_weight_cache. Where a layout runs several micro-batches a step on a rank
+    (`caches_fp8_weights`), each layer weight is cast once a step, not at every micro-batch
+    (`fp8_cast_elements`), and its two float8 copies are kept (the memory model's buffers)."""
     loss_kernels: bool = True
     """Compiled runs: the loss's element-wise work in threefold's two Triton kernels (CE_KERNEL_READS; since
     2026-12-04, commit 0f1905c). False: torch.compile's kernels of the same math, as threefold ran before
@@ -395,9 +412,11 @@ def layer_pass(
     cast_f = cast_b = 0.0
     if kernels.fp8 is not None:
         gemm /= FP8_GEMM_RATE[kernels.fp8]
+        cached = layout_caches_fp8_weights(kernels, w, lay)
+        share = 1 / lay.num_microbatches(w.global_batch_size) if cached else 1.0
         cast_f, cast_b = (
             fp8_cast_time(hw, kernels, FP8_CAST_BYTES[kernels.fp8] * k)
-            for k in layer_fp8_cast_elements(m, n, t)
+            for k in layer_fp8_cast_elements(m, n, t, share)
         )
     # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
     core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
@@ -688,6 +707,7 @@ def estimate_step_time(
         compiled=bool(getattr(t, "compile", False)),
         fp8=fp8,
         fp8_output_layer=fp8 is not None and bool(getattr(t, "fp8_output_layer", False)),
+        fp8_weight_cache=bool(getattr(t, "fp8_weight_cache", True)),
     )
     return estimate_layout_time(
         workload, layout, hardware, gpus_per_node=gpus_per_node or layout.num_gpus, kernels=kernels

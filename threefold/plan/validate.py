@@ -20,8 +20,7 @@ from typing import Any
 from threefold.config import ModelConfig
 from threefold.plan.hardware import GIB, PRESETS
 from threefold.plan.layout import Layout, Workload
-from threefold.plan.memory_model import worst_rank
-from threefold.plan.search import FIXABLE, Candidate, plan
+from threefold.plan.search import FIXABLE, Candidate, peak_memory, plan
 from threefold.plan.time_model import Kernels, StepTime, estimate_layout_time
 from threefold.presets import MODEL_PRESETS
 
@@ -110,7 +109,7 @@ def predict_row(row: dict[str, Any]) -> Prediction:
         )
     time = estimate_layout_time(w, layout, hw, gpus_per_node=g, kernels=kernels)
     (unit, reported), *_ = ((k, v) for k, v in row["reported"].items() if k != "percent_of_peak")
-    memory = worst_rank(w, layout, compiled=kernels.compiled, direct_grads=kernels.direct_grads).total / GIB
+    memory = peak_memory(w, layout, kernels).total / GIB
     throughput = _throughput(unit, w, time.step, row["num_gpus"])
     return Prediction(row, layout, time, throughput, reported, unit, memory)
 
