@@ -38,6 +38,17 @@ def _train_recording_casts(rank: int, world_size: int, config) -> dict:
         return real_input(grad, weight, recipe, out_dtype, cast)
 
     fp8.forward_gemm, fp8.grad_input_gemm = forward_gemm, grad_input_gemm
+    import threefold.model.loss as loss_module
+    import threefold.model.transformer as transformer_module
+
+    output_casts = []
+    real_output_casts = loss_module.output_weight_casts
+
+    def output_weight_casts(*args, **kwargs):
+        output_casts.append(1)
+        return real_output_casts(*args, **kwargs)
+
+    loss_module.output_weight_casts = transformer_module.output_weight_casts = output_weight_casts
     p = config.parallel
     mesh = build_mesh(p.tp_size, p.dp_size, p.pp_size, p.cp_size)
     result = train_module.train(config, mesh, torch.device("cpu"))
@@ -48,9 +59,12 @@ def _train_recording_casts(rank: int, world_size: int, config) -> dict:
                 weights[name] = gather_full(param, mesh.tp_group)
     cache = result.trainer.fp8_weight_cache
     linears = sum(isinstance(m, CachedWeight) for c in result.trainer.chunks.values() for m in c.modules())
+    if config.training.fp8_output_layer:  # the output weight's casts, kept by the loss
+        linears += sum(c.has_head for c in result.trainer.chunks.values())
     return {
         "losses": result.losses, "weights": weights if mesh.tp_rank == 0 and mesh.dp_rank == 0 else {},
         "casts": None if cache is None else cache.casts, "linears": linears, "handed": handed,
+        "output_casts": len(output_casts), "heads": sum(c.has_head for c in result.trainer.chunks.values()),
     }  # fmt: skip
 
 
@@ -61,6 +75,8 @@ LAYOUTS = {
     "pp2-1f1b": dict(pp=2),
     "pp2-zb-h1": dict(pp=2, parallel=dict(pipeline_schedule="zb-h1")),  # deferred weight gradients
     "dp2-zero1": dict(dp=2, zero=1),
+    "tp2-output-layer": dict(tp=2, training=dict(fp8_output_layer=True)),  # the float8 output layer too
+    "pp2-output-layer": dict(pp=2, training=dict(fp8_output_layer=True)),
 }
 
 
@@ -74,13 +90,15 @@ def test_weights_cast_once_a_step_train_bit_for_bit_like_casts_at_every_micro_ba
     step; and in training every forward and input-gradient GEMM read the kept casts."""
     options = dict(LAYOUTS[layout])
     sections = {k: options.pop(k) for k in ("parallel",) if k in options}
+    extra = options.pop("training", {})
     ranks = options.get("tp", 1) * options.get("pp", 1) * options.get("dp", 1)
 
     def run(cache: bool) -> list[dict]:
         config = tiny_config(
             sonnets_dataset, tmp_path / f"{layout}-{cache}", **options, **sections,
-            model=dict(hidden_size=64, ffn_hidden_size=128, num_layers=4),
-            training=dict(dtype="bfloat16", device="auto", fp8=recipe, max_steps=3, fp8_weight_cache=cache),
+            model=dict(hidden_size=64, ffn_hidden_size=128, num_layers=4, vocab_size=50304),  # 16 | Vp / t
+            training=dict(dtype="bfloat16", device="auto", fp8=recipe, max_steps=3, fp8_weight_cache=cache)
+            | extra,
         )  # fmt: skip
         return run_ranks(ranks, _train_recording_casts, config, timeout=120)
 
@@ -94,6 +112,8 @@ def test_weights_cast_once_a_step_train_bit_for_bit_like_casts_at_every_micro_ba
         assert got["linears"] > 0 and got["casts"] == 3 * got["linears"]
         assert got["handed"]["forward"] and all(got["handed"]["forward"])
         assert got["handed"]["input gradient"] and all(got["handed"]["input gradient"])
+        if "output-layer" in layout:  # the output weight cast at every micro-batch, or once a step
+            assert want["output_casts"] == 3 * 4 * want["heads"] and got["output_casts"] == 3 * got["heads"]
 
 
 def test_outside_a_step_the_linears_cast_their_weights_themselves():

@@ -994,9 +994,9 @@ def test_weights_cast_once_a_step_are_priced_once_a_step_and_kept_in_memory():
     """training.fp8_weight_cache in the plan: llama-1b at micro-batch 1 and 8 micro-batches a step, each
     layer weight cast once a step, so a micro-batch's casts lose 7/8 of the weights' elements, and the
     rank keeps two float8 bytes a layer parameter; with one micro-batch a step, the setting off, or ZeRO-3,
-    nothing changes."""
+    nothing changes. With the float8 output layer its weight's casts and copies count too."""
     from threefold.plan.search import peak_memory
-    from threefold.plan.time_model import FP8_CAST_BYTES, Kernels, layer_gemm_shapes, layer_pass
+    from threefold.plan.time_model import FP8_CAST_BYTES, Kernels, head_pass, layer_gemm_shapes, layer_pass
 
     hw = load_hardware("h100")
     model = ModelConfig(**MODEL_PRESETS["llama-1b"])
@@ -1017,6 +1017,15 @@ def test_weights_cast_once_a_step_are_priced_once_a_step_and_kept_in_memory():
         same = [layer_pass(other, zero3, hw, intra_tp=True, kernels=k).terms for k in (cached, plain)]
         assert same[0] == same[1]
         assert peak_memory(other, zero3, cached).total == peak_memory(other, zero3, plain).total
+    # The float8 output layer's weight likewise: its two casts once a step, its two copies kept.
+    cached, plain = (dataclasses.replace(k, fp8_output_layer=True) for k in (cached, plain))
+    head = [head_pass(w, lay, hw, intra_tp=True, kernels=k).terms["fp8_cast"] for k in (cached, plain)]
+    vocab_weight = count_parameters(model)["output_weight"]
+    assert head[1] - head[0] == pytest.approx(
+        2 * hw.fused_time(FP8_CAST_BYTES["rowwise"] * vocab_weight * 7 / 8), rel=1e-9
+    )
+    memory = [peak_memory(w, lay, k) for k in (cached, plain)]
+    assert memory[0].buffers - memory[1].buffers == 2 * layers + 2 * vocab_weight
 
 
 def test_the_float8_output_layer_prediction_follows_the_measured_gain(capsys):

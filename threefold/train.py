@@ -127,7 +127,9 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     notice = fp8_notice(t)
     if notice and mesh.rank == 0:
         print(notice, flush=True)
-    fp8_weight_cache = Float8WeightCache(t.fp8) if t.fp8 and config.caches_fp8_weights else None
+    fp8_weight_cache = None
+    if t.fp8 and config.caches_fp8_weights:
+        fp8_weight_cache = Float8WeightCache(t.fp8, compiled=t.compile)
     tp = TPContext(
         mesh.tp_group,
         p.sequence_parallel,

@@ -36,7 +36,7 @@ then summed into fp32), and the backward sums them with the incoming gradient in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -189,6 +189,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab_size: int,
         compiled: bool,
         fp8: bool,
+        weight_casts: OutputWeightCasts | None,
     ) -> torch.Tensor:
         # x: (n, h), identical on the TP ranks; weight: (Vl, h) local; targets: (n,) global ids.
         n, local_vocab = x.shape[0], weight.shape[0]
@@ -206,17 +207,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 with track.collective(group, "all_reduce(softmax sums)"):
                     dist.all_reduce(t, group=group)
 
-        def reduce_amax(t: torch.Tensor) -> None:
-            if world > 1:
-                with track.collective(group, "all_reduce(output weight amax)"):
-                    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kernels = compiled and kernel_runs_on(x.device)
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local_vocab)))
-        gemms = (
-            _Fp8Gemms(weight, n, reduce_amax, want_x=want_x, want_w=want_w, kernels=kernels) if fp8 else None
-        )
+        gemms = None
+        if fp8:
+            casts = weight_casts or output_weight_casts(weight, group, want_x=want_x)
+            gemms = _Fp8Gemms(casts, n, weight.dtype, weight.device, want_w=want_w, kernels=kernels)
         if gemms is not None and chunk < n:
             # whole multiples of 16 tokens: the weight gradient's float8 GEMM contracts over the chunk
             chunk = max(FP8_MULTIPLE, chunk - chunk % FP8_MULTIPLE)
@@ -288,7 +285,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
         elif grad_w is not None:  # one pass: the product in grad_w's dtype, written in the weight's
             scaled = torch.empty(grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
             grad_w = torch.mul(grad_w, grad_loss.to(grad_w.dtype), out=scaled)
-        return grad_x, grad_w, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None
+
+
+class OutputWeightCasts(NamedTuple):
+    """The output weight W (Vl, h) cast for the float8 output layer's two GEMMs that read it."""
+
+    logits: float8.Operand
+    """W^T (h, Vl), column-major, scaled per vocabulary row: the right operand of x W^T."""
+    input: tuple[torch.Tensor, torch.Tensor] | None
+    """W (Vl, h) in e4m3, column-major, scaled per hidden column over the whole vocabulary (every TP
+    rank's rows), and the columns' inverse scales (`_column_scaled`): for g W; None where no input
+    gradient is wanted."""
+
+
+def output_weight_casts(
+    weight: torch.Tensor, group: ProcessGroup, *, want_x: bool = True
+) -> OutputWeightCasts:
+    """The float8 operands of the output weight (Vl, h), this rank's rows of the vocabulary; the input
+    gradient's column scales are taken over the whole vocabulary (an all-reduce over the TP `group`)."""
+    logits = float8.operand(weight.t(), float8.E4M3, "rowwise", "b")  # (h, Vl), per vocab row
+    if not want_x:
+        return OutputWeightCasts(logits, None)
+    amax = float8.amax(weight, 0).float()
+    if dist.get_world_size(group) > 1:
+        with track.collective(group, "all_reduce(output weight amax)"):
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    scale = float8.scale_from_amax(amax, float8.E4M3)
+    return OutputWeightCasts(logits, _column_scaled(weight, scale, weight.dtype))
 
 
 class _Fp8Gemms:
@@ -303,20 +327,25 @@ class _Fp8Gemms:
     two changes no rounding, so the values are those the row-scaled kernel would give."""
 
     def __init__(
-        self, weight: torch.Tensor, n: int, reduce_amax: Reduce, *, want_x: bool, want_w: bool, kernels: bool
+        self,
+        weight: OutputWeightCasts,
+        n: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        want_w: bool,
+        kernels: bool,
     ) -> None:
-        self.dtype = weight.dtype
+        """`weight`: the output weight's operands (`output_weight_casts`; made for this call, or kept for
+        the step by threefold.parallel.fp8_cache); `dtype`: the compute dtype."""
+        self.dtype = dtype
         self.kernels = kernels
         self.want_w = want_w
-        self.g_scale = torch.full((), 1.0 / (n * GRAD_CAST), dtype=torch.float32, device=weight.device)
+        self.g_scale = torch.full((), 1.0 / (n * GRAD_CAST), dtype=torch.float32, device=device)
         """g's values times this are the gradient of the mean over n."""
-        self.one = torch.ones((), dtype=torch.float32, device=weight.device)  # a unit scale
-        self.w_logits = float8.operand(weight.t(), float8.E4M3, "rowwise", "b")  # (h, Vl), per vocab row
-        self.w_input: tuple[torch.Tensor, torch.Tensor] | None = None
-        if want_x:  # (Vl, h) for g W, per hidden column over the whole vocabulary (all TP ranks' rows)
-            amax = float8.amax(weight, 0).float()
-            reduce_amax(amax)
-            self.w_input = _column_scaled(weight, float8.scale_from_amax(amax, float8.E4M3), self.dtype)
+        self.one = torch.ones((), dtype=torch.float32, device=device)  # a unit scale
+        self.w_logits = weight.logits
+        self.w_input = weight.input
         self.x_weight: tuple[torch.Tensor, torch.Tensor] | None = None  # the chunk's x for g^T x
         self.grad_weight: torch.Tensor | None = None
         """The fp32 sum of the weight-gradient products folded so far (with their column scales)."""
@@ -373,14 +402,16 @@ def linear_cross_entropy(
     vocab_size: int,
     compiled: bool = False,
     fp8: bool = False,
+    weight_casts: OutputWeightCasts | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy (fp32 scalar) of logits x @ weight^T over the tokens of x.
 
     x: (..., h), the same on every TP rank; weight: (Vp/t, h), this rank's vocabulary rows; targets: (...)
     global token ids. Padding rows of the vocabulary (ids >= vocab_size) are never predicted. With `fp8`
-    the GEMMs run in float8 (module docstring).
+    the GEMMs run in float8 (module docstring), reading `weight_casts` (the weight's float8 operands kept
+    for the step, `output_weight_casts`) where given.
     """
     h = x.shape[-1]
     return _LinearCrossEntropy.apply(
-        x.reshape(-1, h), weight, targets.reshape(-1), tp_group, vocab_size, compiled, fp8
+        x.reshape(-1, h), weight, targets.reshape(-1), tp_group, vocab_size, compiled, fp8, weight_casts
     )

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from threefold.config import ATTENTION_BACKENDS, ModelConfig
 from threefold.model.attention import DocumentMask, attend, document_mask, document_positions
 from threefold.model.fa4 import use_fa4
-from threefold.model.loss import linear_cross_entropy
+from threefold.model.loss import linear_cross_entropy, output_weight_casts
 from threefold.parallel.context import context_attention
 from threefold.parallel.layers import (
     ColumnParallelLinear,
@@ -432,14 +432,19 @@ class Transformer(nn.Module):
         x = self.tp.enter(self.norm(x))  # (b, s, h)
         if targets is None:
             return F.linear(x, self.output_weight())  # (b, s, Vp/t)
+        weight, fp8 = self.output_weight(), self.tp.fp8 is not None and self.tp.fp8_output_layer
+        cache, casts = self.tp.fp8_weight_cache, None
+        if fp8 and cache is not None and cache.active:
+            casts = cache.kept(weight, partial(output_weight_casts, weight.detach(), self.tp.group))
         return linear_cross_entropy(
             x,
-            self.output_weight(),
+            weight,
             targets,
             tp_group=self.tp.group,
             vocab_size=self.cfg.vocab_size,
             compiled=self.compiled,
-            fp8=self.tp.fp8 is not None and self.tp.fp8_output_layer,
+            fp8=fp8,
+            weight_casts=casts,
         )
 
 

@@ -24,8 +24,10 @@ a rank and ZeRO-3 does not free the weights between micro-batches (threefold.tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -33,18 +35,25 @@ from torch import nn
 from threefold.config import Fp8Recipe
 from threefold.parallel import fp8 as float8
 
+T = TypeVar("T")
+
 
 class Float8WeightCache:
     """The step the layers' cached casts belong to, shared by every float8 linear of a rank's model."""
 
-    def __init__(self, recipe: Fp8Recipe) -> None:
+    def __init__(self, recipe: Fp8Recipe, *, compiled: bool = False) -> None:
+        """`compiled`: cast with torch.compile's kernels, as compiled layers cast (training.compile): a few
+        fused kernels a layer where eager code launches a dozen a weight, and the same bits as the casts
+        inside the compiled layers (the compiler's power-of-two scales can differ from eager code's)."""
         self.recipe = recipe
+        self._cast = torch.compile(cast_into, dynamic=False) if compiled else cast_into
         self.active = False
         """Inside `step`: the linears read their cached casts (compiled code specializes on it)."""
         self.generation = 0
         """Counts the steps opened; a CachedWeight cast in an older one is stale."""
         self.casts = 0
         """Weights cast so far (each cast is both of a weight's operands)."""
+        self._kept: dict[int, tuple[int, Any]] = {}
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -64,13 +73,31 @@ class Float8WeightCache:
         outside a step)."""
         if not self.active:
             return
+        weights, buffers = [], []
         for linear in module.modules():
             cached = getattr(linear, "cached_weight", None)
             if isinstance(cached, CachedWeight) and cached.generation != self.generation:
                 weight = linear.weight
                 assert isinstance(weight, torch.Tensor)
-                cached.store(float8.weight_operands(weight, self.recipe), self.generation)
-                self.casts += 1
+                weights.append(weight)
+                buffers += cached.buffers_for(weight, self.recipe)
+                cached.generation = self.generation
+        if weights:  # all of the module's at once: one compiled call a layer
+            self._cast(weights, buffers, self.recipe)
+            self.casts += len(weights)
+
+    def kept(self, weight: torch.Tensor, make: Callable[[], T]) -> T:
+        """`make()`'s casts of `weight`, made at the first call of a step and returned again for the rest of
+        it: for eager code (the float8 output layer, threefold.model.loss.output_weight_casts)."""
+        assert self.active, "casts are kept inside a step only"
+        key = id(weight)
+        made = self._kept.get(key)
+        if made is None or made[0] != self.generation:
+            with torch.no_grad():
+                made = (self.generation, make())
+            self._kept[key] = made
+            self.casts += 1
+        return made[1]
 
 
 class CachedWeight(nn.Module):
@@ -91,20 +118,19 @@ class CachedWeight(nn.Module):
         for name in ("forward_data", "forward_scale", "backward_data", "backward_scale"):
             self.register_buffer(name, None, persistent=False)
 
-    def store(self, cast: float8.WeightOperands, generation: int) -> None:
-        values = {
-            "forward_data": cast.forward.data.t(),
-            "forward_scale": cast.forward.scale,
-            "backward_data": cast.backward.data.t(),
-            "backward_scale": cast.backward.scale,
-        }
-        for name, value in values.items():
-            kept = getattr(self, name)
-            if kept is None:
-                setattr(self, name, value.contiguous())
-            else:  # in place: compiled code holds on to the buffers it was traced with
-                kept.copy_(value)
-        self.generation = generation
+    def buffers_for(self, weight: torch.Tensor, recipe: Fp8Recipe) -> list[torch.Tensor]:
+        """The four buffers `cast_into` writes `weight`'s casts into, made at the first call (written in
+        place after that: compiled layers read the tensors they were traced with)."""
+        if self.forward_data is None:
+            n, k = weight.shape
+            empty = partial(torch.empty, device=weight.device)
+            rowwise = recipe == "rowwise"
+            self.forward_data = empty((n, k), dtype=float8.E4M3)
+            self.forward_scale = empty((1, n) if rowwise else (), dtype=torch.float32)
+            self.backward_data = empty((k, n), dtype=float8.E4M3)
+            self.backward_scale = empty((1, k) if rowwise else (), dtype=torch.float32)
+        kept = [self.forward_data, self.forward_scale, self.backward_data, self.backward_scale]
+        return [t for t in kept if t is not None]
 
     def operands(self) -> float8.WeightOperands | None:
         """This step's casts of the weight, or None outside a step (the caller casts the weight itself)."""
@@ -116,6 +142,16 @@ class CachedWeight(nn.Module):
             float8.Operand(self.forward_data.t(), self.forward_scale),
             float8.Operand(self.backward_data.t(), self.backward_scale),
         )
+
+
+def cast_into(weights: list[torch.Tensor], buffers: list[torch.Tensor], recipe: Fp8Recipe) -> None:
+    """Write each weight's two float8 operands (fp8.weight_operands) into its four buffers (`buffers`, four
+    a weight: CachedWeight's, in its order)."""
+    for i, weight in enumerate(weights):
+        cast = float8.weight_operands(weight, recipe)
+        values = (cast.forward.data.t(), cast.forward.scale, cast.backward.data.t(), cast.backward.scale)
+        for buffer, value in zip(buffers[4 * i : 4 * i + 4], values, strict=True):
+            buffer.copy_(value)
 
 
 def cached_weight(cache: Float8WeightCache | None, recipe: Fp8Recipe | None) -> CachedWeight | None:

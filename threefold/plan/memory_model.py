@@ -258,13 +258,20 @@ class RankMemory:
 
 
 def memory_by_rank(
-    w: Workload, lay: Layout, *, compiled: bool = False, direct_grads: bool = True, fp8_weights: bool = False
+    w: Workload,
+    lay: Layout,
+    *,
+    compiled: bool = False,
+    direct_grads: bool = True,
+    fp8_weights: bool = False,
+    fp8_output_layer: bool = False,
 ) -> list[RankMemory]:
     """Every pipeline rank's peak memory (ranks of one stage are alike); `compiled`: under torch.compile;
     `direct_grads`: False counts the fp32 gradient buffers even where the layout would have direct
     gradients (threefold before them: rows of plan/validation.json measured then); `fp8_weights`: the
     layers' weights are cast to float8 once a step (Config.caches_fp8_weights), their two float8 copies
-    kept in buffers (a byte a weight each; only the layers' linears are float8, norms counted too)."""
+    kept in buffers (a byte a weight each; only the layers' linears are float8, norms counted too), and
+    with `fp8_output_layer` the output weight's two copies on the last stage."""
     m, e, par = w.model, w.dtype_bytes, lay.parallel
     direct = direct_grads and lay.direct_grads(w.global_batch_size)
     b, s, p, v = lay.micro_batch_size, w.seq_len // par.cp_size, par.pp_size, par.num_model_chunks
@@ -324,6 +331,7 @@ def memory_by_rank(
         buffers = WORKSPACE_BYTES + v * rope_cache + (2 * e * b * s_ * m.hidden_size if p > 1 else 0)
         if fp8_weights:
             buffers += 2 * counts["per_layer"] * sum(ranges[c][1] - ranges[c][0] for c in chunks)
+            buffers += 2 * counts["output_weight"] if fp8_output_layer and last_chunk in chunks else 0
         out.append(
             RankMemory(
                 pp_rank=pp_rank,
@@ -341,9 +349,18 @@ def memory_by_rank(
 
 
 def worst_rank(
-    w: Workload, lay: Layout, *, compiled: bool = False, direct_grads: bool = True, fp8_weights: bool = False
+    w: Workload,
+    lay: Layout,
+    *,
+    compiled: bool = False,
+    direct_grads: bool = True,
+    fp8_weights: bool = False,
+    fp8_output_layer: bool = False,
 ) -> RankMemory:
-    ranks = memory_by_rank(w, lay, compiled=compiled, direct_grads=direct_grads, fp8_weights=fp8_weights)
+    ranks = memory_by_rank(
+        w, lay, compiled=compiled, direct_grads=direct_grads, fp8_weights=fp8_weights,
+        fp8_output_layer=fp8_output_layer,
+    )  # fmt: skip
     return max(ranks, key=lambda r: r.total)
 
 
@@ -357,8 +374,11 @@ def estimate_memory(config: Config) -> dict[str, float]:
     torch.cuda.max_memory_allocated().
     """
     workload, layout = from_config(config)
-    fp8_weights = config.caches_fp8_weights
-    return worst_rank(workload, layout, compiled=config.training.compile, fp8_weights=fp8_weights).as_dict()
+    t = config.training
+    return worst_rank(
+        workload, layout, compiled=t.compile, fp8_weights=config.caches_fp8_weights,
+        fp8_output_layer=t.fp8_output_layer,
+    ).as_dict()  # fmt: skip
 
 
 def estimate_host_memory(config: Config) -> float:

@@ -225,7 +225,7 @@ def peak_memory(w: Workload, lay: Layout, kernels: Kernels) -> RankMemory:
     """The most loaded rank's memory of `lay` running `kernels` (memory_model.worst_rank)."""
     return worst_rank(
         w, lay, compiled=kernels.compiled, direct_grads=kernels.direct_grads,
-        fp8_weights=layout_caches_fp8_weights(kernels, w, lay),
+        fp8_weights=layout_caches_fp8_weights(kernels, w, lay), fp8_output_layer=kernels.fp8_output_layer,
     )  # fmt: skip
 
 

@@ -225,6 +225,14 @@ def layout_caches_fp8_weights(kernels: Kernels, w: Workload, lay: Layout) -> boo
     )  # fmt: skip
 
 
+def weight_cast_share(kernels: Kernels, w: Workload, lay: Layout) -> float:
+    """The float8 weights' casts a micro-batch: 1, or 1 / m where a step of m micro-batches casts them
+    once (`layout_caches_fp8_weights`)."""
+    if not layout_caches_fp8_weights(kernels, w, lay):
+        return 1.0
+    return 1 / lay.num_microbatches(w.global_batch_size)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Kernels:
     """The software a step runs, where it changes the time (the hardware is `Hardware`'s business).
@@ -251,8 +259,9 @@ class Kernels:
     their bf16 time, plus its casts (`head_pass`)."""
     fp8_weight_cache: bool = True
     """With fp8: training.fp8_weight_cache. Where a layout runs several micro-batches a step on a rank
-    (`caches_fp8_weights`), each layer weight is cast once a step, not at every micro-batch
-    (`fp8_cast_elements`), and its two float8 copies are kept (the memory model's buffers)."""
+    (`caches_fp8_weights`), each layer weight (and with fp8_output_layer the output weight) is cast once
+    a step, not at every micro-batch (`fp8_cast_elements`, `head_pass`), and its two float8 copies are
+    kept (the memory model's buffers)."""
     loss_kernels: bool = True
     """Compiled runs: the loss's element-wise work in threefold's two Triton kernels (CE_KERNEL_READS; since
     2026-12-04, commit 0f1905c). False: torch.compile's kernels of the same math, as threefold ran before
@@ -412,11 +421,9 @@ def layer_pass(
     cast_f = cast_b = 0.0
     if kernels.fp8 is not None:
         gemm /= FP8_GEMM_RATE[kernels.fp8]
-        cached = layout_caches_fp8_weights(kernels, w, lay)
-        share = 1 / lay.num_microbatches(w.global_batch_size) if cached else 1.0
         cast_f, cast_b = (
             fp8_cast_time(hw, kernels, FP8_CAST_BYTES[kernels.fp8] * k)
-            for k in layer_fp8_cast_elements(m, n, t, share)
+            for k in layer_fp8_cast_elements(m, n, t, weight_cast_share(kernels, w, lay))
         )
     # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
     core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
@@ -482,7 +489,8 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels
     cast_f = cast_b = 0.0
     if kernels.fp8_output_layer:  # needs kernels.fp8 (Kernels checks)
         gemm /= FP8_OUTPUT_GEMM_RATE
-        cast_f = fp8_cast_time(hw, kernels, FP8_CAST_BYTES["rowwise"] * vloc * h)
+        share = weight_cast_share(kernels, w, lay)  # the weight's two casts, once a step where kept
+        cast_f = fp8_cast_time(hw, kernels, share * FP8_CAST_BYTES["rowwise"] * vloc * h)
         cast_b = cast_f + fp8_cast_time(hw, kernels, n * vloc)
     norm = moved(LLAMA_BYTES_PER_H / 2 * n * h)
     ce_bytes = (CE_FORWARD_BYTES, CE_BACKWARD_BYTES)
