@@ -1122,3 +1122,21 @@ def test_plan_of_a_config_file_predicts_what_its_training_section_runs():
     kernels = Kernels(compiled=True, fp8="rowwise", fp8_output_layer=True)
     planned = estimate_layout_time(w, lay, load_hardware("h200"), gpus_per_node=1, kernels=kernels)
     assert best["tokens_per_s_per_gpu"] == pytest.approx(planned.tokens_per_s_per_gpu, abs=0.1)
+
+
+def test_plan_of_a_config_file_reads_its_float8_weight_cache_setting(tmp_path):
+    """training.fp8_weight_cache = false in the file plans the float8 weights cast at every micro-batch:
+    at micro-batch 2 of global batch 8 (four a step) slower than the default, which casts them once."""
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "configs/fp8-h200.toml").read_text()
+    speeds = {}
+    for cache in ("true", "false"):
+        path = tmp_path / f"cache-{cache}.toml"
+        path.write_text(text.replace("[training]\n", f"[training]\nfp8_weight_cache = {cache}\n"))
+        argv = ["plan", "--model", str(path), "--gpus", "1", "--gpu", "h200", "--json", "--top", "1",
+                "--micro-batch-size", "2", "--recompute", "none", "--no-zero"]  # fmt: skip
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(argv) == 0
+        speeds[cache] = json.loads(out.getvalue())[0]["tokens_per_s_per_gpu"]
+    assert speeds["true"] > speeds["false"]

@@ -109,17 +109,18 @@ def _workload(args: argparse.Namespace) -> Workload:
 
 def _kernels(args: argparse.Namespace) -> Kernels:
     """The software planned for: --compiled, --fp8 and --fp8-output-layer, and where --model is a config
-    file, what its training section says (training.compile, training.fp8, training.fp8_output_layer)
-    unless those flags say more."""
-    compiled, fp8, output = args.compiled, args.fp8, args.fp8_output_layer
+    file, what its training section says (training.compile, training.fp8, training.fp8_output_layer,
+    training.fp8_weight_cache) unless those flags say more."""
+    compiled, fp8, output, cache = args.compiled, args.fp8, args.fp8_output_layer, True
     if args.model.endswith(".toml"):
         training = load_config(args.model, check_paths=False).training
         compiled = compiled or training.compile
         fp8 = fp8 or training.fp8 or None
         output = output or training.fp8_output_layer
+        cache = training.fp8_weight_cache
     if output and fp8 is None:
         raise ValueError("--fp8-output-layer needs --fp8 (or training.fp8 in the config file)")
-    return Kernels(compiled=compiled, fp8=fp8, fp8_output_layer=output)
+    return Kernels(compiled=compiled, fp8=fp8, fp8_output_layer=output, fp8_weight_cache=cache)
 
 
 FLAGS = {"tp": "tp_size", "cp": "cp_size", "pp": "pp_size", "dp": "dp_size", "v": "num_model_chunks",
