@@ -299,8 +299,8 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, *cast: torch.Tensor
     ) -> torch.Tensor:
-        """`cast`: the weight's float8 operands made earlier (`WeightOperands`, flattened: the compiler
-        traces a Function's tensor arguments only at the top level), or nothing."""
+        """`cast`: the weight's float8 operands made earlier (`WeightOperands`, flattened into four tensor
+        arguments: `flatten_weight_operands`), or nothing."""
         ctx.recipe, ctx.num_cast = recipe, len(cast)
         x_a = operand(x, E4M3, recipe, "a")
         # a tensorwise dequantization scale is a power of two, so its reciprocal is the exact cast scale
@@ -328,7 +328,7 @@ def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, cast: WeightOperands | None = None
 ) -> torch.Tensor:
     """F.linear(x, weight) without bias, its GEMMs in float8: x (..., K), weight (N, K) -> (..., N). `cast`:
-    the weight's float8 operands made earlier (threefold.parallel.fp8_weights), else it is cast here."""
+    the weight's float8 operands made earlier (threefold.parallel.fp8_cache), else it is cast here."""
     # 2-D inside the Function: an output that was a view of its result would refuse in-place ops after
     # (the tensor-parallel all-reduce).
     y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, recipe, *flatten_weight_operands(cast))

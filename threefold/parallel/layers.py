@@ -198,8 +198,8 @@ class _ColumnParallelProjections(torch.autograd.Function):
         *tensors: Any,
     ) -> Any:
         """`tensors`: each layer's weight and bias (None where it has none), then, where the step keeps
-        them (threefold.parallel.fp8_cache), each weight's float8 operands, flattened four by four (a
-        Function's tensor arguments are traced at the top level only)."""
+        them (threefold.parallel.fp8_cache), each weight's float8 operands, four tensors a weight
+        (fp8.flatten_weight_operands)."""
         params, cast_tensors = tensors[: 2 * num_layers], tensors[2 * num_layers :]
         assert len(cast_tensors) in (0, 4 * num_layers), "the step keeps every projection's casts or none"
         ctx.num_cast_tensors = len(cast_tensors)
