@@ -75,6 +75,7 @@ LAYOUTS = {
     "pp2-1f1b": dict(pp=2),
     "pp2-zb-h1": dict(pp=2, parallel=dict(pipeline_schedule="zb-h1")),  # deferred weight gradients
     "dp2-zero1": dict(dp=2, zero=1),
+    "tp1-recompute": dict(training=dict(recompute="full")),  # each layer's forward again in the backward
     "tp2-output-layer": dict(tp=2, training=dict(fp8_output_layer=True)),  # the float8 output layer too
     "pp2-output-layer": dict(pp=2, training=dict(fp8_output_layer=True)),
 }
