@@ -348,20 +348,9 @@ def memory_by_rank(
     return out
 
 
-def worst_rank(
-    w: Workload,
-    lay: Layout,
-    *,
-    compiled: bool = False,
-    direct_grads: bool = True,
-    fp8_weights: bool = False,
-    fp8_output_layer: bool = False,
-) -> RankMemory:
-    ranks = memory_by_rank(
-        w, lay, compiled=compiled, direct_grads=direct_grads, fp8_weights=fp8_weights,
-        fp8_output_layer=fp8_output_layer,
-    )  # fmt: skip
-    return max(ranks, key=lambda r: r.total)
+def worst_rank(w: Workload, lay: Layout, **options: bool) -> RankMemory:
+    """The most loaded rank of `memory_by_rank(w, lay, **options)`."""
+    return max(memory_by_rank(w, lay, **options), key=lambda r: r.total)
 
 
 def estimate_memory(config: Config) -> dict[str, float]:
