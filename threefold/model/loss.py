@@ -212,7 +212,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local_vocab)))
         gemms = None
         if fp8:
-            casts = weight_casts or output_weight_casts(weight, group, want_x=want_x)
+            casts = weight_casts
+            if casts is None:  # none kept for the step: cast for this call
+                casts = output_weight_casts(weight, group, want_x=want_x)
             gemms = _Fp8Gemms(casts, n, weight.dtype, weight.device, want_w=want_w, kernels=kernels)
         if gemms is not None and chunk < n:
             # whole multiples of 16 tokens: the weight gradient's float8 GEMM contracts over the chunk
