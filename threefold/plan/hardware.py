@@ -190,7 +190,7 @@ compiled, torch.compile's element-wise kernels and the loss's, bf16 31.3 ms a st
 of them are not bound by HBM on the H200 (the fused SwiGLU and norm kernels took the same time on both; the
 transposed cast, which is, took 1.42x). 4800 / 1.15 ~ 4200; over the six compiled H100 rows of
 plan/validation.json it takes the mean error from 4.4% to 2.8% (the rowwise + float8 output row from -12.6%
-to -4.8%)."""
+to -4.8%). FP8_CAST_BYTES has since been refitted on an H100 (2026-12-07), at this rate."""
 NIC_EFFICIENCY = 0.88
 """Fraction of a NIC's line rate NCCL's inter-node collectives reach (nccl-tests on HDR/NDR fabrics report
 85-92% of line rate as bus bandwidth)."""

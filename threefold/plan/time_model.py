@@ -156,15 +156,29 @@ bench/results/issue18-2026-12-06-s23/gemm_formats.txt): bf16 17.93 ms; float8 11
 threefold.model.loss runs them, the logits through cuBLAS's row-scaled kernel (4.23 ms) and both gradients
 through its one-scale kernel with the column scales applied after (3.56 and 3.82 ms). All three through the
 row-scaled kernel took 14.48 ms (its weight gradient, 128256 x 8368 x 2048, runs at bf16's speed)."""
-FP8_CAST_BYTES = {"tensorwise": 7.5, "rowwise": 7.5}
+FP8_CAST_BYTES = {"tensorwise": 6.0, "rowwise": 5.2}
 """HBM bytes a float8 cast moves per element of the tensor it casts (its amax read, the scaled cast's read
-and write, transposed copies; `fp8_cast_elements` counts the elements). Fitted to the same H200's fp8 and
-bf16 steps measured side by side (tests/test_planner.py: the six ratios within 1.6%), about 33 ms of casts a
-step at micro-batch 8 over 21.8e9 elements. Those runs cast q/k/v's and gate/up's shared input once per
-projection, 3.2e9 more elements than the distinct operands counted here (shared since the tenth session).
-A cast whose amax came from the kernel that wrote the tensor would move 3 (read 2, write 1), the floor of
-this design. (7.0 until the compiled loss's bytes were counted as its kernels move them, CE_KERNEL_READS:
-the bf16 step the ratios divide then came out 9% longer.)"""
+and write, transposed copies; `fp8_cast_elements` counts the elements), at the compiled kernels' rate.
+Fitted to one H100's compiled llama-1b steps at micro-batch 8 (seq 2048, one micro-batch a step), measured
+one after another on one machine, 2026-12-07 (`bench/profile_step.py`, bench/results/issue18-2026-12-07-s31/
+callA): bf16 247.5 ms, rowwise 217.9, tensorwise 216.2, rowwise + float8 output layer 204.2. Each value
+makes the predicted fp8/bf16 ratio the measured one: tensorwise 6.07; rowwise 5.45, and 4.92 with the
+float8 output layer, so 5.2 (tests/test_planner.py holds the three within 3%). That tensorwise comes out
+dearer than rowwise is the fit taking up what FP8_GEMM_RATE (measured on an H200's older step) misses, not
+the casts' own traffic, which is smaller for one scale. A cast whose amax came from the kernel that wrote
+the tensor would move 3 (read 2, write 1), the floor of this design. (Before: 7.5 for both, fitted to an
+H200's steps of 2026-12-04; the compiled float8 step has got faster since, and 7.5 predicted call A's float8
+rows 4.6-7.5% slow.)"""
+EAGER_FP8_CAST_BYTES = 7.5
+"""The same for uncompiled float8, whose casts are torch's separate amax, scale and cast kernels: the
+value the eager pricing (`fp8_cast_time`) was checked with, one H100's eager rowwise + float8 output layer
+step (docs/benchmarks.md "Eager float8 measured"). Not refitted with the compiled bytes: eager casts fuse
+nothing, so they move at least as much as compiled ones."""
+
+
+def fp8_cast_bytes(kernels: Kernels, recipe: str) -> float:
+    """Bytes a float8 cast of `recipe` moves per element under `kernels` (compiled or eager)."""
+    return FP8_CAST_BYTES[recipe] if kernels.compiled else EAGER_FP8_CAST_BYTES
 
 
 def fp8_cast_time(hw: Hardware, kernels: Kernels, nbytes: float) -> float:
@@ -253,7 +267,7 @@ class Kernels:
     backward and the optimizer (Megatron-LM 2021)."""
     fp8: str | None = None
     """Float8 linears (training.fp8: 'tensorwise' or 'rowwise'): the layers' GEMMs take 1 / FP8_GEMM_RATE
-    of their bf16 time, and their operands' casts FP8_CAST_BYTES an element."""
+    of their bf16 time, and their operands' casts `fp8_cast_bytes` an element."""
     fp8_output_layer: bool = False
     """With fp8: the output layer's GEMMs too (training.fp8_output_layer), at 1 / FP8_OUTPUT_GEMM_RATE of
     their bf16 time, plus its casts (`head_pass`)."""
@@ -422,7 +436,7 @@ def layer_pass(
     if kernels.fp8 is not None:
         gemm /= FP8_GEMM_RATE[kernels.fp8]
         cast_f, cast_b = (
-            fp8_cast_time(hw, kernels, FP8_CAST_BYTES[kernels.fp8] * k)
+            fp8_cast_time(hw, kernels, fp8_cast_bytes(kernels, kernels.fp8) * k)
             for k in layer_fp8_cast_elements(m, n, t, weight_cast_share(kernels, w, lay))
         )
     # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
@@ -490,7 +504,7 @@ def head_pass(w: Workload, lay: Layout, hw: Hardware, *, intra_tp: bool, kernels
     if kernels.fp8_output_layer:  # needs kernels.fp8 (Kernels checks)
         gemm /= FP8_OUTPUT_GEMM_RATE
         share = weight_cast_share(kernels, w, lay)  # the weight's two casts, once a step where kept
-        cast_f = fp8_cast_time(hw, kernels, share * FP8_CAST_BYTES["rowwise"] * vloc * h)
+        cast_f = fp8_cast_time(hw, kernels, share * fp8_cast_bytes(kernels, "rowwise") * vloc * h)
         cast_b = cast_f + fp8_cast_time(hw, kernels, n * vloc)
     norm = moved(LLAMA_BYTES_PER_H / 2 * n * h)
     ce_bytes = (CE_FORWARD_BYTES, CE_BACKWARD_BYTES)
