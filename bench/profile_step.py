@@ -15,11 +15,12 @@ Several GPUs: torchrun --nproc-per-node N bench/profile_step.py --parallel.tp_si
 Prints the top CUDA kernels by total time and a summary by kind (GEMM, attention, communication,
 optimizer, element-wise), as a share of the profiled GPU time.
 
-It also prints the peak memory allocated, torch.compile's graphs and graph breaks, how long the host
-takes to queue a step, which kernels the GPU sat idle before (the gaps between kernels, charged to the
-kernel that ends each), and how busy the GPU is: the union of all kernel intervals per step (from the
-profile) over the step time measured without the profiler. The idle rest is launch gaps and host work the
-GPU waits on; it bounds what CUDA graphs, which remove launch overhead, could save.
+It also prints the warm-up steps' losses, the peak memory allocated, torch.compile's graphs and graph
+breaks, how long the host takes to queue a step, which kernels the GPU sat idle before (the gaps between
+kernels, charged to the kernel that ends each), and how busy the GPU is: the union of all kernel
+intervals per step (from the profile) over the step time measured without the profiler. The idle rest is
+launch gaps and host work the GPU waits on; it bounds what CUDA graphs, which remove launch overhead,
+could save.
 """
 
 from __future__ import annotations
@@ -132,9 +133,10 @@ def main(argv: list[str]) -> None:
     data = (real_steps if real else synthetic_steps)(config, mesh, device, 4)
     for grad_sync in trainer.grad_syncs.values():
         grad_sync.grad_kernel = grad_sync.grad_kernel and not torch_grad_move
-    for s in range(warmup):
-        train_step(trainer, data[s % 4], s)
+    warm = [train_step(trainer, data[s % 4], s) for s in range(warmup)]
     torch.cuda.synchronize()
+    # the warm-up steps' losses: two runs of one config (another kernel, another setting) compare here
+    print("losses of the warm-up steps: " + ", ".join(f"{stats.loss.item():.6f}" for stats in warm))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for s in range(steps):
