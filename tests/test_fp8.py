@@ -505,6 +505,39 @@ def test_float8_with_zero_matches_one_rank(sonnets_dataset, tmp_path, zero):
         torch.testing.assert_close(two["weights"][name].float(), w.float(), rtol=0, atol=2 * step, msg=name)
 
 
+@pytest.mark.parametrize(("recipe", "cp_attention"), [("rowwise", "ring"), ("tensorwise", "all_to_all")])
+def test_float8_with_context_parallelism_trains_as_one_rank(sonnets_dataset, tmp_path, recipe, cp_attention):
+    """fp8 linears under context parallelism (each rank's q/k/v, o and MLP GEMMs over its two chunks of
+    every sequence): cp 2 trains as cp 1 does, up to float8's rounding. The scales come from each rank's
+    own tokens (a weight gradient's operands along its tokens, tensorwise's amax over its tensor), as data
+    parallelism takes them from each rank's own sequences, so the runs are not bit for bit. Held to: the
+    losses within 2e-3 (the data-parallel test's bound), the first step's gradient norm within 1e-3 (a
+    gradient not summed over the cp ranks would be far off), and the weights after three steps closer to
+    the one-rank float8 run's than a bf16 run's are (Adam turns the smallest gradients' rounding into
+    lr-sized steps either way, so no element-wise bound holds even for bf16)."""
+
+    def run(cp: int, fp8_recipe: str | bool) -> dict:
+        parallel = dict(cp_size=cp, cp_attention=cp_attention) if cp > 1 else {}
+        config = tiny_config(
+            sonnets_dataset, tmp_path / f"cp{cp}-{fp8_recipe}", parallel=parallel,
+            model=dict(hidden_size=64, ffn_hidden_size=128),
+            training=dict(dtype="bfloat16", device="auto", fp8=fp8_recipe, max_steps=3),
+        )  # fmt: skip
+        return run_ranks(cp, _train_fp8_on_cpu, config, timeout=120)[0]
+
+    def distance(a: dict, b: dict) -> float:
+        return sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in a) ** 0.5
+
+    one, two, bf16 = run(1, recipe), run(2, recipe), run(1, False)
+    assert two["checked"] == [("cpu", recipe)] and bf16["checked"] == []
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=2e-3, atol=0)
+    assert two["norms"][0] == pytest.approx(one["norms"][0], rel=1e-3)
+    # 0.152 against 0.260 (rowwise, ring), 0.066 against 0.308 (tensorwise, all-to-all); the first step's
+    # norms 1.3e-4 and 3.4e-5 apart (dev machine, 2026-12-07). With the gradients summed over dp alone, not
+    # dp x cp: the norm 40% off, the distance 7.1x bf16's.
+    assert distance(two["weights"], one["weights"]) < 0.75 * distance(bf16["weights"], one["weights"])
+
+
 def _train_counting_float8_gathers(rank: int, world_size: int, config, bf16_transport: bool = False) -> dict:
     """`_train_fp8_on_cpu`, counting the all-gathers that carried float8 bytes; `bf16_transport`: the
     float8 gather's buckets sent as bf16 instead (the same buckets, so the same gradient-norm sums)."""
