@@ -131,6 +131,20 @@ move fall to about this fraction of the eager ones (measured on llama-1b, H100: 
 eager at b4 against 8 ms compiled, docs/benchmarks.md's profile)."""
 COMPILED_HOST_OPS = 0.4
 """A compiled layer launches fused kernels: about this fraction of the eager operators reach the host."""
+FP8_HOST_OPS = 74.0
+"""Host operators float8 adds to a layer's forward and backward, besides its weights' casts: the 21
+`torch._scaled_mm` calls (each about three of `Hardware.host_op_us`) and the launches of the activations'
+and gradients' casts. With FP8_WEIGHT_CAST_HOST_OPS, fitted to where the step waits on the host: one H100,
+compiled rowwise llama-1b, seq 2048, micro-batch 1, eight a step, `bench/profile_step.py`, the layer
+weights cast at every micro-batch 410.3 ms and once a step 342.9 (2026-12-06,
+bench/results/issue18-2026-12-06-s30/callC), and once a step on another H100 308.4 ms (2026-12-07,
+issue18-2026-12-07-s31/callC: the host's speed differs from machine to machine, so the fit sits between
+the two). Least squares over the three: predicted +0.3%, -5.3% and +5.3%; without these terms -31%, -23%
+and -14% (the model saw no host wait there). Not scaled by COMPILED_HOST_OPS: these calls reach the host
+compiled or not (uncompiled, float8 adds more, not measured)."""
+FP8_WEIGHT_CAST_HOST_OPS = 4.6
+"""Host operators of one float8 weight cast (one layout of one weight), charged for the casts a
+micro-batch makes (`weight_cast_share`); see FP8_HOST_OPS."""
 SCORE_BYTES_FORWARD = 4.0
 """Materialized attention, per score element (b a/t s^2): the fused scale-mask-softmax reads and writes
 bf16 scores."""
@@ -458,7 +472,7 @@ def layer_pass(
     forward = gemm + core_f + elementwise + cast_f
     backward = 2 * gemm + core_b + BACKWARD_TRAFFIC * elementwise + cast_b
     num_all_reduce = 4 if t > 1 else 0
-    host_ops = HOST_OPS_FORWARD + HOST_OPS_BACKWARD
+    host_ops: float = HOST_OPS_FORWARD + HOST_OPS_BACKWARD
     recompute = 0.0
     if lay.recompute == "full":
         recompute = forward
@@ -469,6 +483,9 @@ def layer_pass(
         host_ops += 5
     if kernels.compiled:
         host_ops = int(host_ops * COMPILED_HOST_OPS)
+    if kernels.fp8 is not None:
+        weight_casts = 2 * len(layer_gemm_shapes(m, n, t)) * weight_cast_share(kernels, w, lay)
+        host_ops += FP8_HOST_OPS + FP8_WEIGHT_CAST_HOST_OPS * weight_casts
     tp_time = num_all_reduce * all_reduce + cp_forward + cp_backward
     if lay.recompute in ("full", "selective"):
         tp_time += cp_forward  # the recomputed core passes its blocks around the ring again
