@@ -297,21 +297,31 @@ def test_fp8_output_layer_config_errors_name_the_values(sonnets_dataset, tmp_pat
 
 def test_the_float8_output_layer_under_pipeline_and_zero3_matches_one_process(sonnets_dataset, tmp_path):
     """pp 2 (the last stage holds the output layer) with dp 2 under ZeRO-3 (its weight gathered in bf16
-    before the float8 casts) trains as one process does with the same float8 output layer, up to the
-    summation order of the gradient reduction."""
+    before the float8 casts) trains as one process does with the same float8 output layer, up to float8's
+    rounding: each data-parallel rank scales the weight gradients' operands over its own tokens. Held to:
+    the losses within 2e-3, the first step's gradient norm within 1e-3, and the weights after three steps
+    closer to the one-process float8 run's than a bf16 run's are. (An element-wise bound on the weights
+    held until 2026-12-07, when the same code failed it in a fresh environment: Adam turns the rounding of
+    the smallest gradients into lr-sized steps, a few elements of a tensor 8-20 bf16 rounding steps apart.)"""
 
-    def run(pp: int, dp: int, zero: int) -> dict:
+    def run(pp: int, dp: int, zero: int, fp8_recipe: str | bool = "rowwise") -> dict:
         config = tiny_config(
-            sonnets_dataset, tmp_path / f"pp{pp}-dp{dp}", pp=pp, dp=dp, zero=zero,
+            sonnets_dataset, tmp_path / f"pp{pp}-dp{dp}-{fp8_recipe}", pp=pp, dp=dp, zero=zero,
             model=dict(hidden_size=64, ffn_hidden_size=128, vocab_size=50272, num_layers=4),
-            training=dict(dtype="bfloat16", device="auto", fp8="rowwise", fp8_output_layer=True, max_steps=3),
+            training=dict(dtype="bfloat16", device="auto", fp8=fp8_recipe, fp8_output_layer=bool(fp8_recipe),
+                          max_steps=3),
         )  # fmt: skip
         out = run_ranks(pp * dp, _train_fp8_on_cpu, config, timeout=120)
-        return {"losses": out[0]["losses"], "weights": {k: v for o in out for k, v in o["weights"].items()}}
+        weights = {k: v for o in out for k, v in o["weights"].items()}
+        return {"losses": out[0]["losses"], "norms": out[0]["norms"], "weights": weights}
 
-    one, split = run(1, 1, 0), run(2, 2, 3)
+    def distance(a: dict, b: dict) -> float:
+        return sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in a) ** 0.5
+
+    one, split, bf16 = run(1, 1, 0), run(2, 2, 3), run(1, 1, 0, False)
     torch.testing.assert_close(torch.tensor(split["losses"]), torch.tensor(one["losses"]), rtol=2e-3, atol=0)
+    assert split["norms"][0] == pytest.approx(one["norms"][0], rel=1e-3)
     assert split["weights"].keys() == one["weights"].keys()
-    for name, w in one["weights"].items():
-        step = 2.0 ** (torch.floor(torch.log2(w.float().abs().max())).item() - 7)  # one bf16 rounding step
-        torch.testing.assert_close(split["weights"][name].float(), w.float(), rtol=0, atol=2 * step, msg=name)
+    # 0.057 against 0.328, the norms 8e-8 apart (dev machine, 2026-12-07); with the ZeRO-3 reduce-scatter
+    # summing rather than averaging the ranks' gradients, the norm is off (the check fails)
+    assert distance(split["weights"], one["weights"]) < 0.75 * distance(bf16["weights"], one["weights"])
