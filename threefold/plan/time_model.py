@@ -139,9 +139,10 @@ compiled rowwise llama-1b, seq 2048, micro-batch 1, eight a step, `bench/profile
 weights cast at every micro-batch 410.3 ms and once a step 342.9 (2026-12-06,
 bench/results/issue18-2026-12-06-s30/callC), and once a step on another H100 308.4 ms (2026-12-07,
 issue18-2026-12-07-s31/callC: the host's speed differs from machine to machine, so the fit sits between
-the two). Least squares over the three: predicted +0.3%, -5.3% and +5.3%; without these terms -31%, -23%
-and -14% (the model saw no host wait there). Not scaled by COMPILED_HOST_OPS: these calls reach the host
-compiled or not (uncompiled, float8 adds more, not measured)."""
+the two). Least squares over the three: the predicted steps +0.3%, -5.3% and +5.3% off the measured;
+without these terms -31%, -23% and -14% (the model saw no host wait there). Not scaled by
+COMPILED_HOST_OPS: these calls reach the host compiled or not (uncompiled, float8 adds more, not
+measured)."""
 FP8_WEIGHT_CAST_HOST_OPS = 4.6
 """Host operators of one float8 weight cast (one layout of one weight), charged for the casts a
 micro-batch makes (`weight_cast_share`); see FP8_HOST_OPS."""
