@@ -256,6 +256,19 @@ def unflatten_weight_operands(tensors: tuple[torch.Tensor, ...]) -> WeightOperan
     return WeightOperands(Operand(f_data, f_scale), Operand(b_data, b_scale))
 
 
+def saved_backward(cast: WeightOperands | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`cast`'s backward operand as two tensors for save_for_backward ((None, None) without `cast`)."""
+    return (None, None) if cast is None else (cast.backward.data, cast.backward.scale)
+
+
+def restored_backward(data: torch.Tensor | None, scale: torch.Tensor | None) -> Operand | None:
+    """The backward operand `saved_backward` saved as `data` and `scale` (None where it saved none)."""
+    if data is None:
+        return None
+    assert scale is not None, "a saved float8 operand has its scale"
+    return Operand(data, scale)
+
+
 def weight_operands(weight: torch.Tensor, recipe: Fp8Recipe) -> WeightOperands:
     """W (N, K) cast as `forward_gemm` and `grad_input_gemm` cast it when given no operands."""
     return WeightOperands(operand(weight.t(), E4M3, recipe, "b"), operand(weight, E4M3, recipe, "b"))
@@ -306,7 +319,7 @@ class _Fp8Linear(torch.autograd.Function):
         # a tensorwise dequantization scale is a power of two, so its reciprocal is the exact cast scale
         x_scale = x_a.scale if recipe == "tensorwise" else None
         w_cast = unflatten_weight_operands(cast)
-        ctx.save_for_backward(x, weight, x_scale, *(w_cast.backward if w_cast is not None else (None, None)))
+        ctx.save_for_backward(x, weight, x_scale, *saved_backward(w_cast))
         return forward_gemm(x_a, weight, recipe, x.dtype, w_cast.forward if w_cast is not None else None)
 
     @staticmethod
@@ -316,7 +329,7 @@ class _Fp8Linear(torch.autograd.Function):
         g = grad_operands(grad, ctx.recipe, for_input=need_x, for_weight=need_w)
         grad_x = grad_weight = None
         if g.for_input is not None:
-            w_cast = None if w_data is None else Operand(w_data, w_scale)
+            w_cast = restored_backward(w_data, w_scale)
             grad_x = grad_input_gemm(g.for_input, weight, ctx.recipe, grad.dtype, w_cast)
         if g.for_weight is not None:
             cast = None if x_scale is None else x_scale.reciprocal()

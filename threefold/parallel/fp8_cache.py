@@ -58,6 +58,7 @@ class Float8WeightCache:
         self.casts = 0
         """Weights cast so far (each cast is both of a weight's operands)."""
         self._kept: dict[int, tuple[int, Any]] = {}
+        self._refreshed: dict[int, int] = {}  # id of a module `refresh` was called with -> its last step
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -75,8 +76,9 @@ class Float8WeightCache:
     def refresh(self, module: nn.Module) -> None:
         """Cast the weights of the float8 linears in `module` that this step has not cast yet (nothing
         outside a step)."""
-        if not self.active:
-            return
+        if not self.active or self._refreshed.get(id(module)) == self.generation:
+            return  # every micro-batch after a step's first: no walk over the module's children
+        self._refreshed[id(module)] = self.generation
         weights, buffers = [], []
         for linear in module.modules():
             cached = getattr(linear, "cached_weight", None)

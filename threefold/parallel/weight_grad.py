@@ -110,7 +110,7 @@ class _Linear(torch.autograd.Function):
         """`cast_tensors`: the weight's float8 operands kept for the step (fp8.flatten_weight_operands)."""
         cast = float8.unflatten_weight_operands(cast_tensors)
         ctx.num_cast_tensors = len(cast_tensors)
-        ctx.save_for_backward(x, weight, *(cast.backward if cast is not None else (None, None)))
+        ctx.save_for_backward(x, weight, *float8.saved_backward(cast))
         ctx.params = [weight] if bias is None else [weight, bias]
         ctx.queue, ctx.recipe = queue, recipe
         if recipe is None:
@@ -122,7 +122,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         x, weight, w_data, w_scale = ctx.saved_tensors
-        w_cast = None if w_data is None else float8.Operand(w_data, w_scale)
+        w_cast = float8.restored_backward(w_data, w_scale)
         recipe = ctx.recipe
         has_bias, now = len(ctx.params) == 2, not ctx.queue.capturing
         grad_input = grads = None

@@ -445,14 +445,16 @@ def layer_pass(
     hq = m.num_heads * m.head_dim
     hkv_local = local_kv_heads(m.num_kv_heads, t) * m.head_dim  # one replicated head when t > kv heads
     sp = par.sequence_parallel and t > 1
-    gemm = _gemms(hw, layer_gemm_shapes(m, n, t))
+    shapes = layer_gemm_shapes(m, n, t)
+    gemm = _gemms(hw, shapes)
     moved = hw.fused_time if kernels.compiled else hw.memory_time
     cast_f = cast_b = 0.0
+    share = weight_cast_share(kernels, w, lay)  # the layer weights' casts made this micro-batch
     if kernels.fp8 is not None:
         gemm /= FP8_GEMM_RATE[kernels.fp8]
         cast_f, cast_b = (
             fp8_cast_time(hw, kernels, fp8_cast_bytes(kernels, kernels.fp8) * k)
-            for k in layer_fp8_cast_elements(m, n, t, weight_cast_share(kernels, w, lay))
+            for k in layer_fp8_cast_elements(m, n, t, share)
         )
     # Load-balanced context parallelism: every rank does 1/c of the sequence's causal attention work.
     core_f, core_b = _attention_core(hw, kernels, b=b, s=s, hq_local=hq // t, heads_local=m.num_heads // t)
@@ -485,8 +487,7 @@ def layer_pass(
     if kernels.compiled:
         host_ops = int(host_ops * COMPILED_HOST_OPS)
     if kernels.fp8 is not None:
-        weight_casts = 2 * len(layer_gemm_shapes(m, n, t)) * weight_cast_share(kernels, w, lay)
-        host_ops += FP8_HOST_OPS + FP8_WEIGHT_CAST_HOST_OPS * weight_casts
+        host_ops += FP8_HOST_OPS + FP8_WEIGHT_CAST_HOST_OPS * 2 * len(shapes) * share
     tp_time = num_all_reduce * all_reduce + cp_forward + cp_backward
     if lay.recompute in ("full", "selective"):
         tp_time += cp_forward  # the recomputed core passes its blocks around the ring again
