@@ -471,15 +471,21 @@ def test_zero_bubble_defers_the_float8_weight_gradients(sonnets_dataset, tmp_pat
             training=dict(dtype="bfloat16", device="auto", fp8=fp8, max_steps=3),
         )  # fmt: skip
         out = run_ranks(2 * tp, _train_fp8_on_cpu, config, timeout=120)
-        return {"losses": out[0]["losses"], "weights": {k: v for o in out for k, v in o["weights"].items()}}
+        weights = {k: v for o in out for k, v in o["weights"].items()}
+        return {"losses": out[0]["losses"], "norms": out[0]["norms"], "weights": weights}
 
     zero_bubble, one_f_one_b, bf16 = run(schedule, recipe), run("1f1b", recipe), run(schedule, False)
     assert zero_bubble["losses"] == pytest.approx(one_f_one_b["losses"], rel=1e-6, abs=0)
+    assert zero_bubble["norms"][0] == pytest.approx(one_f_one_b["norms"][0], rel=1e-5)
     assert zero_bubble["weights"].keys() == one_f_one_b["weights"].keys()
-    for name, w in one_f_one_b["weights"].items():  # bf16 weights: within one rounding step at their scale
+    for name, w in one_f_one_b["weights"].items():  # bf16 weights: within one rounding step at their scale,
+        # but for a few elements in a million: Adam turns the rounding of the smallest gradients into
+        # lr-sized steps (2 of the 3.2M embedding elements 2.6 steps apart, tp2-zb-v, 2026-12-07)
         step = 2.0 ** (torch.floor(torch.log2(w.float().abs().max())).item() - 7)
-        got = zero_bubble["weights"][name].float()
-        torch.testing.assert_close(got, w.float(), rtol=0, atol=step, msg=name)
+        off = (zero_bubble["weights"][name].float() - w.float()).abs()
+        outliers = int((off > step).sum())
+        assert outliers <= max(1, off.numel() // 100_000), (name, outliers)
+        assert off.max() <= 4 * step, (name, off.max())
     gaps = [abs(a / b - 1) for a, b in zip(zero_bubble["losses"], bf16["losses"], strict=True)]
     assert 0 < max(gaps) < 0.02, gaps
 
