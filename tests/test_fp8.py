@@ -479,7 +479,7 @@ def test_zero_bubble_defers_the_float8_weight_gradients(sonnets_dataset, tmp_pat
     assert zero_bubble["norms"][0] == pytest.approx(one_f_one_b["norms"][0], rel=1e-5)
     assert zero_bubble["weights"].keys() == one_f_one_b["weights"].keys()
     for name, w in one_f_one_b["weights"].items():  # bf16 weights: within one rounding step at their scale,
-        # but for a few elements in a million: Adam turns the rounding of the smallest gradients into
+        # but for one element in 100,000 at most: Adam turns the rounding of the smallest gradients into
         # lr-sized steps (2 of the 3.2M embedding elements 2.6 steps apart, tp2-zb-v, 2026-12-07)
         step = 2.0 ** (torch.floor(torch.log2(w.float().abs().max())).item() - 7)
         off = (zero_bubble["weights"][name].float() - w.float()).abs()
