@@ -10,5 +10,6 @@ cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-timeout -s INT -k 5 200 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_fp8.py
+# -o addopts="": pyproject's `-n auto` needs pytest-xdist, which a bare GPU machine may lack.
+timeout -s INT -k 5 200 python3 -m pytest -o addopts="" -m gpu -q -rs -p no:cacheprovider tests/test_gpu_fp8.py
 timeout -s INT -k 5 170 python3 bench/fp8.py --budget 130 "$@"

@@ -21,4 +21,5 @@ if not torch.cuda.is_available():
     sys.exit("no CUDA device: the gpu tests would all be skipped")
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) on {torch.cuda.get_device_name(0)}")
 PY
-timeout -s ABRT -k 10 570 python3 -m pytest -m gpu -q -rs tests/test_gpu.py 2>&1 | tee -a "$log"
+# -o addopts="": pyproject's `-n auto` needs pytest-xdist, which a bare GPU machine may lack.
+timeout -s ABRT -k 10 570 python3 -m pytest -o addopts="" -m gpu -q -rs tests/test_gpu.py 2>&1 | tee -a "$log"

@@ -23,6 +23,16 @@ torch.set_num_threads(1)
 
 SONNETS = Path(__file__).parent / "data" / "sonnets.txt"
 
+# Workers for `-n auto` (pyproject's addopts): the tests are CPU-bound and set one intra-op thread, so one
+# worker per core this process may run on. More would only share the cores: a multi-rank test already
+# forks up to 8 ranks. Measured on a 2-core machine, 2026-12-07: 4 workers took as long as 2.
+MAX_WORKERS = 8
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown where it is not installed
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
 
 def write_token_dataset(
     path: Path, train: np.ndarray, val: np.ndarray, *, vocab_size: int = 65536, eos_token_id: int = 0
