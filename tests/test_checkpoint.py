@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,18 +55,32 @@ def _run(config) -> dict:
     return {"losses": results[0]["losses"], "weights": merged}
 
 
+@pytest.fixture(scope="module")
+def whole_run(sonnets_dataset, tmp_path_factory) -> Callable[[tuple], tuple[dict, Path]]:
+    """whole_run(layout): the uninterrupted 4-step run of a layout (checkpoints at steps 2 and 4) and its
+    checkpoint folder, trained once per module: the resume and reshard tests start from the same runs and
+    only read their checkpoints."""
+    runs: dict[tuple, tuple[dict, Path]] = {}
+
+    def whole(layout: tuple) -> tuple[dict, Path]:
+        if layout not in runs:
+            run = tmp_path_factory.mktemp("whole")
+            runs[layout] = _run(_config(sonnets_dataset, run, *layout)), run / "ckpt"
+        return runs[layout]
+
+    return whole
+
+
 def _layout_id(t: tuple) -> str:
     return "t{}p{}d{}v{}".format(*t) + ("-zero" if len(t) > 4 and t[4] else "")
 
 
 @pytest.mark.parametrize("layout", [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (2, 2, 1, 2),
                                     (1, 1, 2, 1, True), (2, 1, 2, 1, True)], ids=_layout_id)  # fmt: skip
-def test_resume_is_bit_exact(sonnets_dataset, tmp_path, layout):
-    whole = _run(_config(sonnets_dataset, tmp_path / "a", *layout))
-    assert (tmp_path / "a" / "ckpt" / "latest").read_text().strip() == "step_4"
-    resumed = _run(
-        _config(sonnets_dataset, tmp_path / "b", *layout, load=str(tmp_path / "a" / "ckpt" / "step_2"))
-    )
+def test_resume_is_bit_exact(sonnets_dataset, tmp_path, whole_run, layout):
+    whole, saved = whole_run(layout)
+    assert (saved / "latest").read_text().strip() == "step_4"
+    resumed = _run(_config(sonnets_dataset, tmp_path / "b", *layout, load=str(saved / "step_2")))
     assert resumed["losses"] == whole["losses"][2:]  # steps 3 and 4, bit for bit
     for name, w in whole["weights"].items():
         assert torch.equal(resumed["weights"][name], w), name
@@ -85,9 +100,9 @@ PAIRS = [
 
 
 @pytest.mark.parametrize("before,after", PAIRS, ids=_layout_id)
-def test_checkpoint_loads_under_another_layout(sonnets_dataset, tmp_path, before, after):
-    whole = _run(_config(sonnets_dataset, tmp_path / "a", *before))
-    step_2 = str(tmp_path / "a" / "ckpt" / "step_2")
+def test_checkpoint_loads_under_another_layout(sonnets_dataset, tmp_path, whole_run, before, after):
+    whole, saved = whole_run(before)
+    step_2 = str(saved / "step_2")
     moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=step_2))
     torch.testing.assert_close(
         torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0
@@ -96,8 +111,8 @@ def test_checkpoint_loads_under_another_layout(sonnets_dataset, tmp_path, before
         torch.testing.assert_close(moved["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_run_resumes_from_its_own_latest(sonnets_dataset, tmp_path):
-    whole = _run(_config(sonnets_dataset, tmp_path / "a"))
+def test_run_resumes_from_its_own_latest(sonnets_dataset, tmp_path, whole_run):
+    whole, _ = whole_run((1, 1, 1, 1))
     _run(_config(sonnets_dataset, tmp_path / "b", max_steps=2))  # "crashes" after step 2 ...
     again = _run(_config(sonnets_dataset, tmp_path / "b"))  # ... and is started again, same command
     assert again["losses"] == whole["losses"][2:]
@@ -286,11 +301,13 @@ CONVERT = [((1, 1, 2, 1, True), (2, 2, 1, 1)), ((2, 2, 1, 2), (1, 1, 2, 1, True)
 
 
 @pytest.mark.parametrize("before,after", CONVERT, ids=_layout_id)
-def test_converted_checkpoint_resumes_under_another_layout(sonnets_dataset, tmp_path, before, after):
+def test_converted_checkpoint_resumes_under_another_layout(
+    sonnets_dataset, tmp_path, whole_run, before, after
+):
     """`threefold checkpoint convert`: one file of full weights and moments that resumes like the original."""
-    whole = _run(_config(sonnets_dataset, tmp_path / "a", *before))
+    whole, saved = whole_run(before)
     merged = tmp_path / "merged"
-    cli = [sys.executable, "-m", "threefold", "checkpoint", "convert", str(tmp_path / "a" / "ckpt")]
+    cli = [sys.executable, "-m", "threefold", "checkpoint", "convert", str(saved)]
     cli.append(str(merged))
     proc = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -301,7 +318,7 @@ def test_converted_checkpoint_resumes_under_another_layout(sonnets_dataset, tmp_
         "rank00000.safetensors",
     ]
     step_2 = tmp_path / "merged2"
-    checkpoint.convert_checkpoint(tmp_path / "a" / "ckpt" / "step_2", step_2)
+    checkpoint.convert_checkpoint(saved / "step_2", step_2)
     moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=str(step_2)))
     torch.testing.assert_close(
         torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0

@@ -71,6 +71,22 @@ def test_samples_are_generate_on_the_same_weights_and_leave_the_losses_unchanged
     assert not (tmp_path / "off" / "logs" / "metrics.jsonl").read_text().count('"samples"')
 
 
+@pytest.fixture(scope="module")
+def one_process(sonnets_dataset, tmp_path_factory):
+    """one_process(model): the one-process run with sampling of a model section, trained once per module
+    (most layouts below compare with the same one)."""
+    runs: dict[str, dict] = {}
+
+    def one(model: dict) -> dict:
+        key = repr(sorted(model.items()))
+        if key not in runs:
+            run = tmp_path_factory.mktemp("one")
+            runs[key] = _run(sonnets_dataset, run, logging=SAMPLING, **({"model": model} if model else {}))
+        return runs[key]
+
+    return one
+
+
 @pytest.mark.parametrize(
     "layout",
     [
@@ -86,9 +102,8 @@ def test_samples_are_generate_on_the_same_weights_and_leave_the_losses_unchanged
     ],
     ids=["tp2", "tp2-sp", "pp2", "pp2-zb-h1", "dp2-zero1", "dp2-zero3", "cp2", "pp2-interleaved", "pp2-zb-v"],
 )
-def test_samples_under_tp_and_pp_match_one_process(sonnets_dataset, tmp_path, layout):
-    model = {"model": layout["model"]} if "model" in layout else {}
-    one = _run(sonnets_dataset, tmp_path / "one", logging=SAMPLING, **model)
+def test_samples_under_tp_and_pp_match_one_process(sonnets_dataset, tmp_path, one_process, layout):
+    one = one_process(layout.get("model", {}))
     split = _run(sonnets_dataset, tmp_path / "split", world=2, logging=SAMPLING, **layout)
     logged = _samples_of(tmp_path / "split" / "logs" / "metrics.jsonl")
     assert [(s["prompt"], s["completion"]) for s in logged[4]] == split["after"] == one["after"]
