@@ -95,3 +95,21 @@ def documents_dataset(tmp_path_factory):
     out = root / "dataset"
     prepare_dataset([src], out, val_fraction=0.1)
     return out
+
+
+@pytest.fixture(scope="module")
+def whole_run(sonnets_dataset, tmp_path_factory) -> Callable[[tuple], tuple[dict, Path]]:
+    """whole_run(layout): the uninterrupted 4-step run of a test_checkpoint layout (tp, pp, dp, v[, zero]),
+    checkpoints at steps 2 and 4, and its checkpoint folder; trained once per module. The resume and
+    reshard tests start from the same runs and only read their checkpoints."""
+    from test_checkpoint import _config, _run
+
+    runs: dict[tuple, tuple[dict, Path]] = {}
+
+    def whole(layout: tuple) -> tuple[dict, Path]:
+        if layout not in runs:
+            run = tmp_path_factory.mktemp("whole")
+            runs[layout] = _run(_config(sonnets_dataset, run, *layout)), run / "ckpt"
+        return runs[layout]
+
+    return whole

@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,22 +52,6 @@ def _run(config) -> dict:
     for r in results:
         merged |= r["weights"]
     return {"losses": results[0]["losses"], "weights": merged}
-
-
-@pytest.fixture(scope="module")
-def whole_run(sonnets_dataset, tmp_path_factory) -> Callable[[tuple], tuple[dict, Path]]:
-    """whole_run(layout): the uninterrupted 4-step run of a layout (checkpoints at steps 2 and 4) and its
-    checkpoint folder, trained once per module: the resume and reshard tests start from the same runs and
-    only read their checkpoints."""
-    runs: dict[tuple, tuple[dict, Path]] = {}
-
-    def whole(layout: tuple) -> tuple[dict, Path]:
-        if layout not in runs:
-            run = tmp_path_factory.mktemp("whole")
-            runs[layout] = _run(_config(sonnets_dataset, run, *layout)), run / "ckpt"
-        return runs[layout]
-
-    return whole
 
 
 def _layout_id(t: tuple) -> str:

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 from distributed import run_ranks, train_and_gather
+from test_checkpoint import _config, _run
 from test_parity import STEPS, _check
 from tiny import tiny_config, wide_model
 
@@ -56,12 +57,10 @@ def _train_and_merge(rank: int, world: int, config) -> dict:
     [((1, 1, 2, 1, 3), (1, 1, 1, 1, 0)), ((1, 1, 1, 1, 0), (1, 2, 2, 1, 3))],
     ids=["zero3-dp2-to-zero0", "zero0-to-zero3-pp2-dp2"],
 )
-def test_checkpoint_moves_between_zero_stages(sonnets_dataset, tmp_path, before, after):
+def test_checkpoint_moves_between_zero_stages(sonnets_dataset, tmp_path, whole_run, before, after):
     """Checkpoints hold whole tensors whatever the stage: a run continues under another stage and layout."""
-    from test_checkpoint import _config, _run
-
-    whole = _run(_config(sonnets_dataset, tmp_path / "a", *before))
-    step_2 = str(tmp_path / "a" / "ckpt" / "step_2")
+    whole, saved = whole_run(before)
+    step_2 = str(saved / "step_2")
     moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=step_2))
     torch.testing.assert_close(
         torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0
@@ -70,13 +69,9 @@ def test_checkpoint_moves_between_zero_stages(sonnets_dataset, tmp_path, before,
         torch.testing.assert_close(moved["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_zero3_resume_is_bit_exact(sonnets_dataset, tmp_path):
-    from test_checkpoint import _config, _run
-
-    whole = _run(_config(sonnets_dataset, tmp_path / "a", 1, 1, 2, 1, 3))
-    resumed = _run(
-        _config(sonnets_dataset, tmp_path / "b", 1, 1, 2, 1, 3, load=str(tmp_path / "a/ckpt/step_2"))
-    )
+def test_zero3_resume_is_bit_exact(sonnets_dataset, tmp_path, whole_run):
+    whole, saved = whole_run((1, 1, 2, 1, 3))
+    resumed = _run(_config(sonnets_dataset, tmp_path / "b", 1, 1, 2, 1, 3, load=str(saved / "step_2")))
     assert resumed["losses"] == whole["losses"][2:]
     for name, w in whole["weights"].items():
         assert torch.equal(resumed["weights"][name], w), name
@@ -106,7 +101,6 @@ def test_offloaded_optimizer_gives_the_same_weights(config, monkeypatch, layout,
 def test_offloaded_run_resumes_bit_exact(sonnets_dataset, tmp_path):
     """A run killed after an offloaded step's checkpoint continues exactly (masters and moments saved
     from host memory and loaded back there)."""
-    from test_checkpoint import _config, _run
 
     def offloaded(run, **kw):
         c = _config(sonnets_dataset, tmp_path / run, 1, 1, 2, 1, 2, **kw)
