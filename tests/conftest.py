@@ -23,12 +23,6 @@ torch.set_num_threads(1)
 
 SONNETS = Path(__file__).parent / "data" / "sonnets.txt"
 
-# Workers for `-n auto` (pyproject's addopts): the tests are CPU-bound and set one intra-op thread, so one
-# worker per core this process may run on. More would only share the cores: a multi-rank test already
-# forks up to 8 ranks. Measured on a 2-core machine, 2026-12-07: 4 workers took as long as 2.
-MAX_WORKERS = 8
-
-
 # The files with the most test time, longest first (summed test times, 2-core dev machine, 2026-12-07).
 # Under `--dist loadfile` a worker takes the next whole file when it is done with one; a long file taken
 # last keeps one worker busy while the others have nothing left. They run first, then the rest in order.
@@ -42,6 +36,13 @@ LONGEST_FILES = (
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     first = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: a file's own order kept
+
+
+# Workers for `-n auto` (pyproject's addopts): the tests are CPU-bound and set one intra-op thread, so one
+# worker per core this process may run on. More would only share the cores: a multi-rank test already
+# forks up to 8 ranks. On a 2-core machine (2026-12-07, four of the heavier files), 4 workers took as
+# long as 2: 339 s against 334 s.
+MAX_WORKERS = 8
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown where it is not installed
