@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed import run_ranks, train_and_gather
+from distributed import run_ranks, train_and_gather, train_merged
+from tiny import ckpt_config
 
 from threefold.config import Config
 from threefold.data.prepare import prepare_dataset
@@ -118,14 +119,12 @@ def whole_run(sonnets_dataset, tmp_path_factory) -> Callable[[tuple], tuple[dict
     """whole_run(layout): the uninterrupted 4-step run of a test_checkpoint layout (tp, pp, dp, v[, zero]),
     checkpoints at steps 2 and 4, and its checkpoint folder; trained once per module. The resume and
     reshard tests start from the same runs and only read their checkpoints."""
-    from test_checkpoint import _config, _run
-
     runs: dict[tuple, tuple[dict, Path]] = {}
 
     def whole(layout: tuple) -> tuple[dict, Path]:
         if layout not in runs:
             run = tmp_path_factory.mktemp("whole")
-            runs[layout] = _run(_config(sonnets_dataset, run, *layout)), run / "ckpt"
+            runs[layout] = train_merged(ckpt_config(sonnets_dataset, run, *layout)), run / "ckpt"
         return runs[layout]
 
     return whole

@@ -152,3 +152,48 @@ def train_and_gather(rank: int, world_size: int, config: Any) -> dict:
     keep = mesh.tp_rank == 0 and mesh.dp_rank == 0 and mesh.cp_rank == 0
     return {"losses": result.losses, "val": result.val_losses, "norms": result.grad_norms,
             "weights": weights if keep else {}}  # fmt: skip
+
+
+def train_merged(config: Any, timeout: float = 240.0) -> dict:
+    """`train_and_gather` of `config` on all its ranks: rank 0's losses, validation losses and norms, the
+    weights every rank reported merged into the whole model, and each rank's own result under "ranks"."""
+    results = run_ranks(config.world_size, train_and_gather, config, timeout=timeout)
+    weights = {name: w for r in results for name, w in r["weights"].items()}
+    return results[0] | {"weights": weights, "ranks": results}
+
+
+def assert_trains_like(got: dict, ref: dict) -> None:
+    """`got` (train_merged of a layout) trained like `ref` (the one-process reference): every rank's losses
+    and validation losses, the gradient norms and every weight, to float32 round-off."""
+    assert ref["losses"][-1] < ref["losses"][0], "training must make progress for the comparison to mean much"
+    for rank in got["ranks"]:
+        # Every rank reports the same global loss (it lives on the last stage and is shared).
+        losses, ref_losses = torch.tensor(rank["losses"]), torch.tensor(ref["losses"])
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=0)
+        assert rank["val"].keys() == ref["val"].keys()
+        val, ref_val = torch.tensor(list(rank["val"].values())), torch.tensor(list(ref["val"].values()))
+        torch.testing.assert_close(val, ref_val, rtol=1e-5, atol=0)
+    # Step 0's norm sees identical weights: a replicated parameter counted twice would show here.
+    torch.testing.assert_close(got["norms"][0], ref["norms"][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0)
+    assert got["weights"].keys() == ref["weights"].keys()
+    for name, ref_w in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][name], ref_w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def assert_same_training(got: dict, want: dict, *, from_step: int = 0, exact: bool = True) -> None:
+    """`got` (train_merged) trained like `want` after `want`'s first `from_step` losses (for a run resumed
+    from a checkpoint of `want`, the steps `want` had taken since it started when it saved that checkpoint):
+    the same later losses and final weights, bit for bit where `exact` (the same layout and kernels), else to
+    float32 round-off (another summation order)."""
+    if exact:
+        assert got["losses"] == want["losses"][from_step:]
+    else:
+        later = torch.tensor(want["losses"][from_step:])
+        torch.testing.assert_close(torch.tensor(got["losses"]), later, rtol=1e-5, atol=0)
+    assert got["weights"].keys() == want["weights"].keys()
+    for name, w in want["weights"].items():
+        if exact:
+            assert torch.equal(got["weights"][name], w), name
+        else:
+            torch.testing.assert_close(got["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)

@@ -9,49 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_ranks, train_and_gather
-from tiny import tiny_config
+from distributed import assert_same_training, run_ranks, train_merged
+from tiny import ckpt_config
 
 import threefold.checkpoint as checkpoint
 import threefold.checkpoint.save as checkpoint_save
 from threefold.optim import OptimizerState
 from threefold.parallel.mesh import build_mesh
 from threefold.train import build, train_loader, train_step
-
-STEPS = 4
-
-
-def _config(
-    data: Path,
-    run: Path,
-    tp=1,
-    pp=1,
-    dp=1,
-    v=1,
-    zero=False,
-    *,
-    load="",
-    hidden=32,
-    asynchronous=False,
-    **training,
-):
-    return tiny_config(
-        data, run, tp=tp, pp=pp, dp=dp, v=v, zero=zero,
-        model=dict(hidden_size=hidden, num_layers=8),
-        training=dict(max_steps=STEPS, seed=5) | training,
-        checkpoint=dict(interval=2, keep_last=3, load=load, asynchronous=asynchronous),
-    )  # fmt: skip
-
-
-_train = train_and_gather
-
-
-def _run(config) -> dict:
-    results = run_ranks(config.world_size, _train, config, timeout=240)
-    merged = {}
-    for r in results:
-        merged |= r["weights"]
-    return {"losses": results[0]["losses"], "weights": merged}
 
 
 def _layout_id(t: tuple) -> str:
@@ -63,10 +28,8 @@ def _layout_id(t: tuple) -> str:
 def test_resume_is_bit_exact(sonnets_dataset, tmp_path, whole_run, layout):
     whole, saved = whole_run(layout)
     assert (saved / "latest").read_text().strip() == "step_4"
-    resumed = _run(_config(sonnets_dataset, tmp_path / "b", *layout, load=str(saved / "step_2")))
-    assert resumed["losses"] == whole["losses"][2:]  # steps 3 and 4, bit for bit
-    for name, w in whole["weights"].items():
-        assert torch.equal(resumed["weights"][name], w), name
+    resumed = train_merged(ckpt_config(sonnets_dataset, tmp_path / "b", *layout, load=str(saved / "step_2")))
+    assert_same_training(resumed, whole, from_step=2)  # steps 3 and 4, bit for bit
 
 
 PAIRS = [
@@ -86,19 +49,15 @@ PAIRS = [
 def test_checkpoint_loads_under_another_layout(sonnets_dataset, tmp_path, whole_run, before, after):
     whole, saved = whole_run(before)
     step_2 = str(saved / "step_2")
-    moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=step_2))
-    torch.testing.assert_close(
-        torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0
-    )
-    for name, w in whole["weights"].items():
-        torch.testing.assert_close(moved["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
+    moved = train_merged(ckpt_config(sonnets_dataset, tmp_path / "b", *after, load=step_2))
+    assert_same_training(moved, whole, from_step=2, exact=False)
 
 
 def test_run_resumes_from_its_own_latest(sonnets_dataset, tmp_path, whole_run):
     whole, _ = whole_run((1, 1, 1, 1))
-    _run(_config(sonnets_dataset, tmp_path / "b", max_steps=2))  # "crashes" after step 2 ...
-    again = _run(_config(sonnets_dataset, tmp_path / "b"))  # ... and is started again, same command
-    assert again["losses"] == whole["losses"][2:]
+    train_merged(ckpt_config(sonnets_dataset, tmp_path / "b", max_steps=2))  # "crashes" after step 2 ...
+    again = train_merged(ckpt_config(sonnets_dataset, tmp_path / "b"))  # ... and is started again
+    assert_same_training(again, whole, from_step=2)
 
 
 def _crash_mid_save(rank: int, world: int, config) -> dict:
@@ -125,7 +84,7 @@ def _crash_mid_save(rank: int, world: int, config) -> dict:
 
 
 def test_crash_mid_save_keeps_the_last_good_checkpoint(sonnets_dataset, tmp_path):
-    result = run_ranks(1, _crash_mid_save, _config(sonnets_dataset, tmp_path))[0]
+    result = run_ranks(1, _crash_mid_save, ckpt_config(sonnets_dataset, tmp_path))[0]
     assert result["latest"] == "step_2" and result["step"] == 2
     assert "step_3" not in result["dirs"]
 
@@ -146,7 +105,7 @@ def _load_bad(rank: int, world: int, config, path: str) -> str:
 @pytest.fixture(scope="module")
 def good_checkpoint(sonnets_dataset, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("good")
-    _run(_config(sonnets_dataset, run, max_steps=2))
+    train_merged(ckpt_config(sonnets_dataset, run, max_steps=2))
     return run / "ckpt" / "step_2"
 
 
@@ -195,12 +154,14 @@ def test_bad_checkpoint_is_refused_before_anything_changes(
     sonnets_dataset, tmp_path, good_checkpoint, damage, message
 ):
     bad = _damaged(good_checkpoint, tmp_path, damage)
-    error = run_ranks(1, _load_bad, _config(sonnets_dataset, tmp_path), str(bad))[0]
+    error = run_ranks(1, _load_bad, ckpt_config(sonnets_dataset, tmp_path), str(bad))[0]
     assert __import__("re").search(message, error), error
 
 
 def test_other_model_shape_is_refused(sonnets_dataset, tmp_path, good_checkpoint):
-    error = run_ranks(1, _load_bad, _config(sonnets_dataset, tmp_path, hidden=64), str(good_checkpoint))[0]
+    error = run_ranks(1, _load_bad, ckpt_config(sonnets_dataset, tmp_path, hidden=64), str(good_checkpoint))[
+        0
+    ]
     assert "holds another model shape" in error and "'hidden_size': (32, 64)" in error
 
 
@@ -222,8 +183,8 @@ def _saved_before_the_first_step(rank: int, world: int, config, other_seed) -> d
 
 def test_checkpoint_saved_before_the_first_step_loads(sonnets_dataset, tmp_path):
     """No moments yet: the checkpoint holds weights only, and loading it starts the optimizer afresh."""
-    config = _config(sonnets_dataset, tmp_path)
-    r = run_ranks(1, _saved_before_the_first_step, config, _config(sonnets_dataset, tmp_path, seed=6))[0]
+    config = ckpt_config(sonnets_dataset, tmp_path)
+    r = run_ranks(1, _saved_before_the_first_step, config, ckpt_config(sonnets_dataset, tmp_path, seed=6))[0]
     assert r["keys"] and not [k for k in r["keys"] if "::" in k]
     assert r["losses"][0] == r["losses"][1]
     for name, w in r["weights"][0].items():
@@ -254,7 +215,7 @@ def _save_with_another_optimizer(rank: int, world: int, config) -> str:
 
 def test_optimizer_state_of_another_optimizer_is_refused(sonnets_dataset, tmp_path):
     """A checkpoint stores what the optimizer hands it; the loading optimizer refuses what it doesn't keep."""
-    config = _config(sonnets_dataset, tmp_path)
+    config = ckpt_config(sonnets_dataset, tmp_path)
     path = run_ranks(1, _save_with_another_optimizer, config)[0]
     assert (
         "embed_tokens.weight::sgd_exp_avg"
@@ -265,15 +226,17 @@ def test_optimizer_state_of_another_optimizer_is_refused(sonnets_dataset, tmp_pa
 
 
 def test_asynchronous_save_resumes_bit_exact(sonnets_dataset, tmp_path):
-    whole = _run(_config(sonnets_dataset, tmp_path / "a", 1, 2, 1, 1, asynchronous=True))
+    whole = train_merged(ckpt_config(sonnets_dataset, tmp_path / "a", 1, 2, 1, 1, asynchronous=True))
     ckpt = tmp_path / "a" / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir() if p.name != ".lock") == [
         "latest",
         "step_2",
         "step_4",
     ]  # both committed
-    resumed = _run(_config(sonnets_dataset, tmp_path / "b", 1, 2, 1, 1, load=str(ckpt / "step_2")))
-    assert resumed["losses"] == whole["losses"][2:]
+    resumed = train_merged(
+        ckpt_config(sonnets_dataset, tmp_path / "b", 1, 2, 1, 1, load=str(ckpt / "step_2"))
+    )
+    assert_same_training(resumed, whole, from_step=2)
     blocked = [
         json.loads(line) for line in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()
     ]
@@ -302,10 +265,8 @@ def test_converted_checkpoint_resumes_under_another_layout(
     ]
     step_2 = tmp_path / "merged2"
     checkpoint.convert_checkpoint(saved / "step_2", step_2)
-    moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=str(step_2)))
-    torch.testing.assert_close(
-        torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0
-    )
+    moved = train_merged(ckpt_config(sonnets_dataset, tmp_path / "b", *after, load=str(step_2)))
+    assert_same_training(moved, whole, from_step=2, exact=False)
 
 
 def test_convert_refuses_what_is_not_a_checkpoint(tmp_path):

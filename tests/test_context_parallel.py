@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from distributed import run_ranks, train_and_gather
+from distributed import assert_same_training, assert_trains_like, run_ranks, train_merged
 from tiny import tiny_config, wide_model
 
 from threefold.model.attention import attend
@@ -135,23 +135,6 @@ def config(sonnets_dataset, tmp_path_factory):
     return layout
 
 
-def _check(got: dict, ref: dict) -> None:
-    assert len(got["losses"]) == STEPS
-    assert ref["losses"][-1] < ref["losses"][0], "training must make progress for the comparison to mean much"
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
-    torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0)
-    assert got["weights"].keys() == ref["weights"].keys()
-    for name, ref_w in ref["weights"].items():
-        torch.testing.assert_close(got["weights"][name], ref_w, rtol=1e-5, atol=1e-5, msg=name)
-
-
-def _merged(results: list[dict]) -> dict:
-    """Rank 0's losses and norms with the weights every stage reported."""
-    merged = dict(results[0])
-    merged["weights"] = {k: w for r in results for k, w in r["weights"].items()}
-    return merged
-
-
 LAYOUTS = {
     # name: (arch, tp, dp, pp, cp, extra sections); each layout adds what it proves to the plain ring.
     "cp2": ("llama", 1, 1, 1, 2, {}),
@@ -173,12 +156,7 @@ def test_cp_layout_matches_single_process(config, reference, name):
     layout = config(arch, tp, dp, pp, cp, **extra)
     # The same model in one process, without recomputation: recomputing must not change the math.
     single = {k: v for k, v in extra.items() if k == "model"}
-    got = _merged(run_ranks(tp * dp * pp * cp, train_and_gather, layout, timeout=120))
-    _check(got, reference(config(arch, **single)))
-
-
-def _ckpt_run(config) -> dict:
-    return _merged(run_ranks(config.world_size, train_and_gather, config, timeout=120))
+    assert_trains_like(train_merged(layout), reference(config(arch, **single)))
 
 
 def test_checkpoint_moves_between_cp_sizes(config, tmp_path):
@@ -186,20 +164,13 @@ def test_checkpoint_moves_between_cp_sizes(config, tmp_path):
 
     def run(cp: int, where: str, load: str = "", zero: bool = False):
         ckpt = dict(dir=str(tmp_path / where), interval=1, keep_last=4, load=load)
-        return _ckpt_run(config(cp=cp, zero=zero, checkpoint=ckpt))
+        return train_merged(config(cp=cp, zero=zero, checkpoint=ckpt))
 
     first = run(2, "a", zero=True)
     second = run(1, "b", load=str(tmp_path / "a" / "step_2"))
-    torch.testing.assert_close(
-        torch.tensor(second["losses"]), torch.tensor(first["losses"][2:]), rtol=1e-5, atol=0
-    )
+    assert_same_training(second, first, from_step=2, exact=False)
     third = run(2, "c", load=str(tmp_path / "b" / "step_3"))
-    torch.testing.assert_close(
-        torch.tensor(third["losses"]), torch.tensor(second["losses"][1:]), rtol=1e-5, atol=0
-    )
-    for name, w in first["weights"].items():
-        torch.testing.assert_close(second["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
-        torch.testing.assert_close(third["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
+    assert_same_training(third, second, from_step=1, exact=False)
 
 
 WIDE = dict(num_heads=8, num_kv_heads=4)

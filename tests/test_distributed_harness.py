@@ -1,4 +1,5 @@
-"""The test harness's own contract: a failed rendezvous is retried on a new port, a failing rank is not."""
+"""The test harness's own contract: a failed rendezvous is retried on a new port, a failing rank is not;
+the comparisons the layout tests share catch a difference on any rank, in any loss, norm or weight."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from pathlib import Path
 
 import distributed as harness
 import pytest
+import torch
 import torch.distributed as dist
-from distributed import run_ranks
+from distributed import assert_same_training, assert_trains_like, run_ranks
 
 
 def _rank_and_world(rank: int, world_size: int, log: Path) -> tuple[int, int]:
@@ -70,3 +72,37 @@ def test_a_failing_rank_is_reported_and_not_retried(tmp_path):
         run_ranks(2, _fails_on_rank_1, log)
     assert "exit codes" in str(info.value)
     assert log.read_text().split().count("1") == 1
+
+
+def _result(losses: list[float], w: float) -> dict:
+    return {
+        "losses": losses,
+        "val": {2: losses[-1]},
+        "norms": [1.0, 0.5, 0.25],
+        "weights": {"w": torch.full((2,), w)},
+    }
+
+
+def _layout(*ranks: dict) -> dict:
+    return ranks[0] | {"ranks": list(ranks)}
+
+
+def test_the_shared_comparisons_catch_a_difference_anywhere():
+    ref = _result([3.0, 2.0, 1.0], 0.5)
+    assert_trains_like(_layout(ref, ref), ref)
+    off_by = 1e-3
+    other_rank = _result([3.0, 2.0, 1.0 + off_by], 0.5)
+    for got in (_layout(ref, other_rank), _layout(_result([3.0, 2.0, 1.0], 0.5 + off_by))):
+        with pytest.raises(AssertionError):
+            assert_trains_like(got, ref)
+    with pytest.raises(AssertionError, match="progress"):
+        assert_trains_like(_layout(ref), _result([1.0, 2.0, 3.0], 0.5))
+
+    resumed = {"losses": [2.0, 1.0], "weights": {"w": torch.full((2,), 0.5)}}
+    assert_same_training(resumed, ref, from_step=1)
+    with pytest.raises(AssertionError):
+        assert_same_training(resumed, ref, from_step=0)
+    nudged = resumed | {"weights": {"w": torch.full((2,), 0.5 + 1e-6)}}
+    assert_same_training(nudged, ref, from_step=1, exact=False)  # round-off passes where the layout differs
+    with pytest.raises(AssertionError):
+        assert_same_training(nudged, ref, from_step=1)  # but not where the bits must match

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from distributed import run_ranks
-from test_pipeline import _check
+from distributed import assert_trains_like, run_ranks, train_merged
 from tiny import TINY_LLAMA, tiny_config, wide_model
 
 from threefold.config import ModelConfig
@@ -157,7 +156,7 @@ def _check_masked(reference, config, ref_config, plain_config) -> None:
     plain = reference(plain_config)
     # At initialization attention is near uniform; after a few steps the mask shows in the loss.
     assert abs(ref["losses"][-1] - plain["losses"][-1]) > 1e-3, "masking must change the loss to be tested"
-    _check(config, ref)  # runs the layout; merges the stages' weights
+    assert_trains_like(train_merged(config), ref)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

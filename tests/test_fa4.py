@@ -15,9 +15,8 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_ranks
+from distributed import assert_trains_like, run_ranks, train_merged
 from test_document_masking import _masked_config
-from test_pipeline import _check
 from tiny import wide_model
 
 import threefold.model.fa4 as fa4
@@ -396,6 +395,6 @@ def test_masked_training_through_fa4s_spans_matches_the_dense_single_process_run
 
     monkeypatch.setattr(STAND_IN, "_flash_attn_fwd", noted)
     use_fa4(True)
-    _check(_masked_config(documents_dataset, run, model, tp=2, pp=2), ref)
+    assert_trains_like(train_merged(_masked_config(documents_dataset, run, model, tp=2, pp=2)), ref)
     documents = [int(n) for n in notes.read_text().split()]
     assert documents and all(n >= 2 for n in documents)  # the samples hold several documents each

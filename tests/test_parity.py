@@ -2,8 +2,7 @@
 losses and final weights of one process training the same model on the same global batches."""
 
 import pytest
-import torch
-from distributed import run_ranks, train_and_gather
+from distributed import assert_trains_like, train_merged
 from tiny import tiny_config, wide_model
 
 STEPS = 5
@@ -46,24 +45,11 @@ LAYOUTS = [
     ids=[f"tp{t}-dp{d}{'-sp' if s else ''}{'-zero' if z else ''}" for t, d, s, z in LAYOUTS],
 )
 def test_layout_matches_single_process(config, reference, arch, tp, dp, sp, zero):
-    got = run_ranks(tp * dp, train_and_gather, config(arch, tp, dp, sequence_parallel=sp, zero=zero))[0]
-    _check(got, reference(config(arch)))
+    got = train_merged(config(arch, tp, dp, sequence_parallel=sp, zero=zero))
+    assert_trains_like(got, reference(config(arch)))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_tp_without_comm_overlap_matches_single_process(config, reference, arch):
     """parallel.overlap_tp_comm = false: the f operator all-reduces after the projections' backward."""
-    got = run_ranks(2, train_and_gather, config(arch, 2, overlap_tp_comm=False))[0]
-    _check(got, reference(config(arch)))
-
-
-def _check(got: dict, ref: dict) -> None:
-    assert len(got["losses"]) == STEPS
-    assert ref["losses"][-1] < ref["losses"][0], "training must make progress for the comparison to mean much"
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
-    # Step 0's norm sees identical weights: a replicated parameter counted twice would show here.
-    torch.testing.assert_close(got["norms"][0], ref["norms"][0], rtol=1e-5, atol=0)
-    torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0)
-    assert got["weights"].keys() == ref["weights"].keys()
-    for name, ref_w in ref["weights"].items():
-        torch.testing.assert_close(got["weights"][name], ref_w, rtol=1e-5, atol=1e-5, msg=name)
+    assert_trains_like(train_merged(config(arch, 2, overlap_tp_comm=False)), reference(config(arch)))

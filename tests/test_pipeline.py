@@ -2,8 +2,7 @@
 losses and final weights over 3 float32 steps, with and without activation recomputation."""
 
 import pytest
-import torch
-from distributed import run_ranks, train_and_gather
+from distributed import assert_trains_like, run_ranks, train_and_gather, train_merged
 from tiny import tiny_config, wide_model
 
 from threefold.pipeline.partition import chunk_layer_ranges
@@ -29,26 +28,6 @@ def config(sonnets_dataset, tmp_path_factory):
     return layout
 
 
-def _check(config, ref: dict) -> None:
-    """Every rank's losses and validation losses, the norms and the merged weights match `ref`."""
-    results = run_ranks(config.world_size, train_and_gather, config, timeout=240)
-    merged = {}
-    for r in results:
-        merged |= r["weights"]
-        # Every rank reports the same global loss (it lives on the last stage and is shared).
-        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
-        assert r["val"].keys() == ref["val"].keys()
-        val, ref_val = torch.tensor(list(r["val"].values())), torch.tensor(list(ref["val"].values()))
-        torch.testing.assert_close(val, ref_val, rtol=1e-5, atol=0)
-    got = results[0]
-    assert ref["losses"][-1] < ref["losses"][0]
-    torch.testing.assert_close(got["norms"][0], ref["norms"][0], rtol=1e-5, atol=0)
-    torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0)
-    assert merged.keys() == ref["weights"].keys()
-    for name, ref_w in ref["weights"].items():
-        torch.testing.assert_close(merged[name], ref_w, rtol=1e-5, atol=1e-5, msg=name)
-
-
 LAYOUTS = [(1, 2, 1, 1), (1, 4, 1, 1), (1, 2, 1, 2), (1, 4, 1, 2), (2, 2, 1, 1), (2, 2, 1, 2), (1, 2, 2, 1),
            (2, 2, 2, 2)]  # fmt: skip
 CASES = [
@@ -60,7 +39,7 @@ CASES = [
 
 @pytest.mark.parametrize("layout,schedule", CASES, ids=[f"t{t}p{p}d{d}v{v}-{s}" for (t, p, d, v), s in CASES])
 def test_pipeline_matches_single_process(config, reference, layout, schedule):
-    _check(config("llama", *layout, schedule), reference(config("llama")))
+    assert_trains_like(train_merged(config("llama", *layout, schedule)), reference(config("llama")))
 
 
 @pytest.mark.parametrize(
@@ -87,7 +66,7 @@ def test_pipeline_matches_single_process(config, reference, layout, schedule):
     ],
 )
 def test_pipeline_options_match_single_process(config, reference, layout, schedule, extra):
-    _check(config("llama", *layout, schedule, **extra), reference(config("llama")))
+    assert_trains_like(train_merged(config("llama", *layout, schedule, **extra)), reference(config("llama")))
 
 
 @pytest.mark.parametrize(
@@ -96,7 +75,7 @@ def test_pipeline_options_match_single_process(config, reference, layout, schedu
 )
 def test_tied_embeddings_across_stages(config, reference, layout, schedule, zero):
     """With ZeRO the tied weight's gradient is summed over stages and reduce-scattered over dp."""
-    _check(config("gpt2", *layout, schedule, zero=zero), reference(config("gpt2")))
+    assert_trains_like(train_merged(config("gpt2", *layout, schedule, zero=zero)), reference(config("gpt2")))
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])

@@ -5,11 +5,10 @@ what it gathers; a checkpoint saved under stage 3 continues identically under st
 from dataclasses import replace
 
 import pytest
-import torch
-from distributed import run_ranks, train_and_gather
-from test_checkpoint import _config, _run
-from test_parity import STEPS, _check
-from tiny import tiny_config, wide_model
+from distributed import assert_same_training, assert_trains_like, train_merged
+from tiny import ckpt_config, tiny_config, wide_model
+
+STEPS = 5
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,8 @@ LAYOUTS = [  # arch, tp, pp, dp, zero, recompute
     ids=[f"{a}-tp{t}-pp{p}-dp{d}-zero{z}{'-rc' if r != 'none' else ''}" for a, t, p, d, z, r in LAYOUTS],
 )
 def test_zero_stage_matches_single_process(config, reference, arch, tp, pp, dp, zero, recompute):
-    got = run_ranks(tp * pp * dp, _train_and_merge, config(arch, tp, pp, dp, zero, recompute=recompute))
-    merged = got[0] | {"weights": {k: v for r in got for k, v in r["weights"].items()}}
-    _check(merged, reference(config(arch, recompute=recompute)))
-
-
-def _train_and_merge(rank: int, world: int, config) -> dict:
-    return train_and_gather(rank, world, config)
+    got = train_merged(config(arch, tp, pp, dp, zero, recompute=recompute))
+    assert_trains_like(got, reference(config(arch, recompute=recompute)))
 
 
 @pytest.mark.parametrize(
@@ -61,20 +55,16 @@ def test_checkpoint_moves_between_zero_stages(sonnets_dataset, tmp_path, whole_r
     """Checkpoints hold whole tensors whatever the stage: a run continues under another stage and layout."""
     whole, saved = whole_run(before)
     step_2 = str(saved / "step_2")
-    moved = _run(_config(sonnets_dataset, tmp_path / "b", *after, load=step_2))
-    torch.testing.assert_close(
-        torch.tensor(moved["losses"]), torch.tensor(whole["losses"][2:]), rtol=1e-5, atol=0
-    )
-    for name, w in whole["weights"].items():
-        torch.testing.assert_close(moved["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
+    moved = train_merged(ckpt_config(sonnets_dataset, tmp_path / "b", *after, load=step_2))
+    assert_same_training(moved, whole, from_step=2, exact=False)
 
 
 def test_zero3_resume_is_bit_exact(sonnets_dataset, tmp_path, whole_run):
     whole, saved = whole_run((1, 1, 2, 1, 3))
-    resumed = _run(_config(sonnets_dataset, tmp_path / "b", 1, 1, 2, 1, 3, load=str(saved / "step_2")))
-    assert resumed["losses"] == whole["losses"][2:]
-    for name, w in whole["weights"].items():
-        assert torch.equal(resumed["weights"][name], w), name
+    resumed = train_merged(
+        ckpt_config(sonnets_dataset, tmp_path / "b", 1, 1, 2, 1, 3, load=str(saved / "step_2"))
+    )
+    assert_same_training(resumed, whole, from_step=2)
 
 
 @pytest.mark.parametrize(
@@ -90,12 +80,10 @@ def test_offloaded_optimizer_gives_the_same_weights(config, monkeypatch, layout,
 
     monkeypatch.setattr(threefold.offload, "PART_NUMEL", 5000)  # the forked ranks inherit it
     base = config("llama", *layout)
-    plain = run_ranks(base.world_size, _train_and_merge, base)
+    plain = train_merged(base)
     cfg = replace(base.optimizer, offload=True, offload_fraction=fraction)
-    offloaded = run_ranks(base.world_size, _train_and_merge, replace(base, optimizer=cfg))
-    assert plain[0]["losses"] == offloaded[0]["losses"]
-    for name, w in plain[0]["weights"].items():
-        assert torch.equal(offloaded[0]["weights"][name], w), name
+    offloaded = train_merged(replace(base, optimizer=cfg))
+    assert_same_training(offloaded, plain)
 
 
 def test_offloaded_run_resumes_bit_exact(sonnets_dataset, tmp_path):
@@ -103,14 +91,12 @@ def test_offloaded_run_resumes_bit_exact(sonnets_dataset, tmp_path):
     from host memory and loaded back there)."""
 
     def offloaded(run, **kw):
-        c = _config(sonnets_dataset, tmp_path / run, 1, 1, 2, 1, 2, **kw)
+        c = ckpt_config(sonnets_dataset, tmp_path / run, 1, 1, 2, 1, 2, **kw)
         return replace(c, optimizer=replace(c.optimizer, offload=True))
 
-    whole = _run(offloaded("a"))
-    resumed = _run(offloaded("b", load=str(tmp_path / "a/ckpt/step_2")))
-    assert resumed["losses"] == whole["losses"][2:]
-    for name, w in whole["weights"].items():
-        assert torch.equal(resumed["weights"][name], w), name
+    whole = train_merged(offloaded("a"))
+    resumed = train_merged(offloaded("b", load=str(tmp_path / "a/ckpt/step_2")))
+    assert_same_training(resumed, whole, from_step=2)
 
 
 def test_zero_is_a_stage_and_true_still_means_one():
@@ -223,10 +209,8 @@ def test_auto_offload_trains_like_no_offload(config, monkeypatch, capfd):
 
     limit = (total(0.0) + total(1.0)) / 2 / (1 - threefold.plan.fit.AUTO_OFFLOAD_MARGIN)
     monkeypatch.setattr(threefold.plan.fit, "device_memory", lambda device, ranks: limit)  # forked ranks too
-    plain = run_ranks(base.world_size, _train_and_merge, base)
-    offloaded = run_ranks(auto.world_size, _train_and_merge, auto)
+    plain = train_merged(base)
+    offloaded = train_merged(auto)
     said = capfd.readouterr().out
     assert "optimizer.offload_fraction 'auto': 0.5 of the optimizer state on the host" in said
-    assert plain[0]["losses"] == offloaded[0]["losses"]
-    for name, w in plain[0]["weights"].items():
-        assert torch.equal(offloaded[0]["weights"][name], w), name
+    assert_same_training(offloaded, plain)

@@ -4,7 +4,7 @@ recomputation (float32, gloo); the deferred weight gradients are checked against
 
 import pytest
 import torch
-from test_pipeline import _check
+from distributed import assert_trains_like, train_merged
 from tiny import tiny_config, wide_model
 
 from threefold.parallel.weight_grad import WeightGradQueue, linear, run
@@ -58,12 +58,12 @@ CASES = [
     ids=[f"t{t}p{p}d{d}-{s}" + "".join(f"-{k}" for k in e) for (t, p, d), s, e in CASES],
 )
 def test_zero_bubble_matches_single_process(config, reference, layout, schedule, extra):
-    _check(config("llama", *layout, schedule, **extra), reference(config("llama")))
+    assert_trains_like(train_merged(config("llama", *layout, schedule, **extra)), reference(config("llama")))
 
 
 def test_tied_embeddings(config, reference):
     """gpt2 ties the embedding to the output layer: its gradient is summed over the first and last stage."""
-    _check(config("gpt2", 1, 2, 1, "zb-h1"), reference(config("gpt2")))
+    assert_trains_like(train_merged(config("gpt2", 1, 2, 1, "zb-h1")), reference(config("gpt2")))
 
 
 def test_zb_v_refuses_tied_embeddings(config):

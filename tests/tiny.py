@@ -84,6 +84,34 @@ def tiny_config(
     return build_config(raw)
 
 
+CKPT_STEPS = 4
+"""How long `ckpt_config` trains: checkpoints at steps 2 and 4."""
+
+
+def ckpt_config(
+    dataset: str | Path,
+    run: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    v: int = 1,
+    zero: bool | int = False,
+    *,
+    load: str = "",
+    hidden: int = 32,
+    asynchronous: bool = False,
+    **training: Any,
+) -> Config:
+    """The checkpoint tests' run: the tiny model 8 layers deep (width `hidden`) under a layout, 4 steps of
+    seed 5 (`training` overrides), saving under run/ckpt every 2 steps, keeping 3, loading `load` if set."""
+    return tiny_config(
+        dataset, run, tp=tp, pp=pp, dp=dp, v=v, zero=zero,
+        model=dict(hidden_size=hidden, num_layers=8),
+        training=dict(max_steps=CKPT_STEPS, seed=5) | training,
+        checkpoint=dict(interval=2, keep_last=3, load=load, asynchronous=asynchronous),
+    )  # fmt: skip
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
