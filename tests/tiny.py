@@ -10,6 +10,7 @@ key by key over these defaults, so a test spells out only what it changes:
 Two rules beyond the merge: a model section that names a `preset` replaces the tiny shape (the preset is
 the shape), and a checkpoint section without `dir` saves under run/ckpt (with no checkpoint section the
 run saves none). A test that runs `threefold train` in real processes saves its Config with `write_toml`.
+`ckpt_config` is the checkpoint tests' run, which tests of resuming and resharding elsewhere start from too.
 """
 
 from __future__ import annotations
