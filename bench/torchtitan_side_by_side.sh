@@ -15,6 +15,8 @@
 # BACKENDS (environment): threefold's `training.attention_backend` for its runs, default "auto"; e.g.
 # BACKENDS="auto fa4" runs threefold once with each after each TorchTitan run (fa4 needs FlashAttention-4's
 # packages importable).
+# TF_ARGS (environment): more `threefold train` arguments for its runs, e.g. --data.path=data/fp8-small (a
+# smaller prepared corpus of the same text, where a call's carry has no room for data/fp8-corpus).
 # Run on one H100 on 2026-12-05: bench/results/issue18-2026-12-05-s17/callC.sh (the same commands); on two
 # H100s on 2026-12-06, the second with BACKENDS="auto fa4": bench/results/issue18-2026-12-06-s22/.
 set -u
@@ -46,7 +48,7 @@ ours() {  # micro-batch, attention backend
   dir=/tmp/train$1-$2-$(date +%s)
   PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD timeout 120 python3 -m threefold train bench/fp8_loss.toml \
     --training.max_steps=70 --training.micro_batch_size="$1" --training.global_batch_size="$1" \
-    --training.attention_backend="$2" --logging.out_dir="$dir" > "$dir.log" 2>&1
+    --training.attention_backend="$2" --logging.out_dir="$dir" ${TF_ARGS:-} > "$dir.log" 2>&1
   echo "threefold micro-batch $1 $2 rc=$? ($(( $(date +%s) - t0 )) s): $(grep "^done" "$dir.log")"
   cp "$dir/metrics.jsonl" "$out/$(basename "$dir").jsonl"
 }
