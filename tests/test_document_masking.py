@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from distributed import assert_trains_like, run_ranks, train_merged
-from tiny import TINY_LLAMA, tiny_config, wide_model
+from tiny import TINY_LLAMA, masked_config, tiny_config, wide_model
 
 from threefold.config import ModelConfig
 from threefold.model.attention import attend, document_ids, document_mask, document_positions
@@ -141,16 +141,6 @@ MASKED_LAYOUTS = [
 ]
 
 
-def _masked_config(dataset, run, model: dict, *, tp: int = 1, pp: int = 1, v: int = 1,
-                   parallel: dict | None = None, recompute: str = "none", masking: bool = True):  # fmt: skip
-    """The tiny model on the documents, masked with positions restarting per document (or neither)."""
-    return tiny_config(
-        dataset, run, tp=tp, pp=pp, v=v, model=model, parallel=parallel or {}, optimizer=dict(warmup_steps=2),
-        data=dict(document_masking=masking, reset_position_ids=masking),
-        training=dict(max_steps=5, seed=7, recompute=recompute),
-    )  # fmt: skip
-
-
 def _check_masked(reference, config, ref_config, plain_config) -> None:
     ref = reference(ref_config)
     plain = reference(plain_config)
@@ -169,10 +159,10 @@ def test_masked_training_matches_single_process(
     documents_dataset, reference, tmp_path_factory, arch, tp, pp, sp, recompute
 ):
     run, model = tmp_path_factory.mktemp("masked"), wide_model(arch)
-    layout = _masked_config(documents_dataset, run, model, tp=tp, pp=pp, parallel=dict(sequence_parallel=sp),
+    layout = masked_config(documents_dataset, run, model, tp=tp, pp=pp, parallel=dict(sequence_parallel=sp),
                             recompute=recompute)  # fmt: skip
-    one = _masked_config(documents_dataset, run, model)
-    _check_masked(reference, layout, one, _masked_config(documents_dataset, run, model, masking=False))
+    one = masked_config(documents_dataset, run, model)
+    _check_masked(reference, layout, one, masked_config(documents_dataset, run, model, masking=False))
 
 
 def test_reset_position_ids_needs_document_masking(sonnets_dataset, tmp_path):
@@ -198,7 +188,7 @@ def test_masked_training_with_cp_matches_single_process(documents_dataset, refer
     arch, tp, pp, cp, v, parallel, recompute = CP_MASKED_LAYOUTS[name]
     run = tmp_path_factory.mktemp("cp-masked")
     model = wide_model(arch) | ({"num_layers": 4} if v > 1 else {})
-    layout = _masked_config(documents_dataset, run, model, tp=tp, pp=pp, v=v,
+    layout = masked_config(documents_dataset, run, model, tp=tp, pp=pp, v=v,
                             parallel=parallel | {"cp_size": cp}, recompute=recompute)  # fmt: skip
-    one = _masked_config(documents_dataset, run, model)
-    _check_masked(reference, layout, one, _masked_config(documents_dataset, run, model, masking=False))
+    one = masked_config(documents_dataset, run, model)
+    _check_masked(reference, layout, one, masked_config(documents_dataset, run, model, masking=False))

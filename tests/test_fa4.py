@@ -16,8 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import assert_trains_like, run_ranks, train_merged
-from test_document_masking import _masked_config
-from tiny import wide_model
+from tiny import masked_config, wide_model
 
 import threefold.model.fa4 as fa4
 from threefold.config import ModelConfig, build_config
@@ -382,8 +381,8 @@ def test_masked_training_through_fa4s_spans_matches_the_dense_single_process_run
     training loop from its host batches, by evaluation from its own), against one process with the dense
     mask. The forked ranks inherit the switch and the stand-in, which notes each varlen call in a file."""
     run, model = tmp_path_factory.mktemp("fa4-masked"), wide_model("llama")
-    ref = reference(_masked_config(documents_dataset, run, model))  # dense: FA4 is off while this forks
-    plain = reference(_masked_config(documents_dataset, run, model, masking=False))
+    ref = reference(masked_config(documents_dataset, run, model))  # dense: FA4 is off while this forks
+    plain = reference(masked_config(documents_dataset, run, model, masking=False))
     assert abs(ref["losses"][-1] - plain["losses"][-1]) > 1e-3, "masking must change the loss to be tested"
     notes = run / "varlen-calls"
 
@@ -395,6 +394,6 @@ def test_masked_training_through_fa4s_spans_matches_the_dense_single_process_run
 
     monkeypatch.setattr(STAND_IN, "_flash_attn_fwd", noted)
     use_fa4(True)
-    assert_trains_like(train_merged(_masked_config(documents_dataset, run, model, tp=2, pp=2)), ref)
+    assert_trains_like(train_merged(masked_config(documents_dataset, run, model, tp=2, pp=2)), ref)
     documents = [int(n) for n in notes.read_text().split()]
     assert documents and all(n >= 2 for n in documents)  # the samples hold several documents each

@@ -7,13 +7,11 @@ these tests run the same code as the GPU; only the kernel differs. The GPU's str
 multiple of 16, the gradient as the left e5m2 operand) are kept by the code and the config checks here.
 """
 
-import contextlib
-import io
-
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_ranks, train_and_gather
+from distributed import run_ranks
+from float8_reference import emulated, nearest, relative_error, train_fp8_on_cpu
 from tiny import tiny_config
 
 from threefold.config import ModelConfig, TrainingConfig
@@ -26,31 +24,8 @@ E4M3, E5M2 = fp8.E4M3, fp8.E5M2
 RECIPES = ["tensorwise", "rowwise"]
 
 
-def _positive_values(dtype: torch.dtype) -> torch.Tensor:
-    """The non-negative finite values of a float8 format in order of their bit patterns 0, 1, 2, ...,
-    which is their numeric order: index i holds the value of code i."""
-    values = torch.arange(128, dtype=torch.int32).to(torch.uint8).view(dtype).float()
-    return values[values.isfinite()]
-
-
-def _nearest(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round each element of t to the nearest value of the float8 format by search (no cast), ties to the
-    even code as IEEE rounding does."""
-    grid = _positive_values(dtype).to(t.dtype)
-    magnitude = t.abs().contiguous()
-    index = torch.searchsorted(grid, magnitude).clamp(1, len(grid) - 1)
-    below, above = grid[index - 1], grid[index]
-    down, up = magnitude - below, above - magnitude
-    take_below = (down < up) | ((down == up) & ((index - 1) % 2 == 0))
-    return torch.where(take_below, below, above) * t.sign()
-
-
 def _randn(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 # --- Scales and casts ---------------------------------------------------------------------------------
@@ -76,7 +51,7 @@ def test_quantize_rounds_to_the_nearest_float8_value(dtype):
     q = fp8.quantize(t, dtype, None)
     assert q.data.dtype == dtype
     scale = 1 / q.scale
-    want = _nearest(t * scale, dtype) / scale  # the reference: search the format's values
+    want = nearest(t * scale, dtype) / scale  # the reference: search the format's values
     torch.testing.assert_close(q.data.float() * q.scale, want, rtol=0, atol=0)
     # The format's bound on normal numbers: half a unit in the last place, 2^-4 (e4m3) or 2^-3 (e5m2).
     normal = (t * scale).abs() >= torch.finfo(dtype).smallest_normal
@@ -165,7 +140,7 @@ def test_rowwise_keeps_small_rows_that_one_tensorwise_scale_loses():
     for recipe in RECIPES:
         q = fp8.operand(t, E4M3, recipe, "a")
         dequantized = q.data.float() * q.scale  # the scale broadcasts: () or (rows, 1)
-        errors[recipe] = _relative_error(dequantized[small], t[small])
+        errors[recipe] = relative_error(dequantized[small], t[small])
     assert errors["rowwise"] < 0.04, errors
     assert errors["tensorwise"] > 0.5, errors
 
@@ -214,14 +189,6 @@ def test_the_cpu_rowwise_check_says_what_torch_does():
     assert fp8.cpu_has_rowwise_scaled_mm() == takes_rowwise
 
 
-def _emulated(t: torch.Tensor, dtype: torch.dtype, dim: int | None) -> torch.Tensor:
-    """t rounded through float8 with a power-of-two scale per tensor or per slice over `dim`: the
-    reference the linear's GEMMs must match, written out without threefold's helpers."""
-    amax = t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
-    scale = 2.0 ** torch.floor(torch.log2(torch.finfo(dtype).max / amax))
-    return _nearest(t * scale, dtype) / scale
-
-
 @pytest.mark.parametrize("recipe,grad_dtype", [("tensorwise", E5M2), ("rowwise", E4M3)])
 def test_linear_forward_and_backward_are_the_float8_gemms(recipe, grad_dtype):
     """Forward x in e4m3 @ W in e4m3; grad_x: dy @ W in e4m3; grad_W: dy^T @ x in e4m3, with dy in e5m2
@@ -237,9 +204,9 @@ def test_linear_forward_and_backward_are_the_float8_gemms(recipe, grad_dtype):
     rows = recipe == "rowwise"
     x2, g2 = x.detach().reshape(32, 64).double(), dy.reshape(32, 48).double()
     wd = w.detach().double()
-    want_y = _emulated(x2, E4M3, 1 if rows else None) @ _emulated(wd, E4M3, 1 if rows else None).t()
-    want_gx = _emulated(g2, grad_dtype, 1 if rows else None) @ _emulated(wd, E4M3, 0 if rows else None)
-    want_gw = _emulated(g2.t(), grad_dtype, 1 if rows else None) @ _emulated(x2, E4M3, 0 if rows else None)
+    want_y = emulated(x2, E4M3, 1 if rows else None) @ emulated(wd, E4M3, 1 if rows else None).t()
+    want_gx = emulated(g2, grad_dtype, 1 if rows else None) @ emulated(wd, E4M3, 0 if rows else None)
+    want_gw = emulated(g2.t(), grad_dtype, 1 if rows else None) @ emulated(x2, E4M3, 0 if rows else None)
     for got, want, name in ((y, want_y, "y"), (x.grad, want_gx, "grad_x"), (w.grad, want_gw, "grad_w")):
         torch.testing.assert_close(got.detach().reshape(want.shape).double(), want, rtol=1e-5, atol=1e-7,
                                    msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
@@ -250,7 +217,7 @@ def test_linear_forward_and_backward_are_the_float8_gemms(recipe, grad_dtype):
     yr.backward(dy)
     grad_bound = 0.08 if grad_dtype == E5M2 else 0.05  # e4m3 rounds to half the error of e5m2
     for got, want, bound in ((y, yr, 0.04), (x.grad, xr.grad, grad_bound), (w.grad, wr.grad, grad_bound)):
-        assert 1e-4 < _relative_error(got.detach(), want.detach()) < bound
+        assert 1e-4 < relative_error(got.detach(), want.detach()) < bound
 
 
 # --- Tensor parallelism: tp 2 against tp 1, both in float8 ------------------------------------------
@@ -320,23 +287,9 @@ def test_tensor_parallel_float8_matches_one_process(single_process, two_ranks, r
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         assert grads[name].shape == ref.shape, name
-        assert _relative_error(grads[name], ref) < 1e-4, name
+        assert relative_error(grads[name], ref) < 1e-4, name
         if "proj" in name:  # the float8 linears: really float8, and within its error of float32
-            assert 1e-3 < _relative_error(ref, f32_grads[name]) < 0.2, name
-
-
-def _train_fp8_on_cpu(rank: int, world_size: int, config) -> dict:
-    """`train_and_gather` with the device rule lifted (float8 runs on the CPU here), recording its calls
-    and the float8 notice's lines in what the rank prints."""
-    import threefold.train as train_module
-
-    checked = []
-    train_module.check_fp8_device = lambda device, recipe: checked.append((device.type, recipe))
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        result = train_and_gather(rank, world_size, config)
-    notices = [line for line in printed.getvalue().splitlines() if "training.compile = false" in line]
-    return result | {"checked": checked, "notices": notices}
+            assert 1e-3 < relative_error(ref, f32_grads[name]) < 0.2, name
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +301,7 @@ def fp8_runs(sonnets_dataset, tmp_path_factory):
                            training=dict(dtype="bfloat16", device="auto", fp8=fp8, max_steps=3))  # fmt: skip
 
     return {
-        (tp, fp8): run_ranks(tp, _train_fp8_on_cpu, config(tp, fp8), timeout=120)[0]
+        (tp, fp8): run_ranks(tp, train_fp8_on_cpu, config(tp, fp8), timeout=120)[0]
         for tp, fp8 in [(1, False), (1, "tensorwise"), (2, "tensorwise")]
     }
 
@@ -470,7 +423,7 @@ def test_zero_bubble_defers_the_float8_weight_gradients(sonnets_dataset, tmp_pat
             parallel=dict(pipeline_schedule=schedule),
             training=dict(dtype="bfloat16", device="auto", fp8=fp8, max_steps=3),
         )  # fmt: skip
-        out = run_ranks(2 * tp, _train_fp8_on_cpu, config, timeout=120)
+        out = run_ranks(2 * tp, train_fp8_on_cpu, config, timeout=120)
         weights = {k: v for o in out for k, v in o["weights"].items()}
         return {"losses": out[0]["losses"], "norms": out[0]["norms"], "weights": weights}
 
@@ -501,7 +454,7 @@ def test_float8_with_zero_matches_one_rank(sonnets_dataset, tmp_path, zero):
             model=dict(hidden_size=64, ffn_hidden_size=128),
             training=dict(dtype="bfloat16", device="auto", fp8="tensorwise", max_steps=3),
         )  # fmt: skip
-        return run_ranks(dp, _train_fp8_on_cpu, config, timeout=120)[0]
+        return run_ranks(dp, train_fp8_on_cpu, config, timeout=120)[0]
 
     one, two = run(1, 0), run(2, zero)
     assert two["checked"] == [("cpu", "tensorwise")]
@@ -529,7 +482,7 @@ def test_float8_with_context_parallelism_trains_as_one_rank(sonnets_dataset, tmp
             model=dict(hidden_size=64, ffn_hidden_size=128),
             training=dict(dtype="bfloat16", device="auto", fp8=fp8_recipe, max_steps=3),
         )  # fmt: skip
-        return run_ranks(cp, _train_fp8_on_cpu, config, timeout=120)[0]
+        return run_ranks(cp, train_fp8_on_cpu, config, timeout=120)[0]
 
     def distance(a: dict, b: dict) -> float:
         return sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in a) ** 0.5
@@ -545,7 +498,7 @@ def test_float8_with_context_parallelism_trains_as_one_rank(sonnets_dataset, tmp
 
 
 def _train_counting_float8_gathers(rank: int, world_size: int, config, bf16_transport: bool = False) -> dict:
-    """`_train_fp8_on_cpu`, counting the all-gathers that carried float8 bytes; `bf16_transport`: the
+    """`train_fp8_on_cpu`, counting the all-gathers that carried float8 bytes; `bf16_transport`: the
     float8 gather's buckets sent as bf16 instead (the same buckets, so the same gradient-norm sums)."""
     import threefold.parallel.data_parallel as data_parallel
     import threefold.parallel.fp8_gather as fp8_gather
@@ -566,7 +519,7 @@ def _train_counting_float8_gathers(rank: int, world_size: int, config, bf16_tran
         return plain(out, inp, **kw)
 
     fp8_gather.all_gather_flat = counting
-    return _train_fp8_on_cpu(rank, world_size, config) | {"float8_gathers": len(sent)}
+    return train_fp8_on_cpu(rank, world_size, config) | {"float8_gathers": len(sent)}
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "dp2-tp2", "dp2-pp2"])

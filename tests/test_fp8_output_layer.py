@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from distributed import run_ranks
-from test_fp8 import _emulated, _nearest, _relative_error, _train_fp8_on_cpu
+from float8_reference import emulated, nearest, relative_error, train_fp8_on_cpu
 from tiny import tiny_config
 
 from threefold.model import loss as loss_module
@@ -41,12 +41,12 @@ def _emulated_output_layer(x, w, targets, chunk: int) -> tuple:
     column of each chunk of x over its tokens for grad_w), and softmax - one_hot rounded to e5m2 after
     multiplying by 2^15 (no amax: its magnitude is at most 1)."""
     x, w = x.double(), w.double()
-    logits = _emulated(x, fp8.E4M3, 1) @ _emulated(w, fp8.E4M3, 1).t()
+    logits = emulated(x, fp8.E4M3, 1) @ emulated(w, fp8.E4M3, 1).t()
     loss = F.cross_entropy(logits, targets)
     g = torch.softmax(logits, dim=-1) - F.one_hot(targets, VOCAB).double()
-    g8 = _nearest(g * 2.0**15, fp8.E5M2) / 2.0**15 / N
-    x8 = torch.cat([_emulated(x[s : s + chunk], fp8.E4M3, 0) for s in range(0, N, chunk)])
-    return loss, g8 @ _emulated(w, fp8.E4M3, 0), g8.t() @ x8
+    g8 = nearest(g * 2.0**15, fp8.E5M2) / 2.0**15 / N
+    x8 = torch.cat([emulated(x[s : s + chunk], fp8.E4M3, 0) for s in range(0, N, chunk)])
+    return loss, g8 @ emulated(w, fp8.E4M3, 0), g8.t() @ x8
 
 
 def _run_output_layer(rank: int, world: int, chunk_rows: int, kernels: bool) -> dict:
@@ -82,14 +82,14 @@ def test_the_float8_output_layer_is_the_emulated_float8_math(chunk_rows, chunk):
     loss, grad_x, grad_w = _emulated_output_layer(x, w, targets, chunk)
     assert abs(got["loss"].item() - loss.item()) < 1e-5 * loss.item()
     assert torch.equal(got["again"], got["loss"])  # evaluation scores the same logits
-    assert _relative_error(got["grad_x"], grad_x) < 2e-3
-    assert _relative_error(got["grad_w"], grad_w) < 2e-3
+    assert relative_error(got["grad_x"], grad_x) < 2e-3
+    assert relative_error(got["grad_w"], grad_w) < 2e-3
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     ref = F.cross_entropy(xr @ wr.t(), targets)
     ref.backward()
     assert 1e-5 < abs(got["loss"].item() / ref.item() - 1) < 0.02
-    assert 1e-3 < _relative_error(got["grad_x"], xr.grad) < 0.1
-    assert 1e-3 < _relative_error(got["grad_w"], wr.grad) < 0.1
+    assert 1e-3 < relative_error(got["grad_x"], xr.grad) < 0.1
+    assert 1e-3 < relative_error(got["grad_w"], wr.grad) < 0.1
 
 
 def test_the_logits_gradient_keeps_the_softmax_tail_that_e4m3_would_flush():
@@ -99,8 +99,8 @@ def test_the_logits_gradient_keeps_the_softmax_tail_that_e4m3_would_flush():
     g = torch.full((1, 4096), 1e-7, dtype=torch.float64)
     g[0, 0] = -0.9
     g[0, 1] = 0.9 - g[0, 2:].sum()
-    tail_e5m2 = _nearest(g * loss_module.GRAD_CAST, loss_module.GRAD_FORMAT)[0, 2:] / loss_module.GRAD_CAST
-    tail_e4m3 = _emulated(g, fp8.E4M3, 1)[0, 2:]
+    tail_e5m2 = nearest(g * loss_module.GRAD_CAST, loss_module.GRAD_FORMAT)[0, 2:] / loss_module.GRAD_CAST
+    tail_e4m3 = emulated(g, fp8.E4M3, 1)[0, 2:]
     assert torch.all(tail_e4m3 == 0)
     assert torch.allclose(tail_e5m2, g[0, 2:], rtol=0.13)
     assert loss_module.GRAD_CAST * 1.0 <= torch.finfo(fp8.E5M2).max < 2 * loss_module.GRAD_CAST
@@ -146,16 +146,16 @@ def test_tensor_parallel_ranks_scale_the_weight_as_one_process_does():
     one = run_ranks(1, _run_sharded, timeout=60)[0]
     two, second = run_ranks(2, _run_sharded, timeout=60)
     assert abs(two["loss"].item() / one["loss"].item() - 1) < 1e-6
-    assert _relative_error(two["grad_x"], one["grad_x"]) < 1e-6
-    assert _relative_error(two["grad_w"], one["grad_w"]) < 1e-6
+    assert relative_error(two["grad_x"], one["grad_x"]) < 1e-6
+    assert relative_error(two["grad_w"], one["grad_w"]) < 1e-6
     x, w, targets = _sharded_case()
-    x8, w = _emulated(x.double(), fp8.E4M3, 1), w.double()
-    whole = _emulated(w, fp8.E4M3, 0)
-    shards = torch.cat([_emulated(half, fp8.E4M3, 0) for half in w.chunk(2)])
-    g = torch.softmax(x8 @ _emulated(w, fp8.E4M3, 1).t(), dim=-1) - F.one_hot(targets, TP_VOCAB).double()
-    g8 = _nearest(g * 2.0**15, fp8.E5M2)[:, TP_VOCAB // 2 :] / 2.0**15 / N
-    assert _relative_error(second["share"], g8 @ whole[TP_VOCAB // 2 :]) < 1e-5
-    assert _relative_error(second["share"], g8 @ shards[TP_VOCAB // 2 :]) > 1e-3
+    x8, w = emulated(x.double(), fp8.E4M3, 1), w.double()
+    whole = emulated(w, fp8.E4M3, 0)
+    shards = torch.cat([emulated(half, fp8.E4M3, 0) for half in w.chunk(2)])
+    g = torch.softmax(x8 @ emulated(w, fp8.E4M3, 1).t(), dim=-1) - F.one_hot(targets, TP_VOCAB).double()
+    g8 = nearest(g * 2.0**15, fp8.E5M2)[:, TP_VOCAB // 2 :] / 2.0**15 / N
+    assert relative_error(second["share"], g8 @ whole[TP_VOCAB // 2 :]) < 1e-5
+    assert relative_error(second["share"], g8 @ shards[TP_VOCAB // 2 :]) > 1e-3
 
 
 INTERPRETED = """
@@ -183,7 +183,7 @@ for rows in (64, 20):
     assert {n for n, _ in kernel["calls"]} == {"_kernel_chunk"}, kernel["calls"]
     assert torch.allclose(kernel["loss"], eager["loss"], rtol=1e-6), rows
     for name in ("grad_x", "grad_w"):
-        error = t._relative_error(kernel[name], eager[name])
+        error = t.relative_error(kernel[name], eager[name])
         assert error < 2e-3, (rows, name, error)
 print("all cases passed")
 """
@@ -254,8 +254,8 @@ def test_tensor_parallel_float8_output_layer_matches_one_process(layouts, recipe
     assert 1e-6 < abs(ref_loss / plain_loss - 1) < 0.02
     assert grads.keys() == ref_grads.keys() == plain_grads.keys()
     for name, ref in ref_grads.items():
-        assert _relative_error(grads[name], ref) < 1e-4, name
-        assert 1e-3 < _relative_error(ref, plain_grads[name]) < 0.2, name
+        assert relative_error(grads[name], ref) < 1e-4, name
+        assert 1e-3 < relative_error(ref, plain_grads[name]) < 0.2, name
 
 
 def _config(data, run, tp: int, output: bool, **model):
@@ -270,7 +270,7 @@ def test_training_with_the_float8_output_layer_from_the_config(sonnets_dataset, 
     runs = {}
     for tp, output in [(1, False), (1, True), (2, True)]:
         config = _config(sonnets_dataset, tmp_path / f"tp{tp}-{output}", tp, output)
-        runs[(tp, output)] = run_ranks(tp, _train_fp8_on_cpu, config, timeout=120)[0]
+        runs[(tp, output)] = run_ranks(tp, train_fp8_on_cpu, config, timeout=120)[0]
     one, two, layers = runs[(1, True)], runs[(2, True)], runs[(1, False)]
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=2e-3, atol=0)
     gaps = [abs(a / b - 1) for a, b in zip(one["losses"], layers["losses"], strict=True)]
@@ -311,7 +311,7 @@ def test_the_float8_output_layer_under_pipeline_and_zero3_matches_one_process(so
             training=dict(dtype="bfloat16", device="auto", fp8=fp8_recipe, fp8_output_layer=bool(fp8_recipe),
                           max_steps=3),
         )  # fmt: skip
-        out = run_ranks(pp * dp, _train_fp8_on_cpu, config, timeout=120)
+        out = run_ranks(pp * dp, train_fp8_on_cpu, config, timeout=120)
         weights = {k: v for o in out for k, v in o["weights"].items()}
         return {"losses": out[0]["losses"], "norms": out[0]["norms"], "weights": weights}
 

@@ -11,6 +11,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from float8_reference import relative_error
 
 from threefold.config import ModelConfig
 from threefold.model.transformer import build_model
@@ -24,11 +25,6 @@ pytestmark = [
     pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA device of compute capability >= 8.9"),
 ]
 RECIPES = ["tensorwise", "rowwise"]
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    return ((got - want).norm() / want.norm()).item()
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, recipe: str, fn=fp8.fp8_linear) -> list:
@@ -114,7 +110,7 @@ def test_gpu_kernels_compute_what_the_cpu_does(recipe):
         pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm has no {recipe} scaling to compare with")
     for got, want, name in zip(gpu, cpu, ["y", "grad_x", "grad_w"], strict=True):
         assert got.dtype == torch.bfloat16, name
-        assert _relative_error(got, want) < 0.01, name  # bf16 rounding of the outputs, fast accumulation
+        assert relative_error(got, want) < 0.01, name  # bf16 rounding of the outputs, fast accumulation
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -123,7 +119,7 @@ def test_compiled_fp8_linear_matches_eager(recipe):
     eager = _linear(*inputs, recipe)
     compiled = _linear(*inputs, recipe, fn=torch.compile(fp8.fp8_linear))
     for got, want, name in zip(compiled, eager, ["y", "grad_x", "grad_w"], strict=True):
-        assert _relative_error(got, want) < 0.01, name
+        assert relative_error(got, want) < 0.01, name
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +151,7 @@ def test_fp8_model_stays_close_to_bf16(group, recipe):
     assert abs(loss / ref_loss - 1) < 0.01
     for name, ref in ref_grads.items():
         if "proj" in name:
-            assert 1e-3 < _relative_error(grads[name], ref) < 0.25, name
+            assert 1e-3 < relative_error(grads[name], ref) < 0.25, name
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -182,7 +178,7 @@ def test_the_compiled_model_casts_with_the_kernel_as_with_torch(group, monkeypat
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
     (loss, grads), (ref_loss, ref_grads) = results
     assert abs(loss / ref_loss - 1) < 1e-3, (loss, ref_loss)
-    errors = {name: _relative_error(grads[name], ref) for name, ref in ref_grads.items() if "proj" in name}
+    errors = {name: relative_error(grads[name], ref) for name, ref in ref_grads.items() if "proj" in name}
     print(recipe, {name: round(e, 4) for name, e in errors.items()})
     assert max(errors.values()) < 0.5, errors
 
@@ -211,13 +207,13 @@ def test_the_float8_output_layer_on_the_gpu(group, monkeypatch):
     for got, want, what in zip(
         results["kernels"], results["eager"], ["loss", "grad_x", "grad_w"], strict=True
     ):
-        assert _relative_error(got, want) < 0.01, what
+        assert relative_error(got, want) < 0.01, what
     for got, want, what in zip(
         results["kernels"], results["bf16"], ["loss", "grad_x", "grad_w"], strict=True
     ):
-        assert _relative_error(got, want) < (0.01 if what == "loss" else 0.1), what
+        assert relative_error(got, want) < (0.01 if what == "loss" else 0.1), what
         if what != "loss":
-            assert _relative_error(got, want) > 1e-3, what
+            assert relative_error(got, want) > 1e-3, what
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -288,4 +284,4 @@ def test_compiled_layers_with_weights_cast_once_a_step_train_as_without(group, r
             if recipe == "rowwise":
                 assert torch.equal(got[name], g), (step, name, (got[name] - g).abs().max().item())
             else:
-                assert _relative_error(got[name], g) < 2**-8, (step, name)
+                assert relative_error(got[name], g) < 2**-8, (step, name)

@@ -10,7 +10,8 @@ key by key over these defaults, so a test spells out only what it changes:
 Two rules beyond the merge: a model section that names a `preset` replaces the tiny shape (the preset is
 the shape), and a checkpoint section without `dir` saves under run/ckpt (with no checkpoint section the
 run saves none). A test that runs `threefold train` in real processes saves its Config with `write_toml`.
-`ckpt_config` is the checkpoint tests' run, which tests of resuming and resharding elsewhere start from too.
+`ckpt_config` is the checkpoint tests' run, which tests of resuming and resharding elsewhere start from too;
+`masked_config` the document-masking tests' run, which the FA4 tests share.
 """
 
 from __future__ import annotations
@@ -110,6 +111,27 @@ def ckpt_config(
         model=dict(hidden_size=hidden, num_layers=8),
         training=dict(max_steps=CKPT_STEPS, seed=5) | training,
         checkpoint=dict(interval=2, keep_last=3, load=load, asynchronous=asynchronous),
+    )  # fmt: skip
+
+
+def masked_config(
+    dataset: str | Path,
+    run: str | Path,
+    model: dict[str, Any],
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    v: int = 1,
+    parallel: dict[str, Any] | None = None,
+    recompute: str = "none",
+    masking: bool = True,
+) -> Config:
+    """The document-masking tests' run: `model` on a dataset of documents, 5 steps of seed 7, attention
+    kept inside each document with positions restarting at each (or, `masking` False, neither)."""
+    return tiny_config(
+        dataset, run, tp=tp, pp=pp, v=v, model=model, parallel=parallel or {}, optimizer=dict(warmup_steps=2),
+        data=dict(document_masking=masking, reset_position_ids=masking),
+        training=dict(max_steps=5, seed=7, recompute=recompute),
     )  # fmt: skip
 
 
