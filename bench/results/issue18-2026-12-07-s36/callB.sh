@@ -8,7 +8,7 @@
 # sampled once a second throughout. Run as `PYTHONPATH=$PWD bash <this>` (the device's repository root).
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-out=${OUT:-/tmp/s36b}; mkdir -p "$out"
+out=/tmp/s36b; mkdir -p "$out"  # packed into $OUT/callB.tgz at the end (a reply brings back 8 files at most)
 site=/tmp/fa4site
 if [ ! -d $site/flash_attn ]; then
   [ -s /tmp/fa4parts/a ] || { echo "call A's part is not here: a fresh machine"; exit 3; }
@@ -26,4 +26,5 @@ if [ $(( $(date +%s) - t0 )) -lt ${LIMIT:-400} ]; then
   TF_ARGS=--data.path=data/fp8-small BACKENDS="fa4 auto" ROUND_S=1 OUT=$out/round2 bash bench/torchtitan_side_by_side.sh "8"
 fi
 kill $smi
+[ -n "${OUT:-}" ] && tar -C "$out" -czf "$OUT/callB.tgz" .
 echo "total $(( $(date +%s) - t0 )) s"
