@@ -6,7 +6,8 @@
 # threefold run both with torch's attention and with FlashAttention-4 after each TorchTitan run: one round of
 # batches 8 and 4 (FIRST, environment: other batches), then a second round of batch 8 with the two backends
 # in the other order; the card's power draw and SM clock sampled once a second throughout.
-# Run as `PYTHONPATH=$PWD bash <this>` from the device's repository root.
+# Run as `PYTHONPATH=$PWD bash <this>` from the device's repository root. The parts: `bash bench/fa4_pack.sh`
+# (this call's were packed by hand the same way, the CuTe DSL's aarch64 stubs kept: 656 bytes more).
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 out=/tmp/s36b; mkdir -p "$out"  # packed into $OUT/callB.tgz at the end (a reply brings back 8 files at most)
