@@ -1,7 +1,8 @@
 # Call B (thirty-sixth session), on call A's warm machine (`../issue18-2026-12-05-s18/callA.sh`, carry .fa4a,
 # which keeps the first 46,000,000 bytes of FA4's packed packages in the machine's /tmp); this call carries
 # .fa4b (the rest), .tt and data/fp8-small (the first 584 documents of data/fp8-corpus's source, prepared the
-# same way: `threefold data prepare data/fp8-small-src/code.jsonl --out data/fp8-small`; the whole corpus
+# same way: `head -n 584 data/fp8-src/code.jsonl > data/fp8-small-src/code.jsonl`, `threefold data prepare
+# data/fp8-small-src/code.jsonl --out data/fp8-small`; the whole corpus
 # leaves no room in a call's 64 MiB beside the tree and the part). bench/torchtitan_side_by_side.sh with
 # threefold run both with torch's attention and with FlashAttention-4 after each TorchTitan run: one round of
 # batches 8 and 4 (FIRST, environment: other batches), then a second round of batch 8 with the two backends
