@@ -2,12 +2,11 @@
 # .fa4a, which keeps the first 46,000,000 bytes of FA4's packed packages in the machine's /tmp); this call
 # carries .fa4b (the rest: `bash bench/fa4_pack.sh` makes both) and data/fp8-small. QuACK, which comes with
 # FA4, has GEMMs with SwiGLU in their epilogues (`training.mlp_backend = "quack"`, new):
-#   1. bench/quack_mlp.py: llama-1b's MLP through them against the compiled torch MLP, micro-batch 8's and
-#      4's tokens;
-#   2. the GPU tests of the QuACK MLP (tests/test_gpu.py -k quack);
-#   3. `threefold train bench/fp8_loss.toml` at micro-batch 8 on data/fp8-small, 70 steps, the MLP backend
-#      auto, quack, quack, auto (each its own process), then the same with FA4 as the attention kernel
-#      (MORE=0 leaves those out);
+#   `threefold train bench/fp8_loss.toml` at micro-batch 8 on data/fp8-small, 70 steps, the MLP backend
+#   auto, then quack (each its own process); the GPU tests of the QuACK MLP (tests/test_gpu.py -k quack);
+#   quack and auto again while time allows, then both with FA4 as the attention kernel (while under MORE
+#   seconds, default 0: not run), then bench/quack_mlp.py (llama-1b's MLP alone through QuACK against the
+#   compiled torch MLP, micro-batch 8's and 4's tokens);
 # with the card's power and SM clock sampled once a second throughout.
 # Run as `PYTHONPATH=$PWD bash <this> 2>&1 | tee $OUT/output.txt` from the device's repository root.
 export PYTHONUNBUFFERED=1
@@ -24,12 +23,6 @@ python3 -c "import torch, quack; print('torch', torch.__version__, 'quack', quac
 echo "unpacked ($(( $(date +%s) - t0 )) s)"
 nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm --format=csv,noheader -l 1 > "$out/smi.csv" 2>&1 &
 smi=$!
-echo "== 1. bench/quack_mlp.py ($(( $(date +%s) - t0 )) s)"
-timeout 200 python3 bench/quack_mlp.py --tokens 16384 8192
-echo "== 2. GPU tests ($(( $(date +%s) - t0 )) s)"
-timeout 150 python3 -m pytest -q -o addopts="" --tb=short -p no:logging -p no:cacheprovider -m gpu \
-  tests/test_gpu.py -k quack 2>&1 | tail -25
-echo "== 3. threefold train, micro-batch 8 ($(( $(date +%s) - t0 )) s)"
 train() {  # mlp backend, attention backend
   dir=/tmp/train8-$1-$2-$(date +%s)
   timeout 150 python3 -m threefold train bench/fp8_loss.toml --training.max_steps=70 \
@@ -39,9 +32,18 @@ train() {  # mlp backend, attention backend
   grep -iE "error|Traceback" "$dir.log" | head -5
   cp "$dir/metrics.jsonl" "$out/$(basename "$dir").jsonl" 2>/dev/null
 }
-for m in auto quack quack auto; do train $m auto; done
-if [ "${MORE:-1}" = 1 ]; then
+left() { [ $(( $(date +%s) - t0 )) -lt "$1" ]; }  # seconds since the start below $1
+echo "== threefold train, micro-batch 8 ($(( $(date +%s) - t0 )) s)"
+train auto auto
+train quack auto
+echo "== GPU tests ($(( $(date +%s) - t0 )) s)"
+timeout 150 python3 -m pytest -q -o addopts="" --tb=short -p no:logging -p no:cacheprovider -m gpu \
+  tests/test_gpu.py -k quack 2>&1 | tail -25
+left 330 && train quack auto
+left 390 && train auto auto
+if left "${MORE:-0}"; then
   for m in quack auto; do train $m fa4; done
 fi
+left 420 && { echo "== bench/quack_mlp.py ($(( $(date +%s) - t0 )) s)"; timeout 100 python3 bench/quack_mlp.py --tokens 16384 8192; }
 kill $smi
 echo "total $(( $(date +%s) - t0 )) s"
