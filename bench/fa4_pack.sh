@@ -11,14 +11,20 @@
 # (bench/results/issue18-2026-12-07-s36/callB.sh).
 set -euo pipefail
 first=${1:-46000000}
+# CUTLASS (environment): the CuTe DSL's release, default 4.8.1 (what pip chose for FA4 on 2026-12-05). QuACK
+# 0.6.5's epilogue GEMMs fail to build under 4.8.1 (thirty-seventh session, docs/benchmarks.md); 4.7.1 is
+# the release before the change they trip on.
+cutlass=${CUTLASS:-4.8.1}
+core=""
+[ "${cutlass%.*}" = 4.8 ] && core="nvidia-cutlass-dsl-libs-core==$cutlass"  # 4.8 split this part out
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any -d "$work/whl" \
-  flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
-  nvidia-cutlass-dsl-libs-cu13==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi torch-c-dlpack-ext \
-  quack-kernels einops==0.8.1 cuda-bindings==13.0.3 cuda-pathfinder protobuf
+  flash-attn-4==4.0.0b40 nvidia-cutlass-dsl=="$cutlass" nvidia-cutlass-dsl-libs-base=="$cutlass" \
+  nvidia-cutlass-dsl-libs-cu13=="$cutlass" $core apache-tvm-ffi torch-c-dlpack-ext \
+  quack-kernels==0.6.5 einops==0.8.1 cuda-bindings==13.0.3 cuda-pathfinder protobuf
 mkdir "$work/site"
 for wheel in "$work"/whl/*.whl; do python3 -m zipfile -e "$wheel" "$work/site/"; done
 find "$work/site" \( -name "*.cpp" -o -name "*.pyx" -o -name "*.pxd" \) -delete
