@@ -4,7 +4,9 @@
 # call carries .q47a and copies its part to /tmp (`mkdir -p /tmp/fa4parts && cp .q47a/part
 # /tmp/fa4parts/a`); this one, on the same warm machine, carries .q47b. Then the GPU tests of the QuACK MLP
 # and bench/quack_mlp.py at micro-batch 8's tokens.
-# Run as `PYTHONPATH=$PWD bash <this> 2>&1 | tee $OUT/output.txt` from the device's repository root.
+# Run as `PYTHONPATH=$PWD bash <this> 2>&1 | tee $OUT/output.txt` from the device's repository root, on a
+# checkout of the branch quack-mlp (where `training.mlp_backend` and its GPU tests are). Not run yet: the
+# session's device time ran out.
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 site=/tmp/q47site
