@@ -8,7 +8,7 @@
 # On the GPU machine a first call carries .fa4a and copies its part to /tmp
 # (bench/results/issue18-2026-12-05-s18/callA.sh); a second call on the same warm machine carries .fa4b and
 # unpacks both into a folder put on PYTHONPATH with its nvidia_cutlass_dsl/dsl_packages
-# (bench/results/issue18-2026-12-07-s36/callB.sh).
+# (bench/results/issue18-2026-12-07-s36/callB.sh; later call scripts source bench/fa4_unpack.sh for this).
 set -euo pipefail
 first=${1:-46000000}
 # CUTLASS (environment): the CuTe DSL's release, default 4.8.1 (what pip chose for FA4 on 2026-12-05). QuACK

@@ -9,10 +9,7 @@
 # session's device time ran out.
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-site=/tmp/q47site
-[ -s /tmp/fa4parts/a ] || { echo "the first call's part is not here: a fresh machine"; exit 3; }
-mkdir -p $site && cat /tmp/fa4parts/a .q47b/part | xz -d | tar -C $site -xf - || exit 4
-export PYTHONPATH=$site:$site/nvidia_cutlass_dsl/dsl_packages:$PWD
+. bench/fa4_unpack.sh .q47b/part /tmp/q47site || exit
 nvidia-smi --query-gpu=name,power.limit,driver_version --format=csv,noheader
 python3 -c "import torch, quack, cutlass; print('torch', torch.__version__, 'quack', quack.__version__, 'cutlass', cutlass.__version__)"
 echo "unpacked ($(( $(date +%s) - t0 )) s)"
