@@ -5,8 +5,8 @@
 # /tmp/fa4parts/a`); this one, on the same warm machine, carries .q47b. Then the GPU tests of the QuACK MLP
 # and bench/quack_mlp.py at micro-batch 8's tokens.
 # Run as `PYTHONPATH=$PWD bash <this> 2>&1 | tee $OUT/output.txt` from the device's repository root, on a
-# checkout of the branch quack-mlp (where `training.mlp_backend` and its GPU tests are). Not run yet: the
-# session's device time ran out.
+# checkout of the branch quack-mlp (where `training.mlp_backend` and its GPU tests are). Not run: the
+# session's device time ran out; call E (beside this file) holds it and the runs planned after it.
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 . bench/fa4_unpack.sh .q47b/part /tmp/q47site || exit
