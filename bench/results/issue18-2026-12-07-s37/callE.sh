@@ -1,7 +1,8 @@
-# Call E (planned in the thirty-seventh session for the next GPU; not run): everything left open at micro-batch
-# 8 in one call on an H200. Needs `training.mlp_backend` back in the tree (`git revert 3fa54ad && git
-# cherry-pick 7d3c8d7 ad4da5d`: the branch quack-mlp's two later commits) and FA4's packages packed with the CuTe DSL 4.7.1 (`CUTLASS=4.7.1 bash
-# bench/fa4_pack.sh` in a scratch folder, its parts copied to .q47a and .q47b). A first call carries .q47a
+# Call E (planned in the thirty-seventh session for the next GPU; not run): everything left open at
+# micro-batch 8 in one call on an H200. Needs `training.mlp_backend` back in the tree (`git revert 3fa54ad &&
+# git cherry-pick 7d3c8d7 ad4da5d`: the branch quack-mlp's two later commits) and FA4's packages packed with
+# the CuTe DSL 4.7.1 (`CUTLASS=4.7.1 bash bench/fa4_pack.sh` in a scratch folder, its parts copied to .q47a
+# and .q47b). A first call carries .q47a
 # (`mkdir -p /tmp/fa4parts && cp .q47a/part /tmp/fa4parts/a`); this one, on the same warm machine, carries
 # .q47b, .tt and data/fp8-small (about 58 MB with the tracked tree). In order:
 #   1. the GPU tests of the QuACK MLP (tests/test_gpu.py -k quack): whether QuACK 0.6.5's epilogue GEMMs
