@@ -6,8 +6,6 @@ projection's input-gradient GEMM writes the gate/up gradient, so no element-wise
 
 Usage (from the repo root, on a Hopper GPU, QuACK importable):
     PYTHONPATH=. python bench/quack_mlp.py [--tokens 16384 8192] [--hidden 2048] [--ffn 8192] [--tuned]
-With QuACK 0.6.5 under the CuTe DSL 4.8.1 (nvidia-cutlass-dsl) the QuACK variants fail to build their
-epilogue (a TypeError naming `_LOC_TRANSFORMS`; docs/benchmarks.md, 2026-12-07).
 Prints, for each variant, milliseconds for forward + backward (CUDA events, median of 20 after 5 warm-up
 calls), TFLOP/s of its six GEMMs, the peak memory of one call above the inputs, and each output's and
 gradient's relative error (L2) against the same math in fp32.

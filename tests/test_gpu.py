@@ -707,6 +707,84 @@ def test_a_compiled_llama_trains_with_fa4_as_with_torchs_attention(mesh, monkeyp
         _assert_near(fa4_grads[name], grad, 3e-2, name)
 
 
+# --- QuACK's SwiGLU-epilogue GEMMs (training.mlp_backend = "quack") ------------------------------------
+
+
+def _quack_or_skip() -> None:
+    from threefold.model.quack_mlp import kernels
+
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("threefold runs QuACK's MLP on Hopper and Blackwell")
+    try:
+        kernels()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+def test_the_quack_mlp_matches_the_mlp_in_fp32():
+    """swiglu_mlp on bf16 operands against the same MLP in fp32: the output and the gradients of x and of
+    the three weights."""
+    from threefold.model.quack_mlp import swiglu_mlp
+
+    _quack_or_skip()
+    generator = torch.Generator("cuda").manual_seed(0)
+
+    def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        t = torch.randn(*shape, device="cuda", generator=generator) * scale
+        return t.bfloat16().requires_grad_()
+
+    n, h, f = 1024, 256, 512
+    x, gate, up, down = leaf(2, n // 2, h), leaf(f, h, scale=h**-0.5), leaf(f, h, scale=h**-0.5), leaf(h, f)
+    dy = torch.randn(2, n // 2, h, device="cuda", generator=generator).bfloat16()
+    out = swiglu_mlp(x, gate, up, down)
+    out.backward(dy)
+    ref = [t.detach().float().requires_grad_() for t in (x, gate, up, down)]
+    want = F.linear(F.silu(F.linear(ref[0], ref[1])) * F.linear(ref[0], ref[2]), ref[3])
+    want.backward(dy.float())
+    got = [out, x.grad, gate.grad, up.grad, down.grad]
+    wants = [want] + [t.grad for t in ref]
+    for name, a, w in zip(["out", "dx", "dgate", "dup", "ddown"], got, wants, strict=True):
+        _assert_near(a, w, 2e-2, name)
+
+
+def test_a_compiled_llama_trains_with_the_quack_mlp_as_with_the_default(mesh):
+    """The whole compiled llama, bf16, its MLP through QuACK against the default: one graph per layer, and
+    the loss and every gradient to bf16's rounding."""
+    from torch._dynamo.utils import counters
+
+    from threefold.config import ModelConfig
+    from threefold.model.transformer import build_model
+    from threefold.parallel.layers import TPContext
+
+    _quack_or_skip()
+    cfg = ModelConfig(
+        arch="llama", num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, ffn_hidden_size=512,
+        vocab_size=512, max_seq_len=256,
+    )  # fmt: skip
+    tokens = torch.randint(0, 512, (2, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    runs, weights, breaks = [], None, {}
+    try:
+        for backend in ("auto", "quack"):
+            torch._dynamo.reset()
+            counters.clear()
+            tp = TPContext(mesh.tp_group, mlp_backend=backend)
+            model = build_model(cfg, tp, device="cuda", dtype=torch.bfloat16, compiled=True)
+            if weights is None:
+                weights = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(weights)
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            breaks[backend] = dict(counters["graph_break"])
+            runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    finally:
+        torch._dynamo.reset()
+    assert breaks == {"auto": {}, "quack": {}}, breaks
+    (loss, grads), (quack_loss, quack_grads) = runs
+    _assert_near(quack_loss, loss, 1e-2, "loss")
+    for name, grad in grads.items():
+        _assert_near(quack_grads[name], grad, 3e-2, name)
+
+
 def _document_tokens(rows: list[list[int]], s: int, eos: int = 3) -> torch.Tensor:
     tokens = torch.full((len(rows), s), 7, dtype=torch.int64)
     for row, ends in enumerate(rows):

@@ -146,6 +146,7 @@ def _record(
         "compile": t.compile,
         "dtype": t.dtype,
         "attention": t.attention_backend,
+        "mlp": t.mlp_backend,
         "tokens": tokens,
         "steps": len(seconds),
         "warmup": warmup,

@@ -29,6 +29,8 @@ from threefold.data.dataset import (
 from threefold.infer.samples import Sampler
 from threefold.metrics import count_parameters
 from threefold.model.fa4 import check_fa4_device
+from threefold.model.quack_mlp import check_quack_device
+from threefold.model.quack_mlp import kernels as quack_kernels
 from threefold.model.transformer import Transformer, build_model, use_attention_backend
 from threefold.optim import Optimizer
 from threefold.parallel import track
@@ -120,6 +122,9 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
     num_virtual_stages = len(ranges)
     if t.attention_backend == "fa4":
         check_fa4_device(device)
+    if t.mlp_backend == "quack":
+        check_quack_device(device)
+        quack_kernels()  # fail now, with what to install, rather than inside the first compiled step
     if device.type == "cuda":
         use_attention_backend(t.attention_backend)
     if t.fp8:
@@ -140,6 +145,7 @@ def build(config: Config, mesh: Mesh, device: torch.device) -> Trainer:
         fp8_weight_cache=fp8_weight_cache,
         context=ContextParallel(mesh.cp_group, p.cp_attention) if mesh.cp_size > 1 else None,
         weight_grads=WeightGradQueue() if p.pipeline_schedule in SPLIT_BACKWARD else None,
+        mlp_backend=t.mlp_backend,
     )
     chunks = {
         c: build_model(

@@ -21,6 +21,7 @@ DtypeName = Literal["float32", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 Recompute = Literal["none", "selective", "full"]
 AttentionBackend = Literal["auto", "flash", "cudnn", "efficient", "math", "fa4"]
+MlpBackend = Literal["auto", "quack"]
 LoadMode = Literal["resume", "weights"]
 Fp8Recipe = Literal["tensorwise", "rowwise"]
 """How float8 GEMMs scale their operands (threefold.parallel.fp8): one scale per tensor, or per row."""
@@ -453,6 +454,10 @@ class TrainingConfig(Section):
     """Kernel for attention on CUDA: 'auto' (torch's choice), 'flash', 'cudnn', 'efficient', 'math', or
     'fa4': FlashAttention-4 on Hopper and Blackwell (`pip install -e ".[fa4]"`; bf16; causal attention, and
     with data.document_masking its variable-length kernels over the documents; no context parallelism)."""
+    mlp_backend: MlpBackend = "auto"
+    """Kernels for the llama MLP on CUDA: 'auto' (cuBLAS GEMMs, SwiGLU in the compiled layer's kernels) or
+    'quack': QuACK's GEMMs with SwiGLU and its gradient in their epilogues, on Hopper and Blackwell
+    (`pip install -e ".[fa4]"` brings QuACK; bf16; not with training.fp8 or a zero-bubble schedule)."""
     fp8: Fp8Setting = False
     """Float8 GEMMs in the transformer layers' linears (not attention; the output layer only with
     fp8_output_layer), dynamically scaled: 'tensorwise' (one scale per tensor), 'rowwise' (one per row) or
@@ -500,6 +505,12 @@ class TrainingConfig(Section):
             raise ValueError(
                 f"training.fp8 = {self.fp8!r} needs a CUDA GPU of compute capability >= 8.9; training.device "
                 "is 'cpu'"
+            )
+        if self.mlp_backend == "quack" and (self.dtype != "bfloat16" or self.device == "cpu" or self.fp8):
+            raise ValueError(
+                f"training.mlp_backend = 'quack' needs training.dtype = 'bfloat16' (got {self.dtype!r}), a "
+                f"CUDA GPU (training.device = {self.device!r}) and training.fp8 = false (got {self.fp8!r}): "
+                "QuACK's epilogue GEMMs run bf16 on Hopper and Blackwell"
             )
         if self.attention_backend == "fa4" and (self.dtype != "bfloat16" or self.device == "cpu"):
             raise ValueError(

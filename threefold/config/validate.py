@@ -12,7 +12,7 @@ from threefold.config.sections import (
     Config,
 )
 from threefold.files import inside
-from threefold.pipeline.schedules import check_schedule_args
+from threefold.pipeline.schedules import SPLIT_BACKWARD, check_schedule_args
 
 # --- Validation: each section, then what crosses sections -------------------------------------------
 
@@ -76,6 +76,8 @@ def check_across_sections(config: Config) -> None:
             f"training.attention_backend = 'fa4' needs a head dim (model.hidden_size / model.num_heads = "
             f"{m.hidden_size} / {m.num_heads} = {m.head_dim}) between 8 and 256 and a multiple of 8"
         )
+    if t.mlp_backend == "quack":
+        _check_quack_mlp(config)
     check_context_parallel(config)
     if d.seq_len > m.max_seq_len:
         raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
@@ -130,6 +132,30 @@ def check_across_sections(config: Config) -> None:
 
 FP8_MULTIPLE = 16
 """Float8 GEMMs (cuBLAS, CUTLASS) need every matrix dimension a multiple of 16."""
+
+
+def _check_quack_mlp(config: Config) -> None:
+    """training.mlp_backend = 'quack': a SwiGLU MLP whose GEMM sizes QuACK takes, weight gradients not
+    deferred (its GEMMs compute them inside one autograd function)."""
+    m, p = config.model, config.parallel
+    if m.arch != "llama":
+        raise ValueError(
+            f"training.mlp_backend = 'quack' fuses SwiGLU, the llama MLP; model.arch = {m.arch!r} has a GeLU "
+            "MLP: choose 'auto'"
+        )
+    assert m.ffn_hidden_size is not None  # ModelConfig.check
+    local = m.ffn_hidden_size // p.tp_size
+    if local % 8 or m.hidden_size % 8:
+        raise ValueError(
+            f"training.mlp_backend = 'quack' needs model.hidden_size ({m.hidden_size}) and "
+            f"model.ffn_hidden_size / parallel.tp_size ({m.ffn_hidden_size} / {p.tp_size} = {local}) to be "
+            "multiples of 8"
+        )
+    if p.pipeline_schedule in SPLIT_BACKWARD:
+        raise ValueError(
+            f"training.mlp_backend = 'quack' cannot defer the MLP's weight gradients as "
+            f"parallel.pipeline_schedule = {p.pipeline_schedule!r} does: choose 'auto' or another schedule"
+        )
 
 
 def _check_fp8_shapes(config: Config) -> None:

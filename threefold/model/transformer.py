@@ -34,6 +34,7 @@ from threefold.config import ATTENTION_BACKENDS, ModelConfig
 from threefold.model.attention import DocumentMask, attend, document_mask, document_positions
 from threefold.model.fa4 import use_fa4
 from threefold.model.loss import linear_cross_entropy, output_weight_casts
+from threefold.model.quack_mlp import swiglu_mlp
 from threefold.parallel.context import context_attention
 from threefold.parallel.layers import (
     ColumnParallelLinear,
@@ -217,6 +218,10 @@ class MLP(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated and self.tp.mlp_backend == "quack":
+            x = self.tp.enter(x)
+            down = self.down_proj
+            return down.reduce(swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, down.weight))
         if self.gated:
             gate, up = self.tp.project(x, [self.gate_proj, self.up_proj])
             hidden = F.silu(gate) * up  # (b, s, f/t)

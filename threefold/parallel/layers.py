@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from threefold.config import Fp8Recipe
+from threefold.config import Fp8Recipe, MlpBackend
 from threefold.parallel import fp8 as float8
 from threefold.parallel import track
 from threefold.parallel.comm import (
@@ -446,7 +446,11 @@ class RowParallelLinear(nn.Module):
         self.cached_weight = cached_weight(fp8_weight_cache, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/t) -> (b, s, out) or (b, s/t, out)
-        y = linear(x, self.weight, None, self.weight_grads, self.fp8, weight_casts(self))
+        return self.reduce(linear(x, self.weight, None, self.weight_grads, self.fp8, weight_casts(self)))
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:  # (b, s, out) -> (b, s, out) or (b, s/t, out)
+        """The layer's output from this rank's partial product y = x_local W_local^T: summed over the
+        group (scattered along the sequence under sequence parallelism), then the bias."""
         y = (
             reduce_scatter_to_sequence(y, self.tp_group)
             if self.sequence_parallel
@@ -526,6 +530,9 @@ class TPContext:
     weight_grads: WeightGradQueue | None = None
     """Set when the pipeline schedule splits the backward (zero-bubble): the linear layers then defer their
     weight gradients to the schedule's W actions (threefold.parallel.weight_grad)."""
+    mlp_backend: MlpBackend = "auto"
+    """The llama MLP's kernels: 'auto' (cuBLAS GEMMs, SwiGLU in the compiled layer) or 'quack' (QuACK's
+    GEMMs with SwiGLU in their epilogues, threefold.model.quack_mlp)."""
     size: int = field(init=False)
     """tp_size, read from the group."""
     rank: int = field(init=False)

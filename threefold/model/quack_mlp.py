@@ -1,0 +1,73 @@
+"""The llama MLP through QuACK's GEMMs with SwiGLU in their epilogues: `training.mlp_backend = "quack"`.
+
+Shape legend: n tokens on this rank (b * s), h hidden, f MLP width on this rank (ffn / tp_size).
+
+The default MLP runs three cuBLAS GEMMs a pass and leaves SwiGLU to the compiled layer's element-wise
+kernels: the gate and up outputs are written, read back for silu(gate) * up, and in the backward the
+down projection's input gradient is written and read back beside them for the gate and up gradients.
+QuACK (the `quack-kernels` package, which FlashAttention-4 depends on) has a GEMM that writes silu(gate)
+* up from its accumulators as it writes gate and up, and one that turns the down projection's input
+gradient into the gate and up gradients before it leaves the chip: two passes over (n, 2f) bf16 tensors
+fewer in each direction, with the same GEMM work. The gate and up weights stay two parameters (checkpoint
+names, Hugging Face import and export, TP sharding); each pass stacks them into one (2f, h) operand, a
+copy of 2fh bf16 values.
+
+Tensor parallelism wraps it as it wraps the default MLP: the input made whole on every rank first
+(`TPContext.enter`), the down projection's partial sums reduced after (`RowParallelLinear.reduce`). The
+numerics differ from the default path's in the last bits: SwiGLU is taken from the GEMM's fp32 accumulators
+instead of from gate and up rounded to bf16.
+
+The package is imported only when the backend is chosen; on a machine without it the choice fails with
+what to install.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+KERNELS_MODULE = "quack.mlp"
+"""Where QuACK's fused MLP lives (`quack-kernels` on PyPI)."""
+
+PACKAGE = "quack-kernels==0.6.5"
+"""The release this module was written and measured against (the one flash-attn-4==4.0.0b40 brings)."""
+
+
+@functools.cache
+def kernels() -> ModuleType:
+    """QuACK's MLP module; a clear error when the package is missing or has changed."""
+    try:
+        module = importlib.import_module(KERNELS_MODULE)
+    except ImportError as e:
+        raise RuntimeError(
+            f"training.mlp_backend = 'quack' needs QuACK: pip install {PACKAGE} (importing {KERNELS_MODULE} "
+            f"failed: {e})"
+        ) from e
+    if not hasattr(module, "mlp_func"):
+        raise RuntimeError(
+            f"{KERNELS_MODULE} has no mlp_func: this quack-kernels release is not one threefold knows; pin "
+            f"{PACKAGE}"
+        )
+    return module
+
+
+def check_quack_device(device: torch.device) -> None:
+    """QuACK's epilogue GEMMs were measured here on Hopper; say so before a step fails elsewhere."""
+    if device.type != "cuda":
+        raise ValueError(f"training.mlp_backend = 'quack' runs on CUDA GPUs, not on {device.type!r}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        raise ValueError(
+            "training.mlp_backend = 'quack' needs a Hopper or Blackwell GPU (compute capability 9.x or "
+            f"10.x); {torch.cuda.get_device_name(device)} is {major}.{minor}: choose 'auto'"
+        )
+
+
+def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(x gate^T) * (x up^T)) for x (..., h) whole on this rank, gate and up (f, h), down (h', f):
+    (..., h'), this rank's partial sum under tensor parallelism."""
+    stacked = torch.cat([gate, up])  # (2f, h): rows [gate; up], QuACK's "concat" layout
+    return kernels().mlp_func(x, stacked, down, activation="swiglu", tuned=False, concat_layout=True)
