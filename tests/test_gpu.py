@@ -722,9 +722,9 @@ def _quack_or_skip() -> None:
 
 
 def test_the_quack_mlp_matches_the_mlp_in_fp32():
-    """swiglu_mlp on bf16 operands against the same MLP in fp32: the output and the gradients of x and of
-    the three weights."""
-    from threefold.model.quack_mlp import swiglu_mlp
+    """The QuACK MLP on bf16 operands against the same MLP in fp32: the output and the gradients of x and
+    of the three weights."""
+    from threefold.model.quack_mlp import fused_mlp
 
     _quack_or_skip()
     generator = torch.Generator("cuda").manual_seed(0)
@@ -736,7 +736,7 @@ def test_the_quack_mlp_matches_the_mlp_in_fp32():
     n, h, f = 1024, 256, 512
     x, gate, up, down = leaf(2, n // 2, h), leaf(f, h, scale=h**-0.5), leaf(f, h, scale=h**-0.5), leaf(h, f)
     dy = torch.randn(2, n // 2, h, device="cuda", generator=generator).bfloat16()
-    out = swiglu_mlp(x, gate, up, down)
+    out = fused_mlp()(x, gate, up, down)
     out.backward(dy)
     ref = [t.detach().float().requires_grad_() for t in (x, gate, up, down)]
     want = F.linear(F.silu(F.linear(ref[0], ref[1])) * F.linear(ref[0], ref[2]), ref[3])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -66,8 +67,15 @@ def check_quack_device(device: torch.device) -> None:
         )
 
 
-def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """down(silu(x gate^T) * (x up^T)) for x (..., h) whole on this rank, gate and up (f, h), down (h', f):
-    (..., h'), this rank's partial sum under tensor parallelism."""
-    stacked = torch.cat([gate, up])  # (2f, h): rows [gate; up], QuACK's "concat" layout
-    return kernels().mlp_func(x, stacked, down, activation="swiglu", tuned=False, concat_layout=True)
+def fused_mlp() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The MLP through QuACK, as a function of (x, gate, up, down): down(silu(x gate^T) * (x up^T)) for x
+    (..., h) whole on this rank, gate and up (f, h), down (h', f), giving (..., h'), this rank's partial sum
+    under tensor parallelism. QuACK's module is looked up here, when the model is built, so that compiled
+    code calls the function alone."""
+    mlp_func = kernels().mlp_func
+
+    def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        stacked = torch.cat([gate, up])  # (2f, h): rows [gate; up], QuACK's "concat" layout
+        return mlp_func(x, stacked, down, activation="swiglu", tuned=False, concat_layout=True)
+
+    return swiglu_mlp

@@ -34,7 +34,7 @@ from threefold.config import ATTENTION_BACKENDS, ModelConfig
 from threefold.model.attention import DocumentMask, attend, document_mask, document_positions
 from threefold.model.fa4 import use_fa4
 from threefold.model.loss import linear_cross_entropy, output_weight_casts
-from threefold.model.quack_mlp import swiglu_mlp
+from threefold.model.quack_mlp import fused_mlp
 from threefold.parallel.context import context_attention
 from threefold.parallel.layers import (
     ColumnParallelLinear,
@@ -216,12 +216,13 @@ class MLP(nn.Module):
             f, h, tp_group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel, fp8=tp.fp8,
             weight_grads=tp.weight_grads, fp8_weight_cache=tp.fp8_weight_cache,
         )  # fmt: skip
+        self.fused = fused_mlp() if self.gated and tp.mlp_backend == "quack" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated and self.tp.mlp_backend == "quack":
+        if self.fused is not None:
             x = self.tp.enter(x)
             down = self.down_proj
-            return down.reduce(swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, down.weight))
+            return down.reduce(self.fused(x, self.gate_proj.weight, self.up_proj.weight, down.weight))
         if self.gated:
             gate, up = self.tp.project(x, [self.gate_proj, self.up_proj])
             hidden = F.silu(gate) * up  # (b, s, f/t)
