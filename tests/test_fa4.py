@@ -21,7 +21,7 @@ from tiny import masked_config, wide_model
 import threefold.model.fa4 as fa4
 from threefold.config import ModelConfig, build_config
 from threefold.model.attention import DocumentMask, attend, document_ids, document_mask, document_spans
-from threefold.model.fa4 import check_fa4_device, fa4_attention, fa4_document_attention, use_fa4
+from threefold.model.fa4 import fa4_attention, fa4_document_attention, use_fa4
 
 
 def _expand(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -210,32 +210,15 @@ def test_a_llama_trains_through_fa4_as_through_sdpa(stand_in):
         )
 
 
-def test_a_missing_package_says_what_to_install(monkeypatch):
+def test_fa4_stays_off_when_its_package_is_missing(monkeypatch):
     fa4.kernels.cache_clear()
     monkeypatch.setattr(fa4, "KERNELS_MODULE", "threefold_no_such_module.interface")
     try:
-        with pytest.raises(
-            RuntimeError, match=r"pip install --pre flash-attn-4==4\.0\.0b40 \(importing threefold_no_such"
-        ):
+        with pytest.raises(RuntimeError, match="needs FlashAttention-4"):
             use_fa4(True)
         assert not fa4.fa4_enabled()
     finally:
         fa4.kernels.cache_clear()
-
-
-def test_a_package_without_the_kernels_is_named(monkeypatch):
-    fa4.kernels.cache_clear()
-    monkeypatch.setattr(fa4, "KERNELS_MODULE", "json")  # importable, but no FA4 kernels in it
-    try:
-        with pytest.raises(RuntimeError, match=r"json has no _flash_attn_fwd: .*flash-attn-4==4\.0\.0b40"):
-            fa4.kernels()
-    finally:
-        fa4.kernels.cache_clear()
-
-
-def test_fa4_needs_a_cuda_device():
-    with pytest.raises(ValueError, match=r"runs on CUDA GPUs, not on 'cpu'"):
-        check_fa4_device(torch.device("cpu"))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ group has size 1, so the collectives are real calls that reduce nothing.
 
 import re
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -605,15 +607,21 @@ def test_the_log_window_is_the_device_time_however_late_the_host_reads_it():
 # --- FlashAttention-4 (training.attention_backend = "fa4") ---------------------------------------------
 
 
-def _fa4_or_skip() -> None:
-    from threefold.model.fa4 import kernels
-
+def _cute_package_or_skip(kernels: Callable[[], Any]) -> None:
+    """Skip unless this is a Hopper or Blackwell GPU and `kernels()` (threefold.model.fa4's or
+    threefold.model.quack_mlp's) imports its package."""
     if torch.cuda.get_device_capability()[0] not in (9, 10):
-        pytest.skip("FA4 runs on Hopper and Blackwell")
+        pytest.skip("threefold runs FA4 and QuACK on Hopper and Blackwell")
     try:
         kernels()
     except RuntimeError as e:
         pytest.skip(str(e))
+
+
+def _fa4_or_skip() -> None:
+    from threefold.model.fa4 import kernels
+
+    _cute_package_or_skip(kernels)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -713,12 +721,7 @@ def test_a_compiled_llama_trains_with_fa4_as_with_torchs_attention(mesh, monkeyp
 def _quack_or_skip() -> None:
     from threefold.model.quack_mlp import kernels
 
-    if torch.cuda.get_device_capability()[0] not in (9, 10):
-        pytest.skip("threefold runs QuACK's MLP on Hopper and Blackwell")
-    try:
-        kernels()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    _cute_package_or_skip(kernels)
 
 
 def test_the_quack_mlp_matches_the_mlp_in_fp32():

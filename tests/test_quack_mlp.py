@@ -19,7 +19,6 @@ from distributed import run_ranks
 
 import threefold.model.quack_mlp as quack_mlp
 from threefold.config import ModelConfig, build_config
-from threefold.model.quack_mlp import check_quack_device
 
 CALLS: list[tuple[int, ...]] = []
 """The shapes of x each stand-in call saw (in the rank that made them)."""
@@ -76,33 +75,6 @@ def test_a_llama_trains_through_the_quack_mlp_as_through_the_default(stand_in, w
             torch.testing.assert_close(
                 quack_grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
             )
-
-
-def test_a_missing_package_says_what_to_install(monkeypatch):
-    quack_mlp.kernels.cache_clear()
-    monkeypatch.setattr(quack_mlp, "KERNELS_MODULE", "threefold_no_such_module.mlp")
-    try:
-        with pytest.raises(
-            RuntimeError, match=r"pip install quack-kernels==0\.6\.5 \(importing threefold_no_such_module"
-        ):
-            quack_mlp.kernels()
-    finally:
-        quack_mlp.kernels.cache_clear()
-
-
-def test_a_package_without_the_mlp_is_named(monkeypatch):
-    quack_mlp.kernels.cache_clear()
-    monkeypatch.setattr(quack_mlp, "KERNELS_MODULE", "json")  # importable, but no mlp_func in it
-    try:
-        with pytest.raises(RuntimeError, match=r"json has no mlp_func: .*quack-kernels==0\.6\.5"):
-            quack_mlp.kernels()
-    finally:
-        quack_mlp.kernels.cache_clear()
-
-
-def test_the_quack_mlp_needs_a_cuda_device():
-    with pytest.raises(ValueError, match=r"runs on CUDA GPUs, not on 'cpu'"):
-        check_quack_device(torch.device("cpu"))
 
 
 LLAMA = ["--model.preset=tiny", "--training.dtype=bfloat16", "--training.device=cuda"]

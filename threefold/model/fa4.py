@@ -18,14 +18,19 @@ release it shipped with, so a newer package breaks it; here the one call site is
 from __future__ import annotations
 
 import functools
-import importlib
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from threefold.model.cute_packages import check_hopper_or_blackwell, import_kernels
+
 KERNELS_MODULE = "flash_attn.cute.interface"
 """Where the FA4 kernels live (the `flash-attn-4` package on PyPI)."""
+
+OPTION = "training.attention_backend = 'fa4'"
+PIN = "flash-attn-4==4.0.0b40"
+"""The release threefold's calls into FA4 were written and measured against."""
 
 _active = False
 
@@ -33,20 +38,8 @@ _active = False
 @functools.cache
 def kernels() -> ModuleType:
     """The FA4 kernel module; a clear error when the package is missing or has changed."""
-    try:
-        module = importlib.import_module(KERNELS_MODULE)
-    except ImportError as e:
-        raise RuntimeError(
-            "training.attention_backend = 'fa4' needs FlashAttention-4: pip install --pre "
-            f"flash-attn-4==4.0.0b40 (importing {KERNELS_MODULE} failed: {e})"
-        ) from e
-    for name in ("_flash_attn_fwd", "_flash_attn_bwd"):
-        if not hasattr(module, name):
-            raise RuntimeError(
-                f"{KERNELS_MODULE} has no {name}: this flash-attn-4 release is not one threefold knows; "
-                "pin flash-attn-4==4.0.0b40"
-            )
-    return module
+    install = f"FlashAttention-4: pip install --pre {PIN}"
+    return import_kernels(KERNELS_MODULE, ("_flash_attn_fwd", "_flash_attn_bwd"), OPTION, install, PIN)
 
 
 def use_fa4(active: bool) -> None:
@@ -66,14 +59,7 @@ def fa4_enabled() -> bool:
 
 def check_fa4_device(device: torch.device) -> None:
     """FA4 runs on compute capability 9.x (Hopper) and 10.x (Blackwell); say so before a step fails."""
-    if device.type != "cuda":
-        raise ValueError(f"training.attention_backend = 'fa4' runs on CUDA GPUs, not on {device.type!r}")
-    major, minor = torch.cuda.get_device_capability(device)
-    if major not in (9, 10):
-        raise ValueError(
-            f"training.attention_backend = 'fa4' needs a Hopper or Blackwell GPU (compute capability 9.x or "
-            f"10.x); {torch.cuda.get_device_name(device)} is {major}.{minor}: choose 'auto'"
-        )
+    check_hopper_or_blackwell(device, OPTION)
 
 
 def _run_forward(

@@ -24,11 +24,12 @@ what to install.
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
+
+from threefold.model.cute_packages import check_hopper_or_blackwell, import_kernels
 
 KERNELS_MODULE = "quack.mlp"
 """Where QuACK's fused MLP lives (`quack-kernels` on PyPI)."""
@@ -37,34 +38,18 @@ PACKAGE = "quack-kernels==0.6.5"
 """The release this module was written and measured against (the one flash-attn-4==4.0.0b40 brings)."""
 
 
+OPTION = "training.mlp_backend = 'quack'"
+
+
 @functools.cache
 def kernels() -> ModuleType:
     """QuACK's MLP module; a clear error when the package is missing or has changed."""
-    try:
-        module = importlib.import_module(KERNELS_MODULE)
-    except ImportError as e:
-        raise RuntimeError(
-            f"training.mlp_backend = 'quack' needs QuACK: pip install {PACKAGE} (importing {KERNELS_MODULE} "
-            f"failed: {e})"
-        ) from e
-    if not hasattr(module, "mlp_func"):
-        raise RuntimeError(
-            f"{KERNELS_MODULE} has no mlp_func: this quack-kernels release is not one threefold knows; pin "
-            f"{PACKAGE}"
-        )
-    return module
+    return import_kernels(KERNELS_MODULE, ("mlp_func",), OPTION, f"QuACK: pip install {PACKAGE}", PACKAGE)
 
 
 def check_quack_device(device: torch.device) -> None:
-    """QuACK's epilogue GEMMs were measured here on Hopper; say so before a step fails elsewhere."""
-    if device.type != "cuda":
-        raise ValueError(f"training.mlp_backend = 'quack' runs on CUDA GPUs, not on {device.type!r}")
-    major, minor = torch.cuda.get_device_capability(device)
-    if major not in (9, 10):
-        raise ValueError(
-            "training.mlp_backend = 'quack' needs a Hopper or Blackwell GPU (compute capability 9.x or "
-            f"10.x); {torch.cuda.get_device_name(device)} is {major}.{minor}: choose 'auto'"
-        )
+    """QuACK's epilogue GEMMs were written for Hopper and Blackwell; say so before a step fails elsewhere."""
+    check_hopper_or_blackwell(device, OPTION)
 
 
 def fused_mlp() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
