@@ -4,6 +4,7 @@ clear error naming what to install, or what release to pin, and where they run."
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 import torch
@@ -45,3 +46,44 @@ def test_a_package_without_the_kernels_names_the_release_to_pin(package, monkeyp
 def test_the_kernels_need_a_cuda_device(check):
     with pytest.raises(ValueError, match=r"runs on CUDA GPUs, not on 'cpu'"):
         check(torch.device("cpu"))
+
+
+def fake_quack(root, epilogue_source: str) -> None:
+    """A package `fakequack` under `root` with QuACK's MLP entry point and an epilogue library module."""
+    package = root / "fakequack"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mlp.py").write_text("def mlp_func(*args, **kwargs):\n    raise NotImplementedError\n")
+    (package / "epilogues.py").write_text(epilogue_source)
+
+
+@pytest.fixture
+def fake_quack_paths(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(quack_mlp, "KERNELS_MODULE", "fakequack.mlp")
+    monkeypatch.setattr(quack_mlp, "EPILOGUE_MODULE", "fakequack.epilogues")
+    quack_mlp.kernels.cache_clear()
+    yield tmp_path
+    quack_mlp.kernels.cache_clear()
+    for name in ("fakequack", "fakequack.mlp", "fakequack.epilogues"):
+        sys.modules.pop(name, None)
+
+
+def test_quack_epilogues_built_with_the_model(fake_quack_paths):
+    fake_quack(fake_quack_paths, "import sys\nsys.modules[__name__].BUILT = True\n")
+    assert quack_mlp.kernels().__name__ == "fakequack.mlp"
+    assert sys.modules["fakequack.epilogues"].BUILT
+
+
+def test_quack_epilogues_that_cannot_be_keyed_say_where_the_cute_dsl_must_lie(fake_quack_paths):
+    message = "epilogue fn depends on <ContextVar '_LOC_TRANSFORMS'>, which has no fail-closed semantic key"
+    fake_quack(fake_quack_paths, f"raise TypeError({message!r})\n")
+    expected = r"mlp_backend = 'quack'.*_LOC_TRANSFORMS.*folder named site-packages"
+    with pytest.raises(RuntimeError, match=expected):
+        quack_mlp.kernels()
+
+
+def test_other_quack_epilogue_errors_pass_through(fake_quack_paths):
+    fake_quack(fake_quack_paths, "raise TypeError('something else')\n")
+    with pytest.raises(TypeError, match="something else"):
+        quack_mlp.kernels()

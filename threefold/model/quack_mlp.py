@@ -24,6 +24,8 @@ what to install.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 from collections.abc import Callable
 from types import ModuleType
 
@@ -34,6 +36,9 @@ from threefold.model.cute_packages import check_hopper_or_blackwell, import_kern
 KERNELS_MODULE = "quack.mlp"
 """Where QuACK's fused MLP lives (`quack-kernels` on PyPI)."""
 
+EPILOGUE_MODULE = "quack.epilogue.library"
+"""QuACK's library of GEMM epilogues (SwiGLU's among them), built when it is first imported."""
+
 PACKAGE = "quack-kernels==0.6.5"
 """The release this module was written and measured against (the one flash-attn-4==4.0.0b40 brings)."""
 
@@ -43,8 +48,27 @@ OPTION = "training.mlp_backend = 'quack'"
 
 @functools.cache
 def kernels() -> ModuleType:
-    """QuACK's MLP module; a clear error when the package is missing or has changed."""
-    return import_kernels(KERNELS_MODULE, ("mlp_func",), OPTION, f"QuACK: pip install {PACKAGE}", PACKAGE)
+    """QuACK's MLP module; a clear error when the package is missing or has changed, or when its epilogues
+    cannot be built where the packages lie. The epilogue library is imported here, when the model is built,
+    rather than by the first step."""
+    module = import_kernels(KERNELS_MODULE, ("mlp_func",), OPTION, f"QuACK: pip install {PACKAGE}", PACKAGE)
+    try:
+        importlib.import_module(EPILOGUE_MODULE)
+    except TypeError as e:
+        if "fail-closed semantic key" not in str(e):
+            raise
+        # QuACK keys its compile cache on the code an epilogue calls, and leaves out code it counts as
+        # installed: files under a site-packages or dist-packages folder. Anywhere else it walks into the
+        # CuTe DSL's own functions and stops at a value it cannot key (seen with the packages unpacked onto
+        # PYTHONPATH from another folder).
+        spec = importlib.util.find_spec("cutlass")
+        where = spec.origin if spec is not None else "not found"
+        raise RuntimeError(
+            f"{OPTION}: QuACK could not build its epilogues ({EPILOGUE_MODULE}: {e}). QuACK treats code "
+            "outside a site-packages or dist-packages folder as the user's own and fingerprints it; the CuTe "
+            f"DSL (cutlass: {where}) must be installed by pip, or lie in a folder named site-packages"
+        ) from e
+    return module
 
 
 def check_quack_device(device: torch.device) -> None:
