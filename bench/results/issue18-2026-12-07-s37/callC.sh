@@ -9,6 +9,8 @@
 #   compiled torch MLP, micro-batch 8's and 4's tokens);
 # with the card's power and SM clock sampled once a second throughout.
 # Run as `PYTHONPATH=$PWD bash <this> 2>&1 | tee $OUT/output.txt` from the device's repository root.
+# It ran at 18fce4a (MORE=420, one H200, 2026-12-07 18:14 UTC; output in callC/). QuACK's MLP failed to build
+# there, and main took `training.mlp_backend` back out at the next commit: it lives on the branch quack-mlp.
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 site=/tmp/fa4site
