@@ -11,9 +11,9 @@
 # (bench/results/issue18-2026-12-07-s36/callB.sh; later call scripts source bench/fa4_unpack.sh for this).
 set -euo pipefail
 first=${1:-46000000}
-# CUTLASS (environment): the CuTe DSL's release, default 4.8.1 (the one the earlier packs carried). QuACK
-# 0.6.5's epilogue GEMMs fail to build under 4.8.1 (thirty-seventh session, docs/benchmarks.md); 4.7.1 has
-# none of the context variable they trip on.
+# CUTLASS (environment): the CuTe DSL's release, default 4.8.1 (the one the earlier packs carried, and what
+# pip picks for flash-attn-4 today). The thirty-seventh session blamed 4.8.1 for QuACK's failure to build its
+# epilogues; the thirty-eighth found the cause in where the packages were unpacked (bench/fa4_unpack.sh).
 cutlass=${CUTLASS:-4.8.1}
 core=""
 [ "${cutlass%.*}" = 4.8 ] && core="nvidia-cutlass-dsl-libs-core==$cutlass"  # 4.8 split this part out
