@@ -1,6 +1,7 @@
 # Call E (planned in the thirty-seventh session for the next GPU; never run: the thirty-eighth session found
 # QuACK's failure came from the unpack folder, not the CuTe DSL's release, and ran its calls B and C
-# instead): everything left open at micro-batch 8 in one call on an H200. Needs `training.mlp_backend` back in the tree (`git revert 3fa54ad &&
+# instead): everything left open at micro-batch 8 in one call on an H200. Needs `training.mlp_backend` back
+# in the tree (`git revert 3fa54ad &&
 # git cherry-pick 7d3c8d7 ad4da5d`: the branch quack-mlp's two later commits) and FA4's packages packed with
 # the CuTe DSL 4.7.1 (`CUTLASS=4.7.1 bash bench/fa4_pack.sh` in a scratch folder, its parts copied to .q47a
 # and .q47b). A first call carries .q47a
