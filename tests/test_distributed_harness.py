@@ -43,7 +43,9 @@ def test_a_lost_rendezvous_is_launched_again_on_a_fresh_port(tmp_path, monkeypat
     monkeypatch.setattr(dist, "init_process_group", _flaky_init(tmp_path / "failed-once"))
     log = tmp_path / "ran"
     assert run_ranks(2, _rank_and_world, log) == [(0, 2), (1, 2)]
-    assert len(used) == 2
+    # The injected failure costs one launch; a real lost rendezvous under a loaded CI machine may cost
+    # another (seen once, 2026-12-07). Each launch takes a port of its own.
+    assert len(used) >= 2 and len(set(used)) == len(used), used
     assert sorted(log.read_text().split()) == ["0", "1"]  # fn ran once per rank, in the second launch
 
 
