@@ -39,7 +39,7 @@ KERNELS_MODULE = "quack.mlp"
 EPILOGUE_MODULE = "quack.epilogue.library"
 """QuACK's library of GEMM epilogues (SwiGLU's among them), built when it is first imported."""
 
-PACKAGE = "quack-kernels==0.6.5"
+PIN = "quack-kernels==0.6.5"
 """The release this module was written and measured against (the one flash-attn-4==4.0.0b40 brings)."""
 
 
@@ -51,7 +51,7 @@ def kernels() -> ModuleType:
     """QuACK's MLP module; a clear error when the package is missing or has changed, or when its epilogues
     cannot be built where the packages lie. The epilogue library is imported here, when the model is built,
     rather than by the first step."""
-    module = import_kernels(KERNELS_MODULE, ("mlp_func",), OPTION, f"QuACK: pip install {PACKAGE}", PACKAGE)
+    module = import_kernels(KERNELS_MODULE, ("mlp_func",), OPTION, f"QuACK: pip install {PIN}", PIN)
     try:
         importlib.import_module(EPILOGUE_MODULE)
     except TypeError as e:
