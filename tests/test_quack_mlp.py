@@ -1,11 +1,11 @@
 """training.mlp_backend = "quack" on the CPU: where the model routes its MLP to QuACK, and the checks.
 
 QuACK's GEMMs run only on NVIDIA GPUs (tests/test_gpu.py compares them with the default MLP there). Here a
-stand-in module with `quack.mlp.mlp_func`'s calling convention (the gate and up weights interleaved row by
-row, gate_0, up_0, gate_1, ..., its layout when `concat_layout` is false) computes the MLP in plain torch,
-so that what threefold adds is checked against the default path: the interleaving of the two weights, the
-input made whole before it and the partial sums reduced after it under tensor and sequence parallelism, and
-the gradients reaching the three parameters.
+stand-in module with `quack.mlp.mlp_func`'s calling convention (the gate and up weights stacked as rows
+[gate; up], "concat" layout) computes the MLP in plain torch, so that what threefold adds is checked
+against the default path: the stacking of the two weights, the input made whole before it and the partial
+sums reduced after it under tensor and sequence parallelism, and the gradients reaching the three
+parameters.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ CALLS: list[tuple[int, ...]] = []
 """The shapes of x each stand-in call saw (in the rank that made them)."""
 
 
-def _mlp_func(x, paired, down, *, activation, tuned, concat_layout):
-    assert activation == "swiglu" and not concat_layout and not tuned
+def _mlp_func(x, stacked, down, *, activation, tuned, concat_layout):
+    assert activation == "swiglu" and concat_layout and not tuned
     CALLS.append(tuple(x.shape))
-    both = F.linear(x, paired)  # columns gate_0, up_0, gate_1, up_1, ...
-    return F.linear(F.silu(both[..., 0::2]) * both[..., 1::2], down)
+    gate, up = F.linear(x, stacked).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 STAND_IN = types.SimpleNamespace(mlp_func=_mlp_func)

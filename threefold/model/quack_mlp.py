@@ -9,10 +9,8 @@ QuACK (the `quack-kernels` package, which FlashAttention-4 depends on) has a GEM
 * up from its accumulators as it writes gate and up, and one that turns the down projection's input
 gradient into the gate and up gradients before it leaves the chip: two passes over (n, 2f) bf16 tensors
 fewer in each direction, with the same GEMM work. The gate and up weights stay two parameters (checkpoint
-names, Hugging Face import and export, TP sharding); each pass interleaves them into one (2f, h) operand,
-rows gate_0, up_0, gate_1, up_1, ... (a copy of 2fh bf16 values), so that each gate column of the GEMM's
-output sits beside its up column. QuACK also takes the rows stacked ([gate; up], its "concat" layout), but
-its GEMMs ran 7% slower on that layout on an H100 (docs/benchmarks.md, "The QuACK MLP on an H100").
+names, Hugging Face import and export, TP sharding); each pass stacks them into one (2f, h) operand, a
+copy of 2fh bf16 values.
 
 Tensor parallelism wraps it as it wraps the default MLP: the input made whole on every rank first
 (`TPContext.enter`), the down projection's partial sums reduced after (`RowParallelLinear.reduce`). The
@@ -86,7 +84,7 @@ def fused_mlp() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     mlp_func = kernels().mlp_func
 
     def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        paired = torch.stack([gate, up], dim=1).flatten(0, 1)  # (2f, h): gate_0, up_0, gate_1, up_1, ...
-        return mlp_func(x, paired, down, activation="swiglu", tuned=False, concat_layout=False)
+        stacked = torch.cat([gate, up])  # (2f, h): rows [gate; up], QuACK's "concat" layout
+        return mlp_func(x, stacked, down, activation="swiglu", tuned=False, concat_layout=True)
 
     return swiglu_mlp
