@@ -1,6 +1,7 @@
-# Call E (thirty-ninth session; ran on an H100 with the tree at c045509, its layout reverted after): the QuACK MLP with gate and up interleaved row by row (concat_layout=False,
-# the layout bench/quack_mlp.py found 7% faster than the stacked one on an H100) on an H200. Call A
-# (bench/results/issue18-2026-12-05-s18/callA.sh, carrying .fa4a) ran first on the same warm machine; this
+# Call E (thirty-ninth session; ran on an H100 with the tree at c045509, whose layout was reverted after):
+# the QuACK MLP with gate and up interleaved row by row (concat_layout=False, the layout bench/quack_mlp.py
+# found 7% faster than the stacked one on an H100) on an H200 (an H100 came).
+# Call A (bench/results/issue18-2026-12-05-s18/callA.sh, carrying .fa4a) ran first on the same warm machine; this
 # call carries .fa4b and data/fp8-small. In order: the QuACK MLP's GPU tests; bench/quack_mlp.py at
 # micro-batch 8's tokens; `threefold train` at micro-batch 8 with FA4, alternating the QuACK MLP and the
 # default (only if the tests passed); power and SM clock once a second; all packed into $OUT/callE.tgz.
