@@ -24,3 +24,15 @@ def median_ms(fn: Callable[[], Any], iters: int = 20, warmup: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def rounds_ms(fns: dict[str, Callable[[], Any]], rounds: int, iters: int = 20) -> dict[str, list[float]]:
+    """`median_ms` of each function once a round, the order turned by one place each round, so that a GPU
+    warming up or falling back to a lower clock under its power limit weighs on every function alike; each
+    function's list holds one figure a round."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(median_ms(fns[name], iters=iters))
+    return times

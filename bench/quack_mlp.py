@@ -6,20 +6,25 @@ projection's input-gradient GEMM writes the gate/up gradient, so no element-wise
 
 Usage (from the repo root, on a Hopper GPU, QuACK importable):
     PYTHONPATH=. python bench/quack_mlp.py [--tokens 16384 8192] [--hidden 2048] [--ffn 8192] [--tuned]
-Prints, for each variant, milliseconds for forward + backward (CUDA events, median of 20 after 5 warm-up
-calls), TFLOP/s of its six GEMMs, the peak memory of one call above the inputs, and each output's and
-gradient's relative error (L2) against the same math in fp32.
+Prints, for each variant, milliseconds for forward + backward (CUDA events: the median of 20 calls after 5
+warm-up ones, taken once a round in `--rounds` rounds with the variants' order turned each round; the median
+of the rounds and their range), TFLOP/s of its six GEMMs at the median, the peak memory of one call above the
+inputs, and each output's and gradient's relative error (L2) against the same math in fp32. One round was
+not enough on an H100 held at its 700 W limit: the stacked and interleaved QuACK layouts swapped places
+between two machines (7.80 against 7.22 ms, then 7.51 against 7.74; docs/benchmarks.md, thirty-ninth
+session).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import median_ms
+from cuda_timing import rounds_ms
 
 
 class Variant(NamedTuple):
@@ -77,6 +82,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=8192)
     parser.add_argument("--tuned", action="store_true", help="also QuACK's autotuned GEMMs")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds, the order turned each round")
     args = parser.parse_args()
     dev, h, f = torch.device("cuda"), args.hidden, args.ffn
     torch.manual_seed(0)
@@ -84,8 +90,8 @@ def main() -> None:
                torch.randn(h, f, device=dev) * f**-0.5]  # fmt: skip
     variants = _variants(f, args.tuned)
     errors = " | ".join(f"{name} err" for name in ("out", "dx", "dgate", "dup", "ddown"))
-    print(f"| tokens | variant | ms fwd+bwd | TFLOP/s | peak GiB | {errors} |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| tokens | variant | ms fwd+bwd | ms range | TFLOP/s | peak GiB | {errors} |")
+    print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.tokens:
         x32 = torch.randn(n, h, device=dev)
         dy32 = torch.randn(n, h, device=dev)
@@ -94,6 +100,7 @@ def main() -> None:
         ref_out.backward(dy32)
         refs = [ref_out.detach()] + [t.grad for t in ref_in]
         flops = 6 * n * h * 3 * f
+        steps, rows = {}, {}
         for name, variant in variants.items():
             ins = [
                 t.detach().requires_grad_()
@@ -113,17 +120,19 @@ def main() -> None:
             out = step().detach()
             got = [out] + variant.grads(ins)
             errs = [(a.float() - b).norm() / b.norm() for a, b in zip(got, refs, strict=True)]
-            ms = median_ms(step)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             step()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-            err_text = " | ".join(f"{e.item():.2e}" for e in errs)
-            print(
-                f"| {n} | {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | {peak:.2f} | {err_text} |", flush=True
-            )
+            steps[name] = step
+            rows[name] = f"{peak:.2f} | " + " | ".join(f"{e.item():.2e}" for e in errs)
+        times = rounds_ms(steps, args.rounds)
+        for name, row in rows.items():
+            ms = statistics.median(times[name])
+            spread = f"{min(times[name]):.3f}-{max(times[name]):.3f}"
+            print(f"| {n} | {name} | {ms:.3f} | {spread} | {flops / ms / 1e9:.0f} | {row} |", flush=True)
 
 
 if __name__ == "__main__":
