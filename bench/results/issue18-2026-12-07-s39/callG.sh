@@ -7,7 +7,8 @@
 # threefold/model/quack_mlp.py for its runs (torch.stack([gate, up], dim=1).flatten(0, 1) with
 # concat_layout=False, c045509's two lines), restored after. `threefold train` at micro-batch 8 with FA4,
 # in the order stacked, interleaved, default, twice; power and SM clock once a second; all packed into
-# $OUT/callG.tgz. Run as `bash <this> 2>&1 | tee $OUT/output.txt` from the device's repository root.
+# $OUT/callG.tgz. RUNS (environment) sets other runs, e.g. RUNS="stacked interleaved auto" for one each.
+# Run as `bash <this> 2>&1 | tee $OUT/output.txt` from the device's repository root.
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 . bench/fa4_unpack.sh .fa4b/part /tmp/fa4env || exit
@@ -27,7 +28,7 @@ PY
 nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm --format=csv,noheader -l 1 > "$out/smi.csv" 2>&1 &
 smi=$!
-for run in stacked interleaved auto stacked interleaved auto; do
+for run in ${RUNS:-stacked interleaved auto stacked interleaved auto}; do
   mlp=quack
   case $run in
     stacked) cp /tmp/quack_mlp.stacked.py "$src" ;;
