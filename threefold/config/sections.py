@@ -458,7 +458,8 @@ class TrainingConfig(Section):
     """Kernels for the llama MLP on CUDA: 'auto' (cuBLAS GEMMs, SwiGLU in the compiled layer's kernels) or
     'quack': QuACK's GEMMs with SwiGLU and its gradient in their epilogues, on Hopper and Blackwell
     (`pip install -e ".[fa4]"` brings QuACK; bf16; not with training.fp8 or a zero-bubble schedule).
-    On one H100 (llama-1b, micro-batch 8, with FA4) 0.9% faster a step and a 3 GiB lower peak."""
+    On one H100 (llama-1b, micro-batch 8, with FA4) 0.9% faster a step, not yet confirmed on a second card,
+    and a 3 GiB lower peak."""
     fp8: Fp8Setting = False
     """Float8 GEMMs in the transformer layers' linears (not attention; the output layer only with
     fp8_output_layer), dynamically scaled: 'tensorwise' (one scale per tensor), 'rowwise' (one per row) or
