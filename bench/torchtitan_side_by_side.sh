@@ -14,7 +14,8 @@
 # default 250; 1 runs one round).
 # BACKENDS (environment): threefold's `training.attention_backend` for its runs, default "auto"; e.g.
 # BACKENDS="auto fa4" runs threefold once with each after each TorchTitan run (fa4 needs FlashAttention-4's
-# packages importable).
+# packages importable). An entry ATTENTION:MLP sets `training.mlp_backend` too, e.g. BACKENDS="fa4:quack fa4"
+# runs FA4 with the QuACK MLP, then FA4 with the default MLP.
 # TF_ARGS (environment): more `threefold train` arguments for its runs, e.g. --data.path=data/fp8-small (a
 # smaller prepared corpus of the same text, where a call's carry has no room for data/fp8-corpus).
 # Run on one H100 on 2026-12-05: bench/results/issue18-2026-12-05-s17/callC.sh (the same commands); on two
@@ -44,13 +45,17 @@ print(f"median {statistics.median(late):,.0f} tokens/s over {len(late)} windows,
 PY
 )"
 }
-ours() {  # micro-batch, attention backend
-  dir=/tmp/train$1-$2-$(date +%s)
+ours() {  # micro-batch, attention backend[:mlp backend]
+  attention=${2%%:*} mlp=auto
+  [ "$attention" = "$2" ] || mlp=${2#*:}
+  dir=/tmp/train$1-$attention-$mlp-$(date +%s)
   PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD timeout 120 python3 -m threefold train bench/fp8_loss.toml \
     --training.max_steps=70 --training.micro_batch_size="$1" --training.global_batch_size="$1" \
-    --training.attention_backend="$2" --logging.out_dir="$dir" ${TF_ARGS:-} > "$dir.log" 2>&1
+    --training.attention_backend="$attention" --training.mlp_backend="$mlp" --logging.out_dir="$dir" \
+    ${TF_ARGS:-} > "$dir.log" 2>&1
   echo "threefold micro-batch $1 $2 rc=$? ($(( $(date +%s) - t0 )) s): $(grep "^done" "$dir.log")"
-  cp "$dir/metrics.jsonl" "$out/$(basename "$dir").jsonl"
+  grep -iE "error|Traceback" "$dir.log" | head -5
+  cp "$dir.log" "$out/"; cp "$dir/metrics.jsonl" "$out/$(basename "$dir").jsonl"
 }
 while :; do
   for b in $batches; do
