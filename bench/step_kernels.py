@@ -6,9 +6,12 @@
 - the loss's element-wise work on one chunk of logits: threefold.model.loss's two Triton kernels (the
   row max and sum of exponentials in one read, then the logits' gradient over the logits) against the
   three kernels torch.compile made of the same math (row max; target and sum; gradient), used until
-  2026-12-04.
+  2026-12-04, and against one rank's fused kernel (`one_rank_kernel`: both passes over a row in one
+  program, few programs in flight so that the second read finds the row in L2) at several numbers of
+  programs per SM, warps and block sizes.
 
 Usage (from the repo root, on a GPU): PYTHONPATH=. python bench/step_kernels.py [--tokens 16384]
+[--parts projections,loss] [--rounds 3]
 Prints milliseconds per call (CUDA events, median of 20 after 5 warm-up calls), TFLOP/s for the GEMMs
 and GB/s for the element-wise kernels, and the largest difference of each alternative from the original.
 """
@@ -16,9 +19,11 @@ and GB/s for the element-wise kernels, and the largest difference of each altern
 from __future__ import annotations
 
 import argparse
+import statistics
+from collections.abc import Callable
 
 import torch
-from cuda_timing import median_ms
+from cuda_timing import median_ms, rounds_ms
 
 from threefold.model import loss as loss_module
 
@@ -117,6 +122,57 @@ def loss_kernels(rows: int, vocab: int) -> None:
     print(f"| Triton, two kernels | {ms:.3f} ({rate}) | {loss_diff:.2e} | {grad_diff:.3g} |")
 
 
+def one_rank_kernel(rows: int, vocab: int, rounds: int) -> None:
+    """One rank's fused loss kernel against the two kernels, each setting of it timed `rounds` times with
+    the order turned each round (`rounds_ms`); GB/s counts one read and one write of the logits, what the
+    fused kernel moves when its second read hits L2."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    logits = (torch.randn(rows, vocab, device=dev) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device=dev)
+    owned = torch.ones(rows, dtype=torch.bool, device=dev)
+    scale, work = 1.0 / rows, logits.clone()
+    settings = {"two kernels": None} | {
+        f"fused, {p}/SM, {w} warps, block {b}": (p, w, b)
+        for p in (1, 2, 4, 64)  # 64 per SM: one program a row at llama-1b
+        for w in (8, 16, 32)
+        for b in (4096, 8192)
+    }
+    _, two_grad = loss_module._kernel_chunk(work, targets, owned, vocab, scale, work.dtype, _none, _none)
+    assert two_grad is not None
+    expected = two_grad.clone()
+
+    def run(setting: tuple[int, int, int] | None) -> Callable[[], object]:
+        def call() -> object:
+            work.copy_(logits)  # timed too, the same for every setting: subtracted below
+            if setting is None:
+                return loss_module._kernel_chunk(work, targets, owned, vocab, scale, work.dtype, _none, _none)
+            per_sm, warps, block = setting
+            saved = loss_module.ONE_RANK_PROGRAMS_PER_SM, loss_module.ONE_RANK_WARPS, loss_module.BLOCK
+            loss_module.ONE_RANK_PROGRAMS_PER_SM, loss_module.ONE_RANK_WARPS, loss_module.BLOCK = setting
+            try:
+                return loss_module._kernel_chunk(work, targets, owned, vocab, scale, work.dtype, None, None)
+            finally:
+                loss_module.ONE_RANK_PROGRAMS_PER_SM, loss_module.ONE_RANK_WARPS, loss_module.BLOCK = saved
+
+        return call
+
+    for name, setting in settings.items():  # each setting's gradient against the two kernels'
+        run(setting)()
+        diff = (work.float() - expected.float()).abs().max().item()
+        assert diff <= 2e-3 * scale, (name, diff)
+    copy_ms = median_ms(lambda: work.copy_(logits))
+    times = rounds_ms({name: run(s) for name, s in settings.items()}, rounds)
+    size = logits.numel() * logits.element_size() / 1e9
+    print(f"\none rank's loss chunk ({rows}, {vocab}) bf16, {rounds} rounds (the copy of the logits each")
+    print(f"call needs, {copy_ms:.3f} ms, subtracted):\n")
+    print("| kernel | ms (median of rounds) | range | GB/s (1 read + 1 write) |\n|---|---:|---:|---:|")
+    for name, ms_list in times.items():
+        ms = statistics.median(ms_list) - copy_ms
+        spread = f"{min(ms_list) - copy_ms:.3f}-{max(ms_list) - copy_ms:.3f}"
+        print(f"| {name} | {ms:.3f} | {spread} | {2 * size / ms * 1e3:.0f} |")
+
+
 def _none(t: torch.Tensor) -> None:
     """No reduction: one rank holds the whole vocabulary."""
 
@@ -124,13 +180,20 @@ def _none(t: torch.Tensor) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=16384, help="tokens in the micro-batch (8 x 2048)")
+    parser.add_argument("--parts", default="projections,loss", help="which parts, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the one-rank kernel's settings")
     args = parser.parse_args()
+    parts = args.parts.split(",")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.tokens} tokens\n")
-    print("| GEMMs | separate ms | TFLOP/s | one GEMM ms (with the cat) | TFLOP/s |")
-    print("|---|---:|---:|---:|---:|")
-    projections(args.tokens, 2048, [2048, 512, 512])
-    projections(args.tokens, 2048, [8192, 8192])
-    loss_kernels(min(args.tokens, 2**30 // 128256), 128256)
+    if "projections" in parts:
+        print("| GEMMs | separate ms | TFLOP/s | one GEMM ms (with the cat) | TFLOP/s |")
+        print("|---|---:|---:|---:|---:|")
+        projections(args.tokens, 2048, [2048, 512, 512])
+        projections(args.tokens, 2048, [8192, 8192])
+    if "loss" in parts:
+        rows = min(args.tokens, 2**30 // 128256)
+        loss_kernels(rows, 128256)
+        one_rank_kernel(rows, 128256, args.rounds)
 
 
 if __name__ == "__main__":

@@ -188,8 +188,34 @@ import test_layers
 for case in test_layers.CROSS_ENTROPY_CASES:
     run_ranks(case[0], test_layers._linear_cross_entropy, *case[1:], True)
 run_ranks(1, test_layers._ce_bf16, True)
+test_layers._one_rank_kernel_against_two()
 print("all cases passed")
 """
+
+
+def _one_rank_kernel_against_two() -> None:
+    """One rank's fused kernel (no reductions) against the two kernels that TP ranks run, given reductions
+    that do nothing: the same loss and gradient on one chunk, fp32 and bf16, with padding columns, a row
+    whose target another rank would own, and programs that take two rows and one."""
+    torch.manual_seed(5)
+    loss_module.BLOCK = 8  # several blocks a row, the last valid one part padding
+    rows, cols, num_valid = 5, 40, 37
+    targets = torch.randint(0, num_valid, (rows,))
+    owned = torch.ones(rows, dtype=torch.bool)
+    owned[2] = False
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(rows, cols) * 4).to(dtype)
+        logits[:, num_valid:] = 1e4  # junk in the padding: neither read as a logit nor given a gradient
+        fused = loss_module._kernel_chunk(logits.clone(), targets, owned, num_valid, 0.25, dtype, None, None)
+        two = loss_module._kernel_chunk(
+            logits.clone(), targets, owned, num_valid, 0.25, dtype, lambda t: None, lambda t: None
+        )
+        assert fused[1] is not None and two[1] is not None
+        torch.testing.assert_close(fused[0], two[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused[1], two[1], rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-7)
+        assert torch.all(fused[1][:, num_valid:] == 0)
+        # the row another rank owns gets no one-hot: its gradient is the softmax alone, all positive
+        assert torch.all(fused[1][2, :num_valid] > 0) and (fused[1][0, :num_valid] < 0).sum() == 1
 
 
 def test_linear_cross_entropy_through_the_triton_kernels():

@@ -73,3 +73,51 @@ def scaled_sum_kernel(
     if HAS_FACTOR:
         total = total * tl.load(factor)
     tl.store(out + offsets, total.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def one_rank_kernel(
+    logits,
+    out,
+    row_stride,
+    hot_col,
+    row_loss,
+    scale,
+    rows,
+    num_valid,
+    num_cols,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    VALID_BLOCKS: tl.constexpr,
+    BLOCKS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Where one rank holds the whole vocabulary, both kernels above in one: for each of its rows (row
+    program_id, then every num_programs-th), the max and sum of exponentials over the first num_valid
+    logits, the row's loss log(sum) - (logits[hot] - max) (log(sum) where hot is -1), then the gradient
+    written as grad_kernel writes it. The row's second read follows its first within one program, so with
+    few programs in flight (one or two per SM) the logits are still in L2 and HBM sees them once."""
+    offsets = tl.arange(0, BLOCK)
+    for i in range(0, ROWS_PER_PROGRAM):
+        row = tl.program_id(0) + i * tl.num_programs(0)
+        if row < rows:
+            base = row.to(tl.int64) * row_stride
+            running_max = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+            running_sum = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+            for block in range(0, VALID_BLOCKS):
+                cols = block * BLOCK + offsets
+                x = tl.load(logits + base + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
+                new_max = tl.maximum(running_max, tl.max(x, axis=0))
+                rescaled = running_sum * tl.exp(running_max - new_max)
+                running_sum = rescaled + tl.sum(tl.exp(x - new_max), axis=0)
+                running_max = new_max
+            hot = tl.load(hot_col + row)
+            target = tl.load(logits + base + tl.maximum(hot, 0)).to(tl.float32) - running_max
+            target = tl.where(hot >= 0, target, 0.0)
+            log_sum = tl.log(running_sum)
+            tl.store(row_loss + row, log_sum - target)
+            log_norm = running_max + log_sum
+            for block in range(0, BLOCKS):
+                cols = block * BLOCK + offsets
+                x = tl.load(logits + base + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
+                g = (tl.exp(x - log_norm) - tl.where(cols == hot, 1.0, 0.0)) * scale
+                tl.store(out + base + cols, g.to(out.dtype.element_ty), mask=cols < num_cols)

@@ -49,9 +49,15 @@ from threefold.parallel import track
 from threefold.parallel.main_grad import kernel_runs_on
 
 Reduce = Callable[[torch.Tensor], None]
+"""An all-reduce over the TP group, in place; None where one rank holds the whole vocabulary."""
 
 BLOCK = 4096
 """Logits per Triton program (16 per thread of 8 warps)."""
+ONE_RANK_PROGRAMS_PER_SM = 1
+"""One rank's fused kernel (`one_rank_kernel`): programs in flight per SM, each taking its rows one at a
+time, so that a row read for its max and sum is still in L2 when it is read again for its gradient."""
+ONE_RANK_WARPS = 16
+"""Warps of each of those programs."""
 
 GRAD_FORMAT = float8.E5M2
 """The float8 format of the logits' gradient (float8 output layer)."""
@@ -67,41 +73,62 @@ def _kernel_chunk(
     num_valid: int,
     scale: float,
     grad_dtype: torch.dtype | None,
-    reduce_max: Reduce,
-    reduce_sums: Reduce,
+    reduce_max: Reduce | None,
+    reduce_sums: Reduce | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same result through two Triton kernels (CUDA, or the CPU under Triton's interpreter): one read
     of the bf16 logits for each row's max and sum of exponentials together, one read and write for the
     gradient, written over the logits (the chunk's fresh GEMM output, needed no more) where it keeps
-    their dtype, else into a new tensor of `grad_dtype`."""
-    from threefold.model._loss_kernels import grad_kernel, row_stats_kernel  # imports triton
+    their dtype, else into a new tensor of `grad_dtype`. On one rank (no reductions) with a gradient to
+    write, both in one kernel whose second read of a row finds it in L2 (`one_rank_kernel`)."""
+    from threefold.model._loss_kernels import grad_kernel, one_rank_kernel, row_stats_kernel  # triton
 
     logits = logits.contiguous()
     rows, cols = logits.shape
+    hot = local_targets.masked_fill(~owned, -1)  # no column is -1: no one-hot on the other ranks' targets
+    if reduce_max is None and reduce_sums is None and grad_dtype is not None and rows > 0:
+        out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
+        row_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        programs = min(rows, ONE_RANK_PROGRAMS_PER_SM * _multiprocessors(logits.device))
+        one_rank_kernel[(programs,)](
+            logits, out, logits.stride(0), hot, row_loss, scale, rows, num_valid, cols,
+            ROWS_PER_PROGRAM=-(-rows // programs), VALID_BLOCKS=-(-num_valid // BLOCK),
+            BLOCKS=-(-cols // BLOCK), BLOCK=BLOCK, num_warps=ONE_RANK_WARPS,
+        )  # fmt: skip
+        return row_loss.sum(), out
     local_max = torch.empty(rows, dtype=torch.float32, device=logits.device)
     local_sum = torch.empty_like(local_max)
     stats_args = (logits, logits.stride(0), local_max, local_sum, num_valid)
     row_stats_kernel[(rows,)](*stats_args, BLOCKS=-(-num_valid // BLOCK), BLOCK=BLOCK, num_warps=8)
     row_max = local_max.clone()
-    reduce_max(row_max)
+    if reduce_max is not None:
+        reduce_max(row_max)
     # Each rank summed exp(logit - its own max): rescaled to the global max (a factor of 1 on one rank; 0
     # on a rank whose columns are all padding, whose max is -inf and sum 0).
     sum_exp = local_sum * torch.exp(local_max - row_max)
     rows_index = torch.arange(rows, device=logits.device)
     target = (logits[rows_index, local_targets].float() - row_max).masked_fill(~owned, 0.0)
     both = torch.stack([target, sum_exp])
-    reduce_sums(both)
+    if reduce_sums is not None:
+        reduce_sums(both)
     loss = (both[1].log() - both[0]).sum()
     if grad_dtype is None:
         return loss, None
     log_norm = row_max + both[1].log()
-    hot = local_targets.masked_fill(~owned, -1)  # no column is -1: no one-hot on the other ranks' targets
     grid = (rows, -(-cols // BLOCK))
     out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
     grad_kernel[grid](
         logits, out, logits.stride(0), log_norm, hot, scale, num_valid, cols, BLOCK=BLOCK, num_warps=8
     )
     return loss, out
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The device's SM count; 2 on the CPU (Triton's interpreter), so that the tests' programs take
+    several rows each."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _eager_chunk(
@@ -111,8 +138,8 @@ def _eager_chunk(
     num_valid: int,
     scale: float,
     grad_dtype: torch.dtype | None,
-    reduce_max: Reduce,
-    reduce_sums: Reduce,
+    reduce_max: Reduce | None,
+    reduce_sums: Reduce | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same result without a compiler: in place on one fp32 buffer, the fewest passes over it.
 
@@ -122,13 +149,15 @@ def _eager_chunk(
     if num_valid < work.shape[-1]:
         work[:, num_valid:] = float("-inf")  # padding columns are never predicted
     row_max = work.amax(dim=-1)
-    reduce_max(row_max)
+    if reduce_max is not None:
+        reduce_max(row_max)
     work.sub_(row_max.unsqueeze(-1))
     rows = torch.arange(work.shape[0], device=work.device)
     target = work[rows, local_targets].masked_fill(~owned, 0.0)
     work.exp_()
     both = torch.stack([target, work.sum(dim=-1)])
-    reduce_sums(both)
+    if reduce_sums is not None:
+        reduce_sums(both)
     loss = (both[1].log() - both[0]).sum()
     if grad_dtype is None:
         return loss, None
@@ -197,15 +226,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab_start = dist.get_rank(group) * local_vocab
         num_valid = min(max(vocab_size - vocab_start, 0), local_vocab)
 
-        def reduce_max(t: torch.Tensor) -> None:
-            if world > 1:
-                with track.collective(group, "all_reduce(logit max)"):
-                    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        def all_reduce_max(t: torch.Tensor) -> None:
+            with track.collective(group, "all_reduce(logit max)"):
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
 
-        def reduce_sums(t: torch.Tensor) -> None:
-            if world > 1:
-                with track.collective(group, "all_reduce(softmax sums)"):
-                    dist.all_reduce(t, group=group)
+        def all_reduce_sums(t: torch.Tensor) -> None:
+            with track.collective(group, "all_reduce(softmax sums)"):
+                dist.all_reduce(t, group=group)
+
+        reduce_max: Reduce | None = all_reduce_max if world > 1 else None
+        reduce_sums: Reduce | None = all_reduce_sums if world > 1 else None
 
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kernels = compiled and kernel_runs_on(x.device)
