@@ -1,0 +1,44 @@
+# Call C (fortieth session): one rank's fused loss kernel (`one_rank_kernel` in threefold/model/_loss_kernels.py)
+# on a GPU. After call A (bench/results/issue18-2026-12-05-s18/callA.sh, carrying .fa4a) on the same warm
+# machine, or after call B there; this call carries .fa4b and data/fp8-small. The GPU tests of the loss
+# kernels, `bench/step_kernels.py --parts loss` (the fused kernel's settings against the two kernels), then
+# `threefold train` at micro-batch 8 with FA4 and the QuACK MLP, the fused kernel against the two kernels
+# (this machine's copy of threefold/model/loss.py rewritten so that one rank takes the two kernels, restored
+# after), alternating, while under 520 s; power and SM clock once a second. Everything lands under $OUT as it
+# goes. Run as `bash <this> 2>&1 | tee $OUT/output.txt` from the repository root.
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+. bench/fa4_unpack.sh .fa4b/part /tmp/fa4env || exit
+out=${OUT:-/tmp/s40c}; mkdir -p "$out"
+src=threefold/model/loss.py
+cp "$src" /tmp/loss.fused.py
+python3 - "$src" /tmp/loss.two.py <<'PY'
+import sys
+text = open(sys.argv[1]).read()
+old = "if reduce_max is None and reduce_sums is None and grad_dtype is not None and rows > 0:"
+assert text.count(old) == 1
+open(sys.argv[2], "w").write(text.replace(old, "if False:"))
+PY
+[ -s /tmp/loss.two.py ] || exit 5
+nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm --format=csv,noheader -l 1 > "$out/smi.csv" 2>&1 &
+smi=$!
+timeout 150 python3 -m pytest -o addopts="" --tb=short -p no:logging -p no:cacheprovider -m gpu -q \
+  tests/test_gpu.py tests/test_gpu_fp8.py -k "compiled_loss or output_layer or quack" 2>&1 | tail -15
+echo "tests done ($(( $(date +%s) - t0 )) s)"
+timeout 150 python3 bench/step_kernels.py --parts loss --rounds 3 2>&1 | tee "$out/step_kernels.txt"
+echo "bench done ($(( $(date +%s) - t0 )) s)"
+for run in ${RUNS:-fused two fused two fused two}; do
+  cp "/tmp/loss.$run.py" "$src"
+  dir=/tmp/train8-$run-$(date +%s)
+  timeout 120 python3 -m threefold train bench/fp8_loss.toml --training.max_steps=70 \
+    --training.micro_batch_size=8 --training.global_batch_size=8 --data.path=data/fp8-small \
+    --training.mlp_backend=quack --training.attention_backend=fa4 --logging.out_dir="$dir" > "$dir.log" 2>&1
+  echo "$run rc=$? ($(( $(date +%s) - t0 )) s): $(grep "^done" "$dir.log")"
+  grep -iE "error|Traceback" "$dir.log" | head -5
+  cp "$dir.log" "$out/"; cp "$dir/metrics.jsonl" "$out/$(basename "$dir").jsonl" 2>/dev/null
+  cp /tmp/loss.fused.py "$src"
+  [ $(( $(date +%s) - t0 )) -lt 460 ] || break
+done
+kill $smi
+echo "total $(( $(date +%s) - t0 )) s"
