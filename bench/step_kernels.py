@@ -171,6 +171,8 @@ def one_rank_kernel(rows: int, vocab: int, rounds: int) -> None:
         ms = statistics.median(ms_list) - copy_ms
         spread = f"{min(ms_list) - copy_ms:.3f}-{max(ms_list) - copy_ms:.3f}"
         print(f"| {name} | {ms:.3f} | {spread} | {2 * size / ms * 1e3:.0f} |")
+    best = min((n for n in times if settings[n] is not None), key=lambda n: statistics.median(times[n]))
+    print("\nfastest fused setting (programs per SM, warps, block):", *settings[best])  # type: ignore[misc]
 
 
 def _none(t: torch.Tensor) -> None:

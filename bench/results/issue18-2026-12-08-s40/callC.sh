@@ -1,11 +1,12 @@
-# Call C (fortieth session): one rank's fused loss kernel (`one_rank_kernel` in threefold/model/_loss_kernels.py)
+# Call C (fortieth session): one rank's fused loss kernel (`one_rank_kernel`, threefold/model/_loss_kernels.py)
 # on a GPU. After call A (bench/results/issue18-2026-12-05-s18/callA.sh, carrying .fa4a) on the same warm
 # machine, or after call B there; this call carries .fa4b and data/fp8-small. The GPU tests of the loss
-# kernels, `bench/step_kernels.py --parts loss` (the fused kernel's settings against the two kernels), then
-# `threefold train` at micro-batch 8 with FA4 and the QuACK MLP, the fused kernel against the two kernels
-# (this machine's copy of threefold/model/loss.py rewritten so that one rank takes the two kernels, restored
-# after), alternating, while under 520 s; power and SM clock once a second. Everything lands under $OUT as it
-# goes. Run as `bash <this> 2>&1 | tee $OUT/output.txt` from the repository root.
+# kernels; `bench/step_kernels.py --parts loss` (the fused kernel's settings against the two kernels); then
+# `threefold train` at micro-batch 8 with FA4 and the QuACK MLP, the fused kernel at the fastest setting
+# found against the two kernels (this machine's copy of threefold/model/loss.py rewritten so that one rank
+# takes the two kernels, restored after), alternating while under 460 s; power and SM clock once a second.
+# Everything lands under $OUT as it goes. Run as `bash <this> 2>&1 | tee $OUT/output.txt` from the
+# repository root.
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 . bench/fa4_unpack.sh .fa4b/part /tmp/fa4env || exit
@@ -28,6 +29,13 @@ timeout 150 python3 -m pytest -o addopts="" --tb=short -p no:logging -p no:cache
 echo "tests done ($(( $(date +%s) - t0 )) s)"
 timeout 150 python3 bench/step_kernels.py --parts loss --rounds 3 2>&1 | tee "$out/step_kernels.txt"
 echo "bench done ($(( $(date +%s) - t0 )) s)"
+# the training runs' fused kernel takes the fastest setting found above (FUSED="per_sm warps block" overrides)
+set -- ${FUSED:-$(grep "^fastest fused setting" "$out/step_kernels.txt" | awk '{print $(NF-2), $(NF-1), $NF}')}
+if [ $# -eq 3 ]; then
+  sed -i -e "s/^ONE_RANK_PROGRAMS_PER_SM = .*/ONE_RANK_PROGRAMS_PER_SM = $1/" \
+    -e "s/^ONE_RANK_WARPS = .*/ONE_RANK_WARPS = $2/" -e "s/^BLOCK = .*/BLOCK = $3/" /tmp/loss.fused.py
+fi
+grep -E "^(ONE_RANK_PROGRAMS_PER_SM|ONE_RANK_WARPS|BLOCK) = " /tmp/loss.fused.py
 for run in ${RUNS:-fused two fused two fused two}; do
   cp "/tmp/loss.$run.py" "$src"
   dir=/tmp/train8-$run-$(date +%s)
