@@ -1,14 +1,57 @@
 # Call B (fortieth session): after call A (bench/results/issue18-2026-12-05-s18/callA.sh, carrying .fa4a) on
-# the same warm machine; this call carries .fa4b, .tt and data/fp8-small. TorchTitan v0.2.2 beside
-# threefold at batch 8 (bench/torchtitan_side_by_side.sh 8), threefold with FA4 and the QuACK MLP (stacked
-# layout, main's), then FA4 with the default MLP, rounds repeated while under ROUND_S seconds (default 200
-# here); power and SM clock once a second. Everything is written under $OUT as it goes, so a run cut short
-# still returns what finished. Run as `bash <this> 2>&1 | tee $OUT/output.txt` from the repository root.
+# the same warm machine; this call carries .fa4b, .tt and data/fp8-small. In one call, since machines came
+# rarely: the GPU tests of the loss kernels and the QuACK MLP; `bench/step_kernels.py --parts loss` (one
+# rank's fused loss kernel, `one_rank_kernel`, at several settings against the two kernels); TorchTitan
+# v0.2.2 beside threefold with FA4, the QuACK MLP and the fused kernel at the fastest setting found
+# (bench/torchtitan_side_by_side.sh 8, one round); then `threefold train` with the two kernels (this
+# machine's copy of threefold/model/loss.py rewritten so that one rank takes them, restored after) and with
+# the fused kernel, alternating while under 470 s. Micro-batch 8, llama-1b, seq 2048; power and SM clock once
+# a second. Everything lands under $OUT as it goes. Run as `bash <this> 2>&1 | tee $OUT/output.txt` from the
+# repository root.
 export PYTHONUNBUFFERED=1
+t0=$(date +%s)
 . bench/fa4_unpack.sh .fa4b/part /tmp/fa4env || exit
 out=${OUT:-/tmp/s40b}; mkdir -p "$out"
+src=threefold/model/loss.py
+cp "$src" /tmp/loss.fused.py
+python3 - "$src" /tmp/loss.two.py <<'PY'
+import sys
+text = open(sys.argv[1]).read()
+old = "if reduce_max is None and reduce_sums is None and grad_dtype is not None and rows > 0:"
+assert text.count(old) == 1
+open(sys.argv[2], "w").write(text.replace(old, "if False:"))
+PY
+[ -s /tmp/loss.two.py ] || exit 5
+nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm --format=csv,noheader -l 1 > "$out/smi.csv" 2>&1 &
 smi=$!
-TF_ARGS="--data.path=data/fp8-small" BACKENDS="fa4:quack fa4" ROUND_S=${ROUND_S:-200} \
-  OUT=$out/side bash bench/torchtitan_side_by_side.sh 8
+timeout 150 python3 -m pytest -o addopts="" --tb=short -p no:logging -p no:cacheprovider -m gpu -q \
+  tests/test_gpu.py tests/test_gpu_fp8.py -k "compiled_loss or output_layer or quack" 2>&1 | tail -15
+echo "tests done ($(( $(date +%s) - t0 )) s)"
+timeout 120 python3 bench/step_kernels.py --parts loss --rounds 3 > "$out/step_kernels.txt" 2>&1
+tail -45 "$out/step_kernels.txt"
+echo "bench done ($(( $(date +%s) - t0 )) s)"
+# the fused kernel takes the fastest setting found above (FUSED="per_sm warps block" overrides)
+set -- ${FUSED:-$(grep "^fastest fused setting" "$out/step_kernels.txt" | awk '{print $(NF-2), $(NF-1), $NF}')}
+if [ $# -eq 3 ]; then
+  sed -i -e "s/^ONE_RANK_PROGRAMS_PER_SM = .*/ONE_RANK_PROGRAMS_PER_SM = $1/" \
+    -e "s/^ONE_RANK_WARPS = .*/ONE_RANK_WARPS = $2/" -e "s/^BLOCK = .*/BLOCK = $3/" /tmp/loss.fused.py
+fi
+grep -E "^(ONE_RANK_PROGRAMS_PER_SM|ONE_RANK_WARPS|BLOCK) = " /tmp/loss.fused.py
+cp /tmp/loss.fused.py "$src"
+TF_ARGS="--data.path=data/fp8-small" BACKENDS="fa4:quack" ROUND_S=1 OUT=$out/side \
+  bash bench/torchtitan_side_by_side.sh 8
+for run in ${RUNS:-two fused two fused two}; do
+  [ $(( $(date +%s) - t0 )) -lt 470 ] || break
+  cp "/tmp/loss.$run.py" "$src"
+  dir=/tmp/train8-$run-$(date +%s)
+  timeout 120 python3 -m threefold train bench/fp8_loss.toml --training.max_steps=70 \
+    --training.micro_batch_size=8 --training.global_batch_size=8 --data.path=data/fp8-small \
+    --training.mlp_backend=quack --training.attention_backend=fa4 --logging.out_dir="$dir" > "$dir.log" 2>&1
+  echo "$run rc=$? ($(( $(date +%s) - t0 )) s): $(grep "^done" "$dir.log")"
+  grep -iE "error|Traceback" "$dir.log" | head -5
+  cp "$dir.log" "$out/"; cp "$dir/metrics.jsonl" "$out/$(basename "$dir").jsonl" 2>/dev/null
+  cp /tmp/loss.fused.py "$src"
+done
 kill $smi
+echo "total $(( $(date +%s) - t0 )) s"
