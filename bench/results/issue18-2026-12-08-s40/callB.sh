@@ -1,6 +1,6 @@
 # Call B (fortieth session): after call A (bench/results/issue18-2026-12-05-s18/callA.sh, carrying .fa4a) on
-# the same warm machine; this call carries .fa4b, .tt and data/fp8-small. In one call, since machines came
-# rarely: the GPU tests of the loss kernels and the QuACK MLP; `bench/step_kernels.py --parts loss` (one
+# the same warm machine; this call carries .fa4b, .tt and data/fp8-small. In one call, since machines come
+# rarely: the GPU tests of the loss kernels; `bench/step_kernels.py --parts loss` (one
 # rank's fused loss kernel, `one_rank_kernel`, at several settings against the two kernels); TorchTitan
 # v0.2.2 beside threefold with FA4, the QuACK MLP and the fused kernel at the fastest setting found
 # (bench/torchtitan_side_by_side.sh 8, one round); then `threefold train` with the two kernels (this
@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,driver_version --format=cs
 nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm --format=csv,noheader -l 1 > "$out/smi.csv" 2>&1 &
 smi=$!
 timeout 150 python3 -m pytest -o addopts="" --tb=short -p no:logging -p no:cacheprovider -m gpu -q \
-  tests/test_gpu.py tests/test_gpu_fp8.py -k "compiled_loss or output_layer or quack" 2>&1 | tail -15
+  tests/test_gpu.py tests/test_gpu_fp8.py -k "compiled_loss or output_layer" 2>&1 | tail -15
 echo "tests done ($(( $(date +%s) - t0 )) s)"
 timeout 120 python3 bench/step_kernels.py --parts loss --rounds 3 > "$out/step_kernels.txt" 2>&1
 tail -45 "$out/step_kernels.txt"
