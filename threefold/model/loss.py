@@ -17,7 +17,10 @@ took three passes, the max and the sum apart, and divided for the softmax: on on
 llama-1b (8371 x 128256 bf16 logits) took 3.23 ms that way and 1.77 ms here (bench/step_kernels.py,
 docs/benchmarks.md); the gradient taking the logits' memory also lowers the peak by one chunk of logits
 (1.9 GiB at micro-batch 8). Each rank's sum is taken at its own max, then rescaled to the all-reduced
-one. Elsewhere the same math runs in place on one fp32 buffer (`_eager_chunk`).
+one. Where one rank holds the whole vocabulary there is nothing to all-reduce between the two passes, and
+one kernel makes both (`one_rank_kernel`): a few programs in flight per SM, each taking its rows one by
+one, so that a row's second read comes from L2 rather than HBM. Elsewhere the same math runs in place on
+one fp32 buffer (`_eager_chunk`).
 
 With training.fp8_output_layer the chunk's three GEMMs run in float8 (threefold.parallel.fp8): x and the
 weight in e4m3, scaled per row or column as the rowwise recipe scales the layers' operands whatever recipe the
