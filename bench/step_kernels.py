@@ -147,13 +147,15 @@ def one_rank_kernel(rows: int, vocab: int, rounds: int) -> None:
             work.copy_(logits)  # timed too, the same for every setting: subtracted below
             if setting is None:
                 return loss_module._kernel_chunk(work, targets, owned, vocab, scale, work.dtype, _none, _none)
-            per_sm, warps, block = setting
-            saved = loss_module.ONE_RANK_PROGRAMS_PER_SM, loss_module.ONE_RANK_WARPS, loss_module.BLOCK
-            loss_module.ONE_RANK_PROGRAMS_PER_SM, loss_module.ONE_RANK_WARPS, loss_module.BLOCK = setting
+            names = ("ONE_RANK_KERNEL", "ONE_RANK_PROGRAMS_PER_SM", "ONE_RANK_WARPS", "BLOCK")
+            saved = [getattr(loss_module, name) for name in names]
+            for name, value in zip(names, (True, *setting), strict=True):
+                setattr(loss_module, name, value)
             try:
                 return loss_module._kernel_chunk(work, targets, owned, vocab, scale, work.dtype, None, None)
             finally:
-                loss_module.ONE_RANK_PROGRAMS_PER_SM, loss_module.ONE_RANK_WARPS, loss_module.BLOCK = saved
+                for name, value in zip(names, saved, strict=True):
+                    setattr(loss_module, name, value)
 
         return call
 

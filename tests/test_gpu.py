@@ -148,12 +148,14 @@ def test_gradients_move_into_main_grad_through_the_kernel_as_through_torch(dtype
 # --- The compiled loss: torch.compile's fused kernels give the eager chunk's loss and gradients --------
 
 
+@pytest.mark.parametrize("one_rank_kernel", [False, True], ids=["two-kernels", "one-rank-kernel"])
 @pytest.mark.parametrize(
     "dtype,chunks", [(torch.float32, 1), (torch.bfloat16, 4)], ids=["fp32-1chunk", "bf16-4chunks"]
 )
-def test_compiled_loss_matches_eager(mesh, monkeypatch, dtype, chunks):
+def test_compiled_loss_matches_eager(mesh, monkeypatch, dtype, chunks, one_rank_kernel):
     n, h, vocab, rows = 256, 64, 1000, 1024  # 24 padding rows of the vocabulary, never predicted
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", n // chunks * rows)
+    monkeypatch.setattr(loss_module, "ONE_RANK_KERNEL", one_rank_kernel)  # one rank here: either path
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, h, generator=generator).to("cuda", dtype)
     weight = (torch.randn(rows, h, generator=generator) * 0.1).to("cuda", dtype)

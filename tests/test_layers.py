@@ -188,15 +188,21 @@ import test_layers
 for case in test_layers.CROSS_ENTROPY_CASES:
     run_ranks(case[0], test_layers._linear_cross_entropy, *case[1:], True)
 run_ranks(1, test_layers._ce_bf16, True)
+test_layers.loss_module.ONE_RANK_KERNEL = True  # one rank's fused kernel: the same cases, and against two
+for case in test_layers.CROSS_ENTROPY_CASES:
+    if case[0] == 1:
+        run_ranks(1, test_layers._linear_cross_entropy, *case[1:], True)
+run_ranks(1, test_layers._ce_bf16, True)
 test_layers._one_rank_kernel_against_two()
 print("all cases passed")
 """
 
 
 def _one_rank_kernel_against_two() -> None:
-    """One rank's fused kernel (no reductions) against the two kernels that TP ranks run, given reductions
-    that do nothing: the same loss and gradient on one chunk, fp32 and bf16, with padding columns, a row
-    whose target another rank would own, and programs that take two rows and one."""
+    """One rank's fused kernel (no reductions, ONE_RANK_KERNEL on) against the two kernels that TP ranks
+    run, given reductions that do nothing: the same loss and gradient on one chunk, fp32 and bf16, with
+    padding columns, a row whose target another rank would own, and programs that take two rows and one."""
+    assert loss_module.ONE_RANK_KERNEL
     torch.manual_seed(5)
     loss_module.BLOCK = 8  # several blocks a row, the last valid one part padding
     rows, cols, num_valid = 5, 40, 37
@@ -220,7 +226,8 @@ def _one_rank_kernel_against_two() -> None:
 
 def test_linear_cross_entropy_through_the_triton_kernels():
     """The same cases through the Triton kernels that run on the GPU (`compiled`), here under Triton's
-    interpreter on the CPU, in fp32, and one in bf16 (the gradient written over the bf16 logits)."""
+    interpreter on the CPU, in fp32, and one in bf16 (the gradient written over the bf16 logits); then
+    one rank's cases through its fused kernel (ONE_RANK_KERNEL)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(

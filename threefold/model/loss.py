@@ -18,9 +18,9 @@ llama-1b (8371 x 128256 bf16 logits) took 3.23 ms that way and 1.77 ms here (ben
 docs/benchmarks.md); the gradient taking the logits' memory also lowers the peak by one chunk of logits
 (1.9 GiB at micro-batch 8). Each rank's sum is taken at its own max, then rescaled to the all-reduced
 one. Where one rank holds the whole vocabulary there is nothing to all-reduce between the two passes, and
-one kernel makes both (`one_rank_kernel`): a few programs in flight per SM, each taking its rows one by
-one, so that a row's second read comes from L2 rather than HBM. Elsewhere the same math runs in place on
-one fp32 buffer (`_eager_chunk`).
+one kernel can make both (`one_rank_kernel`, behind ONE_RANK_KERNEL until measured): a few programs in
+flight per SM, each taking its rows one by one, so that a row's second read comes from L2 rather than
+HBM. Elsewhere the same math runs in place on one fp32 buffer (`_eager_chunk`).
 
 With training.fp8_output_layer the chunk's three GEMMs run in float8 (threefold.parallel.fp8): x and the
 weight in e4m3, scaled per row or column as the rowwise recipe scales the layers' operands whatever recipe the
@@ -56,6 +56,11 @@ Reduce = Callable[[torch.Tensor], None]
 
 BLOCK = 4096
 """Logits per Triton program (16 per thread of 8 warps)."""
+ONE_RANK_KERNEL = False
+"""Whether one rank (no TP all-reduces) runs its chunk through `one_rank_kernel` rather than the two kernels
+TP ranks run. Off until measured on a GPU (written 2026-12-08 without one: by the bytes it saves one read
+of the logits, 4.2 GB a step at llama-1b's micro-batch 8, if the second read hits L2;
+bench/step_kernels.py times its settings, bench/results/issue18-2026-12-08-s40/callB.sh the step)."""
 ONE_RANK_PROGRAMS_PER_SM = 1
 """One rank's fused kernel (`one_rank_kernel`): programs in flight per SM, each taking its rows one at a
 time, so that a row read for its max and sum is still in L2 when it is read again for its gradient."""
@@ -82,14 +87,14 @@ def _kernel_chunk(
     """The same result through two Triton kernels (CUDA, or the CPU under Triton's interpreter): one read
     of the bf16 logits for each row's max and sum of exponentials together, one read and write for the
     gradient, written over the logits (the chunk's fresh GEMM output, needed no more) where it keeps
-    their dtype, else into a new tensor of `grad_dtype`. On one rank (no reductions) with a gradient to
-    write, both in one kernel whose second read of a row finds it in L2 (`one_rank_kernel`)."""
+    their dtype, else into a new tensor of `grad_dtype`. With ONE_RANK_KERNEL, on one rank (no reductions)
+    with a gradient to write, both in one kernel whose second read of a row finds it in L2."""
     from threefold.model._loss_kernels import grad_kernel, one_rank_kernel, row_stats_kernel  # triton
 
     logits = logits.contiguous()
     rows, cols = logits.shape
     hot = local_targets.masked_fill(~owned, -1)  # no column is -1: no one-hot on the other ranks' targets
-    if reduce_max is None and reduce_sums is None and grad_dtype is not None and rows > 0:
+    if ONE_RANK_KERNEL and reduce_max is None and reduce_sums is None and grad_dtype is not None and rows:
         out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
         row_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
         programs = min(rows, ONE_RANK_PROGRAMS_PER_SM * _multiprocessors(logits.device))

@@ -1,27 +1,27 @@
-# Call B (fortieth session): after call A (bench/results/issue18-2026-12-05-s18/callA.sh, carrying .fa4a) on
-# the same warm machine; this call carries .fa4b, .tt and data/fp8-small. In one call, since machines come
-# rarely: the GPU tests of the loss kernels; `bench/step_kernels.py --parts loss` (one
-# rank's fused loss kernel, `one_rank_kernel`, at several settings against the two kernels); TorchTitan
-# v0.2.2 beside threefold with FA4, the QuACK MLP and the fused kernel at the fastest setting found
-# (bench/torchtitan_side_by_side.sh 8, one round); then `threefold train` with the two kernels (this
-# machine's copy of threefold/model/loss.py rewritten so that one rank takes them, restored after) and with
-# the fused kernel, alternating while under 470 s. Micro-batch 8, llama-1b, seq 2048; power and SM clock once
-# a second. Everything lands under $OUT as it goes. Run as `bash <this> 2>&1 | tee $OUT/output.txt` from the
-# repository root.
+# Call B (fortieth session; written, not run: no machine came): after call A
+# (bench/results/issue18-2026-12-05-s18/callA.sh, carrying .fa4a) on the same warm machine; this call carries
+# .fa4b, .tt and data/fp8-small. All in one call, since machines come rarely: the GPU tests of the loss
+# kernels (both paths); `bench/step_kernels.py --parts loss` (one rank's fused loss kernel, `one_rank_kernel`,
+# at several settings against the two kernels); TorchTitan v0.2.2 beside threefold with FA4 and the QuACK MLP
+# (bench/torchtitan_side_by_side.sh 8, one round); then `threefold train` with the fused kernel at the
+# fastest setting found (this machine's copy of threefold/model/loss.py rewritten with ONE_RANK_KERNEL on)
+# and with the two kernels (main's default), alternating while under 470 s. Micro-batch 8, llama-1b, seq
+# 2048; power and SM clock once a second. Everything lands under $OUT as it goes. Run as
+# `bash <this> 2>&1 | tee $OUT/output.txt` from the repository root.
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 . bench/fa4_unpack.sh .fa4b/part /tmp/fa4env || exit
 out=${OUT:-/tmp/s40b}; mkdir -p "$out"
 src=threefold/model/loss.py
-cp "$src" /tmp/loss.fused.py
-python3 - "$src" /tmp/loss.two.py <<'PY'
+cp "$src" /tmp/loss.two.py
+python3 - "$src" /tmp/loss.fused.py <<'PY'
 import sys
 text = open(sys.argv[1]).read()
-old = "if reduce_max is None and reduce_sums is None and grad_dtype is not None and rows > 0:"
+old = "ONE_RANK_KERNEL = False"
 assert text.count(old) == 1
-open(sys.argv[2], "w").write(text.replace(old, "if False:"))
+open(sys.argv[2], "w").write(text.replace(old, "ONE_RANK_KERNEL = True"))
 PY
-[ -s /tmp/loss.two.py ] || exit 5
+[ -s /tmp/loss.fused.py ] || exit 5
 nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm --format=csv,noheader -l 1 > "$out/smi.csv" 2>&1 &
 smi=$!
@@ -38,10 +38,9 @@ if [ $# -eq 3 ]; then
     -e "s/^ONE_RANK_WARPS = .*/ONE_RANK_WARPS = $2/" -e "s/^BLOCK = .*/BLOCK = $3/" /tmp/loss.fused.py
 fi
 grep -E "^(ONE_RANK_PROGRAMS_PER_SM|ONE_RANK_WARPS|BLOCK) = " /tmp/loss.fused.py
-cp /tmp/loss.fused.py "$src"
 TF_ARGS="--data.path=data/fp8-small" BACKENDS="fa4:quack" ROUND_S=1 OUT=$out/side \
   bash bench/torchtitan_side_by_side.sh 8
-for run in ${RUNS:-two fused two fused two}; do
+for run in ${RUNS:-fused two fused two fused}; do
   [ $(( $(date +%s) - t0 )) -lt 470 ] || break
   cp "/tmp/loss.$run.py" "$src"
   dir=/tmp/train8-$run-$(date +%s)
@@ -51,7 +50,7 @@ for run in ${RUNS:-two fused two fused two}; do
   echo "$run rc=$? ($(( $(date +%s) - t0 )) s): $(grep "^done" "$dir.log")"
   grep -iE "error|Traceback" "$dir.log" | head -5
   cp "$dir.log" "$out/"; cp "$dir/metrics.jsonl" "$out/$(basename "$dir").jsonl" 2>/dev/null
-  cp /tmp/loss.fused.py "$src"
+  cp /tmp/loss.two.py "$src"
 done
 kill $smi
 echo "total $(( $(date +%s) - t0 )) s"
