@@ -198,6 +198,31 @@ print("all cases passed")
 """
 
 
+@pytest.mark.parametrize(
+    "out,block,warps", [("*bf16", 4096, 16), ("*fp8e5", 4096, 16), ("*bf16", 16384, 32), ("*bf16", 8192, 8)]
+)
+def test_the_one_rank_kernel_compiles_for_hopper(out, block, warps):
+    """loss.one_rank_kernel compiled for sm_90 by Triton's own compiler (no GPU needed), with the argument
+    types the loss launches it with at llama-1b's chunk (8,371 rows of 128,256 logits): the bf16 gradient
+    over the logits, and the float8 output layer's e5m2 gradient; a few of the settings the bench times."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from threefold.model._loss_kernels import one_rank_kernel
+
+    values = {"logits": "*bf16", "out": out, "row_stride": "i32", "hot_col": "*i64", "row_loss": "*fp32",
+              "scale": "fp32", "rows": "i32", "num_valid": "i32", "num_cols": "i32"}  # fmt: skip
+    rows, vocab, programs = 8371, 128256, 132
+    constants = {"ROWS_PER_PROGRAM": -(-rows // programs), "VALID_BLOCKS": -(-vocab // block),
+                 "BLOCKS": -(-vocab // block), "BLOCK": block}  # fmt: skip
+    signature = {p.name: "constexpr" if p.is_constexpr else values[p.name] for p in one_rank_kernel.params}
+    source = ASTSource(fn=one_rank_kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("ld.global") >= 2 and "st.global" in ptx and "ex2.approx" in ptx
+
+
 def _one_rank_kernel_against_two() -> None:
     """One rank's fused kernel (no reductions, ONE_RANK_KERNEL on) against the two kernels that TP ranks
     run, given reductions that do nothing: the same loss and gradient on one chunk, fp32 and bf16, with
