@@ -147,7 +147,7 @@ def one_rank_kernel(rows: int, vocab: int, rounds: int) -> None:
             work.copy_(logits)  # timed too, the same for every setting: subtracted below
             if setting is None:
                 return loss_module._kernel_chunk(work, targets, owned, vocab, scale, work.dtype, _none, _none)
-            names = ("ONE_RANK_KERNEL", "ONE_RANK_PROGRAMS_PER_SM", "ONE_RANK_WARPS", "BLOCK")
+            names = ("ONE_RANK_KERNEL", "ONE_RANK_PROGRAMS_PER_SM", "ONE_RANK_WARPS", "ONE_RANK_BLOCK")
             saved = [getattr(loss_module, name) for name in names]
             for name, value in zip(names, (True, *setting), strict=True):
                 setattr(loss_module, name, value)

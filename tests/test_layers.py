@@ -145,7 +145,7 @@ def _linear_cross_entropy(rank: int, world: int, vocab: int, chunk_rows: int, ke
     local_w = padded_weight.chunk(world)[rank].clone().requires_grad_()
     local_x = x.clone().requires_grad_()
     loss_module.CHUNK_ELEMENTS = chunk_rows * local_w.shape[0]  # forked rank: no effect on other tests
-    loss_module.BLOCK = 8  # the kernels' rows span several blocks, the last one part padding
+    loss_module.BLOCK = loss_module.ONE_RANK_BLOCK = 8  # rows of several blocks, the last part padding
     loss = loss_module.linear_cross_entropy(
         copy_to_tp(local_x, dist.group.WORLD),
         local_w,
@@ -234,7 +234,7 @@ def _one_rank_kernel_against_two() -> None:
     padding columns, a row whose target another rank would own, and programs that take two rows and one."""
     assert loss_module.ONE_RANK_KERNEL
     torch.manual_seed(5)
-    loss_module.BLOCK = 8  # several blocks a row, the last valid one part padding
+    loss_module.BLOCK = loss_module.ONE_RANK_BLOCK = 8  # several blocks a row, the last part padding
     rows, cols, num_valid = 5, 40, 37
     targets = torch.randint(0, num_valid, (rows,))
     owned = torch.ones(rows, dtype=torch.bool)
@@ -301,7 +301,7 @@ def _ce_bf16(rank: int, world: int, kernels: bool) -> None:
     x = torch.randn(10, 16).bfloat16().requires_grad_()
     w = torch.randn(33, 16).bfloat16().requires_grad_()
     targets = torch.randint(0, 33, (10,))
-    loss_module.BLOCK = 8  # forked rank: several blocks a row
+    loss_module.BLOCK = loss_module.ONE_RANK_BLOCK = 8  # forked rank: several blocks a row
     loss = loss_module.linear_cross_entropy(
         x, w, targets, tp_group=dist.group.WORLD, vocab_size=33, compiled=kernels
     )

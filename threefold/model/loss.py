@@ -64,8 +64,11 @@ bench/step_kernels.py times its settings, bench/results/issue18-2026-12-08-s40/c
 ONE_RANK_PROGRAMS_PER_SM = 1
 """One rank's fused kernel (`one_rank_kernel`): programs in flight per SM, each taking its rows one at a
 time, so that a row read for its max and sum is still in L2 when it is read again for its gradient."""
-ONE_RANK_WARPS = 16
+ONE_RANK_WARPS = 32
 """Warps of each of those programs."""
+ONE_RANK_BLOCK = 16384
+"""Logits each of those programs reads at once: with one program per SM, 16 KB a program per pass of its
+loop, four 16-byte loads a thread in flight, where the two kernels' many programs keep HBM busy by number."""
 
 GRAD_FORMAT = float8.E5M2
 """The float8 format of the logits' gradient (float8 output layer)."""
@@ -100,8 +103,8 @@ def _kernel_chunk(
         programs = min(rows, ONE_RANK_PROGRAMS_PER_SM * _multiprocessors(logits.device))
         one_rank_kernel[(programs,)](
             logits, out, logits.stride(0), hot, row_loss, scale, rows, num_valid, cols,
-            ROWS_PER_PROGRAM=-(-rows // programs), VALID_BLOCKS=-(-num_valid // BLOCK),
-            BLOCKS=-(-cols // BLOCK), BLOCK=BLOCK, num_warps=ONE_RANK_WARPS,
+            ROWS_PER_PROGRAM=-(-rows // programs), VALID_BLOCKS=-(-num_valid // ONE_RANK_BLOCK),
+            BLOCKS=-(-cols // ONE_RANK_BLOCK), BLOCK=ONE_RANK_BLOCK, num_warps=ONE_RANK_WARPS,
         )  # fmt: skip
         return row_loss.sum(), out
     local_max = torch.empty(rows, dtype=torch.float32, device=logits.device)

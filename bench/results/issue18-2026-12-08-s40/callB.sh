@@ -35,9 +35,10 @@ echo "bench done ($(( $(date +%s) - t0 )) s)"
 set -- ${FUSED:-$(grep "^fastest fused setting" "$out/step_kernels.txt" | awk '{print $(NF-2), $(NF-1), $NF}')}
 if [ $# -eq 3 ]; then
   sed -i -e "s/^ONE_RANK_PROGRAMS_PER_SM = .*/ONE_RANK_PROGRAMS_PER_SM = $1/" \
-    -e "s/^ONE_RANK_WARPS = .*/ONE_RANK_WARPS = $2/" -e "s/^BLOCK = .*/BLOCK = $3/" /tmp/loss.fused.py
+    -e "s/^ONE_RANK_WARPS = .*/ONE_RANK_WARPS = $2/" -e "s/^ONE_RANK_BLOCK = .*/ONE_RANK_BLOCK = $3/" \
+    /tmp/loss.fused.py
 fi
-grep -E "^(ONE_RANK_PROGRAMS_PER_SM|ONE_RANK_WARPS|BLOCK) = " /tmp/loss.fused.py
+grep -E "^(ONE_RANK_PROGRAMS_PER_SM|ONE_RANK_WARPS|ONE_RANK_BLOCK) = " /tmp/loss.fused.py
 TF_ARGS="--data.path=data/fp8-small" BACKENDS="fa4:quack" ROUND_S=1 OUT=$out/side \
   bash bench/torchtitan_side_by_side.sh 8
 for run in ${RUNS:-fused two fused two fused}; do
