@@ -28,7 +28,7 @@ smi=$!
 timeout 150 python3 -m pytest -o addopts="" --tb=short -p no:logging -p no:cacheprovider -m gpu -q \
   tests/test_gpu.py tests/test_gpu_fp8.py -k "compiled_loss or output_layer" 2>&1 | tail -15
 echo "tests done ($(( $(date +%s) - t0 )) s)"
-timeout 120 python3 bench/step_kernels.py --parts loss --rounds 3 > "$out/step_kernels.txt" 2>&1
+timeout 150 python3 bench/step_kernels.py --parts loss --rounds 3 > "$out/step_kernels.txt" 2>&1
 tail -45 "$out/step_kernels.txt"
 echo "bench done ($(( $(date +%s) - t0 )) s)"
 # the fused kernel takes the fastest setting found above (FUSED="per_sm warps block" overrides)
