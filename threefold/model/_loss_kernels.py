@@ -5,39 +5,51 @@ import triton.language as tl
 
 
 @triton.jit
-def row_stats_kernel(
-    logits, row_stride, out_max, out_sum, num_valid, BLOCKS: tl.constexpr, BLOCK: tl.constexpr
-):
-    """Per row of (rows, >= num_valid) logits: the max of its first num_valid entries and the sum of
-    their exp(logit - max), in fp32, in one read (the max found so far rescales the running sum).
-    BLOCKS = cdiv(num_valid, BLOCK), a constant: Triton's interpreter cannot loop to a runtime bound."""
-    row = tl.program_id(0)
-    base = logits + row.to(tl.int64) * row_stride
+def _row_stats(row_logits, num_valid, BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+    """The max of a row's first num_valid logits and the sum of their exp(logit - max), in fp32, in one
+    read (the max found so far rescales the running sum). BLOCKS = cdiv(num_valid, BLOCK), a constant:
+    Triton's interpreter cannot loop to a runtime bound."""
     offsets = tl.arange(0, BLOCK)
     running_max = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
     running_sum = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     for block in range(0, BLOCKS):
         cols = block * BLOCK + offsets
-        x = tl.load(base + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_logits + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))  # finite: the block has a valid entry
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         running_max = new_max
-    tl.store(out_max + row, running_max)
-    tl.store(out_sum + row, running_sum)
+    return running_max, running_sum
+
+
+@triton.jit
+def _grad_block(row_logits, row_out, cols, log_norm, hot, scale, num_valid, num_cols):
+    """A row's columns `cols` of the gradient scale * (exp(logit - log_norm) - (col == hot)), 0 in the
+    padding columns from num_valid up to num_cols; row_out may be row_logits (each entry is read first)."""
+    x = tl.load(row_logits + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
+    g = (tl.exp(x - log_norm) - tl.where(cols == hot, 1.0, 0.0)) * scale
+    tl.store(row_out + cols, g.to(row_out.dtype.element_ty), mask=cols < num_cols)
+
+
+@triton.jit
+def row_stats_kernel(
+    logits, row_stride, out_max, out_sum, num_valid, BLOCKS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Per row of (rows, >= num_valid) logits: its max and sum of exponentials (`_row_stats`)."""
+    row = tl.program_id(0)
+    row_max, row_sum = _row_stats(logits + row.to(tl.int64) * row_stride, num_valid, BLOCKS, BLOCK)
+    tl.store(out_max + row, row_max)
+    tl.store(out_sum + row, row_sum)
 
 
 @triton.jit
 def grad_kernel(logits, out, row_stride, log_norm, hot_col, scale, num_valid, num_cols, BLOCK: tl.constexpr):
     """out[r, c] = scale * (exp(logits[r, c] - log_norm[r]) - (c == hot_col[r])) for c < num_valid, and 0
-    for the padding columns up to num_cols; out may be logits itself (each entry is read, then written)."""
+    for the padding columns up to num_cols, one program per row and BLOCK columns; out may be logits."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     base = row.to(tl.int64) * row_stride
-    x = tl.load(logits + base + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
-    norm = tl.load(log_norm + row)
-    hot = tl.load(hot_col + row)
-    g = (tl.exp(x - norm) - tl.where(cols == hot, 1.0, 0.0)) * scale
-    tl.store(out + base + cols, g.to(out.dtype.element_ty), mask=cols < num_cols)
+    norm, hot = tl.load(log_norm + row), tl.load(hot_col + row)
+    _grad_block(logits + base, out + base, cols, norm, hot, scale, num_valid, num_cols)
 
 
 @triton.jit
@@ -101,23 +113,13 @@ def one_rank_kernel(
         row = tl.program_id(0) + i * tl.num_programs(0)
         if row < rows:
             base = row.to(tl.int64) * row_stride
-            running_max = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-            running_sum = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-            for block in range(0, VALID_BLOCKS):
-                cols = block * BLOCK + offsets
-                x = tl.load(logits + base + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
-                new_max = tl.maximum(running_max, tl.max(x, axis=0))
-                rescaled = running_sum * tl.exp(running_max - new_max)
-                running_sum = rescaled + tl.sum(tl.exp(x - new_max), axis=0)
-                running_max = new_max
+            row_max, row_sum = _row_stats(logits + base, num_valid, VALID_BLOCKS, BLOCK)
             hot = tl.load(hot_col + row)
-            target = tl.load(logits + base + tl.maximum(hot, 0)).to(tl.float32) - running_max
+            target = tl.load(logits + base + tl.maximum(hot, 0)).to(tl.float32) - row_max
             target = tl.where(hot >= 0, target, 0.0)
-            log_sum = tl.log(running_sum)
+            log_sum = tl.log(row_sum)
             tl.store(row_loss + row, log_sum - target)
-            log_norm = running_max + log_sum
+            log_norm = row_max + log_sum
             for block in range(0, BLOCKS):
                 cols = block * BLOCK + offsets
-                x = tl.load(logits + base + cols, mask=cols < num_valid, other=float("-inf")).to(tl.float32)
-                g = (tl.exp(x - log_norm) - tl.where(cols == hot, 1.0, 0.0)) * scale
-                tl.store(out + base + cols, g.to(out.dtype.element_ty), mask=cols < num_cols)
+                _grad_block(logits + base, out + base, cols, log_norm, hot, scale, num_valid, num_cols)
