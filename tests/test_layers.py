@@ -231,7 +231,7 @@ def test_the_one_rank_kernel_compiles_for_hopper(out, block, warps):
 def _one_rank_kernel_against_two() -> None:
     """One rank's fused kernel (no reductions, ONE_RANK_KERNEL on) against the two kernels that TP ranks
     run, given reductions that do nothing: the same loss and gradient on one chunk, fp32 and bf16, with
-    padding columns, a row whose target another rank would own, and programs that take two rows and one."""
+    padding columns, a row whose target another rank would own, and programs that take three rows and two."""
     assert loss_module.ONE_RANK_KERNEL
     torch.manual_seed(5)
     loss_module.BLOCK = loss_module.ONE_RANK_BLOCK = 8  # several blocks a row, the last part padding
