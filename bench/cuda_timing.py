@@ -36,3 +36,9 @@ def rounds_ms(fns: dict[str, Callable[[], Any]], rounds: int, iters: int = 20) -
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(median_ms(fns[name], iters=iters))
     return times
+
+
+def median_and_range(ms: list[float], minus: float = 0.0) -> tuple[float, str]:
+    """One function's `rounds_ms` figures as the median of the rounds and their range ("min-max"), each
+    less `minus` (a cost every call pays and the table leaves out)."""
+    return statistics.median(ms) - minus, f"{min(ms) - minus:.3f}-{max(ms) - minus:.3f}"

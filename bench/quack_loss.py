@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from cuda_timing import rounds_ms
+from cuda_timing import median_and_range, rounds_ms
 
 from threefold.model import loss as loss_module
 
@@ -126,9 +125,9 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, ms_list in times.items():
-        ms = statistics.median(ms_list)
+        ms, spread = median_and_range(ms_list)
         loss_diff, dx_err, dw_err = checks[name]
-        print(f"| {name} | {ms:.3f} | {min(ms_list):.3f}-{max(ms_list):.3f} | {flops / ms / 1e9:.0f} | "
+        print(f"| {name} | {ms:.3f} | {spread} | {flops / ms / 1e9:.0f} | "
               f"{peaks[name]:.2f} | {loss_diff:.1e} | {dx_err:.1e} | {dw_err:.1e} |")  # fmt: skip
     dist.destroy_process_group()
 

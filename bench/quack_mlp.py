@@ -18,13 +18,12 @@ session).
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import rounds_ms
+from cuda_timing import median_and_range, rounds_ms
 
 
 class Variant(NamedTuple):
@@ -130,8 +129,7 @@ def main() -> None:
             rows[name] = f"{peak:.2f} | " + " | ".join(f"{e.item():.2e}" for e in errs)
         times = rounds_ms(steps, args.rounds)
         for name, row in rows.items():
-            ms = statistics.median(times[name])
-            spread = f"{min(times[name]):.3f}-{max(times[name]):.3f}"
+            ms, spread = median_and_range(times[name])
             print(f"| {n} | {name} | {ms:.3f} | {spread} | {flops / ms / 1e9:.0f} | {row} |", flush=True)
 
 

@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from cuda_timing import median_ms, rounds_ms
+from cuda_timing import median_and_range, median_ms, rounds_ms
 
 from threefold.model import loss as loss_module
 
@@ -170,8 +170,7 @@ def one_rank_kernel(rows: int, vocab: int, rounds: int) -> None:
     print(f"call needs, {copy_ms:.3f} ms, subtracted):\n")
     print("| kernel | ms (median of rounds) | range | GB/s (1 read + 1 write) |\n|---|---:|---:|---:|")
     for name, ms_list in times.items():
-        ms = statistics.median(ms_list) - copy_ms
-        spread = f"{min(ms_list) - copy_ms:.3f}-{max(ms_list) - copy_ms:.3f}"
+        ms, spread = median_and_range(ms_list, minus=copy_ms)
         print(f"| {name} | {ms:.3f} | {spread} | {2 * size / ms * 1e3:.0f} |")
     best = min((n for n in times if settings[n] is not None), key=lambda n: statistics.median(times[n]))
     print("\nfastest fused setting (programs per SM, warps, block):", *settings[best])  # type: ignore[misc]
